@@ -1,0 +1,1 @@
+/* aliases: to be written */

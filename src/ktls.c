@@ -1,0 +1,1 @@
+/* ktls: to be written */

@@ -1,0 +1,1 @@
+/* maildir: to be written */

@@ -1,0 +1,1 @@
+/* settings: to be written */

@@ -1,0 +1,1 @@
+/* smtp_parse: to be written */
