@@ -1,0 +1,50 @@
+/* Recipient resolution: Postfix address classes (local, virtual, relay,
+ * default), alias expansion and mailbox lookup. A resolver is built at
+ * start-up or reload from plain configuration strings and is then shared
+ * read-only by all event-loop threads: resolving never blocks, never allocates
+ * and takes no locks. */
+#ifndef KTRELAY_RESOLVE_H
+#define KTRELAY_RESOLVE_H
+
+#include <stddef.h>
+
+/* Configuration values as they appear in main.cf after $name expansion. NULL or "" = empty. */
+struct kt_resolve_config {
+    const char *myhostname, *mydestination, *relay_domains, *virtual_mailbox_domains, *virtual_mailbox_base,
+               *virtual_mailbox_maps, *virtual_uid_maps, *virtual_gid_maps, *alias_maps, *home_mailbox,
+               *inet_interfaces_addrs;  /* space-separated local IP addresses for [ip] literal matching; may be NULL */
+    const char *passwd_file;  /* NULL = /etc/passwd (read once here) */
+};
+
+enum kt_addr_class { KT_CLASS_LOCAL, KT_CLASS_VIRTUAL, KT_CLASS_RELAY, KT_CLASS_DEFAULT };
+
+struct kt_mailbox {
+    const char *path;   /* absolute Maildir path ending in '/'; owned by the resolver */
+    unsigned uid, gid;
+};
+
+#define KT_RESOLVE_MAX_MAILBOXES 16
+#define KT_RESOLVE_MAX_FORWARD 8
+
+struct kt_resolve_result {
+    enum kt_addr_class cls;
+    const char *reply;            /* NULL if deliverable/relayable; else a complete reply line without CRLF */
+    size_t n_mailboxes;           /* local + virtual: Maildirs to deliver into (after alias expansion, deduped) */
+    struct kt_mailbox mailboxes[KT_RESOLVE_MAX_MAILBOXES];
+    size_t n_forward;             /* alias targets that are not local (remote addresses): kept for the relay work */
+    char forward[KT_RESOLVE_MAX_FORWARD][256];
+    size_t n_skipped;             /* alias targets left out (|command, /file, unknown users) */
+    const char *skip_reason;      /* why the last one was left out (static text), NULL if none */
+    char reply_buf[600];          /* storage behind reply */
+};
+
+struct kt_resolver;
+/* Returns 0 or a negative errno with a message in err. */
+int kt_resolver_new(const struct kt_resolve_config *c, struct kt_resolver **out, char *err, size_t errlen);
+void kt_resolver_free(struct kt_resolver *r);
+/* addr: envelope recipient without brackets. Never blocks, never allocates (result written into *res). */
+void kt_resolve_recipient(const struct kt_resolver *r, const char *addr, struct kt_resolve_result *res);
+/* Class of a domain ("example.com", "[192.0.2.1]"; NULL or "" = local). */
+enum kt_addr_class kt_resolve_class(const struct kt_resolver *r, const char *domain);
+
+#endif
