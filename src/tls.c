@@ -288,9 +288,16 @@ static int setup_common(SSL_CTX *ctx, const char *protocols, const char *grade, 
         return rc;
     if ((rc = kt_tls_cipherlist(grade, high, medium, low, exclude, &list, err, errlen)) < 0)
         return rc;
-    /* TLS 1.3 suites keep OpenSSL's defaults, as Postfix does. */
-    int ok = SSL_CTX_set_cipher_list(ctx, list);
+    /* Postfix's lists start "aNULL:-aNULL:HIGH", and since "-" only removes
+     * until a later term adds back, HIGH re-adds anonymous suites: Postfix
+     * offers them unless it asks for client certificates. A ktrelay context
+     * always has a certificate (or, as a client, may have to verify one), so
+     * anonymous suites only invite a man in the middle: drop them for good.
+     * TLS 1.3 suites keep OpenSSL's defaults, as Postfix does. */
+    char *final = kt_asprintf("%s:!aNULL", list);
     kt_free(list);
+    int ok = SSL_CTX_set_cipher_list(ctx, final);
+    kt_free(final);
     if (!ok) {
         char what[128];
         snprintf(what, sizeof(what), "cipher grade \"%s\" selects no usable cipher", grade ? grade : "medium");
