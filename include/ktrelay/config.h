@@ -1,0 +1,90 @@
+/* Configuration: Postfix-compatible main.cf and master.cf, and the table of
+ * parameters ktrelay knows about (with their types and Postfix defaults).
+ *
+ * A loaded struct kt_config is immutable: every value is expanded and
+ * validated at load time, so readers in many threads never write to it. */
+#ifndef KTRELAY_CONFIG_H
+#define KTRELAY_CONFIG_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+/* ---- parameter table (src/params.c) ---- */
+
+enum kt_param_type {
+    KT_PARAM_STRING,
+    KT_PARAM_LIST,      /* comma/whitespace separated; kept as one string */
+    KT_PARAM_BOOL,      /* yes / no, case-insensitive */
+    KT_PARAM_INT,
+    KT_PARAM_SIZE,      /* byte counts; an int that may be large */
+    KT_PARAM_TIME,      /* number with optional unit s, m, h, d, w */
+};
+
+struct kt_param_def {
+    const char *name;
+    enum kt_param_type type;
+    const char *def;    /* raw default, may hold $name; NULL = computed at load */
+    char unit;          /* default unit of a time parameter ('s', 'h', 'd', ...) */
+    int implemented;    /* 0: a Postfix parameter ktrelay accepts and ignores */
+};
+
+/* Known parameter by exact (case-sensitive) name, or NULL. */
+const struct kt_param_def *kt_param_find(const char *name);
+/* The table in name order; i < kt_param_count(). */
+size_t kt_param_count(void);
+const struct kt_param_def *kt_param_at(size_t i);
+/* True for implemented and for accepted-but-ignored Postfix parameters. */
+int kt_param_is_known(const char *name);
+/* The known name closest to NAME (case-insensitive edit distance), or NULL
+ * when nothing is reasonably close. */
+const char *kt_param_suggest(const char *name);
+
+/* Parse a value of the given type as Postfix does. Returns 0 and stores the
+ * number (seconds for time, 1/0 for bool), or -EINVAL. */
+int kt_param_parse_bool(const char *value, long long *out);
+int kt_param_parse_int(const char *value, long long *out);
+int kt_param_parse_time(const char *value, char default_unit, long long *out);
+
+/* ---- loaded configuration (src/config.c) ---- */
+
+struct kt_config;                 /* immutable after load; safe to read from many threads */
+
+struct kt_service {               /* one `inet ... smtpd` line of master.cf */
+    const char *name;             /* first field as written: "smtp", "127.0.0.1:2525", "[::1]:25" */
+    const char *host;             /* host part if NAME had one ("127.0.0.1", "::1"), else NULL */
+    int port;                     /* resolved: smtp=25, submission=587, smtps=465, numeric, or /etc/services */
+    int maxproc;                  /* field 7; "-" = default_process_limit; 0 = no limit */
+    const char *file;             /* where it was defined */
+    int line;
+};
+
+/* Load DIR/main.cf (required) and DIR/master.cf (optional: a missing file
+ * means the single service `smtp inet n - n - - smtpd`).
+ * Returns 0, -EINVAL after logging every error as "FILE:LINE: message", or
+ * -errno when a file cannot be read. */
+int kt_config_load(const char *dir, struct kt_config **out);
+/* Same from memory. MASTER_CF may be NULL (the default service). LABEL, when
+ * not NULL or empty, is the directory shown in messages ("LABEL/main.cf"). */
+int kt_config_load_text(const char *main_cf, const char *master_cf, const char *label,
+                        struct kt_config **out);
+void kt_config_free(struct kt_config *cfg);
+
+size_t kt_config_service_count(const struct kt_config *cfg);
+const struct kt_service *kt_config_service(const struct kt_config *cfg, size_t i);
+
+/* Parameter value after $name expansion, with the service's -o overrides
+ * applied when svc != NULL. Returns NULL for an unknown parameter name.
+ * Strings live as long as cfg. */
+const char *kt_config_get(const struct kt_config *cfg, const struct kt_service *svc, const char *name);
+/* Typed reads; they return -1 when NAME is unknown or not of that type
+ * (bool: bool; int: int or size; time: time, in seconds). */
+int kt_config_get_bool(const struct kt_config *cfg, const struct kt_service *svc, const char *name);
+long long kt_config_get_int(const struct kt_config *cfg, const struct kt_service *svc, const char *name);
+long long kt_config_get_time(const struct kt_config *cfg, const struct kt_service *svc, const char *name);
+
+/* postconf / postconf -n: "name = value" lines sorted by name, raw
+ * (unexpanded) values. NONDEFAULT_ONLY prints what main.cf sets; otherwise
+ * every implemented parameter's effective raw value. */
+void kt_config_print(const struct kt_config *cfg, FILE *out, int nondefault_only);
+
+#endif
