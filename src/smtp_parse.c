@@ -357,10 +357,11 @@ static const char *parse_path(const char *arg, size_t len, const struct cmd_repl
         end++;
     *rest = end;
     /* "FROM:John Doe <j@d>": a display name, not a bracketless address followed by parameters. */
-    while (end < len && is_sp(arg[end]))
+    while (end < len) {
+        if (arg[end] == '<' && is_sp(arg[end - 1]))
+            return r->syntax;
         end++;
-    if (end < len && arg[end] == '<')
-        return r->syntax;
+    }
     return parse_mailbox(arg + i, *rest - i, path) ? NULL : r->bad_addr;
 }
 
