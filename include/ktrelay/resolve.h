@@ -35,7 +35,8 @@ struct kt_resolve_result {
     char forward[KT_RESOLVE_MAX_FORWARD][256];
     size_t n_skipped;             /* alias targets left out (|command, /file, unknown users) */
     const char *skip_reason;      /* why the last one was left out (static text), NULL if none */
-    char reply_buf[600];          /* storage behind reply */
+    char reply_buf[600];          /* storage behind reply: copy a result with memcpy and re-point reply,
+                                   * or better, do not copy it */
 };
 
 struct kt_resolver;
