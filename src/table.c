@@ -640,8 +640,9 @@ const char *kt_table_get(const struct kt_table *t, const char *key)
     case TT_CIDR:
         if (parse_addr(key, &a) < 0)
             return NULL;
+        /* A rule of the other address family never applies, negated or not. */
         for (size_t i = 0; i < t->nrules; i++)
-            if (cidr_match(&t->rules[i].net, &a) != t->rules[i].negate)
+            if (t->rules[i].net.family == a.family && cidr_match(&t->rules[i].net, &a) != t->rules[i].negate)
                 return t->h.arena + t->rules[i].val;
         return NULL;
     }
@@ -1016,8 +1017,7 @@ int kt_net_list_match(const struct kt_net_list *l, const char *addr)
         return 0;
     for (size_t i = 0; i < l->n; i++) {
         const struct net_entry *ne = &l->e[i];
-        int hit = ne->table ? kt_table_get(ne->table, addr) != NULL : cidr_match(&ne->net, &a);
-        if (hit)
+        if (ne->table ? kt_table_get(ne->table, addr) != NULL : cidr_match(&ne->net, &a))
             return !ne->negate;
     }
     return 0;
