@@ -17,7 +17,7 @@ fail() {
 	sleep 60
 }
 
-work= ctl= mods=
+work='' ctl='' mods=''
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	kt.work=*) work=${arg#kt.work=} ;;

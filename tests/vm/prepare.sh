@@ -27,6 +27,15 @@ if [ -f "$cache/stamp" ] && [ "$(sed -n 2p "$cache/stamp")" = "$(stamp_of)" ] &&
 	exit 0
 fi
 
+# Parallel test runs may all start here with a cold cache; one prepares, the others wait and reuse it.
+mkdir -p "$cache" || die "cannot create $cache"
+exec 9>"$cache/.lock"
+flock 9 || die "cannot lock $cache/.lock"
+if [ -f "$cache/stamp" ] && [ "$(sed -n 2p "$cache/stamp")" = "$(stamp_of)" ] && [ -z "$(missing_packages)" ]; then
+	echo "$cache"
+	exit 0
+fi
+
 mapfile -t need < <(missing_packages)
 if [ ${#need[@]} -gt 0 ]; then
 	[ "$(id -u)" = 0 ] || die "missing packages ${need[*]}; run as root or install them with apt-get"
@@ -43,7 +52,7 @@ for t in qemu-system-x86_64 cpio depmod modprobe gzip dpkg-deb apt-get; do
 done
 [ -x /bin/busybox ] || die "/bin/busybox missing (package busybox-static)"
 
-mkdir -p "$cache/debs" || die "cannot create $cache"
+mkdir -p "$cache/debs" || die "cannot create $cache/debs"
 kroot=$cache/kernel
 kver=$(sed -n 1p "$cache/stamp" 2>/dev/null || true)
 if [ -z "$kver" ] || [ ! -f "$kroot/boot/vmlinuz-$kver" ] || [ ! -f "$kroot/lib/modules/$kver/modules.dep" ]; then

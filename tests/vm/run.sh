@@ -59,13 +59,13 @@ trap 'rm -rf "$ctl"' EXIT
 
 start=$(date +%s)
 timeout -k 5 "$timeout" qemu-system-x86_64 \
-	-accel tcg -cpu max -smp 2 -m "$mem" \
+	-accel "${KT_VM_ACCEL:-tcg}" -cpu max -smp 2 -m "$mem" \
 	-nographic -no-reboot -nic none \
 	-kernel "$kernel" -initrd "$cache/initramfs.cpio.gz" \
 	-append "console=ttyS0 quiet loglevel=3 panic=-1 kt.work=$workdir kt.ctl=$ctl kt.mods=$cache/kernel/lib/modules" \
 	-virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
 	-virtfs "local,path=$workdir,mount_tag=work,security_model=none,multidevs=remap" \
-	</dev/null | tr -d '\r'
+	</dev/null | sed -u 's/\r$//; s/\x1bc//g; s/\x1b\[[0-9;?]*[A-Za-z]//g'
 qrc=${PIPESTATUS[0]}
 elapsed=$(($(date +%s) - start))
 
