@@ -139,6 +139,9 @@ static void for_each_logical_line(const char *name, char *text, line_fn fn, void
             p = nl ? nl + 1 : end;
             continue;
         }
+        /* CRLF files: a CR kept here would end up inside a joined value. */
+        while (end > p && end[-1] == '\r')
+            end--;
         n = (size_t)(end - p);
         if (len + n + 1 > cap) {
             cap = (len + n + 1) * 2;
@@ -147,7 +150,7 @@ static void for_each_logical_line(const char *name, char *text, line_fn fn, void
         memcpy(line + len, p, n);
         len += n;
         line[len] = 0;
-        p = nl ? nl + 1 : end;
+        p = nl ? nl + 1 : p + strlen(p);
     }
     if (len)
         fn(trim(line), start, arg);

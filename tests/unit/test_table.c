@@ -159,6 +159,27 @@ static void test_open_errors(void **state)
     kt_net_list_free(NULL);
 }
 
+static void test_crlf(void **state)
+{
+    char path[] = "/tmp/kt_table_crlf_XXXXXX";
+    int fd = mkstemp(path);
+    static const char text[] = "# dos file\r\nkey first\r\n  second\r\nother  value \r\n";
+    char *spec;
+    struct kt_table *t;
+
+    (void)state;
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, text, sizeof(text) - 1), (ssize_t)(sizeof(text) - 1));
+    close(fd);
+    spec = kt_asprintf("texthash:%s", path);
+    t = open_ok(spec, KT_TABLE_MAP);
+    assert_string_equal(kt_table_get(t, "key"), "first  second");
+    assert_string_equal(kt_table_get(t, "other"), "value");
+    kt_table_free(t);
+    kt_free(spec);
+    unlink(path);
+}
+
 static int count_entry(const char *key, const char *value, void *arg)
 {
     (void)value;
@@ -338,6 +359,7 @@ int main(void)
         cmocka_unit_test(test_inline_static),
         cmocka_unit_test(test_cidr),
         cmocka_unit_test(test_open_errors),
+        cmocka_unit_test(test_crlf),
         cmocka_unit_test(test_maps),
         cmocka_unit_test(test_domain_list),
         cmocka_unit_test(test_net_list),
