@@ -485,6 +485,16 @@ static void test_master_services(void **state)
     assert_int_equal(kt_config_get_bool(cfg, smtps, "smtpd_tls_wrappermode"), 1);
     assert_int_equal(kt_config_get_bool(cfg, smtp, "smtpd_tls_wrappermode"), 0);
     kt_config_free(cfg);
+
+    /* a name only one service defines is undefined everywhere else */
+    l = load("relayhost = ${only_here?{set}:{unset}}\n",
+             "smtp inet n - n - - smtpd\n2525 inet n - n - - smtpd -o only_here=1\n");
+    assert_int_equal(l.rc, 0);
+    expect_no_log(l.log, "unknown parameter only_here");
+    assert_string_equal(GET(l.cfg, "relayhost"), "unset");
+    assert_string_equal(kt_config_get(l.cfg, kt_config_service(l.cfg, 0), "relayhost"), "unset");
+    assert_string_equal(kt_config_get(l.cfg, kt_config_service(l.cfg, 1), "relayhost"), "set");
+    kt_config_free(l.cfg);
 }
 
 static void test_master_names_and_errors(void **state)
