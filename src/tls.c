@@ -158,7 +158,7 @@ int kt_tls_parse_protocols(const char *spec, int *min_version, int *max_version,
         hi = i;
     }
     if (hi < 0 || protocol_names[hi].version < TLS1_VERSION) {
-        set_err(err, errlen, "TLS protocol list \"%s\" leaves no usable TLS version", spec);
+        set_err(err, errlen, "TLS protocol list \"%s\" leaves no usable TLS version", spec ? spec : "");
         return -EINVAL;
     }
     /* Express the ends as bounds (OpenSSL's preferred interface); only holes
@@ -361,7 +361,7 @@ static int load_cert_and_key(SSL_CTX *ctx, const char *cert, const char *key, ch
         return -EINVAL;
     }
     if (!pkey) {
-        snprintf(what, sizeof(what), "cannot load private key from %s", key);
+        snprintf(what, sizeof(what), "cannot load private key from %s: no usable PEM private key", key);
         set_ssl_err(err, errlen, what);
         return -EINVAL;
     }

@@ -427,7 +427,7 @@ static void test_ctx_errors(void **state)
     p = base_params();
     p.key_file = root_pem;          /* a PEM file without a key */
     assert_int_equal(server_err(&p, err, sizeof(err)), -EINVAL);
-    assert_non_null(strstr(err, "cannot load private key from"));
+    assert_non_null(strstr(err, "no usable PEM private key"));
 
     p = base_params();
     p.cert_file = p.eccert_file = NULL;
@@ -656,6 +656,57 @@ static void test_resumption(void **state)
     assert_false(resume_once(0, NULL, 1));
 }
 
+/* ---- smtpd_tls_loglevel ---- */
+
+/* Runs one handshake at the given level with stderr captured; returns the log. */
+static char *handshake_log(int loglevel)
+{
+    char path[160];
+    snprintf(path, sizeof(path), "%s/log.txt", dir);
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600), saved = dup(STDERR_FILENO);
+    assert_true(fd >= 0 && saved >= 0);
+    struct kt_tls_server_params p = base_params();
+    p.loglevel = loglevel;
+    struct kt_tls_server *s = server_ok(&p);
+    SSL_CTX *cctx = client_ctx(NULL);
+    struct conn k;
+
+    assert_int_equal(dup2(fd, STDERR_FILENO), STDERR_FILENO);
+    conn_open(&k, kt_tls_server_ctx(s), cctx, NULL);
+    assert_int_equal(dup2(saved, STDERR_FILENO), STDERR_FILENO);
+    close(saved);
+    assert_true(k.ok);
+    conn_close(&k);
+    SSL_CTX_free(cctx);
+    kt_tls_server_free(s);
+
+    off_t len = lseek(fd, 0, SEEK_END);
+    char *text = kt_malloc((size_t)len + 1);
+    assert_int_equal(pread(fd, text, (size_t)len, 0), len);
+    text[len] = '\0';
+    close(fd);
+    return text;
+}
+
+static void test_loglevels(void **state)
+{
+    char *log = handshake_log(0);
+    assert_string_equal(log, "");
+    kt_free(log);
+
+    log = handshake_log(2);
+    assert_non_null(strstr(log, "SSL_accept:SSLv3/TLS write server hello"));
+    assert_null(strstr(log, "SSL_connect:"));       /* the client context logs nothing */
+    assert_null(strstr(log, "record header"));
+    kt_free(log);
+
+    log = handshake_log(3);
+    assert_non_null(strstr(log, "SSL_accept:"));
+    assert_non_null(strstr(log, "server read record header (5 bytes"));
+    assert_non_null(strstr(log, "0000 16 03 01 "));  /* the ClientHello's record header */
+    kt_free(log);
+}
+
 /* ---- client context ---- */
 
 static void test_client_ctx(void **state)
@@ -764,6 +815,7 @@ int main(void)
         cmocka_unit_test(test_handshake_cipher_grade),
         cmocka_unit_test(test_tls11_refused),
         cmocka_unit_test(test_resumption),
+        cmocka_unit_test(test_loglevels),
         cmocka_unit_test(test_client_ctx),
         cmocka_unit_test(test_self_signed),
     };
