@@ -890,25 +890,32 @@ int kt_config_load_text(const char *main_cf, const char *master_cf, const char *
     return 0;
 }
 
-/* Whole file, NUL-terminated; *TEXT stays NULL for a missing file. */
+/* Whole file, NUL-terminated. */
 static int read_file(const char *path, char **text)
 {
     *text = NULL;
     FILE *f = fopen(path, "r");
     if (!f)
         return -errno;
-    struct buf b = { 0 };
-    char chunk[8192];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0 && !b.overflow)
-        buf_put(&b, chunk, n);
-    int rc = ferror(f) ? -EIO : b.len > MAX_FILE || b.overflow ? -EFBIG : 0;
+    size_t len = 0, cap = 8192, n;
+    char *p = kt_malloc(cap);
+    while ((n = fread(p + len, 1, cap - len - 1, f)) > 0) {
+        len += n;
+        if (len + 1 == cap) {
+            cap *= 2;
+            p = kt_realloc(p, cap);
+        }
+        if (len > MAX_FILE)
+            break;
+    }
+    int rc = ferror(f) ? -EIO : len > MAX_FILE ? -EFBIG : 0;
     fclose(f);
     if (rc < 0) {
-        kt_free(b.p);
+        kt_free(p);
         return rc;
     }
-    *text = buf_take(&b);
+    p[len] = '\0';
+    *text = p;
     return 0;
 }
 
