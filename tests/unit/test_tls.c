@@ -595,6 +595,50 @@ static void test_tls11_refused(void **state)
     SSL_CTX_free(old);
 }
 
+/* Asking for a client certificate never requires one: trusted, untrusted and
+ * absent certificates all complete, and the verdict is left for policy. */
+static void test_ask_ccert(void **state)
+{
+    struct kt_tls_server_params p = base_params();
+    p.ask_ccert = 1;
+    p.CAfile = root_pem;
+    struct kt_tls_server *s = server_ok(&p);
+    char self_cert[160], self_key[160], err[256];
+    snprintf(self_cert, sizeof(self_cert), "%s/client-self.pem", dir);
+    snprintf(self_key, sizeof(self_key), "%s/client-self.key", dir);
+    assert_int_equal(kt_tls_make_self_signed(self_cert, self_key, "client.example.test", err, sizeof(err)), 0);
+    const char *certs[] = { rsa_chain, self_cert, NULL }, *keys[] = { rsa_key, self_key, NULL };
+    const int trusted[] = { 1, 0, 1 };
+
+    for (size_t i = 0; i < 3; i++) {
+        const char *cert = certs[i], *key = keys[i];
+        SSL_CTX *cctx = client_ctx("<=TLSv1.2");
+        if (cert) {
+            assert_int_equal(SSL_CTX_use_certificate_chain_file(cctx, cert), 1);
+            assert_int_equal(SSL_CTX_use_PrivateKey_file(cctx, key, SSL_FILETYPE_PEM), 1);
+        }
+        struct conn k;
+        conn_open(&k, kt_tls_server_ctx(s), cctx, NULL);
+        assert_true(k.ok);
+        X509 *peer = SSL_get1_peer_certificate(k.s);
+        assert_int_equal(peer != NULL, cert != NULL);
+        X509_free(peer);
+        assert_int_equal(SSL_get_verify_result(k.s) == X509_V_OK, trusted[i]);
+        conn_greet(&k);
+        SSL_SESSION *sess = SSL_get1_session(k.c);
+        conn_close(&k);
+
+        /* resumption with client certificates needs the session id context */
+        conn_open(&k, kt_tls_server_ctx(s), cctx, sess);
+        assert_true(k.ok);
+        assert_true(SSL_session_reused(k.s));
+        conn_close(&k);
+        SSL_SESSION_free(sess);
+        SSL_CTX_free(cctx);
+    }
+    kt_tls_server_free(s);
+}
+
 /* ---- resumption ---- */
 
 struct resume_job {
@@ -814,6 +858,7 @@ int main(void)
         cmocka_unit_test(test_handshake_versions),
         cmocka_unit_test(test_handshake_cipher_grade),
         cmocka_unit_test(test_tls11_refused),
+        cmocka_unit_test(test_ask_ccert),
         cmocka_unit_test(test_resumption),
         cmocka_unit_test(test_loglevels),
         cmocka_unit_test(test_client_ctx),
