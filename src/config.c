@@ -844,7 +844,8 @@ static void build(struct kt_config *cfg)
             v->pub.maxproc = (int)(limit > 0 && limit < 1000000 ? limit : 0);
         for (size_t o = 0; o < s; o++) {
             const struct kt_service *a = &cfg->svcs[o].pub, *b = &v->pub;
-            if (a->port == b->port && a->port > 0 && (a->host == b->host || (a->host && b->host && strcmp(a->host, b->host) == 0)))
+            int same_host = a->host == b->host || (a->host && b->host && strcmp(a->host, b->host) == 0);
+            if (a->port == b->port && a->port > 0 && same_host)
                 report(cfg, 1, b->file, b->line, "service %s uses the same address as service %s (%s:%d)",
                        b->name, a->name, a->file, a->line);
         }
