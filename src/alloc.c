@@ -58,7 +58,8 @@ char *kt_asprintf(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(NULL, 0, fmt, ap);
+    char probe;
+    int n = vsnprintf(&probe, 1, fmt, ap);  /* length only */
     va_end(ap);
     if (n < 0)
         out_of_memory(0);

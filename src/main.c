@@ -1,1 +1,193 @@
-int main(void) { return 0; }
+/* ktrelay command line: run, check-config, config [-n], version. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "kt_build.h"
+#include "ktrelay/alloc.h"
+#include "ktrelay/config.h"
+#include "ktrelay/log.h"
+#include "ktrelay/server.h"
+#include "ktrelay/settings.h"
+#include "ktrelay/tls.h"
+
+#define DEFAULT_DIR "ktrelay-data"
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: ktrelay run [-c DIR]            run in the foreground, log to stderr\n"
+            "       ktrelay check-config -c DIR     validate main.cf and master.cf\n"
+            "       ktrelay config -c DIR [-n]      print parameters (-n: only those set, like postconf -n)\n"
+            "       ktrelay version\n"
+            "Without -c, run uses the embedded default configuration in ./" DEFAULT_DIR "/ (created on first\n"
+            "start: self-signed certificate, STARTTLS on 127.0.0.1:2525, implicit TLS on 127.0.0.1:4465,\n"
+            "mail for any address @localhost into ./" DEFAULT_DIR "/mail/).\n");
+}
+
+static int write_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    if (!f)
+        return -errno;
+    fputs(text, f);
+    return fclose(f) == 0 ? 0 : -errno;
+}
+
+/* The embedded default: a complete, safe configuration written out so that it
+ * can be read and edited like any other. */
+static int make_default_config(const char *dir)
+{
+    char path[4096], err[512];
+    char *cwd = getcwd(NULL, 0);
+    if (!cwd)
+        return -errno;
+    char *abs = dir[0] == '/' ? kt_strdup(dir) : kt_asprintf("%s/%s", cwd, dir);
+    free(cwd);
+    snprintf(path, sizeof(path), "%s/main.cf", abs);
+    if (access(path, F_OK) == 0) {
+        kt_free(abs);
+        return 0;
+    }
+    if (mkdir(abs, 0755) < 0 && errno != EEXIST) {
+        int e = -errno;
+        kt_free(abs);
+        return e;
+    }
+    kt_info("creating the default configuration in %s", abs);
+    char *main_cf = kt_asprintf(
+        "# ktrelay embedded default configuration (Postfix main.cf syntax).\n"
+        "data_directory = %s\n"
+        "queue_directory = %s/queue\n"
+        "myhostname = localhost\n"
+        "mydestination =\n"
+        "inet_interfaces = loopback-only\n"
+        "inet_protocols = ipv4\n"
+        "virtual_mailbox_domains = localhost\n"
+        "virtual_mailbox_base = $data_directory/mail\n"
+        "virtual_mailbox_maps = texthash:$data_directory/vmailbox\n"
+        "alias_maps =\n"
+        "smtpd_tls_security_level = may\n"
+        "smtpd_tls_eccert_file = $data_directory/cert.pem\n"
+        "smtpd_tls_eckey_file = $data_directory/key.pem\n"
+        "smtpd_tls_protocols = >=TLSv1.2\n"
+        "smtpd_tls_mandatory_protocols = >=TLSv1.2\n"
+        "smtpd_tls_ciphers = high\n"
+        "smtpd_tls_mandatory_ciphers = high\n"
+        "smtpd_tls_exclude_ciphers = aNULL, eNULL, MD5, RC4, 3DES, SHA1, CAMELLIA, ARIA, DHE-RSA-AES128-CCM, "
+        "DHE-RSA-AES256-CCM, AES128-CCM, AES256-CCM, PSK, SRP, DSS, kRSA\n"
+        "smtpd_tls_loglevel = 1\n"
+        "smtpd_tls_received_header = yes\n",
+        abs, abs);
+    int rc = write_file(path, main_cf);
+    kt_free(main_cf);
+    snprintf(path, sizeof(path), "%s/master.cf", abs);
+    if (rc == 0)
+        rc = write_file(path,
+                        "# service type  private unpriv  chroot  wakeup  maxproc command + args\n"
+                        "127.0.0.1:2525 inet n - n - - smtpd\n"
+                        "127.0.0.1:4465 inet n - n - - smtpd\n"
+                        "  -o smtpd_tls_wrappermode=yes\n");
+    snprintf(path, sizeof(path), "%s/vmailbox", abs);
+    if (rc == 0)
+        rc = write_file(path,
+                        "# address            Maildir under virtual_mailbox_base (a trailing / means Maildir)\n"
+                        "postmaster@localhost localhost/postmaster/\n"
+                        "@localhost           localhost/catchall/\n");
+    if (rc == 0) {
+        char cert[4096], key[4096];
+        snprintf(cert, sizeof(cert), "%s/cert.pem", abs);
+        snprintf(key, sizeof(key), "%s/key.pem", abs);
+        if (kt_tls_make_self_signed(cert, key, "localhost", err, sizeof(err)) < 0) {
+            kt_err("cannot create the self-signed certificate: %s", err);
+            rc = -EIO;
+        }
+    }
+    kt_free(abs);
+    return rc;
+}
+
+static int load_runtime(const char *dir, struct kt_runtime **rt)
+{
+    struct kt_config *cfg;
+    if (kt_config_load(dir, &cfg) < 0)
+        return -EINVAL;
+    if (kt_runtime_new(cfg, rt) < 0) {
+        kt_config_free(cfg);
+        return -EINVAL;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    const char *dir = NULL;
+    int nondefault = 0;
+
+    kt_log_set_program("ktrelay/smtpd");
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    const char *cmd = argv[1];
+    int opt;
+    optind = 2;
+    while ((opt = getopt(argc, argv, "c:nv")) != -1) {
+        switch (opt) {
+        case 'c': dir = optarg; break;
+        case 'n': nondefault = 1; break;
+        case 'v': kt_log_set_debug(1); break;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (!strcmp(cmd, "version")) {
+        printf("ktrelay %s\n", KT_VERSION);
+        return 0;
+    }
+    if (!strcmp(cmd, "help") || !strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
+        usage(stdout);
+        return 0;
+    }
+    if (!strcmp(cmd, "run")) {
+        struct kt_runtime *rt;
+        if (!dir) {
+            if (make_default_config(DEFAULT_DIR) < 0) {
+                kt_err("cannot create the default configuration in ./%s", DEFAULT_DIR);
+                return 1;
+            }
+            dir = DEFAULT_DIR;
+        }
+        if (load_runtime(dir, &rt) < 0) {
+            kt_err("fatal: configuration errors in %s", dir);
+            return 1;
+        }
+        return kt_server_run(rt, dir);
+    }
+    if (!dir) {
+        usage(stderr);
+        return 2;
+    }
+    if (!strcmp(cmd, "check-config")) {
+        struct kt_runtime *rt;
+        if (load_runtime(dir, &rt) < 0) {
+            fprintf(stderr, "ktrelay: %s: configuration has errors\n", dir);
+            return 1;
+        }
+        kt_runtime_unref(rt);
+        printf("ktrelay: %s: configuration OK\n", dir);
+        return 0;
+    }
+    if (!strcmp(cmd, "config")) {
+        struct kt_config *cfg;
+        if (kt_config_load(dir, &cfg) < 0)
+            return 1;
+        kt_config_print(cfg, stdout, nondefault);
+        kt_config_free(cfg);
+        return 0;
+    }
+    usage(stderr);
+    return 2;
+}

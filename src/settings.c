@@ -1,1 +1,262 @@
-/* settings: to be written */
+/* Per-service typed settings built from the configuration: parameter values
+ * are read (and expanded) once here, not on the session hot path. Resolvers
+ * and TLS contexts are shared between services whose parameters are equal. */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include "ktrelay/alloc.h"
+#include "ktrelay/config.h"
+#include "ktrelay/ktls.h"
+#include "ktrelay/log.h"
+#include "ktrelay/resolve.h"
+#include "ktrelay/settings.h"
+#include "ktrelay/table.h"
+#include "ktrelay/tls.h"
+
+/* Owned objects, shared by services with equal keys. */
+struct shared_obj {
+    char *key;
+    void *obj;
+    int kind;       /* 0 resolver, 1 tls, 2 net list */
+};
+
+struct runtime_private {
+    struct kt_runtime pub;
+    struct shared_obj *objs;
+    size_t n_objs;
+};
+
+static const char *get(const struct kt_config *cfg, const struct kt_service *svc, const char *name)
+{
+    const char *v = kt_config_get(cfg, svc, name);
+    return v ? v : "";
+}
+
+static void *shared_find(struct runtime_private *rp, int kind, const char *key)
+{
+    for (size_t i = 0; i < rp->n_objs; i++)
+        if (rp->objs[i].kind == kind && strcmp(rp->objs[i].key, key) == 0)
+            return rp->objs[i].obj;
+    return NULL;
+}
+
+static void shared_add(struct runtime_private *rp, int kind, const char *key, void *obj)
+{
+    rp->objs = kt_realloc(rp->objs, (rp->n_objs + 1) * sizeof(*rp->objs));
+    rp->objs[rp->n_objs].key = kt_strdup(key);
+    rp->objs[rp->n_objs].obj = obj;
+    rp->objs[rp->n_objs].kind = kind;
+    rp->n_objs++;
+}
+
+static struct kt_resolver *service_resolver(struct runtime_private *rp, const struct kt_config *cfg,
+                                            const struct kt_service *svc, int *errors)
+{
+    struct kt_resolve_config rc = {
+        .myhostname = get(cfg, svc, "myhostname"),
+        .mydestination = get(cfg, svc, "mydestination"),
+        .relay_domains = get(cfg, svc, "relay_domains"),
+        .virtual_mailbox_domains = get(cfg, svc, "virtual_mailbox_domains"),
+        .virtual_mailbox_base = get(cfg, svc, "virtual_mailbox_base"),
+        .virtual_mailbox_maps = get(cfg, svc, "virtual_mailbox_maps"),
+        .virtual_uid_maps = get(cfg, svc, "virtual_uid_maps"),
+        .virtual_gid_maps = get(cfg, svc, "virtual_gid_maps"),
+        .alias_maps = get(cfg, svc, "alias_maps"),
+        .home_mailbox = get(cfg, svc, "home_mailbox"),
+        .inet_interfaces_addrs = NULL,
+        .passwd_file = NULL,
+    };
+    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s", rc.myhostname, rc.mydestination,
+                            rc.relay_domains, rc.virtual_mailbox_domains, rc.virtual_mailbox_base,
+                            rc.virtual_mailbox_maps, rc.virtual_uid_maps, rc.virtual_gid_maps, rc.alias_maps,
+                            rc.home_mailbox);
+    struct kt_resolver *r = shared_find(rp, 0, key);
+    if (!r) {
+        char err[512];
+        if (kt_resolver_new(&rc, &r, err, sizeof(err)) < 0) {
+            kt_err("service %s: %s", svc->name, err);
+            (*errors)++;
+            r = NULL;
+        } else {
+            shared_add(rp, 0, key, r);
+        }
+    }
+    kt_free(key);
+    return r;
+}
+
+static enum kt_tls_level tls_level(const struct kt_config *cfg, const struct kt_service *svc)
+{
+    const char *level = get(cfg, svc, "smtpd_tls_security_level");
+    if (!strcasecmp(level, "encrypt"))
+        return KT_TLS_ENCRYPT;
+    if (!strcasecmp(level, "may"))
+        return KT_TLS_MAY;
+    if (!strcasecmp(level, "none"))
+        return KT_TLS_NONE;
+    if (level[0])
+        kt_warn("service %s: unknown smtpd_tls_security_level \"%s\"; using none", svc->name, level);
+    /* Postfix's legacy switches when the level is empty */
+    if (kt_config_get_bool(cfg, svc, "smtpd_enforce_tls") == 1)
+        return KT_TLS_ENCRYPT;
+    if (kt_config_get_bool(cfg, svc, "smtpd_use_tls") == 1)
+        return KT_TLS_MAY;
+    return KT_TLS_NONE;
+}
+
+static struct kt_tls_server *service_tls(struct runtime_private *rp, const struct kt_config *cfg,
+                                         const struct kt_service *svc, struct kt_smtpd_settings *st, int *errors)
+{
+    int mandatory = st->tls_level == KT_TLS_ENCRYPT;
+    struct kt_tls_server_params p = {
+        .cert_file = get(cfg, svc, "smtpd_tls_cert_file"),
+        .key_file = get(cfg, svc, "smtpd_tls_key_file"),
+        .eccert_file = get(cfg, svc, "smtpd_tls_eccert_file"),
+        .eckey_file = get(cfg, svc, "smtpd_tls_eckey_file"),
+        .CAfile = get(cfg, svc, "smtpd_tls_CAfile"),
+        .CApath = get(cfg, svc, "smtpd_tls_CApath"),
+        .protocols = get(cfg, svc, mandatory ? "smtpd_tls_mandatory_protocols" : "smtpd_tls_protocols"),
+        .ciphers = get(cfg, svc, mandatory ? "smtpd_tls_mandatory_ciphers" : "smtpd_tls_ciphers"),
+        .high_cipherlist = get(cfg, svc, "tls_high_cipherlist"),
+        .medium_cipherlist = get(cfg, svc, "tls_medium_cipherlist"),
+        .low_cipherlist = get(cfg, svc, "tls_low_cipherlist"),
+        .exclude_ciphers = get(cfg, svc, mandatory ? "smtpd_tls_mandatory_exclude_ciphers"
+                                                   : "smtpd_tls_exclude_ciphers"),
+        .loglevel = (int)kt_config_get_int(cfg, svc, "smtpd_tls_loglevel"),
+        .session_cache_timeout = (long)kt_config_get_time(cfg, svc, "smtpd_tls_session_cache_timeout"),
+        .ask_ccert = kt_config_get_bool(cfg, svc, "smtpd_tls_ask_ccert") == 1,
+        .ktls = kt_config_get_bool(cfg, svc, "tls_ktls_enable") == 1,
+    };
+    if (!p.cert_file[0] && !p.eccert_file[0]) {
+        if (st->wrappermode || st->tls_level == KT_TLS_ENCRYPT) {
+            kt_err("service %s: TLS is required but neither smtpd_tls_cert_file nor smtpd_tls_eccert_file is set",
+                   svc->name);
+            (*errors)++;
+        } else {
+            kt_warn("service %s: no server certificate (smtpd_tls_cert_file): STARTTLS is not offered", svc->name);
+            st->tls_level = KT_TLS_NONE;
+        }
+        return NULL;
+    }
+    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%d\1%ld\1%d\1%d", p.cert_file,
+                            p.key_file, p.eccert_file, p.eckey_file, p.CAfile, p.CApath, p.protocols, p.ciphers,
+                            p.high_cipherlist, p.medium_cipherlist, p.low_cipherlist, p.exclude_ciphers, p.loglevel,
+                            p.session_cache_timeout, p.ask_ccert, p.ktls);
+    struct kt_tls_server *t = shared_find(rp, 1, key);
+    if (!t) {
+        char err[512];
+        if (kt_tls_server_new(&p, &t, err, sizeof(err)) < 0) {
+            kt_err("service %s: %s", svc->name, err);
+            (*errors)++;
+            t = NULL;
+        } else {
+            kt_ktls_prepare_ctx(kt_tls_server_ctx(t));
+            shared_add(rp, 1, key, t);
+        }
+    }
+    kt_free(key);
+    return t;
+}
+
+static int service_settings(struct runtime_private *rp, const struct kt_config *cfg, const struct kt_service *svc,
+                            struct kt_smtpd_settings *st)
+{
+    int errors = 0;
+    st->service = svc;
+    st->myhostname = get(cfg, svc, "myhostname");
+    st->banner = get(cfg, svc, "smtpd_banner");
+    st->message_size_limit = kt_config_get_int(cfg, svc, "message_size_limit");
+    st->recipient_limit = kt_config_get_int(cfg, svc, "smtpd_recipient_limit");
+    if (st->recipient_limit <= 0)
+        st->recipient_limit = 1000000;
+    st->timeout_s = kt_config_get_time(cfg, svc, "smtpd_timeout");
+    st->starttls_timeout_s = kt_config_get_time(cfg, svc, "smtpd_starttls_timeout");
+    st->hard_error_limit = kt_config_get_int(cfg, svc, "smtpd_hard_error_limit");
+    st->soft_error_limit = kt_config_get_int(cfg, svc, "smtpd_soft_error_limit");
+    st->error_sleep_ms = kt_config_get_time(cfg, svc, "smtpd_error_sleep_time") * 1000;
+    long long lll = kt_config_get_int(cfg, svc, "line_length_limit");
+    /* RFC 5321 4.5.3.1.4: a command line is at most 512 octets; never go below it */
+    st->line_length_limit = lll < 512 ? 512 : (size_t)lll;
+    st->wrappermode = kt_config_get_bool(cfg, svc, "smtpd_tls_wrappermode") == 1;
+    st->tls_level = tls_level(cfg, svc);
+    st->tls_loglevel = (int)kt_config_get_int(cfg, svc, "smtpd_tls_loglevel");
+    st->tls_received_header = kt_config_get_bool(cfg, svc, "smtpd_tls_received_header") == 1;
+    st->ktls_rx_tls13 = kt_config_get_bool(cfg, svc, "tls_ktls_rx_tls13") == 1;
+    if (st->tls_level != KT_TLS_NONE || st->wrappermode)
+        st->tls = service_tls(rp, cfg, svc, st, &errors);
+    st->resolver = service_resolver(rp, cfg, svc, &errors);
+    const char *mynetworks = get(cfg, svc, "mynetworks");
+    st->mynetworks = shared_find(rp, 2, mynetworks);
+    if (!st->mynetworks) {
+        char err[512];
+        if (kt_net_list_open(mynetworks, &st->mynetworks, err, sizeof(err)) < 0) {
+            kt_err("service %s: mynetworks: %s", svc->name, err);
+            errors++;
+        } else {
+            shared_add(rp, 2, mynetworks, st->mynetworks);
+        }
+    }
+    return errors;
+}
+
+static void runtime_free(struct runtime_private *rp)
+{
+    for (size_t i = 0; i < rp->n_objs; i++) {
+        if (rp->objs[i].kind == 0)
+            kt_resolver_free(rp->objs[i].obj);
+        else if (rp->objs[i].kind == 1)
+            kt_tls_server_free(rp->objs[i].obj);
+        else
+            kt_net_list_free(rp->objs[i].obj);
+        kt_free(rp->objs[i].key);
+    }
+    kt_free(rp->objs);
+    kt_free(rp->pub.services);
+    kt_config_free(rp->pub.cfg);
+    kt_free(rp);
+}
+
+int kt_runtime_new(struct kt_config *cfg, struct kt_runtime **out)
+{
+    struct runtime_private *rp = kt_calloc(1, sizeof(*rp));
+    struct kt_runtime *rt = &rp->pub;
+    int errors = 0;
+
+    atomic_init(&rt->refs, 1);
+    rt->cfg = cfg;
+    rt->n_services = kt_config_service_count(cfg);
+    rt->services = kt_calloc(rt->n_services ? rt->n_services : 1, sizeof(*rt->services));
+    for (size_t i = 0; i < rt->n_services; i++)
+        errors += service_settings(rp, cfg, kt_config_service(cfg, i), &rt->services[i]);
+    long long workers = kt_config_get_int(cfg, NULL, "ktrelay_worker_threads");
+    if (workers <= 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        workers = n > 0 ? n : 1;
+    }
+    rt->worker_threads = (unsigned)(workers > 256 ? 256 : workers);
+    rt->queue_directory = get(cfg, NULL, "queue_directory");
+    if (errors) {
+        rp->pub.cfg = NULL;   /* the caller still owns cfg on failure */
+        runtime_free(rp);
+        return -EINVAL;
+    }
+    *out = rt;
+    return 0;
+}
+
+struct kt_runtime *kt_runtime_ref(struct kt_runtime *rt)
+{
+    atomic_fetch_add(&rt->refs, 1);
+    return rt;
+}
+
+void kt_runtime_unref(struct kt_runtime *rt)
+{
+    if (!rt)
+        return;
+    if (atomic_fetch_sub(&rt->refs, 1) == 1)
+        runtime_free((struct runtime_private *)rt);
+}

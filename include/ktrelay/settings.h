@@ -1,0 +1,55 @@
+/* Typed, per-service view of the configuration, built once per (re)load and
+ * shared read-only by all workers. A reload builds a new runtime; sessions keep
+ * the one they started with (reference counted). */
+#ifndef KTRELAY_SETTINGS_H
+#define KTRELAY_SETTINGS_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+
+struct kt_config;
+struct kt_service;
+struct kt_resolver;
+struct kt_tls_server;
+struct kt_net_list;
+
+enum kt_tls_level { KT_TLS_NONE, KT_TLS_MAY, KT_TLS_ENCRYPT };
+
+struct kt_smtpd_settings {
+    const struct kt_service *service;
+    const char *myhostname;
+    const char *banner;              /* expanded smtpd_banner */
+    long long message_size_limit;    /* 0 = unlimited */
+    long long recipient_limit;
+    long long timeout_s;             /* smtpd_timeout */
+    long long starttls_timeout_s;    /* handshake deadline */
+    long long hard_error_limit;
+    long long soft_error_limit;
+    long long error_sleep_ms;
+    size_t line_length_limit;        /* command line bound */
+    enum kt_tls_level tls_level;
+    int wrappermode;                 /* implicit TLS from the first byte */
+    int tls_loglevel;
+    int tls_received_header;
+    int ktls_rx_tls13;               /* install TLS 1.3 RX keys ourselves */
+    struct kt_tls_server *tls;       /* NULL when the level is none and not wrappermode */
+    struct kt_resolver *resolver;
+    struct kt_net_list *mynetworks;
+};
+
+struct kt_runtime {
+    atomic_int refs;
+    struct kt_config *cfg;
+    size_t n_services;
+    struct kt_smtpd_settings *services;  /* same order as kt_config_service() */
+    unsigned worker_threads;
+    const char *queue_directory;
+};
+
+/* Build from a loaded configuration (takes ownership of cfg on success).
+ * Returns 0 or -EINVAL after logging every problem. */
+int kt_runtime_new(struct kt_config *cfg, struct kt_runtime **out);
+struct kt_runtime *kt_runtime_ref(struct kt_runtime *rt);
+void kt_runtime_unref(struct kt_runtime *rt);
+
+#endif
