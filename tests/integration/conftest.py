@@ -1,0 +1,158 @@
+"""Fixtures for integration tests: a real ktrelay process on free loopback
+ports, configured with Postfix-syntax main.cf/master.cf in a temporary
+directory, delivering into real Maildir folders.
+
+The binary is taken from $KTRELAY_BIN (set by the meson test definition) or
+build/ktrelay relative to the source tree.
+"""
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+SRC = pathlib.Path(__file__).resolve().parents[2]
+BIN = os.environ.get("KTRELAY_BIN", str(SRC / "build" / "ktrelay"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_cert(directory, name="cert", kind="ec", passphrase=None, cn="localhost"):
+    """Self-signed certificate with the openssl command; returns (cert, key)."""
+    cert = directory / f"{name}.pem"
+    key = directory / f"{name}.key"
+    if kind == "ec":
+        newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    else:
+        newkey = ["-newkey", "rsa:2048"]
+    cmd = ["openssl", "req", "-x509", *newkey, "-keyout", str(key), "-out", str(cert), "-days", "30",
+           "-subj", f"/CN={cn}", "-addext", f"subjectAltName=DNS:{cn}"]
+    if passphrase:
+        cmd += ["-passout", f"pass:{passphrase}"]
+    else:
+        cmd += ["-nodes"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return cert, key
+
+
+class Relay:
+    """A running ktrelay. `ports` maps service label -> port; `log()` returns stderr so far."""
+
+    def __init__(self, tmp, main_cf, services, env=None):
+        self.dir = tmp
+        self.maildir_base = tmp / "mail"
+        self.ports = {}
+        master = []
+        for label, opts in services.items():
+            port = free_port()
+            self.ports[label] = port
+            master.append(f"127.0.0.1:{port} inet n - n - - smtpd")
+            for k, v in opts.items():
+                master.append(f"  -o {k}={v}")
+        (tmp / "main.cf").write_text(main_cf)
+        (tmp / "master.cf").write_text("\n".join(master) + "\n")
+        self.logfile = open(tmp / "ktrelay.log", "w+b")
+        self.proc = subprocess.Popen([BIN, "run", "-c", str(tmp)], stdout=self.logfile, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self._wait_listening()
+
+    def _wait_listening(self):
+        deadline = time.time() + 10
+        for port in self.ports.values():
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("ktrelay exited at start-up:\n" + self.log())
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError("ktrelay did not listen:\n" + self.log())
+                    time.sleep(0.05)
+
+    def port(self, label="smtp"):
+        return self.ports[label]
+
+    def log(self):
+        self.logfile.flush()
+        with open(self.dir / "ktrelay.log", "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def wait_log(self, text, timeout=5):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if text in self.log():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def maildir_files(self, box="localhost/catchall/", sub="new"):
+        d = self.maildir_base / box / sub
+        return sorted(d.iterdir()) if d.exists() else []
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.logfile.close()
+        return self.proc.returncode
+
+
+BASE_MAIN_CF = """\
+myhostname = mx.example.test
+mydestination =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+virtual_mailbox_domains = localhost, example.test
+virtual_mailbox_base = {dir}/mail
+virtual_mailbox_maps = texthash:{dir}/vmailbox
+alias_maps =
+ktrelay_worker_threads = 2
+"""
+
+BASE_VMAILBOX = """\
+postmaster@localhost localhost/postmaster/
+alice@example.test   example.test/alice/
+bob@example.test     example.test/bob/
+@localhost           localhost/catchall/
+"""
+
+
+@pytest.fixture
+def relay_factory(tmp_path):
+    """relay_factory(extra_main_cf="", services={"smtp": {}}) -> Relay. Stopped at teardown; the test
+    fails if ktrelay did not exit 0 on SIGTERM (a crash or sanitizer report)."""
+    relays = []
+
+    def start(extra_main_cf="", services=None, vmailbox=BASE_VMAILBOX, env=None):
+        d = tmp_path / f"relay{len(relays)}"
+        d.mkdir()
+        (d / "vmailbox").write_text(vmailbox)
+        main_cf = BASE_MAIN_CF.format(dir=d) + extra_main_cf.replace("{dir}", str(d))
+        r = Relay(d, main_cf, services or {"smtp": {}}, env=env)
+        relays.append(r)
+        return r
+
+    yield start
+    for r in relays:
+        rc = r.stop()
+        log = r.log() if not r.logfile.closed else (r.dir / "ktrelay.log").read_text(errors="replace")
+        assert rc == 0, f"ktrelay exited with {rc}:\n{log[-4000:]}"
+        assert "runtime error" not in log and "AddressSanitizer" not in log, log[-4000:]
+
+
+@pytest.fixture
+def relay(relay_factory):
+    """A plaintext ktrelay with the base configuration on one port."""
+    return relay_factory()
