@@ -25,7 +25,7 @@
 #define SPLICE_STEP (64 * 1024)
 
 enum stage {
-    ST_NEW, ST_OPENING, ST_MKDIRS, ST_OPEN, ST_COMMIT_WRITES, ST_FSYNC_FILE, ST_LINKING,
+    ST_NEW, ST_OPENING, ST_MKDIRS, ST_OPEN, ST_COMMIT_WRITES, ST_FSYNC_FILE, ST_LINKING, ST_LINK_MKDIRS,
     ST_UNLINK_TMP, ST_DIR_OPEN, ST_DIR_FSYNC, ST_DONE, ST_FAILED,
 };
 
@@ -56,6 +56,8 @@ struct kt_delivery {
     int dir_fd;
     int mkdir_left;                  /* mkdirat operations still in flight */
     int mkdir_tried;
+    size_t mkdir_box;                /* the mailbox whose directories are being made */
+    size_t link_mkdir_tried;         /* 1 + index of the last box made while linking */
 
     struct wchunk *cur;              /* chunk being filled */
     size_t inflight_bytes;
@@ -202,10 +204,10 @@ static void submit_open(struct kt_delivery *d)
 
 /* mkdir -p of the Maildir and its tmp/ new/ cur/, as one hard-linked chain so
  * that an EEXIST in the middle does not cancel the rest. */
-static void submit_mkdirs(struct kt_delivery *d)
+static void submit_mkdirs(struct kt_delivery *d, size_t box, enum stage stage)
 {
     static const char *const sub[] = { "tmp", "new", "cur" };
-    const char *base = d->boxes[0].path;
+    const char *base = d->boxes[box].path;
     size_t len = strlen(base);
     char *dirs[24];
     int n = 0;
@@ -217,7 +219,8 @@ static void submit_mkdirs(struct kt_delivery *d)
     }
     for (int k = 0; k < 3; k++)
         dirs[n++] = kt_asprintf("%s%s", base, sub[k]);
-    d->stage = ST_MKDIRS;
+    d->stage = stage;
+    d->mkdir_box = box;
     d->mkdir_left = n;
     for (int i = 0; i < n; i++) {
         struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
@@ -250,15 +253,16 @@ static void chown_if_needed(struct kt_delivery *d, int fd)
     }
 }
 
-static void chown_dirs_if_needed(struct kt_delivery *d)
+static void chown_dirs_if_needed(struct kt_delivery *d, size_t box)
 {
     static const char *const sub[] = { "", "tmp", "new", "cur" };
+    const struct kt_mailbox *b = &d->boxes[box];
     char path[PATH_MAX];
-    if (geteuid() != 0 || d->boxes[0].uid == 0)
+    if (geteuid() != 0 || b->uid == 0)
         return;
     for (int k = 0; k < 4; k++) {
-        snprintf(path, sizeof(path), "%s%s", d->boxes[0].path, sub[k]);
-        if (chown(path, d->boxes[0].uid, d->boxes[0].gid) < 0)
+        snprintf(path, sizeof(path), "%s%s", b->path, sub[k]);
+        if (chown(path, b->uid, b->gid) < 0)
             kt_warn("chown %s: %s", path, strerror(errno));
     }
 }
@@ -546,7 +550,7 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
     case ST_OPENING:
         if (res == -ENOENT && !d->mkdir_tried) {
             d->mkdir_tried = 1;
-            submit_mkdirs(d);
+            submit_mkdirs(d, 0, ST_MKDIRS);
             return;
         }
         if (res < 0) {
@@ -562,10 +566,17 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
     case ST_MKDIRS:
         if (--d->mkdir_left > 0)
             return;
-        chown_dirs_if_needed(d);
+        chown_dirs_if_needed(d, 0);
         if (delivery_release_if_abandoned(d))
             return;
         submit_open(d);
+        return;
+    case ST_LINK_MKDIRS:
+        if (--d->mkdir_left > 0)
+            return;
+        chown_dirs_if_needed(d, d->mkdir_box);
+        d->stage = ST_LINKING;
+        submit_link(d);
         return;
     case ST_FSYNC_FILE:
         if (res < 0) {
@@ -578,6 +589,12 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
         submit_link(d);
         return;
     case ST_LINKING:
+        /* only the first mailbox was made before the message was spooled */
+        if (res == -ENOENT && d->link_mkdir_tried != d->step + 1) {
+            d->link_mkdir_tried = d->step + 1;
+            submit_mkdirs(d, d->step, ST_LINK_MKDIRS);
+            return;
+        }
         if (res < 0 && !(res == -EEXIST && box_seen_before(d, d->step))) {
             kt_err("link %s -> %s: %s", d->tmp_path, d->paths[0], strerror(-res));
             delivery_finish(d, res);
