@@ -167,7 +167,7 @@ static void accept_done(struct kt_op *op, int res, unsigned flags)
         } else {
             kt_session_start(w, res, (struct sockaddr *)&ss, len, w->rt, &w->rt->services[l->service]);
         }
-    } else if (res != -ECANCELED && res != -EAGAIN && res != -EINTR && res != -ECONNABORTED) {
+    } else if (!w->draining && res != -ECANCELED && res != -EAGAIN && res != -EINTR && res != -ECONNABORTED) {
         kt_warn("accept: %s", strerror(-res));
     }
     if (!(flags & IORING_CQE_F_MORE) && !w->draining && l->fd >= 0)
@@ -192,6 +192,10 @@ static void worker_begin_drain(struct kt_worker *w)
     w->draining = 1;
     for (size_t i = 0; i < w->n_listeners; i++) {
         if (w->listeners[i].fd >= 0) {
+            /* Stop listening at once: the kernel would otherwise complete
+             * handshakes into a backlog nobody accepts from, and clients would
+             * wait there until exit instead of being refused. */
+            shutdown(w->listeners[i].fd, SHUT_RDWR);
             struct io_uring_sqe *sqe = kt_loop_sqe(&w->loop, NULL);
             io_uring_prep_cancel_fd(sqe, w->listeners[i].fd, IORING_ASYNC_CANCEL_ALL);
         }
