@@ -28,6 +28,7 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -53,7 +54,7 @@ struct opts {
 	double duration_limit;
 	enum mode mode;
 	int tls_version; /* 0 = library default range, else 12 or 13 */
-	bool bdat, pipelining, new_conn, csv;
+	bool bdat, pipelining, new_conn, csv, quickack;
 	pid_t pids[64];
 	int npids;
 };
@@ -75,6 +76,8 @@ struct conn {
 	bool txn_failed, counted_handshake;
 	char *in;
 	size_t in_len, in_cap;
+	char stage[16384];
+	size_t stage_len, stage_off;
 	struct seg *out;
 	size_t out_head, out_n, out_cap;
 	enum step expect[256];
@@ -302,6 +305,7 @@ static void conn_close(struct conn *c)
 	for (size_t i = 0; i < c->out_n; i++)
 		free(c->out[c->out_head + i].owned);
 	c->out_head = c->out_n = 0;
+	c->stage_len = c->stage_off = 0;
 	c->in_len = 0;
 	c->exp_head = c->exp_n = 0;
 	n_conn_active--;
@@ -692,44 +696,110 @@ static int do_handshake(struct conn *c)
 	return -1;
 }
 
-static int flush_out(struct conn *c)
+static void pop_written(struct conn *c, size_t n)
 {
-	while (c->out_n > 0) {
+	while (n > 0 && c->out_n > 0) {
 		struct seg *s = &c->out[c->out_head];
-		const char *p = s->p + s->off;
-		size_t len = s->len - s->off;
-		ssize_t n;
-
-		if (c->ssl) {
-			ERR_clear_error();
-			int r = SSL_write(c->ssl, p, len > (1 << 30) ? (1 << 30) : (int)len);
-			if (r <= 0) {
-				int e = SSL_get_error(c->ssl, r);
-				if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ)
-					return 0;
-				record_error(c, "TLS write: %s", ssl_err_string());
-				return -1;
-			}
-			n = r;
-		} else {
-			n = send(c->fd, p, len, MSG_NOSIGNAL);
-			if (n < 0) {
-				if (errno == EAGAIN || errno == EINTR)
-					return 0;
-				record_error(c, "send: %s", strerror(errno));
-				return -1;
-			}
-		}
-		s->off += (size_t)n;
+		size_t k = s->len - s->off < n ? s->len - s->off : n;
+		s->off += k;
+		n -= k;
 		if (s->off == s->len) {
 			free(s->owned);
 			c->out_head++;
 			c->out_n--;
-			if (c->out_n == 0)
-				c->out_head = 0;
 		}
 	}
+	if (c->out_n == 0)
+		c->out_head = 0;
+}
+
+/*
+ * Small pieces (commands, headers, the start of a body) go out together, so
+ * the server sees one packet or one TLS record rather than one per piece: a
+ * client that trickles small segments would measure Nagle and delayed ACKs.
+ */
+static int flush_plain(struct conn *c)
+{
+	while (c->out_n > 0) {
+		struct iovec iov[64];
+		int n = 0;
+		for (size_t i = 0; i < c->out_n && n < 64; i++) {
+			struct seg *s = &c->out[c->out_head + i];
+			iov[n].iov_base = (char *)s->p + s->off;
+			iov[n++].iov_len = s->len - s->off;
+		}
+		struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+		ssize_t w = sendmsg(c->fd, &mh, MSG_NOSIGNAL);
+		if (w < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				return 0;
+			record_error(c, "send: %s", strerror(errno));
+			return -1;
+		}
+		pop_written(c, (size_t)w);
+	}
 	return 0;
+}
+
+/*
+ * TLS: queued bytes are staged into one buffer of up to 16 KB (one record)
+ * unless the next segment is large on its own. A write that would block is
+ * retried with the same staged bytes, as OpenSSL requires.
+ */
+static int flush_tls(struct conn *c)
+{
+	for (;;) {
+		const char *p;
+		size_t len;
+		bool staged = c->stage_len > 0;
+
+		if (!staged) {
+			if (c->out_n == 0)
+				return 0;
+			struct seg *h = &c->out[c->out_head];
+			if (h->len - h->off >= sizeof(c->stage) || c->out_n == 1) {
+				p = h->p + h->off;
+				len = h->len - h->off;
+			} else {
+				for (size_t i = 0; i < c->out_n && c->stage_len < sizeof(c->stage); i++) {
+					struct seg *s = &c->out[c->out_head + i];
+					size_t k = s->len - s->off;
+					if (k > sizeof(c->stage) - c->stage_len)
+						k = sizeof(c->stage) - c->stage_len;
+					memcpy(c->stage + c->stage_len, s->p + s->off, k);
+					c->stage_len += k;
+				}
+				pop_written(c, c->stage_len);
+				c->stage_off = 0;
+				staged = true;
+			}
+		}
+		if (staged) {
+			p = c->stage + c->stage_off;
+			len = c->stage_len - c->stage_off;
+		}
+		ERR_clear_error();
+		int r = SSL_write(c->ssl, p, len > (1 << 30) ? (1 << 30) : (int)len);
+		if (r <= 0) {
+			int e = SSL_get_error(c->ssl, r);
+			if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ)
+				return 0;
+			record_error(c, "TLS write: %s", ssl_err_string());
+			return -1;
+		}
+		if (staged) {
+			c->stage_off += (size_t)r;
+			if (c->stage_off == c->stage_len)
+				c->stage_len = c->stage_off = 0;
+		} else {
+			pop_written(c, (size_t)r);
+		}
+	}
+}
+
+static int flush_out(struct conn *c)
+{
+	return c->ssl ? flush_tls(c) : flush_plain(c);
 }
 
 /* Reads what is available; returns 1 on data, 0 when blocked, -1 on EOF/error. */
@@ -768,6 +838,10 @@ static int read_in(struct conn *c)
 		}
 	}
 	c->in_len += (size_t)n;
+	if (o.quickack) {
+		int one = 1;
+		setsockopt(c->fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
+	}
 	return 1;
 }
 
@@ -897,7 +971,7 @@ static void usage(void)
 		"  [--cipher NAME] [--bdat] [--pipelining] [--new-connection-per-message]\n"
 		"  [--from ADDR] [--to ADDR[,ADDR...]] [--idle N] [--duration-limit S]\n"
 		"  [--server-pid PID[,PID...]] [--server-pids-cmd CMD] [--csv] [--csv-header]\n"
-		"  [--label TEXT]\n");
+		"  [--label TEXT] [--quickack]\n");
 	exit(2);
 }
 
@@ -923,7 +997,7 @@ static void parse_args(int argc, char **argv)
 		{ "new-connection-per-message", 0, 0, 'N' }, { "from", 1, 0, 'f' },
 		{ "to", 1, 0, 't' }, { "idle", 1, 0, 'i' }, { "duration-limit", 1, 0, 'd' },
 		{ "server-pid", 1, 0, 'S' }, { "server-pids-cmd", 1, 0, 'X' },
-		{ "csv", 0, 0, 'v' }, { "csv-header", 0, 0, 'H' }, { "label", 1, 0, 'l' }, { "help", 0, 0, '?' },
+		{ "csv", 0, 0, 'v' }, { "quickack", 0, 0, 'Q' }, { "csv-header", 0, 0, 'H' }, { "label", 1, 0, 'l' }, { "help", 0, 0, '?' },
 		{ 0, 0, 0, 0 },
 	};
 	int ch;
@@ -972,6 +1046,7 @@ static void parse_args(int argc, char **argv)
 		}
 		case 'X': o.pids_cmd = optarg; break;
 		case 'v': o.csv = true; break;
+		case 'Q': o.quickack = true; break;
 		case 'H': puts(csv_header); exit(0);
 		case 'l': o.label = optarg; break;
 		default: usage();

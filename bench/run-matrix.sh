@@ -276,11 +276,11 @@ rows() {
 		for s in 4k 1m; do
 			if [ $s = 4k ]; then sz="--size 4096 --connections $SMALL_C --messages $SMALL_M"
 			else sz="--size 1048576 --connections $BIG_C --messages $BIG_M"; fi
-			echo "$m-$s-data|$tl $sz --pipelining|msg"
-			echo "$m-$s-bdat|$tl $sz --pipelining --bdat|msg"
+			echo "$m-$s-data|$tl $sz --pipelining --quickack|msg"
+			echo "$m-$s-bdat|$tl $sz --pipelining --bdat --quickack|msg"
 		done
 	done
-	echo "handshake-tls13|--mode starttls --tls-version 1.3 --size 4096 --connections $HS_C --messages $HS_M --new-connection-per-message|hs"
+	echo "handshake-tls13|--mode starttls --tls-version 1.3 --size 4096 --connections $HS_C --messages $HS_M --new-connection-per-message --quickack|hs"
 	echo "idle-tls13|--mode starttls --tls-version 1.3|idle"
 }
 
