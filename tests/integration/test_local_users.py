@@ -1,0 +1,98 @@
+"""Local delivery to a real system user: mydestination, home_mailbox = Maildir/,
+alias_maps with aliases to the user, files owned by the user, and 550 for an
+unknown local user. Creates a user with useradd, so it needs root."""
+import os
+import pwd
+import shutil
+import smtplib
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from test_smtp import Smtp, queued, send_data, send_data_only, split_received
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
+                                reason="needs root and useradd to create a real system user")
+
+
+@pytest.fixture
+def local_user(tmp_path):
+    name = f"kttest{os.getpid() % 100000}"
+    home = tmp_path / "home" / name
+    home.parent.mkdir()
+    subprocess.run(["userdel", name], capture_output=True)      # left over from an interrupted run
+    subprocess.run(["useradd", "-m", "-d", str(home), "-s", "/usr/sbin/nologin", name], check=True,
+                   capture_output=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], check=True, capture_output=True)
+
+
+@pytest.fixture
+def local_relay(relay_factory, tmp_path, local_user):
+    aliases = tmp_path / "aliases"
+    aliases.write_text(f"# Postfix-style aliases\n"
+                       f"postmaster: root\n"
+                       f"root: {local_user.pw_name}\n"
+                       f"abuse: postmaster\n"
+                       f"info: {local_user.pw_name}, postmaster\n")
+    extra = ("mydestination = localhost\n"
+             "virtual_mailbox_domains = example.test\n"
+             "home_mailbox = Maildir/\n"
+             f"alias_maps = texthash:{aliases}\n")
+    return relay_factory(extra)
+
+
+def user_maildir_files(user, sub="new"):
+    d = os.path.join(user.pw_dir, "Maildir", sub)
+    return sorted(os.path.join(d, f) for f in os.listdir(d)) if os.path.isdir(d) else []
+
+
+def test_delivery_to_local_user(local_relay, local_user):
+    c = Smtp(local_relay.port())
+    content = b"Subject: to a local user\r\n\r\nhello\r\n"
+    queued(send_data(c, content, rcpts=(f"{local_user.pw_name}@localhost",)))
+    files = user_maildir_files(local_user)
+    assert len(files) == 1
+    st = os.stat(files[0])
+    assert (st.st_uid, st.st_gid) == (local_user.pw_uid, local_user.pw_gid)
+    assert st.st_mode & 0o077 == 0
+    for sub in ("", "new", "cur", "tmp"):
+        d = os.stat(os.path.join(local_user.pw_dir, "Maildir", sub))
+        assert (d.st_uid, d.st_gid) == (local_user.pw_uid, local_user.pw_gid), sub
+    received, rest = split_received(Path(files[0]))
+    assert rest == content
+    assert f"for <{local_user.pw_name}@localhost>;".encode() in received
+
+
+def test_aliases_reach_the_user_once(local_relay, local_user):
+    c = Smtp(local_relay.port())
+    # root, postmaster and abuse all end at the user; info names the user twice over
+    for i, rcpts in enumerate([("postmaster@localhost",), ("abuse@localhost",), ("info@localhost", "root@localhost")]):
+        if i == 0:
+            queued(send_data(c, f"Subject: alias {i}\r\n\r\n".encode(), rcpts=rcpts))
+        else:
+            assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
+            for r in rcpts:
+                assert c.cmd(f"RCPT TO:<{r}>") == "250 2.1.5 Ok"
+            queued(send_data_only(c, f"Subject: alias {i}\r\n\r\n".encode()))
+    files = user_maildir_files(local_user)
+    assert len(files) == 3
+    subjects = sorted(split_received(Path(f))[1] for f in files)
+    assert subjects == [f"Subject: alias {i}\r\n\r\n".encode() for i in range(3)]
+
+
+def test_unknown_local_user(local_relay, local_user):
+    with smtplib.SMTP("127.0.0.1", local_relay.port(), timeout=20) as s:
+        s.ehlo("c.example.org")
+        s.mail("s@example.org")
+        code, msg = s.rcpt("no-such-user-kt@localhost")
+        assert code == 550
+        assert msg.startswith(b"5.1.1 <no-such-user-kt@localhost>: Recipient address rejected: "
+                              b"User unknown in local recipient table")
+        code, msg = s.rcpt(f"{local_user.pw_name}@localhost")
+        assert code == 250
+    assert local_relay.wait_log("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 <no-such-user-kt@localhost>")
+    assert user_maildir_files(local_user) == []
