@@ -292,7 +292,7 @@ echo "server,row,drain_s,e2e_msgs_s,server_cpu_total_s,server_cpu_us_per_msg,del
 # run_rows SERVER PIDS_FUNC ROW_SUFFIX ROW_FILTER
 run_rows() {
 	local server=$1 pidf=$2 suffix=$3 filter=$4
-	local name opts kind line idle drain t0 t1 pids cpu0 cpu1 ok e2e cpu_us delivered rc
+	local name opts kind line idle drain pids cpu0 cpu1 ok e2e cpu_us delivered rc
 	while IFS='|' read -r name opts kind; do
 		[[ $name =~ $filter ]] || continue
 		[[ $name =~ $ROWS ]] || continue
@@ -306,12 +306,10 @@ run_rows() {
 		pids=$($pidf | tr '\n' ' ')
 		# shellcheck disable=SC2086
 		cpu0=$(cpu_seconds $pids)
-		t0=$(date +%s.%N)
 		rc=0
 		# shellcheck disable=SC2086
 		line=$("$KTBENCH" --port "$PORT" --to user@bench.test --duration-limit "$LIMIT" \
 			--server-pids-cmd "$pidf_cmd" --csv --label "$server" $opts) || rc=$?
-		t1=$(date +%s.%N)
 		if [ -z "$line" ]; then
 			echo "  $name: ktbench failed (exit $rc)"
 			continue
@@ -331,7 +329,8 @@ run_rows() {
 		# shellcheck disable=SC2086
 		cpu1=$(cpu_seconds $pids)
 		delivered=$(delivered_count)
-		e2e=$(echo "$ok $t0 $t1 $drain" | awk '{ d = $3 - $2 + $4; printf "%.1f", (d > 0 ? $1 / d : 0) }')
+		# the load's own elapsed time plus the queue drain, without ktbench's start-up
+		e2e=$(echo "$line" | awk -F, -v dr="$drain" '{ d = $15 + dr; printf "%.1f", (d > 0 ? $11 / d : 0) }')
 		cpu_us=$(echo "$cpu0 $cpu1 $ok" | awk '{ printf "%.1f", ($3 > 0 ? ($2 - $1) / $3 * 1e6 : 0) }')
 		echo "$server,$name,$drain,$e2e,$(echo "$cpu0 $cpu1" | awk '{ printf "%.3f", $2 - $1 }'),$cpu_us,$delivered,$line" >>"$CSV"
 		echo "$line" | awk -F, -v n="$name" -v d="$delivered" -v dr="$drain" -v rc="$rc" '{
