@@ -645,6 +645,8 @@ def test_tls_received_header(relay_factory, tmp_path, setting):
 
 def port_busy(port):
     with socket.socket() as s:
+        # as the server does: TIME_WAIT left by an earlier run is no obstacle
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
