@@ -759,3 +759,58 @@ def test_sighup_reload(relay):
     c = Smtp(relay.port())
     queued(send_data(c, b"Subject: still running\r\n\r\n"))
     assert relay.proc.poll() is None
+
+
+# ---- abandoned transactions leave no files ----
+
+def test_rset_and_quit_after_partial_bdat_leave_nothing(relay):
+    c = Smtp(relay.port())
+    start_data(c)
+    c.send(b"BDAT 6\r\npart 1")
+    assert c.reply() == "250 2.0.0 Ok: 6 bytes"
+    assert c.cmd("RSET") == "250 2.0.0 Ok"
+    assert c.cmd("BDAT 0 LAST") == "503 5.5.1 Error: need MAIL command"
+    assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<x@localhost>") == "250 2.1.5 Ok"
+    c.send(b"BDAT 6\r\npart 2")
+    assert c.reply() == "250 2.0.0 Ok: 6 bytes"
+    assert c.cmd("EHLO again.example.org").startswith("250-")     # EHLO also ends a transaction
+    assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<x@localhost>") == "250 2.1.5 Ok"
+    c.send(b"BDAT 6\r\npart 3")
+    assert c.reply() == "250 2.0.0 Ok: 6 bytes"
+    assert c.cmd("QUIT") == "221 2.0.0 Bye"
+    assert c.closed()
+    assert relay.wait_log("disconnect from unknown[127.0.0.1]")
+    assert wait_until(lambda: all_files(relay, "tmp") == [])
+    assert all_files(relay, "new") == []
+
+
+def test_timeout_in_bdat_splice_leaves_nothing(relay_factory):
+    r = relay_factory("smtpd_timeout = 2s\n")
+    c = Smtp(r.port())
+    start_data(c)
+    c.send(b"BDAT 3000000 LAST\r\n")
+    time.sleep(0.2)
+    c.send(b"w" * 200000)
+    assert c.closed()          # no reply is possible in the middle of a chunk
+    assert r.wait_log("timeout after BDAT from unknown[127.0.0.1]")
+    assert wait_until(lambda: all_files(r, "tmp") == [])
+    assert all_files(r, "new") == []
+    queued(send_data(Smtp(r.port()), b"Subject: next\r\n\r\n"))
+
+
+def test_starttls_not_offered_without_certificate(relay):
+    c = Smtp(relay.port())
+    assert "STARTTLS" not in c.cmd("EHLO c.example.org")
+    assert c.cmd("STARTTLS") == "502 5.5.1 Error: command not implemented"
+    assert c.cmd("NOOP") == "250 2.0.0 Ok"
+
+
+def test_commands_after_quit_are_not_run(relay):
+    c = Smtp(relay.port())
+    c.send(b"HELO c.example.org\r\nQUIT\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<x@localhost>\r\nDATA\r\n")
+    assert c.reply() == "250 mx.example.test"
+    assert c.reply() == "221 2.0.0 Bye"
+    assert c.closed()
+    assert relay.wait_log("disconnect from unknown[127.0.0.1] helo=1 quit=1 commands=2")
