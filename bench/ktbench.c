@@ -43,6 +43,7 @@ enum step {
 	ST_BDAT, ST_RSET, ST_QUIT,
 };
 
+
 static const char *const step_names[] = {
 	"greeting", "EHLO", "STARTTLS", "MAIL", "RCPT", "DATA", "end-of-data",
 	"BDAT", "RSET", "QUIT",
@@ -451,6 +452,12 @@ static void finish_message(struct conn *c, bool ok)
 		send_quit(c);
 		return;
 	}
+	if (!ok) {
+		/* a server may keep a failed transaction open; close it first */
+		push_str(c, xasprintf("RSET\r\n"));
+		expect(c, ST_RSET);
+		return;
+	}
 	begin_message(c);
 }
 
@@ -524,10 +531,8 @@ static void on_reply(struct conn *c, int code)
 		if (code != 250) {
 			record_error(c, "MAIL: %s", c->reply);
 			c->txn_failed = true;
-			if (!pipe) {
-				push_str(c, xasprintf("RSET\r\n"));
-				expect(c, ST_RSET);
-			}
+			if (!pipe)
+				finish_message(c, false);
 			return;
 		}
 		if (!pipe) {
@@ -551,8 +556,7 @@ static void on_reply(struct conn *c, int code)
 			return;
 		}
 		if (c->rcpt_ok == 0) {
-			push_str(c, xasprintf("RSET\r\n"));
-			expect(c, ST_RSET);
+			finish_message(c, false);
 			return;
 		}
 		if (o.bdat) {
@@ -585,7 +589,7 @@ static void on_reply(struct conn *c, int code)
 	case ST_RSET:
 		if (code != 250)
 			goto bad;
-		finish_message(c, false);
+		begin_message(c);
 		return;
 	case ST_QUIT:
 		if (code != 221)
