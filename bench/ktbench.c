@@ -1262,14 +1262,15 @@ int main(int argc, char **argv)
 	}
 	double el = t_end - t0;
 	long idle_reached = n_idle;
-	for (long i = 0; i < nconn; i++)
-		if (g_conns[i].fd >= 0) {
-			conn_close(&g_conns[i]);
-			free(g_conns[i].in);
-			free(g_conns[i].out);
-		}
+	for (long i = 0; i < nconn; i++) {
+		conn_close(&g_conns[i]);
+		free(g_conns[i].in);
+		free(g_conns[i].out);
+	}
+	free(g_conns);
 
-	qsort(g_lat_us, g_lat_n, sizeof(*g_lat_us), cmp_u32);
+	if (g_lat_n)
+		qsort(g_lat_us, g_lat_n, sizeof(*g_lat_us), cmp_u32);
 	double msgs_s = el > 0 ? n_ok / el : 0;
 	double mb_s = el > 0 ? (double)n_ok * (double)g_msg_bytes / el / 1e6 : 0;
 	double hs_s = el > 0 ? n_handshakes / el : 0;
@@ -1327,6 +1328,7 @@ int main(int argc, char **argv)
 				printf("  per session    %.1f kB (PSS delta / idle sessions)\n", kb_per_idle);
 		}
 	}
+	free(g_lat_us);
 	freeaddrinfo(g_addr);
 	SSL_CTX_free(g_ctx);
 	return n_errors || n_fail || (o.idle && idle_reached < o.idle) ? 1 : 0;
