@@ -470,7 +470,7 @@ END {
 }' "$CSV"
 
 # ---- chart ----
-if command -v gnuplot >/dev/null; then
+if command -v gnuplot >/dev/null && [ "$(awk -F, 'NR > 1 && $2 !~ /^idle/' "$CSV" | wc -l)" -gt 0 ]; then
 	awk -F, 'NR > 1 && $2 !~ /^idle/ { if (!($2 in s)) { s[$2] = 1; o[++n] = $2 } v[$1, $2] = $23 }
 		END { print "row ktrelay postfix"; for (i = 1; i <= n; i++)
 			printf "%s %s %s\n", o[i], v["ktrelay", o[i]] == "" ? 0 : v["ktrelay", o[i]],
