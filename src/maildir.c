@@ -217,6 +217,9 @@ static void submit_mkdirs(struct kt_delivery *d, size_t box, enum stage stage)
         if (base[i] == '/')
             dirs[n++] = kt_strndup(base, i);
     }
+    /* folders above the Maildir stay traversable for an IMAP server running
+     * as the mailbox owner; the Maildir itself is private (0700) */
+    int n_parents = n - 1;
     for (int k = 0; k < 3; k++)
         dirs[n++] = kt_asprintf("%s%s", base, sub[k]);
     d->stage = stage;
@@ -224,7 +227,7 @@ static void submit_mkdirs(struct kt_delivery *d, size_t box, enum stage stage)
     d->mkdir_left = n;
     for (int i = 0; i < n; i++) {
         struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
-        io_uring_prep_mkdirat(sqe, AT_FDCWD, dirs[i], 0700);
+        io_uring_prep_mkdirat(sqe, AT_FDCWD, dirs[i], i < n_parents ? 0755 : 0700);
         if (i + 1 < n)
             sqe->flags |= IOSQE_IO_HARDLINK;
     }

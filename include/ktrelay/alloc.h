@@ -12,7 +12,7 @@ void *kt_realloc(void *ptr, size_t size);
 char *kt_strdup(const char *s);
 char *kt_strndup(const char *s, size_t n);
 /* printf into a fresh string */
-char *kt_asprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+char *kt_asprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2), nonnull(1)));
 void kt_free(void *ptr);
 
 #endif

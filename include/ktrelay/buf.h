@@ -13,7 +13,7 @@ struct kt_buf {
 
 void kt_buf_reserve(struct kt_buf *b, size_t extra);   /* room for extra bytes after len */
 void kt_buf_append(struct kt_buf *b, const void *p, size_t n);
-void kt_buf_printf(struct kt_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void kt_buf_printf(struct kt_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3), nonnull(2)));
 void kt_buf_consume(struct kt_buf *b, size_t n);
 void kt_buf_compact(struct kt_buf *b);                  /* move unconsumed bytes to the front */
 void kt_buf_reset(struct kt_buf *b);
