@@ -721,3 +721,86 @@ def test_embedded_default(default_relay):
         assert sum(f"Subject: {marker}\r\n".encode() in b for b in bodies) == 1
     # the default asks for the TLS Received: header
     assert all(b"(using TLSv1.3 with cipher" in b for b in bodies)
+
+
+# ---- bulk traffic through userspace TLS ----
+
+def big_body(marker, size):
+    line = (marker + " 0123456789abcdefghijklmnopqrstuvwxyz.,;:!?-=+ ABCDEFGHIJKLMNOPQRSTUVWXYZ\r\n").encode()
+    head = f"From: <{SENDER}>\r\nTo: <{RCPT}>\r\nSubject: {marker}\r\n\r\n".encode()
+    body = head + line * (size // len(line))
+    return body + b".leading dot\r\n"
+
+
+@pytest.mark.parametrize("label", ["smtp", "smtps"])
+def test_large_messages_data_and_bdat(relay_factory, tmp_path, label):
+    """Multi-megabyte bodies, byte-exact, through DATA and BDAT chunks."""
+    r = tls_relay(relay_factory, tmp_path)
+    c = Conn(r.port(label), wrapper=label == "smtps")
+    c.reply()
+    c.cmd("EHLO client.example")
+    if label == "smtp":
+        c.starttls()
+        c.cmd("EHLO client.example")
+    data_msg = big_body(f"big-data-{label}", 3 * 1024 * 1024)
+    assert c.cmd(f"MAIL FROM:<{SENDER}>") == ["250 2.1.0 Ok"]
+    assert c.cmd(f"RCPT TO:<{RCPT}>") == ["250 2.1.5 Ok"]
+    assert c.cmd("DATA")[0].startswith("354")
+    stuffed = data_msg.replace(b"\r\n.", b"\r\n..")
+    c.send(stuffed + b".\r\n")
+    assert c.reply()[0].startswith("250 2.0.0 Ok: queued as")
+    bdat_msg = big_body(f"big-bdat-{label}", 3 * 1024 * 1024 + 12345)
+    assert c.cmd(f"MAIL FROM:<{SENDER}>") == ["250 2.1.0 Ok"]
+    assert c.cmd(f"RCPT TO:<{RCPT}>") == ["250 2.1.5 Ok"]
+    step = 1000003
+    for off in range(0, len(bdat_msg), step):
+        chunk = bdat_msg[off:off + step]
+        last = off + step >= len(bdat_msg)
+        c.send(f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode() + chunk)
+        rep = c.reply()
+        assert rep[0].startswith("250 2.0.0 Ok: queued as" if last else "250 2.0.0 Ok: "), rep
+    assert c.cmd("QUIT") == ["221 2.0.0 Bye"]
+    c.close()
+    for marker, msg in ((f"big-data-{label}", data_msg), (f"big-bdat-{label}", bdat_msg)):
+        files = delivered(r, marker)
+        assert len(files) == 1
+        raw = files[0].read_bytes()
+        assert raw.startswith(b"Received: ")
+        assert raw.endswith(msg) and raw.index(msg) == raw.index(b"From: <")
+
+
+def test_long_pipelined_burst_inside_tls(relay_factory, tmp_path):
+    """More pipelined input than the session buffers at once, inside TLS: every
+    command is answered, in order. One thread drives both directions (an SSL
+    object must not be shared between threads)."""
+    import select
+    r = tls_relay(relay_factory, tmp_path)
+    c = Conn(r.port("smtps"), wrapper=True)
+    c.reply()
+    c.cmd("EHLO client.example")
+    n = 50000
+    out = b"".join(b"NOOP\r\n" if i % 2 else b"RSET\r\n" for i in range(n)) + b"QUIT\r\n"
+    got = bytearray()
+    c.sock.setblocking(False)
+    deadline = time.time() + 120
+    while not got.endswith(b"221 2.0.0 Bye\r\n"):
+        assert time.time() < deadline, ("stuck", bytes(got[-200:]))
+        select.select([c.sock], [c.sock] if out else [], [], 1)
+        if out:
+            try:
+                out = out[c.sock.send(out[:16384]):]
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                pass
+        try:
+            while True:
+                data = c.sock.recv(65536)
+                if not data:
+                    assert got.endswith(b"221 2.0.0 Bye\r\n"), ("closed early", bytes(got[-200:]))
+                    break
+                got += data
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+    lines = bytes(got).split(b"\r\n")
+    assert lines[:-2] == [b"250 2.0.0 Ok"] * n and lines[-2:] == [b"221 2.0.0 Bye", b""]
+    c.close()
+    assert r.wait_log(f"rset={n // 2} noop={n // 2} quit=1"), r.log()[-2000:]
