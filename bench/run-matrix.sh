@@ -8,7 +8,7 @@
 #
 # usage: bench/run-matrix.sh [--quick] [--servers ktrelay,postfix] [--out DIR]
 #                            [--ktrelay PATH] [--ktbench PATH] [--no-ceiling]
-#                            [--rows REGEX]
+#                            [--rows REGEX] [--repeat N]
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,6 +19,7 @@ KTRELAY=
 KTBENCH=
 CEILING=1
 ROWS=.
+REPEAT=
 PORT=10025
 TLSPORT=10465
 
@@ -31,6 +32,7 @@ while [ $# -gt 0 ]; do
 	--ktbench) KTBENCH=$2; shift ;;
 	--no-ceiling) CEILING=0 ;;
 	--rows) ROWS=$2; shift ;;
+	--repeat) REPEAT=$2; shift ;;
 	-h|--help) sed -n '2,10p' "$0"; exit 0 ;;
 	*) echo "run-matrix: unknown option $1" >&2; exit 2 ;;
 	esac
@@ -39,10 +41,10 @@ done
 
 if [ "$QUICK" = 1 ]; then
 	SMALL_C=8 SMALL_M=40 BIG_C=2 BIG_M=4 HS_C=4 HS_M=25 IDLE_KT=200 IDLE_PF=100
-	LIMIT=6 DRAIN_MAX=20 SPEED_S=1 LOOP_MB=256 DISK_FILES=16
+	LIMIT=6 DRAIN_MAX=20 SPEED_S=1 LOOP_MB=256 DISK_FILES=16 REPEAT=${REPEAT:-1}
 else
-	SMALL_C=16 SMALL_M=500 BIG_C=4 BIG_M=40 HS_C=8 HS_M=250 IDLE_KT=10000 IDLE_PF=1000
-	LIMIT=60 DRAIN_MAX=300 SPEED_S=3 LOOP_MB=2048 DISK_FILES=128
+	SMALL_C=16 SMALL_M=500 BIG_C=4 BIG_M=100 HS_C=8 HS_M=250 IDLE_KT=10000 IDLE_PF=1000
+	LIMIT=60 DRAIN_MAX=300 SPEED_S=3 LOOP_MB=2048 DISK_FILES=128 REPEAT=${REPEAT:-3}
 fi
 
 T=$(mktemp -d /tmp/ktbench-matrix.XXXXXX)
@@ -287,59 +289,80 @@ rows() {
 KTLS=0
 if grep -qw tls /proc/sys/net/ipv4/tcp_available_ulp 2>/dev/null; then KTLS=1; fi
 
-echo "server,row,drain_s,e2e_msgs_s,server_cpu_total_s,server_cpu_us_per_msg,delivered,$("$KTBENCH" --csv-header)" >"$CSV"
+echo "server,row,drain_s,e2e_msgs_s,server_cpu_total_s,server_cpu_us_per_msg,delivered,$("$KTBENCH" --csv-header),runs,min,max" >"$CSV"
 
 # run_rows SERVER PIDS_FUNC ROW_SUFFIX ROW_FILTER
+# One run of one row; prints the CSV record (without the repeat columns).
+run_once() {
+	local server=$1 pidf=$2 name=$3 opts=$4 kind=$5
+	local line drain=0 pids cpu0 cpu1 ok e2e cpu_us delivered rc=0 d0 n=0
+	reset_maildir
+	pids=$($pidf | tr '\n' ' ')
+	# shellcheck disable=SC2086
+	cpu0=$(cpu_seconds $pids)
+	# shellcheck disable=SC2086
+	line=$("$KTBENCH" --port "$PORT" --to user@bench.test --duration-limit "$LIMIT" \
+		--server-pids-cmd "$pidf_cmd" --csv --label "$server" $opts) || rc=$?
+	if [ -z "$line" ]; then
+		echo "  $name: ktbench failed (exit $rc)" >&2
+		return 1
+	fi
+	ok=$(echo "$line" | cut -d, -f11)
+	if [ "$server" = postfix ] && [ "$kind" != idle ]; then
+		d0=$(date +%s.%N)
+		while [ "$(queue_len)" -gt 0 ] && [ $n -lt $((DRAIN_MAX * 10)) ]; do
+			sleep 0.1
+			n=$((n + 1))
+		done
+		drain=$(echo "$(date +%s.%N) $d0" | awk '{ printf "%.3f", $1 - $2 }')
+	fi
+	pids=$($pidf | tr '\n' ' ')
+	# shellcheck disable=SC2086
+	cpu1=$(cpu_seconds $pids)
+	delivered=$(delivered_count)
+	# the load's own elapsed time plus the queue drain, without ktbench's start-up
+	e2e=$(echo "$line" | awk -F, -v dr="$drain" '{ d = $15 + dr; printf "%.1f", (d > 0 ? $11 / d : 0) }')
+	cpu_us=$(echo "$cpu0 $cpu1 $ok" | awk '{ printf "%.1f", ($3 > 0 ? ($2 - $1) / $3 * 1e6 : 0) }')
+	echo "$line" | awk -F, -v n="$name" -v d="$delivered" -v dr="$drain" -v rc="$rc" '{
+		if ($27 > 0 || n ~ /^idle/)
+			printf "  %-18s idle %s sessions, %.1f kB/session, errors %s\n", n, $27, $28, $13
+		else
+			printf "  %-18s %9.1f msg/s %8.2f MB/s p99 %8.2f ms  ok %s fail %s err %s delivered %s drain %ss%s\n",
+			       n, $16, $17, $20, $11, $12, $13, d, dr, (rc ? "  (exit " rc ")" : "")
+	}' >&2
+	echo "$server,$name,$drain,$e2e,$(echo "$cpu0 $cpu1" | awk '{ printf "%.3f", $2 - $1 }'),$cpu_us,$delivered,$line"
+}
+
+# Runs each row REPEAT times and keeps the median run (by msg/s, or by kB
+# per session for the idle row), with the spread in the last columns.
 run_rows() {
 	local server=$1 pidf=$2 suffix=$3 filter=$4
-	local name opts kind line idle drain pids cpu0 cpu1 ok e2e cpu_us delivered rc
+	local name opts kind idle r rec recs key n
 	while IFS='|' read -r name opts kind; do
 		[[ $name =~ $filter ]] || continue
 		[[ $name =~ $ROWS ]] || continue
 		name=$name$suffix
-		reset_maildir
 		if [ "$kind" = idle ]; then
 			idle=$IDLE_KT
 			[ "$server" = postfix ] && idle=$IDLE_PF
 			opts="$opts --idle $idle"
 		fi
-		pids=$($pidf | tr '\n' ' ')
-		# shellcheck disable=SC2086
-		cpu0=$(cpu_seconds $pids)
-		rc=0
-		# shellcheck disable=SC2086
-		line=$("$KTBENCH" --port "$PORT" --to user@bench.test --duration-limit "$LIMIT" \
-			--server-pids-cmd "$pidf_cmd" --csv --label "$server" $opts) || rc=$?
-		if [ -z "$line" ]; then
-			echo "  $name: ktbench failed (exit $rc)"
-			continue
-		fi
-		ok=$(echo "$line" | cut -d, -f11)
-		drain=0
-		if [ "$server" = postfix ] && [ "$kind" != idle ]; then
-			local d0 n=0
-			d0=$(date +%s.%N)
-			while [ "$(queue_len)" -gt 0 ] && [ $n -lt $((DRAIN_MAX * 10)) ]; do
-				sleep 0.1
-				n=$((n + 1))
-			done
-			drain=$(echo "$(date +%s.%N) $d0" | awk '{ printf "%.3f", $1 - $2 }')
-		fi
-		pids=$($pidf | tr '\n' ' ')
-		# shellcheck disable=SC2086
-		cpu1=$(cpu_seconds $pids)
-		delivered=$(delivered_count)
-		# the load's own elapsed time plus the queue drain, without ktbench's start-up
-		e2e=$(echo "$line" | awk -F, -v dr="$drain" '{ d = $15 + dr; printf "%.1f", (d > 0 ? $11 / d : 0) }')
-		cpu_us=$(echo "$cpu0 $cpu1 $ok" | awk '{ printf "%.1f", ($3 > 0 ? ($2 - $1) / $3 * 1e6 : 0) }')
-		echo "$server,$name,$drain,$e2e,$(echo "$cpu0 $cpu1" | awk '{ printf "%.3f", $2 - $1 }'),$cpu_us,$delivered,$line" >>"$CSV"
-		echo "$line" | awk -F, -v n="$name" -v d="$delivered" -v dr="$drain" -v rc="$rc" '{
-			if ($27 > 0 || n ~ /^idle/)
-				printf "  %-18s idle %s sessions, %.1f kB/session, errors %s\n", n, $27, $28, $13
-			else
-				printf "  %-18s %9.1f msg/s %8.2f MB/s p99 %8.2f ms  ok %s fail %s err %s delivered %s drain %ss%s\n",
-				       n, $16, $17, $20, $11, $12, $13, d, dr, rc ? "  (exit " rc ")" : ""
-		}'
+		recs=
+		# the idle row runs once: a server keeps memory (allocator arenas,
+		# Postfix's idle smtpd processes) after a first run, so repeats
+		# would measure a delta against an already grown baseline
+		n=$REPEAT
+		[ "$kind" = idle ] && n=1
+		for r in $(seq "$n"); do
+			rec=$(run_once "$server" "$pidf" "$name" "$opts" "$kind") || continue
+			recs+=$rec$'\n'
+		done
+		[ -n "$recs" ] || continue
+		key=23
+		[ "$kind" = idle ] && key=35
+		printf '%s' "$recs" | sort -t, -k"$key","$key"g | awk -F, -v k="$key" '
+			{ l[NR] = $0; v[NR] = $k }
+			END { printf "%s,%d,%s,%s\n", l[int((NR + 1) / 2)], NR, v[1], v[NR] }' >>"$CSV"
 	done < <(rows)
 }
 
