@@ -58,6 +58,9 @@ static void session_fail(struct kt_session *s, const char *what, int err)
 
 /* ---- reading ---- */
 
+/* A kTLS RX recvmsg returned a non-data record (in s->in past its length):
+ * log why the session ends and return 1, or return 0 for application data.
+ * The caller closes, which answers with our own close_notify. */
 static int ktls_rx_control(struct kt_session *s, int res)
 {
     struct cmsghdr *cmsg = CMSG_FIRSTHDR(&s->rx_msg);
@@ -67,22 +70,15 @@ static int ktls_rx_control(struct kt_session *s, int res)
     if (type == 23)
         return 0;     /* application data */
     const unsigned char *rec = (const unsigned char *)s->in.data + s->in.len;
-    if (type == 21 && res >= 2) {
-        if (rec[1] == 0) {
-            kt_info("TLS close_notify from unknown[%s]", s->addr);
-            s->dead = 1;
-        } else {
-            kt_info("TLS alert from unknown[%s]: level %u description %u", s->addr, rec[0], rec[1]);
-            s->dead = 1;
-        }
-    } else if (type == 22 && res >= 1 && rec[0] == 24) {
+    if (type == 21 && res >= 2 && rec[1] == 0)
+        kt_info("TLS close_notify from unknown[%s]", s->addr);
+    else if (type == 21 && res >= 2)
+        kt_info("TLS alert from unknown[%s]: level %u description %u", s->addr, rec[0], rec[1]);
+    else if (type == 22 && res >= 1 && rec[0] == 24)
         kt_info("TLS KeyUpdate from unknown[%s]: this kernel cannot rekey kTLS RX; closing the session", s->addr);
-        s->dead = 1;
-    } else {
+    else
         kt_info("unexpected TLS record type %u (handshake message %u) from unknown[%s]; closing", type,
                 res >= 1 ? rec[0] : 0, s->addr);
-        s->dead = 1;
-    }
     return 1;
 }
 
@@ -177,6 +173,16 @@ static void ssl_read_some(struct kt_session *s)
         kt_session_maybe_free(s);
         return;
     }
+    if (s->ktls_tx && SSL_get_key_update_type(s->ssl) != SSL_KEY_UPDATE_NONE) {
+        /* The peer asked for our KeyUpdate, which must precede our next
+         * record; OpenSSL sends it only from SSL_write, and this kernel cannot
+         * rekey kTLS TX anyway. Answering with the old key would be wrong. */
+        kt_info("TLS KeyUpdate request from unknown[%s]: this kernel cannot rekey kTLS TX; closing the session",
+                s->addr);
+        session_fail(s, NULL, 0);
+        kt_session_maybe_free(s);
+        return;
+    }
     if (got) {
         kt_session_on_input(s);
         return;
@@ -221,10 +227,33 @@ void kt_xprt_arm_read(struct kt_session *s)
     }
 }
 
+/* splice(2) from a kTLS socket fails with EINVAL before a non-data record,
+ * so peek at the next record's type: a control record (or an error, or EOF)
+ * must go through RECVMSG, which sees and handles it. Nothing queued yet is
+ * fine to splice: the splice waits for readability and reports EINVAL if a
+ * control record comes first, and the next call here then sees it. */
+static int ktls_next_is_data(const struct kt_session *s)
+{
+    char byte;
+    uint8_t cbuf[CMSG_SPACE(sizeof(unsigned char))];
+    struct iovec iov = { .iov_base = &byte, .iov_len = 1 };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
+    ssize_t n = recvmsg(s->fd, &msg, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0)
+        return errno == EAGAIN || errno == EWOULDBLOCK;
+    if (n == 0)
+        return 0;
+    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    return cmsg && cmsg->cmsg_level == SOL_TLS && cmsg->cmsg_type == TLS_GET_RECORD_TYPE
+           && *(unsigned char *)CMSG_DATA(cmsg) == 23;
+}
+
 int kt_xprt_can_splice(const struct kt_session *s)
 {
     /* userspace TLS must decrypt in OpenSSL; kTLS RX and plaintext can splice */
-    return !s->ssl || s->ktls_rx;
+    if (!s->ssl)
+        return 1;
+    return s->ktls_rx && ktls_next_is_data(s);
 }
 
 /* ---- writing ---- */
