@@ -17,12 +17,13 @@ fail() {
 	sleep 60
 }
 
-work='' ctl='' mods=''
+work='' ctl='' mods='' shares=''
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	kt.work=*) work=${arg#kt.work=} ;;
 	kt.ctl=*) ctl=${arg#kt.ctl=} ;;
 	kt.mods=*) mods=${arg#kt.mods=} ;;
+	kt.share=*) shares=${arg#kt.share=} ;;
 	esac
 done
 [ -n "$work" ] && [ -n "$ctl" ] && [ -n "$mods" ] || fail "kernel command line lacks kt.work/kt.ctl/kt.mods"
@@ -57,7 +58,16 @@ mount -t proc proc $r/proc &&
 	mount -t tmpfs -o mode=1777 tmpfs $r/dev/shm &&
 	mount -t tmpfs -o mode=1777 tmpfs $r/tmp &&
 	mount -t tmpfs -o mode=755 tmpfs $r/run || fail "cannot mount the chroot's pseudo file systems"
-# After the tmpfs mounts, so a work folder under /tmp or /run stays visible.
+# After the tmpfs mounts, so folders under /tmp or /run stay visible. Shared folders first, so a work folder
+# inside one is mounted over it; a shared folder the host root already shows needs no mount.
+i=0
+for d in $(echo "$shares" | tr , ' '); do
+	if [ ! -d "$r$d" ]; then
+		mkdir -p "$r$d" || fail "cannot create mount point $d"
+		mount -t 9p -o "$opts,ro" "share$i" "$r$d" || fail "cannot mount shared folder $d"
+	fi
+	i=$((i + 1))
+done
 mkdir -p "$r$work" 2>/dev/null
 mount -t 9p -o "$opts,cache=none" work "$r$work" || fail "cannot mount work folder at $work"
 

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs one command inside a qemu VM with Debian 12's kernel (which has kTLS), chrooted into this host's root
 # (read-only), with the work folder writable at its host path and loopback networking only.
-# Usage: run.sh [--workdir DIR] [--mem 2G] [--timeout SECONDS] -- COMMAND [ARGS...]
+# Usage: run.sh [--workdir DIR] [--share DIR]... [--mem 2G] [--timeout SECONDS] -- COMMAND [ARGS...]
 # Exit status: COMMAND's; 124 on timeout; 125 if the VM could not run the command at all.
 # Prints the guest console on stdout.
 set -uo pipefail
@@ -10,13 +10,15 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 workdir=$PWD
 mem=2G
 timeout=600
+shares=()
 
 die() { echo "run.sh: ERROR: $*" >&2; exit 125; }
-usage() { echo "usage: $0 [--workdir DIR] [--mem 2G] [--timeout SECONDS] -- COMMAND [ARGS...]" >&2; exit 125; }
+usage() { echo "usage: $0 [--workdir DIR] [--share DIR]... [--mem 2G] [--timeout SECONDS] -- COMMAND [ARGS...]" >&2; exit 125; }
 
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--workdir) [ $# -ge 2 ] || usage; workdir=$2; shift 2 ;;
+	--share) [ $# -ge 2 ] || usage; shares+=("$2"); shift 2 ;;
 	--mem) [ $# -ge 2 ] || usage; mem=$2; shift 2 ;;
 	--timeout) [ $# -ge 2 ] || usage; timeout=$2; shift 2 ;;
 	--) shift; break ;;
@@ -33,6 +35,16 @@ workdir=$(cd "$workdir" && pwd -P) || die "cannot enter $workdir"
 [ "$workdir" != / ] || die "the work folder cannot be / (use --workdir)"
 # Paths travel on the kernel command line and in qemu's comma-separated options.
 [[ "$workdir" =~ ^[A-Za-z0-9_./+@:=-]+$ ]] || die "work folder path '$workdir' has characters the VM cannot pass"
+
+# Shared folders: read-only at their host path. Only needed for folders the VM's own /tmp or /run would
+# hide (a build folder under /tmp); the rest of the host root is visible anyway.
+share_list='' share_args=()
+for i in "${!shares[@]}"; do
+	d=$(cd "${shares[$i]}" 2>/dev/null && pwd -P) || die "cannot enter shared folder ${shares[$i]}"
+	[[ "$d" =~ ^[A-Za-z0-9_./+@:=-]+$ ]] || die "shared folder path '$d' has characters the VM cannot pass"
+	share_list=$share_list${share_list:+,}$d
+	share_args+=(-virtfs "local,path=$d,mount_tag=share$i,security_model=none,readonly=on,multidevs=remap")
+done
 
 cache=$("$here/prepare.sh") || die "prepare.sh failed"
 [[ "$cache" =~ ^[A-Za-z0-9_./+@:=-]+$ ]] || die "cache path '$cache' has characters the VM cannot pass"
@@ -62,9 +74,10 @@ timeout -k 5 "$timeout" qemu-system-x86_64 \
 	-accel "${KT_VM_ACCEL:-tcg}" -cpu max -smp 2 -m "$mem" \
 	-nographic -no-reboot -nic none \
 	-kernel "$kernel" -initrd "$cache/initramfs.cpio.gz" \
-	-append "console=ttyS0 quiet loglevel=3 panic=-1 kt.work=$workdir kt.ctl=$ctl kt.mods=$cache/kernel/lib/modules" \
+	-append "console=ttyS0 quiet loglevel=3 panic=-1 kt.work=$workdir kt.ctl=$ctl kt.mods=$cache/kernel/lib/modules${share_list:+ kt.share=$share_list}" \
 	-virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
 	-virtfs "local,path=$workdir,mount_tag=work,security_model=none,multidevs=remap" \
+	"${share_args[@]}" \
 	</dev/null | sed -u 's/\r$//; s/\x1bc//g; s/\x1b\[[0-9;?]*[A-Za-z]//g'
 qrc=${PIPESTATUS[0]}
 elapsed=$(($(date +%s) - start))
