@@ -366,7 +366,8 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
         const struct kt_smtpd_settings *st = &rt->services[addrs[a].service];
         kt_info("listening on %s (service %s%s%s)", addrs[a].text, st->service->name,
                 st->wrappermode ? ", implicit TLS" : "",
-                st->tls_level == KT_TLS_ENCRYPT ? ", STARTTLS required" : st->tls_level == KT_TLS_MAY ? ", STARTTLS" : "");
+                st->wrappermode ? "" : st->tls_level == KT_TLS_ENCRYPT ? ", STARTTLS required"
+                                     : st->tls_level == KT_TLS_MAY ? ", STARTTLS" : "");
     }
     kt_free(addrs);
     for (unsigned k = 0; k < srv.n_workers; k++)
