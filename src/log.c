@@ -39,3 +39,14 @@ void kt_log(enum kt_log_level level, const char *fmt, ...)
     kt_vlog(level, fmt, ap);
     va_end(ap);
 }
+
+void kt_set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (!err || !errlen)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}

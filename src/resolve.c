@@ -15,6 +15,7 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include "ktrelay/log.h"
 #include "ktrelay/alloc.h"
 #include "ktrelay/aliases.h"
 #include "ktrelay/resolve.h"
@@ -56,17 +57,6 @@ struct kt_resolver {
     unsigned self_uid, self_gid;
 };
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (!err || !errlen)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static int empty(const char *s)
 {
@@ -514,7 +504,7 @@ static int load_passwd(struct kt_resolver *r, const char *file, const char *home
 
     if (!f) {
         int e = errno;
-        set_err(err, errlen, "passwd file %s: %s", file, strerror(e));
+        kt_set_err(err, errlen, "passwd file %s: %s", file, strerror(e));
         return -e;
     }
     while (getline(&line, &cap, f) >= 0) {
@@ -601,7 +591,7 @@ static int open_ids(const char *list, const char *what, struct kt_maps **out, ch
     int rc = kt_maps_open(list, KT_TABLE_MAP, out, err, errlen);
 
     if (rc == 0 && kt_maps_foreach(*out, check_id, NULL) < 0) {
-        set_err(err, errlen, "%s: values must be numeric ids", what);
+        kt_set_err(err, errlen, "%s: values must be numeric ids", what);
         rc = -EINVAL;
     }
     return rc;
@@ -619,7 +609,7 @@ static int load_local_ips(struct kt_resolver *r, const char *list, char *err, si
             return 0;
         n = strcspn(p, " \t,");
         if (r->nlocal_ips == MAX_LOCAL_ADDRS || parse_ip(p, n, &r->local_ips[r->nlocal_ips]) < 0) {
-            set_err(err, errlen, "inet_interfaces_addrs: bad or too many addresses at \"%.*s\"", (int)n, p);
+            kt_set_err(err, errlen, "inet_interfaces_addrs: bad or too many addresses at \"%.*s\"", (int)n, p);
             return -EINVAL;
         }
         r->nlocal_ips++;
@@ -638,15 +628,15 @@ int kt_resolver_new(const struct kt_resolve_config *c, struct kt_resolver **out,
 
     *out = NULL;
     if (empty(hm) || hm[strlen(hm) - 1] != '/') {
-        set_err(err, errlen, "home_mailbox must name a Maildir (end with /)");
+        kt_set_err(err, errlen, "home_mailbox must name a Maildir (end with /)");
         return -EINVAL;
     }
     if (hm[0] == '/') {
-        set_err(err, errlen, "home_mailbox must be relative to the home directory");
+        kt_set_err(err, errlen, "home_mailbox must be relative to the home directory");
         return -EINVAL;
     }
     if (*base && *base != '/') {
-        set_err(err, errlen, "virtual_mailbox_base must be an absolute path");
+        kt_set_err(err, errlen, "virtual_mailbox_base must be an absolute path");
         return -EINVAL;
     }
     r = kt_calloc(1, sizeof(*r));

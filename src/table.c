@@ -20,17 +20,6 @@
 
 #define LIST_FILE_DEPTH 8
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (!err || !errlen)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* Key folding is ASCII only and locale independent, like postmap's lowercase(). */
 static unsigned char lc(unsigned char c)
@@ -73,7 +62,7 @@ static int read_file(const char *path, char **out, char *err, size_t errlen)
 
     if (fd < 0) {
         int e = errno;
-        set_err(err, errlen, "open %s: %s", path, strerror(e));
+        kt_set_err(err, errlen, "open %s: %s", path, strerror(e));
         return -e;
     }
     buf = kt_malloc(cap);
@@ -89,7 +78,7 @@ static int read_file(const char *path, char **out, char *err, size_t errlen)
             continue;
         if (n < 0) {
             int e = errno;
-            set_err(err, errlen, "read %s: %s", path, strerror(e));
+            kt_set_err(err, errlen, "read %s: %s", path, strerror(e));
             close(fd);
             kt_free(buf);
             return -e;
@@ -365,13 +354,13 @@ static int parse_cidr(const char *text, struct cidr *c, char *err, size_t errlen
     c->len = len;
     for (unsigned bit = len; bit < max; bit++) {
         if (c->addr[bit / 8] & (0x80 >> (bit % 8))) {
-            set_err(err, errlen, "non-null host address bits in \"%s\"", text);
+            kt_set_err(err, errlen, "non-null host address bits in \"%s\"", text);
             return -EINVAL;
         }
     }
     return 0;
 bad:
-    set_err(err, errlen, "bad address pattern \"%s\"", text);
+    kt_set_err(err, errlen, "bad address pattern \"%s\"", text);
     return -EINVAL;
 }
 
@@ -499,7 +488,7 @@ static int load_inline(struct kt_table *t, const char *body, char *err, size_t e
     int rc = 0;
 
     if (n < 2 || body[0] != '{' || body[n - 1] != '}') {
-        set_err(err, errlen, "%s: expected inline:{ key=value, ... }", t->name);
+        kt_set_err(err, errlen, "%s: expected inline:{ key=value, ... }", t->name);
         return -EINVAL;
     }
     copy = kt_strndup(body + 1, n - 2);
@@ -516,7 +505,7 @@ static int load_inline(struct kt_table *t, const char *body, char *err, size_t e
             while (*p && *p != '}')
                 p++;
             if (!*p) {
-                set_err(err, errlen, "%s: missing '}'", t->name);
+                kt_set_err(err, errlen, "%s: missing '}'", t->name);
                 rc = -EINVAL;
                 break;
             }
@@ -529,14 +518,14 @@ static int load_inline(struct kt_table *t, const char *body, char *err, size_t e
             *p++ = 0;
         eq = strchr(tok, '=');
         if (!eq) {
-            set_err(err, errlen, "%s: missing '=' in \"%s\"", t->name, tok);
+            kt_set_err(err, errlen, "%s: missing '=' in \"%s\"", t->name, tok);
             rc = -EINVAL;
             break;
         }
         *eq = 0;
         tok = trim(tok);
         if (!*tok) {
-            set_err(err, errlen, "%s: empty key", t->name);
+            kt_set_err(err, errlen, "%s: empty key", t->name);
             rc = -EINVAL;
             break;
         }
@@ -588,7 +577,7 @@ int kt_table_open(const char *spec, enum kt_table_kind kind, struct kt_table **o
 
     *out = NULL;
     if (!tl) {
-        set_err(err, errlen, "unsupported lookup table \"%s\"", spec);
+        kt_set_err(err, errlen, "unsupported lookup table \"%s\"", spec);
         return -EINVAL;
     }
     t = kt_calloc(1, sizeof(*t));
@@ -741,7 +730,7 @@ static int walk_list(const char *list, int depth, entry_fn fn, void *arg, char *
             char *text = NULL;
 
             if (depth >= LIST_FILE_DEPTH) {
-                set_err(err, errlen, "%s: pattern files nested too deeply", tok);
+                kt_set_err(err, errlen, "%s: pattern files nested too deeply", tok);
                 rc = -ELOOP;
             } else if ((rc = read_file(tok, &text, err, errlen)) == 0) {
                 for_each_logical_line(tok, text, walk_file_line, &fc);
@@ -863,7 +852,7 @@ static int domain_add(const char *entry, void *arg, char *err, size_t errlen)
         entry++;
     }
     if (!*entry || *entry == '/') {
-        set_err(err, errlen, "unsupported domain list entry \"%s\"", entry);
+        kt_set_err(err, errlen, "unsupported domain list entry \"%s\"", entry);
         return -EINVAL;
     }
     if (looks_like_table(entry)) {

@@ -34,17 +34,6 @@ struct kt_tls_server {
     SSL_CTX *ctx;
 };
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (!err || !errlen)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* Appends OpenSSL's most specific reason and empties the error queue, so the
  * next failure on this thread does not report a stale cause. */
@@ -58,7 +47,7 @@ static void set_ssl_err(char *err, size_t errlen, const char *what)
         ERR_error_string_n(e, buf, sizeof(buf));
         reason = buf;
     }
-    set_err(err, errlen, "%s: %s", what, reason ? reason : "unknown OpenSSL error");
+    kt_set_err(err, errlen, "%s: %s", what, reason ? reason : "unknown OpenSSL error");
     ERR_clear_error();
 }
 
@@ -125,7 +114,7 @@ int kt_tls_parse_protocols(const char *spec, int *min_version, int *max_version,
         int i, v;
         if (strncmp(tok, ">=", 2) == 0 || strncmp(tok, "<=", 2) == 0) {
             if (parse_bound(tok + 2, &v) < 0) {
-                set_err(err, errlen, "unknown TLS protocol version in \"%s\"", tok);
+                kt_set_err(err, errlen, "unknown TLS protocol version in \"%s\"", tok);
                 rc = -EINVAL;
             } else if (tok[0] == '>') {
                 floor = v > floor ? v : floor;
@@ -133,7 +122,7 @@ int kt_tls_parse_protocols(const char *spec, int *min_version, int *max_version,
                 ceiling = ceiling && ceiling < v ? ceiling : v;
             }
         } else if ((i = protocol_index(tok[0] == '!' ? tok + 1 : tok)) < 0) {
-            set_err(err, errlen, "unknown TLS protocol \"%s\"", tok);
+            kt_set_err(err, errlen, "unknown TLS protocol \"%s\"", tok);
             rc = -EINVAL;
         } else if (tok[0] == '!') {
             exclude |= 1u << i;
@@ -158,7 +147,7 @@ int kt_tls_parse_protocols(const char *spec, int *min_version, int *max_version,
         hi = i;
     }
     if (hi < 0 || protocol_names[hi].version < TLS1_VERSION) {
-        set_err(err, errlen, "TLS protocol list \"%s\" leaves no usable TLS version", spec ? spec : "");
+        kt_set_err(err, errlen, "TLS protocol list \"%s\" leaves no usable TLS version", spec ? spec : "");
         return -EINVAL;
     }
     /* Express the ends as bounds (OpenSSL's preferred interface); only holes
@@ -188,14 +177,14 @@ int kt_tls_cipherlist(const char *grade, const char *high, const char *medium, c
     else if (strcasecmp(grade, "low") == 0)
         base = empty(low) ? DEF_LOW_CLIST : low;
     else {
-        set_err(err, errlen, "invalid cipher grade \"%s\" (expected high, medium or low)", grade);
+        kt_set_err(err, errlen, "invalid cipher grade \"%s\" (expected high, medium or low)", grade);
         return -EINVAL;
     }
 
     char *list = kt_strdup(base), *copy = kt_strdup(exclude ? exclude : ""), *save = NULL;
     for (char *tok = strtok_r(copy, LIST_SEP, &save); tok; tok = strtok_r(NULL, LIST_SEP, &save)) {
         if (strchr("!+-@", tok[0])) {
-            set_err(err, errlen, "invalid unary '!+-@' in cipher exclusion \"%s\"", tok);
+            kt_set_err(err, errlen, "invalid unary '!+-@' in cipher exclusion \"%s\"", tok);
             kt_free(copy);
             kt_free(list);
             return -EINVAL;
@@ -337,7 +326,7 @@ static int load_cert_and_key(SSL_CTX *ctx, const char *cert, const char *key, ch
         key = cert;
     if (access(cert, R_OK) < 0) {
         int e = errno;
-        set_err(err, errlen, "cannot load certificate chain from %s: %s", cert, strerror(e));
+        kt_set_err(err, errlen, "cannot load certificate chain from %s: %s", cert, strerror(e));
         return -e;
     }
     if (!SSL_CTX_use_certificate_chain_file(ctx, cert)) {
@@ -347,14 +336,14 @@ static int load_cert_and_key(SSL_CTX *ctx, const char *cert, const char *key, ch
     }
     if (!(fp = fopen(key, "re"))) {
         int e = errno;
-        set_err(err, errlen, "cannot load private key from %s: %s", key, strerror(e));
+        kt_set_err(err, errlen, "cannot load private key from %s: %s", key, strerror(e));
         return -e;
     }
     /* PEM_read skips the certificate blocks of a combined cert+key file. */
     EVP_PKEY *pkey = PEM_read_PrivateKey(fp, NULL, no_passphrase_cb, &asked);
     fclose(fp);
     if (!pkey && asked) {
-        set_err(err, errlen, "cannot load private key from %s: the key is passphrase-protected "
+        kt_set_err(err, errlen, "cannot load private key from %s: the key is passphrase-protected "
                 "(encrypted); ktrelay cannot prompt for a passphrase - remove the passphrase "
                 "(openssl pkey -in %s -out %s)", key, key, key);
         ERR_clear_error();
@@ -389,11 +378,11 @@ static int setup_server(SSL_CTX *ctx, const struct kt_tls_server_params *p, char
     int rc;
 
     if (empty(p->cert_file) && empty(p->eccert_file)) {
-        set_err(err, errlen, "no server certificate configured (smtpd_tls_cert_file or smtpd_tls_eccert_file)");
+        kt_set_err(err, errlen, "no server certificate configured (smtpd_tls_cert_file or smtpd_tls_eccert_file)");
         return -EINVAL;
     }
     if (p->session_cache_timeout < 0) {
-        set_err(err, errlen, "invalid TLS session cache timeout %ld", p->session_cache_timeout);
+        kt_set_err(err, errlen, "invalid TLS session cache timeout %ld", p->session_cache_timeout);
         return -EINVAL;
     }
     rc = setup_common(ctx, p->protocols, p->ciphers, p->high_cipherlist, p->medium_cipherlist,
@@ -630,7 +619,7 @@ int kt_tls_make_self_signed(const char *cert_path, const char *key_path, const c
     int rc = 0;
 
     if (!hostname || !valid_hostname(hostname)) {
-        set_err(err, errlen, "invalid hostname \"%s\" for a self-signed certificate", hostname ? hostname : "");
+        kt_set_err(err, errlen, "invalid hostname \"%s\" for a self-signed certificate", hostname ? hostname : "");
         return -EINVAL;
     }
     if (!(pkey = EVP_EC_gen("P-256")) || !(x = make_cert(pkey, hostname))) {
@@ -639,23 +628,23 @@ int kt_tls_make_self_signed(const char *cert_path, const char *key_path, const c
         goto out;
     }
     if ((rc = write_pem_tmp(key_path, 0600, NULL, pkey, &key_tmp)) < 0) {
-        set_err(err, errlen, "cannot write private key %s: %s", key_path, strerror(-rc));
+        kt_set_err(err, errlen, "cannot write private key %s: %s", key_path, strerror(-rc));
         goto out;
     }
     if ((rc = write_pem_tmp(cert_path, 0644, x, NULL, &cert_tmp)) < 0) {
-        set_err(err, errlen, "cannot write certificate %s: %s", cert_path, strerror(-rc));
+        kt_set_err(err, errlen, "cannot write certificate %s: %s", cert_path, strerror(-rc));
         goto out;
     }
     if (rename(key_tmp, key_path) < 0) {
         rc = -errno;
-        set_err(err, errlen, "cannot rename %s to %s: %s", key_tmp, key_path, strerror(-rc));
+        kt_set_err(err, errlen, "cannot rename %s to %s: %s", key_tmp, key_path, strerror(-rc));
         goto out;
     }
     kt_free(key_tmp);
     key_tmp = NULL;
     if (rename(cert_tmp, cert_path) < 0) {
         rc = -errno;
-        set_err(err, errlen, "cannot rename %s to %s: %s", cert_tmp, cert_path, strerror(-rc));
+        kt_set_err(err, errlen, "cannot rename %s to %s: %s", cert_tmp, cert_path, strerror(-rc));
     }
 out:
     if (key_tmp)
