@@ -11,7 +11,9 @@
 #include "ktrelay/config.h"
 #include "ktrelay/ktls.h"
 #include "ktrelay/log.h"
+#include "ktrelay/policy.h"
 #include "ktrelay/resolve.h"
+#include "ktrelay/sasl.h"
 #include "ktrelay/settings.h"
 #include "ktrelay/table.h"
 #include "ktrelay/tls.h"
@@ -20,7 +22,7 @@
 struct shared_obj {
     char *key;
     void *obj;
-    int kind;       /* 0 resolver, 1 tls, 2 net list */
+    int kind;       /* 0 resolver, 1 tls, 2 net list, 3 policy, 4 SASL backend */
 };
 
 struct runtime_private {
@@ -161,6 +163,124 @@ static struct kt_tls_server *service_tls(struct runtime_private *rp, const struc
     return t;
 }
 
+/* mynetworks left at its default follows mynetworks_style, as in Postfix. */
+static struct kt_net_list *service_mynetworks(struct runtime_private *rp, const struct kt_config *cfg,
+                                              const struct kt_service *svc, int *errors)
+{
+    const char *mynetworks = get(cfg, svc, "mynetworks");
+    const char *style = get(cfg, svc, "mynetworks_style");
+    const struct kt_param_def *def = kt_param_find("mynetworks");
+    char *computed = NULL;
+    struct kt_net_list *nets;
+
+    if (strcasecmp(style, "host") && strcasecmp(style, "subnet") && strcasecmp(style, "class")) {
+        kt_err("service %s: mynetworks_style must be host, subnet or class, not \"%s\"", svc->name, style);
+        (*errors)++;
+        return NULL;
+    }
+    if (def && def->def && strcmp(mynetworks, def->def) == 0)
+        mynetworks = computed = kt_mynetworks_from_style(style);
+    nets = shared_find(rp, 2, mynetworks);
+    if (!nets) {
+        char err[512];
+        if (kt_net_list_open(mynetworks, &nets, err, sizeof(err)) < 0) {
+            kt_err("service %s: mynetworks: %s", svc->name, err);
+            (*errors)++;
+            nets = NULL;
+        } else {
+            shared_add(rp, 2, mynetworks, nets);
+        }
+    }
+    kt_free(computed);
+    return nets;
+}
+
+static struct kt_policy *service_policy(struct runtime_private *rp, const struct kt_config *cfg,
+                                        const struct kt_service *svc, const struct kt_smtpd_settings *st,
+                                        int *errors)
+{
+    struct kt_policy_config pc = {
+        .client_restrictions = get(cfg, svc, "smtpd_client_restrictions"),
+        .helo_restrictions = get(cfg, svc, "smtpd_helo_restrictions"),
+        .sender_restrictions = get(cfg, svc, "smtpd_sender_restrictions"),
+        .relay_restrictions = get(cfg, svc, "smtpd_relay_restrictions"),
+        .recipient_restrictions = get(cfg, svc, "smtpd_recipient_restrictions"),
+        .sender_login_maps = get(cfg, svc, "smtpd_sender_login_maps"),
+        .reject_unlisted_sender = kt_config_get_bool(cfg, svc, "smtpd_reject_unlisted_sender") == 1,
+        .addr_flags = (kt_config_get_bool(cfg, svc, "allow_percent_hack") == 1 ? KT_ADDR_PERCENT_HACK : 0)
+                      | (kt_config_get_bool(cfg, svc, "swap_bangpath") == 1 ? KT_ADDR_SWAP_BANGPATH : 0)
+                      | (kt_config_get_bool(cfg, svc, "resolve_dequoted_address") == 1 ? KT_ADDR_DEQUOTE : 0),
+        .resolver = st->resolver,
+        .mynetworks = st->mynetworks,
+    };
+    if (!pc.resolver || !pc.mynetworks)
+        return NULL;   /* already reported */
+    if (kt_config_get_bool(cfg, svc, "smtpd_delay_reject") == 0)
+        kt_warn("service %s: smtpd_delay_reject = no is not supported; restrictions are evaluated at RCPT",
+                svc->name);
+    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%d\1%u\1%p\1%p", pc.client_restrictions,
+                            pc.helo_restrictions, pc.sender_restrictions, pc.relay_restrictions,
+                            pc.recipient_restrictions, pc.sender_login_maps, pc.reject_unlisted_sender,
+                            pc.addr_flags, (const void *)pc.resolver, (const void *)pc.mynetworks);
+    struct kt_policy *p = shared_find(rp, 3, key);
+    if (!p) {
+        char err[512];
+        if (kt_policy_new(&pc, &p, err, sizeof(err)) < 0) {
+            kt_err("service %s: %s", svc->name, err);
+            (*errors)++;
+            p = NULL;
+        } else {
+            shared_add(rp, 3, key, p);
+        }
+    }
+    kt_free(key);
+    return p;
+}
+
+static int service_sasl(struct runtime_private *rp, const struct kt_config *cfg, const struct kt_service *svc,
+                        struct kt_smtpd_settings *st)
+{
+    char err[512];
+    int errors = 0;
+
+    st->tls_auth_only = kt_config_get_bool(cfg, svc, "smtpd_tls_auth_only") == 1;
+    st->broken_sasl_auth_clients = kt_config_get_bool(cfg, svc, "broken_sasl_auth_clients") == 1;
+    st->sasl_authenticated_header = kt_config_get_bool(cfg, svc, "smtpd_sasl_authenticated_header") == 1;
+    st->sasl_local_domain = get(cfg, svc, "smtpd_sasl_local_domain");
+    if (kt_sasl_security_mechs(get(cfg, svc, "smtpd_sasl_security_options"), &st->sasl_mechs, err,
+                               sizeof(err)) < 0 ||
+        kt_sasl_security_mechs(get(cfg, svc, "smtpd_sasl_tls_security_options"), &st->sasl_tls_mechs, err,
+                               sizeof(err)) < 0) {
+        kt_err("service %s: %s", svc->name, err);
+        return 1;
+    }
+    if (kt_config_get_bool(cfg, svc, "smtpd_sasl_auth_enable") != 1)
+        return 0;
+    const char *type = get(cfg, svc, "smtpd_sasl_type");
+    char *path;
+    if (strcasecmp(type, "dovecot") == 0) {
+        const char *sp = get(cfg, svc, "smtpd_sasl_path");
+        /* Postfix: a relative path is below queue_directory ("private/auth") */
+        path = sp[0] == '/' || !sp[0] ? kt_strdup(sp) : kt_asprintf("%s/%s", get(cfg, svc, "queue_directory"), sp);
+    } else {
+        path = kt_strdup(get(cfg, svc, "ktrelay_sasl_password_file"));
+    }
+    char *key = kt_asprintf("%s\1%s", type, path);
+    st->sasl = shared_find(rp, 4, key);
+    if (!st->sasl) {
+        if (kt_sasl_server_open(type, path, &st->sasl, err, sizeof(err)) < 0) {
+            kt_err("service %s: %s", svc->name, err);
+            errors++;
+        } else {
+            shared_add(rp, 4, key, st->sasl);
+        }
+    }
+    kt_free(key);
+    kt_free(path);
+    st->sasl_enable = st->sasl != NULL;
+    return errors;
+}
+
 static int service_settings(struct runtime_private *rp, const struct kt_config *cfg, const struct kt_service *svc,
                             struct kt_smtpd_settings *st)
 {
@@ -188,17 +308,9 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     if (st->tls_level != KT_TLS_NONE || st->wrappermode)
         st->tls = service_tls(rp, cfg, svc, st, &errors);
     st->resolver = service_resolver(rp, cfg, svc, &errors);
-    const char *mynetworks = get(cfg, svc, "mynetworks");
-    st->mynetworks = shared_find(rp, 2, mynetworks);
-    if (!st->mynetworks) {
-        char err[512];
-        if (kt_net_list_open(mynetworks, &st->mynetworks, err, sizeof(err)) < 0) {
-            kt_err("service %s: mynetworks: %s", svc->name, err);
-            errors++;
-        } else {
-            shared_add(rp, 2, mynetworks, st->mynetworks);
-        }
-    }
+    st->mynetworks = service_mynetworks(rp, cfg, svc, &errors);
+    st->policy = service_policy(rp, cfg, svc, st, &errors);
+    errors += service_sasl(rp, cfg, svc, st);
     return errors;
 }
 
@@ -209,8 +321,12 @@ static void runtime_free(struct runtime_private *rp)
             kt_resolver_free(rp->objs[i].obj);
         else if (rp->objs[i].kind == 1)
             kt_tls_server_free(rp->objs[i].obj);
-        else
+        else if (rp->objs[i].kind == 2)
             kt_net_list_free(rp->objs[i].obj);
+        else if (rp->objs[i].kind == 3)
+            kt_policy_free(rp->objs[i].obj);
+        else
+            kt_sasl_server_free(rp->objs[i].obj);
         kt_free(rp->objs[i].key);
     }
     kt_free(rp->objs);

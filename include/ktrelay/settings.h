@@ -12,6 +12,8 @@ struct kt_service;
 struct kt_resolver;
 struct kt_tls_server;
 struct kt_net_list;
+struct kt_policy;
+struct kt_sasl_server;
 
 enum kt_tls_level { KT_TLS_NONE, KT_TLS_MAY, KT_TLS_ENCRYPT };
 
@@ -35,6 +37,16 @@ struct kt_smtpd_settings {
     struct kt_tls_server *tls;       /* NULL when the level is none and not wrappermode */
     struct kt_resolver *resolver;
     struct kt_net_list *mynetworks;
+    struct kt_policy *policy;        /* smtpd_*_restrictions and address rewriting */
+    /* SASL AUTH */
+    int sasl_enable;                 /* smtpd_sasl_auth_enable and a backend */
+    unsigned sasl_mechs;             /* KT_MECH_* allowed without TLS (smtpd_sasl_security_options) */
+    unsigned sasl_tls_mechs;         /* ... with TLS (smtpd_sasl_tls_security_options) */
+    int tls_auth_only;               /* smtpd_tls_auth_only */
+    int broken_sasl_auth_clients;    /* also announce "AUTH=..." */
+    int sasl_authenticated_header;   /* login name in the Received: header */
+    const char *sasl_local_domain;   /* realm appended to a login without '@' */
+    struct kt_sasl_server *sasl;     /* NULL unless sasl_enable */
 };
 
 struct kt_runtime {
