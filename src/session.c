@@ -8,7 +8,9 @@
  * delivery's commit callback, i.e. after every copy is fsync'd. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <openssl/crypto.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -17,10 +19,17 @@
 #include "ktrelay/alloc.h"
 #include "ktrelay/log.h"
 #include "ktrelay/maildir.h"
+#include "ktrelay/policy.h"
+#include "ktrelay/sasl.h"
 #include "ktrelay/server.h"
 #include "ktrelay/session.h"
 #include "ktrelay/settings.h"
 #include "ktrelay/tls.h"
+
+/* AUTH failures in one session before it is disconnected. */
+#define AUTH_MAX_FAILURES 3
+/* Cap on the delay before a failure reply, in units of smtpd_error_sleep_time. */
+#define AUTH_MAX_DELAY_STEPS 5
 
 static void session_process(struct kt_session *s);
 static void bdat_fail(struct kt_session *s, const char *why);
@@ -91,6 +100,9 @@ static void transaction_reset(struct kt_session *s)
     s->sender[0] = '\0';
     kt_buf_reset(&s->rcpts);
     s->n_rcpts = 0;
+    kt_buf_reset(&s->relay_rcpts);
+    s->n_relay_rcpts = 0;
+    s->body_discard = 0;
     s->n_mailboxes = 0;
     s->msg_too_big = 0;
     s->bdat_failed = 0;
@@ -105,6 +117,9 @@ static const char *protocol_name(const struct kt_session *s)
 {
     if (!s->esmtp)
         return s->tls_on ? "SMTPS" : "SMTP";
+    /* RFC 3848 */
+    if (s->sasl_username[0])
+        return s->tls_on ? "ESMTPSA" : "ESMTPA";
     return s->tls_on ? "ESMTPS" : "ESMTP";
 }
 
@@ -117,9 +132,13 @@ static void add_received_header(struct kt_session *s)
     struct tm tm;
     localtime_r(&now, &tm);
     strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S %z (%Z)", &tm);
-    int n = snprintf(hdr, sizeof(hdr), "Received: from %s (unknown [%s])\r\n\tby %s (%s) with %s id %s\r\n",
-                     s->helo[0] ? s->helo : "unknown", s->addr, s->cfg->myhostname, "ktrelay",
-                     protocol_name(s), s->queue_id);
+    int n = snprintf(hdr, sizeof(hdr), "Received: from %s (unknown [%s])\r\n", s->helo[0] ? s->helo : "unknown",
+                     s->addr);
+    if (s->sasl_username[0] && s->cfg->sasl_authenticated_header && n > 0 && (size_t)n < sizeof(hdr))
+        n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\t(Authenticated sender: %s)\r\n", s->sasl_username);
+    if (n > 0 && (size_t)n < sizeof(hdr))
+        n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\tby %s (%s) with %s id %s\r\n", s->cfg->myhostname,
+                      "ktrelay", protocol_name(s), s->queue_id);
     if (s->tls_on && s->cfg->tls_received_header && n > 0 && (size_t)n < sizeof(hdr))
         n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\t(using %s)\r\n", s->tls_desc);
     if (n > 0 && (size_t)n < sizeof(hdr)) {
@@ -151,6 +170,22 @@ static int tls_required_first(struct kt_session *s)
         return 1;
     }
     return 0;
+}
+
+/* Mechanisms AUTH may use right now. Mandatory TLS implies smtpd_tls_auth_only, as in Postfix. */
+static unsigned auth_mechs_now(const struct kt_session *s)
+{
+    if (!s->cfg->sasl_enable)
+        return 0;
+    if (!s->tls_on && (s->cfg->tls_auth_only || s->cfg->tls_level == KT_TLS_ENCRYPT))
+        return 0;
+    return s->tls_on ? s->cfg->sasl_tls_mechs : s->cfg->sasl_mechs;
+}
+
+static void mech_list(unsigned mechs, char *out, size_t outlen)
+{
+    snprintf(out, outlen, "%s%s%s", mechs & KT_MECH_PLAIN ? "PLAIN" : "",
+             (mechs & KT_MECH_PLAIN) && (mechs & KT_MECH_LOGIN) ? " " : "", mechs & KT_MECH_LOGIN ? "LOGIN" : "");
 }
 
 static void cmd_helo(struct kt_session *s, const struct kt_smtp_command *c, int ehlo)
@@ -186,6 +221,14 @@ static void cmd_helo(struct kt_session *s, const struct kt_smtp_command *c, int 
     kt_buf_printf(&s->out, "250-VRFY\r\n");
     if (tls_offerable(s))
         kt_buf_printf(&s->out, "250-STARTTLS\r\n");
+    unsigned mechs = auth_mechs_now(s);
+    if (mechs) {
+        char list[32];
+        mech_list(mechs, list, sizeof(list));
+        kt_buf_printf(&s->out, "250-AUTH %s\r\n", list);
+        if (s->cfg->broken_sasl_auth_clients)
+            kt_buf_printf(&s->out, "250-AUTH=%s\r\n", list);
+    }
     kt_buf_printf(&s->out, "250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n");
 }
 
@@ -226,7 +269,11 @@ static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
     s->body_8bit = p.body != KT_BODY_7BIT;
     clock_gettime(CLOCK_MONOTONIC, &s->t_start);
     make_queue_id(s);
-    kt_info("%s: client=unknown[%s]", s->queue_id, s->addr);
+    if (s->sasl_username[0])
+        kt_info("%s: client=unknown[%s], sasl_method=%s, sasl_username=%s", s->queue_id, s->addr, s->sasl_method,
+                s->sasl_username);
+    else
+        kt_info("%s: client=unknown[%s]", s->queue_id, s->addr);
     s->counts.mail_ok++;
     reply(s, "250 2.1.0 Ok");
 }
@@ -248,6 +295,37 @@ static int rcpt_already(const struct kt_session *s, const char *addr)
         p += strlen(p) + 1;
     }
     return 0;
+}
+
+static void rcpt_reject(struct kt_session *s, const char *why, const char *rcpt)
+{
+    kt_info("NOQUEUE: reject: RCPT from unknown[%s]: %s; from=<%s> to=<%s> proto=%s helo=<%s>", s->addr, why,
+            s->sender, rcpt, protocol_name(s), s->helo);
+    reply(s, "%s", why);
+}
+
+/* ---- relay hand-over ----
+ * A recipient the restrictions allow to relay (class relay or default) is
+ * kept in s->relay_rcpts (and in s->rcpts with the others). At the end of the
+ * message relay_message_end() hands the message over; until an outbound queue
+ * takes it there, the message is refused with a temporary error, so the
+ * client keeps it and nothing is lost. */
+static int relay_accept(struct kt_session *s, const char *addr)
+{
+    size_t n = strlen(addr) + 1;
+    kt_buf_append(&s->relay_rcpts, addr, n);
+    s->n_relay_rcpts++;
+    kt_buf_append(&s->rcpts, addr, n);
+    s->n_rcpts++;
+    return 0;
+}
+
+static void relay_message_end(struct kt_session *s)
+{
+    kt_info("%s: reject: relay queue not available for %u relay recipient%s from unknown[%s]", s->queue_id,
+            s->n_relay_rcpts, s->n_relay_rcpts == 1 ? "" : "s", s->addr);
+    reply(s, "451 4.3.0 Error: relay queue not available");
+    transaction_reset(s);
 }
 
 static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
@@ -272,17 +350,37 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         reply(s, "452 4.5.3 Error: too many recipients");
         return;
     }
-    kt_resolve_recipient(s->cfg->resolver, path.addr, &res);
-    if (res.reply) {
-        kt_info("NOQUEUE: reject: RCPT from unknown[%s]: %s; from=<%s> to=<%s> proto=%s helo=<%s>", s->addr,
-                res.reply, s->sender, path.addr, protocol_name(s), s->helo);
-        reply(s, "%s", res.reply);
+    struct kt_policy_request pr = {
+        .client_addr = s->addr,
+        .helo = s->helo,
+        .sender = s->sender,
+        .recipient = path.addr,
+        .recipient_had_route = path.had_route,
+        .sasl_username = s->sasl_username[0] ? s->sasl_username : NULL,
+        .esmtp = s->esmtp,
+        .pipelined = s->cmd_pipelined,
+    };
+    struct kt_resolved_addr ra;
+    char why[700];
+    if (kt_policy_check_rcpt(s->cfg->policy, &pr, &ra, why, sizeof(why))) {
+        rcpt_reject(s, why, path.addr);
         return;
     }
-    if (res.cls != KT_CLASS_LOCAL && res.cls != KT_CLASS_VIRTUAL) {
-        kt_info("NOQUEUE: reject: RCPT from unknown[%s]: 554 5.7.1 <%s>: Relay access denied; from=<%s> to=<%s> "
-                "proto=%s helo=<%s>", s->addr, path.addr, s->sender, path.addr, protocol_name(s), s->helo);
-        reply(s, "554 5.7.1 <%s>: Relay access denied", path.addr);
+    if (ra.cls != KT_CLASS_LOCAL && ra.cls != KT_CLASS_VIRTUAL) {
+        if (!rcpt_already(s, ra.addr) && relay_accept(s, ra.addr) < 0) {
+            reply(s, "452 4.5.3 Error: too many recipients");
+            return;
+        }
+        s->counts.rcpt_ok++;
+        reply(s, "250 2.1.5 Ok");
+        return;
+    }
+    if (ra.rewritten)
+        memcpy(path.addr, ra.addr, strlen(ra.addr) + 1);
+    path.addr_len = strlen(path.addr);
+    kt_resolve_recipient(s->cfg->resolver, path.addr, &res);
+    if (res.reply) {
+        rcpt_reject(s, res.reply, path.addr);
         return;
     }
     if (res.n_mailboxes == 0) {
@@ -414,11 +512,18 @@ static void cmd_data(struct kt_session *s, const struct kt_smtp_command *c)
         reply(s, "554 5.5.1 Error: no valid recipients");
         return;
     }
-    if (s->delivery) {
+    if (s->delivery || s->body_discard) {
         reply(s, "503 5.5.1 Error: DATA after BDAT");
         return;
     }
     s->state = KT_SS_DATA;
+    if (s->n_relay_rcpts) {
+        /* read the body to stay in step with the client, then answer at the end */
+        s->body_discard = 1;
+        kt_data_parser_init(&s->dp);
+        reply(s, "354 End data with <CR><LF>.<CR><LF>");
+        return;
+    }
     start_spool(s);
 }
 
@@ -438,6 +543,10 @@ static void data_finish(struct kt_session *s)
         transaction_reset(s);
         return;
     }
+    if (s->body_discard) {
+        relay_message_end(s);
+        return;
+    }
     s->state = KT_SS_DATA;   /* kept until the commit callback */
     commit_message(s);
 }
@@ -455,7 +564,11 @@ static void data_feed(struct kt_session *s)
     /* unstuffing never grows the data, so it runs in place */
     size_t used = kt_data_parse(&s->dp, head, kt_buf_used(&s->in), head, &out_len);
     int behind = 0;
-    if (!s->msg_too_big && !s->dp.bare_lf && !s->dp.bare_cr) {
+    if (s->body_discard) {
+        if (!body_fits(s, out_len))
+            s->msg_too_big = 1;
+        s->msg_bytes += out_len;
+    } else if (!s->msg_too_big && !s->dp.bare_lf && !s->dp.bare_cr) {
         if (!body_fits(s, out_len))
             s->msg_too_big = 1;
         else if (out_len) {
@@ -485,6 +598,11 @@ static void bdat_chunk_done(struct kt_session *s)
         reply(s, "%s", s->bdat_error);
         if (s->bdat_last)
             transaction_reset(s);
+        return;
+    }
+    if (s->bdat_last && s->body_discard) {
+        s->state = KT_SS_COMMAND;
+        relay_message_end(s);
         return;
     }
     if (s->bdat_last) {
@@ -531,6 +649,8 @@ static void bdat_feed(struct kt_session *s)
         if (!s->bdat_failed) {
             if (!body_fits(s, take)) {
                 bdat_fail(s, "552 5.3.4 Error: message file too big");
+            } else if (s->body_discard) {
+                s->msg_bytes += take;
             } else {
                 if (kt_delivery_append(s->delivery, kt_buf_head(&s->in), take))
                     s->wait = KT_WAIT_DRAIN;
@@ -544,7 +664,8 @@ static void bdat_feed(struct kt_session *s)
         bdat_chunk_done(s);
         return;
     }
-    if (s->wait == KT_WAIT_NONE && !s->bdat_failed && kt_buf_used(&s->in) == 0 && s->bdat_left >= 8192
+    if (s->wait == KT_WAIT_NONE && !s->bdat_failed && !s->body_discard && kt_buf_used(&s->in) == 0
+        && s->bdat_left >= 8192
         && kt_xprt_can_splice(s)) {
         if (!body_fits(s, s->bdat_left)) {
             bdat_fail(s, "552 5.3.4 Error: message file too big");
@@ -578,8 +699,12 @@ static void cmd_bdat(struct kt_session *s, const struct kt_smtp_command *c)
         bdat_fail(s, "503 5.5.1 Error: need MAIL command");
     else if (s->n_rcpts == 0)
         bdat_fail(s, "554 5.5.1 Error: no valid recipients");
-    if (s->delivery == NULL && !s->bdat_failed)
-        start_spool(s);
+    if (s->delivery == NULL && !s->bdat_failed && !s->body_discard) {
+        if (s->n_relay_rcpts)
+            s->body_discard = 1;
+        else
+            start_spool(s);
+    }
 }
 
 /* ---- other commands ---- */
@@ -633,6 +758,278 @@ static void cmd_starttls(struct kt_session *s, const struct kt_smtp_command *c)
     s->wait = KT_WAIT_STARTTLS;
 }
 
+/* ---- AUTH (RFC 4954) ---- */
+
+/* The check request and the session it answers to; req comes first so that
+ * the completion's kt_op leads back here. */
+struct auth_job {
+    struct kt_auth_req req;
+    struct kt_session *s;
+};
+
+static void auth_job_free(struct kt_session *s)
+{
+    if (!s->auth_req)
+        return;
+    OPENSSL_cleanse(s->auth_req, sizeof(struct auth_job));
+    kt_free(s->auth_req);
+    s->auth_req = NULL;
+}
+
+static void auth_end(struct kt_session *s)
+{
+    s->auth_step = KT_AUTH_NONE;
+    auth_job_free(s);
+}
+
+static void auth_fail_reply(struct kt_session *s)
+{
+    reply(s, "%s", s->auth_reply);
+    if (s->auth_failures >= AUTH_MAX_FAILURES && s->state != KT_SS_CLOSING) {
+        kt_info("too many authentication failures from unknown[%s]", s->addr);
+        reply(s, "421 4.7.0 %s Error: too many authentication failures", s->cfg->myhostname);
+        s->state = KT_SS_CLOSING;
+    }
+}
+
+static void on_auth_delay(struct kt_op *op, int res, unsigned flags)
+{
+    struct kt_session *s = (struct kt_session *)((char *)op - offsetof(struct kt_session, auth_timer_op));
+    s->pending--;
+    s->wait = KT_WAIT_NONE;
+    if (!s->dead)
+        auth_fail_reply(s);
+    session_process(s);
+}
+
+/* A wrong password is answered late, later the more failures came from the
+ * same address recently (across connections), and a session that keeps
+ * failing is closed: guessing gets slow and then stops. */
+static void auth_failed(struct kt_session *s, const char *why)
+{
+    kt_warn("unknown[%s]: SASL %s authentication failed: %s", s->addr, s->sasl_method, why);
+    s->auth_failures++;
+    snprintf(s->auth_reply, sizeof(s->auth_reply), "535 5.7.8 Error: authentication failed: %s", why);
+    unsigned recent = kt_auth_fail_record(s->addr);
+    unsigned steps = recent > 1 ? recent - 1 : 0;
+    if (steps > AUTH_MAX_DELAY_STEPS)
+        steps = AUTH_MAX_DELAY_STEPS;
+    long long ms = (long long)steps * s->cfg->error_sleep_ms;
+    if (ms <= 0) {
+        auth_fail_reply(s);
+        return;
+    }
+    s->auth_delay.tv_sec = ms / 1000;
+    s->auth_delay.tv_nsec = (ms % 1000) * 1000000;
+    s->auth_timer_op.cb = on_auth_delay;
+    s->wait = KT_WAIT_AUTH;
+    s->pending++;
+    io_uring_prep_timeout(kt_loop_sqe(&s->worker->loop, &s->auth_timer_op), &s->auth_delay, 0, 0);
+}
+
+static void on_auth_checked(struct kt_op *op, int res, unsigned flags)
+{
+    struct auth_job *job = (struct auth_job *)op;
+    struct kt_session *s = job->s;
+
+    s->pending--;
+    s->wait = KT_WAIT_NONE;
+    if (s->dead) {
+        auth_job_free(s);
+        kt_session_maybe_free(s);
+        return;
+    }
+    if (res == KT_AUTH_OK) {
+        snprintf(s->sasl_username, sizeof(s->sasl_username), "%s", job->req.canon_user);
+        kt_auth_fail_forget(s->addr);
+        s->counts.auth_ok++;
+        reply(s, "235 2.7.0 Authentication successful");
+    } else if (res == KT_AUTH_TEMP) {
+        kt_warn("unknown[%s]: SASL %s authentication failed: %s", s->addr, s->sasl_method, job->req.reason);
+        reply(s, "454 4.7.0 Temporary authentication failure: %s", job->req.reason);
+    } else {
+        char why[sizeof(job->req.reason)];
+        memcpy(why, job->req.reason, sizeof(why));
+        auth_job_free(s);
+        auth_failed(s, why[0] ? why : "authentication failure");
+    }
+    auth_job_free(s);
+    session_process(s);
+}
+
+static void auth_check(struct kt_session *s)
+{
+    struct auth_job *job = (struct auth_job *)s->auth_req;
+    struct kt_auth_req *req = &job->req;
+    const char *realm = s->cfg->sasl_local_domain;
+
+    s->auth_step = KT_AUTH_NONE;
+    if (realm[0] && !strchr(req->user, '@')) {
+        size_t n = strlen(req->user);
+        if (n + 1 + strlen(realm) >= sizeof(req->user)) {
+            auth_end(s);
+            auth_failed(s, "authentication failure");
+            return;
+        }
+        snprintf(req->user + n, sizeof(req->user) - n, "@%s", realm);
+    }
+    job->s = s;
+    req->op.cb = on_auth_checked;
+    req->srv = s->cfg->sasl;
+    req->ring_fd = s->worker->loop.ring.ring_fd;
+    req->secured = s->tls_on;
+    snprintf(req->client_addr, sizeof(req->client_addr), "%s", s->addr);
+    s->wait = KT_WAIT_AUTH;
+    s->pending++;
+    kt_auth_submit(req);
+}
+
+/* Decoded client response; 0, or -1 after replying (the exchange is over). */
+static int auth_decode(struct kt_session *s, const char *b64, size_t len, char *out, size_t outlen, size_t *n,
+                       int initial)
+{
+    ssize_t r = len == 1 && b64[0] == '=' && initial ? 0 : kt_base64_decode(b64, len, out, outlen - 1);
+    if (r < 0) {
+        kt_warn("unknown[%s]: SASL %s authentication failed: malformed base64 in %s response", s->addr,
+                s->sasl_method, initial ? "initial" : "continued");
+        reply(s, "501 5.5.2 Invalid base64 data in %s response", initial ? "initial" : "continued");
+        auth_end(s);
+        return -1;
+    }
+    out[r] = '\0';
+    *n = (size_t)r;
+    return 0;
+}
+
+static void auth_plain(struct kt_session *s, char *msg, size_t n)
+{
+    struct kt_auth_req *req = s->auth_req;
+    const char *authzid, *authcid, *passwd;
+    if (kt_sasl_plain_split(msg, n, &authzid, &authcid, &passwd) < 0 || strlen(authcid) >= sizeof(req->user)
+        || strlen(passwd) >= sizeof(req->pass)) {
+        auth_end(s);
+        auth_failed(s, "malformed PLAIN message");
+        return;
+    }
+    if (authzid[0] && strcmp(authzid, authcid) != 0) {
+        auth_end(s);
+        auth_failed(s, "authorization identity differs from the login");
+        return;
+    }
+    memcpy(req->user, authcid, strlen(authcid) + 1);
+    memcpy(req->pass, passwd, strlen(passwd) + 1);
+    auth_check(s);
+}
+
+/* LOGIN: the user name (step 1) or the password (step 2). */
+static void auth_login(struct kt_session *s, const char *v, size_t n)
+{
+    struct kt_auth_req *req = s->auth_req;
+    if (memchr(v, '\0', n) || n >= sizeof(req->user) || (s->auth_step == KT_AUTH_LOGIN_USER && n == 0)) {
+        auth_end(s);
+        auth_failed(s, "malformed LOGIN response");
+        return;
+    }
+    if (s->auth_step == KT_AUTH_LOGIN_USER) {
+        memcpy(req->user, v, n + 1);
+        s->auth_step = KT_AUTH_LOGIN_PASS;
+        reply(s, "334 UGFzc3dvcmQ6");   /* "Password:" */
+        return;
+    }
+    memcpy(req->pass, v, n + 1);
+    auth_check(s);
+}
+
+static void auth_response(struct kt_session *s, const char *line, size_t len)
+{
+    char buf[1024];
+    size_t n;
+
+    if (len == 1 && line[0] == '*') {
+        kt_warn("unknown[%s]: SASL %s authentication aborted", s->addr, s->sasl_method);
+        auth_end(s);
+        reply(s, "501 5.7.0 Authentication aborted");
+        return;
+    }
+    if (auth_decode(s, line, len, buf, sizeof(buf), &n, 0) < 0)
+        return;
+    if (s->auth_step == KT_AUTH_PLAIN_RESPONSE)
+        auth_plain(s, buf, n);
+    else
+        auth_login(s, buf, n);
+    OPENSSL_cleanse(buf, sizeof(buf));
+}
+
+static void cmd_auth(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    s->counts.auth++;
+    if (!s->cfg->sasl_enable) {
+        reply(s, "503 5.5.1 Error: authentication not enabled");
+        return;
+    }
+    if (tls_required_first(s))
+        return;
+    if (!s->helo[0]) {
+        reply(s, "503 5.5.1 Error: send HELO/EHLO first");
+        return;
+    }
+    if (!s->tls_on && s->cfg->tls_auth_only) {
+        reply(s, "538 5.7.11 Encryption required for requested authentication mechanism");
+        return;
+    }
+    if (s->sasl_username[0]) {
+        reply(s, "503 5.5.1 Error: already authenticated");
+        return;
+    }
+    if (s->in_transaction) {
+        reply(s, "503 5.5.1 Error: MAIL transaction in progress");
+        return;
+    }
+    size_t mlen = 0;
+    while (mlen < c->arg_len && c->arg[mlen] != ' ')
+        mlen++;
+    if (mlen == 0) {
+        reply(s, "501 5.5.4 Syntax: AUTH mechanism");
+        return;
+    }
+    unsigned mech = kt_sasl_mech_from_name(c->arg, mlen);
+    if (!mech) {
+        reply(s, "504 5.5.4 Unrecognized authentication type");
+        return;
+    }
+    if (!(auth_mechs_now(s) & mech)) {
+        if (!s->tls_on && (s->cfg->sasl_tls_mechs & mech))
+            reply(s, "538 5.7.11 Encryption required for requested authentication mechanism");
+        else
+            reply(s, "504 5.5.4 Unrecognized authentication type");
+        return;
+    }
+    const char *ir = c->arg + mlen;
+    size_t ir_len = c->arg_len - mlen;
+    while (ir_len && *ir == ' ') {
+        ir++;
+        ir_len--;
+    }
+    s->sasl_method = mech == KT_MECH_PLAIN ? "PLAIN" : "LOGIN";
+    s->auth_req = kt_calloc(1, sizeof(struct auth_job));
+    if (!ir_len) {
+        s->auth_step = mech == KT_MECH_PLAIN ? KT_AUTH_PLAIN_RESPONSE : KT_AUTH_LOGIN_USER;
+        reply(s, mech == KT_MECH_PLAIN ? "334 " : "334 VXNlcm5hbWU6");   /* "Username:" */
+        return;
+    }
+    char buf[1024];
+    size_t n;
+    if (auth_decode(s, ir, ir_len, buf, sizeof(buf), &n, 1) < 0)
+        return;
+    if (mech == KT_MECH_PLAIN) {
+        auth_plain(s, buf, n);
+    } else {
+        s->auth_step = KT_AUTH_LOGIN_USER;
+        auth_login(s, buf, n);
+    }
+    OPENSSL_cleanse(buf, sizeof(buf));
+}
+
 static void handle_command(struct kt_session *s, const char *line, size_t len)
 {
     struct kt_smtp_command c;
@@ -666,8 +1063,7 @@ static void handle_command(struct kt_session *s, const char *line, size_t len)
               tls_offerable(s) ? " STARTTLS" : "");
         break;
     case KT_VERB_AUTH:
-        s->counts.auth++;
-        reply(s, "503 5.5.1 Error: authentication not enabled");
+        cmd_auth(s, &c);
         break;
     case KT_VERB_EXPN:
     case KT_VERB_ETRN:
@@ -703,9 +1099,14 @@ static void command_feed(struct kt_session *s)
     if (st == KT_LINE_TOO_LONG) {
         reply(s, "500 5.5.2 Error: line too long");
         s->discard_line = 1;
+        auth_end(s);
         return;
     }
-    handle_command(s, head, line_len);
+    s->cmd_pipelined = consumed < avail;
+    if (s->auth_step != KT_AUTH_NONE)
+        auth_response(s, head, line_len);
+    else
+        handle_command(s, head, line_len);
     kt_buf_consume(&s->in, consumed);
     if (s->wait == KT_WAIT_STARTTLS && kt_buf_used(&s->in)) {
         /* CVE-2011-0411: plaintext pipelined after STARTTLS must not be
@@ -782,6 +1183,7 @@ void kt_session_on_tls_ready(struct kt_session *s)
         transaction_reset(s);
         s->helo[0] = '\0';
         s->esmtp = 0;
+        s->sasl_username[0] = '\0';
     } else {
         send_banner(s);
     }
@@ -805,6 +1207,7 @@ static void log_disconnect(struct kt_session *s)
     COUNT("helo", c->helo, c->helo_ok);
     COUNT("ehlo", c->ehlo, c->ehlo_ok);
     COUNT("starttls", c->starttls, starttls_ok);
+    COUNT("auth", c->auth, c->auth_ok);
     COUNT("mail", c->mail, c->mail_ok);
     COUNT("rcpt", c->rcpt, c->rcpt_ok);
     COUNT("data", c->data, c->data_ok);
@@ -834,6 +1237,8 @@ void kt_session_maybe_free(struct kt_session *s)
     kt_buf_release(&s->in);
     kt_buf_release(&s->out);
     kt_buf_release(&s->rcpts);
+    kt_buf_release(&s->relay_rcpts);
+    auth_job_free(s);
     kt_worker_session_gone(s->worker, s);
     kt_runtime_unref(s->rt);
     kt_free(s);
@@ -843,8 +1248,8 @@ void kt_session_timeout(struct kt_session *s)
 {
     if (s->dead || s->state == KT_SS_CLOSING)
         return;
-    if (s->wait == KT_WAIT_COMMIT || s->wait == KT_WAIT_OPEN || s->wait == KT_WAIT_DRAIN)
-        return;   /* waiting on our own disk, not on the client */
+    if (s->wait == KT_WAIT_COMMIT || s->wait == KT_WAIT_OPEN || s->wait == KT_WAIT_DRAIN || s->wait == KT_WAIT_AUTH)
+        return;   /* waiting on our own disk or password check, not on the client */
     kt_info("timeout after %s from unknown[%s]", state_str(s->state), s->addr);
     if (s->state == KT_SS_HANDSHAKE || s->wait == KT_WAIT_SPLICE) {
         /* no plaintext reply is possible mid-handshake or mid-splice */

@@ -20,6 +20,7 @@ struct kt_worker;
 struct kt_runtime;
 struct kt_smtpd_settings;
 struct kt_delivery;
+struct kt_auth_req;
 
 enum kt_session_state {
     KT_SS_HANDSHAKE,      /* TLS handshake in progress (wrapper mode or after STARTTLS) */
@@ -37,12 +38,21 @@ enum kt_session_wait {
     KT_WAIT_SPLICE,       /* BDAT bytes moving socket -> pipe -> file */
     KT_WAIT_DRAIN,        /* spool writes behind: stop reading until they catch up */
     KT_WAIT_STARTTLS,     /* "220 Ready to start TLS" being sent */
+    KT_WAIT_AUTH,         /* password check on the auth pool, or the delay after a failure */
+};
+
+/* Where an AUTH exchange stands. */
+enum kt_auth_step {
+    KT_AUTH_NONE,
+    KT_AUTH_PLAIN_RESPONSE,   /* "334 " sent, waiting for the PLAIN message */
+    KT_AUTH_LOGIN_USER,       /* "334 VXNlcm5hbWU6" sent */
+    KT_AUTH_LOGIN_PASS,       /* "334 UGFzc3dvcmQ6" sent */
 };
 
 /* Counters for the disconnect log line, like Postfix's "ehlo=1 mail=1 ...". */
 struct kt_cmd_counts {
     unsigned helo, ehlo, starttls, auth, mail, rcpt, data, bdat, rset, noop, vrfy, quit, unknown, total;
-    unsigned helo_ok, ehlo_ok, mail_ok, rcpt_ok, data_ok, bdat_ok;
+    unsigned helo_ok, ehlo_ok, auth_ok, mail_ok, rcpt_ok, data_ok, bdat_ok;
 };
 
 #define KT_MAX_MAILBOXES 64
@@ -66,6 +76,7 @@ struct kt_session {
     size_t out_inflight;                   /* bytes of out given to a send in flight */
     int rx_armed, tx_armed;
     int discard_line;                      /* skipping the rest of an over-long command line */
+    int cmd_pipelined;                     /* more input was waiting behind the current command */
 
     /* TLS */
     SSL *ssl;
@@ -85,12 +96,25 @@ struct kt_session {
     int errors;
     struct kt_cmd_counts counts;
 
+    /* SASL AUTH */
+    char sasl_username[256];               /* "" until authenticated */
+    const char *sasl_method;               /* "PLAIN", "LOGIN" */
+    enum kt_auth_step auth_step;
+    struct kt_auth_req *auth_req;          /* check in flight or being collected */
+    unsigned auth_failures;                /* in this session */
+    char auth_reply[160];                  /* failure reply held back during the delay */
+    struct kt_op auth_timer_op;
+    struct __kernel_timespec auth_delay;
+
     /* mail transaction */
     int in_transaction;
     char queue_id[24];
     char sender[513];
     struct kt_buf rcpts;                   /* NUL-separated recipient addresses */
-    unsigned n_rcpts;
+    unsigned n_rcpts;                      /* all accepted recipients, local and relayed */
+    struct kt_buf relay_rcpts;             /* NUL-separated recipients to relay (handed over at end of data) */
+    unsigned n_relay_rcpts;
+    int body_discard;                      /* body read and dropped: no spool file (relay not available) */
     struct kt_mailbox mailboxes[KT_MAX_MAILBOXES];
     size_t n_mailboxes;
     struct timespec t_start;               /* MAIL time, for delay= */
