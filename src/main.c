@@ -1,4 +1,4 @@
-/* ktrelay command line: run, check-config, config [-n], version. */
+/* ktrelay command line: run, check-config, config [-n], sendmail, queue, version. */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +10,7 @@
 #include "ktrelay/alloc.h"
 #include "ktrelay/config.h"
 #include "ktrelay/log.h"
+#include "ktrelay/queue.h"
 #include "ktrelay/server.h"
 #include "ktrelay/settings.h"
 #include "ktrelay/tls.h"
@@ -22,6 +23,8 @@ static void usage(FILE *out)
             "usage: ktrelay run [-c DIR]            run in the foreground, log to stderr\n"
             "       ktrelay check-config -c DIR     validate main.cf and master.cf\n"
             "       ktrelay config -c DIR [-n]      print parameters (-n: only those set, like postconf -n)\n"
+            "       ktrelay sendmail -c DIR [-f sender] [-i] rcpt...   queue a message read from stdin\n"
+            "       ktrelay queue -c DIR list | flush | delete ID|ALL   show, retry now, remove queued mail\n"
             "       ktrelay version\n"
             "Without -c, run uses the embedded default configuration in ./" DEFAULT_DIR "/ (created on first\n"
             "start: self-signed certificate, STARTTLS on 127.0.0.1:2525, implicit TLS on 127.0.0.1:4465,\n"
@@ -134,6 +137,14 @@ int main(int argc, char **argv)
     }
     const char *cmd = argv[1];
     int opt;
+    if (!strcmp(cmd, "sendmail")) {
+        kt_log_set_program("ktrelay/sendmail");
+        return kt_queue_cli_sendmail(argc - 1, argv + 1);
+    }
+    if (!strcmp(cmd, "queue")) {
+        kt_log_set_program("ktrelay/queue");
+        return kt_queue_cli_queue(argc - 1, argv + 1);
+    }
     optind = 2;
     while ((opt = getopt(argc, argv, "c:nv")) != -1) {
         switch (opt) {

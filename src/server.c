@@ -22,6 +22,7 @@
 #include "ktrelay/config.h"
 #include "ktrelay/ktls.h"
 #include "ktrelay/log.h"
+#include "ktrelay/qmgr.h"
 #include "ktrelay/server.h"
 #include "ktrelay/session.h"
 
@@ -370,6 +371,12 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
                                      : st->tls_level == KT_TLS_MAY ? ", STARTTLS" : "");
     }
     kt_free(addrs);
+    /* the queue manager's thread inherits the blocked signal mask */
+    struct kt_qmgr *qmgr = NULL;
+    if (kt_qmgr_start(rt, &qmgr) < 0) {
+        kt_err("cannot start the queue manager");
+        return 1;
+    }
     for (unsigned k = 0; k < srv.n_workers; k++)
         pthread_create(&srv.workers[k].thread, NULL, worker_main, &srv.workers[k]);
     kt_info("daemon started -- version %s, %u worker threads", KT_VERSION, srv.n_workers);
@@ -393,6 +400,7 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
         kt_free(srv.workers[k].listeners);
     }
     kt_free(srv.workers);
+    kt_qmgr_stop(qmgr);
     kt_runtime_unref(atomic_load(&srv.rt));
     kt_info("stopped");
     return exit_code;
