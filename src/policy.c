@@ -579,7 +579,7 @@ static int apply(struct eval *e, enum rtype t, const struct kt_table *table, int
         if (auth_destination(e->ra))
             return DUNNO;
         snprintf(e->reply, e->replylen, "%s <%s>: Relay access denied",
-                 t == R_REJECT_UNAUTH_DEST ? "554 5.7.1" : "450 4.7.1", r->recipient);
+                 t == R_REJECT_UNAUTH_DEST ? "554 5.7.1" : "454 4.7.1", r->recipient);
         return REJECT;
     case R_REJECT_UNAUTH_PIPELINING:
         if (r->pipelined && !r->esmtp)
