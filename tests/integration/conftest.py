@@ -119,6 +119,10 @@ virtual_mailbox_base = {dir}/mail
 virtual_mailbox_maps = texthash:{dir}/vmailbox
 alias_maps =
 ktrelay_worker_threads = 2
+# like an Internet-facing MX: no test client may relay (198.51.100.0/24 is TEST-NET-2), and relay
+# attempts are refused for good rather than deferred
+mynetworks = 198.51.100.0/24
+smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
 """
 
 BASE_VMAILBOX = """\
