@@ -493,10 +493,9 @@ static void conn_ready(void *arg, int res, const char *reason)
     if (res != 0) {
         kt_info("%s", reason);
         conn_remove(cn);
-        /* the last way to this destination failed: what waits for it is deferred */
-        if (d->n_conns == 0)
-            dest_defer_queued(d, res, reason);
-        dest_kick(d);
+        /* the destination is down (or refuses us): what waits for it is deferred now rather
+         * than fed to new connections that would fail the same way */
+        dest_defer_queued(d, res, reason);
         return;
     }
     cn->ready = 1;
