@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs ktrelay's kernel TLS integration tests (tests/integration/test_ktls.py) inside the kTLS VM: prepares
 # the VM, boots it through run.sh with the build folder (read-only) and a writable work folder at their host
-# paths, runs pytest there with KTRELAY_BIN from the build folder, and exits with pytest's status (124 on
+# paths (the source tree too, read-only), runs pytest there with KTRELAY_BIN from the build folder, and exits with pytest's status (124 on
 # timeout, 125 if the VM could not run it). The tests fail rather than skip if the VM lacks kTLS.
 # Usage: run-ktls-tests.sh BUILDDIR [WORKDIR] [-- PYTEST-ARGS...]
 #   WORKDIR defaults to BUILDDIR/ktls-vm and receives junit.xml; KT_VM_TIMEOUT (default 900 s) bounds the VM.
@@ -26,7 +26,7 @@ work=$(cd "$work" && pwd -P)
 
 "$here/prepare.sh" >/dev/null || die "prepare.sh failed"
 # The source tree is read-only in the VM: no bytecode, no pytest cache. Relay folders go to the VM's /tmp.
-"$here/run.sh" --workdir "$work" --share "$build" --timeout "${KT_VM_TIMEOUT:-900}" -- \
+"$here/run.sh" --workdir "$work" --share "$src" --share "$build" --timeout "${KT_VM_TIMEOUT:-900}" -- \
 	env KTRELAY_BIN="$build/ktrelay" KT_KTLS_REQUIRED=1 PYTHONDONTWRITEBYTECODE=1 \
 	/usr/bin/python3 -m pytest -q -rs -p no:cacheprovider --junitxml="$work/junit.xml" \
 	"$src/tests/integration/test_ktls.py" "$@"
