@@ -213,6 +213,7 @@ int kt_queue_load(const char *qdir, const char *id, struct kt_qmsg **out)
             m->rcpts = kt_realloc(m->rcpts, (m->n_rcpts + 1) * sizeof(*m->rcpts));
             m->rcpts[m->n_rcpts].addr = kt_strdup(line + 5);
             m->rcpts[m->n_rcpts].state = KT_QR_PENDING;
+            m->rcpts[m->n_rcpts].reason = NULL;
             m->n_rcpts++;
         } else if (!strcmp(line, "body")) {
             m->body_off = (off_t)total;

@@ -1,0 +1,197 @@
+/* Queue files: creation, envelope parsing, status records (including a torn
+ * last record), removal, start-up cleanup, and the DSN text. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "ktrelay/alloc.h"
+#include "ktrelay/bounce.h"
+#include "ktrelay/queue.h"
+
+static char qdir[256];
+
+static int setup(void **state)
+{
+    snprintf(qdir, sizeof(qdir), "/tmp/kt-test-queue-XXXXXX");
+    if (!mkdtemp(qdir))
+        return -1;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    char cmd[300];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", qdir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+static const char *const rcpts[] = { "bob@remote.test", "carol@remote.test", "dave@remote.test" };
+static const char body[] = "Subject: t\r\n\r\nline\r\n.dot\r\n";
+
+static void append_raw(const char *rel, const char *text)
+{
+    char path[512];
+    snprintf(path, sizeof(path), "%s/%s", qdir, rel);
+    FILE *f = fopen(path, "a");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+static void test_write_and_load(void **state)
+{
+    char id[KT_QUEUE_ID_MAX] = "";
+    struct kt_qmsg *m;
+    assert_int_equal(kt_queue_write(qdir, "alice@example.test", rcpts, 3, body, strlen(body), id, sizeof(id)), 0);
+    assert_true(strlen(id) > 10);
+    assert_int_equal(kt_queue_load(qdir, id, &m), 0);
+    assert_string_equal(m->id, id);
+    assert_string_equal(m->sender, "alice@example.test");
+    assert_int_equal(m->n_rcpts, 3);
+    assert_string_equal(m->rcpts[2].addr, "dave@remote.test");
+    assert_int_equal(m->dots, 1);
+    assert_int_equal(m->body_len, (off_t)strlen(body));
+    assert_true(m->arrival > 0 && m->arrival <= time(NULL));
+    for (size_t i = 0; i < 3; i++)
+        assert_int_equal(m->rcpts[i].state, KT_QR_PENDING);
+
+    /* the body is where the envelope says */
+    char buf[128] = { 0 };
+    int fd = kt_queue_open_body(qdir, id);
+    assert_true(fd >= 0);
+    assert_int_equal(pread(fd, buf, sizeof(buf), m->body_off), (ssize_t)strlen(body));
+    close(fd);
+    assert_string_equal(buf, body);
+    kt_qmsg_free(m);
+
+    /* nothing is left in tmp/ */
+    char **ids;
+    size_t n;
+    char tmp[300];
+    snprintf(tmp, sizeof(tmp), "%s/tmp", qdir);
+    assert_int_equal(kt_queue_list_ids(qdir, &ids, &n), 0);
+    assert_int_equal(n, 1);
+    assert_string_equal(ids[0], id);
+    kt_queue_free_ids(ids, n);
+}
+
+static void test_status_records(void **state)
+{
+    char id[KT_QUEUE_ID_MAX] = "", rel[400];
+    struct kt_qmsg *m, *again;
+    assert_int_equal(kt_queue_write(qdir, "", rcpts, 3, "x\r\n", 3, id, sizeof(id)), 0);
+    assert_int_equal(kt_queue_load(qdir, id, &m), 0);
+    assert_string_equal(m->sender, "");
+    assert_int_equal(m->dots, 0);
+    assert_int_equal(kt_queue_mark(qdir, m, 0, KT_QR_DONE, NULL), 0);
+    assert_int_equal(kt_queue_mark(qdir, m, 2, KT_QR_FAILED, "5.1.1 mx[1.2.3.4]:25 host said:\n550 no"), 0);
+    assert_false(kt_qmsg_finished(m));
+    /* a crash in the middle of an append leaves a line without its newline: not an outcome */
+    snprintf(rel, sizeof(rel), "status/%s", id);
+    append_raw(rel, "done 1");
+    assert_int_equal(kt_queue_load(qdir, id, &again), 0);
+    assert_int_equal(again->rcpts[0].state, KT_QR_DONE);
+    assert_int_equal(again->rcpts[1].state, KT_QR_PENDING);
+    assert_int_equal(again->rcpts[2].state, KT_QR_FAILED);
+    assert_string_equal(again->rcpts[2].reason, "5.1.1 mx[1.2.3.4]:25 host said: 550 no");
+    assert_int_equal(again->warned, 0);
+    kt_qmsg_free(again);
+    kt_qmsg_free(m);
+}
+
+static void test_remove_and_cleanup(void **state)
+{
+    char id[KT_QUEUE_ID_MAX] = "", path[1024];
+    struct kt_qmsg *m;
+    struct stat st;
+    assert_int_equal(kt_queue_write(qdir, "a@b", rcpts, 1, "x\r\n", 3, id, sizeof(id)), 0);
+    assert_int_equal(kt_queue_load(qdir, id, &m), 0);
+    assert_int_equal(kt_queue_mark(qdir, m, (size_t)-1, KT_QR_PENDING, NULL), 0);
+    assert_int_equal(m->warned, 1);
+    kt_qmsg_free(m);
+    assert_int_equal(kt_queue_remove(qdir, id), 0);
+    assert_int_equal(kt_queue_remove(qdir, id), -ENOENT);
+    assert_int_equal(kt_queue_load(qdir, id, &m), -ENOENT);
+    assert_int_equal(kt_queue_load(qdir, "../etc", &m), -EINVAL);
+
+    /* leftovers: an unfinished tmp file and an orphan status file go; a live status stays */
+    char live[KT_QUEUE_ID_MAX] = "";
+    assert_int_equal(kt_queue_write(qdir, "a@b", rcpts, 2, "x\r\n", 3, live, sizeof(live)), 0);
+    assert_int_equal(kt_queue_load(qdir, live, &m), 0);
+    assert_int_equal(kt_queue_mark(qdir, m, 0, KT_QR_DONE, NULL), 0);
+    kt_qmsg_free(m);
+    append_raw("tmp/PARTIAL", "KTQUEUE 1\n");
+    append_raw("status/ORPHAN", "done 0\n");
+    kt_queue_cleanup(qdir);
+    snprintf(path, sizeof(path), "%s/tmp/PARTIAL", qdir);
+    assert_int_equal(stat(path, &st), -1);
+    snprintf(path, sizeof(path), "%s/status/ORPHAN", qdir);
+    assert_int_equal(stat(path, &st), -1);
+    snprintf(path, sizeof(path), "%s/status/%s", qdir, live);
+    assert_int_equal(stat(path, &st), 0);
+}
+
+static void test_bad_files(void **state)
+{
+    struct kt_qmsg *m;
+    assert_int_equal(kt_queue_init_dirs(qdir), 0);
+    append_raw("new/NOMAGIC", "hello\nbody\n");
+    append_raw("new/NOBODY", "KTQUEUE 1\nsender a@b\nrcpt c@d\n");
+    append_raw("new/NOSENDER", "KTQUEUE 1\nrcpt c@d\nbody\nx");
+    assert_int_equal(kt_queue_load(qdir, "NOMAGIC", &m), -EINVAL);
+    assert_int_equal(kt_queue_load(qdir, "NOBODY", &m), -EINVAL);
+    assert_int_equal(kt_queue_load(qdir, "NOSENDER", &m), -EINVAL);
+}
+
+static void test_dsn(void **state)
+{
+    const char hdrs[] = "Subject: hello\r\nMessage-Id: <1@x>\r\n";
+    struct kt_dsn_rcpt r[2] = {
+        { "bob@remote.test", "5.1.1 mx.remote.test[192.0.2.1]:25 host mx.remote.test[192.0.2.1]:25 said: 550 5.1.1 "
+                             "unknown user (in reply to RCPT TO command)" },
+        { "carol@remote.test", "5.4.7 - message expired: connection refused" },
+    };
+    char *t = kt_dsn_build(KT_DSN_FAILED, "relay.example", "ABC", "alice@example.test", 1000, r, 2, hdrs,
+                           strlen(hdrs), 0);
+    assert_non_null(strstr(t, "To: alice@example.test\r\n"));
+    assert_non_null(strstr(t, "Content-Type: multipart/report; report-type=delivery-status;"));
+    assert_non_null(strstr(t, "Reporting-MTA: dns; relay.example\r\n"));
+    assert_non_null(strstr(t, "Final-Recipient: rfc822; bob@remote.test\r\nOriginal-Recipient: rfc822;bob@remote.test\r\n"
+                              "Action: failed\r\nStatus: 5.1.1\r\nRemote-MTA: dns; mx.remote.test\r\n"
+                              "Diagnostic-Code: smtp; 550 5.1.1 unknown user\r\n"));
+    assert_non_null(strstr(t, "Final-Recipient: rfc822; carol@remote.test"));
+    assert_non_null(strstr(t, "Status: 5.4.7\r\n"));
+    assert_non_null(strstr(t, "Content-Type: text/rfc822-headers\r\n\r\nSubject: hello\r\nMessage-Id: <1@x>\r\n"));
+    assert_null(strstr(t, "Will-Retry-Until"));
+    /* every line ends in CRLF */
+    for (char *p = strchr(t, '\n'); p; p = strchr(p + 1, '\n'))
+        assert_int_equal(p[-1], '\r');
+    kt_free(t);
+    t = kt_dsn_build(KT_DSN_DELAYED, "relay.example", "ABC", "alice@example.test", 1000, r, 1, hdrs, strlen(hdrs),
+                     5000);
+    assert_non_null(strstr(t, "Action: delayed\r\n"));
+    assert_non_null(strstr(t, "Will-Retry-Until: "));
+    kt_free(t);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_write_and_load, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_status_records, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_remove_and_cleanup, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bad_files, setup, teardown),
+        cmocka_unit_test(test_dsn),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
