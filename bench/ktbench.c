@@ -74,7 +74,7 @@ struct conn {
 	SSL *ssl;
 	enum cstate state;
 	bool tls_pending_after_starttls, has_pipelining, has_chunking, has_starttls;
-	bool txn_failed, counted_handshake;
+	bool txn_failed;
 	char *in;
 	size_t in_len, in_cap;
 	char stage[16384];
@@ -337,7 +337,6 @@ static int conn_open(struct conn *c)
 	c->fd = fd;
 	c->state = CS_CONNECTING;
 	c->has_pipelining = c->has_chunking = c->has_starttls = false;
-	c->counted_handshake = false;
 	n_conn++;
 	n_conn_active++;
 	return 0;

@@ -96,7 +96,7 @@ PNG=$OUT/$STAMP-$HOST.png
 exec > >(tee "$TXT") 2>&1
 
 echo "ktbench matrix $STAMP on $HOST ($(nproc) cores, $(uname -r)), mode: $([ "$QUICK" = 1 ] && echo quick || echo full)"
-echo "ktbench: $KTBENCH"
+echo "ktbench: $KTBENCH; tree: $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)"
 
 # ---- shared certificate ----
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
@@ -377,7 +377,7 @@ for server in "${SERVER_LIST[@]}"; do
 			echo "== ktrelay: skipped (no working binary; build it or pass --ktrelay PATH)"
 			continue
 		fi
-		echo "== ktrelay ($("$KTRELAY" version 2>&1 | head -1))"
+		echo "== ktrelay ($("$KTRELAY" version 2>&1 | head -1), $KTRELAY built $(date -r "$KTRELAY" '+%F %T'))"
 		if ! start_ktrelay yes; then stop_ktrelay; continue; fi
 		pidf_cmd="echo $KT_PID"
 		run_rows ktrelay ktrelay_pids "" "."
