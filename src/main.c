@@ -83,7 +83,10 @@ static int make_default_config(const char *dir)
         "# forward-secret AEAD suites only (TLS 1.2); TLS 1.3 suites are all AEAD\n"
         "tls_high_cipherlist = ECDHE+AESGCM:ECDHE+CHACHA20\n"
         "smtpd_tls_loglevel = 1\n"
-        "smtpd_tls_received_header = yes\n",
+        "smtpd_tls_received_header = yes\n"
+        "# AUTH (off here): users and crypt(3) hashes in the built-in password file. To offer it, add\n"
+        "# to a service in master.cf: -o smtpd_sasl_auth_enable=yes -o smtpd_tls_auth_only=yes\n"
+        "ktrelay_sasl_password_file = $data_directory/sasl-passwd\n",
         abs, abs);
     int rc = write_file(path, main_cf);
     kt_free(main_cf);
@@ -100,7 +103,15 @@ static int make_default_config(const char *dir)
                         "# address            Maildir under virtual_mailbox_base (a trailing / means Maildir)\n"
                         "postmaster@localhost localhost/postmaster/\n"
                         "@localhost           localhost/catchall/\n");
+    snprintf(path, sizeof(path), "%s/sasl-passwd", abs);
+    if (rc == 0)
+        rc = write_file(path,
+                        "# SASL users for AUTH PLAIN/LOGIN: \"user:hash\" lines, the hash from crypt(3), e.g.\n"
+                        "#   printf 'alice:%s\\n' \"$(mkpasswd -m yescrypt)\" >> sasl-passwd\n"
+                        "#   printf 'alice:%s\\n' \"$(openssl passwd -6)\" >> sasl-passwd\n"
+                        "# Read at start and on SIGHUP.\n");
     if (rc == 0) {
+        chmod(path, 0600);
         char cert[4096], key[4096];
         snprintf(cert, sizeof(cert), "%s/cert.pem", abs);
         snprintf(key, sizeof(key), "%s/key.pem", abs);
