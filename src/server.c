@@ -20,6 +20,7 @@
 #include "kt_build.h"
 #include "ktrelay/alloc.h"
 #include "ktrelay/config.h"
+#include "ktrelay/dirsync.h"
 #include "ktrelay/ktls.h"
 #include "ktrelay/log.h"
 #include "ktrelay/qmgr.h"
@@ -269,6 +270,7 @@ static void *worker_main(void *arg)
         if (w->listeners[i].fd >= 0)
             close(w->listeners[i].fd);
     kt_loop_fini(&w->loop);
+    kt_dirsync_thread_cleanup();
     return NULL;
 }
 
