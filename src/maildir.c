@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "ktrelay/alloc.h"
+#include "ktrelay/dirsync.h"
 #include "ktrelay/log.h"
 #include "ktrelay/maildir.h"
 
@@ -26,7 +27,7 @@
 
 enum stage {
     ST_NEW, ST_OPENING, ST_MKDIRS, ST_OPEN, ST_COMMIT_WRITES, ST_FSYNC_FILE, ST_LINKING, ST_LINK_MKDIRS,
-    ST_UNLINK_TMP, ST_DIR_OPEN, ST_DIR_FSYNC, ST_DONE, ST_FAILED,
+    ST_UNLINK_TMP, ST_DIR_FSYNC, ST_DONE, ST_FAILED,
 };
 
 struct wchunk {
@@ -53,7 +54,7 @@ struct kt_delivery {
     char *box_paths[MAX_BOXES];
     size_t step;                     /* index into boxes while linking / fsyncing dirs */
     size_t linked;                   /* how many new/ names exist */
-    int dir_fd;
+    struct kt_dirsync_waiter dirsync; /* waiting for new/ to be fsync'd */
     int mkdir_left;                  /* mkdirat operations still in flight */
     int mkdir_tried;
     size_t mkdir_box;                /* the mailbox whose directories are being made */
@@ -84,6 +85,7 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags);
 static void chunk_done(struct kt_op *op, int res, unsigned flags);
 static void splice_step(struct kt_op *op, int res, unsigned flags);
 static void commit_continue(struct kt_delivery *d);
+static void submit_dir_sync(struct kt_delivery *d);
 
 static unsigned long seq_counter;
 
@@ -114,7 +116,7 @@ struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbo
     d->loop = loop;
     d->op.cb = delivery_step;
     d->splice_op.cb = splice_step;
-    d->fd = d->dir_fd = d->pipe_r = d->pipe_w = -1;
+    d->fd = d->pipe_r = d->pipe_w = -1;
     d->n_boxes = n;
     for (size_t i = 0; i < n; i++) {
         d->box_paths[i] = kt_strdup(boxes[i].path);
@@ -134,8 +136,6 @@ static void delivery_free(struct kt_delivery *d)
 {
     if (d->fd >= 0)
         close(d->fd);
-    if (d->dir_fd >= 0)
-        close(d->dir_fd);
     if (d->pipe_r >= 0)
         close(d->pipe_r);
     if (d->pipe_w >= 0)
@@ -505,7 +505,21 @@ static int box_seen_before(struct kt_delivery *d, size_t i)
     return 0;
 }
 
-static void submit_dir_open(struct kt_delivery *d)
+static void dir_synced(struct kt_dirsync_waiter *w, int res)
+{
+    struct kt_delivery *d = (struct kt_delivery *)((char *)w - offsetof(struct kt_delivery, dirsync));
+    d->pending--;
+    if (res < 0) {
+        kt_err("fsync %s: %s", d->paths[1], strerror(-res));
+        delivery_finish(d, res);
+        return;
+    }
+    d->step++;
+    submit_dir_sync(d);
+}
+
+/* fsync each distinct new/ once; concurrent deliveries share the fsyncs */
+static void submit_dir_sync(struct kt_delivery *d)
 {
     while (d->step < d->n_boxes && box_seen_before(d, d->step))
         d->step++;
@@ -514,10 +528,11 @@ static void submit_dir_open(struct kt_delivery *d)
         delivery_finish(d, 0);
         return;
     }
-    d->stage = ST_DIR_OPEN;
+    d->stage = ST_DIR_FSYNC;
     snprintf(d->paths[1], sizeof(d->paths[1]), "%snew", d->boxes[d->step].path);
-    struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
-    io_uring_prep_openat(sqe, AT_FDCWD, d->paths[1], O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+    d->dirsync.done = dir_synced;
+    d->pending++;
+    kt_dirsync_request(d->loop, d->paths[1], &d->dirsync);
 }
 
 static void commit_continue(struct kt_delivery *d)
@@ -616,34 +631,12 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
             io_uring_prep_unlinkat(sqe, AT_FDCWD, d->tmp_path, 0);
             return;
         }
-        submit_dir_open(d);
+        submit_dir_sync(d);
         return;
     case ST_UNLINK_TMP:
         if (res < 0)
             kt_warn("unlink %s: %s", d->tmp_path, strerror(-res));
-        submit_dir_open(d);
-        return;
-    case ST_DIR_OPEN:
-        if (res < 0) {
-            kt_err("open %s: %s", d->paths[1], strerror(-res));
-            delivery_finish(d, res);
-            return;
-        }
-        d->dir_fd = res;
-        d->stage = ST_DIR_FSYNC;
-        struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
-        io_uring_prep_fsync(sqe, d->dir_fd, 0);
-        return;
-    case ST_DIR_FSYNC:
-        close(d->dir_fd);
-        d->dir_fd = -1;
-        if (res < 0) {
-            kt_err("fsync %s: %s", d->paths[1], strerror(-res));
-            delivery_finish(d, res);
-            return;
-        }
-        d->step++;
-        submit_dir_open(d);
+        submit_dir_sync(d);
         return;
     default:
         delivery_release_if_abandoned(d);
