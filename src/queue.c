@@ -373,82 +373,21 @@ void kt_queue_cleanup(const char *qdir)
 
 /* ---- in-process writer ---- */
 
-struct kt_queue_writer {
-    struct kt_delivery *d;
-    char *envelope;
-    kt_delivery_cb cb;
-    void *arg;
-    char id[KT_QUEUE_ID_MAX];
-};
-
-struct kt_queue_writer *kt_queue_writer_new(struct kt_loop *loop, const char *qdir, const char *sender,
-                                            const char *const *rcpts, size_t n, const char *hostname,
-                                            unsigned worker_id)
+struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir, const char *sender,
+                                          const char *const *rcpts, size_t n, const char *hostname,
+                                          unsigned worker_id)
 {
-    struct kt_queue_writer *w = kt_calloc(1, sizeof(*w));
+    char *env = kt_queue_envelope(sender, rcpts, n, time(NULL), -1);
+    size_t len = strlen(env);
+    if (len >= KT_DELIVERY_CHUNK) {
+        kt_free(env);
+        return NULL;
+    }
     char *path = kt_asprintf("%s/", qdir);
     struct kt_mailbox box = { .path = path, .uid = 0, .gid = 0 };
-    w->d = kt_delivery_new(loop, &box, 1, hostname, worker_id);
+    struct kt_delivery *d = kt_delivery_new(loop, &box, 1, hostname, worker_id);
     kt_free(path);
-    w->envelope = kt_queue_envelope(sender, rcpts, n, time(NULL), -1);
-    return w;
-}
-
-static void writer_opened(void *arg, int res)
-{
-    struct kt_queue_writer *w = arg;
-    if (res == 0)
-        kt_delivery_append(w->d, w->envelope, strlen(w->envelope));
-    w->cb(w->arg, res);
-}
-
-void kt_queue_writer_open(struct kt_queue_writer *w, kt_delivery_cb cb, void *arg)
-{
-    w->cb = cb;
-    w->arg = arg;
-    kt_delivery_open(w->d, writer_opened, w);
-}
-
-int kt_queue_writer_append(struct kt_queue_writer *w, const void *data, size_t len)
-{
-    return kt_delivery_append(w->d, data, len);
-}
-
-void kt_queue_writer_set_drain_cb(struct kt_queue_writer *w, kt_delivery_cb cb, void *arg)
-{
-    kt_delivery_set_drain_cb(w->d, cb, arg);
-}
-
-void kt_queue_writer_splice(struct kt_queue_writer *w, int sockfd, size_t len, kt_delivery_cb cb, void *arg)
-{
-    kt_delivery_splice(w->d, sockfd, len, cb, arg);
-}
-
-static void writer_committed(void *arg, int res)
-{
-    struct kt_queue_writer *w = arg;
-    if (res == 0)
-        snprintf(w->id, sizeof(w->id), "%s", kt_delivery_name(w->d));
-    w->cb(w->arg, res);
-}
-
-void kt_queue_writer_commit(struct kt_queue_writer *w, kt_delivery_cb cb, void *arg)
-{
-    w->cb = cb;
-    w->arg = arg;
-    kt_delivery_commit(w->d, writer_committed, w);
-}
-
-const char *kt_queue_writer_id(const struct kt_queue_writer *w)
-{
-    return w->id;
-}
-
-void kt_queue_writer_abandon(struct kt_queue_writer *w)
-{
-    if (!w)
-        return;
-    kt_delivery_abandon(w->d);
-    kt_free(w->envelope);
-    kt_free(w);
+    kt_delivery_append(d, env, len);
+    kt_free(env);
+    return d;
 }

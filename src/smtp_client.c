@@ -385,8 +385,10 @@ static int read_in(struct kt_smtp_conn *c)
 static int parse_reply(struct kt_smtp_conn *c)
 {
     for (;;) {
-        char *head = kt_buf_head(&c->in);
         size_t used = kt_buf_used(&c->in);
+        if (used == 0)
+            return 0;      /* nothing buffered yet (the buffer may not even exist) */
+        char *head = kt_buf_head(&c->in);
         char *nl = memchr(head, '\n', used);
         if (!nl)
             return used > MAX_REPLY ? -1 : 0;

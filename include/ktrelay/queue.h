@@ -76,23 +76,18 @@ void kt_queue_free_ids(char **ids, size_t n);
 /* Remove tmp/ leftovers and status files without a message (start-up only). */
 void kt_queue_cleanup(const char *qdir);
 
-/* In-process writer for the SMTP session, driven by the caller's io_uring
- * loop like struct kt_delivery (whose durable create-fsync-rename-fsync it
- * uses, with the queue directory in the role of the Maildir). The envelope
- * is written when the file is opened; body bytes follow through append or
- * splice; commit reports 0 only when the message is durable in new/. */
-struct kt_queue_writer;
-struct kt_queue_writer *kt_queue_writer_new(struct kt_loop *loop, const char *qdir, const char *sender,
-                                            const char *const *rcpts, size_t n, const char *hostname,
-                                            unsigned worker_id);
-void kt_queue_writer_open(struct kt_queue_writer *w, kt_delivery_cb cb, void *arg);
-int kt_queue_writer_append(struct kt_queue_writer *w, const void *data, size_t len);
-void kt_queue_writer_set_drain_cb(struct kt_queue_writer *w, kt_delivery_cb cb, void *arg);
-void kt_queue_writer_splice(struct kt_queue_writer *w, int sockfd, size_t len, kt_delivery_cb cb, void *arg);
-void kt_queue_writer_commit(struct kt_queue_writer *w, kt_delivery_cb cb, void *arg);
-/* Queue id (file name in new/) once committed. */
-const char *kt_queue_writer_id(const struct kt_queue_writer *w);
-void kt_queue_writer_abandon(struct kt_queue_writer *w);
+/* In-process writer for the SMTP session: a struct kt_delivery (maildir.h)
+ * whose "Maildir" is the queue directory, so the session drives it exactly
+ * like a local delivery (open, append or splice, commit, abandon) and the
+ * commit's create-fsync-rename-fsync makes the message durable in new/
+ * before the 250. The envelope is appended here, before the file exists:
+ * kt_delivery buffers up to KT_DELIVERY_CHUNK bytes in memory until then.
+ * Returns NULL when the envelope would not fit in that buffer (far more
+ * recipients than any recipient limit allows). The queue id is
+ * kt_delivery_name() once committed. */
+struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir, const char *sender,
+                                          const char *const *rcpts, size_t n, const char *hostname,
+                                          unsigned worker_id);
 
 /* Command line (queue_cli.c): argv[0] is the command name.
  *   sendmail -c DIR [-f sender] [-i] rcpt...   message on stdin into the queue
