@@ -20,6 +20,8 @@
 #include "ktrelay/log.h"
 #include "ktrelay/maildir.h"
 #include "ktrelay/policy.h"
+#include "ktrelay/qmgr.h"
+#include "ktrelay/queue.h"
 #include "ktrelay/sasl.h"
 #include "ktrelay/server.h"
 #include "ktrelay/session.h"
@@ -306,13 +308,19 @@ static void rcpt_reject(struct kt_session *s, const char *why, const char *rcpt)
 
 /* ---- relay hand-over ----
  * A recipient the restrictions allow to relay (class relay or default) is
- * kept in s->relay_rcpts (and in s->rcpts with the others). At the end of the
- * message relay_message_end() hands the message over; until an outbound queue
- * takes it there, the message is refused with a temporary error, so the
- * client keeps it and nothing is lost. */
+ * kept in s->relay_rcpts (and in s->rcpts with the others). A transaction
+ * with such a recipient is written, for all its recipients, into the queue
+ * (queue.h) instead of the Maildirs: the commit makes the queue file durable
+ * before the single 250, and the queue manager then delivers the local
+ * recipients to their Maildirs and relays the others. */
+#define RELAY_ENVELOPE_MAX (KT_DELIVERY_CHUNK / 2)
+
 static int relay_accept(struct kt_session *s, const char *addr)
 {
     size_t n = strlen(addr) + 1;
+    /* the queue envelope is buffered in memory until the queue file exists */
+    if (kt_buf_used(&s->rcpts) + n + 6 * ((size_t)s->n_rcpts + 1) > RELAY_ENVELOPE_MAX)
+        return -1;
     kt_buf_append(&s->relay_rcpts, addr, n);
     s->n_relay_rcpts++;
     kt_buf_append(&s->rcpts, addr, n);
@@ -322,9 +330,8 @@ static int relay_accept(struct kt_session *s, const char *addr)
 
 static void relay_message_end(struct kt_session *s)
 {
-    kt_info("%s: reject: relay queue not available for %u relay recipient%s from unknown[%s]", s->queue_id,
-            s->n_relay_rcpts, s->n_relay_rcpts == 1 ? "" : "s", s->addr);
-    reply(s, "451 4.3.0 Error: relay queue not available");
+    /* only reachable for a body read without a spool file, which relay mail no longer is */
+    reply(s, "451 4.3.0 Error: queue file write error");
     transaction_reset(s);
 }
 
@@ -426,7 +433,11 @@ static void on_commit(void *arg, int res)
         double delay = elapsed_since(&s->t_start);
         kt_info("%s: from=<%s>, size=%llu, nrcpt=%u (queue active)", s->queue_id, s->sender,
                 kt_delivery_size(s->delivery), s->n_rcpts);
-        for (unsigned i = 0; i < s->n_rcpts; i++) {
+        if (s->n_relay_rcpts) {
+            kt_info("%s: queued for delivery as %s", s->queue_id, kt_delivery_name(s->delivery));
+            kt_qmgr_wakeup();
+        }
+        for (unsigned i = 0; i < s->n_rcpts && !s->n_relay_rcpts; i++) {
             kt_info("%s: to=<%s>, relay=local, delay=%.2f, dsn=2.0.0, status=sent (delivered to maildir as %s)",
                     s->queue_id, r, delay, kt_delivery_name(s->delivery));
             r += strlen(r) + 1;
@@ -489,8 +500,19 @@ static void on_spool_open(void *arg, int res)
 
 static void start_spool(struct kt_session *s)
 {
-    s->delivery = kt_delivery_new(&s->worker->loop, s->mailboxes, s->n_mailboxes, s->cfg->myhostname,
-                                  s->worker->id);
+    if (s->n_relay_rcpts) {
+        const char **list = kt_calloc(s->n_rcpts, sizeof(*list));
+        const char *r = s->rcpts.data;
+        for (unsigned i = 0; i < s->n_rcpts; i++, r += strlen(r) + 1)
+            list[i] = r;
+        /* relay_accept keeps the envelope small enough for this never to be NULL */
+        s->delivery = kt_queue_delivery_new(&s->worker->loop, s->rt->queue_directory, s->sender, list, s->n_rcpts,
+                                            s->cfg->myhostname, s->worker->id);
+        kt_free(list);
+    }
+    if (!s->delivery)
+        s->delivery = kt_delivery_new(&s->worker->loop, s->mailboxes, s->n_mailboxes, s->cfg->myhostname,
+                                      s->worker->id);
     s->wait = KT_WAIT_OPEN;
     kt_delivery_open(s->delivery, on_spool_open, s);
 }
@@ -517,13 +539,6 @@ static void cmd_data(struct kt_session *s, const struct kt_smtp_command *c)
         return;
     }
     s->state = KT_SS_DATA;
-    if (s->n_relay_rcpts) {
-        /* read the body to stay in step with the client, then answer at the end */
-        s->body_discard = 1;
-        kt_data_parser_init(&s->dp);
-        reply(s, "354 End data with <CR><LF>.<CR><LF>");
-        return;
-    }
     start_spool(s);
 }
 
@@ -699,12 +714,8 @@ static void cmd_bdat(struct kt_session *s, const struct kt_smtp_command *c)
         bdat_fail(s, "503 5.5.1 Error: need MAIL command");
     else if (s->n_rcpts == 0)
         bdat_fail(s, "554 5.5.1 Error: no valid recipients");
-    if (s->delivery == NULL && !s->bdat_failed && !s->body_discard) {
-        if (s->n_relay_rcpts)
-            s->body_discard = 1;
-        else
-            start_spool(s);
-    }
+    if (s->delivery == NULL && !s->bdat_failed && !s->body_discard)
+        start_spool(s);
 }
 
 /* ---- other commands ---- */
