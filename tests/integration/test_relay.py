@@ -400,3 +400,48 @@ def test_flush_retries_at_once(nodes, sinks):
     assert n.queue("flush").returncode == 0
     assert n.wait_log(rf"{qid}: .*status=sent"), n.log()
     assert len(sink.messages()) == 1
+
+
+def test_smtp_client_relays_through_the_queue(nodes, sinks):
+    """A permitted client (mynetworks) sends to a remote and a local recipient in one transaction: the
+    250 comes after the queue file is durable; the remote copy goes to the next hop, the local one to
+    its Maildir."""
+    import smtplib
+    sink = sinks().start()
+    n = nodes(f"mynetworks = 127.0.0.0/8\nrelayhost = [127.0.0.1]:{sink.port}\n").start()
+    body = b"Subject: via smtp\r\n\r\nhello\r\n..stuffed\r\n"
+    with smtplib.SMTP("127.0.0.1", n.r.port(), timeout=10) as c:
+        c.ehlo("client.test")
+        refused = c.sendmail("alice@example.test", ["bob@remote.test", "bob@example.test"], body)
+        assert refused == {}
+        # BDAT too, with ktrelay's own CHUNKING
+        c.docmd("MAIL FROM:<alice@example.test>")
+        assert c.docmd("RCPT TO:<carol@remote.test>")[0] == 250
+        chunk = b"Subject: bdat\r\n\r\nok\r\n"
+        c.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+        code, msg = c.getreply()
+        assert code == 250, msg
+    assert n.wait_log(r"to=<bob@remote.test>, relay=127.0.0.1.*status=sent"), n.log()
+    assert n.wait_log(r"to=<carol@remote.test>, relay=127.0.0.1.*status=sent"), n.log()
+    assert n.wait_log(r"to=<bob@example.test>, relay=local, .*status=sent"), n.log()
+    msgs = wait_for(lambda: len(sink.messages()) == 2 and sink.messages())
+    assert any(b"\n..stuffed" in m and b"X-Rcpt-Args: <bob@remote.test>" in m for m in msgs)
+    assert any(b"Subject: bdat" in m for m in msgs)
+    local = wait_for(lambda: n.r.maildir_files("example.test/bob/"))
+    got = local[0].read_bytes()
+    assert got.endswith(b"Subject: via smtp\r\n\r\nhello\r\n..stuffed\r\n")   # smtplib stuffed it once more
+    assert b"Received: from client.test" in got
+    assert wait_for(lambda: n.queue_files() == [])
+
+
+def test_unpermitted_client_cannot_relay(nodes, sinks):
+    import smtplib
+    sink = sinks().start()
+    n = nodes(f"mynetworks = 192.0.2.0/24\nrelayhost = [127.0.0.1]:{sink.port}\n").start()
+    with smtplib.SMTP("127.0.0.1", n.r.port(), timeout=10) as c:
+        c.ehlo("client.test")
+        c.docmd("MAIL FROM:<x@client.test>")
+        code, _ = c.docmd("RCPT TO:<bob@remote.test>")
+        assert code in (450, 454, 554)
+    time.sleep(1)
+    assert sink.messages() == [] and n.queue_files() == []
