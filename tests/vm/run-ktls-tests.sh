@@ -28,8 +28,9 @@ work=$(cd "$work" && pwd -P)
 # The source tree is read-only in the VM: no bytecode, no pytest cache. Relay folders go to the VM's /tmp.
 "$here/run.sh" --workdir "$work" --share "$src" --share "$build" --timeout "${KT_VM_TIMEOUT:-900}" -- \
 	env KTRELAY_BIN="$build/ktrelay" KT_KTLS_REQUIRED=1 PYTHONDONTWRITEBYTECODE=1 \
-	/usr/bin/python3 -m pytest -q -rs -p no:cacheprovider --junitxml="$work/junit.xml" \
-	"$src/tests/integration/test_ktls.py" "$@"
+	bash -c '/usr/bin/python3 -m pytest "$@"; rc=$?; echo "kernel TLS counters after the tests:"
+		cat /proc/net/tls_stat; exit $rc' pytest \
+	-q -rs -p no:cacheprovider --junitxml="$work/junit.xml" "$src/tests/integration/test_ktls.py" "$@"
 rc=$?
 echo "run-ktls-tests.sh: status $rc" >&2
 exit $rc
