@@ -404,6 +404,9 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
     kt_free(srv.workers);
     kt_qmgr_stop(qmgr);
     kt_runtime_unref(atomic_load(&srv.rt));
+    kt_info("ktls sessions: tls12 tx=%lu rx=%lu tls13 tx=%lu rx=%lu (of %lu TLS sessions)",
+            atomic_load(&srv.ktls.tls12_tx), atomic_load(&srv.ktls.tls12_rx), atomic_load(&srv.ktls.tls13_tx),
+            atomic_load(&srv.ktls.tls13_rx), atomic_load(&srv.ktls.sessions_tls));
     kt_info("stopped");
     return exit_code;
 }
