@@ -615,7 +615,6 @@ def test_tls13_keyupdate(krelay, rx, letter):
 
 # ---- counters at shutdown ----
 
-@pytest.mark.xfail(strict=True, reason="server.c does not log the kTLS session counters at shutdown yet")
 def test_shutdown_logs_ktls_counters(krelay):
     Client(krelay.port("smtps"), "smtps", client_ctx(TLS12)).quit()
     Client(krelay.port("smtps"), "smtps", client_ctx(TLS13)).quit()
