@@ -252,11 +252,11 @@ static char *make_header(struct conn *c)
 
 	gmtime_r(&t, &tm);
 	strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S +0000", &tm);
+	unsigned long n = serial++;
 	return xasprintf("From: <%s>\r\nTo: <%s>\r\nSubject: ktbench %06d %010lu\r\n"
 			 "Date: %s\r\nMessage-ID: <%010lu.%06d.%010ld@ktbench.test>\r\n"
 			 "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n",
-			 o.from, g_rcpt[0], c->id, serial, date, serial, c->id, (long)getpid());
-	serial++;
+			 o.from, g_rcpt[0], c->id, n, date, n, c->id, (long)getpid());
 }
 
 /* ---- output queue ---- */
