@@ -52,6 +52,7 @@ static const char *const step_names[] = {
 struct opts {
 	const char *host, *port, *from, *to, *cipher, *label, *pids_cmd;
 	long connections, messages, size, rcpts, idle;
+	double idle_settle;
 	double duration_limit;
 	enum mode mode;
 	int tls_version; /* 0 = library default range, else 12 or 13 */
@@ -107,7 +108,7 @@ static const char csv_header[] =
 static struct opts o = {
 	.host = "127.0.0.1", .port = "25", .from = "bench@ktbench.test",
 	.to = "user@bench.test", .connections = 1, .messages = 1, .size = 4096,
-	.rcpts = 1, .mode = MODE_PLAIN, .label = "",
+	.rcpts = 1, .idle_settle = 0.5, .mode = MODE_PLAIN, .label = "",
 };
 
 static SSL_CTX *g_ctx;
@@ -972,7 +973,7 @@ static void usage(void)
 		"usage: ktbench [--host H] [--port N] [--connections N] [--messages M]\n"
 		"  [--size BYTES] [--rcpts K] [--mode plain|starttls|tls] [--tls-version 1.2|1.3]\n"
 		"  [--cipher NAME] [--bdat] [--pipelining] [--new-connection-per-message]\n"
-		"  [--from ADDR] [--to ADDR[,ADDR...]] [--idle N] [--duration-limit S]\n"
+		"  [--from ADDR] [--to ADDR[,ADDR...]] [--idle N] [--idle-settle S] [--duration-limit S]\n"
 		"  [--server-pid PID[,PID...]] [--server-pids-cmd CMD] [--csv] [--csv-header]\n"
 		"  [--label TEXT] [--quickack]\n");
 	exit(2);
@@ -998,7 +999,7 @@ static void parse_args(int argc, char **argv)
 		{ "mode", 1, 0, 'M' }, { "tls-version", 1, 0, 'V' }, { "cipher", 1, 0, 'C' },
 		{ "bdat", 0, 0, 'B' }, { "pipelining", 0, 0, 'P' },
 		{ "new-connection-per-message", 0, 0, 'N' }, { "from", 1, 0, 'f' },
-		{ "to", 1, 0, 't' }, { "idle", 1, 0, 'i' }, { "duration-limit", 1, 0, 'd' },
+		{ "to", 1, 0, 't' }, { "idle", 1, 0, 'i' }, { "idle-settle", 1, 0, 'I' }, { "duration-limit", 1, 0, 'd' },
 		{ "server-pid", 1, 0, 'S' }, { "server-pids-cmd", 1, 0, 'X' },
 		{ "csv", 0, 0, 'v' }, { "quickack", 0, 0, 'Q' }, { "csv-header", 0, 0, 'H' }, { "label", 1, 0, 'l' }, { "help", 0, 0, '?' },
 		{ 0, 0, 0, 0 },
@@ -1014,6 +1015,7 @@ static void parse_args(int argc, char **argv)
 		case 's': o.size = num_arg("size", optarg, 0); break;
 		case 'r': o.rcpts = num_arg("rcpts", optarg, 1); break;
 		case 'i': o.idle = num_arg("idle", optarg, 1); break;
+		case 'I': o.idle_settle = atof(optarg); break;
 		case 'M':
 			if (!strcmp(optarg, "plain"))
 				o.mode = MODE_PLAIN;
@@ -1252,8 +1254,9 @@ int main(int argc, char **argv)
 	}
 	t_end = now_s();
 	if (o.idle) {
-		/* let the server settle its per-session state before measuring */
-		usleep(500000);
+		/* let the server settle its per-session state (and its allocator
+		 * return the handshakes' transient memory) before measuring */
+		usleep((useconds_t)(o.idle_settle * 1e6));
 		sample_procs(&at_idle);
 		after = at_idle;
 	} else {

@@ -283,7 +283,7 @@ rows() {
 		done
 	done
 	echo "handshake-tls13|--mode starttls --tls-version 1.3 --size 4096 --connections $HS_C --messages $HS_M --new-connection-per-message --quickack|hs"
-	echo "idle-tls13|--mode starttls --tls-version 1.3|idle"
+	echo "idle-tls13|--mode starttls --tls-version 1.3 --idle-settle 3|idle"
 }
 
 KTLS=0

@@ -17,6 +17,13 @@
 
 #define DEFAULT_DIR "ktrelay-data"
 
+#if KT_HAVE_JEMALLOC
+/* jemalloc reads this at start-up. Handshake bursts leave dirty pages behind;
+ * a background thread returns them after a second even when the sessions
+ * that follow sit idle and never call the allocator. */
+const char *malloc_conf = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0";
+#endif
+
 static void usage(FILE *out)
 {
     fprintf(out,

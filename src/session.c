@@ -1154,8 +1154,9 @@ static void session_process(struct kt_session *s)
         kt_session_maybe_free(s);
         return;
     }
-    /* Input can grow in a long command-free pipelined burst: bound it. */
-    if (kt_buf_used(&s->in) == 0 && s->in.cap > 65536)
+    /* Between messages a session keeps at most a small input buffer: memory
+     * per idle session matters with many thousands of them. */
+    if (kt_buf_used(&s->in) == 0 && (s->in.cap > 65536 || (s->in.cap > 4096 && s->state == KT_SS_COMMAND)))
         kt_buf_release(&s->in);
     kt_xprt_flush(s);
     if (!s->dead && s->wait == KT_WAIT_NONE && s->state != KT_SS_CLOSING && s->state != KT_SS_HANDSHAKE)

@@ -144,11 +144,13 @@ static void ssl_read_some(struct kt_session *s)
     for (;;) {
         if (kt_buf_used(&s->in) >= MAX_BUFFERED_INPUT)
             break;
-        kt_buf_reserve(&s->in, READ_CHUNK);
+        /* Decrypt into the thread's scratch record buffer, then keep only
+         * what arrived: an idle TLS session holds no 16 KB input buffer. */
+        static __thread char record[READ_CHUNK];
         ERR_clear_error();
-        int n = SSL_read(s->ssl, s->in.data + s->in.len, (int)(s->in.cap - s->in.len));
+        int n = SSL_read(s->ssl, record, (int)sizeof(record));
         if (n > 0) {
-            s->in.len += (size_t)n;
+            kt_buf_append(&s->in, record, (size_t)n);
             got += (size_t)n;
             continue;
         }
