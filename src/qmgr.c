@@ -43,6 +43,7 @@
 #include "ktrelay/alloc.h"
 #include "ktrelay/bounce.h"
 #include "ktrelay/config.h"
+#include "ktrelay/dirsync.h"
 #include "ktrelay/dns.h"
 #include "ktrelay/log.h"
 #include "ktrelay/maildir.h"
@@ -1041,6 +1042,7 @@ static void *qmgr_main(void *arg)
     /* let cancellations complete so no operation points at freed memory */
     for (int i = 0; i < 20 && kt_smtp_live() > 0; i++)
         kt_loop_run_once(&q->loop, 50);
+    kt_dirsync_thread_cleanup();
     return NULL;
 }
 

@@ -41,6 +41,7 @@ enum state {
 struct kt_smtp_conn {
     struct kt_loop *loop;
     struct kt_smtp_params p;
+    char *sni, *verify_name;          /* own copies behind p.sni, p.verify_name */
     struct kt_smtp_addr *addrs;
     size_t n_addrs, cur_addr;
     int fd;
@@ -141,6 +142,8 @@ static void conn_free_if_idle(struct kt_smtp_conn *c)
     kt_buf_release(&c->reply);
     kt_free(c->mail_text);
     kt_free(c->addrs);
+    kt_free(c->sni);
+    kt_free(c->verify_name);
     kt_free(c);
     __atomic_sub_fetch(&live_count, 1, __ATOMIC_RELAXED);
 }
@@ -294,6 +297,11 @@ struct kt_smtp_conn *kt_smtp_connect(struct kt_loop *loop, const struct kt_smtp_
     __atomic_add_fetch(&live_count, 1, __ATOMIC_RELAXED);
     c->loop = loop;
     c->p = *p;
+    /* the caller's strings may not outlive this call */
+    c->sni = p->sni ? kt_strdup(p->sni) : NULL;
+    c->verify_name = p->verify_name ? kt_strdup(p->verify_name) : NULL;
+    c->p.sni = c->sni;
+    c->p.verify_name = c->verify_name;
     c->fd = -1;
     c->addrs = kt_calloc(n ? n : 1, sizeof(*addrs));
     memcpy(c->addrs, addrs, n * sizeof(*addrs));

@@ -60,7 +60,8 @@ typedef void (*kt_smtp_cb)(void *arg, int res, const char *reason);
 
 struct kt_smtp_conn;
 
-/* Connect to addrs[0], then the next ones on failure. cb once: ready for a
+/* Connect to addrs[0], then the next ones on failure. p and addrs are copied (strings
+ * sni and verify_name too; helo_name and ssl_ctx must outlive the connection). cb once: ready for a
  * transaction (res 0) or failed; after a failure the caller must kt_smtp_close. */
 struct kt_smtp_conn *kt_smtp_connect(struct kt_loop *loop, const struct kt_smtp_params *p,
                                      const struct kt_smtp_addr *addrs, size_t n, kt_smtp_cb cb, void *arg);
