@@ -44,14 +44,25 @@ int kt_ktls_probe(char *why, size_t len)
     return 0;
 }
 
+static int hex_nibble(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
 static int hex_decode(const char *hex, unsigned char *out, size_t max)
 {
     size_t n = 0;
     while (hex[0] && hex[1] && n < max) {
-        unsigned v;
-        if (sscanf(hex, "%2x", &v) != 1)
+        int hi = hex_nibble(hex[0]), lo = hex_nibble(hex[1]);
+        if (hi < 0 || lo < 0)
             return -1;
-        out[n++] = (unsigned char)v;
+        out[n++] = (unsigned char)(hi << 4 | lo);
         hex += 2;
     }
     return (int)n;
@@ -74,7 +85,11 @@ static void keylog_cb(const SSL *ssl, const char *line)
 
 void kt_ktls_prepare_ctx(SSL_CTX *ctx)
 {
-    SSL_CTX_set_keylog_callback(ctx, keylog_cb);
+    /* OpenSSL formats every secret as hex text for this callback: only pay
+     * for it when the kernel can take the keys. */
+    char why[256];
+    if (kt_ktls_probe(why, sizeof(why)))
+        SSL_CTX_set_keylog_callback(ctx, keylog_cb);
 }
 
 int kt_tls13_expand_label(const EVP_MD *md, const unsigned char *secret, size_t secret_len, const char *label,

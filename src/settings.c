@@ -155,7 +155,8 @@ static struct kt_tls_server *service_tls(struct runtime_private *rp, const struc
             (*errors)++;
             t = NULL;
         } else {
-            kt_ktls_prepare_ctx(kt_tls_server_ctx(t));
+            if (p.ktls)
+                kt_ktls_prepare_ctx(kt_tls_server_ctx(t));
             shared_add(rp, 1, key, t);
         }
     }
