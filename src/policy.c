@@ -135,7 +135,6 @@ static const struct {
     { "reject_non_fqdn_helo_hostname", R_NON_FQDN_HELO },
     { "reject_non_fqdn_hostname", R_NON_FQDN_HELO },
     { "reject_unlisted_recipient", R_UNLISTED_RCPT },
-    { "reject_unknown_recipient", R_UNLISTED_RCPT },
     { "reject_unlisted_sender", R_UNLISTED_SENDER },
     { "reject_sender_login_mismatch", R_LOGIN_MISMATCH },
     { "reject_authenticated_sender_login_mismatch", R_AUTH_LOGIN_MISMATCH },
