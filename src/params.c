@@ -57,6 +57,7 @@ static const struct kt_param_def params[] = {
     N(html_directory),
     L(inet_interfaces, "all"),
     L(inet_protocols, "all"),
+    S(ktrelay_dns_servers, ""),
     S(ktrelay_sasl_password_file, ""),
     I(ktrelay_worker_threads, "0"),
     I(line_length_limit, "2048"),
