@@ -285,10 +285,15 @@ static void rcpt_done(struct kt_qmgr *q, struct msg *m, size_t i, const char *re
             delay_of(m), reply);
 }
 
-static void rcpt_failed(struct kt_qmgr *q, struct msg *m, size_t i, const char *relay, int code, const char *text)
+/* given: the enhanced status code when no server reply says it (resolver failures), else NULL */
+static void rcpt_failed(struct kt_qmgr *q, struct msg *m, size_t i, const char *relay, int code, const char *given,
+                        const char *text)
 {
     char dsn[32];
-    dsn_of(code, text, dsn, sizeof(dsn));
+    if (given)
+        snprintf(dsn, sizeof(dsn), "%s", given);
+    else
+        dsn_of(code, text, dsn, sizeof(dsn));
     if (dsn[0] != '5')
         dsn[0] = '5';
     char *reason = kt_asprintf("%s %s %s", dsn, strcmp(relay, "none") ? relay : "-", text);
@@ -302,10 +307,13 @@ static void rcpt_failed(struct kt_qmgr *q, struct msg *m, size_t i, const char *
             delay_of(m), dsn, text);
 }
 
-static void rcpt_deferred(struct msg *m, size_t i, const char *relay, int code, const char *text)
+static void rcpt_deferred(struct msg *m, size_t i, const char *relay, int code, const char *given, const char *text)
 {
     char dsn[32];
-    dsn_of(code, text, dsn, sizeof(dsn));
+    if (given)
+        snprintf(dsn, sizeof(dsn), "%s", given);
+    else
+        dsn_of(code, text, dsn, sizeof(dsn));
     if (dsn[0] != '4')
         dsn[0] = '4';
     kt_info("%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=deferred (%s)", m->q->id, m->q->rcpts[i].addr, relay,
@@ -359,7 +367,8 @@ static void job_end(struct kt_qmgr *q, struct job *j)
 }
 
 /* res/reason: the connection's fate when it is not 0 */
-static void job_results(struct kt_qmgr *q, struct job *j, int res, const char *reason, const char *relay)
+static void job_results(struct kt_qmgr *q, struct job *j, int res, const char *dsn, const char *reason,
+                        const char *relay)
 {
     struct msg *m = j->m;
     for (size_t k = 0; k < j->n; k++) {
@@ -367,20 +376,20 @@ static void job_results(struct kt_qmgr *q, struct job *j, int res, const char *r
         int code = j->codes ? j->codes[k] : 0;
         const char *text = j->replies && j->replies[k] ? j->replies[k] : reason;
         if (code >= 500)
-            rcpt_failed(q, m, i, relay, code, text ? text : "rejected");
+            rcpt_failed(q, m, i, relay, code, NULL, text ? text : "rejected");
         else if (res == 0 && code >= 200 && code < 300)
             rcpt_done(q, m, i, relay, text);
         else if (res >= 500 && code == 0)
-            rcpt_failed(q, m, i, relay, res, reason ? reason : "rejected");
+            rcpt_failed(q, m, i, relay, res, dsn, reason ? reason : "rejected");
         else
-            rcpt_deferred(m, i, relay, code ? code : res > 0 ? res : 450,
+            rcpt_deferred(m, i, relay, code ? code : res > 0 ? res : 450, code ? NULL : dsn,
                           text ? text : reason ? reason : "delivery temporarily suspended");
     }
 }
 
-static void job_defer_all(struct kt_qmgr *q, struct job *j, int res, const char *reason)
+static void job_defer_all(struct kt_qmgr *q, struct job *j, int res, const char *dsn, const char *reason)
 {
-    job_results(q, j, res, reason, "none");
+    job_results(q, j, res, dsn, reason, "none");
     job_end(q, j);
 }
 
@@ -409,11 +418,11 @@ static void dest_push(struct dest *d, struct job *j)
 }
 
 /* Every queued job of d fails over with the same reason (destination down). */
-static void dest_defer_queued(struct dest *d, int res, const char *reason)
+static void dest_defer_queued(struct dest *d, int res, const char *dsn, const char *reason)
 {
     struct job *j;
     while ((j = dest_pop(d)))
-        job_defer_all(d->q, j, res, reason);
+        job_defer_all(d->q, j, res, dsn, reason);
 }
 
 /* ---- SMTP connections ---- */
@@ -443,7 +452,7 @@ static void job_sent(void *arg, int res, const char *reason)
     struct job *j = cn->job;
     cn->job = NULL;
     d->n_unassigned++;
-    job_results(d->q, j, res, reason, kt_smtp_relay(cn->c));
+    job_results(d->q, j, res, NULL, reason, kt_smtp_relay(cn->c));
     job_end(d->q, j);
     if (res != 0 || !kt_smtp_usable(cn->c)) {
         conn_remove(cn);
@@ -496,7 +505,7 @@ static void conn_ready(void *arg, int res, const char *reason)
         conn_remove(cn);
         /* the destination is down (or refuses us): what waits for it is deferred now rather
          * than fed to new connections that would fail the same way */
-        dest_defer_queued(d, res, reason);
+        dest_defer_queued(d, res, NULL, reason);
         return;
     }
     cn->ready = 1;
@@ -526,16 +535,16 @@ static void conn_open(struct dest *d)
     kt_free(sni);
 }
 
-static void resolved(void *arg, int res, const struct kt_smtp_addr *addrs, size_t n, const char *err)
+static void resolved(void *arg, int res, const struct kt_smtp_addr *addrs, size_t n, const char *dsn,
+                     const char *err)
 {
     struct dest *d = arg;
     d->resolving = 0;
+    if (res == -ECANCELED)
+        return;                    /* stopping: the jobs stay queued on disk */
     if (res != 0 || n == 0) {
-        char *reason = kt_asprintf("Host or domain name not found. Name service error for name=%s: %s", d->host,
-                                   err ? err : "no address");
-        kt_info("%s", reason);
-        dest_defer_queued(d, res == 0 ? 450 : res, reason);
-        kt_free(reason);
+        kt_info("%s", err ? err : "no address");
+        dest_defer_queued(d, res > 0 ? res : 450, dsn ? dsn : "4.4.3", err ? err : "no address");
         return;
     }
     kt_free(d->addrs);
@@ -587,7 +596,7 @@ static void local_result(struct job *j, int res)
     size_t i = j->idx[j->cur];
     if (res < 0) {
         char *why = kt_asprintf("cannot deliver to maildir: %s", strerror(-res));
-        rcpt_deferred(j->m, i, "local", 450, why);
+        rcpt_deferred(j->m, i, "local", 450, NULL, why);
         kt_free(why);
     } else {
         char *text = kt_asprintf("delivered to maildir as %s", kt_delivery_name(j->dl));
@@ -655,7 +664,7 @@ static void local_step(struct job *j)
         size_t i = j->idx[j->cur];
         struct kt_resolve_result *res = kt_malloc(sizeof(*res));
         if (!q->resolver) {
-            rcpt_deferred(j->m, i, "local", 451, "no local delivery configured");
+            rcpt_deferred(j->m, i, "local", 451, NULL, "no local delivery configured");
             j->cur++;
             kt_free(res);
             continue;
@@ -664,9 +673,9 @@ static void local_step(struct job *j)
         if (res->reply || res->n_mailboxes == 0) {
             const char *why = res->reply ? res->reply : "alias forwards to remote addresses only";
             if (res->reply && res->reply[0] == '4')
-                rcpt_deferred(j->m, i, "local", 450, why);
+                rcpt_deferred(j->m, i, "local", 450, NULL, why);
             else
-                rcpt_failed(q, j->m, i, "local", 550, why);
+                rcpt_failed(q, j->m, i, "local", 550, NULL, why);
             j->cur++;
             kt_free(res);
             continue;
@@ -677,7 +686,7 @@ static void local_step(struct job *j)
         return;
     }
     for (; j->cur < j->n; j->cur++)
-        rcpt_deferred(j->m, j->idx[j->cur], "local", 450, "mail system is stopping");
+        rcpt_deferred(j->m, j->idx[j->cur], "local", 450, NULL, "mail system is stopping");
     d->local_job = NULL;
     job_end(q, j);
     dest_kick(d);
@@ -807,11 +816,11 @@ static void msg_start(struct kt_qmgr *q, struct msg *m)
         const char *err;
         char *key = route(q, m->q->rcpts[i].addr, &err);
         if (!key) {
-            rcpt_failed(q, m, i, "none", 550, err);
+            rcpt_failed(q, m, i, "none", 550, NULL, err);
             continue;
         }
         if (!key[0]) {
-            rcpt_deferred(m, i, "none", 451, "mail transport unavailable");
+            rcpt_deferred(m, i, "none", 451, NULL, "mail transport unavailable");
             kt_free(key);
             continue;
         }
@@ -1173,9 +1182,9 @@ int kt_qmgr_start(struct kt_runtime *rt, struct kt_qmgr **out)
         qmgr_free(q);
         return rc;
     }
-    const char *servers = getenv("KTRELAY_DNS_SERVERS");
-    if ((rc = kt_dns_new(&q->loop, servers && *servers ? servers : NULL, &q->dns)) < 0) {
-        kt_err("queue manager: resolver: %s", strerror(-rc));
+    const char *servers = cfg_str(rt, "ktrelay_dns_servers");
+    if ((rc = kt_dns_new(&q->loop, servers, &q->dns)) < 0) {
+        kt_err("queue manager: resolver (ktrelay_dns_servers = %s): %s", servers, strerror(-rc));
         qmgr_free(q);
         return rc;
     }
