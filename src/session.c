@@ -100,11 +100,13 @@ static void transaction_reset(struct kt_session *s)
     }
     s->in_transaction = 0;
     s->sender[0] = '\0';
-    kt_buf_reset(&s->rcpts);
+    /* transaction memory goes back between messages: idle sessions stay small */
+    kt_buf_release(&s->rcpts);
     s->n_rcpts = 0;
-    kt_buf_reset(&s->relay_rcpts);
+    kt_buf_release(&s->relay_rcpts);
     s->n_relay_rcpts = 0;
-    s->body_discard = 0;
+    kt_free(s->mailboxes);
+    s->mailboxes = NULL;
     s->n_mailboxes = 0;
     s->msg_too_big = 0;
     s->bdat_failed = 0;
@@ -285,6 +287,9 @@ static void add_mailbox(struct kt_session *s, const struct kt_mailbox *m)
     for (size_t i = 0; i < s->n_mailboxes; i++)
         if (strcmp(s->mailboxes[i].path, m->path) == 0)
             return;
+    /* n_mailboxes stays below KT_MAX_MAILBOXES (checked by the caller) */
+    if ((s->n_mailboxes & 7) == 0)
+        s->mailboxes = kt_realloc(s->mailboxes, (s->n_mailboxes + 8) * sizeof(*s->mailboxes));
     s->mailboxes[s->n_mailboxes++] = *m;
 }
 
@@ -326,13 +331,6 @@ static int relay_accept(struct kt_session *s, const char *addr)
     kt_buf_append(&s->rcpts, addr, n);
     s->n_rcpts++;
     return 0;
-}
-
-static void relay_message_end(struct kt_session *s)
-{
-    /* only reachable for a body read without a spool file, which relay mail no longer is */
-    reply(s, "451 4.3.0 Error: queue file write error");
-    transaction_reset(s);
 }
 
 static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
@@ -534,7 +532,7 @@ static void cmd_data(struct kt_session *s, const struct kt_smtp_command *c)
         reply(s, "554 5.5.1 Error: no valid recipients");
         return;
     }
-    if (s->delivery || s->body_discard) {
+    if (s->delivery) {
         reply(s, "503 5.5.1 Error: DATA after BDAT");
         return;
     }
@@ -558,10 +556,6 @@ static void data_finish(struct kt_session *s)
         transaction_reset(s);
         return;
     }
-    if (s->body_discard) {
-        relay_message_end(s);
-        return;
-    }
     s->state = KT_SS_DATA;   /* kept until the commit callback */
     commit_message(s);
 }
@@ -579,11 +573,7 @@ static void data_feed(struct kt_session *s)
     /* unstuffing never grows the data, so it runs in place */
     size_t used = kt_data_parse(&s->dp, head, kt_buf_used(&s->in), head, &out_len);
     int behind = 0;
-    if (s->body_discard) {
-        if (!body_fits(s, out_len))
-            s->msg_too_big = 1;
-        s->msg_bytes += out_len;
-    } else if (!s->msg_too_big && !s->dp.bare_lf && !s->dp.bare_cr) {
+    if (!s->msg_too_big && !s->dp.bare_lf && !s->dp.bare_cr) {
         if (!body_fits(s, out_len))
             s->msg_too_big = 1;
         else if (out_len) {
@@ -613,11 +603,6 @@ static void bdat_chunk_done(struct kt_session *s)
         reply(s, "%s", s->bdat_error);
         if (s->bdat_last)
             transaction_reset(s);
-        return;
-    }
-    if (s->bdat_last && s->body_discard) {
-        s->state = KT_SS_COMMAND;
-        relay_message_end(s);
         return;
     }
     if (s->bdat_last) {
@@ -664,8 +649,6 @@ static void bdat_feed(struct kt_session *s)
         if (!s->bdat_failed) {
             if (!body_fits(s, take)) {
                 bdat_fail(s, "552 5.3.4 Error: message file too big");
-            } else if (s->body_discard) {
-                s->msg_bytes += take;
             } else {
                 if (kt_delivery_append(s->delivery, kt_buf_head(&s->in), take))
                     s->wait = KT_WAIT_DRAIN;
@@ -679,7 +662,7 @@ static void bdat_feed(struct kt_session *s)
         bdat_chunk_done(s);
         return;
     }
-    if (s->wait == KT_WAIT_NONE && !s->bdat_failed && !s->body_discard && kt_buf_used(&s->in) == 0
+    if (s->wait == KT_WAIT_NONE && !s->bdat_failed && kt_buf_used(&s->in) == 0
         && s->bdat_left >= 8192
         && kt_xprt_can_splice(s)) {
         if (!body_fits(s, s->bdat_left)) {
@@ -714,7 +697,7 @@ static void cmd_bdat(struct kt_session *s, const struct kt_smtp_command *c)
         bdat_fail(s, "503 5.5.1 Error: need MAIL command");
     else if (s->n_rcpts == 0)
         bdat_fail(s, "554 5.5.1 Error: no valid recipients");
-    if (s->delivery == NULL && !s->bdat_failed && !s->body_discard)
+    if (s->delivery == NULL && !s->bdat_failed)
         start_spool(s);
 }
 

@@ -114,8 +114,7 @@ struct kt_session {
     unsigned n_rcpts;                      /* all accepted recipients, local and relayed */
     struct kt_buf relay_rcpts;             /* NUL-separated recipients to relay (handed over at end of data) */
     unsigned n_relay_rcpts;
-    int body_discard;                      /* body read and dropped: no spool file (relay not available) */
-    struct kt_mailbox mailboxes[KT_MAX_MAILBOXES];
+    struct kt_mailbox *mailboxes;          /* distinct Maildirs of the local recipients */
     size_t n_mailboxes;
     struct timespec t_start;               /* MAIL time, for delay= */
     struct kt_delivery *delivery;
