@@ -1214,5 +1214,6 @@ void kt_qmgr_stop(struct kt_qmgr *q)
         kt_warn("queue manager: cannot signal stop: %s", strerror(errno));
     pthread_join(q->thread, NULL);
     atomic_store(&global_efd, -1);
+    kt_info("queue manager stopped: %lu message bodies sent with sendfile", kt_smtp_sendfile_count());
     qmgr_free(q);
 }

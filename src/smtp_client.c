@@ -73,7 +73,7 @@ struct kt_smtp_conn {
     int mail_code;
     char *mail_text;
     size_t accepted;
-    int use_chunking, use_sendfile, body_crlf;
+    int use_chunking, use_sendfile, sendfile_counted, body_crlf;
     off_t body_pos, body_end;
     int line_start;
 };
@@ -760,6 +760,10 @@ static int send_body(struct kt_smtp_conn *c)
                 return -1;
             }
             c->body_pos += n;
+            if (!c->sendfile_counted) {
+                c->sendfile_counted = 1;
+                __atomic_add_fetch(&sendfile_count, 1, __ATOMIC_RELAXED);
+            }
             continue;
         }
         char buf[BODY_BLOCK];
@@ -878,8 +882,7 @@ void kt_smtp_send(struct kt_smtp_conn *c, struct kt_smtp_msg *m, kt_smtp_cb cb, 
         c->body_crlf = m->body_len == 0;
     /* sendfile needs the bytes as they are: BDAT, or DATA without a line to stuff */
     c->use_sendfile = (!c->ssl || c->ktls_tx) && (c->use_chunking || m->dots == 0);
-    if (c->use_sendfile)
-        __atomic_add_fetch(&sendfile_count, 1, __ATOMIC_RELAXED);
+    c->sendfile_counted = 0;
     kt_buf_printf(&c->out, "MAIL FROM:<%s>", m->sender);
     if (c->ext_size)
         kt_buf_printf(&c->out, " SIZE=%lld", (long long)m->body_len);

@@ -79,7 +79,7 @@ int kt_smtp_usable(const struct kt_smtp_conn *c);
 const char *kt_smtp_relay(const struct kt_smtp_conn *c);
 /* 1 when the connection used TLS, 2 when its transmit side is kernel TLS. */
 int kt_smtp_tls_state(const struct kt_smtp_conn *c);
-/* Connections whose bodies went out with sendfile (all time, this process). */
+/* Transactions whose body went out with sendfile (all time, this process). */
 unsigned long kt_smtp_sendfile_count(void);
 /* Connections not yet freed (this process). */
 long kt_smtp_live(void);
