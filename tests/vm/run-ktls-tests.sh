@@ -1,5 +1,5 @@
 #!/bin/bash
-# Runs ktrelay's kernel TLS integration tests (tests/integration/test_ktls.py) inside the kTLS VM: prepares
+# Runs ktrelay's kernel TLS integration tests (tests/integration/test_ktls.py, test_ktls_relay.py) inside the kTLS VM: prepares
 # the VM, boots it through run.sh with the build folder (read-only) and a writable work folder at their host
 # paths (the source tree too, read-only), runs pytest there with KTRELAY_BIN from the build folder, and exits with pytest's status (124 on
 # timeout, 125 if the VM could not run it). The tests fail rather than skip if the VM lacks kTLS.
@@ -30,7 +30,8 @@ work=$(cd "$work" && pwd -P)
 	env KTRELAY_BIN="$build/ktrelay" KT_KTLS_REQUIRED=1 PYTHONDONTWRITEBYTECODE=1 \
 	bash -c '/usr/bin/python3 -m pytest "$@"; rc=$?; echo "kernel TLS counters after the tests:"
 		cat /proc/net/tls_stat; exit $rc' pytest \
-	-q -rs -p no:cacheprovider --junitxml="$work/junit.xml" "$src/tests/integration/test_ktls.py" "$@"
+	-q -rs -p no:cacheprovider --junitxml="$work/junit.xml" "$src/tests/integration/test_ktls.py" \
+	"$src/tests/integration/test_ktls_relay.py" "$@"
 rc=$?
 echo "run-ktls-tests.sh: status $rc" >&2
 exit $rc
