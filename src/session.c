@@ -73,6 +73,8 @@ static void reply(struct kt_session *s, const char *fmt, ...)
         if (line[0] == '4' && line[1] == '2' && line[2] == '1')
             return;
         s->errors++;
+        if (s->errors > s->cfg->soft_error_limit)
+            s->tarpit_owed = 1;
         if (s->errors >= s->cfg->hard_error_limit && s->state != KT_SS_CLOSING) {
             kt_info("too many errors after %s from unknown[%s]", state_str(s->state), s->addr);
             reply(s, "421 4.7.0 %s Error: too many errors", s->cfg->myhostname);
@@ -788,7 +790,7 @@ static void auth_fail_reply(struct kt_session *s)
 
 static void on_auth_delay(struct kt_op *op, int res, unsigned flags)
 {
-    struct kt_session *s = (struct kt_session *)((char *)op - offsetof(struct kt_session, auth_timer_op));
+    struct kt_session *s = (struct kt_session *)((char *)op - offsetof(struct kt_session, delay_op));
     s->pending--;
     s->wait = KT_WAIT_NONE;
     if (!s->dead)
@@ -813,12 +815,12 @@ static void auth_failed(struct kt_session *s, const char *why)
         auth_fail_reply(s);
         return;
     }
-    s->auth_delay.tv_sec = ms / 1000;
-    s->auth_delay.tv_nsec = (ms % 1000) * 1000000;
-    s->auth_timer_op.cb = on_auth_delay;
+    s->delay_ts.tv_sec = ms / 1000;
+    s->delay_ts.tv_nsec = (ms % 1000) * 1000000;
+    s->delay_op.cb = on_auth_delay;
     s->wait = KT_WAIT_AUTH;
     s->pending++;
-    io_uring_prep_timeout(kt_loop_sqe(&s->worker->loop, &s->auth_timer_op), &s->auth_delay, 0, 0);
+    io_uring_prep_timeout(kt_loop_sqe(&s->worker->loop, &s->delay_op), &s->delay_ts, 0, 0);
 }
 
 static void on_auth_checked(struct kt_op *op, int res, unsigned flags)
@@ -1070,6 +1072,30 @@ static void handle_command(struct kt_session *s, const char *line, size_t len)
     }
 }
 
+static void on_tarpit_done(struct kt_op *op, int res, unsigned flags)
+{
+    struct kt_session *s = (struct kt_session *)((char *)op - offsetof(struct kt_session, delay_op));
+    s->pending--;
+    s->wait = KT_WAIT_NONE;
+    session_process(s);
+}
+
+/* Past smtpd_soft_error_limit errors, each error reply waits
+ * smtpd_error_sleep_time before it is sent, as in Postfix: a client that
+ * keeps failing (address harvesting, broken scripts) gets slow. */
+static void tarpit(struct kt_session *s)
+{
+    s->tarpit_owed = 0;
+    if (s->cfg->error_sleep_ms <= 0 || s->wait != KT_WAIT_NONE || s->state == KT_SS_CLOSING)
+        return;
+    s->delay_ts.tv_sec = s->cfg->error_sleep_ms / 1000;
+    s->delay_ts.tv_nsec = (s->cfg->error_sleep_ms % 1000) * 1000000;
+    s->delay_op.cb = on_tarpit_done;
+    s->wait = KT_WAIT_TARPIT;
+    s->pending++;
+    io_uring_prep_timeout(kt_loop_sqe(&s->worker->loop, &s->delay_op), &s->delay_ts, 0, 0);
+}
+
 static void command_feed(struct kt_session *s)
 {
     char *head = kt_buf_head(&s->in);
@@ -1109,6 +1135,8 @@ static void command_feed(struct kt_session *s)
                 kt_buf_used(&s->in));
         kt_buf_reset(&s->in);
     }
+    if (s->tarpit_owed)
+        tarpit(s);
 }
 
 /* Run the input buffer through the protocol until it is empty or the session
@@ -1243,7 +1271,8 @@ void kt_session_timeout(struct kt_session *s)
 {
     if (s->dead || s->state == KT_SS_CLOSING)
         return;
-    if (s->wait == KT_WAIT_COMMIT || s->wait == KT_WAIT_OPEN || s->wait == KT_WAIT_DRAIN || s->wait == KT_WAIT_AUTH)
+    if (s->wait == KT_WAIT_COMMIT || s->wait == KT_WAIT_OPEN || s->wait == KT_WAIT_DRAIN || s->wait == KT_WAIT_AUTH
+        || s->wait == KT_WAIT_TARPIT)
         return;   /* waiting on our own disk or password check, not on the client */
     kt_info("timeout after %s from unknown[%s]", state_str(s->state), s->addr);
     if (s->state == KT_SS_HANDSHAKE || s->wait == KT_WAIT_SPLICE) {

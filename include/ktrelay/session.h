@@ -39,6 +39,7 @@ enum kt_session_wait {
     KT_WAIT_DRAIN,        /* spool writes behind: stop reading until they catch up */
     KT_WAIT_STARTTLS,     /* "220 Ready to start TLS" being sent */
     KT_WAIT_AUTH,         /* password check on the auth pool, or the delay after a failure */
+    KT_WAIT_TARPIT,       /* error reply held for smtpd_error_sleep_time (soft error limit) */
 };
 
 /* Where an AUTH exchange stands. */
@@ -94,6 +95,7 @@ struct kt_session {
     char helo[256];
     int esmtp;
     int errors;
+    int tarpit_owed;                       /* an error reply past the soft limit awaits its delay */
     struct kt_cmd_counts counts;
 
     /* SASL AUTH */
@@ -103,8 +105,8 @@ struct kt_session {
     struct kt_auth_req *auth_req;          /* check in flight or being collected */
     unsigned auth_failures;                /* in this session */
     char auth_reply[160];                  /* failure reply held back during the delay */
-    struct kt_op auth_timer_op;
-    struct __kernel_timespec auth_delay;
+    struct kt_op delay_op;
+    struct __kernel_timespec delay_ts;
 
     /* mail transaction */
     int in_transaction;
