@@ -1169,7 +1169,8 @@ static void session_process(struct kt_session *s)
      * per idle session matters with many thousands of them. */
     if (kt_buf_used(&s->in) == 0 && (s->in.cap > 65536 || (s->in.cap > 4096 && s->state == KT_SS_COMMAND)))
         kt_buf_release(&s->in);
-    kt_xprt_flush(s);
+    if (s->wait != KT_WAIT_TARPIT)   /* the held error reply leaves when the delay ends */
+        kt_xprt_flush(s);
     if (!s->dead && s->wait == KT_WAIT_NONE && s->state != KT_SS_CLOSING && s->state != KT_SS_HANDSHAKE)
         kt_xprt_arm_read(s);
     kt_session_maybe_free(s);
