@@ -23,7 +23,7 @@
 #define N(n)       { #n, KT_PARAM_STRING, "", 0, 0 }
 
 static const struct kt_param_def params[] = {
-    L(alias_database, "hash:/etc/aliases"),
+    N(alias_database),
     L(alias_maps, "hash:/etc/aliases"),
     N(allow_mail_to_commands),
     N(allow_mail_to_files),
@@ -164,7 +164,7 @@ static const struct kt_param_def params[] = {
     N(smtpd_authorized_xclient_hosts),
     N(smtpd_authorized_xforward_hosts),
     S(smtpd_banner, "$myhostname ESMTP $mail_name"),
-    I(smtpd_client_connection_count_limit, "50"),
+    N(smtpd_client_connection_count_limit),
     N(smtpd_client_connection_rate_limit),
     N(smtpd_client_message_rate_limit),
     N(smtpd_client_port_logging),
@@ -226,7 +226,7 @@ static const struct kt_param_def params[] = {
     L(smtpd_tls_mandatory_protocols, ">=TLSv1"),
     L(smtpd_tls_protocols, ">=TLSv1"),
     B(smtpd_tls_received_header, "no"),
-    B(smtpd_tls_req_ccert, "no"),
+    N(smtpd_tls_req_ccert),
     S(smtpd_tls_security_level, ""),
     S(smtpd_tls_session_cache_database, ""),
     T(smtpd_tls_session_cache_timeout, "3600s", 's'),
@@ -255,7 +255,7 @@ static const struct kt_param_def params[] = {
     S(virtual_mailbox_base, ""),
     L(virtual_mailbox_domains, "$virtual_mailbox_maps"),
     L(virtual_mailbox_maps, ""),
-    I(virtual_minimum_uid, "100"),
+    N(virtual_minimum_uid),
     N(virtual_transport),
     L(virtual_uid_maps, ""),
 };
