@@ -219,6 +219,13 @@ static struct kt_policy *service_policy(struct runtime_private *rp, const struct
     if (kt_config_get_bool(cfg, svc, "smtpd_delay_reject") == 0)
         kt_warn("service %s: smtpd_delay_reject = no is not supported; restrictions are evaluated at RCPT",
                 svc->name);
+    /* Safety rules that ktrelay does not let a configuration switch off */
+    if (kt_config_get_bool(cfg, svc, "smtpd_reject_unlisted_recipient") == 0)
+        kt_warn("service %s: smtpd_reject_unlisted_recipient = no is not supported; unknown local and virtual "
+                "recipients are always rejected", svc->name);
+    if (kt_config_get_bool(cfg, svc, "smtpd_forbid_bare_newline") == 0)
+        kt_warn("service %s: smtpd_forbid_bare_newline = no is not supported; a bare LF or CR in DATA always "
+                "rejects the message", svc->name);
     char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%d\1%u\1%p\1%p", pc.client_restrictions,
                             pc.helo_restrictions, pc.sender_restrictions, pc.relay_restrictions,
                             pc.recipient_restrictions, pc.sender_login_maps, pc.reject_unlisted_sender,
