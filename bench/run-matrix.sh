@@ -232,7 +232,11 @@ EOF
 		echo "127.0.0.1:$PORT inet n - n - - smtpd"
 		echo "127.0.0.1:$TLSPORT inet n - n - - smtpd"
 		echo "  -o smtpd_tls_wrappermode=yes"
-		awk '/^[a-z]/ && $2 != "inet" { print }' /etc/postfix/master.cf
+		# the unix services of the distribution's master.cf (the packaged
+		# template when Postfix was installed unconfigured)
+		mcf=/etc/postfix/master.cf
+		[ -f "$mcf" ] || mcf=/usr/share/postfix/master.cf.dist
+		awk '/^[a-z]/ && $2 != "inet" { print }' "$mcf"
 	} >"$PF_CONF/master.cf"
 	postconf -c "$PF_CONF" -F '*/*/chroot = n' >/dev/null
 	reset_maildir

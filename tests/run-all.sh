@@ -25,9 +25,11 @@ for p in "${DEPS[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing: ${missing[*]}"
-    # Postfix is only a benchmark peer: install it unconfigured and never start
-    # the distribution's services.
-    echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+    # Postfix is a benchmark peer and a next hop in tests, run as private
+    # instances: a local-only install, and the distribution's services are
+    # never started.
+    printf '%s\n' "postfix postfix/main_mailer_type select Local only" \
+        "postfix postfix/mailname string localhost.localdomain" | $SUDO debconf-set-selections
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
         $SUDO chmod +x /usr/sbin/policy-rc.d

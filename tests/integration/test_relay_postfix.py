@@ -74,7 +74,7 @@ class Postfix:
         make_cert(t, name="cert", cn="pf.test")
         (t / "vmailbox").write_text("bob@pf.test pf.test/bob/\n")
         (self.conf / "main.cf").write_text(PF_MAIN_CF.format(t=t, uid=uid, gid=gid))
-        services = [line for line in pathlib.Path("/etc/postfix/master.cf").read_text().splitlines()
+        services = [line for line in distribution_master_cf().read_text().splitlines()
                     if re.match(r"[a-z]", line) and line.split()[1] != "inet"]
         (self.conf / "master.cf").write_text(f"127.0.0.1:{self.port} inet n - n - - smtpd\n" + "\n".join(services) + "\n")
         subprocess.run(["postconf", "-c", str(self.conf), "-F", "*/*/chroot = n"], check=True, capture_output=True)
@@ -123,6 +123,12 @@ class Postfix:
     def maildir(self):
         d = self.t / "mail" / "pf.test" / "bob" / "new"
         return sorted(d.iterdir()) if d.exists() else []
+
+
+def distribution_master_cf():
+    """The distribution's master.cf, or the packaged template when Postfix was installed unconfigured."""
+    p = pathlib.Path("/etc/postfix/master.cf")
+    return p if p.exists() else pathlib.Path("/usr/share/postfix/master.cf.dist")
 
 
 @pytest.fixture
