@@ -5,6 +5,7 @@ directory, delivering into real Maildir folders.
 The binary is taken from $KTRELAY_BIN (set by the meson test definition) or
 build/ktrelay relative to the source tree.
 """
+import contextlib
 import os
 import pathlib
 import signal
@@ -160,3 +161,50 @@ def relay_factory(tmp_path):
 def relay(relay_factory):
     """A plaintext ktrelay with the base configuration on one port."""
     return relay_factory()
+
+
+def port_busy(port):
+    with socket.socket() as s:
+        # as the server does: TIME_WAIT left by an earlier run is no obstacle
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def embedded_default(directory):
+    """`ktrelay run` without -c in `directory`, as a first-time user starts it (fixed ports 2525 and
+    4465; the caller skips when they are busy). Yields the directory; checks a clean exit at the end."""
+    logpath = directory / "default.log"
+    logf = open(logpath, "w+b")
+    proc = subprocess.Popen([BIN, "run"], cwd=directory, stdout=logf, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    deadline = time.time() + 15
+    for port in (2525, 4465):
+        while True:
+            if proc.poll() is not None:
+                pytest.fail("ktrelay exited: " + logpath.read_text(errors="replace"))
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    proc.kill()
+                    pytest.fail("not listening: " + logpath.read_text(errors="replace"))
+                time.sleep(0.05)
+    try:
+        yield directory
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        logf.close()
+    log = logpath.read_text(errors="replace")
+    assert rc == 0, log[-4000:]
+    assert "runtime error" not in log and "AddressSanitizer" not in log, log[-4000:]

@@ -4,16 +4,13 @@ nothing below TLS 1.2 and only forward-secret AEAD suites, so no NULL,
 anonymous, export, LOW, 3DES/IDEA, RC4 or CBC cipher."""
 import json
 import shutil
-import signal
 import smtplib
-import socket
 import ssl
 import subprocess
-import time
 
 import pytest
 
-from conftest import BIN
+from conftest import embedded_default, port_busy
 
 TESTSSL = shutil.which("testssl") or shutil.which("testssl.sh")
 NOT_OFFERED = ["SSLv2", "SSLv3", "TLS1", "TLS1_1", "cipherlist_NULL", "cipherlist_aNULL", "cipherlist_EXPORT",
@@ -22,49 +19,13 @@ NOT_OFFERED = ["SSLv2", "SSLv3", "TLS1", "TLS1_1", "cipherlist_NULL", "cipherlis
 pytestmark = pytest.mark.skipif(not TESTSSL, reason="testssl.sh is not installed")
 
 
-def port_busy(port):
-    with socket.socket() as s:
-        # as the server does: TIME_WAIT left by an earlier run is no obstacle
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 @pytest.fixture(scope="module")
 def default_relay(tmp_path_factory):
     """The real embedded default, started like a first-time user would."""
     if port_busy(2525) or port_busy(4465):
         pytest.skip("ports 2525/4465 are in use")
-    d = tmp_path_factory.mktemp("default")
-    logf = open(d / "default.log", "w+b")
-    proc = subprocess.Popen([BIN, "run"], cwd=d, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.time() + 15
-    for port in (2525, 4465):
-        while True:
-            if proc.poll() is not None:
-                pytest.fail("ktrelay exited: " + (d / "default.log").read_text())
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    proc.kill()
-                    pytest.fail("not listening: " + (d / "default.log").read_text())
-                time.sleep(0.05)
-    yield d
-    proc.send_signal(signal.SIGTERM)
-    try:
-        rc = proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = proc.wait()
-    logf.close()
-    log = (d / "default.log").read_text(errors="replace")
-    assert rc == 0, log[-4000:]
-    assert "runtime error" not in log and "AddressSanitizer" not in log, log[-4000:]
+    with embedded_default(tmp_path_factory.mktemp("default")) as d:
+        yield d
 
 
 def run_testssl(tmp_path, port, starttls):

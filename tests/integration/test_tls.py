@@ -7,7 +7,6 @@ openssl s_client, swaks and Python's smtplib/ssl."""
 import os
 import random
 import re
-import signal
 import smtplib
 import socket
 import ssl
@@ -16,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, free_port, make_cert
+from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, embedded_default, free_port, make_cert, port_busy
 
 SENDER = "sender@example.org"
 RCPT = "someone@localhost"
@@ -643,49 +642,13 @@ def test_tls_received_header(relay_factory, tmp_path, setting):
 
 # ---- the embedded default ----
 
-def port_busy(port):
-    with socket.socket() as s:
-        # as the server does: TIME_WAIT left by an earlier run is no obstacle
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 @pytest.fixture
 def default_relay(tmp_path):
     """`ktrelay run` without -c in an empty directory (fixed ports 2525/4465)."""
     if port_busy(2525) or port_busy(4465):
         pytest.skip("ports 2525/4465 are in use")
-    logf = open(tmp_path / "default.log", "w+b")
-    proc = subprocess.Popen([BIN, "run"], cwd=tmp_path, stdout=logf, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
-    deadline = time.time() + 15
-    for port in (2525, 4465):
-        while True:
-            if proc.poll() is not None:
-                pytest.fail("ktrelay exited: " + (tmp_path / "default.log").read_text())
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    proc.kill()
-                    pytest.fail("not listening: " + (tmp_path / "default.log").read_text())
-                time.sleep(0.05)
-    yield tmp_path / "ktrelay-data"
-    proc.send_signal(signal.SIGTERM)
-    try:
-        rc = proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = proc.wait()
-    logf.close()
-    log = (tmp_path / "default.log").read_text(errors="replace")
-    assert rc == 0, log[-4000:]
-    assert "runtime error" not in log and "AddressSanitizer" not in log, log[-4000:]
+    with embedded_default(tmp_path) as d:
+        yield d / "ktrelay-data"
 
 
 def test_embedded_default(default_relay):
