@@ -43,7 +43,7 @@ if [ "$QUICK" = 1 ]; then
 	SMALL_C=8 SMALL_M=40 BIG_C=2 BIG_M=4 HS_C=4 HS_M=25 IDLE_KT=200 IDLE_PF=100
 	LIMIT=6 DRAIN_MAX=20 SPEED_S=1 LOOP_MB=256 DISK_FILES=16 REPEAT=${REPEAT:-1}
 else
-	SMALL_C=16 SMALL_M=500 BIG_C=4 BIG_M=100 HS_C=8 HS_M=250 IDLE_KT=10000 IDLE_PF=1000
+	SMALL_C=20 SMALL_M=500 BIG_C=4 BIG_M=100 HS_C=8 HS_M=250 IDLE_KT=10000 IDLE_PF=1000
 	LIMIT=60 DRAIN_MAX=300 SPEED_S=3 LOOP_MB=2048 DISK_FILES=128 REPEAT=${REPEAT:-3}
 fi
 
@@ -136,6 +136,10 @@ reset_maildir() {
 	rm -rf "$MAILDIR"
 	mkdir -p "$MAILDIR"
 	chown "$MAIL_UID:$MAIL_GID" "$MAILDIR"
+	# Write back the deletions now: otherwise the next row's fsyncs compete
+	# with the file system's writeback of thousands of unlinked files, and
+	# the row measures the previous row's clean-up.
+	sync
 }
 
 delivered_count() {
