@@ -82,15 +82,24 @@ static int ktls_rx_control(struct kt_session *s, int res)
     return 1;
 }
 
+/* Bookkeeping shared by every socket completion. Returns 0 when the session
+ * is closing (and has possibly been freed): the caller must stop there. */
+static int socket_op_done(struct kt_session *s, int *armed)
+{
+    s->pending--;
+    *armed = 0;
+    if (s->dead) {
+        kt_session_maybe_free(s);
+        return 0;
+    }
+    return 1;
+}
+
 static void rx_done(struct kt_op *op, int res, unsigned flags)
 {
     struct kt_session *s = SESSION_OF(op, rx_op);
-    s->pending--;
-    s->rx_armed = 0;
-    if (s->dead) {
-        kt_session_maybe_free(s);
+    if (!socket_op_done(s, &s->rx_armed))
         return;
-    }
     if (s->ssl && !s->ktls_rx) {
         /* a NOP queued because OpenSSL still held decrypted bytes */
         ssl_read_some(s);
@@ -120,12 +129,8 @@ static void rx_done(struct kt_op *op, int res, unsigned flags)
 static void rx_poll_done(struct kt_op *op, int res, unsigned flags)
 {
     struct kt_session *s = SESSION_OF(op, rx_poll_op);
-    s->pending--;
-    s->rx_armed = 0;
-    if (s->dead) {
-        kt_session_maybe_free(s);
+    if (!socket_op_done(s, &s->rx_armed))
         return;
-    }
     if (s->state == KT_SS_HANDSHAKE)
         tls_step(s);
     else
@@ -263,12 +268,8 @@ int kt_xprt_can_splice(const struct kt_session *s)
 static void tx_done(struct kt_op *op, int res, unsigned flags)
 {
     struct kt_session *s = SESSION_OF(op, tx_op);
-    s->pending--;
-    s->tx_armed = 0;
-    if (s->dead) {
-        kt_session_maybe_free(s);
+    if (!socket_op_done(s, &s->tx_armed))
         return;
-    }
     if (res < 0) {
         if (res == -EAGAIN || res == -EINTR) {
             kt_xprt_flush(s);
@@ -289,12 +290,8 @@ static void tx_done(struct kt_op *op, int res, unsigned flags)
 static void tx_poll_done(struct kt_op *op, int res, unsigned flags)
 {
     struct kt_session *s = SESSION_OF(op, tx_poll_op);
-    s->pending--;
-    s->tx_armed = 0;
-    if (s->dead) {
-        kt_session_maybe_free(s);
+    if (!socket_op_done(s, &s->tx_armed))
         return;
-    }
     if (s->state == KT_SS_HANDSHAKE)
         tls_step(s);
     else
