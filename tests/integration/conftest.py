@@ -9,6 +9,7 @@ import contextlib
 import os
 import pathlib
 import signal
+import ssl
 import socket
 import subprocess
 import time
@@ -208,3 +209,50 @@ def embedded_default(directory):
     log = logpath.read_text(errors="replace")
     assert rc == 0, log[-4000:]
     assert "runtime error" not in log and "AddressSanitizer" not in log, log[-4000:]
+
+
+class SmtpConn:
+    """A raw SMTP client on a connected socket: send bytes, read whole (multi-line) replies."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+        self.reads = []
+        self.banner = self.reply()
+
+    def send(self, data):
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def _fill(self):
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise EOFError(f"connection closed; unread: {self.buf!r}")
+        self.reads.append(chunk)
+        self.buf += chunk
+
+    def reply(self):
+        """The next reply, all of its lines joined with '\\n' (without CRLF)."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                self._fill()
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            lines.append(line.decode("utf-8", "replace"))
+            if line[3:4] != b"-":
+                return "\n".join(lines)
+
+    def cmd(self, line):
+        self.send(line + "\r\n")
+        return self.reply()
+
+    def closed(self, timeout=10):
+        """True when the server closes the connection with nothing more to say."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.buf or self.sock.recv(65536)
+        except (ConnectionResetError, ssl.SSLError):
+            return True
+        return data == b""
+
+    def close(self):
+        self.sock.close()

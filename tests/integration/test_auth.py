@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import make_cert
+from conftest import SmtpConn, make_cert
 
 SRC_ADDR = "127.0.0.2"
 PASSWORD = "s3cret pass"          # a space, so that nothing splits it
@@ -33,36 +33,15 @@ def plain(user, password, authzid=""):
     return b64(f"{authzid}\0{user}\0{password}")
 
 
-class Client:
+class Client(SmtpConn):
     """A raw SMTP client bound to a chosen source address, with STARTTLS."""
 
     def __init__(self, port, src=SRC_ADDR, timeout=20):
-        self.sock = socket.socket()
-        self.sock.settimeout(timeout)
-        self.sock.bind((src, 0))
-        self.sock.connect(("127.0.0.1", port))
-        self.buf = b""
-        self.banner = self.reply()
-
-    def send(self, data):
-        self.sock.sendall(data.encode() if isinstance(data, str) else data)
-
-    def reply(self):
-        lines = []
-        while True:
-            while b"\r\n" not in self.buf:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise EOFError(f"connection closed; unread: {self.buf!r}")
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            lines.append(line.decode("utf-8", "replace"))
-            if line[3:4] != b"-":
-                return "\n".join(lines)
-
-    def cmd(self, line):
-        self.send(line + "\r\n")
-        return self.reply()
+        sock = socket.socket()
+        sock.settimeout(timeout)
+        sock.bind((src, 0))
+        sock.connect(("127.0.0.1", port))
+        super().__init__(sock)
 
     def ehlo(self, name="client.example.net"):
         r = self.cmd(f"EHLO {name}")
@@ -76,17 +55,6 @@ class Client:
         ctx.verify_mode = ssl.CERT_NONE
         self.sock = ctx.wrap_socket(self.sock)
         self.buf = b""
-
-    def closed(self, timeout=10):
-        self.sock.settimeout(timeout)
-        try:
-            data = self.buf or self.sock.recv(65536)
-        except (ConnectionResetError, ssl.SSLError):
-            return True
-        return data == b""
-
-    def close(self):
-        self.sock.close()
 
 
 def auth_lines(ehlo):

@@ -4,7 +4,6 @@ disconnects, concurrency, SIGTERM draining and SIGHUP reloads.
 
 Most tests speak SMTP over a raw socket so that exactly the bytes under test
 go on the wire; smtplib is used where a well-behaved client is wanted."""
-import os
 import random
 import re
 import signal
@@ -16,52 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from conftest import SmtpConn
 
-class Smtp:
+
+class Smtp(SmtpConn):
     """A raw SMTP client: send bytes, read whole (multi-line) replies."""
 
     def __init__(self, port, timeout=20):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = b""
-        self.reads = []
-        self.banner = self.reply()
-
-    def send(self, data):
-        self.sock.sendall(data.encode() if isinstance(data, str) else data)
-
-    def _fill(self):
-        chunk = self.sock.recv(1 << 20)
-        if not chunk:
-            raise EOFError(f"connection closed; unread: {self.buf!r}")
-        self.reads.append(chunk)
-        self.buf += chunk
-
-    def reply(self):
-        """The next reply, all of its lines joined with '\\n' (without CRLF)."""
-        lines = []
-        while True:
-            while b"\r\n" not in self.buf:
-                self._fill()
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            lines.append(line.decode("utf-8", "replace"))
-            if line[3:4] != b"-":
-                return "\n".join(lines)
-
-    def cmd(self, line):
-        self.send(line + "\r\n")
-        return self.reply()
-
-    def closed(self, timeout=10):
-        """True when the server closes the connection with nothing more to say."""
-        self.sock.settimeout(timeout)
-        try:
-            data = self.buf or self.sock.recv(65536)
-        except ConnectionResetError:
-            return True
-        return data == b""
-
-    def close(self):
-        self.sock.close()
+        super().__init__(socket.create_connection(("127.0.0.1", port), timeout=timeout))
 
 
 def stuff(content):
