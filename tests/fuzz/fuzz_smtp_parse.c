@@ -2,11 +2,11 @@
  * and every argument fed to every argument parser) and as a DATA stream (one shot compared with chunked,
  * in-place parsing). Any broken invariant aborts.
  * Built with -DKT_LIBFUZZER it is a libFuzzer target:
- *   clang -g -O1 -fsanitize=fuzzer,address,undefined -DKT_LIBFUZZER -D_GNU_SOURCE -Iinclude \
- *         src/smtp_parse.c tests/fuzz/fuzz_smtp_parse.c -o fuzz_smtp_parse
+ *   clang -g -O1 -fsanitize=fuzzer,address,undefined -DKT_LIBFUZZER -D_GNU_SOURCE -Isrc \
+ *         src/smtpd/smtp_parse.c tests/fuzz/fuzz_smtp_parse.c -o fuzz_smtp_parse
  *   ./fuzz_smtp_parse tests/fuzz/corpus_smtp
  * Otherwise main() replays the files of the given directories plus deterministic mutations of each. */
-#include <ktrelay/smtp_parse.h>
+#include "smtpd/smtp_parse.h"
 
 #include <dirent.h>
 #include <stdint.h>

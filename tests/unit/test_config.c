@@ -14,7 +14,7 @@
 #include <cmocka.h>
 
 #include "kt_build.h"
-#include "ktrelay/config.h"
+#include "conf/config.h"
 
 /* ---- capturing what the loader logs on stderr ---- */
 

@@ -14,9 +14,9 @@
 
 #include <cmocka.h>
 
-#include "ktrelay/alloc.h"
-#include "ktrelay/policy.h"
-#include "ktrelay/table.h"
+#include "core/alloc.h"
+#include "smtpd/policy.h"
+#include "core/table.h"
 
 static char tmpdir[] = "/tmp/kt_policy_XXXXXX";
 static char *path_vmailbox, *path_sender, *path_client, *path_client_cidr, *path_logins, *path_rcpt;

@@ -14,9 +14,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "ktrelay/alloc.h"
-#include "ktrelay/bounce.h"
-#include "ktrelay/queue.h"
+#include "core/alloc.h"
+#include "queue/bounce.h"
+#include "queue/queue.h"
 
 static char qdir[256];
 

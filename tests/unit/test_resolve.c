@@ -15,8 +15,8 @@
 
 #include <cmocka.h>
 
-#include "ktrelay/alloc.h"
-#include "ktrelay/resolve.h"
+#include "core/alloc.h"
+#include "delivery/resolve.h"
 
 static char tmpdir[] = "/tmp/kt_resolve_XXXXXX";
 static char *fx_aliases, *fx_passwd, *fx_vmailbox, *fx_vuid, *tmp_aliases, *tmp_inc1, *tmp_inc2, *alias_maps;

@@ -19,8 +19,8 @@
 
 #include <cmocka.h>
 
-#include "ktrelay/alloc.h"
-#include "ktrelay/sasl.h"
+#include "core/alloc.h"
+#include "smtpd/sasl.h"
 
 static char tmpdir[] = "/tmp/kt_sasl_XXXXXX";
 

@@ -11,7 +11,7 @@
 #include <string.h>
 #include <errno.h>
 
-#include <ktrelay/smtp_parse.h>
+#include "smtpd/smtp_parse.h"
 
 #define S(lit) (lit), (sizeof(lit) - 1)
 

@@ -13,8 +13,8 @@
 
 #include <cmocka.h>
 
-#include "ktrelay/alloc.h"
-#include "ktrelay/table.h"
+#include "core/alloc.h"
+#include "core/table.h"
 
 static char *fixture(const char *name)
 {

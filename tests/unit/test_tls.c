@@ -22,8 +22,8 @@
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
 
-#include "ktrelay/alloc.h"
-#include "ktrelay/tls.h"
+#include "core/alloc.h"
+#include "tls/tls.h"
 
 static char dir[64];
 static char root_pem[128], rsa_chain[128], rsa_key[128], ec_chain[128], ec_key[128],

@@ -1,0 +1,386 @@
+/* Per-service typed settings built from the configuration: parameter values
+ * are read (and expanded) once here, not on the session hot path. Resolvers
+ * and TLS contexts are shared between services whose parameters are equal. */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include "core/alloc.h"
+#include "conf/config.h"
+#include "tls/ktls.h"
+#include "core/log.h"
+#include "smtpd/policy.h"
+#include "delivery/resolve.h"
+#include "smtpd/sasl.h"
+#include "conf/settings.h"
+#include "core/table.h"
+#include "tls/tls.h"
+
+/* Owned objects, shared by services with equal keys. */
+struct shared_obj {
+    char *key;
+    void *obj;
+    int kind;       /* 0 resolver, 1 tls, 2 net list, 3 policy, 4 SASL backend */
+};
+
+struct runtime_private {
+    struct kt_runtime pub;
+    struct shared_obj *objs;
+    size_t n_objs;
+};
+
+static const char *get(const struct kt_config *cfg, const struct kt_service *svc, const char *name)
+{
+    const char *v = kt_config_get(cfg, svc, name);
+    return v ? v : "";
+}
+
+static void *shared_find(struct runtime_private *rp, int kind, const char *key)
+{
+    for (size_t i = 0; i < rp->n_objs; i++)
+        if (rp->objs[i].kind == kind && strcmp(rp->objs[i].key, key) == 0)
+            return rp->objs[i].obj;
+    return NULL;
+}
+
+static void shared_add(struct runtime_private *rp, int kind, const char *key, void *obj)
+{
+    rp->objs = kt_realloc(rp->objs, (rp->n_objs + 1) * sizeof(*rp->objs));
+    rp->objs[rp->n_objs].key = kt_strdup(key);
+    rp->objs[rp->n_objs].obj = obj;
+    rp->objs[rp->n_objs].kind = kind;
+    rp->n_objs++;
+}
+
+static struct kt_resolver *service_resolver(struct runtime_private *rp, const struct kt_config *cfg,
+                                            const struct kt_service *svc, int *errors)
+{
+    struct kt_resolve_config rc = {
+        .myhostname = get(cfg, svc, "myhostname"),
+        .mydestination = get(cfg, svc, "mydestination"),
+        .relay_domains = get(cfg, svc, "relay_domains"),
+        .virtual_mailbox_domains = get(cfg, svc, "virtual_mailbox_domains"),
+        .virtual_mailbox_base = get(cfg, svc, "virtual_mailbox_base"),
+        .virtual_mailbox_maps = get(cfg, svc, "virtual_mailbox_maps"),
+        .virtual_uid_maps = get(cfg, svc, "virtual_uid_maps"),
+        .virtual_gid_maps = get(cfg, svc, "virtual_gid_maps"),
+        .alias_maps = get(cfg, svc, "alias_maps"),
+        .home_mailbox = get(cfg, svc, "home_mailbox"),
+        .inet_interfaces_addrs = NULL,
+        .passwd_file = NULL,
+    };
+    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s", rc.myhostname, rc.mydestination,
+                            rc.relay_domains, rc.virtual_mailbox_domains, rc.virtual_mailbox_base,
+                            rc.virtual_mailbox_maps, rc.virtual_uid_maps, rc.virtual_gid_maps, rc.alias_maps,
+                            rc.home_mailbox);
+    struct kt_resolver *r = shared_find(rp, 0, key);
+    if (!r) {
+        char err[512];
+        if (kt_resolver_new(&rc, &r, err, sizeof(err)) < 0) {
+            kt_err("service %s: %s", svc->name, err);
+            (*errors)++;
+            r = NULL;
+        } else {
+            shared_add(rp, 0, key, r);
+        }
+    }
+    kt_free(key);
+    return r;
+}
+
+static enum kt_tls_level tls_level(const struct kt_config *cfg, const struct kt_service *svc)
+{
+    const char *level = get(cfg, svc, "smtpd_tls_security_level");
+    if (!strcasecmp(level, "encrypt"))
+        return KT_TLS_ENCRYPT;
+    if (!strcasecmp(level, "may"))
+        return KT_TLS_MAY;
+    if (!strcasecmp(level, "none"))
+        return KT_TLS_NONE;
+    if (level[0])
+        kt_warn("service %s: unknown smtpd_tls_security_level \"%s\"; using none", svc->name, level);
+    /* Postfix's legacy switches when the level is empty */
+    if (kt_config_get_bool(cfg, svc, "smtpd_enforce_tls") == 1)
+        return KT_TLS_ENCRYPT;
+    if (kt_config_get_bool(cfg, svc, "smtpd_use_tls") == 1)
+        return KT_TLS_MAY;
+    return KT_TLS_NONE;
+}
+
+static struct kt_tls_server *service_tls(struct runtime_private *rp, const struct kt_config *cfg,
+                                         const struct kt_service *svc, struct kt_smtpd_settings *st, int *errors)
+{
+    int mandatory = st->tls_level == KT_TLS_ENCRYPT;
+    struct kt_tls_server_params p = {
+        .cert_file = get(cfg, svc, "smtpd_tls_cert_file"),
+        .key_file = get(cfg, svc, "smtpd_tls_key_file"),
+        .eccert_file = get(cfg, svc, "smtpd_tls_eccert_file"),
+        .eckey_file = get(cfg, svc, "smtpd_tls_eckey_file"),
+        .CAfile = get(cfg, svc, "smtpd_tls_CAfile"),
+        .CApath = get(cfg, svc, "smtpd_tls_CApath"),
+        .protocols = get(cfg, svc, mandatory ? "smtpd_tls_mandatory_protocols" : "smtpd_tls_protocols"),
+        .ciphers = get(cfg, svc, mandatory ? "smtpd_tls_mandatory_ciphers" : "smtpd_tls_ciphers"),
+        .high_cipherlist = get(cfg, svc, "tls_high_cipherlist"),
+        .medium_cipherlist = get(cfg, svc, "tls_medium_cipherlist"),
+        .low_cipherlist = get(cfg, svc, "tls_low_cipherlist"),
+        .exclude_ciphers = get(cfg, svc, mandatory ? "smtpd_tls_mandatory_exclude_ciphers"
+                                                   : "smtpd_tls_exclude_ciphers"),
+        .loglevel = (int)kt_config_get_int(cfg, svc, "smtpd_tls_loglevel"),
+        .session_cache_timeout = (long)kt_config_get_time(cfg, svc, "smtpd_tls_session_cache_timeout"),
+        .ask_ccert = kt_config_get_bool(cfg, svc, "smtpd_tls_ask_ccert") == 1,
+        .ktls = kt_config_get_bool(cfg, svc, "tls_ktls_enable") == 1,
+    };
+    if (!p.cert_file[0] && !p.eccert_file[0]) {
+        if (st->wrappermode || st->tls_level == KT_TLS_ENCRYPT) {
+            kt_err("service %s: TLS is required but neither smtpd_tls_cert_file nor smtpd_tls_eccert_file is set",
+                   svc->name);
+            (*errors)++;
+        } else {
+            kt_warn("service %s: no server certificate (smtpd_tls_cert_file): STARTTLS is not offered", svc->name);
+            st->tls_level = KT_TLS_NONE;
+        }
+        return NULL;
+    }
+    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%d\1%ld\1%d\1%d", p.cert_file,
+                            p.key_file, p.eccert_file, p.eckey_file, p.CAfile, p.CApath, p.protocols, p.ciphers,
+                            p.high_cipherlist, p.medium_cipherlist, p.low_cipherlist, p.exclude_ciphers, p.loglevel,
+                            p.session_cache_timeout, p.ask_ccert, p.ktls);
+    struct kt_tls_server *t = shared_find(rp, 1, key);
+    if (!t) {
+        char err[512];
+        if (kt_tls_server_new(&p, &t, err, sizeof(err)) < 0) {
+            kt_err("service %s: %s", svc->name, err);
+            (*errors)++;
+            t = NULL;
+        } else {
+            if (p.ktls)
+                kt_ktls_prepare_ctx(kt_tls_server_ctx(t));
+            shared_add(rp, 1, key, t);
+        }
+    }
+    kt_free(key);
+    return t;
+}
+
+/* mynetworks left at its default follows mynetworks_style, as in Postfix. */
+static struct kt_net_list *service_mynetworks(struct runtime_private *rp, const struct kt_config *cfg,
+                                              const struct kt_service *svc, int *errors)
+{
+    const char *mynetworks = get(cfg, svc, "mynetworks");
+    const char *style = get(cfg, svc, "mynetworks_style");
+    const struct kt_param_def *def = kt_param_find("mynetworks");
+    char *computed = NULL;
+    struct kt_net_list *nets;
+
+    if (strcasecmp(style, "host") && strcasecmp(style, "subnet") && strcasecmp(style, "class")) {
+        kt_err("service %s: mynetworks_style must be host, subnet or class, not \"%s\"", svc->name, style);
+        (*errors)++;
+        return NULL;
+    }
+    if (def && def->def && strcmp(mynetworks, def->def) == 0)
+        mynetworks = computed = kt_mynetworks_from_style(style);
+    nets = shared_find(rp, 2, mynetworks);
+    if (!nets) {
+        char err[512];
+        if (kt_net_list_open(mynetworks, &nets, err, sizeof(err)) < 0) {
+            kt_err("service %s: mynetworks: %s", svc->name, err);
+            (*errors)++;
+            nets = NULL;
+        } else {
+            shared_add(rp, 2, mynetworks, nets);
+        }
+    }
+    kt_free(computed);
+    return nets;
+}
+
+static struct kt_policy *service_policy(struct runtime_private *rp, const struct kt_config *cfg,
+                                        const struct kt_service *svc, const struct kt_smtpd_settings *st,
+                                        int *errors)
+{
+    struct kt_policy_config pc = {
+        .client_restrictions = get(cfg, svc, "smtpd_client_restrictions"),
+        .helo_restrictions = get(cfg, svc, "smtpd_helo_restrictions"),
+        .sender_restrictions = get(cfg, svc, "smtpd_sender_restrictions"),
+        .relay_restrictions = get(cfg, svc, "smtpd_relay_restrictions"),
+        .recipient_restrictions = get(cfg, svc, "smtpd_recipient_restrictions"),
+        .sender_login_maps = get(cfg, svc, "smtpd_sender_login_maps"),
+        .reject_unlisted_sender = kt_config_get_bool(cfg, svc, "smtpd_reject_unlisted_sender") == 1,
+        .addr_flags = (kt_config_get_bool(cfg, svc, "allow_percent_hack") == 1 ? KT_ADDR_PERCENT_HACK : 0)
+                      | (kt_config_get_bool(cfg, svc, "swap_bangpath") == 1 ? KT_ADDR_SWAP_BANGPATH : 0)
+                      | (kt_config_get_bool(cfg, svc, "resolve_dequoted_address") == 1 ? KT_ADDR_DEQUOTE : 0),
+        .resolver = st->resolver,
+        .mynetworks = st->mynetworks,
+    };
+    if (!pc.resolver || !pc.mynetworks)
+        return NULL;   /* already reported */
+    if (kt_config_get_bool(cfg, svc, "smtpd_delay_reject") == 0)
+        kt_warn("service %s: smtpd_delay_reject = no is not supported; restrictions are evaluated at RCPT",
+                svc->name);
+    /* Safety rules that ktrelay does not let a configuration switch off */
+    if (kt_config_get_bool(cfg, svc, "smtpd_reject_unlisted_recipient") == 0)
+        kt_warn("service %s: smtpd_reject_unlisted_recipient = no is not supported; unknown local and virtual "
+                "recipients are always rejected", svc->name);
+    if (kt_config_get_bool(cfg, svc, "smtpd_forbid_bare_newline") == 0)
+        kt_warn("service %s: smtpd_forbid_bare_newline = no is not supported; a bare LF or CR in DATA always "
+                "rejects the message", svc->name);
+    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%d\1%u\1%p\1%p", pc.client_restrictions,
+                            pc.helo_restrictions, pc.sender_restrictions, pc.relay_restrictions,
+                            pc.recipient_restrictions, pc.sender_login_maps, pc.reject_unlisted_sender,
+                            pc.addr_flags, (const void *)pc.resolver, (const void *)pc.mynetworks);
+    struct kt_policy *p = shared_find(rp, 3, key);
+    if (!p) {
+        char err[512];
+        if (kt_policy_new(&pc, &p, err, sizeof(err)) < 0) {
+            kt_err("service %s: %s", svc->name, err);
+            (*errors)++;
+            p = NULL;
+        } else {
+            shared_add(rp, 3, key, p);
+        }
+    }
+    kt_free(key);
+    return p;
+}
+
+static int service_sasl(struct runtime_private *rp, const struct kt_config *cfg, const struct kt_service *svc,
+                        struct kt_smtpd_settings *st)
+{
+    char err[512];
+    int errors = 0;
+
+    st->tls_auth_only = kt_config_get_bool(cfg, svc, "smtpd_tls_auth_only") == 1;
+    st->broken_sasl_auth_clients = kt_config_get_bool(cfg, svc, "broken_sasl_auth_clients") == 1;
+    st->sasl_authenticated_header = kt_config_get_bool(cfg, svc, "smtpd_sasl_authenticated_header") == 1;
+    st->sasl_local_domain = get(cfg, svc, "smtpd_sasl_local_domain");
+    if (kt_sasl_security_mechs(get(cfg, svc, "smtpd_sasl_security_options"), &st->sasl_mechs, err,
+                               sizeof(err)) < 0 ||
+        kt_sasl_security_mechs(get(cfg, svc, "smtpd_sasl_tls_security_options"), &st->sasl_tls_mechs, err,
+                               sizeof(err)) < 0) {
+        kt_err("service %s: %s", svc->name, err);
+        return 1;
+    }
+    if (kt_config_get_bool(cfg, svc, "smtpd_sasl_auth_enable") != 1)
+        return 0;
+    const char *type = get(cfg, svc, "smtpd_sasl_type");
+    char *path;
+    if (strcasecmp(type, "dovecot") == 0) {
+        const char *sp = get(cfg, svc, "smtpd_sasl_path");
+        /* Postfix: a relative path is below queue_directory ("private/auth") */
+        path = sp[0] == '/' || !sp[0] ? kt_strdup(sp) : kt_asprintf("%s/%s", get(cfg, svc, "queue_directory"), sp);
+    } else {
+        path = kt_strdup(get(cfg, svc, "ktrelay_sasl_password_file"));
+    }
+    char *key = kt_asprintf("%s\1%s", type, path);
+    st->sasl = shared_find(rp, 4, key);
+    if (!st->sasl) {
+        if (kt_sasl_server_open(type, path, &st->sasl, err, sizeof(err)) < 0) {
+            kt_err("service %s: %s", svc->name, err);
+            errors++;
+        } else {
+            shared_add(rp, 4, key, st->sasl);
+        }
+    }
+    kt_free(key);
+    kt_free(path);
+    st->sasl_enable = st->sasl != NULL;
+    return errors;
+}
+
+static int service_settings(struct runtime_private *rp, const struct kt_config *cfg, const struct kt_service *svc,
+                            struct kt_smtpd_settings *st)
+{
+    int errors = 0;
+    st->service = svc;
+    st->myhostname = get(cfg, svc, "myhostname");
+    st->banner = get(cfg, svc, "smtpd_banner");
+    st->message_size_limit = kt_config_get_int(cfg, svc, "message_size_limit");
+    st->recipient_limit = kt_config_get_int(cfg, svc, "smtpd_recipient_limit");
+    if (st->recipient_limit <= 0)
+        st->recipient_limit = 1000000;
+    st->timeout_s = kt_config_get_time(cfg, svc, "smtpd_timeout");
+    st->starttls_timeout_s = kt_config_get_time(cfg, svc, "smtpd_starttls_timeout");
+    st->hard_error_limit = kt_config_get_int(cfg, svc, "smtpd_hard_error_limit");
+    st->soft_error_limit = kt_config_get_int(cfg, svc, "smtpd_soft_error_limit");
+    st->error_sleep_ms = kt_config_get_time(cfg, svc, "smtpd_error_sleep_time") * 1000;
+    long long lll = kt_config_get_int(cfg, svc, "line_length_limit");
+    /* RFC 5321 4.5.3.1.4: a command line is at most 512 octets; never go below it */
+    st->line_length_limit = lll < 512 ? 512 : (size_t)lll;
+    st->wrappermode = kt_config_get_bool(cfg, svc, "smtpd_tls_wrappermode") == 1;
+    st->tls_level = tls_level(cfg, svc);
+    st->tls_loglevel = (int)kt_config_get_int(cfg, svc, "smtpd_tls_loglevel");
+    st->tls_received_header = kt_config_get_bool(cfg, svc, "smtpd_tls_received_header") == 1;
+    st->ktls_rx_tls13 = kt_config_get_bool(cfg, svc, "tls_ktls_rx_tls13") == 1;
+    if (st->tls_level != KT_TLS_NONE || st->wrappermode)
+        st->tls = service_tls(rp, cfg, svc, st, &errors);
+    st->resolver = service_resolver(rp, cfg, svc, &errors);
+    st->mynetworks = service_mynetworks(rp, cfg, svc, &errors);
+    st->policy = service_policy(rp, cfg, svc, st, &errors);
+    errors += service_sasl(rp, cfg, svc, st);
+    return errors;
+}
+
+static void runtime_free(struct runtime_private *rp)
+{
+    for (size_t i = 0; i < rp->n_objs; i++) {
+        if (rp->objs[i].kind == 0)
+            kt_resolver_free(rp->objs[i].obj);
+        else if (rp->objs[i].kind == 1)
+            kt_tls_server_free(rp->objs[i].obj);
+        else if (rp->objs[i].kind == 2)
+            kt_net_list_free(rp->objs[i].obj);
+        else if (rp->objs[i].kind == 3)
+            kt_policy_free(rp->objs[i].obj);
+        else
+            kt_sasl_server_free(rp->objs[i].obj);
+        kt_free(rp->objs[i].key);
+    }
+    kt_free(rp->objs);
+    kt_free(rp->pub.services);
+    kt_config_free(rp->pub.cfg);
+    kt_free(rp);
+}
+
+int kt_runtime_new(struct kt_config *cfg, struct kt_runtime **out)
+{
+    struct runtime_private *rp = kt_calloc(1, sizeof(*rp));
+    struct kt_runtime *rt = &rp->pub;
+    int errors = 0;
+
+    atomic_init(&rt->refs, 1);
+    rt->cfg = cfg;
+    rt->n_services = kt_config_service_count(cfg);
+    rt->services = kt_calloc(rt->n_services ? rt->n_services : 1, sizeof(*rt->services));
+    for (size_t i = 0; i < rt->n_services; i++)
+        errors += service_settings(rp, cfg, kt_config_service(cfg, i), &rt->services[i]);
+    long long workers = kt_config_get_int(cfg, NULL, "ktrelay_worker_threads");
+    if (workers <= 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        workers = n > 0 ? n : 1;
+    }
+    rt->worker_threads = (unsigned)(workers > 256 ? 256 : workers);
+    rt->queue_directory = get(cfg, NULL, "queue_directory");
+    if (errors) {
+        rp->pub.cfg = NULL;   /* the caller still owns cfg on failure */
+        runtime_free(rp);
+        return -EINVAL;
+    }
+    *out = rt;
+    return 0;
+}
+
+struct kt_runtime *kt_runtime_ref(struct kt_runtime *rt)
+{
+    atomic_fetch_add(&rt->refs, 1);
+    return rt;
+}
+
+void kt_runtime_unref(struct kt_runtime *rt)
+{
+    if (!rt)
+        return;
+    if (atomic_fetch_sub(&rt->refs, 1) == 1)
+        runtime_free((struct runtime_private *)rt);
+}

@@ -1,0 +1,659 @@
+/* Maildir delivery through io_uring (see maildir.h for the contract).
+ *
+ * Every file system step is an io_uring operation (openat, write, splice,
+ * fsync, renameat, linkat, unlinkat, mkdirat) so the event loop never waits
+ * on the disk; many deliveries from many sessions overlap their fsyncs.
+ * Error paths that undo links use plain unlink(2): they are rare and short. */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "core/alloc.h"
+#include "core/dirsync.h"
+#include "core/log.h"
+#include "delivery/maildir.h"
+
+#define MAX_BOXES 64
+#define MAX_INFLIGHT_BYTES (4 * KT_DELIVERY_CHUNK)
+#define SPLICE_STEP (64 * 1024)
+
+enum stage {
+    ST_NEW, ST_OPENING, ST_MKDIRS, ST_OPEN, ST_COMMIT_WRITES, ST_FSYNC_FILE, ST_LINKING, ST_LINK_MKDIRS,
+    ST_UNLINK_TMP, ST_DIR_FSYNC, ST_DONE, ST_FAILED,
+};
+
+struct wchunk {
+    struct kt_op op;
+    struct kt_delivery *d;
+    char *data;
+    size_t len, done, cap;
+    off_t off;
+};
+
+struct kt_delivery {
+    struct kt_loop *loop;
+    struct kt_op op;                 /* the main chain: one step at a time */
+    enum stage stage;
+    int fd;
+    int abandoned;
+    int error;
+    unsigned pending;                /* operations in flight */
+    char name[192];                  /* unique base name */
+    char final_name[256];            /* name in new/ with ,S= and ,W= */
+    char tmp_path[PATH_MAX];
+    size_t n_boxes;
+    struct kt_mailbox boxes[MAX_BOXES];
+    char *box_paths[MAX_BOXES];
+    size_t step;                     /* index into boxes while linking / fsyncing dirs */
+    size_t linked;                   /* how many new/ names exist */
+    struct kt_dirsync_waiter dirsync; /* waiting for new/ to be fsync'd */
+    int mkdir_left;                  /* mkdirat operations still in flight */
+    int mkdir_tried;
+    size_t mkdir_box;                /* the mailbox whose directories are being made */
+    size_t link_mkdir_tried;         /* 1 + index of the last box made while linking */
+
+    struct wchunk *cur;              /* chunk being filled */
+    size_t inflight_bytes;
+    unsigned inflight_writes;
+    off_t size;                      /* bytes accepted so far (next file offset) */
+
+    kt_delivery_cb cb, drain_cb;
+    void *arg, *drain_arg;
+    int want_drain;
+
+    /* splice */
+    struct kt_op splice_op;
+    int pipe_r, pipe_w;
+    int sockfd;
+    size_t splice_left, splice_done, in_pipe;
+    int splice_phase;                /* 0 poll, 1 sock->pipe, 2 pipe->file */
+    kt_delivery_cb splice_cb;
+    void *splice_arg;
+
+    char paths[2][PATH_MAX];         /* scratch for mkdirat/linkat/renameat arguments */
+};
+
+static void delivery_step(struct kt_op *op, int res, unsigned flags);
+static void chunk_done(struct kt_op *op, int res, unsigned flags);
+static void splice_step(struct kt_op *op, int res, unsigned flags);
+static void commit_continue(struct kt_delivery *d);
+static void submit_dir_sync(struct kt_delivery *d);
+
+static unsigned long seq_counter;
+
+static void escape_host(const char *in, char *out, size_t outlen)
+{
+    size_t o = 0;
+    for (; *in && o + 5 < outlen; in++) {
+        /* maildir(5): '/' and ':' are not allowed in the name */
+        if (*in == '/')
+            o += (size_t)snprintf(out + o, outlen - o, "\\057");
+        else if (*in == ':')
+            o += (size_t)snprintf(out + o, outlen - o, "\\072");
+        else
+            out[o++] = *in;
+    }
+    out[o] = '\0';
+}
+
+struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbox *boxes, size_t n,
+                                    const char *hostname, unsigned worker_id)
+{
+    struct kt_delivery *d = kt_calloc(1, sizeof(*d));
+    struct timeval tv;
+    char host[128];
+
+    if (n > MAX_BOXES)
+        n = MAX_BOXES;
+    d->loop = loop;
+    d->op.cb = delivery_step;
+    d->splice_op.cb = splice_step;
+    d->fd = d->pipe_r = d->pipe_w = -1;
+    d->n_boxes = n;
+    for (size_t i = 0; i < n; i++) {
+        d->box_paths[i] = kt_strdup(boxes[i].path);
+        d->boxes[i] = boxes[i];
+        d->boxes[i].path = d->box_paths[i];
+    }
+    gettimeofday(&tv, NULL);
+    escape_host(hostname, host, sizeof(host));
+    unsigned long seq = __atomic_add_fetch(&seq_counter, 1, __ATOMIC_RELAXED);
+    snprintf(d->name, sizeof(d->name), "%lld.M%ldP%dQ%ux%lu.%s", (long long)tv.tv_sec, (long)tv.tv_usec,
+             (int)getpid(), worker_id, seq, host);
+    snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp/%s", d->boxes[0].path, d->name);
+    return d;
+}
+
+static void delivery_free(struct kt_delivery *d)
+{
+    if (d->fd >= 0)
+        close(d->fd);
+    if (d->pipe_r >= 0)
+        close(d->pipe_r);
+    if (d->pipe_w >= 0)
+        close(d->pipe_w);
+    if (d->cur) {
+        kt_free(d->cur->data);
+        kt_free(d->cur);
+    }
+    for (size_t i = 0; i < d->n_boxes; i++)
+        kt_free(d->box_paths[i]);
+    kt_free(d);
+}
+
+/* Remove every trace of an undelivered message. */
+static void delivery_cleanup_files(struct kt_delivery *d)
+{
+    char path[PATH_MAX];
+    for (size_t i = 0; i < d->linked; i++) {
+        snprintf(path, sizeof(path), "%snew/%s", d->boxes[i].path, d->final_name);
+        unlink(path);
+    }
+    d->linked = 0;
+    if (d->stage != ST_NEW && d->stage != ST_OPENING && d->stage != ST_MKDIRS)
+        unlink(d->tmp_path);
+}
+
+/* Called whenever an operation finished: free an abandoned delivery once idle. */
+static int delivery_release_if_abandoned(struct kt_delivery *d)
+{
+    if (!d->abandoned || d->pending)
+        return 0;
+    if (d->stage != ST_DONE)
+        delivery_cleanup_files(d);
+    delivery_free(d);
+    return 1;
+}
+
+static void delivery_finish(struct kt_delivery *d, int res)
+{
+    kt_delivery_cb cb = d->cb;
+    d->cb = NULL;
+    if (res < 0) {
+        if (!d->error)
+            d->error = res;
+        delivery_cleanup_files(d);
+        d->stage = ST_FAILED;
+    }
+    if (delivery_release_if_abandoned(d))
+        return;
+    if (cb)
+        cb(d->arg, res);
+}
+
+static struct io_uring_sqe *delivery_sqe(struct kt_delivery *d, struct kt_op *op)
+{
+    d->pending++;
+    return kt_loop_sqe(d->loop, op);
+}
+
+static void submit_open(struct kt_delivery *d)
+{
+    struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
+    d->stage = ST_OPENING;
+    io_uring_prep_openat(sqe, AT_FDCWD, d->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+}
+
+/* mkdir -p of the Maildir and its tmp/ new/ cur/, as one hard-linked chain so
+ * that an EEXIST in the middle does not cancel the rest. */
+static void submit_mkdirs(struct kt_delivery *d, size_t box, enum stage stage)
+{
+    static const char *const sub[] = { "tmp", "new", "cur" };
+    const char *base = d->boxes[box].path;
+    size_t len = strlen(base);
+    char *dirs[24];
+    int n = 0;
+
+    /* every prefix ending at a '/' (skip the root) */
+    for (size_t i = 1; i < len && n < 20; i++) {
+        if (base[i] == '/')
+            dirs[n++] = kt_strndup(base, i);
+    }
+    /* folders above the Maildir stay traversable for an IMAP server running
+     * as the mailbox owner; the Maildir itself is private (0700) */
+    int n_parents = n - 1;
+    for (int k = 0; k < 3; k++)
+        dirs[n++] = kt_asprintf("%s%s", base, sub[k]);
+    d->stage = stage;
+    d->mkdir_box = box;
+    d->mkdir_left = n;
+    for (int i = 0; i < n; i++) {
+        struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
+        io_uring_prep_mkdirat(sqe, AT_FDCWD, dirs[i], i < n_parents ? 0755 : 0700);
+        if (i + 1 < n)
+            sqe->flags |= IOSQE_IO_HARDLINK;
+    }
+    /* The kernel copies path names while it prepares requests, which happens
+     * inside the submit call: submit now so the strings can be freed. */
+    io_uring_submit(&d->loop->ring);
+    d->loop->pending_sqes = 0;
+    for (int i = 0; i < n; i++)
+        kt_free(dirs[i]);
+}
+
+void kt_delivery_open(struct kt_delivery *d, kt_delivery_cb cb, void *arg)
+{
+    d->cb = cb;
+    d->arg = arg;
+    submit_open(d);
+}
+
+static void chown_if_needed(struct kt_delivery *d, int fd)
+{
+    /* Running as root: the mailbox owner must own the file, as local(8) and
+     * virtual(8) deliver with the recipient's privileges. */
+    if (geteuid() == 0 && d->boxes[0].uid != 0) {
+        if (fchown(fd, d->boxes[0].uid, d->boxes[0].gid) < 0)
+            kt_warn("fchown %s: %s", d->tmp_path, strerror(errno));
+    }
+}
+
+static void chown_dirs_if_needed(struct kt_delivery *d, size_t box)
+{
+    static const char *const sub[] = { "", "tmp", "new", "cur" };
+    const struct kt_mailbox *b = &d->boxes[box];
+    char path[PATH_MAX];
+    if (geteuid() != 0 || b->uid == 0)
+        return;
+    for (int k = 0; k < 4; k++) {
+        snprintf(path, sizeof(path), "%s%s", b->path, sub[k]);
+        if (chown(path, b->uid, b->gid) < 0)
+            kt_warn("chown %s: %s", path, strerror(errno));
+    }
+}
+
+/* ---- body writes ---- */
+
+static struct wchunk *chunk_new(struct kt_delivery *d, size_t need)
+{
+    struct wchunk *c = kt_calloc(1, sizeof(*c));
+    c->op.cb = chunk_done;
+    c->d = d;
+    c->cap = need < 16384 ? 16384 : need;
+    c->data = kt_malloc(c->cap);
+    c->off = d->size;
+    return c;
+}
+
+static void chunk_submit_rest(struct wchunk *c)
+{
+    struct io_uring_sqe *sqe = delivery_sqe(c->d, &c->op);
+    io_uring_prep_write(sqe, c->d->fd, c->data + c->done, (unsigned)(c->len - c->done),
+                        (unsigned long long)(c->off + (off_t)c->done));
+}
+
+static void chunk_submit(struct kt_delivery *d)
+{
+    struct wchunk *c = d->cur;
+    d->cur = NULL;
+    if (!c)
+        return;
+    if (c->len == 0 || d->error) {
+        kt_free(c->data);
+        kt_free(c);
+        return;
+    }
+    d->inflight_bytes += c->len;
+    d->inflight_writes++;
+    chunk_submit_rest(c);
+}
+
+static void chunk_done(struct kt_op *op, int res, unsigned flags)
+{
+    struct wchunk *c = (struct wchunk *)op;
+    struct kt_delivery *d = c->d;
+    d->pending--;
+    if (res > 0 && !d->error) {
+        c->done += (size_t)res;
+        if (c->done < c->len) {
+            chunk_submit_rest(c);
+            return;
+        }
+    } else if (!d->error) {
+        d->error = res < 0 ? res : -EIO;
+        kt_err("write %s: %s", d->tmp_path, strerror(-d->error));
+    }
+    d->inflight_bytes -= c->len;
+    d->inflight_writes--;
+    kt_free(c->data);
+    kt_free(c);
+    if (delivery_release_if_abandoned(d))
+        return;
+    if (d->stage == ST_COMMIT_WRITES) {
+        commit_continue(d);
+        return;
+    }
+    if (d->want_drain && d->inflight_bytes < MAX_INFLIGHT_BYTES) {
+        d->want_drain = 0;
+        if (d->drain_cb)
+            d->drain_cb(d->drain_arg, d->error);
+    }
+}
+
+int kt_delivery_append(struct kt_delivery *d, const void *data, size_t len)
+{
+    const char *p = data;
+    while (len > 0) {
+        if (!d->cur)
+            d->cur = chunk_new(d, len < KT_DELIVERY_CHUNK ? len : KT_DELIVERY_CHUNK);
+        struct wchunk *c = d->cur;
+        if (c->len == c->cap && c->cap < KT_DELIVERY_CHUNK) {
+            c->cap = c->cap * 2 > KT_DELIVERY_CHUNK ? KT_DELIVERY_CHUNK : c->cap * 2;
+            c->data = kt_realloc(c->data, c->cap);
+        }
+        size_t n = c->cap - c->len;
+        if (n > len)
+            n = len;
+        memcpy(c->data + c->len, p, n);
+        c->len += n;
+        d->size += (off_t)n;
+        p += n;
+        len -= n;
+        if (c->len == KT_DELIVERY_CHUNK)
+            chunk_submit(d);
+    }
+    if (d->inflight_bytes >= MAX_INFLIGHT_BYTES) {
+        d->want_drain = 1;
+        return 1;
+    }
+    return 0;
+}
+
+void kt_delivery_set_drain_cb(struct kt_delivery *d, kt_delivery_cb cb, void *arg)
+{
+    d->drain_cb = cb;
+    d->drain_arg = arg;
+}
+
+unsigned long long kt_delivery_size(const struct kt_delivery *d)
+{
+    return (unsigned long long)d->size;
+}
+
+const char *kt_delivery_name(const struct kt_delivery *d)
+{
+    return d->final_name;
+}
+
+/* ---- splice: socket -> pipe -> file ---- */
+
+static void splice_report(struct kt_delivery *d, int res)
+{
+    kt_delivery_cb cb = d->splice_cb;
+    d->splice_cb = NULL;
+    if (delivery_release_if_abandoned(d))
+        return;
+    if (cb)
+        cb(d->splice_arg, res);
+}
+
+static void splice_next(struct kt_delivery *d)
+{
+    struct io_uring_sqe *sqe;
+    if (d->in_pipe > 0) {
+        d->splice_phase = 2;
+        sqe = delivery_sqe(d, &d->splice_op);
+        io_uring_prep_splice(sqe, d->pipe_r, -1, d->fd, d->size, (unsigned)d->in_pipe, SPLICE_F_MOVE);
+        return;
+    }
+    if (d->splice_left == 0) {
+        splice_report(d, (int)d->splice_done);
+        return;
+    }
+    size_t n = d->splice_left < SPLICE_STEP ? d->splice_left : SPLICE_STEP;
+    d->splice_phase = 1;
+    sqe = delivery_sqe(d, &d->splice_op);
+    /* SPLICE_F_NONBLOCK: never park an io-wq worker on an idle socket; wait
+     * for readability with a poll instead. */
+    io_uring_prep_splice(sqe, d->sockfd, -1, d->pipe_w, -1, (unsigned)n, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+}
+
+static void splice_step(struct kt_op *op, int res, unsigned flags)
+{
+    struct kt_delivery *d = (struct kt_delivery *)((char *)op - offsetof(struct kt_delivery, splice_op));
+    d->pending--;
+    if (d->abandoned) {
+        delivery_release_if_abandoned(d);
+        return;
+    }
+    switch (d->splice_phase) {
+    case 0: /* poll */
+        if (res < 0) {
+            splice_report(d, d->splice_done ? (int)d->splice_done : res);
+            return;
+        }
+        splice_next(d);
+        return;
+    case 1: /* socket -> pipe */
+        if (res == -EAGAIN) {
+            struct io_uring_sqe *sqe = delivery_sqe(d, &d->splice_op);
+            d->splice_phase = 0;
+            io_uring_prep_poll_add(sqe, d->sockfd, POLLIN);
+            return;
+        }
+        if (res <= 0) {
+            /* EOF, an error, or (kTLS) a control record: report what moved */
+            splice_report(d, d->splice_done ? (int)d->splice_done : res);
+            return;
+        }
+        d->in_pipe = (size_t)res;
+        d->splice_left -= (size_t)res;
+        splice_next(d);
+        return;
+    case 2: /* pipe -> file */
+        if (res <= 0) {
+            d->error = res < 0 ? res : -EIO;
+            kt_err("splice into %s: %s", d->tmp_path, strerror(-d->error));
+            splice_report(d, d->error);
+            return;
+        }
+        d->in_pipe -= (size_t)res;
+        d->size += res;
+        d->splice_done += (size_t)res;
+        splice_next(d);
+        return;
+    }
+}
+
+void kt_delivery_splice(struct kt_delivery *d, int sockfd, size_t len, kt_delivery_cb cb, void *arg)
+{
+    if (d->pipe_r < 0) {
+        int p[2];
+        if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0) {
+            cb(arg, -errno);
+            return;
+        }
+        d->pipe_r = p[0];
+        d->pipe_w = p[1];
+    }
+    /* bytes appended so far go to their own offsets first */
+    chunk_submit(d);
+    d->sockfd = sockfd;
+    d->splice_left = len;
+    d->splice_done = 0;
+    d->in_pipe = 0;
+    d->splice_cb = cb;
+    d->splice_arg = arg;
+    splice_next(d);
+}
+
+/* ---- commit ---- */
+
+static void submit_link(struct kt_delivery *d)
+{
+    struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
+    snprintf(d->paths[0], sizeof(d->paths[0]), "%snew/%s", d->boxes[d->step].path, d->final_name);
+    if (d->n_boxes == 1)
+        io_uring_prep_renameat(sqe, AT_FDCWD, d->tmp_path, AT_FDCWD, d->paths[0], 0);
+    else
+        io_uring_prep_linkat(sqe, AT_FDCWD, d->tmp_path, AT_FDCWD, d->paths[0], 0);
+}
+
+static int box_seen_before(struct kt_delivery *d, size_t i)
+{
+    for (size_t j = 0; j < i; j++)
+        if (strcmp(d->boxes[j].path, d->boxes[i].path) == 0)
+            return 1;
+    return 0;
+}
+
+static void dir_synced(struct kt_dirsync_waiter *w, int res)
+{
+    struct kt_delivery *d = (struct kt_delivery *)((char *)w - offsetof(struct kt_delivery, dirsync));
+    d->pending--;
+    if (res < 0) {
+        kt_err("fsync %s: %s", d->paths[1], strerror(-res));
+        delivery_finish(d, res);
+        return;
+    }
+    d->step++;
+    submit_dir_sync(d);
+}
+
+/* fsync each distinct new/ once; concurrent deliveries share the fsyncs */
+static void submit_dir_sync(struct kt_delivery *d)
+{
+    while (d->step < d->n_boxes && box_seen_before(d, d->step))
+        d->step++;
+    if (d->step == d->n_boxes) {
+        d->stage = ST_DONE;
+        delivery_finish(d, 0);
+        return;
+    }
+    d->stage = ST_DIR_FSYNC;
+    snprintf(d->paths[1], sizeof(d->paths[1]), "%snew", d->boxes[d->step].path);
+    d->dirsync.done = dir_synced;
+    d->pending++;
+    kt_dirsync_request(d->loop, d->paths[1], &d->dirsync);
+}
+
+static void commit_continue(struct kt_delivery *d)
+{
+    if (d->inflight_writes > 0)
+        return;      /* chunk_done calls back here */
+    if (d->error) {
+        delivery_finish(d, d->error);
+        return;
+    }
+    d->stage = ST_FSYNC_FILE;
+    struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
+    io_uring_prep_fsync(sqe, d->fd, 0);
+}
+
+void kt_delivery_commit(struct kt_delivery *d, kt_delivery_cb cb, void *arg)
+{
+    d->cb = cb;
+    d->arg = arg;
+    snprintf(d->final_name, sizeof(d->final_name), "%s,S=%lld,W=%lld", d->name, (long long)d->size,
+             (long long)d->size);
+    d->stage = ST_COMMIT_WRITES;
+    chunk_submit(d);
+    commit_continue(d);
+}
+
+static void delivery_step(struct kt_op *op, int res, unsigned flags)
+{
+    struct kt_delivery *d = (struct kt_delivery *)((char *)op - offsetof(struct kt_delivery, op));
+    d->pending--;
+
+    switch (d->stage) {
+    case ST_OPENING:
+        if (res == -ENOENT && !d->mkdir_tried) {
+            d->mkdir_tried = 1;
+            submit_mkdirs(d, 0, ST_MKDIRS);
+            return;
+        }
+        if (res < 0) {
+            kt_err("open %s: %s", d->tmp_path, strerror(-res));
+            delivery_finish(d, res);
+            return;
+        }
+        d->fd = res;
+        d->stage = ST_OPEN;
+        chown_if_needed(d, d->fd);
+        delivery_finish(d, 0);
+        return;
+    case ST_MKDIRS:
+        if (--d->mkdir_left > 0)
+            return;
+        chown_dirs_if_needed(d, 0);
+        if (delivery_release_if_abandoned(d))
+            return;
+        submit_open(d);
+        return;
+    case ST_LINK_MKDIRS:
+        if (--d->mkdir_left > 0)
+            return;
+        chown_dirs_if_needed(d, d->mkdir_box);
+        d->stage = ST_LINKING;
+        submit_link(d);
+        return;
+    case ST_FSYNC_FILE:
+        if (res < 0) {
+            kt_err("fsync %s: %s", d->tmp_path, strerror(-res));
+            delivery_finish(d, res);
+            return;
+        }
+        d->stage = ST_LINKING;
+        d->step = 0;
+        submit_link(d);
+        return;
+    case ST_LINKING:
+        /* only the first mailbox was made before the message was spooled */
+        if (res == -ENOENT && d->link_mkdir_tried != d->step + 1) {
+            d->link_mkdir_tried = d->step + 1;
+            submit_mkdirs(d, d->step, ST_LINK_MKDIRS);
+            return;
+        }
+        if (res < 0 && !(res == -EEXIST && box_seen_before(d, d->step))) {
+            kt_err("link %s -> %s: %s", d->tmp_path, d->paths[0], strerror(-res));
+            delivery_finish(d, res);
+            return;
+        }
+        if (res == 0)
+            d->linked = d->step + 1;
+        if (++d->step < d->n_boxes) {
+            submit_link(d);
+            return;
+        }
+        d->step = 0;
+        if (d->n_boxes > 1) {
+            d->stage = ST_UNLINK_TMP;
+            struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
+            io_uring_prep_unlinkat(sqe, AT_FDCWD, d->tmp_path, 0);
+            return;
+        }
+        submit_dir_sync(d);
+        return;
+    case ST_UNLINK_TMP:
+        if (res < 0)
+            kt_warn("unlink %s: %s", d->tmp_path, strerror(-res));
+        submit_dir_sync(d);
+        return;
+    default:
+        delivery_release_if_abandoned(d);
+        return;
+    }
+}
+
+void kt_delivery_abandon(struct kt_delivery *d)
+{
+    if (!d)
+        return;
+    d->abandoned = 1;
+    d->cb = d->drain_cb = d->splice_cb = NULL;
+    /* A commit under way finishes (the client sent its final dot, so the
+     * message may be delivered, as with any SMTP server); anything earlier is
+     * removed once the operations in flight complete. */
+    if (d->stage >= ST_COMMIT_WRITES && d->stage < ST_DONE)
+        return;
+    delivery_release_if_abandoned(d);
+}

@@ -1,0 +1,49 @@
+/* Durable Maildir delivery driven by io_uring.
+ *
+ * A delivery owns one spool file in the first mailbox's tmp/. The caller
+ * appends bytes (or splices them from a socket); commit then writes what is
+ * buffered, fsyncs the file, links it into every mailbox's new/ (rename for a
+ * single mailbox), fsyncs each new/ directory and removes the tmp name. Only
+ * after all of that does the completion report success, so a 250 sent on it
+ * means every copy is on disk. Any failure removes what was created in new/
+ * and reports an error; nothing half-written is ever visible in new/. */
+#ifndef KTRELAY_MAILDIR_H
+#define KTRELAY_MAILDIR_H
+
+#include <stddef.h>
+
+#include "core/loop.h"
+#include "delivery/resolve.h"
+
+struct kt_delivery;
+
+/* Completion: res is 0 or -errno. Called from the loop, never re-entrantly
+ * from inside a kt_delivery_* call. */
+typedef void (*kt_delivery_cb)(void *arg, int res);
+
+/* Spool buffer size: bytes beyond it are written out while the body streams in. */
+#define KT_DELIVERY_CHUNK (256 * 1024)
+
+struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbox *boxes, size_t n,
+                                    const char *hostname, unsigned worker_id);
+/* Create the tmp file (and missing Maildir folders); cb when done. */
+void kt_delivery_open(struct kt_delivery *d, kt_delivery_cb cb, void *arg);
+/* Append body bytes. Returns 1 when the caller should stop feeding until the
+ * drain callback fires (spool writes behind), else 0. */
+int kt_delivery_append(struct kt_delivery *d, const void *data, size_t len);
+void kt_delivery_set_drain_cb(struct kt_delivery *d, kt_delivery_cb cb, void *arg);
+/* Move len bytes from a socket into the file through a pipe (zero copy).
+ * cb(arg, n) reports bytes moved (> 0), 0 at EOF, or -errno; -EAGAIN never
+ * surfaces (it waits for readability itself). At most len bytes move. */
+void kt_delivery_splice(struct kt_delivery *d, int sockfd, size_t len, kt_delivery_cb cb, void *arg);
+unsigned long long kt_delivery_size(const struct kt_delivery *d);
+/* Make durable; cb(arg, 0) only when every copy and directory is fsync'd. */
+void kt_delivery_commit(struct kt_delivery *d, kt_delivery_cb cb, void *arg);
+/* Drop the message: no callback ever fires again; the object frees itself
+ * once its I/O has drained. Safe at any stage; after commit has completed
+ * it only frees. */
+void kt_delivery_abandon(struct kt_delivery *d);
+/* Name of the file in new/ once committed (basename). */
+const char *kt_delivery_name(const struct kt_delivery *d);
+
+#endif

@@ -1,0 +1,418 @@
+/* Next-hop lookups (see dns.h) with c-ares on the caller's io_uring loop.
+ *
+ * c-ares reports through its socket-state callback which sockets it wants
+ * watched; each gets a one-shot io_uring poll, re-armed after
+ * ares_process_fd. Retransmissions and timeouts are driven by kt_dns_tick.
+ * The socket-state callback only records wishes; sync() arms, cancels and
+ * frees watches, so no watch disappears under a running completion.
+ *
+ * A lookup with MX queries MX first: exchangers sorted by preference, then
+ * A/AAAA for all of them in parallel; no MX records means the domain itself
+ * (RFC 5321 5.1); a null MX (RFC 7505) fails permanently. The user callback
+ * runs exactly once per lookup. */
+#include <arpa/inet.h>
+#include <ares.h>
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/alloc.h"
+#include "queue/dns.h"
+
+#define MAX_ADDRS 16
+/* a failed lookup is retried with the message later: keep the wait short */
+#define QUERY_TIMEOUT_MS 3000
+#define QUERY_TRIES 2
+
+struct watch {
+    struct kt_op op;
+    struct kt_dns *d;
+    int fd;
+    short want, armed_mask;
+    int armed, cancelling, dead;
+    struct watch *next;
+};
+
+struct kt_dns {
+    struct kt_loop *loop;
+    ares_channel ch;
+    int have_ch;
+    struct watch *watches;
+    unsigned armed;
+};
+
+struct exch {
+    struct req *r;
+    char *name;
+    unsigned short pref;
+    int status;
+    struct kt_smtp_addr *addrs;
+    size_t n;
+};
+
+struct req {
+    struct kt_dns *d;
+    kt_dns_cb cb;
+    void *arg;
+    char *host;
+    int port;
+    unsigned pending;
+    struct exch *ex;
+    size_t n_ex;
+};
+
+static pthread_once_t lib_once = PTHREAD_ONCE_INIT;
+static int lib_status;
+
+static void lib_init(void)
+{
+    lib_status = ares_library_init(ARES_LIB_INIT_ALL);
+}
+
+/* ---- sockets ---- */
+
+static void watch_done(struct kt_op *op, int res, unsigned flags);
+
+static void sync_watches(struct kt_dns *d)
+{
+    struct watch **pp = &d->watches, *w;
+    while ((w = *pp)) {
+        if (w->armed) {
+            /* a poll for less than is wanted now, or for a closed socket, must go */
+            if (!w->cancelling && (w->dead || (w->want & ~w->armed_mask))) {
+                struct io_uring_sqe *sqe = kt_loop_sqe(d->loop, NULL);
+                io_uring_prep_poll_remove(sqe, (__u64)(uintptr_t)&w->op);
+                w->cancelling = 1;
+            }
+        } else if (w->dead) {
+            *pp = w->next;
+            kt_free(w);
+            continue;
+        } else if (w->want) {
+            struct io_uring_sqe *sqe = kt_loop_sqe(d->loop, &w->op);
+            io_uring_prep_poll_add(sqe, w->fd, (unsigned)w->want);
+            w->armed = 1;
+            w->armed_mask = w->want;
+            d->armed++;
+        }
+        pp = &w->next;
+    }
+}
+
+static void watch_done(struct kt_op *op, int res, unsigned flags)
+{
+    struct watch *w = (struct watch *)op;
+    struct kt_dns *d = w->d;
+    (void)flags;
+    w->armed = 0;
+    w->cancelling = 0;
+    d->armed--;
+    if (!d->have_ch)
+        return;
+    if (!w->dead && res > 0) {
+        int rd = res & (POLLIN | POLLERR | POLLHUP), wr = res & (POLLOUT | POLLERR | POLLHUP);
+        /* may close this socket (marking w dead) and run user callbacks */
+        ares_process_fd(d->ch, rd ? w->fd : ARES_SOCKET_BAD, wr ? w->fd : ARES_SOCKET_BAD);
+    }
+    sync_watches(d);
+}
+
+static void sock_state(void *data, ares_socket_t fd, int readable, int writable)
+{
+    struct kt_dns *d = data;
+    struct watch *w;
+    for (w = d->watches; w; w = w->next)
+        if (!w->dead && w->fd == fd)
+            break;
+    if (!readable && !writable) {
+        if (w) {
+            w->dead = 1;
+            w->want = 0;
+        }
+        return;
+    }
+    if (!w) {
+        w = kt_calloc(1, sizeof(*w));
+        w->op.cb = watch_done;
+        w->d = d;
+        w->fd = fd;
+        w->next = d->watches;
+        d->watches = w;
+    }
+    w->want = (short)((readable ? POLLIN : 0) | (writable ? POLLOUT : 0));
+}
+
+/* ---- lookups ---- */
+
+static int temporary(int status)
+{
+    return status != ARES_ENOTFOUND && status != ARES_ENODATA;
+}
+
+static void req_free(struct req *r)
+{
+    for (size_t i = 0; i < r->n_ex; i++) {
+        kt_free(r->ex[i].name);
+        kt_free(r->ex[i].addrs);
+    }
+    kt_free(r->ex);
+    kt_free(r->host);
+    kt_free(r);
+}
+
+static void req_fail(struct req *r, int status, const char *name, const char *type)
+{
+    char err[600];
+    if (status == ARES_EDESTRUCTION || status == ARES_ECANCELLED) {
+        r->cb(r->arg, -ECANCELED, NULL, 0, NULL, "resolver shut down");
+    } else if (temporary(status)) {
+        snprintf(err, sizeof(err), "Host or domain name not found. Name service error for name=%s type=%s: "
+                 "Host not found, try again (%s)", name, type, ares_strerror(status));
+        r->cb(r->arg, 450, NULL, 0, "4.4.3", err);
+    } else {
+        snprintf(err, sizeof(err), "Host or domain name not found. Name service error for name=%s type=%s: "
+                 "Host not found", name, type);
+        r->cb(r->arg, 550, NULL, 0, "5.1.2", err);
+    }
+    req_free(r);
+}
+
+/* Every address lookup answered: report in exchanger order. No address at
+ * all is temporary if any lookup failed temporarily, else permanent. */
+static void req_finish(struct req *r)
+{
+    struct kt_smtp_addr all[MAX_ADDRS];
+    size_t n = 0;
+    int status = ARES_ENOTFOUND;
+    const char *failed = r->n_ex ? r->ex[0].name : r->host;
+    for (size_t i = 0; i < r->n_ex; i++) {
+        struct exch *e = &r->ex[i];
+        for (size_t k = 0; k < e->n && n < MAX_ADDRS; k++)
+            all[n++] = e->addrs[k];
+        if (e->status == ARES_EDESTRUCTION || e->status == ARES_ECANCELLED) {
+            status = e->status;
+            n = 0;
+            break;
+        }
+        if (e->status != ARES_SUCCESS && temporary(e->status) && !temporary(status)) {
+            status = e->status;
+            failed = e->name;
+        }
+    }
+    if (n == 0) {
+        req_fail(r, status, failed, "A");
+        return;
+    }
+    r->cb(r->arg, 0, all, n, NULL, NULL);
+    req_free(r);
+}
+
+static void addr_done(void *arg, int status, int timeouts, struct ares_addrinfo *res)
+{
+    struct exch *e = arg;
+    struct req *r = e->r;
+    (void)timeouts;
+    e->status = status;
+    if (status == ARES_SUCCESS && res) {
+        for (struct ares_addrinfo_node *ai = res->nodes; ai; ai = ai->ai_next) {
+            if ((ai->ai_family != AF_INET && ai->ai_family != AF_INET6) || ai->ai_addrlen > sizeof(e->addrs->ss))
+                continue;
+            e->addrs = kt_realloc(e->addrs, (e->n + 1) * sizeof(*e->addrs));
+            struct kt_smtp_addr *a = &e->addrs[e->n++];
+            memset(a, 0, sizeof(*a));
+            memcpy(&a->ss, ai->ai_addr, ai->ai_addrlen);
+            a->len = ai->ai_addrlen;
+            if (ai->ai_family == AF_INET)
+                ((struct sockaddr_in *)&a->ss)->sin_port = htons((unsigned short)r->port);
+            else
+                ((struct sockaddr_in6 *)&a->ss)->sin6_port = htons((unsigned short)r->port);
+            snprintf(a->host, sizeof(a->host), "%s", e->name);
+        }
+    }
+    if (res)
+        ares_freeaddrinfo(res);
+    if (--r->pending == 0)
+        req_finish(r);
+}
+
+static void resolve_exchangers(struct req *r)
+{
+    struct ares_addrinfo_hints hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM };
+    r->pending = (unsigned)r->n_ex;
+    /* a callback may run at once: none may see pending reach 0 before all are started */
+    r->pending++;
+    for (size_t i = 0; i < r->n_ex; i++) {
+        r->ex[i].r = r;
+        ares_getaddrinfo(r->d->ch, r->ex[i].name, NULL, &hints, addr_done, &r->ex[i]);
+    }
+    if (--r->pending == 0)
+        req_finish(r);
+}
+
+static void add_exchanger(struct req *r, const char *name, unsigned short pref)
+{
+    r->ex = kt_realloc(r->ex, (r->n_ex + 1) * sizeof(*r->ex));
+    r->ex[r->n_ex++] = (struct exch){ .name = kt_strdup(name), .pref = pref };
+}
+
+static int by_pref(const void *a, const void *b)
+{
+    const struct exch *x = a, *y = b;
+    return (x->pref > y->pref) - (x->pref < y->pref);
+}
+
+static void mx_done(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
+{
+    struct req *r = arg;
+    struct ares_mx_reply *mx = NULL;
+    (void)timeouts;
+    if (status == ARES_SUCCESS)
+        status = ares_parse_mx_reply(abuf, alen, &mx);
+    if (status == ARES_ENODATA) {
+        /* no MX: the domain itself is the exchanger (RFC 5321 5.1) */
+        add_exchanger(r, r->host, 0);
+        resolve_exchangers(r);
+        return;
+    }
+    if (status != ARES_SUCCESS) {
+        req_fail(r, status, r->host, "MX");
+        return;
+    }
+    int null_mx = 0;
+    for (struct ares_mx_reply *p = mx; p; p = p->next) {
+        if (!p->host[0] || !strcmp(p->host, "."))
+            null_mx = 1;
+        else if (r->n_ex < MAX_ADDRS)
+            add_exchanger(r, p->host, p->priority);
+    }
+    ares_free_data(mx);
+    if (null_mx || r->n_ex == 0) {
+        char err[400];
+        snprintf(err, sizeof(err), "Domain %s does not accept mail (nullMX)", r->host);
+        r->cb(r->arg, 550, NULL, 0, "5.1.10", err);
+        req_free(r);
+        return;
+    }
+    /* equal preferences keep the server's order */
+    for (size_t i = 1; i < r->n_ex; i++)
+        for (size_t k = i; k > 0 && by_pref(&r->ex[k - 1], &r->ex[k]) > 0; k--) {
+            struct exch t = r->ex[k];
+            r->ex[k] = r->ex[k - 1];
+            r->ex[k - 1] = t;
+        }
+    resolve_exchangers(r);
+}
+
+static int literal(const char *host, int port, struct kt_smtp_addr *a)
+{
+    struct sockaddr_in *in4 = (struct sockaddr_in *)&a->ss;
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&a->ss;
+    const char *h = host;
+    memset(a, 0, sizeof(*a));
+    if (!strncasecmp(h, "ipv6:", 5))
+        h += 5;
+    if (inet_pton(AF_INET, h, &in4->sin_addr) == 1) {
+        in4->sin_family = AF_INET;
+        in4->sin_port = htons((unsigned short)port);
+        a->len = sizeof(*in4);
+    } else if (inet_pton(AF_INET6, h, &in6->sin6_addr) == 1) {
+        in6->sin6_family = AF_INET6;
+        in6->sin6_port = htons((unsigned short)port);
+        a->len = sizeof(*in6);
+    } else {
+        return 0;
+    }
+    snprintf(a->host, sizeof(a->host), "%s", h);
+    return 1;
+}
+
+void kt_dns_lookup(struct kt_dns *d, const char *host, int port, int mx, kt_dns_cb cb, void *arg)
+{
+    struct kt_smtp_addr a;
+    if (literal(host, port, &a)) {
+        cb(arg, 0, &a, 1, NULL, NULL);
+        return;
+    }
+    if (!d || !d->have_ch) {
+        cb(arg, -ECANCELED, NULL, 0, NULL, "resolver shut down");
+        return;
+    }
+    struct req *r = kt_calloc(1, sizeof(*r));
+    r->d = d;
+    r->cb = cb;
+    r->arg = arg;
+    r->host = kt_strdup(host);
+    r->port = port;
+    size_t len = strlen(r->host);
+    if (len > 1 && r->host[len - 1] == '.')
+        r->host[len - 1] = '\0';
+    if (mx) {
+        ares_query(d->ch, r->host, 1 /* C_IN */, 15 /* T_MX */, mx_done, r);
+    } else {
+        add_exchanger(r, r->host, 0);
+        resolve_exchangers(r);
+    }
+    sync_watches(d);
+}
+
+void kt_dns_tick(struct kt_dns *d)
+{
+    if (!d || !d->have_ch)
+        return;
+    ares_process_fd(d->ch, ARES_SOCKET_BAD, ARES_SOCKET_BAD);
+    sync_watches(d);
+}
+
+int kt_dns_new(struct kt_loop *loop, const char *servers, struct kt_dns **out)
+{
+    *out = NULL;
+    pthread_once(&lib_once, lib_init);
+    if (lib_status != ARES_SUCCESS)
+        return -ENOMEM;
+    struct kt_dns *d = kt_calloc(1, sizeof(*d));
+    d->loop = loop;
+    struct ares_options o = {
+        .sock_state_cb = sock_state, .sock_state_cb_data = d, .timeout = QUERY_TIMEOUT_MS, .tries = QUERY_TRIES,
+    };
+    int rc = ares_init_options(&d->ch, &o, ARES_OPT_SOCK_STATE_CB | ARES_OPT_TIMEOUTMS | ARES_OPT_TRIES);
+    if (rc != ARES_SUCCESS) {
+        kt_free(d);
+        return rc == ARES_ENOMEM ? -ENOMEM : -EINVAL;
+    }
+    d->have_ch = 1;
+    if (servers && *servers && ares_set_servers_ports_csv(d->ch, servers) != ARES_SUCCESS) {
+        ares_destroy(d->ch);
+        kt_free(d);
+        return -EINVAL;
+    }
+    *out = d;
+    return 0;
+}
+
+void kt_dns_free(struct kt_dns *d)
+{
+    if (!d)
+        return;
+    if (d->have_ch) {
+        /* cancels every query: callbacks run now, with ARES_EDESTRUCTION */
+        ares_destroy(d->ch);
+        d->have_ch = 0;
+    }
+    for (struct watch *w = d->watches; w; w = w->next) {
+        w->dead = 1;
+        w->want = 0;
+    }
+    sync_watches(d);
+    /* the cancelled polls still point at their watches */
+    for (int i = 0; i < 100 && d->armed > 0; i++)
+        kt_loop_run_once(d->loop, 10);
+    struct watch *w, *next;
+    for (w = d->watches; w; w = next) {
+        next = w->next;
+        kt_free(w);
+    }
+    kt_free(d);
+}

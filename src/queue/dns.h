@@ -1,0 +1,33 @@
+/* Next-hop address lookups for the outbound client: MX records (sorted by
+ * preference) with A/AAAA fallback, or A/AAAA alone for a [bracketed] next
+ * hop, answered on the queue manager's loop through c-ares; never blocks. */
+#ifndef KTRELAY_DNS_H
+#define KTRELAY_DNS_H
+
+#include <stddef.h>
+
+#include "core/loop.h"
+#include "queue/smtp_client.h"
+
+struct kt_dns;
+
+/* res: 0 with n >= 1 addresses (in preference order); 450 for a temporary
+ * failure (SERVFAIL, timeout); 550 when the name does not exist, has no
+ * address or refuses mail (null MX); -ECANCELED when the resolver is freed.
+ * dsn ("4.4.3", "5.1.2", "5.1.10") and err (Postfix-style text) are valid
+ * during the call, NULL on success. */
+typedef void (*kt_dns_cb)(void *arg, int res, const struct kt_smtp_addr *addrs, size_t n, const char *dsn,
+                          const char *err);
+
+/* servers: "ip[:port],..." overriding resolv.conf (tests), NULL or "" = system. 0 or -errno. */
+int kt_dns_new(struct kt_loop *loop, const char *servers, struct kt_dns **out);
+/* Calls back every lookup still in flight (res -ECANCELED), reaps its own
+ * io_uring operations (running the loop briefly) and frees. NULL is fine. */
+void kt_dns_free(struct kt_dns *dns);
+/* host: a name or an IP address literal (answered at once, without DNS).
+ * mx: look up MX records first. cb may run before this returns. */
+void kt_dns_lookup(struct kt_dns *dns, const char *host, int port, int mx, kt_dns_cb cb, void *arg);
+/* Call about once a second: resolver retransmissions and timeouts. */
+void kt_dns_tick(struct kt_dns *dns);
+
+#endif

@@ -1,0 +1,393 @@
+/* Queue files (see queue.h for the layout and the durability contract).
+ *
+ * Synchronous functions here serve the command line (sendmail, queue) and
+ * the queue manager thread, which owns no client sockets' hot path; the
+ * in-process writer for SMTP sessions is asynchronous on the session's ring. */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "core/alloc.h"
+#include "core/buf.h"
+#include "core/log.h"
+#include "queue/queue.h"
+
+#define MAGIC "KTQUEUE 1\n"
+#define MAX_ENVELOPE (4 * 1024 * 1024)
+
+int kt_queue_init_dirs(const char *qdir)
+{
+    static const char *const sub[] = { "", "/tmp", "/new", "/status" };
+    char path[PATH_MAX];
+    for (size_t i = 0; i < sizeof(sub) / sizeof(sub[0]); i++) {
+        snprintf(path, sizeof(path), "%s%s", qdir, sub[i]);
+        if (mkdir(path, 0700) < 0 && errno != EEXIST)
+            return -errno;
+    }
+    return 0;
+}
+
+void kt_queue_new_id(char *buf, size_t len)
+{
+    static unsigned long counter;
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    unsigned long c = __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED);
+    snprintf(buf, len, "%08llX%05lX%05X%lX", (unsigned long long)tv.tv_sec, (unsigned long)tv.tv_usec,
+             (unsigned)getpid() & 0xFFFFF, c);
+}
+
+char *kt_queue_envelope(const char *sender, const char *const *rcpts, size_t n, time_t arrival, int dots)
+{
+    struct kt_buf b = { 0 };
+    kt_buf_printf(&b, MAGIC "arrival %lld\nsender %s\n", (long long)arrival, sender ? sender : "");
+    if (dots >= 0)
+        kt_buf_printf(&b, "dots %d\n", dots ? 1 : 0);
+    for (size_t i = 0; i < n; i++)
+        kt_buf_printf(&b, "rcpt %s\n", rcpts[i]);
+    kt_buf_append(&b, "body\n", 6);    /* with the NUL: the buffer is returned as a string */
+    return b.data;
+}
+
+static int write_all(int fd, const void *p, size_t len)
+{
+    const char *c = p;
+    while (len > 0) {
+        ssize_t n = write(fd, c, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        c += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int fsync_dir(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int rc = fsync(fd) < 0 ? -errno : 0;
+    close(fd);
+    return rc;
+}
+
+static int has_dot_line(const char *body, size_t len)
+{
+    if (len > 0 && body[0] == '.')
+        return 1;
+    for (size_t i = 0; i + 1 < len; i++)
+        if (body[i] == '\n' && body[i + 1] == '.')
+            return 1;
+    return 0;
+}
+
+int kt_queue_write(const char *qdir, const char *sender, const char *const *rcpts, size_t n, const void *body,
+                   size_t len, char *id, size_t idlen)
+{
+    char tmp[PATH_MAX], dst[PATH_MAX];
+    int rc = kt_queue_init_dirs(qdir);
+    if (rc < 0)
+        return rc;
+    if (!id[0])
+        kt_queue_new_id(id, idlen);
+    snprintf(tmp, sizeof(tmp), "%s/tmp/%s", qdir, id);
+    snprintf(dst, sizeof(dst), "%s/new/%s", qdir, id);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -errno;
+    char *env = kt_queue_envelope(sender, rcpts, n, time(NULL), has_dot_line(body, len));
+    rc = write_all(fd, env, strlen(env));
+    kt_free(env);
+    if (rc == 0)
+        rc = write_all(fd, body, len);
+    if (rc == 0 && fsync(fd) < 0)
+        rc = -errno;
+    if (close(fd) < 0 && rc == 0)
+        rc = -errno;
+    if (rc == 0 && rename(tmp, dst) < 0)
+        rc = -errno;
+    if (rc < 0) {
+        unlink(tmp);
+        return rc;
+    }
+    snprintf(tmp, sizeof(tmp), "%s/new", qdir);
+    return fsync_dir(tmp);
+}
+
+void kt_qmsg_free(struct kt_qmsg *m)
+{
+    if (!m)
+        return;
+    for (size_t i = 0; i < m->n_rcpts; i++) {
+        kt_free(m->rcpts[i].addr);
+        kt_free(m->rcpts[i].reason);
+    }
+    kt_free(m->rcpts);
+    kt_free(m->sender);
+    kt_free(m->id);
+    kt_free(m);
+}
+
+static void load_status(const char *qdir, struct kt_qmsg *m)
+{
+    char path[PATH_MAX];
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n;
+    snprintf(path, sizeof(path), "%s/status/%s", qdir, m->id);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return;
+    while ((n = getline(&line, &cap, f)) > 0) {
+        unsigned long idx;
+        int off = 0;
+        /* a torn last line (crash mid-append) is ignored: that outcome was never acknowledged */
+        if (line[n - 1] != '\n')
+            break;
+        line[n - 1] = '\0';
+        if (!strcmp(line, "warn")) {
+            m->warned = 1;
+        } else if (sscanf(line, "done %lu", &idx) == 1 && idx < m->n_rcpts) {
+            m->rcpts[idx].state = KT_QR_DONE;
+        } else if (sscanf(line, "fail %lu%n", &idx, &off) == 1 && idx < m->n_rcpts) {
+            m->rcpts[idx].state = KT_QR_FAILED;
+            kt_free(m->rcpts[idx].reason);
+            m->rcpts[idx].reason = line[off] == ' ' ? kt_strdup(line + off + 1) : NULL;
+        }
+    }
+    free(line);
+    fclose(f);
+}
+
+int kt_queue_load(const char *qdir, const char *id, struct kt_qmsg **out)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    *out = NULL;
+    if (!id[0] || id[0] == '.' || strchr(id, '/'))
+        return -EINVAL;
+    snprintf(path, sizeof(path), "%s/new/%s", qdir, id);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return -errno;
+    if (fstat(fileno(f), &st) < 0) {
+        fclose(f);
+        return -errno;
+    }
+    struct kt_qmsg *m = kt_calloc(1, sizeof(*m));
+    m->id = kt_strdup(id);
+    m->dots = -1;
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n;
+    int rc = -EINVAL, first = 1;
+    long total = 0;
+    while ((n = getline(&line, &cap, f)) > 0) {
+        total += n;
+        if (total > MAX_ENVELOPE || line[n - 1] != '\n')
+            break;
+        line[n - 1] = '\0';
+        if (first) {
+            first = 0;
+            if (strcmp(line, "KTQUEUE 1") != 0)
+                break;
+        } else if (!strncmp(line, "arrival ", 8)) {
+            m->arrival = (time_t)strtoll(line + 8, NULL, 10);
+        } else if (!strncmp(line, "sender ", 7)) {
+            kt_free(m->sender);
+            m->sender = kt_strdup(line + 7);
+        } else if (!strncmp(line, "dots ", 5)) {
+            m->dots = atoi(line + 5) ? 1 : 0;
+        } else if (!strncmp(line, "rcpt ", 5)) {
+            m->rcpts = kt_realloc(m->rcpts, (m->n_rcpts + 1) * sizeof(*m->rcpts));
+            m->rcpts[m->n_rcpts].addr = kt_strdup(line + 5);
+            m->rcpts[m->n_rcpts].state = KT_QR_PENDING;
+            m->rcpts[m->n_rcpts].reason = NULL;
+            m->n_rcpts++;
+        } else if (!strcmp(line, "body")) {
+            m->body_off = (off_t)total;
+            m->body_len = st.st_size - (off_t)total;
+            rc = m->sender ? 0 : -EINVAL;
+            break;
+        }
+    }
+    free(line);
+    fclose(f);
+    if (rc < 0) {
+        kt_qmsg_free(m);
+        return rc;
+    }
+    load_status(qdir, m);
+    *out = m;
+    return 0;
+}
+
+int kt_queue_open_body(const char *qdir, const char *id)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%s/new/%s", qdir, id);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+int kt_queue_mark(const char *qdir, struct kt_qmsg *m, size_t rcpt, enum kt_qrcpt_state state, const char *reason)
+{
+    char path[PATH_MAX];
+    char *line;
+    snprintf(path, sizeof(path), "%s/status/%s", qdir, m->id);
+    if (rcpt == (size_t)-1)
+        line = kt_strdup("warn\n");
+    else if (state == KT_QR_DONE || !reason)
+        line = kt_asprintf("%s %zu\n", state == KT_QR_DONE ? "done" : "fail", rcpt);
+    else
+        line = kt_asprintf("fail %zu %.2000s\n", rcpt, reason);
+    for (char *p = line; p[0] && p[1]; p++)
+        if (*p == '\n' || *p == '\r')
+            *p = ' ';
+    int created = 0;
+    int fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+        created = 1;
+    }
+    int rc = fd < 0 ? -errno : write_all(fd, line, strlen(line));
+    if (fd >= 0) {
+        if (rc == 0 && fsync(fd) < 0)
+            rc = -errno;
+        close(fd);
+    }
+    if (rc == 0 && created) {
+        /* the new name must survive a crash too */
+        snprintf(path, sizeof(path), "%s/status", qdir);
+        rc = fsync_dir(path);
+    }
+    kt_free(line);
+    if (rc < 0)
+        return rc;
+    if (rcpt == (size_t)-1) {
+        m->warned = 1;
+    } else if (rcpt < m->n_rcpts) {
+        m->rcpts[rcpt].state = state;
+        kt_free(m->rcpts[rcpt].reason);
+        m->rcpts[rcpt].reason = reason && state == KT_QR_FAILED ? kt_strdup(reason) : NULL;
+    }
+    return 0;
+}
+
+int kt_qmsg_finished(const struct kt_qmsg *m)
+{
+    for (size_t i = 0; i < m->n_rcpts; i++)
+        if (m->rcpts[i].state == KT_QR_PENDING)
+            return 0;
+    return 1;
+}
+
+int kt_queue_remove(const char *qdir, const char *id)
+{
+    char path[PATH_MAX];
+    if (!id[0] || id[0] == '.' || strchr(id, '/'))
+        return -EINVAL;
+    snprintf(path, sizeof(path), "%s/new/%s", qdir, id);
+    int rc = unlink(path) < 0 ? -errno : 0;
+    snprintf(path, sizeof(path), "%s/status/%s", qdir, id);
+    unlink(path);
+    return rc;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static int list_dir(const char *dir, char ***ids, size_t *n)
+{
+    DIR *d = opendir(dir);
+    *ids = NULL;
+    *n = 0;
+    if (!d)
+        return errno == ENOENT ? 0 : -errno;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.')
+            continue;
+        *ids = kt_realloc(*ids, (*n + 1) * sizeof(**ids));
+        (*ids)[(*n)++] = kt_strdup(e->d_name);
+    }
+    closedir(d);
+    if (*n)
+        qsort(*ids, *n, sizeof(**ids), cmp_str);
+    return 0;
+}
+
+int kt_queue_list_ids(const char *qdir, char ***ids, size_t *n)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%s/new", qdir);
+    return list_dir(path, ids, n);
+}
+
+void kt_queue_free_ids(char **ids, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        kt_free(ids[i]);
+    kt_free(ids);
+}
+
+void kt_queue_cleanup(const char *qdir)
+{
+    char path[PATH_MAX + 256], dir[PATH_MAX];
+    char **ids;
+    size_t n;
+    snprintf(dir, sizeof(dir), "%s/tmp", qdir);
+    if (list_dir(dir, &ids, &n) == 0) {
+        for (size_t i = 0; i < n; i++) {
+            snprintf(path, sizeof(path), "%s/%s", dir, ids[i]);
+            unlink(path);
+        }
+        kt_queue_free_ids(ids, n);
+    }
+    snprintf(dir, sizeof(dir), "%s/status", qdir);
+    if (list_dir(dir, &ids, &n) == 0) {
+        for (size_t i = 0; i < n; i++) {
+            struct stat st;
+            snprintf(path, sizeof(path), "%s/new/%s", qdir, ids[i]);
+            if (stat(path, &st) < 0 && errno == ENOENT) {
+                snprintf(path, sizeof(path), "%s/%s", dir, ids[i]);
+                unlink(path);
+            }
+        }
+        kt_queue_free_ids(ids, n);
+    }
+}
+
+/* ---- in-process writer ---- */
+
+struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir, const char *sender,
+                                          const char *const *rcpts, size_t n, const char *hostname,
+                                          unsigned worker_id)
+{
+    char *env = kt_queue_envelope(sender, rcpts, n, time(NULL), -1);
+    size_t len = strlen(env);
+    if (len >= KT_DELIVERY_CHUNK) {
+        kt_free(env);
+        return NULL;
+    }
+    char *path = kt_asprintf("%s/", qdir);
+    struct kt_mailbox box = { .path = path, .uid = 0, .gid = 0 };
+    struct kt_delivery *d = kt_delivery_new(loop, &box, 1, hostname, worker_id);
+    kt_free(path);
+    kt_delivery_append(d, env, len);
+    kt_free(env);
+    return d;
+}

@@ -1,0 +1,99 @@
+/* The mail queue: one file per message under queue_directory, plus an
+ * append-only status file per message.
+ *
+ * Layout:
+ *   tmp/ID     being written; never acknowledged, removed at start-up
+ *   new/ID     queued: envelope header, then the message (immutable)
+ *   status/ID  per-recipient outcomes appended as they become final
+ *
+ * A message file starts with text lines
+ *   "KTQUEUE 1\n" "arrival <epoch>\n" "sender <addr>\n" ["dots <0|1>\n"]
+ *   "rcpt <addr>\n"... "body\n"
+ * followed by the message bytes (CRLF line ends, not dot-stuffed) up to the
+ * end of the file. "sender " with an empty address is the null sender.
+ * The status file holds lines "done N", "fail N REASON" (recipient N,
+ * 0-based, is final; REASON is one line for the bounce) and "warn" (a delay warning went out); each append is fsync'd
+ * before the outcome counts. A message is created by writing tmp/ID,
+ * fsync, rename to new/ID, fsync of new/: once the creator reports success
+ * the message survives a crash. Removal unlinks new/ID first, then
+ * status/ID (an orphan status file is removed by the next scan). */
+#ifndef KTRELAY_QUEUE_H
+#define KTRELAY_QUEUE_H
+
+#include <stddef.h>
+#include <sys/types.h>
+#include <time.h>
+
+#include "core/loop.h"
+#include "delivery/maildir.h"
+
+enum kt_qrcpt_state { KT_QR_PENDING, KT_QR_DONE, KT_QR_FAILED };
+
+struct kt_qrcpt {
+    char *addr;
+    enum kt_qrcpt_state state;
+    char *reason;                  /* for a failed recipient: "DSN MTA DIAGNOSTIC" as marked, or NULL */
+};
+
+struct kt_qmsg {
+    char *id;
+    char *sender;                  /* "" = null sender */
+    time_t arrival;
+    int dots;                      /* -1 unknown, 0 no body line starts with '.', 1 some do */
+    int warned;                    /* delay warning already sent */
+    size_t n_rcpts;
+    struct kt_qrcpt *rcpts;
+    off_t body_off, body_len;      /* message bytes in the file */
+};
+
+#define KT_QUEUE_ID_MAX 300
+
+/* Create tmp/ new/ status/ (mode 0700) under qdir. 0 or -errno. */
+int kt_queue_init_dirs(const char *qdir);
+/* Fresh queue id: hex time, microseconds, pid and a counter. */
+void kt_queue_new_id(char *buf, size_t len);
+/* The envelope header text (kt_malloc'ed). dots: -1 unknown, 0, 1. */
+char *kt_queue_envelope(const char *sender, const char *const *rcpts, size_t n, time_t arrival, int dots);
+/* Synchronous durable creation from memory. id (KT_QUEUE_ID_MAX bytes) is used when it holds a
+ * string, else a fresh id is written there. 0 or -errno. */
+int kt_queue_write(const char *qdir, const char *sender, const char *const *rcpts, size_t n, const void *body,
+                   size_t len, char *id, size_t idlen);
+/* Read the envelope and the status records of new/ID. 0, -ENOENT, -EINVAL (bad file), -errno. */
+int kt_queue_load(const char *qdir, const char *id, struct kt_qmsg **out);
+void kt_qmsg_free(struct kt_qmsg *m);
+/* Open the message file read-only (body at m->body_off). fd or -errno. */
+int kt_queue_open_body(const char *qdir, const char *id);
+/* Append "done N"/"fail N REASON" (state) or "warn" (rcpt == (size_t)-1) and fsync; reason may be
+ * NULL and has its line breaks replaced. 0 or -errno. */
+int kt_queue_mark(const char *qdir, struct kt_qmsg *m, size_t rcpt, enum kt_qrcpt_state state, const char *reason);
+/* 1 when no recipient is pending. */
+int kt_qmsg_finished(const struct kt_qmsg *m);
+/* Unlink new/ID then status/ID. 0 or -errno (-ENOENT if the message was not there). */
+int kt_queue_remove(const char *qdir, const char *id);
+/* Ids in new/, sorted. *ids is a kt_malloc'ed array of kt_malloc'ed strings. 0 or -errno. */
+int kt_queue_list_ids(const char *qdir, char ***ids, size_t *n);
+void kt_queue_free_ids(char **ids, size_t n);
+/* Remove tmp/ leftovers and status files without a message (start-up only). */
+void kt_queue_cleanup(const char *qdir);
+
+/* In-process writer for the SMTP session: a struct kt_delivery (maildir.h)
+ * whose "Maildir" is the queue directory, so the session drives it exactly
+ * like a local delivery (open, append or splice, commit, abandon) and the
+ * commit's create-fsync-rename-fsync makes the message durable in new/
+ * before the 250. The envelope is appended here, before the file exists:
+ * kt_delivery buffers up to KT_DELIVERY_CHUNK bytes in memory until then.
+ * Returns NULL when the envelope would not fit in that buffer (far more
+ * recipients than any recipient limit allows). The queue id is
+ * kt_delivery_name() once committed. */
+struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir, const char *sender,
+                                          const char *const *rcpts, size_t n, const char *hostname,
+                                          unsigned worker_id);
+
+/* Command line (queue_cli.c): argv[0] is the command name.
+ *   sendmail -c DIR [-f sender] [-i] rcpt...   message on stdin into the queue
+ *   queue -c DIR list | flush | delete ID|ALL   like mailq, postqueue -f, postsuper -d
+ * Return the process exit code. */
+int kt_queue_cli_sendmail(int argc, char **argv);
+int kt_queue_cli_queue(int argc, char **argv);
+
+#endif

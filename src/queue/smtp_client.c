@@ -1,0 +1,938 @@
+/* Outbound SMTP client (see smtp_client.h).
+ *
+ * Every step is a non-blocking system call (send, recv, SSL_read/SSL_write,
+ * sendfile) retried after an io_uring poll on the socket; connect is an
+ * io_uring operation. A connection runs one "pump" loop that flushes what is
+ * queued for output, then reads and dispatches the replies it still expects;
+ * reply handlers only queue more output and change state, so the loop never
+ * recurses. Reading a queue file block is a plain pread: the file is local
+ * and mostly in the page cache.
+ *
+ * A connection is freed only when no io_uring operation refers to it: close
+ * cancels a poll or connect in flight and frees on its completion. */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+
+#include "core/alloc.h"
+#include "core/buf.h"
+#include "core/log.h"
+#include "queue/smtp_client.h"
+
+#define MAX_REPLY 8192
+#define BODY_BLOCK (64 * 1024)
+#define TLS_WRITE_MAX 16384
+
+enum state {
+    ST_CONNECT, ST_GREETING, ST_EHLO, ST_HELO, ST_STARTTLS, ST_HANDSHAKE, ST_EHLO2, ST_IDLE,
+    ST_MAIL, ST_DATA, ST_BODY, ST_DOT, ST_RSET, ST_QUIT, ST_DONE,
+};
+
+struct kt_smtp_conn {
+    struct kt_loop *loop;
+    struct kt_smtp_params p;
+    char *sni, *verify_name;          /* own copies behind p.sni, p.verify_name */
+    struct kt_smtp_addr *addrs;
+    size_t n_addrs, cur_addr;
+    int fd;
+    SSL *ssl;
+    int ktls_tx;
+    enum state state;
+    struct kt_op conn_op, poll_op, cancel_op;
+    int conn_armed, poll_armed;
+    unsigned pending;
+    int in_pump, closing, failed, freed;
+    time_t deadline;
+    char relay[320];
+    char peer_ip[INET6_ADDRSTRLEN];
+
+    struct kt_buf in, out;
+    size_t expect;                 /* replies still to read */
+    struct kt_buf reply;           /* lines of the reply being read, '\n' separated */
+
+    /* EHLO extensions */
+    int ext_starttls, ext_pipelining, ext_chunking, ext_size;
+
+    kt_smtp_cb cb;
+    void *arg;
+
+    /* transaction */
+    struct kt_smtp_msg *m;
+    size_t reply_idx;              /* replies seen in this transaction */
+    int pipelined_data;            /* DATA went out with MAIL and RCPT */
+    int mail_code;
+    char *mail_text;
+    size_t accepted;
+    int use_chunking, use_sendfile, sendfile_counted, body_crlf;
+    off_t body_pos, body_end;
+    int line_start;
+};
+
+static unsigned long sendfile_count;
+static long live_count;
+
+static void pump(struct kt_smtp_conn *c);
+
+long kt_smtp_live(void)
+{
+    return __atomic_load_n(&live_count, __ATOMIC_RELAXED);
+}
+
+unsigned long kt_smtp_sendfile_count(void)
+{
+    return __atomic_load_n(&sendfile_count, __ATOMIC_RELAXED);
+}
+
+int kt_smtp_tls_level_parse(const char *s)
+{
+    static const char *const names[] = { "none", "may", "encrypt", "verify", "secure" };
+    if (!s || !*s)
+        return KT_SMTP_TLS_NONE;
+    for (int i = 0; i < 5; i++)
+        if (!strcasecmp(s, names[i]))
+            return i;
+    return -1;
+}
+
+const char *kt_smtp_relay(const struct kt_smtp_conn *c)
+{
+    return c && c->relay[0] ? c->relay : "none";
+}
+
+int kt_smtp_usable(const struct kt_smtp_conn *c)
+{
+    return c && !c->failed && !c->freed && !c->closing && c->state == ST_IDLE;
+}
+
+int kt_smtp_tls_state(const struct kt_smtp_conn *c)
+{
+    return !c || !c->ssl ? 0 : c->ktls_tx ? 2 : 1;
+}
+
+static time_t now_s(void)
+{
+    return time(NULL);
+}
+
+static void set_deadline(struct kt_smtp_conn *c, long long secs)
+{
+    c->deadline = now_s() + (time_t)(secs > 0 ? secs : 300);
+}
+
+static void conn_free_if_idle(struct kt_smtp_conn *c)
+{
+    if (!c->freed || c->pending || c->in_pump)
+        return;
+    if (c->ssl)
+        SSL_free(c->ssl);
+    if (c->fd >= 0)
+        close(c->fd);
+    kt_buf_release(&c->in);
+    kt_buf_release(&c->out);
+    kt_buf_release(&c->reply);
+    kt_free(c->mail_text);
+    kt_free(c->addrs);
+    kt_free(c->sni);
+    kt_free(c->verify_name);
+    kt_free(c);
+    __atomic_sub_fetch(&live_count, 1, __ATOMIC_RELAXED);
+}
+
+/* Stop all I/O; the object goes once the cancelled operations complete. */
+static void conn_teardown(struct kt_smtp_conn *c)
+{
+    if (c->freed)
+        return;
+    c->freed = 1;
+    c->cb = NULL;
+    if (c->poll_armed || c->conn_armed) {
+        struct io_uring_sqe *sqe = kt_loop_sqe(c->loop, &c->cancel_op);
+        c->pending++;
+        io_uring_prep_cancel(sqe, c->poll_armed ? (void *)&c->poll_op : (void *)&c->conn_op, 0);
+        if (c->poll_armed && c->conn_armed) {
+            sqe = kt_loop_sqe(c->loop, &c->cancel_op);
+            c->pending++;
+            io_uring_prep_cancel(sqe, &c->conn_op, 0);
+        }
+    }
+    conn_free_if_idle(c);
+}
+
+static void report(struct kt_smtp_conn *c, int res, const char *reason)
+{
+    kt_smtp_cb cb = c->cb;
+    c->cb = NULL;
+    if (cb)
+        cb(c->arg, res, reason);
+}
+
+/* The connection is unusable: tell the owner (who will close it). */
+static void conn_fail(struct kt_smtp_conn *c, int res, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void conn_fail(struct kt_smtp_conn *c, int res, const char *fmt, ...)
+{
+    char reason[1024];
+    va_list ap;
+    if (c->failed)
+        return;
+    c->failed = 1;
+    c->state = ST_DONE;
+    va_start(ap, fmt);
+    vsnprintf(reason, sizeof(reason), fmt, ap);
+    va_end(ap);
+    if (c->closing) {
+        conn_teardown(c);
+        return;
+    }
+    report(c, res, reason);
+}
+
+static void cancel_done(struct kt_op *op, int res, unsigned flags)
+{
+    struct kt_smtp_conn *c = (struct kt_smtp_conn *)((char *)op - offsetof(struct kt_smtp_conn, cancel_op));
+    c->pending--;
+    conn_free_if_idle(c);
+}
+
+static void poll_done(struct kt_op *op, int res, unsigned flags)
+{
+    struct kt_smtp_conn *c = (struct kt_smtp_conn *)((char *)op - offsetof(struct kt_smtp_conn, poll_op));
+    c->pending--;
+    c->poll_armed = 0;
+    if (c->freed) {
+        conn_free_if_idle(c);
+        return;
+    }
+    if (res < 0 && res != -ECANCELED) {
+        conn_fail(c, res, "lost connection with %s: %s", c->relay, strerror(-res));
+        return;
+    }
+    pump(c);
+}
+
+static void arm_poll(struct kt_smtp_conn *c, unsigned events)
+{
+    if (c->poll_armed)
+        return;
+    c->poll_armed = 1;
+    c->pending++;
+    struct io_uring_sqe *sqe = kt_loop_sqe(c->loop, &c->poll_op);
+    io_uring_prep_poll_add(sqe, c->fd, events);
+}
+
+/* ---- connect ---- */
+
+static void connect_done(struct kt_op *op, int res, unsigned flags);
+
+static void connect_next(struct kt_smtp_conn *c)
+{
+    while (c->cur_addr < c->n_addrs) {
+        const struct kt_smtp_addr *a = &c->addrs[c->cur_addr];
+        int port = 0;
+        if (a->ss.ss_family == AF_INET) {
+            inet_ntop(AF_INET, &((const struct sockaddr_in *)&a->ss)->sin_addr, c->peer_ip, sizeof(c->peer_ip));
+            port = ntohs(((const struct sockaddr_in *)&a->ss)->sin_port);
+        } else {
+            inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)&a->ss)->sin6_addr, c->peer_ip, sizeof(c->peer_ip));
+            port = ntohs(((const struct sockaddr_in6 *)&a->ss)->sin6_port);
+        }
+        snprintf(c->relay, sizeof(c->relay), "%s[%s]:%d", a->host, c->peer_ip, port);
+        if (c->fd >= 0)
+            close(c->fd);
+        c->fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (c->fd < 0) {
+            c->cur_addr++;
+            continue;
+        }
+        c->state = ST_CONNECT;
+        c->conn_armed = 1;
+        c->pending++;
+        set_deadline(c, c->p.connect_timeout_s);
+        struct io_uring_sqe *sqe = kt_loop_sqe(c->loop, &c->conn_op);
+        io_uring_prep_connect(sqe, c->fd, (const struct sockaddr *)&a->ss, a->len);
+        return;
+    }
+    conn_fail(c, -EHOSTUNREACH, "no usable address for the next hop");
+}
+
+static void connect_done(struct kt_op *op, int res, unsigned flags)
+{
+    struct kt_smtp_conn *c = (struct kt_smtp_conn *)((char *)op - offsetof(struct kt_smtp_conn, conn_op));
+    c->pending--;
+    c->conn_armed = 0;
+    if (c->freed) {
+        conn_free_if_idle(c);
+        return;
+    }
+    if (res < 0) {
+        char why[512];
+        snprintf(why, sizeof(why), "connect to %s: %s", c->relay, strerror(-res));
+        if (++c->cur_addr < c->n_addrs) {
+            kt_info("%s", why);
+            connect_next(c);
+            return;
+        }
+        conn_fail(c, res, "%s", why);
+        return;
+    }
+    c->state = ST_GREETING;
+    c->expect = 1;
+    set_deadline(c, c->p.command_timeout_s);
+    pump(c);
+}
+
+struct kt_smtp_conn *kt_smtp_connect(struct kt_loop *loop, const struct kt_smtp_params *p,
+                                     const struct kt_smtp_addr *addrs, size_t n, kt_smtp_cb cb, void *arg)
+{
+    struct kt_smtp_conn *c = kt_calloc(1, sizeof(*c));
+    __atomic_add_fetch(&live_count, 1, __ATOMIC_RELAXED);
+    c->loop = loop;
+    c->p = *p;
+    /* the caller's strings may not outlive this call */
+    c->sni = p->sni ? kt_strdup(p->sni) : NULL;
+    c->verify_name = p->verify_name ? kt_strdup(p->verify_name) : NULL;
+    c->p.sni = c->sni;
+    c->p.verify_name = c->verify_name;
+    c->fd = -1;
+    c->addrs = kt_calloc(n ? n : 1, sizeof(*addrs));
+    memcpy(c->addrs, addrs, n * sizeof(*addrs));
+    c->n_addrs = n;
+    c->conn_op.cb = connect_done;
+    c->poll_op.cb = poll_done;
+    c->cancel_op.cb = cancel_done;
+    c->cb = cb;
+    c->arg = arg;
+    connect_next(c);
+    return c;
+}
+
+/* ---- raw I/O: 1 done, 0 must wait (poll armed), -1 failed (conn_fail called) ---- */
+
+static int tls_io_result(struct kt_smtp_conn *c, int ret, const char *what)
+{
+    int err = SSL_get_error(c->ssl, ret);
+    if (err == SSL_ERROR_WANT_READ) {
+        arm_poll(c, POLLIN);
+        return 0;
+    }
+    if (err == SSL_ERROR_WANT_WRITE) {
+        arm_poll(c, POLLOUT);
+        return 0;
+    }
+    unsigned long e = ERR_get_error();
+    ERR_clear_error();
+    conn_fail(c, -EIO, "TLS %s with %s failed: %s", what, c->relay,
+              e ? ERR_reason_error_string(e) : err == SSL_ERROR_ZERO_RETURN ? "connection closed" : "I/O error");
+    return -1;
+}
+
+static int flush_out(struct kt_smtp_conn *c)
+{
+    while (kt_buf_used(&c->out) > 0) {
+        size_t len = kt_buf_used(&c->out);
+        ssize_t n;
+        if (c->ssl) {
+            int ret = SSL_write(c->ssl, kt_buf_head(&c->out), (int)(len > TLS_WRITE_MAX ? TLS_WRITE_MAX : len));
+            if (ret <= 0)
+                return tls_io_result(c, ret, "write");
+            n = ret;
+        } else {
+            n = send(c->fd, kt_buf_head(&c->out), len, MSG_NOSIGNAL);
+            if (n < 0) {
+                if (errno == EAGAIN || errno == EINTR) {
+                    arm_poll(c, POLLOUT);
+                    return 0;
+                }
+                conn_fail(c, -errno, "lost connection with %s while sending: %s", c->relay, strerror(errno));
+                return -1;
+            }
+        }
+        kt_buf_consume(&c->out, (size_t)n);
+    }
+    kt_buf_reset(&c->out);
+    return 1;
+}
+
+static int read_in(struct kt_smtp_conn *c)
+{
+    char buf[16384];
+    ssize_t n;
+    if (c->ssl) {
+        int ret = SSL_read(c->ssl, buf, sizeof(buf));
+        if (ret <= 0)
+            return tls_io_result(c, ret, "read");
+        n = ret;
+    } else {
+        n = recv(c->fd, buf, sizeof(buf), 0);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+            arm_poll(c, POLLIN);
+            return 0;
+        }
+        if (n <= 0) {
+            conn_fail(c, n < 0 ? -errno : -ECONNRESET, "lost connection with %s while receiving the %s", c->relay,
+                      c->state == ST_GREETING ? "initial server greeting" : "reply");
+            return -1;
+        }
+    }
+    kt_buf_append(&c->in, buf, (size_t)n);
+    set_deadline(c, c->p.command_timeout_s);
+    return 1;
+}
+
+/* One complete reply from c->in into c->reply: returns the code, 0 if more
+ * bytes are needed, -1 on a malformed reply. */
+static int parse_reply(struct kt_smtp_conn *c)
+{
+    for (;;) {
+        size_t used = kt_buf_used(&c->in);
+        if (used == 0)
+            return 0;      /* nothing buffered yet (the buffer may not even exist) */
+        char *head = kt_buf_head(&c->in);
+        char *nl = memchr(head, '\n', used);
+        if (!nl)
+            return used > MAX_REPLY ? -1 : 0;
+        size_t len = (size_t)(nl - head);
+        if (len > 0 && head[len - 1] == '\r')
+            len--;
+        if (len < 3 || head[0] < '2' || head[0] > '5' || head[1] < '0' || head[1] > '9' || head[2] < '0' ||
+            head[2] > '9' || (len > 3 && head[3] != ' ' && head[3] != '-') || kt_buf_used(&c->reply) > MAX_REPLY)
+            return -1;
+        int last = len == 3 || head[3] == ' ';
+        if (kt_buf_used(&c->reply))
+            kt_buf_append(&c->reply, "\n", 1);
+        kt_buf_append(&c->reply, head, len);
+        kt_buf_consume(&c->in, (size_t)(nl - head) + 1);
+        if (last) {
+            kt_buf_append(&c->reply, "", 1);
+            c->reply.len--;   /* NUL-terminated, not counted */
+            return (head[0] - '0') * 100 + (head[1] - '0') * 10 + (head[2] - '0');
+        }
+    }
+}
+
+/* The reply on one line, as Postfix logs it. */
+static char *reply_text(struct kt_smtp_conn *c, const char *cmd)
+{
+    char *t = kt_strndup(kt_buf_head(&c->reply), kt_buf_used(&c->reply));
+    for (char *p = t; *p; p++)
+        if (*p == '\n')
+            *p = ' ';
+    char *r = kt_asprintf("host %s said: %s (in reply to %s command)", c->relay, t, cmd);
+    kt_free(t);
+    return r;
+}
+
+/* ---- protocol ---- */
+
+static void send_ehlo(struct kt_smtp_conn *c, enum state st)
+{
+    c->ext_starttls = c->ext_pipelining = c->ext_chunking = c->ext_size = 0;
+    kt_buf_printf(&c->out, "EHLO %s\r\n", c->p.helo_name);
+    c->state = st;
+    c->expect = 1;
+}
+
+static void parse_ehlo(struct kt_smtp_conn *c)
+{
+    char *save = NULL;
+    char *text = kt_strndup(kt_buf_head(&c->reply), kt_buf_used(&c->reply));
+    for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        const char *kw = strlen(line) > 4 ? line + 4 : "";
+        if (!strncasecmp(kw, "STARTTLS", 8))
+            c->ext_starttls = 1;
+        else if (!strncasecmp(kw, "PIPELINING", 10))
+            c->ext_pipelining = 1;
+        else if (!strncasecmp(kw, "CHUNKING", 8))
+            c->ext_chunking = 1;
+        else if (!strncasecmp(kw, "SIZE", 4))
+            c->ext_size = 1;
+    }
+    kt_free(text);
+}
+
+static void session_ready(struct kt_smtp_conn *c)
+{
+    c->state = ST_IDLE;
+    c->expect = 0;
+    c->deadline = 0;
+    report(c, 0, NULL);
+}
+
+static void start_tls(struct kt_smtp_conn *c)
+{
+    c->ssl = SSL_new(c->p.ssl_ctx);
+    if (!c->ssl) {
+        conn_fail(c, -ENOMEM, "cannot create a TLS session for %s", c->relay);
+        return;
+    }
+    SSL_set_mode(c->ssl, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    /* nothing the server sent before the handshake may count as protected */
+    kt_buf_reset(&c->in);
+    SSL_set_fd(c->ssl, c->fd);
+    if (c->p.sni && *c->p.sni)
+        SSL_set_tlsext_host_name(c->ssl, c->p.sni);
+    if (c->p.tls_level >= KT_SMTP_TLS_VERIFY) {
+        SSL_set_verify(c->ssl, SSL_VERIFY_PEER, NULL);
+        if (c->p.verify_name && *c->p.verify_name) {
+            SSL_set_hostflags(c->ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+            SSL_set1_host(c->ssl, c->p.verify_name);
+        }
+    }
+    c->state = ST_HANDSHAKE;
+    set_deadline(c, c->p.command_timeout_s);
+}
+
+static int do_handshake(struct kt_smtp_conn *c)
+{
+    ERR_clear_error();
+    int ret = SSL_connect(c->ssl);
+    if (ret <= 0) {
+        int err = SSL_get_error(c->ssl, ret);
+        if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
+            return tls_io_result(c, ret, "handshake");
+        long vr = SSL_get_verify_result(c->ssl);
+        if (vr != X509_V_OK && c->p.tls_level >= KT_SMTP_TLS_VERIFY) {
+            conn_fail(c, -EACCES, "Server certificate not verified (%s): %s", c->relay,
+                      X509_verify_cert_error_string(vr));
+            return -1;
+        }
+        return tls_io_result(c, ret, "handshake");
+    }
+    char desc[200];
+    const SSL_CIPHER *ci = SSL_get_current_cipher(c->ssl);
+    int alg = 0, bits = ci ? SSL_CIPHER_get_bits(ci, &alg) : 0;
+    snprintf(desc, sizeof(desc), "%s with cipher %s (%d/%d bits)", SSL_get_version(c->ssl),
+             ci ? SSL_CIPHER_get_name(ci) : "?", bits, alg);
+    c->ktls_tx = BIO_get_ktls_send(SSL_get_wbio(c->ssl)) ? 1 : 0;
+    X509 *peer = SSL_get1_peer_certificate(c->ssl);
+    const char *trust = !peer ? "Anonymous"
+                        : SSL_get_verify_result(c->ssl) != X509_V_OK ? "Untrusted"
+                        : c->p.tls_level >= KT_SMTP_TLS_VERIFY ? "Verified" : "Trusted";
+    X509_free(peer);
+    if (c->p.tls_loglevel >= 1)
+        kt_info("%s TLS connection established to %s: %s ktls=%s", trust, c->relay, desc, c->ktls_tx ? "tx" : "none");
+    send_ehlo(c, ST_EHLO2);
+    return 1;
+}
+
+static void after_ehlo(struct kt_smtp_conn *c)
+{
+    if (c->state == ST_EHLO && c->p.tls_level != KT_SMTP_TLS_NONE) {
+        if (c->ext_starttls) {
+            kt_buf_printf(&c->out, "STARTTLS\r\n");
+            c->state = ST_STARTTLS;
+            c->expect = 1;
+            return;
+        }
+        if (c->p.tls_level >= KT_SMTP_TLS_ENCRYPT) {
+            conn_fail(c, 450, "TLS is required, but was not offered by host %s", c->relay);
+            return;
+        }
+    }
+    session_ready(c);
+}
+
+static void txn_done(struct kt_smtp_conn *c)
+{
+    c->m = NULL;
+    c->state = ST_IDLE;
+    c->expect = 0;
+    c->deadline = 0;
+    report(c, 0, NULL);
+}
+
+static void set_all(struct kt_smtp_conn *c, int code, const char *text, int only_accepted)
+{
+    for (size_t i = 0; i < c->m->n_rcpts; i++) {
+        if (only_accepted && (c->m->codes[i] < 200 || c->m->codes[i] > 299))
+            continue;
+        if (!only_accepted && c->m->codes[i])
+            continue;
+        c->m->codes[i] = code;
+        kt_free(c->m->replies[i]);
+        c->m->replies[i] = kt_strdup(text);
+    }
+}
+
+static void send_rset(struct kt_smtp_conn *c)
+{
+    kt_buf_printf(&c->out, "RSET\r\n");
+    c->state = ST_RSET;
+    c->expect = 1;
+}
+
+static void start_body(struct kt_smtp_conn *c)
+{
+    c->state = ST_BODY;
+    c->body_pos = c->m->body_off;
+    c->body_end = c->m->body_off + c->m->body_len;
+    c->line_start = 1;
+    if (c->use_chunking)
+        kt_buf_printf(&c->out, "BDAT %lld LAST\r\n", (long long)c->m->body_len);
+    set_deadline(c, c->p.command_timeout_s);
+}
+
+static void rcpts_answered(struct kt_smtp_conn *c)
+{
+    if (c->accepted == 0) {
+        if (c->pipelined_data)
+            return;       /* the DATA reply is still to come */
+        send_rset(c);
+        return;
+    }
+    if (c->use_chunking) {
+        start_body(c);
+        return;
+    }
+    if (!c->pipelined_data) {
+        kt_buf_printf(&c->out, "DATA\r\n");
+        c->state = ST_DATA;
+        c->expect = 1;
+    }
+}
+
+static void send_rcpt(struct kt_smtp_conn *c, size_t i)
+{
+    kt_buf_printf(&c->out, "RCPT TO:<%s>\r\n", c->m->rcpts[i]);
+}
+
+static void on_reply(struct kt_smtp_conn *c, int code)
+{
+    const char *text = kt_buf_head(&c->reply);
+    switch (c->state) {
+    case ST_GREETING:
+        if (code / 100 != 2) {
+            conn_fail(c, code, "host %s refused to talk to me: %s", c->relay, text);
+            return;
+        }
+        send_ehlo(c, ST_EHLO);
+        return;
+    case ST_EHLO:
+    case ST_EHLO2:
+        if (code / 100 != 2) {
+            if (c->state == ST_EHLO2 || c->p.tls_level >= KT_SMTP_TLS_ENCRYPT) {
+                conn_fail(c, code, "host %s refused EHLO: %s", c->relay, text);
+                return;
+            }
+            kt_buf_printf(&c->out, "HELO %s\r\n", c->p.helo_name);
+            c->state = ST_HELO;
+            c->expect = 1;
+            return;
+        }
+        parse_ehlo(c);
+        after_ehlo(c);
+        return;
+    case ST_HELO:
+        if (code / 100 != 2) {
+            conn_fail(c, code, "host %s refused HELO: %s", c->relay, text);
+            return;
+        }
+        session_ready(c);
+        return;
+    case ST_STARTTLS:
+        if (code / 100 != 2) {
+            if (c->p.tls_level >= KT_SMTP_TLS_ENCRYPT) {
+                conn_fail(c, 450, "TLS is required, but host %s refused to start TLS: %s", c->relay, text);
+                return;
+            }
+            session_ready(c);
+            return;
+        }
+        start_tls(c);
+        return;
+    case ST_MAIL: {
+        size_t idx = c->reply_idx++;
+        struct kt_smtp_msg *m = c->m;
+        if (idx == 0) {
+            c->mail_code = code;
+            kt_free(c->mail_text);
+            c->mail_text = code / 100 == 2 ? NULL : reply_text(c, "MAIL FROM");
+            if (code / 100 != 2 && !c->ext_pipelining) {
+                set_all(c, code, c->mail_text, 0);
+                send_rset(c);
+                return;
+            }
+            if (!c->ext_pipelining) {
+                send_rcpt(c, 0);
+                c->expect = 1;
+            }
+            return;
+        }
+        if (idx <= m->n_rcpts) {
+            size_t i = idx - 1;
+            if (c->mail_code / 100 != 2) {
+                m->codes[i] = c->mail_code;
+                m->replies[i] = kt_strdup(c->mail_text);
+            } else {
+                m->codes[i] = code;
+                if (code / 100 == 2)
+                    c->accepted++;
+                else
+                    m->replies[i] = reply_text(c, "RCPT TO");
+            }
+            if (!c->ext_pipelining && i + 1 < m->n_rcpts) {
+                send_rcpt(c, i + 1);
+                c->expect = 1;
+                return;
+            }
+            if (i + 1 == m->n_rcpts)
+                rcpts_answered(c);
+            return;
+        }
+        /* the pipelined DATA */
+        if (c->accepted == 0) {
+            if (code == 354) {
+                /* nobody to deliver to: end the empty message at once */
+                kt_buf_printf(&c->out, ".\r\n");
+                c->state = ST_DOT;
+                c->expect = 1;
+                c->accepted = (size_t)-1;
+                return;
+            }
+            send_rset(c);
+            return;
+        }
+        goto data_reply;
+    }
+    case ST_DATA:
+    data_reply:
+        if (code != 354) {
+            char *r = reply_text(c, "DATA");
+            set_all(c, code, r, 1);
+            kt_free(r);
+            send_rset(c);
+            return;
+        }
+        start_body(c);
+        return;
+    case ST_DOT:
+        if (c->accepted != (size_t)-1) {
+            char *r = reply_text(c, c->use_chunking ? "end of BDAT" : "end of DATA");
+            set_all(c, code, r, 1);
+            kt_free(r);
+        }
+        txn_done(c);
+        return;
+    case ST_RSET:
+        if (code / 100 != 2) {
+            /* the transaction's outcome stands; the connection is not reused */
+            c->failed = 1;
+            c->state = ST_DONE;
+            c->m = NULL;
+            report(c, 0, NULL);
+            return;
+        }
+        txn_done(c);
+        return;
+    case ST_QUIT:
+        c->state = ST_DONE;
+        conn_teardown(c);
+        return;
+    default:
+        return;
+    }
+}
+
+/* Next body bytes: 1 all sent, 0 wait, -1 failed. */
+static int send_body(struct kt_smtp_conn *c)
+{
+    while (c->body_pos < c->body_end) {
+        size_t want = (size_t)(c->body_end - c->body_pos);
+        if (c->use_sendfile) {
+            off_t off = c->body_pos;
+            ssize_t n = sendfile(c->fd, c->m->fd, &off, want > (1u << 30) ? (1u << 30) : want);
+            if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+                arm_poll(c, POLLOUT);
+                return 0;
+            }
+            if (n <= 0) {
+                conn_fail(c, n < 0 ? -errno : -EIO, "lost connection with %s while sending message body: %s",
+                          c->relay, n < 0 ? strerror(errno) : "queue file truncated");
+                return -1;
+            }
+            c->body_pos += n;
+            if (!c->sendfile_counted) {
+                c->sendfile_counted = 1;
+                __atomic_add_fetch(&sendfile_count, 1, __ATOMIC_RELAXED);
+            }
+            continue;
+        }
+        char buf[BODY_BLOCK];
+        if (want > sizeof(buf) / 2)
+            want = sizeof(buf) / 2;
+        ssize_t n = pread(c->m->fd, buf, want, c->body_pos);
+        if (n <= 0) {
+            conn_fail(c, -EIO, "cannot read queue file %s: %s", c->m->id, n < 0 ? strerror(errno) : "truncated");
+            return -1;
+        }
+        c->body_pos += n;
+        if (c->use_chunking) {
+            kt_buf_append(&c->out, buf, (size_t)n);
+        } else {
+            /* RFC 5321 4.5.2 transparency */
+            size_t start = 0;
+            for (size_t i = 0; i < (size_t)n; i++) {
+                if (c->line_start && buf[i] == '.') {
+                    kt_buf_append(&c->out, buf + start, i - start);
+                    kt_buf_append(&c->out, ".", 1);
+                    start = i;
+                }
+                c->line_start = buf[i] == '\n';
+            }
+            kt_buf_append(&c->out, buf + start, (size_t)n - start);
+        }
+        int r = flush_out(c);
+        if (r <= 0)
+            return r;
+    }
+    return 1;
+}
+
+static void body_sent(struct kt_smtp_conn *c)
+{
+    if (!c->use_chunking)
+        kt_buf_printf(&c->out, "%s.\r\n", c->body_crlf ? "" : "\r\n");
+    c->state = ST_DOT;
+    c->expect = 1;
+}
+
+static void pump(struct kt_smtp_conn *c)
+{
+    if (c->in_pump)
+        return;
+    c->in_pump = 1;
+    while (!c->freed && !c->failed) {
+        if (c->state == ST_HANDSHAKE) {
+            if (do_handshake(c) <= 0)
+                break;
+            continue;
+        }
+        if (kt_buf_used(&c->out) > 0) {
+            if (flush_out(c) <= 0)
+                break;
+            continue;
+        }
+        if (c->state == ST_BODY) {
+            int r = send_body(c);
+            if (r <= 0)
+                break;
+            body_sent(c);
+            continue;
+        }
+        if (c->expect > 0) {
+            int code = parse_reply(c);
+            if (code < 0) {
+                conn_fail(c, -EPROTO, "malformed reply from %s", c->relay);
+                break;
+            }
+            if (code > 0) {
+                c->expect--;
+                on_reply(c, code);
+                kt_buf_reset(&c->reply);
+                continue;
+            }
+            if (read_in(c) <= 0)
+                break;
+            continue;
+        }
+        if (c->closing && c->state != ST_QUIT) {
+            if (c->state == ST_IDLE) {
+                kt_buf_printf(&c->out, "QUIT\r\n");
+                c->state = ST_QUIT;
+                c->expect = 1;
+                set_deadline(c, 10);
+                continue;
+            }
+            conn_teardown(c);
+        }
+        break;
+    }
+    c->in_pump = 0;
+    if (c->failed && c->closing)
+        conn_teardown(c);
+    conn_free_if_idle(c);
+}
+
+void kt_smtp_send(struct kt_smtp_conn *c, struct kt_smtp_msg *m, kt_smtp_cb cb, void *arg)
+{
+    char tail[2] = { 0, 0 };
+    c->cb = cb;
+    c->arg = arg;
+    c->m = m;
+    c->reply_idx = 0;
+    c->accepted = 0;
+    c->mail_code = 0;
+    for (size_t i = 0; i < m->n_rcpts; i++) {
+        m->codes[i] = 0;
+        m->replies[i] = NULL;
+    }
+    c->use_chunking = c->ext_chunking;
+    if (m->body_len >= 2 && pread(m->fd, tail, 2, m->body_off + m->body_len - 2) == 2)
+        c->body_crlf = tail[0] == '\r' && tail[1] == '\n';
+    else
+        c->body_crlf = m->body_len == 0;
+    /* sendfile needs the bytes as they are: BDAT, or DATA without a line to stuff */
+    c->use_sendfile = (!c->ssl || c->ktls_tx) && (c->use_chunking || m->dots == 0);
+    c->sendfile_counted = 0;
+    kt_buf_printf(&c->out, "MAIL FROM:<%s>", m->sender);
+    if (c->ext_size)
+        kt_buf_printf(&c->out, " SIZE=%lld", (long long)m->body_len);
+    kt_buf_printf(&c->out, "\r\n");
+    c->expect = 1;
+    c->pipelined_data = 0;
+    if (c->ext_pipelining) {
+        for (size_t i = 0; i < m->n_rcpts; i++)
+            send_rcpt(c, i);
+        c->expect += m->n_rcpts;
+        if (!c->use_chunking) {
+            kt_buf_printf(&c->out, "DATA\r\n");
+            c->expect++;
+            c->pipelined_data = 1;
+        }
+    }
+    c->state = ST_MAIL;
+    set_deadline(c, c->p.command_timeout_s);
+    pump(c);
+}
+
+void kt_smtp_close(struct kt_smtp_conn *c)
+{
+    if (!c || c->closing)
+        return;
+    c->closing = 1;
+    c->cb = NULL;
+    if (c->failed || c->state != ST_IDLE) {
+        conn_teardown(c);
+        return;
+    }
+    pump(c);
+}
+
+void kt_smtp_check_timeout(struct kt_smtp_conn *c, time_t now)
+{
+    if (!c || c->freed || c->failed || !c->deadline || now < c->deadline)
+        return;
+    if (c->closing) {
+        conn_teardown(c);
+        return;
+    }
+    static const char *const what[] = {
+        [ST_CONNECT] = "connect", [ST_GREETING] = "initial server greeting", [ST_EHLO] = "EHLO",
+        [ST_HELO] = "HELO", [ST_STARTTLS] = "STARTTLS", [ST_HANDSHAKE] = "TLS handshake", [ST_EHLO2] = "EHLO",
+        [ST_IDLE] = "idle", [ST_MAIL] = "MAIL FROM", [ST_DATA] = "DATA", [ST_BODY] = "message transfer",
+        [ST_DOT] = "end of data", [ST_RSET] = "RSET", [ST_QUIT] = "QUIT", [ST_DONE] = "end",
+    };
+    if (c->state == ST_CONNECT)
+        conn_fail(c, -ETIMEDOUT, "connect to %s: Connection timed out", c->relay);
+    else
+        conn_fail(c, -ETIMEDOUT, "conversation with %s timed out while sending %s", c->relay, what[c->state]);
+}

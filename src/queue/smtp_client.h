@@ -1,0 +1,87 @@
+/* Outbound SMTP client on an io_uring loop: one connection delivers any
+ * number of messages (transactions) in turn. It connects (trying each
+ * address), reads the greeting, sends EHLO (HELO if refused), STARTTLS as
+ * the security level demands, and then runs transactions with PIPELINING
+ * and CHUNKING when the server offers them. Bodies move from the queue file
+ * to the socket with sendfile(2) on plaintext and on kernel TLS (TX) and
+ * through SSL_write otherwise. */
+#ifndef KTRELAY_SMTP_CLIENT_H
+#define KTRELAY_SMTP_CLIENT_H
+
+#include <netinet/in.h>
+#include <openssl/ssl.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <time.h>
+
+#include "core/loop.h"
+
+enum kt_smtp_tls {
+    KT_SMTP_TLS_NONE, KT_SMTP_TLS_MAY, KT_SMTP_TLS_ENCRYPT, KT_SMTP_TLS_VERIFY, KT_SMTP_TLS_SECURE,
+};
+
+/* "none" ... "secure" (case-insensitive; "" = none). -1 for anything else. */
+int kt_smtp_tls_level_parse(const char *s);
+
+struct kt_smtp_params {
+    const char *helo_name;
+    enum kt_smtp_tls tls_level;
+    SSL_CTX *ssl_ctx;             /* required unless the level is none */
+    const char *sni;              /* server name indication, NULL = none */
+    const char *verify_name;      /* name the certificate must match under verify/secure */
+    int tls_loglevel;
+    long long connect_timeout_s, command_timeout_s;
+};
+
+struct kt_smtp_addr {
+    struct sockaddr_storage ss;
+    socklen_t len;
+    char host[256];               /* name shown in logs: "mx.example.com" or the address */
+};
+
+/* One transaction. The client fills codes[] (SMTP reply code per recipient;
+ * 0 = no reply for it) and replies[] (kt_malloc'ed "host H[A] said: ..." text,
+ * or the reply for a success) which the caller frees. */
+struct kt_smtp_msg {
+    const char *id;               /* for log lines */
+    const char *sender;
+    const char *const *rcpts;
+    size_t n_rcpts;
+    int fd;                       /* queue file */
+    off_t body_off, body_len;
+    int dots;                     /* -1 unknown, 0 no line starts with '.', 1 some do */
+    int *codes;
+    char **replies;
+};
+
+/* res: 0 on success; otherwise a negative errno or an SMTP code (4xx/5xx) of a
+ * session-level refusal, with reason (valid during the call) for the log. */
+typedef void (*kt_smtp_cb)(void *arg, int res, const char *reason);
+
+struct kt_smtp_conn;
+
+/* Connect to addrs[0], then the next ones on failure. p and addrs are copied (strings
+ * sni and verify_name too; helo_name and ssl_ctx must outlive the connection). cb once: ready for a
+ * transaction (res 0) or failed; after a failure the caller must kt_smtp_close. */
+struct kt_smtp_conn *kt_smtp_connect(struct kt_loop *loop, const struct kt_smtp_params *p,
+                                     const struct kt_smtp_addr *addrs, size_t n, kt_smtp_cb cb, void *arg);
+/* Run one transaction on a ready connection; cb once when it ended. res < 0 or
+ * an SMTP code means the connection broke (codes[] tell what was final). */
+void kt_smtp_send(struct kt_smtp_conn *c, struct kt_smtp_msg *m, kt_smtp_cb cb, void *arg);
+/* QUIT if the connection is healthy and idle, then close and free once no
+ * I/O is in flight. No callback fires after this. NULL is fine. */
+void kt_smtp_close(struct kt_smtp_conn *c);
+/* Fail the connection when its current step's deadline has passed. */
+void kt_smtp_check_timeout(struct kt_smtp_conn *c, time_t now);
+/* 1 when another transaction may run on it. */
+int kt_smtp_usable(const struct kt_smtp_conn *c);
+/* "host[addr]:port" of the connected server ("none" before connecting). */
+const char *kt_smtp_relay(const struct kt_smtp_conn *c);
+/* 1 when the connection used TLS, 2 when its transmit side is kernel TLS. */
+int kt_smtp_tls_state(const struct kt_smtp_conn *c);
+/* Transactions whose body went out with sendfile (all time, this process). */
+unsigned long kt_smtp_sendfile_count(void);
+/* Connections not yet freed (this process). */
+long kt_smtp_live(void);
+
+#endif

@@ -1,0 +1,1346 @@
+/* SMTP server protocol (RFC 5321 with PIPELINING, SIZE, 8BITMIME,
+ * ENHANCEDSTATUSCODES, CHUNKING, SMTPUTF8 and STARTTLS).
+ *
+ * Input is processed command by command from the session's input buffer;
+ * replies are collected in the output buffer and written once the input
+ * buffer runs dry or the session must wait, so the replies to a pipelined
+ * group leave in one write. A 250 for a message is only sent from the
+ * delivery's commit callback, i.e. after every copy is fsync'd. */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <openssl/crypto.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/alloc.h"
+#include "core/log.h"
+#include "delivery/maildir.h"
+#include "smtpd/policy.h"
+#include "queue/qmgr.h"
+#include "queue/queue.h"
+#include "smtpd/sasl.h"
+#include "smtpd/server.h"
+#include "smtpd/session.h"
+#include "conf/settings.h"
+#include "tls/tls.h"
+
+/* AUTH failures in one session before it is disconnected. */
+#define AUTH_MAX_FAILURES 3
+/* Cap on the delay before a failure reply, in units of smtpd_error_sleep_time. */
+#define AUTH_MAX_DELAY_STEPS 5
+
+static void session_process(struct kt_session *s);
+static void bdat_fail(struct kt_session *s, const char *why);
+
+static const char *state_str(enum kt_session_state st)
+{
+    switch (st) {
+    case KT_SS_HANDSHAKE: return "STARTTLS";
+    case KT_SS_COMMAND: return "CONNECT";
+    case KT_SS_DATA: return "DATA";
+    case KT_SS_BDAT: return "BDAT";
+    case KT_SS_CLOSING: return "END-OF-MESSAGE";
+    }
+    return "?";
+}
+
+static void session_touch(struct kt_session *s)
+{
+    s->deadline = time(NULL) + s->cfg->timeout_s;
+}
+
+/* One reply line; counts errors and enforces smtpd_hard_error_limit. */
+static void reply(struct kt_session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void reply(struct kt_session *s, const char *fmt, ...)
+{
+    char line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof(line) - 2, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if ((size_t)n > sizeof(line) - 3)
+        n = (int)sizeof(line) - 3;
+    line[n++] = '\r';
+    line[n++] = '\n';
+    kt_buf_append(&s->out, line, (size_t)n);
+    if (line[0] == '4' || line[0] == '5') {
+        if (line[0] == '4' && line[1] == '2' && line[2] == '1')
+            return;
+        s->errors++;
+        if (s->errors > s->cfg->soft_error_limit)
+            s->tarpit_owed = 1;
+        if (s->errors >= s->cfg->hard_error_limit && s->state != KT_SS_CLOSING) {
+            kt_info("too many errors after %s from unknown[%s]", state_str(s->state), s->addr);
+            reply(s, "421 4.7.0 %s Error: too many errors", s->cfg->myhostname);
+            s->state = KT_SS_CLOSING;
+        }
+    }
+}
+
+static void make_queue_id(struct kt_session *s)
+{
+    static unsigned long counter;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    unsigned long c = __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED);
+    /* Postfix-like short hex id: time in usec plus a counter, unique per process */
+    snprintf(s->queue_id, sizeof(s->queue_id), "%05lX%05lX%02X", (unsigned long)(ts.tv_sec & 0xFFFFF),
+             (unsigned long)((ts.tv_nsec / 1000) & 0xFFFFF) ^ (c & 0xFFFFF), s->worker->id & 0xFF);
+}
+
+static void transaction_reset(struct kt_session *s)
+{
+    if (s->delivery) {
+        kt_delivery_abandon(s->delivery);
+        s->delivery = NULL;
+    }
+    s->in_transaction = 0;
+    s->sender[0] = '\0';
+    /* transaction memory goes back between messages: idle sessions stay small */
+    kt_buf_release(&s->rcpts);
+    s->n_rcpts = 0;
+    kt_buf_release(&s->relay_rcpts);
+    s->n_relay_rcpts = 0;
+    kt_free(s->mailboxes);
+    s->mailboxes = NULL;
+    s->n_mailboxes = 0;
+    s->msg_too_big = 0;
+    s->bdat_failed = 0;
+    s->bdat_error[0] = '\0';
+    s->bdat_last = 0;
+    s->bdat_left = 0;
+    s->msg_bytes = 0;
+    s->queue_id[0] = '\0';
+}
+
+static const char *protocol_name(const struct kt_session *s)
+{
+    if (!s->esmtp)
+        return s->tls_on ? "SMTPS" : "SMTP";
+    /* RFC 3848 */
+    if (s->sasl_username[0])
+        return s->tls_on ? "ESMTPSA" : "ESMTPA";
+    return s->tls_on ? "ESMTPS" : "ESMTP";
+}
+
+/* RFC 5321 4.4 trace header, in Postfix's layout. */
+static void add_received_header(struct kt_session *s)
+{
+    char date[64];
+    char hdr[1400];
+    time_t now = time(NULL);
+    struct tm tm;
+    localtime_r(&now, &tm);
+    strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S %z (%Z)", &tm);
+    int n = snprintf(hdr, sizeof(hdr), "Received: from %s (unknown [%s])\r\n", s->helo[0] ? s->helo : "unknown",
+                     s->addr);
+    if (s->sasl_username[0] && s->cfg->sasl_authenticated_header && n > 0 && (size_t)n < sizeof(hdr))
+        n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\t(Authenticated sender: %s)\r\n", s->sasl_username);
+    if (n > 0 && (size_t)n < sizeof(hdr))
+        n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\tby %s (%s) with %s id %s\r\n", s->cfg->myhostname,
+                      "ktrelay", protocol_name(s), s->queue_id);
+    if (s->tls_on && s->cfg->tls_received_header && n > 0 && (size_t)n < sizeof(hdr))
+        n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\t(using %s)\r\n", s->tls_desc);
+    if (n > 0 && (size_t)n < sizeof(hdr)) {
+        if (s->n_rcpts == 1)
+            n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\tfor <%s>; %s\r\n", s->rcpts.data, date);
+        else
+            n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\t%s\r\n", date);
+    }
+    if (n > 0 && (size_t)n < sizeof(hdr))
+        kt_delivery_append(s->delivery, hdr, (size_t)n);
+}
+
+/* ---- greeting, EHLO ---- */
+
+static void send_banner(struct kt_session *s)
+{
+    reply(s, "220 %s", s->cfg->banner);
+}
+
+static int tls_offerable(const struct kt_session *s)
+{
+    return s->cfg->tls && !s->tls_on && !s->cfg->wrappermode && s->cfg->tls_level != KT_TLS_NONE;
+}
+
+static int tls_required_first(struct kt_session *s)
+{
+    if (s->cfg->tls_level == KT_TLS_ENCRYPT && !s->tls_on) {
+        reply(s, "530 5.7.0 Must issue a STARTTLS command first");
+        return 1;
+    }
+    return 0;
+}
+
+/* Mechanisms AUTH may use right now. Mandatory TLS implies smtpd_tls_auth_only, as in Postfix. */
+static unsigned auth_mechs_now(const struct kt_session *s)
+{
+    if (!s->cfg->sasl_enable)
+        return 0;
+    if (!s->tls_on && (s->cfg->tls_auth_only || s->cfg->tls_level == KT_TLS_ENCRYPT))
+        return 0;
+    return s->tls_on ? s->cfg->sasl_tls_mechs : s->cfg->sasl_mechs;
+}
+
+static void mech_list(unsigned mechs, char *out, size_t outlen)
+{
+    snprintf(out, outlen, "%s%s%s", mechs & KT_MECH_PLAIN ? "PLAIN" : "",
+             (mechs & KT_MECH_PLAIN) && (mechs & KT_MECH_LOGIN) ? " " : "", mechs & KT_MECH_LOGIN ? "LOGIN" : "");
+}
+
+static void cmd_helo(struct kt_session *s, const struct kt_smtp_command *c, int ehlo)
+{
+    if (ehlo)
+        s->counts.ehlo++;
+    else
+        s->counts.helo++;
+    if (c->arg_len == 0) {
+        reply(s, "501 5.5.4 Syntax: %s hostname", ehlo ? "EHLO" : "HELO");
+        return;
+    }
+    if (!kt_smtp_valid_helo(c->arg, c->arg_len)) {
+        reply(s, "501 5.5.2 <%.*s>: Helo command rejected: Invalid name", (int)(c->arg_len > 255 ? 255 : c->arg_len), c->arg);
+        return;
+    }
+    transaction_reset(s);
+    size_t n = c->arg_len < sizeof(s->helo) - 1 ? c->arg_len : sizeof(s->helo) - 1;
+    memcpy(s->helo, c->arg, n);
+    s->helo[n] = '\0';
+    s->esmtp = ehlo;
+    if (!ehlo) {
+        s->counts.helo_ok++;
+        reply(s, "250 %s", s->cfg->myhostname);
+        return;
+    }
+    s->counts.ehlo_ok++;
+    kt_buf_printf(&s->out, "250-%s\r\n250-PIPELINING\r\n", s->cfg->myhostname);
+    if (s->cfg->message_size_limit > 0)
+        kt_buf_printf(&s->out, "250-SIZE %lld\r\n", s->cfg->message_size_limit);
+    else
+        kt_buf_printf(&s->out, "250-SIZE\r\n");
+    kt_buf_printf(&s->out, "250-VRFY\r\n");
+    if (tls_offerable(s))
+        kt_buf_printf(&s->out, "250-STARTTLS\r\n");
+    unsigned mechs = auth_mechs_now(s);
+    if (mechs) {
+        char list[32];
+        mech_list(mechs, list, sizeof(list));
+        kt_buf_printf(&s->out, "250-AUTH %s\r\n", list);
+        if (s->cfg->broken_sasl_auth_clients)
+            kt_buf_printf(&s->out, "250-AUTH=%s\r\n", list);
+    }
+    kt_buf_printf(&s->out, "250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n");
+}
+
+/* ---- MAIL, RCPT ---- */
+
+static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    struct kt_smtp_path path;
+    struct kt_mail_params p;
+
+    s->counts.mail++;
+    if (!s->helo[0]) {
+        reply(s, "503 5.5.1 Error: send HELO/EHLO first");
+        return;
+    }
+    if (tls_required_first(s))
+        return;
+    if (s->in_transaction) {
+        reply(s, "503 5.5.1 Error: nested MAIL command");
+        return;
+    }
+    const char *err = kt_smtp_parse_mail(c->arg, c->arg_len, &path, &p);
+    if (err) {
+        reply(s, "%s", err);
+        return;
+    }
+    if (path.utf8 && !p.smtputf8) {
+        reply(s, "553 5.6.7 Must declare SMTPUTF8 to send unicode address");
+        return;
+    }
+    if (p.size > 0 && s->cfg->message_size_limit > 0 && p.size > s->cfg->message_size_limit) {
+        reply(s, "552 5.3.4 Message size exceeds fixed limit");
+        return;
+    }
+    transaction_reset(s);
+    s->in_transaction = 1;
+    memcpy(s->sender, path.addr, path.addr_len + 1);
+    s->body_8bit = p.body != KT_BODY_7BIT;
+    clock_gettime(CLOCK_MONOTONIC, &s->t_start);
+    make_queue_id(s);
+    if (s->sasl_username[0])
+        kt_info("%s: client=unknown[%s], sasl_method=%s, sasl_username=%s", s->queue_id, s->addr, s->sasl_method,
+                s->sasl_username);
+    else
+        kt_info("%s: client=unknown[%s]", s->queue_id, s->addr);
+    s->counts.mail_ok++;
+    reply(s, "250 2.1.0 Ok");
+}
+
+static void add_mailbox(struct kt_session *s, const struct kt_mailbox *m)
+{
+    for (size_t i = 0; i < s->n_mailboxes; i++)
+        if (strcmp(s->mailboxes[i].path, m->path) == 0)
+            return;
+    /* n_mailboxes stays below KT_MAX_MAILBOXES (checked by the caller) */
+    if ((s->n_mailboxes & 7) == 0)
+        s->mailboxes = kt_realloc(s->mailboxes, (s->n_mailboxes + 8) * sizeof(*s->mailboxes));
+    s->mailboxes[s->n_mailboxes++] = *m;
+}
+
+static int rcpt_already(const struct kt_session *s, const char *addr)
+{
+    const char *p = s->rcpts.data;
+    for (unsigned i = 0; i < s->n_rcpts; i++) {
+        if (strcasecmp(p, addr) == 0)
+            return 1;
+        p += strlen(p) + 1;
+    }
+    return 0;
+}
+
+static void rcpt_reject(struct kt_session *s, const char *why, const char *rcpt)
+{
+    kt_info("NOQUEUE: reject: RCPT from unknown[%s]: %s; from=<%s> to=<%s> proto=%s helo=<%s>", s->addr, why,
+            s->sender, rcpt, protocol_name(s), s->helo);
+    reply(s, "%s", why);
+}
+
+/* ---- relay hand-over ----
+ * A recipient the restrictions allow to relay (class relay or default) is
+ * kept in s->relay_rcpts (and in s->rcpts with the others). A transaction
+ * with such a recipient is written, for all its recipients, into the queue
+ * (queue.h) instead of the Maildirs: the commit makes the queue file durable
+ * before the single 250, and the queue manager then delivers the local
+ * recipients to their Maildirs and relays the others. */
+#define RELAY_ENVELOPE_MAX (KT_DELIVERY_CHUNK / 2)
+
+static int relay_accept(struct kt_session *s, const char *addr)
+{
+    size_t n = strlen(addr) + 1;
+    /* the queue envelope is buffered in memory until the queue file exists */
+    if (kt_buf_used(&s->rcpts) + n + 6 * ((size_t)s->n_rcpts + 1) > RELAY_ENVELOPE_MAX)
+        return -1;
+    kt_buf_append(&s->relay_rcpts, addr, n);
+    s->n_relay_rcpts++;
+    kt_buf_append(&s->rcpts, addr, n);
+    s->n_rcpts++;
+    return 0;
+}
+
+static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    struct kt_smtp_path path;
+    struct kt_rcpt_params p;
+    struct kt_resolve_result res;
+
+    s->counts.rcpt++;
+    if (tls_required_first(s))
+        return;
+    if (!s->in_transaction) {
+        reply(s, "503 5.5.1 Error: need MAIL command");
+        return;
+    }
+    const char *err = kt_smtp_parse_rcpt(c->arg, c->arg_len, &path, &p);
+    if (err) {
+        reply(s, "%s", err);
+        return;
+    }
+    if (s->n_rcpts >= s->cfg->recipient_limit) {
+        reply(s, "452 4.5.3 Error: too many recipients");
+        return;
+    }
+    struct kt_policy_request pr = {
+        .client_addr = s->addr,
+        .helo = s->helo,
+        .sender = s->sender,
+        .recipient = path.addr,
+        .recipient_had_route = path.had_route,
+        .sasl_username = s->sasl_username[0] ? s->sasl_username : NULL,
+        .esmtp = s->esmtp,
+        .pipelined = s->cmd_pipelined,
+    };
+    struct kt_resolved_addr ra;
+    char why[700];
+    if (kt_policy_check_rcpt(s->cfg->policy, &pr, &ra, why, sizeof(why))) {
+        rcpt_reject(s, why, path.addr);
+        return;
+    }
+    if (ra.cls != KT_CLASS_LOCAL && ra.cls != KT_CLASS_VIRTUAL) {
+        if (!rcpt_already(s, ra.addr) && relay_accept(s, ra.addr) < 0) {
+            reply(s, "452 4.5.3 Error: too many recipients");
+            return;
+        }
+        s->counts.rcpt_ok++;
+        reply(s, "250 2.1.5 Ok");
+        return;
+    }
+    if (ra.rewritten)
+        memcpy(path.addr, ra.addr, strlen(ra.addr) + 1);
+    path.addr_len = strlen(path.addr);
+    kt_resolve_recipient(s->cfg->resolver, path.addr, &res);
+    if (res.reply) {
+        rcpt_reject(s, res.reply, path.addr);
+        return;
+    }
+    if (res.n_mailboxes == 0) {
+        reply(s, "550 5.1.1 <%s>: Recipient address rejected: alias forwards to remote addresses, "
+                 "which this server does not relay", path.addr);
+        return;
+    }
+    if (rcpt_already(s, path.addr)) {
+        s->counts.rcpt_ok++;
+        reply(s, "250 2.1.5 Ok");
+        return;
+    }
+    if (s->n_mailboxes + res.n_mailboxes > KT_MAX_MAILBOXES) {
+        reply(s, "452 4.5.3 Error: too many recipients");
+        return;
+    }
+    for (size_t i = 0; i < res.n_mailboxes; i++)
+        add_mailbox(s, &res.mailboxes[i]);
+    kt_buf_append(&s->rcpts, path.addr, path.addr_len + 1);
+    s->n_rcpts++;
+    s->counts.rcpt_ok++;
+    reply(s, "250 2.1.5 Ok");
+}
+
+/* ---- message body: DATA and BDAT ---- */
+
+static double elapsed_since(const struct timespec *t0)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)(now.tv_sec - t0->tv_sec) + (double)(now.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+static void on_commit(void *arg, int res)
+{
+    struct kt_session *s = arg;
+    s->wait = KT_WAIT_NONE;
+    if (res < 0) {
+        kt_err("%s: delivery failed: %s", s->queue_id, strerror(-res));
+        reply(s, "451 4.3.0 Error: queue file write error");
+    } else {
+        const char *r = s->rcpts.data;
+        double delay = elapsed_since(&s->t_start);
+        kt_info("%s: from=<%s>, size=%llu, nrcpt=%u (queue active)", s->queue_id, s->sender,
+                kt_delivery_size(s->delivery), s->n_rcpts);
+        if (s->n_relay_rcpts) {
+            kt_info("%s: queued for delivery as %s", s->queue_id, kt_delivery_name(s->delivery));
+            kt_qmgr_wakeup();
+        }
+        for (unsigned i = 0; i < s->n_rcpts && !s->n_relay_rcpts; i++) {
+            kt_info("%s: to=<%s>, relay=local, delay=%.2f, dsn=2.0.0, status=sent (delivered to maildir as %s)",
+                    s->queue_id, r, delay, kt_delivery_name(s->delivery));
+            r += strlen(r) + 1;
+        }
+        if (s->state == KT_SS_BDAT)
+            s->counts.bdat_ok++;
+        else
+            s->counts.data_ok++;
+        reply(s, "250 2.0.0 Ok: queued as %s", s->queue_id);
+    }
+    transaction_reset(s);
+    if (s->state != KT_SS_CLOSING)
+        s->state = KT_SS_COMMAND;
+    session_touch(s);
+    session_process(s);
+}
+
+static void commit_message(struct kt_session *s)
+{
+    s->wait = KT_WAIT_COMMIT;
+    kt_delivery_commit(s->delivery, on_commit, s);
+}
+
+static void on_drained(void *arg, int res)
+{
+    struct kt_session *s = arg;
+    if (s->wait != KT_WAIT_DRAIN)
+        return;
+    s->wait = KT_WAIT_NONE;
+    session_process(s);
+}
+
+static void on_spool_open(void *arg, int res)
+{
+    struct kt_session *s = arg;
+    s->wait = KT_WAIT_NONE;
+    if (res < 0) {
+        kt_err("%s: cannot create spool file: %s", s->queue_id, strerror(-res));
+        if (s->state == KT_SS_BDAT) {
+            /* the chunk's bytes still have to be read and thrown away */
+            bdat_fail(s, "451 4.3.0 Error: queue file write error");
+            kt_delivery_abandon(s->delivery);
+            s->delivery = NULL;
+        } else {
+            reply(s, "451 4.3.0 Error: queue file write error");
+            transaction_reset(s);
+            s->state = KT_SS_COMMAND;
+        }
+        session_process(s);
+        return;
+    }
+    kt_delivery_set_drain_cb(s->delivery, on_drained, s);
+    add_received_header(s);
+    if (s->state == KT_SS_DATA) {
+        kt_data_parser_init(&s->dp);
+        reply(s, "354 End data with <CR><LF>.<CR><LF>");
+    }
+    session_process(s);
+}
+
+static void start_spool(struct kt_session *s)
+{
+    if (s->n_relay_rcpts) {
+        const char **list = kt_calloc(s->n_rcpts, sizeof(*list));
+        const char *r = s->rcpts.data;
+        for (unsigned i = 0; i < s->n_rcpts; i++, r += strlen(r) + 1)
+            list[i] = r;
+        /* relay_accept keeps the envelope small enough for this never to be NULL */
+        s->delivery = kt_queue_delivery_new(&s->worker->loop, s->rt->queue_directory, s->sender, list, s->n_rcpts,
+                                            s->cfg->myhostname, s->worker->id);
+        kt_free(list);
+    }
+    if (!s->delivery)
+        s->delivery = kt_delivery_new(&s->worker->loop, s->mailboxes, s->n_mailboxes, s->cfg->myhostname,
+                                      s->worker->id);
+    s->wait = KT_WAIT_OPEN;
+    kt_delivery_open(s->delivery, on_spool_open, s);
+}
+
+static void cmd_data(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    s->counts.data++;
+    if (tls_required_first(s))
+        return;
+    if (c->arg_len) {
+        reply(s, "501 5.5.4 Syntax: DATA");
+        return;
+    }
+    if (!s->in_transaction) {
+        reply(s, "503 5.5.1 Error: need RCPT command");
+        return;
+    }
+    if (s->n_rcpts == 0) {
+        reply(s, "554 5.5.1 Error: no valid recipients");
+        return;
+    }
+    if (s->delivery) {
+        reply(s, "503 5.5.1 Error: DATA after BDAT");
+        return;
+    }
+    s->state = KT_SS_DATA;
+    start_spool(s);
+}
+
+static void data_finish(struct kt_session *s)
+{
+    s->state = KT_SS_COMMAND;
+    if (s->dp.bare_lf || s->dp.bare_cr) {
+        kt_info("%s: reject: bare <%s> in message body from unknown[%s]", s->queue_id,
+                s->dp.bare_lf ? "LF" : "CR", s->addr);
+        reply(s, "550 5.5.2 Error: bare <%s> received", s->dp.bare_lf ? "LF" : "CR");
+        transaction_reset(s);
+        return;
+    }
+    if (s->msg_too_big) {
+        kt_info("%s: reject: message size exceeds limit from unknown[%s]", s->queue_id, s->addr);
+        reply(s, "552 5.3.4 Error: message file too big");
+        transaction_reset(s);
+        return;
+    }
+    s->state = KT_SS_DATA;   /* kept until the commit callback */
+    commit_message(s);
+}
+
+static int body_fits(struct kt_session *s, unsigned long long more)
+{
+    long long limit = s->cfg->message_size_limit;
+    return limit <= 0 || s->msg_bytes + more <= (unsigned long long)limit;
+}
+
+static void data_feed(struct kt_session *s)
+{
+    char *head = kt_buf_head(&s->in);
+    size_t out_len = 0;
+    /* unstuffing never grows the data, so it runs in place */
+    size_t used = kt_data_parse(&s->dp, head, kt_buf_used(&s->in), head, &out_len);
+    int behind = 0;
+    if (!s->msg_too_big && !s->dp.bare_lf && !s->dp.bare_cr) {
+        if (!body_fits(s, out_len))
+            s->msg_too_big = 1;
+        else if (out_len) {
+            behind = kt_delivery_append(s->delivery, head, out_len);
+            s->msg_bytes += out_len;
+        }
+    }
+    kt_buf_consume(&s->in, used);
+    if (s->dp.done)
+        data_finish(s);
+    else if (behind)
+        s->wait = KT_WAIT_DRAIN;
+}
+
+/* A refused BDAT is answered only after its chunk has been read (RFC 3030). */
+static void bdat_fail(struct kt_session *s, const char *why)
+{
+    if (!s->bdat_failed)
+        snprintf(s->bdat_error, sizeof(s->bdat_error), "%s", why);
+    s->bdat_failed = 1;
+}
+
+static void bdat_chunk_done(struct kt_session *s)
+{
+    if (s->bdat_failed) {
+        s->state = KT_SS_COMMAND;
+        reply(s, "%s", s->bdat_error);
+        if (s->bdat_last)
+            transaction_reset(s);
+        return;
+    }
+    if (s->bdat_last) {
+        commit_message(s);
+        return;
+    }
+    s->state = KT_SS_COMMAND;
+    reply(s, "250 2.0.0 Ok: %llu bytes", s->msg_bytes);
+}
+
+static void on_spliced(void *arg, int res)
+{
+    struct kt_session *s = arg;
+    s->wait = KT_WAIT_NONE;
+    if (res > 0) {
+        s->bdat_left -= (unsigned long long)res;
+        s->msg_bytes += (unsigned long long)res;
+        session_touch(s);
+        if (s->bdat_left == 0)
+            bdat_chunk_done(s);
+    } else if (res == 0) {
+        kt_info("lost connection after BDAT from unknown[%s]", s->addr);
+        s->dead = 1;
+    } else if (res != -EINVAL) {
+        /* -EINVAL: a kTLS control record is next; the normal read path handles it */
+        kt_info("BDAT splice from unknown[%s] failed: %s", s->addr, strerror(-res));
+        s->dead = 1;
+    }
+    if (s->dead) {
+        kt_xprt_close(s);
+        kt_session_maybe_free(s);
+        return;
+    }
+    session_process(s);
+}
+
+/* Bytes of a chunk already in the input buffer are copied; the rest moves
+ * socket -> pipe -> file with splice(2) when the transport allows it. */
+static void bdat_feed(struct kt_session *s)
+{
+    size_t avail = kt_buf_used(&s->in);
+    size_t take = avail < s->bdat_left ? avail : (size_t)s->bdat_left;
+    if (take) {
+        if (!s->bdat_failed) {
+            if (!body_fits(s, take)) {
+                bdat_fail(s, "552 5.3.4 Error: message file too big");
+            } else {
+                if (kt_delivery_append(s->delivery, kt_buf_head(&s->in), take))
+                    s->wait = KT_WAIT_DRAIN;
+                s->msg_bytes += take;
+            }
+        }
+        kt_buf_consume(&s->in, take);
+        s->bdat_left -= take;
+    }
+    if (s->bdat_left == 0) {
+        bdat_chunk_done(s);
+        return;
+    }
+    if (s->wait == KT_WAIT_NONE && !s->bdat_failed && kt_buf_used(&s->in) == 0
+        && s->bdat_left >= 8192
+        && kt_xprt_can_splice(s)) {
+        if (!body_fits(s, s->bdat_left)) {
+            bdat_fail(s, "552 5.3.4 Error: message file too big");
+            return;
+        }
+        s->wait = KT_WAIT_SPLICE;
+        kt_delivery_splice(s->delivery, s->fd, (size_t)s->bdat_left, on_spliced, s);
+    }
+}
+
+static void cmd_bdat(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    unsigned long long size;
+    int last;
+
+    s->counts.bdat++;
+    const char *err = kt_smtp_parse_bdat(c->arg, c->arg_len, &size, &last);
+    if (err) {
+        /* without a valid size the chunk cannot be skipped: the session cannot continue */
+        reply(s, "%s", err);
+        reply(s, "421 4.5.0 %s Error: cannot resynchronize after bad BDAT", s->cfg->myhostname);
+        s->state = KT_SS_CLOSING;
+        return;
+    }
+    s->state = KT_SS_BDAT;
+    s->bdat_left = size;
+    s->bdat_last = last;
+    if (s->cfg->tls_level == KT_TLS_ENCRYPT && !s->tls_on)
+        bdat_fail(s, "530 5.7.0 Must issue a STARTTLS command first");
+    else if (!s->in_transaction)
+        bdat_fail(s, "503 5.5.1 Error: need MAIL command");
+    else if (s->n_rcpts == 0)
+        bdat_fail(s, "554 5.5.1 Error: no valid recipients");
+    if (s->delivery == NULL && !s->bdat_failed)
+        start_spool(s);
+}
+
+/* ---- other commands ---- */
+
+static void cmd_vrfy(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    struct kt_resolve_result res;
+    char addr[520];
+    s->counts.vrfy++;
+    if (c->arg_len == 0) {
+        reply(s, "501 5.5.4 Syntax: VRFY address");
+        return;
+    }
+    size_t n = c->arg_len;
+    const char *a = c->arg;
+    if (n >= 2 && a[0] == '<' && a[n - 1] == '>') {
+        a++;
+        n -= 2;
+    }
+    if (n == 0 || n >= sizeof(addr)) {
+        reply(s, "501 5.1.3 Bad recipient address syntax");
+        return;
+    }
+    memcpy(addr, a, n);
+    addr[n] = '\0';
+    kt_resolve_recipient(s->cfg->resolver, addr, &res);
+    if (res.reply)
+        reply(s, "%s", res.reply);
+    else if (res.cls == KT_CLASS_LOCAL || res.cls == KT_CLASS_VIRTUAL)
+        reply(s, "252 2.0.0 %s", addr);
+    else
+        reply(s, "554 5.7.1 <%s>: Relay access denied", addr);
+}
+
+static void cmd_starttls(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    s->counts.starttls++;
+    if (c->arg_len) {
+        reply(s, "501 5.5.4 Syntax: STARTTLS");
+        return;
+    }
+    if (s->tls_on) {
+        reply(s, "554 5.5.1 Error: TLS already active");
+        return;
+    }
+    if (!tls_offerable(s)) {
+        reply(s, "502 5.5.1 Error: command not implemented");
+        return;
+    }
+    reply(s, "220 2.0.0 Ready to start TLS");
+    s->wait = KT_WAIT_STARTTLS;
+}
+
+/* ---- AUTH (RFC 4954) ---- */
+
+/* The check request and the session it answers to; req comes first so that
+ * the completion's kt_op leads back here. */
+struct auth_job {
+    struct kt_auth_req req;
+    struct kt_session *s;
+};
+
+static void auth_job_free(struct kt_session *s)
+{
+    if (!s->auth_req)
+        return;
+    OPENSSL_cleanse(s->auth_req, sizeof(struct auth_job));
+    kt_free(s->auth_req);
+    s->auth_req = NULL;
+}
+
+static void auth_end(struct kt_session *s)
+{
+    s->auth_step = KT_AUTH_NONE;
+    auth_job_free(s);
+}
+
+static void auth_fail_reply(struct kt_session *s)
+{
+    reply(s, "%s", s->auth_reply);
+    if (s->auth_failures >= AUTH_MAX_FAILURES && s->state != KT_SS_CLOSING) {
+        kt_info("too many authentication failures from unknown[%s]", s->addr);
+        reply(s, "421 4.7.0 %s Error: too many authentication failures", s->cfg->myhostname);
+        s->state = KT_SS_CLOSING;
+    }
+}
+
+static void on_auth_delay(struct kt_op *op, int res, unsigned flags)
+{
+    struct kt_session *s = (struct kt_session *)((char *)op - offsetof(struct kt_session, delay_op));
+    s->pending--;
+    s->wait = KT_WAIT_NONE;
+    if (!s->dead)
+        auth_fail_reply(s);
+    session_process(s);
+}
+
+/* A wrong password is answered late, later the more failures came from the
+ * same address recently (across connections), and a session that keeps
+ * failing is closed: guessing gets slow and then stops. */
+static void auth_failed(struct kt_session *s, const char *why)
+{
+    kt_warn("unknown[%s]: SASL %s authentication failed: %s", s->addr, s->sasl_method, why);
+    s->auth_failures++;
+    snprintf(s->auth_reply, sizeof(s->auth_reply), "535 5.7.8 Error: authentication failed: %s", why);
+    unsigned recent = kt_auth_fail_record(s->addr);
+    unsigned steps = recent > 1 ? recent - 1 : 0;
+    if (steps > AUTH_MAX_DELAY_STEPS)
+        steps = AUTH_MAX_DELAY_STEPS;
+    long long ms = (long long)steps * s->cfg->error_sleep_ms;
+    if (ms <= 0) {
+        auth_fail_reply(s);
+        return;
+    }
+    s->delay_ts.tv_sec = ms / 1000;
+    s->delay_ts.tv_nsec = (ms % 1000) * 1000000;
+    s->delay_op.cb = on_auth_delay;
+    s->wait = KT_WAIT_AUTH;
+    s->pending++;
+    io_uring_prep_timeout(kt_loop_sqe(&s->worker->loop, &s->delay_op), &s->delay_ts, 0, 0);
+}
+
+static void on_auth_checked(struct kt_op *op, int res, unsigned flags)
+{
+    struct auth_job *job = (struct auth_job *)op;
+    struct kt_session *s = job->s;
+
+    s->pending--;
+    s->wait = KT_WAIT_NONE;
+    if (s->dead) {
+        auth_job_free(s);
+        kt_session_maybe_free(s);
+        return;
+    }
+    if (res == KT_AUTH_OK) {
+        snprintf(s->sasl_username, sizeof(s->sasl_username), "%s", job->req.canon_user);
+        kt_auth_fail_forget(s->addr);
+        s->counts.auth_ok++;
+        reply(s, "235 2.7.0 Authentication successful");
+    } else if (res == KT_AUTH_TEMP) {
+        kt_warn("unknown[%s]: SASL %s authentication failed: %s", s->addr, s->sasl_method, job->req.reason);
+        reply(s, "454 4.7.0 Temporary authentication failure: %s", job->req.reason);
+    } else {
+        char why[sizeof(job->req.reason)];
+        memcpy(why, job->req.reason, sizeof(why));
+        auth_job_free(s);
+        auth_failed(s, why[0] ? why : "authentication failure");
+    }
+    auth_job_free(s);
+    session_process(s);
+}
+
+static void auth_check(struct kt_session *s)
+{
+    struct auth_job *job = (struct auth_job *)s->auth_req;
+    struct kt_auth_req *req = &job->req;
+    const char *realm = s->cfg->sasl_local_domain;
+
+    s->auth_step = KT_AUTH_NONE;
+    if (realm[0] && !strchr(req->user, '@')) {
+        size_t n = strlen(req->user);
+        if (n + 1 + strlen(realm) >= sizeof(req->user)) {
+            auth_end(s);
+            auth_failed(s, "authentication failure");
+            return;
+        }
+        snprintf(req->user + n, sizeof(req->user) - n, "@%s", realm);
+    }
+    job->s = s;
+    req->op.cb = on_auth_checked;
+    req->srv = s->cfg->sasl;
+    req->ring_fd = s->worker->loop.ring.ring_fd;
+    req->secured = s->tls_on;
+    snprintf(req->client_addr, sizeof(req->client_addr), "%s", s->addr);
+    s->wait = KT_WAIT_AUTH;
+    s->pending++;
+    kt_auth_submit(req);
+}
+
+/* Decoded client response; 0, or -1 after replying (the exchange is over). */
+static int auth_decode(struct kt_session *s, const char *b64, size_t len, char *out, size_t outlen, size_t *n,
+                       int initial)
+{
+    ssize_t r = len == 1 && b64[0] == '=' && initial ? 0 : kt_base64_decode(b64, len, out, outlen - 1);
+    if (r < 0) {
+        kt_warn("unknown[%s]: SASL %s authentication failed: malformed base64 in %s response", s->addr,
+                s->sasl_method, initial ? "initial" : "continued");
+        reply(s, "501 5.5.2 Invalid base64 data in %s response", initial ? "initial" : "continued");
+        auth_end(s);
+        return -1;
+    }
+    out[r] = '\0';
+    *n = (size_t)r;
+    return 0;
+}
+
+static void auth_plain(struct kt_session *s, char *msg, size_t n)
+{
+    struct kt_auth_req *req = s->auth_req;
+    const char *authzid, *authcid, *passwd;
+    if (kt_sasl_plain_split(msg, n, &authzid, &authcid, &passwd) < 0 || strlen(authcid) >= sizeof(req->user)
+        || strlen(passwd) >= sizeof(req->pass)) {
+        auth_end(s);
+        auth_failed(s, "malformed PLAIN message");
+        return;
+    }
+    if (authzid[0] && strcmp(authzid, authcid) != 0) {
+        auth_end(s);
+        auth_failed(s, "authorization identity differs from the login");
+        return;
+    }
+    memcpy(req->user, authcid, strlen(authcid) + 1);
+    memcpy(req->pass, passwd, strlen(passwd) + 1);
+    auth_check(s);
+}
+
+/* LOGIN: the user name (step 1) or the password (step 2). */
+static void auth_login(struct kt_session *s, const char *v, size_t n)
+{
+    struct kt_auth_req *req = s->auth_req;
+    if (memchr(v, '\0', n) || n >= sizeof(req->user) || (s->auth_step == KT_AUTH_LOGIN_USER && n == 0)) {
+        auth_end(s);
+        auth_failed(s, "malformed LOGIN response");
+        return;
+    }
+    if (s->auth_step == KT_AUTH_LOGIN_USER) {
+        memcpy(req->user, v, n + 1);
+        s->auth_step = KT_AUTH_LOGIN_PASS;
+        reply(s, "334 UGFzc3dvcmQ6");   /* "Password:" */
+        return;
+    }
+    memcpy(req->pass, v, n + 1);
+    auth_check(s);
+}
+
+static void auth_response(struct kt_session *s, const char *line, size_t len)
+{
+    char buf[1024];
+    size_t n;
+
+    if (len == 1 && line[0] == '*') {
+        kt_warn("unknown[%s]: SASL %s authentication aborted", s->addr, s->sasl_method);
+        auth_end(s);
+        reply(s, "501 5.7.0 Authentication aborted");
+        return;
+    }
+    if (auth_decode(s, line, len, buf, sizeof(buf), &n, 0) < 0)
+        return;
+    if (s->auth_step == KT_AUTH_PLAIN_RESPONSE)
+        auth_plain(s, buf, n);
+    else
+        auth_login(s, buf, n);
+    OPENSSL_cleanse(buf, sizeof(buf));
+}
+
+static void cmd_auth(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    s->counts.auth++;
+    if (!s->cfg->sasl_enable) {
+        reply(s, "503 5.5.1 Error: authentication not enabled");
+        return;
+    }
+    if (tls_required_first(s))
+        return;
+    if (!s->helo[0]) {
+        reply(s, "503 5.5.1 Error: send HELO/EHLO first");
+        return;
+    }
+    if (!s->tls_on && s->cfg->tls_auth_only) {
+        reply(s, "538 5.7.11 Encryption required for requested authentication mechanism");
+        return;
+    }
+    if (s->sasl_username[0]) {
+        reply(s, "503 5.5.1 Error: already authenticated");
+        return;
+    }
+    if (s->in_transaction) {
+        reply(s, "503 5.5.1 Error: MAIL transaction in progress");
+        return;
+    }
+    size_t mlen = 0;
+    while (mlen < c->arg_len && c->arg[mlen] != ' ')
+        mlen++;
+    if (mlen == 0) {
+        reply(s, "501 5.5.4 Syntax: AUTH mechanism");
+        return;
+    }
+    unsigned mech = kt_sasl_mech_from_name(c->arg, mlen);
+    if (!mech) {
+        reply(s, "504 5.5.4 Unrecognized authentication type");
+        return;
+    }
+    if (!(auth_mechs_now(s) & mech)) {
+        if (!s->tls_on && (s->cfg->sasl_tls_mechs & mech))
+            reply(s, "538 5.7.11 Encryption required for requested authentication mechanism");
+        else
+            reply(s, "504 5.5.4 Unrecognized authentication type");
+        return;
+    }
+    const char *ir = c->arg + mlen;
+    size_t ir_len = c->arg_len - mlen;
+    while (ir_len && *ir == ' ') {
+        ir++;
+        ir_len--;
+    }
+    s->sasl_method = mech == KT_MECH_PLAIN ? "PLAIN" : "LOGIN";
+    s->auth_req = kt_calloc(1, sizeof(struct auth_job));
+    if (!ir_len) {
+        s->auth_step = mech == KT_MECH_PLAIN ? KT_AUTH_PLAIN_RESPONSE : KT_AUTH_LOGIN_USER;
+        reply(s, mech == KT_MECH_PLAIN ? "334 " : "334 VXNlcm5hbWU6");   /* "Username:" */
+        return;
+    }
+    char buf[1024];
+    size_t n;
+    if (auth_decode(s, ir, ir_len, buf, sizeof(buf), &n, 1) < 0)
+        return;
+    if (mech == KT_MECH_PLAIN) {
+        auth_plain(s, buf, n);
+    } else {
+        s->auth_step = KT_AUTH_LOGIN_USER;
+        auth_login(s, buf, n);
+    }
+    OPENSSL_cleanse(buf, sizeof(buf));
+}
+
+static void handle_command(struct kt_session *s, const char *line, size_t len)
+{
+    struct kt_smtp_command c;
+    kt_smtp_parse_command(line, len, &c);
+    s->counts.total++;
+    switch (c.verb) {
+    case KT_VERB_EHLO: cmd_helo(s, &c, 1); break;
+    case KT_VERB_HELO: cmd_helo(s, &c, 0); break;
+    case KT_VERB_MAIL: cmd_mail(s, &c); break;
+    case KT_VERB_RCPT: cmd_rcpt(s, &c); break;
+    case KT_VERB_DATA: cmd_data(s, &c); break;
+    case KT_VERB_BDAT: cmd_bdat(s, &c); break;
+    case KT_VERB_VRFY: cmd_vrfy(s, &c); break;
+    case KT_VERB_STARTTLS: cmd_starttls(s, &c); break;
+    case KT_VERB_RSET:
+        s->counts.rset++;
+        transaction_reset(s);
+        reply(s, "250 2.0.0 Ok");
+        break;
+    case KT_VERB_NOOP:
+        s->counts.noop++;
+        reply(s, "250 2.0.0 Ok");
+        break;
+    case KT_VERB_QUIT:
+        s->counts.quit++;
+        reply(s, "221 2.0.0 Bye");
+        s->state = KT_SS_CLOSING;
+        break;
+    case KT_VERB_HELP:
+        reply(s, "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP%s",
+              tls_offerable(s) ? " STARTTLS" : "");
+        break;
+    case KT_VERB_AUTH:
+        cmd_auth(s, &c);
+        break;
+    case KT_VERB_EXPN:
+    case KT_VERB_ETRN:
+        reply(s, "502 5.5.1 Error: command not implemented");
+        break;
+    default:
+        s->counts.unknown++;
+        reply(s, "502 5.5.2 Error: command not recognized");
+        break;
+    }
+}
+
+static void on_tarpit_done(struct kt_op *op, int res, unsigned flags)
+{
+    struct kt_session *s = (struct kt_session *)((char *)op - offsetof(struct kt_session, delay_op));
+    s->pending--;
+    s->wait = KT_WAIT_NONE;
+    session_process(s);
+}
+
+/* Past smtpd_soft_error_limit errors, each error reply waits
+ * smtpd_error_sleep_time before it is sent, as in Postfix: a client that
+ * keeps failing (address harvesting, broken scripts) gets slow. */
+static void tarpit(struct kt_session *s)
+{
+    s->tarpit_owed = 0;
+    if (s->cfg->error_sleep_ms <= 0 || s->wait != KT_WAIT_NONE || s->state == KT_SS_CLOSING)
+        return;
+    s->delay_ts.tv_sec = s->cfg->error_sleep_ms / 1000;
+    s->delay_ts.tv_nsec = (s->cfg->error_sleep_ms % 1000) * 1000000;
+    s->delay_op.cb = on_tarpit_done;
+    s->wait = KT_WAIT_TARPIT;
+    s->pending++;
+    io_uring_prep_timeout(kt_loop_sqe(&s->worker->loop, &s->delay_op), &s->delay_ts, 0, 0);
+}
+
+static void command_feed(struct kt_session *s)
+{
+    char *head = kt_buf_head(&s->in);
+    size_t avail = kt_buf_used(&s->in);
+    size_t line_len, consumed;
+    int bare_lf = 0;
+
+    if (s->discard_line) {
+        const char *lf = memchr(head, '\n', avail);
+        kt_buf_consume(&s->in, lf ? (size_t)(lf - head) + 1 : avail);
+        if (lf)
+            s->discard_line = 0;
+        return;
+    }
+    enum kt_line_status st = kt_smtp_frame_line(head, avail, s->cfg->line_length_limit, &line_len, &consumed,
+                                                &bare_lf);
+    if (st == KT_LINE_MORE) {
+        s->wait = KT_WAIT_NONE;
+        return;
+    }
+    if (st == KT_LINE_TOO_LONG) {
+        reply(s, "500 5.5.2 Error: line too long");
+        s->discard_line = 1;
+        auth_end(s);
+        return;
+    }
+    s->cmd_pipelined = consumed < avail;
+    if (s->auth_step != KT_AUTH_NONE)
+        auth_response(s, head, line_len);
+    else
+        handle_command(s, head, line_len);
+    kt_buf_consume(&s->in, consumed);
+    if (s->wait == KT_WAIT_STARTTLS && kt_buf_used(&s->in)) {
+        /* CVE-2011-0411: plaintext pipelined after STARTTLS must not be
+         * executed inside the TLS session */
+        kt_info("improper command pipelining after STARTTLS from unknown[%s]: discarded %zu bytes", s->addr,
+                kt_buf_used(&s->in));
+        kt_buf_reset(&s->in);
+    }
+    if (s->tarpit_owed)
+        tarpit(s);
+}
+
+/* Run the input buffer through the protocol until it is empty or the session
+ * must wait for an asynchronous step; then write replies and read more. */
+static void session_process(struct kt_session *s)
+{
+    while (!s->dead && s->wait == KT_WAIT_NONE && s->state != KT_SS_CLOSING && s->state != KT_SS_HANDSHAKE) {
+        size_t before = kt_buf_used(&s->in);
+        enum kt_session_state st = s->state;
+        if (st == KT_SS_BDAT) {
+            bdat_feed(s);
+            if (s->state == KT_SS_BDAT && kt_buf_used(&s->in) == 0)
+                break;
+            continue;
+        }
+        if (before == 0)
+            break;
+        if (st == KT_SS_COMMAND)
+            command_feed(s);
+        else if (st == KT_SS_DATA)
+            data_feed(s);
+        if (kt_buf_used(&s->in) == before && s->state == st && s->wait == KT_WAIT_NONE)
+            break;   /* incomplete line: read more */
+    }
+    if (s->dead) {
+        kt_session_maybe_free(s);
+        return;
+    }
+    /* Between messages a session keeps at most a small input buffer: memory
+     * per idle session matters with many thousands of them. */
+    if (kt_buf_used(&s->in) == 0 && (s->in.cap > 65536 || (s->in.cap > 4096 && s->state == KT_SS_COMMAND)))
+        kt_buf_release(&s->in);
+    if (s->wait != KT_WAIT_TARPIT)   /* the held error reply leaves when the delay ends */
+        kt_xprt_flush(s);
+    if (!s->dead && s->wait == KT_WAIT_NONE && s->state != KT_SS_CLOSING && s->state != KT_SS_HANDSHAKE)
+        kt_xprt_arm_read(s);
+    kt_session_maybe_free(s);
+}
+
+void kt_session_on_input(struct kt_session *s)
+{
+    session_touch(s);
+    session_process(s);
+}
+
+void kt_session_on_sent(struct kt_session *s)
+{
+    if (s->state == KT_SS_CLOSING) {
+        kt_xprt_close(s);
+        kt_session_maybe_free(s);
+        return;
+    }
+    if (s->wait == KT_WAIT_STARTTLS) {
+        s->tls_used_starttls = 1;
+        s->state = KT_SS_HANDSHAKE;
+        s->deadline = time(NULL) + s->cfg->starttls_timeout_s;
+        kt_xprt_start_tls(s);
+    }
+}
+
+void kt_session_on_tls_ready(struct kt_session *s)
+{
+    s->state = KT_SS_COMMAND;
+    s->wait = KT_WAIT_NONE;
+    session_touch(s);
+    if (s->tls_used_starttls) {
+        /* RFC 3207 4.2: forget everything learned before the handshake */
+        transaction_reset(s);
+        s->helo[0] = '\0';
+        s->esmtp = 0;
+        s->sasl_username[0] = '\0';
+    } else {
+        send_banner(s);
+    }
+    session_process(s);
+}
+
+static void log_disconnect(struct kt_session *s)
+{
+    char buf[512];
+    size_t n = 0;
+    const struct kt_cmd_counts *c = &s->counts;
+#define COUNT(name, tried, ok)                                                                      \
+    if (tried && n < sizeof(buf))                                                                   \
+    {                                                                                               \
+        if (ok == tried)                                                                            \
+            n += (size_t)snprintf(buf + n, sizeof(buf) - n, " %s=%u", name, tried);                 \
+        else                                                                                        \
+            n += (size_t)snprintf(buf + n, sizeof(buf) - n, " %s=%u/%u", name, ok, tried);          \
+    }
+    unsigned quit_ok = c->quit, starttls_ok = c->starttls && s->tls_used_starttls ? c->starttls : 0;
+    COUNT("helo", c->helo, c->helo_ok);
+    COUNT("ehlo", c->ehlo, c->ehlo_ok);
+    COUNT("starttls", c->starttls, starttls_ok);
+    COUNT("auth", c->auth, c->auth_ok);
+    COUNT("mail", c->mail, c->mail_ok);
+    COUNT("rcpt", c->rcpt, c->rcpt_ok);
+    COUNT("data", c->data, c->data_ok);
+    COUNT("bdat", c->bdat, c->bdat_ok);
+    COUNT("rset", c->rset, c->rset);
+    COUNT("noop", c->noop, c->noop);
+    COUNT("vrfy", c->vrfy, c->vrfy);
+    COUNT("quit", c->quit, quit_ok);
+    COUNT("unknown", c->unknown, 0u);
+#undef COUNT
+    buf[n < sizeof(buf) ? n : sizeof(buf) - 1] = '\0';
+    kt_info("disconnect from unknown[%s]%s commands=%u", s->addr, buf, c->total);
+}
+
+void kt_session_maybe_free(struct kt_session *s)
+{
+    if (!s->dead || s->pending)
+        return;
+    if (s->fd >= 0) {
+        close(s->fd);
+        s->fd = -1;
+    }
+    log_disconnect(s);
+    transaction_reset(s);
+    if (s->ssl)
+        SSL_free(s->ssl);
+    kt_buf_release(&s->in);
+    kt_buf_release(&s->out);
+    kt_buf_release(&s->rcpts);
+    kt_buf_release(&s->relay_rcpts);
+    auth_job_free(s);
+    kt_worker_session_gone(s->worker, s);
+    kt_runtime_unref(s->rt);
+    kt_free(s);
+}
+
+void kt_session_timeout(struct kt_session *s)
+{
+    if (s->dead || s->state == KT_SS_CLOSING)
+        return;
+    if (s->wait == KT_WAIT_COMMIT || s->wait == KT_WAIT_OPEN || s->wait == KT_WAIT_DRAIN || s->wait == KT_WAIT_AUTH
+        || s->wait == KT_WAIT_TARPIT)
+        return;   /* waiting on our own disk or password check, not on the client */
+    kt_info("timeout after %s from unknown[%s]", state_str(s->state), s->addr);
+    if (s->state == KT_SS_HANDSHAKE || s->wait == KT_WAIT_SPLICE) {
+        /* no plaintext reply is possible mid-handshake or mid-splice */
+        kt_xprt_close(s);
+        kt_session_maybe_free(s);
+        return;
+    }
+    reply(s, "421 4.4.2 %s Error: timeout exceeded", s->cfg->myhostname);
+    s->state = KT_SS_CLOSING;
+    kt_xprt_flush(s);
+    kt_session_maybe_free(s);
+}
+
+void kt_session_shutdown(struct kt_session *s)
+{
+    if (s->dead || s->state == KT_SS_CLOSING || s->wait != KT_WAIT_NONE)
+        return;
+    if (s->state == KT_SS_HANDSHAKE) {
+        kt_xprt_close(s);
+        kt_session_maybe_free(s);
+        return;
+    }
+    reply(s, "421 4.3.2 %s Service shutting down, closing transmission channel", s->cfg->myhostname);
+    s->state = KT_SS_CLOSING;
+    kt_xprt_flush(s);
+    kt_session_maybe_free(s);
+}
+
+void kt_session_start(struct kt_worker *w, int fd, const struct sockaddr *sa, socklen_t salen,
+                      struct kt_runtime *rt, const struct kt_smtpd_settings *cfg)
+{
+    struct kt_session *s = kt_calloc(1, sizeof(*s));
+    s->worker = w;
+    s->rt = kt_runtime_ref(rt);
+    s->cfg = cfg;
+    s->fd = fd;
+    kt_xprt_init_ops(s);
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &in->sin_addr, s->addr, sizeof(s->addr));
+        s->port = ntohs(in->sin_port);
+    } else if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr))
+            inet_ntop(AF_INET, &in6->sin6_addr.s6_addr[12], s->addr, sizeof(s->addr));
+        else
+            inet_ntop(AF_INET6, &in6->sin6_addr, s->addr, sizeof(s->addr));
+        s->port = ntohs(in6->sin6_port);
+    } else {
+        snprintf(s->addr, sizeof(s->addr), "unknown");
+    }
+    (void)salen;
+    s->next = w->sessions;
+    if (w->sessions)
+        w->sessions->prev = s;
+    w->sessions = s;
+    w->n_sessions++;
+    kt_info("connect from unknown[%s]", s->addr);
+    if (cfg->wrappermode) {
+        s->state = KT_SS_HANDSHAKE;
+        s->deadline = time(NULL) + cfg->starttls_timeout_s;
+        kt_xprt_start_tls(s);
+        return;
+    }
+    s->state = KT_SS_COMMAND;
+    session_touch(s);
+    send_banner(s);
+    session_process(s);
+}

@@ -1,0 +1,151 @@
+/* One SMTP server session. The protocol logic (session.c) sees the network
+ * only through the transport functions (transport.c), which hide whether bytes
+ * move as plaintext, through userspace OpenSSL, or through kernel TLS. */
+#ifndef KTRELAY_SESSION_H
+#define KTRELAY_SESSION_H
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <openssl/ssl.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "core/buf.h"
+#include "core/loop.h"
+#include "delivery/resolve.h"
+#include "smtpd/smtp_parse.h"
+
+struct kt_worker;
+struct kt_runtime;
+struct kt_smtpd_settings;
+struct kt_delivery;
+struct kt_auth_req;
+
+enum kt_session_state {
+    KT_SS_HANDSHAKE,      /* TLS handshake in progress (wrapper mode or after STARTTLS) */
+    KT_SS_COMMAND,        /* reading commands */
+    KT_SS_DATA,           /* reading a DATA body */
+    KT_SS_BDAT,           /* reading a BDAT chunk */
+    KT_SS_CLOSING,        /* flushing the last reply, then close */
+};
+
+/* What blocks input processing until an asynchronous step completes. */
+enum kt_session_wait {
+    KT_WAIT_NONE,
+    KT_WAIT_OPEN,         /* spool file being created before 354 / first BDAT chunk */
+    KT_WAIT_COMMIT,       /* message being made durable before 250 */
+    KT_WAIT_SPLICE,       /* BDAT bytes moving socket -> pipe -> file */
+    KT_WAIT_DRAIN,        /* spool writes behind: stop reading until they catch up */
+    KT_WAIT_STARTTLS,     /* "220 Ready to start TLS" being sent */
+    KT_WAIT_AUTH,         /* password check on the auth pool, or the delay after a failure */
+    KT_WAIT_TARPIT,       /* error reply held for smtpd_error_sleep_time (soft error limit) */
+};
+
+/* Where an AUTH exchange stands. */
+enum kt_auth_step {
+    KT_AUTH_NONE,
+    KT_AUTH_PLAIN_RESPONSE,   /* "334 " sent, waiting for the PLAIN message */
+    KT_AUTH_LOGIN_USER,       /* "334 VXNlcm5hbWU6" sent */
+    KT_AUTH_LOGIN_PASS,       /* "334 UGFzc3dvcmQ6" sent */
+};
+
+/* Counters for the disconnect log line, like Postfix's "ehlo=1 mail=1 ...". */
+struct kt_cmd_counts {
+    unsigned helo, ehlo, starttls, auth, mail, rcpt, data, bdat, rset, noop, vrfy, quit, unknown, total;
+    unsigned helo_ok, ehlo_ok, auth_ok, mail_ok, rcpt_ok, data_ok, bdat_ok;
+};
+
+#define KT_MAX_MAILBOXES 64
+
+struct kt_session {
+    struct kt_session *next, *prev;        /* worker's session list */
+    struct kt_worker *worker;
+    struct kt_runtime *rt;                 /* reference held for the session's life */
+    const struct kt_smtpd_settings *cfg;
+    int fd;
+    char addr[INET6_ADDRSTRLEN];
+    int port;
+    enum kt_session_state state;
+    enum kt_session_wait wait;
+    unsigned pending;                      /* io_uring operations in flight; free only at 0 */
+    int dead;                              /* socket closed or errored: finish and free */
+    time_t deadline;                       /* idle/handshake timeout, checked by the worker tick */
+
+    struct kt_op rx_op, tx_op, rx_poll_op, tx_poll_op, cancel_op;
+    struct kt_buf in, out;
+    size_t out_inflight;                   /* bytes of out given to a send in flight */
+    int rx_armed, tx_armed;
+    int discard_line;                      /* skipping the rest of an over-long command line */
+    int cmd_pipelined;                     /* more input was waiting behind the current command */
+
+    /* TLS */
+    SSL *ssl;
+    int tls_on;                            /* handshake done, all I/O is TLS */
+    int tls_used_starttls;
+    int ktls_tx, ktls_rx;                  /* direction offloaded to the kernel */
+    char tls_desc[160];                    /* "TLSv1.3 with cipher ..." */
+    struct msghdr rx_msg;                  /* kTLS RX: recvmsg carries the record type */
+    struct iovec rx_iov;
+    uint8_t rx_cmsg[64];
+    unsigned char tls13_rx_secret[64];     /* client traffic secret for own-key TLS 1.3 RX */
+    size_t tls13_rx_secret_len;
+
+    /* SMTP state */
+    char helo[256];
+    int esmtp;
+    int errors;
+    int tarpit_owed;                       /* an error reply past the soft limit awaits its delay */
+    struct kt_cmd_counts counts;
+
+    /* SASL AUTH */
+    char sasl_username[256];               /* "" until authenticated */
+    const char *sasl_method;               /* "PLAIN", "LOGIN" */
+    enum kt_auth_step auth_step;
+    struct kt_auth_req *auth_req;          /* check in flight or being collected */
+    unsigned auth_failures;                /* in this session */
+    char auth_reply[160];                  /* failure reply held back during the delay */
+    struct kt_op delay_op;
+    struct __kernel_timespec delay_ts;
+
+    /* mail transaction */
+    int in_transaction;
+    char queue_id[24];
+    char sender[513];
+    struct kt_buf rcpts;                   /* NUL-separated recipient addresses */
+    unsigned n_rcpts;                      /* all accepted recipients, local and relayed */
+    struct kt_buf relay_rcpts;             /* NUL-separated recipients to relay (handed over at end of data) */
+    unsigned n_relay_rcpts;
+    struct kt_mailbox *mailboxes;          /* distinct Maildirs of the local recipients */
+    size_t n_mailboxes;
+    struct timespec t_start;               /* MAIL time, for delay= */
+    struct kt_delivery *delivery;
+    struct kt_data_parser dp;
+    int msg_too_big;
+    int body_8bit;
+    int bdat_failed;                       /* a BDAT was refused: discard chunks until RSET/MAIL */
+    int bdat_last;
+    char bdat_error[96];                   /* reply owed at the end of a refused chunk */
+    unsigned long long bdat_left;          /* bytes of the current chunk still to read */
+    unsigned long long msg_bytes;
+};
+
+/* session.c */
+void kt_session_start(struct kt_worker *w, int fd, const struct sockaddr *sa, socklen_t salen,
+                      struct kt_runtime *rt, const struct kt_smtpd_settings *cfg);
+void kt_session_timeout(struct kt_session *s);
+void kt_session_shutdown(struct kt_session *s);       /* server stopping: 421 and close */
+void kt_session_on_input(struct kt_session *s);       /* new bytes in s->in (or EOF via s->dead) */
+void kt_session_on_tls_ready(struct kt_session *s);   /* handshake finished */
+void kt_session_on_sent(struct kt_session *s);        /* s->out fully written */
+void kt_session_maybe_free(struct kt_session *s);
+
+/* transport.c */
+void kt_xprt_arm_read(struct kt_session *s);
+void kt_xprt_flush(struct kt_session *s);
+void kt_xprt_start_tls(struct kt_session *s);
+void kt_xprt_close(struct kt_session *s);           /* cancel socket I/O, free TLS, close fd */
+int kt_xprt_can_splice(const struct kt_session *s); /* bytes can move socket -> pipe directly */
+void kt_xprt_init_ops(struct kt_session *s);
+
+#endif

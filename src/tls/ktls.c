@@ -1,0 +1,177 @@
+/* Kernel TLS support.
+ *
+ * OpenSSL 3.0 hands TLS 1.2 TX/RX and TLS 1.3 TX to the kernel itself. For
+ * TLS 1.3 RX it does not, so ktrelay does: the keylog callback captures the
+ * client's application traffic secret during the handshake, and right after
+ * it (when OpenSSL holds no unread record) the key and IV derived from it go
+ * into the socket with setsockopt(SOL_TLS, TLS_RX), record sequence 0. From
+ * then on nothing may call SSL_read on that session: the transport reads the
+ * raw socket. The kernel before 6.14 cannot follow a KeyUpdate; the transport
+ * closes the session when one arrives. */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/tls.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "tls/ktls.h"
+#include "core/log.h"
+#include "smtpd/session.h"
+
+#ifndef SOL_TLS
+#define SOL_TLS 282
+#endif
+
+int kt_ktls_probe(char *why, size_t len)
+{
+    char ulps[256] = "";
+    int fd = open("/proc/sys/net/ipv4/tcp_available_ulp", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        ssize_t n = read(fd, ulps, sizeof(ulps) - 1);
+        close(fd);
+        ulps[n > 0 ? n : 0] = '\0';
+    }
+    for (char *p = strtok(ulps, " \n"); p; p = strtok(NULL, " \n"))
+        if (strcmp(p, "tls") == 0)
+            return 1;
+    snprintf(why, len, "the kernel's tls ULP is not loaded (available ULPs: %s); run 'modprobe tls' "
+             "(and add tls to /etc/modules-load.d) or use a kernel built with CONFIG_TLS",
+             ulps[0] ? ulps : "none");
+    return 0;
+}
+
+static int hex_nibble(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+static int hex_decode(const char *hex, unsigned char *out, size_t max)
+{
+    size_t n = 0;
+    while (hex[0] && hex[1] && n < max) {
+        int hi = hex_nibble(hex[0]), lo = hex_nibble(hex[1]);
+        if (hi < 0 || lo < 0)
+            return -1;
+        out[n++] = (unsigned char)(hi << 4 | lo);
+        hex += 2;
+    }
+    return (int)n;
+}
+
+static void keylog_cb(const SSL *ssl, const char *line)
+{
+    static const char label[] = "CLIENT_TRAFFIC_SECRET_0 ";
+    if (strncmp(line, label, sizeof(label) - 1) != 0)
+        return;
+    struct kt_session *s = SSL_get_app_data(ssl);
+    if (!s)
+        return;
+    const char *secret = strchr(line + sizeof(label) - 1, ' ');
+    if (!secret)
+        return;
+    int n = hex_decode(secret + 1, s->tls13_rx_secret, sizeof(s->tls13_rx_secret));
+    s->tls13_rx_secret_len = n > 0 ? (size_t)n : 0;
+}
+
+void kt_ktls_prepare_ctx(SSL_CTX *ctx)
+{
+    /* OpenSSL formats every secret as hex text for this callback: only pay
+     * for it when the kernel can take the keys. */
+    char why[256];
+    if (kt_ktls_probe(why, sizeof(why)))
+        SSL_CTX_set_keylog_callback(ctx, keylog_cb);
+}
+
+int kt_tls13_expand_label(const EVP_MD *md, const unsigned char *secret, size_t secret_len, const char *label,
+                          unsigned char *out, size_t out_len)
+{
+    unsigned char info[2 + 1 + 255 + 1 + 1];
+    size_t label_len = strlen(label);
+    size_t hash_len = (size_t)EVP_MD_get_size(md);
+    unsigned char block[EVP_MAX_MD_SIZE];
+    unsigned int block_len = 0;
+
+    /* HkdfLabel = length(2) || "tls13 " label (len-prefixed) || context "" */
+    if (out_len > hash_len || 6 + label_len > 255)
+        return -EINVAL;
+    size_t i = 0;
+    info[i++] = (unsigned char)(out_len >> 8);
+    info[i++] = (unsigned char)out_len;
+    info[i++] = (unsigned char)(6 + label_len);
+    memcpy(info + i, "tls13 ", 6);
+    i += 6;
+    memcpy(info + i, label, label_len);
+    i += label_len;
+    info[i++] = 0;
+    /* HKDF-Expand for L <= HashLen is one block: T(1) = HMAC(PRK, info || 0x01) */
+    info[i++] = 1;
+    if (!HMAC(md, secret, (int)secret_len, info, i, block, &block_len))
+        return -EIO;
+    memcpy(out, block, out_len);
+    OPENSSL_cleanse(block, sizeof(block));
+    return 0;
+}
+
+int kt_ktls_install_tls13_rx(struct kt_session *s)
+{
+    const SSL_CIPHER *c = SSL_get_current_cipher(s->ssl);
+    unsigned char key[32], iv[12];
+    int ret = -ENOTSUP;
+
+    if (!c || s->tls13_rx_secret_len == 0)
+        return -ENOKEY;
+    if (SSL_has_pending(s->ssl) || SSL_pending(s->ssl))
+        return -EAGAIN;   /* OpenSSL already read part of the client's stream */
+    uint16_t id = (uint16_t)(SSL_CIPHER_get_id(c) & 0xFFFF);
+    const EVP_MD *md = id == 0x1302 ? EVP_sha384() : EVP_sha256();
+    size_t key_len = id == 0x1301 ? 16 : 32;
+    if (kt_tls13_expand_label(md, s->tls13_rx_secret, s->tls13_rx_secret_len, "key", key, key_len) < 0
+        || kt_tls13_expand_label(md, s->tls13_rx_secret, s->tls13_rx_secret_len, "iv", iv, sizeof(iv)) < 0)
+        goto out;
+
+    if (id == 0x1301) {
+        struct tls12_crypto_info_aes_gcm_128 ci = { 0 };
+        ci.info.version = TLS_1_3_VERSION;
+        ci.info.cipher_type = TLS_CIPHER_AES_GCM_128;
+        memcpy(ci.key, key, sizeof(ci.key));
+        memcpy(ci.salt, iv, sizeof(ci.salt));
+        memcpy(ci.iv, iv + 4, sizeof(ci.iv));
+        ret = setsockopt(s->fd, SOL_TLS, TLS_RX, &ci, sizeof(ci)) < 0 ? -errno : 0;
+        OPENSSL_cleanse(&ci, sizeof(ci));
+    } else if (id == 0x1302) {
+        struct tls12_crypto_info_aes_gcm_256 ci = { 0 };
+        ci.info.version = TLS_1_3_VERSION;
+        ci.info.cipher_type = TLS_CIPHER_AES_GCM_256;
+        memcpy(ci.key, key, sizeof(ci.key));
+        memcpy(ci.salt, iv, sizeof(ci.salt));
+        memcpy(ci.iv, iv + 4, sizeof(ci.iv));
+        ret = setsockopt(s->fd, SOL_TLS, TLS_RX, &ci, sizeof(ci)) < 0 ? -errno : 0;
+        OPENSSL_cleanse(&ci, sizeof(ci));
+    } else if (id == 0x1303) {
+        struct tls12_crypto_info_chacha20_poly1305 ci = { 0 };
+        ci.info.version = TLS_1_3_VERSION;
+        ci.info.cipher_type = TLS_CIPHER_CHACHA20_POLY1305;
+        memcpy(ci.key, key, sizeof(ci.key));
+        memcpy(ci.iv, iv, sizeof(ci.iv));   /* ChaCha20: the whole 12-byte IV, no salt */
+        ret = setsockopt(s->fd, SOL_TLS, TLS_RX, &ci, sizeof(ci)) < 0 ? -errno : 0;
+        OPENSSL_cleanse(&ci, sizeof(ci));
+    }
+    if (ret < 0)
+        kt_info("TLS 1.3 kTLS RX not installed for unknown[%s]: %s", s->addr, strerror(-ret));
+out:
+    OPENSSL_cleanse(key, sizeof(key));
+    OPENSSL_cleanse(iv, sizeof(iv));
+    OPENSSL_cleanse(s->tls13_rx_secret, sizeof(s->tls13_rx_secret));
+    s->tls13_rx_secret_len = 0;
+    return ret;
+}
