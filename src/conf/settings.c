@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "core/alloc.h"
+#include "queue/smtp_client.h"
 #include "conf/config.h"
 #include "tls/ktls.h"
 #include "core/log.h"
@@ -27,6 +28,8 @@ struct shared_obj {
 
 struct runtime_private {
     struct kt_runtime pub;
+    struct kt_maps *transport_maps;   /* pub.qmgr.transport_maps */
+    SSL_CTX *smtp_ssl_ctx;            /* pub.qmgr.smtp.ssl_ctx */
     struct shared_obj *objs;
     size_t n_objs;
 };
@@ -79,7 +82,10 @@ static struct kt_resolver *service_resolver(struct runtime_private *rp, const st
     if (!r) {
         char err[512];
         if (kt_resolver_new(&rc, &r, err, sizeof(err)) < 0) {
-            kt_err("service %s: %s", svc->name, err);
+            if (svc)
+                kt_err("service %s: %s", svc->name, err);
+            else
+                kt_err("%s", err);
             (*errors)++;
             r = NULL;
         } else {
@@ -322,6 +328,82 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     return errors;
 }
 
+/* The outbound client: smtp_* parameters of main.cf (Postfix smtp(8)). */
+static int smtp_settings(struct runtime_private *rp, const struct kt_config *cfg, struct kt_smtp_settings *sm)
+{
+    char err[512];
+    const char *level_name = get(cfg, NULL, "smtp_tls_security_level");
+    int level = kt_smtp_tls_level_parse(level_name);
+
+    sm->helo_name = get(cfg, NULL, "smtp_helo_name");
+    sm->tls_servername = get(cfg, NULL, "smtp_tls_servername");
+    sm->tls_loglevel = (int)kt_config_get_int(cfg, NULL, "smtp_tls_loglevel");
+    sm->connect_timeout_s = kt_config_get_time(cfg, NULL, "smtp_connect_timeout");
+    sm->command_timeout_s = 300;
+    if (level < 0) {
+        kt_err("unsupported smtp_tls_security_level \"%s\" (none, may, encrypt, verify, secure)", level_name);
+        return 1;
+    }
+    sm->tls_level = level;
+    if (level == KT_SMTP_TLS_NONE)
+        return 0;
+    int mandatory = level >= KT_SMTP_TLS_ENCRYPT;
+    struct kt_tls_client_params p = {
+        .CAfile = get(cfg, NULL, "smtp_tls_CAfile"),
+        .CApath = get(cfg, NULL, "smtp_tls_CApath"),
+        .protocols = get(cfg, NULL, mandatory ? "smtp_tls_mandatory_protocols" : "smtp_tls_protocols"),
+        .ciphers = get(cfg, NULL, mandatory ? "smtp_tls_mandatory_ciphers" : "smtp_tls_ciphers"),
+        .loglevel = sm->tls_loglevel,
+        .ktls = kt_config_get_bool(cfg, NULL, "tls_ktls_enable") == 1,
+        .high_cipherlist = get(cfg, NULL, "tls_high_cipherlist"),
+        .medium_cipherlist = get(cfg, NULL, "tls_medium_cipherlist"),
+        .low_cipherlist = get(cfg, NULL, "tls_low_cipherlist"),
+        .exclude_ciphers = get(cfg, NULL, mandatory ? "smtp_tls_mandatory_exclude_ciphers"
+                                                    : "smtp_tls_exclude_ciphers"),
+    };
+    if (kt_tls_client_ctx_new(&p, &rp->smtp_ssl_ctx, err, sizeof(err)) < 0) {
+        kt_err("outbound TLS: %s", err);
+        return 1;
+    }
+    sm->ssl_ctx = rp->smtp_ssl_ctx;
+    return 0;
+}
+
+/* The queue manager: main.cf values only, as Postfix's qmgr(8) reads them. */
+static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg, struct kt_qmgr_settings *qs)
+{
+    char err[512];
+    int errors = 0;
+
+    qs->queue_directory = get(cfg, NULL, "queue_directory");
+    qs->myhostname = get(cfg, NULL, "myhostname");
+    qs->relayhost = get(cfg, NULL, "relayhost");
+    qs->dns_servers = get(cfg, NULL, "ktrelay_dns_servers");
+    qs->minimal_backoff_time = kt_config_get_time(cfg, NULL, "minimal_backoff_time");
+    qs->maximal_backoff_time = kt_config_get_time(cfg, NULL, "maximal_backoff_time");
+    qs->queue_run_delay = kt_config_get_time(cfg, NULL, "queue_run_delay");
+    qs->maximal_queue_lifetime = kt_config_get_time(cfg, NULL, "maximal_queue_lifetime");
+    qs->bounce_queue_lifetime = kt_config_get_time(cfg, NULL, "bounce_queue_lifetime");
+    qs->delay_warning_time = kt_config_get_time(cfg, NULL, "delay_warning_time");
+    if (qs->minimal_backoff_time < 1)
+        qs->minimal_backoff_time = 1;
+    if (qs->maximal_backoff_time < qs->minimal_backoff_time)
+        qs->maximal_backoff_time = qs->minimal_backoff_time;
+    if (qs->queue_run_delay < 1)
+        qs->queue_run_delay = 1;
+    long long conc = kt_config_get_int(cfg, NULL, "default_destination_concurrency_limit");
+    qs->destination_concurrency_limit = conc > 0 ? (unsigned)(conc > 10000 ? 10000 : conc) : 20;
+    const char *tm = get(cfg, NULL, "transport_maps");
+    if (*tm && kt_maps_open(tm, KT_TABLE_MAP, &rp->transport_maps, err, sizeof(err)) < 0) {
+        kt_err("transport_maps: %s", err);
+        errors++;
+    }
+    qs->transport_maps = rp->transport_maps;
+    qs->resolver = service_resolver(rp, cfg, NULL, &errors);
+    errors += smtp_settings(rp, cfg, &qs->smtp);
+    return errors;
+}
+
 static void runtime_free(struct runtime_private *rp)
 {
     for (size_t i = 0; i < rp->n_objs; i++) {
@@ -338,6 +420,8 @@ static void runtime_free(struct runtime_private *rp)
         kt_free(rp->objs[i].key);
     }
     kt_free(rp->objs);
+    kt_maps_free(rp->transport_maps);
+    SSL_CTX_free(rp->smtp_ssl_ctx);
     kt_free(rp->pub.services);
     kt_config_free(rp->pub.cfg);
     kt_free(rp);
@@ -362,6 +446,7 @@ int kt_runtime_new(struct kt_config *cfg, struct kt_runtime **out)
     }
     rt->worker_threads = (unsigned)(workers > 256 ? 256 : workers);
     rt->queue_directory = get(cfg, NULL, "queue_directory");
+    errors += qmgr_settings(rp, cfg, &rt->qmgr);
     if (errors) {
         rp->pub.cfg = NULL;   /* the caller still owns cfg on failure */
         runtime_free(rp);

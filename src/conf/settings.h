@@ -7,6 +7,8 @@
 #include <stdatomic.h>
 #include <stddef.h>
 
+#include <openssl/ssl.h>
+
 struct kt_config;
 struct kt_service;
 struct kt_resolver;
@@ -14,6 +16,7 @@ struct kt_tls_server;
 struct kt_net_list;
 struct kt_policy;
 struct kt_sasl_server;
+struct kt_maps;
 
 enum kt_tls_level { KT_TLS_NONE, KT_TLS_MAY, KT_TLS_ENCRYPT };
 
@@ -49,6 +52,35 @@ struct kt_smtpd_settings {
     struct kt_sasl_server *sasl;     /* NULL unless sasl_enable */
 };
 
+/* Outbound SMTP client (Postfix smtp(8) parameters, main.cf only). */
+struct kt_smtp_settings {
+    const char *helo_name;           /* smtp_helo_name, expanded */
+    int tls_level;                   /* enum kt_smtp_tls (queue/smtp_client.h): smtp_tls_security_level */
+    int tls_loglevel;                /* smtp_tls_loglevel */
+    SSL_CTX *ssl_ctx;                /* client context, owned by the runtime; NULL at level none */
+    const char *tls_servername;      /* smtp_tls_servername: "", "hostname", "nexthop" or a fixed name */
+    long long connect_timeout_s;     /* smtp_connect_timeout */
+    long long command_timeout_s;     /* per reply; 300 s, Postfix's smtp_*_timeout defaults */
+};
+
+/* Queue manager (Postfix qmgr(8) parameters, main.cf only). Times in seconds. */
+struct kt_qmgr_settings {
+    const char *queue_directory;
+    const char *myhostname;          /* Maildir file names and bounces */
+    const char *relayhost;           /* "" = direct delivery */
+    const char *dns_servers;         /* ktrelay_dns_servers; read at start only */
+    long long minimal_backoff_time;  /* >= 1 */
+    long long maximal_backoff_time;  /* >= minimal_backoff_time */
+    long long queue_run_delay;       /* >= 1 */
+    long long maximal_queue_lifetime;
+    long long bounce_queue_lifetime;
+    long long delay_warning_time;    /* 0 = no delay warnings */
+    unsigned destination_concurrency_limit;  /* default_destination_concurrency_limit, > 0 */
+    struct kt_maps *transport_maps;  /* owned by the runtime; NULL when empty */
+    const struct kt_resolver *resolver;  /* address classes (main.cf values); NULL if it failed */
+    struct kt_smtp_settings smtp;
+};
+
 struct kt_runtime {
     atomic_int refs;
     struct kt_config *cfg;
@@ -56,10 +88,13 @@ struct kt_runtime {
     struct kt_smtpd_settings *services;  /* same order as kt_config_service() */
     unsigned worker_threads;
     const char *queue_directory;
+    struct kt_qmgr_settings qmgr;        /* queue manager and outbound client */
 };
 
-/* Build from a loaded configuration (takes ownership of cfg on success).
- * Returns 0 or -EINVAL after logging every problem. */
+/* Build from a loaded configuration (takes ownership of cfg on success):
+ * every component's settings (smtpd services, queue manager, outbound
+ * client), with their tables, TLS contexts and resolvers. check-config and
+ * run both go through here. Returns 0 or -EINVAL after logging every problem. */
 int kt_runtime_new(struct kt_config *cfg, struct kt_runtime **out);
 struct kt_runtime *kt_runtime_ref(struct kt_runtime *rt);
 void kt_runtime_unref(struct kt_runtime *rt);

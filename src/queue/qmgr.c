@@ -81,6 +81,7 @@ struct job {
 
 struct conn {
     struct dest *d;
+    struct kt_runtime *rt;         /* generation whose settings it was opened with (helo_name, ssl_ctx) */
     struct kt_smtp_conn *c;
     struct job *job;
     int ready;
@@ -116,8 +117,10 @@ struct msg {
 };
 
 struct kt_qmgr {
-    struct kt_runtime *rt;
-    const char *qdir, *myhostname, *relayhost;
+    struct kt_runtime *rt;         /* current generation; set points into it */
+    const struct kt_qmgr_settings *set;
+    _Atomic(struct kt_runtime *) next_rt;  /* handed over by kt_qmgr_reload, adopted on this thread */
+    char *qdir;                    /* queue_directory at start; a reload does not move the queue */
     struct kt_loop loop;
     pthread_t thread;
     int efd;
@@ -127,13 +130,6 @@ struct kt_qmgr {
     atomic_int stop;
     int stopping;
     time_t stop_deadline;
-    long long min_backoff, max_backoff, run_delay, max_lifetime, bounce_lifetime, delay_warning;
-    unsigned concurrency;
-    struct kt_maps *transport_maps;
-    const struct kt_resolver *resolver;
-    SSL_CTX *ssl_ctx;
-    struct kt_smtp_params sp;
-    char *servername;
     struct kt_dns *dns;
     struct msg *msgs;
     size_t n_msgs;
@@ -166,16 +162,17 @@ static const char *addr_domain(const char *addr)
 static const char *transport_lookup(struct kt_qmgr *q, const char *addr, const char *domain)
 {
     const char *v;
-    if (!q->transport_maps)
+    const struct kt_maps *tm = q->set->transport_maps;
+    if (!tm)
         return NULL;
-    if ((v = kt_maps_get(q->transport_maps, addr)))
+    if ((v = kt_maps_get(tm, addr)))
         return v;
-    if ((v = kt_maps_get(q->transport_maps, domain)))
+    if ((v = kt_maps_get(tm, domain)))
         return v;
     for (const char *p = domain; (p = strchr(p, '.')); p++)
-        if ((v = kt_maps_get(q->transport_maps, p)))
+        if ((v = kt_maps_get(tm, p)))
             return v;
-    return kt_maps_get(q->transport_maps, "*");
+    return kt_maps_get(tm, "*");
 }
 
 static struct dest *dest_get(struct kt_qmgr *q, const char *key)
@@ -222,8 +219,8 @@ static char *route(struct kt_qmgr *q, const char *addr, const char **err)
     *err = NULL;
     if (!domain[0])
         return kt_strdup("local");
-    if (q->resolver) {
-        enum kt_addr_class cls = kt_resolve_class(q->resolver, domain);
+    if (q->set->resolver) {
+        enum kt_addr_class cls = kt_resolve_class(q->set->resolver, domain);
         if (cls == KT_CLASS_LOCAL || cls == KT_CLASS_VIRTUAL)
             return kt_strdup("local");
     }
@@ -244,8 +241,8 @@ static char *route(struct kt_qmgr *q, const char *addr, const char **err)
         }
         return kt_asprintf("smtp:%s", *nh ? nh : domain);
     }
-    if (q->relayhost && *q->relayhost)
-        return kt_asprintf("smtp:%s", q->relayhost);
+    if (q->set->relayhost[0])
+        return kt_asprintf("smtp:%s", q->set->relayhost);
     return kt_asprintf("smtp:%s", domain);
 }
 
@@ -440,6 +437,7 @@ static void conn_remove(struct conn *cn)
     if (!cn->job)
         d->n_unassigned--;
     kt_smtp_close(cn->c);
+    kt_runtime_unref(cn->rt);
     kt_free(cn);
 }
 
@@ -474,6 +472,12 @@ static void conn_run_next(struct conn *cn)
 {
     struct dest *d = cn->d;
     struct job *j;
+    if (cn->rt != d->q->rt) {
+        /* opened under an older configuration: the next delivery uses the new one (smtp_tls_*, helo) */
+        conn_remove(cn);
+        dest_kick(d);
+        return;
+    }
     while (!d->q->stopping && (j = dest_pop(d))) {
         if (prepare_job_fd(d->q, j) < 0) {
             kt_warn("%s: queue file gone: %s", j->m->q->id, strerror(-j->fd));
@@ -521,13 +525,22 @@ static void conn_open(struct dest *d)
     d->conns = cn;
     d->n_conns++;
     d->n_unassigned++;
-    struct kt_smtp_params p = q->sp;
+    const struct kt_smtp_settings *sm = &q->set->smtp;
+    cn->rt = kt_runtime_ref(q->rt);
+    struct kt_smtp_params p = {
+        .helo_name = sm->helo_name,
+        .tls_level = (enum kt_smtp_tls)sm->tls_level,
+        .ssl_ctx = sm->ssl_ctx,
+        .tls_loglevel = sm->tls_loglevel,
+        .connect_timeout_s = sm->connect_timeout_s,
+        .command_timeout_s = sm->command_timeout_s,
+    };
     char *sni = NULL;
-    if (q->servername && *q->servername) {
-        if (!strcmp(q->servername, "hostname") || !strcmp(q->servername, "nexthop"))
+    if (sm->tls_servername[0]) {
+        if (!strcmp(sm->tls_servername, "hostname") || !strcmp(sm->tls_servername, "nexthop"))
             sni = kt_strdup(d->host);
         else
-            sni = kt_strdup(q->servername);
+            sni = kt_strdup(sm->tls_servername);
     }
     p.sni = sni;
     p.verify_name = sni ? sni : d->host;
@@ -581,7 +594,7 @@ static void dest_kick(struct dest *d)
             conn_run_next(cn);
             break;
         }
-    while (d->queued > d->n_unassigned && d->n_conns < q->concurrency)
+    while (d->queued > d->n_unassigned && d->n_conns < q->set->destination_concurrency_limit)
         conn_open(d);
 }
 
@@ -663,13 +676,13 @@ static void local_step(struct job *j)
     while (j->cur < j->n && !q->stopping) {
         size_t i = j->idx[j->cur];
         struct kt_resolve_result *res = kt_malloc(sizeof(*res));
-        if (!q->resolver) {
+        if (!q->set->resolver) {
             rcpt_deferred(j->m, i, "local", 451, NULL, "no local delivery configured");
             j->cur++;
             kt_free(res);
             continue;
         }
-        kt_resolve_recipient(q->resolver, j->addrs[j->cur], res);
+        kt_resolve_recipient(q->set->resolver, j->addrs[j->cur], res);
         if (res->reply || res->n_mailboxes == 0) {
             const char *why = res->reply ? res->reply : "alias forwards to remote addresses only";
             if (res->reply && res->reply[0] == '4')
@@ -680,7 +693,7 @@ static void local_step(struct job *j)
             kt_free(res);
             continue;
         }
-        j->dl = kt_delivery_new(&q->loop, res->mailboxes, res->n_mailboxes, q->myhostname, 255);
+        j->dl = kt_delivery_new(&q->loop, res->mailboxes, res->n_mailboxes, q->set->myhostname, 255);
         kt_free(res);
         kt_delivery_open(j->dl, local_opened, j);
         return;
@@ -737,7 +750,7 @@ static void send_dsn(struct kt_qmgr *q, struct msg *m, enum kt_dsn_kind kind, ti
     if (n > 0) {
         char id[KT_QUEUE_ID_MAX];
         int fd = kt_queue_open_body(q->qdir, m->q->id);
-        int rc = kt_dsn_send(q->qdir, q->myhostname, kind, m->q, fd, r, n, until, id, sizeof(id));
+        int rc = kt_dsn_send(q->qdir, q->set->myhostname, kind, m->q, fd, r, n, until, id, sizeof(id));
         if (fd >= 0)
             close(fd);
         if (rc == 0) {
@@ -769,7 +782,7 @@ static void msg_round_done(struct kt_qmgr *q, struct msg *m)
         msg_complete(q, m);
         return;
     }
-    long long life = m->q->sender[0] ? q->max_lifetime : q->bounce_lifetime;
+    long long life = m->q->sender[0] ? q->set->maximal_queue_lifetime : q->set->bounce_queue_lifetime;
     if (difftime(now, m->q->arrival) >= (double)life) {
         for (size_t i = 0; i < m->q->n_rcpts; i++) {
             if (m->q->rcpts[i].state != KT_QR_PENDING)
@@ -792,14 +805,14 @@ static void msg_round_done(struct kt_qmgr *q, struct msg *m)
         }
     }
     m->attempts++;
-    long long backoff = q->min_backoff;
-    for (unsigned k = 1; k < m->attempts && backoff < q->max_backoff; k++)
+    long long backoff = q->set->minimal_backoff_time;
+    for (unsigned k = 1; k < m->attempts && backoff < q->set->maximal_backoff_time; k++)
         backoff *= 2;
-    if (backoff > q->max_backoff)
-        backoff = q->max_backoff;
+    if (backoff > q->set->maximal_backoff_time)
+        backoff = q->set->maximal_backoff_time;
     m->next_try = now + (time_t)backoff;
-    if (q->delay_warning > 0 && !m->q->warned && m->q->sender[0] &&
-        difftime(now, m->q->arrival) >= (double)q->delay_warning) {
+    if (q->set->delay_warning_time > 0 && !m->q->warned && m->q->sender[0] &&
+        difftime(now, m->q->arrival) >= (double)q->set->delay_warning_time) {
         send_dsn(q, m, KT_DSN_DELAYED, m->q->arrival + (time_t)life);
         kt_queue_mark(q->qdir, m->q, (size_t)-1, KT_QR_PENDING, NULL);
     }
@@ -967,6 +980,24 @@ static void force_stop(struct kt_qmgr *q)
     }
 }
 
+/* Take the generation kt_qmgr_reload handed over, on this thread, between deliveries steps: routing
+ * (relayhost, transport_maps), retry times and the client's settings apply from the next delivery;
+ * connections opened under the old one finish their transaction and then close. */
+static void adopt_runtime(struct kt_qmgr *q)
+{
+    struct kt_runtime *rt = atomic_exchange(&q->next_rt, NULL);
+    if (!rt)
+        return;
+    if (strcmp(rt->qmgr.queue_directory, q->qdir))
+        kt_warn("queue manager: queue_directory stays %s until a restart", q->qdir);
+    if (strcmp(rt->qmgr.dns_servers, q->set->dns_servers))
+        kt_warn("queue manager: ktrelay_dns_servers changes take effect after a restart");
+    kt_runtime_unref(q->rt);
+    q->rt = rt;
+    q->set = &rt->qmgr;
+    kt_info("queue manager: configuration reloaded");
+}
+
 static void efd_done(struct kt_op *op, int res, unsigned flags)
 {
     struct kt_qmgr *q = (struct kt_qmgr *)((char *)op - offsetof(struct kt_qmgr, efd_op));
@@ -974,6 +1005,7 @@ static void efd_done(struct kt_op *op, int res, unsigned flags)
         begin_stop(q);
         return;
     }
+    adopt_runtime(q);
     scan(q);
     run(q, time(NULL), 0);
     efd_arm(q);
@@ -1013,9 +1045,10 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
         tick_arm(q);
         return;
     }
+    adopt_runtime(q);
     check_flush(q);
     scan(q);
-    int deferred_run = difftime(now, q->last_run) >= (double)q->run_delay;
+    int deferred_run = difftime(now, q->last_run) >= (double)q->set->queue_run_delay;
     if (deferred_run)
         q->last_run = now;
     run(q, now, deferred_run);
@@ -1064,47 +1097,6 @@ void kt_qmgr_wakeup(void)
     }
 }
 
-static const char *cfg_str(struct kt_runtime *rt, const char *name)
-{
-    const char *v = kt_config_get(rt->cfg, NULL, name);
-    return v ? v : "";
-}
-
-static int setup_tls(struct kt_qmgr *q)
-{
-    struct kt_runtime *rt = q->rt;
-    char err[512];
-    int level = kt_smtp_tls_level_parse(cfg_str(rt, "smtp_tls_security_level"));
-    if (level < 0) {
-        kt_err("unsupported smtp_tls_security_level \"%s\" (none, may, encrypt, verify, secure)",
-               cfg_str(rt, "smtp_tls_security_level"));
-        return -EINVAL;
-    }
-    q->sp.tls_level = (enum kt_smtp_tls)level;
-    q->sp.tls_loglevel = (int)kt_config_get_int(rt->cfg, NULL, "smtp_tls_loglevel");
-    if (level == KT_SMTP_TLS_NONE)
-        return 0;
-    int mandatory = level >= KT_SMTP_TLS_ENCRYPT;
-    struct kt_tls_client_params p = {
-        .CAfile = cfg_str(rt, "smtp_tls_CAfile"),
-        .CApath = cfg_str(rt, "smtp_tls_CApath"),
-        .protocols = cfg_str(rt, mandatory ? "smtp_tls_mandatory_protocols" : "smtp_tls_protocols"),
-        .ciphers = cfg_str(rt, mandatory ? "smtp_tls_mandatory_ciphers" : "smtp_tls_ciphers"),
-        .loglevel = q->sp.tls_loglevel,
-        .ktls = kt_config_get_bool(rt->cfg, NULL, "tls_ktls_enable") == 1,
-        .high_cipherlist = cfg_str(rt, "tls_high_cipherlist"),
-        .medium_cipherlist = cfg_str(rt, "tls_medium_cipherlist"),
-        .low_cipherlist = cfg_str(rt, "tls_low_cipherlist"),
-        .exclude_ciphers = cfg_str(rt, mandatory ? "smtp_tls_mandatory_exclude_ciphers" : "smtp_tls_exclude_ciphers"),
-    };
-    if (kt_tls_client_ctx_new(&p, &q->ssl_ctx, err, sizeof(err)) < 0) {
-        kt_err("outbound TLS: %s", err);
-        return -EINVAL;
-    }
-    q->sp.ssl_ctx = q->ssl_ctx;
-    return 0;
-}
-
 static void qmgr_free(struct kt_qmgr *q)
 {
     if (!q)
@@ -1120,12 +1112,11 @@ static void qmgr_free(struct kt_qmgr *q)
         kt_free(d);
     }
     kt_dns_free(q->dns);
-    kt_maps_free(q->transport_maps);
-    SSL_CTX_free(q->ssl_ctx);
-    kt_free(q->servername);
+    kt_free(q->qdir);
     if (q->efd >= 0)
         close(q->efd);
     kt_loop_fini(&q->loop);
+    kt_runtime_unref(atomic_exchange(&q->next_rt, NULL));
     kt_runtime_unref(q->rt);
     kt_free(q);
 }
@@ -1133,43 +1124,12 @@ static void qmgr_free(struct kt_qmgr *q)
 int kt_qmgr_start(struct kt_runtime *rt, struct kt_qmgr **out)
 {
     struct kt_qmgr *q = kt_calloc(1, sizeof(*q));
-    char err[512];
     int rc;
     *out = NULL;
     q->rt = kt_runtime_ref(rt);
     q->efd = -1;
-    q->qdir = cfg_str(rt, "queue_directory");
-    q->myhostname = cfg_str(rt, "myhostname");
-    q->relayhost = cfg_str(rt, "relayhost");
-    q->min_backoff = kt_config_get_time(rt->cfg, NULL, "minimal_backoff_time");
-    q->max_backoff = kt_config_get_time(rt->cfg, NULL, "maximal_backoff_time");
-    q->run_delay = kt_config_get_time(rt->cfg, NULL, "queue_run_delay");
-    q->max_lifetime = kt_config_get_time(rt->cfg, NULL, "maximal_queue_lifetime");
-    q->bounce_lifetime = kt_config_get_time(rt->cfg, NULL, "bounce_queue_lifetime");
-    q->delay_warning = kt_config_get_time(rt->cfg, NULL, "delay_warning_time");
-    long long conc = kt_config_get_int(rt->cfg, NULL, "default_destination_concurrency_limit");
-    q->concurrency = conc > 0 ? (unsigned)conc : 20;
-    if (q->min_backoff < 1)
-        q->min_backoff = 1;
-    if (q->max_backoff < q->min_backoff)
-        q->max_backoff = q->min_backoff;
-    if (q->run_delay < 1)
-        q->run_delay = 1;
-    q->sp.helo_name = cfg_str(rt, "smtp_helo_name");
-    q->sp.connect_timeout_s = kt_config_get_time(rt->cfg, NULL, "smtp_connect_timeout");
-    q->sp.command_timeout_s = 300;
-    q->servername = kt_strdup(cfg_str(rt, "smtp_tls_servername"));
-    q->resolver = rt->n_services > 0 ? rt->services[0].resolver : NULL;
-    const char *tm = cfg_str(rt, "transport_maps");
-    if (*tm && kt_maps_open(tm, KT_TABLE_MAP, &q->transport_maps, err, sizeof(err)) < 0) {
-        kt_err("transport_maps: %s", err);
-        qmgr_free(q);
-        return -EINVAL;
-    }
-    if ((rc = setup_tls(q)) < 0) {
-        qmgr_free(q);
-        return rc;
-    }
+    q->set = &rt->qmgr;
+    q->qdir = kt_strdup(q->set->queue_directory);
     if ((rc = kt_queue_init_dirs(q->qdir)) < 0) {
         /* local delivery needs no queue: run without the relay rather than not at all */
         kt_warn("queue_directory %s: %s; outbound delivery is disabled", q->qdir, strerror(-rc));
@@ -1182,7 +1142,7 @@ int kt_qmgr_start(struct kt_runtime *rt, struct kt_qmgr **out)
         qmgr_free(q);
         return rc;
     }
-    const char *servers = cfg_str(rt, "ktrelay_dns_servers");
+    const char *servers = q->set->dns_servers;
     if ((rc = kt_dns_new(&q->loop, servers, &q->dns)) < 0) {
         kt_err("queue manager: resolver (ktrelay_dns_servers = %s): %s", servers, strerror(-rc));
         qmgr_free(q);
@@ -1202,6 +1162,17 @@ int kt_qmgr_start(struct kt_runtime *rt, struct kt_qmgr **out)
     }
     *out = q;
     return 0;
+}
+
+void kt_qmgr_reload(struct kt_qmgr *q, struct kt_runtime *rt)
+{
+    if (!q)
+        return;
+    kt_runtime_unref(atomic_exchange(&q->next_rt, kt_runtime_ref(rt)));
+    uint64_t one = 1;
+    if (write(q->efd, &one, sizeof(one)) < 0) {
+        /* the counter is full: a wakeup is pending anyway, and the tick adopts it too */
+    }
 }
 
 void kt_qmgr_stop(struct kt_qmgr *q)

@@ -276,7 +276,7 @@ static void *worker_main(void *arg)
 
 /* ---- main thread ---- */
 
-static int reload(struct kt_server *srv)
+static int reload(struct kt_server *srv, struct kt_qmgr *qmgr)
 {
     struct kt_config *cfg;
     struct kt_runtime *rt, *old;
@@ -300,6 +300,7 @@ static int reload(struct kt_server *srv)
         return -EINVAL;
     }
     atomic_store(&srv->rt, rt);
+    kt_qmgr_reload(qmgr, rt);
     kt_runtime_unref(old);
     atomic_fetch_add(&srv->generation, 1);
     kt_info("reload: configuration reloaded");
@@ -388,7 +389,7 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
         if (sigwait(&set, &sig) != 0)
             continue;
         if (sig == SIGHUP) {
-            reload(&srv);
+            reload(&srv, qmgr);
             continue;
         }
         kt_info("terminating on signal %d", sig);

@@ -445,3 +445,43 @@ def test_unpermitted_client_cannot_relay(nodes, sinks):
         assert code in (450, 454, 554)
     time.sleep(1)
     assert sink.messages() == [] and n.queue_files() == []
+
+
+def test_reload_reaches_queue_manager(nodes, sinks, tmp_path):
+    """SIGHUP hands the queue manager the new generation: a changed relayhost, transport_maps and
+    smtp_tls_security_level apply to the next delivery, without a restart."""
+    a = sinks().start()
+    b = sinks().start()
+    c = sinks().start()
+    n = nodes(f"relayhost = [127.0.0.1]:{a.port}\n").start()
+    main_cf = n.d / "main.cf"
+    q1 = n.sendmail(["bob@remote.test"], BODY)
+    assert n.wait_log(rf"{q1}: to=<bob@remote.test>, relay=127.0.0.1\[127.0.0.1\]:{a.port}, .*status=sent"), n.log()
+
+    # relayhost moves to b; a second domain is routed by transport_maps to c
+    (n.d / "transport").write_text(f"other.test smtp:[127.0.0.1]:{c.port}\n")
+    main_cf.write_text(main_cf.read_text().replace(f"relayhost = [127.0.0.1]:{a.port}",
+                                                   f"relayhost = [127.0.0.1]:{b.port}\n"
+                                                   f"transport_maps = texthash:{n.d}/transport"))
+    n.r.proc.send_signal(signal.SIGHUP)
+    assert n.wait_log(r"queue manager: configuration reloaded"), n.log()
+    q2 = n.sendmail(["bob@remote.test"], BODY)
+    q3 = n.sendmail(["carol@other.test"], BODY)
+    assert n.wait_log(rf"{q2}: to=<bob@remote.test>, relay=127.0.0.1\[127.0.0.1\]:{b.port}, .*status=sent"), n.log()
+    assert n.wait_log(rf"{q3}: to=<carol@other.test>, relay=127.0.0.1\[127.0.0.1\]:{c.port}, .*status=sent"), n.log()
+    assert len(a.messages()) == 1 and len(b.messages()) == 1 and len(c.messages()) == 1
+
+    # TLS becomes mandatory: smtp-sink offers no STARTTLS, so the next message waits in the queue
+    main_cf.write_text(main_cf.read_text() + "smtp_tls_security_level = encrypt\n")
+    n.r.proc.send_signal(signal.SIGHUP)
+    assert n.wait_log(r"queue manager: configuration reloaded", count=2), n.log()
+    q4 = n.sendmail(["bob@remote.test"], BODY)
+    assert n.wait_log(rf"{q4}: to=<bob@remote.test>, .*status=deferred \(TLS is required, but was not offered"), n.log()
+    assert len(b.messages()) == 1
+    assert [f.name for f in n.queue_files()] == [q4]
+
+    # a reload with an error in a queue manager parameter is refused as a whole
+    main_cf.write_text(main_cf.read_text() + "smtp_tls_security_level = dane\n")
+    n.r.proc.send_signal(signal.SIGHUP)
+    assert n.wait_log(r"reload: configuration has errors; keeping the running one"), n.log()
+    assert len(re.findall(r"queue manager: configuration reloaded", n.log())) == 2
