@@ -57,6 +57,7 @@ struct opts {
 	enum mode mode;
 	int tls_version; /* 0 = library default range, else 12 or 13 */
 	bool bdat, pipelining, new_conn, csv, quickack;
+	bool handshake_only; /* new connection, EHLO, STARTTLS, EHLO, QUIT: no mail */
 	pid_t pids[64];
 	int npids;
 };
@@ -337,6 +338,8 @@ static int conn_open(struct conn *c)
 	}
 	c->fd = fd;
 	c->state = CS_CONNECTING;
+	if (o.handshake_only) /* the "message" of this mode is the connection */
+		clock_gettime(CLOCK_MONOTONIC, &c->t_mail);
 	c->has_pipelining = c->has_chunking = c->has_starttls = false;
 	n_conn++;
 	n_conn_active++;
@@ -516,6 +519,12 @@ static void on_reply(struct conn *c, int code)
 		if (o.idle) {
 			c->state = CS_IDLE;
 			n_idle++;
+			return;
+		}
+		if (o.handshake_only) {
+			/* one completed handshake (or plain EHLO) counts as one message */
+			c->sent_msgs++;
+			finish_message(c, true);
 			return;
 		}
 		begin_message(c);
@@ -975,7 +984,7 @@ static void usage(void)
 		"  [--cipher NAME] [--bdat] [--pipelining] [--new-connection-per-message]\n"
 		"  [--from ADDR] [--to ADDR[,ADDR...]] [--idle N] [--idle-settle S] [--duration-limit S]\n"
 		"  [--server-pid PID[,PID...]] [--server-pids-cmd CMD] [--csv] [--csv-header]\n"
-		"  [--label TEXT] [--quickack]\n");
+		"  [--label TEXT] [--quickack] [--handshake-only]\n");
 	exit(2);
 }
 
@@ -1001,7 +1010,8 @@ static void parse_args(int argc, char **argv)
 		{ "new-connection-per-message", 0, 0, 'N' }, { "from", 1, 0, 'f' },
 		{ "to", 1, 0, 't' }, { "idle", 1, 0, 'i' }, { "idle-settle", 1, 0, 'I' }, { "duration-limit", 1, 0, 'd' },
 		{ "server-pid", 1, 0, 'S' }, { "server-pids-cmd", 1, 0, 'X' },
-		{ "csv", 0, 0, 'v' }, { "quickack", 0, 0, 'Q' }, { "csv-header", 0, 0, 'H' }, { "label", 1, 0, 'l' }, { "help", 0, 0, '?' },
+		{ "csv", 0, 0, 'v' }, { "quickack", 0, 0, 'Q' }, { "csv-header", 0, 0, 'H' }, { "label", 1, 0, 'l' },
+		{ "handshake-only", 0, 0, 'O' }, { "help", 0, 0, '?' },
 		{ 0, 0, 0, 0 },
 	};
 	int ch;
@@ -1054,6 +1064,7 @@ static void parse_args(int argc, char **argv)
 		case 'Q': o.quickack = true; break;
 		case 'H': puts(csv_header); exit(0);
 		case 'l': o.label = optarg; break;
+		case 'O': o.handshake_only = true; o.new_conn = true; break;
 		default: usage();
 		}
 	}

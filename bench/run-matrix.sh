@@ -4,7 +4,8 @@
 # same TLS protocol range, Maildir delivery under a temp dir), and prints a
 # table with both numbers and the ratio ktrelay/Postfix per row, next to the
 # machine's own ceilings (AEAD, ECDSA signing, loopback, fsync'd disk writes).
-# Every server it starts is stopped on exit, also on failure.
+# Every server it starts is stopped on exit, also on failure. Every row starts
+# from an empty Maildir and an empty queue; a row that cannot have them fails.
 #
 # usage: bench/run-matrix.sh [--quick] [--servers ktrelay,postfix] [--out DIR]
 #                            [--ktrelay PATH] [--ktbench PATH] [--no-ceiling]
@@ -22,6 +23,7 @@ ROWS=.
 REPEAT=
 PORT=10025
 TLSPORT=10465
+SINKPORT=10026
 
 while [ $# -gt 0 ]; do
 	case $1 in
@@ -40,10 +42,10 @@ while [ $# -gt 0 ]; do
 done
 
 if [ "$QUICK" = 1 ]; then
-	SMALL_C=8 SMALL_M=40 BIG_C=2 BIG_M=4 HS_C=4 HS_M=25 IDLE_KT=200 IDLE_PF=100
+	SMALL_C=8 SMALL_M=40 BIG_C=2 BIG_M=4 HS_C=4 HS_M=25 IDLE_KT=200 IDLE_PF=100 RELAY_C=8 RELAY_M=40
 	LIMIT=6 DRAIN_MAX=20 SPEED_S=1 LOOP_MB=256 DISK_FILES=16 REPEAT=${REPEAT:-1}
 else
-	SMALL_C=20 SMALL_M=500 BIG_C=4 BIG_M=100 HS_C=8 HS_M=250 IDLE_KT=10000 IDLE_PF=1000
+	SMALL_C=20 SMALL_M=500 BIG_C=4 BIG_M=100 HS_C=8 HS_M=250 IDLE_KT=10000 IDLE_PF=1000 RELAY_C=20 RELAY_M=200
 	LIMIT=60 DRAIN_MAX=300 SPEED_S=3 LOOP_MB=2048 DISK_FILES=128 REPEAT=${REPEAT:-3}
 fi
 
@@ -51,6 +53,7 @@ T=$(mktemp -d /tmp/ktbench-matrix.XXXXXX)
 chmod 755 "$T"
 KT_PID=
 PF_CONF=
+SINK_PID=
 
 cleanup() {
 	set +e
@@ -62,6 +65,7 @@ cleanup() {
 	if [ -n "$PF_CONF" ]; then
 		postfix -c "$PF_CONF" stop >/dev/null 2>&1 || postfix -c "$PF_CONF" abort >/dev/null 2>&1
 	fi
+	[ -n "$SINK_PID" ] && kill "$SINK_PID" 2>/dev/null
 	[ -n "${KEEP_TMP:-}" ] || rm -rf "$T"
 }
 trap cleanup EXIT
@@ -129,22 +133,36 @@ smtpd_tls_key_file = $T/key.pem
 smtpd_tls_security_level = may
 smtpd_tls_protocols = >=TLSv1.2
 smtpd_tls_loglevel = 0
+relayhost = [127.0.0.1]:$SINKPORT
 EOF
 }
 
-MAILDIR_GEN=0
 reset_maildir() {
 	# Set the last row's mail aside instead of deleting it: ext4 makes inode
 	# allocation slow for minutes after mass deletions (the allocator skips
 	# recently deleted inodes), so deleting 10,000 files here would make the
 	# next row measure the previous row's clean-up. Everything goes at exit.
+	# Rows run in subshells, so the aside name is made unique here rather
+	# than counted; a failed move fails the row instead of piling it on top.
+	local spent
 	if [ -d "$MAILDIR" ]; then
-		MAILDIR_GEN=$((MAILDIR_GEN + 1))
-		mv "$MAILDIR" "$T/spent-mail.$MAILDIR_GEN"
+		spent=$(mktemp -d "$T/spent-mail.XXXXXX") || return 1
+		if ! mv "$MAILDIR" "$spent/mail"; then
+			echo "run-matrix: cannot set the last row's Maildir aside" >&2
+			return 1
+		fi
 	fi
-	mkdir -p "$MAILDIR"
-	chown "$MAIL_UID:$MAIL_GID" "$MAILDIR"
+	mkdir "$MAILDIR" && chown "$MAIL_UID:$MAIL_GID" "$MAILDIR" || return 1
+	if [ "$(delivered_count)" != 0 ]; then
+		echo "run-matrix: the Maildir is not empty at the start of the row" >&2
+		return 1
+	fi
 	sync
+}
+
+# Messages waiting in ktrelay's queue (a row starts only when it is 0).
+kt_queue_len() {
+	find "$T/kt/queue/new" "$T/kt/queue/tmp" -type f 2>/dev/null | wc -l
 }
 
 delivered_count() {
@@ -192,7 +210,7 @@ start_ktrelay() {
 127.0.0.1:$TLSPORT inet n - n - - smtpd
   -o smtpd_tls_wrappermode=yes
 EOF
-	reset_maildir
+	reset_maildir || return 1
 	"$KTRELAY" run -c "$dir" >"$T/ktrelay.log" 2>&1 &
 	KT_PID=$!
 	if ! wait_port "$PORT"; then
@@ -248,7 +266,7 @@ EOF
 		awk '/^[a-z]/ && $2 != "inet" { print }' "$mcf"
 	} >"$PF_CONF/master.cf"
 	postconf -c "$PF_CONF" -F '*/*/chroot = n' >/dev/null
-	reset_maildir
+	reset_maildir || return 1
 	# postfix reports start-up errors only to a terminal or syslog; script(1)
 	# gives it a terminal so that they show up here
 	script -qec "postfix -c $PF_CONF start" /dev/null >"$T/postfix-start.log" 2>&1 || {
@@ -278,8 +296,24 @@ queue_len() {
 		"$T/pf-queue/maildrop" -type f 2>/dev/null | wc -l
 }
 
+# Postfix's smtp-sink as the next hop of the relay row: it accepts every
+# message and keeps nothing, so the row measures the relay, not a disk.
+start_sink() {
+	port_free "$SINKPORT"
+	smtp-sink -u nobody -a -m 1000 "127.0.0.1:$SINKPORT" 1024 >"$T/sink.log" 2>&1 &
+	SINK_PID=$!
+	wait_port "$SINKPORT"
+}
+
+# Lines that report a recipient relayed to the sink as sent, in the server's log.
+sent_count() {
+	local log=$T/ktrelay.log
+	[ "$1" = postfix ] && log=$T/postfix.log
+	grep -c "relay=127\.0\.0\.1\[127\.0\.0\.1\]:$SINKPORT.*status=sent" "$log" 2>/dev/null || true
+}
+
 # ---- rows ----
-# name|ktbench options|kind (msg, hs, idle)
+# name|ktbench options|kind (msg, hs, relay, idle)
 rows() {
 	local m s sz tl
 	for m in plain tls12 tls13; do
@@ -295,7 +329,9 @@ rows() {
 			echo "$m-$s-bdat|$tl $sz --pipelining --bdat --quickack|msg"
 		done
 	done
-	echo "handshake-tls13|--mode starttls --tls-version 1.3 --size 4096 --connections $HS_C --messages $HS_M --new-connection-per-message --quickack|hs"
+	echo "relay-4k|--mode plain --size 4096 --connections $RELAY_C --messages $RELAY_M --pipelining --quickack --to user@relay.test|relay"
+	echo "handshake-tls13|--mode starttls --tls-version 1.3 --connections $HS_C --messages $HS_M --handshake-only --quickack|hs"
+	echo "newconn-msg-tls13|--mode starttls --tls-version 1.3 --size 4096 --connections $HS_C --messages $HS_M --new-connection-per-message --quickack|msg"
 	echo "idle-tls13|--mode starttls --tls-version 1.3 --idle-settle 3|idle"
 }
 
@@ -308,8 +344,25 @@ echo "server,row,drain_s,e2e_msgs_s,server_cpu_total_s,server_cpu_us_per_msg,del
 # One run of one row; prints the CSV record (without the repeat columns).
 run_once() {
 	local server=$1 pidf=$2 name=$3 opts=$4 kind=$5
-	local line drain=0 pids cpu0 cpu1 ok e2e cpu_us delivered rc=0 d0 n=0
-	reset_maildir
+	local line drain=0 pids cpu0 cpu1 ok e2e cpu_us delivered rc=0 d0 n=0 sent0=0
+	reset_maildir || { echo "  $name: failed (Maildir)" >&2; return 1; }
+	# the last row's queue files go once their delivery is recorded
+	while [ $n -lt 100 ]; do
+		if [ "$server" = postfix ]; then [ "$(queue_len)" = 0 ] && break
+		else [ "$(kt_queue_len)" = 0 ] && break; fi
+		sleep 0.1
+		n=$((n + 1))
+	done
+	n=0
+	if [ "$server" = postfix ] && [ "$(queue_len)" != 0 ]; then
+		echo "  $name: failed (Postfix's queue is not empty at the start)" >&2
+		return 1
+	fi
+	if [ "$server" = ktrelay ] && [ "$(kt_queue_len)" != 0 ]; then
+		echo "  $name: failed (ktrelay's queue is not empty at the start)" >&2
+		return 1
+	fi
+	[ "$kind" = relay ] && sent0=$(sent_count "$server")
 	pids=$($pidf | tr '\n' ' ')
 	# shellcheck disable=SC2086
 	cpu0=$(cpu_seconds $pids)
@@ -321,7 +374,15 @@ run_once() {
 		return 1
 	fi
 	ok=$(echo "$line" | cut -d, -f11)
-	if [ "$server" = postfix ] && [ "$kind" != idle ]; then
+	if [ "$kind" = relay ]; then
+		# end to end: from the first injection to the last status=sent
+		d0=$(date +%s.%N)
+		while [ $(($(sent_count "$server") - sent0)) -lt "$ok" ] && [ $n -lt $((DRAIN_MAX * 50)) ]; do
+			sleep 0.02
+			n=$((n + 1))
+		done
+		drain=$(echo "$(date +%s.%N) $d0" | awk '{ printf "%.3f", $1 - $2 }')
+	elif [ "$server" = postfix ] && [ "$kind" != idle ] && [ "$kind" != hs ]; then
 		d0=$(date +%s.%N)
 		while [ "$(queue_len)" -gt 0 ] && [ $n -lt $((DRAIN_MAX * 10)) ]; do
 			sleep 0.1
@@ -333,6 +394,7 @@ run_once() {
 	# shellcheck disable=SC2086
 	cpu1=$(cpu_seconds $pids)
 	delivered=$(delivered_count)
+	[ "$kind" = relay ] && delivered=$(($(sent_count "$server") - sent0))
 	# the load's own elapsed time plus the queue drain, without ktbench's start-up
 	e2e=$(echo "$line" | awk -F, -v dr="$drain" '{ d = $15 + dr; printf "%.1f", (d > 0 ? $11 / d : 0) }')
 	cpu_us=$(echo "$cpu0 $cpu1 $ok" | awk '{ printf "%.1f", ($3 > 0 ? ($2 - $1) / $3 * 1e6 : 0) }')
@@ -382,6 +444,11 @@ run_rows() {
 ktrelay_pids() { [ -n "$KT_PID" ] && echo "$KT_PID"; }
 
 IFS=, read -r -a SERVER_LIST <<<"$SERVERS"
+if ! start_sink; then
+	echo "run-matrix: smtp-sink did not start on $SINKPORT:"
+	cat "$T/sink.log"
+	exit 1
+fi
 for server in "${SERVER_LIST[@]}"; do
 	port_free "$PORT"
 	case $server in
@@ -437,8 +504,16 @@ ceiling() {
 	elif [ -n "$aead" ]; then
 		echo "  negotiated AEAD   $aead"
 	fi
-	openssl speed -seconds "$SPEED_S" ecdsap256 2>/dev/null |
-		awk '/ecdsa \(nistp256\)/ { printf "  ecdsa p-256       %8.0f signs/s, %.0f verifies/s (one core)\n", $(NF-1), $NF }'
+	local sign x25519
+	sign=$(openssl speed -seconds "$SPEED_S" ecdsap256 2>/dev/null | awk '/ecdsa \(nistp256\)/ { print $(NF-1), $NF }')
+	echo "$sign" | awk '{ printf "  ecdsa p-256       %8.0f signs/s, %.0f verifies/s (one core)\n", $1, $2 }'
+	x25519=$(openssl speed -seconds "$SPEED_S" ecdhx25519 2>/dev/null | awk '/X25519/ { print $NF }')
+	printf '  x25519            %8.0f ops/s (one core)\n' "${x25519:-0}"
+	# a full TLS 1.3 handshake costs the server one ECDSA signature and two
+	# X25519 operations (key generation and the shared secret)
+	HS_LIMIT=$(echo "${sign%% *} ${x25519:-0}" | awk '{ if ($1 > 0 && $2 > 0) printf "%.0f", 1 / (1 / $1 + 2 / $2); else print 0 }')
+	echo "  TLS 1.3 handshake limit $HS_LIMIT/s per core (1 ECDSA P-256 sign + 2 X25519, openssl speed)"
+	echo "hs_limit_per_core,$HS_LIMIT" >"$T/ceiling.csv"
 	python3 - "$LOOP_MB" <<'EOF'
 import socket, sys, threading, time
 total = int(sys.argv[1]) << 20
@@ -476,7 +551,7 @@ EOF
 [ "$CEILING" = 1 ] && ceiling
 
 # ---- table ----
-echo "== results (msg/s accepted; e2e = accepted and delivered into Maildir, incl. queue drain)"
+echo "== results (msg/s accepted; e2e = accepted and delivered into Maildir, incl. queue drain; relay rows: until the last status=sent at the sink)"
 awk -F, '
 NR == 1 { next }
 {
@@ -504,17 +579,24 @@ END {
 		       v(err["ktrelay", k]), v(err["postfix", k])
 	}
 }' "$CSV"
+HS_LIMIT=${HS_LIMIT:-0}
+# handshakes per second of server CPU (one core fully busy = 1 s per s) against the limit
+awk -F, -v lim="$HS_LIMIT" 'NR > 1 && $2 ~ /^handshake/ && $5 > 0 {
+	per = $18 / $5
+	printf "%-20s %s: %.0f handshakes/s, %.0f per server CPU second%s\n", $2, $1, $23, per,
+	       (lim > 0 ? sprintf(" = %.0f %% of the %d/s per-core limit", 100 * per / lim, lim) : "")
+}' "$CSV"
 
 # ---- chart ----
 if command -v gnuplot >/dev/null && [ "$(awk -F, 'NR > 1 && $2 !~ /^idle/' "$CSV" | wc -l)" -gt 0 ]; then
-	awk -F, 'NR > 1 && $2 !~ /^idle/ { if (!($2 in s)) { s[$2] = 1; o[++n] = $2 } v[$1, $2] = $23 }
+	awk -F, 'NR > 1 && $2 !~ /^idle/ { if (!($2 in s)) { s[$2] = 1; o[++n] = $2 } v[$1, $2] = $2 ~ /^relay/ ? $4 : $23 }
 		END { print "row ktrelay postfix"; for (i = 1; i <= n; i++)
 			printf "%s %s %s\n", o[i], v["ktrelay", o[i]] == "" ? 0 : v["ktrelay", o[i]],
 			       v["postfix", o[i]] == "" ? 0 : v["postfix", o[i]] }' "$CSV" >"$T/chart.dat"
 	gnuplot <<EOF
 set terminal pngcairo size 1400,600 noenhanced
 set output "$PNG"
-set title "ktrelay vs Postfix: accepted messages/s per row ($STAMP, $HOST)"
+set title "ktrelay vs Postfix: accepted messages/s per row, relay rows end to end, handshake row handshakes/s ($STAMP, $HOST)"
 set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.8 border -1
