@@ -30,9 +30,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     # never started.
     printf '%s\n' "postfix postfix/main_mailer_type select Local only" \
         "postfix postfix/mailname string localhost.localdomain" | $SUDO debconf-set-selections
+    # policy-rc.d keeps the packages' services from starting during the
+    # install; it is removed again when this script exits (only if it made it).
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
         $SUDO chmod +x /usr/sbin/policy-rc.d
+        trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
     fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
