@@ -1,5 +1,10 @@
-/* ktrelay command line: run, check-config, config [-n], sendmail, queue, version. */
+/* ktrelay's command line: run, check-config, config [-n] [NAME...], sendmail,
+ * queue, version, help; and, by the name it is invoked as, sendmail(1),
+ * mailq(1) and newaliases(1). Options may stand anywhere after the command.
+ * The configuration directory rule and the sysexits(3) exit codes are in
+ * cli/cli.h; every code a command can return is listed in the README. */
 #include <errno.h>
+#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -7,6 +12,7 @@
 #include <unistd.h>
 
 #include "kt_build.h"
+#include "cli/cli.h"
 #include "core/alloc.h"
 #include "conf/config.h"
 #include "core/log.h"
@@ -15,7 +21,7 @@
 #include "conf/settings.h"
 #include "tls/tls.h"
 
-#define DEFAULT_DIR "ktrelay-data"
+#define DEFAULT_DIR KT_CLI_DEFAULT_DIR
 
 #if KT_HAVE_JEMALLOC
 /* jemalloc reads this at start-up. Handshake bursts leave dirty pages behind;
@@ -27,15 +33,21 @@ const char *malloc_conf = "background_thread:true,dirty_decay_ms:1000,muzzy_deca
 static void usage(FILE *out)
 {
     fprintf(out,
-            "usage: ktrelay run [-c DIR]            run in the foreground, log to stderr\n"
-            "       ktrelay check-config -c DIR     validate main.cf and master.cf\n"
-            "       ktrelay config -c DIR [-n]      print parameters (-n: only those set, like postconf -n)\n"
-            "       ktrelay sendmail -c DIR [-f sender] [-i] rcpt...   queue a message read from stdin\n"
-            "       ktrelay queue -c DIR list | flush | delete ID|ALL   show, retry now, remove queued mail\n"
-            "       ktrelay version\n"
-            "Without -c, run uses the embedded default configuration in ./" DEFAULT_DIR "/ (created on first\n"
-            "start: self-signed certificate, STARTTLS on 127.0.0.1:2525, implicit TLS on 127.0.0.1:4465,\n"
-            "mail for any address @localhost into ./" DEFAULT_DIR "/mail/).\n");
+            "usage: ktrelay COMMAND [-c DIR] [options]\n"
+            "  run [-v]                         run in the foreground, log to stderr (and syslog/maillog_file)\n"
+            "  check-config                     load and validate the configuration, tables, certificates\n"
+            "  config [-n] [NAME...]            print parameters like postconf (-n: only those main.cf sets)\n"
+            "  sendmail [-i] [-f SENDER] RCPT...   submit the message on stdin\n"
+            "  queue list | flush | delete ID|ALL   show, retry now, remove queued mail\n"
+            "  version, --version               print the version\n"
+            "  help, --help                     this text\n"
+            "Options may stand anywhere after COMMAND. The configuration directory (main.cf, master.cf) is\n"
+            "-c DIR, else $KTRELAY_CONFIG, else " KT_CLI_SYSTEM_DIR " when it has main.cf, else ./" DEFAULT_DIR "\n"
+            "(the embedded default, which run writes on first start: self-signed certificate, STARTTLS on\n"
+            "127.0.0.1:2525, implicit TLS on 127.0.0.1:4465, mail for any address @localhost into\n"
+            "./" DEFAULT_DIR "/mail/). Installed as sendmail, mailq or newaliases, ktrelay acts as those.\n"
+            "Exit codes: sysexits(3): 0 ok, 64 usage, 66 no such queue id, 69 cannot start, 71 system error,\n"
+            "73 cannot create files, 75 try again later, 77 permission denied, 78 configuration error.\n");
 }
 
 static int write_file(const char *path, const char *text)
@@ -143,80 +155,146 @@ static int load_runtime(const char *dir, struct kt_runtime **rt)
     return 0;
 }
 
+/* ktrelay as sendmail(1), mailq(1) or newaliases(1) when invoked by that name. */
+static int dispatch_by_name(const char *name, int argc, char **argv, int *rc)
+{
+    if (!strcmp(name, "sendmail")) {
+        kt_log_set_program("ktrelay/sendmail");
+        *rc = kt_queue_cli_sendmail(argc, argv);
+        return 1;
+    }
+    if (!strcmp(name, "mailq")) {
+        kt_log_set_program("ktrelay/postqueue");
+        /* mailq [-c DIR] is `queue list` */
+        char **copy = kt_calloc((size_t)argc + 2, sizeof(*copy));
+        int n = 0;
+        for (int i = 0; i < argc; i++)
+            copy[n++] = argv[i];
+        copy[n++] = (char *)"list";
+        copy[n] = NULL;
+        *rc = kt_queue_cli_queue(n, copy);
+        kt_free(copy);
+        return 1;
+    }
+    if (!strcmp(name, "newaliases")) {
+        /* Postfix's newaliases rebuilds the .db files; ktrelay reads the text
+         * alias files themselves, so there is nothing to build. */
+        printf("newaliases: ktrelay reads alias_maps from their text files; nothing to rebuild. A running\n"
+               "server loads changes on reload (systemctl reload ktrelay, or SIGHUP).\n");
+        *rc = EX_OK;
+        return 1;
+    }
+    return 0;
+}
+
+static int start_error_code(int rc)
+{
+    return rc == 0 ? EX_OK : rc > 0 ? rc : EX_UNAVAILABLE;
+}
+
 int main(int argc, char **argv)
 {
-    const char *dir = NULL;
-    int nondefault = 0;
+    const char *given = NULL;
+    int nondefault = 0, rc;
 
     kt_log_set_program("ktrelay/smtpd");
+    const char *base = strrchr(argv[0], '/');
+    base = base ? base + 1 : argv[0];
+    if (dispatch_by_name(base, argc, argv, &rc))
+        return rc;
     if (argc < 2) {
         usage(stderr);
-        return 2;
+        return EX_USAGE;
     }
     const char *cmd = argv[1];
-    int opt;
+    if (!strcmp(cmd, "version") || !strcmp(cmd, "--version") || !strcmp(cmd, "-V")) {
+        printf("ktrelay %s\n", KT_VERSION);
+        return EX_OK;
+    }
+    if (!strcmp(cmd, "help") || !strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
+        usage(stdout);
+        return EX_OK;
+    }
     if (!strcmp(cmd, "sendmail")) {
         kt_log_set_program("ktrelay/sendmail");
         return kt_queue_cli_sendmail(argc - 1, argv + 1);
     }
     if (!strcmp(cmd, "queue")) {
-        kt_log_set_program("ktrelay/queue");
+        kt_log_set_program("ktrelay/postqueue");
         return kt_queue_cli_queue(argc - 1, argv + 1);
     }
-    optind = 2;
-    while ((opt = getopt(argc, argv, "c:nv")) != -1) {
+    if (strcmp(cmd, "run") && strcmp(cmd, "check-config") && strcmp(cmd, "config")) {
+        fprintf(stderr, "ktrelay: unknown command '%s'\n", cmd);
+        usage(stderr);
+        return EX_USAGE;
+    }
+    /* options anywhere after the command (GNU getopt permutes): config NAME -c DIR works */
+    static const struct option longopts[] = {
+        { "config-dir", required_argument, NULL, 'c' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
+    };
+    int opt, sub_argc = argc - 1;
+    char **sub_argv = argv + 1;
+    optind = 0;
+    while ((opt = getopt_long(sub_argc, sub_argv, "c:nvh", longopts, NULL)) != -1) {
         switch (opt) {
-        case 'c': dir = optarg; break;
+        case 'c': given = optarg; break;
         case 'n': nondefault = 1; break;
         case 'v': kt_log_set_debug(1); break;
-        default: usage(stderr); return 2;
+        case 'h': usage(stdout); return EX_OK;
+        default: usage(stderr); return EX_USAGE;
         }
     }
-    if (!strcmp(cmd, "version")) {
-        printf("ktrelay %s\n", KT_VERSION);
-        return 0;
-    }
-    if (!strcmp(cmd, "help") || !strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
-        usage(stdout);
-        return 0;
+    int names_from = optind;
+    if (strcmp(cmd, "config") && names_from < sub_argc) {
+        fprintf(stderr, "ktrelay %s: unexpected argument '%s'\n", cmd, sub_argv[names_from]);
+        return EX_USAGE;
     }
     if (!strcmp(cmd, "run")) {
         struct kt_runtime *rt;
-        if (!dir) {
-            if (make_default_config(DEFAULT_DIR) < 0) {
-                kt_err("cannot create the default configuration in ./%s", DEFAULT_DIR);
-                return 1;
-            }
-            dir = DEFAULT_DIR;
+        int is_default;
+        const char *dir = kt_cli_config_dir(given, &is_default);
+        if (is_default && make_default_config(DEFAULT_DIR) < 0) {
+            kt_err("fatal: cannot create the default configuration in ./%s: %s; run ktrelay in a directory "
+                   "you can write to, or give -c DIR", DEFAULT_DIR, strerror(errno));
+            return EX_CANTCREAT;
         }
         if (load_runtime(dir, &rt) < 0) {
-            kt_err("fatal: configuration errors in %s", dir);
-            return 1;
+            kt_err("fatal: configuration errors in %s; `ktrelay check-config -c %s` lists them", dir, dir);
+            return EX_CONFIG;
         }
-        return kt_server_run(rt, dir);
+        return start_error_code(kt_server_run(rt, dir));
     }
-    if (!dir) {
-        usage(stderr);
-        return 2;
-    }
+    const char *dir = kt_cli_config_dir_existing(given, "ktrelay");
+    if (!dir)
+        return EX_CONFIG;
     if (!strcmp(cmd, "check-config")) {
         struct kt_runtime *rt;
         if (load_runtime(dir, &rt) < 0) {
             fprintf(stderr, "ktrelay: %s: configuration has errors\n", dir);
-            return 1;
+            return EX_CONFIG;
         }
         kt_runtime_unref(rt);
         printf("ktrelay: %s: configuration OK\n", dir);
-        return 0;
+        return EX_OK;
     }
-    if (!strcmp(cmd, "config")) {
-        struct kt_config *cfg;
-        if (kt_config_load(dir, &cfg) < 0)
-            return 1;
+    /* config */
+    struct kt_config *cfg;
+    if (kt_config_load(dir, &cfg) < 0)
+        return EX_CONFIG;
+    rc = EX_OK;
+    if (names_from >= sub_argc) {
         kt_config_print(cfg, stdout, nondefault);
-        kt_config_free(cfg);
-        return 0;
+    } else {
+        for (int i = names_from; i < sub_argc; i++)
+            if (kt_config_print_param(cfg, stdout, sub_argv[i]) < 0) {
+                const char *hint = kt_param_suggest(sub_argv[i]);
+                fprintf(stderr, "ktrelay: warning: %s: unknown parameter%s%s%s\n", sub_argv[i],
+                        hint ? " (did you mean " : "", hint ? hint : "", hint ? "?)" : "");
+                rc = EX_USAGE;
+            }
     }
-    usage(stderr);
-    return 2;
+    kt_config_free(cfg);
+    return rc;
 }

@@ -13,19 +13,19 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cli/cli.h"
 #include "core/alloc.h"
 #include "core/buf.h"
 #include "conf/config.h"
 #include "core/log.h"
 #include "queue/queue.h"
 
-static struct kt_config *load_config(const char *dir)
+static struct kt_config *load_config(const char *given, const char *prog)
 {
     struct kt_config *cfg;
-    if (!dir) {
-        fprintf(stderr, "ktrelay: -c DIR is required\n");
+    const char *dir = kt_cli_config_dir_existing(given, prog);
+    if (!dir)
         return NULL;
-    }
     if (kt_config_load(dir, &cfg) < 0)
         return NULL;
     return cfg;
@@ -56,7 +56,7 @@ int kt_queue_cli_sendmail(int argc, char **argv)
 {
     const char *dir = NULL, *sender = NULL;
     int ignore_dots = 0, opt;
-    optind = 1;
+    optind = 0;
     while ((opt = getopt(argc, argv, "c:f:io:tv")) != -1) {
         switch (opt) {
         case 'c': dir = optarg; break;
@@ -66,19 +66,19 @@ int kt_queue_cli_sendmail(int argc, char **argv)
         case 'v': kt_log_set_debug(1); break;
         case 't':
             fprintf(stderr, "ktrelay sendmail: -t is not supported; give the recipients as arguments\n");
-            return 64;
+            return EX_USAGE;
         default:
-            fprintf(stderr, "usage: ktrelay sendmail -c DIR [-f sender] [-i] recipient...\n");
-            return 64;
+            fprintf(stderr, "usage: ktrelay sendmail [-c DIR] [-f sender] [-i] recipient...\n");
+            return EX_USAGE;
         }
     }
     if (optind >= argc) {
         fprintf(stderr, "ktrelay sendmail: no recipients given\n");
-        return 64;
+        return EX_USAGE;
     }
-    struct kt_config *cfg = load_config(dir);
+    struct kt_config *cfg = load_config(dir, "sendmail");
     if (!cfg)
-        return 78;
+        return EX_CONFIG;
     const char *qdir = kt_config_get(cfg, NULL, "queue_directory");
     const char *host = kt_config_get(cfg, NULL, "myhostname");
     const char *origin = kt_config_get(cfg, NULL, "myorigin");
@@ -111,7 +111,7 @@ int kt_queue_cli_sendmail(int argc, char **argv)
     kt_buf_release(&msg);
     kt_free(from);
     kt_config_free(cfg);
-    return rc < 0 ? 75 : 0;
+    return rc < 0 ? (rc == -EACCES || rc == -EPERM ? EX_NOPERM : EX_TEMPFAIL) : EX_OK;
 }
 
 static int queue_list(const char *qdir)
@@ -122,7 +122,7 @@ static int queue_list(const char *qdir)
     int rc = kt_queue_list_ids(qdir, &ids, &n);
     if (rc < 0) {
         fprintf(stderr, "ktrelay queue: %s: %s\n", qdir, strerror(-rc));
-        return 1;
+        return rc == -EACCES ? EX_NOPERM : EX_OSERR;
     }
     for (size_t i = 0; i < n; i++) {
         struct kt_qmsg *m;
@@ -157,7 +157,7 @@ static int queue_flush(const char *qdir)
     int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
     if (fd < 0) {
         fprintf(stderr, "ktrelay queue: cannot request a flush (%s): %s\n", path, strerror(errno));
-        return 1;
+        return errno == EACCES ? EX_NOPERM : EX_CANTCREAT;
     }
     close(fd);
     return 0;
@@ -168,8 +168,11 @@ static int queue_delete(const char *qdir, const char *id)
     if (!strcmp(id, "ALL")) {
         char **ids;
         size_t n;
-        if (kt_queue_list_ids(qdir, &ids, &n) < 0)
-            return 1;
+        int rc = kt_queue_list_ids(qdir, &ids, &n);
+        if (rc < 0) {
+            fprintf(stderr, "ktrelay queue: %s: %s\n", qdir, strerror(-rc));
+            return rc == -EACCES ? EX_NOPERM : EX_OSERR;
+        }
         for (size_t i = 0; i < n; i++)
             if (kt_queue_remove(qdir, ids[i]) == 0)
                 printf("ktrelay queue: %s: removed\n", ids[i]);
@@ -180,7 +183,7 @@ static int queue_delete(const char *qdir, const char *id)
     int rc = kt_queue_remove(qdir, id);
     if (rc < 0) {
         fprintf(stderr, "ktrelay queue: %s: %s\n", id, rc == -ENOENT ? "no such message" : strerror(-rc));
-        return 1;
+        return rc == -ENOENT ? EX_NOINPUT : rc == -EACCES ? EX_NOPERM : EX_OSERR;
     }
     printf("ktrelay queue: %s: removed\n", id);
     return 0;
@@ -189,23 +192,33 @@ static int queue_delete(const char *qdir, const char *id)
 int kt_queue_cli_queue(int argc, char **argv)
 {
     const char *dir = NULL;
-    int opt;
-    optind = 1;
-    while ((opt = getopt(argc, argv, "+c:")) != -1) {
-        if (opt != 'c')
+    char *args[3] = { NULL, NULL, NULL };
+    int opt, nargs = 0;
+    /* options anywhere (queue list -c DIR): GNU getopt permutes */
+    optind = 0;
+    while ((opt = getopt(argc, argv, "c:v")) != -1) {
+        if (opt == 'c')
+            dir = optarg;
+        else if (opt == 'v')
+            kt_log_set_debug(1);
+        else
             goto usage;
-        dir = optarg;
     }
-    if (optind >= argc)
+    for (int i = optind; i < argc; i++) {
+        if (nargs == 2)
+            goto usage;
+        args[nargs++] = argv[i];
+    }
+    if (nargs == 0)
         goto usage;
-    const char *sub = argv[optind];
+    const char *sub = args[0];
     if (strcmp(sub, "list") && strcmp(sub, "flush") && strcmp(sub, "delete"))
         goto usage;
-    if (!strcmp(sub, "delete") && optind + 2 != argc)
+    if ((!strcmp(sub, "delete")) != (nargs == 2))
         goto usage;
-    struct kt_config *cfg = load_config(dir);
+    struct kt_config *cfg = load_config(dir, "ktrelay queue");
     if (!cfg)
-        return 78;
+        return EX_CONFIG;
     const char *qdir = kt_config_get(cfg, NULL, "queue_directory");
     int rc;
     if (!strcmp(sub, "list"))
@@ -213,10 +226,10 @@ int kt_queue_cli_queue(int argc, char **argv)
     else if (!strcmp(sub, "flush"))
         rc = queue_flush(qdir);
     else
-        rc = queue_delete(qdir, argv[optind + 1]);
+        rc = queue_delete(qdir, args[1]);
     kt_config_free(cfg);
     return rc;
 usage:
-    fprintf(stderr, "usage: ktrelay queue -c DIR list | flush | delete ID|ALL\n");
-    return 64;
+    fprintf(stderr, "usage: ktrelay queue [-c DIR] list | flush | delete ID|ALL\n");
+    return EX_USAGE;
 }

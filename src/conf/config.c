@@ -1051,3 +1051,20 @@ void kt_config_print(const struct kt_config *cfg, FILE *out, int nondefault_only
             fprintf(out, "%s = %s\n", p->name, d ? d->value : p->def ? p->def : cfg->global.val[i]);
     }
 }
+
+int kt_config_print_param(const struct kt_config *cfg, FILE *out, const char *name)
+{
+    int sym = sym_find(cfg, name);
+    if (sym < 0)
+        return -ENOENT;
+    const struct def *d = cfg->global.defs[sym];
+    if ((size_t)sym < cfg->npar) {
+        const struct kt_param_def *p = kt_param_at((size_t)sym);
+        fprintf(out, "%s = %s\n", p->name, d ? d->value : p->def ? p->def : cfg->global.val[sym]);
+        return 0;
+    }
+    if (!d)
+        return -ENOENT;
+    fprintf(out, "%s = %s\n", name, d->value);
+    return 0;
+}

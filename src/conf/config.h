@@ -86,5 +86,8 @@ long long kt_config_get_time(const struct kt_config *cfg, const struct kt_servic
  * (unexpanded) values. NONDEFAULT_ONLY prints what main.cf sets; otherwise
  * every implemented parameter's effective raw value. */
 void kt_config_print(const struct kt_config *cfg, FILE *out, int nondefault_only);
+/* postconf NAME: one "name = value" line (raw value) for a known parameter
+ * or one that main.cf defines. 0, or -ENOENT (nothing printed) otherwise. */
+int kt_config_print_param(const struct kt_config *cfg, FILE *out, const char *name);
 
 #endif

@@ -14,6 +14,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <sysexits.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -326,10 +327,10 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
 
     for (size_t i = 0; i < rt->n_services; i++)
         if (service_addrs(rt, i, &addrs, &n_addrs) < 0)
-            return 1;
+            return EX_CONFIG;
     if (n_addrs == 0) {
-        kt_err("no listening addresses (no inet smtpd service in master.cf)");
-        return 1;
+        kt_err("fatal: no listening addresses: add an inet smtpd service to master.cf");
+        return EX_CONFIG;
     }
 
     sigset_t set;
@@ -349,8 +350,10 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
         w->rt = kt_runtime_ref(rt);
         int rc = kt_loop_init(&w->loop, RING_ENTRIES);
         if (rc < 0) {
-            kt_err("io_uring_queue_init: %s", strerror(-rc));
-            return 1;
+            kt_err("fatal: io_uring_queue_init: %s%s", strerror(-rc),
+                   rc == -ENOMEM ? " (raise the locked-memory limit: ulimit -l, LimitMEMLOCK=)"
+                   : rc == -EPERM ? " (io_uring is disabled: sysctl kernel.io_uring_disabled=0)" : "");
+            return EX_OSERR;
         }
         w->listeners = kt_calloc(n_addrs, sizeof(*w->listeners));
         w->n_listeners = n_addrs;
@@ -361,8 +364,17 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
             l->service = addrs[a].service;
             l->fd = open_listener(&addrs[a]);
             if (l->fd < 0) {
-                kt_err("cannot listen on %s: %s", addrs[a].text, strerror(-l->fd));
-                return 1;
+                if (l->fd == -EACCES && geteuid() != 0)
+                    kt_err("fatal: cannot listen on %s: %s: ports below 1024 need root; run ktrelay as root, "
+                           "or grant the binary CAP_NET_BIND_SERVICE (setcap cap_net_bind_service=+ep "
+                           "/path/to/ktrelay, or AmbientCapabilities=CAP_NET_BIND_SERVICE in its unit)",
+                           addrs[a].text, strerror(-l->fd));
+                else if (l->fd == -EADDRINUSE)
+                    kt_err("fatal: cannot listen on %s: %s: another server (or ktrelay) holds that port; "
+                           "stop it or change the service in master.cf", addrs[a].text, strerror(-l->fd));
+                else
+                    kt_err("fatal: cannot listen on %s: %s", addrs[a].text, strerror(-l->fd));
+                return l->fd == -EACCES ? EX_NOPERM : EX_UNAVAILABLE;
             }
         }
     }
@@ -377,8 +389,8 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
     /* the queue manager's thread inherits the blocked signal mask */
     struct kt_qmgr *qmgr = NULL;
     if (kt_qmgr_start(rt, &qmgr) < 0) {
-        kt_err("cannot start the queue manager");
-        return 1;
+        kt_err("fatal: cannot start the queue manager");
+        return EX_UNAVAILABLE;
     }
     for (unsigned k = 0; k < srv.n_workers; k++)
         pthread_create(&srv.workers[k].thread, NULL, worker_main, &srv.workers[k]);

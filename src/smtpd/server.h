@@ -50,7 +50,9 @@ struct kt_server {
     struct kt_ktls_counters ktls;
 };
 
-/* Run until SIGTERM/SIGINT; returns the process exit code. */
+/* Run until SIGTERM/SIGINT; returns the process exit code: 0, or a sysexits(3)
+ * code for a start-up failure (EX_NOPERM: a port needs privileges, EX_OSERR:
+ * io_uring, EX_UNAVAILABLE: anything else), after logging what to do. */
 int kt_server_run(struct kt_runtime *rt, const char *config_dir);
 /* Called by sessions */
 void kt_worker_session_gone(struct kt_worker *w, struct kt_session *s);

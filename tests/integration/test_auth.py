@@ -348,14 +348,14 @@ def test_sasl_config_errors(tmp_path):
     d.mkdir()
     (d / "main.cf").write_text("smtpd_sasl_auth_enable = yes\n")
     out = subprocess.run([BIN, "check-config", "-c", str(d)], capture_output=True, text=True)
-    assert out.returncode == 1
+    assert out.returncode == 78
     assert "ktrelay_sasl_password_file is empty" in out.stderr
     (d / "main.cf").write_text(f"smtpd_sasl_auth_enable = yes\nktrelay_sasl_password_file = {d}/none\n")
     out = subprocess.run([BIN, "check-config", "-c", str(d)], capture_output=True, text=True)
-    assert out.returncode == 1 and "No such file" in out.stderr
+    assert out.returncode == 78 and "No such file" in out.stderr
     (d / "main.cf").write_text("smtpd_sasl_security_options = noanonymous, nosuch\n")
     out = subprocess.run([BIN, "check-config", "-c", str(d)], capture_output=True, text=True)
-    assert out.returncode == 1 and 'unknown SASL security option "nosuch"' in out.stderr
+    assert out.returncode == 78 and 'unknown SASL security option "nosuch"' in out.stderr
 
 
 # ---- Dovecot ----

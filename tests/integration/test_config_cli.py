@@ -41,7 +41,7 @@ def test_check_config_bad_number_reports_file_and_line(tmp_path):
     lines = (d / "main.cf").read_text().splitlines()
     lineno = lines.index("message_size_limit = 10x") + 1
     r = ktrelay("check-config", "-c", str(d))
-    assert r.returncode == 1
+    assert r.returncode == 78
     assert f"main.cf:{lineno}: bad numerical value for message_size_limit" in r.stderr, r.stderr
     assert "configuration has errors" in r.stderr
     assert "configuration OK" not in r.stdout
@@ -51,7 +51,7 @@ def test_check_config_bad_time_and_bool(tmp_path):
     d = write_conf(tmp_path, "smtpd_timeout = soon\nsmtpd_tls_wrappermode = perhaps\n",
                    "127.0.0.1:2599 inet n - n - - smtpd\n")
     r = ktrelay("check-config", "-c", str(d))
-    assert r.returncode == 1
+    assert r.returncode == 78
     assert re.search(r"main\.cf:\d+: bad time value for smtpd_timeout", r.stderr), r.stderr
     assert re.search(r"main\.cf:\d+: bad boolean value for smtpd_tls_wrappermode", r.stderr), r.stderr
 
@@ -59,7 +59,7 @@ def test_check_config_bad_time_and_bool(tmp_path):
 def test_bad_override_in_master_cf_points_at_master_cf(tmp_path):
     d = write_conf(tmp_path, "", "127.0.0.1:2599 inet n - n - - smtpd\n  -o smtpd_recipient_limit=many\n")
     r = ktrelay("check-config", "-c", str(d))
-    assert r.returncode == 1
+    assert r.returncode == 78
     assert re.search(r"master\.cf:1: bad numerical value for smtpd_recipient_limit", r.stderr), r.stderr
 
 
@@ -109,18 +109,94 @@ def test_config_without_n_shows_defaults_and_values(tmp_path):
 
 
 def test_version():
-    r = ktrelay("version")
+    for args in (("version",), ("--version",)):
+        r = ktrelay(*args)
+        assert r.returncode == 0
+        assert re.fullmatch(r"ktrelay \d+\.\d+\.\d+\n", r.stdout), r.stdout
+
+
+def test_help_lists_commands_and_exit_codes():
+    r = ktrelay("--help")
     assert r.returncode == 0
-    assert re.fullmatch(r"ktrelay \d+\.\d+\.\d+\n", r.stdout), r.stdout
+    for word in ("run", "check-config", "config [-n] [NAME...]", "sendmail", "queue", "KTRELAY_CONFIG",
+                 "/etc/ktrelay", "78 configuration error"):
+        assert word in r.stdout, word
 
 
 def test_usage_errors(tmp_path):
-    assert ktrelay().returncode == 2
-    assert ktrelay("check-config").returncode == 2          # no -c
-    assert ktrelay("frobnicate", "-c", str(tmp_path)).returncode == 2
+    # sysexits(3): EX_USAGE for the command line, EX_CONFIG for the configuration
+    assert ktrelay().returncode == 64
+    assert ktrelay("frobnicate", "-c", str(tmp_path)).returncode == 64
+    assert ktrelay("check-config", "-c", str(tmp_path), "extra").returncode == 64
+    assert ktrelay("queue", "-c", str(tmp_path), "frob").returncode == 64
     r = ktrelay("check-config", "-c", str(tmp_path / "missing"))
-    assert r.returncode == 1
+    assert r.returncode == 78
     assert "cannot read" in r.stderr
+
+
+def test_config_dir_rule_same_for_every_command(tmp_path):
+    """-c DIR, else $KTRELAY_CONFIG, else /etc/ktrelay, else ./ktrelay-data; never a silent guess."""
+    if os.path.exists("/etc/ktrelay/main.cf"):
+        pytest.skip("this machine has /etc/ktrelay/main.cf")
+    (tmp_path / "conf").mkdir()
+    d = write_conf(tmp_path / "conf", "myhostname = fromenv.example\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "KTRELAY_CONFIG"}
+
+    def run(*args, cwd=empty, extra=None):
+        return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=30, cwd=cwd,
+                              env={**env, **(extra or {})})
+
+    for args in (("check-config",), ("config", "myhostname"), ("queue", "list")):
+        r = run(*args)
+        assert r.returncode == 78, (args, r)
+        assert "give -c DIR" in r.stderr and "KTRELAY_CONFIG" in r.stderr, r.stderr
+        r = run(*args, extra={"KTRELAY_CONFIG": str(d)})
+        assert r.returncode == 0, (args, r.stderr)
+    r = run("config", "myhostname", extra={"KTRELAY_CONFIG": str(d)})
+    assert r.stdout == "myhostname = fromenv.example\n"
+    # -c wins over the environment, in any position
+    (tmp_path / "other").mkdir()
+    other = write_conf(tmp_path / "other", "myhostname = fromc.example\n")
+    r = run("config", "myhostname", "-c", str(other), extra={"KTRELAY_CONFIG": str(d)})
+    assert r.stdout == "myhostname = fromc.example\n"
+    r = run("queue", "list", "-c", str(other))
+    assert r.returncode == 0 and r.stdout == "Mail queue is empty\n", r
+    # ./ktrelay-data is found by every command once it exists
+    (empty / "ktrelay-data").mkdir()
+    write_conf(empty / "ktrelay-data", "myhostname = embedded.example\n")
+    r = run("config", "myhostname")
+    assert r.returncode == 0 and r.stdout == "myhostname = embedded.example\n", r
+
+
+def test_config_names_like_postconf(tmp_path):
+    d = write_conf(tmp_path, "message_size_limit = 4096000\nmy_own = $myhostname\n")
+    r = ktrelay("config", "-c", str(d), "message_size_limit", "smtpd_recipient_limit", "my_own")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ("message_size_limit = 4096000\nsmtpd_recipient_limit = 1000\n"
+                        "my_own = $myhostname\n")
+    r = ktrelay("config", "myhostnam", "-c", str(d))
+    assert r.returncode == 64 and r.stdout == ""
+    assert "myhostnam: unknown parameter (did you mean myhostname?)" in r.stderr
+
+
+def test_privileged_port_as_non_root_says_what_to_do(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    if not os.access(BIN, os.X_OK) or subprocess.run(["runuser", "-u", "nobody", "--", BIN, "version"],
+                                                     capture_output=True).returncode != 0:
+        pytest.skip("the build is not reachable for nobody")
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory(dir="/tmp") as t:   # pytest's tmp_path is private to root
+        d = write_conf(Path(t), "", "127.0.0.1:25 inet n - n - - smtpd\n")
+        os.chmod(t, 0o755)
+        r = subprocess.run(["runuser", "-u", "nobody", "--", BIN, "run", "-c", str(d)], capture_output=True,
+                           text=True, timeout=30)
+    assert r.returncode == 77, r.stderr
+    assert "cannot listen on 127.0.0.1:25" in r.stderr
+    assert "run ktrelay as root, or grant the binary CAP_NET_BIND_SERVICE" in r.stderr
 
 
 def test_default_banner_hides_version(relay):
@@ -190,6 +266,6 @@ def test_run_refuses_broken_config(tmp_path):
     port = free_port()
     d = write_conf(tmp_path, "smtpd_hard_error_limit = lots\n", f"127.0.0.1:{port} inet n - n - - smtpd\n")
     r = subprocess.run([BIN, "run", "-c", str(d)], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1
+    assert r.returncode == 78
     assert "bad numerical value for smtpd_hard_error_limit" in r.stderr
     assert "fatal: configuration errors" in r.stderr

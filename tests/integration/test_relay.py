@@ -180,7 +180,7 @@ def test_sendmail_queue_and_cli_without_server(nodes, tmp_path):
     assert text.endswith(b"\r\nfirst line\r\n.leading dot\r\n..two dots\r\nlast\r\n")
     out = n.queue("list").stdout
     assert qid in out and "alice@example.test" in out and "bob@remote.test" in out and "1 Request." in out
-    assert n.queue("delete", "NOSUCHID").returncode == 1
+    assert n.queue("delete", "NOSUCHID").returncode == 66
     p = n.queue("delete", qid)
     assert p.returncode == 0 and f"{qid}: removed" in p.stdout
     assert n.queue_files() == []
