@@ -187,6 +187,39 @@ static int dispatch_by_name(const char *name, int argc, char **argv, int *rc)
     return 0;
 }
 
+/* systemd connects stderr to the journal and says so in $JOURNAL_STREAM
+ * ("device:inode"); lines sent to syslog reach the journal too, so stderr
+ * would store each line twice. */
+static int stderr_is_journal(void)
+{
+    const char *js = getenv("JOURNAL_STREAM");
+    unsigned long long dev, ino;
+    struct stat st;
+    if (!js || sscanf(js, "%llu:%llu", &dev, &ino) != 2 || fstat(STDERR_FILENO, &st) < 0)
+        return 0;
+    return (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
+}
+
+/* `run`: syslog (or maillog_file) as configured, stderr as well in the foreground. */
+static int start_logging(const struct kt_runtime *rt)
+{
+    char err[512];
+    int syslog_on = !rt->maillog_file[0];
+    struct kt_log_config lc = {
+        .syslog_name = rt->syslog_name,
+        .syslog_facility = rt->syslog_facility,
+        .use_syslog = syslog_on,
+        .maillog_file = rt->maillog_file,
+        .hostname = rt->myhostname,
+        .use_stderr = !(syslog_on && stderr_is_journal()),
+    };
+    if (kt_log_configure(&lc, err, sizeof(err)) < 0) {
+        kt_err("fatal: %s; create it writable for ktrelay, or change maillog_file", err);
+        return -1;
+    }
+    return 0;
+}
+
 static int start_error_code(int rc)
 {
     return rc == 0 ? EX_OK : rc > 0 ? rc : EX_UNAVAILABLE;
@@ -263,6 +296,10 @@ int main(int argc, char **argv)
         if (load_runtime(dir, &rt) < 0) {
             kt_err("fatal: configuration errors in %s; `ktrelay check-config -c %s` lists them", dir, dir);
             return EX_CONFIG;
+        }
+        if (start_logging(rt) < 0) {
+            kt_runtime_unref(rt);
+            return EX_CANTCREAT;
         }
         return start_error_code(kt_server_run(rt, dir));
     }

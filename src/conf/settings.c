@@ -427,6 +427,38 @@ static void runtime_free(struct runtime_private *rp)
     kt_free(rp);
 }
 
+/* syslog_facility, syslog_name, maillog_file and maillog_file_prefixes as
+ * Postfix checks them; ktrelay_metrics_address. Returns the error count. */
+static int log_settings(struct kt_config *cfg, struct kt_runtime *rt)
+{
+    int errors = 0;
+    const char *fac = get(cfg, NULL, "syslog_facility");
+    rt->syslog_facility = kt_log_facility(fac);
+    if (rt->syslog_facility < 0) {
+        kt_err("syslog_facility: unknown facility \"%s\" (mail, daemon, user, local0 ... local7, ...)", fac);
+        errors++;
+    }
+    rt->syslog_name = get(cfg, NULL, "syslog_name");
+    if (!rt->syslog_name[0] || strchr(rt->syslog_name, '[') || strchr(rt->syslog_name, ':')
+        || strchr(rt->syslog_name, ' ')) {
+        kt_err("syslog_name: \"%s\" must be a non-empty name without spaces, '[' or ':'", rt->syslog_name);
+        errors++;
+    }
+    rt->maillog_file = get(cfg, NULL, "maillog_file");
+    const char *prefixes = get(cfg, NULL, "maillog_file_prefixes");
+    if (rt->maillog_file[0] && rt->maillog_file[0] != '/') {
+        kt_err("maillog_file: \"%s\" must be an absolute path", rt->maillog_file);
+        errors++;
+    } else if (rt->maillog_file[0] && !kt_log_prefix_allowed(rt->maillog_file, prefixes)) {
+        kt_err("maillog_file value \"%s\" does not match any prefix in maillog_file_prefixes (%s)",
+               rt->maillog_file, prefixes);
+        errors++;
+    }
+    rt->myhostname = get(cfg, NULL, "myhostname");
+    rt->metrics_address = get(cfg, NULL, "ktrelay_metrics_address");
+    return errors;
+}
+
 int kt_runtime_new(struct kt_config *cfg, struct kt_runtime **out)
 {
     struct runtime_private *rp = kt_calloc(1, sizeof(*rp));
@@ -447,6 +479,7 @@ int kt_runtime_new(struct kt_config *cfg, struct kt_runtime **out)
     rt->worker_threads = (unsigned)(workers > 256 ? 256 : workers);
     rt->queue_directory = get(cfg, NULL, "queue_directory");
     errors += qmgr_settings(rp, cfg, &rt->qmgr);
+    errors += log_settings(cfg, rt);
     if (errors) {
         rp->pub.cfg = NULL;   /* the caller still owns cfg on failure */
         runtime_free(rp);

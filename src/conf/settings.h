@@ -89,6 +89,12 @@ struct kt_runtime {
     unsigned worker_threads;
     const char *queue_directory;
     struct kt_qmgr_settings qmgr;        /* queue manager and outbound client */
+    /* logging (core/log.h): checked here so that check-config refuses what run would */
+    const char *syslog_name;         /* syslog_name */
+    int syslog_facility;             /* LOG_MAIL, ... from syslog_facility */
+    const char *maillog_file;        /* "" = syslog; else within maillog_file_prefixes */
+    const char *myhostname;          /* for maillog_file lines */
+    const char *metrics_address;     /* ktrelay_metrics_address: "" = off, else host:port */
 };
 
 /* Build from a loaded configuration (takes ownership of cfg on success):

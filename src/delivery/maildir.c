@@ -48,6 +48,7 @@ struct kt_delivery {
     unsigned pending;                /* operations in flight */
     char name[192];                  /* unique base name */
     char final_name[256];            /* name in new/ with ,S= and ,W= */
+    int exact_name;                  /* queue file: final_name = name, never replace */
     char tmp_path[PATH_MAX];
     size_t n_boxes;
     struct kt_mailbox boxes[MAX_BOXES];
@@ -105,7 +106,7 @@ static void escape_host(const char *in, char *out, size_t outlen)
 }
 
 struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbox *boxes, size_t n,
-                                    const char *hostname, unsigned worker_id)
+                                    const char *hostname, unsigned worker_id, const char *queue_id)
 {
     struct kt_delivery *d = kt_calloc(1, sizeof(*d));
     struct timeval tv;
@@ -126,10 +127,21 @@ struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbo
     gettimeofday(&tv, NULL);
     escape_host(hostname, host, sizeof(host));
     unsigned long seq = __atomic_add_fetch(&seq_counter, 1, __ATOMIC_RELAXED);
-    snprintf(d->name, sizeof(d->name), "%lld.M%ldP%dQ%ux%lu.%s", (long long)tv.tv_sec, (long)tv.tv_usec,
-             (int)getpid(), worker_id, seq, host);
+    if (queue_id && *queue_id)
+        snprintf(d->name, sizeof(d->name), "%lld.I%.24sM%ldP%dQ%ux%lu.%s", (long long)tv.tv_sec, queue_id,
+                 (long)tv.tv_usec, (int)getpid(), worker_id, seq, host);
+    else
+        snprintf(d->name, sizeof(d->name), "%lld.M%ldP%dQ%ux%lu.%s", (long long)tv.tv_sec, (long)tv.tv_usec,
+                 (int)getpid(), worker_id, seq, host);
     snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp/%s", d->boxes[0].path, d->name);
     return d;
+}
+
+void kt_delivery_set_exact_name(struct kt_delivery *d, const char *name)
+{
+    d->exact_name = 1;
+    snprintf(d->name, sizeof(d->name), "%s", name);
+    snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp/%s", d->boxes[0].path, d->name);
 }
 
 static void delivery_free(struct kt_delivery *d)
@@ -492,7 +504,8 @@ static void submit_link(struct kt_delivery *d)
     struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
     snprintf(d->paths[0], sizeof(d->paths[0]), "%snew/%s", d->boxes[d->step].path, d->final_name);
     if (d->n_boxes == 1)
-        io_uring_prep_renameat(sqe, AT_FDCWD, d->tmp_path, AT_FDCWD, d->paths[0], 0);
+        io_uring_prep_renameat(sqe, AT_FDCWD, d->tmp_path, AT_FDCWD, d->paths[0],
+                               d->exact_name ? RENAME_NOREPLACE : 0);
     else
         io_uring_prep_linkat(sqe, AT_FDCWD, d->tmp_path, AT_FDCWD, d->paths[0], 0);
 }
@@ -552,8 +565,11 @@ void kt_delivery_commit(struct kt_delivery *d, kt_delivery_cb cb, void *arg)
 {
     d->cb = cb;
     d->arg = arg;
-    snprintf(d->final_name, sizeof(d->final_name), "%s,S=%lld,W=%lld", d->name, (long long)d->size,
-             (long long)d->size);
+    if (d->exact_name)
+        snprintf(d->final_name, sizeof(d->final_name), "%s", d->name);
+    else
+        snprintf(d->final_name, sizeof(d->final_name), "%s,S=%lld,W=%lld", d->name, (long long)d->size,
+                 (long long)d->size);
     d->stage = ST_COMMIT_WRITES;
     chunk_submit(d);
     commit_continue(d);

@@ -24,8 +24,15 @@ typedef void (*kt_delivery_cb)(void *arg, int res);
 /* Spool buffer size: bytes beyond it are written out while the body streams in. */
 #define KT_DELIVERY_CHUNK (256 * 1024)
 
+/* queue_id (may be NULL): the message's queue id, carried in the file name
+ * ("SECONDS.IQUEUEIDM...P...Q....HOST,S=...,W=..."), so that one id ties the
+ * log lines, the queue file and the delivered files together. */
 struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbox *boxes, size_t n,
-                                    const char *hostname, unsigned worker_id);
+                                    const char *hostname, unsigned worker_id, const char *queue_id);
+/* For a queue file: the file is called exactly NAME in tmp/ and new/ (no
+ * Maildir decorations), and the commit never replaces an existing new/NAME
+ * (RENAME_NOREPLACE: -EEXIST instead). Single mailbox only; before open. */
+void kt_delivery_set_exact_name(struct kt_delivery *d, const char *name);
 /* Create the tmp file (and missing Maildir folders); cb when done. */
 void kt_delivery_open(struct kt_delivery *d, kt_delivery_cb cb, void *arg);
 /* Append body bytes. Returns 1 when the caller should stop feeding until the

@@ -263,6 +263,27 @@ static void dsn_of(int code, const char *text, char *out, size_t len)
     snprintf(out, len, "%d.0.0", code >= 500 ? 5 : 4);
 }
 
+/* relay= of a Maildir delivery from the queue: "virtual" for a
+ * virtual_mailbox_domains recipient, else "local" (Postfix's virtual(8) and
+ * local(8)). */
+static const char *local_relay(const struct kt_qmgr *q, const char *addr)
+{
+    const char *at = strrchr(addr, '@');
+    if (q->set->resolver && kt_resolve_class(q->set->resolver, at ? at + 1 : "") == KT_CLASS_VIRTUAL)
+        return "virtual";
+    return "local";
+}
+
+/* The Postfix delivery agent whose log line this is: local and virtual
+ * Maildir deliveries, else the SMTP client (relay=none included: DNS and
+ * connection failures are the smtp agent's lines in Postfix too). */
+static const char *agent_of(const char *relay)
+{
+    if (!strcmp(relay, "local") || !strcmp(relay, "virtual"))
+        return relay;
+    return "smtp";
+}
+
 static void rcpt_done(struct kt_qmgr *q, struct msg *m, size_t i, const char *relay, const char *text)
 {
     int rc = kt_queue_mark(q->qdir, m->q, i, KT_QR_DONE, NULL);
@@ -278,7 +299,7 @@ static void rcpt_done(struct kt_qmgr *q, struct msg *m, size_t i, const char *re
     } else {
         snprintf(reply, sizeof(reply), "%s", text ? text : "delivered");
     }
-    kt_info("%s: to=<%s>, relay=%s, delay=%.0f, dsn=2.0.0, status=sent (%s)", m->q->id, m->q->rcpts[i].addr, relay,
+    kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=2.0.0, status=sent (%s)", m->q->id, m->q->rcpts[i].addr, relay,
             delay_of(m), reply);
 }
 
@@ -300,7 +321,7 @@ static void rcpt_failed(struct kt_qmgr *q, struct msg *m, size_t i, const char *
         kt_err("%s: cannot record the failure of <%s>: %s", m->q->id, m->q->rcpts[i].addr, strerror(-rc));
         return;
     }
-    kt_info("%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=bounced (%s)", m->q->id, m->q->rcpts[i].addr, relay,
+    kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=bounced (%s)", m->q->id, m->q->rcpts[i].addr, relay,
             delay_of(m), dsn, text);
 }
 
@@ -313,7 +334,7 @@ static void rcpt_deferred(struct msg *m, size_t i, const char *relay, int code, 
         dsn_of(code, text, dsn, sizeof(dsn));
     if (dsn[0] != '4')
         dsn[0] = '4';
-    kt_info("%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=deferred (%s)", m->q->id, m->q->rcpts[i].addr, relay,
+    kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=deferred (%s)", m->q->id, m->q->rcpts[i].addr, relay,
             delay_of(m), dsn, text);
     kt_free(m->defer_reason);
     m->defer_reason = kt_asprintf("%s %s %s", dsn, strcmp(relay, "none") ? relay : "-", text);
@@ -505,7 +526,7 @@ static void conn_ready(void *arg, int res, const char *reason)
     struct conn *cn = arg;
     struct dest *d = cn->d;
     if (res != 0) {
-        kt_info("%s", reason);
+        kt_info_as("smtp", "%s", reason);
         conn_remove(cn);
         /* the destination is down (or refuses us): what waits for it is deferred now rather
          * than fed to new connections that would fail the same way */
@@ -556,7 +577,7 @@ static void resolved(void *arg, int res, const struct kt_smtp_addr *addrs, size_
     if (res == -ECANCELED)
         return;                    /* stopping: the jobs stay queued on disk */
     if (res != 0 || n == 0) {
-        kt_info("%s", err ? err : "no address");
+        kt_info_as("smtp", "%s", err ? err : "no address");
         dest_defer_queued(d, res > 0 ? res : 450, dsn ? dsn : "4.4.3", err ? err : "no address");
         return;
     }
@@ -609,11 +630,11 @@ static void local_result(struct job *j, int res)
     size_t i = j->idx[j->cur];
     if (res < 0) {
         char *why = kt_asprintf("cannot deliver to maildir: %s", strerror(-res));
-        rcpt_deferred(j->m, i, "local", 450, NULL, why);
+        rcpt_deferred(j->m, i, local_relay(q, j->addrs[j->cur]), 450, NULL, why);
         kt_free(why);
     } else {
         char *text = kt_asprintf("delivered to maildir as %s", kt_delivery_name(j->dl));
-        rcpt_done(q, j->m, i, "local", text);
+        rcpt_done(q, j->m, i, local_relay(q, j->addrs[j->cur]), text);
         kt_free(text);
     }
     kt_delivery_abandon(j->dl);
@@ -686,20 +707,20 @@ static void local_step(struct job *j)
         if (res->reply || res->n_mailboxes == 0) {
             const char *why = res->reply ? res->reply : "alias forwards to remote addresses only";
             if (res->reply && res->reply[0] == '4')
-                rcpt_deferred(j->m, i, "local", 450, NULL, why);
+                rcpt_deferred(j->m, i, local_relay(q, j->addrs[j->cur]), 450, NULL, why);
             else
-                rcpt_failed(q, j->m, i, "local", 550, NULL, why);
+                rcpt_failed(q, j->m, i, local_relay(q, j->addrs[j->cur]), 550, NULL, why);
             j->cur++;
             kt_free(res);
             continue;
         }
-        j->dl = kt_delivery_new(&q->loop, res->mailboxes, res->n_mailboxes, q->set->myhostname, 255);
+        j->dl = kt_delivery_new(&q->loop, res->mailboxes, res->n_mailboxes, q->set->myhostname, 255, j->m->q->id);
         kt_free(res);
         kt_delivery_open(j->dl, local_opened, j);
         return;
     }
     for (; j->cur < j->n; j->cur++)
-        rcpt_deferred(j->m, j->idx[j->cur], "local", 450, NULL, "mail system is stopping");
+        rcpt_deferred(j->m, j->idx[j->cur], local_relay(q, j->addrs[j->cur]), 450, NULL, "mail system is stopping");
     d->local_job = NULL;
     job_end(q, j);
     dest_kick(d);
@@ -754,7 +775,7 @@ static void send_dsn(struct kt_qmgr *q, struct msg *m, enum kt_dsn_kind kind, ti
         if (fd >= 0)
             close(fd);
         if (rc == 0) {
-            kt_info("%s: sender %s notification: %s", m->q->id,
+            kt_info_as("bounce", "%s: sender %s notification: %s", m->q->id,
                     kind == KT_DSN_FAILED ? "non-delivery" : "delay", id);
             q->scan_now = 1;
         } else if (rc < 0) {
@@ -1059,6 +1080,7 @@ static void *qmgr_main(void *arg)
 {
     struct kt_qmgr *q = arg;
     pthread_setname_np(pthread_self(), "ktrelay-qmgr");
+    kt_log_set_service("qmgr");
     q->efd_op.cb = efd_done;
     q->tick_op.cb = tick_done;
     efd_arm(q);

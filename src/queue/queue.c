@@ -40,8 +40,13 @@ void kt_queue_new_id(char *buf, size_t len)
     struct timeval tv;
     gettimeofday(&tv, NULL);
     unsigned long c = __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED);
-    snprintf(buf, len, "%08llX%05lX%05X%lX", (unsigned long long)tv.tv_sec, (unsigned long)tv.tv_usec,
-             (unsigned)getpid() & 0xFFFFF, c);
+    /* Postfix's short form: upper-case hex, time first. Seconds (20 bits,
+     * 12 days), microseconds, and 12 bits of a process-wide counter: unique
+     * within the process (4096 ids in one microsecond cannot happen); across
+     * processes a clash is refused by the queue's create/rename, never
+     * overwritten. */
+    snprintf(buf, len, "%05lX%05lX%03lX", (unsigned long)tv.tv_sec & 0xFFFFF, (unsigned long)tv.tv_usec,
+             c & 0xFFF);
 }
 
 char *kt_queue_envelope(const char *sender, const char *const *rcpts, size_t n, time_t arrival, int dots)
@@ -375,7 +380,7 @@ void kt_queue_cleanup(const char *qdir)
 
 struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir, const char *sender,
                                           const char *const *rcpts, size_t n, const char *hostname,
-                                          unsigned worker_id)
+                                          unsigned worker_id, const char *queue_id)
 {
     char *env = kt_queue_envelope(sender, rcpts, n, time(NULL), -1);
     size_t len = strlen(env);
@@ -385,8 +390,9 @@ struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir
     }
     char *path = kt_asprintf("%s/", qdir);
     struct kt_mailbox box = { .path = path, .uid = 0, .gid = 0 };
-    struct kt_delivery *d = kt_delivery_new(loop, &box, 1, hostname, worker_id);
+    struct kt_delivery *d = kt_delivery_new(loop, &box, 1, hostname, worker_id, queue_id);
     kt_free(path);
+    kt_delivery_set_exact_name(d, queue_id);
     kt_delivery_append(d, env, len);
     kt_free(env);
     return d;

@@ -50,7 +50,9 @@ struct kt_qmsg {
 
 /* Create tmp/ new/ status/ (mode 0700) under qdir. 0 or -errno. */
 int kt_queue_init_dirs(const char *qdir);
-/* Fresh queue id: hex time, microseconds, pid and a counter. */
+/* Fresh queue id, Postfix's short form: 13 upper-case hex digits (seconds,
+ * microseconds, a counter). Given when a transaction starts (MAIL, sendmail)
+ * and kept by the message everywhere: log lines, queue file, Maildir names. */
 void kt_queue_new_id(char *buf, size_t len);
 /* The envelope header text (kt_malloc'ed). dots: -1 unknown, 0, 1. */
 char *kt_queue_envelope(const char *sender, const char *const *rcpts, size_t n, time_t arrival, int dots);
@@ -83,11 +85,12 @@ void kt_queue_cleanup(const char *qdir);
  * before the 250. The envelope is appended here, before the file exists:
  * kt_delivery buffers up to KT_DELIVERY_CHUNK bytes in memory until then.
  * Returns NULL when the envelope would not fit in that buffer (far more
- * recipients than any recipient limit allows). The queue id is
- * kt_delivery_name() once committed. */
+ * recipients than any recipient limit allows). The queue file is named
+ * queue_id (the session's id, from kt_queue_new_id()), and a clash with an
+ * existing file fails the commit with -EEXIST rather than replacing it. */
 struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir, const char *sender,
                                           const char *const *rcpts, size_t n, const char *hostname,
-                                          unsigned worker_id);
+                                          unsigned worker_id, const char *queue_id);
 
 /* Command line (queue_cli.c): argv[0] is the command name.
  *   sendmail -c DIR [-f sender] [-i] rcpt...   message on stdin into the queue

@@ -277,7 +277,7 @@ static void connect_done(struct kt_op *op, int res, unsigned flags)
         char why[512];
         snprintf(why, sizeof(why), "connect to %s: %s", c->relay, strerror(-res));
         if (++c->cur_addr < c->n_addrs) {
-            kt_info("%s", why);
+            kt_info_as("smtp", "%s", why);
             connect_next(c);
             return;
         }
@@ -519,7 +519,7 @@ static int do_handshake(struct kt_smtp_conn *c)
                         : c->p.tls_level >= KT_SMTP_TLS_VERIFY ? "Verified" : "Trusted";
     X509_free(peer);
     if (c->p.tls_loglevel >= 1)
-        kt_info("%s TLS connection established to %s: %s ktls=%s", trust, c->relay, desc, c->ktls_tx ? "tx" : "none");
+        kt_info_as("smtp", "%s TLS connection established to %s: %s ktls=%s", trust, c->relay, desc, c->ktls_tx ? "tx" : "none");
     send_ehlo(c, ST_EHLO2);
     return 1;
 }

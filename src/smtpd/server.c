@@ -254,6 +254,7 @@ static void *worker_main(void *arg)
     char name[16];
     snprintf(name, sizeof(name), "ktrelay-w%u", w->id);
     pthread_setname_np(pthread_self(), name);
+    kt_log_set_service("smtpd");
     for (size_t i = 0; i < w->n_listeners; i++)
         accept_arm(&w->listeners[i]);
     w->tick_op.cb = tick_done;
@@ -281,6 +282,10 @@ static int reload(struct kt_server *srv, struct kt_qmgr *qmgr)
 {
     struct kt_config *cfg;
     struct kt_runtime *rt, *old;
+    /* after log rotation: maillog_file is opened again under its name */
+    int lrc = kt_log_reopen();
+    if (lrc < 0)
+        kt_warn("reload: cannot reopen maillog_file: %s", strerror(-lrc));
     if (!srv->config_dir) {
         kt_info("reload: embedded configuration, nothing to reload");
         return 0;

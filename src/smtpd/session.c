@@ -85,13 +85,7 @@ static void reply(struct kt_session *s, const char *fmt, ...)
 
 static void make_queue_id(struct kt_session *s)
 {
-    static unsigned long counter;
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    unsigned long c = __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED);
-    /* Postfix-like short hex id: time in usec plus a counter, unique per process */
-    snprintf(s->queue_id, sizeof(s->queue_id), "%05lX%05lX%02X", (unsigned long)(ts.tv_sec & 0xFFFFF),
-             (unsigned long)((ts.tv_nsec / 1000) & 0xFFFFF) ^ (c & 0xFFFFF), s->worker->id & 0xFF);
+    kt_queue_new_id(s->queue_id, sizeof(s->queue_id));
 }
 
 static void transaction_reset(struct kt_session *s)
@@ -117,6 +111,8 @@ static void transaction_reset(struct kt_session *s)
     s->bdat_left = 0;
     s->msg_bytes = 0;
     s->queue_id[0] = '\0';
+    s->client_logged = 0;
+    kt_header_scan_reset(&s->hdrscan);
 }
 
 static const char *protocol_name(const struct kt_session *s)
@@ -275,11 +271,6 @@ static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
     s->body_8bit = p.body != KT_BODY_7BIT;
     clock_gettime(CLOCK_MONOTONIC, &s->t_start);
     make_queue_id(s);
-    if (s->sasl_username[0])
-        kt_info("%s: client=unknown[%s], sasl_method=%s, sasl_username=%s", s->queue_id, s->addr, s->sasl_method,
-                s->sasl_username);
-    else
-        kt_info("%s: client=unknown[%s]", s->queue_id, s->addr);
     s->counts.mail_ok++;
     reply(s, "250 2.1.0 Ok");
 }
@@ -306,10 +297,27 @@ static int rcpt_already(const struct kt_session *s, const char *addr)
     return 0;
 }
 
+/* Like Postfix's smtpd, which opens the queue file at the first accepted
+ * recipient: the message's "client=" line (what pflogsumm counts as
+ * received) is logged then, and rejections before it say NOQUEUE. */
+static void rcpt_accepted(struct kt_session *s)
+{
+    s->counts.rcpt_ok++;
+    if (!s->client_logged) {
+        s->client_logged = 1;
+        if (s->sasl_username[0])
+            kt_info("%s: client=unknown[%s], sasl_method=%s, sasl_username=%s", s->queue_id, s->addr,
+                    s->sasl_method, s->sasl_username);
+        else
+            kt_info("%s: client=unknown[%s]", s->queue_id, s->addr);
+    }
+    reply(s, "250 2.1.5 Ok");
+}
+
 static void rcpt_reject(struct kt_session *s, const char *why, const char *rcpt)
 {
-    kt_info("NOQUEUE: reject: RCPT from unknown[%s]: %s; from=<%s> to=<%s> proto=%s helo=<%s>", s->addr, why,
-            s->sender, rcpt, protocol_name(s), s->helo);
+    kt_info("%s: reject: RCPT from unknown[%s]: %s; from=<%s> to=<%s> proto=%s helo=<%s>",
+            s->client_logged ? s->queue_id : "NOQUEUE", s->addr, why, s->sender, rcpt, protocol_name(s), s->helo);
     reply(s, "%s", why);
 }
 
@@ -378,8 +386,7 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
             reply(s, "452 4.5.3 Error: too many recipients");
             return;
         }
-        s->counts.rcpt_ok++;
-        reply(s, "250 2.1.5 Ok");
+        rcpt_accepted(s);
         return;
     }
     if (ra.rewritten)
@@ -391,13 +398,14 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         return;
     }
     if (res.n_mailboxes == 0) {
-        reply(s, "550 5.1.1 <%s>: Recipient address rejected: alias forwards to remote addresses, "
-                 "which this server does not relay", path.addr);
+        char msg[700];
+        snprintf(msg, sizeof(msg), "550 5.1.1 <%s>: Recipient address rejected: alias forwards to remote "
+                 "addresses, which this server does not relay", path.addr);
+        rcpt_reject(s, msg, path.addr);
         return;
     }
     if (rcpt_already(s, path.addr)) {
-        s->counts.rcpt_ok++;
-        reply(s, "250 2.1.5 Ok");
+        rcpt_accepted(s);
         return;
     }
     if (s->n_mailboxes + res.n_mailboxes > KT_MAX_MAILBOXES) {
@@ -408,8 +416,7 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         add_mailbox(s, &res.mailboxes[i]);
     kt_buf_append(&s->rcpts, path.addr, path.addr_len + 1);
     s->n_rcpts++;
-    s->counts.rcpt_ok++;
-    reply(s, "250 2.1.5 Ok");
+    rcpt_accepted(s);
 }
 
 /* ---- message body: DATA and BDAT ---- */
@@ -431,17 +438,25 @@ static void on_commit(void *arg, int res)
     } else {
         const char *r = s->rcpts.data;
         double delay = elapsed_since(&s->t_start);
-        kt_info("%s: from=<%s>, size=%llu, nrcpt=%u (queue active)", s->queue_id, s->sender,
-                kt_delivery_size(s->delivery), s->n_rcpts);
-        if (s->n_relay_rcpts) {
-            kt_info("%s: queued for delivery as %s", s->queue_id, kt_delivery_name(s->delivery));
+        /* Postfix's division of labour in the log: cleanup reports the
+         * message, qmgr its envelope, local/virtual each delivery. */
+        kt_info_as("cleanup", "%s: message-id=%s", s->queue_id,
+                   s->hdrscan.message_id[0] ? s->hdrscan.message_id : "<>");
+        kt_info_as("qmgr", "%s: from=<%s>, size=%llu, nrcpt=%u (queue active)", s->queue_id, s->sender,
+                   kt_delivery_size(s->delivery), s->n_rcpts);
+        if (s->n_relay_rcpts)
             kt_qmgr_wakeup();
-        }
         for (unsigned i = 0; i < s->n_rcpts && !s->n_relay_rcpts; i++) {
-            kt_info("%s: to=<%s>, relay=local, delay=%.2f, dsn=2.0.0, status=sent (delivered to maildir as %s)",
-                    s->queue_id, r, delay, kt_delivery_name(s->delivery));
+            const char *at = strrchr(r, '@');
+            int virt = s->cfg->resolver && kt_resolve_class(s->cfg->resolver, at ? at + 1 : "") == KT_CLASS_VIRTUAL;
+            kt_info_as(virt ? "virtual" : "local",
+                       "%s: to=<%s>, relay=%s, delay=%.2f, dsn=2.0.0, status=sent "
+                       "(delivered to maildir as %s)", s->queue_id, r, virt ? "virtual" : "local", delay,
+                       kt_delivery_name(s->delivery));
             r += strlen(r) + 1;
         }
+        if (!s->n_relay_rcpts)
+            kt_info_as("qmgr", "%s: removed", s->queue_id);
         if (s->state == KT_SS_BDAT)
             s->counts.bdat_ok++;
         else
@@ -507,12 +522,12 @@ static void start_spool(struct kt_session *s)
             list[i] = r;
         /* relay_accept keeps the envelope small enough for this never to be NULL */
         s->delivery = kt_queue_delivery_new(&s->worker->loop, s->rt->queue_directory, s->sender, list, s->n_rcpts,
-                                            s->cfg->myhostname, s->worker->id);
+                                            s->cfg->myhostname, s->worker->id, s->queue_id);
         kt_free(list);
     }
     if (!s->delivery)
         s->delivery = kt_delivery_new(&s->worker->loop, s->mailboxes, s->n_mailboxes, s->cfg->myhostname,
-                                      s->worker->id);
+                                      s->worker->id, s->queue_id);
     s->wait = KT_WAIT_OPEN;
     kt_delivery_open(s->delivery, on_spool_open, s);
 }
@@ -580,6 +595,8 @@ static void data_feed(struct kt_session *s)
             s->msg_too_big = 1;
         else if (out_len) {
             behind = kt_delivery_append(s->delivery, head, out_len);
+            if (!s->hdrscan.done)
+                kt_header_scan_feed(&s->hdrscan, head, out_len);
             s->msg_bytes += out_len;
         }
     }
@@ -652,6 +669,8 @@ static void bdat_feed(struct kt_session *s)
             if (!body_fits(s, take)) {
                 bdat_fail(s, "552 5.3.4 Error: message file too big");
             } else {
+                if (!s->hdrscan.done)
+                    kt_header_scan_feed(&s->hdrscan, kt_buf_head(&s->in), take);
                 if (kt_delivery_append(s->delivery, kt_buf_head(&s->in), take))
                     s->wait = KT_WAIT_DRAIN;
                 s->msg_bytes += take;

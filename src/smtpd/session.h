@@ -15,6 +15,7 @@
 #include "core/loop.h"
 #include "delivery/resolve.h"
 #include "smtpd/smtp_parse.h"
+#include "smtpd/header_scan.h"
 
 struct kt_worker;
 struct kt_runtime;
@@ -110,7 +111,8 @@ struct kt_session {
 
     /* mail transaction */
     int in_transaction;
-    char queue_id[24];
+    char queue_id[24];                     /* given at MAIL (kt_queue_new_id) */
+    int client_logged;                     /* "client=" logged at the first accepted RCPT */
     char sender[513];
     struct kt_buf rcpts;                   /* NUL-separated recipient addresses */
     unsigned n_rcpts;                      /* all accepted recipients, local and relayed */
@@ -128,6 +130,7 @@ struct kt_session {
     char bdat_error[96];                   /* reply owed at the end of a refused chunk */
     unsigned long long bdat_left;          /* bytes of the current chunk still to read */
     unsigned long long msg_bytes;
+    struct kt_header_scan hdrscan;         /* Message-ID for the log, read as the body streams in */
 };
 
 /* session.c */

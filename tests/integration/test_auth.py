@@ -146,6 +146,8 @@ def test_login_mechanism(auth_relay):
     assert c.cmd(b64("alice")) == "334 UGFzc3dvcmQ6"
     assert c.cmd(b64(PASSWORD)) == "235 2.7.0 Authentication successful"
     assert c.cmd("MAIL FROM:<alice@example.test>") == "250 2.1.0 Ok"
+    # logged, as by Postfix, at the first accepted recipient
+    assert c.cmd("RCPT TO:<bob@example.test>") == "250 2.1.5 Ok"
     assert r.wait_log("sasl_method=LOGIN, sasl_username=alice")
     # LOGIN with the user name as initial response
     c = Client(r.port())
@@ -312,6 +314,7 @@ def test_sasl_local_domain(auth_relay):
     c.ehlo()
     assert c.cmd("AUTH PLAIN " + plain("alice", PASSWORD)) == "235 2.7.0 Authentication successful"
     assert c.cmd("MAIL FROM:<alice@example.test>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<bob@example.test>") == "250 2.1.5 Ok"
     assert r.wait_log("sasl_username=alice@example.test")
     c = Client(r.port())
     c.ehlo()

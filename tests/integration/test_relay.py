@@ -243,7 +243,7 @@ def test_hard_error_bounces_to_local_sender(nodes, sinks):
     assert n.wait_log(rf"{qid}: to=<bob@remote.test>, .*dsn=5\.\d\.\d, status=bounced \(host .* said: 5"), n.log()
     assert n.wait_log(rf"{qid}: sender non-delivery notification: ([0-9A-F]+)")
     bid = re.search(rf"{qid}: sender non-delivery notification: ([0-9A-F]+)", n.log()).group(1)
-    assert n.wait_log(rf"{bid}: to=<alice@example.test>, relay=local, .*status=sent")
+    assert n.wait_log(rf"{bid}: to=<alice@example.test>, relay=virtual, .*status=sent")
     assert n.wait_log(rf"{bid}: removed") and n.wait_log(rf"{qid}: removed")
     box = n.d / "mail" / "example.test" / "alice" / "new"
     files = wait_for(lambda: list(box.iterdir()) if box.exists() else [])
@@ -278,8 +278,8 @@ def test_no_bounce_for_a_bounce(nodes, sinks):
 def test_unknown_local_recipient_bounces(nodes):
     n = nodes("").start()
     qid = n.sendmail(["nobody@example.test", "bob@example.test"], BODY, sender="alice@example.test")
-    assert n.wait_log(rf"{qid}: to=<bob@example.test>, relay=local, .*status=sent"), n.log()
-    assert n.wait_log(rf"{qid}: to=<nobody@example.test>, relay=local, .*status=bounced")
+    assert n.wait_log(rf"{qid}: to=<bob@example.test>, relay=virtual, .*status=sent"), n.log()
+    assert n.wait_log(rf"{qid}: to=<nobody@example.test>, relay=virtual, .*status=bounced")
     assert n.wait_log(rf"{qid}: removed")
     box = n.d / "mail" / "example.test" / "alice" / "new"
     files = wait_for(lambda: list(box.iterdir()) if box.exists() else [])
@@ -423,7 +423,7 @@ def test_smtp_client_relays_through_the_queue(nodes, sinks):
         assert code == 250, msg
     assert n.wait_log(r"to=<bob@remote.test>, relay=127.0.0.1.*status=sent"), n.log()
     assert n.wait_log(r"to=<carol@remote.test>, relay=127.0.0.1.*status=sent"), n.log()
-    assert n.wait_log(r"to=<bob@example.test>, relay=local, .*status=sent"), n.log()
+    assert n.wait_log(r"to=<bob@example.test>, relay=virtual, .*status=sent"), n.log()
     msgs = wait_for(lambda: len(sink.messages()) == 2 and sink.messages())
     assert any(b"\n..stuffed" in m and b"X-Rcpt-Args: <bob@remote.test>" in m for m in msgs)
     assert any(b"Subject: bdat" in m for m in msgs)

@@ -161,7 +161,7 @@ def test_smtputf8_addresses(relay):
     received, rest = delivered_one(relay)
     assert rest == content
     assert "for <ünïcødé@localhost>;".encode() in received
-    assert relay.wait_log("to=<ünïcødé@localhost>, relay=local")
+    assert relay.wait_log("to=<ünïcødé@localhost>, relay=virtual")
 
 
 # ---- PIPELINING ----
@@ -549,7 +549,7 @@ def test_file_in_new_when_250_arrives(relay):
         files = relay.maildir_files()
         assert len(files) == i + 1
         assert any(split_received(f)[1] == content for f in files)
-        assert relay.wait_log(f"{qid}: to=<d@localhost>, relay=local")
+        assert relay.wait_log(f"{qid}: to=<d@localhost>, relay=virtual")
     names = re.findall(r"delivered to maildir as (\S+)\)", relay.log())
     assert sorted(names) == sorted(f.name for f in relay.maildir_files())
     assert all_files(relay, "tmp") == []
