@@ -720,6 +720,11 @@ static void parse_options(struct kt_config *cfg, struct svc *s, struct token *t,
         const char *value = eq + 1;
         if (braced)
             value += skip_space(value, 0, strlen(value));
+        /* ktrelay logs under one syslog_name per process; Postfix's per-service
+         * "postfix/submission" tags are not reproduced (the line's service still is) */
+        if (nlen == 11 && !strncmp(arg, "syslog_name", 11))
+            report(cfg, 0, file, line, "-o syslog_name is not implemented per service; ignored (every line "
+                   "uses main.cf's syslog_name)");
         add_def(cfg, &s->over, &s->nover, file, line, arg, nlen, value);
     }
 }

@@ -451,7 +451,7 @@ static void test_master_services(void **state)
     expect_log(l.log, "master.cf:13: service cleanup/unix ignored");
     expect_log(l.log, "master.cf:15: service 628/inet ignored");
     expect_log(l.log, "master.cf:16: service relay/unix ignored");
-    expect_log(l.log, "master.cf:4: parameter syslog_name is a Postfix parameter");
+    expect_log(l.log, "master.cf:4: -o syslog_name is not implemented per service; ignored");
     expect_no_log(l.log, "error");
 
     assert_int_equal(kt_config_service_count(cfg), 5);
