@@ -16,6 +16,7 @@
 #include "core/alloc.h"
 #include "conf/config.h"
 #include "core/log.h"
+#include "metrics/metrics.h"
 #include "queue/queue.h"
 #include "smtpd/server.h"
 #include "conf/settings.h"
@@ -301,7 +302,18 @@ int main(int argc, char **argv)
             kt_runtime_unref(rt);
             return EX_CANTCREAT;
         }
-        return start_error_code(kt_server_run(rt, dir));
+        if (rt->metrics_address[0]) {
+            char err[512];
+            if (kt_metrics_http_start(rt->metrics_address, err, sizeof(err)) < 0) {
+                kt_err("fatal: %s", err);
+                kt_runtime_unref(rt);
+                return EX_UNAVAILABLE;
+            }
+        }
+        rc = start_error_code(kt_server_run(rt, dir));
+        kt_metrics_http_stop();
+        kt_metrics_shutdown();
+        return rc;
     }
     const char *dir = kt_cli_config_dir_existing(given, "ktrelay");
     if (!dir)

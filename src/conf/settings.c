@@ -11,6 +11,7 @@
 #include "queue/smtp_client.h"
 #include "conf/config.h"
 #include "tls/ktls.h"
+#include "metrics/metrics.h"
 #include "core/log.h"
 #include "smtpd/policy.h"
 #include "delivery/resolve.h"
@@ -456,6 +457,14 @@ static int log_settings(struct kt_config *cfg, struct kt_runtime *rt)
     }
     rt->myhostname = get(cfg, NULL, "myhostname");
     rt->metrics_address = get(cfg, NULL, "ktrelay_metrics_address");
+    if (rt->metrics_address[0]) {
+        char host[256], err[300];
+        unsigned port;
+        if (kt_metrics_parse_address(rt->metrics_address, host, sizeof(host), &port, err, sizeof(err)) < 0) {
+            kt_err("ktrelay_metrics_address: %s", err);
+            errors++;
+        }
+    }
     return errors;
 }
 

@@ -45,6 +45,7 @@
 #include "conf/config.h"
 #include "core/dirsync.h"
 #include "queue/dns.h"
+#include "metrics/metrics.h"
 #include "core/log.h"
 #include "delivery/maildir.h"
 #include "queue/qmgr.h"
@@ -299,6 +300,8 @@ static void rcpt_done(struct kt_qmgr *q, struct msg *m, size_t i, const char *re
     } else {
         snprintf(reply, sizeof(reply), "%s", text ? text : "delivered");
     }
+    kt_metric_inc(KT_M_DELIVERY_SENT);
+    kt_metric_observe(KT_H_DELIVERY, (double)delay_of(m));
     kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=2.0.0, status=sent (%s)", m->q->id, m->q->rcpts[i].addr, relay,
             delay_of(m), reply);
 }
@@ -321,6 +324,7 @@ static void rcpt_failed(struct kt_qmgr *q, struct msg *m, size_t i, const char *
         kt_err("%s: cannot record the failure of <%s>: %s", m->q->id, m->q->rcpts[i].addr, strerror(-rc));
         return;
     }
+    kt_metric_inc(KT_M_DELIVERY_BOUNCED);
     kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=bounced (%s)", m->q->id, m->q->rcpts[i].addr, relay,
             delay_of(m), dsn, text);
 }
@@ -334,6 +338,7 @@ static void rcpt_deferred(struct msg *m, size_t i, const char *relay, int code, 
         dsn_of(code, text, dsn, sizeof(dsn));
     if (dsn[0] != '4')
         dsn[0] = '4';
+    kt_metric_inc(KT_M_DELIVERY_DEFERRED);
     kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=deferred (%s)", m->q->id, m->q->rcpts[i].addr, relay,
             delay_of(m), dsn, text);
     kt_free(m->defer_reason);
@@ -814,9 +819,11 @@ static void msg_round_done(struct kt_qmgr *q, struct msg *m)
             char *reason = kt_asprintf("5%.*s%s", (int)strcspn(last + 1, " "), last + 1,
                                        strchr(last, ' ') ? strchr(last, ' ') : " - ");
             /* keep the last temporary status' detail, as a permanent one */
-            if (kt_queue_mark(q->qdir, m->q, i, KT_QR_FAILED, reason) == 0)
+            if (kt_queue_mark(q->qdir, m->q, i, KT_QR_FAILED, reason) == 0) {
+                kt_metric_inc(KT_M_DELIVERY_EXPIRED);
                 kt_info("%s: to=<%s>, relay=none, delay=%.0f, status=expired, returned to sender (%s)", m->q->id,
                         m->q->rcpts[i].addr, delay_of(m), text);
+            }
             kt_free(text);
             kt_free(reason);
         }
@@ -1044,10 +1051,24 @@ static void check_flush(struct kt_qmgr *q)
     }
 }
 
+/* ktrelay_queue_messages: deferred = waiting for a retry after a failed
+ * attempt, active = the rest (new or being delivered). Once a second, on
+ * this thread, which alone owns the list. */
+static void publish_queue_gauges(struct kt_qmgr *q, time_t now)
+{
+    long long deferred = 0, all = 0;
+    for (struct msg *m = q->msgs; m; m = m->next, all++)
+        if (m->defer_reason && m->next_try > now && m->jobs == 0)
+            deferred++;
+    kt_metric_set(KT_M_QUEUE_ACTIVE, all - deferred);
+    kt_metric_set(KT_M_QUEUE_DEFERRED, deferred);
+}
+
 static void tick_done(struct kt_op *op, int res, unsigned flags)
 {
     struct kt_qmgr *q = (struct kt_qmgr *)((char *)op - offsetof(struct kt_qmgr, tick_op));
     time_t now = time(NULL);
+    publish_queue_gauges(q, now);
     kt_dns_tick(q->dns);
     for (struct dest *d = q->dests; d; d = d->next) {
         struct conn *cn, *next;

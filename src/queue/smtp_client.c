@@ -26,6 +26,7 @@
 
 #include "core/alloc.h"
 #include "core/buf.h"
+#include "metrics/metrics.h"
 #include "core/log.h"
 #include "queue/smtp_client.h"
 
@@ -146,6 +147,7 @@ static void conn_free_if_idle(struct kt_smtp_conn *c)
     kt_free(c->verify_name);
     kt_free(c);
     __atomic_sub_fetch(&live_count, 1, __ATOMIC_RELAXED);
+    kt_metric_add(KT_M_CONN_SMTP, -1);
 }
 
 /* Stop all I/O; the object goes once the cancelled operations complete. */
@@ -295,6 +297,7 @@ struct kt_smtp_conn *kt_smtp_connect(struct kt_loop *loop, const struct kt_smtp_
 {
     struct kt_smtp_conn *c = kt_calloc(1, sizeof(*c));
     __atomic_add_fetch(&live_count, 1, __ATOMIC_RELAXED);
+    kt_metric_inc(KT_M_CONN_SMTP);
     c->loop = loop;
     c->p = *p;
     /* the caller's strings may not outlive this call */

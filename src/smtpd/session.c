@@ -19,6 +19,7 @@
 #include "core/alloc.h"
 #include "core/log.h"
 #include "delivery/maildir.h"
+#include "metrics/metrics.h"
 #include "smtpd/policy.h"
 #include "queue/qmgr.h"
 #include "queue/queue.h"
@@ -318,6 +319,7 @@ static void rcpt_reject(struct kt_session *s, const char *why, const char *rcpt)
 {
     kt_info("%s: reject: RCPT from unknown[%s]: %s; from=<%s> to=<%s> proto=%s helo=<%s>",
             s->client_logged ? s->queue_id : "NOQUEUE", s->addr, why, s->sender, rcpt, protocol_name(s), s->helo);
+    kt_metric_inc(KT_M_REJECT_RCPT);
     reply(s, "%s", why);
 }
 
@@ -444,6 +446,9 @@ static void on_commit(void *arg, int res)
                    s->hdrscan.message_id[0] ? s->hdrscan.message_id : "<>");
         kt_info_as("qmgr", "%s: from=<%s>, size=%llu, nrcpt=%u (queue active)", s->queue_id, s->sender,
                    kt_delivery_size(s->delivery), s->n_rcpts);
+        kt_metric_inc(KT_M_MESSAGES_RECEIVED);
+        if (s->tls_on)
+            kt_metric_add(s->ktls_rx ? KT_M_TLS_BYTES_RX_KTLS : KT_M_TLS_BYTES_RX_USER, (long long)s->msg_bytes);
         if (s->n_relay_rcpts)
             kt_qmgr_wakeup();
         for (unsigned i = 0; i < s->n_rcpts && !s->n_relay_rcpts; i++) {
@@ -453,6 +458,8 @@ static void on_commit(void *arg, int res)
                        "%s: to=<%s>, relay=%s, delay=%.2f, dsn=2.0.0, status=sent "
                        "(delivered to maildir as %s)", s->queue_id, r, virt ? "virtual" : "local", delay,
                        kt_delivery_name(s->delivery));
+            kt_metric_inc(KT_M_DELIVERY_SENT);
+            kt_metric_observe(KT_H_DELIVERY, delay);
             r += strlen(r) + 1;
         }
         if (!s->n_relay_rcpts)
@@ -563,12 +570,14 @@ static void data_finish(struct kt_session *s)
     if (s->dp.bare_lf || s->dp.bare_cr) {
         kt_info("%s: reject: bare <%s> in message body from unknown[%s]", s->queue_id,
                 s->dp.bare_lf ? "LF" : "CR", s->addr);
+        kt_metric_inc(KT_M_REJECT_DATA);
         reply(s, "550 5.5.2 Error: bare <%s> received", s->dp.bare_lf ? "LF" : "CR");
         transaction_reset(s);
         return;
     }
     if (s->msg_too_big) {
         kt_info("%s: reject: message size exceeds limit from unknown[%s]", s->queue_id, s->addr);
+        kt_metric_inc(KT_M_REJECT_DATA);
         reply(s, "552 5.3.4 Error: message file too big");
         transaction_reset(s);
         return;
@@ -1283,6 +1292,7 @@ void kt_session_maybe_free(struct kt_session *s)
     kt_buf_release(&s->relay_rcpts);
     auth_job_free(s);
     kt_worker_session_gone(s->worker, s);
+    kt_metric_add(KT_M_CONN_SMTPD, -1);
     kt_runtime_unref(s->rt);
     kt_free(s);
 }
@@ -1351,6 +1361,7 @@ void kt_session_start(struct kt_worker *w, int fd, const struct sockaddr *sa, so
         w->sessions->prev = s;
     w->sessions = s;
     w->n_sessions++;
+    kt_metric_inc(KT_M_CONN_SMTPD);
     kt_info("connect from unknown[%s]", s->addr);
     if (cfg->wrappermode) {
         s->state = KT_SS_HANDSHAKE;

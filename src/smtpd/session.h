@@ -85,6 +85,7 @@ struct kt_session {
     int tls_on;                            /* handshake done, all I/O is TLS */
     int tls_used_starttls;
     int ktls_tx, ktls_rx;                  /* direction offloaded to the kernel */
+    struct timespec tls_t0;                /* handshake start, for ktrelay_tls_handshake_seconds */
     char tls_desc[160];                    /* "TLSv1.3 with cipher ..." */
     struct msghdr rx_msg;                  /* kTLS RX: recvmsg carries the record type */
     struct iovec rx_iov;

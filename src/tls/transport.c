@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "tls/ktls.h"
+#include "metrics/metrics.h"
 #include "core/log.h"
 #include "smtpd/server.h"
 #include "smtpd/session.h"
@@ -348,6 +349,10 @@ static void tls_established(struct kt_session *s)
     if (!s->ktls_rx && version == TLS1_3_VERSION && s->ktls_tx && s->cfg->ktls_rx_tls13)
         s->ktls_rx = kt_ktls_install_tls13_rx(s) == 0;
     kt_tls_describe(s->ssl, s->tls_desc, sizeof(s->tls_desc));
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    kt_metric_tls_handshake(version, SSL_session_reused(s->ssl), (double)(now.tv_sec - s->tls_t0.tv_sec)
+                            + (double)(now.tv_nsec - s->tls_t0.tv_nsec) / 1e9, s->ktls_tx, s->ktls_rx);
     atomic_fetch_add(&srv->ktls.sessions_tls, 1);
     if (version == TLS1_3_VERSION) {
         if (s->ktls_tx)
@@ -402,6 +407,7 @@ static void tls_step(struct kt_session *s)
 
 void kt_xprt_start_tls(struct kt_session *s)
 {
+    clock_gettime(CLOCK_MONOTONIC, &s->tls_t0);
     s->ssl = SSL_new(kt_tls_server_ctx(s->cfg->tls));
     if (!s->ssl || SSL_set_fd(s->ssl, s->fd) != 1) {
         kt_err("cannot create TLS session for unknown[%s]", s->addr);
