@@ -23,6 +23,7 @@
 #include "conf/config.h"
 #include "core/dirsync.h"
 #include "tls/ktls.h"
+#include "core/notify.h"
 #include "core/log.h"
 #include "queue/qmgr.h"
 #include "smtpd/server.h"
@@ -400,15 +401,20 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
     for (unsigned k = 0; k < srv.n_workers; k++)
         pthread_create(&srv.workers[k].thread, NULL, worker_main, &srv.workers[k]);
     kt_info("daemon started -- version %s, %u worker threads", KT_VERSION, srv.n_workers);
+    /* every listener is bound and its accept armed by now: systemd may start dependants */
+    kt_notify_ready("accepting mail");
 
     for (;;) {
         int sig;
         if (sigwait(&set, &sig) != 0)
             continue;
         if (sig == SIGHUP) {
+            kt_notify_reloading();
             reload(&srv, qmgr);
+            kt_notify_ready("accepting mail");
             continue;
         }
+        kt_notify_stopping();
         kt_info("terminating on signal %d", sig);
         srv.drain_deadline = time(NULL) + DRAIN_SECONDS;
         atomic_store(&srv.stopping, 1);
