@@ -11,6 +11,8 @@
  * A connection is freed only when no io_uring operation refers to it: close
  * cancels a poll or connect in flight and frees on its completion. */
 #include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdio.h>
@@ -255,6 +257,9 @@ static void connect_next(struct kt_smtp_conn *c)
             c->cur_addr++;
             continue;
         }
+        /* pipelined commands and the body's last segment must not wait for the peer's delayed ACK */
+        int one = 1;
+        setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         c->state = ST_CONNECT;
         c->conn_armed = 1;
         c->pending++;
