@@ -1,7 +1,8 @@
 /* `ktrelay sendmail` and `ktrelay queue`: local injection and queue
  * inspection, working on the queue files directly so they run with or
- * without a server. A running queue manager notices injected messages and
- * the flush request file within a second (it scans new/ on its timer). */
+ * without a server. A running queue manager hears of injected messages and
+ * flush requests at once through public/qmgr (kt_queue_notify); the flush
+ * request file also covers a queue manager that starts later. */
 #include <errno.h>
 #include <fcntl.h>
 #include <pwd.h>
@@ -104,10 +105,12 @@ int kt_queue_cli_sendmail(int argc, char **argv)
     read_message(&msg, ignore_dots);
     int rc = kt_queue_write(qdir, from, (const char *const *)&argv[optind], (size_t)(argc - optind),
                             msg.data, kt_buf_used(&msg), id, sizeof(id));
-    if (rc < 0)
+    if (rc < 0) {
         fprintf(stderr, "ktrelay sendmail: cannot queue the message in %s: %s\n", qdir, strerror(-rc));
-    else
+    } else {
         kt_info("%s: from=<%s>, size=%zu, nrcpt=%d (queue active)", id, from, kt_buf_used(&msg), argc - optind);
+        kt_queue_notify(qdir, id);
+    }
     kt_buf_release(&msg);
     kt_free(from);
     kt_config_free(cfg);
@@ -160,6 +163,7 @@ static int queue_flush(const char *qdir)
         return errno == EACCES ? EX_NOPERM : EX_CANTCREAT;
     }
     close(fd);
+    kt_queue_notify(qdir, NULL);
     return 0;
 }
 

@@ -57,6 +57,7 @@ static const struct kt_param_def params[] = {
     N(html_directory),
     L(inet_interfaces, "all"),
     L(inet_protocols, "all"),
+    I(initial_destination_concurrency, "5"),
     S(ktrelay_dns_servers, ""),
     S(ktrelay_metrics_address, ""),
     S(ktrelay_sasl_password_file, ""),

@@ -394,6 +394,10 @@ static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg
         qs->queue_run_delay = 1;
     long long conc = kt_config_get_int(cfg, NULL, "default_destination_concurrency_limit");
     qs->destination_concurrency_limit = conc > 0 ? (unsigned)(conc > 10000 ? 10000 : conc) : 20;
+    long long init = kt_config_get_int(cfg, NULL, "initial_destination_concurrency");
+    qs->initial_destination_concurrency = init > 0 ? (unsigned)init : 5;
+    if (qs->initial_destination_concurrency > qs->destination_concurrency_limit)
+        qs->initial_destination_concurrency = qs->destination_concurrency_limit;
     const char *tm = get(cfg, NULL, "transport_maps");
     if (*tm && kt_maps_open(tm, KT_TABLE_MAP, &rp->transport_maps, err, sizeof(err)) < 0) {
         kt_err("transport_maps: %s", err);

@@ -58,6 +58,7 @@ struct kt_delivery {
     struct kt_dirsync_waiter dirsync; /* waiting for new/ to be fsync'd */
     int mkdir_left;                  /* mkdirat operations still in flight */
     int mkdir_tried;
+    int reuse;                       /* tmp_path is an existing spare file (kt_delivery_reuse_file) */
     size_t mkdir_box;                /* the mailbox whose directories are being made */
     size_t link_mkdir_tried;         /* 1 + index of the last box made while linking */
 
@@ -80,6 +81,8 @@ struct kt_delivery {
     void *splice_arg;
 
     char paths[2][PATH_MAX];         /* scratch for mkdirat/linkat/renameat arguments */
+    void *user;                      /* kt_delivery_set_user */
+    void (*user_free)(void *);
 };
 
 static void delivery_step(struct kt_op *op, int res, unsigned flags);
@@ -158,7 +161,22 @@ static void delivery_free(struct kt_delivery *d)
     }
     for (size_t i = 0; i < d->n_boxes; i++)
         kt_free(d->box_paths[i]);
+    if (d->user && d->user_free)
+        d->user_free(d->user);
     kt_free(d);
+}
+
+void kt_delivery_set_user(struct kt_delivery *d, void *user, void (*free_fn)(void *))
+{
+    d->user = user;
+    d->user_free = free_fn;
+}
+
+void *kt_delivery_take_user(struct kt_delivery *d)
+{
+    void *u = d->user;
+    d->user = NULL;
+    return u;
 }
 
 /* Remove every trace of an undelivered message. */
@@ -211,7 +229,18 @@ static void submit_open(struct kt_delivery *d)
 {
     struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
     d->stage = ST_OPENING;
-    io_uring_prep_openat(sqe, AT_FDCWD, d->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (d->reuse)
+        io_uring_prep_openat(sqe, AT_FDCWD, d->tmp_path, O_WRONLY | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0);
+    else
+        io_uring_prep_openat(sqe, AT_FDCWD, d->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+}
+
+void kt_delivery_reuse_file(struct kt_delivery *d, const char *path)
+{
+    if (snprintf(d->tmp_path, sizeof(d->tmp_path), "%s", path) < (int)sizeof(d->tmp_path))
+        d->reuse = 1;
+    else
+        snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp/%s", d->boxes[0].path, d->name);
 }
 
 /* mkdir -p of the Maildir and its tmp/ new/ cur/, as one hard-linked chain so
@@ -582,6 +611,15 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
 
     switch (d->stage) {
     case ST_OPENING:
+        if (res < 0 && d->reuse) {
+            /* the spare is gone: a file of our own after all */
+            d->reuse = 0;
+            snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp/%s", d->boxes[0].path, d->name);
+            if (delivery_release_if_abandoned(d))
+                return;
+            submit_open(d);
+            return;
+        }
         if (res == -ENOENT && !d->mkdir_tried) {
             d->mkdir_tried = 1;
             submit_mkdirs(d, 0, ST_MKDIRS);

@@ -33,6 +33,10 @@ struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbo
  * Maildir decorations), and the commit never replaces an existing new/NAME
  * (RENAME_NOREPLACE: -EEXIST instead). Single mailbox only; before open. */
 void kt_delivery_set_exact_name(struct kt_delivery *d, const char *name);
+/* Before kt_delivery_open: write into the existing file path (a spare queue file in the first mailbox's tmp/,
+ * truncated on open) instead of creating a new one, so that no inode is allocated; the file is then renamed into
+ * new/ as usual. When path no longer exists, a new file is created after all. */
+void kt_delivery_reuse_file(struct kt_delivery *d, const char *path);
 /* Create the tmp file (and missing Maildir folders); cb when done. */
 void kt_delivery_open(struct kt_delivery *d, kt_delivery_cb cb, void *arg);
 /* Append body bytes. Returns 1 when the caller should stop feeding until the
@@ -52,5 +56,9 @@ void kt_delivery_commit(struct kt_delivery *d, kt_delivery_cb cb, void *arg);
 void kt_delivery_abandon(struct kt_delivery *d);
 /* Name of the file in new/ once committed (basename). */
 const char *kt_delivery_name(const struct kt_delivery *d);
+/* Data of the delivery's creator (the queue writer's envelope), freed with free_fn when the delivery is
+ * freed unless taken back first with kt_delivery_take_user. */
+void kt_delivery_set_user(struct kt_delivery *d, void *user, void (*free_fn)(void *));
+void *kt_delivery_take_user(struct kt_delivery *d);
 
 #endif

@@ -1,30 +1,46 @@
 /* Queue manager (see qmgr.h).
  *
- * State on disk is the truth: at start every file in new/ is loaded with its
- * status records, so a restart resumes where the last run stopped. In memory
- * a message has a retry time and a count of jobs in flight; a job is the
- * message's pending recipients for one destination (next hop). A
- * destination keeps a queue of jobs and at most
- * default_destination_concurrency_limit SMTP connections, each of which
- * runs queued jobs one after another before it QUITs. Local recipients
- * (mydestination, virtual_mailbox_domains), such as the senders of bounces,
- * go to their Maildir through the same io_uring writer the SMTP server uses.
+ * State on disk is the truth, read once: at start every file in new/ is
+ * loaded with its status records, so a restart resumes where the last run
+ * stopped. After that the queue lives in memory and the directory is never
+ * scanned again. A message queued by an SMTP session reaches the manager
+ * directly: the session hands over the envelope it wrote as soon as the
+ * queue file is durable (kt_qmgr_submit: a locked list and an eventfd that
+ * is written only when the list was empty), so delivery starts without
+ * reading the file back. Other processes (`ktrelay sendmail`, `ktrelay queue
+ * flush`) write one line into the public/qmgr FIFO, as Postfix's pickup and
+ * qmgr do; bounces made here are loaded by id.
  *
- * Each recipient outcome is appended to the status file and fsync'd before
- * it is acted on. The one window for a duplicate: the next hop answered 250
- * to the end of data but ktrelay stopped (crash, kill -9) before the "done"
- * record reached the disk; that recipient is sent again after restart.
+ * In memory: messages indexed by queue id (a hash table), deferred messages
+ * in a heap by next retry time, and per destination (next hop) a queue of
+ * jobs; a job is one message's pending recipients for one destination.
+ * Each destination runs at most `window` SMTP connections, each running
+ * queued jobs one after another before it QUITs. The window starts at
+ * initial_destination_concurrency and moves like Postfix's feedback: +1/window
+ * per delivered job, -1/window per failed connection, between 1 and
+ * default_destination_concurrency_limit. Local recipients (mydestination,
+ * virtual_mailbox_domains), such as the senders of bounces, go to their
+ * Maildir through the same io_uring writer the SMTP server uses.
+ *
+ * Outcomes: a job's results are recorded together, one append and one fsync
+ * for all its recipients, before they are acted on. When a job leaves its
+ * message with every recipient delivered (the common case) no record is
+ * written at all: the queue file is removed at once, and one fsync of new/,
+ * shared by every removal made while the previous one ran, makes the
+ * removals durable. The one window for a duplicate is unchanged: the next
+ * hop answered 250 to the end of data but ktrelay stopped (crash, kill -9)
+ * before the record or the removal reached the disk; that recipient is sent
+ * again after restart.
  *
  * A message is retried minimal_backoff_time after its first failure,
- * doubling up to maximal_backoff_time; deferred messages are looked at every
- * queue_run_delay, new ones at once (in-process wakeup) or within a second
- * (a periodic scan of new/ finds `ktrelay sendmail` injections and the
- * `ktrelay queue flush` request file). After maximal_queue_lifetime
- * (bounce_queue_lifetime for the null sender) pending recipients fail.
+ * doubling up to maximal_backoff_time; deferred messages whose time has come
+ * are taken from the heap every queue_run_delay, new ones at once. After
+ * maximal_queue_lifetime (bounce_queue_lifetime for the null sender) pending
+ * recipients fail.
  *
- * Queue-file reads, status appends and directory scans are plain system
- * calls on this thread: they are local and short, and no SMTP server
- * session waits on them. */
+ * Queue-file opens, status appends and unlinks are plain system calls on
+ * this thread through cached directory descriptors: they are local and
+ * short, and no SMTP server session waits on them. */
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
@@ -37,6 +53,7 @@
 #include <strings.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
+#include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -57,6 +74,8 @@
 #include "tls/tls.h"
 
 #define TICK_MS 1000
+/* Postfix's smtp_connection_cache_time_limit: an idle connection waits this long for more mail */
+#define CONN_CACHE_S 2
 #define STOP_GRACE_S 3
 #define LOCAL_BLOCK (256 * 1024)
 
@@ -86,11 +105,13 @@ struct conn {
     struct kt_smtp_conn *c;
     struct job *job;
     int ready;
+    time_t idle_since;             /* waiting for work since (connection cache) */
     struct conn *next;
 };
 
 struct dest {
     char *key;                     /* "local" or "smtp:NEXTHOP" */
+    double window;                 /* concurrency window (feedback), 1 .. limit */
     int local;
     char *host;                    /* next hop without brackets and port */
     int port, mx;
@@ -113,8 +134,18 @@ struct msg {
     unsigned attempts;
     unsigned jobs;
     char *defer_reason;
-    struct msg *next, *prev;
-    int seen;
+    struct msg *next, *prev;       /* every message */
+    struct msg *hnext;             /* hash chain by id */
+    size_t heap_idx;               /* place in the deferred heap, or NOT_IN_HEAP */
+    int gone;                      /* the queue file was removed behind our back (queue delete) */
+};
+
+#define NOT_IN_HEAP ((size_t)-1)
+
+/* A message an SMTP session handed over, waiting for the manager's thread. */
+struct handoff {
+    struct handoff *next;
+    struct kt_qmsg *m;
 };
 
 struct kt_qmgr {
@@ -134,16 +165,35 @@ struct kt_qmgr {
     struct kt_dns *dns;
     struct msg *msgs;
     size_t n_msgs;
+    struct msg **htab;             /* by queue id; hcap is a power of two */
+    size_t hcap;
+    struct msg **heap;             /* deferred, by next_try */
+    size_t heap_n, heap_cap;
     struct dest *dests;
     time_t last_run;
-    int scan_now;
+    unsigned initial_concurrency;
+    int new_fd, status_fd, tmp_fd; /* cached new/, status/ and tmp/ */
+    char *new_dir;
+    /* removals waiting for one fsync of new/ */
+    struct kt_dirsync_waiter rm_wait;
+    int rm_in_flight, rm_dirty;
+    /* handed over by SMTP sessions (kt_qmgr_submit) */
+    pthread_mutex_t in_mu;
+    struct handoff *in_head, *in_tail;
+    int in_signalled;
+    /* public/qmgr */
+    int fifo_fd;
+    struct kt_op fifo_op;
+    char fifo_buf[4096];
+    size_t fifo_len;
 };
 
-static atomic_int global_efd = -1;
+static struct kt_qmgr *_Atomic global_q;
 
 static void dest_kick(struct dest *d);
 static void msg_round_done(struct kt_qmgr *q, struct msg *m);
 static void local_next(struct dest *d);
+static void msg_load(struct kt_qmgr *q, const char *id, int start);
 
 static double delay_of(const struct msg *m)
 {
@@ -184,6 +234,7 @@ static struct dest *dest_get(struct kt_qmgr *q, const char *key)
     struct dest *d = kt_calloc(1, sizeof(*d));
     d->q = q;
     d->key = kt_strdup(key);
+    d->window = q->set->initial_destination_concurrency;
     d->local = !strcmp(key, "local");
     if (!d->local) {
         /* "smtp:[host]:port", "smtp:host:port", "smtp:host" */
@@ -285,13 +336,8 @@ static const char *agent_of(const char *relay)
     return "smtp";
 }
 
-static void rcpt_done(struct kt_qmgr *q, struct msg *m, size_t i, const char *relay, const char *text)
+static void log_sent(struct msg *m, size_t i, const char *relay, const char *text)
 {
-    int rc = kt_queue_mark(q->qdir, m->q, i, KT_QR_DONE, NULL);
-    if (rc < 0) {
-        kt_err("%s: cannot record delivery to <%s>: %s", m->q->id, m->q->rcpts[i].addr, strerror(-rc));
-        return;
-    }
     const char *said = text ? strstr(text, "said: ") : NULL;
     char reply[600];
     if (said) {
@@ -306,27 +352,48 @@ static void rcpt_done(struct kt_qmgr *q, struct msg *m, size_t i, const char *re
             delay_of(m), reply);
 }
 
+/* The status record of a failed recipient, "DSN RELAY TEXT"; *dsn gets the enhanced status code. */
+static char *fail_reason(const char *relay, int code, const char *given, const char *text, char *dsn, size_t len)
+{
+    if (given)
+        snprintf(dsn, len, "%s", given);
+    else
+        dsn_of(code, text, dsn, len);
+    if (dsn[0] != '5')
+        dsn[0] = '5';
+    return kt_asprintf("%s %s %s", dsn, strcmp(relay, "none") ? relay : "-", text);
+}
+
+static int record(struct kt_qmgr *q, struct msg *m, const struct kt_qmark *marks, size_t n)
+{
+    int rc = kt_queue_mark_many(q->status_fd, m->q, marks, n);
+    if (rc < 0)
+        kt_err("%s: cannot record the outcome of %zu recipient%s: %s", m->q->id, n, n == 1 ? "" : "s",
+               strerror(-rc));
+    return rc;
+}
+
+static void rcpt_done(struct kt_qmgr *q, struct msg *m, size_t i, const char *relay, const char *text)
+{
+    struct kt_qmark mk = { i, KT_QR_DONE, NULL };
+    if (record(q, m, &mk, 1) == 0)
+        log_sent(m, i, relay, text);
+}
+
 /* given: the enhanced status code when no server reply says it (resolver failures), else NULL */
 static void rcpt_failed(struct kt_qmgr *q, struct msg *m, size_t i, const char *relay, int code, const char *given,
                         const char *text)
 {
     char dsn[32];
-    if (given)
-        snprintf(dsn, sizeof(dsn), "%s", given);
-    else
-        dsn_of(code, text, dsn, sizeof(dsn));
-    if (dsn[0] != '5')
-        dsn[0] = '5';
-    char *reason = kt_asprintf("%s %s %s", dsn, strcmp(relay, "none") ? relay : "-", text);
-    int rc = kt_queue_mark(q->qdir, m->q, i, KT_QR_FAILED, reason);
+    char *reason = fail_reason(relay, code, given, text, dsn, sizeof(dsn));
+    struct kt_qmark mk = { i, KT_QR_FAILED, reason };
+    int rc = record(q, m, &mk, 1);
     kt_free(reason);
-    if (rc < 0) {
-        kt_err("%s: cannot record the failure of <%s>: %s", m->q->id, m->q->rcpts[i].addr, strerror(-rc));
-        return;
+    if (rc == 0) {
+        kt_metric_inc(KT_M_DELIVERY_BOUNCED);
+        kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=bounced (%s)", m->q->id,
+                   m->q->rcpts[i].addr, relay, delay_of(m), dsn, text);
     }
-    kt_metric_inc(KT_M_DELIVERY_BOUNCED);
-    kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=bounced (%s)", m->q->id, m->q->rcpts[i].addr, relay,
-            delay_of(m), dsn, text);
 }
 
 static void rcpt_deferred(struct msg *m, size_t i, const char *relay, int code, const char *given, const char *text)
@@ -389,25 +456,71 @@ static void job_end(struct kt_qmgr *q, struct job *j)
         msg_round_done(q, m);
 }
 
-/* res/reason: the connection's fate when it is not 0 */
+/* Every outcome of a job at once. res/reason: the connection's fate when it is not 0. Final outcomes
+ * are recorded with one append and one fsync for the whole job; when they leave the message with every
+ * recipient delivered and nothing else in flight, the removal of the queue file that follows is the
+ * record, and nothing is written. */
 static void job_results(struct kt_qmgr *q, struct job *j, int res, const char *dsn, const char *reason,
                         const char *relay)
 {
     struct msg *m = j->m;
+    struct kt_qmark *marks = kt_calloc(j->n, sizeof(*marks));
+    const char **texts = kt_calloc(j->n, sizeof(*texts));
+    char (*dsns)[32] = kt_calloc(j->n, sizeof(*dsns));
+    size_t n = 0, n_failed = 0;
     for (size_t k = 0; k < j->n; k++) {
         size_t i = j->idx[k];
         int code = j->codes ? j->codes[k] : 0;
         const char *text = j->replies && j->replies[k] ? j->replies[k] : reason;
-        if (code >= 500)
-            rcpt_failed(q, m, i, relay, code, NULL, text ? text : "rejected");
-        else if (res == 0 && code >= 200 && code < 300)
-            rcpt_done(q, m, i, relay, text);
-        else if (res >= 500 && code == 0)
-            rcpt_failed(q, m, i, relay, res, dsn, reason ? reason : "rejected");
-        else
+        if (code >= 500 || (res >= 500 && code == 0)) {
+            const char *t = code >= 500 ? (text ? text : "rejected") : (reason ? reason : "rejected");
+            char *r = fail_reason(relay, code >= 500 ? code : res, code >= 500 ? NULL : dsn, t, dsns[n],
+                                  sizeof(dsns[n]));
+            marks[n] = (struct kt_qmark){ i, KT_QR_FAILED, r };
+            texts[n++] = t;
+            n_failed++;
+        } else if (res == 0 && code >= 200 && code < 300) {
+            marks[n] = (struct kt_qmark){ i, KT_QR_DONE, NULL };
+            texts[n++] = text;
+        } else {
             rcpt_deferred(m, i, relay, code ? code : res > 0 ? res : 450, code ? NULL : dsn,
                           text ? text : reason ? reason : "delivery temporarily suspended");
+        }
     }
+    /* Does this job finish the message with nothing to report to the sender? Its recipients are the
+     * message's pending ones (a recipient is in one job at a time), so count those. */
+    int silent = n_failed == 0 && n == j->n && m->jobs == 1;
+    size_t pending = 0;
+    for (size_t i = 0; silent && i < m->q->n_rcpts; i++) {
+        if (m->q->rcpts[i].state == KT_QR_FAILED)
+            silent = 0;
+        else if (m->q->rcpts[i].state == KT_QR_PENDING)
+            pending++;
+    }
+    if (pending != j->n)
+        silent = 0;
+    int rc = 0;
+    if (silent) {
+        for (size_t k = 0; k < n; k++)
+            m->q->rcpts[marks[k].rcpt].state = KT_QR_DONE;
+    } else if (n > 0) {
+        rc = record(q, m, marks, n);
+    }
+    for (size_t k = 0; k < n && rc == 0; k++) {
+        size_t i = marks[k].rcpt;
+        if (marks[k].state == KT_QR_DONE)
+            log_sent(m, i, relay, texts[k]);
+        else {
+            kt_metric_inc(KT_M_DELIVERY_BOUNCED);
+            kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=bounced (%s)", m->q->id,
+                       m->q->rcpts[i].addr, relay, delay_of(m), dsns[k], texts[k]);
+        }
+    }
+    for (size_t k = 0; k < n; k++)
+        kt_free((char *)marks[k].reason);
+    kt_free(marks);
+    kt_free(texts);
+    kt_free(dsns);
 }
 
 static void job_defer_all(struct kt_qmgr *q, struct job *j, int res, const char *dsn, const char *reason)
@@ -469,6 +582,19 @@ static void conn_remove(struct conn *cn)
 
 static void conn_run_next(struct conn *cn);
 
+/* Postfix's concurrency feedback (destination_concurrency_positive_feedback and _negative_feedback, both
+ * 1/concurrency): the window grows by one connection after `window` good deliveries and shrinks by one
+ * after `window` failed connections. */
+static void dest_feedback(struct dest *d, int ok)
+{
+    unsigned limit = d->q->set->destination_concurrency_limit;
+    d->window += (ok ? 1.0 : -1.0) / d->window;
+    if (d->window > limit)
+        d->window = limit;
+    if (d->window < 1)
+        d->window = 1;
+}
+
 static void job_sent(void *arg, int res, const char *reason)
 {
     struct conn *cn = arg;
@@ -476,21 +602,31 @@ static void job_sent(void *arg, int res, const char *reason)
     struct job *j = cn->job;
     cn->job = NULL;
     d->n_unassigned++;
+    /* a delivery that got replies counts as success for the window, a broken connection as failure */
+    dest_feedback(d, res >= 0);
+    /* Ending the job can queue new work for d (a bounce): this connection must not be handed it from
+     * inside its own completion, so it is not ready until the outcomes are dealt with. */
+    cn->ready = 0;
     job_results(d->q, j, res, NULL, reason, kt_smtp_relay(cn->c));
     job_end(d->q, j);
+    cn->ready = 1;
     if (res != 0 || !kt_smtp_usable(cn->c)) {
         conn_remove(cn);
         dest_kick(d);
         return;
     }
     conn_run_next(cn);
+    /* the window may have grown: more connections for what still waits */
+    dest_kick(d);
 }
 
 static int prepare_job_fd(struct kt_qmgr *q, struct job *j)
 {
     if (j->fd >= 0)
         return 0;
-    j->fd = kt_queue_open_body(q->qdir, j->m->q->id);
+    j->fd = kt_queue_open_body_at(q->new_fd, j->m->q->id);
+    if (j->fd == -ENOENT)
+        j->m->gone = 1;            /* `ktrelay queue delete`: forget it */
     return j->fd < 0 ? j->fd : 0;
 }
 
@@ -498,18 +634,22 @@ static void conn_run_next(struct conn *cn)
 {
     struct dest *d = cn->d;
     struct job *j;
-    if (cn->rt != d->q->rt) {
+    if (cn->rt != d->q->rt || !kt_smtp_usable(cn->c)) {
         /* opened under an older configuration: the next delivery uses the new one (smtp_tls_*, helo) */
         conn_remove(cn);
         dest_kick(d);
         return;
     }
+    /* not ready while picking: ending a job whose file is gone can call dest_kick */
+    cn->ready = 0;
     while (!d->q->stopping && (j = dest_pop(d))) {
         if (prepare_job_fd(d->q, j) < 0) {
-            kt_warn("%s: queue file gone: %s", j->m->q->id, strerror(-j->fd));
+            if (!j->m->gone)
+                kt_warn("%s: cannot open the queue file: %s", j->m->q->id, strerror(-j->fd));
             job_end(d->q, j);
             continue;
         }
+        cn->ready = 1;
         cn->job = j;
         d->n_unassigned--;
         j->codes = kt_calloc(j->n, sizeof(*j->codes));
@@ -522,8 +662,12 @@ static void conn_run_next(struct conn *cn)
         kt_smtp_send(cn->c, &j->sm, job_sent, cn);
         return;
     }
-    /* nothing more for this destination: QUIT */
-    conn_remove(cn);
+    cn->ready = 1;
+    /* nothing more for this destination now: keep the connection for a moment, then QUIT (tick) */
+    if (d->q->stopping)
+        conn_remove(cn);
+    else
+        cn->idle_since = time(NULL);
 }
 
 static void conn_ready(void *arg, int res, const char *reason)
@@ -532,6 +676,7 @@ static void conn_ready(void *arg, int res, const char *reason)
     struct dest *d = cn->d;
     if (res != 0) {
         kt_info_as("smtp", "%s", reason);
+        dest_feedback(d, 0);
         conn_remove(cn);
         /* the destination is down (or refuses us): what waits for it is deferred now rather
          * than fed to new connections that would fail the same way */
@@ -614,13 +759,18 @@ static void dest_kick(struct dest *d)
         if (!d->addrs)
             return;
     }
-    /* idle connections take work first; new ones only while jobs outnumber them */
-    for (struct conn *cn = d->conns; cn && d->queued; cn = cn->next)
-        if (cn->ready && !cn->job) {
-            conn_run_next(cn);
+    /* idle connections take work first (each pass gives one a job or drops it, so this ends); new
+     * ones only while jobs outnumber them */
+    while (d->queued) {
+        struct conn *cn = d->conns;
+        while (cn && !(cn->ready && !cn->job))
+            cn = cn->next;
+        if (!cn)
             break;
-        }
-    while (d->queued > d->n_unassigned && d->n_conns < q->set->destination_concurrency_limit)
+        conn_run_next(cn);
+    }
+    unsigned limit = (unsigned)d->window;
+    while (d->queued > d->n_unassigned && d->n_conns < limit)
         conn_open(d);
 }
 
@@ -746,7 +896,132 @@ static void local_next(struct dest *d)
     }
 }
 
-/* ---- messages ---- */
+/* ---- messages: index by id, deferred heap ---- */
+
+static size_t id_hash(const char *id)
+{
+    size_t h = 1469598103934665603ULL;     /* FNV-1a */
+    for (; *id; id++)
+        h = (h ^ (unsigned char)*id) * 1099511628211ULL;
+    return h;
+}
+
+static struct msg *msg_find(struct kt_qmgr *q, const char *id)
+{
+    if (!q->hcap)
+        return NULL;
+    for (struct msg *m = q->htab[id_hash(id) & (q->hcap - 1)]; m; m = m->hnext)
+        if (!strcmp(m->q->id, id))
+            return m;
+    return NULL;
+}
+
+static void htab_insert(struct kt_qmgr *q, struct msg *m)
+{
+    if (q->n_msgs + 1 > q->hcap / 2) {
+        size_t cap = q->hcap ? q->hcap * 2 : 1024;
+        struct msg **t = kt_calloc(cap, sizeof(*t));
+        for (size_t b = 0; b < q->hcap; b++) {
+            struct msg *e, *next;
+            for (e = q->htab[b]; e; e = next) {
+                next = e->hnext;
+                size_t k = id_hash(e->q->id) & (cap - 1);
+                e->hnext = t[k];
+                t[k] = e;
+            }
+        }
+        kt_free(q->htab);
+        q->htab = t;
+        q->hcap = cap;
+    }
+    size_t k = id_hash(m->q->id) & (q->hcap - 1);
+    m->hnext = q->htab[k];
+    q->htab[k] = m;
+}
+
+static void htab_remove(struct kt_qmgr *q, struct msg *m)
+{
+    for (struct msg **pp = &q->htab[id_hash(m->q->id) & (q->hcap - 1)]; *pp; pp = &(*pp)->hnext)
+        if (*pp == m) {
+            *pp = m->hnext;
+            return;
+        }
+}
+
+static void heap_set(struct kt_qmgr *q, size_t i, struct msg *m)
+{
+    q->heap[i] = m;
+    m->heap_idx = i;
+}
+
+static void heap_up(struct kt_qmgr *q, size_t i)
+{
+    struct msg *m = q->heap[i];
+    while (i > 0) {
+        size_t p = (i - 1) / 2;
+        if (q->heap[p]->next_try <= m->next_try)
+            break;
+        heap_set(q, i, q->heap[p]);
+        i = p;
+    }
+    heap_set(q, i, m);
+}
+
+static void heap_down(struct kt_qmgr *q, size_t i)
+{
+    struct msg *m = q->heap[i];
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= q->heap_n)
+            break;
+        if (c + 1 < q->heap_n && q->heap[c + 1]->next_try < q->heap[c]->next_try)
+            c++;
+        if (m->next_try <= q->heap[c]->next_try)
+            break;
+        heap_set(q, i, q->heap[c]);
+        i = c;
+    }
+    heap_set(q, i, m);
+}
+
+static void heap_push(struct kt_qmgr *q, struct msg *m)
+{
+    if (q->heap_n == q->heap_cap) {
+        q->heap_cap = q->heap_cap ? q->heap_cap * 2 : 256;
+        q->heap = kt_realloc(q->heap, q->heap_cap * sizeof(*q->heap));
+    }
+    q->heap[q->heap_n] = m;
+    m->heap_idx = q->heap_n++;
+    heap_up(q, m->heap_idx);
+}
+
+static void heap_remove(struct kt_qmgr *q, struct msg *m)
+{
+    size_t i = m->heap_idx;
+    if (i == NOT_IN_HEAP)
+        return;
+    m->heap_idx = NOT_IN_HEAP;
+    struct msg *last = q->heap[--q->heap_n];
+    if (i == q->heap_n)
+        return;
+    heap_set(q, i, last);
+    heap_down(q, i);
+    heap_up(q, last->heap_idx);
+}
+
+static struct msg *msg_add(struct kt_qmgr *q, struct kt_qmsg *qm)
+{
+    struct msg *m = kt_calloc(1, sizeof(*m));
+    m->q = qm;
+    m->heap_idx = NOT_IN_HEAP;
+    m->next = q->msgs;
+    if (q->msgs)
+        q->msgs->prev = m;
+    q->msgs = m;
+    htab_insert(q, m);
+    q->n_msgs++;
+    return m;
+}
 
 static void msg_free(struct kt_qmgr *q, struct msg *m)
 {
@@ -756,6 +1031,8 @@ static void msg_free(struct kt_qmgr *q, struct msg *m)
         q->msgs = m->next;
     if (m->next)
         m->next->prev = m->prev;
+    htab_remove(q, m);
+    heap_remove(q, m);
     q->n_msgs--;
     kt_qmsg_free(m->q);
     kt_free(m->defer_reason);
@@ -775,14 +1052,14 @@ static void send_dsn(struct kt_qmgr *q, struct msg *m, enum kt_dsn_kind kind, ti
     }
     if (n > 0) {
         char id[KT_QUEUE_ID_MAX];
-        int fd = kt_queue_open_body(q->qdir, m->q->id);
+        int fd = kt_queue_open_body_at(q->new_fd, m->q->id);
         int rc = kt_dsn_send(q->qdir, q->set->myhostname, kind, m->q, fd, r, n, until, id, sizeof(id));
         if (fd >= 0)
             close(fd);
         if (rc == 0) {
             kt_info_as("bounce", "%s: sender %s notification: %s", m->q->id,
                     kind == KT_DSN_FAILED ? "non-delivery" : "delay", id);
-            q->scan_now = 1;
+            msg_load(q, id, 1);
         } else if (rc < 0) {
             kt_err("%s: cannot queue a notification: %s", m->q->id, strerror(-rc));
         }
@@ -790,20 +1067,51 @@ static void send_dsn(struct kt_qmgr *q, struct msg *m, enum kt_dsn_kind kind, ti
     kt_free(r);
 }
 
+/* Removals become durable together: one fsync of new/ covers every unlink before it started. */
+static void rm_synced(struct kt_dirsync_waiter *w, int res);
+
+static void rm_sync(struct kt_qmgr *q)
+{
+    q->rm_dirty = 1;
+    if (q->rm_in_flight)
+        return;
+    q->rm_dirty = 0;
+    q->rm_in_flight = 1;
+    q->rm_wait.done = rm_synced;
+    kt_dirsync_request(&q->loop, q->new_dir, &q->rm_wait);
+}
+
+static void rm_synced(struct kt_dirsync_waiter *w, int res)
+{
+    struct kt_qmgr *q = (struct kt_qmgr *)((char *)w - offsetof(struct kt_qmgr, rm_wait));
+    q->rm_in_flight = 0;
+    if (res < 0)
+        kt_err("queue manager: fsync of %s: %s", q->new_dir, strerror(-res));
+    if (q->rm_dirty)
+        rm_sync(q);
+}
+
 static void msg_complete(struct kt_qmgr *q, struct msg *m)
 {
     send_dsn(q, m, KT_DSN_FAILED, 0);
-    int rc = kt_queue_remove(q->qdir, m->q->id);
-    if (rc < 0 && rc != -ENOENT)
+    int rc = kt_queue_retire_at(q->qdir, q->new_fd, q->tmp_fd, q->status_fd, m->q->id, m->q->has_status);
+    if (rc < 0 && rc != -ENOENT) {
         kt_err("%s: cannot remove the queue file: %s", m->q->id, strerror(-rc));
-    else
+    } else {
         kt_info("%s: removed", m->q->id);
+        rm_sync(q);
+    }
     msg_free(q, m);
 }
 
 static void msg_round_done(struct kt_qmgr *q, struct msg *m)
 {
     time_t now = time(NULL);
+    if (m->gone) {
+        kt_info("%s: removed from the queue by the administrator", m->q->id);
+        msg_free(q, m);
+        return;
+    }
     if (kt_qmsg_finished(m->q)) {
         msg_complete(q, m);
         return;
@@ -819,7 +1127,8 @@ static void msg_round_done(struct kt_qmgr *q, struct msg *m)
             char *reason = kt_asprintf("5%.*s%s", (int)strcspn(last + 1, " "), last + 1,
                                        strchr(last, ' ') ? strchr(last, ' ') : " - ");
             /* keep the last temporary status' detail, as a permanent one */
-            if (kt_queue_mark(q->qdir, m->q, i, KT_QR_FAILED, reason) == 0) {
+            struct kt_qmark mk = { i, KT_QR_FAILED, reason };
+            if (record(q, m, &mk, 1) == 0) {
                 kt_metric_inc(KT_M_DELIVERY_EXPIRED);
                 kt_info("%s: to=<%s>, relay=none, delay=%.0f, status=expired, returned to sender (%s)", m->q->id,
                         m->q->rcpts[i].addr, delay_of(m), text);
@@ -839,10 +1148,12 @@ static void msg_round_done(struct kt_qmgr *q, struct msg *m)
     if (backoff > q->set->maximal_backoff_time)
         backoff = q->set->maximal_backoff_time;
     m->next_try = now + (time_t)backoff;
+    heap_push(q, m);
     if (q->set->delay_warning_time > 0 && !m->q->warned && m->q->sender[0] &&
         difftime(now, m->q->arrival) >= (double)q->set->delay_warning_time) {
         send_dsn(q, m, KT_DSN_DELAYED, m->q->arrival + (time_t)life);
-        kt_queue_mark(q->qdir, m->q, (size_t)-1, KT_QR_PENDING, NULL);
+        struct kt_qmark mk = { (size_t)-1, KT_QR_PENDING, NULL };
+        record(q, m, &mk, 1);
     }
 }
 
@@ -850,6 +1161,7 @@ static void msg_start(struct kt_qmgr *q, struct msg *m)
 {
     struct job **jobs = NULL;
     size_t n_jobs = 0;
+    heap_remove(q, m);
     m->jobs++;     /* hold: jobs that end at once must not finish the round early */
     for (size_t i = 0; i < m->q->n_rcpts; i++) {
         if (m->q->rcpts[i].state != KT_QR_PENDING)
@@ -887,65 +1199,50 @@ static void msg_start(struct kt_qmgr *q, struct msg *m)
         msg_round_done(q, m);
 }
 
-static struct msg *msg_find(struct kt_qmgr *q, const char *id)
+/* A message the manager does not know yet: into the index, and (start) into delivery at once. */
+static void msg_adopt(struct kt_qmgr *q, struct kt_qmsg *qm, int start)
 {
-    for (struct msg *m = q->msgs; m; m = m->next)
-        if (!strcmp(m->q->id, id))
-            return m;
-    return NULL;
+    if (msg_find(q, qm->id)) {
+        kt_qmsg_free(qm);
+        return;
+    }
+    struct msg *m = msg_add(q, qm);
+    if (start && !q->stopping)
+        msg_start(q, m);
 }
 
-/* Pick up new queue files; forget messages removed behind our back. */
-static void scan(struct kt_qmgr *q)
+/* Load new/ID from disk (queued by another process, a bounce made here, or at start). */
+static void msg_load(struct kt_qmgr *q, const char *id, int start)
+{
+    struct kt_qmsg *qm;
+    if (msg_find(q, id))
+        return;
+    int rc = kt_queue_load(q->qdir, id, &qm);
+    if (rc < 0) {
+        if (rc != -ENOENT)
+            kt_warn("%s: unreadable queue file: %s", id, strerror(-rc));
+        return;
+    }
+    msg_adopt(q, qm, start);
+}
+
+/* Start-up only: every file in new/, once. */
+static void load_all(struct kt_qmgr *q)
 {
     char **ids;
     size_t n;
-    q->scan_now = 0;
     if (kt_queue_list_ids(q->qdir, &ids, &n) < 0)
         return;
-    for (struct msg *m = q->msgs; m; m = m->next)
-        m->seen = 0;
-    for (size_t i = 0; i < n; i++) {
-        struct msg *m = msg_find(q, ids[i]);
-        if (m) {
-            m->seen = 1;
-            continue;
-        }
-        struct kt_qmsg *qm;
-        int rc = kt_queue_load(q->qdir, ids[i], &qm);
-        if (rc < 0) {
-            if (rc != -ENOENT)
-                kt_warn("%s: unreadable queue file: %s", ids[i], strerror(-rc));
-            continue;
-        }
-        m = kt_calloc(1, sizeof(*m));
-        m->q = qm;
-        m->seen = 1;
-        m->next = q->msgs;
-        if (q->msgs)
-            q->msgs->prev = m;
-        q->msgs = m;
-        q->n_msgs++;
-    }
+    for (size_t i = 0; i < n; i++)
+        msg_load(q, ids[i], 0);
     kt_queue_free_ids(ids, n);
-    struct msg *next;
-    for (struct msg *m = q->msgs; m; m = next) {
-        next = m->next;
-        if (!m->seen && m->jobs == 0)
-            msg_free(q, m);
-    }
 }
 
-static void run(struct kt_qmgr *q, time_t now, int deferred_too)
+/* Deferred messages whose retry time has come (all of them for a flush). */
+static void run_deferred(struct kt_qmgr *q, time_t now, int all)
 {
-    struct msg *next;
-    for (struct msg *m = q->msgs; m; m = next) {
-        next = m->next;
-        if (m->jobs || q->stopping)
-            continue;
-        if (m->attempts == 0 || (deferred_too && m->next_try <= now))
-            msg_start(q, m);
-    }
+    while (q->heap_n > 0 && !q->stopping && (all || q->heap[0]->next_try <= now))
+        msg_start(q, q->heap[0]);
 }
 
 /* ---- loop ---- */
@@ -954,6 +1251,13 @@ static void efd_arm(struct kt_qmgr *q)
 {
     struct io_uring_sqe *sqe = kt_loop_sqe(&q->loop, &q->efd_op);
     io_uring_prep_read(sqe, q->efd, &q->efd_val, sizeof(q->efd_val), 0);
+}
+
+static void fifo_arm(struct kt_qmgr *q)
+{
+    struct io_uring_sqe *sqe = kt_loop_sqe(&q->loop, &q->fifo_op);
+    io_uring_prep_read(sqe, q->fifo_fd, q->fifo_buf + q->fifo_len, (unsigned)(sizeof(q->fifo_buf) - q->fifo_len),
+                       0);
 }
 
 static void tick_arm(struct kt_qmgr *q)
@@ -986,6 +1290,8 @@ static void begin_stop(struct kt_qmgr *q)
 
 static int busy(struct kt_qmgr *q)
 {
+    if (q->rm_in_flight)
+        return 1;
     for (struct dest *d = q->dests; d; d = d->next)
         if (d->n_conns || d->local_job)
             return 1;
@@ -1026,6 +1332,22 @@ static void adopt_runtime(struct kt_qmgr *q)
     kt_info("queue manager: configuration reloaded");
 }
 
+/* Messages handed over by SMTP sessions since the last wakeup. */
+static void take_handoffs(struct kt_qmgr *q)
+{
+    pthread_mutex_lock(&q->in_mu);
+    struct handoff *h = q->in_head;
+    q->in_head = q->in_tail = NULL;
+    q->in_signalled = 0;
+    pthread_mutex_unlock(&q->in_mu);
+    while (h) {
+        struct handoff *next = h->next;
+        msg_adopt(q, h->m, 1);
+        kt_free(h);
+        h = next;
+    }
+}
+
 static void efd_done(struct kt_op *op, int res, unsigned flags)
 {
     struct kt_qmgr *q = (struct kt_qmgr *)((char *)op - offsetof(struct kt_qmgr, efd_op));
@@ -1034,34 +1356,63 @@ static void efd_done(struct kt_op *op, int res, unsigned flags)
         return;
     }
     adopt_runtime(q);
-    scan(q);
-    run(q, time(NULL), 0);
+    take_handoffs(q);
     efd_arm(q);
+}
+
+static void flush_now(struct kt_qmgr *q)
+{
+    kt_info("flush requested: retrying every deferred message");
+    run_deferred(q, time(NULL), 1);
+    q->last_run = time(NULL);
 }
 
 static void check_flush(struct kt_qmgr *q)
 {
     char path[4096];
     snprintf(path, sizeof(path), "%s/flush", q->qdir);
-    if (unlink(path) == 0) {
-        kt_info("flush requested: retrying every deferred message");
-        for (struct msg *m = q->msgs; m; m = m->next)
-            m->next_try = 0;
-        q->last_run = 0;
+    if (unlink(path) == 0)
+        flush_now(q);
+}
+
+/* Lines from public/qmgr: "N<id>" a message in new/, "F" a flush request. */
+static void fifo_done(struct kt_op *op, int res, unsigned flags)
+{
+    struct kt_qmgr *q = (struct kt_qmgr *)((char *)op - offsetof(struct kt_qmgr, fifo_op));
+    if (res <= 0) {
+        if (res != -ECANCELED && !q->stopping)
+            fifo_arm(q);
+        return;
     }
+    q->fifo_len += (size_t)res;
+    char *p = q->fifo_buf, *end = q->fifo_buf + q->fifo_len, *nl;
+    while ((nl = memchr(p, '\n', (size_t)(end - p)))) {
+        *nl = '\0';
+        if (!q->stopping) {
+            if (p[0] == 'N' && p[1] && p[1] != '.' && !strchr(p + 1, '/'))
+                msg_load(q, p + 1, 1);
+            else if (p[0] == 'F')
+                check_flush(q);
+        }
+        p = nl + 1;
+    }
+    q->fifo_len = (size_t)(end - p);
+    if (q->fifo_len == sizeof(q->fifo_buf))
+        q->fifo_len = 0;           /* no line is this long: drop it */
+    memmove(q->fifo_buf, p, q->fifo_len);
+    if (!q->stopping)
+        fifo_arm(q);
 }
 
 /* ktrelay_queue_messages: deferred = waiting for a retry after a failed
- * attempt, active = the rest (new or being delivered). Once a second, on
- * this thread, which alone owns the list. */
+ * attempt (the retry heap), active = the rest (new or being delivered). Once
+ * a second, on this thread, which alone owns the counts; no walk over the
+ * messages. */
 static void publish_queue_gauges(struct kt_qmgr *q, time_t now)
 {
-    long long deferred = 0, all = 0;
-    for (struct msg *m = q->msgs; m; m = m->next, all++)
-        if (m->defer_reason && m->next_try > now && m->jobs == 0)
-            deferred++;
-    kt_metric_set(KT_M_QUEUE_ACTIVE, all - deferred);
-    kt_metric_set(KT_M_QUEUE_DEFERRED, deferred);
+    (void)now;
+    kt_metric_set(KT_M_QUEUE_ACTIVE, (long long)(q->n_msgs - q->heap_n));
+    kt_metric_set(KT_M_QUEUE_DEFERRED, (long long)q->heap_n);
 }
 
 static void tick_done(struct kt_op *op, int res, unsigned flags)
@@ -1074,7 +1425,10 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
         struct conn *cn, *next;
         for (cn = d->conns; cn; cn = next) {
             next = cn->next;
-            kt_smtp_check_timeout(cn->c, now);
+            if (cn->ready && !cn->job && now - cn->idle_since >= CONN_CACHE_S)
+                conn_remove(cn);   /* QUIT */
+            else
+                kt_smtp_check_timeout(cn->c, now);
         }
     }
     if (q->stopping) {
@@ -1089,11 +1443,10 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
     }
     adopt_runtime(q);
     check_flush(q);
-    scan(q);
-    int deferred_run = difftime(now, q->last_run) >= (double)q->set->queue_run_delay;
-    if (deferred_run)
+    if (difftime(now, q->last_run) >= (double)q->set->queue_run_delay) {
         q->last_run = now;
-    run(q, now, deferred_run);
+        run_deferred(q, now, 0);
+    }
     tick_arm(q);
 }
 
@@ -1104,17 +1457,20 @@ static void *qmgr_main(void *arg)
     kt_log_set_service("qmgr");
     q->efd_op.cb = efd_done;
     q->tick_op.cb = tick_done;
+    q->fifo_op.cb = fifo_done;
     efd_arm(q);
     tick_arm(q);
-    scan(q);
+    if (q->fifo_fd >= 0)
+        fifo_arm(q);
     kt_info("queue manager started: %zu message%s in %s", q->n_msgs, q->n_msgs == 1 ? "" : "s", q->qdir);
     q->last_run = time(NULL);
-    run(q, q->last_run, 1);
+    /* everything loaded at start is due now */
+    for (struct msg *m = q->msgs; m; m = m->next)
+        heap_push(q, m);
+    check_flush(q);
+    run_deferred(q, q->last_run, 1);
+    take_handoffs(q);
     while (!q->loop.stop) {
-        if (q->scan_now && !q->stopping) {
-            scan(q);
-            run(q, time(NULL), 0);
-        }
         int rc = kt_loop_run_once(&q->loop, 1000);
         if (rc < 0) {
             kt_err("queue manager: io_uring: %s", strerror(-rc));
@@ -1131,11 +1487,30 @@ static void *qmgr_main(void *arg)
     return NULL;
 }
 
-void kt_qmgr_wakeup(void)
+void kt_qmgr_submit(struct kt_delivery *d)
 {
-    int fd = atomic_load(&global_efd);
+    struct kt_qmsg *m = kt_queue_delivery_take(d);
+    if (!m)
+        return;
+    struct kt_qmgr *q = atomic_load(&global_q);
+    if (!q) {
+        kt_qmsg_free(m);           /* on disk: the next start loads it */
+        return;
+    }
+    struct handoff *h = kt_malloc(sizeof(*h));
+    h->next = NULL;
+    h->m = m;
+    pthread_mutex_lock(&q->in_mu);
+    if (q->in_tail)
+        q->in_tail->next = h;
+    else
+        q->in_head = h;
+    q->in_tail = h;
+    int wake = !q->in_signalled;
+    q->in_signalled = 1;
+    pthread_mutex_unlock(&q->in_mu);
     uint64_t one = 1;
-    if (fd >= 0 && write(fd, &one, sizeof(one)) < 0) {
+    if (wake && write(q->efd, &one, sizeof(one)) < 0) {
         /* the counter is full: a wakeup is pending anyway */
     }
 }
@@ -1154,10 +1529,22 @@ static void qmgr_free(struct kt_qmgr *q)
         kt_free(d->addrs);
         kt_free(d);
     }
+    kt_free(q->htab);
+    kt_free(q->heap);
     kt_dns_free(q->dns);
     kt_free(q->qdir);
+    kt_free(q->new_dir);
     if (q->efd >= 0)
         close(q->efd);
+    if (q->new_fd >= 0)
+        close(q->new_fd);
+    if (q->status_fd >= 0)
+        close(q->status_fd);
+    if (q->tmp_fd >= 0)
+        close(q->tmp_fd);
+    if (q->fifo_fd >= 0)
+        close(q->fifo_fd);
+    pthread_mutex_destroy(&q->in_mu);
     kt_loop_fini(&q->loop);
     kt_runtime_unref(atomic_exchange(&q->next_rt, NULL));
     kt_runtime_unref(q->rt);
@@ -1170,7 +1557,8 @@ int kt_qmgr_start(struct kt_runtime *rt, struct kt_qmgr **out)
     int rc;
     *out = NULL;
     q->rt = kt_runtime_ref(rt);
-    q->efd = -1;
+    q->efd = q->new_fd = q->status_fd = q->tmp_fd = q->fifo_fd = -1;
+    pthread_mutex_init(&q->in_mu, NULL);
     q->set = &rt->qmgr;
     q->qdir = kt_strdup(q->set->queue_directory);
     if ((rc = kt_queue_init_dirs(q->qdir)) < 0) {
@@ -1180,6 +1568,32 @@ int kt_qmgr_start(struct kt_runtime *rt, struct kt_qmgr **out)
         return 0;
     }
     kt_queue_cleanup(q->qdir);
+    q->new_dir = kt_asprintf("%s/new", q->qdir);
+    char *status_dir = kt_asprintf("%s/status", q->qdir);
+    q->new_fd = open(q->new_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    q->status_fd = open(status_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    kt_free(status_dir);
+    char *tmp_dir = kt_asprintf("%s/tmp", q->qdir);
+    q->tmp_fd = open(tmp_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    kt_free(tmp_dir);
+    if (q->new_fd < 0 || q->status_fd < 0 || q->tmp_fd < 0) {
+        rc = -errno;
+        kt_err("queue manager: %s: %s", q->qdir, strerror(-rc));
+        qmgr_free(q);
+        return rc;
+    }
+    /* public/qmgr: opened for reading and writing, so it never reports end of file */
+    char *fifo = kt_asprintf("%s/public/qmgr", q->qdir);
+    struct stat st;
+    if (lstat(fifo, &st) == 0 && !S_ISFIFO(st.st_mode))
+        unlink(fifo);
+    if (mkfifo(fifo, 0600) < 0 && errno != EEXIST)
+        kt_warn("queue manager: %s: %s; other processes' mail waits for the next start", fifo, strerror(errno));
+    else if ((q->fifo_fd = open(fifo, O_RDWR | O_CLOEXEC)) < 0)
+        kt_warn("queue manager: %s: %s; other processes' mail waits for the next start", fifo, strerror(errno));
+    kt_free(fifo);
+    /* the queue on disk, read once, before any SMTP session can hand over a message */
+    load_all(q);
     if ((rc = kt_loop_init(&q->loop, 256)) < 0) {
         kt_err("queue manager: io_uring: %s", strerror(-rc));
         qmgr_free(q);
@@ -1197,9 +1611,9 @@ int kt_qmgr_start(struct kt_runtime *rt, struct kt_qmgr **out)
         qmgr_free(q);
         return rc;
     }
-    atomic_store(&global_efd, q->efd);
+    atomic_store(&global_q, q);
     if ((rc = pthread_create(&q->thread, NULL, qmgr_main, q)) != 0) {
-        atomic_store(&global_efd, -1);
+        atomic_store(&global_q, NULL);
         qmgr_free(q);
         return -rc;
     }
@@ -1227,7 +1641,14 @@ void kt_qmgr_stop(struct kt_qmgr *q)
     if (write(q->efd, &one, sizeof(one)) < 0)
         kt_warn("queue manager: cannot signal stop: %s", strerror(errno));
     pthread_join(q->thread, NULL);
-    atomic_store(&global_efd, -1);
+    atomic_store(&global_q, NULL);
+    kt_queue_spares_clear();
+    /* handed over too late for this run: they are on disk for the next one */
+    for (struct handoff *h = q->in_head, *next; h; h = next) {
+        next = h->next;
+        kt_qmsg_free(h->m);
+        kt_free(h);
+    }
     kt_info("queue manager stopped: %lu message bodies sent with sendfile", kt_smtp_sendfile_count());
     qmgr_free(q);
 }

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,7 +25,7 @@
 
 int kt_queue_init_dirs(const char *qdir)
 {
-    static const char *const sub[] = { "", "/tmp", "/new", "/status" };
+    static const char *const sub[] = { "", "/tmp", "/new", "/status", "/public" };
     char path[PATH_MAX];
     for (size_t i = 0; i < sizeof(sub) / sizeof(sub[0]); i++) {
         snprintf(path, sizeof(path), "%s%s", qdir, sub[i]);
@@ -154,6 +155,7 @@ static void load_status(const char *qdir, struct kt_qmsg *m)
     FILE *f = fopen(path, "re");
     if (!f)
         return;
+    m->has_status = 1;
     while ((n = getline(&line, &cap, f)) > 0) {
         unsigned long idx;
         int off = 0;
@@ -246,11 +248,15 @@ int kt_queue_open_body(const char *qdir, const char *id)
     return fd < 0 ? -errno : fd;
 }
 
-int kt_queue_mark(const char *qdir, struct kt_qmsg *m, size_t rcpt, enum kt_qrcpt_state state, const char *reason)
+int kt_queue_open_body_at(int new_fd, const char *id)
 {
-    char path[PATH_MAX];
+    int fd = openat(new_fd, id, O_RDONLY | O_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+static char *mark_line(size_t rcpt, enum kt_qrcpt_state state, const char *reason)
+{
     char *line;
-    snprintf(path, sizeof(path), "%s/status/%s", qdir, m->id);
     if (rcpt == (size_t)-1)
         line = kt_strdup("warn\n");
     else if (state == KT_QR_DONE || !reason)
@@ -260,6 +266,58 @@ int kt_queue_mark(const char *qdir, struct kt_qmsg *m, size_t rcpt, enum kt_qrcp
     for (char *p = line; p[0] && p[1]; p++)
         if (*p == '\n' || *p == '\r')
             *p = ' ';
+    return line;
+}
+
+static void mark_apply(struct kt_qmsg *m, size_t rcpt, enum kt_qrcpt_state state, const char *reason)
+{
+    m->has_status = 1;
+    if (rcpt == (size_t)-1) {
+        m->warned = 1;
+    } else if (rcpt < m->n_rcpts) {
+        m->rcpts[rcpt].state = state;
+        kt_free(m->rcpts[rcpt].reason);
+        m->rcpts[rcpt].reason = reason && state == KT_QR_FAILED ? kt_strdup(reason) : NULL;
+    }
+}
+
+int kt_queue_mark_many(int status_fd, struct kt_qmsg *m, const struct kt_qmark *marks, size_t n)
+{
+    struct kt_buf b = { 0 };
+    if (n == 0)
+        return 0;
+    for (size_t k = 0; k < n; k++) {
+        char *line = mark_line(marks[k].rcpt, marks[k].state, marks[k].reason);
+        kt_buf_append(&b, line, strlen(line));
+        kt_free(line);
+    }
+    int created = 0;
+    int fd = openat(status_fd, m->id, O_WRONLY | O_APPEND | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        fd = openat(status_fd, m->id, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+        created = 1;
+    }
+    int rc = fd < 0 ? -errno : write_all(fd, b.data, kt_buf_used(&b));
+    if (fd >= 0) {
+        if (rc == 0 && fdatasync(fd) < 0)
+            rc = -errno;
+        close(fd);
+    }
+    if (rc == 0 && created && fsync(status_fd) < 0)
+        rc = -errno;       /* the new name must survive a crash too */
+    kt_buf_release(&b);
+    if (rc < 0)
+        return rc;
+    for (size_t k = 0; k < n; k++)
+        mark_apply(m, marks[k].rcpt, marks[k].state, marks[k].reason);
+    return 0;
+}
+
+int kt_queue_mark(const char *qdir, struct kt_qmsg *m, size_t rcpt, enum kt_qrcpt_state state, const char *reason)
+{
+    char path[PATH_MAX];
+    char *line = mark_line(rcpt, state, reason);
+    snprintf(path, sizeof(path), "%s/status/%s", qdir, m->id);
     int created = 0;
     int fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC);
     if (fd < 0 && errno == ENOENT) {
@@ -280,13 +338,7 @@ int kt_queue_mark(const char *qdir, struct kt_qmsg *m, size_t rcpt, enum kt_qrcp
     kt_free(line);
     if (rc < 0)
         return rc;
-    if (rcpt == (size_t)-1) {
-        m->warned = 1;
-    } else if (rcpt < m->n_rcpts) {
-        m->rcpts[rcpt].state = state;
-        kt_free(m->rcpts[rcpt].reason);
-        m->rcpts[rcpt].reason = reason && state == KT_QR_FAILED ? kt_strdup(reason) : NULL;
-    }
+    mark_apply(m, rcpt, state, reason);
     return 0;
 }
 
@@ -308,6 +360,95 @@ int kt_queue_remove(const char *qdir, const char *id)
     snprintf(path, sizeof(path), "%s/status/%s", qdir, id);
     unlink(path);
     return rc;
+}
+
+int kt_queue_remove_at(int new_fd, int status_fd, const char *id, int has_status)
+{
+    int rc = unlinkat(new_fd, id, 0) < 0 ? -errno : 0;
+    if (has_status)
+        unlinkat(status_fd, id, 0);
+    return rc;
+}
+
+/* Spare queue files in tmp/ (see kt_queue_retire_at): a stack of names, shared by the queue manager, which
+ * adds, and the SMTP workers' queue writers, which take. */
+static pthread_mutex_t spare_mu = PTHREAD_MUTEX_INITIALIZER;
+static char *spare_qdir;
+static char **spares;
+static size_t n_spares;
+
+int kt_queue_retire_at(const char *qdir, int new_fd, int tmp_fd, int status_fd, const char *id, int has_status)
+{
+    int rc, room;
+    pthread_mutex_lock(&spare_mu);
+    room = n_spares < KT_QUEUE_SPARES && (!spare_qdir || !strcmp(spare_qdir, qdir));
+    pthread_mutex_unlock(&spare_mu);
+    if (!room || tmp_fd < 0)
+        return kt_queue_remove_at(new_fd, status_fd, id, has_status);
+    rc = renameat(new_fd, id, tmp_fd, id) < 0 ? -errno : 0;
+    if (has_status)
+        unlinkat(status_fd, id, 0);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&spare_mu);
+    if (!spare_qdir)
+        spare_qdir = kt_strdup(qdir);
+    if (!spares)
+        spares = kt_calloc(KT_QUEUE_SPARES, sizeof(*spares));
+    if (n_spares < KT_QUEUE_SPARES && !strcmp(spare_qdir, qdir)) {
+        spares[n_spares++] = kt_strdup(id);
+        id = NULL;
+    }
+    pthread_mutex_unlock(&spare_mu);
+    if (id)
+        unlinkat(tmp_fd, id, 0);   /* lost the race for the last place */
+    return 0;
+}
+
+/* A spare's path for the writer, or NULL. kt_malloc'ed. */
+static char *spare_take(const char *qdir)
+{
+    char *path = NULL;
+    pthread_mutex_lock(&spare_mu);
+    if (n_spares > 0 && !strcmp(spare_qdir, qdir)) {
+        char *id = spares[--n_spares];
+        path = kt_asprintf("%s/tmp/%s", qdir, id);
+        kt_free(id);
+    }
+    pthread_mutex_unlock(&spare_mu);
+    return path;
+}
+
+void kt_queue_spares_clear(void)
+{
+    pthread_mutex_lock(&spare_mu);
+    for (size_t i = 0; i < n_spares; i++)
+        kt_free(spares[i]);
+    kt_free(spares);
+    kt_free(spare_qdir);
+    spares = NULL;
+    spare_qdir = NULL;
+    n_spares = 0;
+    pthread_mutex_unlock(&spare_mu);
+}
+
+void kt_queue_notify(const char *qdir, const char *id)
+{
+    char path[PATH_MAX], line[KT_QUEUE_ID_MAX + 4];
+    snprintf(path, sizeof(path), "%s/public/qmgr", qdir);
+    /* no reader (ENXIO) or no FIFO: no queue manager runs, and it loads new/ when it starts */
+    int fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    struct stat st;
+    if (fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode)) {
+        int n = id ? snprintf(line, sizeof(line), "N%s\n", id) : snprintf(line, sizeof(line), "F\n");
+        /* at most PIPE_BUF bytes: written whole or not at all */
+        if (n > 0 && (size_t)n < sizeof(line) && write(fd, line, (size_t)n) < 0) {
+            /* a full FIFO means the queue manager has wakeups pending; it also loads new/ at start */
+        }
+    }
+    close(fd);
 }
 
 static int cmp_str(const void *a, const void *b)
@@ -378,11 +519,27 @@ void kt_queue_cleanup(const char *qdir)
 
 /* ---- in-process writer ---- */
 
+static void qmsg_free_user(void *p)
+{
+    kt_qmsg_free(p);
+}
+
+struct kt_qmsg *kt_queue_delivery_take(struct kt_delivery *d)
+{
+    struct kt_qmsg *m = kt_delivery_take_user(d);
+    if (!m)
+        return NULL;
+    m->id = kt_strdup(kt_delivery_name(d));
+    m->body_len = (off_t)kt_delivery_size(d) - m->body_off;
+    return m;
+}
+
 struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir, const char *sender,
                                           const char *const *rcpts, size_t n, const char *hostname,
                                           unsigned worker_id, const char *queue_id)
 {
-    char *env = kt_queue_envelope(sender, rcpts, n, time(NULL), -1);
+    time_t arrival = time(NULL);
+    char *env = kt_queue_envelope(sender, rcpts, n, arrival, -1);
     size_t len = strlen(env);
     if (len >= KT_DELIVERY_CHUNK) {
         kt_free(env);
@@ -393,7 +550,23 @@ struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir
     struct kt_delivery *d = kt_delivery_new(loop, &box, 1, hostname, worker_id, queue_id);
     kt_free(path);
     kt_delivery_set_exact_name(d, queue_id);
+    char *spare = spare_take(qdir);
+    if (spare) {
+        kt_delivery_reuse_file(d, spare);
+        kt_free(spare);
+    }
     kt_delivery_append(d, env, len);
     kt_free(env);
+    /* the same envelope in memory, for the queue manager once the file is durable */
+    struct kt_qmsg *m = kt_calloc(1, sizeof(*m));
+    m->sender = kt_strdup(sender ? sender : "");
+    m->arrival = arrival;
+    m->dots = -1;
+    m->n_rcpts = n;
+    m->rcpts = kt_calloc(n ? n : 1, sizeof(*m->rcpts));
+    for (size_t i = 0; i < n; i++)
+        m->rcpts[i].addr = kt_strdup(rcpts[i]);
+    m->body_off = (off_t)len;
+    kt_delivery_set_user(d, m, qmsg_free_user);
     return d;
 }

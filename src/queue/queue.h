@@ -2,9 +2,11 @@
  * append-only status file per message.
  *
  * Layout:
- *   tmp/ID     being written; never acknowledged, removed at start-up
- *   new/ID     queued: envelope header, then the message (immutable)
- *   status/ID  per-recipient outcomes appended as they become final
+ *   tmp/ID       being written; never acknowledged, removed at start-up
+ *   new/ID       queued: envelope header, then the message (immutable)
+ *   status/ID    per-recipient outcomes appended as they become final
+ *   public/qmgr  FIFO on which a running queue manager hears of messages
+ *                queued by other processes (kt_queue_notify), like Postfix's
  *
  * A message file starts with text lines
  *   "KTQUEUE 1\n" "arrival <epoch>\n" "sender <addr>\n" ["dots <0|1>\n"]
@@ -13,10 +15,13 @@
  * end of the file. "sender " with an empty address is the null sender.
  * The status file holds lines "done N", "fail N REASON" (recipient N,
  * 0-based, is final; REASON is one line for the bounce) and "warn" (a delay warning went out); each append is fsync'd
- * before the outcome counts. A message is created by writing tmp/ID,
- * fsync, rename to new/ID, fsync of new/: once the creator reports success
- * the message survives a crash. Removal unlinks new/ID first, then
- * status/ID (an orphan status file is removed by the next scan). */
+ * before the outcome counts. A message whose recipients were all delivered
+ * needs no "done" records: removing new/ID is its outcome, and the removal
+ * is made durable by an fsync of new/ shared with other removals. A message
+ * is created by writing tmp/ID, fsync, rename to new/ID, fsync of new/: once
+ * the creator reports success the message survives a crash. Removal unlinks
+ * new/ID first, then status/ID (an orphan status file is removed at the next
+ * start). */
 #ifndef KTRELAY_QUEUE_H
 #define KTRELAY_QUEUE_H
 
@@ -44,11 +49,19 @@ struct kt_qmsg {
     size_t n_rcpts;
     struct kt_qrcpt *rcpts;
     off_t body_off, body_len;      /* message bytes in the file */
+    int has_status;                /* status/ID exists (records were loaded or appended) */
+};
+
+/* One status record for kt_queue_mark_many: recipient rcpt becomes state (done or failed with reason). */
+struct kt_qmark {
+    size_t rcpt;
+    enum kt_qrcpt_state state;
+    const char *reason;
 };
 
 #define KT_QUEUE_ID_MAX 300
 
-/* Create tmp/ new/ status/ (mode 0700) under qdir. 0 or -errno. */
+/* Create tmp/ new/ status/ public/ (mode 0700) under qdir. 0 or -errno. */
 int kt_queue_init_dirs(const char *qdir);
 /* Fresh queue id, Postfix's short form: 13 upper-case hex digits (seconds,
  * microseconds, a counter). Given when a transaction starts (MAIL, sendmail)
@@ -63,20 +76,44 @@ int kt_queue_write(const char *qdir, const char *sender, const char *const *rcpt
 /* Read the envelope and the status records of new/ID. 0, -ENOENT, -EINVAL (bad file), -errno. */
 int kt_queue_load(const char *qdir, const char *id, struct kt_qmsg **out);
 void kt_qmsg_free(struct kt_qmsg *m);
-/* Open the message file read-only (body at m->body_off). fd or -errno. */
+/* Open the message file read-only (body at m->body_off). fd or -errno. The _at form takes an open new/. */
 int kt_queue_open_body(const char *qdir, const char *id);
+int kt_queue_open_body_at(int new_fd, const char *id);
 /* Append "done N"/"fail N REASON" (state) or "warn" (rcpt == (size_t)-1) and fsync; reason may be
  * NULL and has its line breaks replaced. 0 or -errno. */
 int kt_queue_mark(const char *qdir, struct kt_qmsg *m, size_t rcpt, enum kt_qrcpt_state state, const char *reason);
+/* Group commit of n records of one message: one append and one fsync for all of them (and one of status/
+ * when the file is new). status_fd is an open status/ directory. Updates m only on success. 0 or -errno. */
+int kt_queue_mark_many(int status_fd, struct kt_qmsg *m, const struct kt_qmark *marks, size_t n);
 /* 1 when no recipient is pending. */
 int kt_qmsg_finished(const struct kt_qmsg *m);
-/* Unlink new/ID then status/ID. 0 or -errno (-ENOENT if the message was not there). */
+/* Unlink new/ID then status/ID. 0 or -errno (-ENOENT if the message was not there). The removal is
+ * durable once new/ is fsync'd (the caller does that, for many removals at once). The _at form takes open
+ * new/ and status/ directories and skips status/ID when has_status is 0. */
 int kt_queue_remove(const char *qdir, const char *id);
+int kt_queue_remove_at(int new_fd, int status_fd, const char *id, int has_status);
+/* Removal that keeps the file's inode for a later message: new/ID is renamed to tmp/ID and becomes a spare
+ * (at most KT_QUEUE_SPARES of them; beyond that, or for another qdir, it is unlinked). A spare is only ever
+ * written by kt_queue_delivery_new's writer, which truncates it: creating and deleting an inode per message
+ * is what costs most on ext4 (inode allocation skips recently deleted inodes). tmp/ is emptied at start, so
+ * spares never outlive the process. Same return as kt_queue_remove_at. */
+#define KT_QUEUE_SPARES 4096
+int kt_queue_retire_at(const char *qdir, int new_fd, int tmp_fd, int status_fd, const char *id, int has_status);
+/* Forget the spares (queue manager stop); the files stay in tmp/ until the next start. */
+void kt_queue_spares_clear(void);
+/* Tell a running queue manager about a message in new/ (id) or ask for a flush (id NULL), through
+ * public/qmgr. Without a running queue manager nothing happens: it loads new/ when it starts. */
+void kt_queue_notify(const char *qdir, const char *id);
 /* Ids in new/, sorted. *ids is a kt_malloc'ed array of kt_malloc'ed strings. 0 or -errno. */
 int kt_queue_list_ids(const char *qdir, char ***ids, size_t *n);
 void kt_queue_free_ids(char **ids, size_t n);
 /* Remove tmp/ leftovers and status files without a message (start-up only). */
 void kt_queue_cleanup(const char *qdir);
+
+/* The envelope of a message written by kt_queue_delivery_new, once its commit succeeded: id, sender,
+ * recipients and body offsets, ready for the queue manager without reading the file back. The caller owns
+ * it (kt_qmsg_free); NULL when d was not made by kt_queue_delivery_new or was already taken. */
+struct kt_qmsg *kt_queue_delivery_take(struct kt_delivery *d);
 
 /* In-process writer for the SMTP session: a struct kt_delivery (maildir.h)
  * whose "Maildir" is the queue directory, so the session drives it exactly

@@ -450,7 +450,7 @@ static void on_commit(void *arg, int res)
         if (s->tls_on)
             kt_metric_add(s->ktls_rx ? KT_M_TLS_BYTES_RX_KTLS : KT_M_TLS_BYTES_RX_USER, (long long)s->msg_bytes);
         if (s->n_relay_rcpts)
-            kt_qmgr_wakeup();
+            kt_qmgr_submit(s->delivery);
         for (unsigned i = 0; i < s->n_rcpts && !s->n_relay_rcpts; i++) {
             const char *at = strrchr(r, '@');
             int virt = s->cfg->resolver && kt_resolve_class(s->cfg->resolver, at ? at + 1 : "") == KT_CLASS_VIRTUAL;

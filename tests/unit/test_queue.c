@@ -1,5 +1,6 @@
 /* Queue files: creation, envelope parsing, status records (including a torn
- * last record), removal, start-up cleanup, and the DSN text. */
+ * last record and a job's records written at once), removal, retiring a file
+ * as a spare, start-up cleanup, and the DSN text. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -141,6 +142,76 @@ static void test_remove_and_cleanup(void **state)
     assert_int_equal(stat(path, &st), 0);
 }
 
+static int open_dir(const char *sub)
+{
+    char path[512];
+    if (kt_queue_init_dirs(qdir) < 0)
+        return -1;
+    snprintf(path, sizeof(path), "%s/%s", qdir, sub);
+    return open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+}
+
+static void test_mark_many(void **state)
+{
+    char id[KT_QUEUE_ID_MAX] = "", path[1024];
+    struct kt_qmsg *m, *again;
+    int status_fd = open_dir("status");
+    assert_true(status_fd >= 0);
+    assert_int_equal(kt_queue_write(qdir, "a@b", rcpts, 3, "x\r\n", 3, id, sizeof(id)), 0);
+    assert_int_equal(kt_queue_load(qdir, id, &m), 0);
+    assert_int_equal(m->has_status, 0);
+    /* one job's outcomes: one append, read back as three records */
+    struct kt_qmark marks[] = {
+        { 0, KT_QR_DONE, NULL }, { 2, KT_QR_FAILED, "5.1.1 - no\nsuch" }, { (size_t)-1, KT_QR_PENDING, NULL },
+    };
+    assert_int_equal(kt_queue_mark_many(status_fd, m, marks, 3), 0);
+    assert_int_equal(m->has_status, 1);
+    assert_int_equal(m->rcpts[0].state, KT_QR_DONE);
+    assert_int_equal(m->rcpts[2].state, KT_QR_FAILED);
+    assert_int_equal(m->warned, 1);
+    snprintf(path, sizeof(path), "%s/status/%s", qdir, id);
+    FILE *f = fopen(path, "r");
+    char buf[256] = "";
+    assert_non_null(f);
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    assert_string_equal(buf, "done 0\nfail 2 5.1.1 - no such\nwarn\n");
+    assert_int_equal(kt_queue_load(qdir, id, &again), 0);
+    assert_int_equal(again->has_status, 1);
+    assert_int_equal(again->rcpts[1].state, KT_QR_PENDING);
+    assert_string_equal(again->rcpts[2].reason, "5.1.1 - no such");
+    kt_qmsg_free(again);
+    kt_qmsg_free(m);
+    close(status_fd);
+}
+
+static void test_retire_as_spare(void **state)
+{
+    char id[KT_QUEUE_ID_MAX] = "", path[1024];
+    struct stat st;
+    int new_fd = open_dir("new"), tmp_fd = open_dir("tmp"), status_fd = open_dir("status");
+    assert_true(new_fd >= 0 && tmp_fd >= 0 && status_fd >= 0);
+    assert_int_equal(kt_queue_write(qdir, "a@b", rcpts, 1, "x\r\n", 3, id, sizeof(id)), 0);
+    snprintf(path, sizeof(path), "%s/new/%s", qdir, id);
+    assert_int_equal(stat(path, &st), 0);
+    ino_t ino = st.st_ino;
+    assert_int_equal(kt_queue_retire_at(qdir, new_fd, tmp_fd, status_fd, id, 0), 0);
+    /* gone from the queue, kept as tmp/ID with the same inode */
+    assert_int_equal(stat(path, &st), -1);
+    snprintf(path, sizeof(path), "%s/tmp/%s", qdir, id);
+    assert_int_equal(stat(path, &st), 0);
+    assert_int_equal(st.st_ino, ino);
+    assert_int_equal(kt_queue_retire_at(qdir, new_fd, tmp_fd, status_fd, id, 0), -ENOENT);
+    /* the start-up cleanup removes spares like any other leftover */
+    kt_queue_spares_clear();
+    kt_queue_cleanup(qdir);
+    assert_int_equal(stat(path, &st), -1);
+    close(new_fd);
+    close(tmp_fd);
+    close(status_fd);
+}
+
 static void test_bad_files(void **state)
 {
     struct kt_qmsg *m;
@@ -190,6 +261,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_write_and_load, setup, teardown),
         cmocka_unit_test_setup_teardown(test_status_records, setup, teardown),
         cmocka_unit_test_setup_teardown(test_remove_and_cleanup, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_mark_many, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_retire_as_spare, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_files, setup, teardown),
         cmocka_unit_test(test_dsn),
     };
