@@ -1,13 +1,12 @@
 /* Maildir delivery through io_uring (see maildir.h for the contract).
  *
- * Every file system step is an io_uring operation (openat, write, splice,
+ * Every file system step is an io_uring operation (openat, write,
  * fsync, renameat, linkat, unlinkat, mkdirat) so the event loop never waits
  * on the disk; many deliveries from many sessions overlap their fsyncs.
  * Error paths that undo links use plain unlink(2): they are rare and short. */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <poll.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,7 +22,6 @@
 
 #define MAX_BOXES 64
 #define MAX_INFLIGHT_BYTES (4 * KT_DELIVERY_CHUNK)
-#define SPLICE_STEP (64 * 1024)
 
 enum stage {
     ST_NEW, ST_OPENING, ST_MKDIRS, ST_OPEN, ST_COMMIT_WRITES, ST_FSYNC_FILE, ST_LINKING, ST_LINK_MKDIRS,
@@ -71,15 +69,6 @@ struct kt_delivery {
     void *arg, *drain_arg;
     int want_drain;
 
-    /* splice */
-    struct kt_op splice_op;
-    int pipe_r, pipe_w;
-    int sockfd;
-    size_t splice_left, splice_done, in_pipe;
-    int splice_phase;                /* 0 poll, 1 sock->pipe, 2 pipe->file */
-    kt_delivery_cb splice_cb;
-    void *splice_arg;
-
     char paths[2][PATH_MAX];         /* scratch for mkdirat/linkat/renameat arguments */
     void *user;                      /* kt_delivery_set_user */
     void (*user_free)(void *);
@@ -87,7 +76,6 @@ struct kt_delivery {
 
 static void delivery_step(struct kt_op *op, int res, unsigned flags);
 static void chunk_done(struct kt_op *op, int res, unsigned flags);
-static void splice_step(struct kt_op *op, int res, unsigned flags);
 static void commit_continue(struct kt_delivery *d);
 static void submit_dir_sync(struct kt_delivery *d);
 
@@ -119,8 +107,7 @@ struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbo
         n = MAX_BOXES;
     d->loop = loop;
     d->op.cb = delivery_step;
-    d->splice_op.cb = splice_step;
-    d->fd = d->pipe_r = d->pipe_w = -1;
+    d->fd = -1;
     d->n_boxes = n;
     for (size_t i = 0; i < n; i++) {
         d->box_paths[i] = kt_strdup(boxes[i].path);
@@ -151,10 +138,6 @@ static void delivery_free(struct kt_delivery *d)
 {
     if (d->fd >= 0)
         close(d->fd);
-    if (d->pipe_r >= 0)
-        close(d->pipe_r);
-    if (d->pipe_w >= 0)
-        close(d->pipe_w);
     if (d->cur) {
         kt_free(d->cur->data);
         kt_free(d->cur);
@@ -424,106 +407,32 @@ const char *kt_delivery_name(const struct kt_delivery *d)
     return d->final_name;
 }
 
-/* ---- splice: socket -> pipe -> file ---- */
+/* ---- zero-copy bytes written by someone else (the connection's splice) ---- */
 
-static void splice_report(struct kt_delivery *d, int res)
+int kt_delivery_splice_target(struct kt_delivery *d, int *fd, off_t *off)
 {
-    kt_delivery_cb cb = d->splice_cb;
-    d->splice_cb = NULL;
-    if (delivery_release_if_abandoned(d))
-        return;
-    if (cb)
-        cb(d->splice_arg, res);
-}
-
-static void splice_next(struct kt_delivery *d)
-{
-    struct io_uring_sqe *sqe;
-    if (d->in_pipe > 0) {
-        d->splice_phase = 2;
-        sqe = delivery_sqe(d, &d->splice_op);
-        io_uring_prep_splice(sqe, d->pipe_r, -1, d->fd, d->size, (unsigned)d->in_pipe, SPLICE_F_MOVE);
-        return;
-    }
-    if (d->splice_left == 0) {
-        splice_report(d, (int)d->splice_done);
-        return;
-    }
-    size_t n = d->splice_left < SPLICE_STEP ? d->splice_left : SPLICE_STEP;
-    d->splice_phase = 1;
-    sqe = delivery_sqe(d, &d->splice_op);
-    /* SPLICE_F_NONBLOCK: never park an io-wq worker on an idle socket; wait
-     * for readability with a poll instead. */
-    io_uring_prep_splice(sqe, d->sockfd, -1, d->pipe_w, -1, (unsigned)n, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-}
-
-static void splice_step(struct kt_op *op, int res, unsigned flags)
-{
-    struct kt_delivery *d = (struct kt_delivery *)((char *)op - offsetof(struct kt_delivery, splice_op));
-    d->pending--;
-    if (d->abandoned) {
-        delivery_release_if_abandoned(d);
-        return;
-    }
-    switch (d->splice_phase) {
-    case 0: /* poll */
-        if (res < 0) {
-            splice_report(d, d->splice_done ? (int)d->splice_done : res);
-            return;
-        }
-        splice_next(d);
-        return;
-    case 1: /* socket -> pipe */
-        if (res == -EAGAIN) {
-            struct io_uring_sqe *sqe = delivery_sqe(d, &d->splice_op);
-            d->splice_phase = 0;
-            io_uring_prep_poll_add(sqe, d->sockfd, POLLIN);
-            return;
-        }
-        if (res <= 0) {
-            /* EOF, an error, or (kTLS) a control record: report what moved */
-            splice_report(d, d->splice_done ? (int)d->splice_done : res);
-            return;
-        }
-        d->in_pipe = (size_t)res;
-        d->splice_left -= (size_t)res;
-        splice_next(d);
-        return;
-    case 2: /* pipe -> file */
-        if (res <= 0) {
-            d->error = res < 0 ? res : -EIO;
-            kt_err("splice into %s: %s", d->tmp_path, strerror(-d->error));
-            splice_report(d, d->error);
-            return;
-        }
-        d->in_pipe -= (size_t)res;
-        d->size += res;
-        d->splice_done += (size_t)res;
-        splice_next(d);
-        return;
-    }
-}
-
-void kt_delivery_splice(struct kt_delivery *d, int sockfd, size_t len, kt_delivery_cb cb, void *arg)
-{
-    if (d->pipe_r < 0) {
-        int p[2];
-        if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0) {
-            cb(arg, -errno);
-            return;
-        }
-        d->pipe_r = p[0];
-        d->pipe_w = p[1];
-    }
+    if (d->error)
+        return d->error;
+    if (d->fd < 0)
+        return -EBADF;
     /* bytes appended so far go to their own offsets first */
     chunk_submit(d);
-    d->sockfd = sockfd;
-    d->splice_left = len;
-    d->splice_done = 0;
-    d->in_pipe = 0;
-    d->splice_cb = cb;
-    d->splice_arg = arg;
-    splice_next(d);
+    *fd = d->fd;
+    *off = d->size;
+    return 0;
+}
+
+void kt_delivery_spliced(struct kt_delivery *d, size_t n)
+{
+    d->size += (off_t)n;
+}
+
+void kt_delivery_fail(struct kt_delivery *d, int err)
+{
+    if (!d || d->error)
+        return;
+    d->error = err < 0 ? err : -EIO;
+    kt_err("write %s: %s", d->tmp_path, strerror(-d->error));
 }
 
 /* ---- commit ---- */
@@ -703,7 +612,7 @@ void kt_delivery_abandon(struct kt_delivery *d)
     if (!d)
         return;
     d->abandoned = 1;
-    d->cb = d->drain_cb = d->splice_cb = NULL;
+    d->cb = d->drain_cb = NULL;
     /* A commit under way finishes (the client sent its final dot, so the
      * message may be delivered, as with any SMTP server); anything earlier is
      * removed once the operations in flight complete. */

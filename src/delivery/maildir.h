@@ -1,7 +1,8 @@
 /* Durable Maildir delivery driven by io_uring.
  *
  * A delivery owns one spool file in the first mailbox's tmp/. The caller
- * appends bytes (or splices them from a socket); commit then writes what is
+ * appends bytes (or has them spliced into the file at the offset it is
+ * given); commit then writes what is
  * buffered, fsyncs the file, links it into every mailbox's new/ (rename for a
  * single mailbox), fsyncs each new/ directory and removes the tmp name. Only
  * after all of that does the completion report success, so a 250 sent on it
@@ -11,6 +12,7 @@
 #define KTRELAY_MAILDIR_H
 
 #include <stddef.h>
+#include <sys/types.h>
 
 #include "core/loop.h"
 #include "delivery/resolve.h"
@@ -43,10 +45,17 @@ void kt_delivery_open(struct kt_delivery *d, kt_delivery_cb cb, void *arg);
  * drain callback fires (spool writes behind), else 0. */
 int kt_delivery_append(struct kt_delivery *d, const void *data, size_t len);
 void kt_delivery_set_drain_cb(struct kt_delivery *d, kt_delivery_cb cb, void *arg);
-/* Move len bytes from a socket into the file through a pipe (zero copy).
- * cb(arg, n) reports bytes moved (> 0), 0 at EOF, or -errno; -EAGAIN never
- * surfaces (it waits for readability itself). At most len bytes move. */
-void kt_delivery_splice(struct kt_delivery *d, int sockfd, size_t len, kt_delivery_cb cb, void *arg);
+/* Zero-copy body bytes: where the next bytes of the message go, for the
+ * connection layer to splice them straight into the file (tls/conn.h).
+ * Bytes appended so far are submitted to their own offsets first. Sets *fd
+ * and *off and returns 0, or returns the delivery's -errno once it failed.
+ * The fd stays open until kt_delivery_abandon. */
+int kt_delivery_splice_target(struct kt_delivery *d, int *fd, off_t *off);
+/* n bytes were written at that offset: they are part of the message now. */
+void kt_delivery_spliced(struct kt_delivery *d, size_t n);
+/* Writing body bytes outside this object failed (-errno): the commit will
+ * report the error and nothing reaches new/. */
+void kt_delivery_fail(struct kt_delivery *d, int err);
 unsigned long long kt_delivery_size(const struct kt_delivery *d);
 /* Make durable; cb(arg, 0) only when every copy and directory is fsync'd. */
 void kt_delivery_commit(struct kt_delivery *d, kt_delivery_cb cb, void *arg);

@@ -42,23 +42,6 @@ struct bind_addr {
 
 static void tick_arm(struct kt_worker *w);
 
-struct kt_server *kt_server_of(struct kt_worker *w)
-{
-    return w->server;
-}
-
-void kt_worker_session_gone(struct kt_worker *w, struct kt_session *s)
-{
-    if (s->prev)
-        s->prev->next = s->next;
-    else
-        w->sessions = s->next;
-    if (s->next)
-        s->next->prev = s->prev;
-    s->next = s->prev = NULL;
-    w->n_sessions--;
-}
-
 /* ---- addresses ---- */
 
 static int add_addr(struct bind_addr **list, size_t *n, const char *host, int port, size_t service)
@@ -222,8 +205,7 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
         next = s->next;
         if (w->draining) {
             if (now >= srv->drain_deadline) {
-                kt_xprt_close(s);
-                kt_session_maybe_free(s);
+                kt_session_abort(s);
             } else if (!s->in_transaction) {
                 kt_session_shutdown(s);
             }
@@ -352,6 +334,7 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
     for (unsigned k = 0; k < srv.n_workers; k++) {
         struct kt_worker *w = &srv.workers[k];
         w->server = &srv;
+        w->ktls = &srv.ktls;
         w->id = k;
         w->rt = kt_runtime_ref(rt);
         int rc = kt_loop_init(&w->loop, RING_ENTRIES);

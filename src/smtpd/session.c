@@ -24,9 +24,10 @@
 #include "queue/qmgr.h"
 #include "queue/queue.h"
 #include "smtpd/sasl.h"
-#include "smtpd/server.h"
 #include "smtpd/session.h"
+#include "smtpd/worker.h"
 #include "conf/settings.h"
+#include "tls/conn.h"
 #include "tls/tls.h"
 
 /* AUTH failures in one session before it is disconnected. */
@@ -34,8 +35,22 @@
 /* Cap on the delay before a failure reply, in units of smtpd_error_sleep_time. */
 #define AUTH_MAX_DELAY_STEPS 5
 
+/* Read sizes: a command line fits a small read; bodies come in TLS-record-sized ones. */
+#define COMMAND_READ 1024
+#define BODY_READ 16384
+
 static void session_process(struct kt_session *s);
 static void bdat_fail(struct kt_session *s, const char *why);
+
+/* Stop the session: the connection closes (TLS close_notify, socket I/O
+ * cancelled) and reports back once it is gone; then the session is freed. */
+static void session_close(struct kt_session *s)
+{
+    if (s->dead)
+        return;
+    s->dead = 1;
+    kt_conn_close(s->conn);
+}
 
 static const char *state_str(enum kt_session_state st)
 {
@@ -143,7 +158,7 @@ static void add_received_header(struct kt_session *s)
         n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\tby %s (%s) with %s id %s\r\n", s->cfg->myhostname,
                       "ktrelay", protocol_name(s), s->queue_id);
     if (s->tls_on && s->cfg->tls_received_header && n > 0 && (size_t)n < sizeof(hdr))
-        n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\t(using %s)\r\n", s->tls_desc);
+        n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\t(using %s)\r\n", kt_conn_tls_desc(s->conn));
     if (n > 0 && (size_t)n < sizeof(hdr)) {
         if (s->n_rcpts == 1)
             n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\tfor <%s>; %s\r\n", s->rcpts.data, date);
@@ -448,7 +463,7 @@ static void on_commit(void *arg, int res)
                    kt_delivery_size(s->delivery), s->n_rcpts);
         kt_metric_inc(KT_M_MESSAGES_RECEIVED);
         if (s->tls_on)
-            kt_metric_add(s->ktls_rx ? KT_M_TLS_BYTES_RX_KTLS : KT_M_TLS_BYTES_RX_USER, (long long)s->msg_bytes);
+            kt_metric_add(kt_conn_ktls(s->conn) & KT_CONN_KTLS_RX ? KT_M_TLS_BYTES_RX_KTLS : KT_M_TLS_BYTES_RX_USER, (long long)s->msg_bytes);
         if (s->n_relay_rcpts)
             kt_qmgr_submit(s->delivery);
         for (unsigned i = 0; i < s->n_rcpts && !s->n_relay_rcpts; i++) {
@@ -641,26 +656,23 @@ static void bdat_chunk_done(struct kt_session *s)
     reply(s, "250 2.0.0 Ok: %llu bytes", s->msg_bytes);
 }
 
-static void on_spliced(void *arg, int res)
+static void on_spliced(struct kt_session *s, int res)
 {
-    struct kt_session *s = arg;
     s->wait = KT_WAIT_NONE;
     if (res > 0) {
+        kt_delivery_spliced(s->delivery, (size_t)res);
         s->bdat_left -= (unsigned long long)res;
         s->msg_bytes += (unsigned long long)res;
         session_touch(s);
         if (s->bdat_left == 0)
             bdat_chunk_done(s);
-    } else if (res == 0) {
-        kt_info("lost connection after BDAT from unknown[%s]", s->addr);
-        s->dead = 1;
     } else if (res != -EINVAL) {
         /* -EINVAL: a kTLS control record is next; the normal read path handles it */
-        kt_info("BDAT splice from unknown[%s] failed: %s", s->addr, strerror(-res));
-        s->dead = 1;
-    }
-    if (s->dead) {
-        kt_xprt_close(s);
+        if (res == 0)
+            kt_info("lost connection after BDAT from unknown[%s]", s->addr);
+        else
+            kt_info("BDAT splice from unknown[%s] failed: %s", s->addr, strerror(-res));
+        session_close(s);
         kt_session_maybe_free(s);
         return;
     }
@@ -694,13 +706,17 @@ static void bdat_feed(struct kt_session *s)
     }
     if (s->wait == KT_WAIT_NONE && !s->bdat_failed && kt_buf_used(&s->in) == 0
         && s->bdat_left >= 8192
-        && kt_xprt_can_splice(s)) {
+        && kt_conn_can_splice(s->conn)) {
+        int fd;
+        off_t off;
         if (!body_fits(s, s->bdat_left)) {
             bdat_fail(s, "552 5.3.4 Error: message file too big");
             return;
         }
+        if (kt_delivery_splice_target(s->delivery, &fd, &off) < 0)
+            return;   /* the delivery failed: the bytes are read and the commit reports it */
         s->wait = KT_WAIT_SPLICE;
-        kt_delivery_splice(s->delivery, s->fd, (size_t)s->bdat_left, on_spliced, s);
+        kt_conn_splice(s->conn, fd, off, (size_t)s->bdat_left);
     }
 }
 
@@ -1198,35 +1214,55 @@ static void session_process(struct kt_session *s)
     if (kt_buf_used(&s->in) == 0 && (s->in.cap > 65536 || (s->in.cap > 4096 && s->state == KT_SS_COMMAND)))
         kt_buf_release(&s->in);
     if (s->wait != KT_WAIT_TARPIT)   /* the held error reply leaves when the delay ends */
-        kt_xprt_flush(s);
+        kt_conn_flush(s->conn);
     if (!s->dead && s->wait == KT_WAIT_NONE && s->state != KT_SS_CLOSING && s->state != KT_SS_HANDSHAKE)
-        kt_xprt_arm_read(s);
+        kt_conn_arm_read(s->conn, s->state == KT_SS_COMMAND ? COMMAND_READ : BODY_READ);
     kt_session_maybe_free(s);
 }
 
-void kt_session_on_input(struct kt_session *s)
+static void session_on_input(struct kt_session *s)
 {
     session_touch(s);
     session_process(s);
 }
 
-void kt_session_on_sent(struct kt_session *s)
+static void session_start_tls(struct kt_session *s)
+{
+    clock_gettime(CLOCK_MONOTONIC, &s->tls_t0);
+    s->state = KT_SS_HANDSHAKE;
+    s->deadline = time(NULL) + s->cfg->starttls_timeout_s;
+    if (!kt_conn_tls_new(s->conn, kt_tls_server_ctx(s->cfg->tls), s->cfg->ktls_rx_tls13, s->worker->ktls)) {
+        kt_err("cannot create TLS session for unknown[%s]", s->addr);
+        session_close(s);
+        kt_session_maybe_free(s);
+        return;
+    }
+    kt_conn_start_tls(s->conn);
+}
+
+static void session_on_sent(struct kt_session *s)
 {
     if (s->state == KT_SS_CLOSING) {
-        kt_xprt_close(s);
+        session_close(s);
         kt_session_maybe_free(s);
         return;
     }
     if (s->wait == KT_WAIT_STARTTLS) {
         s->tls_used_starttls = 1;
-        s->state = KT_SS_HANDSHAKE;
-        s->deadline = time(NULL) + s->cfg->starttls_timeout_s;
-        kt_xprt_start_tls(s);
+        session_start_tls(s);
     }
 }
 
-void kt_session_on_tls_ready(struct kt_session *s)
+static void session_on_tls_ready(struct kt_session *s)
 {
+    SSL *ssl = kt_conn_ssl(s->conn);
+    unsigned ktls = kt_conn_ktls(s->conn);
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    kt_metric_tls_handshake(SSL_version(ssl), SSL_session_reused(ssl), (double)(now.tv_sec - s->tls_t0.tv_sec)
+                            + (double)(now.tv_nsec - s->tls_t0.tv_nsec) / 1e9, (ktls & KT_CONN_KTLS_TX) != 0,
+                            (ktls & KT_CONN_KTLS_RX) != 0);
+    s->tls_on = 1;
     s->state = KT_SS_COMMAND;
     s->wait = KT_WAIT_NONE;
     session_touch(s);
@@ -1274,24 +1310,78 @@ static void log_disconnect(struct kt_session *s)
     kt_info("disconnect from unknown[%s]%s commands=%u", s->addr, buf, c->total);
 }
 
+/* What the connection reports. A read or write failure ends the session;
+ * the connection has logged TLS-level ends itself (as Postfix's smtpd does). */
+static void on_conn_event(void *arg, enum kt_conn_event ev, int res)
+{
+    struct kt_session *s = arg;
+    const char *where = s->state == KT_SS_DATA ? "DATA" : "command";
+
+    switch (ev) {
+    case KT_CONN_EV_INPUT:
+        session_on_input(s);
+        return;
+    case KT_CONN_EV_SENT:
+        session_on_sent(s);
+        return;
+    case KT_CONN_EV_TLS_READY:
+        session_on_tls_ready(s);
+        return;
+    case KT_CONN_EV_SPLICED:
+        on_spliced(s, res);
+        return;
+    case KT_CONN_EV_CLOSED:
+        s->conn = NULL;
+        kt_session_maybe_free(s);
+        return;
+    case KT_CONN_EV_EOF:
+        if (!s->dead)
+            kt_info("lost connection after %s from unknown[%s]", where, s->addr);
+        break;
+    case KT_CONN_EV_ERROR:
+        if (s->dead || res == -EPROTO)
+            break;
+        if (kt_conn_failed_step(s->conn) == KT_CONN_STEP_SPLICE_FILE) {
+            kt_delivery_fail(s->delivery, res);
+            kt_info("BDAT splice from unknown[%s] failed: %s", s->addr, strerror(-res));
+        } else {
+            kt_info("%s after %s from unknown[%s]: %s",
+                    kt_conn_failed_step(s->conn) == KT_CONN_STEP_SEND ? "write error" : "read error", where, s->addr,
+                    strerror(-res));
+        }
+        break;
+    default:
+        return;
+    }
+    session_close(s);
+    kt_session_maybe_free(s);
+}
+
+static void session_unlink(struct kt_session *s)
+{
+    struct kt_worker *w = s->worker;
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        w->sessions = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    s->next = s->prev = NULL;
+    w->n_sessions--;
+}
+
 void kt_session_maybe_free(struct kt_session *s)
 {
-    if (!s->dead || s->pending)
+    if (!s->dead || s->pending || s->conn)
         return;
-    if (s->fd >= 0) {
-        close(s->fd);
-        s->fd = -1;
-    }
     log_disconnect(s);
     transaction_reset(s);
-    if (s->ssl)
-        SSL_free(s->ssl);
     kt_buf_release(&s->in);
     kt_buf_release(&s->out);
     kt_buf_release(&s->rcpts);
     kt_buf_release(&s->relay_rcpts);
     auth_job_free(s);
-    kt_worker_session_gone(s->worker, s);
+    session_unlink(s);
     kt_metric_add(KT_M_CONN_SMTPD, -1);
     kt_runtime_unref(s->rt);
     kt_free(s);
@@ -1307,13 +1397,13 @@ void kt_session_timeout(struct kt_session *s)
     kt_info("timeout after %s from unknown[%s]", state_str(s->state), s->addr);
     if (s->state == KT_SS_HANDSHAKE || s->wait == KT_WAIT_SPLICE) {
         /* no plaintext reply is possible mid-handshake or mid-splice */
-        kt_xprt_close(s);
+        session_close(s);
         kt_session_maybe_free(s);
         return;
     }
     reply(s, "421 4.4.2 %s Error: timeout exceeded", s->cfg->myhostname);
     s->state = KT_SS_CLOSING;
-    kt_xprt_flush(s);
+    kt_conn_flush(s->conn);
     kt_session_maybe_free(s);
 }
 
@@ -1322,13 +1412,19 @@ void kt_session_shutdown(struct kt_session *s)
     if (s->dead || s->state == KT_SS_CLOSING || s->wait != KT_WAIT_NONE)
         return;
     if (s->state == KT_SS_HANDSHAKE) {
-        kt_xprt_close(s);
+        session_close(s);
         kt_session_maybe_free(s);
         return;
     }
     reply(s, "421 4.3.2 %s Service shutting down, closing transmission channel", s->cfg->myhostname);
     s->state = KT_SS_CLOSING;
-    kt_xprt_flush(s);
+    kt_conn_flush(s->conn);
+    kt_session_maybe_free(s);
+}
+
+void kt_session_abort(struct kt_session *s)
+{
+    session_close(s);
     kt_session_maybe_free(s);
 }
 
@@ -1339,8 +1435,6 @@ void kt_session_start(struct kt_worker *w, int fd, const struct sockaddr *sa, so
     s->worker = w;
     s->rt = kt_runtime_ref(rt);
     s->cfg = cfg;
-    s->fd = fd;
-    kt_xprt_init_ops(s);
     if (sa->sa_family == AF_INET) {
         const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
         inet_ntop(AF_INET, &in->sin_addr, s->addr, sizeof(s->addr));
@@ -1356,6 +1450,9 @@ void kt_session_start(struct kt_worker *w, int fd, const struct sockaddr *sa, so
         snprintf(s->addr, sizeof(s->addr), "unknown");
     }
     (void)salen;
+    char peer[sizeof(s->addr) + 16];
+    snprintf(peer, sizeof(peer), "unknown[%s]", s->addr);
+    s->conn = kt_conn_new(&w->loop, fd, KT_CONN_SERVER, peer, &s->in, &s->out, on_conn_event, s);
     s->next = w->sessions;
     if (w->sessions)
         w->sessions->prev = s;
@@ -1364,9 +1461,7 @@ void kt_session_start(struct kt_worker *w, int fd, const struct sockaddr *sa, so
     kt_metric_inc(KT_M_CONN_SMTPD);
     kt_info("connect from unknown[%s]", s->addr);
     if (cfg->wrappermode) {
-        s->state = KT_SS_HANDSHAKE;
-        s->deadline = time(NULL) + cfg->starttls_timeout_s;
-        kt_xprt_start_tls(s);
+        session_start_tls(s);
         return;
     }
     s->state = KT_SS_COMMAND;

@@ -1,13 +1,14 @@
 /* One SMTP server session. The protocol logic (session.c) sees the network
- * only through the transport functions (transport.c), which hide whether bytes
- * move as plaintext, through userspace OpenSSL, or through kernel TLS. */
+ * only through its connection (tls/conn.h), which hides whether bytes move as
+ * plaintext, through userspace OpenSSL, or through kernel TLS, and owns the
+ * socket and the SSL. The session owns the connection's input and output
+ * buffers and is freed only after the connection reported itself closed. */
 #ifndef KTRELAY_SESSION_H
 #define KTRELAY_SESSION_H
 
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
-#include <openssl/ssl.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -22,6 +23,7 @@ struct kt_runtime;
 struct kt_smtpd_settings;
 struct kt_delivery;
 struct kt_auth_req;
+struct kt_conn;
 
 enum kt_session_state {
     KT_SS_HANDSHAKE,      /* TLS handshake in progress (wrapper mode or after STARTTLS) */
@@ -64,34 +66,23 @@ struct kt_session {
     struct kt_worker *worker;
     struct kt_runtime *rt;                 /* reference held for the session's life */
     const struct kt_smtpd_settings *cfg;
-    int fd;
+    struct kt_conn *conn;                  /* NULL once it reported itself closed */
     char addr[INET6_ADDRSTRLEN];
     int port;
     enum kt_session_state state;
     enum kt_session_wait wait;
-    unsigned pending;                      /* io_uring operations in flight; free only at 0 */
-    int dead;                              /* socket closed or errored: finish and free */
+    unsigned pending;                      /* own io_uring operations (timers, AUTH) in flight */
+    int dead;                              /* connection closing: finish and free */
     time_t deadline;                       /* idle/handshake timeout, checked by the worker tick */
 
-    struct kt_op rx_op, tx_op, rx_poll_op, tx_poll_op, cancel_op;
-    struct kt_buf in, out;
-    size_t out_inflight;                   /* bytes of out given to a send in flight */
-    int rx_armed, tx_armed;
+    struct kt_buf in, out;                 /* lent to the connection */
     int discard_line;                      /* skipping the rest of an over-long command line */
     int cmd_pipelined;                     /* more input was waiting behind the current command */
 
     /* TLS */
-    SSL *ssl;
     int tls_on;                            /* handshake done, all I/O is TLS */
     int tls_used_starttls;
-    int ktls_tx, ktls_rx;                  /* direction offloaded to the kernel */
     struct timespec tls_t0;                /* handshake start, for ktrelay_tls_handshake_seconds */
-    char tls_desc[160];                    /* "TLSv1.3 with cipher ..." */
-    struct msghdr rx_msg;                  /* kTLS RX: recvmsg carries the record type */
-    struct iovec rx_iov;
-    uint8_t rx_cmsg[64];
-    unsigned char tls13_rx_secret[64];     /* client traffic secret for own-key TLS 1.3 RX */
-    size_t tls13_rx_secret_len;
 
     /* SMTP state */
     char helo[256];
@@ -139,17 +130,9 @@ void kt_session_start(struct kt_worker *w, int fd, const struct sockaddr *sa, so
                       struct kt_runtime *rt, const struct kt_smtpd_settings *cfg);
 void kt_session_timeout(struct kt_session *s);
 void kt_session_shutdown(struct kt_session *s);       /* server stopping: 421 and close */
-void kt_session_on_input(struct kt_session *s);       /* new bytes in s->in (or EOF via s->dead) */
-void kt_session_on_tls_ready(struct kt_session *s);   /* handshake finished */
-void kt_session_on_sent(struct kt_session *s);        /* s->out fully written */
+void kt_session_abort(struct kt_session *s);          /* drain deadline: close without a reply */
+/* Free s once it is closing, its own operations are done and its connection
+ * reported itself closed; otherwise nothing. */
 void kt_session_maybe_free(struct kt_session *s);
-
-/* transport.c */
-void kt_xprt_arm_read(struct kt_session *s);
-void kt_xprt_flush(struct kt_session *s);
-void kt_xprt_start_tls(struct kt_session *s);
-void kt_xprt_close(struct kt_session *s);           /* cancel socket I/O, free TLS, close fd */
-int kt_xprt_can_splice(const struct kt_session *s); /* bytes can move socket -> pipe directly */
-void kt_xprt_init_ops(struct kt_session *s);
 
 #endif

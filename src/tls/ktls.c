@@ -13,6 +13,7 @@
 #include <linux/tls.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -20,7 +21,6 @@
 
 #include "tls/ktls.h"
 #include "core/log.h"
-#include "smtpd/session.h"
 
 #ifndef SOL_TLS
 #define SOL_TLS 282
@@ -68,19 +68,37 @@ static int hex_decode(const char *hex, unsigned char *out, size_t max)
     return (int)n;
 }
 
+/* The ex_data slot linking an SSL to its struct kt_ktls_secret. */
+static int secret_index = -1;
+static pthread_once_t secret_once = PTHREAD_ONCE_INIT;
+
+static void secret_index_init(void)
+{
+    secret_index = SSL_get_ex_new_index(0, "ktrelay kTLS RX secret", NULL, NULL, NULL);
+}
+
+int kt_ktls_track(SSL *ssl, struct kt_ktls_secret *sec)
+{
+    pthread_once(&secret_once, secret_index_init);
+    sec->len = 0;
+    if (secret_index < 0 || SSL_set_ex_data(ssl, secret_index, sec) != 1)
+        return -ENOMEM;
+    return 0;
+}
+
 static void keylog_cb(const SSL *ssl, const char *line)
 {
     static const char label[] = "CLIENT_TRAFFIC_SECRET_0 ";
-    if (strncmp(line, label, sizeof(label) - 1) != 0)
+    if (strncmp(line, label, sizeof(label) - 1) != 0 || secret_index < 0)
         return;
-    struct kt_session *s = SSL_get_app_data(ssl);
-    if (!s)
+    struct kt_ktls_secret *sec = SSL_get_ex_data(ssl, secret_index);
+    if (!sec)
         return;
     const char *secret = strchr(line + sizeof(label) - 1, ' ');
     if (!secret)
         return;
-    int n = hex_decode(secret + 1, s->tls13_rx_secret, sizeof(s->tls13_rx_secret));
-    s->tls13_rx_secret_len = n > 0 ? (size_t)n : 0;
+    int n = hex_decode(secret + 1, sec->secret, sizeof(sec->secret));
+    sec->len = n > 0 ? (size_t)n : 0;
 }
 
 void kt_ktls_prepare_ctx(SSL_CTX *ctx)
@@ -122,21 +140,25 @@ int kt_tls13_expand_label(const EVP_MD *md, const unsigned char *secret, size_t 
     return 0;
 }
 
-int kt_ktls_install_tls13_rx(struct kt_session *s)
+int kt_ktls_install_tls13_rx(SSL *ssl, int fd, struct kt_ktls_secret *sec)
 {
-    const SSL_CIPHER *c = SSL_get_current_cipher(s->ssl);
+    const SSL_CIPHER *c = SSL_get_current_cipher(ssl);
     unsigned char key[32], iv[12];
     int ret = -ENOTSUP;
 
-    if (!c || s->tls13_rx_secret_len == 0)
-        return -ENOKEY;
-    if (SSL_has_pending(s->ssl) || SSL_pending(s->ssl))
-        return -EAGAIN;   /* OpenSSL already read part of the client's stream */
+    if (!c || sec->len == 0) {
+        ret = -ENOKEY;
+        goto out;
+    }
+    if (SSL_has_pending(ssl) || SSL_pending(ssl)) {
+        ret = -EAGAIN;    /* OpenSSL already read part of the client's stream */
+        goto out;
+    }
     uint16_t id = (uint16_t)(SSL_CIPHER_get_id(c) & 0xFFFF);
     const EVP_MD *md = id == 0x1302 ? EVP_sha384() : EVP_sha256();
     size_t key_len = id == 0x1301 ? 16 : 32;
-    if (kt_tls13_expand_label(md, s->tls13_rx_secret, s->tls13_rx_secret_len, "key", key, key_len) < 0
-        || kt_tls13_expand_label(md, s->tls13_rx_secret, s->tls13_rx_secret_len, "iv", iv, sizeof(iv)) < 0)
+    if (kt_tls13_expand_label(md, sec->secret, sec->len, "key", key, key_len) < 0
+        || kt_tls13_expand_label(md, sec->secret, sec->len, "iv", iv, sizeof(iv)) < 0)
         goto out;
 
     if (id == 0x1301) {
@@ -146,7 +168,7 @@ int kt_ktls_install_tls13_rx(struct kt_session *s)
         memcpy(ci.key, key, sizeof(ci.key));
         memcpy(ci.salt, iv, sizeof(ci.salt));
         memcpy(ci.iv, iv + 4, sizeof(ci.iv));
-        ret = setsockopt(s->fd, SOL_TLS, TLS_RX, &ci, sizeof(ci)) < 0 ? -errno : 0;
+        ret = setsockopt(fd, SOL_TLS, TLS_RX, &ci, sizeof(ci)) < 0 ? -errno : 0;
         OPENSSL_cleanse(&ci, sizeof(ci));
     } else if (id == 0x1302) {
         struct tls12_crypto_info_aes_gcm_256 ci = { 0 };
@@ -155,7 +177,7 @@ int kt_ktls_install_tls13_rx(struct kt_session *s)
         memcpy(ci.key, key, sizeof(ci.key));
         memcpy(ci.salt, iv, sizeof(ci.salt));
         memcpy(ci.iv, iv + 4, sizeof(ci.iv));
-        ret = setsockopt(s->fd, SOL_TLS, TLS_RX, &ci, sizeof(ci)) < 0 ? -errno : 0;
+        ret = setsockopt(fd, SOL_TLS, TLS_RX, &ci, sizeof(ci)) < 0 ? -errno : 0;
         OPENSSL_cleanse(&ci, sizeof(ci));
     } else if (id == 0x1303) {
         struct tls12_crypto_info_chacha20_poly1305 ci = { 0 };
@@ -163,15 +185,13 @@ int kt_ktls_install_tls13_rx(struct kt_session *s)
         ci.info.cipher_type = TLS_CIPHER_CHACHA20_POLY1305;
         memcpy(ci.key, key, sizeof(ci.key));
         memcpy(ci.iv, iv, sizeof(ci.iv));   /* ChaCha20: the whole 12-byte IV, no salt */
-        ret = setsockopt(s->fd, SOL_TLS, TLS_RX, &ci, sizeof(ci)) < 0 ? -errno : 0;
+        ret = setsockopt(fd, SOL_TLS, TLS_RX, &ci, sizeof(ci)) < 0 ? -errno : 0;
         OPENSSL_cleanse(&ci, sizeof(ci));
     }
-    if (ret < 0)
-        kt_info("TLS 1.3 kTLS RX not installed for unknown[%s]: %s", s->addr, strerror(-ret));
 out:
     OPENSSL_cleanse(key, sizeof(key));
     OPENSSL_cleanse(iv, sizeof(iv));
-    OPENSSL_cleanse(s->tls13_rx_secret, sizeof(s->tls13_rx_secret));
-    s->tls13_rx_secret_len = 0;
+    OPENSSL_cleanse(sec->secret, sizeof(sec->secret));
+    sec->len = 0;
     return ret;
 }
