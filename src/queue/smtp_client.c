@@ -1,25 +1,24 @@
 /* Outbound SMTP client (see smtp_client.h).
  *
- * Every step is a non-blocking system call (send, recv, SSL_read/SSL_write,
- * sendfile) retried after an io_uring poll on the socket; connect is an
- * io_uring operation. A connection runs one "pump" loop that flushes what is
- * queued for output, then reads and dispatches the replies it still expects;
- * reply handlers only queue more output and change state, so the loop never
- * recurses. Reading a queue file block is a plain pread: the file is local
- * and mostly in the page cache.
+ * The bytes move through the connection layer (tls/conn.h), the same one the
+ * SMTP server sessions use: connect, plaintext, userspace TLS, kernel TLS and
+ * sendfile all live there. This file is the client protocol only. One "pump"
+ * loop flushes what is queued for output, sends the body, then reads and
+ * dispatches the replies it still expects; reply handlers only queue more
+ * output and change state, and connection events only record what happened
+ * and call the pump, which does not recurse. Reading a queue file block is a
+ * plain pread: the file is local and mostly in the page cache.
  *
- * A connection is freed only when no io_uring operation refers to it: close
- * cancels a poll or connect in flight and frees on its completion. */
+ * A client is freed only when none of its connections (one per address
+ * tried) is still open: each reports KT_CONN_EV_CLOSED once nothing refers
+ * to it any more. */
 #include <arpa/inet.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -31,10 +30,11 @@
 #include "metrics/metrics.h"
 #include "core/log.h"
 #include "queue/smtp_client.h"
+#include "tls/conn.h"
 
 #define MAX_REPLY 8192
-#define BODY_BLOCK (64 * 1024)
-#define TLS_WRITE_MAX 16384
+#define BODY_BLOCK (32 * 1024)
+#define REPLY_READ 16384
 
 enum state {
     ST_CONNECT, ST_GREETING, ST_EHLO, ST_HELO, ST_STARTTLS, ST_HANDSHAKE, ST_EHLO2, ST_IDLE,
@@ -47,13 +47,11 @@ struct kt_smtp_conn {
     char *sni, *verify_name;          /* own copies behind p.sni, p.verify_name */
     struct kt_smtp_addr *addrs;
     size_t n_addrs, cur_addr;
-    int fd;
-    SSL *ssl;
-    int ktls_tx;
+    struct kt_conn *conn;          /* the current address's connection */
+    unsigned conns_open;           /* connections not yet reported closed */
+    int sending;                   /* output flushed, KT_CONN_EV_SENT not yet seen */
+    int sendfile_busy;             /* body handed to kt_conn_sendfile */
     enum state state;
-    struct kt_op conn_op, poll_op, cancel_op;
-    int conn_armed, poll_armed;
-    unsigned pending;
     int in_pump, closing, failed, freed;
     time_t deadline;
     char relay[320];
@@ -119,7 +117,9 @@ int kt_smtp_usable(const struct kt_smtp_conn *c)
 
 int kt_smtp_tls_state(const struct kt_smtp_conn *c)
 {
-    return !c || !c->ssl ? 0 : c->ktls_tx ? 2 : 1;
+    if (!c || !c->conn || !kt_conn_ssl(c->conn))
+        return 0;
+    return kt_conn_ktls(c->conn) & KT_CONN_KTLS_TX ? 2 : 1;
 }
 
 static time_t now_s(void)
@@ -134,12 +134,8 @@ static void set_deadline(struct kt_smtp_conn *c, long long secs)
 
 static void conn_free_if_idle(struct kt_smtp_conn *c)
 {
-    if (!c->freed || c->pending || c->in_pump)
+    if (!c->freed || c->conns_open || c->in_pump)
         return;
-    if (c->ssl)
-        SSL_free(c->ssl);
-    if (c->fd >= 0)
-        close(c->fd);
     kt_buf_release(&c->in);
     kt_buf_release(&c->out);
     kt_buf_release(&c->reply);
@@ -152,23 +148,15 @@ static void conn_free_if_idle(struct kt_smtp_conn *c)
     kt_metric_add(KT_M_CONN_SMTP, -1);
 }
 
-/* Stop all I/O; the object goes once the cancelled operations complete. */
+/* Stop all I/O; the object goes once its connection reported itself closed. */
 static void conn_teardown(struct kt_smtp_conn *c)
 {
     if (c->freed)
         return;
     c->freed = 1;
     c->cb = NULL;
-    if (c->poll_armed || c->conn_armed) {
-        struct io_uring_sqe *sqe = kt_loop_sqe(c->loop, &c->cancel_op);
-        c->pending++;
-        io_uring_prep_cancel(sqe, c->poll_armed ? (void *)&c->poll_op : (void *)&c->conn_op, 0);
-        if (c->poll_armed && c->conn_armed) {
-            sqe = kt_loop_sqe(c->loop, &c->cancel_op);
-            c->pending++;
-            io_uring_prep_cancel(sqe, &c->conn_op, 0);
-        }
-    }
+    kt_conn_close(c->conn);
+    c->conn = NULL;       /* it reports CLOSED, and nothing else, from the loop */
     conn_free_if_idle(c);
 }
 
@@ -200,45 +188,16 @@ static void conn_fail(struct kt_smtp_conn *c, int res, const char *fmt, ...)
     report(c, res, reason);
 }
 
-static void cancel_done(struct kt_op *op, int res, unsigned flags)
-{
-    struct kt_smtp_conn *c = (struct kt_smtp_conn *)((char *)op - offsetof(struct kt_smtp_conn, cancel_op));
-    c->pending--;
-    conn_free_if_idle(c);
-}
-
-static void poll_done(struct kt_op *op, int res, unsigned flags)
-{
-    struct kt_smtp_conn *c = (struct kt_smtp_conn *)((char *)op - offsetof(struct kt_smtp_conn, poll_op));
-    c->pending--;
-    c->poll_armed = 0;
-    if (c->freed) {
-        conn_free_if_idle(c);
-        return;
-    }
-    if (res < 0 && res != -ECANCELED) {
-        conn_fail(c, res, "lost connection with %s: %s", c->relay, strerror(-res));
-        return;
-    }
-    pump(c);
-}
-
-static void arm_poll(struct kt_smtp_conn *c, unsigned events)
-{
-    if (c->poll_armed)
-        return;
-    c->poll_armed = 1;
-    c->pending++;
-    struct io_uring_sqe *sqe = kt_loop_sqe(c->loop, &c->poll_op);
-    io_uring_prep_poll_add(sqe, c->fd, events);
-}
-
 /* ---- connect ---- */
 
-static void connect_done(struct kt_op *op, int res, unsigned flags);
+static void on_conn_event(void *arg, enum kt_conn_event ev, int res);
 
 static void connect_next(struct kt_smtp_conn *c)
 {
+    if (c->conn) {
+        kt_conn_close(c->conn);
+        c->conn = NULL;
+    }
     while (c->cur_addr < c->n_addrs) {
         const struct kt_smtp_addr *a = &c->addrs[c->cur_addr];
         int port = 0;
@@ -250,36 +209,23 @@ static void connect_next(struct kt_smtp_conn *c)
             port = ntohs(((const struct sockaddr_in6 *)&a->ss)->sin6_port);
         }
         snprintf(c->relay, sizeof(c->relay), "%s[%s]:%d", a->host, c->peer_ip, port);
-        if (c->fd >= 0)
-            close(c->fd);
-        c->fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (c->fd < 0) {
+        int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
             c->cur_addr++;
             continue;
         }
-        /* pipelined commands and the body's last segment must not wait for the peer's delayed ACK */
-        int one = 1;
-        setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         c->state = ST_CONNECT;
-        c->conn_armed = 1;
-        c->pending++;
         set_deadline(c, c->p.connect_timeout_s);
-        struct io_uring_sqe *sqe = kt_loop_sqe(c->loop, &c->conn_op);
-        io_uring_prep_connect(sqe, c->fd, (const struct sockaddr *)&a->ss, a->len);
+        c->conn = kt_conn_new(c->loop, fd, KT_CONN_CLIENT, c->relay, &c->in, &c->out, on_conn_event, c);
+        c->conns_open++;
+        kt_conn_connect(c->conn, (const struct sockaddr *)&a->ss, a->len);
         return;
     }
     conn_fail(c, -EHOSTUNREACH, "no usable address for the next hop");
 }
 
-static void connect_done(struct kt_op *op, int res, unsigned flags)
+static void connected(struct kt_smtp_conn *c, int res)
 {
-    struct kt_smtp_conn *c = (struct kt_smtp_conn *)((char *)op - offsetof(struct kt_smtp_conn, conn_op));
-    c->pending--;
-    c->conn_armed = 0;
-    if (c->freed) {
-        conn_free_if_idle(c);
-        return;
-    }
     if (res < 0) {
         char why[512];
         snprintf(why, sizeof(why), "connect to %s: %s", c->relay, strerror(-res));
@@ -310,90 +256,13 @@ struct kt_smtp_conn *kt_smtp_connect(struct kt_loop *loop, const struct kt_smtp_
     c->verify_name = p->verify_name ? kt_strdup(p->verify_name) : NULL;
     c->p.sni = c->sni;
     c->p.verify_name = c->verify_name;
-    c->fd = -1;
     c->addrs = kt_calloc(n ? n : 1, sizeof(*addrs));
     memcpy(c->addrs, addrs, n * sizeof(*addrs));
     c->n_addrs = n;
-    c->conn_op.cb = connect_done;
-    c->poll_op.cb = poll_done;
-    c->cancel_op.cb = cancel_done;
     c->cb = cb;
     c->arg = arg;
     connect_next(c);
     return c;
-}
-
-/* ---- raw I/O: 1 done, 0 must wait (poll armed), -1 failed (conn_fail called) ---- */
-
-static int tls_io_result(struct kt_smtp_conn *c, int ret, const char *what)
-{
-    int err = SSL_get_error(c->ssl, ret);
-    if (err == SSL_ERROR_WANT_READ) {
-        arm_poll(c, POLLIN);
-        return 0;
-    }
-    if (err == SSL_ERROR_WANT_WRITE) {
-        arm_poll(c, POLLOUT);
-        return 0;
-    }
-    unsigned long e = ERR_get_error();
-    ERR_clear_error();
-    conn_fail(c, -EIO, "TLS %s with %s failed: %s", what, c->relay,
-              e ? ERR_reason_error_string(e) : err == SSL_ERROR_ZERO_RETURN ? "connection closed" : "I/O error");
-    return -1;
-}
-
-static int flush_out(struct kt_smtp_conn *c)
-{
-    while (kt_buf_used(&c->out) > 0) {
-        size_t len = kt_buf_used(&c->out);
-        ssize_t n;
-        if (c->ssl) {
-            int ret = SSL_write(c->ssl, kt_buf_head(&c->out), (int)(len > TLS_WRITE_MAX ? TLS_WRITE_MAX : len));
-            if (ret <= 0)
-                return tls_io_result(c, ret, "write");
-            n = ret;
-        } else {
-            n = send(c->fd, kt_buf_head(&c->out), len, MSG_NOSIGNAL);
-            if (n < 0) {
-                if (errno == EAGAIN || errno == EINTR) {
-                    arm_poll(c, POLLOUT);
-                    return 0;
-                }
-                conn_fail(c, -errno, "lost connection with %s while sending: %s", c->relay, strerror(errno));
-                return -1;
-            }
-        }
-        kt_buf_consume(&c->out, (size_t)n);
-    }
-    kt_buf_reset(&c->out);
-    return 1;
-}
-
-static int read_in(struct kt_smtp_conn *c)
-{
-    char buf[16384];
-    ssize_t n;
-    if (c->ssl) {
-        int ret = SSL_read(c->ssl, buf, sizeof(buf));
-        if (ret <= 0)
-            return tls_io_result(c, ret, "read");
-        n = ret;
-    } else {
-        n = recv(c->fd, buf, sizeof(buf), 0);
-        if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-            arm_poll(c, POLLIN);
-            return 0;
-        }
-        if (n <= 0) {
-            conn_fail(c, n < 0 ? -errno : -ECONNRESET, "lost connection with %s while receiving the %s", c->relay,
-                      c->state == ST_GREETING ? "initial server greeting" : "reply");
-            return -1;
-        }
-    }
-    kt_buf_append(&c->in, buf, (size_t)n);
-    set_deadline(c, c->p.command_timeout_s);
-    return 1;
 }
 
 /* One complete reply from c->in into c->reply: returns the code, 0 if more
@@ -477,59 +346,50 @@ static void session_ready(struct kt_smtp_conn *c)
 
 static void start_tls(struct kt_smtp_conn *c)
 {
-    c->ssl = SSL_new(c->p.ssl_ctx);
-    if (!c->ssl) {
+    SSL *ssl = kt_conn_tls_new(c->conn, c->p.ssl_ctx, 0, NULL);
+    if (!ssl) {
         conn_fail(c, -ENOMEM, "cannot create a TLS session for %s", c->relay);
         return;
     }
-    SSL_set_mode(c->ssl, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     /* nothing the server sent before the handshake may count as protected */
     kt_buf_reset(&c->in);
-    SSL_set_fd(c->ssl, c->fd);
     if (c->p.sni && *c->p.sni)
-        SSL_set_tlsext_host_name(c->ssl, c->p.sni);
+        SSL_set_tlsext_host_name(ssl, c->p.sni);
     if (c->p.tls_level >= KT_SMTP_TLS_VERIFY) {
-        SSL_set_verify(c->ssl, SSL_VERIFY_PEER, NULL);
+        SSL_set_verify(ssl, SSL_VERIFY_PEER, NULL);
         if (c->p.verify_name && *c->p.verify_name) {
-            SSL_set_hostflags(c->ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
-            SSL_set1_host(c->ssl, c->p.verify_name);
+            SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+            SSL_set1_host(ssl, c->p.verify_name);
         }
     }
     c->state = ST_HANDSHAKE;
     set_deadline(c, c->p.command_timeout_s);
+    kt_conn_start_tls(c->conn);
 }
 
-static int do_handshake(struct kt_smtp_conn *c)
+static void tls_ready(struct kt_smtp_conn *c)
 {
-    ERR_clear_error();
-    int ret = SSL_connect(c->ssl);
-    if (ret <= 0) {
-        int err = SSL_get_error(c->ssl, ret);
-        if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
-            return tls_io_result(c, ret, "handshake");
-        long vr = SSL_get_verify_result(c->ssl);
-        if (vr != X509_V_OK && c->p.tls_level >= KT_SMTP_TLS_VERIFY) {
-            conn_fail(c, -EACCES, "Server certificate not verified (%s): %s", c->relay,
-                      X509_verify_cert_error_string(vr));
-            return -1;
-        }
-        return tls_io_result(c, ret, "handshake");
-    }
-    char desc[200];
-    const SSL_CIPHER *ci = SSL_get_current_cipher(c->ssl);
-    int alg = 0, bits = ci ? SSL_CIPHER_get_bits(ci, &alg) : 0;
-    snprintf(desc, sizeof(desc), "%s with cipher %s (%d/%d bits)", SSL_get_version(c->ssl),
-             ci ? SSL_CIPHER_get_name(ci) : "?", bits, alg);
-    c->ktls_tx = BIO_get_ktls_send(SSL_get_wbio(c->ssl)) ? 1 : 0;
-    X509 *peer = SSL_get1_peer_certificate(c->ssl);
+    SSL *ssl = kt_conn_ssl(c->conn);
+    int ktls_tx = (kt_conn_ktls(c->conn) & KT_CONN_KTLS_TX) != 0;
+    X509 *peer = SSL_get1_peer_certificate(ssl);
     const char *trust = !peer ? "Anonymous"
-                        : SSL_get_verify_result(c->ssl) != X509_V_OK ? "Untrusted"
+                        : SSL_get_verify_result(ssl) != X509_V_OK ? "Untrusted"
                         : c->p.tls_level >= KT_SMTP_TLS_VERIFY ? "Verified" : "Trusted";
     X509_free(peer);
     if (c->p.tls_loglevel >= 1)
-        kt_info_as("smtp", "%s TLS connection established to %s: %s ktls=%s", trust, c->relay, desc, c->ktls_tx ? "tx" : "none");
+        kt_info_as("smtp", "%s TLS connection established to %s: %s ktls=%s", trust, c->relay,
+                   kt_conn_tls_desc(c->conn), ktls_tx ? "tx" : "none");
     send_ehlo(c, ST_EHLO2);
-    return 1;
+}
+
+static void tls_failed(struct kt_smtp_conn *c)
+{
+    long vr = SSL_get_verify_result(kt_conn_ssl(c->conn));
+    if (vr != X509_V_OK && c->p.tls_level >= KT_SMTP_TLS_VERIFY) {
+        conn_fail(c, -EACCES, "Server certificate not verified (%s): %s", c->relay, X509_verify_cert_error_string(vr));
+        return;
+    }
+    conn_fail(c, -EIO, "TLS handshake with %s failed: %s", c->relay, kt_conn_why(c->conn));
 }
 
 static void after_ehlo(struct kt_smtp_conn *c)
@@ -750,59 +610,60 @@ static void on_reply(struct kt_smtp_conn *c, int code)
     }
 }
 
-/* Next body bytes: 1 all sent, 0 wait, -1 failed. */
+/* The next body bytes into c->out (the pump flushes them), or the whole body
+ * to kt_conn_sendfile. Returns 1 when all of it is out, 0 when there is more
+ * (or sendfile is running), -1 after a failure. */
 static int send_body(struct kt_smtp_conn *c)
 {
-    while (c->body_pos < c->body_end) {
-        size_t want = (size_t)(c->body_end - c->body_pos);
-        if (c->use_sendfile) {
-            off_t off = c->body_pos;
-            ssize_t n = sendfile(c->fd, c->m->fd, &off, want > (1u << 30) ? (1u << 30) : want);
-            if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-                arm_poll(c, POLLOUT);
-                return 0;
-            }
-            if (n <= 0) {
-                conn_fail(c, n < 0 ? -errno : -EIO, "lost connection with %s while sending message body: %s",
-                          c->relay, n < 0 ? strerror(errno) : "queue file truncated");
-                return -1;
-            }
-            c->body_pos += n;
-            if (!c->sendfile_counted) {
-                c->sendfile_counted = 1;
-                __atomic_add_fetch(&sendfile_count, 1, __ATOMIC_RELAXED);
-            }
-            continue;
+    if (c->body_pos >= c->body_end)
+        return 1;
+    if (c->use_sendfile) {
+        if (!c->sendfile_busy) {
+            c->sendfile_busy = 1;
+            kt_conn_sendfile(c->conn, c->m->fd, c->body_pos, (size_t)(c->body_end - c->body_pos));
         }
-        char buf[BODY_BLOCK];
-        if (want > sizeof(buf) / 2)
-            want = sizeof(buf) / 2;
-        ssize_t n = pread(c->m->fd, buf, want, c->body_pos);
-        if (n <= 0) {
-            conn_fail(c, -EIO, "cannot read queue file %s: %s", c->m->id, n < 0 ? strerror(errno) : "truncated");
-            return -1;
-        }
-        c->body_pos += n;
-        if (c->use_chunking) {
-            kt_buf_append(&c->out, buf, (size_t)n);
-        } else {
-            /* RFC 5321 4.5.2 transparency */
-            size_t start = 0;
-            for (size_t i = 0; i < (size_t)n; i++) {
-                if (c->line_start && buf[i] == '.') {
-                    kt_buf_append(&c->out, buf + start, i - start);
-                    kt_buf_append(&c->out, ".", 1);
-                    start = i;
-                }
-                c->line_start = buf[i] == '\n';
-            }
-            kt_buf_append(&c->out, buf + start, (size_t)n - start);
-        }
-        int r = flush_out(c);
-        if (r <= 0)
-            return r;
+        return c->failed ? -1 : c->body_pos >= c->body_end;
     }
-    return 1;
+    char buf[BODY_BLOCK];
+    size_t want = (size_t)(c->body_end - c->body_pos);
+    if (want > sizeof(buf))
+        want = sizeof(buf);
+    ssize_t n = pread(c->m->fd, buf, want, c->body_pos);
+    if (n <= 0) {
+        conn_fail(c, -EIO, "cannot read queue file %s: %s", c->m->id, n < 0 ? strerror(errno) : "truncated");
+        return -1;
+    }
+    c->body_pos += n;
+    if (c->use_chunking) {
+        kt_buf_append(&c->out, buf, (size_t)n);
+    } else {
+        /* RFC 5321 4.5.2 transparency */
+        size_t start = 0;
+        for (size_t i = 0; i < (size_t)n; i++) {
+            if (c->line_start && buf[i] == '.') {
+                kt_buf_append(&c->out, buf + start, i - start);
+                kt_buf_append(&c->out, ".", 1);
+                start = i;
+            }
+            c->line_start = buf[i] == '\n';
+        }
+        kt_buf_append(&c->out, buf + start, (size_t)n - start);
+    }
+    return 0;
+}
+
+static void sendfile_done(struct kt_smtp_conn *c, int res)
+{
+    c->sendfile_busy = 0;
+    if (res < 0) {
+        conn_fail(c, res, "lost connection with %s while sending message body: %s", c->relay, kt_conn_why(c->conn));
+        return;
+    }
+    c->body_pos = c->body_end;
+    if (!c->sendfile_counted) {
+        c->sendfile_counted = 1;
+        __atomic_add_fetch(&sendfile_count, 1, __ATOMIC_RELAXED);
+    }
 }
 
 static void body_sent(struct kt_smtp_conn *c)
@@ -819,21 +680,19 @@ static void pump(struct kt_smtp_conn *c)
         return;
     c->in_pump = 1;
     while (!c->freed && !c->failed) {
-        if (c->state == ST_HANDSHAKE) {
-            if (do_handshake(c) <= 0)
-                break;
-            continue;
-        }
+        if (c->state == ST_CONNECT || c->state == ST_HANDSHAKE || c->sending || c->sendfile_busy)
+            break;      /* an event from the connection brings us back */
         if (kt_buf_used(&c->out) > 0) {
-            if (flush_out(c) <= 0)
-                break;
+            c->sending = 1;
+            kt_conn_flush(c->conn);   /* SENT may come before this returns */
             continue;
         }
         if (c->state == ST_BODY) {
             int r = send_body(c);
-            if (r <= 0)
+            if (r < 0)
                 break;
-            body_sent(c);
+            if (r > 0)
+                body_sent(c);
             continue;
         }
         if (c->expect > 0) {
@@ -848,9 +707,8 @@ static void pump(struct kt_smtp_conn *c)
                 kt_buf_reset(&c->reply);
                 continue;
             }
-            if (read_in(c) <= 0)
-                break;
-            continue;
+            kt_conn_arm_read(c->conn, REPLY_READ);
+            break;
         }
         if (c->closing && c->state != ST_QUIT) {
             if (c->state == ST_IDLE) {
@@ -868,6 +726,63 @@ static void pump(struct kt_smtp_conn *c)
     if (c->failed && c->closing)
         conn_teardown(c);
     conn_free_if_idle(c);
+}
+
+/* What the connection reports; old connections (addresses given up on) only
+ * ever report CLOSED. */
+static void on_conn_event(void *arg, enum kt_conn_event ev, int res)
+{
+    struct kt_smtp_conn *c = arg;
+    int tls;
+
+    switch (ev) {
+    case KT_CONN_EV_CLOSED:
+        c->conns_open--;
+        conn_free_if_idle(c);
+        return;
+    case KT_CONN_EV_CONNECTED:
+        connected(c, res);
+        return;
+    case KT_CONN_EV_INPUT:
+        set_deadline(c, c->p.command_timeout_s);
+        break;
+    case KT_CONN_EV_SENT:
+        c->sending = 0;
+        break;
+    case KT_CONN_EV_TLS_READY:
+        tls_ready(c);
+        break;
+    case KT_CONN_EV_SENDFILE:
+        sendfile_done(c, res);
+        break;
+    case KT_CONN_EV_SPLICED:
+        return;
+    case KT_CONN_EV_EOF:
+    case KT_CONN_EV_ERROR:
+        c->sending = 0;
+        tls = kt_conn_ssl(c->conn) != NULL;
+        switch (kt_conn_failed_step(c->conn)) {
+        case KT_CONN_STEP_HANDSHAKE:
+            tls_failed(c);
+            break;
+        case KT_CONN_STEP_SEND:
+            if (tls)
+                conn_fail(c, -EIO, "TLS write with %s failed: %s", c->relay, kt_conn_why(c->conn));
+            else
+                conn_fail(c, res, "lost connection with %s while sending: %s", c->relay, strerror(-res));
+            break;
+        default:
+            if (tls)
+                conn_fail(c, -EIO, "TLS read with %s failed: %s", c->relay,
+                          ev == KT_CONN_EV_EOF ? "I/O error" : kt_conn_why(c->conn));
+            else
+                conn_fail(c, res < 0 ? res : -ECONNRESET, "lost connection with %s while receiving the %s", c->relay,
+                          c->state == ST_GREETING ? "initial server greeting" : "reply");
+            break;
+        }
+        break;
+    }
+    pump(c);
 }
 
 void kt_smtp_send(struct kt_smtp_conn *c, struct kt_smtp_msg *m, kt_smtp_cb cb, void *arg)
@@ -889,7 +804,7 @@ void kt_smtp_send(struct kt_smtp_conn *c, struct kt_smtp_msg *m, kt_smtp_cb cb, 
     else
         c->body_crlf = m->body_len == 0;
     /* sendfile needs the bytes as they are: BDAT, or DATA without a line to stuff */
-    c->use_sendfile = (!c->ssl || c->ktls_tx) && (c->use_chunking || m->dots == 0);
+    c->use_sendfile = kt_conn_can_sendfile(c->conn) && (c->use_chunking || m->dots == 0);
     c->sendfile_counted = 0;
     kt_buf_printf(&c->out, "MAIL FROM:<%s>", m->sender);
     if (c->ext_size)

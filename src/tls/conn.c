@@ -874,11 +874,11 @@ struct kt_conn *kt_conn_new(struct kt_loop *loop, int fd, enum kt_conn_role role
     c->sf_poll_op.cb = sf_poll_done;
     c->splice_op.cb = splice_step;
     c->cancel_op.cb = cancel_done;
-    if (role == KT_CONN_SERVER) {
-        /* each group of replies is one write: do not hold it back */
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    }
+    /* Each group of replies (server) or of pipelined commands and the body's
+     * last segment (client) is one write: it must not wait for the peer's
+     * delayed ACK. */
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     return c;
 }
 

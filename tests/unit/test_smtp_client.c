@@ -1,0 +1,406 @@
+/* The outbound SMTP client against a scripted peer: a loopback TCP listener
+ * whose thread replays a script of server replies and checks that every
+ * command line (and body byte) the client sends is exactly the one the
+ * script expects, in order. The client runs on a real io_uring loop over the
+ * real connection layer; nothing is mocked. Covered: EHLO refused -> HELO
+ * and one command at a time; PIPELINING with CHUNKING (BDAT LAST, body by
+ * sendfile) and a 5xx for one RCPT; a 4xx at MAIL under PIPELINING with a
+ * pipelined DATA; DATA with dot-stuffing; QUIT on close. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/alloc.h"
+#include "core/loop.h"
+#include "queue/smtp_client.h"
+
+/* One script step: the peer sends text (S), expects one exact line (C),
+ * or expects exactly len raw bytes equal to text (B). */
+struct step {
+    char kind;
+    const char *text;
+};
+
+struct peer {
+    int lfd;
+    const struct step *script;
+    char failure[512];       /* first mismatch, "" when the script ran through */
+    int done;
+    pthread_t thread;
+    char buf[65536];
+    size_t len;
+};
+
+static int peer_fill(struct peer *p, int fd)
+{
+    if (p->len == sizeof(p->buf))
+        return -1;
+    ssize_t n = recv(fd, p->buf + p->len, sizeof(p->buf) - p->len, 0);
+    if (n <= 0)
+        return -1;
+    p->len += (size_t)n;
+    return 0;
+}
+
+/* Take exactly want bytes (want > 0), or one line with its CRLF (want == 0). */
+static int peer_take(struct peer *p, int fd, size_t want, char *out, size_t outlen)
+{
+    for (;;) {
+        size_t n = 0;
+        if (want) {
+            if (p->len >= want)
+                n = want;
+        } else {
+            char *lf = memchr(p->buf, '\n', p->len);
+            if (lf)
+                n = (size_t)(lf - p->buf) + 1;
+        }
+        if (n) {
+            if (n >= outlen)
+                return -1;
+            memcpy(out, p->buf, n);
+            out[n] = '\0';
+            memmove(p->buf, p->buf + n, p->len - n);
+            p->len -= n;
+            return 0;
+        }
+        if (peer_fill(p, fd) < 0)
+            return -1;
+    }
+}
+
+/* text with CR and LF shown as \r and \n, for failure messages */
+static const char *visible(const char *in, char *out, size_t outlen)
+{
+    size_t o = 0;
+    for (; *in && o + 3 < outlen; in++) {
+        if (*in == '\r' || *in == '\n') {
+            out[o++] = '\\';
+            out[o++] = *in == '\r' ? 'r' : 'n';
+        } else {
+            out[o++] = *in;
+        }
+    }
+    out[o] = '\0';
+    return out;
+}
+
+static void *peer_main(void *arg)
+{
+    struct peer *p = arg;
+    static char got[65536];
+    int fd = accept(p->lfd, NULL, NULL);
+    if (fd < 0) {
+        snprintf(p->failure, sizeof(p->failure), "accept: %s", strerror(errno));
+        goto out;
+    }
+    struct timeval tv = { .tv_sec = 10 };
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    for (size_t i = 0; p->script[i].kind; i++) {
+        const struct step *st = &p->script[i];
+        if (st->kind == 'S') {
+            if (send(fd, st->text, strlen(st->text), MSG_NOSIGNAL) != (ssize_t)strlen(st->text)) {
+                snprintf(p->failure, sizeof(p->failure), "step %zu: send failed", i);
+                break;
+            }
+            continue;
+        }
+        size_t want = st->kind == 'B' ? strlen(st->text) : 0;
+        if (peer_take(p, fd, want, got, sizeof(got)) < 0) {
+            snprintf(p->failure, sizeof(p->failure), "step %zu: connection ended waiting for \"%.60s\"", i, st->text);
+            break;
+        }
+        if (strcmp(got, st->text) != 0) {
+            char a[120], b[120];
+            snprintf(p->failure, sizeof(p->failure), "step %zu: expected \"%s\", got \"%s\"", i,
+                     visible(st->text, a, sizeof(a)), visible(got, b, sizeof(b)));
+            break;
+        }
+    }
+    /* after the script: the client must have closed, with nothing more sent */
+    if (!p->failure[0]) {
+        char extra;
+        if (p->len || recv(fd, &extra, 1, 0) != 0)
+            snprintf(p->failure, sizeof(p->failure), "client sent more than the script expects");
+    }
+    close(fd);
+out:
+    __atomic_store_n(&p->done, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+static int peer_start(struct peer *p, const struct step *script, struct kt_smtp_addr *addr)
+{
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t len = sizeof(sin);
+    memset(p, 0, sizeof(*p));
+    p->script = script;
+    p->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (p->lfd < 0 || bind(p->lfd, (struct sockaddr *)&sin, sizeof(sin)) < 0 || listen(p->lfd, 1) < 0
+        || getsockname(p->lfd, (struct sockaddr *)&sin, &len) < 0)
+        return -1;
+    memset(addr, 0, sizeof(*addr));
+    memcpy(&addr->ss, &sin, sizeof(sin));
+    addr->len = sizeof(sin);
+    snprintf(addr->host, sizeof(addr->host), "mx.test");
+    return pthread_create(&p->thread, NULL, peer_main, p);
+}
+
+static void peer_finish(struct peer *p)
+{
+    pthread_join(p->thread, NULL);
+    close(p->lfd);
+}
+
+/* ---- driving the client ---- */
+
+struct run {
+    int called, res;
+    char reason[512];
+};
+
+static void on_done(void *arg, int res, const char *reason)
+{
+    struct run *r = arg;
+    r->called = 1;
+    r->res = res;
+    snprintf(r->reason, sizeof(r->reason), "%s", reason ? reason : "");
+}
+
+static void run_until(struct kt_loop *loop, const int *flag)
+{
+    time_t end = time(NULL) + 15;
+    while (!__atomic_load_n(flag, __ATOMIC_ACQUIRE) && time(NULL) < end)
+        kt_loop_run_once(loop, 50);
+    assert_true(__atomic_load_n(flag, __ATOMIC_ACQUIRE));
+}
+
+static int body_file(const char *body)
+{
+    char path[] = "/tmp/kt-test-smtp-client-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    unlink(path);
+    assert_int_equal(write(fd, body, strlen(body)), (ssize_t)strlen(body));
+    return fd;
+}
+
+/* Connect, run one transaction of body to rcpts, close; the peer's script
+ * must run through exactly. Returns the transaction's result in *txn. */
+static void exchange(const struct step *script, const char *body, int dots, const char *const *rcpts, size_t n,
+                     int *codes, char **replies, struct run *txn)
+{
+    struct kt_loop loop;
+    struct peer p;
+    struct kt_smtp_addr addr;
+    struct run conn = { 0 };
+    struct kt_smtp_params params = {
+        .helo_name = "client.example", .tls_level = KT_SMTP_TLS_NONE,
+        .connect_timeout_s = 10, .command_timeout_s = 10,
+    };
+
+    assert_int_equal(kt_loop_init(&loop, 64), 0);
+    assert_int_equal(peer_start(&p, script, &addr), 0);
+    struct kt_smtp_conn *c = kt_smtp_connect(&loop, &params, &addr, 1, on_done, &conn);
+    run_until(&loop, &conn.called);
+    assert_int_equal(conn.res, 0);
+    assert_true(kt_smtp_usable(c));
+
+    int fd = body_file(body);
+    struct kt_smtp_msg m = {
+        .id = "TESTID", .sender = "alice@example.test", .rcpts = rcpts, .n_rcpts = n, .fd = fd,
+        .body_off = 0, .body_len = (off_t)strlen(body), .dots = dots, .codes = codes, .replies = replies,
+    };
+    memset(txn, 0, sizeof(*txn));
+    kt_smtp_send(c, &m, on_done, txn);
+    run_until(&loop, &txn->called);
+
+    kt_smtp_close(c);
+    run_until(&loop, &p.done);
+    time_t end = time(NULL) + 5;
+    while (kt_smtp_live() > 0 && time(NULL) < end)
+        kt_loop_run_once(&loop, 50);
+    assert_int_equal(kt_smtp_live(), 0);
+    peer_finish(&p);
+    close(fd);
+    kt_loop_fini(&loop);
+    if (p.failure[0])
+        fail_msg("scripted peer: %s", p.failure);
+}
+
+static void free_replies(char **replies, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        kt_free(replies[i]);
+}
+
+/* No ESMTP: HELO after the refused EHLO, then one command per reply. */
+static void test_helo_fallback_lockstep(void **state)
+{
+    static const char *const rcpts[] = { "bob@remote.test", "carol@remote.test" };
+    static const struct step script[] = {
+        { 'S', "220 mx.test ESMTP\r\n" },
+        { 'C', "EHLO client.example\r\n" },
+        { 'S', "502 5.5.2 Error: command not recognized\r\n" },
+        { 'C', "HELO client.example\r\n" },
+        { 'S', "250 mx.test\r\n" },
+        { 'C', "MAIL FROM:<alice@example.test>\r\n" },
+        { 'S', "250 2.1.0 Ok\r\n" },
+        { 'C', "RCPT TO:<bob@remote.test>\r\n" },
+        { 'S', "250 2.1.5 Ok\r\n" },
+        { 'C', "RCPT TO:<carol@remote.test>\r\n" },
+        { 'S', "250 2.1.5 Ok\r\n" },
+        { 'C', "DATA\r\n" },
+        { 'S', "354 End data with <CR><LF>.<CR><LF>\r\n" },
+        { 'C', "Subject: t\r\n" },
+        { 'C', "\r\n" },
+        { 'C', "..dot line\r\n" },
+        { 'C', "end\r\n" },
+        { 'C', ".\r\n" },
+        { 'S', "250 2.0.0 Ok: queued as ABC\r\n" },
+        { 'C', "QUIT\r\n" },
+        { 'S', "221 2.0.0 Bye\r\n" },
+        { 0, NULL },
+    };
+    int codes[2];
+    char *replies[2];
+    struct run txn;
+    exchange(script, "Subject: t\r\n\r\n.dot line\r\nend\r\n", 1, rcpts, 2, codes, replies, &txn);
+    assert_int_equal(txn.res, 0);
+    assert_int_equal(codes[0], 250);
+    assert_int_equal(codes[1], 250);
+    assert_memory_equal(replies[0], "host mx.test[127.0.0.1]:", 24);
+    assert_non_null(strstr(replies[0], "said: 250 2.0.0 Ok: queued as ABC (in reply to end of DATA command)"));
+    free_replies(replies, 2);
+}
+
+/* PIPELINING and CHUNKING: MAIL and every RCPT in one group, no DATA; one
+ * recipient refused with 550; the body goes as BDAT LAST (by sendfile on
+ * this plaintext connection) to the recipient that was accepted. */
+static void test_pipelining_bdat_last_rcpt_5xx(void **state)
+{
+    static const char *const rcpts[] = { "bob@remote.test", "nobody@remote.test", "carol@remote.test" };
+    static const char body[] = "Subject: t\r\n\r\n.no stuffing in BDAT\r\n";
+    static const struct step script[] = {
+        { 'S', "220 mx.test ESMTP\r\n" },
+        { 'C', "EHLO client.example\r\n" },
+        { 'S', "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n250 CHUNKING\r\n" },
+        { 'C', "MAIL FROM:<alice@example.test> SIZE=36\r\n" },
+        { 'C', "RCPT TO:<bob@remote.test>\r\n" },
+        { 'C', "RCPT TO:<nobody@remote.test>\r\n" },
+        { 'C', "RCPT TO:<carol@remote.test>\r\n" },
+        { 'S', "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 <nobody@remote.test>: Recipient address rejected\r\n"
+               "250 2.1.5 Ok\r\n" },
+        { 'C', "BDAT 36 LAST\r\n" },
+        { 'B', body },
+        { 'S', "250 2.0.0 Ok: queued as DEF\r\n" },
+        { 'C', "QUIT\r\n" },
+        { 'S', "221 2.0.0 Bye\r\n" },
+        { 0, NULL },
+    };
+    int codes[3];
+    char *replies[3];
+    struct run txn;
+    unsigned long sent_before = kt_smtp_sendfile_count();
+    assert_int_equal(strlen(body), 36);
+    exchange(script, body, 1, rcpts, 3, codes, replies, &txn);
+    assert_int_equal(txn.res, 0);
+    assert_int_equal(codes[0], 250);
+    assert_int_equal(codes[1], 550);
+    assert_int_equal(codes[2], 250);
+    assert_memory_equal(replies[1], "host mx.test[127.0.0.1]:", 24);
+    assert_non_null(strstr(replies[1], "said: 550 5.1.1 <nobody@remote.test>: Recipient address rejected "
+                                       "(in reply to RCPT TO command)"));
+    assert_non_null(strstr(replies[0], "(in reply to end of BDAT command)"));
+    assert_int_equal(kt_smtp_sendfile_count(), sent_before + 1);
+    free_replies(replies, 3);
+}
+
+/* A 4xx at MAIL under PIPELINING: the pipelined RCPT and DATA fail too;
+ * every recipient gets the MAIL reply, then RSET ends the transaction and
+ * the connection stays usable for QUIT. */
+static void test_pipelining_mail_4xx(void **state)
+{
+    static const char *const rcpts[] = { "bob@remote.test", "carol@remote.test" };
+    static const struct step script[] = {
+        { 'S', "220 mx.test ESMTP\r\n" },
+        { 'C', "EHLO client.example\r\n" },
+        { 'S', "250-mx.test\r\n250 PIPELINING\r\n" },
+        { 'C', "MAIL FROM:<alice@example.test>\r\n" },
+        { 'C', "RCPT TO:<bob@remote.test>\r\n" },
+        { 'C', "RCPT TO:<carol@remote.test>\r\n" },
+        { 'C', "DATA\r\n" },
+        { 'S', "451 4.3.0 Error: queue file write error\r\n503 5.5.1 Error: need MAIL command\r\n"
+               "503 5.5.1 Error: need MAIL command\r\n503 5.5.1 Error: need RCPT command\r\n" },
+        { 'C', "RSET\r\n" },
+        { 'S', "250 2.0.0 Ok\r\n" },
+        { 'C', "QUIT\r\n" },
+        { 'S', "221 2.0.0 Bye\r\n" },
+        { 0, NULL },
+    };
+    int codes[2];
+    char *replies[2];
+    struct run txn;
+    exchange(script, "Subject: t\r\n\r\nx\r\n", 0, rcpts, 2, codes, replies, &txn);
+    assert_int_equal(txn.res, 0);
+    assert_int_equal(codes[0], 451);
+    assert_int_equal(codes[1], 451);
+    assert_non_null(strstr(replies[0], "said: 451 4.3.0 Error: queue file write error (in reply to MAIL FROM command)"));
+    assert_string_equal(replies[0], replies[1]);
+    free_replies(replies, 2);
+}
+
+/* A greeting that is not 2xx fails the connection with the server's words. */
+static void test_greeting_refused(void **state)
+{
+    static const struct step script[] = {
+        { 'S', "554 5.7.1 mx.test go away\r\n" },
+        { 0, NULL },
+    };
+    struct kt_loop loop;
+    struct peer p;
+    struct kt_smtp_addr addr;
+    struct run conn = { 0 };
+    struct kt_smtp_params params = {
+        .helo_name = "client.example", .connect_timeout_s = 10, .command_timeout_s = 10,
+    };
+    assert_int_equal(kt_loop_init(&loop, 64), 0);
+    assert_int_equal(peer_start(&p, script, &addr), 0);
+    struct kt_smtp_conn *c = kt_smtp_connect(&loop, &params, &addr, 1, on_done, &conn);
+    run_until(&loop, &conn.called);
+    assert_int_equal(conn.res, 554);
+    assert_non_null(strstr(conn.reason, "refused to talk to me: 554 5.7.1 mx.test go away"));
+    kt_smtp_close(c);
+    run_until(&loop, &p.done);
+    while (kt_smtp_live() > 0)
+        kt_loop_run_once(&loop, 50);
+    peer_finish(&p);
+    kt_loop_fini(&loop);
+    if (p.failure[0])
+        fail_msg("scripted peer: %s", p.failure);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_helo_fallback_lockstep),
+        cmocka_unit_test(test_pipelining_bdat_last_rcpt_5xx),
+        cmocka_unit_test(test_pipelining_mail_4xx),
+        cmocka_unit_test(test_greeting_refused),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
