@@ -91,6 +91,7 @@ struct job {
     int *codes;
     char **replies;
     int fd;
+    int requeued;                  /* already put back once after a cached connection had died */
     struct kt_smtp_msg sm;
     struct job *next;
     /* local delivery */
@@ -105,6 +106,7 @@ struct conn {
     struct kt_smtp_conn *c;
     struct job *job;
     int ready;
+    unsigned jobs_done;            /* transactions completed on this connection */
     time_t idle_since;             /* waiting for work since (connection cache) */
     struct conn *next;
 };
@@ -542,6 +544,16 @@ static struct job *dest_pop(struct dest *d)
     return j;
 }
 
+/* Back at the head of the queue: the job goes out next, on another connection. */
+static void dest_push_front(struct dest *d, struct job *j)
+{
+    j->next = d->head;
+    d->head = j;
+    if (!d->tail)
+        d->tail = j;
+    d->queued++;
+}
+
 static void dest_push(struct dest *d, struct job *j)
 {
     j->next = NULL;
@@ -602,6 +614,20 @@ static void job_sent(void *arg, int res, const char *reason)
     struct job *j = cn->job;
     cn->job = NULL;
     d->n_unassigned++;
+    int replied = 0;
+    for (size_t k = 0; k < j->n; k++)
+        replied |= j->codes[k] != 0;
+    if (res < 0 && cn->jobs_done > 0 && !replied && !j->requeued && !d->q->stopping) {
+        /* A cached connection the peer had closed while it waited (the write went out, nothing came
+         * back): not the message's fault, so it goes out again at once on a fresh connection, once. */
+        j->requeued = 1;
+        dest_push_front(d, j);
+        conn_remove(cn);
+        dest_kick(d);
+        return;
+    }
+    if (res == 0)
+        cn->jobs_done++;
     /* a delivery that got replies counts as success for the window, a broken connection as failure */
     dest_feedback(d, res >= 0);
     /* Ending the job can queue new work for d (a bounce): this connection must not be handed it from
@@ -652,6 +678,11 @@ static void conn_run_next(struct conn *cn)
         cn->ready = 1;
         cn->job = j;
         d->n_unassigned--;
+        if (j->replies)            /* a requeued job: start afresh */
+            for (size_t k = 0; k < j->n; k++)
+                kt_free(j->replies[k]);
+        kt_free(j->codes);
+        kt_free(j->replies);
         j->codes = kt_calloc(j->n, sizeof(*j->codes));
         j->replies = kt_calloc(j->n, sizeof(*j->replies));
         j->sm = (struct kt_smtp_msg){

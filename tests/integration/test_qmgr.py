@@ -22,8 +22,9 @@ class RecordingSink:
     """An SMTP next hop on loopback that answers everything with 250 (the end of data after `delay`
     seconds) and records, in order, ("open", n_open), ("done", n_open, tag) and ("close", n_open)."""
 
-    def __init__(self, delay=0.0):
+    def __init__(self, delay=0.0, close_after_first=False):
         self.delay = delay
+        self.close_after_first = close_after_first
         self.events = []
         self.messages = []
         self.open = 0
@@ -78,6 +79,10 @@ class RecordingSink:
                         self.messages.append(msg)
                         self.events.append(("done", self.open, m.group(1).decode() if m else ""))
                     writer.write(b"250 2.0.0 Ok\r\n")
+                    if self.close_after_first:
+                        # an idle timeout on the peer's side: gone without a word
+                        await writer.drain()
+                        break
                 elif verb == b"QUIT":
                     writer.write(b"221 bye\r\n")
                     await writer.drain()
@@ -250,3 +255,20 @@ def test_kill_9_during_bulk_relay_loses_nothing(nodes, recording_sink):
     assert wait_for(lambda: n.queue_files() == [], timeout=60), n.log()[-3000:]
     got = {ev[2] for ev in sink.events if ev[0] == "done"}
     assert got == set(tags)
+
+
+def test_dead_cached_connection_is_not_the_messages_fault(nodes, recording_sink):
+    """The next hop closes a connection while ktrelay keeps it cached for more mail: the next message
+    goes out at once on a new connection instead of being deferred for minimal_backoff_time."""
+    sink = recording_sink(close_after_first=True)
+    n = nodes(f"mynetworks = 127.0.0.0/8\nrelayhost = [127.0.0.1]:{sink.port}\n"
+              "minimal_backoff_time = 1h\nmaximal_backoff_time = 2h\nqueue_run_delay = 1h\n").start()
+    send_over_smtp(n.r.port(), ["d1"])
+    assert n.wait_log(r"to=<d1@remote.test>, .*status=sent"), n.log()
+    assert wait_for(lambda: ("close", 0) in sink.events)
+    time.sleep(0.3)                         # well within the 2 s the connection stays cached
+    send_over_smtp(n.r.port(), ["d2"])
+    assert n.wait_log(r"to=<d2@remote.test>, .*status=sent", timeout=10), n.log()
+    assert "status=deferred" not in n.log()
+    assert sum(1 for ev in sink.events if ev[0] == "open") == 2
+    assert sorted(ev[2] for ev in sink.events if ev[0] == "done") == ["d1", "d2"]
