@@ -160,9 +160,10 @@ reset_maildir() {
 	sync
 }
 
-# Messages waiting in ktrelay's queue (a row starts only when it is 0).
+# Messages waiting in ktrelay's queue (a row starts only when it is 0); tmp/
+# holds spare files kept for reuse, not mail.
 kt_queue_len() {
-	find "$T/kt/queue/new" "$T/kt/queue/tmp" -type f 2>/dev/null | wc -l
+	find "$T/kt/queue/new" -type f 2>/dev/null | wc -l
 }
 
 delivered_count() {
