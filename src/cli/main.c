@@ -38,7 +38,7 @@ static void usage(FILE *out)
             "  run [-v]                         run in the foreground, log to stderr (and syslog/maillog_file)\n"
             "  check-config                     load and validate the configuration, tables, certificates\n"
             "  config [-n] [NAME...]            print parameters like postconf (-n: only those main.cf sets)\n"
-            "  sendmail [-i] [-f SENDER] RCPT...   submit the message on stdin\n"
+            "  sendmail [-t] [-i] [-f SENDER] [-F NAME] [-bp|-bs|-bi] [-q] [RCPT...]   submit stdin\n"
             "  queue list | flush | delete ID|ALL   show, retry now, remove queued mail\n"
             "  version, --version               print the version\n"
             "  help, --help                     this text\n"

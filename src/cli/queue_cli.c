@@ -1,8 +1,8 @@
-/* `ktrelay sendmail` and `ktrelay queue`: local injection and queue
- * inspection, working on the queue files directly so they run with or
- * without a server. A running queue manager hears of injected messages and
- * flush requests at once through public/qmgr (kt_queue_notify); the flush
- * request file also covers a queue manager that starts later. */
+/* `ktrelay queue` (and mailq): queue inspection and control, working on the
+ * queue files directly so it runs with or without a server. A running queue
+ * manager hears of flush requests at once through public/qmgr
+ * (kt_queue_notify); the flush request file also covers a queue manager that
+ * starts later. Local submission (sendmail) is in sendmail.c. */
 #include <errno.h>
 #include <fcntl.h>
 #include <pwd.h>
@@ -30,91 +30,6 @@ static struct kt_config *load_config(const char *given, const char *prog)
     if (kt_config_load(dir, &cfg) < 0)
         return NULL;
     return cfg;
-}
-
-/* Bare LF or CRLF in, CRLF out; without ignore_dots a line with a single
- * "." ends the message, as with sendmail(1) without -i. */
-static void read_message(struct kt_buf *out, int ignore_dots)
-{
-    char *line = NULL;
-    size_t cap = 0;
-    ssize_t n;
-    while ((n = getline(&line, &cap, stdin)) > 0) {
-        size_t len = (size_t)n;
-        if (line[len - 1] == '\n')
-            len--;
-        if (len > 0 && line[len - 1] == '\r')
-            len--;
-        if (!ignore_dots && len == 1 && line[0] == '.')
-            break;
-        kt_buf_append(out, line, len);
-        kt_buf_append(out, "\r\n", 2);
-    }
-    free(line);
-}
-
-int kt_queue_cli_sendmail(int argc, char **argv)
-{
-    const char *dir = NULL, *sender = NULL;
-    int ignore_dots = 0, opt;
-    optind = 0;
-    while ((opt = getopt(argc, argv, "c:f:io:tv")) != -1) {
-        switch (opt) {
-        case 'c': dir = optarg; break;
-        case 'f': sender = optarg; break;
-        case 'i': ignore_dots = 1; break;
-        case 'o': if (!strcmp(optarg, "i")) ignore_dots = 1; break;
-        case 'v': kt_log_set_debug(1); break;
-        case 't':
-            fprintf(stderr, "ktrelay sendmail: -t is not supported; give the recipients as arguments\n");
-            return EX_USAGE;
-        default:
-            fprintf(stderr, "usage: ktrelay sendmail [-c DIR] [-f sender] [-i] recipient...\n");
-            return EX_USAGE;
-        }
-    }
-    if (optind >= argc) {
-        fprintf(stderr, "ktrelay sendmail: no recipients given\n");
-        return EX_USAGE;
-    }
-    struct kt_config *cfg = load_config(dir, "sendmail");
-    if (!cfg)
-        return EX_CONFIG;
-    const char *qdir = kt_config_get(cfg, NULL, "queue_directory");
-    const char *host = kt_config_get(cfg, NULL, "myhostname");
-    const char *origin = kt_config_get(cfg, NULL, "myorigin");
-    char *from;
-    if (!sender) {
-        struct passwd *pw = getpwuid(getuid());
-        from = kt_asprintf("%s@%s", pw ? pw->pw_name : "nobody", origin && *origin ? origin : host);
-    } else if (!strcmp(sender, "<>")) {
-        from = kt_strdup("");
-    } else {
-        size_t l = strlen(sender);
-        from = (sender[0] == '<' && l >= 2 && sender[l - 1] == '>') ? kt_strndup(sender + 1, l - 2) : kt_strdup(sender);
-    }
-    char id[KT_QUEUE_ID_MAX] = "", date[64];
-    kt_queue_new_id(id, sizeof(id));
-    time_t now = time(NULL);
-    struct tm tm;
-    localtime_r(&now, &tm);
-    strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S %z (%Z)", &tm);
-    struct kt_buf msg = { 0 };
-    kt_buf_printf(&msg, "Received: by %s (ktrelay, from userid %u)\r\n\tid %s; %s\r\n", host, (unsigned)getuid(),
-                  id, date);
-    read_message(&msg, ignore_dots);
-    int rc = kt_queue_write(qdir, from, (const char *const *)&argv[optind], (size_t)(argc - optind),
-                            msg.data, kt_buf_used(&msg), id, sizeof(id));
-    if (rc < 0) {
-        fprintf(stderr, "ktrelay sendmail: cannot queue the message in %s: %s\n", qdir, strerror(-rc));
-    } else {
-        kt_info("%s: from=<%s>, size=%zu, nrcpt=%d (queue active)", id, from, kt_buf_used(&msg), argc - optind);
-        kt_queue_notify(qdir, id);
-    }
-    kt_buf_release(&msg);
-    kt_free(from);
-    kt_config_free(cfg);
-    return rc < 0 ? (rc == -EACCES || rc == -EPERM ? EX_NOPERM : EX_TEMPFAIL) : EX_OK;
 }
 
 static int queue_list(const char *qdir)

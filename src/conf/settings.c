@@ -386,6 +386,7 @@ static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg
     qs->maximal_queue_lifetime = kt_config_get_time(cfg, NULL, "maximal_queue_lifetime");
     qs->bounce_queue_lifetime = kt_config_get_time(cfg, NULL, "bounce_queue_lifetime");
     qs->delay_warning_time = kt_config_get_time(cfg, NULL, "delay_warning_time");
+    qs->message_size_limit = kt_config_get_int(cfg, NULL, "message_size_limit");
     if (qs->minimal_backoff_time < 1)
         qs->minimal_backoff_time = 1;
     if (qs->maximal_backoff_time < qs->minimal_backoff_time)

@@ -77,6 +77,7 @@ struct kt_qmgr_settings {
     long long delay_warning_time;    /* 0 = no delay warnings */
     unsigned destination_concurrency_limit;  /* default_destination_concurrency_limit, > 0 */
     unsigned initial_destination_concurrency;  /* 1 .. destination_concurrency_limit */
+    long long message_size_limit;    /* for maildrop pickup; 0 = none */
     struct kt_maps *transport_maps;  /* owned by the runtime; NULL when empty */
     const struct kt_resolver *resolver;  /* address classes (main.cf values); NULL if it failed */
     struct kt_smtp_settings smtp;

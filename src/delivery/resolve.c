@@ -3,8 +3,11 @@
  * recipients, passwd users and virtual mailbox maps. Everything that needs the
  * file system (passwd, alias and :include: files, tables) is read when the
  * resolver is built; resolving afterwards is read-only, bounded (depth, fan-out
- * and result sizes are capped) and allocation-free. Mailbox paths returned
- * point into the resolver and stay valid until kt_resolver_free. */
+ * and result sizes are capped) and allocation-free, except for system users:
+ * they are looked up through NSS (getpwnam_r) when resolved, so an account
+ * made after the start works at once, and each one found is interned once
+ * (under a mutex). Mailbox paths returned point into the resolver and stay
+ * valid until kt_resolver_free. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <stdarg.h>
@@ -15,6 +18,8 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include <pthread.h>
+#include <pwd.h>
 #include "core/log.h"
 #include "core/alloc.h"
 #include "delivery/aliases.h"
@@ -55,6 +60,21 @@ struct kt_resolver {
     struct ip local_ips[MAX_LOCAL_ADDRS];
     size_t nlocal_ips;
     unsigned self_uid, self_gid;
+    struct nss_cache *nss;         /* NULL when users come from passwd_file */
+};
+
+/* Users through NSS (getpwnam_r) at lookup time, so a user created after the
+ * start receives mail at once. A found user's mailbox path is interned here
+ * and lives as long as the resolver (callers keep kt_mailbox.path pointers);
+ * the mutex guards only this list, which grows by one entry per distinct
+ * (user, home, uid, gid) ever seen. */
+struct nss_cache {
+    pthread_mutex_t lock;
+    char *home_mailbox;
+    struct nss_user {
+        struct user u;
+        struct nss_user *next;
+    } *list;
 };
 
 
@@ -133,8 +153,43 @@ static int user_cmp_key(const void *key, const void *elem)
     return strcmp(key, ((const struct user *)elem)->name);
 }
 
+static char *join_path(const char *dir, const char *rel);
+
+static const struct user *nss_find_user(struct nss_cache *c, const char *name)
+{
+    struct passwd pw, *found = NULL;
+    char buf[4096];
+    if (getpwnam_r(name, &pw, buf, sizeof(buf), &found) != 0 || !found || pw.pw_dir[0] != '/')
+        return NULL;     /* unknown, NSS failure, or no home that could hold a Maildir */
+    char *mailbox = join_path(pw.pw_dir, c->home_mailbox);
+    const struct user *hit = NULL;
+    pthread_mutex_lock(&c->lock);
+    for (struct nss_user *n = c->list; n; n = n->next)
+        if (n->u.uid == pw.pw_uid && n->u.gid == pw.pw_gid && !strcmp(n->u.name, name)
+            && !strcmp(n->u.mailbox, mailbox)) {
+            hit = &n->u;
+            break;
+        }
+    if (!hit) {
+        struct nss_user *n = kt_calloc(1, sizeof(*n));
+        n->u.name = kt_strdup(name);
+        n->u.mailbox = mailbox;
+        mailbox = NULL;
+        n->u.uid = pw.pw_uid;
+        n->u.gid = pw.pw_gid;
+        n->next = c->list;
+        c->list = n;
+        hit = &n->u;
+    }
+    pthread_mutex_unlock(&c->lock);
+    kt_free(mailbox);
+    return hit;
+}
+
 static const struct user *find_user(const struct kt_resolver *r, const char *name)
 {
+    if (r->nss)
+        return nss_find_user(r->nss, name);
     return r->nusers ? bsearch(name, r->users, r->nusers, sizeof(*r->users), user_cmp_key) : NULL;
 }
 
@@ -667,7 +722,15 @@ int kt_resolver_new(const struct kt_resolve_config *c, struct kt_resolver **out,
         rc = kt_aliases_open(c->alias_maps, &r->aliases, err, errlen);
     }
     if (rc == 0)
-        rc = load_passwd(r, c->passwd_file ? c->passwd_file : "/etc/passwd", hm, err, errlen);
+    {
+        if (c->passwd_file) {
+            rc = load_passwd(r, c->passwd_file, hm, err, errlen);
+        } else {
+            r->nss = kt_calloc(1, sizeof(*r->nss));
+            pthread_mutex_init(&r->nss->lock, NULL);
+            r->nss->home_mailbox = kt_strdup(hm);
+        }
+    }
     if (rc == 0)
         rc = load_local_ips(r, c->inet_interfaces_addrs, err, errlen);
     if (rc < 0) {
@@ -694,6 +757,17 @@ void kt_resolver_free(struct kt_resolver *r)
         kt_free(r->users[i].mailbox);
     }
     kt_free(r->users);
+    if (r->nss) {
+        for (struct nss_user *n = r->nss->list, *next; n; n = next) {
+            next = n->next;
+            kt_free(n->u.name);
+            kt_free(n->u.mailbox);
+            kt_free(n);
+        }
+        pthread_mutex_destroy(&r->nss->lock);
+        kt_free(r->nss->home_mailbox);
+        kt_free(r->nss);
+    }
     for (size_t i = 0; i < r->nvpaths; i++)
         kt_free(r->vpaths[i].path);
     kt_free(r->vpaths);

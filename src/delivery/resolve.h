@@ -13,7 +13,8 @@ struct kt_resolve_config {
     const char *myhostname, *mydestination, *relay_domains, *virtual_mailbox_domains, *virtual_mailbox_base,
                *virtual_mailbox_maps, *virtual_uid_maps, *virtual_gid_maps, *alias_maps, *home_mailbox,
                *inet_interfaces_addrs;  /* space-separated local IP addresses for [ip] literal matching; may be NULL */
-    const char *passwd_file;  /* NULL = /etc/passwd (read once here) */
+    const char *passwd_file;  /* NULL = system users through NSS (getpwnam_r) at each lookup, so new
+                               * users work at once; a file (tests): passwd(5) lines read once here */
 };
 
 enum kt_addr_class { KT_CLASS_LOCAL, KT_CLASS_VIRTUAL, KT_CLASS_RELAY, KT_CLASS_DEFAULT };

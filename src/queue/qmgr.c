@@ -66,6 +66,7 @@
 #include "core/log.h"
 #include "delivery/maildir.h"
 #include "queue/qmgr.h"
+#include "queue/pickup.h"
 #include "queue/queue.h"
 #include "delivery/resolve.h"
 #include "conf/settings.h"
@@ -1451,6 +1452,10 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
     struct kt_qmgr *q = (struct kt_qmgr *)((char *)op - offsetof(struct kt_qmgr, tick_op));
     time_t now = time(NULL);
     publish_queue_gauges(q, now);
+    /* maildrop/: what local users submitted reaches the queue, and this queue
+     * manager through public/qmgr, like any other process's mail */
+    if (!q->stopping)
+        kt_pickup_run(q->qdir, q->set->message_size_limit, q->set->myhostname);
     kt_dns_tick(q->dns);
     for (struct dest *d = q->dests; d; d = d->next) {
         struct conn *cn, *next;
@@ -1625,6 +1630,9 @@ int kt_qmgr_start(struct kt_runtime *rt, struct kt_qmgr **out)
     kt_free(fifo);
     /* the queue on disk, read once, before any SMTP session can hand over a message */
     load_all(q);
+    if ((rc = kt_queue_init_maildrop(q->qdir)) < 0)
+        kt_warn("queue_directory %s/maildrop: %s; local users other than the queue's owner cannot submit "
+                "with sendmail", q->qdir, strerror(-rc));
     if ((rc = kt_loop_init(&q->loop, 256)) < 0) {
         kt_err("queue manager: io_uring: %s", strerror(-rc));
         qmgr_free(q);

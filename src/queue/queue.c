@@ -25,13 +25,32 @@
 
 int kt_queue_init_dirs(const char *qdir)
 {
-    static const char *const sub[] = { "", "/tmp", "/new", "/status", "/public" };
+    static const char *const sub[] = { "", "/tmp", "/new", "/status", "/public", "/hold" };
     char path[PATH_MAX];
     for (size_t i = 0; i < sizeof(sub) / sizeof(sub[0]); i++) {
         snprintf(path, sizeof(path), "%s%s", qdir, sub[i]);
-        if (mkdir(path, 0700) < 0 && errno != EEXIST)
+        /* queue_directory itself is searchable (not readable) by all, like
+         * Postfix's, so that local users reach maildrop/ */
+        if (mkdir(path, i == 0 ? 0711 : 0700) < 0 && errno != EEXIST)
             return -errno;
     }
+    return 0;
+}
+
+int kt_queue_init_maildrop(const char *qdir)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    snprintf(path, sizeof(path), "%s/maildrop", qdir);
+    if (mkdir(path, 01733) < 0 && errno != EEXIST)
+        return -errno;
+    if (lstat(path, &st) < 0)
+        return -errno;
+    if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid())
+        return -EPERM;
+    /* mkdir's mode passes through the umask; this is the mode that counts */
+    if ((st.st_mode & 07777) != 01733 && chmod(path, 01733) < 0)
+        return -errno;
     return 0;
 }
 
@@ -121,7 +140,8 @@ int kt_queue_write(const char *qdir, const char *sender, const char *const *rcpt
         rc = -errno;
     if (close(fd) < 0 && rc == 0)
         rc = -errno;
-    if (rc == 0 && rename(tmp, dst) < 0)
+    /* never replace a queued message whose id happens to be the same */
+    if (rc == 0 && renameat2(AT_FDCWD, tmp, AT_FDCWD, dst, RENAME_NOREPLACE) < 0)
         rc = -errno;
     if (rc < 0) {
         unlink(tmp);

@@ -61,8 +61,13 @@ struct kt_qmark {
 
 #define KT_QUEUE_ID_MAX 300
 
-/* Create tmp/ new/ status/ public/ (mode 0700) under qdir. 0 or -errno. */
+/* Create tmp/ new/ status/ public/ hold/ (mode 0700) under qdir (0711 when made here). 0 or -errno. */
 int kt_queue_init_dirs(const char *qdir);
+/* maildrop/: where local users who cannot write the queue drop messages for
+ * the daemon's pickup (sendmail). Mode 1733: anybody may create a file, nobody
+ * but the owner may list it or remove another's file (sticky), like Postfix's
+ * maildrop before postdrop. Made and checked by the daemon (its owner). */
+int kt_queue_init_maildrop(const char *qdir);
 /* Fresh queue id, Postfix's short form: 13 upper-case hex digits (seconds,
  * microseconds, a counter). Given when a transaction starts (MAIL, sendmail)
  * and kept by the message everywhere: log lines, queue file, Maildir names. */
@@ -129,10 +134,9 @@ struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir
                                           const char *const *rcpts, size_t n, const char *hostname,
                                           unsigned worker_id, const char *queue_id);
 
-/* Command line (queue_cli.c): argv[0] is the command name.
- *   sendmail -c DIR [-f sender] [-i] rcpt...   message on stdin into the queue
- *   queue -c DIR list | flush | delete ID|ALL   like mailq, postqueue -f, postsuper -d
- * Return the process exit code. */
+/* Command line: argv[0] is the command name; return the process exit code.
+ *   sendmail [options] [rcpt...]   (cli/sendmail.c) local submission, like Postfix's sendmail(1)
+ *   queue [-c DIR] list | flush | delete ID|ALL ...   (cli/queue_cli.c) like mailq, postqueue, postsuper */
 int kt_queue_cli_sendmail(int argc, char **argv);
 int kt_queue_cli_queue(int argc, char **argv);
 

@@ -16,7 +16,7 @@
 #include "core/loop.h"
 #include "delivery/resolve.h"
 #include "smtpd/smtp_parse.h"
-#include "smtpd/header_scan.h"
+#include "delivery/header_scan.h"
 
 struct kt_worker;
 struct kt_runtime;

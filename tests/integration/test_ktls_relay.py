@@ -64,7 +64,7 @@ SMALL = b"Subject: small\n\nhello\n.dot\n..two\nend\n"
 
 
 def sendmail(relay, body):
-    p = subprocess.run([BIN, "sendmail", "-c", str(relay.dir), "-f", "alice@example.test", "bob@localhost"],
+    p = subprocess.run([BIN, "sendmail", "-v", "-c", str(relay.dir), "-f", "alice@example.test", "bob@localhost"],
                        input=body, capture_output=True, timeout=TIMEOUT)
     assert p.returncode == 0, p.stderr
     return re.search(rb"([0-9A-F]+): from=", p.stderr).group(1).decode()

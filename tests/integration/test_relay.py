@@ -124,7 +124,7 @@ class Node:
         return False
 
     def sendmail(self, rcpts, body, sender="alice@example.test"):
-        p = subprocess.run([BIN, "sendmail", "-c", str(self.d), "-f", sender, *rcpts], input=body,
+        p = subprocess.run([BIN, "sendmail", "-v", "-c", str(self.d), "-f", sender, *rcpts], input=body,
                            capture_output=True)
         assert p.returncode == 0, p.stderr
         return re.search(rb"([0-9A-F]+): from=", p.stderr).group(1).decode()

@@ -3,7 +3,7 @@
 #include <string.h>
 #include <strings.h>
 
-#include "smtpd/header_scan.h"
+#include "delivery/header_scan.h"
 
 void kt_header_scan_reset(struct kt_header_scan *h)
 {

@@ -1,0 +1,620 @@
+/* `ktrelay sendmail` (also invoked as sendmail, mailq, newaliases): the
+ * Sendmail-compatible local submission interface, in the manner of
+ * Postfix's sendmail(1).
+ *
+ * Options: -t (recipients from To:, Cc:, Bcc:, added to those given; Bcc:
+ * removed), -i / -oi (a lone "." does not end the message), -f / -r sender
+ * ("<>" is the null sender), -F full name (for a From: header that is
+ * missing), -C / -c configuration directory, -v (log lines on stderr too),
+ * -bm (the default: submit), -bp (list the queue, like mailq), -bs (SMTP on
+ * stdin/stdout), -bi (newaliases), -q (flush the queue). -B, -N, -R, -V, -X,
+ * -h, -L, -m, -n, -U and other -o options are accepted and ignored, as
+ * Postfix's sendmail ignores most of them; -bd, -bD, -bh, -bH, -bl, -bv are
+ * refused.
+ *
+ * The message is read from stdin (LF or CRLF; stored CRLF; bare CR dropped).
+ * Local submissions get the headers they lack (From:, Date:, Message-ID:)
+ * as Postfix's cleanup adds them. The default sender is LOGIN@$myorigin, and
+ * myorigin = /file reads the domain from the file's first line, as Debian's
+ * myorigin = /etc/mailname means.
+ *
+ * Where it goes: a user who can write the queue (root, the queue's owner)
+ * queues the message directly (durable before the exit status 0) and logs it
+ * like Postfix's pickup; anybody else drops it into maildrop/ for the
+ * daemon's pickup (pickup.h). Exit codes are sysexits(3)'s: 0, 64 usage,
+ * 69 no maildrop (no daemon has prepared this queue), 75 try again, 77, 78. */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <stdarg.h>
+#include <pwd.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <syslog.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+#include "conf/config.h"
+#include "core/alloc.h"
+#include "core/buf.h"
+#include "core/log.h"
+#include "queue/pickup.h"
+#include "queue/queue.h"
+
+struct rcpt_list {
+    char **v;
+    size_t n, cap;
+};
+
+static void rcpt_add(struct rcpt_list *l, const char *s, size_t len)
+{
+    while (len && (*s == ' ' || *s == '\t')) {
+        s++;
+        len--;
+    }
+    while (len && (s[len - 1] == ' ' || s[len - 1] == '\t'))
+        len--;
+    if (len >= 2 && s[0] == '<' && s[len - 1] == '>') {
+        s++;
+        len -= 2;
+    }
+    if (!len)
+        return;
+    for (size_t i = 0; i < l->n; i++)
+        if (strlen(l->v[i]) == len && !strncasecmp(l->v[i], s, len))
+            return;
+    if (l->n == l->cap) {
+        l->cap = l->cap ? l->cap * 2 : 8;
+        l->v = kt_realloc(l->v, l->cap * sizeof(*l->v));
+    }
+    l->v[l->n++] = kt_strndup(s, len);
+}
+
+static void rcpt_free(struct rcpt_list *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        kt_free(l->v[i]);
+    kt_free(l->v);
+}
+
+/* An RFC 5322 address list ("A <a@x>, b@y (c), grp: c@z;"): the addresses. */
+static void parse_address_list(struct rcpt_list *l, const char *v, size_t len)
+{
+    char cur[1024];
+    size_t cl = 0;
+    int quote = 0, angle = 0, comment = 0, have_angle = 0;
+    char angle_buf[1024];
+    size_t al = 0;
+    for (size_t i = 0; i <= len; i++) {
+        char c = i < len ? v[i] : ',';
+        if (quote) {
+            if (c == '\\' && i + 1 < len)
+                i++;
+            else if (c == '"')
+                quote = 0;
+            continue;
+        }
+        if (comment) {
+            if (c == '(')
+                comment++;
+            else if (c == ')')
+                comment--;
+            continue;
+        }
+        if (angle) {
+            if (c == '>')
+                angle = 0;
+            else if (al + 1 < sizeof(angle_buf))
+                angle_buf[al++] = c;
+            continue;
+        }
+        switch (c) {
+        case '"': quote = 1; cl = 0; break;     /* a display name, not an address */
+        case '(': comment = 1; break;
+        case '<': angle = 1; have_angle = 1; al = 0; break;
+        case ':': cl = 0; break;                 /* group name */
+        case ',':
+        case ';':
+            if (have_angle)
+                rcpt_add(l, angle_buf, al);
+            else
+                rcpt_add(l, cur, cl);
+            cl = al = 0;
+            have_angle = 0;
+            break;
+        case '\r':
+        case '\n':
+            break;
+        default:
+            if (c == ' ' || c == '\t') {
+                if (cl && !have_angle)
+                    cl = 0;          /* "Name addr" without brackets: keep the last word */
+                break;
+            }
+            if (cl + 1 < sizeof(cur))
+                cur[cl++] = c;
+        }
+    }
+}
+
+/* Bytes of the header section (through its CRLF CRLF, or the whole message). */
+static size_t header_len(const char *m, size_t len)
+{
+    if (len >= 2 && m[0] == '\r' && m[1] == '\n')
+        return 0;
+    for (size_t i = 0; i + 3 < len; i++)
+        if (m[i] == '\r' && m[i + 1] == '\n' && m[i + 2] == '\r' && m[i + 3] == '\n')
+            return i + 2;
+    return len;
+}
+
+/* Walk the headers: cb(name, name_len, value, value_len, start, end) per
+ * logical header (continuation lines included). */
+typedef void (*header_cb)(void *arg, const char *name, size_t nl, const char *val, size_t vl, size_t start,
+                          size_t end);
+static void each_header(const char *m, size_t hlen, header_cb cb, void *arg)
+{
+    size_t pos = 0;
+    while (pos < hlen) {
+        size_t start = pos, end = pos;
+        do {
+            const char *nl = memchr(m + end, '\n', hlen - end);
+            end = nl ? (size_t)(nl - m) + 1 : hlen;
+        } while (end < hlen && (m[end] == ' ' || m[end] == '\t'));
+        const char *colon = memchr(m + start, ':', end - start);
+        if (colon)
+            cb(arg, m + start, (size_t)(colon - (m + start)), colon + 1, end - (size_t)(colon + 1 - m), start, end);
+        pos = end;
+    }
+}
+
+struct scan_state {
+    struct rcpt_list *rcpts;
+    int want_rcpts;
+    int has_from, has_date, has_msgid;
+    size_t bcc_start[64], bcc_end[64];
+    size_t n_bcc;
+};
+
+static void scan_header(void *arg, const char *name, size_t nl, const char *val, size_t vl, size_t start,
+                        size_t end)
+{
+    struct scan_state *st = arg;
+    int is_bcc = nl == 3 && !strncasecmp(name, "bcc", 3);
+    if (st->want_rcpts && ((nl == 2 && (!strncasecmp(name, "to", 2) || !strncasecmp(name, "cc", 2))) || is_bcc))
+        parse_address_list(st->rcpts, val, vl);
+    if (is_bcc && st->n_bcc < 64) {
+        st->bcc_start[st->n_bcc] = start;
+        st->bcc_end[st->n_bcc++] = end;
+    }
+    if (nl == 4 && !strncasecmp(name, "from", 4))
+        st->has_from = 1;
+    if (nl == 4 && !strncasecmp(name, "date", 4))
+        st->has_date = 1;
+    if (nl == 10 && !strncasecmp(name, "message-id", 10))
+        st->has_msgid = 1;
+}
+
+/* stdin: LF or CRLF in, CRLF out, bare CR dropped; without ignore_dots a
+ * line with a single "." ends the message, as with sendmail(1) without -i. */
+static void read_message(FILE *in, struct kt_buf *out, int ignore_dots)
+{
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n;
+    while ((n = getline(&line, &cap, in)) > 0) {
+        size_t len = (size_t)n;
+        if (line[len - 1] == '\n')
+            len--;
+        if (len > 0 && line[len - 1] == '\r')
+            len--;
+        if (!ignore_dots && len == 1 && line[0] == '.')
+            break;
+        for (size_t i = 0; i < len; i++)
+            if (line[i] != '\r')
+                kt_buf_append(out, line + i, 1);
+        kt_buf_append(out, "\r\n", 2);
+    }
+    free(line);
+}
+
+/* myorigin, with Postfix's "/file" form: the first line of the file. */
+static char *origin_of(const struct kt_config *cfg)
+{
+    const char *o = kt_config_get(cfg, NULL, "myorigin");
+    if (!o || !*o)
+        o = kt_config_get(cfg, NULL, "myhostname");
+    if (o[0] != '/')
+        return kt_strdup(o);
+    FILE *f = fopen(o, "re");
+    char buf[256] = "";
+    if (f) {
+        if (!fgets(buf, sizeof(buf), f))
+            buf[0] = '\0';
+        fclose(f);
+    }
+    buf[strcspn(buf, " \t\r\n")] = '\0';
+    if (!buf[0]) {
+        fprintf(stderr, "sendmail: warning: myorigin = %s: cannot read a domain from the file; using myhostname\n",
+                o);
+        return kt_strdup(kt_config_get(cfg, NULL, "myhostname"));
+    }
+    return kt_strdup(buf);
+}
+
+struct submit_ctx {
+    const struct kt_config *cfg;
+    const char *qdir, *host;
+    char *origin;
+    const char *fullname;
+    int extract;             /* -t */
+    int verbose;
+};
+
+static int write_all(int fd, const void *p, size_t n)
+{
+    const char *c = p;
+    while (n) {
+        ssize_t w = write(fd, c, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        c += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* maildrop/NAME: the envelope and the message, written under ".NAME" and
+ * renamed once complete and on disk. */
+static int drop(const char *qdir, const char *sender, struct rcpt_list *r, const char *msg, size_t len)
+{
+    unsigned char rnd[16];
+    char name[40], tmp[PATH_MAX], dst[PATH_MAX];
+    if (getrandom(rnd, sizeof(rnd), 0) != sizeof(rnd))
+        return -EAGAIN;
+    for (size_t i = 0; i < sizeof(rnd); i++)
+        snprintf(name + 2 * i, 3, "%02X", rnd[i]);
+    snprintf(tmp, sizeof(tmp), "%s/maildrop/.%s", qdir, name);
+    snprintf(dst, sizeof(dst), "%s/maildrop/%s", qdir, name);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -errno;
+    char *env = kt_queue_envelope(sender, (const char *const *)r->v, r->n, time(NULL), -1);
+    int rc = write_all(fd, env, strlen(env));
+    kt_free(env);
+    if (rc == 0)
+        rc = write_all(fd, msg, len);
+    if (rc == 0 && fsync(fd) < 0)
+        rc = -errno;
+    if (close(fd) < 0 && rc == 0)
+        rc = -errno;
+    if (rc == 0 && rename(tmp, dst) < 0)
+        rc = -errno;
+    if (rc < 0)
+        unlink(tmp);
+    return rc;
+}
+
+static int can_write_queue(const char *qdir)
+{
+    char p[PATH_MAX];
+    if (geteuid() == 0)
+        return 1;      /* root makes the queue directories if they are missing */
+    snprintf(p, sizeof(p), "%s/new", qdir);
+    if (access(p, W_OK) != 0)
+        return errno == ENOENT && access(qdir, W_OK) == 0;
+    snprintf(p, sizeof(p), "%s/tmp", qdir);
+    return access(p, W_OK) == 0;
+}
+
+/* One message: complete its headers, pick its recipients, queue or drop it. */
+static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list *rcpts, struct kt_buf *body)
+{
+    struct passwd *pw = getpwuid(getuid());
+    const char *login = pw ? pw->pw_name : "nobody";
+    char *sender;
+    if (!sender_arg)
+        sender = kt_asprintf("%s@%s", login, c->origin);
+    else if (!strcmp(sender_arg, "<>") || !*sender_arg)
+        sender = kt_strdup("");
+    else {
+        size_t l = strlen(sender_arg);
+        sender = (sender_arg[0] == '<' && l >= 2 && sender_arg[l - 1] == '>') ? kt_strndup(sender_arg + 1, l - 2)
+                                                                             : kt_strdup(sender_arg);
+        if (!strchr(sender, '@') && *sender) {
+            char *q = kt_asprintf("%s@%s", sender, c->origin);
+            kt_free(sender);
+            sender = q;
+        }
+    }
+    struct scan_state st = { .rcpts = rcpts, .want_rcpts = c->extract };
+    size_t hlen = header_len(body->data ? body->data : "", kt_buf_used(body));
+    each_header(body->data ? body->data : "", hlen, scan_header, &st);
+    int rc = 0;
+    if (rcpts->n == 0) {
+        fprintf(stderr, "sendmail: no recipients given%s\n", c->extract ? " (none in To:, Cc:, Bcc: either)" : "");
+        rc = EX_USAGE;
+        goto out;
+    }
+    /* the message as queued: missing headers first, Bcc: left out */
+    struct kt_buf msg = { 0 };
+    char date[64], id[KT_QUEUE_ID_MAX] = "";
+    time_t now = time(NULL);
+    struct tm tm;
+    localtime_r(&now, &tm);
+    strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S %z (%Z)", &tm);
+    kt_queue_new_id(id, sizeof(id));
+    int direct = can_write_queue(c->qdir);
+    if (direct)
+        kt_buf_printf(&msg, "Received: by %s (ktrelay, from userid %u)\r\n\tid %s; %s\r\n", c->host,
+                      (unsigned)getuid(), id, date);
+    if (!st.has_from) {
+        if (c->fullname)
+            kt_buf_printf(&msg, "From: %s <%s>\r\n", c->fullname, sender[0] ? sender : "MAILER-DAEMON");
+        else
+            kt_buf_printf(&msg, "From: %s\r\n", sender[0] ? sender : "MAILER-DAEMON");
+    }
+    if (!st.has_date)
+        kt_buf_printf(&msg, "Date: %s\r\n", date);
+    if (!st.has_msgid)
+        kt_buf_printf(&msg, "Message-ID: <%04d%02d%02d%02d%02d%02d.%s@%s>\r\n", tm.tm_year + 1900, tm.tm_mon + 1,
+                      tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, id, c->host);
+    size_t pos = 0;
+    for (size_t i = 0; i < st.n_bcc; i++) {
+        kt_buf_append(&msg, body->data + pos, st.bcc_start[i] - pos);
+        pos = st.bcc_end[i];
+    }
+    kt_buf_append(&msg, body->data ? body->data + pos : "", kt_buf_used(body) - pos);
+
+    if (direct) {
+        int w = kt_queue_write(c->qdir, sender, (const char *const *)rcpts->v, rcpts->n, msg.data,
+                               kt_buf_used(&msg), id, sizeof(id));
+        if (w < 0) {
+            fprintf(stderr, "sendmail: cannot queue the message in %s: %s\n", c->qdir, strerror(-w));
+            rc = w == -EACCES || w == -EPERM ? EX_NOPERM : EX_TEMPFAIL;
+        } else {
+            kt_pickup_log(id, getuid(), sender, msg.data, kt_buf_used(&msg), rcpts->n);
+            kt_queue_notify(c->qdir, id);
+        }
+    } else {
+        int w = drop(c->qdir, sender, rcpts, msg.data, kt_buf_used(&msg));
+        if (w == -ENOENT) {
+            fprintf(stderr, "sendmail: %s/maildrop does not exist: start the ktrelay daemon once on this "
+                    "queue_directory (it creates maildrop/ for local users)\n", c->qdir);
+            rc = EX_UNAVAILABLE;
+        } else if (w < 0) {
+            fprintf(stderr, "sendmail: cannot drop the message into %s/maildrop: %s\n", c->qdir, strerror(-w));
+            rc = w == -EACCES || w == -EPERM ? EX_NOPERM : EX_TEMPFAIL;
+        } else if (c->verbose) {
+            fprintf(stderr, "sendmail: dropped into %s/maildrop for the daemon's pickup\n", c->qdir);
+        }
+    }
+    kt_buf_release(&msg);
+out:
+    kt_free(sender);
+    return rc;
+}
+
+static void smtp_reply(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void smtp_reply(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
+    fputs("\r\n", stdout);
+    fflush(stdout);
+}
+
+static int path_arg(const char *line, const char *verb, char *out, size_t outlen)
+{
+    size_t vl = strlen(verb);
+    if (strncasecmp(line, verb, vl))
+        return -1;
+    const char *p = line + vl;
+    while (*p == ' ')
+        p++;
+    if (*p != '<')
+        return -1;
+    const char *e = strchr(p, '>');
+    if (!e || (size_t)(e - p - 1) >= outlen)
+        return -1;
+    snprintf(out, outlen, "%.*s", (int)(e - p - 1), p + 1);
+    return 0;
+}
+
+/* -bs: SMTP on stdin/stdout (RFC 5321 subset: HELO, EHLO, MAIL, RCPT, DATA,
+ * RSET, NOOP, QUIT), each message submitted as above. */
+static int serve_stdio(struct submit_ctx *c)
+{
+    char *line = NULL, sender[513] = "";
+    size_t cap = 0;
+    int in_mail = 0, failed = 0;
+    struct rcpt_list rcpts = { 0 };
+    smtp_reply("220 %s ESMTP ktrelay (sendmail -bs)", c->host);
+    while (getline(&line, &cap, stdin) > 0) {
+        line[strcspn(line, "\r\n")] = '\0';
+        char arg[513];
+        if (!strncasecmp(line, "HELO", 4) || !strncasecmp(line, "EHLO", 4)) {
+            if (!strncasecmp(line, "EHLO", 4))
+                smtp_reply("250-%s\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES", c->host);
+            else
+                smtp_reply("250 %s", c->host);
+        } else if (!path_arg(line, "MAIL FROM:", arg, sizeof(arg))) {
+            snprintf(sender, sizeof(sender), "%s", arg);
+            rcpt_free(&rcpts);
+            memset(&rcpts, 0, sizeof(rcpts));
+            in_mail = 1;
+            smtp_reply("250 2.1.0 Ok");
+        } else if (!path_arg(line, "RCPT TO:", arg, sizeof(arg))) {
+            if (!in_mail) {
+                smtp_reply("503 5.5.1 Error: need MAIL command");
+                continue;
+            }
+            rcpt_add(&rcpts, arg, strlen(arg));
+            smtp_reply("250 2.1.5 Ok");
+        } else if (!strcasecmp(line, "DATA")) {
+            if (!in_mail || !rcpts.n) {
+                smtp_reply("503 5.5.1 Error: need RCPT command");
+                continue;
+            }
+            smtp_reply("354 End data with <CR><LF>.<CR><LF>");
+            struct kt_buf body = { 0 };
+            char *l2 = NULL;
+            size_t c2 = 0;
+            ssize_t n;
+            while ((n = getline(&l2, &c2, stdin)) > 0) {
+                size_t len = (size_t)n;
+                while (len && (l2[len - 1] == '\n' || l2[len - 1] == '\r'))
+                    len--;
+                if (len == 1 && l2[0] == '.')
+                    break;
+                const char *p = l2;
+                if (len > 1 && l2[0] == '.') {   /* RFC 5321 4.5.2 */
+                    p++;
+                    len--;
+                }
+                kt_buf_append(&body, p, len);
+                kt_buf_append(&body, "\r\n", 2);
+            }
+            free(l2);
+            int save = c->extract;
+            c->extract = 0;
+            int rc = submit(c, sender[0] ? sender : "<>", &rcpts, &body);
+            c->extract = save;
+            kt_buf_release(&body);
+            if (rc == 0)
+                smtp_reply("250 2.0.0 Ok: queued");
+            else {
+                smtp_reply("451 4.3.0 Error: queue file write error");
+                failed = 1;
+            }
+            in_mail = 0;
+        } else if (!strcasecmp(line, "RSET")) {
+            in_mail = 0;
+            smtp_reply("250 2.0.0 Ok");
+        } else if (!strcasecmp(line, "NOOP")) {
+            smtp_reply("250 2.0.0 Ok");
+        } else if (!strcasecmp(line, "QUIT")) {
+            smtp_reply("221 2.0.0 Bye");
+            break;
+        } else {
+            smtp_reply("502 5.5.2 Error: command not recognized");
+        }
+    }
+    free(line);
+    rcpt_free(&rcpts);
+    return failed ? EX_TEMPFAIL : EX_OK;
+}
+
+/* Logging as the daemon logs (syslog or maillog_file) where this user may;
+ * log lines on stderr only with -v, so cron jobs stay quiet. */
+static void cli_logging(const struct kt_config *cfg, int verbose)
+{
+    const char *mf = kt_config_get(cfg, NULL, "maillog_file");
+    const char *prefixes = kt_config_get(cfg, NULL, "maillog_file_prefixes");
+    int fac = kt_log_facility(kt_config_get(cfg, NULL, "syslog_facility"));
+    struct kt_log_config lc = {
+        .syslog_name = kt_config_get(cfg, NULL, "syslog_name"),
+        .syslog_facility = fac < 0 ? LOG_MAIL : fac,
+        .use_syslog = !(mf && *mf),
+        .maillog_file = mf && *mf && kt_log_prefix_allowed(mf, prefixes ? prefixes : "") && access(mf, W_OK) == 0
+                            ? mf : NULL,
+        .hostname = kt_config_get(cfg, NULL, "myhostname"),
+        .use_stderr = verbose,
+    };
+    char err[256];
+    if (kt_log_configure(&lc, err, sizeof(err)) < 0 && verbose)
+        fprintf(stderr, "sendmail: %s\n", err);
+}
+
+int kt_queue_cli_sendmail(int argc, char **argv)
+{
+    const char *dir = NULL, *sender = NULL, *fullname = NULL, *mode = "m";
+    int ignore_dots = 0, extract = 0, verbose = 0, flush = 0, opt;
+    optind = 0;
+    /* "+": stop at the first recipient, as sendmail does (an address is never an option) */
+    while ((opt = getopt(argc, argv, "+B:C:c:F:f:h:iL:mN:no:q::R:r:tUV:vX:b:")) != -1) {
+        switch (opt) {
+        case 'C':
+        case 'c': dir = optarg; break;
+        case 'F': fullname = optarg; break;
+        case 'f':
+        case 'r': sender = optarg; break;
+        case 'i': ignore_dots = 1; break;
+        case 'o': if (!strcmp(optarg, "i")) ignore_dots = 1; break;
+        case 't': extract = 1; break;
+        case 'v': verbose = 1; kt_log_set_debug(1); break;
+        case 'q': flush = 1; break;
+        case 'b': mode = optarg; break;
+        case 'B': case 'h': case 'L': case 'm': case 'N': case 'n': case 'R': case 'U': case 'V': case 'X':
+            break;   /* accepted and ignored, as Postfix's sendmail ignores most of these */
+        default:
+            fprintf(stderr, "usage: sendmail [-t] [-i] [-f sender] [-F name] [-C dir] [-bm|-bp|-bs|-bi] [-q] "
+                    "[recipient ...]\n");
+            return EX_USAGE;
+        }
+    }
+    if (!strcmp(mode, "i")) {
+        printf("newaliases: ktrelay reads alias_maps from their text files; nothing to rebuild. A running\n"
+               "server loads changes on reload (systemctl reload ktrelay, or SIGHUP).\n");
+        return EX_OK;
+    }
+    if (!strcmp(mode, "p") || flush) {
+        char *qargv[5];
+        int qn = 0;
+        qargv[qn++] = (char *)"queue";
+        if (dir) {
+            qargv[qn++] = (char *)"-c";
+            qargv[qn++] = (char *)dir;
+        }
+        qargv[qn++] = (char *)(flush ? "flush" : "list");
+        qargv[qn] = NULL;
+        return kt_queue_cli_queue(qn, qargv);
+    }
+    if (strcmp(mode, "m") && strcmp(mode, "s")) {
+        fprintf(stderr, "sendmail: -b%s is not supported (ktrelay's sendmail: -bm, -bp, -bs, -bi)\n", mode);
+        return EX_USAGE;
+    }
+    const char *cdir = kt_cli_config_dir_existing(dir, "sendmail");
+    struct kt_config *cfg;
+    if (!cdir || kt_config_load(cdir, &cfg) < 0)
+        return EX_CONFIG;
+    cli_logging(cfg, verbose);
+    struct submit_ctx c = {
+        .cfg = cfg,
+        .qdir = kt_config_get(cfg, NULL, "queue_directory"),
+        .host = kt_config_get(cfg, NULL, "myhostname"),
+        .origin = origin_of(cfg),
+        .fullname = fullname,
+        .extract = extract,
+        .verbose = verbose,
+    };
+    int rc;
+    if (!strcmp(mode, "s")) {
+        rc = serve_stdio(&c);
+    } else if (optind >= argc && !extract) {
+        fprintf(stderr, "sendmail: no recipients given (name them, or use -t)\n");
+        rc = EX_USAGE;
+    } else {
+        struct rcpt_list rcpts = { 0 };
+        for (int i = optind; i < argc; i++)
+            parse_address_list(&rcpts, argv[i], strlen(argv[i]));
+        struct kt_buf body = { 0 };
+        read_message(stdin, &body, ignore_dots);
+        rc = submit(&c, sender, &rcpts, &body);
+        kt_buf_release(&body);
+        rcpt_free(&rcpts);
+    }
+    kt_free(c.origin);
+    kt_config_free(cfg);
+    return rc;
+}

@@ -1,0 +1,34 @@
+/* Local submission: the maildrop/ directory and its pickup, in the manner of
+ * Postfix's postdrop and pickup(8).
+ *
+ * `ktrelay sendmail` run by a user who cannot write the queue drops the
+ * message into queue_directory/maildrop/ (mode 1733, see
+ * kt_queue_init_maildrop): a file with the queue envelope lines ("KTQUEUE 1",
+ * "arrival", "sender", "rcpt"..., "body") and the message, written under a
+ * dot name and renamed when complete. The daemon's pickup reads each
+ * complete file, trusting nothing in it but what it can check: the submitter
+ * is the file's owner (logged as uid=, named in the Received: header it
+ * adds), the file must be a regular file with one link, of bounded size, with
+ * a well-formed envelope; line ends are made CRLF and bare CRs dropped. It is
+ * then queued under a new queue id like any message (durably, before the drop
+ * file is removed) and logged as Postfix logs it:
+ *   ktrelay/pickup: ID: uid=1000 from=<user@origin>
+ *   ktrelay/cleanup: ID: message-id=<...>
+ *   ktrelay/qmgr: ID: from=<user@origin>, size=N, nrcpt=N (queue active)
+ * A malformed file is removed with a warning. */
+#ifndef KTRELAY_PICKUP_H
+#define KTRELAY_PICKUP_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+/* Pick up every complete file in qdir/maildrop. size_limit: message_size_limit
+ * (0 = none). Returns the number of messages queued (>= 0). Blocking file I/O:
+ * run it where that is acceptable (the queue manager's tick). */
+int kt_pickup_run(const char *qdir, long long size_limit, const char *hostname);
+
+/* The three log lines of a locally submitted message (also used by
+ * `ktrelay sendmail` when it queues directly). msg: the message as queued. */
+void kt_pickup_log(const char *id, uid_t uid, const char *sender, const char *msg, size_t len, size_t nrcpt);
+
+#endif
