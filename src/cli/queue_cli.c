@@ -32,40 +32,66 @@ static struct kt_config *load_config(const char *given, const char *prog)
     return cfg;
 }
 
+static void print_entry(const struct kt_qmsg *m, char mark)
+{
+    char date[64];
+    struct tm tm;
+    localtime_r(&m->arrival, &tm);
+    strftime(date, sizeof(date), "%a %b %e %H:%M:%S", &tm);
+    char idm[64];
+    snprintf(idm, sizeof(idm), "%s%c", m->id, mark);
+    printf("%-12s %8lld %s  %s\n", idm, (long long)m->body_len, date, m->sender[0] ? m->sender : "MAILER-DAEMON");
+    for (size_t k = 0; k < m->n_rcpts; k++) {
+        if (m->rcpts[k].state != KT_QR_PENDING)
+            continue;
+        /* like mailq: the recipient's last deferral reason above it */
+        if (m->rcpts[k].reason)
+            printf("%42s(%.200s)\n", "", m->rcpts[k].reason);
+        printf("%42s %s\n", "", m->rcpts[k].addr);
+    }
+    printf("\n");
+}
+
+/* mailq's layout: "*" after the id marks a message not yet deferred (Postfix's
+ * active queue), "!" one on hold; each pending recipient with its last
+ * deferral reason. */
 static int queue_list(const char *qdir)
 {
-    char **ids;
-    size_t n, shown = 0;
+    char **ids, **held;
+    size_t n, nh, shown = 0;
     long long total = 0;
     int rc = kt_queue_list_ids(qdir, &ids, &n);
     if (rc < 0) {
         fprintf(stderr, "ktrelay queue: %s: %s\n", qdir, strerror(-rc));
         return rc == -EACCES ? EX_NOPERM : EX_OSERR;
     }
-    for (size_t i = 0; i < n; i++) {
+    if (kt_queue_list_held(qdir, &held, &nh) < 0) {
+        held = NULL;
+        nh = 0;
+    }
+    for (size_t i = 0; i < n + nh; i++) {
         struct kt_qmsg *m;
-        char date[64];
-        if (kt_queue_load(qdir, ids[i], &m) < 0)
+        int on_hold = i >= n;
+        const char *id = on_hold ? held[i - n] : ids[i];
+        if ((on_hold ? kt_queue_load_held(qdir, id, &m) : kt_queue_load(qdir, id, &m)) < 0)
             continue;
+        if (kt_qmsg_finished(m)) {     /* done, being removed */
+            kt_qmsg_free(m);
+            continue;
+        }
         if (!shown++)
             printf("-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------\n");
-        struct tm tm;
-        localtime_r(&m->arrival, &tm);
-        strftime(date, sizeof(date), "%a %b %e %H:%M:%S", &tm);
-        printf("%-11s %8lld %s  %s\n", m->id, (long long)m->body_len, date, m->sender[0] ? m->sender : "MAILER-DAEMON");
-        for (size_t k = 0; k < m->n_rcpts; k++)
-            if (m->rcpts[k].state == KT_QR_PENDING)
-                printf("%42s %s\n", "", m->rcpts[k].addr);
-        printf("\n");
+        print_entry(m, on_hold ? '!' : m->deferred ? ' ' : '*');
         total += m->body_len;
         kt_qmsg_free(m);
     }
     kt_queue_free_ids(ids, n);
+    kt_queue_free_ids(held, nh);
     if (!shown)
         printf("Mail queue is empty\n");
     else
         printf("-- %lld Kbytes in %zu Request%s.\n", (total + 1023) / 1024, shown, shown == 1 ? "" : "s");
-    return 0;
+    return EX_OK;
 }
 
 static int queue_flush(const char *qdir)
@@ -79,33 +105,190 @@ static int queue_flush(const char *qdir)
     }
     close(fd);
     kt_queue_notify(qdir, NULL);
-    return 0;
+    return EX_OK;
 }
 
-static int queue_delete(const char *qdir, const char *id)
+static int exit_of(int rc)
 {
-    if (!strcmp(id, "ALL")) {
-        char **ids;
-        size_t n;
-        int rc = kt_queue_list_ids(qdir, &ids, &n);
+    return rc == -ENOENT ? EX_NOINPUT : rc == -EACCES || rc == -EPERM ? EX_NOPERM : rc == -EINVAL ? EX_USAGE
+                                                                                             : EX_OSERR;
+}
+
+/* postsuper -r: the message's pending recipients queued again under a new
+ * id (arrival time kept), so they are tried at once with the current
+ * configuration; the old id is removed. Held messages are released by it. */
+static int requeue_one(const char *qdir, const char *id, char *newid, size_t newlen)
+{
+    struct kt_qmsg *m;
+    int held = 0;
+    int rc = kt_queue_load(qdir, id, &m);
+    if (rc == -ENOENT) {
+        rc = kt_queue_load_held(qdir, id, &m);
+        held = 1;
+    }
+    if (rc < 0)
+        return rc;
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/%s/%s", qdir, held ? "hold" : "new", id);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    char *body = NULL;
+    const char **rcpts = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*rcpts));
+    size_t n = 0;
+    if (fd < 0) {
+        rc = -errno;
+        goto out;
+    }
+    body = kt_malloc((size_t)m->body_len + 1);
+    ssize_t got = pread(fd, body, (size_t)m->body_len, m->body_off);
+    close(fd);
+    if (got != (ssize_t)m->body_len) {
+        rc = -EIO;
+        goto out;
+    }
+    for (size_t k = 0; k < m->n_rcpts; k++)
+        if (m->rcpts[k].state == KT_QR_PENDING)
+            rcpts[n++] = m->rcpts[k].addr;
+    newid[0] = '\0';
+    if (n == 0) {
+        rc = kt_queue_remove(qdir, id);
+        goto out;
+    }
+    rc = kt_queue_write_at(qdir, m->arrival, m->sender, rcpts, n, body, (size_t)m->body_len, newid, newlen);
+    if (rc == 0)
+        rc = kt_queue_remove(qdir, id);
+out:
+    kt_free(body);
+    kt_free(rcpts);
+    kt_qmsg_free(m);
+    return rc;
+}
+
+/* delete, hold, release, requeue: one id or ALL (new/ and hold/ as fits). */
+static int queue_each(const char *qdir, const char *verb, const char *id)
+{
+    char **ids = NULL;
+    size_t n = 0;
+    int all = !strcmp(id, "ALL");
+    if (all) {
+        int rc = !strcmp(verb, "release") ? kt_queue_list_held(qdir, &ids, &n) : kt_queue_list_ids(qdir, &ids, &n);
         if (rc < 0) {
             fprintf(stderr, "ktrelay queue: %s: %s\n", qdir, strerror(-rc));
-            return rc == -EACCES ? EX_NOPERM : EX_OSERR;
+            return exit_of(rc);
         }
-        for (size_t i = 0; i < n; i++)
-            if (kt_queue_remove(qdir, ids[i]) == 0)
-                printf("ktrelay queue: %s: removed\n", ids[i]);
-        printf("ktrelay queue: Deleted: %zu message%s\n", n, n == 1 ? "" : "s");
-        kt_queue_free_ids(ids, n);
-        return 0;
+        if (!strcmp(verb, "delete") || !strcmp(verb, "requeue")) {
+            char **h;
+            size_t nh;
+            if (kt_queue_list_held(qdir, &h, &nh) == 0) {
+                ids = kt_realloc(ids, (n + nh + 1) * sizeof(*ids));
+                memcpy(ids + n, h, nh * sizeof(*h));
+                n += nh;
+                kt_free(h);
+            }
+        }
+    } else {
+        ids = kt_calloc(1, sizeof(*ids));
+        ids[0] = kt_strdup(id);
+        n = 1;
     }
-    int rc = kt_queue_remove(qdir, id);
+    size_t done = 0;
+    int status = EX_OK;
+    for (size_t i = 0; i < n; i++) {
+        int rc;
+        char newid[KT_QUEUE_ID_MAX] = "";
+        /* a running queue manager keeps the queue in memory: tell it */
+        if (!strcmp(verb, "delete")) {
+            if ((rc = kt_queue_remove(qdir, ids[i])) == 0)
+                kt_queue_forget(qdir, ids[i]);
+        } else if (!strcmp(verb, "hold")) {
+            if ((rc = kt_queue_hold(qdir, ids[i])) == 0)
+                kt_queue_forget(qdir, ids[i]);
+        } else if (!strcmp(verb, "release")) {
+            if ((rc = kt_queue_release(qdir, ids[i])) == 0)
+                kt_queue_notify(qdir, ids[i]);
+        } else if ((rc = requeue_one(qdir, ids[i], newid, sizeof(newid))) == 0) {
+            kt_queue_forget(qdir, ids[i]);
+            if (newid[0])
+                kt_queue_notify(qdir, newid);
+        }
+        if (rc < 0) {
+            if (!all || rc != -ENOENT) {
+                fprintf(stderr, "ktrelay queue: %s: %s\n", ids[i],
+                        rc == -ENOENT ? (!strcmp(verb, "release") ? "no such message on hold" : "no such message")
+                                      : strerror(-rc));
+                status = exit_of(rc);
+            }
+            continue;
+        }
+        done++;
+        if (newid[0])
+            printf("ktrelay queue: %s: requeued as %s\n", ids[i], newid);
+        else
+            printf("ktrelay queue: %s: %s\n", ids[i],
+                   !strcmp(verb, "delete") ? "removed" : !strcmp(verb, "hold") ? "placed on hold"
+                   : !strcmp(verb, "release") ? "released from hold" : "removed (nothing pending)");
+    }
+    if (all)
+        printf("ktrelay queue: %s: %zu message%s\n",
+               !strcmp(verb, "delete") ? "Deleted" : !strcmp(verb, "hold") ? "Placed on hold"
+               : !strcmp(verb, "release") ? "Released from hold" : "Requeued", done, done == 1 ? "" : "s");
+    kt_queue_free_ids(ids, n);
+    return status;
+}
+
+/* postcat -q: the envelope, then the message as queued. */
+static int queue_show(const char *qdir, const char *id)
+{
+    struct kt_qmsg *m;
+    const char *where = "new";
+    int rc = kt_queue_load(qdir, id, &m);
+    if (rc == -ENOENT) {
+        where = "hold";
+        rc = kt_queue_load_held(qdir, id, &m);
+    }
     if (rc < 0) {
         fprintf(stderr, "ktrelay queue: %s: %s\n", id, rc == -ENOENT ? "no such message" : strerror(-rc));
-        return rc == -ENOENT ? EX_NOINPUT : rc == -EACCES ? EX_NOPERM : EX_OSERR;
+        return exit_of(rc);
     }
-    printf("ktrelay queue: %s: removed\n", id);
-    return 0;
+    char path[4096], date[64];
+    struct tm tm;
+    snprintf(path, sizeof(path), "%s/%s/%s", qdir, where, id);
+    localtime_r(&m->arrival, &tm);
+    strftime(date, sizeof(date), "%a %b %e %H:%M:%S %Y", &tm);
+    printf("*** ENVELOPE RECORDS %s/%s ***\n", where, id);
+    printf("message_size: %lld\n", (long long)m->body_len);
+    printf("message_arrival_time: %s\n", date);
+    printf("sender: %s\n", m->sender);
+    for (size_t k = 0; k < m->n_rcpts; k++) {
+        const struct kt_qrcpt *r = &m->rcpts[k];
+        printf("recipient: %s (%s)", r->addr, r->state == KT_QR_DONE ? "delivered" : r->state == KT_QR_FAILED
+                                                                                  ? "failed" : "pending");
+        if (r->reason)
+            printf(" %s", r->reason);
+        printf("\n");
+    }
+    printf("*** MESSAGE CONTENTS %s/%s ***\n", where, id);
+    fflush(stdout);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        kt_qmsg_free(m);
+        return exit_of(-errno);
+    }
+    char buf[65536];
+    off_t off = m->body_off;
+    ssize_t got;
+    while ((got = pread(fd, buf, sizeof(buf), off)) > 0) {
+        /* CRLF as stored becomes LF, as postcat shows it */
+        size_t o = 0;
+        for (ssize_t i = 0; i < got; i++)
+            if (!(buf[i] == '\r' && i + 1 < got && buf[i + 1] == '\n'))
+                buf[o++] = buf[i];
+        fwrite(buf, 1, o, stdout);
+        off += got;
+    }
+    close(fd);
+    printf("*** MESSAGE FILE END %s/%s ***\n", where, id);
+    kt_qmsg_free(m);
+    return EX_OK;
 }
 
 int kt_queue_cli_queue(int argc, char **argv)
@@ -131,9 +314,12 @@ int kt_queue_cli_queue(int argc, char **argv)
     if (nargs == 0)
         goto usage;
     const char *sub = args[0];
-    if (strcmp(sub, "list") && strcmp(sub, "flush") && strcmp(sub, "delete"))
-        goto usage;
-    if ((!strcmp(sub, "delete")) != (nargs == 2))
+    static const char *const with_id[] = { "delete", "hold", "release", "requeue", "show" };
+    int needs_id = 0, known = !strcmp(sub, "list") || !strcmp(sub, "flush");
+    for (size_t i = 0; i < sizeof(with_id) / sizeof(with_id[0]); i++)
+        if (!strcmp(sub, with_id[i]))
+            known = needs_id = 1;
+    if (!known || needs_id != (nargs == 2))
         goto usage;
     struct kt_config *cfg = load_config(dir, "ktrelay queue");
     if (!cfg)
@@ -144,11 +330,13 @@ int kt_queue_cli_queue(int argc, char **argv)
         rc = queue_list(qdir);
     else if (!strcmp(sub, "flush"))
         rc = queue_flush(qdir);
+    else if (!strcmp(sub, "show"))
+        rc = queue_show(qdir, args[1]);
     else
-        rc = queue_delete(qdir, args[1]);
+        rc = queue_each(qdir, sub, args[1]);
     kt_config_free(cfg);
     return rc;
 usage:
-    fprintf(stderr, "usage: ktrelay queue [-c DIR] list | flush | delete ID|ALL\n");
+    fprintf(stderr, "usage: ktrelay queue [-c DIR] list | flush | show ID | delete|hold|release|requeue ID|ALL\n");
     return EX_USAGE;
 }

@@ -413,6 +413,9 @@ static void rcpt_deferred(struct msg *m, size_t i, const char *relay, int code, 
             delay_of(m), dsn, text);
     kt_free(m->defer_reason);
     m->defer_reason = kt_asprintf("%s %s %s", dsn, strcmp(relay, "none") ? relay : "-", text);
+    /* for the queue listing: written with the round's outcome (msg_round_done) */
+    kt_free(m->q->rcpts[i].reason);
+    m->q->rcpts[i].reason = kt_strdup(text);
 }
 
 /* ---- jobs ---- */
@@ -1148,6 +1151,7 @@ static void msg_round_done(struct kt_qmgr *q, struct msg *m)
         msg_complete(q, m);
         return;
     }
+    kt_queue_note_deferrals(q->qdir, m->q);
     long long life = m->q->sender[0] ? q->set->maximal_queue_lifetime : q->set->bounce_queue_lifetime;
     if (difftime(now, m->q->arrival) >= (double)life) {
         for (size_t i = 0; i < m->q->n_rcpts; i++) {
@@ -1408,6 +1412,15 @@ static void check_flush(struct kt_qmgr *q)
 }
 
 /* Lines from public/qmgr: "N<id>" a message in new/, "F" a flush request. */
+/* "D<id>": the message left new/ (queue delete, hold, requeue); forget it
+ * unless an attempt is under way, which ends first (its file is open). */
+static void msg_forget(struct kt_qmgr *q, const char *id)
+{
+    struct msg *m = msg_find(q, id);
+    if (m && m->jobs == 0)
+        msg_free(q, m);
+}
+
 static void fifo_done(struct kt_op *op, int res, unsigned flags)
 {
     struct kt_qmgr *q = (struct kt_qmgr *)((char *)op - offsetof(struct kt_qmgr, fifo_op));
@@ -1425,6 +1438,8 @@ static void fifo_done(struct kt_op *op, int res, unsigned flags)
                 msg_load(q, p + 1, 1);
             else if (p[0] == 'F')
                 check_flush(q);
+            else if (p[0] == 'D' && p[1])
+                msg_forget(q, p + 1);
         }
         p = nl + 1;
     }
@@ -1445,6 +1460,11 @@ static void publish_queue_gauges(struct kt_qmgr *q, time_t now)
     (void)now;
     kt_metric_set(KT_M_QUEUE_ACTIVE, (long long)(q->n_msgs - q->heap_n));
     kt_metric_set(KT_M_QUEUE_DEFERRED, (long long)q->heap_n);
+    char **held;
+    size_t n_held = 0;
+    if (kt_queue_list_held(q->qdir, &held, &n_held) == 0)
+        kt_queue_free_ids(held, n_held);
+    kt_metric_set(KT_M_QUEUE_HOLD, (long long)n_held);
 }
 
 static void tick_done(struct kt_op *op, int res, unsigned flags)

@@ -120,6 +120,12 @@ static int has_dot_line(const char *body, size_t len)
 int kt_queue_write(const char *qdir, const char *sender, const char *const *rcpts, size_t n, const void *body,
                    size_t len, char *id, size_t idlen)
 {
+    return kt_queue_write_at(qdir, time(NULL), sender, rcpts, n, body, len, id, idlen);
+}
+
+int kt_queue_write_at(const char *qdir, time_t arrival, const char *sender, const char *const *rcpts, size_t n,
+                      const void *body, size_t len, char *id, size_t idlen)
+{
     char tmp[PATH_MAX], dst[PATH_MAX];
     int rc = kt_queue_init_dirs(qdir);
     if (rc < 0)
@@ -131,7 +137,7 @@ int kt_queue_write(const char *qdir, const char *sender, const char *const *rcpt
     int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0)
         return -errno;
-    char *env = kt_queue_envelope(sender, rcpts, n, time(NULL), has_dot_line(body, len));
+    char *env = kt_queue_envelope(sender, rcpts, n, arrival, has_dot_line(body, len));
     rc = write_all(fd, env, strlen(env));
     kt_free(env);
     if (rc == 0)
@@ -191,20 +197,26 @@ static void load_status(const char *qdir, struct kt_qmsg *m)
             m->rcpts[idx].state = KT_QR_FAILED;
             kt_free(m->rcpts[idx].reason);
             m->rcpts[idx].reason = line[off] == ' ' ? kt_strdup(line + off + 1) : NULL;
+        } else if (sscanf(line, "defer %lu%n", &idx, &off) == 1 && idx < m->n_rcpts
+                   && m->rcpts[idx].state == KT_QR_PENDING && line[off] == ' ') {
+            /* the last deferral reason, for the queue listing */
+            kt_free(m->rcpts[idx].reason);
+            m->rcpts[idx].reason = kt_strdup(line + off + 1);
+            m->deferred = 1;
         }
     }
     free(line);
     fclose(f);
 }
 
-int kt_queue_load(const char *qdir, const char *id, struct kt_qmsg **out)
+static int load_from(const char *qdir, const char *sub, const char *id, struct kt_qmsg **out)
 {
     char path[PATH_MAX];
     struct stat st;
     *out = NULL;
     if (!id[0] || id[0] == '.' || strchr(id, '/'))
         return -EINVAL;
-    snprintf(path, sizeof(path), "%s/new/%s", qdir, id);
+    snprintf(path, sizeof(path), "%s/%s/%s", qdir, sub, id);
     FILE *f = fopen(path, "re");
     if (!f)
         return -errno;
@@ -258,6 +270,16 @@ int kt_queue_load(const char *qdir, const char *id, struct kt_qmsg **out)
     load_status(qdir, m);
     *out = m;
     return 0;
+}
+
+int kt_queue_load(const char *qdir, const char *id, struct kt_qmsg **out)
+{
+    return load_from(qdir, "new", id, out);
+}
+
+int kt_queue_load_held(const char *qdir, const char *id, struct kt_qmsg **out)
+{
+    return load_from(qdir, "hold", id, out);
 }
 
 int kt_queue_open_body(const char *qdir, const char *id)
@@ -377,6 +399,10 @@ int kt_queue_remove(const char *qdir, const char *id)
         return -EINVAL;
     snprintf(path, sizeof(path), "%s/new/%s", qdir, id);
     int rc = unlink(path) < 0 ? -errno : 0;
+    if (rc == -ENOENT) {   /* or on hold */
+        snprintf(path, sizeof(path), "%s/hold/%s", qdir, id);
+        rc = unlink(path) < 0 ? -errno : 0;
+    }
     snprintf(path, sizeof(path), "%s/status/%s", qdir, id);
     unlink(path);
     return rc;
@@ -471,6 +497,77 @@ void kt_queue_notify(const char *qdir, const char *id)
     close(fd);
 }
 
+void kt_queue_forget(const char *qdir, const char *id)
+{
+    char path[PATH_MAX], line[KT_QUEUE_ID_MAX + 4];
+    snprintf(path, sizeof(path), "%s/public/qmgr", qdir);
+    int fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    struct stat st;
+    int n = snprintf(line, sizeof(line), "D%s\n", id);
+    if (fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode) && n > 0 && (size_t)n < sizeof(line)
+        && write(fd, line, (size_t)n) < 0) {
+        /* a full FIFO: the queue manager finds the file gone at its next attempt */
+    }
+    close(fd);
+}
+
+int kt_queue_note_deferrals(const char *qdir, const struct kt_qmsg *m)
+{
+    struct kt_buf b = { 0 };
+    for (size_t i = 0; i < m->n_rcpts; i++)
+        if (m->rcpts[i].state == KT_QR_PENDING && m->rcpts[i].reason) {
+            size_t at = kt_buf_used(&b);
+            kt_buf_printf(&b, "defer %zu %.1000s\n", i, m->rcpts[i].reason);
+            for (char *p = b.data + at; p < b.data + kt_buf_used(&b) - 1; p++)
+                if (*p == '\n' || *p == '\r')
+                    *p = ' ';
+        }
+    if (!kt_buf_used(&b))
+        return 0;
+    char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%s/status/%s", qdir, m->id);
+    /* informational: no fsync (a lost reason is shown again after the next attempt) */
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+    int rc = fd < 0 ? -errno : write_all(fd, b.data, kt_buf_used(&b));
+    if (fd >= 0)
+        close(fd);
+    kt_buf_release(&b);
+    return rc;
+}
+
+static int valid_id(const char *id)
+{
+    return id[0] && id[0] != '.' && !strchr(id, '/') && strlen(id) < 200;
+}
+
+static int move(const char *qdir, const char *from, const char *to, const char *id)
+{
+    char src[PATH_MAX], dst[PATH_MAX];
+    if (!valid_id(id))
+        return -EINVAL;
+    snprintf(src, sizeof(src), "%s/%s/%s", qdir, from, id);
+    snprintf(dst, sizeof(dst), "%s/%s/%s", qdir, to, id);
+    if (renameat2(AT_FDCWD, src, AT_FDCWD, dst, RENAME_NOREPLACE) < 0)
+        return -errno;
+    snprintf(dst, sizeof(dst), "%s/%s", qdir, to);
+    int rc = fsync_dir(dst);
+    snprintf(src, sizeof(src), "%s/%s", qdir, from);
+    int rc2 = fsync_dir(src);
+    return rc < 0 ? rc : rc2;
+}
+
+int kt_queue_hold(const char *qdir, const char *id)
+{
+    return move(qdir, "new", "hold", id);
+}
+
+int kt_queue_release(const char *qdir, const char *id)
+{
+    return move(qdir, "hold", "new", id);
+}
+
 static int cmp_str(const void *a, const void *b)
 {
     return strcmp(*(char *const *)a, *(char *const *)b);
@@ -503,6 +600,13 @@ int kt_queue_list_ids(const char *qdir, char ***ids, size_t *n)
     return list_dir(path, ids, n);
 }
 
+int kt_queue_list_held(const char *qdir, char ***ids, size_t *n)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%s/hold", qdir);
+    return list_dir(path, ids, n);
+}
+
 void kt_queue_free_ids(char **ids, size_t n)
 {
     for (size_t i = 0; i < n; i++)
@@ -528,7 +632,9 @@ void kt_queue_cleanup(const char *qdir)
         for (size_t i = 0; i < n; i++) {
             struct stat st;
             snprintf(path, sizeof(path), "%s/new/%s", qdir, ids[i]);
-            if (stat(path, &st) < 0 && errno == ENOENT) {
+            int gone = stat(path, &st) < 0 && errno == ENOENT;
+            snprintf(path, sizeof(path), "%s/hold/%s", qdir, ids[i]);
+            if (gone && stat(path, &st) < 0 && errno == ENOENT) {
                 snprintf(path, sizeof(path), "%s/%s", dir, ids[i]);
                 unlink(path);
             }

@@ -46,6 +46,7 @@ struct kt_qmsg {
     time_t arrival;
     int dots;                      /* -1 unknown, 0 no body line starts with '.', 1 some do */
     int warned;                    /* delay warning already sent */
+    int deferred;                  /* a delivery attempt was deferred (status "defer" records) */
     size_t n_rcpts;
     struct kt_qrcpt *rcpts;
     off_t body_off, body_len;      /* message bytes in the file */
@@ -78,8 +79,24 @@ char *kt_queue_envelope(const char *sender, const char *const *rcpts, size_t n, 
  * string, else a fresh id is written there. 0 or -errno. */
 int kt_queue_write(const char *qdir, const char *sender, const char *const *rcpts, size_t n, const void *body,
                    size_t len, char *id, size_t idlen);
-/* Read the envelope and the status records of new/ID. 0, -ENOENT, -EINVAL (bad file), -errno. */
+/* The same with a given arrival time (requeue keeps the original one). */
+int kt_queue_write_at(const char *qdir, time_t arrival, const char *sender, const char *const *rcpts, size_t n,
+                      const void *body, size_t len, char *id, size_t idlen);
+/* Read the envelope and the status records of new/ID (hold/ID). 0, -ENOENT, -EINVAL (bad file), -errno.
+ * A pending recipient's reason is its last deferral reason, if any. */
 int kt_queue_load(const char *qdir, const char *id, struct kt_qmsg **out);
+int kt_queue_load_held(const char *qdir, const char *id, struct kt_qmsg **out);
+/* Append "defer N REASON" for every pending recipient with a reason (the
+ * queue manager after a delivery round; not fsync'd: informational, for the
+ * queue listing). 0 or -errno. */
+int kt_queue_note_deferrals(const char *qdir, const struct kt_qmsg *m);
+/* postsuper -h / -H: move new/ID to hold/ID and back (never replacing a
+ * file). A running queue manager drops a held message at its next look
+ * (within a second) unless a delivery attempt is in flight, which ends first.
+ * 0, -ENOENT, -EEXIST, -errno. */
+int kt_queue_hold(const char *qdir, const char *id);
+int kt_queue_release(const char *qdir, const char *id);
+int kt_queue_list_held(const char *qdir, char ***ids, size_t *n);
 void kt_qmsg_free(struct kt_qmsg *m);
 /* Open the message file read-only (body at m->body_off). fd or -errno. The _at form takes an open new/. */
 int kt_queue_open_body(const char *qdir, const char *id);
@@ -109,6 +126,9 @@ void kt_queue_spares_clear(void);
 /* Tell a running queue manager about a message in new/ (id) or ask for a flush (id NULL), through
  * public/qmgr. Without a running queue manager nothing happens: it loads new/ when it starts. */
 void kt_queue_notify(const char *qdir, const char *id);
+/* Tell a running queue manager to drop message id from memory (it was deleted, put on hold or
+ * requeued), through public/qmgr as "D<id>". An attempt under way ends first. */
+void kt_queue_forget(const char *qdir, const char *id);
 /* Ids in new/, sorted. *ids is a kt_malloc'ed array of kt_malloc'ed strings. 0 or -errno. */
 int kt_queue_list_ids(const char *qdir, char ***ids, size_t *n);
 void kt_queue_free_ids(char **ids, size_t n);

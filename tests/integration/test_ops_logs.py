@@ -40,8 +40,8 @@ def wait_for(cond, timeout=20, what="condition"):
 class Sink:
     """Postfix's smtp-sink on a free loopback port; `args` make it refuse commands (-f RCPT)."""
 
-    def __init__(self, *args):
-        self.port = free_port()
+    def __init__(self, *args, port=None):
+        self.port = port or free_port()
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         self.proc = subprocess.Popen([SMTP_SINK, *user, *args, f"127.0.0.1:{self.port}", "10"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
