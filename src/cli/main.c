@@ -39,7 +39,7 @@ static void usage(FILE *out)
             "  check-config                     load and validate the configuration, tables, certificates\n"
             "  config [-n] [NAME...]            print parameters like postconf (-n: only those main.cf sets)\n"
             "  sendmail [-t] [-i] [-f SENDER] [-F NAME] [-bp|-bs|-bi] [-q] [RCPT...]   submit stdin\n"
-            "  queue list | flush | delete ID|ALL   show, retry now, remove queued mail\n"
+            "  queue list | flush | show ID | delete|hold|release|requeue ID|ALL   like mailq, postcat, postsuper\n"
             "  version, --version               print the version\n"
             "  help, --help                     this text\n"
             "Options may stand anywhere after COMMAND. The configuration directory (main.cf, master.cf) is\n"
