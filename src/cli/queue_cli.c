@@ -178,7 +178,7 @@ static int queue_each(const char *qdir, const char *verb, const char *id)
         if (!strcmp(verb, "delete") || !strcmp(verb, "requeue")) {
             char **h;
             size_t nh;
-            if (kt_queue_list_held(qdir, &h, &nh) == 0) {
+            if (kt_queue_list_held(qdir, &h, &nh) == 0 && nh) {
                 ids = kt_realloc(ids, (n + nh + 1) * sizeof(*ids));
                 memcpy(ids + n, h, nh * sizeof(*h));
                 n += nh;

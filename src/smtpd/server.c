@@ -296,6 +296,25 @@ static int reload(struct kt_server *srv, struct kt_qmgr *qmgr)
     return 0;
 }
 
+/* A start that failed before any thread ran: give back what was set up
+ * (workers 0..made-1 have their loop and listeners) and the caller's runtime. */
+static int start_failed(struct kt_server *srv, unsigned made, struct bind_addr *addrs, int code)
+{
+    for (unsigned k = 0; k < made; k++) {
+        struct kt_worker *w = &srv->workers[k];
+        for (size_t a = 0; a < w->n_listeners; a++)
+            if (w->listeners[a].fd >= 0)
+                close(w->listeners[a].fd);
+        kt_free(w->listeners);
+        kt_loop_fini(&w->loop);
+        kt_runtime_unref(w->rt);
+    }
+    kt_free(srv->workers);
+    kt_free(addrs);
+    kt_runtime_unref(atomic_load(&srv->rt));
+    return code;
+}
+
 int kt_server_run(struct kt_runtime *rt, const char *config_dir)
 {
     struct kt_server srv;
@@ -315,10 +334,10 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
 
     for (size_t i = 0; i < rt->n_services; i++)
         if (service_addrs(rt, i, &addrs, &n_addrs) < 0)
-            return EX_CONFIG;
+            return start_failed(&srv, 0, addrs, EX_CONFIG);
     if (n_addrs == 0) {
         kt_err("fatal: no listening addresses: add an inet smtpd service to master.cf");
-        return EX_CONFIG;
+        return start_failed(&srv, 0, addrs, EX_CONFIG);
     }
 
     sigset_t set;
@@ -336,16 +355,18 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
         w->server = &srv;
         w->ktls = &srv.ktls;
         w->id = k;
-        w->rt = kt_runtime_ref(rt);
         int rc = kt_loop_init(&w->loop, RING_ENTRIES);
         if (rc < 0) {
             kt_err("fatal: io_uring_queue_init: %s%s", strerror(-rc),
                    rc == -ENOMEM ? " (raise the locked-memory limit: ulimit -l, LimitMEMLOCK=)"
                    : rc == -EPERM ? " (io_uring is disabled: sysctl kernel.io_uring_disabled=0)" : "");
-            return EX_OSERR;
+            return start_failed(&srv, k, addrs, EX_OSERR);
         }
+        w->rt = kt_runtime_ref(rt);
         w->listeners = kt_calloc(n_addrs, sizeof(*w->listeners));
         w->n_listeners = n_addrs;
+        for (size_t a = 0; a < n_addrs; a++)
+            w->listeners[a].fd = -1;
         for (size_t a = 0; a < n_addrs; a++) {
             struct kt_listener *l = &w->listeners[a];
             l->op.cb = accept_done;
@@ -363,7 +384,7 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
                            "stop it or change the service in master.cf", addrs[a].text, strerror(-l->fd));
                 else
                     kt_err("fatal: cannot listen on %s: %s", addrs[a].text, strerror(-l->fd));
-                return l->fd == -EACCES ? EX_NOPERM : EX_UNAVAILABLE;
+                return start_failed(&srv, k + 1, addrs, l->fd == -EACCES ? EX_NOPERM : EX_UNAVAILABLE);
             }
         }
     }
@@ -379,7 +400,7 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
     struct kt_qmgr *qmgr = NULL;
     if (kt_qmgr_start(rt, &qmgr) < 0) {
         kt_err("fatal: cannot start the queue manager");
-        return EX_UNAVAILABLE;
+        return start_failed(&srv, srv.n_workers, NULL, EX_UNAVAILABLE);
     }
     for (unsigned k = 0; k < srv.n_workers; k++)
         pthread_create(&srv.workers[k].thread, NULL, worker_main, &srv.workers[k]);

@@ -102,7 +102,7 @@ def test_list_show_hold_release_requeue(relay_factory, tmp_path):
         p = q("release", "ALL")
         assert p.returncode == 0 and "Released from hold: 1 message" in p.stdout
         p = q("delete", "ALL")
-        assert p.returncode == 0
+        assert p.returncode == 0, p.stderr
         assert wait_for(lambda: q("list").stdout == "Mail queue is empty\n")
     finally:
         sink.stop()
