@@ -142,15 +142,29 @@ static void parse_address_list(struct rcpt_list *l, const char *v, size_t len)
     }
 }
 
-/* Bytes of the header section (through its CRLF CRLF, or the whole message). */
+/* Bytes of the header section: the header lines (RFC 5322 2.2: a field name
+ * of printable characters and a colon, or a continuation line) from the
+ * start, up to the first line that is none (normally the empty line). */
 static size_t header_len(const char *m, size_t len)
 {
-    if (len >= 2 && m[0] == '\r' && m[1] == '\n')
-        return 0;
-    for (size_t i = 0; i + 3 < len; i++)
-        if (m[i] == '\r' && m[i + 1] == '\n' && m[i + 2] == '\r' && m[i + 3] == '\n')
-            return i + 2;
-    return len;
+    size_t pos = 0;
+    int any = 0;
+    while (pos < len) {
+        const char *nl = memchr(m + pos, '\n', len - pos);
+        size_t end = nl ? (size_t)(nl - m) + 1 : len;
+        size_t i = pos;
+        if ((m[pos] == ' ' || m[pos] == '\t') && any) {
+            pos = end;
+            continue;
+        }
+        while (i < end && m[i] > ' ' && m[i] < 0x7f && m[i] != ':')
+            i++;
+        if (i == pos || i >= end || m[i] != ':')
+            break;
+        any = 1;
+        pos = end;
+    }
+    return pos;
 }
 
 /* Walk the headers: cb(name, name_len, value, value_len, start, end) per
@@ -344,8 +358,9 @@ static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list
         rc = EX_USAGE;
         goto out;
     }
-    /* the message as queued: missing headers first, Bcc: left out */
-    struct kt_buf msg = { 0 };
+    /* the message as queued: the headers it lacks after its own (as Postfix's
+     * cleanup adds them), Bcc: left out */
+    struct kt_buf msg = { 0 }, added = { 0 };
     char date[64], id[KT_QUEUE_ID_MAX] = "";
     time_t now = time(NULL);
     struct tm tm;
@@ -358,21 +373,30 @@ static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list
                       (unsigned)getuid(), id, date);
     if (!st.has_from) {
         if (c->fullname)
-            kt_buf_printf(&msg, "From: %s <%s>\r\n", c->fullname, sender[0] ? sender : "MAILER-DAEMON");
+            kt_buf_printf(&added, "From: %s <%s>\r\n", c->fullname, sender[0] ? sender : "MAILER-DAEMON");
         else
-            kt_buf_printf(&msg, "From: %s\r\n", sender[0] ? sender : "MAILER-DAEMON");
+            kt_buf_printf(&added, "From: %s\r\n", sender[0] ? sender : "MAILER-DAEMON");
     }
     if (!st.has_date)
-        kt_buf_printf(&msg, "Date: %s\r\n", date);
+        kt_buf_printf(&added, "Date: %s\r\n", date);
     if (!st.has_msgid)
-        kt_buf_printf(&msg, "Message-ID: <%04d%02d%02d%02d%02d%02d.%s@%s>\r\n", tm.tm_year + 1900, tm.tm_mon + 1,
+        kt_buf_printf(&added, "Message-ID: <%04d%02d%02d%02d%02d%02d.%s@%s>\r\n", tm.tm_year + 1900, tm.tm_mon + 1,
                       tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, id, c->host);
-    size_t pos = 0;
+    const char *b = body->data ? body->data : "";
+    size_t blen = kt_buf_used(body), pos = 0;
     for (size_t i = 0; i < st.n_bcc; i++) {
-        kt_buf_append(&msg, body->data + pos, st.bcc_start[i] - pos);
+        kt_buf_append(&msg, b + pos, st.bcc_start[i] - pos);
         pos = st.bcc_end[i];
     }
-    kt_buf_append(&msg, body->data ? body->data + pos : "", kt_buf_used(body) - pos);
+    kt_buf_append(&msg, b + pos, hlen - pos);
+    kt_buf_append(&msg, added.data ? added.data : "", kt_buf_used(&added));
+    /* a body that starts without the empty line gets one after the headers */
+    if (hlen < blen && !(b[hlen] == '\r' && hlen + 1 < blen && b[hlen + 1] == '\n'))
+        kt_buf_append(&msg, "\r\n", 2);
+    else if (hlen == blen)
+        kt_buf_append(&msg, "\r\n", 2);
+    kt_buf_append(&msg, b + hlen, blen - hlen);
+    kt_buf_release(&added);
 
     if (direct) {
         int w = kt_queue_write(c->qdir, sender, (const char *const *)rcpts->v, rcpts->n, msg.data,
