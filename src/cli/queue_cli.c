@@ -198,15 +198,15 @@ static int queue_each(const char *qdir, const char *verb, const char *id)
         /* a running queue manager keeps the queue in memory: tell it */
         if (!strcmp(verb, "delete")) {
             if ((rc = kt_queue_remove(qdir, ids[i])) == 0)
-                kt_queue_forget(qdir, ids[i]);
+                kt_queue_forget(qdir, ids[i], 'D');
         } else if (!strcmp(verb, "hold")) {
             if ((rc = kt_queue_hold(qdir, ids[i])) == 0)
-                kt_queue_forget(qdir, ids[i]);
+                kt_queue_forget(qdir, ids[i], 'H');
         } else if (!strcmp(verb, "release")) {
             if ((rc = kt_queue_release(qdir, ids[i])) == 0)
                 kt_queue_notify(qdir, ids[i]);
         } else if ((rc = requeue_one(qdir, ids[i], newid, sizeof(newid))) == 0) {
-            kt_queue_forget(qdir, ids[i]);
+            kt_queue_forget(qdir, ids[i], newid[0] ? 'Q' : 'D');
             if (newid[0])
                 kt_queue_notify(qdir, newid);
         }

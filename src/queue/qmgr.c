@@ -1412,13 +1412,25 @@ static void check_flush(struct kt_qmgr *q)
 }
 
 /* Lines from public/qmgr: "N<id>" a message in new/, "F" a flush request. */
-/* "D<id>": the message left new/ (queue delete, hold, requeue); forget it
- * unless an attempt is under way, which ends first (its file is open). */
-static void msg_forget(struct kt_qmgr *q, const char *id)
+/* "D<id>", "H<id>", "Q<id>": the message left new/ (queue delete, hold,
+ * requeue): forget it now, or, when an attempt is under way (its file is
+ * open), once that attempt ends. */
+static void msg_forget(struct kt_qmgr *q, char why, const char *id)
 {
     struct msg *m = msg_find(q, id);
-    if (m && m->jobs == 0)
-        msg_free(q, m);
+    if (!m)
+        return;
+    if (m->jobs) {
+        m->gone = 1;
+        return;
+    }
+    if (why == 'H')
+        kt_info("%s: placed on hold", id);
+    else if (why == 'Q')
+        kt_info("%s: requeued", id);
+    else
+        kt_info("%s: removed from the queue by the administrator", id);
+    msg_free(q, m);
 }
 
 static void fifo_done(struct kt_op *op, int res, unsigned flags)
@@ -1438,8 +1450,8 @@ static void fifo_done(struct kt_op *op, int res, unsigned flags)
                 msg_load(q, p + 1, 1);
             else if (p[0] == 'F')
                 check_flush(q);
-            else if (p[0] == 'D' && p[1])
-                msg_forget(q, p + 1);
+            else if ((p[0] == 'D' || p[0] == 'H' || p[0] == 'Q') && p[1])
+                msg_forget(q, p[0], p + 1);
         }
         p = nl + 1;
     }

@@ -497,7 +497,7 @@ void kt_queue_notify(const char *qdir, const char *id)
     close(fd);
 }
 
-void kt_queue_forget(const char *qdir, const char *id)
+void kt_queue_forget(const char *qdir, const char *id, char why)
 {
     char path[PATH_MAX], line[KT_QUEUE_ID_MAX + 4];
     snprintf(path, sizeof(path), "%s/public/qmgr", qdir);
@@ -505,7 +505,7 @@ void kt_queue_forget(const char *qdir, const char *id)
     if (fd < 0)
         return;
     struct stat st;
-    int n = snprintf(line, sizeof(line), "D%s\n", id);
+    int n = snprintf(line, sizeof(line), "%c%s\n", why, id);
     if (fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode) && n > 0 && (size_t)n < sizeof(line)
         && write(fd, line, (size_t)n) < 0) {
         /* a full FIFO: the queue manager finds the file gone at its next attempt */

@@ -126,9 +126,10 @@ void kt_queue_spares_clear(void);
 /* Tell a running queue manager about a message in new/ (id) or ask for a flush (id NULL), through
  * public/qmgr. Without a running queue manager nothing happens: it loads new/ when it starts. */
 void kt_queue_notify(const char *qdir, const char *id);
-/* Tell a running queue manager to drop message id from memory (it was deleted, put on hold or
- * requeued), through public/qmgr as "D<id>". An attempt under way ends first. */
-void kt_queue_forget(const char *qdir, const char *id);
+/* Tell a running queue manager to drop message id from memory, through public/qmgr: why is 'D'
+ * (deleted), 'H' (put on hold) or 'Q' (requeued under a new id); it logs that. An attempt under way
+ * ends first. */
+void kt_queue_forget(const char *qdir, const char *id, char why);
 /* Ids in new/, sorted. *ids is a kt_malloc'ed array of kt_malloc'ed strings. 0 or -errno. */
 int kt_queue_list_ids(const char *qdir, char ***ids, size_t *n);
 void kt_queue_free_ids(char **ids, size_t n);

@@ -73,6 +73,7 @@ def test_list_show_hold_release_requeue(relay_factory, tmp_path):
     assert p.returncode == 0 and f"{m2}: placed on hold" in p.stdout
     assert (r.dir / "queue" / "hold" / m2).exists() and not (r.dir / "queue" / "new" / m2).exists()
     assert re.search(rf"^{m2}!", q("list").stdout, re.M)
+    assert r.wait_log(f"{m2}: placed on hold"), r.log()      # the running queue manager let go of it
     sink = Sink(port=sink_port)
     try:
         deferrals_before = r.log().count(f"{m1}: to=<x@later.test>")
@@ -92,6 +93,7 @@ def test_list_show_hold_release_requeue(relay_factory, tmp_path):
         assert p.returncode == 0, p.stderr
         new = re.search(rf"{m1}: requeued as ([0-9A-F]+)", p.stdout)[1]
         assert new != m1 and not (r.dir / "queue" / "new" / m1).exists()
+        assert r.wait_log(f"{m1}: requeued"), r.log()
         text = (r.dir / "queue" / "new" / new).read_text(errors="replace")
         assert f"arrival {arrival}\n" in text and "rcpt x@later.test\n" in text and "body of m1" in text
         wait_for(lambda: qid_of(r.log(), "x@later.test", "deferred") == new)
