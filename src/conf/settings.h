@@ -26,6 +26,8 @@ struct kt_smtpd_settings {
     const char *banner;              /* expanded smtpd_banner */
     long long message_size_limit;    /* 0 = unlimited */
     long long recipient_limit;
+    long long recipient_overshoot_limit; /* excess recipients that are not counted as errors */
+    int helo_required;               /* smtpd_helo_required: MAIL needs HELO/EHLO first */
     long long timeout_s;             /* smtpd_timeout */
     long long starttls_timeout_s;    /* handshake deadline */
     long long hard_error_limit;

@@ -20,7 +20,6 @@
 #include "core/log.h"
 #include "delivery/maildir.h"
 
-#define MAX_BOXES 64
 #define MAX_INFLIGHT_BYTES (4 * KT_DELIVERY_CHUNK)
 
 enum stage {
@@ -49,8 +48,8 @@ struct kt_delivery {
     int exact_name;                  /* queue file: final_name = name, never replace */
     char tmp_path[PATH_MAX];
     size_t n_boxes;
-    struct kt_mailbox boxes[MAX_BOXES];
-    char *box_paths[MAX_BOXES];
+    struct kt_mailbox *boxes;        /* n_boxes entries; paths owned (box_paths) */
+    char **box_paths;
     size_t step;                     /* index into boxes while linking / fsyncing dirs */
     size_t linked;                   /* how many new/ names exist */
     struct kt_dirsync_waiter dirsync; /* waiting for new/ to be fsync'd */
@@ -103,12 +102,12 @@ struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbo
     struct timeval tv;
     char host[128];
 
-    if (n > MAX_BOXES)
-        n = MAX_BOXES;
     d->loop = loop;
     d->op.cb = delivery_step;
     d->fd = -1;
     d->n_boxes = n;
+    d->boxes = kt_calloc(n ? n : 1, sizeof(*d->boxes));
+    d->box_paths = kt_calloc(n ? n : 1, sizeof(*d->box_paths));
     for (size_t i = 0; i < n; i++) {
         d->box_paths[i] = kt_strdup(boxes[i].path);
         d->boxes[i] = boxes[i];
@@ -144,6 +143,8 @@ static void delivery_free(struct kt_delivery *d)
     }
     for (size_t i = 0; i < d->n_boxes; i++)
         kt_free(d->box_paths[i]);
+    kt_free(d->box_paths);
+    kt_free(d->boxes);
     if (d->user && d->user_free)
         d->user_free(d->user);
     kt_free(d);

@@ -19,6 +19,7 @@
 #include "core/log.h"
 #include "smtpd/policy.h"
 #include "core/table.h"
+#include "smtpd/smtp_parse.h"
 
 /* ---- address rewriting ---- */
 
@@ -114,6 +115,7 @@ enum rtype {
     R_PERMIT, R_REJECT, R_DEFER, R_PERMIT_MYNETWORKS, R_PERMIT_SASL, R_REJECT_UNAUTH_DEST, R_DEFER_UNAUTH_DEST,
     R_PERMIT_AUTH_DEST, R_REJECT_UNAUTH_PIPELINING, R_NON_FQDN_SENDER, R_NON_FQDN_RCPT, R_NON_FQDN_HELO,
     R_UNLISTED_RCPT, R_UNLISTED_SENDER, R_LOGIN_MISMATCH, R_AUTH_LOGIN_MISMATCH, R_UNAUTH_LOGIN_MISMATCH,
+    R_INVALID_HELO,
     R_CHECK_CLIENT, R_CHECK_HELO, R_CHECK_SENDER, R_CHECK_RCPT,
 };
 
@@ -134,6 +136,8 @@ static const struct {
     { "reject_non_fqdn_recipient", R_NON_FQDN_RCPT },
     { "reject_non_fqdn_helo_hostname", R_NON_FQDN_HELO },
     { "reject_non_fqdn_hostname", R_NON_FQDN_HELO },
+    { "reject_invalid_helo_hostname", R_INVALID_HELO },
+    { "reject_invalid_hostname", R_INVALID_HELO },
     { "reject_unlisted_recipient", R_UNLISTED_RCPT },
     { "reject_unlisted_sender", R_UNLISTED_SENDER },
     { "reject_sender_login_mismatch", R_LOGIN_MISMATCH },
@@ -557,6 +561,32 @@ static int unlisted_recipient(struct eval *e)
     return REJECT;
 }
 
+/* Postfix's reject_invalid_helo_hostname test: a host name, or an address
+ * with or without brackets (and "IPv6:" inside them), as valid_hostaddr()
+ * and valid_mailhost_addr() accept. */
+static int valid_helo_name(const char *helo)
+{
+    char a[INET6_ADDRSTRLEN + 8];
+    unsigned char bin[16];
+    size_t len = strlen(helo);
+    const char *p = helo;
+    if (helo[0] == '[' && len > 2 && helo[len - 1] == ']') {
+        p = helo + 1;
+        len -= 2;
+        if (len > 5 && strncasecmp(p, "IPv6:", 5) == 0) {
+            p += 5;
+            len -= 5;
+        }
+    }
+    if (len < sizeof(a)) {
+        memcpy(a, p, len);
+        a[len] = '\0';
+        if (inet_pton(AF_INET, a, bin) == 1 || inet_pton(AF_INET6, a, bin) == 1)
+            return 1;
+    }
+    return p == helo && kt_smtp_valid_helo(helo, strlen(helo));
+}
+
 static int apply(struct eval *e, enum rtype t, const struct kt_table *table, int depth)
 {
     const struct kt_policy_request *r = e->r;
@@ -595,6 +625,11 @@ static int apply(struct eval *e, enum rtype t, const struct kt_table *table, int
     case R_NON_FQDN_HELO:
         if (r->helo[0] && !fqdn(r->helo))
             return deny(e, 504, "5.5.2", L_HELO, "need fully-qualified hostname");
+        return DUNNO;
+    case R_INVALID_HELO:
+        /* Postfix's invalid_hostname_reject_code is 501 */
+        if (r->helo[0] && !valid_helo_name(r->helo))
+            return deny(e, 501, "5.5.2", L_HELO, "Invalid name");
         return DUNNO;
     case R_UNLISTED_RCPT:
         return unlisted_recipient(e);

@@ -126,6 +126,7 @@ static void transaction_reset(struct kt_session *s)
     s->bdat_last = 0;
     s->bdat_left = 0;
     s->msg_bytes = 0;
+    s->rcpt_overshoot = 0;
     s->queue_id[0] = '\0';
     s->client_logged = 0;
     kt_header_scan_reset(&s->hdrscan);
@@ -206,6 +207,18 @@ static void mech_list(unsigned mechs, char *out, size_t outlen)
              (mechs & KT_MECH_PLAIN) && (mechs & KT_MECH_LOGIN) ? " " : "", mechs & KT_MECH_LOGIN ? "LOGIN" : "");
 }
 
+/* Keeps the HELO name for logs, restrictions and Received:, as Postfix's
+ * printable(): control characters become '?', UTF-8 stays. */
+static void helo_store(struct kt_session *s, const char *arg, size_t len)
+{
+    size_t n = len < sizeof(s->helo) - 1 ? len : sizeof(s->helo) - 1;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)arg[i];
+        s->helo[i] = ch < 0x20 || ch == 0x7f ? '?' : (char)ch;
+    }
+    s->helo[n] = '\0';
+}
+
 static void cmd_helo(struct kt_session *s, const struct kt_smtp_command *c, int ehlo)
 {
     if (ehlo)
@@ -216,14 +229,10 @@ static void cmd_helo(struct kt_session *s, const struct kt_smtp_command *c, int 
         reply(s, "501 5.5.4 Syntax: %s hostname", ehlo ? "EHLO" : "HELO");
         return;
     }
-    if (!kt_smtp_valid_helo(c->arg, c->arg_len)) {
-        reply(s, "501 5.5.2 <%.*s>: Helo command rejected: Invalid name", (int)(c->arg_len > 255 ? 255 : c->arg_len), c->arg);
-        return;
-    }
+    /* Like Postfix: any argument is accepted here (several words are one
+     * name); smtpd_helo_restrictions judge it at RCPT. */
     transaction_reset(s);
-    size_t n = c->arg_len < sizeof(s->helo) - 1 ? c->arg_len : sizeof(s->helo) - 1;
-    memcpy(s->helo, c->arg, n);
-    s->helo[n] = '\0';
+    helo_store(s, c->arg, c->arg_len);
     s->esmtp = ehlo;
     if (!ehlo) {
         s->counts.helo_ok++;
@@ -258,7 +267,7 @@ static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
     struct kt_mail_params p;
 
     s->counts.mail++;
-    if (!s->helo[0]) {
+    if (s->cfg->helo_required && !s->helo[0]) {
         reply(s, "503 5.5.1 Error: send HELO/EHLO first");
         return;
     }
@@ -296,7 +305,7 @@ static void add_mailbox(struct kt_session *s, const struct kt_mailbox *m)
     for (size_t i = 0; i < s->n_mailboxes; i++)
         if (strcmp(s->mailboxes[i].path, m->path) == 0)
             return;
-    /* n_mailboxes stays below KT_MAX_MAILBOXES (checked by the caller) */
+    /* bounded by smtpd_recipient_limit times KT_RESOLVE_MAX_MAILBOXES */
     if ((s->n_mailboxes & 7) == 0)
         s->mailboxes = kt_realloc(s->mailboxes, (s->n_mailboxes + 8) * sizeof(*s->mailboxes));
     s->mailboxes[s->n_mailboxes++] = *m;
@@ -360,6 +369,17 @@ static int relay_accept(struct kt_session *s, const char *addr)
     return 0;
 }
 
+/* Postfix: the first smtpd_recipient_overshoot_limit excess recipients of a
+ * transaction are not errors, so a client sending a long list in one
+ * pipelined group keeps its session (and the recipients accepted so far). */
+static void too_many_recipients(struct kt_session *s)
+{
+    if (s->rcpt_overshoot++ < s->cfg->recipient_overshoot_limit)
+        kt_buf_printf(&s->out, "452 4.5.3 Error: too many recipients\r\n");
+    else
+        reply(s, "452 4.5.3 Error: too many recipients");
+}
+
 static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
 {
     struct kt_smtp_path path;
@@ -379,7 +399,7 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         return;
     }
     if (s->n_rcpts >= s->cfg->recipient_limit) {
-        reply(s, "452 4.5.3 Error: too many recipients");
+        too_many_recipients(s);
         return;
     }
     struct kt_policy_request pr = {
@@ -400,7 +420,7 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
     }
     if (ra.cls != KT_CLASS_LOCAL && ra.cls != KT_CLASS_VIRTUAL) {
         if (!rcpt_already(s, ra.addr) && relay_accept(s, ra.addr) < 0) {
-            reply(s, "452 4.5.3 Error: too many recipients");
+            too_many_recipients(s);
             return;
         }
         rcpt_accepted(s);
@@ -423,10 +443,6 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
     }
     if (rcpt_already(s, path.addr)) {
         rcpt_accepted(s);
-        return;
-    }
-    if (s->n_mailboxes + res.n_mailboxes > KT_MAX_MAILBOXES) {
-        reply(s, "452 4.5.3 Error: too many recipients");
         return;
     }
     for (size_t i = 0; i < res.n_mailboxes; i++)
@@ -1073,6 +1089,14 @@ static void cmd_auth(struct kt_session *s, const struct kt_smtp_command *c)
 static void handle_command(struct kt_session *s, const char *line, size_t len)
 {
     struct kt_smtp_command c;
+    size_t blank = 0;
+    while (blank < len && (line[blank] == ' ' || line[blank] == '\t'))
+        blank++;
+    if (blank == len) {
+        /* Postfix: an empty line is no command at all */
+        reply(s, "500 5.5.2 Error: bad syntax");
+        return;
+    }
     kt_smtp_parse_command(line, len, &c);
     s->counts.total++;
     switch (c.verb) {

@@ -59,8 +59,6 @@ struct kt_cmd_counts {
     unsigned helo_ok, ehlo_ok, auth_ok, mail_ok, rcpt_ok, data_ok, bdat_ok;
 };
 
-#define KT_MAX_MAILBOXES 64
-
 struct kt_session {
     struct kt_session *next, *prev;        /* worker's session list */
     struct kt_worker *worker;
@@ -110,6 +108,7 @@ struct kt_session {
     unsigned n_rcpts;                      /* all accepted recipients, local and relayed */
     struct kt_buf relay_rcpts;             /* NUL-separated recipients to relay (handed over at end of data) */
     unsigned n_relay_rcpts;
+    long long rcpt_overshoot;              /* recipients refused past smtpd_recipient_limit */
     struct kt_mailbox *mailboxes;          /* distinct Maildirs of the local recipients */
     size_t n_mailboxes;
     struct timespec t_start;               /* MAIL time, for delay= */

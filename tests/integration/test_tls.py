@@ -418,13 +418,13 @@ def test_starttls_injection_is_discarded(relay_factory, tmp_path):
 
 
 def test_starttls_state_reset_and_no_second_starttls(relay_factory, tmp_path):
-    r = tls_relay(relay_factory, tmp_path)
+    r = tls_relay(relay_factory, tmp_path, "smtpd_helo_required = yes\n")
     c = Conn(r.port("smtp"))
     c.reply()
     assert "250-STARTTLS" in c.cmd("EHLO client.example")
     assert c.cmd("STARTTLS now") == ["501 5.5.4 Syntax: STARTTLS"]
     c.starttls()
-    # RFC 3207: the EHLO from before the handshake is forgotten
+    # RFC 3207: the EHLO from before the handshake is forgotten (smtpd_helo_required shows it)
     assert c.cmd(f"MAIL FROM:<{SENDER}>") == ["503 5.5.1 Error: send HELO/EHLO first"]
     ehlo = c.cmd("EHLO client.example")
     assert ehlo[0] == "250-mx.example.test" and not any("STARTTLS" in ln for ln in ehlo), ehlo
