@@ -203,6 +203,27 @@ static struct kt_net_list *service_mynetworks(struct runtime_private *rp, const 
     return nets;
 }
 
+/* smtpd_client_event_limit_exceptions: usually $mynetworks, then the same list. */
+static struct kt_net_list *service_limit_exceptions(struct runtime_private *rp, const struct kt_config *cfg,
+                                                    const struct kt_service *svc, struct kt_smtpd_settings *st,
+                                                    int *errors)
+{
+    const char *list = get(cfg, svc, "smtpd_client_event_limit_exceptions");
+    if (strcmp(list, get(cfg, svc, "mynetworks")) == 0)
+        return st->mynetworks;
+    struct kt_net_list *nets = shared_find(rp, 2, list);
+    if (!nets) {
+        char err[512];
+        if (kt_net_list_open(list, &nets, err, sizeof(err)) < 0) {
+            kt_err("service %s: smtpd_client_event_limit_exceptions: %s", svc->name, err);
+            (*errors)++;
+            return NULL;
+        }
+        shared_add(rp, 2, list, nets);
+    }
+    return nets;
+}
+
 static struct kt_policy *service_policy(struct runtime_private *rp, const struct kt_config *cfg,
                                         const struct kt_service *svc, const struct kt_smtpd_settings *st,
                                         int *errors)
@@ -327,6 +348,18 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     st->resolver = service_resolver(rp, cfg, svc, &errors);
     st->mynetworks = service_mynetworks(rp, cfg, svc, &errors);
     st->policy = service_policy(rp, cfg, svc, st, &errors);
+    st->conn_count_limit = kt_config_get_int(cfg, svc, "smtpd_client_connection_count_limit");
+    st->conn_rate_limit = kt_config_get_int(cfg, svc, "smtpd_client_connection_rate_limit");
+    st->msg_rate_limit = kt_config_get_int(cfg, svc, "smtpd_client_message_rate_limit");
+    st->rcpt_rate_limit = kt_config_get_int(cfg, svc, "smtpd_client_recipient_rate_limit");
+    st->newtls_rate_limit = kt_config_get_int(cfg, svc, "smtpd_client_new_tls_session_rate_limit");
+    st->auth_rate_limit = kt_config_get_int(cfg, svc, "smtpd_client_auth_rate_limit");
+    st->anvil_unit_s = kt_config_get_time(cfg, svc, "anvil_rate_time_unit");
+    if (st->anvil_unit_s <= 0) {
+        kt_err("service %s: anvil_rate_time_unit must be at least 1s", svc->name);
+        errors++;
+    }
+    st->limit_exceptions = service_limit_exceptions(rp, cfg, svc, st, &errors);
     errors += service_sasl(rp, cfg, svc, st);
     return errors;
 }

@@ -52,6 +52,15 @@ struct kt_smtpd_settings {
     int sasl_authenticated_header;   /* login name in the Received: header */
     const char *sasl_local_domain;   /* realm appended to a login without '@' */
     struct kt_sasl_server *sasl;     /* NULL unless sasl_enable */
+    /* anvil(8) limits per client address; 0 = no limit */
+    long long conn_count_limit;      /* smtpd_client_connection_count_limit */
+    long long conn_rate_limit;       /* smtpd_client_connection_rate_limit */
+    long long msg_rate_limit;        /* smtpd_client_message_rate_limit */
+    long long rcpt_rate_limit;       /* smtpd_client_recipient_rate_limit */
+    long long newtls_rate_limit;     /* smtpd_client_new_tls_session_rate_limit */
+    long long auth_rate_limit;       /* smtpd_client_auth_rate_limit */
+    long long anvil_unit_s;          /* anvil_rate_time_unit */
+    struct kt_net_list *limit_exceptions; /* smtpd_client_event_limit_exceptions */
 };
 
 /* Outbound SMTP client (Postfix smtp(8) parameters, main.cf only). */

@@ -23,6 +23,9 @@
 #include "smtpd/policy.h"
 #include "queue/qmgr.h"
 #include "queue/queue.h"
+#include "conf/config.h"
+#include "core/table.h"
+#include "smtpd/anvil.h"
 #include "smtpd/sasl.h"
 #include "smtpd/session.h"
 #include "smtpd/worker.h"
@@ -191,6 +194,50 @@ static int tls_required_first(struct kt_session *s)
     return 0;
 }
 
+/* ---- anvil(8) limits ---- */
+
+static const char *service_name(const struct kt_session *s)
+{
+    return s->cfg->service ? s->cfg->service->name : "smtp";
+}
+
+/* Counts one event toward a per-client rate limit (0 = none) and says
+ * whether the client is over it, with Postfix's log line. */
+static int rate_exceeded(struct kt_session *s, enum kt_anvil_rate ev, long long limit, const char *what)
+{
+    if (limit <= 0 || s->anvil_exempt)
+        return 0;
+    unsigned rate = kt_anvil_event(service_name(s), s->addr, ev, s->cfg->anvil_unit_s);
+    if (rate <= limit)
+        return 0;
+    kt_warn("%s rate limit exceeded: %u from unknown[%s] for service %s", what, rate, s->addr, service_name(s));
+    return 1;
+}
+
+/* smtpd_client_connection_count_limit and _rate_limit, checked once per
+ * connection (the count drops at disconnect). */
+static int connection_refused(struct kt_session *s)
+{
+    const struct kt_smtpd_settings *cfg = s->cfg;
+    s->anvil_exempt = cfg->limit_exceptions && kt_net_list_match(cfg->limit_exceptions, s->addr);
+    if (s->anvil_exempt || (cfg->conn_count_limit <= 0 && cfg->conn_rate_limit <= 0))
+        return 0;
+    unsigned count, rate;
+    kt_anvil_connect(service_name(s), s->addr, cfg->anvil_unit_s, &count, &rate);
+    s->anvil_connected = 1;
+    if (cfg->conn_count_limit > 0 && count > cfg->conn_count_limit) {
+        kt_warn("Connection concurrency limit exceeded: %u from unknown[%s] for service %s", count, s->addr,
+                service_name(s));
+        return 1;
+    }
+    if (cfg->conn_rate_limit > 0 && rate > cfg->conn_rate_limit) {
+        kt_warn("Connection rate limit exceeded: %u from unknown[%s] for service %s", rate, s->addr,
+                service_name(s));
+        return 1;
+    }
+    return 0;
+}
+
 /* Mechanisms AUTH may use right now. Mandatory TLS implies smtpd_tls_auth_only, as in Postfix. */
 static unsigned auth_mechs_now(const struct kt_session *s)
 {
@@ -275,6 +322,10 @@ static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
         return;
     if (s->in_transaction) {
         reply(s, "503 5.5.1 Error: nested MAIL command");
+        return;
+    }
+    if (rate_exceeded(s, KT_ANVIL_MAIL, s->cfg->msg_rate_limit, "Message delivery request")) {
+        reply(s, "450 4.7.1 Error: too much mail from %s", s->addr);
         return;
     }
     const char *err = kt_smtp_parse_mail(c->arg, c->arg_len, &path, &p);
@@ -391,6 +442,10 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         return;
     if (!s->in_transaction) {
         reply(s, "503 5.5.1 Error: need MAIL command");
+        return;
+    }
+    if (rate_exceeded(s, KT_ANVIL_RCPT, s->cfg->rcpt_rate_limit, "Recipient address")) {
+        reply(s, "450 4.7.1 Error: too many recipients from %s", s->addr);
         return;
     }
     const char *err = kt_smtp_parse_rcpt(c->arg, c->arg_len, &path, &p);
@@ -795,6 +850,20 @@ static void cmd_vrfy(struct kt_session *s, const struct kt_smtp_command *c)
         reply(s, "554 5.7.1 <%s>: Relay access denied", addr);
 }
 
+/* smtpd_client_new_tls_session_rate_limit: checked before a handshake,
+ * counted after one that did not resume a cached session (Postfix). */
+static int newtls_exceeded(struct kt_session *s)
+{
+    if (s->cfg->newtls_rate_limit <= 0 || s->anvil_exempt)
+        return 0;
+    unsigned rate = kt_anvil_peek(service_name(s), s->addr, KT_ANVIL_NEWTLS, s->cfg->anvil_unit_s);
+    if (rate < s->cfg->newtls_rate_limit)
+        return 0;
+    kt_warn("New TLS session rate limit exceeded: %u from unknown[%s] for service %s", rate, s->addr,
+            service_name(s));
+    return 1;
+}
+
 static void cmd_starttls(struct kt_session *s, const struct kt_smtp_command *c)
 {
     s->counts.starttls++;
@@ -808,6 +877,10 @@ static void cmd_starttls(struct kt_session *s, const struct kt_smtp_command *c)
     }
     if (!tls_offerable(s)) {
         reply(s, "502 5.5.1 Error: command not implemented");
+        return;
+    }
+    if (newtls_exceeded(s)) {
+        reply(s, "454 4.7.0 Error: too many new TLS sessions from %s", s->addr);
         return;
     }
     reply(s, "220 2.0.0 Ready to start TLS");
@@ -1039,6 +1112,10 @@ static void cmd_auth(struct kt_session *s, const struct kt_smtp_command *c)
     }
     if (s->in_transaction) {
         reply(s, "503 5.5.1 Error: MAIL transaction in progress");
+        return;
+    }
+    if (rate_exceeded(s, KT_ANVIL_AUTH, s->cfg->auth_rate_limit, "AUTH command")) {
+        reply(s, "450 4.7.1 Error: too many AUTH commands from %s", s->addr);
         return;
     }
     size_t mlen = 0;
@@ -1287,6 +1364,8 @@ static void session_on_tls_ready(struct kt_session *s)
                             + (double)(now.tv_nsec - s->tls_t0.tv_nsec) / 1e9, (ktls & KT_CONN_KTLS_TX) != 0,
                             (ktls & KT_CONN_KTLS_RX) != 0);
     s->tls_on = 1;
+    if (s->cfg->newtls_rate_limit > 0 && !s->anvil_exempt && !SSL_session_reused(ssl))
+        kt_anvil_event(service_name(s), s->addr, KT_ANVIL_NEWTLS, s->cfg->anvil_unit_s);
     s->state = KT_SS_COMMAND;
     s->wait = KT_WAIT_NONE;
     session_touch(s);
@@ -1399,6 +1478,8 @@ void kt_session_maybe_free(struct kt_session *s)
     if (!s->dead || s->pending || s->conn)
         return;
     log_disconnect(s);
+    if (s->anvil_connected)
+        kt_anvil_disconnect(service_name(s), s->addr);
     transaction_reset(s);
     kt_buf_release(&s->in);
     kt_buf_release(&s->out);
@@ -1452,6 +1533,39 @@ void kt_session_abort(struct kt_session *s)
     kt_session_maybe_free(s);
 }
 
+/* The client's address is known: limits, then the banner (or the TLS
+ * handshake of a wrapper-mode service). */
+static void session_greet(struct kt_session *s)
+{
+    kt_info("connect from unknown[%s]", s->addr);
+    if (connection_refused(s)) {
+        if (s->cfg->wrappermode) {
+            /* no plaintext reply on a TLS port */
+            session_close(s);
+            kt_session_maybe_free(s);
+            return;
+        }
+        reply(s, "421 4.7.0 %s Error: too many connections from %s", s->cfg->myhostname, s->addr);
+        s->state = KT_SS_CLOSING;
+        kt_conn_flush(s->conn);
+        kt_session_maybe_free(s);
+        return;
+    }
+    if (s->cfg->wrappermode) {
+        if (newtls_exceeded(s)) {
+            session_close(s);
+            kt_session_maybe_free(s);
+            return;
+        }
+        session_start_tls(s);
+        return;
+    }
+    s->state = KT_SS_COMMAND;
+    session_touch(s);
+    send_banner(s);
+    session_process(s);
+}
+
 void kt_session_start(struct kt_worker *w, int fd, const struct sockaddr *sa, socklen_t salen,
                       struct kt_runtime *rt, const struct kt_smtpd_settings *cfg)
 {
@@ -1483,13 +1597,5 @@ void kt_session_start(struct kt_worker *w, int fd, const struct sockaddr *sa, so
     w->sessions = s;
     w->n_sessions++;
     kt_metric_inc(KT_M_CONN_SMTPD);
-    kt_info("connect from unknown[%s]", s->addr);
-    if (cfg->wrappermode) {
-        session_start_tls(s);
-        return;
-    }
-    s->state = KT_SS_COMMAND;
-    session_touch(s);
-    send_banner(s);
-    session_process(s);
+    session_greet(s);
 }

@@ -71,6 +71,8 @@ struct kt_session {
     enum kt_session_wait wait;
     unsigned pending;                      /* own io_uring operations (timers, AUTH) in flight */
     int dead;                              /* connection closing: finish and free */
+    int anvil_exempt;                      /* smtpd_client_event_limit_exceptions matched */
+    int anvil_connected;                   /* counted by kt_anvil_connect: uncount at the end */
     time_t deadline;                       /* idle/handshake timeout, checked by the worker tick */
 
     struct kt_buf in, out;                 /* lent to the connection */
