@@ -238,6 +238,8 @@ static const struct kt_param_def params[] = {
     S(smtpd_tls_session_cache_database, ""),
     T(smtpd_tls_session_cache_timeout, "3600s", 's'),
     B(smtpd_tls_wrappermode, "no"),
+    S(smtpd_upstream_proxy_protocol, ""),
+    T(smtpd_upstream_proxy_timeout, "5s", 's'),
     B(smtpd_use_tls, "no"),
     N(smtputf8_enable),
     N(soft_bounce),

@@ -360,6 +360,16 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
         errors++;
     }
     st->limit_exceptions = service_limit_exceptions(rp, cfg, svc, st, &errors);
+    const char *proxy = get(cfg, svc, "smtpd_upstream_proxy_protocol");
+    if (strcasecmp(proxy, "haproxy") == 0) {
+        st->upstream_proxy = 1;
+    } else if (proxy[0]) {
+        /* fail closed: an unknown proxy protocol would make the proxy's address the client's */
+        kt_err("service %s: smtpd_upstream_proxy_protocol: unsupported value \"%s\" (empty or haproxy)",
+               svc->name, proxy);
+        errors++;
+    }
+    st->upstream_proxy_timeout_s = kt_config_get_time(cfg, svc, "smtpd_upstream_proxy_timeout");
     errors += service_sasl(rp, cfg, svc, st);
     return errors;
 }

@@ -61,6 +61,8 @@ struct kt_smtpd_settings {
     long long auth_rate_limit;       /* smtpd_client_auth_rate_limit */
     long long anvil_unit_s;          /* anvil_rate_time_unit */
     struct kt_net_list *limit_exceptions; /* smtpd_client_event_limit_exceptions */
+    int upstream_proxy;              /* smtpd_upstream_proxy_protocol = haproxy */
+    long long upstream_proxy_timeout_s; /* smtpd_upstream_proxy_timeout */
 };
 
 /* Outbound SMTP client (Postfix smtp(8) parameters, main.cf only). */

@@ -9,6 +9,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <openssl/crypto.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -26,6 +27,7 @@
 #include "conf/config.h"
 #include "core/table.h"
 #include "smtpd/anvil.h"
+#include "smtpd/proxy.h"
 #include "smtpd/sasl.h"
 #include "smtpd/session.h"
 #include "smtpd/worker.h"
@@ -1477,7 +1479,8 @@ void kt_session_maybe_free(struct kt_session *s)
 {
     if (!s->dead || s->pending || s->conn)
         return;
-    log_disconnect(s);
+    if (!s->proxy_buf)   /* a connection whose PROXY header never came was no client */
+        log_disconnect(s);
     if (s->anvil_connected)
         kt_anvil_disconnect(service_name(s), s->addr);
     transaction_reset(s);
@@ -1486,6 +1489,7 @@ void kt_session_maybe_free(struct kt_session *s)
     kt_buf_release(&s->rcpts);
     kt_buf_release(&s->relay_rcpts);
     auth_job_free(s);
+    kt_free(s->proxy_buf);
     session_unlink(s);
     kt_metric_add(KT_M_CONN_SMTPD, -1);
     kt_runtime_unref(s->rt);
@@ -1496,6 +1500,12 @@ void kt_session_timeout(struct kt_session *s)
 {
     if (s->dead || s->state == KT_SS_CLOSING)
         return;
+    if (s->wait == KT_WAIT_PROXY) {
+        kt_warn("haproxy read: timeout reading the PROXY header from %s; closing", s->addr);
+        session_close(s);
+        kt_session_maybe_free(s);
+        return;
+    }
     if (s->wait == KT_WAIT_COMMIT || s->wait == KT_WAIT_OPEN || s->wait == KT_WAIT_DRAIN || s->wait == KT_WAIT_AUTH
         || s->wait == KT_WAIT_TARPIT)
         return;   /* waiting on our own disk or password check, not on the client */
@@ -1566,6 +1576,66 @@ static void session_greet(struct kt_session *s)
     session_process(s);
 }
 
+/* ---- PROXY protocol ----
+ * Behind a proxy the connection's own address is the proxy's: nothing may
+ * be decided on it. The session starts (limits, banner) only once the
+ * header named the client; anything else closes the connection. */
+
+static void proxy_poll(struct kt_session *s);
+
+static void proxy_readable(struct kt_op *op, int res, unsigned flags)
+{
+    struct kt_session *s = (struct kt_session *)((char *)op - offsetof(struct kt_session, proxy_op));
+    struct kt_proxy_header h;
+    const char *why = NULL;
+    s->pending--;
+    if (s->dead) {
+        kt_session_maybe_free(s);
+        return;
+    }
+    int fd = kt_conn_fd(s->conn);
+    int rc = res < 0 || fd < 0 ? -EIO : kt_proxy_read(fd, s->proxy_buf, &s->proxy_have, &h, &why);
+    if (rc == 0) {
+        proxy_poll(s);
+        return;
+    }
+    if (rc < 0) {
+        kt_warn("haproxy read from %s: %s; closing", s->addr, why ? why : strerror(-res));
+        session_close(s);
+        kt_session_maybe_free(s);
+        return;
+    }
+    kt_free(s->proxy_buf);
+    s->proxy_buf = NULL;
+    s->wait = KT_WAIT_NONE;
+    if (!h.local) {
+        /* the real client, for everything from here on */
+        snprintf(s->addr, sizeof(s->addr), "%s", h.addr);
+        s->port = h.port;
+        char peer[sizeof(s->addr) + 16];
+        snprintf(peer, sizeof(peer), "unknown[%s]", s->addr);
+        kt_conn_set_peer(s->conn, peer);
+    }
+    session_greet(s);
+}
+
+static void proxy_poll(struct kt_session *s)
+{
+    s->proxy_op.cb = proxy_readable;
+    s->pending++;
+    io_uring_prep_poll_add(kt_loop_sqe(&s->worker->loop, &s->proxy_op), kt_conn_fd(s->conn), POLLIN);
+}
+
+static void proxy_start(struct kt_session *s)
+{
+    s->proxy_buf = kt_malloc(KT_PROXY_MAX_HEADER);
+    s->proxy_have = 0;
+    s->wait = KT_WAIT_PROXY;
+    s->state = KT_SS_COMMAND;
+    s->deadline = time(NULL) + s->cfg->upstream_proxy_timeout_s;
+    proxy_poll(s);
+}
+
 void kt_session_start(struct kt_worker *w, int fd, const struct sockaddr *sa, socklen_t salen,
                       struct kt_runtime *rt, const struct kt_smtpd_settings *cfg)
 {
@@ -1597,5 +1667,9 @@ void kt_session_start(struct kt_worker *w, int fd, const struct sockaddr *sa, so
     w->sessions = s;
     w->n_sessions++;
     kt_metric_inc(KT_M_CONN_SMTPD);
+    if (cfg->upstream_proxy) {
+        proxy_start(s);
+        return;
+    }
     session_greet(s);
 }

@@ -43,6 +43,7 @@ enum kt_session_wait {
     KT_WAIT_STARTTLS,     /* "220 Ready to start TLS" being sent */
     KT_WAIT_AUTH,         /* password check on the auth pool, or the delay after a failure */
     KT_WAIT_TARPIT,       /* error reply held for smtpd_error_sleep_time (soft error limit) */
+    KT_WAIT_PROXY,        /* reading the PROXY protocol header, before the banner */
 };
 
 /* Where an AUTH exchange stands. */
@@ -83,6 +84,11 @@ struct kt_session {
     int tls_on;                            /* handshake done, all I/O is TLS */
     int tls_used_starttls;
     struct timespec tls_t0;                /* handshake start, for ktrelay_tls_handshake_seconds */
+
+    /* PROXY protocol (smtpd_upstream_proxy_protocol = haproxy) */
+    struct kt_op proxy_op;                 /* readability poll while the header is read */
+    unsigned char *proxy_buf;              /* header bytes so far (KT_PROXY_MAX_HEADER), NULL after it */
+    size_t proxy_have;
 
     /* SMTP state */
     char helo[256];

@@ -918,3 +918,13 @@ const char *kt_conn_xprt_name(const struct kt_conn *c, int tx)
 {
     return tx ? c->txo->name : c->rx->name;
 }
+
+void kt_conn_set_peer(struct kt_conn *c, const char *peer)
+{
+    snprintf(c->peer, sizeof(c->peer), "%s", peer);
+}
+
+int kt_conn_fd(const struct kt_conn *c)
+{
+    return c->closing ? -1 : c->fd;
+}

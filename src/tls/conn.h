@@ -127,6 +127,14 @@ const char *kt_conn_tls_desc(const struct kt_conn *c);
 /* Why the last error event came: an OpenSSL reason, "connection closed", a strerror text. */
 const char *kt_conn_why(const struct kt_conn *c);
 enum kt_conn_step kt_conn_failed_step(const struct kt_conn *c);
+/* Rename the other end in log lines (the real client behind a proxy, its
+ * name once DNS gave one). */
+void kt_conn_set_peer(struct kt_conn *c, const char *peer);
+/* The socket, for an owner that must read a protocol header with exact
+ * lengths before any I/O of the connection (the PROXY protocol); -1 once
+ * closing. The owner must not close it, and its own operations on it are
+ * cancelled by kt_conn_close like the connection's. */
+int kt_conn_fd(const struct kt_conn *c);
 /* Name of a transport per direction ("plain", "tls", "ktls"), for logs and tests. */
 const char *kt_conn_xprt_name(const struct kt_conn *c, int tx);
 

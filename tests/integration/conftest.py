@@ -120,6 +120,7 @@ virtual_mailbox_domains = localhost, example.test
 virtual_mailbox_base = {dir}/mail
 virtual_mailbox_maps = texthash:{dir}/vmailbox
 alias_maps =
+queue_directory = {dir}/queue
 ktrelay_worker_threads = 2
 # like an Internet-facing MX: no test client may relay (198.51.100.0/24 is TEST-NET-2), and relay
 # attempts are refused for good rather than deferred
