@@ -174,5 +174,5 @@ def test_unknown_proxy_protocol_is_a_config_error(tmp_path):
     from conftest import BIN
     (tmp_path / "main.cf").write_text("smtpd_upstream_proxy_protocol = nginx\n")
     p = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True)
-    assert p.returncode == 1
+    assert p.returncode == 78     # EX_CONFIG
     assert 'smtpd_upstream_proxy_protocol: unsupported value "nginx" (empty or haproxy)' in p.stdout + p.stderr
