@@ -241,6 +241,7 @@ static struct kt_policy *service_policy(struct runtime_private *rp, const struct
                       | (kt_config_get_bool(cfg, svc, "resolve_dequoted_address") == 1 ? KT_ADDR_DEQUOTE : 0),
         .resolver = st->resolver,
         .mynetworks = st->mynetworks,
+        .rbl_reply_maps = get(cfg, svc, "rbl_reply_maps"),
     };
     if (!pc.resolver || !pc.mynetworks)
         return NULL;   /* already reported */
@@ -254,7 +255,7 @@ static struct kt_policy *service_policy(struct runtime_private *rp, const struct
     if (kt_config_get_bool(cfg, svc, "smtpd_forbid_bare_newline") == 0)
         kt_warn("service %s: smtpd_forbid_bare_newline = no is not supported; a bare LF or CR in DATA always "
                 "rejects the message", svc->name);
-    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%d\1%u\1%p\1%p", pc.client_restrictions,
+    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%d\1%u\1%p\1%p", pc.rbl_reply_maps, pc.client_restrictions,
                             pc.helo_restrictions, pc.sender_restrictions, pc.relay_restrictions,
                             pc.recipient_restrictions, pc.sender_login_maps, pc.reject_unlisted_sender,
                             pc.addr_flags, (const void *)pc.resolver, (const void *)pc.mynetworks);
@@ -370,6 +371,7 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
         errors++;
     }
     st->upstream_proxy_timeout_s = kt_config_get_time(cfg, svc, "smtpd_upstream_proxy_timeout");
+    st->peername_lookup = kt_config_get_bool(cfg, svc, "smtpd_peername_lookup") != 0;
     errors += service_sasl(rp, cfg, svc, st);
     return errors;
 }

@@ -62,6 +62,7 @@ struct kt_smtpd_settings {
     long long anvil_unit_s;          /* anvil_rate_time_unit */
     struct kt_net_list *limit_exceptions; /* smtpd_client_event_limit_exceptions */
     int upstream_proxy;              /* smtpd_upstream_proxy_protocol = haproxy */
+    int peername_lookup;             /* smtpd_peername_lookup: reverse DNS of every client */
     long long upstream_proxy_timeout_s; /* smtpd_upstream_proxy_timeout */
 };
 

@@ -358,6 +358,32 @@ void kt_dns_lookup(struct kt_dns *d, const char *host, int port, int mx, kt_dns_
     sync_watches(d);
 }
 
+struct raw_req {
+    kt_dns_raw_cb cb;
+    void *arg;
+};
+
+static void raw_done(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
+{
+    struct raw_req *q = arg;
+    (void)timeouts;
+    q->cb(q->arg, status, abuf, abuf ? alen : 0);
+    kt_free(q);
+}
+
+void kt_dns_query(struct kt_dns *d, const char *name, int type, kt_dns_raw_cb cb, void *arg)
+{
+    if (!d || !d->have_ch) {
+        cb(arg, ARES_EDESTRUCTION, NULL, 0);
+        return;
+    }
+    struct raw_req *q = kt_calloc(1, sizeof(*q));
+    q->cb = cb;
+    q->arg = arg;
+    ares_query(d->ch, name, 1 /* C_IN */, type, raw_done, q);
+    sync_watches(d);
+}
+
 void kt_dns_tick(struct kt_dns *d)
 {
     if (!d || !d->have_ch)
@@ -368,6 +394,11 @@ void kt_dns_tick(struct kt_dns *d)
 
 int kt_dns_new(struct kt_loop *loop, const char *servers, struct kt_dns **out)
 {
+    return kt_dns_new_opts(loop, servers, QUERY_TIMEOUT_MS, QUERY_TRIES, out);
+}
+
+int kt_dns_new_opts(struct kt_loop *loop, const char *servers, int timeout_ms, int tries, struct kt_dns **out)
+{
     *out = NULL;
     pthread_once(&lib_once, lib_init);
     if (lib_status != ARES_SUCCESS)
@@ -375,7 +406,7 @@ int kt_dns_new(struct kt_loop *loop, const char *servers, struct kt_dns **out)
     struct kt_dns *d = kt_calloc(1, sizeof(*d));
     d->loop = loop;
     struct ares_options o = {
-        .sock_state_cb = sock_state, .sock_state_cb_data = d, .timeout = QUERY_TIMEOUT_MS, .tries = QUERY_TRIES,
+        .sock_state_cb = sock_state, .sock_state_cb_data = d, .timeout = timeout_ms, .tries = tries,
     };
     int rc = ares_init_options(&d->ch, &o, ARES_OPT_SOCK_STATE_CB | ARES_OPT_TIMEOUTMS | ARES_OPT_TRIES);
     if (rc != ARES_SUCCESS) {

@@ -27,6 +27,15 @@ void kt_dns_free(struct kt_dns *dns);
 /* host: a name or an IP address literal (answered at once, without DNS).
  * mx: look up MX records first. cb may run before this returns. */
 void kt_dns_lookup(struct kt_dns *dns, const char *host, int port, int mx, kt_dns_cb cb, void *arg);
+/* Like kt_dns_new with the per-try timeout (ms) and number of tries given. */
+int kt_dns_new_opts(struct kt_loop *loop, const char *servers, int timeout_ms, int tries, struct kt_dns **out);
+/* One query of class IN and the given type (1 A, 12 PTR, 15 MX, 16 TXT, 28
+ * AAAA). cb gets the c-ares status (ARES_SUCCESS, ARES_ENOTFOUND for NXDOMAIN,
+ * ARES_ENODATA, ARES_ETIMEOUT, ARES_ESERVFAIL, ..., ARES_EDESTRUCTION when the
+ * resolver is freed) and the answer message when there is one (valid during
+ * the call). cb runs exactly once, possibly before this returns. */
+typedef void (*kt_dns_raw_cb)(void *arg, int status, const unsigned char *abuf, int alen);
+void kt_dns_query(struct kt_dns *dns, const char *name, int type, kt_dns_raw_cb cb, void *arg);
 /* Call about once a second: resolver retransmissions and timeouts. */
 void kt_dns_tick(struct kt_dns *dns);
 

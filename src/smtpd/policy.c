@@ -12,6 +12,7 @@
 #include <ifaddrs.h>
 #include <net/if.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -115,8 +116,10 @@ enum rtype {
     R_PERMIT, R_REJECT, R_DEFER, R_PERMIT_MYNETWORKS, R_PERMIT_SASL, R_REJECT_UNAUTH_DEST, R_DEFER_UNAUTH_DEST,
     R_PERMIT_AUTH_DEST, R_REJECT_UNAUTH_PIPELINING, R_NON_FQDN_SENDER, R_NON_FQDN_RCPT, R_NON_FQDN_HELO,
     R_UNLISTED_RCPT, R_UNLISTED_SENDER, R_LOGIN_MISMATCH, R_AUTH_LOGIN_MISMATCH, R_UNAUTH_LOGIN_MISMATCH,
-    R_INVALID_HELO,
+    R_INVALID_HELO, R_UNKNOWN_CLIENT, R_UNKNOWN_REVERSE_CLIENT, R_UNKNOWN_HELO, R_UNKNOWN_SENDER_DOMAIN,
     R_CHECK_CLIENT, R_CHECK_HELO, R_CHECK_SENDER, R_CHECK_RCPT,
+    /* DNS lists: one "domain[=filter]" argument */
+    R_RBL_CLIENT, R_RHSBL_CLIENT, R_RHSBL_REVERSE_CLIENT, R_RHSBL_SENDER, R_RHSBL_HELO, R_DNSWL_CLIENT,
 };
 
 static const struct {
@@ -143,6 +146,18 @@ static const struct {
     { "reject_sender_login_mismatch", R_LOGIN_MISMATCH },
     { "reject_authenticated_sender_login_mismatch", R_AUTH_LOGIN_MISMATCH },
     { "reject_unauthenticated_sender_login_mismatch", R_UNAUTH_LOGIN_MISMATCH },
+    { "reject_unknown_client_hostname", R_UNKNOWN_CLIENT },
+    { "reject_unknown_client", R_UNKNOWN_CLIENT },
+    { "reject_unknown_reverse_client_hostname", R_UNKNOWN_REVERSE_CLIENT },
+    { "reject_unknown_helo_hostname", R_UNKNOWN_HELO },
+    { "reject_unknown_hostname", R_UNKNOWN_HELO },
+    { "reject_unknown_sender_domain", R_UNKNOWN_SENDER_DOMAIN },
+    { "reject_rbl_client", R_RBL_CLIENT },
+    { "reject_rhsbl_client", R_RHSBL_CLIENT },
+    { "reject_rhsbl_reverse_client", R_RHSBL_REVERSE_CLIENT },
+    { "reject_rhsbl_sender", R_RHSBL_SENDER },
+    { "reject_rhsbl_helo", R_RHSBL_HELO },
+    { "permit_dnswl_client", R_DNSWL_CLIENT },
     { "check_client_access", R_CHECK_CLIENT },
     { "check_helo_access", R_CHECK_HELO },
     { "check_sender_access", R_CHECK_SENDER },
@@ -152,6 +167,8 @@ static const struct {
 struct restriction {
     enum rtype type;
     struct kt_table *table;   /* check_*_access */
+    char *zone;               /* DNS lists: the list's domain */
+    char *filter;             /* DNS lists: "127.0.0.[2..4]" from "=127.0.0.[2..4]", or NULL */
 };
 
 struct rlist {
@@ -172,6 +189,7 @@ struct kt_policy {
     unsigned addr_flags;
     const struct kt_resolver *resolver;
     const struct kt_net_list *mynetworks;
+    struct kt_maps *rbl_reply_maps;
 };
 
 static int rtype_find(const char *name, size_t len, enum rtype *t)
@@ -182,6 +200,87 @@ static int rtype_find(const char *name, size_t len, enum rtype *t)
             return 0;
         }
     return -1;
+}
+
+/* ---- DNS list result filters: "127.0.0.2", "127.0.0.[2..4]", "127.0.[0..255].[2;3;10..12]" ---- */
+
+/* Does one octet pattern (a number, or [items] of N and N..M separated by ';') match v? -1 if malformed. */
+static int octet_match(const char *pat, size_t len, int v)
+{
+    char buf[128];
+    if (len == 0 || len >= sizeof(buf))
+        return -1;
+    memcpy(buf, pat, len);
+    buf[len] = '\0';
+    char *body = buf;
+    if (buf[0] == '[') {
+        if (buf[len - 1] != ']')
+            return -1;
+        buf[len - 1] = '\0';
+        body = buf + 1;
+    }
+    int hit = 0, items = 0;
+    char *save = NULL;
+    for (char *it = strtok_r(body, ";", &save); it; it = strtok_r(NULL, ";", &save)) {
+        char *e1, *e2;
+        long lo = strtol(it, &e1, 10), hi = lo;
+        if (e1 == it)
+            return -1;
+        if (e1[0] == '.' && e1[1] == '.') {
+            if (body == buf)
+                return -1;   /* ranges only inside brackets */
+            hi = strtol(e1 + 2, &e2, 10);
+            if (e2 == e1 + 2)
+                return -1;
+            e1 = e2;
+        }
+        if (*e1 || lo < 0 || hi > 255 || lo > hi)
+            return -1;
+        if (body == buf && items)
+            return -1;
+        items++;
+        if (v >= lo && v <= hi)
+            hit = 1;
+    }
+    return items ? hit : -1;
+}
+
+/* 1 if addr ("127.0.0.2") matches filter, 0 if not, -1 if the filter is malformed. */
+static int filter_match(const char *filter, const char *addr)
+{
+    unsigned char a[4];
+    if (inet_pton(AF_INET, addr, a) != 1)
+        return 0;
+    const char *p = filter;
+    int result = 1;
+    for (int i = 0; i < 4; i++) {
+        const char *end = p;
+        int depth = 0;
+        /* outside brackets every '.' separates octets; inside, ".." makes a range */
+        while (*end && (depth || *end != '.')) {
+            if (*end == '[')
+                depth++;
+            else if (*end == ']')
+                depth--;
+            end++;
+        }
+        int m = octet_match(p, (size_t)(end - p), a[i]);
+        if (m < 0)
+            return -1;
+        if (!m)
+            result = 0;   /* keep going: the rest must still be well-formed */
+        if (i < 3 && *end != '.')
+            return -1;
+        if (i == 3 && *end)
+            return -1;
+        p = end + 1;
+    }
+    return result;
+}
+
+static int filter_valid(const char *filter)
+{
+    return filter_match(filter, "0.0.0.0") >= 0;
 }
 
 /* Next list element: separated by commas and white space, "{...}" kept whole. */
@@ -217,7 +316,28 @@ static int parse_list(const char *param, const char *text, struct rlist *l, char
             snprintf(err, errlen, "%s: unknown restriction \"%.*s\"", param, (int)len, tok);
             return -EINVAL;
         }
-        if (res.type >= R_CHECK_CLIENT) {
+        if (res.type >= R_RBL_CLIENT) {
+            size_t zlen;
+            const char *z = next_token(p, &zlen);
+            if (!z) {
+                snprintf(err, errlen, "%s: %.*s needs a domain argument", param, (int)len, tok);
+                return -EINVAL;
+            }
+            p = z + zlen;
+            res.zone = kt_strndup(z, zlen);
+            char *eq = strchr(res.zone, '=');
+            if (eq) {
+                *eq = '\0';
+                res.filter = kt_strdup(eq + 1);
+            }
+            if (!res.zone[0] || (res.filter && !filter_valid(res.filter))) {
+                snprintf(err, errlen, "%s: %.*s: bad DNS list \"%.*s\" (domain or domain=127.0.0.N, octets may "
+                         "be [N;N..M])", param, (int)len, tok, (int)zlen, z);
+                kt_free(res.zone);
+                kt_free(res.filter);
+                return -EINVAL;
+            }
+        } else if (res.type >= R_CHECK_CLIENT) {
             size_t tlen;
             const char *spec = next_token(p, &tlen);
             if (!spec || !memchr(spec, ':', tlen)) {
@@ -271,6 +391,12 @@ int kt_policy_new(const struct kt_policy_config *c, struct kt_policy **out, char
     p->mynetworks = c->mynetworks;
     for (int i = 0; i < L_COUNT && rc == 0; i++)
         rc = parse_list(list_param[i], text[i], &p->lists[i], err, errlen);
+    if (rc == 0 && c->rbl_reply_maps && c->rbl_reply_maps[0]) {
+        char msg[400];
+        rc = kt_maps_open(c->rbl_reply_maps, KT_TABLE_MAP, &p->rbl_reply_maps, msg, sizeof(msg));
+        if (rc < 0)
+            snprintf(err, errlen, "rbl_reply_maps: %s", msg);
+    }
     if (rc == 0 && !list_has(&p->lists[L_RELAY], protects_relay) && !list_has(&p->lists[L_RCPT], protects_relay)) {
         snprintf(err, errlen, "smtpd_relay_restrictions and smtpd_recipient_restrictions: specify at least one "
                               "of reject_unauth_destination, defer_unauth_destination, reject, defer "
@@ -304,11 +430,15 @@ void kt_policy_free(struct kt_policy *p)
     if (!p)
         return;
     for (int i = 0; i < L_COUNT; i++) {
-        for (size_t k = 0; k < p->lists[i].n; k++)
+        for (size_t k = 0; k < p->lists[i].n; k++) {
             kt_table_free(p->lists[i].v[k].table);
+            kt_free(p->lists[i].v[k].zone);
+            kt_free(p->lists[i].v[k].filter);
+        }
         kt_free(p->lists[i].v);
     }
     kt_maps_free(p->login_maps);
+    kt_maps_free(p->rbl_reply_maps);
     kt_free(p);
 }
 
@@ -326,7 +456,7 @@ struct eval {
     const struct kt_policy_request *r;
     const struct kt_resolved_addr *ra;
     int list;
-    char client[80];          /* "unknown[addr]" */
+    char client[320];         /* "name[addr]" */
     char *reply;
     size_t replylen;
 };
@@ -561,6 +691,302 @@ static int unlisted_recipient(struct eval *e)
     return REJECT;
 }
 
+/* ---- DNS-based checks ---- */
+
+/* The cached answer for (type, name): 1 with *a. Missing: with r->needs the
+ * query is added there and 0 returned (the restriction does not match this
+ * round); without, *a says the lookup failed and 1 is returned. */
+static int dns_get(struct eval *e, int type, const char *name, struct kt_dns_answer *a)
+{
+    for (unsigned i = 0; i < e->r->n_answers; i++)
+        if (e->r->answers[i].type == type && strcasecmp(e->r->answers[i].name, name) == 0) {
+            *a = e->r->answers[i].ans;
+            return 1;
+        }
+    if (kt_cdns_lookup(type, name, a))
+        return 1;
+    struct kt_dns_needs *nd = e->r->needs;
+    if (!nd) {
+        memset(a, 0, sizeof(*a));
+        a->status = KT_DNS_TEMP;
+        snprintf(a->why, sizeof(a->why), "no answer");
+        return 1;
+    }
+    for (unsigned i = 0; i < nd->n; i++)
+        if (nd->v[i].type == type && strcasecmp(nd->v[i].name, name) == 0)
+            return 0;
+    if (nd->n < sizeof(nd->v) / sizeof(nd->v[0])) {
+        nd->v[nd->n].type = type;
+        snprintf(nd->v[nd->n].name, sizeof(nd->v[nd->n].name), "%s", name);
+        nd->n++;
+    }
+    return 0;
+}
+
+/* DNS list query name for an address: 4.3.2.1.zone, or IPv6 nibbles reversed. */
+static int rbl_query_name(const char *addr, const char *zone, char *out, size_t outlen)
+{
+    unsigned char b[16];
+    if (inet_pton(AF_INET, addr, b) == 1) {
+        snprintf(out, outlen, "%u.%u.%u.%u.%s", b[3], b[2], b[1], b[0], zone);
+        return 0;
+    }
+    if (inet_pton(AF_INET6, addr, b) == 1) {
+        size_t o = 0;
+        for (int i = 15; i >= 0 && o + 5 < outlen; i--)
+            o += (size_t)snprintf(out + o, outlen - o, "%x.%x.", b[i] & 15, b[i] >> 4);
+        snprintf(out + o, outlen - o, "%s", zone);
+        return 0;
+    }
+    return -1;
+}
+
+struct rbl_vars {
+    const char *code, *domain, *cls, *what, *reason;
+};
+
+static const char *rbl_var(const struct eval *e, const struct rbl_vars *v, const char *name, size_t len)
+{
+#define IS(n) (len == sizeof(n) - 1 && strncmp(name, n, len) == 0)
+    if (IS("rbl_code")) return v->code;
+    if (IS("rbl_domain")) return v->domain;
+    if (IS("rbl_class")) return v->cls;
+    if (IS("rbl_what")) return v->what;
+    if (IS("rbl_reason") || IS("rbl_txt")) return v->reason;
+    if (IS("client_address")) return e->r->client_addr;
+    if (IS("client_name")) return e->r->client_name ? e->r->client_name : "unknown";
+    if (IS("reverse_client_name")) return e->r->reverse_name ? e->r->reverse_name : "unknown";
+    if (IS("client")) return e->client;
+    if (IS("helo_name")) return e->r->helo;
+    if (IS("sender")) return e->r->sender;
+    if (IS("recipient")) return e->r->recipient;
+#undef IS
+    return "";
+}
+
+/* rbl_reply_maps template expansion: $name, ${name}, ${name?text} and
+ * ${name:text} (text expanded in turn), $$ for a dollar sign. */
+static size_t rbl_expand(const struct eval *e, const struct rbl_vars *v, const char *t, size_t tlen, char *out,
+                         size_t o, size_t outlen, int depth)
+{
+    for (size_t i = 0; i < tlen && o + 1 < outlen;) {
+        if (t[i] != '$' || i + 1 >= tlen) {
+            out[o++] = t[i++];
+            continue;
+        }
+        i++;
+        if (t[i] == '$') {
+            out[o++] = '$';
+            i++;
+            continue;
+        }
+        if (t[i] == '{' || t[i] == '(') {
+            char close = t[i] == '{' ? '}' : ')';
+            size_t start = ++i, nest = 0, end = i;
+            while (end < tlen && (nest || t[end] != close)) {
+                if (t[end] == '{' || t[end] == '(')
+                    nest++;
+                else if ((t[end] == '}' || t[end] == ')') && nest)
+                    nest--;
+                end++;
+            }
+            size_t nlen = 0;
+            while (start + nlen < end && (isalnum((unsigned char)t[start + nlen]) || t[start + nlen] == '_'))
+                nlen++;
+            const char *val = rbl_var(e, v, t + start, nlen);
+            char op = start + nlen < end ? t[start + nlen] : 0;
+            if ((op == '?' && *val) || (op == ':' && !*val)) {
+                if (depth < 3)
+                    o = rbl_expand(e, v, t + start + nlen + 1, end - start - nlen - 1, out, o, outlen, depth + 1);
+            } else if (!op) {
+                o += (size_t)snprintf(out + o, outlen - o, "%s", val);
+            }
+            i = end < tlen ? end + 1 : end;
+            continue;
+        }
+        size_t nlen = 0;
+        while (i + nlen < tlen && (isalnum((unsigned char)t[i + nlen]) || t[i + nlen] == '_'))
+            nlen++;
+        o += (size_t)snprintf(out + o, outlen - o, "%s", rbl_var(e, v, t + i, nlen));
+        i += nlen;
+    }
+    if (o >= outlen)
+        o = outlen - 1;
+    out[o] = '\0';
+    return o;
+}
+
+static const char default_rbl_reply[] =
+    "$rbl_code Service unavailable; $rbl_class [$rbl_what] blocked using $rbl_domain${rbl_reason?; $rbl_reason}";
+
+/* The reply for a listed client: rbl_reply_maps (keyed by the list's
+ * domain) or Postfix's default_rbl_reply; an enhanced status code is added
+ * when the template has none. */
+static int rbl_reject(struct eval *e, const struct restriction *rs, const char *cls, const char *what,
+                      const char *reason)
+{
+    struct rbl_vars v = { .code = "554", .domain = rs->zone, .cls = cls, .what = what, .reason = reason };
+    const char *tpl = e->p->rbl_reply_maps ? kt_maps_get(e->p->rbl_reply_maps, rs->zone) : NULL;
+    char text[600];
+    if (!tpl)
+        tpl = default_rbl_reply;
+    rbl_expand(e, &v, tpl, strlen(tpl), text, 0, sizeof(text), 0);
+    const char *t = text;
+    if (!(isdigit((unsigned char)t[0]) && isdigit((unsigned char)t[1]) && isdigit((unsigned char)t[2])
+          && (t[0] == '4' || t[0] == '5') && t[3] == ' ')) {
+        snprintf(e->reply, e->replylen, "554 5.7.1 %s", t);
+        return REJECT;
+    }
+    const char *rest = t + 4;
+    if (isdigit((unsigned char)rest[0]) && rest[1] == '.')
+        snprintf(e->reply, e->replylen, "%s", t);
+    else
+        snprintf(e->reply, e->replylen, "%.3s %c.7.1 %s", t, t[0], rest);
+    return REJECT;
+}
+
+/* One DNS list lookup: 1 if name is listed (an A record passing the
+ * filter), with the TXT reason; a lookup failure counts as not listed. */
+static int dnsbl_listed(struct eval *e, const struct restriction *rs, const char *qname, char *reason,
+                        size_t reasonlen)
+{
+    struct kt_dns_answer a, txt;
+    reason[0] = '\0';
+    int have_a = dns_get(e, KT_RR_A, qname, &a);
+    int have_txt = dns_get(e, KT_RR_TXT, qname, &txt);
+    if (!have_a)
+        return 0;
+    if (a.status == KT_DNS_TEMP) {
+        kt_warn("%s: RBL lookup error: %s (counted as not listed)", qname, a.why);
+        return 0;
+    }
+    int listed = 0;
+    for (unsigned i = 0; i < a.n && !listed; i++)
+        listed = !rs->filter || filter_match(rs->filter, a.rr[i]) == 1;
+    if (listed && have_txt && txt.status == KT_DNS_FOUND)
+        snprintf(reason, reasonlen, "%s", txt.rr[0]);
+    return listed;
+}
+
+static int is_address_literal(const char *name)
+{
+    unsigned char b[16];
+    return name[0] == '[' || inet_pton(AF_INET, name, b) == 1 || inet_pton(AF_INET6, name, b) == 1;
+}
+
+static int dns_list(struct eval *e, const struct restriction *rs)
+{
+    const struct kt_policy_request *r = e->r;
+    char qname[600], reason[KT_DNS_RR_LEN];
+    const char *dom = NULL, *cls = NULL;
+
+    switch (rs->type) {
+    case R_RBL_CLIENT:
+    case R_DNSWL_CLIENT:
+        if (rbl_query_name(r->client_addr, rs->zone, qname, sizeof(qname)) < 0)
+            return DUNNO;
+        if (!dnsbl_listed(e, rs, qname, reason, sizeof(reason)))
+            return DUNNO;
+        if (rs->type == R_DNSWL_CLIENT) {
+            /* Postfix: never a way around reject_unauth_destination */
+            if ((e->list == L_RELAY || e->list == L_RCPT) && !auth_destination(e->ra))
+                return DUNNO;
+            return PERMIT;
+        }
+        return rbl_reject(e, rs, "Client host", r->client_addr, reason);
+    case R_RHSBL_CLIENT:
+        if (r->client_name_status == KT_NAME_OK && r->client_name)
+            dom = r->client_name;
+        cls = "Client host";
+        break;
+    case R_RHSBL_REVERSE_CLIENT:
+        if (r->reverse_name_status == KT_NAME_OK && r->reverse_name)
+            dom = r->reverse_name;
+        cls = "Unverified Client host";
+        break;
+    case R_RHSBL_SENDER:
+        dom = r->sender[0] ? domain_of(r->sender) : NULL;
+        cls = "Sender address";
+        break;
+    case R_RHSBL_HELO:
+        dom = r->helo[0] ? r->helo : NULL;
+        cls = "Helo command";
+        break;
+    default:
+        return DUNNO;
+    }
+    if (!dom || !*dom || is_address_literal(dom))
+        return DUNNO;
+    snprintf(qname, sizeof(qname), "%s.%s", dom, rs->zone);
+    if (!dnsbl_listed(e, rs, qname, reason, sizeof(reason)))
+        return DUNNO;
+    return rbl_reject(e, rs, cls, dom, reason);
+}
+
+/* Has the domain an MX, A or AAAA record? 1 yes, 0 no (all three say so),
+ * -1 unknown (a lookup failed or is still to be made); *null_mx for a null
+ * MX (RFC 7505). */
+static int domain_exists(struct eval *e, const char *dom, int *null_mx)
+{
+    struct kt_dns_answer mx, a4, a6;
+    int h1 = dns_get(e, KT_RR_MX, dom, &mx), h2 = dns_get(e, KT_RR_A, dom, &a4), h3 = dns_get(e, KT_RR_AAAA, dom, &a6);
+    *null_mx = 0;
+    if (h1 && mx.status == KT_DNS_FOUND) {
+        *null_mx = mx.n == 1 && strcmp(mx.rr[0], "0 ") == 0;
+        return 1;
+    }
+    if ((h2 && a4.status == KT_DNS_FOUND) || (h3 && a6.status == KT_DNS_FOUND))
+        return 1;
+    if (!h1 || !h2 || !h3)
+        return -1;
+    if (mx.status == KT_DNS_TEMP || a4.status == KT_DNS_TEMP || a6.status == KT_DNS_TEMP) {
+        kt_warn("%s: domain lookup error: %s (not rejected)", dom,
+                mx.status == KT_DNS_TEMP ? mx.why : a4.status == KT_DNS_TEMP ? a4.why : a6.why);
+        return -1;
+    }
+    return 0;
+}
+
+static int unknown_sender_domain(struct eval *e)
+{
+    const char *dom = e->r->sender[0] ? domain_of(e->r->sender) : NULL;
+    int null_mx;
+    if (!dom || !*dom || dom[0] == '[')
+        return DUNNO;
+    int x = domain_exists(e, dom, &null_mx);
+    if (x == 0)
+        return deny(e, 450, "4.1.8", L_SENDER, "Domain not found");
+    if (x == 1 && null_mx) {
+        char text[400];
+        snprintf(text, sizeof(text), "Domain %s does not accept mail (nullMX)", dom);
+        return deny(e, 550, "5.7.27", L_SENDER, text);
+    }
+    return DUNNO;
+}
+
+static int unknown_helo(struct eval *e)
+{
+    const char *h = e->r->helo;
+    int null_mx;
+    if (!h[0] || is_address_literal(h) || !kt_smtp_valid_helo(h, strlen(h)))
+        return DUNNO;
+    if (domain_exists(e, h, &null_mx) == 0)
+        return deny(e, 450, "4.7.1", L_HELO, "Host not found");
+    return DUNNO;
+}
+
+/* Postfix's reject_unknown_client_hostname / _reverse_client_hostname: unknown_client_reject_code (450)
+ * whether the lookup failed for good or for now. */
+static int unknown_client(struct eval *e, int reverse)
+{
+    int st = reverse ? e->r->reverse_name_status : e->r->client_name_status;
+    if (st == KT_NAME_OK)
+        return DUNNO;
+    snprintf(e->reply, e->replylen, "450 4.7.25 Client host rejected: cannot find your %shostname, [%s]",
+             reverse ? "reverse " : "", e->r->client_addr);
+    return REJECT;
+}
+
 /* Postfix's reject_invalid_helo_hostname test: a host name, or an address
  * with or without brackets (and "IPv6:" inside them), as valid_hostaddr()
  * and valid_mailhost_addr() accept. */
@@ -631,6 +1057,21 @@ static int apply(struct eval *e, enum rtype t, const struct kt_table *table, int
         if (r->helo[0] && !valid_helo_name(r->helo))
             return deny(e, 501, "5.5.2", L_HELO, "Invalid name");
         return DUNNO;
+    case R_UNKNOWN_CLIENT:
+        return unknown_client(e, 0);
+    case R_UNKNOWN_REVERSE_CLIENT:
+        return unknown_client(e, 1);
+    case R_UNKNOWN_HELO:
+        return unknown_helo(e);
+    case R_UNKNOWN_SENDER_DOMAIN:
+        return unknown_sender_domain(e);
+    case R_RBL_CLIENT:
+    case R_RHSBL_CLIENT:
+    case R_RHSBL_REVERSE_CLIENT:
+    case R_RHSBL_SENDER:
+    case R_RHSBL_HELO:
+    case R_DNSWL_CLIENT:
+        return DUNNO;   /* reached only through access tables, which cannot give arguments */
     case R_UNLISTED_RCPT:
         return unlisted_recipient(e);
     case R_UNLISTED_SENDER:
@@ -658,23 +1099,24 @@ int kt_policy_check_rcpt(const struct kt_policy *p, const struct kt_policy_reque
 {
     struct eval e = { .p = p, .r = r, .ra = ra, .reply = reply, .replylen = replylen };
 
-    snprintf(e.client, sizeof(e.client), "unknown[%s]", r->client_addr);
+    snprintf(e.client, sizeof(e.client), "%s[%s]", r->client_name ? r->client_name : "unknown", r->client_addr);
     kt_addr_resolve(p->resolver, p->addr_flags, r->recipient, r->recipient_had_route, ra);
     reply[0] = '\0';
     for (e.list = 0; e.list < L_COUNT; e.list++) {
         const struct rlist *l = &p->lists[e.list];
         for (size_t i = 0; i < l->n; i++) {
-            int v = apply(&e, l->v[i].type, l->v[i].table, 0);
+            int v = l->v[i].type >= R_RBL_CLIENT ? dns_list(&e, &l->v[i]) : apply(&e, l->v[i].type, l->v[i].table, 0);
             if (v == REJECT)
-                return 1;
+                return r->needs && r->needs->n ? KT_POLICY_NEED_DNS : 1;
             if (v == PERMIT)
                 break;
         }
         /* smtpd_reject_unlisted_sender: an implicit reject_unlisted_sender after the sender list */
         if (e.list == L_SENDER && p->reject_unlisted_sender && unlisted_sender(&e) == REJECT)
-            return 1;
+            return r->needs && r->needs->n ? KT_POLICY_NEED_DNS : 1;
     }
-    return 0;
+    /* an answer was missing: the verdict may change once it is there */
+    return r->needs && r->needs->n ? KT_POLICY_NEED_DNS : 0;
 }
 
 /* ---- mynetworks_style ---- */

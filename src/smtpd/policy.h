@@ -9,6 +9,7 @@
 #include <stddef.h>
 
 #include "delivery/resolve.h"
+#include "smtpd/client_dns.h"
 
 struct kt_net_list;
 
@@ -40,6 +41,7 @@ struct kt_policy_config {
     unsigned addr_flags;             /* KT_ADDR_* from allow_percent_hack, swap_bangpath, resolve_dequoted_address */
     const struct kt_resolver *resolver;      /* not owned */
     const struct kt_net_list *mynetworks;    /* not owned */
+    const char *rbl_reply_maps;      /* rbl_reply_maps: reply templates by DNS list domain */
 };
 
 struct kt_policy;
@@ -58,11 +60,35 @@ struct kt_policy_request {
     const char *sasl_username;    /* NULL unless authenticated */
     int esmtp;                    /* the client said EHLO */
     int pipelined;                /* input was waiting behind this command */
+    /* client names, as Postfix's smtpd_peer: name is forward-confirmed ("unknown" otherwise),
+     * reverse_name is what the PTR lookup gave; statuses KT_NAME_* */
+    const char *client_name;      /* NULL = "unknown" */
+    int client_name_status;
+    const char *reverse_name;     /* NULL = "unknown" */
+    int reverse_name_status;
+    /* DNS answers come from the cache (client_dns.h). With needs set, a restriction whose answer is
+     * missing adds its queries there and counts as not matching, and the check returns
+     * KT_POLICY_NEED_DNS when any were added; with needs NULL a missing answer is a lookup failure. */
+    struct kt_dns_needs *needs;
+    const struct kt_dns_result *answers;   /* answers fetched for this check, looked at before the cache */
+    unsigned n_answers;
+};
+
+enum { KT_NAME_OK, KT_NAME_PERM, KT_NAME_TEMP };
+
+#define KT_POLICY_NEED_DNS 2
+
+struct kt_dns_needs {
+    unsigned n;
+    struct {
+        int type;
+        char name[KT_DNS_RR_LEN];
+    } v[24];
 };
 
 /* Evaluates smtpd_client, helo, sender, relay and recipient restrictions in that order. Fills *ra with
- * the recipient's resolution. Returns 0 when permitted, else 1 with a complete reply line (no CRLF) in
- * reply. */
+ * the recipient's resolution. Returns 0 when permitted, 1 with a complete reply line (no CRLF) in
+ * reply, or KT_POLICY_NEED_DNS (see kt_policy_request.needs): fetch the answers and check again. */
 int kt_policy_check_rcpt(const struct kt_policy *p, const struct kt_policy_request *r, struct kt_resolved_addr *ra,
                          char *reply, size_t replylen);
 

@@ -25,6 +25,7 @@
 #include "tls/ktls.h"
 #include "core/notify.h"
 #include "core/log.h"
+#include "queue/dns.h"
 #include "queue/qmgr.h"
 #include "smtpd/server.h"
 #include "smtpd/session.h"
@@ -196,6 +197,7 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
     struct kt_server *srv = w->server;
 
     w->tick_armed = 0;
+    kt_dns_tick(w->dns);
     worker_adopt_runtime(w);
     if (atomic_load(&srv->stopping) && !w->draining)
         worker_begin_drain(w);
@@ -240,6 +242,10 @@ static void *worker_main(void *arg)
     kt_log_set_service("smtpd");
     for (size_t i = 0; i < w->n_listeners; i++)
         accept_arm(&w->listeners[i]);
+    /* client checks wait for DNS at most about 4.5 s (1.5 s, then 3 s) */
+    int drc = kt_dns_new_opts(&w->loop, w->rt->qmgr.dns_servers, 1500, 2, &w->dns);
+    if (drc < 0)
+        kt_err("worker %u: DNS resolver: %s; client names and DNS lists will fail", w->id, strerror(-drc));
     w->tick_op.cb = tick_done;
     tick_arm(w);
     while (!w->loop.stop) {
@@ -249,6 +255,8 @@ static void *worker_main(void *arg)
             break;
         }
     }
+    kt_dns_free(w->dns);
+    w->dns = NULL;
     /* Sessions are gone; the tick timeout may still be armed, and closing the
      * ring cancels it. */
     for (size_t i = 0; i < w->n_listeners; i++)

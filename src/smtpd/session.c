@@ -27,6 +27,7 @@
 #include "conf/config.h"
 #include "core/table.h"
 #include "smtpd/anvil.h"
+#include "smtpd/client_dns.h"
 #include "smtpd/proxy.h"
 #include "smtpd/sasl.h"
 #include "smtpd/session.h"
@@ -69,6 +70,104 @@ static const char *state_str(enum kt_session_state st)
     return "?";
 }
 
+/* The client's verified name for logs, "unknown" without one (Postfix's namaddr). */
+static const char *client_name(const struct kt_session *s)
+{
+    return s->client_name ? s->client_name : "unknown";
+}
+
+/* ---- DNS for client checks ----
+ * Answers live in the shared cache (client_dns.h). A step that misses one
+ * fetches it through the worker's resolver and runs again once every
+ * answer is in; the job outlives a session that goes away meanwhile. */
+
+struct dns_job {
+    struct kt_session *s;      /* NULL once the session is gone */
+    unsigned outstanding;
+};
+
+static void dns_fetched(void *arg, int cancelled, const struct kt_dns_result *res)
+{
+    struct dns_job *j = arg;
+    struct kt_session *s = j->s;
+    if (s && res) {
+        /* kept until the step is done: the cache may drop it sooner */
+        s->dns_answers = kt_realloc(s->dns_answers, (s->n_dns_answers + 1) * sizeof(*s->dns_answers));
+        s->dns_answers[s->n_dns_answers++] = *res;
+    }
+    if (--j->outstanding)
+        return;
+    kt_free(j);
+    if (!s)
+        return;
+    s->dns_job = NULL;
+    s->wait = KT_WAIT_NONE;
+    s->dns_resume(s);
+}
+
+/* Fetches every query in nd. Returns 1 when the session now waits (resume
+ * runs later), 0 when all answers came at once. */
+static int dns_wait(struct kt_session *s, const struct kt_dns_needs *nd, void (*resume)(struct kt_session *))
+{
+    struct dns_job *j = kt_calloc(1, sizeof(*j));
+    j->s = s;
+    j->outstanding = 1;   /* held until every query is started */
+    s->dns_job = j;
+    s->dns_resume = resume;
+    s->wait = KT_WAIT_DNS;
+    s->dns_rounds++;
+    for (unsigned i = 0; i < nd->n; i++) {
+        j->outstanding++;
+        kt_cdns_fetch(s->worker->dns, nd->v[i].type, nd->v[i].name, dns_fetched, j);
+    }
+    if (--j->outstanding)
+        return 1;
+    kt_free(j);
+    s->dns_job = NULL;
+    s->wait = KT_WAIT_NONE;
+    return 0;
+}
+
+static void dns_step_done(struct kt_session *s)
+{
+    kt_free(s->dns_answers);
+    s->dns_answers = NULL;
+    s->n_dns_answers = 0;
+    s->dns_rounds = 0;
+}
+
+static int dns_answer(const struct kt_session *s, int type, const char *name, struct kt_dns_answer *a)
+{
+    for (unsigned i = 0; i < s->n_dns_answers; i++)
+        if (s->dns_answers[i].type == type && strcasecmp(s->dns_answers[i].name, name) == 0) {
+            *a = s->dns_answers[i].ans;
+            return 1;
+        }
+    return kt_cdns_lookup(type, name, a);
+}
+
+/* The answer for (type, name): 1 with *a (a failure after two rounds
+ * without one), or 0 when the session waits and resume runs later. */
+static int session_dns(struct kt_session *s, int type, const char *name, struct kt_dns_answer *a,
+                       void (*resume)(struct kt_session *))
+{
+    if (dns_answer(s, type, name, a))
+        return 1;
+    if (s->dns_rounds < 2) {
+        struct kt_dns_needs nd = { .n = 1 };
+        nd.v[0].type = type;
+        snprintf(nd.v[0].name, sizeof(nd.v[0].name), "%s", name);
+        if (dns_wait(s, &nd, resume))
+            return 0;
+        if (dns_answer(s, type, name, a))
+            return 1;
+    }
+    memset(a, 0, sizeof(*a));
+    a->status = KT_DNS_TEMP;
+    snprintf(a->why, sizeof(a->why), "no answer");
+    return 1;
+}
+
 static void session_touch(struct kt_session *s)
 {
     s->deadline = time(NULL) + s->cfg->timeout_s;
@@ -97,7 +196,7 @@ static void reply(struct kt_session *s, const char *fmt, ...)
         if (s->errors > s->cfg->soft_error_limit)
             s->tarpit_owed = 1;
         if (s->errors >= s->cfg->hard_error_limit && s->state != KT_SS_CLOSING) {
-            kt_info("too many errors after %s from unknown[%s]", state_str(s->state), s->addr);
+            kt_info("too many errors after %s from %s[%s]", state_str(s->state), client_name(s), s->addr);
             reply(s, "421 4.7.0 %s Error: too many errors", s->cfg->myhostname);
             s->state = KT_SS_CLOSING;
         }
@@ -156,8 +255,8 @@ static void add_received_header(struct kt_session *s)
     struct tm tm;
     localtime_r(&now, &tm);
     strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S %z (%Z)", &tm);
-    int n = snprintf(hdr, sizeof(hdr), "Received: from %s (unknown [%s])\r\n", s->helo[0] ? s->helo : "unknown",
-                     s->addr);
+    int n = snprintf(hdr, sizeof(hdr), "Received: from %s (%s [%s])\r\n", s->helo[0] ? s->helo : client_name(s),
+                     client_name(s), s->addr);
     if (s->sasl_username[0] && s->cfg->sasl_authenticated_header && n > 0 && (size_t)n < sizeof(hdr))
         n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\t(Authenticated sender: %s)\r\n", s->sasl_username);
     if (n > 0 && (size_t)n < sizeof(hdr))
@@ -212,7 +311,7 @@ static int rate_exceeded(struct kt_session *s, enum kt_anvil_rate ev, long long 
     unsigned rate = kt_anvil_event(service_name(s), s->addr, ev, s->cfg->anvil_unit_s);
     if (rate <= limit)
         return 0;
-    kt_warn("%s rate limit exceeded: %u from unknown[%s] for service %s", what, rate, s->addr, service_name(s));
+    kt_warn("%s rate limit exceeded: %u from %s[%s] for service %s", what, rate, client_name(s), s->addr, service_name(s));
     return 1;
 }
 
@@ -228,12 +327,12 @@ static int connection_refused(struct kt_session *s)
     kt_anvil_connect(service_name(s), s->addr, cfg->anvil_unit_s, &count, &rate);
     s->anvil_connected = 1;
     if (cfg->conn_count_limit > 0 && count > cfg->conn_count_limit) {
-        kt_warn("Connection concurrency limit exceeded: %u from unknown[%s] for service %s", count, s->addr,
+        kt_warn("Connection concurrency limit exceeded: %u from %s[%s] for service %s", count, client_name(s), s->addr,
                 service_name(s));
         return 1;
     }
     if (cfg->conn_rate_limit > 0 && rate > cfg->conn_rate_limit) {
-        kt_warn("Connection rate limit exceeded: %u from unknown[%s] for service %s", rate, s->addr,
+        kt_warn("Connection rate limit exceeded: %u from %s[%s] for service %s", rate, client_name(s), s->addr,
                 service_name(s));
         return 1;
     }
@@ -384,18 +483,19 @@ static void rcpt_accepted(struct kt_session *s)
     if (!s->client_logged) {
         s->client_logged = 1;
         if (s->sasl_username[0])
-            kt_info("%s: client=unknown[%s], sasl_method=%s, sasl_username=%s", s->queue_id, s->addr,
+            kt_info("%s: client=%s[%s], sasl_method=%s, sasl_username=%s", s->queue_id, client_name(s), s->addr,
                     s->sasl_method, s->sasl_username);
         else
-            kt_info("%s: client=unknown[%s]", s->queue_id, s->addr);
+            kt_info("%s: client=%s[%s]", s->queue_id, client_name(s), s->addr);
     }
     reply(s, "250 2.1.5 Ok");
 }
 
 static void rcpt_reject(struct kt_session *s, const char *why, const char *rcpt)
 {
-    kt_info("%s: reject: RCPT from unknown[%s]: %s; from=<%s> to=<%s> proto=%s helo=<%s>",
-            s->client_logged ? s->queue_id : "NOQUEUE", s->addr, why, s->sender, rcpt, protocol_name(s), s->helo);
+    kt_info("%s: reject: RCPT from %s[%s]: %s; from=<%s> to=<%s> proto=%s helo=<%s>",
+            s->client_logged ? s->queue_id : "NOQUEUE", client_name(s), s->addr, why, s->sender, rcpt,
+            protocol_name(s), s->helo);
     kt_metric_inc(KT_M_REJECT_RCPT);
     reply(s, "%s", why);
 }
@@ -433,20 +533,26 @@ static void too_many_recipients(struct kt_session *s)
         reply(s, "452 4.5.3 Error: too many recipients");
 }
 
+static void resume_commands(struct kt_session *s)
+{
+    session_process(s);
+}
+
 static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
 {
     struct kt_smtp_path path;
     struct kt_rcpt_params p;
     struct kt_resolve_result res;
 
-    s->counts.rcpt++;
+    if (!s->cmd_replay)
+        s->counts.rcpt++;
     if (tls_required_first(s))
         return;
     if (!s->in_transaction) {
         reply(s, "503 5.5.1 Error: need MAIL command");
         return;
     }
-    if (rate_exceeded(s, KT_ANVIL_RCPT, s->cfg->rcpt_rate_limit, "Recipient address")) {
+    if (!s->cmd_replay && rate_exceeded(s, KT_ANVIL_RCPT, s->cfg->rcpt_rate_limit, "Recipient address")) {
         reply(s, "450 4.7.1 Error: too many recipients from %s", s->addr);
         return;
     }
@@ -468,10 +574,28 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         .sasl_username = s->sasl_username[0] ? s->sasl_username : NULL,
         .esmtp = s->esmtp,
         .pipelined = s->cmd_pipelined,
+        .client_name = s->client_name,
+        .client_name_status = s->client_name_status,
+        .reverse_name = s->reverse_name,
+        .reverse_name_status = s->reverse_name_status,
     };
     struct kt_resolved_addr ra;
+    struct kt_dns_needs needs;
     char why[700];
-    if (kt_policy_check_rcpt(s->cfg->policy, &pr, &ra, why, sizeof(why))) {
+    int prc;
+    for (;;) {
+        needs.n = 0;
+        /* after two rounds of fetching, a missing answer is a failed lookup */
+        pr.needs = s->dns_rounds < 2 ? &needs : NULL;
+        pr.answers = s->dns_answers;
+        pr.n_answers = s->n_dns_answers;
+        prc = kt_policy_check_rcpt(s->cfg->policy, &pr, &ra, why, sizeof(why));
+        if (prc != KT_POLICY_NEED_DNS)
+            break;
+        if (dns_wait(s, &needs, resume_commands))
+            return;   /* the command runs again once the answers are in */
+    }
+    if (prc) {
         rcpt_reject(s, why, path.addr);
         return;
     }
@@ -656,15 +780,15 @@ static void data_finish(struct kt_session *s)
 {
     s->state = KT_SS_COMMAND;
     if (s->dp.bare_lf || s->dp.bare_cr) {
-        kt_info("%s: reject: bare <%s> in message body from unknown[%s]", s->queue_id,
-                s->dp.bare_lf ? "LF" : "CR", s->addr);
+        kt_info("%s: reject: bare <%s> in message body from %s[%s]", s->queue_id,
+                s->dp.bare_lf ? "LF" : "CR", client_name(s), s->addr);
         kt_metric_inc(KT_M_REJECT_DATA);
         reply(s, "550 5.5.2 Error: bare <%s> received", s->dp.bare_lf ? "LF" : "CR");
         transaction_reset(s);
         return;
     }
     if (s->msg_too_big) {
-        kt_info("%s: reject: message size exceeds limit from unknown[%s]", s->queue_id, s->addr);
+        kt_info("%s: reject: message size exceeds limit from %s[%s]", s->queue_id, client_name(s), s->addr);
         kt_metric_inc(KT_M_REJECT_DATA);
         reply(s, "552 5.3.4 Error: message file too big");
         transaction_reset(s);
@@ -742,9 +866,9 @@ static void on_spliced(struct kt_session *s, int res)
     } else if (res != -EINVAL) {
         /* -EINVAL: a kTLS control record is next; the normal read path handles it */
         if (res == 0)
-            kt_info("lost connection after BDAT from unknown[%s]", s->addr);
+            kt_info("lost connection after BDAT from %s[%s]", client_name(s), s->addr);
         else
-            kt_info("BDAT splice from unknown[%s] failed: %s", s->addr, strerror(-res));
+            kt_info("BDAT splice from %s[%s] failed: %s", client_name(s), s->addr, strerror(-res));
         session_close(s);
         kt_session_maybe_free(s);
         return;
@@ -861,7 +985,7 @@ static int newtls_exceeded(struct kt_session *s)
     unsigned rate = kt_anvil_peek(service_name(s), s->addr, KT_ANVIL_NEWTLS, s->cfg->anvil_unit_s);
     if (rate < s->cfg->newtls_rate_limit)
         return 0;
-    kt_warn("New TLS session rate limit exceeded: %u from unknown[%s] for service %s", rate, s->addr,
+    kt_warn("New TLS session rate limit exceeded: %u from %s[%s] for service %s", rate, client_name(s), s->addr,
             service_name(s));
     return 1;
 }
@@ -917,7 +1041,7 @@ static void auth_fail_reply(struct kt_session *s)
 {
     reply(s, "%s", s->auth_reply);
     if (s->auth_failures >= AUTH_MAX_FAILURES && s->state != KT_SS_CLOSING) {
-        kt_info("too many authentication failures from unknown[%s]", s->addr);
+        kt_info("too many authentication failures from %s[%s]", client_name(s), s->addr);
         reply(s, "421 4.7.0 %s Error: too many authentication failures", s->cfg->myhostname);
         s->state = KT_SS_CLOSING;
     }
@@ -938,7 +1062,7 @@ static void on_auth_delay(struct kt_op *op, int res, unsigned flags)
  * failing is closed: guessing gets slow and then stops. */
 static void auth_failed(struct kt_session *s, const char *why)
 {
-    kt_warn("unknown[%s]: SASL %s authentication failed: %s", s->addr, s->sasl_method, why);
+    kt_warn("%s[%s]: SASL %s authentication failed: %s", client_name(s), s->addr, s->sasl_method, why);
     s->auth_failures++;
     snprintf(s->auth_reply, sizeof(s->auth_reply), "535 5.7.8 Error: authentication failed: %s", why);
     unsigned recent = kt_auth_fail_record(s->addr);
@@ -976,7 +1100,7 @@ static void on_auth_checked(struct kt_op *op, int res, unsigned flags)
         s->counts.auth_ok++;
         reply(s, "235 2.7.0 Authentication successful");
     } else if (res == KT_AUTH_TEMP) {
-        kt_warn("unknown[%s]: SASL %s authentication failed: %s", s->addr, s->sasl_method, job->req.reason);
+        kt_warn("%s[%s]: SASL %s authentication failed: %s", client_name(s), s->addr, s->sasl_method, job->req.reason);
         reply(s, "454 4.7.0 Temporary authentication failure: %s", job->req.reason);
     } else {
         char why[sizeof(job->req.reason)];
@@ -1021,7 +1145,7 @@ static int auth_decode(struct kt_session *s, const char *b64, size_t len, char *
 {
     ssize_t r = len == 1 && b64[0] == '=' && initial ? 0 : kt_base64_decode(b64, len, out, outlen - 1);
     if (r < 0) {
-        kt_warn("unknown[%s]: SASL %s authentication failed: malformed base64 in %s response", s->addr,
+        kt_warn("%s[%s]: SASL %s authentication failed: malformed base64 in %s response", client_name(s), s->addr,
                 s->sasl_method, initial ? "initial" : "continued");
         reply(s, "501 5.5.2 Invalid base64 data in %s response", initial ? "initial" : "continued");
         auth_end(s);
@@ -1077,7 +1201,7 @@ static void auth_response(struct kt_session *s, const char *line, size_t len)
     size_t n;
 
     if (len == 1 && line[0] == '*') {
-        kt_warn("unknown[%s]: SASL %s authentication aborted", s->addr, s->sasl_method);
+        kt_warn("%s[%s]: SASL %s authentication aborted", client_name(s), s->addr, s->sasl_method);
         auth_end(s);
         reply(s, "501 5.7.0 Authentication aborted");
         return;
@@ -1177,7 +1301,8 @@ static void handle_command(struct kt_session *s, const char *line, size_t len)
         return;
     }
     kt_smtp_parse_command(line, len, &c);
-    s->counts.total++;
+    if (!s->cmd_replay)
+        s->counts.total++;
     switch (c.verb) {
     case KT_VERB_EHLO: cmd_helo(s, &c, 1); break;
     case KT_VERB_HELO: cmd_helo(s, &c, 0); break;
@@ -1274,11 +1399,19 @@ static void command_feed(struct kt_session *s)
         auth_response(s, head, line_len);
     else
         handle_command(s, head, line_len);
+    if (s->wait == KT_WAIT_DNS) {
+        /* the line stays in the buffer: the command runs again with the answers */
+        s->cmd_replay = 1;
+        return;
+    }
+    s->cmd_replay = 0;
+    if (s->dns_rounds || s->dns_answers)
+        dns_step_done(s);
     kt_buf_consume(&s->in, consumed);
     if (s->wait == KT_WAIT_STARTTLS && kt_buf_used(&s->in)) {
         /* CVE-2011-0411: plaintext pipelined after STARTTLS must not be
          * executed inside the TLS session */
-        kt_info("improper command pipelining after STARTTLS from unknown[%s]: discarded %zu bytes", s->addr,
+        kt_info("improper command pipelining after STARTTLS from %s[%s]: discarded %zu bytes", client_name(s), s->addr,
                 kt_buf_used(&s->in));
         kt_buf_reset(&s->in);
     }
@@ -1335,7 +1468,7 @@ static void session_start_tls(struct kt_session *s)
     s->state = KT_SS_HANDSHAKE;
     s->deadline = time(NULL) + s->cfg->starttls_timeout_s;
     if (!kt_conn_tls_new(s->conn, kt_tls_server_ctx(s->cfg->tls), s->cfg->ktls_rx_tls13, s->worker->ktls)) {
-        kt_err("cannot create TLS session for unknown[%s]", s->addr);
+        kt_err("cannot create TLS session for %s[%s]", client_name(s), s->addr);
         session_close(s);
         kt_session_maybe_free(s);
         return;
@@ -1412,7 +1545,7 @@ static void log_disconnect(struct kt_session *s)
     COUNT("unknown", c->unknown, 0u);
 #undef COUNT
     buf[n < sizeof(buf) ? n : sizeof(buf) - 1] = '\0';
-    kt_info("disconnect from unknown[%s]%s commands=%u", s->addr, buf, c->total);
+    kt_info("disconnect from %s[%s]%s commands=%u", client_name(s), s->addr, buf, c->total);
 }
 
 /* What the connection reports. A read or write failure ends the session;
@@ -1441,17 +1574,17 @@ static void on_conn_event(void *arg, enum kt_conn_event ev, int res)
         return;
     case KT_CONN_EV_EOF:
         if (!s->dead)
-            kt_info("lost connection after %s from unknown[%s]", where, s->addr);
+            kt_info("lost connection after %s from %s[%s]", where, client_name(s), s->addr);
         break;
     case KT_CONN_EV_ERROR:
         if (s->dead || res == -EPROTO)
             break;
         if (kt_conn_failed_step(s->conn) == KT_CONN_STEP_SPLICE_FILE) {
             kt_delivery_fail(s->delivery, res);
-            kt_info("BDAT splice from unknown[%s] failed: %s", s->addr, strerror(-res));
+            kt_info("BDAT splice from %s[%s] failed: %s", client_name(s), s->addr, strerror(-res));
         } else {
-            kt_info("%s after %s from unknown[%s]: %s",
-                    kt_conn_failed_step(s->conn) == KT_CONN_STEP_SEND ? "write error" : "read error", where, s->addr,
+            kt_info("%s after %s from %s[%s]: %s",
+                    kt_conn_failed_step(s->conn) == KT_CONN_STEP_SEND ? "write error" : "read error", where, client_name(s), s->addr,
                     strerror(-res));
         }
         break;
@@ -1490,6 +1623,11 @@ void kt_session_maybe_free(struct kt_session *s)
     kt_buf_release(&s->relay_rcpts);
     auth_job_free(s);
     kt_free(s->proxy_buf);
+    if (s->dns_job)
+        s->dns_job->s = NULL;
+    kt_free(s->client_name);
+    kt_free(s->reverse_name);
+    kt_free(s->dns_answers);
     session_unlink(s);
     kt_metric_add(KT_M_CONN_SMTPD, -1);
     kt_runtime_unref(s->rt);
@@ -1507,9 +1645,9 @@ void kt_session_timeout(struct kt_session *s)
         return;
     }
     if (s->wait == KT_WAIT_COMMIT || s->wait == KT_WAIT_OPEN || s->wait == KT_WAIT_DRAIN || s->wait == KT_WAIT_AUTH
-        || s->wait == KT_WAIT_TARPIT)
-        return;   /* waiting on our own disk or password check, not on the client */
-    kt_info("timeout after %s from unknown[%s]", state_str(s->state), s->addr);
+        || s->wait == KT_WAIT_TARPIT || s->wait == KT_WAIT_DNS)
+        return;   /* waiting on our own disk, password check or DNS, not on the client */
+    kt_info("timeout after %s from %s[%s]", state_str(s->state), client_name(s), s->addr);
     if (s->state == KT_SS_HANDSHAKE || s->wait == KT_WAIT_SPLICE) {
         /* no plaintext reply is possible mid-handshake or mid-splice */
         session_close(s);
@@ -1543,11 +1681,100 @@ void kt_session_abort(struct kt_session *s)
     kt_session_maybe_free(s);
 }
 
-/* The client's address is known: limits, then the banner (or the TLS
- * handshake of a wrapper-mode service). */
+static void session_greet(struct kt_session *s);
+
+static int same_address(const char *x, const char *y)
+{
+    unsigned char a[16], b[16];
+    int fam = strchr(x, ':') ? AF_INET6 : AF_INET;
+    return inet_pton(fam, x, a) == 1 && inet_pton(fam, y, b) == 1 && memcmp(a, b, fam == AF_INET ? 4 : 16) == 0;
+}
+
+/* A PTR result Postfix would use: a syntactically valid host name that is not an address. */
+static int usable_hostname(const char *name)
+{
+    unsigned char b[16];
+    return name[0] && kt_smtp_valid_helo(name, strlen(name)) && name[0] != '['
+           && inet_pton(AF_INET, name, b) != 1 && inet_pton(AF_INET6, name, b) != 1;
+}
+
+/* Postfix's smtpd_peer: the PTR name of the client's address, accepted as
+ * the client name only if it resolves back to that address. */
+static void client_names(struct kt_session *s)
+{
+    struct kt_dns_answer a;
+    char q[128];
+    unsigned char b[16];
+
+    if (inet_pton(AF_INET, s->addr, b) == 1) {
+        snprintf(q, sizeof(q), "%u.%u.%u.%u.in-addr.arpa", b[3], b[2], b[1], b[0]);
+    } else if (inet_pton(AF_INET6, s->addr, b) == 1) {
+        size_t o = 0;
+        for (int i = 15; i >= 0; i--)
+            o += (size_t)snprintf(q + o, sizeof(q) - o, "%x.%x.", b[i] & 15, b[i] >> 4);
+        snprintf(q + o, sizeof(q) - o, "ip6.arpa");
+    } else {
+        goto done;
+    }
+    if (!s->reverse_name) {
+        if (!session_dns(s, KT_RR_PTR, q, &a, client_names))
+            return;
+        dns_step_done(s);
+        if (a.status != KT_DNS_FOUND) {
+            s->reverse_name_status = s->client_name_status = a.status == KT_DNS_TEMP ? KT_NAME_TEMP : KT_NAME_PERM;
+            goto done;
+        }
+        if (!usable_hostname(a.rr[0])) {
+            kt_warn("%s: malformed or numeric PTR name: %s", s->addr, a.rr[0]);
+            goto done;
+        }
+        s->reverse_name = kt_strdup(a.rr[0]);
+    }
+    s->reverse_name_status = KT_NAME_OK;
+    int fwd = strchr(s->addr, ':') ? KT_RR_AAAA : KT_RR_A;
+    if (!session_dns(s, fwd, s->reverse_name, &a, client_names))
+        return;
+    dns_step_done(s);
+    if (a.status == KT_DNS_TEMP) {
+        kt_warn("hostname %s does not resolve to address %s: %s", s->reverse_name, s->addr, a.why);
+        s->client_name_status = KT_NAME_TEMP;
+        goto done;
+    }
+    for (unsigned i = 0; i < a.n; i++)
+        if (same_address(s->addr, a.rr[i])) {
+            s->client_name = kt_strdup(s->reverse_name);
+            s->client_name_status = KT_NAME_OK;
+            goto done;
+        }
+    if (a.status == KT_DNS_FOUND)
+        kt_warn("hostname %s does not resolve to address %s", s->reverse_name, s->addr);
+    else
+        kt_warn("hostname %s does not resolve to address %s: Name or service not known", s->reverse_name, s->addr);
+    s->client_name_status = KT_NAME_PERM;
+done:
+    dns_step_done(s);
+    if (s->client_name) {
+        char peer[sizeof(s->addr) + 260];
+        snprintf(peer, sizeof(peer), "%s[%s]", s->client_name, s->addr);
+        kt_conn_set_peer(s->conn, peer);
+    }
+    session_greet(s);
+}
+
+static void session_begin(struct kt_session *s)
+{
+    s->client_name_status = s->reverse_name_status = KT_NAME_PERM;
+    if (s->cfg->peername_lookup)
+        client_names(s);
+    else
+        session_greet(s);
+}
+
+/* The client is known: limits, then the banner (or the TLS handshake of a
+ * wrapper-mode service). */
 static void session_greet(struct kt_session *s)
 {
-    kt_info("connect from unknown[%s]", s->addr);
+    kt_info("connect from %s[%s]", client_name(s), s->addr);
     if (connection_refused(s)) {
         if (s->cfg->wrappermode) {
             /* no plaintext reply on a TLS port */
@@ -1616,7 +1843,7 @@ static void proxy_readable(struct kt_op *op, int res, unsigned flags)
         snprintf(peer, sizeof(peer), "unknown[%s]", s->addr);
         kt_conn_set_peer(s->conn, peer);
     }
-    session_greet(s);
+    session_begin(s);
 }
 
 static void proxy_poll(struct kt_session *s)
@@ -1671,5 +1898,5 @@ void kt_session_start(struct kt_worker *w, int fd, const struct sockaddr *sa, so
         proxy_start(s);
         return;
     }
-    session_greet(s);
+    session_begin(s);
 }

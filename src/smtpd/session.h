@@ -24,6 +24,8 @@ struct kt_smtpd_settings;
 struct kt_delivery;
 struct kt_auth_req;
 struct kt_conn;
+struct dns_job;
+struct kt_dns_result;
 
 enum kt_session_state {
     KT_SS_HANDSHAKE,      /* TLS handshake in progress (wrapper mode or after STARTTLS) */
@@ -44,6 +46,7 @@ enum kt_session_wait {
     KT_WAIT_AUTH,         /* password check on the auth pool, or the delay after a failure */
     KT_WAIT_TARPIT,       /* error reply held for smtpd_error_sleep_time (soft error limit) */
     KT_WAIT_PROXY,        /* reading the PROXY protocol header, before the banner */
+    KT_WAIT_DNS,          /* DNS answers for the client's names or a restriction */
 };
 
 /* Where an AUTH exchange stands. */
@@ -89,6 +92,17 @@ struct kt_session {
     struct kt_op proxy_op;                 /* readability poll while the header is read */
     unsigned char *proxy_buf;              /* header bytes so far (KT_PROXY_MAX_HEADER), NULL after it */
     size_t proxy_have;
+
+    /* client names (smtpd_peername_lookup), NULL = "unknown"; statuses KT_NAME_* (policy.h) */
+    char *client_name;                     /* forward-confirmed name */
+    char *reverse_name;                    /* PTR name, confirmed or not */
+    int client_name_status, reverse_name_status;
+    struct dns_job *dns_job;               /* queries in flight for this session */
+    void (*dns_resume)(struct kt_session *s);
+    unsigned dns_rounds;                   /* fetch rounds for the current step */
+    struct kt_dns_result *dns_answers;     /* answers fetched for the current step */
+    unsigned n_dns_answers;
+    int cmd_replay;                        /* the current command runs again after DNS answers */
 
     /* SMTP state */
     char helo[256];

@@ -16,6 +16,7 @@ struct kt_server;
 struct kt_session;
 struct kt_runtime;
 struct kt_ktls_counters;
+struct kt_dns;
 
 struct kt_listener {
     struct kt_op op;
@@ -39,6 +40,7 @@ struct kt_worker {
     int draining;
     struct kt_runtime *rt;        /* runtime new sessions start with */
     struct kt_ktls_counters *ktls; /* the server's, counted by the connections */
+    struct kt_dns *dns;           /* c-ares on this loop for client checks; NULL if it failed */
 };
 
 #endif
