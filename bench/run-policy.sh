@@ -85,7 +85,6 @@ smtpd_tls_cert_file = $T/cert.pem
 smtpd_tls_key_file = $T/key.pem
 smtpd_tls_security_level = may
 queue_directory = $T/queue
-maillog_file = $T/ktrelay-$1.log
 ktrelay_dns_servers = 127.0.0.1:$DNSPORT
 EOF
 	if [ "$1" = off ]; then
@@ -126,7 +125,7 @@ run() {   # run MODE -> msgs/s on stdout
 	ok=$(echo "$line" | cut -d, -f11)
 	if [ "$ok" != $((C * M)) ]; then
 		echo "run-policy: $1: only $ok of $((C * M)) messages accepted" >&2
-		tail -5 "$T/ktrelay-$1.log" >&2
+		tail -5 "$T/stderr-$1.log" >&2
 		exit 1
 	fi
 	echo "$line" | cut -d, -f16
@@ -140,7 +139,7 @@ for _ in $(seq "$RUNS"); do
 	on+=("$(run on)")
 done
 # the "on" server really looked things up and logged names
-grep -q "connect from client.bench.test\[127.0.0.1\]" "$T/ktrelay-on.log" || { echo "run-policy: no reverse name in the log" >&2; exit 1; }
+grep -q "connect from client.bench.test\[127.0.0.1\]" "$T/stderr-on.log" || { echo "run-policy: no reverse name in the log" >&2; exit 1; }
 m_off=$(printf '%s\n' "${off[@]}" | median)
 m_on=$(printf '%s\n' "${on[@]}" | median)
 mkdir -p "$OUT"
