@@ -208,7 +208,7 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
         if (w->draining) {
             if (now >= srv->drain_deadline) {
                 kt_session_abort(s);
-            } else if (!s->in_transaction) {
+            } else if (!s->txn) {
                 kt_session_shutdown(s);
             }
         } else if (s->deadline && now >= s->deadline) {

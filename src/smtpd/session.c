@@ -5,7 +5,15 @@
  * replies are collected in the output buffer and written once the input
  * buffer runs dry or the session must wait, so the replies to a pipelined
  * group leave in one write. A 250 for a message is only sent from the
- * delivery's commit callback, i.e. after every copy is fsync'd. */
+ * delivery's commit callback, i.e. after every copy is fsync'd.
+ *
+ * Each verb is a row of the command table (smtpd_cmds below): its handler
+ * and its preconditions (TLS, HELO, inside or outside a transaction, ...),
+ * which command_refusal() checks in one place before any handler runs.
+ * The session moves through explicit states (enum kt_session_state), each
+ * change through session_enter_state(). A mail transaction is a struct of
+ * its own (struct kt_smtpd_txn), created by MAIL and released when the
+ * message ends, by RSET, HELO/EHLO, STARTTLS or the end of the session. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <openssl/crypto.h>
@@ -58,22 +66,49 @@ static void session_close(struct kt_session *s)
     kt_conn_close(s->conn);
 }
 
-static const char *state_str(enum kt_session_state st)
+const char *kt_session_state_str(enum kt_session_state st)
+{
+    switch (st) {
+    case KT_SS_NEW: return "NEW";
+    case KT_SS_HANDSHAKE: return "HANDSHAKE";
+    case KT_SS_COMMAND: return "COMMAND";
+    case KT_SS_AUTH: return "AUTH";
+    case KT_SS_DATA: return "DATA";
+    case KT_SS_BDAT: return "BDAT";
+    case KT_SS_CLOSING: return "CLOSING";
+    }
+    return "?";
+}
+
+/* The stage Postfix names in "timeout after X" and "too many errors after X". */
+static const char *stage_str(enum kt_session_state st)
 {
     switch (st) {
     case KT_SS_HANDSHAKE: return "STARTTLS";
-    case KT_SS_COMMAND: return "CONNECT";
+    case KT_SS_AUTH: return "AUTH";
     case KT_SS_DATA: return "DATA";
     case KT_SS_BDAT: return "BDAT";
     case KT_SS_CLOSING: return "END-OF-MESSAGE";
+    case KT_SS_NEW:
+    case KT_SS_COMMAND: break;
     }
-    return "?";
+    return "CONNECT";
 }
 
 /* The client's verified name for logs, "unknown" without one (Postfix's namaddr). */
 static const char *client_name(const struct kt_session *s)
 {
     return s->client_name ? s->client_name : "unknown";
+}
+
+/* The one place the session state changes. */
+static void session_enter_state(struct kt_session *s, enum kt_session_state st)
+{
+    if (s->state == st)
+        return;
+    kt_debug("session %s[%s]: %s -> %s", client_name(s), s->addr, kt_session_state_str(s->state),
+             kt_session_state_str(st));
+    s->state = st;
 }
 
 /* ---- DNS for client checks ----
@@ -196,44 +231,38 @@ static void reply(struct kt_session *s, const char *fmt, ...)
         if (s->errors > s->cfg->soft_error_limit)
             s->tarpit_owed = 1;
         if (s->errors >= s->cfg->hard_error_limit && s->state != KT_SS_CLOSING) {
-            kt_info("too many errors after %s from %s[%s]", state_str(s->state), client_name(s), s->addr);
+            kt_info("too many errors after %s from %s[%s]", stage_str(s->state), client_name(s), s->addr);
             reply(s, "421 4.7.0 %s Error: too many errors", s->cfg->myhostname);
-            s->state = KT_SS_CLOSING;
+            session_enter_state(s, KT_SS_CLOSING);
         }
     }
 }
 
 static void make_queue_id(struct kt_session *s)
 {
-    kt_queue_new_id(s->queue_id, sizeof(s->queue_id));
+    kt_queue_new_id(s->txn->queue_id, sizeof(s->txn->queue_id));
 }
 
+/* A new, empty transaction (MAIL accepted). */
+static struct kt_smtpd_txn *transaction_new(void)
+{
+    return kt_calloc(1, sizeof(struct kt_smtpd_txn));
+}
+
+/* Ends the transaction, if any: an unfinished delivery is abandoned and
+ * all transaction memory goes back, so idle sessions stay small. */
 static void transaction_reset(struct kt_session *s)
 {
-    if (s->delivery) {
-        kt_delivery_abandon(s->delivery);
-        s->delivery = NULL;
-    }
-    s->in_transaction = 0;
-    s->sender[0] = '\0';
-    /* transaction memory goes back between messages: idle sessions stay small */
-    kt_buf_release(&s->rcpts);
-    s->n_rcpts = 0;
-    kt_buf_release(&s->relay_rcpts);
-    s->n_relay_rcpts = 0;
-    kt_free(s->mailboxes);
-    s->mailboxes = NULL;
-    s->n_mailboxes = 0;
-    s->msg_too_big = 0;
-    s->bdat_failed = 0;
-    s->bdat_error[0] = '\0';
-    s->bdat_last = 0;
-    s->bdat_left = 0;
-    s->msg_bytes = 0;
-    s->rcpt_overshoot = 0;
-    s->queue_id[0] = '\0';
-    s->client_logged = 0;
-    kt_header_scan_reset(&s->hdrscan);
+    struct kt_smtpd_txn *t = s->txn;
+    if (!t)
+        return;
+    s->txn = NULL;
+    if (t->delivery)
+        kt_delivery_abandon(t->delivery);
+    kt_buf_release(&t->rcpts);
+    kt_buf_release(&t->relay_rcpts);
+    kt_free(t->mailboxes);
+    kt_free(t);
 }
 
 static const char *protocol_name(const struct kt_session *s)
@@ -261,17 +290,17 @@ static void add_received_header(struct kt_session *s)
         n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\t(Authenticated sender: %s)\r\n", s->sasl_username);
     if (n > 0 && (size_t)n < sizeof(hdr))
         n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\tby %s (%s) with %s id %s\r\n", s->cfg->myhostname,
-                      "ktrelay", protocol_name(s), s->queue_id);
+                      "ktrelay", protocol_name(s), s->txn->queue_id);
     if (s->tls_on && s->cfg->tls_received_header && n > 0 && (size_t)n < sizeof(hdr))
         n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\t(using %s)\r\n", kt_conn_tls_desc(s->conn));
     if (n > 0 && (size_t)n < sizeof(hdr)) {
-        if (s->n_rcpts == 1)
-            n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\tfor <%s>; %s\r\n", s->rcpts.data, date);
+        if (s->txn->n_rcpts == 1)
+            n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\tfor <%s>; %s\r\n", s->txn->rcpts.data, date);
         else
             n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\t%s\r\n", date);
     }
     if (n > 0 && (size_t)n < sizeof(hdr))
-        kt_delivery_append(s->delivery, hdr, (size_t)n);
+        kt_delivery_append(s->txn->delivery, hdr, (size_t)n);
 }
 
 /* ---- greeting, EHLO ---- */
@@ -284,15 +313,6 @@ static void send_banner(struct kt_session *s)
 static int tls_offerable(const struct kt_session *s)
 {
     return s->cfg->tls && !s->tls_on && !s->cfg->wrappermode && s->cfg->tls_level != KT_TLS_NONE;
-}
-
-static int tls_required_first(struct kt_session *s)
-{
-    if (s->cfg->tls_level == KT_TLS_ENCRYPT && !s->tls_on) {
-        reply(s, "530 5.7.0 Must issue a STARTTLS command first");
-        return 1;
-    }
-    return 0;
 }
 
 /* ---- anvil(8) limits ---- */
@@ -367,12 +387,8 @@ static void helo_store(struct kt_session *s, const char *arg, size_t len)
     s->helo[n] = '\0';
 }
 
-static void cmd_helo(struct kt_session *s, const struct kt_smtp_command *c, int ehlo)
+static void helo_or_ehlo(struct kt_session *s, const struct kt_smtp_command *c, int ehlo)
 {
-    if (ehlo)
-        s->counts.ehlo++;
-    else
-        s->counts.helo++;
     if (c->arg_len == 0) {
         reply(s, "501 5.5.4 Syntax: %s hostname", ehlo ? "EHLO" : "HELO");
         return;
@@ -407,6 +423,16 @@ static void cmd_helo(struct kt_session *s, const struct kt_smtp_command *c, int 
     kt_buf_printf(&s->out, "250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n");
 }
 
+static void cmd_helo(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    helo_or_ehlo(s, c, 0);
+}
+
+static void cmd_ehlo(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    helo_or_ehlo(s, c, 1);
+}
+
 /* ---- MAIL, RCPT ---- */
 
 static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
@@ -414,17 +440,6 @@ static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
     struct kt_smtp_path path;
     struct kt_mail_params p;
 
-    s->counts.mail++;
-    if (s->cfg->helo_required && !s->helo[0]) {
-        reply(s, "503 5.5.1 Error: send HELO/EHLO first");
-        return;
-    }
-    if (tls_required_first(s))
-        return;
-    if (s->in_transaction) {
-        reply(s, "503 5.5.1 Error: nested MAIL command");
-        return;
-    }
     if (rate_exceeded(s, KT_ANVIL_MAIL, s->cfg->msg_rate_limit, "Message delivery request")) {
         reply(s, "450 4.7.1 Error: too much mail from %s", s->addr);
         return;
@@ -442,31 +457,30 @@ static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
         reply(s, "552 5.3.4 Message size exceeds fixed limit");
         return;
     }
-    transaction_reset(s);
-    s->in_transaction = 1;
-    memcpy(s->sender, path.addr, path.addr_len + 1);
-    s->body_8bit = p.body != KT_BODY_7BIT;
-    clock_gettime(CLOCK_MONOTONIC, &s->t_start);
+    s->txn = transaction_new();
+    memcpy(s->txn->sender, path.addr, path.addr_len + 1);
+    s->txn->body_8bit = p.body != KT_BODY_7BIT;
+    clock_gettime(CLOCK_MONOTONIC, &s->txn->t_start);
     make_queue_id(s);
     s->counts.mail_ok++;
     reply(s, "250 2.1.0 Ok");
 }
 
-static void add_mailbox(struct kt_session *s, const struct kt_mailbox *m)
+static void add_mailbox(struct kt_smtpd_txn *t, const struct kt_mailbox *m)
 {
-    for (size_t i = 0; i < s->n_mailboxes; i++)
-        if (strcmp(s->mailboxes[i].path, m->path) == 0)
+    for (size_t i = 0; i < t->n_mailboxes; i++)
+        if (strcmp(t->mailboxes[i].path, m->path) == 0)
             return;
     /* bounded by smtpd_recipient_limit times KT_RESOLVE_MAX_MAILBOXES */
-    if ((s->n_mailboxes & 7) == 0)
-        s->mailboxes = kt_realloc(s->mailboxes, (s->n_mailboxes + 8) * sizeof(*s->mailboxes));
-    s->mailboxes[s->n_mailboxes++] = *m;
+    if ((t->n_mailboxes & 7) == 0)
+        t->mailboxes = kt_realloc(t->mailboxes, (t->n_mailboxes + 8) * sizeof(*t->mailboxes));
+    t->mailboxes[t->n_mailboxes++] = *m;
 }
 
-static int rcpt_already(const struct kt_session *s, const char *addr)
+static int rcpt_already(const struct kt_smtpd_txn *t, const char *addr)
 {
-    const char *p = s->rcpts.data;
-    for (unsigned i = 0; i < s->n_rcpts; i++) {
+    const char *p = t->rcpts.data;
+    for (unsigned i = 0; i < t->n_rcpts; i++) {
         if (strcasecmp(p, addr) == 0)
             return 1;
         p += strlen(p) + 1;
@@ -479,22 +493,24 @@ static int rcpt_already(const struct kt_session *s, const char *addr)
  * received) is logged then, and rejections before it say NOQUEUE. */
 static void rcpt_accepted(struct kt_session *s)
 {
+    struct kt_smtpd_txn *t = s->txn;
     s->counts.rcpt_ok++;
-    if (!s->client_logged) {
-        s->client_logged = 1;
+    if (!t->client_logged) {
+        t->client_logged = 1;
         if (s->sasl_username[0])
-            kt_info("%s: client=%s[%s], sasl_method=%s, sasl_username=%s", s->queue_id, client_name(s), s->addr,
+            kt_info("%s: client=%s[%s], sasl_method=%s, sasl_username=%s", t->queue_id, client_name(s), s->addr,
                     s->sasl_method, s->sasl_username);
         else
-            kt_info("%s: client=%s[%s]", s->queue_id, client_name(s), s->addr);
+            kt_info("%s: client=%s[%s]", t->queue_id, client_name(s), s->addr);
     }
     reply(s, "250 2.1.5 Ok");
 }
 
 static void rcpt_reject(struct kt_session *s, const char *why, const char *rcpt)
 {
+    struct kt_smtpd_txn *t = s->txn;
     kt_info("%s: reject: RCPT from %s[%s]: %s; from=<%s> to=<%s> proto=%s helo=<%s>",
-            s->client_logged ? s->queue_id : "NOQUEUE", client_name(s), s->addr, why, s->sender, rcpt,
+            t->client_logged ? t->queue_id : "NOQUEUE", client_name(s), s->addr, why, t->sender, rcpt,
             protocol_name(s), s->helo);
     kt_metric_inc(KT_M_REJECT_RCPT);
     reply(s, "%s", why);
@@ -502,23 +518,23 @@ static void rcpt_reject(struct kt_session *s, const char *why, const char *rcpt)
 
 /* ---- relay hand-over ----
  * A recipient the restrictions allow to relay (class relay or default) is
- * kept in s->relay_rcpts (and in s->rcpts with the others). A transaction
+ * kept in txn->relay_rcpts (and in txn->rcpts with the others). A transaction
  * with such a recipient is written, for all its recipients, into the queue
  * (queue.h) instead of the Maildirs: the commit makes the queue file durable
  * before the single 250, and the queue manager then delivers the local
  * recipients to their Maildirs and relays the others. */
 #define RELAY_ENVELOPE_MAX (KT_DELIVERY_CHUNK / 2)
 
-static int relay_accept(struct kt_session *s, const char *addr)
+static int relay_accept(struct kt_smtpd_txn *t, const char *addr)
 {
     size_t n = strlen(addr) + 1;
     /* the queue envelope is buffered in memory until the queue file exists */
-    if (kt_buf_used(&s->rcpts) + n + 6 * ((size_t)s->n_rcpts + 1) > RELAY_ENVELOPE_MAX)
+    if (kt_buf_used(&t->rcpts) + n + 6 * ((size_t)t->n_rcpts + 1) > RELAY_ENVELOPE_MAX)
         return -1;
-    kt_buf_append(&s->relay_rcpts, addr, n);
-    s->n_relay_rcpts++;
-    kt_buf_append(&s->rcpts, addr, n);
-    s->n_rcpts++;
+    kt_buf_append(&t->relay_rcpts, addr, n);
+    t->n_relay_rcpts++;
+    kt_buf_append(&t->rcpts, addr, n);
+    t->n_rcpts++;
     return 0;
 }
 
@@ -527,7 +543,7 @@ static int relay_accept(struct kt_session *s, const char *addr)
  * pipelined group keeps its session (and the recipients accepted so far). */
 static void too_many_recipients(struct kt_session *s)
 {
-    if (s->rcpt_overshoot++ < s->cfg->recipient_overshoot_limit)
+    if (s->txn->rcpt_overshoot++ < s->cfg->recipient_overshoot_limit)
         kt_buf_printf(&s->out, "452 4.5.3 Error: too many recipients\r\n");
     else
         reply(s, "452 4.5.3 Error: too many recipients");
@@ -543,15 +559,8 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
     struct kt_smtp_path path;
     struct kt_rcpt_params p;
     struct kt_resolve_result res;
+    struct kt_smtpd_txn *t = s->txn;   /* the command table guarantees one */
 
-    if (!s->cmd_replay)
-        s->counts.rcpt++;
-    if (tls_required_first(s))
-        return;
-    if (!s->in_transaction) {
-        reply(s, "503 5.5.1 Error: need MAIL command");
-        return;
-    }
     if (!s->cmd_replay && rate_exceeded(s, KT_ANVIL_RCPT, s->cfg->rcpt_rate_limit, "Recipient address")) {
         reply(s, "450 4.7.1 Error: too many recipients from %s", s->addr);
         return;
@@ -561,14 +570,14 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         reply(s, "%s", err);
         return;
     }
-    if (s->n_rcpts >= s->cfg->recipient_limit) {
+    if (t->n_rcpts >= s->cfg->recipient_limit) {
         too_many_recipients(s);
         return;
     }
     struct kt_policy_request pr = {
         .client_addr = s->addr,
         .helo = s->helo,
-        .sender = s->sender,
+        .sender = t->sender,
         .recipient = path.addr,
         .recipient_had_route = path.had_route,
         .sasl_username = s->sasl_username[0] ? s->sasl_username : NULL,
@@ -600,7 +609,7 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         return;
     }
     if (ra.cls != KT_CLASS_LOCAL && ra.cls != KT_CLASS_VIRTUAL) {
-        if (!rcpt_already(s, ra.addr) && relay_accept(s, ra.addr) < 0) {
+        if (!rcpt_already(t, ra.addr) && relay_accept(t, ra.addr) < 0) {
             too_many_recipients(s);
             return;
         }
@@ -622,14 +631,14 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         rcpt_reject(s, msg, path.addr);
         return;
     }
-    if (rcpt_already(s, path.addr)) {
+    if (rcpt_already(t, path.addr)) {
         rcpt_accepted(s);
         return;
     }
     for (size_t i = 0; i < res.n_mailboxes; i++)
-        add_mailbox(s, &res.mailboxes[i]);
-    kt_buf_append(&s->rcpts, path.addr, path.addr_len + 1);
-    s->n_rcpts++;
+        add_mailbox(t, &res.mailboxes[i]);
+    kt_buf_append(&t->rcpts, path.addr, path.addr_len + 1);
+    t->n_rcpts++;
     rcpt_accepted(s);
 }
 
@@ -645,46 +654,48 @@ static double elapsed_since(const struct timespec *t0)
 static void on_commit(void *arg, int res)
 {
     struct kt_session *s = arg;
+    struct kt_smtpd_txn *t = s->txn;
     s->wait = KT_WAIT_NONE;
     if (res < 0) {
-        kt_err("%s: delivery failed: %s", s->queue_id, strerror(-res));
+        kt_err("%s: delivery failed: %s", t->queue_id, strerror(-res));
         reply(s, "451 4.3.0 Error: queue file write error");
     } else {
-        const char *r = s->rcpts.data;
-        double delay = elapsed_since(&s->t_start);
+        const char *r = t->rcpts.data;
+        double delay = elapsed_since(&t->t_start);
         /* Postfix's division of labour in the log: cleanup reports the
          * message, qmgr its envelope, local/virtual each delivery. */
-        kt_info_as("cleanup", "%s: message-id=%s", s->queue_id,
-                   s->hdrscan.message_id[0] ? s->hdrscan.message_id : "<>");
-        kt_info_as("qmgr", "%s: from=<%s>, size=%llu, nrcpt=%u (queue active)", s->queue_id, s->sender,
-                   kt_delivery_size(s->delivery), s->n_rcpts);
+        kt_info_as("cleanup", "%s: message-id=%s", t->queue_id,
+                   t->hdrscan.message_id[0] ? t->hdrscan.message_id : "<>");
+        kt_info_as("qmgr", "%s: from=<%s>, size=%llu, nrcpt=%u (queue active)", t->queue_id, t->sender,
+                   kt_delivery_size(t->delivery), t->n_rcpts);
         kt_metric_inc(KT_M_MESSAGES_RECEIVED);
         if (s->tls_on)
-            kt_metric_add(kt_conn_ktls(s->conn) & KT_CONN_KTLS_RX ? KT_M_TLS_BYTES_RX_KTLS : KT_M_TLS_BYTES_RX_USER, (long long)s->msg_bytes);
-        if (s->n_relay_rcpts)
-            kt_qmgr_submit(s->delivery);
-        for (unsigned i = 0; i < s->n_rcpts && !s->n_relay_rcpts; i++) {
+            kt_metric_add(kt_conn_ktls(s->conn) & KT_CONN_KTLS_RX ? KT_M_TLS_BYTES_RX_KTLS : KT_M_TLS_BYTES_RX_USER,
+                          (long long)t->msg_bytes);
+        if (t->n_relay_rcpts)
+            kt_qmgr_submit(t->delivery);
+        for (unsigned i = 0; i < t->n_rcpts && !t->n_relay_rcpts; i++) {
             const char *at = strrchr(r, '@');
             int virt = s->cfg->resolver && kt_resolve_class(s->cfg->resolver, at ? at + 1 : "") == KT_CLASS_VIRTUAL;
             kt_info_as(virt ? "virtual" : "local",
                        "%s: to=<%s>, relay=%s, delay=%.2f, dsn=2.0.0, status=sent "
-                       "(delivered to maildir as %s)", s->queue_id, r, virt ? "virtual" : "local", delay,
-                       kt_delivery_name(s->delivery));
+                       "(delivered to maildir as %s)", t->queue_id, r, virt ? "virtual" : "local", delay,
+                       kt_delivery_name(t->delivery));
             kt_metric_inc(KT_M_DELIVERY_SENT);
             kt_metric_observe(KT_H_DELIVERY, delay);
             r += strlen(r) + 1;
         }
-        if (!s->n_relay_rcpts)
-            kt_info_as("qmgr", "%s: removed", s->queue_id);
+        if (!t->n_relay_rcpts)
+            kt_info_as("qmgr", "%s: removed", t->queue_id);
         if (s->state == KT_SS_BDAT)
             s->counts.bdat_ok++;
         else
             s->counts.data_ok++;
-        reply(s, "250 2.0.0 Ok: queued as %s", s->queue_id);
+        reply(s, "250 2.0.0 Ok: queued as %s", t->queue_id);
     }
     transaction_reset(s);
     if (s->state != KT_SS_CLOSING)
-        s->state = KT_SS_COMMAND;
+        session_enter_state(s, KT_SS_COMMAND);
     session_touch(s);
     session_process(s);
 }
@@ -692,7 +703,7 @@ static void on_commit(void *arg, int res)
 static void commit_message(struct kt_session *s)
 {
     s->wait = KT_WAIT_COMMIT;
-    kt_delivery_commit(s->delivery, on_commit, s);
+    kt_delivery_commit(s->txn->delivery, on_commit, s);
 }
 
 static void on_drained(void *arg, int res)
@@ -707,26 +718,27 @@ static void on_drained(void *arg, int res)
 static void on_spool_open(void *arg, int res)
 {
     struct kt_session *s = arg;
+    struct kt_smtpd_txn *t = s->txn;
     s->wait = KT_WAIT_NONE;
     if (res < 0) {
-        kt_err("%s: cannot create spool file: %s", s->queue_id, strerror(-res));
+        kt_err("%s: cannot create spool file: %s", t->queue_id, strerror(-res));
         if (s->state == KT_SS_BDAT) {
             /* the chunk's bytes still have to be read and thrown away */
             bdat_fail(s, "451 4.3.0 Error: queue file write error");
-            kt_delivery_abandon(s->delivery);
-            s->delivery = NULL;
+            kt_delivery_abandon(t->delivery);
+            t->delivery = NULL;
         } else {
             reply(s, "451 4.3.0 Error: queue file write error");
             transaction_reset(s);
-            s->state = KT_SS_COMMAND;
+            session_enter_state(s, KT_SS_COMMAND);
         }
         session_process(s);
         return;
     }
-    kt_delivery_set_drain_cb(s->delivery, on_drained, s);
+    kt_delivery_set_drain_cb(t->delivery, on_drained, s);
     add_received_header(s);
     if (s->state == KT_SS_DATA) {
-        kt_data_parser_init(&s->dp);
+        kt_data_parser_init(&t->dp);
         reply(s, "354 End data with <CR><LF>.<CR><LF>");
     }
     session_process(s);
@@ -734,132 +746,135 @@ static void on_spool_open(void *arg, int res)
 
 static void start_spool(struct kt_session *s)
 {
-    if (s->n_relay_rcpts) {
-        const char **list = kt_calloc(s->n_rcpts, sizeof(*list));
-        const char *r = s->rcpts.data;
-        for (unsigned i = 0; i < s->n_rcpts; i++, r += strlen(r) + 1)
+    struct kt_smtpd_txn *t = s->txn;
+    if (t->n_relay_rcpts) {
+        const char **list = kt_calloc(t->n_rcpts, sizeof(*list));
+        const char *r = t->rcpts.data;
+        for (unsigned i = 0; i < t->n_rcpts; i++, r += strlen(r) + 1)
             list[i] = r;
         /* relay_accept keeps the envelope small enough for this never to be NULL */
-        s->delivery = kt_queue_delivery_new(&s->worker->loop, s->rt->queue_directory, s->sender, list, s->n_rcpts,
-                                            s->cfg->myhostname, s->worker->id, s->queue_id);
+        t->delivery = kt_queue_delivery_new(&s->worker->loop, s->rt->queue_directory, t->sender, list, t->n_rcpts,
+                                            s->cfg->myhostname, s->worker->id, t->queue_id);
         kt_free(list);
     }
-    if (!s->delivery)
-        s->delivery = kt_delivery_new(&s->worker->loop, s->mailboxes, s->n_mailboxes, s->cfg->myhostname,
-                                      s->worker->id, s->queue_id);
+    if (!t->delivery)
+        t->delivery = kt_delivery_new(&s->worker->loop, t->mailboxes, t->n_mailboxes, s->cfg->myhostname,
+                                      s->worker->id, t->queue_id);
     s->wait = KT_WAIT_OPEN;
-    kt_delivery_open(s->delivery, on_spool_open, s);
+    kt_delivery_open(t->delivery, on_spool_open, s);
 }
 
 static void cmd_data(struct kt_session *s, const struct kt_smtp_command *c)
 {
-    s->counts.data++;
-    if (tls_required_first(s))
-        return;
     if (c->arg_len) {
         reply(s, "501 5.5.4 Syntax: DATA");
         return;
     }
-    if (!s->in_transaction) {
-        reply(s, "503 5.5.1 Error: need RCPT command");
-        return;
-    }
-    if (s->n_rcpts == 0) {
+    if (s->txn->n_rcpts == 0) {
         reply(s, "554 5.5.1 Error: no valid recipients");
         return;
     }
-    if (s->delivery) {
+    if (s->txn->delivery) {
         reply(s, "503 5.5.1 Error: DATA after BDAT");
         return;
     }
-    s->state = KT_SS_DATA;
+    session_enter_state(s, KT_SS_DATA);
     start_spool(s);
 }
 
 static void data_finish(struct kt_session *s)
 {
-    s->state = KT_SS_COMMAND;
-    if (s->dp.bare_lf || s->dp.bare_cr) {
-        kt_info("%s: reject: bare <%s> in message body from %s[%s]", s->queue_id,
-                s->dp.bare_lf ? "LF" : "CR", client_name(s), s->addr);
+    struct kt_smtpd_txn *t = s->txn;
+    if (t->dp.bare_lf || t->dp.bare_cr) {
+        kt_info("%s: reject: bare <%s> in message body from %s[%s]", t->queue_id,
+                t->dp.bare_lf ? "LF" : "CR", client_name(s), s->addr);
         kt_metric_inc(KT_M_REJECT_DATA);
-        reply(s, "550 5.5.2 Error: bare <%s> received", s->dp.bare_lf ? "LF" : "CR");
+        session_enter_state(s, KT_SS_COMMAND);
+        reply(s, "550 5.5.2 Error: bare <%s> received", t->dp.bare_lf ? "LF" : "CR");
         transaction_reset(s);
         return;
     }
-    if (s->msg_too_big) {
-        kt_info("%s: reject: message size exceeds limit from %s[%s]", s->queue_id, client_name(s), s->addr);
+    if (t->msg_too_big) {
+        kt_info("%s: reject: message size exceeds limit from %s[%s]", t->queue_id, client_name(s), s->addr);
         kt_metric_inc(KT_M_REJECT_DATA);
+        session_enter_state(s, KT_SS_COMMAND);
         reply(s, "552 5.3.4 Error: message file too big");
         transaction_reset(s);
         return;
     }
-    s->state = KT_SS_DATA;   /* kept until the commit callback */
-    commit_message(s);
+    commit_message(s);   /* the state stays DATA until the commit callback */
 }
 
-static int body_fits(struct kt_session *s, unsigned long long more)
+static int body_fits(const struct kt_session *s, unsigned long long more)
 {
     long long limit = s->cfg->message_size_limit;
-    return limit <= 0 || s->msg_bytes + more <= (unsigned long long)limit;
+    return limit <= 0 || s->txn->msg_bytes + more <= (unsigned long long)limit;
 }
 
 static void data_feed(struct kt_session *s)
 {
+    struct kt_smtpd_txn *t = s->txn;
     char *head = kt_buf_head(&s->in);
     size_t out_len = 0;
     /* unstuffing never grows the data, so it runs in place */
-    size_t used = kt_data_parse(&s->dp, head, kt_buf_used(&s->in), head, &out_len);
+    size_t used = kt_data_parse(&t->dp, head, kt_buf_used(&s->in), head, &out_len);
     int behind = 0;
-    if (!s->msg_too_big && !s->dp.bare_lf && !s->dp.bare_cr) {
+    if (!t->msg_too_big && !t->dp.bare_lf && !t->dp.bare_cr) {
         if (!body_fits(s, out_len))
-            s->msg_too_big = 1;
+            t->msg_too_big = 1;
         else if (out_len) {
-            behind = kt_delivery_append(s->delivery, head, out_len);
-            if (!s->hdrscan.done)
-                kt_header_scan_feed(&s->hdrscan, head, out_len);
-            s->msg_bytes += out_len;
+            behind = kt_delivery_append(t->delivery, head, out_len);
+            if (!t->hdrscan.done)
+                kt_header_scan_feed(&t->hdrscan, head, out_len);
+            t->msg_bytes += out_len;
         }
     }
     kt_buf_consume(&s->in, used);
-    if (s->dp.done)
+    if (t->dp.done)
         data_finish(s);
     else if (behind)
         s->wait = KT_WAIT_DRAIN;
 }
 
-/* A refused BDAT is answered only after its chunk has been read (RFC 3030). */
+/* A refused BDAT is answered only after its chunk has been read (RFC 3030).
+ * Inside a transaction the refusal sticks: every later chunk gets the same
+ * reply until the transaction ends (LAST, RSET, MAIL). */
 static void bdat_fail(struct kt_session *s, const char *why)
 {
-    if (!s->bdat_failed)
-        snprintf(s->bdat_error, sizeof(s->bdat_error), "%s", why);
-    s->bdat_failed = 1;
+    struct kt_smtpd_txn *t = s->txn;
+    if (t && !t->bdat_failed) {
+        snprintf(t->bdat_error, sizeof(t->bdat_error), "%s", why);
+        t->bdat_failed = 1;
+    }
+    if (!s->bdat_refused)
+        snprintf(s->bdat_error, sizeof(s->bdat_error), "%s", t ? t->bdat_error : why);
+    s->bdat_refused = 1;
 }
 
 static void bdat_chunk_done(struct kt_session *s)
 {
-    if (s->bdat_failed) {
-        s->state = KT_SS_COMMAND;
+    if (s->bdat_refused) {
+        session_enter_state(s, KT_SS_COMMAND);
         reply(s, "%s", s->bdat_error);
         if (s->bdat_last)
             transaction_reset(s);
         return;
     }
     if (s->bdat_last) {
-        commit_message(s);
+        commit_message(s);   /* the state stays BDAT until the commit callback */
         return;
     }
-    s->state = KT_SS_COMMAND;
-    reply(s, "250 2.0.0 Ok: %llu bytes", s->msg_bytes);
+    session_enter_state(s, KT_SS_COMMAND);
+    reply(s, "250 2.0.0 Ok: %llu bytes", s->txn->msg_bytes);
 }
 
 static void on_spliced(struct kt_session *s, int res)
 {
     s->wait = KT_WAIT_NONE;
     if (res > 0) {
-        kt_delivery_spliced(s->delivery, (size_t)res);
+        kt_delivery_spliced(s->txn->delivery, (size_t)res);
         s->bdat_left -= (unsigned long long)res;
-        s->msg_bytes += (unsigned long long)res;
+        s->txn->msg_bytes += (unsigned long long)res;
         session_touch(s);
         if (s->bdat_left == 0)
             bdat_chunk_done(s);
@@ -883,15 +898,15 @@ static void bdat_feed(struct kt_session *s)
     size_t avail = kt_buf_used(&s->in);
     size_t take = avail < s->bdat_left ? avail : (size_t)s->bdat_left;
     if (take) {
-        if (!s->bdat_failed) {
+        if (!s->bdat_refused) {
             if (!body_fits(s, take)) {
                 bdat_fail(s, "552 5.3.4 Error: message file too big");
             } else {
-                if (!s->hdrscan.done)
-                    kt_header_scan_feed(&s->hdrscan, kt_buf_head(&s->in), take);
-                if (kt_delivery_append(s->delivery, kt_buf_head(&s->in), take))
+                if (!s->txn->hdrscan.done)
+                    kt_header_scan_feed(&s->txn->hdrscan, kt_buf_head(&s->in), take);
+                if (kt_delivery_append(s->txn->delivery, kt_buf_head(&s->in), take))
                     s->wait = KT_WAIT_DRAIN;
-                s->msg_bytes += take;
+                s->txn->msg_bytes += take;
             }
         }
         kt_buf_consume(&s->in, take);
@@ -901,7 +916,7 @@ static void bdat_feed(struct kt_session *s)
         bdat_chunk_done(s);
         return;
     }
-    if (s->wait == KT_WAIT_NONE && !s->bdat_failed && kt_buf_used(&s->in) == 0
+    if (s->wait == KT_WAIT_NONE && !s->bdat_refused && kt_buf_used(&s->in) == 0
         && s->bdat_left >= 8192
         && kt_conn_can_splice(s->conn)) {
         int fd;
@@ -910,37 +925,40 @@ static void bdat_feed(struct kt_session *s)
             bdat_fail(s, "552 5.3.4 Error: message file too big");
             return;
         }
-        if (kt_delivery_splice_target(s->delivery, &fd, &off) < 0)
+        if (kt_delivery_splice_target(s->txn->delivery, &fd, &off) < 0)
             return;   /* the delivery failed: the bytes are read and the commit reports it */
         s->wait = KT_WAIT_SPLICE;
         kt_conn_splice(s->conn, fd, off, (size_t)s->bdat_left);
     }
 }
 
-static void cmd_bdat(struct kt_session *s, const struct kt_smtp_command *c)
+/* `refusal` is the command table's verdict (NULL: the preconditions hold);
+ * either way the chunk is read before the reply. */
+static void bdat_start(struct kt_session *s, const struct kt_smtp_command *c, const char *refusal)
 {
     unsigned long long size;
     int last;
 
-    s->counts.bdat++;
     const char *err = kt_smtp_parse_bdat(c->arg, c->arg_len, &size, &last);
     if (err) {
         /* without a valid size the chunk cannot be skipped: the session cannot continue */
         reply(s, "%s", err);
         reply(s, "421 4.5.0 %s Error: cannot resynchronize after bad BDAT", s->cfg->myhostname);
-        s->state = KT_SS_CLOSING;
+        session_enter_state(s, KT_SS_CLOSING);
         return;
     }
-    s->state = KT_SS_BDAT;
+    session_enter_state(s, KT_SS_BDAT);
     s->bdat_left = size;
     s->bdat_last = last;
-    if (s->cfg->tls_level == KT_TLS_ENCRYPT && !s->tls_on)
-        bdat_fail(s, "530 5.7.0 Must issue a STARTTLS command first");
-    else if (!s->in_transaction)
-        bdat_fail(s, "503 5.5.1 Error: need MAIL command");
-    else if (s->n_rcpts == 0)
+    s->bdat_refused = 0;
+    s->bdat_error[0] = '\0';
+    if (refusal)
+        bdat_fail(s, refusal);
+    else if (s->txn->bdat_failed)
+        bdat_fail(s, s->txn->bdat_error);
+    else if (s->txn->n_rcpts == 0)
         bdat_fail(s, "554 5.5.1 Error: no valid recipients");
-    if (s->delivery == NULL && !s->bdat_failed)
+    if (!s->bdat_refused && s->txn->delivery == NULL)
         start_spool(s);
 }
 
@@ -950,7 +968,6 @@ static void cmd_vrfy(struct kt_session *s, const struct kt_smtp_command *c)
 {
     struct kt_resolve_result res;
     char addr[520];
-    s->counts.vrfy++;
     if (c->arg_len == 0) {
         reply(s, "501 5.5.4 Syntax: VRFY address");
         return;
@@ -992,7 +1009,6 @@ static int newtls_exceeded(struct kt_session *s)
 
 static void cmd_starttls(struct kt_session *s, const struct kt_smtp_command *c)
 {
-    s->counts.starttls++;
     if (c->arg_len) {
         reply(s, "501 5.5.4 Syntax: STARTTLS");
         return;
@@ -1031,9 +1047,24 @@ static void auth_job_free(struct kt_session *s)
     s->auth_req = NULL;
 }
 
-static void auth_end(struct kt_session *s)
+/* The next line is the client's response to a "334" (RFC 4954 4). */
+static void auth_await(struct kt_session *s, enum kt_auth_step step)
+{
+    s->auth_step = step;
+    session_enter_state(s, KT_SS_AUTH);
+}
+
+/* No more responses expected: the check is in flight or the exchange is over. */
+static void auth_responses_done(struct kt_session *s)
 {
     s->auth_step = KT_AUTH_NONE;
+    if (s->state == KT_SS_AUTH)
+        session_enter_state(s, KT_SS_COMMAND);
+}
+
+static void auth_end(struct kt_session *s)
+{
+    auth_responses_done(s);
     auth_job_free(s);
 }
 
@@ -1043,7 +1074,7 @@ static void auth_fail_reply(struct kt_session *s)
     if (s->auth_failures >= AUTH_MAX_FAILURES && s->state != KT_SS_CLOSING) {
         kt_info("too many authentication failures from %s[%s]", client_name(s), s->addr);
         reply(s, "421 4.7.0 %s Error: too many authentication failures", s->cfg->myhostname);
-        s->state = KT_SS_CLOSING;
+        session_enter_state(s, KT_SS_CLOSING);
     }
 }
 
@@ -1118,7 +1149,7 @@ static void auth_check(struct kt_session *s)
     struct kt_auth_req *req = &job->req;
     const char *realm = s->cfg->sasl_local_domain;
 
-    s->auth_step = KT_AUTH_NONE;
+    auth_responses_done(s);
     if (realm[0] && !strchr(req->user, '@')) {
         size_t n = strlen(req->user);
         if (n + 1 + strlen(realm) >= sizeof(req->user)) {
@@ -1187,7 +1218,7 @@ static void auth_login(struct kt_session *s, const char *v, size_t n)
     }
     if (s->auth_step == KT_AUTH_LOGIN_USER) {
         memcpy(req->user, v, n + 1);
-        s->auth_step = KT_AUTH_LOGIN_PASS;
+        auth_await(s, KT_AUTH_LOGIN_PASS);
         reply(s, "334 UGFzc3dvcmQ6");   /* "Password:" */
         return;
     }
@@ -1217,27 +1248,12 @@ static void auth_response(struct kt_session *s, const char *line, size_t len)
 
 static void cmd_auth(struct kt_session *s, const struct kt_smtp_command *c)
 {
-    s->counts.auth++;
-    if (!s->cfg->sasl_enable) {
-        reply(s, "503 5.5.1 Error: authentication not enabled");
-        return;
-    }
-    if (tls_required_first(s))
-        return;
-    if (!s->helo[0]) {
-        reply(s, "503 5.5.1 Error: send HELO/EHLO first");
-        return;
-    }
     if (!s->tls_on && s->cfg->tls_auth_only) {
         reply(s, "538 5.7.11 Encryption required for requested authentication mechanism");
         return;
     }
     if (s->sasl_username[0]) {
         reply(s, "503 5.5.1 Error: already authenticated");
-        return;
-    }
-    if (s->in_transaction) {
-        reply(s, "503 5.5.1 Error: MAIL transaction in progress");
         return;
     }
     if (rate_exceeded(s, KT_ANVIL_AUTH, s->cfg->auth_rate_limit, "AUTH command")) {
@@ -1272,7 +1288,7 @@ static void cmd_auth(struct kt_session *s, const struct kt_smtp_command *c)
     s->sasl_method = mech == KT_MECH_PLAIN ? "PLAIN" : "LOGIN";
     s->auth_req = kt_calloc(1, sizeof(struct auth_job));
     if (!ir_len) {
-        s->auth_step = mech == KT_MECH_PLAIN ? KT_AUTH_PLAIN_RESPONSE : KT_AUTH_LOGIN_USER;
+        auth_await(s, mech == KT_MECH_PLAIN ? KT_AUTH_PLAIN_RESPONSE : KT_AUTH_LOGIN_USER);
         reply(s, mech == KT_MECH_PLAIN ? "334 " : "334 VXNlcm5hbWU6");   /* "Username:" */
         return;
     }
@@ -1289,7 +1305,117 @@ static void cmd_auth(struct kt_session *s, const struct kt_smtp_command *c)
     OPENSSL_cleanse(buf, sizeof(buf));
 }
 
-static void handle_command(struct kt_session *s, const char *line, size_t len)
+static void cmd_rset(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    transaction_reset(s);
+    reply(s, "250 2.0.0 Ok");
+}
+
+static void cmd_noop(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    reply(s, "250 2.0.0 Ok");
+}
+
+static void cmd_quit(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    reply(s, "221 2.0.0 Bye");
+    session_enter_state(s, KT_SS_CLOSING);
+}
+
+static void cmd_help(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    reply(s, "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP%s",
+          tls_offerable(s) ? " STARTTLS" : "");
+}
+
+static void cmd_not_implemented(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    reply(s, "502 5.5.1 Error: command not implemented");
+}
+
+static void cmd_unknown(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    reply(s, "502 5.5.2 Error: command not recognized");
+}
+
+static void cmd_bdat(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    bdat_start(s, c, NULL);
+}
+
+/* ---- the command table ----
+ * Every verb's preconditions are flags of its row, checked by
+ * command_refusal() before any handler runs (as Postfix's smtpd_cmd_table
+ * and OpenSMTPD's smtp_session.c do), in this order: TLS, SASL, HELO,
+ * transaction. A handler may assume what its flags promise (CMD_IN_TXN:
+ * s->txn is set). No verb runs while an AUTH exchange waits for a
+ * response: in KT_SS_AUTH every line is that response (RFC 4954 4). */
+enum {
+    CMD_PRE_TLS = 1 << 0,        /* allowed before STARTTLS where TLS is mandatory (smtpd_tls_security_level = encrypt) */
+    CMD_SASL = 1 << 1,           /* only where smtpd_sasl_auth_enable = yes */
+    CMD_NEED_HELO = 1 << 2,      /* only after a successful HELO/EHLO */
+    CMD_HELO_REQUIRED = 1 << 3,  /* only after HELO/EHLO where smtpd_helo_required = yes */
+    CMD_IN_TXN = 1 << 4,         /* only inside a mail transaction (after MAIL) */
+    CMD_NO_TXN = 1 << 5,         /* only outside a mail transaction */
+    CMD_LAST = 1 << 6,           /* must end a PIPELINING group (RFC 2920 3.1): input behind it is improper */
+    CMD_CHUNK = 1 << 7,          /* carries a BDAT chunk: even a refused one is read first (RFC 3030 2) */
+};
+
+/* Counter in struct kt_cmd_counts, +1 so that 0 means none. */
+#define COUNTER(field) (offsetof(struct kt_cmd_counts, field) + 1)
+
+struct smtpd_cmd {
+    void (*run)(struct kt_session *s, const struct kt_smtp_command *c);
+    unsigned flags;
+    const char *txn_refusal;   /* reply when the CMD_IN_TXN or CMD_NO_TXN rule fails */
+    size_t counter;            /* COUNTER(...) for the disconnect line, or 0 */
+};
+
+static const struct smtpd_cmd smtpd_cmds[] = {
+    [KT_VERB_HELO] = { cmd_helo, CMD_PRE_TLS | CMD_LAST, NULL, COUNTER(helo) },
+    [KT_VERB_EHLO] = { cmd_ehlo, CMD_PRE_TLS | CMD_LAST, NULL, COUNTER(ehlo) },
+    [KT_VERB_STARTTLS] = { cmd_starttls, CMD_PRE_TLS | CMD_LAST, NULL, COUNTER(starttls) },
+    [KT_VERB_AUTH] = { cmd_auth, CMD_SASL | CMD_NEED_HELO | CMD_NO_TXN, "503 5.5.1 Error: MAIL transaction in progress",
+                       COUNTER(auth) },
+    [KT_VERB_MAIL] = { cmd_mail, CMD_HELO_REQUIRED | CMD_NO_TXN, "503 5.5.1 Error: nested MAIL command", COUNTER(mail) },
+    [KT_VERB_RCPT] = { cmd_rcpt, CMD_IN_TXN, "503 5.5.1 Error: need MAIL command", COUNTER(rcpt) },
+    [KT_VERB_DATA] = { cmd_data, CMD_IN_TXN | CMD_LAST, "503 5.5.1 Error: need RCPT command", COUNTER(data) },
+    [KT_VERB_BDAT] = { cmd_bdat, CMD_IN_TXN | CMD_CHUNK, "503 5.5.1 Error: need MAIL command", COUNTER(bdat) },
+    [KT_VERB_RSET] = { cmd_rset, CMD_PRE_TLS, NULL, COUNTER(rset) },
+    [KT_VERB_NOOP] = { cmd_noop, CMD_PRE_TLS | CMD_LAST, NULL, COUNTER(noop) },
+    [KT_VERB_VRFY] = { cmd_vrfy, CMD_LAST, NULL, COUNTER(vrfy) },
+    [KT_VERB_QUIT] = { cmd_quit, CMD_PRE_TLS, NULL, COUNTER(quit) },
+    [KT_VERB_HELP] = { cmd_help, CMD_PRE_TLS, NULL, 0 },
+    [KT_VERB_EXPN] = { cmd_not_implemented, CMD_PRE_TLS, NULL, 0 },
+    [KT_VERB_ETRN] = { cmd_not_implemented, CMD_PRE_TLS, NULL, 0 },
+    [KT_VERB_UNKNOWN] = { cmd_unknown, CMD_PRE_TLS, NULL, COUNTER(unknown) },
+};
+
+/* The reply refusing the command here and now, or NULL when its row's preconditions hold. */
+static const char *command_refusal(const struct kt_session *s, const struct smtpd_cmd *cmd)
+{
+    if (!(cmd->flags & CMD_PRE_TLS) && s->cfg->tls_level == KT_TLS_ENCRYPT && !s->tls_on)
+        return "530 5.7.0 Must issue a STARTTLS command first";
+    if ((cmd->flags & CMD_SASL) && !s->cfg->sasl_enable)
+        return "503 5.5.1 Error: authentication not enabled";
+    if (((cmd->flags & CMD_NEED_HELO) || ((cmd->flags & CMD_HELO_REQUIRED) && s->cfg->helo_required)) && !s->helo[0])
+        return "503 5.5.1 Error: send HELO/EHLO first";
+    if ((cmd->flags & CMD_IN_TXN) && !s->txn)
+        return cmd->txn_refusal;
+    if ((cmd->flags & CMD_NO_TXN) && s->txn)
+        return cmd->txn_refusal;
+    return NULL;
+}
+
+static const struct smtpd_cmd *command_lookup(enum kt_smtp_verb verb)
+{
+    if ((size_t)verb >= sizeof(smtpd_cmds) / sizeof(smtpd_cmds[0]) || !smtpd_cmds[verb].run)
+        verb = KT_VERB_UNKNOWN;
+    return &smtpd_cmds[verb];
+}
+
+/* One command line: count it, check its row, run its handler. Returns the row. */
+static const struct smtpd_cmd *handle_command(struct kt_session *s, const char *line, size_t len)
 {
     struct kt_smtp_command c;
     size_t blank = 0;
@@ -1298,50 +1424,23 @@ static void handle_command(struct kt_session *s, const char *line, size_t len)
     if (blank == len) {
         /* Postfix: an empty line is no command at all */
         reply(s, "500 5.5.2 Error: bad syntax");
-        return;
+        return NULL;
     }
     kt_smtp_parse_command(line, len, &c);
-    if (!s->cmd_replay)
+    const struct smtpd_cmd *cmd = command_lookup(c.verb);
+    if (!s->cmd_replay) {   /* a command run again after DNS answers counts once */
         s->counts.total++;
-    switch (c.verb) {
-    case KT_VERB_EHLO: cmd_helo(s, &c, 1); break;
-    case KT_VERB_HELO: cmd_helo(s, &c, 0); break;
-    case KT_VERB_MAIL: cmd_mail(s, &c); break;
-    case KT_VERB_RCPT: cmd_rcpt(s, &c); break;
-    case KT_VERB_DATA: cmd_data(s, &c); break;
-    case KT_VERB_BDAT: cmd_bdat(s, &c); break;
-    case KT_VERB_VRFY: cmd_vrfy(s, &c); break;
-    case KT_VERB_STARTTLS: cmd_starttls(s, &c); break;
-    case KT_VERB_RSET:
-        s->counts.rset++;
-        transaction_reset(s);
-        reply(s, "250 2.0.0 Ok");
-        break;
-    case KT_VERB_NOOP:
-        s->counts.noop++;
-        reply(s, "250 2.0.0 Ok");
-        break;
-    case KT_VERB_QUIT:
-        s->counts.quit++;
-        reply(s, "221 2.0.0 Bye");
-        s->state = KT_SS_CLOSING;
-        break;
-    case KT_VERB_HELP:
-        reply(s, "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP%s",
-              tls_offerable(s) ? " STARTTLS" : "");
-        break;
-    case KT_VERB_AUTH:
-        cmd_auth(s, &c);
-        break;
-    case KT_VERB_EXPN:
-    case KT_VERB_ETRN:
-        reply(s, "502 5.5.1 Error: command not implemented");
-        break;
-    default:
-        s->counts.unknown++;
-        reply(s, "502 5.5.2 Error: command not recognized");
-        break;
+        if (cmd->counter)
+            (*(unsigned *)((char *)&s->counts + cmd->counter - 1))++;
     }
+    const char *refusal = command_refusal(s, cmd);
+    if (refusal && (cmd->flags & CMD_CHUNK))
+        bdat_start(s, &c, refusal);
+    else if (refusal)
+        reply(s, "%s", refusal);
+    else
+        cmd->run(s, &c);
+    return cmd;
 }
 
 static void on_tarpit_done(struct kt_op *op, int res, unsigned flags)
@@ -1395,10 +1494,11 @@ static void command_feed(struct kt_session *s)
         return;
     }
     s->cmd_pipelined = consumed < avail;
-    if (s->auth_step != KT_AUTH_NONE)
+    const struct smtpd_cmd *cmd = NULL;
+    if (s->state == KT_SS_AUTH)
         auth_response(s, head, line_len);
     else
-        handle_command(s, head, line_len);
+        cmd = handle_command(s, head, line_len);
     if (s->wait == KT_WAIT_DNS) {
         /* the line stays in the buffer: the command runs again with the answers */
         s->cmd_replay = 1;
@@ -1414,6 +1514,11 @@ static void command_feed(struct kt_session *s)
         kt_info("improper command pipelining after STARTTLS from %s[%s]: discarded %zu bytes", client_name(s), s->addr,
                 kt_buf_used(&s->in));
         kt_buf_reset(&s->in);
+        s->improper_pipelining = 1;
+    } else if (cmd && (cmd->flags & CMD_LAST) && kt_buf_used(&s->in) && !s->improper_pipelining) {
+        kt_info("improper command pipelining after %s from %s[%s]", kt_smtp_verb_str((enum kt_smtp_verb)(cmd - smtpd_cmds)),
+                client_name(s), s->addr);
+        s->improper_pipelining = 1;
     }
     if (s->tarpit_owed)
         tarpit(s);
@@ -1434,7 +1539,7 @@ static void session_process(struct kt_session *s)
         }
         if (before == 0)
             break;
-        if (st == KT_SS_COMMAND)
+        if (st == KT_SS_COMMAND || st == KT_SS_AUTH)
             command_feed(s);
         else if (st == KT_SS_DATA)
             data_feed(s);
@@ -1452,7 +1557,7 @@ static void session_process(struct kt_session *s)
     if (s->wait != KT_WAIT_TARPIT)   /* the held error reply leaves when the delay ends */
         kt_conn_flush(s->conn);
     if (!s->dead && s->wait == KT_WAIT_NONE && s->state != KT_SS_CLOSING && s->state != KT_SS_HANDSHAKE)
-        kt_conn_arm_read(s->conn, s->state == KT_SS_COMMAND ? COMMAND_READ : BODY_READ);
+        kt_conn_arm_read(s->conn, s->state == KT_SS_COMMAND || s->state == KT_SS_AUTH ? COMMAND_READ : BODY_READ);
     kt_session_maybe_free(s);
 }
 
@@ -1465,7 +1570,7 @@ static void session_on_input(struct kt_session *s)
 static void session_start_tls(struct kt_session *s)
 {
     clock_gettime(CLOCK_MONOTONIC, &s->tls_t0);
-    s->state = KT_SS_HANDSHAKE;
+    session_enter_state(s, KT_SS_HANDSHAKE);
     s->deadline = time(NULL) + s->cfg->starttls_timeout_s;
     if (!kt_conn_tls_new(s->conn, kt_tls_server_ctx(s->cfg->tls), s->cfg->ktls_rx_tls13, s->worker->ktls)) {
         kt_err("cannot create TLS session for %s[%s]", client_name(s), s->addr);
@@ -1501,7 +1606,7 @@ static void session_on_tls_ready(struct kt_session *s)
     s->tls_on = 1;
     if (s->cfg->newtls_rate_limit > 0 && !s->anvil_exempt && !SSL_session_reused(ssl))
         kt_anvil_event(service_name(s), s->addr, KT_ANVIL_NEWTLS, s->cfg->anvil_unit_s);
-    s->state = KT_SS_COMMAND;
+    session_enter_state(s, KT_SS_COMMAND);
     s->wait = KT_WAIT_NONE;
     session_touch(s);
     if (s->tls_used_starttls) {
@@ -1580,12 +1685,12 @@ static void on_conn_event(void *arg, enum kt_conn_event ev, int res)
         if (s->dead || res == -EPROTO)
             break;
         if (kt_conn_failed_step(s->conn) == KT_CONN_STEP_SPLICE_FILE) {
-            kt_delivery_fail(s->delivery, res);
+            kt_delivery_fail(s->txn->delivery, res);
             kt_info("BDAT splice from %s[%s] failed: %s", client_name(s), s->addr, strerror(-res));
         } else {
             kt_info("%s after %s from %s[%s]: %s",
-                    kt_conn_failed_step(s->conn) == KT_CONN_STEP_SEND ? "write error" : "read error", where, client_name(s), s->addr,
-                    strerror(-res));
+                    kt_conn_failed_step(s->conn) == KT_CONN_STEP_SEND ? "write error" : "read error", where,
+                    client_name(s), s->addr, strerror(-res));
         }
         break;
     default:
@@ -1619,8 +1724,6 @@ void kt_session_maybe_free(struct kt_session *s)
     transaction_reset(s);
     kt_buf_release(&s->in);
     kt_buf_release(&s->out);
-    kt_buf_release(&s->rcpts);
-    kt_buf_release(&s->relay_rcpts);
     auth_job_free(s);
     kt_free(s->proxy_buf);
     if (s->dns_job)
@@ -1647,7 +1750,7 @@ void kt_session_timeout(struct kt_session *s)
     if (s->wait == KT_WAIT_COMMIT || s->wait == KT_WAIT_OPEN || s->wait == KT_WAIT_DRAIN || s->wait == KT_WAIT_AUTH
         || s->wait == KT_WAIT_TARPIT || s->wait == KT_WAIT_DNS)
         return;   /* waiting on our own disk, password check or DNS, not on the client */
-    kt_info("timeout after %s from %s[%s]", state_str(s->state), client_name(s), s->addr);
+    kt_info("timeout after %s from %s[%s]", stage_str(s->state), client_name(s), s->addr);
     if (s->state == KT_SS_HANDSHAKE || s->wait == KT_WAIT_SPLICE) {
         /* no plaintext reply is possible mid-handshake or mid-splice */
         session_close(s);
@@ -1655,7 +1758,7 @@ void kt_session_timeout(struct kt_session *s)
         return;
     }
     reply(s, "421 4.4.2 %s Error: timeout exceeded", s->cfg->myhostname);
-    s->state = KT_SS_CLOSING;
+    session_enter_state(s, KT_SS_CLOSING);
     kt_conn_flush(s->conn);
     kt_session_maybe_free(s);
 }
@@ -1670,7 +1773,7 @@ void kt_session_shutdown(struct kt_session *s)
         return;
     }
     reply(s, "421 4.3.2 %s Service shutting down, closing transmission channel", s->cfg->myhostname);
-    s->state = KT_SS_CLOSING;
+    session_enter_state(s, KT_SS_CLOSING);
     kt_conn_flush(s->conn);
     kt_session_maybe_free(s);
 }
@@ -1783,7 +1886,7 @@ static void session_greet(struct kt_session *s)
             return;
         }
         reply(s, "421 4.7.0 %s Error: too many connections from %s", s->cfg->myhostname, s->addr);
-        s->state = KT_SS_CLOSING;
+        session_enter_state(s, KT_SS_CLOSING);
         kt_conn_flush(s->conn);
         kt_session_maybe_free(s);
         return;
@@ -1797,7 +1900,7 @@ static void session_greet(struct kt_session *s)
         session_start_tls(s);
         return;
     }
-    s->state = KT_SS_COMMAND;
+    session_enter_state(s, KT_SS_COMMAND);
     session_touch(s);
     send_banner(s);
     session_process(s);
@@ -1858,7 +1961,7 @@ static void proxy_start(struct kt_session *s)
     s->proxy_buf = kt_malloc(KT_PROXY_MAX_HEADER);
     s->proxy_have = 0;
     s->wait = KT_WAIT_PROXY;
-    s->state = KT_SS_COMMAND;
+    session_enter_state(s, KT_SS_COMMAND);
     s->deadline = time(NULL) + s->cfg->upstream_proxy_timeout_s;
     proxy_poll(s);
 }

@@ -27,13 +27,20 @@ struct kt_conn;
 struct dns_job;
 struct kt_dns_result;
 
+/* Where the session stands. Every change goes through session_enter_state()
+ * (session.c), which logs "old -> new" at verbose level (ktrelay run -v). */
 enum kt_session_state {
+    KT_SS_NEW,            /* accepted, nothing sent or read yet */
     KT_SS_HANDSHAKE,      /* TLS handshake in progress (wrapper mode or after STARTTLS) */
-    KT_SS_COMMAND,        /* reading commands */
-    KT_SS_DATA,           /* reading a DATA body */
-    KT_SS_BDAT,           /* reading a BDAT chunk */
+    KT_SS_COMMAND,        /* reading command lines */
+    KT_SS_AUTH,           /* reading an AUTH response after "334" (RFC 4954 4) */
+    KT_SS_DATA,           /* reading a DATA body, then until its commit completes */
+    KT_SS_BDAT,           /* reading a BDAT chunk, then until the LAST chunk's commit completes */
     KT_SS_CLOSING,        /* flushing the last reply, then close */
 };
+
+/* State name for logs ("COMMAND"); "?" for values out of range. */
+const char *kt_session_state_str(enum kt_session_state st);
 
 /* What blocks input processing until an asynchronous step completes. */
 enum kt_session_wait {
@@ -49,9 +56,9 @@ enum kt_session_wait {
     KT_WAIT_DNS,          /* DNS answers for the client's names or a restriction */
 };
 
-/* Where an AUTH exchange stands. */
+/* Which response an AUTH exchange waits for (KT_SS_AUTH). */
 enum kt_auth_step {
-    KT_AUTH_NONE,
+    KT_AUTH_NONE,             /* no exchange, or the check is in flight */
     KT_AUTH_PLAIN_RESPONSE,   /* "334 " sent, waiting for the PLAIN message */
     KT_AUTH_LOGIN_USER,       /* "334 VXNlcm5hbWU6" sent */
     KT_AUTH_LOGIN_PASS,       /* "334 UGFzc3dvcmQ6" sent */
@@ -61,6 +68,31 @@ enum kt_auth_step {
 struct kt_cmd_counts {
     unsigned helo, ehlo, starttls, auth, mail, rcpt, data, bdat, rset, noop, vrfy, quit, unknown, total;
     unsigned helo_ok, ehlo_ok, auth_ok, mail_ok, rcpt_ok, data_ok, bdat_ok;
+};
+
+/* One mail transaction (RFC 5321 3.3): created by a successful MAIL,
+ * released by RSET, HELO/EHLO, STARTTLS, the end of the message (whatever
+ * its outcome) and the end of the session. Owned by its session. */
+struct kt_smtpd_txn {
+    char queue_id[24];                     /* given at MAIL (kt_queue_new_id) */
+    int client_logged;                     /* "client=" logged at the first accepted RCPT */
+    char sender[513];                      /* reverse-path without brackets; "" for <> */
+    struct timespec t_start;               /* MAIL time, for delay= */
+    int body_8bit;                         /* BODY=8BITMIME or BINARYMIME */
+    struct kt_buf rcpts;                   /* NUL-separated recipient addresses */
+    unsigned n_rcpts;                      /* all accepted recipients, local and relayed */
+    struct kt_buf relay_rcpts;             /* NUL-separated recipients to relay (handed over at end of data) */
+    unsigned n_relay_rcpts;
+    struct kt_mailbox *mailboxes;          /* distinct Maildirs of the local recipients */
+    size_t n_mailboxes;
+    long long rcpt_overshoot;              /* recipients refused past smtpd_recipient_limit */
+    struct kt_delivery *delivery;          /* from the first DATA/BDAT on; owned */
+    struct kt_data_parser dp;              /* DATA body parser */
+    int msg_too_big;                       /* message_size_limit passed: refuse at the end */
+    int bdat_failed;                       /* a BDAT was refused: refuse every chunk until RSET/MAIL */
+    char bdat_error[96];                   /* the reply those chunks get */
+    unsigned long long msg_bytes;          /* body bytes so far */
+    struct kt_header_scan hdrscan;         /* Message-ID for the log, read as the body streams in */
 };
 
 struct kt_session {
@@ -82,6 +114,7 @@ struct kt_session {
     struct kt_buf in, out;                 /* lent to the connection */
     int discard_line;                      /* skipping the rest of an over-long command line */
     int cmd_pipelined;                     /* more input was waiting behind the current command */
+    int improper_pipelining;               /* input followed a command that must end a group (RFC 2920 3.1) */
 
     /* TLS */
     int tls_on;                            /* handshake done, all I/O is TLS */
@@ -121,29 +154,14 @@ struct kt_session {
     struct kt_op delay_op;
     struct __kernel_timespec delay_ts;
 
-    /* mail transaction */
-    int in_transaction;
-    char queue_id[24];                     /* given at MAIL (kt_queue_new_id) */
-    int client_logged;                     /* "client=" logged at the first accepted RCPT */
-    char sender[513];
-    struct kt_buf rcpts;                   /* NUL-separated recipient addresses */
-    unsigned n_rcpts;                      /* all accepted recipients, local and relayed */
-    struct kt_buf relay_rcpts;             /* NUL-separated recipients to relay (handed over at end of data) */
-    unsigned n_relay_rcpts;
-    long long rcpt_overshoot;              /* recipients refused past smtpd_recipient_limit */
-    struct kt_mailbox *mailboxes;          /* distinct Maildirs of the local recipients */
-    size_t n_mailboxes;
-    struct timespec t_start;               /* MAIL time, for delay= */
-    struct kt_delivery *delivery;
-    struct kt_data_parser dp;
-    int msg_too_big;
-    int body_8bit;
-    int bdat_failed;                       /* a BDAT was refused: discard chunks until RSET/MAIL */
-    int bdat_last;
-    char bdat_error[96];                   /* reply owed at the end of a refused chunk */
+    /* mail transaction: NULL outside one */
+    struct kt_smtpd_txn *txn;
+
+    /* BDAT chunk being read (RFC 3030); set by every BDAT, also one refused outside a transaction */
     unsigned long long bdat_left;          /* bytes of the current chunk still to read */
-    unsigned long long msg_bytes;
-    struct kt_header_scan hdrscan;         /* Message-ID for the log, read as the body streams in */
+    int bdat_last;                         /* the current chunk is the LAST */
+    int bdat_refused;                      /* the chunk is read and thrown away, then bdat_error is sent */
+    char bdat_error[96];                   /* reply owed at the end of a refused chunk */
 };
 
 /* session.c */

@@ -349,9 +349,9 @@ def test_encrypt_requires_starttls(relay_factory, tmp_path):
     assert c.cmd("DATA") == [MUST_STARTTLS]
     c.send("BDAT 5 LAST\r\nhello")
     assert c.reply() == [MUST_STARTTLS]
-    # no SASL here: refused either way, never accepted
-    auth = c.cmd("AUTH PLAIN AHVzZXIAcGFzcw==")
-    assert auth[0][:3] in ("530", "503"), auth
+    # no SASL here: the TLS requirement is checked first, as in Postfix
+    assert c.cmd("AUTH PLAIN AHVzZXIAcGFzcw==") == [MUST_STARTTLS]
+    assert c.cmd(f"VRFY <{RCPT}>") == [MUST_STARTTLS]
     assert c.cmd("NOOP") == ["250 2.0.0 Ok"]
     c.starttls()
     c.cmd("EHLO client.example")
@@ -363,6 +363,28 @@ def test_encrypt_requires_starttls(relay_factory, tmp_path):
     assert c.cmd("QUIT") == ["221 2.0.0 Bye"]
     c.close()
     assert len(delivered(r, "after-starttls")) == 1
+
+
+def test_vrfy_needs_starttls_under_encrypt(relay_factory, tmp_path):
+    """VRFY tells which addresses exist: on an encrypt service it waits for TLS like MAIL does."""
+    r = tls_relay(relay_factory, tmp_path)
+    c = Conn(r.port("submission"))
+    assert c.reply()[0].startswith("220 ")
+    assert c.cmd(f"VRFY <{RCPT}>") == [MUST_STARTTLS]           # before EHLO too
+    assert "250-VRFY" in c.cmd("EHLO client.example")
+    assert c.cmd(f"VRFY <{RCPT}>") == [MUST_STARTTLS]
+    assert c.cmd("VRFY nobody@remote.example") == [MUST_STARTTLS]
+    c.starttls()
+    assert c.cmd(f"VRFY <{RCPT}>") == [f"252 2.0.0 {RCPT}"]
+    assert c.cmd("VRFY nobody@remote.example") == ["554 5.7.1 <nobody@remote.example>: Relay access denied"]
+    assert c.cmd("QUIT") == ["221 2.0.0 Bye"]
+    c.close()
+    # a service where TLS is optional answers at once
+    c = Conn(r.port("smtp"))
+    c.reply()
+    assert c.cmd(f"VRFY <{RCPT}>") == [f"252 2.0.0 {RCPT}"]
+    c.close()
+    assert r.wait_log("disconnect from unknown[127.0.0.1] ehlo=1 starttls=1 vrfy=5 quit=1 commands=8"), r.log()
 
 
 @pytest.mark.parametrize("setting,encrypt", [("smtpd_enforce_tls = yes", True), ("smtpd_use_tls = yes", False)])
