@@ -118,7 +118,7 @@ run() {   # run MODE -> msgs/s on stdout
 		sleep 0.1
 	done
 	line=$("$KTBENCH" --port "$PORT" --mode starttls --tls-version 1.3 --connections "$C" --messages "$M" \
-		--size 4096 --pipelining --to x@bench.test --quickack --csv --label "$1")
+		--size 4096 --pipelining --to x@bench.test --quickack --csv --label "$1" --server-pid "$KT_PID")
 	kill "$KT_PID"
 	wait "$KT_PID" || true
 	KT_PID=
@@ -128,20 +128,25 @@ run() {   # run MODE -> msgs/s on stdout
 		tail -5 "$T/stderr-$1.log" >&2
 		exit 1
 	fi
-	echo "$line" | cut -d, -f16
+	# msg/s and the server's CPU time per message in microseconds
+	echo "$line" | awk -F, '{ printf "%s %.0f\n", $16, $23 * 1e6 }'
 }
 
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
-off=() on=()
+off=() on=() off_cpu=() on_cpu=()
 for _ in $(seq "$RUNS"); do
-	off+=("$(run off)")
-	on+=("$(run on)")
+	read -r r c < <(run off)
+	off+=("$r") off_cpu+=("$c")
+	read -r r c < <(run on)
+	on+=("$r") on_cpu+=("$c")
 done
 # the "on" server really looked things up and logged names
 grep -q "connect from client.bench.test\[127.0.0.1\]" "$T/stderr-on.log" || { echo "run-policy: no reverse name in the log" >&2; exit 1; }
 m_off=$(printf '%s\n' "${off[@]}" | median)
 m_on=$(printf '%s\n' "${on[@]}" | median)
+c_off=$(printf '%s\n' "${off_cpu[@]}" | median)
+c_on=$(printf '%s\n' "${on_cpu[@]}" | median)
 mkdir -p "$OUT"
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 {
@@ -150,4 +155,5 @@ STAMP=$(date -u +%Y%m%d-%H%M%S)
 	echo "checks off: ${off[*]} msg/s, median $m_off"
 	echo "checks on:  ${on[*]} msg/s, median $m_on"
 	echo "on/off: $(echo "$m_on $m_off" | awk '{ printf "%.3f", $1 / $2 }')"
+	echo "server CPU per message: off ${off_cpu[*]} us, median $c_off; on ${on_cpu[*]} us, median $c_on"
 } | tee "$OUT/$STAMP-policy.txt"
