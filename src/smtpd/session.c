@@ -137,6 +137,10 @@ static void dns_fetched(void *arg, int cancelled, const struct kt_dns_result *re
         return;
     s->dns_job = NULL;
     s->wait = KT_WAIT_NONE;
+    if (s->dead) {   /* closed meanwhile (drain deadline): nothing to resume */
+        kt_session_maybe_free(s);
+        return;
+    }
     s->dns_resume(s);
 }
 
