@@ -18,11 +18,13 @@
  * moved out of the owner's output buffer into the connection's own, so the
  * owner may append replies at any time, even with a send in flight.
  *
- * Events reach the owner from the event loop, with two exceptions stated at
- * kt_conn_flush and kt_conn_sendfile. After kt_conn_close the only event is
- * KT_CONN_EV_CLOSED, once, when no operation refers to the connection any
- * more; the connection is freed before that callback, which is where the
- * owner may free the buffers and itself. */
+ * Events reach the owner from the event loop, except where a function below
+ * says an event may come before it returns (kt_conn_flush, kt_conn_start_tls,
+ * kt_conn_sendfile, and kt_conn_splice when no pipe can be made), so an owner
+ * must not rely on state it changes after such a call. After kt_conn_close
+ * the only event is KT_CONN_EV_CLOSED, once, when no operation refers to the
+ * connection any more; the connection is freed before that callback, which
+ * is where the owner may free the buffers and itself. */
 #ifndef KTRELAY_CONN_H
 #define KTRELAY_CONN_H
 
@@ -99,7 +101,9 @@ void kt_conn_start_tls(struct kt_conn *c);
  * kernel TLS RX with application data next (userspace TLS must decrypt). */
 int kt_conn_can_splice(const struct kt_conn *c);
 /* Move len bytes from the socket into file fd at offset off (zero copy,
- * through the connection's pipe); KT_CONN_EV_SPLICED reports what moved.
+ * through the connection's pipe); KT_CONN_EV_SPLICED reports what moved
+ * (before this returns only if no pipe can be made). A failed write into the
+ * file is KT_CONN_EV_ERROR with step KT_CONN_STEP_SPLICE_FILE.
  * The input buffer must be empty. fd must stay open until the event, or until
  * KT_CONN_EV_CLOSED if the connection is closed meanwhile. */
 void kt_conn_splice(struct kt_conn *c, int fd, off_t off, size_t len);
