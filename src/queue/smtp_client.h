@@ -4,7 +4,8 @@
  * the security level demands, and then runs transactions with PIPELINING
  * and CHUNKING when the server offers them. Bodies move from the queue file
  * to the socket with sendfile(2) on plaintext and on kernel TLS (TX) and
- * through SSL_write otherwise. */
+ * through SSL_write otherwise. All socket and TLS I/O goes through the
+ * connection layer (tls/conn.h) that the SMTP server sessions use too. */
 #ifndef KTRELAY_SMTP_CLIENT_H
 #define KTRELAY_SMTP_CLIENT_H
 

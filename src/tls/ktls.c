@@ -5,7 +5,7 @@
  * client's application traffic secret during the handshake, and right after
  * it (when OpenSSL holds no unread record) the key and IV derived from it go
  * into the socket with setsockopt(SOL_TLS, TLS_RX), record sequence 0. From
- * then on nothing may call SSL_read on that session: the transport reads the
+ * then on nothing may call SSL_read on that session: the connection reads the
  * raw socket. The kernel before 6.14 cannot follow a KeyUpdate; the transport
  * closes the session when one arrives. */
 #include <errno.h>
