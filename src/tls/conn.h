@@ -24,7 +24,10 @@
  * must not rely on state it changes after such a call. After kt_conn_close
  * the only event is KT_CONN_EV_CLOSED, once, when no operation refers to the
  * connection any more; the connection is freed before that callback, which
- * is where the owner may free the buffers and itself. */
+ * is where the owner may free the buffers and itself.
+ *
+ * The process must ignore SIGPIPE: OpenSSL writes to the socket with
+ * write(2), which raises it when the peer has gone. */
 #ifndef KTRELAY_CONN_H
 #define KTRELAY_CONN_H
 
