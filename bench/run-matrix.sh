@@ -204,6 +204,7 @@ start_ktrelay() {
 	{
 		common_main_cf
 		echo "queue_directory = $dir/queue"
+		echo "data_directory = $dir"
 		echo "tls_ktls_enable = ${1:-yes}"
 	} >"$dir/main.cf"
 	cat >"$dir/master.cf" <<EOF

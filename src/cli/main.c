@@ -15,6 +15,7 @@
 #include "cli/cli.h"
 #include "core/alloc.h"
 #include "conf/config.h"
+#include "core/lockfile.h"
 #include "core/log.h"
 #include "metrics/metrics.h"
 #include "queue/queue.h"
@@ -226,6 +227,44 @@ static int start_error_code(int rc)
     return rc == 0 ? EX_OK : rc > 0 ? rc : EX_UNAVAILABLE;
 }
 
+/* One instance per data_directory, as Postfix's master.lock: a second `run`
+ * would share the ports (SO_REUSEPORT) and run a second queue manager on the
+ * same queue. The lock holds until this process exits. */
+static int instance_lock(const struct kt_runtime *rt)
+{
+    const char *dir = rt->data_directory;
+    char *path;
+    pid_t holder;
+    int fd, rc;
+
+    if (!dir[0] || dir[0] != '/') {
+        kt_err("data_directory must be an absolute path (it holds the instance lock), not \"%s\"", dir);
+        return -EINVAL;
+    }
+    if (mkdir(dir, 0700) == 0)
+        kt_info("created data_directory %s", dir);
+    else if (errno != EEXIST) {
+        rc = -errno;
+        kt_err("fatal: cannot create data_directory %s: %s; create it, or set data_directory in main.cf", dir,
+               strerror(-rc));
+        return rc;
+    }
+    path = kt_asprintf("%s/master.lock", dir);
+    rc = kt_lockfile_acquire(path, &fd, &holder);
+    if (rc == -EWOULDBLOCK) {
+        if (holder)
+            kt_err("fatal: ktrelay is already running as PID %ld with data_directory %s (%s is locked); "
+                   "stop it first, or give this instance its own data_directory", (long)holder, dir, path);
+        else
+            kt_err("fatal: ktrelay is already running with data_directory %s (%s is locked); stop it first, "
+                   "or give this instance its own data_directory", dir, path);
+    } else if (rc < 0) {
+        kt_err("fatal: cannot lock %s: %s", path, strerror(-rc));
+    }
+    kt_free(path);
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     const char *given = NULL;
@@ -301,6 +340,10 @@ int main(int argc, char **argv)
         if (start_logging(rt) < 0) {
             kt_runtime_unref(rt);
             return EX_CANTCREAT;
+        }
+        if (instance_lock(rt) < 0) {
+            kt_runtime_unref(rt);
+            return EX_TEMPFAIL;
         }
         if (rt->metrics_address[0]) {
             char err[512];

@@ -439,26 +439,33 @@ static void validate(struct expander *e, int sym, const struct where *w)
     long long num = 0;
     int rc = 0;
     const char *what = NULL;
+    const char *expect = "";
     switch (p->type) {
     case KT_PARAM_BOOL:
         rc = kt_param_parse_bool(v, &num);
         what = "boolean";
+        expect = " (expected yes or no)";
         break;
     case KT_PARAM_INT:
     case KT_PARAM_SIZE:
         rc = kt_param_parse_int(v, &num);
         what = "numerical";
+        expect = " (expected a whole number)";
         break;
     case KT_PARAM_TIME:
         rc = kt_param_parse_time(v, p->unit, &num);
         what = "time";
+        expect = " (expected a number with an optional unit s, m, h, d or w)";
         break;
     default:
-        return;
+        break;
     }
     if (rc < 0)
-        report(e->cfg, 1, w->file, w->line, "bad %s value for %s: \"%s\"", what, p->name, v);
+        report(e->cfg, 1, w->file, w->line, "bad %s value for %s: \"%s\"%s", what, p->name, v, expect);
     e->c->num[sym] = rc < 0 ? -1 : num;
+    char msg[1024];
+    if (rc == 0 && p->check && p->check(p, v, msg, sizeof(msg)) < 0)
+        report(e->cfg, 1, w->file, w->line, "%s", msg);
 }
 
 /* Expanded value of SYM in the expander's context; "" after a reported error. */
@@ -566,7 +573,7 @@ static int add_def(struct kt_config *cfg, struct def **defs, size_t *ndefs, cons
         return -1;
     }
     const struct kt_param_def *p = kt_param_find(nm);
-    if (p && !p->implemented)
+    if (p && !p->implemented && !p->policy)
         report(cfg, 0, file, line, "parameter %s is a Postfix parameter that ktrelay does not implement; ignored", nm);
     *defs = grow(*defs, *ndefs, sizeof(**defs));
     (*defs)[(*ndefs)++] = (struct def){ nm, keep(cfg, kt_strdup(value)), file, line };
@@ -809,16 +816,48 @@ static void ctx_expand(struct kt_config *cfg, struct ctx *c)
         expand_sym(&e, (int)i);
 }
 
-static void warn_unknown(struct kt_config *cfg, const struct def *d)
+/* An unknown name in main.cf is a warning, as in Postfix (it may be a
+ * variable for $name use); in a master.cf -o override it is an error: a
+ * misspelt override would silently leave the service on main.cf's value. */
+static void check_unknown(struct kt_config *cfg, const struct def *d, int is_override)
 {
     int sym = sym_find(cfg, d->name);
     if ((size_t)sym < cfg->npar || cfg->extra_used[(size_t)sym - cfg->npar])
         return;
     const char *near = kt_param_suggest(d->name);
+    const char *what = is_override ? "unknown parameter in -o override:" : "unknown parameter";
     if (near)
-        report(cfg, 0, d->file, d->line, "unknown parameter %s (did you mean %s?)", d->name, near);
+        report(cfg, is_override, d->file, d->line, "%s %s (did you mean %s?)", what, d->name, near);
     else
-        report(cfg, 0, d->file, d->line, "unknown parameter %s", d->name);
+        report(cfg, is_override, d->file, d->line, "%s %s", what, d->name);
+}
+
+/* A Postfix feature ktrelay lacks that changes who may send, what is filtered
+ * or where mail goes: running without it would silently do something else
+ * than the configuration says, so a non-empty value is an error unless the
+ * operator opts out with ktrelay_ignore_unimplemented = yes. */
+static void check_unimplemented(struct kt_config *cfg, const struct ctx *c, const struct def *d)
+{
+    int sym = sym_find(cfg, d->name);
+    if ((size_t)sym >= cfg->npar)
+        return;
+    const struct kt_param_def *p = kt_param_at((size_t)sym);
+    if (p->implemented || !p->policy)
+        return;
+    const char *v = c->val[sym] ? c->val[sym] : "";
+    if (!v[strspn(v, " \t,")]) {
+        report(cfg, 0, d->file, d->line, "parameter %s is a Postfix parameter that ktrelay does not implement; "
+               "ignored (empty)", d->name);
+        return;
+    }
+    if (c->num[sym_find(cfg, "ktrelay_ignore_unimplemented")] == 1)
+        report(cfg, 0, d->file, d->line, "parameter %s is not implemented by ktrelay; ignored because "
+               "ktrelay_ignore_unimplemented = yes: mail is sent, filtered and routed as if it were not set",
+               d->name);
+    else
+        report(cfg, 1, d->file, d->line, "parameter %s is not implemented by ktrelay, and running without it "
+               "would change who may send, what is filtered or where mail goes; remove it, or set "
+               "ktrelay_ignore_unimplemented = yes to run without it", d->name);
 }
 
 static void build(struct kt_config *cfg)
@@ -858,11 +897,16 @@ static void build(struct kt_config *cfg)
     if (cfg->nsvcs == 0)
         report(cfg, 0, cfg->master_file, 0, "no inet smtpd service defined; ktrelay will not listen");
 
-    for (size_t i = 0; i < cfg->ndefs; i++)
-        warn_unknown(cfg, &cfg->defs[i]);
-    for (size_t s = 0; s < cfg->nsvcs; s++)
-        for (size_t i = 0; i < cfg->svcs[s].nover; i++)
-            warn_unknown(cfg, &cfg->svcs[s].over[i]);
+    for (size_t i = 0; i < cfg->ndefs; i++) {
+        check_unknown(cfg, &cfg->defs[i], 0);
+        check_unimplemented(cfg, &cfg->global, &cfg->defs[i]);
+    }
+    for (size_t s = 0; s < cfg->nsvcs; s++) {
+        for (size_t i = 0; i < cfg->svcs[s].nover; i++) {
+            check_unknown(cfg, &cfg->svcs[s].over[i], 1);
+            check_unimplemented(cfg, &cfg->svcs[s].ctx, &cfg->svcs[s].over[i]);
+        }
+    }
 }
 
 static char *machine_hostname(void)
@@ -997,6 +1041,20 @@ static const struct ctx *ctx_of(const struct kt_config *cfg, const struct kt_ser
 }
 
 /* Table index of NAME when its type is one of the allowed ones, or -1. */
+int kt_config_where(const struct kt_config *cfg, const struct kt_service *svc, const char *name,
+                    const char **file, int *line)
+{
+    int sym = sym_find(cfg, name);
+    if (sym < 0)
+        return 0;
+    const struct def *d = ctx_of(cfg, svc)->defs[sym];
+    if (!d)
+        return 0;
+    *file = d->file;
+    *line = d->line;
+    return 1;
+}
+
 static int typed_index(const char *name, enum kt_param_type a, enum kt_param_type b)
 {
     const struct kt_param_def *p = kt_param_find(name);

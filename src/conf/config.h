@@ -20,12 +20,22 @@ enum kt_param_type {
     KT_PARAM_TIME,      /* number with optional unit s, m, h, d, w */
 };
 
+struct kt_param_def;
+
+/* A value check beyond the type: 0, or -EINVAL with a message that names the
+ * accepted values and, when one is close, the value meant ("did you mean"). */
+typedef int (*kt_param_check_fn)(const struct kt_param_def *p, const char *value, char *msg, size_t len);
+
 struct kt_param_def {
     const char *name;
     enum kt_param_type type;
     const char *def;    /* raw default, may hold $name; NULL = computed at load */
     char unit;          /* default unit of a time parameter ('s', 'h', 'd', ...) */
     int implemented;    /* 0: a Postfix parameter ktrelay accepts and ignores */
+    const char *values; /* enumerated values "a|b|c" for check (case-insensitive, as Postfix) */
+    kt_param_check_fn check;  /* NULL: any value of the type */
+    int policy;         /* not implemented, and it changes who may send, what is filtered or where
+                         * mail goes: a non-empty value is an error unless ktrelay_ignore_unimplemented */
 };
 
 /* Known parameter by exact (case-sensitive) name, or NULL. */
@@ -38,6 +48,10 @@ int kt_param_is_known(const char *name);
 /* The known name closest to NAME (case-insensitive edit distance), or NULL
  * when nothing is reasonably close. */
 const char *kt_param_suggest(const char *name);
+
+/* The candidate closest to WORD (LEN bytes; case-insensitive edit distance of
+ * at most a quarter of its length, 3 at most, 1 for 3 to 7 letters), or NULL. */
+const char *kt_closest(const char *word, size_t len, const char *const *candidates, size_t n);
 
 /* Parse a value of the given type as Postfix does. Returns 0 and stores the
  * number (seconds for time, 1/0 for bool), or -EINVAL. */
@@ -81,6 +95,11 @@ const char *kt_config_get(const struct kt_config *cfg, const struct kt_service *
 int kt_config_get_bool(const struct kt_config *cfg, const struct kt_service *svc, const char *name);
 long long kt_config_get_int(const struct kt_config *cfg, const struct kt_service *svc, const char *name);
 long long kt_config_get_time(const struct kt_config *cfg, const struct kt_service *svc, const char *name);
+
+/* Where NAME's value for SVC (NULL: main.cf) was set: 1 with *file and *line
+ * (main.cf or a master.cf -o line), 0 when it is the default. */
+int kt_config_where(const struct kt_config *cfg, const struct kt_service *svc, const char *name,
+                    const char **file, int *line);
 
 /* postconf / postconf -n: "name = value" lines sorted by name, raw
  * (unexpanded) values. NONDEFAULT_ONLY prints what main.cf sets; otherwise

@@ -6,79 +6,102 @@
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
 #include "kt_build.h"
 #include "conf/config.h"
+#include "core/table.h"
 
-#define S(n, d)    { #n, KT_PARAM_STRING, d, 0, 1 }
-#define L(n, d)    { #n, KT_PARAM_LIST, d, 0, 1 }
-#define B(n, d)    { #n, KT_PARAM_BOOL, d, 0, 1 }
-#define I(n, d)    { #n, KT_PARAM_INT, d, 0, 1 }
-#define Z(n, d)    { #n, KT_PARAM_SIZE, d, 0, 1 }
-#define T(n, d, u) { #n, KT_PARAM_TIME, d, u, 1 }
-/* Accepted and ignored: typed as strings since nothing reads them. */
-#define N(n)       { #n, KT_PARAM_STRING, "", 0, 0 }
+static int check_enum(const struct kt_param_def *p, const char *value, char *msg, size_t len);
+static int check_enum_list(const struct kt_param_def *p, const char *value, char *msg, size_t len);
+static int check_smtpd_tls_level(const struct kt_param_def *p, const char *value, char *msg, size_t len);
+static int check_smtp_tls_level(const struct kt_param_def *p, const char *value, char *msg, size_t len);
+static int check_grade(const struct kt_param_def *p, const char *value, char *msg, size_t len);
+static int check_protocols(const struct kt_param_def *p, const char *value, char *msg, size_t len);
+static int check_maps(const struct kt_param_def *p, const char *value, char *msg, size_t len);
+
+#define S(n, d)    { #n, KT_PARAM_STRING, d, 0, 1, NULL, NULL, 0 }
+#define L(n, d)    { #n, KT_PARAM_LIST, d, 0, 1, NULL, NULL, 0 }
+#define B(n, d)    { #n, KT_PARAM_BOOL, d, 0, 1, NULL, NULL, 0 }
+#define I(n, d)    { #n, KT_PARAM_INT, d, 0, 1, NULL, NULL, 0 }
+#define Z(n, d)    { #n, KT_PARAM_SIZE, d, 0, 1, NULL, NULL, 0 }
+#define T(n, d, u) { #n, KT_PARAM_TIME, d, u, 1, NULL, NULL, 0 }
+/* Checked values: one of an enumeration, a list of them, or a special check. */
+#define E(n, d, v)  { #n, KT_PARAM_STRING, d, 0, 1, v, check_enum, 0 }
+#define EL(n, d, v) { #n, KT_PARAM_LIST, d, 0, 1, v, check_enum_list, 0 }
+#define C(n, d, f)  { #n, KT_PARAM_STRING, d, 0, 1, NULL, f, 0 }
+#define M(n, d)     { #n, KT_PARAM_LIST, d, 0, 1, NULL, check_maps, 0 }
+#define G(n, d)     { #n, KT_PARAM_STRING, d, 0, 1, "high|medium|low", check_grade, 0 }
+#define P(n, d)     { #n, KT_PARAM_LIST, d, 0, 1, NULL, check_protocols, 0 }
+/* Accepted and ignored: typed as strings since nothing reads them. N: cosmetic
+ * (a warning); X: it changes who may send, what is filtered or where mail goes,
+ * so a non-empty value fails the configuration (unless ktrelay_ignore_unimplemented). */
+#define N(n)       { #n, KT_PARAM_STRING, "", 0, 0, NULL, NULL, 0 }
+#define X(n)       { #n, KT_PARAM_STRING, "", 0, 0, NULL, NULL, 1 }
+
+#define SASL_OPTIONS "noanonymous|noplaintext|noactive|nodictionary|mutual_auth|forward_secrecy"
 
 static const struct kt_param_def params[] = {
     N(alias_database),
-    L(alias_maps, "hash:/etc/aliases"),
+    M(alias_maps, "hash:/etc/aliases"),
     N(allow_mail_to_commands),
     N(allow_mail_to_files),
     B(allow_percent_hack, "yes"),
-    N(always_bcc),
+    X(always_bcc),
     T(anvil_rate_time_unit, "60s", 's'),
     N(append_dot_mydomain),
     N(biff),
-    N(body_checks),
+    X(body_checks),
     T(bounce_queue_lifetime, "5d", 'd'),
     B(broken_sasl_auth_clients, "no"),
-    N(canonical_maps),
+    X(canonical_maps),
     N(command_directory),
     N(compatibility_level),
-    N(content_filter),
+    X(content_filter),
     N(daemon_directory),
     S(data_directory, "/var/lib/ktrelay"),
     N(debug_peer_level),
     N(debug_peer_list),
     I(default_destination_concurrency_limit, "20"),
     I(default_process_limit, "100"),
-    N(default_transport),
+    X(default_transport),
     T(delay_warning_time, "0h", 'h'),
     N(disable_dns_lookups),
     N(disable_vrfy_command),
-    N(fallback_transport),
+    X(fallback_transport),
     N(forward_path),
-    N(header_checks),
+    X(header_checks),
     N(header_size_limit),
     S(home_mailbox, "Maildir/"),
     N(html_directory),
     L(inet_interfaces, "all"),
-    L(inet_protocols, "all"),
+    EL(inet_protocols, "all", "all|ipv4|ipv6"),
     I(initial_destination_concurrency, "5"),
     S(ktrelay_dns_servers, ""),
+    B(ktrelay_ignore_unimplemented, "no"),
     S(ktrelay_metrics_address, ""),
     S(ktrelay_sasl_password_file, ""),
     I(ktrelay_worker_threads, "0"),
     I(line_length_limit, "2048"),
-    N(local_recipient_maps),
-    N(local_transport),
-    N(luser_relay),
+    X(local_recipient_maps),
+    X(local_transport),
+    X(luser_relay),
     S(mail_name, "ktrelay"),
     N(mail_owner),
     N(mail_spool_directory),
     S(mail_version, KT_VERSION),
-    N(mailbox_command),
+    X(mailbox_command),
     N(mailbox_size_limit),
-    N(mailbox_transport),
+    X(mailbox_transport),
     S(maillog_file, ""),
     L(maillog_file_prefixes, "/var, /dev/stdout"),
     N(mailq_path),
     N(manpage_directory),
-    N(maps_rbl_domains),
-    N(masquerade_domains),
+    X(maps_rbl_domains),
+    X(masquerade_domains),
     N(masquerade_exceptions),
     T(maximal_backoff_time, "4000s", 's'),
     T(maximal_queue_lifetime, "5d", 'd'),
@@ -90,17 +113,17 @@ static const struct kt_param_def params[] = {
     N(milter_mail_macros),
     N(milter_protocol),
     N(milter_rcpt_macros),
-    N(mime_header_checks),
+    X(mime_header_checks),
     T(minimal_backoff_time, "300s", 's'),
     L(mydestination, "$myhostname, localhost.$mydomain, localhost"),
     S(mydomain, NULL),
     S(myhostname, NULL),
     L(mynetworks, "127.0.0.0/8 [::1]/128"),
-    S(mynetworks_style, "host"),
+    E(mynetworks_style, "host", "host|subnet|class"),
     S(myorigin, "$myhostname"),
-    N(nested_header_checks),
+    X(nested_header_checks),
     N(newaliases_path),
-    N(non_smtpd_milters),
+    X(non_smtpd_milters),
     N(notify_classes),
     N(parent_domain_matches_subdomains),
     N(postscreen_access_list),
@@ -114,7 +137,7 @@ static const struct kt_param_def params[] = {
     N(postscreen_greet_action),
     N(postscreen_non_smtp_command_enable),
     N(postscreen_pipelining_enable),
-    N(postscreen_upstream_proxy_protocol),
+    X(postscreen_upstream_proxy_protocol),
     N(proxy_interfaces),
     N(proxy_read_maps),
     S(queue_directory, "/var/spool/ktrelay"),
@@ -122,46 +145,46 @@ static const struct kt_param_def params[] = {
     L(rbl_reply_maps, ""),
     N(readme_directory),
     N(receive_override_options),
-    N(recipient_bcc_maps),
-    N(recipient_canonical_maps),
-    N(recipient_delimiter),
+    X(recipient_bcc_maps),
+    X(recipient_canonical_maps),
+    X(recipient_delimiter),
     L(relay_domains, ""),
-    N(relay_recipient_maps),
-    N(relay_transport),
+    X(relay_recipient_maps),
+    X(relay_transport),
     S(relayhost, ""),
-    N(relocated_maps),
+    X(relocated_maps),
     B(resolve_dequoted_address, "yes"),
     N(sample_directory),
-    N(sender_bcc_maps),
-    N(sender_canonical_maps),
+    X(sender_bcc_maps),
+    X(sender_canonical_maps),
     N(sendmail_path),
     N(setgid_group),
     N(shlib_directory),
     N(smtp_bind_address),
     N(smtp_bind_address6),
     T(smtp_connect_timeout, "30s", 's'),
-    N(smtp_header_checks),
+    X(smtp_header_checks),
     S(smtp_helo_name, "$myhostname"),
     N(smtp_helo_timeout),
     N(smtp_host_lookup),
-    N(smtp_sasl_auth_enable),
-    N(smtp_sasl_password_maps),
-    N(smtp_sasl_security_options),
-    N(smtp_sasl_tls_security_options),
+    X(smtp_sasl_auth_enable),
+    X(smtp_sasl_password_maps),
+    X(smtp_sasl_security_options),
+    X(smtp_sasl_tls_security_options),
     S(smtp_tls_CAfile, ""),
     S(smtp_tls_CApath, ""),
-    N(smtp_tls_cert_file),
-    S(smtp_tls_ciphers, "medium"),
+    X(smtp_tls_cert_file),
+    G(smtp_tls_ciphers, "medium"),
     L(smtp_tls_exclude_ciphers, ""),
-    N(smtp_tls_key_file),
+    X(smtp_tls_key_file),
     I(smtp_tls_loglevel, "0"),
-    S(smtp_tls_mandatory_ciphers, "medium"),
+    G(smtp_tls_mandatory_ciphers, "medium"),
     L(smtp_tls_mandatory_exclude_ciphers, ""),
-    L(smtp_tls_mandatory_protocols, ">=TLSv1"),
+    P(smtp_tls_mandatory_protocols, ">=TLSv1"),
     N(smtp_tls_note_starttls_offer),
-    N(smtp_tls_policy_maps),
-    L(smtp_tls_protocols, ">=TLSv1"),
-    S(smtp_tls_security_level, ""),
+    X(smtp_tls_policy_maps),
+    P(smtp_tls_protocols, ">=TLSv1"),
+    C(smtp_tls_security_level, "", check_smtp_tls_level),
     S(smtp_tls_servername, ""),
     N(smtp_tls_session_cache_database),
     N(smtp_tls_session_cache_timeout),
@@ -177,21 +200,21 @@ static const struct kt_param_def params[] = {
     N(smtpd_client_port_logging),
     I(smtpd_client_recipient_rate_limit, "0"),
     L(smtpd_client_restrictions, ""),
-    N(smtpd_data_restrictions),
+    X(smtpd_data_restrictions),
     B(smtpd_delay_reject, "yes"),
     N(smtpd_discard_ehlo_keywords),
-    N(smtpd_end_of_data_restrictions),
+    X(smtpd_end_of_data_restrictions),
     B(smtpd_enforce_tls, "no"),
     T(smtpd_error_sleep_time, "1s", 's'),
-    N(smtpd_etrn_restrictions),
+    X(smtpd_etrn_restrictions),
     B(smtpd_forbid_bare_newline, "yes"),
     I(smtpd_hard_error_limit, "${stress?{1}:{20}}"),
     B(smtpd_helo_required, "no"),
     L(smtpd_helo_restrictions, ""),
     N(smtpd_junk_command_limit),
-    N(smtpd_milters),
+    X(smtpd_milters),
     B(smtpd_peername_lookup, "yes"),
-    N(smtpd_proxy_filter),
+    X(smtpd_proxy_filter),
     N(smtpd_proxy_options),
     N(smtpd_proxy_timeout),
     I(smtpd_recipient_limit, "1000"),
@@ -202,13 +225,13 @@ static const struct kt_param_def params[] = {
     L(smtpd_relay_restrictions, "permit_mynetworks, permit_sasl_authenticated, defer_unauth_destination"),
     B(smtpd_sasl_auth_enable, "no"),
     B(smtpd_sasl_authenticated_header, "no"),
-    N(smtpd_sasl_exceptions_networks),
+    X(smtpd_sasl_exceptions_networks),
     S(smtpd_sasl_local_domain, ""),
     S(smtpd_sasl_path, "smtpd"),
-    L(smtpd_sasl_security_options, "noanonymous"),
-    L(smtpd_sasl_tls_security_options, "$smtpd_sasl_security_options"),
-    S(smtpd_sasl_type, "cyrus"),
-    L(smtpd_sender_login_maps, ""),
+    EL(smtpd_sasl_security_options, "noanonymous", SASL_OPTIONS),
+    EL(smtpd_sasl_tls_security_options, "$smtpd_sasl_security_options", SASL_OPTIONS),
+    E(smtpd_sasl_type, "cyrus", "cyrus|dovecot|ktrelay"),
+    M(smtpd_sender_login_maps, ""),
     L(smtpd_sender_restrictions, ""),
     I(smtpd_soft_error_limit, "10"),
     T(smtpd_starttls_timeout, "${stress?{10}:{300}}s", 's'),
@@ -219,8 +242,8 @@ static const struct kt_param_def params[] = {
     B(smtpd_tls_auth_only, "no"),
     N(smtpd_tls_ccert_verifydepth),
     S(smtpd_tls_cert_file, ""),
-    N(smtpd_tls_chain_files),
-    S(smtpd_tls_ciphers, "medium"),
+    X(smtpd_tls_chain_files),
+    G(smtpd_tls_ciphers, "medium"),
     N(smtpd_tls_dh1024_param_file),
     S(smtpd_tls_eccert_file, ""),
     S(smtpd_tls_eckey_file, "$smtpd_tls_eccert_file"),
@@ -229,13 +252,13 @@ static const struct kt_param_def params[] = {
     N(smtpd_tls_fingerprint_digest),
     S(smtpd_tls_key_file, "$smtpd_tls_cert_file"),
     I(smtpd_tls_loglevel, "0"),
-    S(smtpd_tls_mandatory_ciphers, "medium"),
+    G(smtpd_tls_mandatory_ciphers, "medium"),
     L(smtpd_tls_mandatory_exclude_ciphers, ""),
-    L(smtpd_tls_mandatory_protocols, ">=TLSv1"),
-    L(smtpd_tls_protocols, ">=TLSv1"),
+    P(smtpd_tls_mandatory_protocols, ">=TLSv1"),
+    P(smtpd_tls_protocols, ">=TLSv1"),
     B(smtpd_tls_received_header, "no"),
-    N(smtpd_tls_req_ccert),
-    S(smtpd_tls_security_level, ""),
+    X(smtpd_tls_req_ccert),
+    C(smtpd_tls_security_level, "", check_smtpd_tls_level),
     S(smtpd_tls_session_cache_database, ""),
     T(smtpd_tls_session_cache_timeout, "3600s", 's'),
     B(smtpd_tls_wrappermode, "no"),
@@ -243,9 +266,9 @@ static const struct kt_param_def params[] = {
     T(smtpd_upstream_proxy_timeout, "5s", 's'),
     B(smtpd_use_tls, "no"),
     N(smtputf8_enable),
-    N(soft_bounce),
+    X(soft_bounce),
     S(stress, ""),
-    N(strict_rfc821_envelopes),
+    X(strict_rfc821_envelopes),
     B(swap_bangpath, "yes"),
     S(syslog_facility, "mail"),
     S(syslog_name, "ktrelay"),
@@ -257,17 +280,17 @@ static const struct kt_param_def params[] = {
     N(tls_preempt_cipherlist),
     S(tls_random_source, "dev:/dev/urandom"),
     N(tls_ssl_options),
-    L(transport_maps, ""),
+    M(transport_maps, ""),
     N(unknown_local_recipient_reject_code),
-    N(virtual_alias_domains),
-    N(virtual_alias_maps),
-    L(virtual_gid_maps, ""),
+    X(virtual_alias_domains),
+    X(virtual_alias_maps),
+    M(virtual_gid_maps, ""),
     S(virtual_mailbox_base, ""),
     L(virtual_mailbox_domains, "$virtual_mailbox_maps"),
-    L(virtual_mailbox_maps, ""),
-    N(virtual_minimum_uid),
-    N(virtual_transport),
-    L(virtual_uid_maps, ""),
+    M(virtual_mailbox_maps, ""),
+    X(virtual_minimum_uid),
+    X(virtual_transport),
+    M(virtual_uid_maps, ""),
 };
 
 #undef S
@@ -276,7 +299,15 @@ static const struct kt_param_def params[] = {
 #undef I
 #undef Z
 #undef T
+#undef E
+#undef EL
+#undef C
+#undef M
+#undef G
+#undef P
 #undef N
+#undef X
+#undef SASL_OPTIONS
 
 #define NPARAMS (sizeof(params) / sizeof(params[0]))
 
@@ -349,23 +380,39 @@ static size_t edit_distance(const char *a, const char *b, size_t limit)
     return d;
 }
 
-const char *kt_param_suggest(const char *name)
+const char *kt_closest(const char *word, size_t len, const char *const *candidates, size_t n)
 {
-    /* "Reasonably close": at most 3 edits and at most a quarter of the name,
-     * so short names only match near-identical ones. */
-    size_t limit = strlen(name) / 4;
+    /* "Reasonably close": at most 3 edits and at most a quarter of the word
+     * (one edit for words of 3 to 7 letters), so short words only match
+     * near-identical ones. */
+    char *w = strndup(word, len);
+    if (!w)
+        return NULL;
+    size_t limit = len / 4;
     if (limit > 3)
         limit = 3;
+    if (limit == 0 && len >= 3)
+        limit = 1;                /* "mey" is one edit from "may" */
     const char *best = NULL;
     size_t best_d = limit + 1;
-    for (size_t i = 0; i < NPARAMS && best_d > 0; i++) {
-        size_t d = edit_distance(name, params[i].name, limit);
+    for (size_t i = 0; i < n && best_d > 0; i++) {
+        size_t d = edit_distance(w, candidates[i], limit);
         if (d < best_d) {
             best_d = d;
-            best = params[i].name;
+            best = candidates[i];
         }
     }
+    free(w);
     return best;
+}
+
+const char *kt_param_suggest(const char *name)
+{
+    static const char *names[NPARAMS];
+    if (!names[NPARAMS - 1])      /* filled once; the same pointers every time, so a race is harmless */
+        for (size_t i = 0; i < NPARAMS; i++)
+            names[i] = params[i].name;
+    return kt_closest(name, strlen(name), names, NPARAMS);
 }
 
 int kt_param_parse_bool(const char *value, long long *out)
@@ -425,4 +472,201 @@ int kt_param_parse_time(const char *value, char default_unit, long long *out)
         return -EINVAL;
     *out = n * mult;
     return 0;
+}
+
+/* ---- value checks (fail closed: anything Postfix would not accept is an error) ---- */
+
+#define LIST_SEP ", \t\r\n"
+#define MAX_CHOICES 16
+
+/* Splits p->values ("a|b|c") into CHOICES; returns their count. */
+static size_t choices_of(const char *values, char buf[256], const char *choices[MAX_CHOICES])
+{
+    size_t n = 0;
+    snprintf(buf, 256, "%s", values);
+    for (char *s = buf; n < MAX_CHOICES; ) {
+        choices[n++] = s;
+        char *bar = strchr(s, '|');
+        if (!bar)
+            break;
+        *bar = '\0';
+        s = bar + 1;
+    }
+    return n;
+}
+
+/* "a, b or c" */
+static void join_choices(const char *const *choices, size_t n, char *out, size_t len)
+{
+    size_t used = 0;
+    out[0] = '\0';
+    for (size_t i = 0; i < n && used < len; i++)
+        used += (size_t)snprintf(out + used, len - used, "%s%s", i == 0 ? "" : i + 1 == n ? " or " : ", ",
+                                 choices[i]);
+}
+
+static int bad_choice(const char *param, const char *word, size_t wlen, const char *const *choices, size_t n,
+                      char *msg, size_t len)
+{
+    char all[512];
+    const char *near = kt_closest(word, wlen, choices, n);
+    join_choices(choices, n, all, sizeof(all));
+    if (near)
+        snprintf(msg, len, "bad value \"%.*s\" for %s (did you mean %s?); expected %s", (int)wlen, word, param,
+                 near, all);
+    else
+        snprintf(msg, len, "bad value \"%.*s\" for %s; expected %s", (int)wlen, word, param, all);
+    return -EINVAL;
+}
+
+static int in_choices(const char *word, size_t wlen, const char *const *choices, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strlen(choices[i]) == wlen && strncasecmp(word, choices[i], wlen) == 0)
+            return 1;
+    return 0;
+}
+
+static int check_enum(const struct kt_param_def *p, const char *value, char *msg, size_t len)
+{
+    char buf[256];
+    const char *choices[MAX_CHOICES];
+    size_t n = choices_of(p->values, buf, choices);
+    if (in_choices(value, strlen(value), choices, n))
+        return 0;
+    return bad_choice(p->name, value, strlen(value), choices, n, msg, len);
+}
+
+static int check_enum_list(const struct kt_param_def *p, const char *value, char *msg, size_t len)
+{
+    char buf[256];
+    const char *choices[MAX_CHOICES];
+    size_t n = choices_of(p->values, buf, choices);
+    for (const char *s = value + strspn(value, LIST_SEP); *s; s += strspn(s, LIST_SEP)) {
+        size_t wlen = strcspn(s, LIST_SEP);
+        if (!in_choices(s, wlen, choices, n))
+            return bad_choice(p->name, s, wlen, choices, n, msg, len);
+        s += wlen;
+    }
+    return 0;
+}
+
+/* Postfix's TLS security levels: the server takes none, may and encrypt; the
+ * others exist only for the SMTP client. */
+static const char *const smtpd_levels[] = { "", "none", "may", "encrypt" };
+static const char *const smtp_levels[] = { "", "none", "may", "encrypt", "verify", "secure" };
+static const char *const client_only_levels[] = { "dane", "dane-only", "fingerprint", "verify", "secure" };
+
+static int check_level(const struct kt_param_def *p, const char *value, const char *const *ok, size_t n,
+                       char *msg, size_t len)
+{
+    if (in_choices(value, strlen(value), ok, n))
+        return 0;
+    int client_only = in_choices(value, strlen(value), client_only_levels, 5);
+    if (client_only && n == 4) {
+        snprintf(msg, len, "bad value \"%s\" for %s: %s is a client-only TLS security level "
+                 "(smtp_tls_security_level); the server takes none, may or encrypt", value, p->name, value);
+        return -EINVAL;
+    }
+    if (client_only) {
+        snprintf(msg, len, "bad value \"%s\" for %s: ktrelay does not implement the %s level; it takes none, may, "
+                 "encrypt, verify or secure", value, p->name, value);
+        return -EINVAL;
+    }
+    return bad_choice(p->name, value, strlen(value), ok + 1, n - 1, msg, len);
+}
+
+static int check_smtpd_tls_level(const struct kt_param_def *p, const char *value, char *msg, size_t len)
+{
+    return check_level(p, value, smtpd_levels, 4, msg, len);
+}
+
+static int check_smtp_tls_level(const struct kt_param_def *p, const char *value, char *msg, size_t len)
+{
+    return check_level(p, value, smtp_levels, 6, msg, len);
+}
+
+static int check_grade(const struct kt_param_def *p, const char *value, char *msg, size_t len)
+{
+    if (!strcasecmp(value, "export") || !strcasecmp(value, "null")) {
+        snprintf(msg, len, "bad value \"%s\" for %s: ktrelay does not offer the %s cipher grade; it takes high, "
+                 "medium or low", value, p->name, value);
+        return -EINVAL;
+    }
+    return check_enum(p, value, msg, len);
+}
+
+/* Postfix 2.x "!SSLv3, !TLSv1" and 3.6 ">=TLSv1.2" / "<=TLSv1.3" syntax; a bound may also be
+ * Postfix's hexadecimal protocol number ("0x0303"). */
+static int check_protocols(const struct kt_param_def *p, const char *value, char *msg, size_t len)
+{
+    static const char *const names[] = { "SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3" };
+    for (const char *s = value + strspn(value, LIST_SEP); *s; s += strspn(s, LIST_SEP)) {
+        size_t wlen = strcspn(s, LIST_SEP);
+        const char *w = s;
+        size_t n = wlen;
+        int bound = 0;
+        s += wlen;
+        if (n >= 2 && (!strncmp(w, ">=", 2) || !strncmp(w, "<=", 2))) {
+            w += 2, n -= 2, bound = 1;
+        } else if (n >= 1 && w[0] == '!') {
+            w++, n--;
+        }
+        if (in_choices(w, n, names, 6))
+            continue;
+        if (bound && n > 0) {
+            char hex[16];
+            snprintf(hex, sizeof(hex), "%.*s", (int)(n < 15 ? n : 15), w);
+            char *end;
+            unsigned long v = strtoul(hex, &end, 16);
+            if (n < 15 && !*end && v >= 0x300 && v <= 0x304)
+                continue;
+        }
+        const char *near = kt_closest(w, n, names, 6);
+        snprintf(msg, len, "bad value \"%.*s\" for %s: unknown TLS protocol%s%s%s; expected SSLv3, TLSv1, TLSv1.1, "
+                 "TLSv1.2 or TLSv1.3, each with an optional ! or a >= or <= bound", (int)wlen, s - wlen, p->name,
+                 near ? " (did you mean " : "", near ? near : "", near ? "?)" : "");
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* A list of type:name tables (Postfix's "maps" parameters); "{...}" is one element. */
+static int check_maps(const struct kt_param_def *p, const char *value, char *msg, size_t len)
+{
+    size_t ntypes;
+    const char *const *types = kt_table_types(&ntypes);
+    const char *s = value;
+    for (;;) {
+        while (*s && (*s == ',' || isspace((unsigned char)*s)))
+            s++;
+        if (!*s)
+            return 0;
+        const char *w = s;
+        int depth = 0;
+        while (*s && (depth || (*s != ',' && !isspace((unsigned char)*s)))) {
+            if (*s == '{')
+                depth++;
+            else if (*s == '}' && depth)
+                depth--;
+            s++;
+        }
+        size_t wlen = (size_t)(s - w);
+        const char *colon = memchr(w, ':', wlen);
+        if (!colon) {
+            snprintf(msg, len, "bad value \"%.*s\" for %s: expected type:table (for example hash:/etc/postfix/%s)",
+                     (int)wlen, w, p->name, p->name);
+            return -EINVAL;
+        }
+        size_t tlen = (size_t)(colon - w);
+        if (!in_choices(w, tlen, types, ntypes)) {
+            char all[256];
+            const char *near = kt_closest(w, tlen, types, ntypes);
+            join_choices(types, ntypes, all, sizeof(all));
+            snprintf(msg, len, "bad value \"%.*s\" for %s: unsupported table type \"%.*s\"%s%s%s; ktrelay reads %s",
+                     (int)wlen, w, p->name, (int)tlen, w, near ? " (did you mean " : "", near ? near : "",
+                     near ? "?)" : "", all);
+            return -EINVAL;
+        }
+    }
 }

@@ -2,6 +2,7 @@
  * are read (and expanded) once here, not on the session hot path. Resolvers
  * and TLS contexts are shared between services whose parameters are equal. */
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -39,6 +40,36 @@ static const char *get(const struct kt_config *cfg, const struct kt_service *svc
 {
     const char *v = kt_config_get(cfg, svc, name);
     return v ? v : "";
+}
+
+/* An error found while building a component, reported at the main.cf or
+ * master.cf line that set the parameter it concerns, as the loader reports
+ * its own: "FILE:LINE: service NAME: message". PARAM NULL: the parameter the
+ * message begins with ("smtpd_recipient_restrictions: ..."), if any. */
+static void __attribute__((format(printf, 4, 5)))
+param_err(const struct kt_config *cfg, const struct kt_service *svc, const char *param, const char *fmt, ...)
+{
+    char msg[4096], name[128];
+    const char *file = NULL;
+    int line = 0;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (!param) {
+        size_t n = strspn(msg, "abcdefghijklmnopqrstuvwxyz0123456789_");
+        if (n > 0 && n < sizeof(name) && (msg[n] == ':' || msg[n] == ' ')) {
+            memcpy(name, msg, n);
+            name[n] = '\0';
+            if (kt_param_find(name))
+                param = name;
+        }
+    }
+    const char *svc_part = svc ? "service " : "", *svc_name = svc ? svc->name : "", *sep = svc ? ": " : "";
+    if (param && kt_config_where(cfg, svc, param, &file, &line))
+        kt_err("%s:%d: %s%s%s%s", file, line, svc_part, svc_name, sep, msg);
+    else
+        kt_err("%s%s%s%s", svc_part, svc_name, sep, msg);
 }
 
 static void *shared_find(struct runtime_private *rp, int kind, const char *key)
@@ -83,10 +114,7 @@ static struct kt_resolver *service_resolver(struct runtime_private *rp, const st
     if (!r) {
         char err[512];
         if (kt_resolver_new(&rc, &r, err, sizeof(err)) < 0) {
-            if (svc)
-                kt_err("service %s: %s", svc->name, err);
-            else
-                kt_err("%s", err);
+            param_err(cfg, svc, NULL, "%s", err);
             (*errors)++;
             r = NULL;
         } else {
@@ -97,6 +125,7 @@ static struct kt_resolver *service_resolver(struct runtime_private *rp, const st
     return r;
 }
 
+/* The loader admits only Postfix's server levels (none, may, encrypt, empty). */
 static enum kt_tls_level tls_level(const struct kt_config *cfg, const struct kt_service *svc)
 {
     const char *level = get(cfg, svc, "smtpd_tls_security_level");
@@ -106,8 +135,6 @@ static enum kt_tls_level tls_level(const struct kt_config *cfg, const struct kt_
         return KT_TLS_MAY;
     if (!strcasecmp(level, "none"))
         return KT_TLS_NONE;
-    if (level[0])
-        kt_warn("service %s: unknown smtpd_tls_security_level \"%s\"; using none", svc->name, level);
     /* Postfix's legacy switches when the level is empty */
     if (kt_config_get_bool(cfg, svc, "smtpd_enforce_tls") == 1)
         return KT_TLS_ENCRYPT;
@@ -141,8 +168,8 @@ static struct kt_tls_server *service_tls(struct runtime_private *rp, const struc
     };
     if (!p.cert_file[0] && !p.eccert_file[0]) {
         if (st->wrappermode || st->tls_level == KT_TLS_ENCRYPT) {
-            kt_err("service %s: TLS is required but neither smtpd_tls_cert_file nor smtpd_tls_eccert_file is set",
-                   svc->name);
+            param_err(cfg, svc, st->wrappermode ? "smtpd_tls_wrappermode" : "smtpd_tls_security_level",
+                      "TLS is required but neither smtpd_tls_cert_file nor smtpd_tls_eccert_file is set");
             (*errors)++;
         } else {
             kt_warn("service %s: no server certificate (smtpd_tls_cert_file): STARTTLS is not offered", svc->name);
@@ -156,9 +183,11 @@ static struct kt_tls_server *service_tls(struct runtime_private *rp, const struc
                             p.session_cache_timeout, p.ask_ccert, p.ktls);
     struct kt_tls_server *t = shared_find(rp, 1, key);
     if (!t) {
-        char err[512];
+        char err[2048];
         if (kt_tls_server_new(&p, &t, err, sizeof(err)) < 0) {
-            kt_err("service %s: %s", svc->name, err);
+            int rsa = p.cert_file[0] != '\0', about_key = strstr(err, "private key") != NULL;
+            param_err(cfg, svc, about_key ? (rsa ? "smtpd_tls_key_file" : "smtpd_tls_eckey_file")
+                                          : (rsa ? "smtpd_tls_cert_file" : "smtpd_tls_eccert_file"), "%s", err);
             (*errors)++;
             t = NULL;
         } else {
@@ -182,7 +211,7 @@ static struct kt_net_list *service_mynetworks(struct runtime_private *rp, const 
     struct kt_net_list *nets;
 
     if (strcasecmp(style, "host") && strcasecmp(style, "subnet") && strcasecmp(style, "class")) {
-        kt_err("service %s: mynetworks_style must be host, subnet or class, not \"%s\"", svc->name, style);
+        param_err(cfg, svc, "mynetworks_style", "mynetworks_style must be host, subnet or class, not \"%s\"", style);
         (*errors)++;
         return NULL;
     }
@@ -192,7 +221,7 @@ static struct kt_net_list *service_mynetworks(struct runtime_private *rp, const 
     if (!nets) {
         char err[512];
         if (kt_net_list_open(mynetworks, &nets, err, sizeof(err)) < 0) {
-            kt_err("service %s: mynetworks: %s", svc->name, err);
+            param_err(cfg, svc, "mynetworks", "mynetworks: %s", err);
             (*errors)++;
             nets = NULL;
         } else {
@@ -263,7 +292,7 @@ static struct kt_policy *service_policy(struct runtime_private *rp, const struct
     if (!p) {
         char err[512];
         if (kt_policy_new(&pc, &p, err, sizeof(err)) < 0) {
-            kt_err("service %s: %s", svc->name, err);
+            param_err(cfg, svc, NULL, "%s", err);
             (*errors)++;
             p = NULL;
         } else {
@@ -288,7 +317,7 @@ static int service_sasl(struct runtime_private *rp, const struct kt_config *cfg,
                                sizeof(err)) < 0 ||
         kt_sasl_security_mechs(get(cfg, svc, "smtpd_sasl_tls_security_options"), &st->sasl_tls_mechs, err,
                                sizeof(err)) < 0) {
-        kt_err("service %s: %s", svc->name, err);
+        param_err(cfg, svc, "smtpd_sasl_security_options", "%s", err);
         return 1;
     }
     if (kt_config_get_bool(cfg, svc, "smtpd_sasl_auth_enable") != 1)
@@ -306,7 +335,8 @@ static int service_sasl(struct runtime_private *rp, const struct kt_config *cfg,
     st->sasl = shared_find(rp, 4, key);
     if (!st->sasl) {
         if (kt_sasl_server_open(type, path, &st->sasl, err, sizeof(err)) < 0) {
-            kt_err("service %s: %s", svc->name, err);
+            param_err(cfg, svc, strcasecmp(type, "dovecot") ? "ktrelay_sasl_password_file" : "smtpd_sasl_path",
+                      "%s", err);
             errors++;
         } else {
             shared_add(rp, 4, key, st->sasl);
@@ -389,7 +419,8 @@ static int smtp_settings(struct runtime_private *rp, const struct kt_config *cfg
     sm->connect_timeout_s = kt_config_get_time(cfg, NULL, "smtp_connect_timeout");
     sm->command_timeout_s = 300;
     if (level < 0) {
-        kt_err("unsupported smtp_tls_security_level \"%s\" (none, may, encrypt, verify, secure)", level_name);
+        param_err(cfg, NULL, "smtp_tls_security_level",
+                  "unsupported smtp_tls_security_level \"%s\" (none, may, encrypt, verify, secure)", level_name);
         return 1;
     }
     sm->tls_level = level;
@@ -410,7 +441,7 @@ static int smtp_settings(struct runtime_private *rp, const struct kt_config *cfg
                                                     : "smtp_tls_exclude_ciphers"),
     };
     if (kt_tls_client_ctx_new(&p, &rp->smtp_ssl_ctx, err, sizeof(err)) < 0) {
-        kt_err("outbound TLS: %s", err);
+        param_err(cfg, NULL, "smtp_tls_security_level", "outbound TLS: %s", err);
         return 1;
     }
     sm->ssl_ctx = rp->smtp_ssl_ctx;
@@ -448,7 +479,7 @@ static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg
         qs->initial_destination_concurrency = qs->destination_concurrency_limit;
     const char *tm = get(cfg, NULL, "transport_maps");
     if (*tm && kt_maps_open(tm, KT_TABLE_MAP, &rp->transport_maps, err, sizeof(err)) < 0) {
-        kt_err("transport_maps: %s", err);
+        param_err(cfg, NULL, "transport_maps", "transport_maps: %s", err);
         errors++;
     }
     qs->transport_maps = rp->transport_maps;
@@ -539,6 +570,7 @@ int kt_runtime_new(struct kt_config *cfg, struct kt_runtime **out)
     }
     rt->worker_threads = (unsigned)(workers > 256 ? 256 : workers);
     rt->queue_directory = get(cfg, NULL, "queue_directory");
+    rt->data_directory = get(cfg, NULL, "data_directory");
     errors += qmgr_settings(rp, cfg, &rt->qmgr);
     errors += log_settings(cfg, rt);
     if (errors) {

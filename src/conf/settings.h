@@ -104,6 +104,7 @@ struct kt_runtime {
     struct kt_smtpd_settings *services;  /* same order as kt_config_service() */
     unsigned worker_threads;
     const char *queue_directory;
+    const char *data_directory;          /* ktrelay's own files: the instance lock (master.lock) */
     struct kt_qmgr_settings qmgr;        /* queue manager and outbound client */
     /* logging (core/log.h): checked here so that check-config refuses what run would */
     const char *syslog_name;         /* syslog_name */

@@ -556,6 +556,13 @@ static size_t table_type_len(const char *spec)
     return 0;
 }
 
+const char *const *kt_table_types(size_t *n)
+{
+    static const char *const all[] = { "texthash", "hash", "btree", "lmdb", "cidr", "inline", "static" };
+    *n = sizeof(all) / sizeof(*all);
+    return all;
+}
+
 /* "type:..." with a plausible type name, known or not. */
 static int looks_like_table(const char *s)
 {

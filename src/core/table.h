@@ -18,6 +18,8 @@
 enum kt_table_kind { KT_TABLE_MAP, KT_TABLE_ALIASES };
 
 struct kt_table;
+/* The table types kt_table_open reads ("texthash", "hash", ..., "static"); *n set to their count. */
+const char *const *kt_table_types(size_t *n);
 int kt_table_open(const char *spec, enum kt_table_kind kind, struct kt_table **out, char *err, size_t errlen);
 const char *kt_table_get(const struct kt_table *t, const char *key);   /* NULL if absent */
 /* Calls fn for every entry (key is NULL for static: tables); the value pointers are the ones

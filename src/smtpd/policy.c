@@ -16,6 +16,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "conf/config.h"
 #include "core/alloc.h"
 #include "core/log.h"
 #include "smtpd/policy.h"
@@ -313,7 +314,12 @@ static int parse_list(const char *param, const char *text, struct rlist *l, char
         p = tok + len;
         struct restriction res = { 0 };
         if (rtype_find(tok, len, &res.type) < 0) {
-            snprintf(err, errlen, "%s: unknown restriction \"%.*s\"", param, (int)len, tok);
+            const char *names[sizeof(rnames) / sizeof(rnames[0])];
+            for (size_t i = 0; i < sizeof(rnames) / sizeof(rnames[0]); i++)
+                names[i] = rnames[i].name;
+            const char *near = kt_closest(tok, len, names, sizeof(rnames) / sizeof(rnames[0]));
+            snprintf(err, errlen, "%s: unknown restriction \"%.*s\"%s%s%s", param, (int)len, tok,
+                     near ? " (did you mean " : "", near ? near : "", near ? "?)" : "");
             return -EINVAL;
         }
         if (res.type >= R_RBL_CLIENT) {

@@ -316,6 +316,45 @@ static int setup_common(SSL_CTX *ctx, const char *protocols, const char *grade, 
     return 0;
 }
 
+/* PATH in single quotes for a POSIX shell ("'" becomes '\''). */
+static void shell_quote(const char *path, char *out, size_t len)
+{
+    size_t o = 0;
+    if (len < 3) {
+        if (len)
+            out[0] = '\0';
+        return;
+    }
+    out[o++] = '\'';
+    for (const char *p = path; *p && o + 5 < len; p++) {
+        if (*p == '\'') {
+            memcpy(out + o, "'\\''", 4);
+            o += 4;
+        } else {
+            out[o++] = *p;
+        }
+    }
+    out[o++] = '\'';
+    out[o] = '\0';
+}
+
+/* A shell command that removes KEY's passphrase (asking for it once) and
+ * keeps the file's certificates when the key shares a file with them. It
+ * writes a new file and then moves it over the old one: `openssl pkey -in F
+ * -out F` truncates F before reading it and leaves it empty. */
+static void decrypt_command(const char *cert, const char *key, char *out, size_t len)
+{
+    char k[1100], n[1100], tmp[1040];
+    snprintf(tmp, sizeof(tmp), "%s.new", key);
+    shell_quote(key, k, sizeof(k));
+    shell_quote(tmp, n, sizeof(n));
+    if (strcmp(cert, key) == 0)
+        snprintf(out, len, "(umask 077 && { sed -n '/-BEGIN CERTIFICATE-/,/-END CERTIFICATE-/p' %s && "
+                 "openssl pkey -in %s; } > %s) && mv %s %s", k, k, n, n, k);
+    else
+        snprintf(out, len, "(umask 077 && openssl pkey -in %s -out %s) && mv %s %s", k, n, n, k);
+}
+
 static int load_cert_and_key(SSL_CTX *ctx, const char *cert, const char *key, char *err, size_t errlen)
 {
     char what[512];
@@ -343,9 +382,11 @@ static int load_cert_and_key(SSL_CTX *ctx, const char *cert, const char *key, ch
     EVP_PKEY *pkey = PEM_read_PrivateKey(fp, NULL, no_passphrase_cb, &asked);
     fclose(fp);
     if (!pkey && asked) {
+        char cmd[8192];
+        decrypt_command(cert, key, cmd, sizeof(cmd));
         kt_set_err(err, errlen, "cannot load private key from %s: the key is passphrase-protected "
-                "(encrypted); ktrelay cannot prompt for a passphrase - remove the passphrase "
-                "(openssl pkey -in %s -out %s)", key, key, key);
+                "(encrypted); ktrelay cannot prompt for a passphrase - remove the passphrase with: %s",
+                key, cmd);
         ERR_clear_error();
         return -EINVAL;
     }

@@ -113,6 +113,8 @@ class Relay:
 
 BASE_MAIN_CF = """\
 myhostname = mx.example.test
+# each test's own instance lock (master.lock) and files
+data_directory = {dir}/data
 mydestination =
 inet_interfaces = loopback-only
 inet_protocols = ipv4

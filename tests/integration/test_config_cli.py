@@ -72,12 +72,20 @@ def test_did_you_mean_warning(tmp_path):
 
 
 def test_not_implemented_warning(tmp_path):
+    d = write_conf(tmp_path, "debug_peer_list = 192.0.2.1\n", "127.0.0.1:2599 inet n - n - - smtpd\n")
+    r = ktrelay("check-config", "-c", str(d))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"warning: \S*main\.cf:\d+: parameter debug_peer_list is a Postfix parameter that ktrelay "
+                     r"does not implement", r.stderr), r.stderr
+
+
+def test_not_implemented_filter_is_an_error(tmp_path):
     d = write_conf(tmp_path, "header_checks = regexp:/etc/postfix/header_checks\n",
                    "127.0.0.1:2599 inet n - n - - smtpd\n")
     r = ktrelay("check-config", "-c", str(d))
-    assert r.returncode == 0, r.stderr
-    assert re.search(r"warning: \S*main\.cf:\d+: parameter header_checks is a Postfix parameter that ktrelay "
-                     r"does not implement", r.stderr), r.stderr
+    assert r.returncode == 1, r.stderr
+    assert re.search(r"error: \S*main\.cf:\d+: parameter header_checks is not implemented by ktrelay", r.stderr), \
+        r.stderr
 
 
 def test_config_n_prints_what_main_cf_sets(tmp_path):

@@ -789,3 +789,76 @@ def test_long_pipelined_burst_inside_tls(relay_factory, tmp_path):
     assert lines[:-2] == [b"250 2.0.0 Ok"] * n and lines[-2:] == [b"221 2.0.0 Bye", b""]
     c.close()
     assert r.wait_log(f"rset={n // 2} noop={n // 2} quit=1"), r.log()[-2000:]
+
+
+def run_on_tty(command, answer, timeout=30):
+    """Run a shell command with a pseudo-terminal as its controlling terminal (openssl asks for a
+    passphrase there), typing ANSWER at each prompt. Returns (exit status, what it printed)."""
+    import fcntl
+    import pty
+    import select
+    import termios
+    master, slave = pty.openpty()
+
+    def make_controlling():
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=slave, stdout=slave, stderr=slave,
+                            preexec_fn=make_controlling, close_fds=True)
+    os.close(slave)
+    out = b""
+    deadline = time.time() + timeout
+    answered = 0
+    while time.time() < deadline:
+        r, _, _ = select.select([master], [], [], 0.2)
+        if r:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+            if out.lower().count(b"pass phrase") > answered:
+                answered += 1
+                os.write(master, answer.encode() + b"\n")
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=5)
+    os.close(master)
+    return proc.returncode, out.decode(errors="replace")
+
+
+@pytest.mark.parametrize("combined", [False, True])
+def test_passphrase_message_gives_a_command_that_works(tmp_path, combined):
+    """The start-up error for an encrypted key prints a command; run as printed (it asks for the
+    passphrase on the terminal), it leaves a usable unencrypted key, and the certificate too when
+    both share one file."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    cert, key = make_cert(certs, "enc kit", kind="ec", passphrase="secret")   # a space in the name
+    if combined:
+        both = certs / "both's.pem"                                           # and a quote
+        both.write_text(cert.read_text() + key.read_text())
+        os.chmod(both, 0o600)
+        cert = key = both
+    conf = tmp_path / "conf"
+    write_conf(conf, f"smtpd_tls_security_level = may\nsmtpd_tls_eccert_file = {cert}\n"
+                     f"smtpd_tls_eckey_file = {key}\n", f"127.0.0.1:{free_port()} inet n - n - - smtpd\n")
+    for cmd in ("check-config", "run"):
+        r = subprocess.run([BIN, cmd, "-c", str(conf)], capture_output=True, text=True, timeout=30,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 78, r.stderr                  # EX_CONFIG
+        m = re.search(r"remove the passphrase with: (.*)$", r.stderr, re.M)
+        assert m, r.stderr
+    command = m.group(1)
+    status, out = run_on_tty(command, "secret")
+    assert status == 0, out
+    text = key.read_text()
+    assert "ENCRYPTED" not in text and "-----BEGIN PRIVATE KEY-----" in text, text
+    assert ("-----BEGIN CERTIFICATE-----" in text) == combined
+    assert (os.stat(key).st_mode & 0o777) == 0o600
+    assert not os.path.exists(str(key) + ".new")
+    chk = subprocess.run([BIN, "check-config", "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    assert chk.returncode == 0, chk.stderr

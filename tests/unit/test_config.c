@@ -404,17 +404,93 @@ static void test_suggestions(void **state)
 static void test_not_implemented(void **state)
 {
     (void)state;
+    /* features that change who may send, what is filtered or where mail goes: errors */
     struct loaded l = load("myhostname = a.b.c\n"
                            "header_checks = regexp:/etc/postfix/header_checks\n"
-                           "smtpd_milters = inet:localhost:8891\n",
+                           "smtpd_milters = inet:localhost:8891\n"
+                           "debug_peer_level = 3\n"
+                           "virtual_alias_maps =\n",
                            "smtp inet n - n - - smtpd -o content_filter=amavis:[127.0.0.1]:10024\n");
-    assert_int_equal(l.rc, 0);
-    expect_log(l.log, "main.cf:2: parameter header_checks is a Postfix parameter that ktrelay does not "
-                      "implement; ignored");
-    expect_log(l.log, "main.cf:3: parameter smtpd_milters is a Postfix parameter");
-    expect_log(l.log, "master.cf:1: parameter content_filter is a Postfix parameter");
+    assert_int_equal(l.rc, -EINVAL);
+    expect_log(l.log, "error: main.cf:2: parameter header_checks is not implemented by ktrelay, and running "
+                      "without it would change who may send, what is filtered or where mail goes; remove it, "
+                      "or set ktrelay_ignore_unimplemented = yes to run without it");
+    expect_log(l.log, "error: main.cf:3: parameter smtpd_milters is not implemented by ktrelay");
+    expect_log(l.log, "error: master.cf:1: parameter content_filter is not implemented by ktrelay");
+    /* cosmetic ones and empty values stay warnings */
+    expect_log(l.log, "warning: main.cf:4: parameter debug_peer_level is a Postfix parameter that ktrelay does "
+                      "not implement; ignored");
+    expect_log(l.log, "warning: main.cf:5: parameter virtual_alias_maps is a Postfix parameter that ktrelay "
+                      "does not implement; ignored (empty)");
     expect_no_log(l.log, "unknown parameter");
+
+    /* the operator's explicit opt-out */
+    l = load("myhostname = a.b.c\nktrelay_ignore_unimplemented = yes\n"
+             "header_checks = regexp:/etc/postfix/header_checks\n",
+             "smtp inet n - n - - smtpd -o content_filter=amavis:[127.0.0.1]:10024\n");
+    assert_int_equal(l.rc, 0);
+    expect_log(l.log, "warning: main.cf:3: parameter header_checks is not implemented by ktrelay; ignored because "
+                      "ktrelay_ignore_unimplemented = yes");
+    expect_log(l.log, "warning: master.cf:1: parameter content_filter is not implemented by ktrelay; ignored");
     kt_config_free(l.cfg);
+}
+
+/* Every enumerated parameter takes exactly Postfix's values: anything else is
+ * an error at its line, with the value that was probably meant. */
+static void test_enumerated_values(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *line, *message;
+    } bad[] = {
+        { "smtpd_tls_security_level = mandatory",
+          "main.cf:2: bad value \"mandatory\" for smtpd_tls_security_level; expected none, may or encrypt" },
+        { "smtpd_tls_security_level = encrpyt",
+          "main.cf:2: bad value \"encrpyt\" for smtpd_tls_security_level (did you mean encrypt?)" },
+        { "smtpd_tls_security_level = verify",
+          "main.cf:2: bad value \"verify\" for smtpd_tls_security_level: verify is a client-only TLS security level" },
+        { "smtpd_tls_security_level = secure", "secure is a client-only TLS security level" },
+        { "smtp_tls_security_level = dane",
+          "main.cf:2: bad value \"dane\" for smtp_tls_security_level: ktrelay does not implement the dane level" },
+        { "smtp_tls_security_level = fingerprint", "does not implement the fingerprint level" },
+        { "smtp_tls_security_level = mey", "bad value \"mey\" for smtp_tls_security_level (did you mean may?)" },
+        { "smtpd_use_tls = ture", "main.cf:2: bad boolean value for smtpd_use_tls: \"ture\" (expected yes or no)" },
+        { "smtpd_tls_wrappermode = 1", "bad boolean value for smtpd_tls_wrappermode" },
+        { "smtpd_tls_ciphers = hihg", "bad value \"hihg\" for smtpd_tls_ciphers (did you mean high?)" },
+        { "smtp_tls_mandatory_ciphers = export", "ktrelay does not offer the export cipher grade" },
+        { "smtpd_tls_protocols = !SSLv2, !TLSv1.4", "bad value \"!TLSv1.4\" for smtpd_tls_protocols: unknown TLS protocol" },
+        { "smtp_tls_protocols = >=TLS1.2", "unknown TLS protocol (did you mean TLSv1.2?)" },
+        { "inet_protocols = ipv5", "bad value \"ipv5\" for inet_protocols (did you mean ipv4?)" },
+        { "mynetworks_style = hots", "bad value \"hots\" for mynetworks_style (did you mean host?)" },
+        { "smtpd_sasl_type = dovcot", "bad value \"dovcot\" for smtpd_sasl_type (did you mean dovecot?)" },
+        { "smtpd_sasl_security_options = noanonymous, noplaintxt",
+          "bad value \"noplaintxt\" for smtpd_sasl_security_options (did you mean noplaintext?)" },
+        { "alias_maps = hahs:/etc/aliases",
+          "bad value \"hahs:/etc/aliases\" for alias_maps: unsupported table type \"hahs\" (did you mean hash?)" },
+        { "transport_maps = /etc/postfix/transport", "for transport_maps: expected type:table" },
+        { "smtpd_timeout = 300x", "bad time value for smtpd_timeout: \"300x\" (expected a number with an optional unit" },
+        { "message_size_limit = 10M", "bad numerical value for message_size_limit: \"10M\"" },
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char main_cf[256];
+        snprintf(main_cf, sizeof(main_cf), "myhostname = a.b.c\n%s\n", bad[i].line);
+        struct loaded l = load(main_cf, NULL);
+        if (l.rc != -EINVAL)
+            print_message("accepted: %s\n", bad[i].line);
+        assert_int_equal(l.rc, -EINVAL);
+        expect_log(l.log, bad[i].message);
+    }
+    /* what Postfix accepts, in either case */
+    struct kt_config *cfg = load_ok("myhostname = a.b.c\nsmtpd_tls_security_level = ENCRYPT\n"
+                                    "smtp_tls_security_level = secure\nsmtpd_tls_protocols = >=TLSv1.2 <=0x0304\n"
+                                    "smtp_tls_protocols = !SSLv2, !SSLv3, !TLSv1, !TLSv1.1\n"
+                                    "inet_protocols = ipv4, ipv6\nsmtpd_tls_ciphers = HIGH\n"
+                                    "alias_maps = hash:/etc/aliases, inline:{ a=b, c=d }\n", NULL);
+    kt_config_free(cfg);
+    /* an override is checked at its master.cf line */
+    struct loaded l = load("myhostname = a.b.c\n", "smtp inet n - n - - smtpd\n  -o smtpd_tls_security_level=verify\n");
+    assert_int_equal(l.rc, -EINVAL);
+    expect_log(l.log, "error: master.cf:1: bad value \"verify\" for smtpd_tls_security_level");
 }
 
 /* ---- master.cf ---- */
@@ -551,13 +627,12 @@ static void test_master_names_and_errors(void **state)
     log = load_fails("", "smtp inet n - n - - smtpd -o { a = b \n");
     expect_log(log, "master.cf:1: unbalanced '{'");
 
-    /* -o names are checked like main.cf names */
+    /* an unknown -o name is an error: the service would silently run on main.cf's value */
     l = load("", "smtp inet n - n - - smtpd -o smtpd_tls_securty_level=may -v\n");
-    assert_int_equal(l.rc, 0);
-    expect_log(l.log, "master.cf:1: unknown parameter smtpd_tls_securty_level "
+    assert_int_equal(l.rc, -EINVAL);
+    expect_log(l.log, "error: master.cf:1: unknown parameter in -o override: smtpd_tls_securty_level "
                       "(did you mean smtpd_tls_security_level?)");
     expect_log(l.log, "argument \"-v\" ignored");
-    kt_config_free(l.cfg);
 }
 
 /* ---- postconf output ---- */
@@ -579,11 +654,11 @@ static void test_print(void **state)
     struct kt_config *cfg = load_ok("relayhost = first\n"
                                     "myhostname = mx.example.com\n"
                                     "smtpd_banner = $myhostname ESMTP\n"
-                                    "header_checks = regexp:/x\n"
+                                    "debug_peer_level = 3\n"
                                     "relayhost = [second]\n"
                                     "mydestination = a,\n  b\n", NULL);
     char *n = print_to_string(cfg, 1);
-    assert_string_equal(n, "header_checks = regexp:/x\n"
+    assert_string_equal(n, "debug_peer_level = 3\n"
                            "mydestination = a, b\n"
                            "myhostname = mx.example.com\n"
                            "relayhost = [second]\n"
@@ -595,7 +670,7 @@ static void test_print(void **state)
     assert_non_null(strstr(all, "\nmyorigin = $myhostname\n"));
     assert_non_null(strstr(all, "\nmydomain = example.com\n"));
     assert_non_null(strstr(all, "\nsmtpd_starttls_timeout = ${stress?{10}:{300}}s\n"));
-    assert_null(strstr(all, "header_checks"));
+    assert_null(strstr(all, "debug_peer_level"));
     /* one line per implemented parameter, in name order */
     size_t lines = 0, impl = 0;
     char prev[256] = "";
@@ -690,6 +765,7 @@ int main(void)
         cmocka_unit_test(test_bad_values),
         cmocka_unit_test(test_suggestions),
         cmocka_unit_test(test_not_implemented),
+        cmocka_unit_test(test_enumerated_values),
         cmocka_unit_test(test_master_services),
         cmocka_unit_test(test_master_names_and_errors),
         cmocka_unit_test(test_print),

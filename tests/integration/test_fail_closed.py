@@ -1,0 +1,198 @@
+"""A configuration fails closed: every value ktrelay would not honour exactly as Postfix means it is
+refused, by check-config and by run alike, naming the parameter and the file and line that set it;
+and one instance runs per data_directory."""
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, Relay, free_port
+
+
+def write_conf(d, extra_main="", overrides=()):
+    """The base configuration plus EXTRA_MAIN at the end of main.cf and one service with OVERRIDES
+    (-o lines). Returns the 1-based line numbers of the extra main.cf lines and of the service line."""
+    d.mkdir(exist_ok=True)
+    (d / "vmailbox").write_text(BASE_VMAILBOX)
+    base = BASE_MAIN_CF.format(dir=d)
+    (d / "main.cf").write_text(base + extra_main)
+    first = base.count("\n") + 1
+    master = [f"127.0.0.1:{free_port()} inet n - n - - smtpd"] + [f"  -o {o}" for o in overrides]
+    (d / "master.cf").write_text("\n".join(master) + "\n")
+    return first
+
+
+# (main.cf line or None, -o override or None, parameter, what the message says)
+BAD = [
+    # TLS security levels: Postfix's words only; the client-only ones are named as such
+    ("smtpd_tls_security_level = mandatory", None, "smtpd_tls_security_level", "expected none, may or encrypt"),
+    ("smtpd_tls_security_level = verify", None, "smtpd_tls_security_level", "client-only TLS security level"),
+    ("smtpd_tls_security_level = secure", None, "smtpd_tls_security_level", "client-only TLS security level"),
+    ("smtpd_tls_security_level = encrpyt", None, "smtpd_tls_security_level", "did you mean encrypt?"),
+    (None, "smtpd_tls_security_level=verify", "smtpd_tls_security_level", "client-only TLS security level"),
+    ("smtp_tls_security_level = dane", None, "smtp_tls_security_level", "does not implement the dane level"),
+    ("smtp_tls_security_level = dane-only", None, "smtp_tls_security_level", "does not implement"),
+    ("smtp_tls_security_level = encrytp", None, "smtp_tls_security_level", "did you mean encrypt?"),
+    # yes/no
+    ("smtpd_use_tls = ture", None, "smtpd_use_tls", "expected yes or no"),
+    (None, "smtpd_tls_wrappermode=1", "smtpd_tls_wrappermode", "expected yes or no"),
+    (None, "smtpd_sasl_auth_enable=on", "smtpd_sasl_auth_enable", "expected yes or no"),
+    ("tls_ktls_enable = maybe", None, "tls_ktls_enable", "expected yes or no"),
+    # protocol lists and cipher grades, server and client
+    ("smtpd_tls_protocols = !SSLv2, !TLSv1.4", None, "smtpd_tls_protocols", "unknown TLS protocol"),
+    ("smtpd_tls_mandatory_protocols = >=TLS1.2", None, "smtpd_tls_mandatory_protocols", "did you mean TLSv1.2?"),
+    ("smtp_tls_protocols = !SSLv2 !SSL3", None, "smtp_tls_protocols", "unknown TLS protocol"),
+    ("smtp_tls_mandatory_protocols = TLSv2", None, "smtp_tls_mandatory_protocols", "unknown TLS protocol"),
+    ("smtpd_tls_ciphers = hihg", None, "smtpd_tls_ciphers", "did you mean high?"),
+    ("smtpd_tls_mandatory_ciphers = export", None, "smtpd_tls_mandatory_ciphers", "export cipher grade"),
+    ("smtp_tls_ciphers = strong", None, "smtp_tls_ciphers", "expected high, medium or low"),
+    ("smtp_tls_mandatory_ciphers = meduim", None, "smtp_tls_mandatory_ciphers", "did you mean medium?"),
+    # other enumerations
+    ("inet_protocols = ipv5", None, "inet_protocols", "did you mean ipv4?"),
+    ("mynetworks_style = hots", None, "mynetworks_style", "did you mean host?"),
+    ("smtpd_sasl_type = dovcot", None, "smtpd_sasl_type", "did you mean dovecot?"),
+    ("smtpd_sasl_security_options = noanonymous, noplaintxt", None, "smtpd_sasl_security_options",
+     "did you mean noplaintext?"),
+    (None, "smtpd_sasl_tls_security_options=noanonymus", "smtpd_sasl_tls_security_options",
+     "did you mean noanonymous?"),
+    # restriction names (the service's list, reported at the line that set it)
+    ("smtpd_recipient_restrictions = permit_mynetwork, reject_unauth_destination", None,
+     "smtpd_recipient_restrictions", "did you mean permit_mynetworks?"),
+    (None, "smtpd_client_restrictions=permit_sasl_authenticated,rejct", "smtpd_client_restrictions",
+     'unknown restriction "rejct"'),
+    # table types
+    ("alias_maps = hahs:/etc/aliases", None, "alias_maps", "did you mean hash?"),
+    ("transport_maps = /etc/postfix/transport", None, "transport_maps", "expected type:table"),
+    ("virtual_uid_maps = statc:1000", None, "virtual_uid_maps", "did you mean static?"),
+    # time and size units
+    ("smtpd_timeout = 300x", None, "smtpd_timeout", "bad time value"),
+    ("maximal_queue_lifetime = 5days", None, "maximal_queue_lifetime", "bad time value"),
+    (None, "smtpd_starttls_timeout=1y", "smtpd_starttls_timeout", "bad time value"),
+    ("message_size_limit = 10M", None, "message_size_limit", "bad numerical value"),
+    # -o typos: the override would silently not apply
+    (None, "smtpd_tls_wrapermode=yes", "smtpd_tls_wrapermode", "did you mean smtpd_tls_wrappermode?"),
+    (None, "smtpd_sasl_auth_enabled=yes", "smtpd_sasl_auth_enabled", "unknown parameter in -o override"),
+    # Postfix features that change who may send, what is filtered or where mail goes
+    ("smtpd_milters = inet:127.0.0.1:8891", None, "smtpd_milters", "not implemented by ktrelay"),
+    ("non_smtpd_milters = inet:127.0.0.1:8891", None, "non_smtpd_milters", "not implemented by ktrelay"),
+    (None, "content_filter=amavis:[127.0.0.1]:10024", "content_filter", "not implemented by ktrelay"),
+    ("header_checks = regexp:/etc/postfix/header_checks", None, "header_checks", "not implemented by ktrelay"),
+    ("body_checks = regexp:/etc/postfix/body_checks", None, "body_checks", "not implemented by ktrelay"),
+    ("virtual_alias_maps = hash:/etc/postfix/virtual", None, "virtual_alias_maps", "not implemented by ktrelay"),
+    ("sender_canonical_maps = hash:/etc/postfix/canonical", None, "sender_canonical_maps",
+     "not implemented by ktrelay"),
+    ("smtp_sasl_auth_enable = yes", None, "smtp_sasl_auth_enable", "not implemented by ktrelay"),
+    ("smtp_tls_policy_maps = hash:/etc/postfix/tls_policy", None, "smtp_tls_policy_maps",
+     "not implemented by ktrelay"),
+    ("smtpd_client_message_rate_limit = 10", None, "smtpd_client_message_rate_limit",
+     "not implemented by ktrelay"),
+]
+
+
+def ids(case):
+    return (case[0] or "-o " + case[1]).split(" = ")[0].split("=")[0]
+
+
+def run_refuses(d):
+    """`ktrelay run` on D: it must exit non-zero at once, without serving."""
+    proc = subprocess.Popen([BIN, "run", "-c", str(d)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True)
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        pytest.fail("run accepted the configuration:\n" + out)
+    return proc.returncode, out
+
+
+@pytest.mark.parametrize("main_line,override,param,message", BAD, ids=[ids(c) for c in BAD])
+def test_bad_value_refused_by_check_config_and_run(tmp_path, main_line, override, param, message):
+    first = write_conf(tmp_path, main_line + "\n" if main_line else "", [override] if override else [])
+    where = f"{tmp_path}/main.cf:{first}:" if main_line else f"{tmp_path}/master.cf:1:"
+    chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert chk.returncode == 78, chk.stderr                  # EX_CONFIG
+    assert "configuration OK" not in chk.stdout
+    lines = [line for line in chk.stderr.splitlines() if "error: " in line and where in line and param in line]
+    assert lines and message in lines[0], chk.stderr
+    rc, out = run_refuses(tmp_path)
+    assert rc == 78, out
+    assert lines[0].split("error: ", 1)[1] in out, out        # the same message, from the same check
+    assert "daemon started" not in out and "listening on" not in out
+
+
+def test_ignore_unimplemented_lets_it_run(relay_factory):
+    """An operator who knows what the missing features do can opt out: warnings, and it serves."""
+    r = relay_factory("ktrelay_ignore_unimplemented = yes\nheader_checks = regexp:/etc/postfix/header_checks\n",
+                      services={"smtp": {"content_filter": "amavis:[127.0.0.1]:10024"}})
+    log = r.log()
+    assert re.search(r"warning: \S+/main\.cf:\d+: parameter header_checks is not implemented by ktrelay; ignored "
+                     r"because ktrelay_ignore_unimplemented = yes", log), log
+    assert re.search(r"warning: \S+/master\.cf:1: parameter content_filter is not implemented", log), log
+
+
+def test_cosmetic_unimplemented_and_empty_values_warn_only(tmp_path):
+    write_conf(tmp_path, "debug_peer_level = 3\nsmtpd_milters =\nheader_checks =\n")
+    chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert chk.returncode == 0, chk.stderr
+    assert "parameter debug_peer_level is a Postfix parameter that ktrelay does not implement; ignored" in chk.stderr
+    assert "parameter smtpd_milters is a Postfix parameter that ktrelay does not implement; ignored (empty)" \
+        in chk.stderr
+
+
+def test_unknown_main_cf_name_stays_a_warning(tmp_path):
+    write_conf(tmp_path, "smtpd_tls_CApth = /etc/ssl/certs\n")
+    chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert chk.returncode == 0, chk.stderr
+    assert "warning: " in chk.stderr and "unknown parameter smtpd_tls_CApth (did you mean smtpd_tls_CApath?)" \
+        in chk.stderr
+
+
+def test_queue_manager_settings_are_checked_by_check_config(tmp_path):
+    """The queue manager's parameters go through the same build as the server's: what run refuses,
+    check-config refuses (a missing transport table, an unusable client CA file)."""
+    for line, message in [(f"transport_maps = texthash:{tmp_path}/nonexistent", "transport_maps: open"),
+                          (f"smtp_tls_security_level = verify\nsmtp_tls_CAfile = {tmp_path}/none.pem",
+                           "outbound TLS")]:
+        write_conf(tmp_path, line + "\n")
+        chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True,
+                             timeout=30)
+        assert chk.returncode == 78 and message in chk.stderr, chk.stderr
+        rc, out = run_refuses(tmp_path)
+        assert rc == 78 and message in out, out
+
+
+def test_second_instance_is_refused(tmp_path):
+    d = tmp_path / "first"
+    d.mkdir()
+    (d / "vmailbox").write_text(BASE_VMAILBOX)
+    first = Relay(d, BASE_MAIN_CF.format(dir=d), {"smtp": {}})
+    lock = first.dir / "data" / "master.lock"
+    assert int(lock.read_text()) == first.proc.pid
+    # the same configuration again: refused, naming the PID that holds the lock
+    rc, out = run_refuses(first.dir)
+    assert rc == 75, out                                     # EX_TEMPFAIL
+    assert f"ktrelay is already running as PID {first.proc.pid} with data_directory {first.dir}/data" in out, out
+    # another configuration directory with the same data_directory is the same instance
+    other = tmp_path / "other"
+    write_conf(other, f"data_directory = {first.dir}/data\n")
+    rc, out = run_refuses(other)
+    assert rc == 75 and f"already running as PID {first.proc.pid}" in out, out
+    # the first one is unaffected and still serves
+    from conftest import SmtpConn
+    import socket
+    c = SmtpConn(socket.create_connection(("127.0.0.1", first.port()), timeout=5))
+    assert c.banner.startswith("220 ")
+    assert c.cmd("QUIT").startswith("221 ")
+    c.close()
+    # once it has stopped (even killed), the lock is free again
+    first.proc.kill()
+    first.proc.wait()
+    second = Relay(first.dir, (first.dir / "main.cf").read_text(), {"smtp": {}})
+    try:
+        assert int(lock.read_text()) == second.proc.pid
+    finally:
+        assert second.stop() == 0
