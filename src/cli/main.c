@@ -341,9 +341,10 @@ int main(int argc, char **argv)
             kt_runtime_unref(rt);
             return EX_CANTCREAT;
         }
-        if (instance_lock(rt) < 0) {
+        int lrc = instance_lock(rt);
+        if (lrc < 0) {
             kt_runtime_unref(rt);
-            return EX_TEMPFAIL;
+            return lrc == -EWOULDBLOCK ? EX_TEMPFAIL : EX_CANTCREAT;
         }
         if (rt->metrics_address[0]) {
             char err[512];
