@@ -113,8 +113,9 @@ class Relay:
 
 BASE_MAIN_CF = """\
 myhostname = mx.example.test
-# each test's own instance lock (master.lock) and files
+# each test's own instance lock (master.lock), files and queue: tests run side by side
 data_directory = {dir}/data
+queue_directory = {dir}/queue
 mydestination =
 inet_interfaces = loopback-only
 inet_protocols = ipv4
