@@ -87,8 +87,9 @@ BAD = [
     ("smtp_sasl_auth_enable = yes", None, "smtp_sasl_auth_enable", "not implemented by ktrelay"),
     ("smtp_tls_policy_maps = hash:/etc/postfix/tls_policy", None, "smtp_tls_policy_maps",
      "not implemented by ktrelay"),
-    ("smtpd_client_message_rate_limit = 10", None, "smtpd_client_message_rate_limit",
+    ("smtpd_data_restrictions = reject_unauth_pipelining", None, "smtpd_data_restrictions",
      "not implemented by ktrelay"),
+    (None, "smtpd_tls_req_ccert=yes", "smtpd_tls_req_ccert", "not implemented by ktrelay"),
 ]
 
 
