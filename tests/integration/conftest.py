@@ -87,10 +87,11 @@ class Relay:
         with open(self.dir / "ktrelay.log", "rb") as f:
             return f.read().decode(errors="replace")
 
-    def wait_log(self, text, timeout=5):
+    def wait_log(self, text, timeout=5, count=1):
+        """True once text occurs count times in the log; False after timeout seconds."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if text in self.log():
+            if self.log().count(text) >= count:
                 return True
             time.sleep(0.05)
         return False
@@ -217,14 +218,70 @@ def embedded_default(directory):
     assert "runtime error" not in log and "AddressSanitizer" not in log, log[-4000:]
 
 
-class SmtpConn:
-    """A raw SMTP client on a connected socket: send bytes, read whole (multi-line) replies."""
+def wait_until(pred, timeout=10, what="condition"):
+    """Polls pred until it returns something true, which is returned; fails the test after timeout s."""
+    deadline = time.time() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
 
-    def __init__(self, sock):
+
+def tcp_sockets():
+    """Every IPv4 TCP socket of this host as dicts (local_port, remote_port, state, tx_queue, rx_queue),
+    from /proc/net/tcp: the server runs on loopback, so its side of a connection is visible too."""
+    rows = []
+    with open("/proc/net/tcp") as f:
+        for line in f.read().splitlines()[1:]:
+            fields = line.split()
+            tx, rx = fields[4].split(":")
+            rows.append({"local_port": int(fields[1].split(":")[1], 16),
+                         "remote_port": int(fields[2].split(":")[1], 16),
+                         "state": int(fields[3], 16), "tx_queue": int(tx, 16), "rx_queue": int(rx, 16)})
+    return rows
+
+
+TCP_ESTABLISHED = 1
+
+
+def insecure_ctx():
+    """A TLS client context that accepts any certificate (the tests' servers use self-signed ones)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class SmtpConn:
+    """The tests' one raw SMTP client: exact bytes out, whole (multi-line) replies in.
+
+    SmtpConn(port)                     connect to 127.0.0.1:port and read the greeting into .banner
+    SmtpConn(port, src="127.0.0.2")    ... from that source address (a "different client")
+    SmtpConn(port, tls=ctx)            implicit TLS (smtps, wrapper mode) before the greeting
+    SmtpConn(sock=s)                   on a socket the caller connected
+    greeting=False                     leave the greeting unread (.banner is None)
+
+    Replies come as one string, lines joined with '\\n' without CRLF (reply, cmd, expect), or as a list
+    of lines (reply_lines, cmd_lines). Each send() is one write, so over TLS one record up to 16 KiB:
+    tests control how bytes fall into records. A TLS peer that closes without close_notify raises
+    ssl.SSLError rather than looking like a clean end."""
+
+    def __init__(self, port=None, *, sock=None, src=None, timeout=20, tls=None, greeting=True):
+        if sock is None:
+            sock = socket.socket()
+            sock.settimeout(timeout)
+            if src:
+                sock.bind((src, 0))
+            sock.connect(("127.0.0.1", port))
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname="localhost", suppress_ragged_eofs=False)
         self.sock = sock
         self.buf = b""
         self.reads = []
-        self.banner = self.reply()
+        self.banner = self.reply() if greeting else None
 
     def send(self, data):
         self.sock.sendall(data.encode() if isinstance(data, str) else data)
@@ -236,8 +293,8 @@ class SmtpConn:
         self.reads.append(chunk)
         self.buf += chunk
 
-    def reply(self):
-        """The next reply, all of its lines joined with '\\n' (without CRLF)."""
+    def reply_lines(self):
+        """The next reply as a list of its lines (without CRLF)."""
         lines = []
         while True:
             while b"\r\n" not in self.buf:
@@ -245,20 +302,74 @@ class SmtpConn:
             line, self.buf = self.buf.split(b"\r\n", 1)
             lines.append(line.decode("utf-8", "replace"))
             if line[3:4] != b"-":
-                return "\n".join(lines)
+                return lines
 
-    def cmd(self, line):
+    def reply(self):
+        """The next reply, all of its lines joined with '\\n' (without CRLF)."""
+        return "\n".join(self.reply_lines())
+
+    def expect(self, code):
+        """The next reply, which must have this code."""
+        r = self.reply()
+        assert r[:3] == str(code), f"expected {code}, got {r!r}"
+        return r
+
+    def cmd(self, line, code=None):
+        """Send one command line; its reply (checked against code when given)."""
         self.send(line + "\r\n")
-        return self.reply()
+        return self.expect(code) if code is not None else self.reply()
 
-    def closed(self, timeout=10):
-        """True when the server closes the connection with nothing more to say."""
+    def cmd_lines(self, line):
+        self.send(line + "\r\n")
+        return self.reply_lines()
+
+    def ehlo(self, name="client.example.net"):
+        """EHLO, which must succeed; the reply's lines."""
+        lines = self.cmd_lines(f"EHLO {name}")
+        assert lines[-1].startswith("250 "), lines
+        return lines
+
+    def starttls(self, ctx=None):
+        """STARTTLS and the handshake; nothing may have been sent after the 220 (RFC 3207)."""
+        assert self.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
+        assert self.buf == b""
+        self.sock = (ctx or insecure_ctx()).wrap_socket(self.sock, server_hostname="localhost",
+                                                       suppress_ragged_eofs=False)
+
+    def wait_read_by_server(self, timeout=10):
+        """Waits until the server has taken everything sent so far off its socket (its receive queue is
+        empty): it is then working on those bytes, e.g. waiting for the rest of a BDAT chunk."""
+        here, there = self.sock.getsockname()[1], self.sock.getpeername()[1]
+
+        def drained():
+            return any(s["local_port"] == there and s["remote_port"] == here and s["rx_queue"] == 0
+                       for s in tcp_sockets())
+        wait_until(drained, timeout, "the server to read what was sent")
+
+    def quit(self):
+        """QUIT, which must be answered 221, and close."""
+        self.cmd("QUIT", 221)
+        self.close()
+
+    def closed(self, timeout=10, drain=False):
+        """True when the server closes the connection with nothing more to say (drain: after
+        whatever else it sends); False if it is still open after timeout seconds."""
         self.sock.settimeout(timeout)
         try:
-            data = self.buf or self.sock.recv(65536)
+            while True:
+                data = self.buf or self.sock.recv(65536)
+                self.buf = b""
+                if data == b"":
+                    return True
+                if not drain:
+                    return False
         except (ConnectionResetError, ssl.SSLError):
             return True
-        return data == b""
+        except socket.timeout:
+            return False
 
     def close(self):
-        self.sock.close()
+        try:
+            self.sock.close()
+        except OSError:
+            pass

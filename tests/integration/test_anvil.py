@@ -13,18 +13,6 @@ from conftest import SmtpConn, make_cert
 SVC_LINE = "for service 127.0.0.1:{port}"
 
 
-class Client(SmtpConn):
-    def __init__(self, port, source):
-        super().__init__(socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(source, 0)))
-
-    def starttls(self):
-        assert self.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        self.sock = ctx.wrap_socket(self.sock)
-
-
 def wait_until(pred, timeout=10):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -38,16 +26,16 @@ def test_connection_count_limit(relay_factory):
     r = relay_factory("smtpd_client_connection_count_limit = 6\n")
     port = r.port()
     # six at once from one address: with two worker threads these land on both
-    held = [Client(port, "127.0.0.2") for _ in range(6)]
+    held = [SmtpConn(port, src="127.0.0.2") for _ in range(6)]
     for c in held:
         assert c.banner == "220 mx.example.test ESMTP ktrelay"
-    c7 = Client(port, "127.0.0.2")
+    c7 = SmtpConn(port, src="127.0.0.2")
     assert c7.banner == "421 4.7.0 mx.example.test Error: too many connections from 127.0.0.2"
     assert c7.closed()
     assert r.wait_log("warning: Connection concurrency limit exceeded: 7 from unknown[127.0.0.2] "
                       + SVC_LINE.format(port=port))
     # another address is served meanwhile
-    other = Client(port, "127.0.0.3")
+    other = SmtpConn(port, src="127.0.0.3")
     assert other.banner == "220 mx.example.test ESMTP ktrelay"
     assert other.cmd("EHLO other.example").startswith("250-")
     # one of the six leaves: its place is free again
@@ -55,7 +43,7 @@ def test_connection_count_limit(relay_factory):
     assert held[0].closed()
 
     def admitted():
-        c = Client(port, "127.0.0.2")
+        c = SmtpConn(port, src="127.0.0.2")
         ok = c.banner.startswith("220 ")
         c.close()
         return ok
@@ -68,20 +56,20 @@ def test_connection_rate_limit(relay_factory):
     r = relay_factory("smtpd_client_connection_rate_limit = 3\nanvil_rate_time_unit = 2s\n")
     port = r.port()
     for _ in range(3):
-        c = Client(port, "127.0.0.4")
+        c = SmtpConn(port, src="127.0.0.4")
         assert c.banner.startswith("220 ")
         c.close()
-    c = Client(port, "127.0.0.4")
+    c = SmtpConn(port, src="127.0.0.4")
     assert c.banner == "421 4.7.0 mx.example.test Error: too many connections from 127.0.0.4"
     assert c.closed()
     assert r.wait_log("warning: Connection rate limit exceeded: 4 from unknown[127.0.0.4] "
                       + SVC_LINE.format(port=port))
-    other = Client(port, "127.0.0.5")
+    other = SmtpConn(port, src="127.0.0.5")
     assert other.banner.startswith("220 ")
     # a new window begins after anvil_rate_time_unit
 
     def admitted():
-        c = Client(port, "127.0.0.4")
+        c = SmtpConn(port, src="127.0.0.4")
         ok = c.banner.startswith("220 ")
         c.close()
         return ok
@@ -92,23 +80,23 @@ def test_message_rate_limit_across_connections(relay_factory):
     r = relay_factory("smtpd_client_message_rate_limit = 2\n")
     port = r.port()
     for _ in range(2):
-        c = Client(port, "127.0.0.6")
+        c = SmtpConn(port, src="127.0.0.6")
         assert c.cmd("EHLO c.example").startswith("250-")
         assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
         c.cmd("QUIT")
-    c = Client(port, "127.0.0.6")
+    c = SmtpConn(port, src="127.0.0.6")
     assert c.cmd("EHLO c.example").startswith("250-")
     assert c.cmd("MAIL FROM:<s@example.org>") == "450 4.7.1 Error: too much mail from 127.0.0.6"
     assert r.wait_log("warning: Message delivery request rate limit exceeded: 3 from unknown[127.0.0.6] "
                       + SVC_LINE.format(port=port))
-    c2 = Client(port, "127.0.0.7")
+    c2 = SmtpConn(port, src="127.0.0.7")
     assert c2.cmd("EHLO c.example").startswith("250-")
     assert c2.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
 
 
 def test_recipient_rate_limit(relay_factory):
     r = relay_factory("smtpd_client_recipient_rate_limit = 3\n")
-    c = Client(r.port(), "127.0.0.8")
+    c = SmtpConn(r.port(), src="127.0.0.8")
     assert c.cmd("EHLO c.example").startswith("250-")
     assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
     for i in range(3):
@@ -129,7 +117,7 @@ def test_auth_rate_limit(relay_factory, tmp_path):
     r = relay_factory(f"smtpd_tls_cert_file = {cert}\nsmtpd_tls_key_file = {key}\nsmtpd_tls_security_level = may\n"
                       f"ktrelay_sasl_password_file = {pw}\nsmtpd_sasl_auth_enable = yes\n"
                       "smtpd_client_auth_rate_limit = 1\n")
-    c = Client(r.port(), "127.0.0.9")
+    c = SmtpConn(r.port(), src="127.0.0.9")
     assert c.cmd("EHLO c.example").startswith("250-")
     c.starttls()
     assert c.cmd("EHLO c.example").startswith("250-")
@@ -143,18 +131,18 @@ def test_new_tls_session_rate_limit(relay_factory, tmp_path):
     cert, key = make_cert(tmp_path)
     r = relay_factory(f"smtpd_tls_cert_file = {cert}\nsmtpd_tls_key_file = {key}\nsmtpd_tls_security_level = may\n"
                       "smtpd_client_new_tls_session_rate_limit = 1\n")
-    c = Client(r.port(), "127.0.0.10")
+    c = SmtpConn(r.port(), src="127.0.0.10")
     assert c.cmd("EHLO c.example").startswith("250-")
     c.starttls()
     assert c.cmd("EHLO c.example").startswith("250-")
     c.cmd("QUIT")
-    c2 = Client(r.port(), "127.0.0.10")
+    c2 = SmtpConn(r.port(), src="127.0.0.10")
     assert c2.cmd("EHLO c.example").startswith("250-")
     assert c2.cmd("STARTTLS") == "454 4.7.0 Error: too many new TLS sessions from 127.0.0.10"
     assert r.wait_log("warning: New TLS session rate limit exceeded: 1 from unknown[127.0.0.10]")
     # the session goes on in plaintext; another client still gets TLS
     assert c2.cmd("NOOP") == "250 2.0.0 Ok"
-    c3 = Client(r.port(), "127.0.0.11")
+    c3 = SmtpConn(r.port(), src="127.0.0.11")
     assert c3.cmd("EHLO c.example").startswith("250-")
     c3.starttls()
     assert c3.cmd("EHLO c.example").startswith("250-")
@@ -164,19 +152,19 @@ def test_exceptions_are_not_limited(relay_factory):
     r = relay_factory("smtpd_client_connection_count_limit = 1\nsmtpd_client_message_rate_limit = 1\n"
                       "smtpd_client_event_limit_exceptions = 127.0.0.12\n")
     port = r.port()
-    held = [Client(port, "127.0.0.12") for _ in range(3)]
+    held = [SmtpConn(port, src="127.0.0.12") for _ in range(3)]
     for c in held:
         assert c.banner.startswith("220 ")
         assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
-    first = Client(port, "127.0.0.13")
+    first = SmtpConn(port, src="127.0.0.13")
     assert first.banner.startswith("220 ")
-    assert Client(port, "127.0.0.13").banner.startswith("421 4.7.0 ")
+    assert SmtpConn(port, src="127.0.0.13").banner.startswith("421 4.7.0 ")
 
 
 def test_default_exceptions_are_mynetworks(relay_factory):
     r = relay_factory("mynetworks = 127.0.0.14/32\nsmtpd_client_connection_count_limit = 1\n")
-    held = [Client(r.port(), "127.0.0.14") for _ in range(3)]
+    held = [SmtpConn(r.port(), src="127.0.0.14") for _ in range(3)]
     assert all(c.banner.startswith("220 ") for c in held)
-    first = Client(r.port(), "127.0.0.15")
+    first = SmtpConn(r.port(), src="127.0.0.15")
     assert first.banner.startswith("220 ")
-    assert Client(r.port(), "127.0.0.15").banner.startswith("421 4.7.0 ")
+    assert SmtpConn(r.port(), src="127.0.0.15").banner.startswith("421 4.7.0 ")

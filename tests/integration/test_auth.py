@@ -33,28 +33,9 @@ def plain(user, password, authzid=""):
     return b64(f"{authzid}\0{user}\0{password}")
 
 
-class Client(SmtpConn):
-    """A raw SMTP client bound to a chosen source address, with STARTTLS."""
-
-    def __init__(self, port, src=SRC_ADDR, timeout=20):
-        sock = socket.socket()
-        sock.settimeout(timeout)
-        sock.bind((src, 0))
-        sock.connect(("127.0.0.1", port))
-        super().__init__(sock)
-
-    def ehlo(self, name="client.example.net"):
-        r = self.cmd(f"EHLO {name}")
-        assert r.startswith("250"), r
-        return r.split("\n")
-
-    def starttls(self):
-        assert self.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        self.sock = ctx.wrap_socket(self.sock)
-        self.buf = b""
+def client(port, src=SRC_ADDR, timeout=20):
+    """The AUTH tests' client comes from outside mynetworks (127.0.0.1/32) unless told otherwise."""
+    return SmtpConn(port, src=src, timeout=timeout)
 
 
 def auth_lines(ehlo):
@@ -104,14 +85,14 @@ def auth_relay(relay_factory, tmp_path):
 
 
 def test_auth_not_enabled_by_default(relay):
-    c = Client(relay.port())
+    c = client(relay.port())
     assert auth_lines(c.ehlo()) == []
     assert c.cmd("AUTH PLAIN " + plain("alice", PASSWORD)) == "503 5.5.1 Error: authentication not enabled"
 
 
 def test_plain_with_initial_response_allows_relay(auth_relay):
     r = auth_relay()
-    c = Client(r.port())
+    c = client(r.port())
     assert auth_lines(c.ehlo()) == ["AUTH PLAIN LOGIN"]
     assert c.cmd("MAIL FROM:<alice@example.test>") == "250 2.1.0 Ok"
     assert c.cmd("RCPT TO:<friend@remote.example>") == "554 5.7.1 <friend@remote.example>: Relay access denied"
@@ -128,19 +109,19 @@ def test_plain_with_initial_response_allows_relay(auth_relay):
 
 def test_plain_without_initial_response_and_empty_authzid_forms(auth_relay):
     r = auth_relay()
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     assert c.cmd("AUTH PLAIN") == "334 "
     assert c.cmd(plain("bob", PASSWORD, authzid="bob")) == "235 2.7.0 Authentication successful"
     # a different authorization identity is not granted
-    c2 = Client(r.port())
+    c2 = client(r.port())
     c2.ehlo()
     assert c2.cmd("AUTH PLAIN " + plain("bob", PASSWORD, authzid="alice")).startswith("535 5.7.8")
 
 
 def test_login_mechanism(auth_relay):
     r = auth_relay()
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     assert c.cmd("AUTH LOGIN") == "334 VXNlcm5hbWU6"
     assert c.cmd(b64("alice")) == "334 UGFzc3dvcmQ6"
@@ -150,7 +131,7 @@ def test_login_mechanism(auth_relay):
     assert c.cmd("RCPT TO:<bob@example.test>") == "250 2.1.5 Ok"
     assert r.wait_log("sasl_method=LOGIN, sasl_username=alice")
     # LOGIN with the user name as initial response
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     assert c.cmd("AUTH login " + b64("bob")) == "334 UGFzc3dvcmQ6"
     assert c.cmd(b64(PASSWORD)) == "235 2.7.0 Authentication successful"
@@ -158,7 +139,7 @@ def test_login_mechanism(auth_relay):
 
 def test_wrong_password_slows_down_then_disconnects(auth_relay):
     r = auth_relay()
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     assert c.cmd("AUTH PLAIN " + plain("alice", "wrong")) == \
         "535 5.7.8 Error: authentication failed: authentication failure"
@@ -175,7 +156,7 @@ def test_wrong_password_slows_down_then_disconnects(auth_relay):
     assert c.closed()
     assert r.wait_log("too many authentication failures from unknown[127.0.0.2]")
     # a new connection does not start from zero: its first failure is already delayed
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     t0 = time.monotonic()
     assert c.cmd("AUTH PLAIN " + plain("alice", "wrong")).startswith("535 5.7.8")
@@ -186,7 +167,7 @@ def test_wrong_password_slows_down_then_disconnects(auth_relay):
 
 def test_malformed_base64(auth_relay):
     r = auth_relay()
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     assert c.cmd("AUTH PLAIN AGFsaWNl!!!") == "501 5.5.2 Invalid base64 data in initial response"
     assert c.cmd("AUTH LOGIN") == "334 VXNlcm5hbWU6"
@@ -200,7 +181,7 @@ def test_malformed_base64(auth_relay):
 
 def test_auth_twice_and_other_sequence_errors(auth_relay):
     r = auth_relay()
-    c = Client(r.port())
+    c = client(r.port())
     assert c.cmd("AUTH PLAIN " + plain("alice", PASSWORD)) == "503 5.5.1 Error: send HELO/EHLO first"
     c.ehlo()
     assert c.cmd("AUTH") == "501 5.5.4 Syntax: AUTH mechanism"
@@ -215,7 +196,7 @@ def test_auth_twice_and_other_sequence_errors(auth_relay):
 
 def test_cancelled_auth(auth_relay):
     r = auth_relay()
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     assert c.cmd("AUTH LOGIN") == "334 VXNlcm5hbWU6"
     assert c.cmd("*") == "501 5.7.0 Authentication aborted"
@@ -232,7 +213,7 @@ def test_cancelled_auth(auth_relay):
 
 def test_tls_auth_only(auth_relay):
     r = auth_relay("smtpd_tls_auth_only = yes\n")
-    c = Client(r.port())
+    c = client(r.port())
     ehlo = c.ehlo()
     assert "STARTTLS" in [l[4:] for l in ehlo]
     assert auth_lines(ehlo) == []
@@ -249,7 +230,7 @@ def test_noplaintext_before_tls(auth_relay):
     r = auth_relay("smtpd_sasl_security_options = noanonymous, noplaintext\n"
                    "smtpd_sasl_tls_security_options = noanonymous\n"
                    "broken_sasl_auth_clients = yes\n")
-    c = Client(r.port())
+    c = client(r.port())
     assert auth_lines(c.ehlo()) == []
     assert c.cmd("AUTH LOGIN") == "538 5.7.11 Encryption required for requested authentication mechanism"
     c.starttls()
@@ -260,7 +241,7 @@ def test_noplaintext_before_tls(auth_relay):
 
 def test_starttls_forgets_authentication(auth_relay):
     r = auth_relay()
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     assert c.cmd("AUTH PLAIN " + plain("alice", PASSWORD)) == "235 2.7.0 Authentication successful"
     c.starttls()
@@ -278,11 +259,11 @@ def test_classic_submission_profile(auth_relay):
     r = auth_relay("smtpd_sasl_auth_enable = no\nsmtpd_sasl_authenticated_header = yes\n",
                    services={"smtp": {}, "submission": SUBMISSION})
     # port 25 stays an MX without AUTH
-    c = Client(r.port("smtp"))
+    c = client(r.port("smtp"))
     assert auth_lines(c.ehlo()) == []
     assert c.cmd("AUTH PLAIN " + plain("alice", PASSWORD)) == "503 5.5.1 Error: authentication not enabled"
 
-    c = Client(r.port("submission"))
+    c = client(r.port("submission"))
     ehlo = c.ehlo()
     assert auth_lines(ehlo) == []
     assert c.cmd("AUTH PLAIN " + plain("alice", PASSWORD)) == "530 5.7.0 Must issue a STARTTLS command first"
@@ -310,13 +291,13 @@ def test_classic_submission_profile(auth_relay):
 def test_sasl_local_domain(auth_relay):
     r = auth_relay("smtpd_sasl_local_domain = example.test\n",
                    users={"alice@example.test": PASSWORD, "bob": PASSWORD})
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     assert c.cmd("AUTH PLAIN " + plain("alice", PASSWORD)) == "235 2.7.0 Authentication successful"
     assert c.cmd("MAIL FROM:<alice@example.test>") == "250 2.1.0 Ok"
     assert c.cmd("RCPT TO:<bob@example.test>") == "250 2.1.5 Ok"
     assert r.wait_log("sasl_username=alice@example.test")
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     # "bob" becomes bob@example.test, which the file does not know
     assert c.cmd("AUTH PLAIN " + plain("bob", PASSWORD)).startswith("535 5.7.8")
@@ -326,7 +307,7 @@ def test_sender_login_mismatch(auth_relay, tmp_path):
     (tmp_path / "logins").write_text("alice@example.test alice\nbob@example.test bob\n@shared.example alice, bob\n")
     r = auth_relay(f"smtpd_sender_login_maps = texthash:{tmp_path}/logins\n"
                    "smtpd_sender_restrictions = reject_sender_login_mismatch\n")
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     # not logged in, but using an owned address
     assert c.cmd("MAIL FROM:<alice@example.test>") == "250 2.1.0 Ok"
@@ -427,7 +408,7 @@ service anvil {{
 
 def test_dovecot_backend(auth_relay, dovecot_auth):
     r = auth_relay(f"smtpd_sasl_type = dovecot\nsmtpd_sasl_path = {dovecot_auth}\n")
-    c = Client(r.port())
+    c = client(r.port())
     assert auth_lines(c.ehlo()) == ["AUTH PLAIN LOGIN"]
     assert c.cmd("AUTH PLAIN " + plain("alice@example.test", "wrong")) == \
         "535 5.7.8 Error: authentication failed: authentication failure"
@@ -437,7 +418,7 @@ def test_dovecot_backend(auth_relay, dovecot_auth):
     assert c.cmd("RCPT TO:<x@remote.example>") == "250 2.1.5 Ok"
     assert r.wait_log("sasl_method=LOGIN, sasl_username=alice@example.test")
     # over TLS too (Dovecot is told the connection is secured)
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     c.starttls()
     c.ehlo()
@@ -446,7 +427,7 @@ def test_dovecot_backend(auth_relay, dovecot_auth):
 
 def test_dovecot_down_is_a_temporary_failure(auth_relay, tmp_path):
     r = auth_relay(f"smtpd_sasl_type = dovecot\nsmtpd_sasl_path = {tmp_path}/no-such-socket\n")
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     assert c.cmd("AUTH PLAIN " + plain("alice", PASSWORD)) == \
         "454 4.7.0 Temporary authentication failure: Dovecot auth server unavailable"

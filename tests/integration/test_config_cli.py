@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import BIN, BASE_MAIN_CF, BASE_VMAILBOX, free_port, make_cert
+from conftest import BIN, BASE_MAIN_CF, BASE_VMAILBOX, SmtpConn, free_port, make_cert
 
 
 def write_conf(tmp_path, main_cf, master_cf=None):
@@ -211,10 +211,9 @@ def test_privileged_port_as_non_root_says_what_to_do(tmp_path):
 
 def test_default_banner_hides_version(relay):
     version = ktrelay("version").stdout.split()[1]
-    with socket.create_connection(("127.0.0.1", relay.port()), timeout=10) as s:
-        banner = s.recv(4096).decode()
-        s.sendall(b"QUIT\r\n")
-        s.recv(4096)
+    c = SmtpConn(relay.port(), timeout=10)
+    banner = c.banner
+    c.quit()
     assert banner.startswith("220 mx.example.test ESMTP ktrelay"), banner
     assert version not in banner
 
@@ -258,18 +257,19 @@ def test_master_cf_overrides_take_effect(relay_factory):
     r = relay_factory("smtpd_recipient_limit = 50\n",
                       services={"a": {"smtpd_recipient_limit": "1", "smtpd_banner": "${myhostname}-override"},
                                 "b": {}})
-    with socket.create_connection(("127.0.0.1", r.port("a")), timeout=10) as s:
-        f = s.makefile("rb")
-        assert f.readline() == b"220 mx.example.test-override\r\n"
-        s.sendall(b"HELO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nQUIT\r\n")
-        got = [f.readline() for _ in range(5)]
-    assert got[3].startswith(b"452 4.5.3"), got
-    with socket.create_connection(("127.0.0.1", r.port("b")), timeout=10) as s:
-        f = s.makefile("rb")
-        assert f.readline().startswith(b"220 mx.example.test ESMTP")
-        s.sendall(b"HELO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nQUIT\r\n")
-        got = [f.readline() for _ in range(5)]
-    assert got[3].startswith(b"250 2.1.5"), got
+    group = "HELO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<a@localhost>\r\nRCPT TO:<b@localhost>\r\nQUIT\r\n"
+    c = SmtpConn(r.port("a"), timeout=10)
+    assert c.banner == "220 mx.example.test-override"
+    c.send(group)
+    got = [c.reply() for _ in range(5)]
+    c.close()
+    assert got[3].startswith("452 4.5.3"), got
+    c = SmtpConn(r.port("b"), timeout=10)
+    assert c.banner.startswith("220 mx.example.test ESMTP")
+    c.send(group)
+    got = [c.reply() for _ in range(5)]
+    c.close()
+    assert got[3].startswith("250 2.1.5"), got
 
 
 def test_run_refuses_broken_config(tmp_path):

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from conftest import free_port
-from test_smtp import Smtp, queued, send_data
+from conftest import SmtpConn, free_port
+from test_smtp import queued, send_data
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 
@@ -113,7 +113,7 @@ def test_message_read_back_through_imap(relay_factory, dovecot, open_dir):
     content = ("From: Jörg <jorg@example.org>\r\nTo: alice@example.test\r\nSubject: 8bit and dots\r\n"
                "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
                "Grüße aus Köln – 日本語\r\n.a line that started with a dot\r\n..\r\nlast line\r\n").encode()
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     queued(send_data(c, content, rcpts=("alice@example.test",), params=" BODY=8BITMIME"))
     c.cmd("QUIT")
     files = sorted((maildir / "new").iterdir())

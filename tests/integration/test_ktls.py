@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import make_cert
+from conftest import SmtpConn, make_cert, wait_until
 
 
 def _ktls_available():
@@ -120,83 +120,42 @@ def dot_stuff(body):
     return (b"\r\n" + body).replace(b"\r\n.", b"\r\n..")[2:]
 
 
-class Client:
-    """A minimal SMTP client over a Python ssl socket, so the test controls
-    how bytes fall into TLS records (one send() is one record up to 16 KiB)."""
+def client(port, mode, ctx, ehlo=True):
+    """A TLS session: implicit (mode "smtps") or after STARTTLS, then EHLO inside TLS unless ehlo=False.
+    Each send() is one TLS record (up to 16 KiB), so the test controls the record boundaries; an EOF
+    without close_notify raises, so recv() == b"" means close_notify."""
+    if mode == "smtps":
+        c = SmtpConn(port, tls=ctx, timeout=TIMEOUT)
+    else:
+        c = SmtpConn(port, timeout=TIMEOUT)
+        c.ehlo("client.example.test")
+        c.starttls(ctx)
+    if ehlo:
+        assert "250 CHUNKING" in c.ehlo("client.example.test")
+    return c
 
-    def __init__(self, port, mode, ctx, ehlo=True):
-        self.buf = b""
-        raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        if mode == "smtps":
-            self.sock = ctx.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False)
-            self.expect(220)
-        else:
-            self.sock = raw
-            self.expect(220)
-            self.cmd("EHLO client.example.test", 250)
-            self.cmd("STARTTLS", 220)
-            assert not self.buf
-            # an EOF without close_notify raises, so recv() == b"" means close_notify
-            self.sock = ctx.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False)
-        if ehlo:
-            code, lines = self.cmd("EHLO client.example.test", 250)
-            assert b"250 CHUNKING" in lines
 
-    def send(self, data):
-        self.sock.sendall(data)
+def envelope(c, rcpt="rcpt@localhost"):
+    c.cmd("MAIL FROM:<sender@example.test>", 250)
+    c.cmd(f"RCPT TO:<{rcpt}>", 250)
 
-    def reply(self):
-        lines = []
-        while True:
-            while b"\r\n" not in self.buf:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise EOFError(f"connection closed; replies so far {lines!r}, buffered {self.buf!r}")
-                self.buf += data
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            lines.append(line)
-            if line[3:4] != b"-":
-                return int(line[:3]), lines
 
-    def expect(self, code):
-        got, lines = self.reply()
-        assert got == code, f"expected {code}, got {lines!r}"
-        return got, lines
+def send_data(c, body):
+    envelope(c)
+    c.cmd("DATA", 354)
+    c.send(dot_stuff(body) + b".\r\n")
+    return c.expect(250)
 
-    def cmd(self, line, code):
-        self.send(line.encode() + b"\r\n")
-        return self.expect(code)
 
-    def envelope(self, rcpt="rcpt@localhost"):
-        self.cmd("MAIL FROM:<sender@example.test>", 250)
-        self.cmd(f"RCPT TO:<{rcpt}>", 250)
-
-    def data(self, body):
-        self.envelope()
-        self.cmd("DATA", 354)
-        self.send(dot_stuff(body) + b".\r\n")
-        _, lines = self.expect(250)
-        return lines[-1]
-
-    def bdat(self, body, chunk=None):
-        self.envelope()
-        chunk = chunk or len(body)
-        for off in range(0, len(body), chunk):
-            piece = body[off:off + chunk]
-            last = b" LAST" if off + chunk >= len(body) else b""
-            self.send(b"BDAT %d%s\r\n" % (len(piece), last) + piece)
-            _, lines = self.expect(250)
-        return lines[-1]
-
-    def quit(self):
-        self.cmd("QUIT", 221)
-        self.close()
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+def send_bdat(c, body, chunk=None):
+    envelope(c)
+    chunk = chunk or len(body)
+    for off in range(0, len(body), chunk):
+        piece = body[off:off + chunk]
+        last = b" LAST" if off + chunk >= len(body) else b""
+        c.send(b"BDAT %d%s\r\n" % (len(piece), last) + piece)
+        reply = c.expect(250)
+    return reply
 
 
 def established_lines(relay):
@@ -281,12 +240,12 @@ def wait_stat_settled(before, timeout=30):
 def test_tls12_ktls_data_and_bdat(krelay, cipher, mode):
     port = krelay.port("smtp" if mode == "starttls" else "smtps")
     before = tls_stat()
-    c = Client(port, mode, client_ctx(TLS12, cipher))
+    c = client(port, mode, client_ctx(TLS12, cipher))
     during = tls_stat()
     small = make_body(3000, 1)
     big = make_body(1 << 20, 2)
-    c.data(small)
-    c.bdat(big, chunk=300000)
+    send_data(c, small)
+    send_bdat(c, big, chunk=300000)
     c.quit()
     after = wait_stat_settled(before)
     line = wait_established(krelay, 1)
@@ -353,10 +312,10 @@ def test_tls13_python_contexts_while_open(krelay, rx):
     """The kernel holds the session's contexts while it runs (own-key RX
     included), and releases them at the end."""
     before = tls_stat()
-    c = Client(krelay.port("smtps" if rx else "smtps_norx"), "smtps", client_ctx(TLS13))
+    c = client(krelay.port("smtps" if rx else "smtps_norx"), "smtps", client_ctx(TLS13))
     during = tls_stat()
     body = make_body(200000, 40)
-    c.bdat(body, chunk=70000)
+    send_bdat(c, body, chunk=70000)
     c.quit()
     after = wait_stat_settled(before)
     check_ktls_stats(before, during, after, rx=1 if rx else 0)
@@ -370,12 +329,12 @@ def test_tls13_python_contexts_while_open(krelay, rx):
 def test_20mb(krelay, version, method):
     body = make_body(20 << 20, 50)
     before = tls_stat()
-    c = Client(krelay.port("smtps"), "smtps", client_ctx(version))
+    c = client(krelay.port("smtps"), "smtps", client_ctx(version))
     during = tls_stat()
     if method == "data":
-        c.data(body)
+        send_data(c, body)
     else:
-        c.bdat(body, chunk=8 << 20)
+        send_bdat(c, body, chunk=8 << 20)
     c.quit()
     after = wait_stat_settled(before)
     check_ktls_stats(before, during, after, rx=1)
@@ -394,7 +353,7 @@ def client_with_ktls(krelay, label, version, mode="smtps"):
     """A client whose own TX is in the kernel, so it can send any record
     type (alerts, KeyUpdate) with sendmsg."""
     before = tls_stat()
-    c = Client(krelay.port(label), mode, client_ctx(version, ktls=True))
+    c = client(krelay.port(label), mode, client_ctx(version, ktls=True))
     d = stat_delta(before, tls_stat())
     if d["TlsCurrTxSw"] < 2:
         c.close()
@@ -403,7 +362,7 @@ def client_with_ktls(krelay, label, version, mode="smtps"):
 
 
 def start_body(c, method, body, total):
-    c.envelope()
+    envelope(c)
     if method == "data":
         c.cmd("DATA", 354)
         c.send(dot_stuff(body))
@@ -411,10 +370,16 @@ def start_body(c, method, body, total):
         c.send(b"BDAT %d LAST\r\n" % total + body)
 
 
+def body_started(krelay, c):
+    """The server is inside the message: its spool file exists and it has read what was sent."""
+    wait_until(lambda: krelay.maildir_files(sub="tmp"), TIMEOUT, "the spool file")
+    c.wait_read_by_server(TIMEOUT)
+
+
 def relay_survives(krelay):
-    c = Client(krelay.port("smtp"), "starttls", client_ctx(TLS12))
+    c = client(krelay.port("smtp"), "starttls", client_ctx(TLS12))
     body = make_body(2000, 99)
-    c.data(body)
+    send_data(c, body)
     c.quit()
     return body
 
@@ -428,7 +393,7 @@ def relay_survives(krelay):
 def test_alert_mid_body(krelay, method, label, version, needle):
     c = client_with_ktls(krelay, label, version)
     start_body(c, method, make_body(100000, 60), 300000)
-    time.sleep(0.5)
+    body_started(krelay, c)
     ktls_sendmsg(c, 21, bytes([2, 80]))   # fatal internal_error
     assert krelay.wait_log(needle, timeout=30), krelay.log()[-3000:]
     # the server closes the connection
@@ -446,9 +411,9 @@ def test_alert_mid_body(krelay, method, label, version, needle):
 @pytest.mark.parametrize("method", ["data", "bdat"])
 @pytest.mark.parametrize("label,version", [("smtps", TLS12), ("smtps", TLS13), ("smtps_norx", TLS13)])
 def test_reset_mid_body(krelay, method, label, version):
-    c = Client(krelay.port(label), "smtps", client_ctx(version))
+    c = client(krelay.port(label), "smtps", client_ctx(version))
     start_body(c, method, make_body(100000, 61), 300000)
-    time.sleep(0.5)
+    body_started(krelay, c)
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     c.sock.close()
     wait_disconnects(krelay, 1)
@@ -468,8 +433,8 @@ def test_close_notify_ends_session(krelay, label, version):
     answers with its own close_notify and closes."""
     c = client_with_ktls(krelay, label, version, mode="starttls")
     body = make_body(5000, 70)
-    c.data(body)
-    c.envelope()
+    send_data(c, body)
+    envelope(c)
     ktls_sendmsg(c, 21, bytes([1, 0]))
     c.sock.settimeout(30)
     assert c.sock.recv(100) == b"", "no close_notify from the server"
@@ -485,13 +450,12 @@ def test_close_notify_ends_session(krelay, label, version):
 
 @pytest.mark.parametrize("label,version", [("smtps", TLS12), ("smtps", TLS13), ("smtps_norx", TLS13)])
 def test_pipelining_across_records(krelay, label, version):
-    c = Client(krelay.port(label), "smtps", client_ctx(version), ehlo=False)
+    c = client(krelay.port(label), "smtps", client_ctx(version), ehlo=False)
     # one command split over several records
     for piece in [b"EH", b"LO client.exa", b"mple.test\r", b"\n"]:
         c.send(piece)
-        time.sleep(0.05)
-    _, lines = c.expect(250)
-    assert b"250 CHUNKING" in lines
+        c.wait_read_by_server(TIMEOUT)   # each record read on its own
+    assert "250 CHUNKING" in c.expect(250).split("\n")
     # several commands and a whole BDAT chunk in one record
     body1 = make_body(3000, 80)
     c.send(b"MAIL FROM:<sender@example.test>\r\nRCPT TO:<rcpt@localhost>\r\nBDAT %d LAST\r\n" % len(body1)
@@ -509,12 +473,12 @@ def test_pipelining_across_records(krelay, label, version):
         c.expect(code)
     # DATA with its terminating dot split over records
     body3 = make_body(20000, 82)
-    c.envelope()
+    envelope(c)
     c.cmd("DATA", 354)
     stuffed = dot_stuff(body3) + b".\r\nNOOP\r\n"
     cut = len(stuffed) - len(b".\r\nNOOP\r\n") + 1
     c.send(stuffed[:cut])
-    time.sleep(0.1)
+    c.wait_read_by_server(TIMEOUT)
     c.send(stuffed[cut:])
     c.expect(250)
     c.expect(250)
@@ -616,9 +580,9 @@ def test_tls13_keyupdate(krelay, rx, letter):
 # ---- counters at shutdown ----
 
 def test_shutdown_logs_ktls_counters(krelay):
-    Client(krelay.port("smtps"), "smtps", client_ctx(TLS12)).quit()
-    Client(krelay.port("smtps"), "smtps", client_ctx(TLS13)).quit()
-    Client(krelay.port("smtps_norx"), "smtps", client_ctx(TLS13)).quit()
+    client(krelay.port("smtps"), "smtps", client_ctx(TLS12)).quit()
+    client(krelay.port("smtps"), "smtps", client_ctx(TLS13)).quit()
+    client(krelay.port("smtps_norx"), "smtps", client_ctx(TLS13)).quit()
     wait_disconnects(krelay, 3)
     assert krelay.stop() == 0
     log = (krelay.dir / "ktrelay.log").read_text(errors="replace")

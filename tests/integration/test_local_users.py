@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from test_smtp import Smtp, queued, send_data, send_data_only, split_received
+from conftest import SmtpConn
+from test_smtp import queued, send_data, send_data_only, split_received
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
                                 reason="needs root and useradd to create a real system user")
@@ -51,7 +52,7 @@ def user_maildir_files(user, sub="new"):
 
 
 def test_delivery_to_local_user(local_relay, local_user):
-    c = Smtp(local_relay.port())
+    c = SmtpConn(local_relay.port())
     content = b"Subject: to a local user\r\n\r\nhello\r\n"
     queued(send_data(c, content, rcpts=(f"{local_user.pw_name}@localhost",)))
     files = user_maildir_files(local_user)
@@ -68,7 +69,7 @@ def test_delivery_to_local_user(local_relay, local_user):
 
 
 def test_aliases_reach_the_user_once(local_relay, local_user):
-    c = Smtp(local_relay.port())
+    c = SmtpConn(local_relay.port())
     # root, postmaster and abuse all end at the user; info names the user twice over
     for i, rcpts in enumerate([("postmaster@localhost",), ("abuse@localhost",), ("info@localhost", "root@localhost")]):
         if i == 0:

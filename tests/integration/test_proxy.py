@@ -19,14 +19,6 @@ pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy
 MAIN = "mynetworks = 127.0.0.1/32\nsmtpd_upstream_proxy_timeout = 2s\n"
 
 
-class Client(SmtpConn):
-    def __init__(self, port, source="127.0.0.1", wrap=None):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(source, 0))
-        if wrap:
-            sock = wrap.wrap_socket(sock)
-        super().__init__(sock)
-
-
 class HAProxy:
     """haproxy -db in TCP mode: one frontend per (name, backend port, server option)."""
 
@@ -80,7 +72,7 @@ def behind_haproxy(relay_factory, tmp_path):
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_header_address_is_the_client(behind_haproxy, version):
     r, hp = behind_haproxy()
-    c = Client(hp.ports[version], source="127.0.0.2")
+    c = SmtpConn(hp.ports[version], src="127.0.0.2")
     assert c.banner == "220 mx.example.test ESMTP ktrelay"
     assert c.cmd("EHLO client.example").startswith("250-mx.example.test")
     assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
@@ -104,7 +96,7 @@ def test_header_address_is_the_client(behind_haproxy, version):
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_proxied_trusted_client_may_relay(behind_haproxy, version):
     r, hp = behind_haproxy()
-    c = Client(hp.ports[version], source="127.0.0.1")
+    c = SmtpConn(hp.ports[version], src="127.0.0.1")
     assert c.cmd("EHLO client.example").startswith("250-")
     assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
     assert c.cmd("RCPT TO:<x@remote.example>") == "250 2.1.5 Ok"
@@ -143,11 +135,11 @@ def test_direct_connection_without_header_is_closed(behind_haproxy):
 
 def test_limits_apply_to_the_header_address(behind_haproxy):
     r, hp = behind_haproxy("smtpd_client_connection_count_limit = 1\n")
-    first = Client(hp.ports["v2"], source="127.0.0.3")
+    first = SmtpConn(hp.ports["v2"], src="127.0.0.3")
     assert first.banner.startswith("220 ")
-    second = Client(hp.ports["v2"], source="127.0.0.3")
+    second = SmtpConn(hp.ports["v2"], src="127.0.0.3")
     assert second.banner == "421 4.7.0 mx.example.test Error: too many connections from 127.0.0.3"
-    other = Client(hp.ports["v1"], source="127.0.0.4")
+    other = SmtpConn(hp.ports["v1"], src="127.0.0.4")
     assert other.banner.startswith("220 ")
     assert r.wait_log("warning: Connection concurrency limit exceeded: 2 from unknown[127.0.0.3]")
 
@@ -161,7 +153,7 @@ def test_wrapper_mode_tls_behind_proxy(behind_haproxy, tmp_path):
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     for version in ("v1", "v2"):
-        c = Client(hp.ports[version], source="127.0.0.5", wrap=ctx)
+        c = SmtpConn(hp.ports[version], src="127.0.0.5", tls=ctx)
         assert c.banner == "220 mx.example.test ESMTP ktrelay"
         assert c.cmd("EHLO client.example").startswith("250-")
         assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, Relay, free_port, make_cert
+from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, TCP_ESTABLISHED, Relay, free_port, make_cert, tcp_sockets, wait_until
 
 SINK = "/usr/sbin/smtp-sink"
 
@@ -292,8 +292,9 @@ def test_tls_required_but_not_offered_is_deferred(nodes, sinks):
     sink = sinks().start()
     n = nodes(f"relayhost = [127.0.0.1]:{sink.port}\nsmtp_tls_security_level = encrypt\n").start()
     qid = n.sendmail(["bob@remote.test"], BODY)
-    assert n.wait_log(rf"{qid}: to=<bob@remote.test>, .*status=deferred \(TLS is required, but was not offered"), n.log()
-    time.sleep(1.5)
+    deferred = rf"{qid}: to=<bob@remote.test>, .*status=deferred \(TLS is required, but was not offered"
+    assert n.wait_log(deferred), n.log()
+    assert n.wait_log(deferred, count=2), n.log()           # the retry a second later too
     assert sink.messages() == []                            # never sent in plaintext
     assert [f.name for f in n.queue_files()] == [qid]
 
@@ -374,7 +375,9 @@ def test_kill_9_during_delivery(nodes, sinks):
     sink = sinks(args=["-w", "4"]).start()
     n = nodes(f"relayhost = [127.0.0.1]:{sink.port}\n").start()
     qid = n.sendmail(["bob@remote.test"], BODY)
-    time.sleep(1.5)
+    # ktrelay is connected to the sink, which holds back its answer to DATA
+    wait_until(lambda: any(s["remote_port"] == sink.port and s["state"] == TCP_ESTABLISHED for s in tcp_sockets()),
+               20, "the delivery to the sink")
     n.stop(sig=signal.SIGKILL)
     assert [f.name for f in n.queue_files()] == [qid]        # nothing acknowledged is lost
     sink.stop()
@@ -395,7 +398,9 @@ def test_flush_retries_at_once(nodes, sinks):
     qid = n.sendmail(["bob@remote.test"], BODY)
     assert n.wait_log(rf"{qid}: .*status=deferred"), n.log()
     sink.start()
-    time.sleep(2)
+    # the queue manager has had its turn since the sink came up: it delivered a new local message
+    local = n.sendmail(["bob@example.test"], BODY)
+    assert n.wait_log(rf"{local}: to=<bob@example.test>, relay=virtual, .*status=sent"), n.log()
     assert sink.messages() == []                            # the next retry is an hour away
     assert n.queue("flush").returncode == 0
     assert n.wait_log(rf"{qid}: .*status=sent"), n.log()
@@ -443,7 +448,7 @@ def test_unpermitted_client_cannot_relay(nodes, sinks):
         c.docmd("MAIL FROM:<x@client.test>")
         code, _ = c.docmd("RCPT TO:<bob@remote.test>")
         assert code in (450, 454, 554)
-    time.sleep(1)
+    assert n.wait_log(r"disconnect from unknown\[127\.0\.0\.1\] ehlo=1 mail=1 rcpt=0/1 quit=1"), n.log()
     assert sink.messages() == [] and n.queue_files() == []
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import BIN
-from test_auth import Client, PASSWORD, password_file, plain, send_message
+from test_auth import client, PASSWORD, password_file, plain, send_message
 
 RELAY_MAIN_CF = """\
 mydestination = $myhostname
@@ -68,7 +68,7 @@ def outside(relay_factory):
 
 @pytest.mark.parametrize("arg,why", TRICKS, ids=[t[1] for t in TRICKS])
 def test_open_relay_trick_is_refused(outside, arg, why):
-    c = Client(outside.port())
+    c = client(outside.port())
     c.ehlo()
     assert c.cmd("MAIL FROM:<spammer@remote.example>") == "250 2.1.0 Ok"
     assert c.cmd(f"RCPT TO:{arg}") == f"554 5.7.1 <{rcpt_addr(arg)}>: Relay access denied", why
@@ -83,7 +83,7 @@ def test_open_relay_trick_is_refused(outside, arg, why):
 def test_all_tricks_in_one_pipelined_transaction_with_bdat(relay_factory):
     """The same set pipelined in one write, then BDAT: still nothing gets through."""
     outside = relay_factory(RELAY_MAIN_CF + "smtpd_hard_error_limit = 100\n")
-    c = Client(outside.port())
+    c = client(outside.port())
     c.ehlo()
     c.send("MAIL FROM:<spammer@remote.example>\r\n" + "".join(f"RCPT TO:{a}\r\n" for a, _ in TRICKS) +
            "BDAT 5 LAST\r\nhello")
@@ -95,7 +95,7 @@ def test_all_tricks_in_one_pipelined_transaction_with_bdat(relay_factory):
 
 
 def test_local_delivery_from_outside_still_works(outside):
-    c = Client(outside.port())
+    c = client(outside.port())
     c.ehlo()
     assert send_message(c, "someone@remote.example", ["bob@example.test"]).startswith("250 2.0.0 Ok: queued as")
     assert len(outside.maildir_files("example.test/bob/")) == 1
@@ -111,7 +111,7 @@ def test_local_delivery_from_outside_still_works(outside):
 
 
 def test_trusted_network_relays_and_rewrites(outside):
-    c = Client(outside.port(), src="127.0.0.1")
+    c = client(outside.port(), src="127.0.0.1")
     c.ehlo()
     assert c.cmd("MAIL FROM:<app@example.test>") == "250 2.1.0 Ok"
     assert c.cmd("RCPT TO:<victim@remote.example>") == "250 2.1.5 Ok"
@@ -146,11 +146,11 @@ def test_authenticated_client_relays_with_swaks(relay_factory, tmp_path):
 def test_mynetworks_table_reference(relay_factory, tmp_path):
     (tmp_path / "nets").write_text("127.0.0.2/32 OK\n")
     r = relay_factory(RELAY_MAIN_CF + f"mynetworks = cidr:{tmp_path}/nets\n")
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     assert c.cmd("MAIL FROM:<a@example.test>") == "250 2.1.0 Ok"
     assert c.cmd("RCPT TO:<victim@remote.example>") == "250 2.1.5 Ok"
-    c = Client(r.port(), src="127.0.0.1")
+    c = client(r.port(), src="127.0.0.1")
     c.ehlo()
     assert c.cmd("MAIL FROM:<a@example.test>") == "250 2.1.0 Ok"
     assert c.cmd("RCPT TO:<victim@remote.example>") == "554 5.7.1 <victim@remote.example>: Relay access denied"
@@ -159,7 +159,7 @@ def test_mynetworks_table_reference(relay_factory, tmp_path):
 def test_postfix_default_relay_restrictions_defer(relay_factory):
     r = relay_factory(RELAY_MAIN_CF + "smtpd_relay_restrictions = "
                                       "permit_mynetworks, permit_sasl_authenticated, defer_unauth_destination\n")
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     assert c.cmd("MAIL FROM:<a@remote.example>") == "250 2.1.0 Ok"
     assert c.cmd("RCPT TO:<victim%remote.example@mx.example.test>") == \
@@ -178,12 +178,12 @@ def test_access_tables_and_fqdn_checks(relay_factory, tmp_path):
                       f"smtpd_recipient_restrictions = reject_non_fqdn_recipient, "
                       f"check_recipient_access texthash:{tmp_path}/rcpts\n"
                       f"smtpd_reject_unlisted_sender = yes\n")
-    c = Client(r.port(), src="127.0.0.3")
+    c = client(r.port(), src="127.0.0.3")
     c.ehlo()
     assert c.cmd("MAIL FROM:<a@remote.example>") == "250 2.1.0 Ok"
     assert c.cmd("RCPT TO:<bob@example.test>") == "554 5.7.1 <unknown[127.0.0.3]>: Client host rejected: go away"
 
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     cases = [
         ("x@sub.spam.example", "bob@example.test", "550 5.7.1 <x@sub.spam.example>: Sender address rejected: "
@@ -212,14 +212,14 @@ def test_access_tables_and_fqdn_checks(relay_factory, tmp_path):
 
 def test_reject_unauth_pipelining(relay_factory):
     r = relay_factory(RELAY_MAIN_CF + "smtpd_recipient_restrictions = reject_unauth_pipelining\n")
-    c = Client(r.port())
+    c = client(r.port())
     assert c.cmd("HELO client.example.net").startswith("250")
     c.send("MAIL FROM:<a@remote.example>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n")
     assert c.reply() == "250 2.1.0 Ok"
     assert c.reply() == ("503 5.5.0 <unknown[127.0.0.2]>: Client host rejected: "
                          "Improper use of SMTP command pipelining")
     # ESMTP clients may pipeline
-    c = Client(r.port())
+    c = client(r.port())
     c.ehlo()
     c.send("MAIL FROM:<a@remote.example>\r\nRCPT TO:<bob@example.test>\r\nRSET\r\n")
     assert c.reply() == "250 2.1.0 Ok"

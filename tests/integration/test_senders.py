@@ -10,11 +10,6 @@ import pytest
 from conftest import SmtpConn
 
 
-class Smtp(SmtpConn):
-    def __init__(self, port, source="127.0.0.1"):
-        super().__init__(socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(source, 0)))
-
-
 def deliver(c, rcpts=("someone@localhost",), body=b"Subject: t\r\n\r\nhello\r\n"):
     assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
     for r in rcpts:
@@ -29,7 +24,7 @@ def deliver(c, rcpts=("someone@localhost",), body=b"Subject: t\r\n\r\nhello\r\n"
 @pytest.mark.parametrize("name", ["[2001:db8::19]", "mail.example.net.", "2001:db8::19", "b\u00fccher.example",
                                   "two words", "a..b", "[192.0.2.300]"])
 def test_ehlo_with_any_argument(relay, name):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     c.send(f"EHLO {name}\r\n".encode())
     ehlo = c.reply()
     assert ehlo.splitlines()[0] == "250-mx.example.test", ehlo
@@ -44,7 +39,7 @@ def test_ehlo_with_any_argument(relay, name):
 
 
 def test_helo_control_characters_are_kept_printable(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     c.send(b"EHLO a\x01b\r\n")
     assert c.reply().startswith("250-mx.example.test")
     deliver(c)
@@ -52,7 +47,7 @@ def test_helo_control_characters_are_kept_printable(relay):
 
 
 def test_mail_without_helo(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     deliver(c)
     data = relay.maildir_files()[0].read_bytes()
     assert data.startswith(b"Received: from unknown (unknown [127.0.0.1])\r\n"), data[:200]
@@ -60,7 +55,7 @@ def test_mail_without_helo(relay):
 
 def test_helo_required(relay_factory):
     r = relay_factory("smtpd_helo_required = yes\n")
-    c = Smtp(r.port())
+    c = SmtpConn(r.port())
     assert c.cmd("MAIL FROM:<s@example.org>") == "503 5.5.1 Error: send HELO/EHLO first"
     assert c.cmd("HELO client.example.org") == "250 mx.example.test"
     deliver(c)
@@ -68,7 +63,7 @@ def test_helo_required(relay_factory):
 
 def test_reject_invalid_helo_hostname(relay_factory):
     r = relay_factory("smtpd_helo_restrictions = reject_invalid_helo_hostname\n")
-    c = Smtp(r.port())
+    c = SmtpConn(r.port())
     assert c.cmd("EHLO a..b").startswith("250-")
     assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
     assert c.cmd("RCPT TO:<someone@localhost>") == "501 5.5.2 <a..b>: Helo command rejected: Invalid name"
@@ -82,7 +77,7 @@ def test_reject_invalid_helo_hostname(relay_factory):
 
 
 def test_empty_command_line(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     c.send(b"\r\n")
     assert c.reply() == "500 5.5.2 Error: bad syntax"
     c.send(b"   \r\n")
@@ -100,7 +95,7 @@ def many_boxes(n):
 def test_recipients_up_to_the_limit_with_distinct_mailboxes(relay_factory):
     """RFC 5321 4.5.3.1.8: at least 100 recipients MUST be buffered; 150 distinct Maildirs in one message."""
     r = relay_factory(vmailbox=many_boxes(150))
-    c = Smtp(r.port())
+    c = SmtpConn(r.port())
     assert c.cmd("EHLO c.example.org").startswith("250-")
     deliver(c, rcpts=[f"u{i}@example.test" for i in range(150)])
     for i in range(150):
@@ -111,7 +106,7 @@ def test_recipients_up_to_the_limit_with_distinct_mailboxes(relay_factory):
 
 def test_excess_recipients_do_not_end_the_session(relay_factory):
     r = relay_factory("smtpd_recipient_limit = 3\nsmtpd_hard_error_limit = 5\n")
-    c = Smtp(r.port())
+    c = SmtpConn(r.port())
     assert c.cmd("EHLO c.example.org").startswith("250-")
     assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
     for i in range(3):
@@ -129,7 +124,7 @@ def test_excess_recipients_do_not_end_the_session(relay_factory):
 def test_overshoot_limit(relay_factory):
     r = relay_factory("smtpd_recipient_limit = 1\nsmtpd_recipient_overshoot_limit = 2\n"
                       "smtpd_hard_error_limit = 3\n")
-    c = Smtp(r.port())
+    c = SmtpConn(r.port())
     assert c.cmd("EHLO c.example.org").startswith("250-")
     assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
     assert c.cmd("RCPT TO:<a@localhost>") == "250 2.1.5 Ok"

@@ -15,14 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import SmtpConn
-
-
-class Smtp(SmtpConn):
-    """A raw SMTP client: send bytes, read whole (multi-line) replies."""
-
-    def __init__(self, port, timeout=20):
-        super().__init__(socket.create_connection(("127.0.0.1", port), timeout=timeout))
+from conftest import SmtpConn, wait_until
 
 
 def stuff(content):
@@ -86,7 +79,7 @@ def assert_nothing_delivered(relay):
 def test_8bit_body_is_stored_byte_exact(relay):
     body8 = bytes(b for b in range(0x80, 0x100)) + "grüße, 日本語\r\n".encode()
     content = b"Subject: 8bit\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + body8 + b"\tTab and  spaces  \r\n"
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     qid = queued(send_data(c, content, params=" BODY=8BITMIME"))
     assert c.cmd("QUIT") == "221 2.0.0 Bye"
     received, rest = delivered_one(relay)
@@ -101,7 +94,7 @@ def test_dot_stuffing_is_undone(relay):
                b"middle . dot\r\n. \r\nend\r\n")
     wire = stuff(content)
     assert b"\r\n..\r\n" in wire and b"\r\n...\r\n" in wire   # a lone '.' line and a '..' line on the wire
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     queued(send_data(c, content))
     _, rest = delivered_one(relay)
     assert rest == content
@@ -109,7 +102,7 @@ def test_dot_stuffing_is_undone(relay):
 
 def test_only_dotdot_line(relay):
     # a client that sends the line '..' means a line holding one '.'
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     start_data(c)
     assert c.cmd("DATA").startswith("354")
     c.send(b"Subject: x\r\n\r\n..\r\n.\r\n")
@@ -130,7 +123,7 @@ def test_large_message_with_data(relay):
         lines.append(line)
         size += n + 2
     content = b"Subject: big\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
-    c = Smtp(relay.port(), timeout=120)
+    c = SmtpConn(relay.port(), timeout=120)
     queued(send_data(c, content, params=" BODY=8BITMIME"))
     _, rest = delivered_one(relay)
     assert len(rest) == len(content)
@@ -138,7 +131,7 @@ def test_large_message_with_data(relay):
 
 
 def test_empty_body(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     start_data(c)
     assert c.cmd("DATA").startswith("354")
     c.send(b".\r\n")
@@ -148,7 +141,7 @@ def test_empty_body(relay):
 
 
 def test_smtputf8_addresses(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     assert c.cmd("EHLO client.example.org").splitlines()[-1] == "250 CHUNKING"
     # a unicode address needs the SMTPUTF8 parameter
     assert c.cmd("MAIL FROM:<jörg@exämple.org>").startswith("553 5.6.7")
@@ -167,7 +160,7 @@ def test_smtputf8_addresses(relay):
 # ---- PIPELINING ----
 
 def test_pipelined_group(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     c.reads.clear()
     c.send(b"EHLO client.example.org\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<a@localhost>\r\n"
            b"RCPT TO:<postmaster@localhost>\r\nRCPT TO:<nobody@example.test>\r\nRCPT TO:<alice@example.test>\r\n"
@@ -195,7 +188,7 @@ def test_pipelined_group(relay):
 
 
 def test_several_messages_pipelined_in_one_session(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     assert c.cmd("EHLO client.example.org").startswith("250-")
     bodies = [f"Subject: m{i}\r\n\r\nmessage {i}\r\n".encode() for i in range(3)]
     c.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<x@localhost>\r\nDATA\r\n")
@@ -216,7 +209,7 @@ def test_several_messages_pipelined_in_one_session(relay):
 
 
 def test_whole_session_in_one_write_with_bdat(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     m1, m2 = b"Subject: one\r\n\r\nfirst\r\n", b"Subject: two\r\n\r\nsecond\r\n"
     c.send(b"EHLO c.example.org\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<a@localhost>\r\nRCPT TO:<b@localhost>\r\n"
            + f"BDAT {len(m1)} LAST\r\n".encode() + m1
@@ -235,7 +228,7 @@ def test_whole_session_in_one_write_with_bdat(relay):
 # ---- BDAT ----
 
 def test_bdat_single_last(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     start_data(c)
     msg = b"Subject: bdat\r\n\r\nraw\x00bytes\rand\nbare line ends\r\n.\r\n"
     c.send(f"BDAT {len(msg)} LAST\r\n".encode() + msg)
@@ -246,7 +239,7 @@ def test_bdat_single_last(relay):
 
 
 def test_bdat_several_chunks_and_zero_last(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     start_data(c)
     parts = [b"Subject: chunks\r\n", b"\r\n", b"one", b"two\r\n", b"x" * 70000 + b"\r\n"]
     total = 0
@@ -259,14 +252,14 @@ def test_bdat_several_chunks_and_zero_last(relay):
 
 
 def test_bdat_zero_last_alone_is_an_empty_message(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     start_data(c)
     queued(c.cmd("BDAT 0 LAST"))
     assert delivered_one(relay)[1] == b""
 
 
 def test_bdat_chunk_pipelined_with_next_command(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     start_data(c)
     c.send(b"BDAT 5\r\nhelloBDAT 7 LAST\r\n world!NOOP\r\n")
     assert c.reply() == "250 2.0.0 Ok: 5 bytes"
@@ -281,14 +274,14 @@ def test_bdat_large_chunks(relay, pause):
     # buffer, the plaintext path splices socket -> pipe -> file
     rng = random.Random(7)
     chunks = [rng.randbytes(3 * 1024 * 1024 + 17), rng.randbytes(2 * 1024 * 1024 + 5)]
-    c = Smtp(relay.port(), timeout=120)
+    c = SmtpConn(relay.port(), timeout=120)
     start_data(c)
     total = 0
     for ch in chunks:
         total += len(ch)
         c.send(f"BDAT {len(ch)}\r\n")
         if pause:
-            time.sleep(0.3)
+            c.wait_read_by_server()
         c.send(ch)
         assert c.reply() == f"250 2.0.0 Ok: {total} bytes"
     queued(c.cmd("BDAT 0 LAST"))
@@ -298,7 +291,7 @@ def test_bdat_large_chunks(relay, pause):
 
 
 def test_data_after_bdat_is_refused(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     start_data(c)
     c.send(b"BDAT 5\r\nhello")
     assert c.reply() == "250 2.0.0 Ok: 5 bytes"
@@ -311,7 +304,7 @@ def test_data_after_bdat_is_refused(relay):
 
 @pytest.mark.parametrize("arg", ["BDAT", "BDAT abc", "BDAT 5 FIRST", "BDAT -1 LAST", "BDAT 99999999999999999999999"])
 def test_bad_bdat_syntax(relay, arg):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     start_data(c)
     assert c.cmd(arg) == "501 5.5.4 Syntax: BDAT count [LAST]"
     assert c.reply().startswith("421 4.5.0 mx.example.test")
@@ -320,7 +313,7 @@ def test_bad_bdat_syntax(relay, arg):
 
 
 def test_bdat_without_transaction_reads_and_discards_chunk(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     assert c.cmd("EHLO c.example.org").startswith("250-")
     # the chunk's bytes look like commands: they must be read as data, not executed
     c.send(b"BDAT 24 LAST\r\nQUIT\r\nQUIT\r\nQUIT\r\nQUIT\r\n")
@@ -335,7 +328,7 @@ def test_bdat_without_transaction_reads_and_discards_chunk(relay):
 # ---- errors ----
 
 def test_bad_sequence(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     assert c.cmd("HELO client.example.org") == "250 mx.example.test"
     assert c.cmd("RCPT TO:<a@localhost>") == "503 5.5.1 Error: need MAIL command"
     assert c.cmd("DATA") == "503 5.5.1 Error: need RCPT command"
@@ -348,7 +341,7 @@ def test_bad_sequence(relay):
 
 
 def test_syntax_errors(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     assert c.cmd("EHLO") == "501 5.5.4 Syntax: EHLO hostname"
     assert c.cmd("HELO") == "501 5.5.4 Syntax: HELO hostname"
     assert c.cmd("EHLO client.example.org").startswith("250-")
@@ -364,7 +357,7 @@ def test_syntax_errors(relay):
 
 
 def test_unknown_command(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     assert c.cmd("FROBNICATE now") == "502 5.5.2 Error: command not recognized"
     assert c.cmd("EXPN staff") == "502 5.5.1 Error: command not implemented"
     assert c.cmd("NOOP") == "250 2.0.0 Ok"
@@ -373,7 +366,7 @@ def test_unknown_command(relay):
 
 
 def test_line_too_long_session_survives(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     c.send(b"NOOP " + b"x" * 5000 + b"\r\n")
     assert c.reply() == "500 5.5.2 Error: line too long"
     assert c.cmd("NOOP") == "250 2.0.0 Ok"     # the rest of the long line was not run as a command
@@ -389,7 +382,7 @@ def send_data_only(c, content):
 
 def test_too_many_recipients(relay_factory):
     r = relay_factory("smtpd_recipient_limit = 3\n")
-    c = Smtp(r.port())
+    c = SmtpConn(r.port())
     start_data(c, rcpts=("a@localhost", "b@localhost", "postmaster@localhost"))
     assert c.cmd("RCPT TO:<alice@example.test>") == "452 4.5.3 Error: too many recipients"
     queued(send_data_only(c, b"Subject: three\r\n\r\n"))
@@ -400,7 +393,7 @@ def test_too_many_recipients(relay_factory):
 
 def test_size_over_limit_at_mail(relay_factory):
     r = relay_factory("message_size_limit = 100000\n")
-    c = Smtp(r.port())
+    c = SmtpConn(r.port())
     ehlo = c.cmd("EHLO c.example.org")
     assert "250-SIZE 100000" in ehlo.splitlines()
     assert c.cmd("MAIL FROM:<a@example.org> SIZE=100001") == "552 5.3.4 Message size exceeds fixed limit"
@@ -409,7 +402,7 @@ def test_size_over_limit_at_mail(relay_factory):
 
 def test_body_over_limit_in_data(relay_factory):
     r = relay_factory("message_size_limit = 100000\n")
-    c = Smtp(r.port())
+    c = SmtpConn(r.port())
     content = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 150
     assert send_data(c, content) == "552 5.3.4 Error: message file too big"
     assert c.cmd("NOOP") == "250 2.0.0 Ok"
@@ -423,13 +416,13 @@ def test_body_over_limit_in_data(relay_factory):
 @pytest.mark.parametrize("chunks", [[150000], [60000, 60000], [2 * 1024 * 1024]], ids=["one", "two", "splice"])
 def test_body_over_limit_in_bdat(relay_factory, chunks):
     r = relay_factory("message_size_limit = 100000\n")
-    c = Smtp(r.port(), timeout=60)
+    c = SmtpConn(r.port(), timeout=60)
     start_data(c)
     replies = []
     for i, n in enumerate(chunks):
         last = " LAST" if i == len(chunks) - 1 else ""
         c.send(f"BDAT {n}{last}\r\n")
-        time.sleep(0.1)
+        c.wait_read_by_server()
         c.send(b"z" * n)
         replies.append(c.reply())
     assert replies[-1] == "552 5.3.4 Error: message file too big"
@@ -440,7 +433,7 @@ def test_body_over_limit_in_bdat(relay_factory, chunks):
 
 def test_timeout(relay_factory):
     r = relay_factory("smtpd_timeout = 2s\n")
-    c = Smtp(r.port())
+    c = SmtpConn(r.port())
     assert c.cmd("EHLO c.example.org").startswith("250-")
     assert c.reply() == "421 4.4.2 mx.example.test Error: timeout exceeded"
     assert c.closed()
@@ -449,7 +442,7 @@ def test_timeout(relay_factory):
 
 def test_timeout_in_data_delivers_nothing(relay_factory):
     r = relay_factory("smtpd_timeout = 2s\n")
-    c = Smtp(r.port())
+    c = SmtpConn(r.port())
     start_data(c)
     assert c.cmd("DATA").startswith("354")
     c.send(b"Subject: never finished\r\n\r\npartial")
@@ -462,7 +455,7 @@ def test_timeout_in_data_delivers_nothing(relay_factory):
 
 def test_hard_error_limit(relay_factory):
     r = relay_factory("smtpd_hard_error_limit = 3\n")
-    c = Smtp(r.port())
+    c = SmtpConn(r.port())
     assert c.cmd("BOGUS1").startswith("502")
     assert c.cmd("RCPT TO:<a@localhost>").startswith("503")
     c.send(b"BOGUS3\r\nNOOP\r\n")
@@ -473,7 +466,7 @@ def test_hard_error_limit(relay_factory):
 
 
 def test_unknown_virtual_recipient_and_relay_denied(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     start_data(c, rcpts=())
     assert c.cmd("RCPT TO:<carol@example.test>") == \
         "550 5.1.1 <carol@example.test>: Recipient address rejected: User unknown in virtual mailbox table"
@@ -485,7 +478,7 @@ def test_unknown_virtual_recipient_and_relay_denied(relay):
 
 
 def test_noop_rset_vrfy_help_quit(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     assert c.banner == "220 mx.example.test ESMTP ktrelay"
     assert c.cmd("NOOP") == "250 2.0.0 Ok"
     assert c.cmd("HELP") == "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"
@@ -508,7 +501,7 @@ SMUGGLE_ENDS = [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r.\
 
 @pytest.mark.parametrize("fake_end", SMUGGLE_ENDS, ids=lambda e: e.decode().replace("\r", "CR").replace("\n", "LF"))
 def test_smuggling_rejected(relay, fake_end):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     start_data(c, rcpts=("victim@localhost",))
     assert c.cmd("DATA").startswith("354")
     smuggled = (b"MAIL FROM:<admin@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
@@ -527,7 +520,7 @@ def test_smuggling_rejected(relay, fake_end):
 
 
 def test_bare_cr_in_body_rejected(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     assert send_data(c, b"Subject: cr\r\n\r\nhello\rworld\r\n") == "550 5.5.2 Error: bare <CR> received"
     assert_nothing_delivered(relay)
 
@@ -535,7 +528,7 @@ def test_bare_cr_in_body_rejected(relay):
 # ---- durability ----
 
 def test_file_in_new_when_250_arrives(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     for i in range(5):
         content = f"Subject: durable {i}\r\n\r\n".encode()
         if i:
@@ -555,7 +548,7 @@ def test_file_in_new_when_250_arrives(relay):
 
 
 def test_one_copy_per_mailbox(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     rcpts = ("alice@example.test", "bob@example.test", "x@localhost", "y@localhost", "postmaster@localhost",
              "ALICE@example.test")
     content = b"Subject: many\r\n\r\nfor several mailboxes\r\n"
@@ -577,7 +570,7 @@ def test_unwritable_mailbox_451_and_nothing_left(relay, order):
     for sub in ("tmp", "cur"):
         (bob / sub).mkdir(parents=True)
     (bob / "new").write_text("not a directory\n")      # root ignores modes: a file blocks delivery
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     r = send_data(c, b"Subject: blocked\r\n\r\n", rcpts=[f"{u}@example.test" for u in order])
     assert r == "451 4.3.0 Error: queue file write error"
     assert all_files(relay, "new") == []
@@ -590,17 +583,8 @@ def test_unwritable_mailbox_451_and_nothing_left(relay, order):
     assert len(relay.maildir_files("example.test/alice/")) == 1
 
 
-def wait_until(pred, timeout=10):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
-
-
 def test_disconnect_in_data_leaves_nothing(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     start_data(c)
     assert c.cmd("DATA").startswith("354")
     c.send(b"Subject: cut\r\n\r\n" + b"partial line\r\n" * 20000)
@@ -608,22 +592,22 @@ def test_disconnect_in_data_leaves_nothing(relay):
     assert relay.wait_log("disconnect from unknown[127.0.0.1]")
     assert wait_until(lambda: all_files(relay, "tmp") == [])
     assert all_files(relay, "new") == []
-    c2 = Smtp(relay.port())
+    c2 = SmtpConn(relay.port())
     queued(send_data(c2, b"Subject: next\r\n\r\n"))
     assert len(all_files(relay)) == 1
 
 
 def test_disconnect_in_bdat_splice_leaves_nothing(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     start_data(c)
     c.send(b"BDAT 4000000 LAST\r\n")
-    time.sleep(0.2)
+    c.wait_read_by_server()
     c.send(b"q" * 1500000)
     c.close()
     assert relay.wait_log("disconnect from unknown[127.0.0.1]")
     assert wait_until(lambda: all_files(relay, "tmp") == [])
     assert all_files(relay, "new") == []
-    c2 = Smtp(relay.port())
+    c2 = SmtpConn(relay.port())
     queued(send_data(c2, b"Subject: next\r\n\r\n"))
     assert len(all_files(relay)) == 1
 
@@ -653,7 +637,7 @@ def test_fifty_parallel_sessions(relay):
 # ---- signals ----
 
 def test_sigterm_finishes_transaction_and_refuses_new_connections(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     start_data(c)
     relay.proc.send_signal(signal.SIGTERM)
     assert relay.wait_log("terminating on signal 15")
@@ -688,7 +672,7 @@ def test_sigterm_finishes_transaction_and_refuses_new_connections(relay):
 
 
 def test_sigterm_closes_idle_sessions(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     assert c.cmd("EHLO c.example.org").startswith("250-")
     relay.proc.send_signal(signal.SIGTERM)
     assert c.reply() == "421 4.3.2 mx.example.test Service shutting down, closing transmission channel"
@@ -697,13 +681,15 @@ def test_sigterm_closes_idle_sessions(relay):
 
 
 def banner_of(port):
-    c = Smtp(port)
+    c = SmtpConn(port)
     c.cmd("QUIT")
     c.close()
     return c.banner
 
 
-def test_sighup_reload(relay):
+def test_sighup_reload(relay_factory):
+    # one worker: a timeout on any session proves that this worker ran its tick
+    relay = relay_factory("ktrelay_worker_threads = 1\nsmtpd_timeout = 2s\n")
     main_cf = relay.dir / "main.cf"
     original = main_cf.read_text()
     main_cf.write_text(original + "smtpd_banner = $myhostname reloaded banner\n")
@@ -714,9 +700,14 @@ def test_sighup_reload(relay):
     main_cf.write_text(original + "smtpd_banner = $myhostname broken\nsmtpd_timeout = eventually\n")
     relay.proc.send_signal(signal.SIGHUP)
     assert relay.wait_log("reload: configuration has errors; keeping the running one")
-    time.sleep(0.5)     # past a worker tick: a wrongly adopted configuration would show now
+    # a session accepted now times out at a worker tick 2 s later; the tick adopts a new configuration
+    # before it looks at deadlines, so a wrongly adopted one would show on the next session
+    idle = SmtpConn(relay.port())
+    assert idle.banner == "220 mx.example.test reloaded banner"
+    assert idle.reply() == "421 4.4.2 mx.example.test Error: timeout exceeded"
+    idle.close()
     assert banner_of(relay.port()) == "220 mx.example.test reloaded banner"
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     queued(send_data(c, b"Subject: still running\r\n\r\n"))
     assert relay.proc.poll() is None
 
@@ -724,7 +715,7 @@ def test_sighup_reload(relay):
 # ---- abandoned transactions leave no files ----
 
 def test_rset_and_quit_after_partial_bdat_leave_nothing(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     start_data(c)
     c.send(b"BDAT 6\r\npart 1")
     assert c.reply() == "250 2.0.0 Ok: 6 bytes"
@@ -748,27 +739,27 @@ def test_rset_and_quit_after_partial_bdat_leave_nothing(relay):
 
 def test_timeout_in_bdat_splice_leaves_nothing(relay_factory):
     r = relay_factory("smtpd_timeout = 2s\n")
-    c = Smtp(r.port())
+    c = SmtpConn(r.port())
     start_data(c)
     c.send(b"BDAT 3000000 LAST\r\n")
-    time.sleep(0.2)
+    c.wait_read_by_server()
     c.send(b"w" * 200000)
     assert c.closed()          # no reply is possible in the middle of a chunk
     assert r.wait_log("timeout after BDAT from unknown[127.0.0.1]")
     assert wait_until(lambda: all_files(r, "tmp") == [])
     assert all_files(r, "new") == []
-    queued(send_data(Smtp(r.port()), b"Subject: next\r\n\r\n"))
+    queued(send_data(SmtpConn(r.port()), b"Subject: next\r\n\r\n"))
 
 
 def test_starttls_not_offered_without_certificate(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     assert "STARTTLS" not in c.cmd("EHLO c.example.org")
     assert c.cmd("STARTTLS") == "502 5.5.1 Error: command not implemented"
     assert c.cmd("NOOP") == "250 2.0.0 Ok"
 
 
 def test_commands_after_quit_are_not_run(relay):
-    c = Smtp(relay.port())
+    c = SmtpConn(relay.port())
     c.send(b"HELO c.example.org\r\nQUIT\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<x@localhost>\r\nDATA\r\n")
     assert c.reply() == "250 mx.example.test"
     assert c.reply() == "221 2.0.0 Bye"

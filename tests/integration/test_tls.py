@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, embedded_default, free_port, make_cert, port_busy
+from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, SmtpConn, embedded_default, free_port, make_cert, port_busy
 
 SENDER = "sender@example.org"
 RCPT = "someone@localhost"
@@ -66,58 +66,6 @@ def message(marker):
 
 def delivered(relay, marker, box=CATCHALL):
     return [p for p in relay.maildir_files(box) if f"Subject: {marker}\r\n".encode() in p.read_bytes()]
-
-
-class Conn:
-    """A line-level SMTP client on a raw socket that can switch to TLS."""
-
-    def __init__(self, port, wrapper=False, ctx=None):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-        self.buf = b""
-        if wrapper:
-            self.sock = (ctx or client_ctx()).wrap_socket(self.sock)
-
-    def send(self, data):
-        self.sock.sendall(data if isinstance(data, bytes) else data.encode())
-
-    def line(self):
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise EOFError("connection closed; pending: %r" % self.buf)
-            self.buf += chunk
-        ln, self.buf = self.buf.split(b"\r\n", 1)
-        return ln.decode()
-
-    def reply(self):
-        lines = [self.line()]
-        while lines[-1][3:4] == "-":
-            lines.append(self.line())
-        return lines
-
-    def cmd(self, text):
-        self.send(text + "\r\n")
-        return self.reply()
-
-    def starttls(self, ctx=None):
-        assert self.cmd("STARTTLS") == ["220 2.0.0 Ready to start TLS"]
-        assert self.buf == b""
-        self.sock = (ctx or client_ctx()).wrap_socket(self.sock)
-
-    def closed(self, timeout=10):
-        """True once the server closed the connection (EOF or reset)."""
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                if not self.sock.recv(4096):
-                    return True
-        except (ConnectionResetError, ssl.SSLError):
-            return True
-        except socket.timeout:
-            return False
-
-    def close(self):
-        self.sock.close()
 
 
 def smtplib_send(port, kind, marker, version=None):
@@ -261,9 +209,8 @@ def test_cipher_grades_select_their_lists(relay_factory, tmp_path):
     assert accepted_tls12_ciphers(r.port("medium"), names) == {"ECDHE-ECDSA-CHACHA20-POLY1305"}
     # level encrypt takes smtpd_tls_mandatory_ciphers, as in Postfix
     for name, works in [(names[0], True), (names[1], False)]:
-        c = Conn(r.port("enc"))
-        c.reply()
-        c.cmd("EHLO client.example")
+        c = SmtpConn(r.port("enc"))
+        c.cmd_lines("EHLO client.example")
         if works:
             c.starttls(client_ctx(ssl.TLSVersion.TLSv1_2, name))
             assert c.sock.cipher()[0] == name
@@ -340,27 +287,27 @@ def test_tls11_refused(relay_factory, tmp_path):
 
 def test_encrypt_requires_starttls(relay_factory, tmp_path):
     r = tls_relay(relay_factory, tmp_path)
-    c = Conn(r.port("submission"))
-    assert c.reply()[0].startswith("220 ")
-    ehlo = c.cmd("EHLO client.example")
+    c = SmtpConn(r.port("submission"))
+    assert c.banner.startswith("220 ")
+    ehlo = c.cmd_lines("EHLO client.example")
     assert "250-STARTTLS" in ehlo
-    assert c.cmd(f"MAIL FROM:<{SENDER}>") == [MUST_STARTTLS]
-    assert c.cmd(f"RCPT TO:<{RCPT}>") == [MUST_STARTTLS]
-    assert c.cmd("DATA") == [MUST_STARTTLS]
+    assert c.cmd_lines(f"MAIL FROM:<{SENDER}>") == [MUST_STARTTLS]
+    assert c.cmd_lines(f"RCPT TO:<{RCPT}>") == [MUST_STARTTLS]
+    assert c.cmd_lines("DATA") == [MUST_STARTTLS]
     c.send("BDAT 5 LAST\r\nhello")
-    assert c.reply() == [MUST_STARTTLS]
+    assert c.reply_lines() == [MUST_STARTTLS]
     # no SASL here: the TLS requirement is checked first, as in Postfix
-    assert c.cmd("AUTH PLAIN AHVzZXIAcGFzcw==") == [MUST_STARTTLS]
-    assert c.cmd(f"VRFY <{RCPT}>") == [MUST_STARTTLS]
-    assert c.cmd("NOOP") == ["250 2.0.0 Ok"]
+    assert c.cmd_lines("AUTH PLAIN AHVzZXIAcGFzcw==") == [MUST_STARTTLS]
+    assert c.cmd_lines(f"VRFY <{RCPT}>") == [MUST_STARTTLS]
+    assert c.cmd_lines("NOOP") == ["250 2.0.0 Ok"]
     c.starttls()
-    c.cmd("EHLO client.example")
-    assert c.cmd(f"MAIL FROM:<{SENDER}>") == ["250 2.1.0 Ok"]
-    assert c.cmd(f"RCPT TO:<{RCPT}>") == ["250 2.1.5 Ok"]
-    assert c.cmd("DATA")[0].startswith("354")
-    reply = c.cmd(message("after-starttls") + ".")
+    c.cmd_lines("EHLO client.example")
+    assert c.cmd_lines(f"MAIL FROM:<{SENDER}>") == ["250 2.1.0 Ok"]
+    assert c.cmd_lines(f"RCPT TO:<{RCPT}>") == ["250 2.1.5 Ok"]
+    assert c.cmd_lines("DATA")[0].startswith("354")
+    reply = c.cmd_lines(message("after-starttls") + ".")
     assert reply[0].startswith("250 2.0.0 Ok: queued as"), reply
-    assert c.cmd("QUIT") == ["221 2.0.0 Bye"]
+    assert c.cmd_lines("QUIT") == ["221 2.0.0 Bye"]
     c.close()
     assert len(delivered(r, "after-starttls")) == 1
 
@@ -368,21 +315,20 @@ def test_encrypt_requires_starttls(relay_factory, tmp_path):
 def test_vrfy_needs_starttls_under_encrypt(relay_factory, tmp_path):
     """VRFY tells which addresses exist: on an encrypt service it waits for TLS like MAIL does."""
     r = tls_relay(relay_factory, tmp_path)
-    c = Conn(r.port("submission"))
-    assert c.reply()[0].startswith("220 ")
-    assert c.cmd(f"VRFY <{RCPT}>") == [MUST_STARTTLS]           # before EHLO too
-    assert "250-VRFY" in c.cmd("EHLO client.example")
-    assert c.cmd(f"VRFY <{RCPT}>") == [MUST_STARTTLS]
-    assert c.cmd("VRFY nobody@remote.example") == [MUST_STARTTLS]
+    c = SmtpConn(r.port("submission"))
+    assert c.banner.startswith("220 ")
+    assert c.cmd_lines(f"VRFY <{RCPT}>") == [MUST_STARTTLS]           # before EHLO too
+    assert "250-VRFY" in c.cmd_lines("EHLO client.example")
+    assert c.cmd_lines(f"VRFY <{RCPT}>") == [MUST_STARTTLS]
+    assert c.cmd_lines("VRFY nobody@remote.example") == [MUST_STARTTLS]
     c.starttls()
-    assert c.cmd(f"VRFY <{RCPT}>") == [f"252 2.0.0 {RCPT}"]
-    assert c.cmd("VRFY nobody@remote.example") == ["554 5.7.1 <nobody@remote.example>: Relay access denied"]
-    assert c.cmd("QUIT") == ["221 2.0.0 Bye"]
+    assert c.cmd_lines(f"VRFY <{RCPT}>") == [f"252 2.0.0 {RCPT}"]
+    assert c.cmd_lines("VRFY nobody@remote.example") == ["554 5.7.1 <nobody@remote.example>: Relay access denied"]
+    assert c.cmd_lines("QUIT") == ["221 2.0.0 Bye"]
     c.close()
     # a service where TLS is optional answers at once
-    c = Conn(r.port("smtp"))
-    c.reply()
-    assert c.cmd(f"VRFY <{RCPT}>") == [f"252 2.0.0 {RCPT}"]
+    c = SmtpConn(r.port("smtp"))
+    assert c.cmd_lines(f"VRFY <{RCPT}>") == [f"252 2.0.0 {RCPT}"]
     c.close()
     assert r.wait_log("disconnect from unknown[127.0.0.1] ehlo=1 starttls=1 vrfy=5 quit=1 commands=8"), r.log()
 
@@ -390,15 +336,14 @@ def test_vrfy_needs_starttls_under_encrypt(relay_factory, tmp_path):
 @pytest.mark.parametrize("setting,encrypt", [("smtpd_enforce_tls = yes", True), ("smtpd_use_tls = yes", False)])
 def test_legacy_switches(relay_factory, tmp_path, setting, encrypt):
     r = tls_relay(relay_factory, tmp_path, setting + "\n", services={"smtp": {}})
-    c = Conn(r.port())
-    c.reply()
-    assert "250-STARTTLS" in c.cmd("EHLO client.example")
-    mail = c.cmd(f"MAIL FROM:<{SENDER}>")
+    c = SmtpConn(r.port())
+    assert "250-STARTTLS" in c.cmd_lines("EHLO client.example")
+    mail = c.cmd_lines(f"MAIL FROM:<{SENDER}>")
     assert mail == ([MUST_STARTTLS] if encrypt else ["250 2.1.0 Ok"])
-    c.cmd("RSET")
+    c.cmd_lines("RSET")
     c.starttls()
-    c.cmd("EHLO client.example")
-    assert c.cmd(f"MAIL FROM:<{SENDER}>") == ["250 2.1.0 Ok"]
+    c.cmd_lines("EHLO client.example")
+    assert c.cmd_lines(f"MAIL FROM:<{SENDER}>") == ["250 2.1.0 Ok"]
     c.close()
 
 
@@ -406,13 +351,12 @@ def test_legacy_switches(relay_factory, tmp_path, setting, encrypt):
                                    "smtpd_tls_security_level = none\n"])
 def test_level_none_no_starttls(relay_factory, tmp_path, extra):
     r = tls_relay(relay_factory, tmp_path, extra, services={"smtp": {}})
-    c = Conn(r.port())
-    c.reply()
-    ehlo = c.cmd("EHLO client.example")
+    c = SmtpConn(r.port())
+    ehlo = c.cmd_lines("EHLO client.example")
     assert ehlo[0] == "250-mx.example.test" and not any("STARTTLS" in ln for ln in ehlo)
-    assert c.cmd("STARTTLS")[0].startswith("502 ")
+    assert c.cmd_lines("STARTTLS")[0].startswith("502 ")
     # still a working plaintext session
-    assert c.cmd(f"MAIL FROM:<{SENDER}>") == ["250 2.1.0 Ok"]
+    assert c.cmd_lines(f"MAIL FROM:<{SENDER}>") == ["250 2.1.0 Ok"]
     c.close()
 
 
@@ -422,18 +366,17 @@ def test_starttls_injection_is_discarded(relay_factory, tmp_path):
     """CVE-2011-0411: plaintext pipelined behind STARTTLS must not be
     answered inside the TLS session."""
     r = tls_relay(relay_factory, tmp_path)
-    c = Conn(r.port("smtp"))
-    c.reply()
-    c.cmd("EHLO client.example")
+    c = SmtpConn(r.port("smtp"))
+    c.cmd_lines("EHLO client.example")
     c.send("STARTTLS\r\nRSET\r\n")
-    assert c.reply() == ["220 2.0.0 Ready to start TLS"]
+    assert c.reply_lines() == ["220 2.0.0 Ready to start TLS"]
     c.sock = client_ctx().wrap_socket(c.sock)
     assert c.buf == b""
     # the first thing read inside TLS is the answer to what was sent inside TLS
     c.send("HELP\r\n")
-    first = c.reply()
+    first = c.reply_lines()
     assert first[0].startswith("214 "), first
-    assert c.cmd("NOOP") == ["250 2.0.0 Ok"]
+    assert c.cmd_lines("NOOP") == ["250 2.0.0 Ok"]
     c.close()
     assert r.wait_log("improper command pipelining after STARTTLS"), r.log()
     assert "rset=" not in r.log()
@@ -441,28 +384,27 @@ def test_starttls_injection_is_discarded(relay_factory, tmp_path):
 
 def test_starttls_state_reset_and_no_second_starttls(relay_factory, tmp_path):
     r = tls_relay(relay_factory, tmp_path, "smtpd_helo_required = yes\n")
-    c = Conn(r.port("smtp"))
-    c.reply()
-    assert "250-STARTTLS" in c.cmd("EHLO client.example")
-    assert c.cmd("STARTTLS now") == ["501 5.5.4 Syntax: STARTTLS"]
+    c = SmtpConn(r.port("smtp"))
+    assert "250-STARTTLS" in c.cmd_lines("EHLO client.example")
+    assert c.cmd_lines("STARTTLS now") == ["501 5.5.4 Syntax: STARTTLS"]
     c.starttls()
     # RFC 3207: the EHLO from before the handshake is forgotten (smtpd_helo_required shows it)
-    assert c.cmd(f"MAIL FROM:<{SENDER}>") == ["503 5.5.1 Error: send HELO/EHLO first"]
-    ehlo = c.cmd("EHLO client.example")
+    assert c.cmd_lines(f"MAIL FROM:<{SENDER}>") == ["503 5.5.1 Error: send HELO/EHLO first"]
+    ehlo = c.cmd_lines("EHLO client.example")
     assert ehlo[0] == "250-mx.example.test" and not any("STARTTLS" in ln for ln in ehlo), ehlo
-    second = c.cmd("STARTTLS")
+    second = c.cmd_lines("STARTTLS")
     assert second[0].startswith("554 5.5.1"), second
-    assert c.cmd(f"MAIL FROM:<{SENDER}>") == ["250 2.1.0 Ok"]
+    assert c.cmd_lines(f"MAIL FROM:<{SENDER}>") == ["250 2.1.0 Ok"]
     c.close()
 
 
 def test_wrappermode_ehlo_has_no_starttls(relay_factory, tmp_path):
     r = tls_relay(relay_factory, tmp_path)
-    c = Conn(r.port("smtps"), wrapper=True)
-    assert c.reply()[0].startswith("220 ")
-    ehlo = c.cmd("EHLO client.example")
+    c = SmtpConn(r.port("smtps"), tls=client_ctx())
+    assert c.banner.startswith("220 ")
+    ehlo = c.cmd_lines("EHLO client.example")
     assert ehlo[0] == "250-mx.example.test" and not any("STARTTLS" in ln for ln in ehlo), ehlo
-    assert c.cmd("STARTTLS")[0].startswith("554 5.5.1")
+    assert c.cmd_lines("STARTTLS")[0].startswith("554 5.5.1")
     c.close()
 
 
@@ -498,13 +440,12 @@ def test_garbage_handshake(relay_factory, tmp_path, label):
     r = tls_relay(relay_factory, tmp_path)
     rng = random.Random(20110411)
     for junk in (rng.randbytes(700), b"GET / HTTP/1.0\r\n\r\n", b"\x16\x03\x01\x00\x05" + rng.randbytes(64)):
-        c = Conn(r.port(label))
+        c = SmtpConn(r.port(label), greeting=label == "smtp")
         if label == "smtp":
-            c.reply()
-            c.starttls_raw = c.cmd("STARTTLS")
+            c.starttls_raw = c.cmd_lines("STARTTLS")
             assert c.starttls_raw == ["220 2.0.0 Ready to start TLS"]
         c.send(junk)
-        assert c.closed(timeout=15), f"not closed after {junk[:20]!r}"
+        assert c.closed(timeout=15, drain=True), f"not closed after {junk[:20]!r}"
         c.close()
     assert r.wait_log("SSL_accept error"), r.log()
     assert r.log().count("SSL_accept error") >= 3, r.log()
@@ -517,17 +458,16 @@ def test_garbage_handshake(relay_factory, tmp_path, label):
 def test_stalled_handshake_times_out_while_others_are_served(relay_factory, tmp_path, label):
     r = tls_relay(relay_factory, tmp_path, "smtpd_starttls_timeout = 2s\n")
     hello = client_hello()
-    stalled = Conn(r.port(label))
+    stalled = SmtpConn(r.port(label), greeting=label == "smtp")
     if label == "smtp":
-        stalled.reply()
-        stalled.cmd("EHLO client.example")
-        assert stalled.cmd("STARTTLS") == ["220 2.0.0 Ready to start TLS"]
+        stalled.ehlo("client.example")
+        assert stalled.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
     stalled.send(hello[:len(hello) // 2])
     t0 = time.monotonic()
     for i in range(3):
         smtplib_send(r.port(label), PORT_KIND[label], f"beside-stalled-{label}-{i}")
         assert len(delivered(r, f"beside-stalled-{label}-{i}")) == 1
-    assert stalled.closed(timeout=30), "stalled handshake never closed"
+    assert stalled.closed(timeout=30, drain=True), "stalled handshake never closed"
     # the deadline has one-second resolution: never early by a whole second
     assert time.monotonic() - t0 >= 1.0
     stalled.close()
@@ -602,8 +542,8 @@ def test_full_chain_is_served(relay_factory, tmp_path, param):
         assert "CN = Test Int" in out
         assert "Verify return code: 0 (ok)" in out, out
     # and a verifying Python client completes the handshake through the intermediate
-    c = Conn(r.port("smtps"), wrapper=True, ctx=client_ctx(cafile=root))
-    assert c.reply()[0].startswith("220 ")
+    c = SmtpConn(r.port("smtps"), tls=client_ctx(cafile=root))
+    assert c.banner.startswith("220 ")
     c.close()
 
 
@@ -721,30 +661,29 @@ def big_body(marker, size):
 def test_large_messages_data_and_bdat(relay_factory, tmp_path, label):
     """Multi-megabyte bodies, byte-exact, through DATA and BDAT chunks."""
     r = tls_relay(relay_factory, tmp_path)
-    c = Conn(r.port(label), wrapper=label == "smtps")
-    c.reply()
-    c.cmd("EHLO client.example")
+    c = SmtpConn(r.port(label), tls=client_ctx() if label == "smtps" else None)
+    c.cmd_lines("EHLO client.example")
     if label == "smtp":
         c.starttls()
-        c.cmd("EHLO client.example")
+        c.cmd_lines("EHLO client.example")
     data_msg = big_body(f"big-data-{label}", 3 * 1024 * 1024)
-    assert c.cmd(f"MAIL FROM:<{SENDER}>") == ["250 2.1.0 Ok"]
-    assert c.cmd(f"RCPT TO:<{RCPT}>") == ["250 2.1.5 Ok"]
-    assert c.cmd("DATA")[0].startswith("354")
+    assert c.cmd_lines(f"MAIL FROM:<{SENDER}>") == ["250 2.1.0 Ok"]
+    assert c.cmd_lines(f"RCPT TO:<{RCPT}>") == ["250 2.1.5 Ok"]
+    assert c.cmd_lines("DATA")[0].startswith("354")
     stuffed = data_msg.replace(b"\r\n.", b"\r\n..")
     c.send(stuffed + b".\r\n")
-    assert c.reply()[0].startswith("250 2.0.0 Ok: queued as")
+    assert c.reply_lines()[0].startswith("250 2.0.0 Ok: queued as")
     bdat_msg = big_body(f"big-bdat-{label}", 3 * 1024 * 1024 + 12345)
-    assert c.cmd(f"MAIL FROM:<{SENDER}>") == ["250 2.1.0 Ok"]
-    assert c.cmd(f"RCPT TO:<{RCPT}>") == ["250 2.1.5 Ok"]
+    assert c.cmd_lines(f"MAIL FROM:<{SENDER}>") == ["250 2.1.0 Ok"]
+    assert c.cmd_lines(f"RCPT TO:<{RCPT}>") == ["250 2.1.5 Ok"]
     step = 1000003
     for off in range(0, len(bdat_msg), step):
         chunk = bdat_msg[off:off + step]
         last = off + step >= len(bdat_msg)
         c.send(f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode() + chunk)
-        rep = c.reply()
+        rep = c.reply_lines()
         assert rep[0].startswith("250 2.0.0 Ok: queued as" if last else "250 2.0.0 Ok: "), rep
-    assert c.cmd("QUIT") == ["221 2.0.0 Bye"]
+    assert c.cmd_lines("QUIT") == ["221 2.0.0 Bye"]
     c.close()
     for marker, msg in ((f"big-data-{label}", data_msg), (f"big-bdat-{label}", bdat_msg)):
         files = delivered(r, marker)
@@ -760,9 +699,8 @@ def test_long_pipelined_burst_inside_tls(relay_factory, tmp_path):
     object must not be shared between threads)."""
     import select
     r = tls_relay(relay_factory, tmp_path)
-    c = Conn(r.port("smtps"), wrapper=True)
-    c.reply()
-    c.cmd("EHLO client.example")
+    c = SmtpConn(r.port("smtps"), tls=client_ctx())
+    c.cmd_lines("EHLO client.example")
     n = 50000
     out = b"".join(b"NOOP\r\n" if i % 2 else b"RSET\r\n" for i in range(n)) + b"QUIT\r\n"
     got = bytearray()
