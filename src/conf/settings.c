@@ -1,7 +1,9 @@
 /* Per-service typed settings built from the configuration: parameter values
  * are read (and expanded) once here, not on the session hot path. Resolvers
  * and TLS contexts are shared between services whose parameters are equal. */
+#include <ares.h>
 #include <errno.h>
+#include <netdb.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -348,6 +350,69 @@ static int service_sasl(struct runtime_private *rp, const struct kt_config *cfg,
     return errors;
 }
 
+/* The listening addresses the server will bind, resolved as it resolves them
+ * (getaddrinfo, AI_PASSIVE), so a name or address that cannot be resolved
+ * fails check-config as it fails run. */
+static int service_listen_check(const struct kt_config *cfg, const struct kt_service *svc)
+{
+    struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE };
+    struct addrinfo *res;
+    int errors = 0, rc;
+
+    if (svc->host) {
+        if ((rc = getaddrinfo(svc->host, NULL, &hints, &res)) != 0) {
+            kt_err("%s:%d: service %s: cannot resolve listen address %s: %s", svc->file, svc->line, svc->name,
+                   svc->host, gai_strerror(rc));
+            return 1;
+        }
+        freeaddrinfo(res);
+        return 0;
+    }
+    const char *ifs = get(cfg, svc, "inet_interfaces");
+    if (!ifs[0] || !strcasecmp(ifs, "all") || !strcasecmp(ifs, "loopback-only"))
+        return 0;
+    char *copy = kt_strdup(ifs), *save = NULL;
+    for (char *tok = strtok_r(copy, ", \t\n", &save); tok; tok = strtok_r(NULL, ", \t\n", &save)) {
+        size_t len = strlen(tok);
+        if (tok[0] == '[' && tok[len - 1] == ']') {
+            tok[len - 1] = '\0';
+            tok++;
+        }
+        if ((rc = getaddrinfo(tok, NULL, &hints, &res)) != 0) {
+            param_err(cfg, svc, "inet_interfaces", "inet_interfaces: cannot resolve listen address %s: %s", tok,
+                      gai_strerror(rc));
+            errors++;
+        } else {
+            freeaddrinfo(res);
+        }
+    }
+    kt_free(copy);
+    return errors;
+}
+
+/* ktrelay_dns_servers as c-ares reads it ("ip[:port],[v6]:port"), checked
+ * with a channel of its own so check-config refuses what the resolvers would. */
+static int dns_servers_check(const struct kt_config *cfg)
+{
+    const char *servers = get(cfg, NULL, "ktrelay_dns_servers");
+    ares_channel ch;
+    struct ares_options opts;
+    int errors = 0;
+
+    if (!servers[0])
+        return 0;
+    memset(&opts, 0, sizeof(opts));
+    if (ares_init_options(&ch, &opts, 0) != ARES_SUCCESS)
+        return 0;                     /* cannot check here; the resolvers report it */
+    if (ares_set_servers_ports_csv(ch, servers) != ARES_SUCCESS) {
+        param_err(cfg, NULL, "ktrelay_dns_servers", "ktrelay_dns_servers: bad server list \"%s\" (expected "
+                  "ip[:port] or [ipv6]:port, separated by commas)", servers);
+        errors++;
+    }
+    ares_destroy(ch);
+    return errors;
+}
+
 static int service_settings(struct runtime_private *rp, const struct kt_config *cfg, const struct kt_service *svc,
                             struct kt_smtpd_settings *st)
 {
@@ -403,6 +468,7 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     st->upstream_proxy_timeout_s = kt_config_get_time(cfg, svc, "smtpd_upstream_proxy_timeout");
     st->peername_lookup = kt_config_get_bool(cfg, svc, "smtpd_peername_lookup") != 0;
     errors += service_sasl(rp, cfg, svc, st);
+    errors += service_listen_check(cfg, svc);
     return errors;
 }
 
@@ -572,6 +638,7 @@ int kt_runtime_new(struct kt_config *cfg, struct kt_runtime **out)
     rt->queue_directory = get(cfg, NULL, "queue_directory");
     rt->data_directory = get(cfg, NULL, "data_directory");
     errors += qmgr_settings(rp, cfg, &rt->qmgr);
+    errors += dns_servers_check(cfg);
     errors += log_settings(cfg, rt);
     if (errors) {
         rp->pub.cfg = NULL;   /* the caller still owns cfg on failure */

@@ -67,6 +67,8 @@ BAD = [
     ("alias_maps = hahs:/etc/aliases", None, "alias_maps", "did you mean hash?"),
     ("transport_maps = /etc/postfix/transport", None, "transport_maps", "expected type:table"),
     ("virtual_uid_maps = statc:1000", None, "virtual_uid_maps", "did you mean static?"),
+    # what run would fail on later: listen addresses, the DNS servers
+    ("ktrelay_dns_servers = 127.0.0.x:53", None, "ktrelay_dns_servers", "bad server list"),
     # time and size units
     ("smtpd_timeout = 300x", None, "smtpd_timeout", "bad time value"),
     ("maximal_queue_lifetime = 5days", None, "maximal_queue_lifetime", "bad time value"),
@@ -194,3 +196,16 @@ def test_second_instance_is_refused(tmp_path):
         assert int(lock.read_text()) == second.proc.pid
     finally:
         assert second.stop() == 0
+
+
+def test_listen_address_that_does_not_resolve(tmp_path):
+    """inet_interfaces (for a service without a host) is resolved when the settings are built, as the
+    server will resolve it, so check-config refuses what run would."""
+    write_conf(tmp_path, "inet_interfaces = 127.0.0.300\n")
+    (tmp_path / "master.cf").write_text(f"{free_port()} inet n - n - - smtpd\n")
+    chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert chk.returncode == 78, chk.stderr
+    assert re.search(r"error: \S+/main\.cf:\d+: service \d+: inet_interfaces: cannot resolve listen address "
+                     r"127\.0\.0\.300", chk.stderr), chk.stderr
+    rc, out = run_refuses(tmp_path)
+    assert rc == 78 and "cannot resolve listen address 127.0.0.300" in out, out
