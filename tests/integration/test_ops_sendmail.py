@@ -62,6 +62,8 @@ def start(world, extra=""):
         f"maillog_file_prefixes = {world}\n"
         f"maillog_file = {world}/maillog\n") + extra
     r = Relay(conf, main_cf, {"smtp": {}})
+    # the listeners accept before the queue manager has made maildrop/
+    assert wait_for(lambda: (world / "queue" / "maildrop").is_dir()), r.log()
     for p in [conf, *conf.iterdir()]:
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
     return r
