@@ -62,6 +62,7 @@
 #include "conf/config.h"
 #include "core/dirsync.h"
 #include "queue/dns.h"
+#include "delivery/header_scan.h"
 #include "metrics/metrics.h"
 #include "core/log.h"
 #include "delivery/maildir.h"
@@ -1074,6 +1075,28 @@ static void msg_free(struct kt_qmgr *q, struct msg *m)
     kt_free(m);
 }
 
+/* A notification is a message of its own: its cleanup and qmgr lines, as
+ * Postfix logs them, so that its id ties its lines together too. */
+static void log_notification(struct kt_qmgr *q, const char *id)
+{
+    struct msg *nm = msg_find(q, id);
+    if (!nm)
+        return;
+    struct kt_header_scan hs;
+    kt_header_scan_reset(&hs);
+    int fd = kt_queue_open_body_at(q->new_fd, id);
+    if (fd >= 0) {
+        char head[8192];
+        ssize_t got = pread(fd, head, sizeof(head), nm->q->body_off);
+        if (got > 0)
+            kt_header_scan_feed(&hs, head, (size_t)got);
+        close(fd);
+    }
+    kt_info_as("cleanup", "%s: message-id=%s", id, hs.message_id[0] ? hs.message_id : "<>");
+    kt_info_as("qmgr", "%s: from=<>, size=%lld, nrcpt=%zu (queue active)", id, (long long)nm->q->body_len,
+               nm->q->n_rcpts);
+}
+
 static void send_dsn(struct kt_qmgr *q, struct msg *m, enum kt_dsn_kind kind, time_t until)
 {
     struct kt_dsn_rcpt *r = kt_calloc(m->q->n_rcpts, sizeof(*r));
@@ -1092,9 +1115,10 @@ static void send_dsn(struct kt_qmgr *q, struct msg *m, enum kt_dsn_kind kind, ti
         if (fd >= 0)
             close(fd);
         if (rc == 0) {
+            msg_load(q, id, 1);
+            log_notification(q, id);
             kt_info_as("bounce", "%s: sender %s notification: %s", m->q->id,
                     kind == KT_DSN_FAILED ? "non-delivery" : "delay", id);
-            msg_load(q, id, 1);
         } else if (rc < 0) {
             kt_err("%s: cannot queue a notification: %s", m->q->id, strerror(-rc));
         }

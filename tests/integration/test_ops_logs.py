@@ -223,3 +223,30 @@ def test_syslog_by_default(tmp_path):
         assert "status=sent" in (d / "stderr.log").read_text()
     finally:
         shutil.rmtree(dev, ignore_errors=True)
+
+
+def test_bounce_notification_has_its_own_id_lines(tmp_path):
+    refuse = Sink("-f", "RCPT")
+    d = tmp_path / "relay"
+    d.mkdir()
+    (d / "vmailbox").write_text(BASE_VMAILBOX)
+    (d / "transport").write_text(f"bounce.test smtp:[127.0.0.1]:{refuse.port}\n")
+    main_cf = BASE_MAIN_CF.format(dir=d) + (
+        f"queue_directory = {d}/queue\nmaillog_file_prefixes = {d}\nmaillog_file = {d}/maillog\n"
+        f"mynetworks = 127.0.0.0/8\ntransport_maps = texthash:{d}/transport\n")
+    r = Relay(d, main_cf, {"smtp": {}})
+    try:
+        send(r.port(), "alice@example.test", "b@bounce.test", "<ndr@mix>")
+        log = d / "maillog"
+        m = wait_for(lambda: re.search(r"ktrelay/bounce\[\d+\]: ([0-9A-F]+): sender non-delivery notification: "
+                                       r"([0-9A-F]+)", log.read_text()), 30, "the notification")
+        orig, ndr = m.group(1), m.group(2)
+        wait_for(lambda: f"{ndr}: to=<alice@example.test>, relay=virtual" in log.read_text(), 30, "its delivery")
+    finally:
+        assert r.stop() == 0
+        refuse.stop()
+    text = log.read_text()
+    assert re.search(rf"ktrelay/smtp\[\d+\]: {orig}: to=<b@bounce.test>, .*status=bounced", text)
+    assert re.search(rf"ktrelay/cleanup\[\d+\]: {ndr}: message-id=<[^>]+>", text), text
+    assert re.search(rf"ktrelay/qmgr\[\d+\]: {ndr}: from=<>, size=\d+, nrcpt=1 \(queue active\)", text), text
+    assert re.search(rf"ktrelay/virtual\[\d+\]: {ndr}: to=<alice@example.test>, relay=virtual, .*status=sent", text)
