@@ -87,7 +87,7 @@ static void parse_address_list(struct rcpt_list *l, const char *v, size_t len)
 {
     char cur[1024];
     size_t cl = 0;
-    int quote = 0, angle = 0, comment = 0, have_angle = 0;
+    int quote = 0, angle = 0, comment = 0, have_angle = 0, word_end = 0;
     char angle_buf[1024];
     size_t al = 0;
     for (size_t i = 0; i <= len; i++) {
@@ -125,16 +125,19 @@ static void parse_address_list(struct rcpt_list *l, const char *v, size_t len)
             else
                 rcpt_add(l, cur, cl);
             cl = al = 0;
-            have_angle = 0;
+            have_angle = word_end = 0;
             break;
         case '\r':
         case '\n':
             break;
         default:
             if (c == ' ' || c == '\t') {
-                if (cl && !have_angle)
-                    cl = 0;          /* "Name addr" without brackets: keep the last word */
+                word_end = cl > 0;
                 break;
+            }
+            if (word_end) {          /* "Name addr" without brackets: keep the last word */
+                cl = 0;
+                word_end = 0;
             }
             if (cl + 1 < sizeof(cur))
                 cur[cl++] = c;

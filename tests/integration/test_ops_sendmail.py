@@ -93,7 +93,8 @@ def test_cron_like_sendmail_t_as_non_root_through_maildrop(world, user):
     try:
         sbin = links(world)
         assert (world / "queue" / "maildrop").stat().st_mode & 0o7777 == 0o1733
-        msg = (b"To: Bob <bob@example.test>, carol@example.test\n"
+        msg = (b"To: Bob <bob@example.test>, carol@example.test (Carol\n"
+               b" C.)\n"
                b"Bcc: dave@example.test\n"
                b"Subject: cron job output\n"
                b"\n"
