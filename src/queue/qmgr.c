@@ -1688,7 +1688,9 @@ int kt_qmgr_start(struct kt_runtime *rt, struct kt_qmgr **out)
     load_all(q);
     if ((rc = kt_queue_init_maildrop(q->qdir)) < 0)
         kt_warn("queue_directory %s/maildrop: %s; local users other than the queue's owner cannot submit "
-                "with sendmail", q->qdir, strerror(-rc));
+                "with sendmail%s", q->qdir, strerror(-rc),
+                rc == -EACCES ? " (queue_directory must be searchable by all: chmod o+x on it, as Postfix's "
+                                "0755 /var/spool/postfix)" : "");
     if ((rc = kt_loop_init(&q->loop, 256)) < 0) {
         kt_err("queue manager: io_uring: %s", strerror(-rc));
         qmgr_free(q);

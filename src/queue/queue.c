@@ -51,6 +51,11 @@ int kt_queue_init_maildrop(const char *qdir)
     /* mkdir's mode passes through the umask; this is the mode that counts */
     if ((st.st_mode & 07777) != 01733 && chmod(path, 01733) < 0)
         return -errno;
+    /* local users must be able to pass through queue_directory to reach maildrop/ */
+    if (stat(qdir, &st) < 0)
+        return -errno;
+    if (!(st.st_mode & S_IXOTH))
+        return -EACCES;
     return 0;
 }
 
