@@ -37,6 +37,14 @@ def wait_for(cond, timeout=20, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def refusing_port():
+    """(socket, port): a port bound but not listening, held for the test, so connections to it are refused
+    and no other test's server can take it meanwhile (a merely free port could be)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s, s.getsockname()[1]
+
+
 class Sink:
     """Postfix's smtp-sink on a free loopback port; `args` make it refuse commands (-f RCPT)."""
 
@@ -78,7 +86,7 @@ def pflogsumm_totals(maillog):
 
 def test_traffic_mix_counts_with_pflogsumm(tmp_path):
     ok, refuse = Sink(), Sink("-f", "RCPT")
-    closed = free_port()
+    holder, closed = refusing_port()
     d = tmp_path / "relay"
     d.mkdir()
     (d / "vmailbox").write_text(BASE_VMAILBOX)
@@ -121,6 +129,7 @@ def test_traffic_mix_counts_with_pflogsumm(tmp_path):
         assert r.stop() == 0, r.log()[-3000:]
         ok.stop()
         refuse.stop()
+        holder.close()
 
     text = maillog.read_text()
     lines = text.splitlines()

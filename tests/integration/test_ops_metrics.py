@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 
 from conftest import BIN, free_port, make_cert
+from test_ops_logs import refusing_port
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -39,10 +40,11 @@ def wait_for(cond, timeout=20):
     return False
 
 
-def test_metrics_count_the_traffic(relay_factory, tmp_path):
+def test_metrics_count_the_traffic(relay_factory, tmp_path, request):
     cert, key = make_cert(tmp_path)
     mport = free_port()
-    closed = free_port()
+    holder, closed = refusing_port()
+    request.addfinalizer(holder.close)
     r = relay_factory(f"ktrelay_metrics_address = 127.0.0.1:{mport}\n"
                       f"smtpd_tls_cert_file = {cert}\nsmtpd_tls_key_file = {key}\n"
                       "smtpd_tls_security_level = may\n"

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from conftest import BIN, free_port
-from test_ops_logs import Sink, SMTP_SINK
+from conftest import BIN
+from test_ops_logs import Sink, SMTP_SINK, refusing_port
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SMTP_SINK), reason="needs Postfix's smtp-sink")
 
@@ -36,8 +36,10 @@ def qid_of(log, rcpt, status):
     return m[-1] if m else None
 
 
-def test_list_show_hold_release_requeue(relay_factory, tmp_path):
-    closed, sink_port = free_port(), free_port()
+def test_list_show_hold_release_requeue(relay_factory, tmp_path, request):
+    holder, closed = refusing_port()
+    request.addfinalizer(holder.close)
+    sink_holder, sink_port = refusing_port()
     (tmp_path / "transport").write_text(f"later.test smtp:[127.0.0.1]:{closed}\n"
                                         f"sink.test smtp:[127.0.0.1]:{sink_port}\n")
     r = relay_factory("mynetworks = 127.0.0.0/8\nqueue_directory = {dir}/queue\n"
@@ -74,6 +76,7 @@ def test_list_show_hold_release_requeue(relay_factory, tmp_path):
     assert (r.dir / "queue" / "hold" / m2).exists() and not (r.dir / "queue" / "new" / m2).exists()
     assert re.search(rf"^{m2}!", q("list").stdout, re.M)
     assert r.wait_log(f"{m2}: placed on hold"), r.log()      # the running queue manager let go of it
+    sink_holder.close()       # the next hop comes up on the port that refused until now
     sink = Sink(port=sink_port)
     try:
         deferrals_before = r.log().count(f"{m1}: to=<x@later.test>")
