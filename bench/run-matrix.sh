@@ -108,8 +108,14 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
 chmod 644 "$T/cert.pem"
 chmod 600 "$T/key.pem"
 
-MAIL_UID=$(id -u nobody)
-MAIL_GID=$(getent group nogroup | cut -d: -f3)
+# ktrelay's workers run as mail_owner (default ktrelay) and write virtual
+# mailboxes of that uid themselves (the io_uring fast path); both servers
+# deliver as that user.
+id -u ktrelay >/dev/null 2>&1 ||
+	useradd --system --home-dir /var/lib/ktrelay --shell /usr/sbin/nologin ktrelay
+MAIL_UID=$(id -u ktrelay)
+MAIL_GID=$(id -g ktrelay)
+chmod 711 "$T"
 MAILDIR=$T/mail
 printf 'user@bench.test user/\n' >"$T/vmailbox"
 
@@ -443,7 +449,8 @@ run_rows() {
 	done < <(rows)
 }
 
-ktrelay_pids() { [ -n "$KT_PID" ] && echo "$KT_PID"; }
+# the master and its children (the worker process, the local delivery agent)
+ktrelay_pids() { [ -n "$KT_PID" ] && { echo "$KT_PID"; pgrep -P "$KT_PID" || true; }; }
 
 IFS=, read -r -a SERVER_LIST <<<"$SERVERS"
 if ! start_sink; then
@@ -461,14 +468,14 @@ for server in "${SERVER_LIST[@]}"; do
 		fi
 		echo "== ktrelay ($("$KTRELAY" version 2>&1 | head -1), $KTRELAY built $(date -r "$KTRELAY" '+%F %T'))"
 		if ! start_ktrelay yes; then stop_ktrelay; continue; fi
-		pidf_cmd="echo $KT_PID"
+		pidf_cmd="echo $KT_PID; pgrep -P $KT_PID"
 		run_rows ktrelay ktrelay_pids "" "."
 		stop_ktrelay
 		if [ "$KTLS" = 1 ]; then
 			port_free "$PORT"
 			echo "== ktrelay, kTLS off"
 			start_ktrelay no
-			pidf_cmd="echo $KT_PID"
+			pidf_cmd="echo $KT_PID; pgrep -P $KT_PID"
 			run_rows ktrelay ktrelay_pids "-ktls-off" "^tls"
 			stop_ktrelay
 		fi

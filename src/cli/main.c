@@ -17,9 +17,8 @@
 #include "conf/config.h"
 #include "core/lockfile.h"
 #include "core/log.h"
-#include "metrics/metrics.h"
 #include "queue/queue.h"
-#include "smtpd/server.h"
+#include "master/master.h"
 #include "conf/settings.h"
 #include "tls/tls.h"
 
@@ -346,18 +345,8 @@ int main(int argc, char **argv)
             kt_runtime_unref(rt);
             return lrc == -EWOULDBLOCK ? EX_TEMPFAIL : EX_CANTCREAT;
         }
-        if (rt->metrics_address[0]) {
-            char err[512];
-            if (kt_metrics_http_start(rt->metrics_address, err, sizeof(err)) < 0) {
-                kt_err("fatal: %s", err);
-                kt_runtime_unref(rt);
-                return EX_UNAVAILABLE;
-            }
-        }
-        rc = start_error_code(kt_server_run(rt, dir));
-        kt_metrics_http_stop();
-        kt_metrics_shutdown();
-        return rc;
+        /* the worker processes serve ktrelay_metrics_address (their counters) */
+        return start_error_code(kt_master_run(rt, dir));
     }
     const char *dir = kt_cli_config_dir_existing(given, "ktrelay");
     if (!dir)

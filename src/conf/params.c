@@ -90,7 +90,7 @@ static const struct kt_param_def params[] = {
     X(local_transport),
     X(luser_relay),
     S(mail_name, "ktrelay"),
-    N(mail_owner),
+    S(mail_owner, "ktrelay"),
     N(mail_spool_directory),
     S(mail_version, KT_VERSION),
     X(mailbox_command),

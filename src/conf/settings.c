@@ -107,6 +107,7 @@ static struct kt_resolver *service_resolver(struct runtime_private *rp, const st
         .home_mailbox = get(cfg, svc, "home_mailbox"),
         .inet_interfaces_addrs = NULL,
         .passwd_file = NULL,
+        .mail_owner = get(cfg, NULL, "mail_owner"),
     };
     char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s", rc.myhostname, rc.mydestination,
                             rc.relay_domains, rc.virtual_mailbox_domains, rc.virtual_mailbox_base,

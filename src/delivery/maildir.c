@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -18,13 +19,14 @@
 #include "core/alloc.h"
 #include "core/dirsync.h"
 #include "core/log.h"
+#include "delivery/local.h"
 #include "delivery/maildir.h"
 
 #define MAX_INFLIGHT_BYTES (4 * KT_DELIVERY_CHUNK)
 
 enum stage {
     ST_NEW, ST_OPENING, ST_MKDIRS, ST_OPEN, ST_COMMIT_WRITES, ST_FSYNC_FILE, ST_LINKING, ST_LINK_MKDIRS,
-    ST_UNLINK_TMP, ST_DIR_FSYNC, ST_DONE, ST_FAILED,
+    ST_UNLINK_TMP, ST_DIR_FSYNC, ST_AGENT, ST_DONE, ST_FAILED,
 };
 
 struct wchunk {
@@ -71,12 +73,39 @@ struct kt_delivery {
     char paths[2][PATH_MAX];         /* scratch for mkdirat/linkat/renameat arguments */
     void *user;                      /* kt_delivery_set_user */
     void (*user_free)(void *);
+
+    /* mailboxes written by the local delivery agent (other owners) */
+    size_t n_agent;
+    struct kt_mailbox *agent_boxes;  /* n_agent of them */
+    int anon_spool;                  /* no direct mailbox: the spool is an O_TMPFILE */
+    int agent_sock;                  /* our end of the reply socket */
+    struct kt_local_reply agent_reply;
 };
+
+/* Set once per worker process before any delivery (kt_delivery_use_agent). */
+static int agent_fd = -1;
+static char agent_spool_dir[PATH_MAX];
+static unsigned direct_uid;
+
+void kt_delivery_use_agent(int fd, const char *spool_dir, unsigned uid)
+{
+    agent_fd = fd;
+    snprintf(agent_spool_dir, sizeof(agent_spool_dir), "%s", spool_dir ? spool_dir : "");
+    direct_uid = uid;
+}
+
+/* Written here, on the io_uring path: virtual mailboxes of our own uid, or
+ * everything when there is no agent (ktrelay started by a normal user). */
+static int box_is_direct(const struct kt_mailbox *b)
+{
+    return agent_fd < 0 || (!b->home && b->uid == direct_uid);
+}
 
 static void delivery_step(struct kt_op *op, int res, unsigned flags);
 static void chunk_done(struct kt_op *op, int res, unsigned flags);
 static void commit_continue(struct kt_delivery *d);
 static void submit_dir_sync(struct kt_delivery *d);
+static void submit_agent(struct kt_delivery *d);
 
 static unsigned long seq_counter;
 
@@ -104,15 +133,30 @@ struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbo
 
     d->loop = loop;
     d->op.cb = delivery_step;
-    d->fd = -1;
-    d->n_boxes = n;
+    d->fd = d->agent_sock = -1;
     d->boxes = kt_calloc(n ? n : 1, sizeof(*d->boxes));
     d->box_paths = kt_calloc(n ? n : 1, sizeof(*d->box_paths));
+    d->agent_boxes = kt_calloc(n ? n : 1, sizeof(*d->agent_boxes));
     for (size_t i = 0; i < n; i++) {
-        d->box_paths[i] = kt_strdup(boxes[i].path);
-        d->boxes[i] = boxes[i];
-        d->boxes[i].path = d->box_paths[i];
+        if (box_is_direct(&boxes[i])) {
+            size_t k = d->n_boxes++;
+            d->box_paths[k] = kt_strdup(boxes[i].path);
+            d->boxes[k] = boxes[i];
+            d->boxes[k].path = d->box_paths[k];
+            d->boxes[k].home = NULL;
+        } else {
+            int dup = 0;
+            for (size_t j = 0; j < d->n_agent; j++)
+                dup |= !strcmp(d->agent_boxes[j].path, boxes[i].path);
+            if (dup)
+                continue;
+            struct kt_mailbox *a = &d->agent_boxes[d->n_agent++];
+            *a = boxes[i];
+            a->path = kt_strdup(boxes[i].path);
+            a->home = boxes[i].home ? kt_strdup(boxes[i].home) : NULL;
+        }
     }
+    d->anon_spool = d->n_boxes == 0;
     gettimeofday(&tv, NULL);
     escape_host(hostname, host, sizeof(host));
     unsigned long seq = __atomic_add_fetch(&seq_counter, 1, __ATOMIC_RELAXED);
@@ -122,7 +166,10 @@ struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbo
     else
         snprintf(d->name, sizeof(d->name), "%lld.M%ldP%dQ%ux%lu.%s", (long long)tv.tv_sec, (long)tv.tv_usec,
                  (int)getpid(), worker_id, seq, host);
-    snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp/%s", d->boxes[0].path, d->name);
+    if (d->anon_spool)
+        snprintf(d->tmp_path, sizeof(d->tmp_path), "%s", agent_spool_dir);
+    else
+        snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp/%s", d->boxes[0].path, d->name);
     return d;
 }
 
@@ -141,12 +188,19 @@ static void delivery_free(struct kt_delivery *d)
         kt_free(d->cur->data);
         kt_free(d->cur);
     }
+    if (d->agent_sock >= 0)
+        close(d->agent_sock);
     for (size_t i = 0; i < d->n_boxes; i++)
         kt_free(d->box_paths[i]);
     kt_free(d->box_paths);
     kt_free(d->boxes);
     if (d->user && d->user_free)
         d->user_free(d->user);
+    for (size_t i = 0; i < d->n_agent; i++) {
+        kt_free((char *)d->agent_boxes[i].path);
+        kt_free((char *)d->agent_boxes[i].home);
+    }
+    kt_free(d->agent_boxes);
     kt_free(d);
 }
 
@@ -172,7 +226,7 @@ static void delivery_cleanup_files(struct kt_delivery *d)
         unlink(path);
     }
     d->linked = 0;
-    if (d->stage != ST_NEW && d->stage != ST_OPENING && d->stage != ST_MKDIRS)
+    if (!d->anon_spool && d->stage != ST_NEW && d->stage != ST_OPENING && d->stage != ST_MKDIRS)
         unlink(d->tmp_path);
 }
 
@@ -213,10 +267,13 @@ static void submit_open(struct kt_delivery *d)
 {
     struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
     d->stage = ST_OPENING;
+    /* readable too: the local delivery agent copies from this descriptor */
     if (d->reuse)
-        io_uring_prep_openat(sqe, AT_FDCWD, d->tmp_path, O_WRONLY | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0);
+        io_uring_prep_openat(sqe, AT_FDCWD, d->tmp_path, O_RDWR | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0);
+    else if (d->anon_spool)
+        io_uring_prep_openat(sqe, AT_FDCWD, d->tmp_path, O_RDWR | O_TMPFILE | O_CLOEXEC, 0600);
     else
-        io_uring_prep_openat(sqe, AT_FDCWD, d->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        io_uring_prep_openat(sqe, AT_FDCWD, d->tmp_path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
 }
 
 void kt_delivery_reuse_file(struct kt_delivery *d, const char *path)
@@ -269,30 +326,6 @@ void kt_delivery_open(struct kt_delivery *d, kt_delivery_cb cb, void *arg)
     d->cb = cb;
     d->arg = arg;
     submit_open(d);
-}
-
-static void chown_if_needed(struct kt_delivery *d, int fd)
-{
-    /* Running as root: the mailbox owner must own the file, as local(8) and
-     * virtual(8) deliver with the recipient's privileges. */
-    if (geteuid() == 0 && d->boxes[0].uid != 0) {
-        if (fchown(fd, d->boxes[0].uid, d->boxes[0].gid) < 0)
-            kt_warn("fchown %s: %s", d->tmp_path, strerror(errno));
-    }
-}
-
-static void chown_dirs_if_needed(struct kt_delivery *d, size_t box)
-{
-    static const char *const sub[] = { "", "tmp", "new", "cur" };
-    const struct kt_mailbox *b = &d->boxes[box];
-    char path[PATH_MAX];
-    if (geteuid() != 0 || b->uid == 0)
-        return;
-    for (int k = 0; k < 4; k++) {
-        snprintf(path, sizeof(path), "%s%s", b->path, sub[k]);
-        if (chown(path, b->uid, b->gid) < 0)
-            kt_warn("chown %s: %s", path, strerror(errno));
-    }
 }
 
 /* ---- body writes ---- */
@@ -476,6 +509,10 @@ static void submit_dir_sync(struct kt_delivery *d)
     while (d->step < d->n_boxes && box_seen_before(d, d->step))
         d->step++;
     if (d->step == d->n_boxes) {
+        if (d->n_agent) {
+            submit_agent(d);
+            return;
+        }
         d->stage = ST_DONE;
         delivery_finish(d, 0);
         return;
@@ -487,12 +524,85 @@ static void submit_dir_sync(struct kt_delivery *d)
     kt_dirsync_request(d->loop, d->paths[1], &d->dirsync);
 }
 
+/* Hand the spooled message to the local delivery agent: the request, the
+ * spool descriptor and the socket the answer comes back on. */
+static void submit_agent(struct kt_delivery *d)
+{
+    const size_t len = offsetof(struct kt_local_req, boxes) + d->n_agent * sizeof(struct kt_local_box);
+    struct kt_local_req *req = kt_calloc(1, sizeof(*req));
+    int sv[2] = { -1, -1 }, rc = 0;
+
+    req->magic = KT_LOCAL_MAGIC;
+    req->n_boxes = (uint32_t)d->n_agent;
+    req->size = (uint64_t)d->size;
+    snprintf(req->name, sizeof(req->name), "%s", d->final_name);
+    for (size_t i = 0; i < d->n_agent; i++) {
+        const struct kt_mailbox *b = &d->agent_boxes[i];
+        struct kt_local_box *r = &req->boxes[i];
+        r->uid = b->uid;
+        r->gid = b->gid;
+        if (strlen(b->path) >= sizeof(r->path) || (b->home && strlen(b->home) >= sizeof(r->home))) {
+            rc = -ENAMETOOLONG;
+            goto cleanup;
+        }
+        strcpy(r->path, b->path);
+        strcpy(r->home, b->home ? b->home : "");
+    }
+    if (agent_fd < 0 || d->n_agent > KT_LOCAL_MAX_BOXES) {
+        rc = -EPIPE;
+        goto cleanup;
+    }
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+        rc = -errno;
+        goto cleanup;
+    }
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(2 * sizeof(int))];
+    } ctl;
+    memset(&ctl, 0, sizeof(ctl));
+    struct iovec iov = { req, len };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf, .msg_controllen = sizeof(ctl.buf) };
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    int fds[2] = { d->fd, sv[1] };
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(fds));
+    memcpy(CMSG_DATA(c), fds, sizeof(fds));
+    while (sendmsg(agent_fd, &msg, MSG_NOSIGNAL) < 0) {
+        if (errno != EINTR) {
+            rc = -errno;
+            goto cleanup;
+        }
+    }
+    d->agent_sock = sv[0];
+    sv[0] = -1;
+    d->stage = ST_AGENT;
+    struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
+    io_uring_prep_recv(sqe, d->agent_sock, &d->agent_reply, sizeof(d->agent_reply), 0);
+cleanup:
+    if (sv[0] >= 0)
+        close(sv[0]);
+    if (sv[1] >= 0)
+        close(sv[1]);
+    kt_free(req);
+    if (rc < 0) {
+        kt_err("cannot reach the local delivery agent: %s", strerror(-rc));
+        delivery_finish(d, rc);
+    }
+}
+
 static void commit_continue(struct kt_delivery *d)
 {
     if (d->inflight_writes > 0)
         return;      /* chunk_done calls back here */
     if (d->error) {
         delivery_finish(d, d->error);
+        return;
+    }
+    if (d->anon_spool) {
+        /* nothing of ours to make durable: the agent fsyncs its copies */
+        submit_agent(d);
         return;
     }
     d->stage = ST_FSYNC_FILE;
@@ -530,7 +640,7 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
             submit_open(d);
             return;
         }
-        if (res == -ENOENT && !d->mkdir_tried) {
+        if (res == -ENOENT && !d->mkdir_tried && !d->anon_spool) {
             d->mkdir_tried = 1;
             submit_mkdirs(d, 0, ST_MKDIRS);
             return;
@@ -542,13 +652,11 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
         }
         d->fd = res;
         d->stage = ST_OPEN;
-        chown_if_needed(d, d->fd);
         delivery_finish(d, 0);
         return;
     case ST_MKDIRS:
         if (--d->mkdir_left > 0)
             return;
-        chown_dirs_if_needed(d, 0);
         if (delivery_release_if_abandoned(d))
             return;
         submit_open(d);
@@ -556,7 +664,6 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
     case ST_LINK_MKDIRS:
         if (--d->mkdir_left > 0)
             return;
-        chown_dirs_if_needed(d, d->mkdir_box);
         d->stage = ST_LINKING;
         submit_link(d);
         return;
@@ -601,6 +708,21 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
         if (res < 0)
             kt_warn("unlink %s: %s", d->tmp_path, strerror(-res));
         submit_dir_sync(d);
+        return;
+    case ST_AGENT:
+        if (res != (int)sizeof(d->agent_reply)) {
+            kt_err("local delivery agent: %s", res < 0 ? strerror(-res) : "no answer");
+            delivery_finish(d, res < 0 ? res : -EPIPE);
+            return;
+        }
+        if (d->agent_reply.status != 0) {
+            d->agent_reply.reason[sizeof(d->agent_reply.reason) - 1] = '\0';
+            kt_warn("delivery deferred: %s", d->agent_reply.reason);
+            delivery_finish(d, d->agent_reply.status > 0 ? -d->agent_reply.status : -EIO);
+            return;
+        }
+        d->stage = ST_DONE;
+        delivery_finish(d, 0);
         return;
     default:
         delivery_release_if_abandoned(d);

@@ -26,6 +26,13 @@ typedef void (*kt_delivery_cb)(void *arg, int res);
 /* Spool buffer size: bytes beyond it are written out while the body streams in. */
 #define KT_DELIVERY_CHUNK (256 * 1024)
 
+/* Privilege separation (ktrelay started as root): mailboxes that are not
+ * virtual mailboxes of UID (mail_owner) are written by the local delivery
+ * agent reached through FD (see delivery/local.h); a message with none of
+ * ours is spooled as an O_TMPFILE in SPOOL_DIR. Call once per worker process
+ * before the first delivery; without it every mailbox is written here. */
+void kt_delivery_use_agent(int fd, const char *spool_dir, unsigned uid);
+
 /* queue_id (may be NULL): the message's queue id, carried in the file name
  * ("SECONDS.IQUEUEIDM...P...Q....HOST,S=...,W=..."), so that one id ties the
  * log lines, the queue file and the delivered files together. */

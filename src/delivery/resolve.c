@@ -10,6 +10,7 @@
  * valid until kt_resolver_free. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -35,6 +36,7 @@
 struct user {
     char *name;
     char *mailbox;
+    char *home;
     unsigned uid, gid;
     size_t line;   /* keeps the first of duplicate names, like getpwnam */
 };
@@ -166,7 +168,7 @@ static const struct user *nss_find_user(struct nss_cache *c, const char *name)
     pthread_mutex_lock(&c->lock);
     for (struct nss_user *n = c->list; n; n = n->next)
         if (n->u.uid == pw.pw_uid && n->u.gid == pw.pw_gid && !strcmp(n->u.name, name)
-            && !strcmp(n->u.mailbox, mailbox)) {
+            && !strcmp(n->u.mailbox, mailbox) && !strcmp(n->u.home, pw.pw_dir)) {
             hit = &n->u;
             break;
         }
@@ -174,6 +176,7 @@ static const struct user *nss_find_user(struct nss_cache *c, const char *name)
         struct nss_user *n = kt_calloc(1, sizeof(*n));
         n->u.name = kt_strdup(name);
         n->u.mailbox = mailbox;
+        n->u.home = kt_strdup(pw.pw_dir);     /* the delivery agent resolves the Maildir beneath it */
         mailbox = NULL;
         n->u.uid = pw.pw_uid;
         n->u.gid = pw.pw_gid;
@@ -250,6 +253,8 @@ static enum vresult virtual_lookup(const struct kt_resolver *r, const char *addr
     const char *v = virtual_get(r->vmaps, addr);
     size_t n;
 
+    mb->home = NULL;
+
     if (!v)
         return V_UNKNOWN;
     n = strlen(v);
@@ -316,7 +321,7 @@ static void deliver_user(struct expand *x, const char *name)
     const struct user *u = find_user(x->r, name);
 
     if (u) {
-        struct kt_mailbox mb = { u->mailbox, u->uid, u->gid };
+        struct kt_mailbox mb = { u->mailbox, u->uid, u->gid, u->home };
         add_mailbox(x, &mb);
     } else {
         skip(x, "unknown local user");
@@ -586,6 +591,7 @@ static int load_passwd(struct kt_resolver *r, const char *file, const char *home
         }
         r->users[r->nusers].name = kt_strdup(field[0]);
         r->users[r->nusers].mailbox = join_path(field[5], home_mailbox);
+        r->users[r->nusers].home = kt_strdup(field[5]);
         r->users[r->nusers].uid = uid;
         r->users[r->nusers].gid = gid;
         r->users[r->nusers].line = lineno;
@@ -599,6 +605,7 @@ static int load_passwd(struct kt_resolver *r, const char *file, const char *home
         if (out && strcmp(r->users[out - 1].name, r->users[i].name) == 0) {
             kt_free(r->users[i].name);
             kt_free(r->users[i].mailbox);
+            kt_free(r->users[i].home);
             continue;
         }
         r->users[out++] = r->users[i];
@@ -697,6 +704,14 @@ int kt_resolver_new(const struct kt_resolve_config *c, struct kt_resolver **out,
     r = kt_calloc(1, sizeof(*r));
     r->self_uid = (unsigned)getuid();
     r->self_gid = (unsigned)getgid();
+    if (geteuid() == 0 && c->mail_owner && *c->mail_owner) {
+        /* the workers run as mail_owner and own the virtual mailboxes */
+        struct passwd *pw = getpwnam(c->mail_owner);
+        if (pw) {
+            r->self_uid = (unsigned)pw->pw_uid;
+            r->self_gid = (unsigned)pw->pw_gid;
+        }
+    }
     /* Postfix's default mydestination is $myhostname, localhost.$mydomain, localhost. */
     if (!c->mydestination)
         mydest = kt_asprintf("%s localhost", empty(c->myhostname) ? "" : c->myhostname);
@@ -755,6 +770,7 @@ void kt_resolver_free(struct kt_resolver *r)
     for (size_t i = 0; i < r->nusers; i++) {
         kt_free(r->users[i].name);
         kt_free(r->users[i].mailbox);
+        kt_free(r->users[i].home);
     }
     kt_free(r->users);
     if (r->nss) {
@@ -762,6 +778,7 @@ void kt_resolver_free(struct kt_resolver *r)
             next = n->next;
             kt_free(n->u.name);
             kt_free(n->u.mailbox);
+            kt_free(n->u.home);
             kt_free(n);
         }
         pthread_mutex_destroy(&r->nss->lock);

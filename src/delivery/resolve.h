@@ -15,6 +15,8 @@ struct kt_resolve_config {
                *inet_interfaces_addrs;  /* space-separated local IP addresses for [ip] literal matching; may be NULL */
     const char *passwd_file;  /* NULL = system users through NSS (getpwnam_r) at each lookup, so new
                                * users work at once; a file (tests): passwd(5) lines read once here */
+    const char *mail_owner;   /* started as root: the default owner of virtual mailboxes
+                               * (else the process's own uid and gid); NULL = none */
 };
 
 enum kt_addr_class { KT_CLASS_LOCAL, KT_CLASS_VIRTUAL, KT_CLASS_RELAY, KT_CLASS_DEFAULT };
@@ -22,6 +24,8 @@ enum kt_addr_class { KT_CLASS_LOCAL, KT_CLASS_VIRTUAL, KT_CLASS_RELAY, KT_CLASS_
 struct kt_mailbox {
     const char *path;   /* absolute Maildir path ending in '/'; owned by the resolver */
     unsigned uid, gid;
+    const char *home;   /* local(8) class: the user's home directory, which holds the
+                         * Maildir (home_mailbox); NULL for virtual mailboxes */
 };
 
 #define KT_RESOLVE_MAX_MAILBOXES 16

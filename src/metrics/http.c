@@ -98,6 +98,9 @@ int kt_metrics_http_start(const char *address, char *err, size_t errlen)
         flags |= MHD_USE_IPv6;
     daemon_handle = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, answer, NULL,
                                      MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+                                     /* SO_REUSEPORT: a reload's new worker generation binds
+                                      * while the old one still serves */
+                                     MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1,
                                      MHD_OPTION_CONNECTION_LIMIT, (unsigned)32,
                                      MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)10,
                                      MHD_OPTION_END);

@@ -193,6 +193,8 @@ struct kt_qmgr {
 };
 
 static struct kt_qmgr *_Atomic global_q;
+/* queue_directory of the last manager this process ran (kt_qmgr_submit without one) */
+static _Atomic(const char *) submit_qdir;
 
 static void dest_kick(struct dest *d);
 static void msg_round_done(struct kt_qmgr *q, struct msg *m);
@@ -1586,7 +1588,13 @@ void kt_qmgr_submit(struct kt_delivery *d)
         return;
     struct kt_qmgr *q = atomic_load(&global_q);
     if (!q) {
-        kt_qmsg_free(m);           /* on disk: the next start loads it */
+        /* No manager in this process: a generation retiring after a reload
+         * (its manager stopped; the serving generation's reads public/qmgr),
+         * or one whose manager has not started (it loads new/ when it does). */
+        const char *qdir = atomic_load(&submit_qdir);
+        if (qdir)
+            kt_queue_notify(qdir, m->id);
+        kt_qmsg_free(m);
         return;
     }
     struct handoff *h = kt_malloc(sizeof(*h));
@@ -1708,6 +1716,8 @@ int kt_qmgr_start(struct kt_runtime *rt, struct kt_qmgr **out)
         qmgr_free(q);
         return rc;
     }
+    if (!atomic_load(&submit_qdir))
+        atomic_store(&submit_qdir, (const char *)kt_strdup(q->qdir));
     atomic_store(&global_q, q);
     if ((rc = pthread_create(&q->thread, NULL, qmgr_main, q)) != 0) {
         atomic_store(&global_q, NULL);

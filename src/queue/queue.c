@@ -677,7 +677,8 @@ struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir
         return NULL;
     }
     char *path = kt_asprintf("%s/", qdir);
-    struct kt_mailbox box = { .path = path, .uid = 0, .gid = 0 };
+    /* the queue is ours: written on the io_uring path, never by the delivery agent */
+    struct kt_mailbox box = { .path = path, .uid = (unsigned)geteuid(), .gid = (unsigned)getegid() };
     struct kt_delivery *d = kt_delivery_new(loop, &box, 1, hostname, worker_id, queue_id);
     kt_free(path);
     kt_delivery_set_exact_name(d, queue_id);

@@ -1,13 +1,17 @@
-/* Listening sockets, worker threads and signals.
+/* Listening sockets, worker threads and the worker process's signals.
  *
- * Each worker owns an io_uring and, for every listening address, its own
- * SO_REUSEPORT socket with a multishot accept: the kernel spreads connections
- * over the workers and no lock is shared on the accept path. The main thread
- * only waits for signals: SIGHUP builds a new runtime that workers adopt at
- * their next tick (sessions keep the one they started with); SIGTERM stops
- * accepting, lets sessions finish up to a deadline, then exits 0. */
+ * Each worker thread owns an io_uring and, for every listening address, its
+ * own SO_REUSEPORT socket (opened by the master) with a multishot accept: the
+ * kernel spreads connections over the threads and no lock is shared on the
+ * accept path. The process's main thread only waits for signals: SIGTERM
+ * stops accepting, lets sessions finish up to a deadline, then exits 0;
+ * SIGQUIT (a reload started the next generation) stops accepting and waits
+ * for the sessions to end by themselves. A generation serves exactly one
+ * configuration, so every port speaks what its master.cf line says. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <netdb.h>
 #include <signal.h>
 #include <stdio.h>
@@ -23,9 +27,9 @@
 #include "conf/config.h"
 #include "core/dirsync.h"
 #include "tls/ktls.h"
-#include "core/notify.h"
 #include "core/log.h"
 #include "queue/dns.h"
+#include "metrics/metrics.h"
 #include "queue/qmgr.h"
 #include "smtpd/server.h"
 #include "smtpd/session.h"
@@ -134,7 +138,78 @@ static int open_listener(const struct bind_addr *b)
     return fd;
 }
 
-/* ---- worker ---- */
+/* ---- listening sockets (opened by the master) ---- */
+
+int kt_listen_open(const struct kt_runtime *rt, struct kt_listen_set *ls)
+{
+    struct bind_addr *addrs = NULL;
+    size_t n_addrs = 0;
+    int rc = 0;
+
+    memset(ls, 0, sizeof(*ls));
+    for (size_t i = 0; i < rt->n_services; i++)
+        if (service_addrs(rt, i, &addrs, &n_addrs) < 0) {
+            rc = -EINVAL;
+            goto cleanup;
+        }
+    if (n_addrs == 0) {
+        kt_err("fatal: no listening addresses: add an inet smtpd service to master.cf");
+        rc = -EINVAL;
+        goto cleanup;
+    }
+    ls->n_workers = rt->worker_threads;
+    ls->n_addrs = n_addrs;
+    ls->services = kt_calloc(n_addrs, sizeof(*ls->services));
+    ls->fds = kt_calloc((size_t)ls->n_workers * n_addrs, sizeof(int));
+    for (size_t k = 0; k < (size_t)ls->n_workers * n_addrs; k++)
+        ls->fds[k] = -1;
+    for (size_t a = 0; a < n_addrs; a++) {
+        ls->services[a] = addrs[a].service;
+        for (unsigned w = 0; w < ls->n_workers; w++) {
+            int fd = open_listener(&addrs[a]);
+            if (fd < 0) {
+                if (fd == -EACCES && geteuid() != 0)
+                    kt_err("fatal: cannot listen on %s: %s: ports below 1024 need root; run ktrelay as root, "
+                           "or grant the binary CAP_NET_BIND_SERVICE (setcap cap_net_bind_service=+ep "
+                           "/path/to/ktrelay, or AmbientCapabilities=CAP_NET_BIND_SERVICE in its unit)",
+                           addrs[a].text, strerror(-fd));
+                else if (fd == -EADDRINUSE)
+                    kt_err("fatal: cannot listen on %s: %s: another server (or ktrelay) holds that port; "
+                           "stop it or change the service in master.cf", addrs[a].text, strerror(-fd));
+                else
+                    kt_err("fatal: cannot listen on %s: %s", addrs[a].text, strerror(-fd));
+                rc = fd;
+                goto cleanup;
+            }
+            ls->fds[w * n_addrs + a] = fd;
+        }
+    }
+    for (size_t a = 0; a < n_addrs; a++) {
+        const struct kt_smtpd_settings *st = &rt->services[addrs[a].service];
+        kt_info("listening on %s (service %s%s%s)", addrs[a].text, st->service->name,
+                st->wrappermode ? ", implicit TLS" : "",
+                st->wrappermode ? "" : st->tls_level == KT_TLS_ENCRYPT ? ", STARTTLS required"
+                                     : st->tls_level == KT_TLS_MAY ? ", STARTTLS" : "");
+    }
+cleanup:
+    kt_free(addrs);
+    if (rc < 0)
+        kt_listen_close(ls);
+    return rc;
+}
+
+void kt_listen_close(struct kt_listen_set *ls)
+{
+    if (ls->fds)
+        for (size_t k = 0; k < (size_t)ls->n_workers * ls->n_addrs; k++)
+            if (ls->fds[k] >= 0)
+                close(ls->fds[k]);
+    kt_free(ls->fds);
+    kt_free(ls->services);
+    memset(ls, 0, sizeof(*ls));
+}
+
+/* ---- worker threads ---- */
 
 static void accept_arm(struct kt_listener *l)
 {
@@ -142,37 +217,30 @@ static void accept_arm(struct kt_listener *l)
     io_uring_prep_multishot_accept(sqe, l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 }
 
+static int server_closing(const struct kt_server *srv)
+{
+    return atomic_load(&srv->stopping) || atomic_load(&srv->retiring);
+}
+
 static void accept_done(struct kt_op *op, int res, unsigned flags)
 {
     struct kt_listener *l = (struct kt_listener *)op;
     struct kt_worker *w = l->worker;
+    int closing = w->draining || server_closing(w->server);
 
     if (res >= 0) {
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
-        if (w->draining || getpeername(res, (struct sockaddr *)&ss, &len) < 0) {
+        if (closing || getpeername(res, (struct sockaddr *)&ss, &len) < 0) {
             close(res);
         } else {
             kt_session_start(w, res, (struct sockaddr *)&ss, len, w->rt, &w->rt->services[l->service]);
         }
-    } else if (!w->draining && res != -ECANCELED && res != -EAGAIN && res != -EINTR && res != -ECONNABORTED) {
+    } else if (!closing && res != -ECANCELED && res != -EAGAIN && res != -EINTR && res != -ECONNABORTED) {
         kt_warn("accept: %s", strerror(-res));
     }
-    if (!(flags & IORING_CQE_F_MORE) && !w->draining && l->fd >= 0)
+    if (!(flags & IORING_CQE_F_MORE) && !closing && l->fd >= 0)
         accept_arm(l);
-}
-
-static void worker_adopt_runtime(struct kt_worker *w)
-{
-    struct kt_runtime *rt = atomic_load(&w->server->rt);
-    if (rt == w->rt)
-        return;
-    if (rt->n_services != w->rt->n_services) {
-        return;   /* refused by the reload; listeners map services by index */
-    }
-    kt_runtime_ref(rt);
-    kt_runtime_unref(w->rt);
-    w->rt = rt;
 }
 
 static void worker_begin_drain(struct kt_worker *w)
@@ -195,23 +263,24 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
     struct kt_worker *w = (struct kt_worker *)((char *)op - offsetof(struct kt_worker, tick_op));
     time_t now = time(NULL);
     struct kt_server *srv = w->server;
+    int stopping = atomic_load(&srv->stopping);
 
     w->tick_armed = 0;
     kt_dns_tick(w->dns);
-    worker_adopt_runtime(w);
-    if (atomic_load(&srv->stopping) && !w->draining)
+    if (server_closing(srv) && !w->draining)
         worker_begin_drain(w);
     /* the list may change under us: sessions can free themselves */
     struct kt_session *s = w->sessions, *next;
     for (; s; s = next) {
         next = s->next;
-        if (w->draining) {
+        if (stopping) {
             if (now >= srv->drain_deadline) {
                 kt_session_abort(s);
             } else if (!s->txn) {
                 kt_session_shutdown(s);
             }
         } else if (s->deadline && now >= s->deadline) {
+            /* a retiring generation lets its sessions run to their end */
             kt_session_timeout(s);
         }
     }
@@ -264,169 +333,195 @@ static void *worker_main(void *arg)
             close(w->listeners[i].fd);
     kt_loop_fini(&w->loop);
     kt_dirsync_thread_cleanup();
+    atomic_fetch_add(&w->server->threads_done, 1);
     return NULL;
 }
 
-/* ---- main thread ---- */
+/* ---- the queue manager: one per queue directory ---- */
 
-static int reload(struct kt_server *srv, struct kt_qmgr *qmgr)
+/* Only one queue manager may work on a queue directory: a new generation's
+ * waits until the retiring one has stopped (flock on queue_directory/qmgr.lock,
+ * released when that process stops its manager or exits). */
+static int qmgr_lock_open(struct kt_server *srv)
 {
-    struct kt_config *cfg;
-    struct kt_runtime *rt, *old;
-    /* after log rotation: maillog_file is opened again under its name */
-    int lrc = kt_log_reopen();
-    if (lrc < 0)
-        kt_warn("reload: cannot reopen maillog_file: %s", strerror(-lrc));
-    if (!srv->config_dir) {
-        kt_info("reload: embedded configuration, nothing to reload");
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/qmgr.lock", srv->rt->queue_directory);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0)
+        kt_warn("cannot open %s: %s", path, strerror(errno));
+    return fd;
+}
+
+static void *qmgr_waiter(void *arg)
+{
+    struct kt_server *srv = arg;
+    pthread_setname_np(pthread_self(), "ktrelay-qwait");
+    while (!atomic_load(&srv->qmgr_cancel)) {
+        if (flock(srv->qmgr_lock, LOCK_EX | LOCK_NB) == 0) {
+            pthread_mutex_lock(&srv->qmgr_mu);
+            if (!atomic_load(&srv->qmgr_cancel)) {
+                if (kt_qmgr_start(srv->rt, &srv->qmgr) < 0)
+                    kt_err("cannot start the queue manager");
+                else
+                    kt_info_as("qmgr", "queue manager: configuration reloaded (generation %u)", srv->generation);
+            }
+            pthread_mutex_unlock(&srv->qmgr_mu);
+            return NULL;
+        }
+        struct timespec ts = { 0, 50 * 1000000L };
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+/* 0: running (now or as soon as the previous generation's manager stopped);
+ * -1: it could not start. */
+static int qmgr_begin(struct kt_server *srv)
+{
+    srv->qmgr_lock = qmgr_lock_open(srv);
+    if (srv->qmgr_lock < 0 || flock(srv->qmgr_lock, LOCK_EX | LOCK_NB) == 0) {
+        if (kt_qmgr_start(srv->rt, &srv->qmgr) < 0)
+            return -1;
+        if (srv->generation > 1)
+            kt_info_as("qmgr", "queue manager: configuration reloaded (generation %u)", srv->generation);
         return 0;
     }
-    if (kt_config_load(srv->config_dir, &cfg) < 0) {
-        kt_err("reload: configuration has errors; keeping the running one");
-        return -EINVAL;
-    }
-    if (kt_runtime_new(cfg, &rt) < 0) {
-        kt_config_free(cfg);
-        kt_err("reload: configuration has errors; keeping the running one");
-        return -EINVAL;
-    }
-    old = atomic_load(&srv->rt);
-    if (rt->n_services != old->n_services) {
-        kt_err("reload: master.cf services changed; restart ktrelay to change listeners");
-        kt_runtime_unref(rt);
-        return -EINVAL;
-    }
-    atomic_store(&srv->rt, rt);
-    kt_qmgr_reload(qmgr, rt);
-    kt_runtime_unref(old);
-    atomic_fetch_add(&srv->generation, 1);
-    kt_info("reload: configuration reloaded");
+    kt_info("queue manager: waiting for the previous generation's to stop");
+    if (pthread_create(&srv->qmgr_thread, NULL, qmgr_waiter, srv) != 0)
+        return -1;
+    srv->qmgr_waiting = 1;
     return 0;
 }
 
-/* A start that failed before any thread ran: give back what was set up
- * (workers 0..made-1 have their loop and listeners) and the caller's runtime. */
-static int start_failed(struct kt_server *srv, unsigned made, struct bind_addr *addrs, int code)
+static void qmgr_end(struct kt_server *srv)
 {
-    for (unsigned k = 0; k < made; k++) {
-        struct kt_worker *w = &srv->workers[k];
-        for (size_t a = 0; a < w->n_listeners; a++)
-            if (w->listeners[a].fd >= 0)
-                close(w->listeners[a].fd);
-        kt_free(w->listeners);
-        kt_loop_fini(&w->loop);
-        kt_runtime_unref(w->rt);
+    atomic_store(&srv->qmgr_cancel, 1);
+    if (srv->qmgr_waiting) {
+        pthread_join(srv->qmgr_thread, NULL);
+        srv->qmgr_waiting = 0;
     }
-    kt_free(srv->workers);
-    kt_free(addrs);
-    kt_runtime_unref(atomic_load(&srv->rt));
-    return code;
+    pthread_mutex_lock(&srv->qmgr_mu);
+    kt_qmgr_stop(srv->qmgr);
+    srv->qmgr = NULL;
+    pthread_mutex_unlock(&srv->qmgr_mu);
+    if (srv->qmgr_lock >= 0) {
+        close(srv->qmgr_lock);
+        srv->qmgr_lock = -1;
+    }
 }
 
-int kt_server_run(struct kt_runtime *rt, const char *config_dir)
+/* ---- the worker process ---- */
+
+static void tell_master(int fd, char what)
+{
+    if (fd >= 0 && write(fd, &what, 1) != 1)
+        kt_warn("cannot reach the master process: %s", strerror(errno));
+}
+
+/* SIGQUIT from the master: a new generation serves from now on. Stop
+ * accepting (the sockets are shut down here, so no connection lands on this
+ * generation once the master hears back), hand the queue over, let running
+ * sessions finish. */
+static void retire(struct kt_server *srv, int status_fd)
+{
+    atomic_store(&srv->retiring, 1);
+    for (unsigned k = 0; k < srv->n_workers; k++)
+        for (size_t i = 0; i < srv->workers[k].n_listeners; i++)
+            shutdown(srv->workers[k].listeners[i].fd, SHUT_RDWR);
+    tell_master(status_fd, 'C');
+    if (srv->metrics) {
+        kt_metrics_http_stop();
+        srv->metrics = 0;
+    }
+    kt_info("generation %u: no longer accepting; finishing its sessions", srv->generation);
+    qmgr_end(srv);
+}
+
+int kt_server_run(struct kt_runtime *rt, const struct kt_listen_set *ls, unsigned generation, int status_fd)
 {
     struct kt_server srv;
-    struct bind_addr *addrs = NULL;
-    size_t n_addrs = 0;
     int exit_code = 0;
-    char why[256];
 
     memset(&srv, 0, sizeof(srv));
-    srv.config_dir = config_dir;
-    atomic_init(&srv.rt, rt);
-
-    if (kt_ktls_probe(why, sizeof(why)))
-        kt_info("kernel TLS: available (tls ULP); TLS sessions hand record encryption to the kernel");
-    else
-        kt_info("kernel TLS: not available: %s; TLS stays in userspace OpenSSL", why);
-
-    for (size_t i = 0; i < rt->n_services; i++)
-        if (service_addrs(rt, i, &addrs, &n_addrs) < 0)
-            return start_failed(&srv, 0, addrs, EX_CONFIG);
-    if (n_addrs == 0) {
-        kt_err("fatal: no listening addresses: add an inet smtpd service to master.cf");
-        return start_failed(&srv, 0, addrs, EX_CONFIG);
-    }
+    srv.rt = rt;
+    srv.generation = generation;
+    srv.qmgr_lock = -1;
+    pthread_mutex_init(&srv.qmgr_mu, NULL);
 
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGHUP);
+    sigaddset(&set, SIGQUIT);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    srv.n_workers = rt->worker_threads;
+    srv.n_workers = ls->n_workers;
     srv.workers = kt_calloc(srv.n_workers, sizeof(*srv.workers));
     for (unsigned k = 0; k < srv.n_workers; k++) {
         struct kt_worker *w = &srv.workers[k];
         w->server = &srv;
         w->ktls = &srv.ktls;
         w->id = k;
+        w->rt = rt;
+        w->listeners = kt_calloc(ls->n_addrs, sizeof(*w->listeners));
+        w->n_listeners = ls->n_addrs;
+        for (size_t a = 0; a < ls->n_addrs; a++) {
+            struct kt_listener *l = &w->listeners[a];
+            l->op.cb = accept_done;
+            l->worker = w;
+            l->service = ls->services[a];
+            l->fd = ls->fds[k * ls->n_addrs + a];
+        }
         int rc = kt_loop_init(&w->loop, RING_ENTRIES);
         if (rc < 0) {
             kt_err("fatal: io_uring_queue_init: %s%s", strerror(-rc),
                    rc == -ENOMEM ? " (raise the locked-memory limit: ulimit -l, LimitMEMLOCK=)"
                    : rc == -EPERM ? " (io_uring is disabled: sysctl kernel.io_uring_disabled=0)" : "");
-            return start_failed(&srv, k, addrs, EX_OSERR);
-        }
-        w->rt = kt_runtime_ref(rt);
-        w->listeners = kt_calloc(n_addrs, sizeof(*w->listeners));
-        w->n_listeners = n_addrs;
-        for (size_t a = 0; a < n_addrs; a++)
-            w->listeners[a].fd = -1;
-        for (size_t a = 0; a < n_addrs; a++) {
-            struct kt_listener *l = &w->listeners[a];
-            l->op.cb = accept_done;
-            l->worker = w;
-            l->service = addrs[a].service;
-            l->fd = open_listener(&addrs[a]);
-            if (l->fd < 0) {
-                if (l->fd == -EACCES && geteuid() != 0)
-                    kt_err("fatal: cannot listen on %s: %s: ports below 1024 need root; run ktrelay as root, "
-                           "or grant the binary CAP_NET_BIND_SERVICE (setcap cap_net_bind_service=+ep "
-                           "/path/to/ktrelay, or AmbientCapabilities=CAP_NET_BIND_SERVICE in its unit)",
-                           addrs[a].text, strerror(-l->fd));
-                else if (l->fd == -EADDRINUSE)
-                    kt_err("fatal: cannot listen on %s: %s: another server (or ktrelay) holds that port; "
-                           "stop it or change the service in master.cf", addrs[a].text, strerror(-l->fd));
-                else
-                    kt_err("fatal: cannot listen on %s: %s", addrs[a].text, strerror(-l->fd));
-                return start_failed(&srv, k + 1, addrs, l->fd == -EACCES ? EX_NOPERM : EX_UNAVAILABLE);
-            }
+            return EX_OSERR;        /* the worker process exits: nothing to give back */
         }
     }
-    for (size_t a = 0; a < n_addrs; a++) {
-        const struct kt_smtpd_settings *st = &rt->services[addrs[a].service];
-        kt_info("listening on %s (service %s%s%s)", addrs[a].text, st->service->name,
-                st->wrappermode ? ", implicit TLS" : "",
-                st->wrappermode ? "" : st->tls_level == KT_TLS_ENCRYPT ? ", STARTTLS required"
-                                     : st->tls_level == KT_TLS_MAY ? ", STARTTLS" : "");
-    }
-    kt_free(addrs);
     /* the queue manager's thread inherits the blocked signal mask */
-    struct kt_qmgr *qmgr = NULL;
-    if (kt_qmgr_start(rt, &qmgr) < 0) {
+    if (qmgr_begin(&srv) < 0) {
         kt_err("fatal: cannot start the queue manager");
-        return start_failed(&srv, srv.n_workers, NULL, EX_UNAVAILABLE);
+        return EX_UNAVAILABLE;
+    }
+    /* ktrelay_metrics_address: served by the generation that serves mail (its
+     * counters); SO_REUSEPORT lets the next generation bind it while this one
+     * retires */
+    if (rt->metrics_address[0]) {
+        char err[512];
+        if (kt_metrics_http_start(rt->metrics_address, err, sizeof(err)) < 0) {
+            kt_err("fatal: %s", err);
+            return EX_UNAVAILABLE;
+        }
+        srv.metrics = 1;
     }
     for (unsigned k = 0; k < srv.n_workers; k++)
         pthread_create(&srv.workers[k].thread, NULL, worker_main, &srv.workers[k]);
-    kt_info("daemon started -- version %s, %u worker threads", KT_VERSION, srv.n_workers);
-    /* every listener is bound and its accept armed by now: systemd may start dependants */
-    kt_notify_ready("accepting mail");
+    tell_master(status_fd, 'R');
 
     for (;;) {
         int sig;
-        if (sigwait(&set, &sig) != 0)
-            continue;
-        if (sig == SIGHUP) {
-            kt_notify_reloading();
-            reload(&srv, qmgr);
-            kt_notify_ready("accepting mail");
+        if (atomic_load(&srv.retiring)) {
+            /* wait for the sessions to end, still listening for SIGTERM */
+            if (atomic_load(&srv.threads_done) == srv.n_workers)
+                break;
+            struct timespec ts = { 0, TICK_MS * 1000000L };
+            sig = sigtimedwait(&set, NULL, &ts);
+            if (sig < 0)
+                continue;
+        } else if (sigwait(&set, &sig) != 0) {
             continue;
         }
-        kt_notify_stopping();
+        if (sig == SIGHUP)
+            continue;              /* the master reloads */
+        if (sig == SIGQUIT) {
+            if (!atomic_load(&srv.retiring))
+                retire(&srv, status_fd);
+            continue;
+        }
         kt_info("terminating on signal %d", sig);
         srv.drain_deadline = time(NULL) + DRAIN_SECONDS;
         atomic_store(&srv.stopping, 1);
@@ -434,15 +529,17 @@ int kt_server_run(struct kt_runtime *rt, const char *config_dir)
     }
     for (unsigned k = 0; k < srv.n_workers; k++) {
         pthread_join(srv.workers[k].thread, NULL);
-        kt_runtime_unref(srv.workers[k].rt);
         kt_free(srv.workers[k].listeners);
     }
     kt_free(srv.workers);
-    kt_qmgr_stop(qmgr);
-    kt_runtime_unref(atomic_load(&srv.rt));
+    qmgr_end(&srv);
+    pthread_mutex_destroy(&srv.qmgr_mu);
+    if (srv.metrics)
+        kt_metrics_http_stop();
+    kt_metrics_shutdown();
     kt_info("ktls sessions: tls12 tx=%lu rx=%lu tls13 tx=%lu rx=%lu (of %lu TLS sessions)",
             atomic_load(&srv.ktls.tls12_tx), atomic_load(&srv.ktls.tls12_rx), atomic_load(&srv.ktls.tls13_tx),
             atomic_load(&srv.ktls.tls13_rx), atomic_load(&srv.ktls.sessions_tls));
-    kt_info("stopped");
+    kt_info("generation %u stopped", generation);
     return exit_code;
 }

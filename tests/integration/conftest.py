@@ -48,6 +48,7 @@ class Relay:
     """A running ktrelay. `ports` maps service label -> port; `log()` returns stderr so far."""
 
     def __init__(self, tmp, main_cf, services, env=None):
+        make_searchable(tmp)             # the workers run as mail_owner when the tests run as root
         self.dir = tmp
         self.maildir_base = tmp / "mail"
         self.ports = {}
@@ -142,6 +143,47 @@ bob@example.test     example.test/bob/
 """
 
 
+MAIL_OWNER = "ktrelay"
+
+
+def ensure_mail_owner():
+    """As root, ktrelay's workers run as mail_owner (default ktrelay): make the user when it is missing."""
+    if os.geteuid() != 0:
+        return
+    if subprocess.run(["id", "-u", MAIL_OWNER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--system", "--home-dir", "/var/lib/ktrelay", "--shell", "/usr/sbin/nologin",
+                        MAIL_OWNER], check=True, capture_output=True)
+
+
+def make_searchable(path):
+    """Let mail_owner reach PATH: pytest makes its temporary folders 0700 (root's)."""
+    if os.geteuid() != 0:
+        return
+    p = pathlib.Path(path).resolve()
+    for d in [p, *p.parents]:
+        if d == pathlib.Path("/"):
+            break
+        mode = d.stat().st_mode & 0o7777
+        if not mode & 0o001:
+            os.chmod(d, mode | 0o001)
+
+
+def give_to_mail_owner(*paths):
+    """As root: what a test makes inside the mail directory must belong to mail_owner, as the worker
+    that writes there does (the files' owner when ktrelay runs as root)."""
+    if os.geteuid() != 0:
+        return
+    import pwd
+    pw = pwd.getpwnam(MAIL_OWNER)
+    for p in paths:
+        os.chown(p, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _mail_owner():
+    ensure_mail_owner()
+
+
 @pytest.fixture
 def relay_factory(tmp_path):
     """relay_factory(extra_main_cf="", services={"smtp": {}}) -> Relay. Stopped at teardown; the test
@@ -151,6 +193,7 @@ def relay_factory(tmp_path):
     def start(extra_main_cf="", services=None, vmailbox=BASE_VMAILBOX, env=None):
         d = tmp_path / f"relay{len(relays)}"
         d.mkdir()
+        make_searchable(d)
         (d / "vmailbox").write_text(vmailbox)
         main_cf = BASE_MAIN_CF.format(dir=d) + extra_main_cf.replace("{dir}", str(d))
         r = Relay(d, main_cf, services or {"smtp": {}}, env=env)
@@ -186,6 +229,7 @@ def port_busy(port):
 def embedded_default(directory):
     """`ktrelay run` without -c in `directory`, as a first-time user starts it (fixed ports 2525 and
     4465; the caller skips when they are busy). Yields the directory; checks a clean exit at the end."""
+    make_searchable(directory)
     logpath = directory / "default.log"
     logf = open(logpath, "w+b")
     proc = subprocess.Popen([BIN, "run"], cwd=directory, stdout=logf, stderr=subprocess.STDOUT,

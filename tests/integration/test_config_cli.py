@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from conftest import BIN, BASE_MAIN_CF, BASE_VMAILBOX, SmtpConn, free_port, make_cert
+from conftest import BIN, BASE_MAIN_CF, BASE_VMAILBOX, SmtpConn, free_port, make_cert, make_searchable
 
 
 def write_conf(tmp_path, main_cf, master_cf=None):
+    make_searchable(tmp_path)        # for mail_owner, when run as root
     (tmp_path / "vmailbox").write_text(BASE_VMAILBOX)
     (tmp_path / "main.cf").write_text(BASE_MAIN_CF.format(dir=tmp_path) + main_cf)
     if master_cf is not None:

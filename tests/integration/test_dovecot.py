@@ -44,10 +44,11 @@ def dovecot(open_dir):
     d = tmp_path / "dovecot"
     d.mkdir()
     maildir = tmp_path / "mail" / "example.test" / "alice"
-    # ktrelay makes missing parents root-only; the mailbox itself belongs to UID
+    # the mailbox belongs to UID, which makes it (as with Postfix's virtual(8)) in a folder it may write
     maildir.parent.mkdir(parents=True)
     for p in (maildir.parent, maildir.parent.parent):
         p.chmod(0o755)
+    os.chown(maildir.parent, UID, UID)
     port = free_port()
     (d / "users").write_text(f"alice:{{PLAIN}}s3cret:{UID}:{UID}::{tmp_path}::\n")
     conf = d / "dovecot.conf"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, BASE_MAIN_CF, BASE_VMAILBOX, Relay, free_port
+from conftest import BIN, BASE_MAIN_CF, BASE_VMAILBOX, Relay, free_port, make_searchable
 
 PFLOGSUMM = shutil.which("pflogsumm") or "/usr/sbin/pflogsumm"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
@@ -200,6 +200,7 @@ def test_syslog_by_default(tmp_path):
             (dev / name).touch()
         d = tmp_path / "relay"
         d.mkdir()
+        make_searchable(d)
         (d / "vmailbox").write_text(BASE_VMAILBOX)
         port = free_port()
         (d / "main.cf").write_text(BASE_MAIN_CF.format(dir=d) + f"queue_directory = {d}/queue\n"
@@ -225,7 +226,7 @@ def test_syslog_by_default(tmp_path):
         started = [g for g in got if "daemon started" in g]
         assert started, got
         # <22> = mail.info; RFC 3164 time stamp, then the Postfix-style tag
-        assert re.match(r"^<22>\w{3} [ \d]\d \d\d:\d\d:\d\d ktrelay/smtpd\[\d+\]: daemon started", started[0])
+        assert re.match(r"^<22>\w{3} [ \d]\d \d\d:\d\d:\d\d ktrelay/master\[\d+\]: daemon started", started[0])
         sent = [g for g in got if "status=sent" in g]
         assert re.match(r"^<22>.* ktrelay/virtual\[\d+\]: [0-9A-F]+: to=<bob@example.test>, relay=virtual", sent[0])
         # the foreground keeps its stderr copy

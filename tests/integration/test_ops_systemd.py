@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, BASE_MAIN_CF, BASE_VMAILBOX, free_port
+from conftest import BIN, BASE_MAIN_CF, BASE_VMAILBOX, free_port, make_searchable
 
 BUILD = Path(BIN).resolve().parent
 
@@ -82,6 +82,7 @@ def test_sd_notify_ready_reloading_stopping(tmp_path):
     sock.settimeout(15)
     d = tmp_path / "relay"
     d.mkdir()
+    make_searchable(d)
     (d / "vmailbox").write_text(BASE_VMAILBOX)
     (d / "main.cf").write_text(BASE_MAIN_CF.format(dir=d) + f"queue_directory = {d}/queue\n")
     port = free_port()

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import SmtpConn, wait_until
+from conftest import SmtpConn, give_to_mail_owner, wait_until
 
 
 def stuff(content):
@@ -570,6 +570,7 @@ def test_unwritable_mailbox_451_and_nothing_left(relay, order):
     for sub in ("tmp", "cur"):
         (bob / sub).mkdir(parents=True)
     (bob / "new").write_text("not a directory\n")      # root ignores modes: a file blocks delivery
+    give_to_mail_owner(bob.parent, bob, bob / "tmp", bob / "cur", bob / "new")
     c = SmtpConn(relay.port())
     r = send_data(c, b"Subject: blocked\r\n\r\n", rcpts=[f"{u}@example.test" for u in order])
     assert r == "451 4.3.0 Error: queue file write error"

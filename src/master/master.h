@@ -1,0 +1,24 @@
+/* The master process, like nginx's master and Postfix's master(8): it reads
+ * the configuration and the TLS keys, creates queue_directory and
+ * data_directory, binds the listening sockets, and starts a generation: one
+ * local delivery agent (delivery/local.h, stays root) and one worker process
+ * (smtpd/server.h) that runs as mail_owner with no capabilities and
+ * PR_SET_NO_NEW_PRIVS. SIGHUP starts a new generation with the new
+ * configuration, keys and listeners, then retires the old one (it stops
+ * accepting and finishes its sessions); a configuration with errors is
+ * refused and the running generation kept. SIGTERM/SIGINT stop every
+ * generation and exit 0 when they all stopped cleanly.
+ *
+ * Started by a normal user, nothing changes owner: the worker keeps that
+ * user's identity and there is no delivery agent. */
+#ifndef KTRELAY_MASTER_H
+#define KTRELAY_MASTER_H
+
+struct kt_runtime;
+
+/* Run until SIGTERM/SIGINT; takes RT (the start-up configuration loaded from
+ * CONFIG_DIR). Returns the process exit code: 0 after a clean stop, 1 when
+ * start-up failed or a worker process died. */
+int kt_master_run(struct kt_runtime *rt, const char *config_dir);
+
+#endif
