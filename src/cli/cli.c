@@ -1,9 +1,15 @@
 /* The configuration directory rule and its messages (see cli.h). */
+#include <errno.h>
+#include <grp.h>
+#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "conf/config.h"
 
 const char *kt_cli_config_dir(const char *given, int *is_default)
 {
@@ -32,4 +38,22 @@ const char *kt_cli_config_dir_existing(const char *given, const char *prog)
         return NULL;
     }
     return dir;
+}
+
+int kt_cli_as_queue_owner(const struct kt_config *cfg, const char *prog)
+{
+    const char *owner = kt_config_get(cfg, NULL, "mail_owner");
+    const char *qdir = kt_config_get(cfg, NULL, "queue_directory");
+    struct passwd *pw = geteuid() == 0 && owner && *owner ? getpwnam(owner) : NULL;
+    struct stat qst;
+    if (!pw || pw->pw_uid == 0 || !qdir || lstat(qdir, &qst) < 0 || !S_ISDIR(qst.st_mode) ||
+        qst.st_uid != pw->pw_uid)
+        return 0;
+    gid_t gid = pw->pw_gid;
+    if (setgroups(1, &gid) < 0 || setegid(gid) < 0 || seteuid(pw->pw_uid) < 0) {
+        int e = errno;
+        fprintf(stderr, "%s: cannot switch to mail_owner %s: %s\n", prog, owner, strerror(e));
+        return -e;
+    }
+    return 0;
 }

@@ -25,4 +25,13 @@ const char *kt_cli_config_dir(const char *given, int *is_default);
  * user on stderr what to do (prog names the command in the message). */
 const char *kt_cli_config_dir_existing(const char *given, const char *prog);
 
+struct kt_config;
+/* Run by root: when mail_owner owns queue_directory, switch the effective
+ * uid and gid to it (the real ones stay root's, so the sender and the
+ * "from userid" are root), so that what the command writes into the queue is
+ * readable by the queue manager, which runs as mail_owner. Before the first
+ * start the queue is root's and nothing changes (the master gives the files
+ * to mail_owner when it starts). 0, or -errno after telling the user. */
+int kt_cli_as_queue_owner(const struct kt_config *cfg, const char *prog);
+
 #endif

@@ -30,22 +30,9 @@ static struct kt_config *load_config(const char *given, const char *prog)
         return NULL;
     if (kt_config_load(dir, &cfg) < 0)
         return NULL;
-    /* Run by root: queue files belong to mail_owner, whose queue manager
-     * reads them (only the effective ids change: the sender stays root).
-     * Before the first start the queue may not exist yet: then the files are
-     * root's, and the master gives them to mail_owner when it starts. */
-    const char *owner = kt_config_get(cfg, NULL, "mail_owner");
-    const char *qdir = kt_config_get(cfg, NULL, "queue_directory");
-    struct passwd *pw = geteuid() == 0 && owner && *owner ? getpwnam(owner) : NULL;
-    struct stat qst;
-    if (pw && pw->pw_uid != 0 && qdir && lstat(qdir, &qst) == 0 && S_ISDIR(qst.st_mode) &&
-        qst.st_uid == pw->pw_uid) {
-        gid_t gid = pw->pw_gid;
-        if (setgroups(1, &gid) < 0 || setegid(gid) < 0 || seteuid(pw->pw_uid) < 0) {
-            fprintf(stderr, "ktrelay: cannot switch to mail_owner %s: %s\n", owner, strerror(errno));
-            kt_config_free(cfg);
-            return NULL;
-        }
+    if (kt_cli_as_queue_owner(cfg, prog) < 0) {
+        kt_config_free(cfg);
+        return NULL;
     }
     return cfg;
 }

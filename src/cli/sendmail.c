@@ -615,6 +615,10 @@ int kt_queue_cli_sendmail(int argc, char **argv)
     struct kt_config *cfg;
     if (!cdir || kt_config_load(cdir, &cfg) < 0)
         return EX_CONFIG;
+    if (kt_cli_as_queue_owner(cfg, "sendmail") < 0) {
+        kt_config_free(cfg);
+        return EX_NOPERM;
+    }
     cli_logging(cfg, verbose);
     struct submit_ctx c = {
         .cfg = cfg,

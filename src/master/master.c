@@ -160,7 +160,8 @@ static int own_dir(const char *param, const char *path, const struct owner *o, m
 static int prepare_queue(const char *qdir, const struct owner *o)
 {
     static const char *const sub[] = { "tmp", "new", "status" };
-    int rc = own_dir("queue_directory", qdir, o, 0700);
+    /* searchable (not readable) by all, like Postfix's: local users reach maildrop/ */
+    int rc = own_dir("queue_directory", qdir, o, 0711);
     if (rc < 0)
         return rc;
     int qfd = open(qdir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);

@@ -155,9 +155,9 @@ def test_queue_and_data_directories_are_made_for_mail_owner(relay_factory, tmp_p
     data.mkdir(mode=0o755)                     # exists with the wrong owner and mode: fixed and logged
     r = relay_factory(f"queue_directory = {q}\ndata_directory = {data}\n")
     owner_uid = int(subprocess.run(["id", "-u", MAIL_OWNER], capture_output=True, check=True).stdout)
-    for d in (q, data):
+    for d, mode in ((q, 0o711), (data, 0o700)):
         st = os.stat(d)
-        assert (st.st_uid, st.st_mode & 0o7777) == (owner_uid, 0o700), d
+        assert (st.st_uid, st.st_mode & 0o7777) == (owner_uid, mode), d
     log = r.log()
     assert f"created queue_directory {q}" in log
     assert f"data_directory {data}: owner set to {MAIL_OWNER} (was uid 0 gid 0)" in log
