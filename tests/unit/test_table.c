@@ -309,7 +309,8 @@ static void test_net_list(void **state)
     kt_free(cidr);
 }
 
-/* A few hundred thousand keys must load well under a second (ASan builds get slack). */
+/* A few hundred thousand keys load and every one is found (the load time is printed; speed is measured
+ * in bench/, never asserted in a test). */
 static void test_large_table(void **state)
 {
     char path[] = "/tmp/kt_table_large_XXXXXX";
@@ -319,7 +320,6 @@ static void test_large_table(void **state)
     struct kt_table *t;
     struct timespec a, b;
     const unsigned n = 300000;
-    double secs;
 
     (void)state;
     assert_true(fd >= 0);
@@ -332,13 +332,8 @@ static void test_large_table(void **state)
     clock_gettime(CLOCK_MONOTONIC, &a);
     t = open_ok(spec, KT_TABLE_MAP);
     clock_gettime(CLOCK_MONOTONIC, &b);
-    secs = (double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) / 1e9;
-    print_message("loaded %u keys in %.3f s\n", n, secs);
-#if defined(__SANITIZE_ADDRESS__)
-    assert_true(secs < 5.0);
-#else
-    assert_true(secs < 1.0);
-#endif
+    print_message("loaded %u keys in %.3f s\n", n,
+                  (double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) / 1e9);
     for (unsigned i = 0; i < n; i += 997) {
         char want[32];
         snprintf(key, sizeof(key), "user%u@DOMAIN%u.example", i, i % 1000);
