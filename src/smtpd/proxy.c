@@ -74,8 +74,13 @@ static int parse_v1(const unsigned char *buf, size_t len, struct kt_proxy_header
         return -EINVAL;
     }
     inet_pton(family, f[2], bin);
-    /* canonical text, so the address compares like one taken from a socket */
-    inet_ntop(family, bin, out->addr, sizeof(out->addr));
+    /* canonical text, so the address compares like one taken from a socket;
+     * IPv4-mapped IPv6 becomes IPv4 as in v2 and for a socket's own address
+     * (else DNS lists would look up an IPv6 name and limits count it apart) */
+    if (family == AF_INET6 && IN6_IS_ADDR_V4MAPPED((const struct in6_addr *)bin))
+        inet_ntop(AF_INET, bin + 12, out->addr, sizeof(out->addr));
+    else
+        inet_ntop(family, bin, out->addr, sizeof(out->addr));
     out->local = 0;
     return (int)(n + 2);
 }

@@ -168,3 +168,19 @@ def test_unknown_proxy_protocol_is_a_config_error(tmp_path):
     p = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 78     # EX_CONFIG
     assert 'smtpd_upstream_proxy_protocol: unsupported value "nginx" (empty or haproxy)' in p.stdout + p.stderr
+
+
+def test_v1_ipv4_mapped_address_is_the_ipv4_client(relay_factory):
+    # the header of an HAProxy listening on :: (v4v6) names an IPv4 client as ::ffff:a.b.c.d;
+    # it is that IPv4 client for mynetworks, logs, limits and DNS lists, as with v2 and a socket
+    r = relay_factory(MAIN, services={"smtp": {"smtpd_upstream_proxy_protocol": "haproxy"}})
+    s = socket.create_connection(("127.0.0.1", r.port()), timeout=10)
+    s.sendall(b"PROXY TCP6 ::ffff:127.0.0.2 ::ffff:127.0.0.1 40000 25\r\n")
+    c = SmtpConn(sock=s)
+    assert c.banner == "220 mx.example.test ESMTP ktrelay"
+    assert c.cmd("EHLO client.example").startswith("250-")
+    assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<x@remote.example>") == "554 5.7.1 <x@remote.example>: Relay access denied"
+    c.cmd("QUIT")
+    assert r.wait_log("connect from unknown[127.0.0.2]")
+    assert "::ffff:" not in r.log()

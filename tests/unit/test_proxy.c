@@ -35,6 +35,10 @@ static void test_v1(void **state)
     const char l6[] = "PROXY TCP6 2001:db8:0::19 2001:db8::1 1 25\r\n";
     assert_int_equal(parse(l6, strlen(l6), &h, &why), (int)strlen(l6));
     assert_string_equal(h.addr, "2001:db8::19");
+    /* IPv4-mapped IPv6 (an HAProxy listening on :: with v4v6) is the IPv4 client, as in v2 */
+    const char m6[] = "PROXY TCP6 ::ffff:192.0.2.7 ::ffff:198.51.100.1 1 25\r\n";
+    assert_int_equal(parse(m6, strlen(m6), &h, &why), (int)strlen(m6));
+    assert_string_equal(h.addr, "192.0.2.7");
     const char unk[] = "PROXY UNKNOWN\r\n";
     assert_int_equal(parse(unk, strlen(unk), &h, &why), (int)strlen(unk));
     assert_int_equal(h.local, 1);
