@@ -58,6 +58,8 @@ struct kt_config {
     struct ctx global;
     struct svc *svcs;
     size_t nsvcs;
+    struct svc *xports;             /* master.cf's smtp and relay transports (unix ... smtp) */
+    size_t nxports;
     char **pool;                    /* strings owned by the configuration */
     size_t npool;
     char **seen;                    /* messages already reported */
@@ -774,7 +776,28 @@ static void master_line(struct kt_config *cfg, const char *file, int line, char 
                 }
             }
         }
-        if (ty != 0 || strcmp(t[7].text, "smtpd") != 0) {
+        if (ty == 1 && strcmp(t[7].text, "smtp") == 0
+            && (strcmp(t[0].text, "smtp") == 0 || strcmp(t[0].text, "relay") == 0)) {
+            /* ktrelay's one outbound client stands for these transports;
+             * their -o overrides are checked in build() */
+            kt_info("%s:%d: service %s/%s ignored: ktrelay runs only inet smtpd services",
+                    file, line, t[0].text, t[1].text);
+            struct svc x = { 0 };
+            x.pub.name = keep(cfg, kt_asprintf("%s/unix", t[0].text));
+            x.pub.file = file;
+            x.pub.line = line;
+            parse_options(cfg, &x, t, nt, file, line);
+            for (size_t i = 0; i < cfg->nxports; i++) {
+                if (strcmp(cfg->xports[i].pub.name, x.pub.name) == 0) {
+                    kt_free(cfg->xports[i].over);
+                    memmove(&cfg->xports[i], &cfg->xports[i + 1], (cfg->nxports - i - 1) * sizeof(x));
+                    cfg->nxports--;
+                    break;
+                }
+            }
+            cfg->xports = grow(cfg->xports, cfg->nxports, sizeof(x));
+            cfg->xports[cfg->nxports++] = x;
+        } else if (ty != 0 || strcmp(t[7].text, "smtpd") != 0) {
             kt_info("%s:%d: service %s/%s ignored: ktrelay runs only inet smtpd services",
                     file, line, t[0].text, t[1].text);
         } else {
@@ -860,6 +883,25 @@ static void check_unimplemented(struct kt_config *cfg, const struct ctx *c, cons
                "ktrelay_ignore_unimplemented = yes to run without it", d->name);
 }
 
+/* An -o override on master.cf's smtp or relay transport: ktrelay's outbound
+ * client uses main.cf's values for every transport, so the override would
+ * silently not apply (smtp_tls_security_level=encrypt would still send in
+ * plaintext). An error unless ktrelay_ignore_unimplemented = yes; syslog_name
+ * only warns (reported when parsed). */
+static void check_transport_override(struct kt_config *cfg, const struct svc *x, const struct def *d)
+{
+    if (strcmp(d->name, "syslog_name") == 0)
+        return;
+    if (cfg->global.num[sym_find(cfg, "ktrelay_ignore_unimplemented")] == 1)
+        report(cfg, 0, d->file, d->line, "service %s: -o %s is not applied: ktrelay's outbound client uses "
+               "main.cf's values for every transport; ignored because ktrelay_ignore_unimplemented = yes",
+               x->pub.name, d->name);
+    else
+        report(cfg, 1, d->file, d->line, "service %s: -o %s is not applied: ktrelay's outbound client uses "
+               "main.cf's values for every transport; set it in main.cf, remove it, or set "
+               "ktrelay_ignore_unimplemented = yes to run without it", x->pub.name, d->name);
+}
+
 static void build(struct kt_config *cfg)
 {
     cfg->npar = kt_param_count();
@@ -901,6 +943,9 @@ static void build(struct kt_config *cfg)
         check_unknown(cfg, &cfg->defs[i], 0);
         check_unimplemented(cfg, &cfg->global, &cfg->defs[i]);
     }
+    for (size_t x = 0; x < cfg->nxports; x++)
+        for (size_t i = 0; i < cfg->xports[x].nover; i++)
+            check_transport_override(cfg, &cfg->xports[x], &cfg->xports[x].over[i]);
     for (size_t s = 0; s < cfg->nsvcs; s++) {
         for (size_t i = 0; i < cfg->svcs[s].nover; i++) {
             check_unknown(cfg, &cfg->svcs[s].over[i], 1);
@@ -1004,6 +1049,9 @@ void kt_config_free(struct kt_config *cfg)
         kt_free(cfg->svcs[s].over);
     }
     kt_free(cfg->svcs);
+    for (size_t x = 0; x < cfg->nxports; x++)
+        kt_free(cfg->xports[x].over);
+    kt_free(cfg->xports);
     free_ctx(&cfg->global, cfg->nsym);
     for (size_t i = 0; i < cfg->npool; i++)
         kt_free(cfg->pool[i]);

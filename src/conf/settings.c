@@ -146,6 +146,24 @@ static enum kt_tls_level tls_level(const struct kt_config *cfg, const struct kt_
     return KT_TLS_NONE;
 }
 
+/* The parameter an error from building a server TLS context is about, so
+ * that it is reported at the line that set it. */
+static const char *server_tls_param(const char *err, const struct kt_tls_server_params *p, int mandatory)
+{
+    int rsa = p->cert_file[0] != '\0';
+    if (strstr(err, "private key"))
+        return rsa ? "smtpd_tls_key_file" : "smtpd_tls_eckey_file";
+    if (strstr(err, "CA certificates") || strstr(err, "client CA names"))
+        return p->CAfile[0] ? "smtpd_tls_CAfile" : "smtpd_tls_CApath";
+    if (strstr(err, "TLS protocol"))
+        return mandatory ? "smtpd_tls_mandatory_protocols" : "smtpd_tls_protocols";
+    if (strstr(err, "cipher"))
+        return mandatory ? "smtpd_tls_mandatory_ciphers" : "smtpd_tls_ciphers";
+    if (strstr(err, "session cache"))
+        return "smtpd_tls_session_cache_timeout";
+    return rsa ? "smtpd_tls_cert_file" : "smtpd_tls_eccert_file";
+}
+
 static struct kt_tls_server *service_tls(struct runtime_private *rp, const struct kt_config *cfg,
                                          const struct kt_service *svc, struct kt_smtpd_settings *st, int *errors)
 {
@@ -171,7 +189,9 @@ static struct kt_tls_server *service_tls(struct runtime_private *rp, const struc
     };
     if (!p.cert_file[0] && !p.eccert_file[0]) {
         if (st->wrappermode || st->tls_level == KT_TLS_ENCRYPT) {
-            param_err(cfg, svc, st->wrappermode ? "smtpd_tls_wrappermode" : "smtpd_tls_security_level",
+            param_err(cfg, svc, st->wrappermode ? "smtpd_tls_wrappermode"
+                                : get(cfg, svc, "smtpd_tls_security_level")[0] ? "smtpd_tls_security_level"
+                                : "smtpd_enforce_tls",
                       "TLS is required but neither smtpd_tls_cert_file nor smtpd_tls_eccert_file is set");
             (*errors)++;
         } else {
@@ -188,9 +208,7 @@ static struct kt_tls_server *service_tls(struct runtime_private *rp, const struc
     if (!t) {
         char err[2048];
         if (kt_tls_server_new(&p, &t, err, sizeof(err)) < 0) {
-            int rsa = p.cert_file[0] != '\0', about_key = strstr(err, "private key") != NULL;
-            param_err(cfg, svc, about_key ? (rsa ? "smtpd_tls_key_file" : "smtpd_tls_eckey_file")
-                                          : (rsa ? "smtpd_tls_cert_file" : "smtpd_tls_eccert_file"), "%s", err);
+            param_err(cfg, svc, server_tls_param(err, &p, mandatory), "%s", err);
             (*errors)++;
             t = NULL;
         } else {
@@ -508,7 +526,12 @@ static int smtp_settings(struct runtime_private *rp, const struct kt_config *cfg
                                                     : "smtp_tls_exclude_ciphers"),
     };
     if (kt_tls_client_ctx_new(&p, &rp->smtp_ssl_ctx, err, sizeof(err)) < 0) {
-        param_err(cfg, NULL, "smtp_tls_security_level", "outbound TLS: %s", err);
+        const char *about = strstr(err, "CA certificates") ? (p.CAfile[0] ? "smtp_tls_CAfile" : "smtp_tls_CApath")
+                          : strstr(err, "TLS protocol") ? (mandatory ? "smtp_tls_mandatory_protocols"
+                                                                     : "smtp_tls_protocols")
+                          : strstr(err, "cipher") ? (mandatory ? "smtp_tls_mandatory_ciphers" : "smtp_tls_ciphers")
+                          : "smtp_tls_security_level";
+        param_err(cfg, NULL, about, "outbound TLS: %s", err);
         return 1;
     }
     sm->ssl_ctx = rp->smtp_ssl_ctx;

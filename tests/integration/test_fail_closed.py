@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, Relay, SmtpConn, free_port
+from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, Relay, SmtpConn, free_port, make_cert
 
 
 def write_conf(d, extra_main="", overrides=()):
@@ -125,6 +125,56 @@ def test_bad_value_refused_by_check_config_and_run(tmp_path, main_line, override
     assert rc == 78, out
     assert lines[0].split("error: ", 1)[1] in out, out        # the same message, from the same check
     assert "daemon started" not in out and "listening on" not in out
+
+
+def test_outbound_transport_overrides_are_refused(tmp_path):
+    """master.cf's smtp and relay transports (unix ... smtp) stand for ktrelay's one outbound client,
+    which takes main.cf's values: an -o there (TLS asked per transport) would silently not apply, so
+    both check-config and run refuse it at its line; Debian's -o syslog_name only warns."""
+    write_conf(tmp_path)
+    master = (tmp_path / "master.cf").read_text()
+    (tmp_path / "master.cf").write_text(master + "smtp      unix  -       -       y       -       -       smtp\n"
+                                        "  -o smtp_tls_security_level=encrypt\n"
+                                        "relay     unix  -       -       y       -       -       smtp\n"
+                                        "        -o syslog_name=postfix/$service_name\n")
+    message = (f"{tmp_path}/master.cf:2: service smtp/unix: -o smtp_tls_security_level is not applied: "
+               "ktrelay's outbound client uses main.cf's values for every transport")
+    chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert chk.returncode == 78 and "error: " + message in chk.stderr, chk.stderr
+    assert "master.cf:4: -o syslog_name is not implemented per service" in chk.stderr
+    assert "service relay/unix: -o syslog_name" not in chk.stderr
+    rc, out = run_refuses(tmp_path)
+    assert rc == 78 and message in out, out
+    # the opt-out turns it into a warning
+    write_conf(tmp_path, "ktrelay_ignore_unimplemented = yes\n")
+    (tmp_path / "master.cf").write_text(master + "relay unix - - n - - smtp -o smtp_tls_security_level=encrypt\n")
+    chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert chk.returncode == 0, chk.stderr
+    assert "warning: " + message.replace("master.cf:2: service smtp/", "master.cf:2: service relay/") in chk.stderr
+
+
+def test_tls_build_errors_name_the_line_that_set_the_value(tmp_path):
+    """An error from building a TLS context is reported at the line of the parameter it is about
+    (the CA file, the protocol list), not at the certificate's line; a level from the legacy
+    smtpd_enforce_tls is reported at that switch."""
+    tmp_path.mkdir(exist_ok=True)
+    cert, key = make_cert(tmp_path)
+    tls = f"smtpd_tls_cert_file = {cert}\nsmtpd_tls_key_file = {key}\nsmtpd_tls_security_level = may\n"
+    for extra, line, param, message in [
+            (f"smtpd_tls_CAfile = {tmp_path}/none.pem\n", 4, "smtpd_tls_CAfile", "cannot load CA certificates"),
+            ("smtpd_tls_protocols = !TLSv1, !TLSv1.1, !TLSv1.2, !TLSv1.3\n", 4, "smtpd_tls_protocols",
+             "leaves no usable TLS version"),
+            ("smtp_tls_security_level = may\nsmtp_tls_CAfile = /nonexistent/ca.pem\n", 5, "smtp_tls_CAfile",
+             "outbound TLS: cannot load CA certificates"),
+            ("smtpd_tls_cert_file =\nsmtpd_tls_security_level =\nsmtpd_enforce_tls = yes\n", 6,
+             "smtpd_enforce_tls", "TLS is required but neither smtpd_tls_cert_file")]:
+        first = write_conf(tmp_path, tls + extra)
+        where = f"{tmp_path}/main.cf:{first + line - 1}: "
+        chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True,
+                             timeout=30)
+        assert chk.returncode == 78, chk.stderr
+        lines = [x for x in chk.stderr.splitlines() if "error: " in x]
+        assert len(lines) == 1 and where in lines[0] and message in lines[0], (param, chk.stderr)
 
 
 def test_ignore_unimplemented_lets_it_run(relay_factory):
