@@ -22,6 +22,7 @@ static int check_smtp_tls_level(const struct kt_param_def *p, const char *value,
 static int check_grade(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_protocols(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_maps(const struct kt_param_def *p, const char *value, char *msg, size_t len);
+static int check_parent_matches(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 
 #define S(n, d)    { #n, KT_PARAM_STRING, d, 0, 1, NULL, NULL, 0 }
 #define L(n, d)    { #n, KT_PARAM_LIST, d, 0, 1, NULL, NULL, 0 }
@@ -70,7 +71,7 @@ static const struct kt_param_def params[] = {
     X(default_transport),
     T(delay_warning_time, "0h", 'h'),
     N(disable_dns_lookups),
-    N(disable_vrfy_command),
+    B(disable_vrfy_command, "no"),
     X(fallback_transport),
     N(forward_path),
     X(header_checks),
@@ -125,7 +126,8 @@ static const struct kt_param_def params[] = {
     N(newaliases_path),
     X(non_smtpd_milters),
     N(notify_classes),
-    N(parent_domain_matches_subdomains),
+    C(parent_domain_matches_subdomains, "debug_peer_list,fast_flush_domains,mynetworks,permit_mx_backup_networks,"
+      "qmqpd_authorized_clients,relay_domains,smtpd_access_maps", check_parent_matches),
     N(postscreen_access_list),
     N(postscreen_bare_newline_enable),
     N(postscreen_blacklist_action),
@@ -669,4 +671,33 @@ static int check_maps(const struct kt_param_def *p, const char *value, char *msg
             return -EINVAL;
         }
     }
+}
+
+/* parent_domain_matches_subdomains: ktrelay always lets "example.com" in
+ * relay_domains and in smtpd_access_maps tables (check_*_access) match its
+ * subdomains, as Postfix's default list says. A list without either asks for
+ * the stricter ".example.com"-only matching, which ktrelay does not
+ * implement: honouring it wrongly would relay or permit for more domains than
+ * asked, so it is refused. The other names matter nowhere in ktrelay. */
+static int check_parent_matches(const struct kt_param_def *p, const char *value, char *msg, size_t len)
+{
+    static const char *const needed[] = { "relay_domains", "smtpd_access_maps" };
+    for (size_t i = 0; i < 2; i++) {
+        size_t n = strlen(needed[i]);
+        int found = 0;
+        for (const char *s = value + strspn(value, LIST_SEP); *s && !found; s += strspn(s, LIST_SEP)) {
+            size_t wlen = strcspn(s, LIST_SEP);
+            found = wlen == n && strncmp(s, needed[i], n) == 0;
+            s += wlen;
+        }
+        if (!found) {
+            snprintf(msg, len, "bad value \"%s\" for %s: ktrelay does not implement the list without %s "
+                     "(its %s always match subdomains, as in Postfix's default); keep %s in the list",
+                     value, p->name, needed[i],
+                     i == 0 ? "relay_domains entries" : "smtpd_access_maps (check_*_access) domain keys",
+                     needed[i]);
+            return -EINVAL;
+        }
+    }
+    return 0;
 }

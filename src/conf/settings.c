@@ -445,6 +445,7 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
         st->recipient_limit = 1000000;
     st->recipient_overshoot_limit = kt_config_get_int(cfg, svc, "smtpd_recipient_overshoot_limit");
     st->helo_required = kt_config_get_bool(cfg, svc, "smtpd_helo_required") == 1;
+    st->disable_vrfy = kt_config_get_bool(cfg, svc, "disable_vrfy_command") == 1;
     st->timeout_s = kt_config_get_time(cfg, svc, "smtpd_timeout");
     st->starttls_timeout_s = kt_config_get_time(cfg, svc, "smtpd_starttls_timeout");
     st->hard_error_limit = kt_config_get_int(cfg, svc, "smtpd_hard_error_limit");

@@ -28,6 +28,7 @@ struct kt_smtpd_settings {
     long long recipient_limit;
     long long recipient_overshoot_limit; /* excess recipients that are not counted as errors */
     int helo_required;               /* smtpd_helo_required: MAIL needs HELO/EHLO first */
+    int disable_vrfy;                /* disable_vrfy_command: VRFY gets 502, EHLO omits it */
     long long timeout_s;             /* smtpd_timeout */
     long long starttls_timeout_s;    /* handshake deadline */
     long long hard_error_limit;

@@ -413,7 +413,8 @@ static void helo_or_ehlo(struct kt_session *s, const struct kt_smtp_command *c, 
         kt_buf_printf(&s->out, "250-SIZE %lld\r\n", s->cfg->message_size_limit);
     else
         kt_buf_printf(&s->out, "250-SIZE\r\n");
-    kt_buf_printf(&s->out, "250-VRFY\r\n");
+    if (!s->cfg->disable_vrfy)
+        kt_buf_printf(&s->out, "250-VRFY\r\n");
     if (tls_offerable(s))
         kt_buf_printf(&s->out, "250-STARTTLS\r\n");
     unsigned mechs = auth_mechs_now(s);
@@ -972,6 +973,10 @@ static void cmd_vrfy(struct kt_session *s, const struct kt_smtp_command *c)
 {
     struct kt_resolve_result res;
     char addr[520];
+    if (s->cfg->disable_vrfy) {             /* Postfix's reply; it counts as an error */
+        reply(s, "502 5.5.1 VRFY command is disabled");
+        return;
+    }
     if (c->arg_len == 0) {
         reply(s, "501 5.5.4 Syntax: VRFY address");
         return;

@@ -74,6 +74,13 @@ BAD = [
     ("maximal_queue_lifetime = 5days", None, "maximal_queue_lifetime", "bad time value"),
     (None, "smtpd_starttls_timeout=1y", "smtpd_starttls_timeout", "bad time value"),
     ("message_size_limit = 10M", None, "message_size_limit", "bad numerical value"),
+    # stricter subdomain matching than ktrelay implements would relay or permit for more than asked
+    ("parent_domain_matches_subdomains = debug_peer_list, smtpd_access_maps", None,
+     "parent_domain_matches_subdomains", "keep relay_domains in the list"),
+    ("parent_domain_matches_subdomains =", None, "parent_domain_matches_subdomains",
+     "does not implement the list without relay_domains"),
+    (None, "parent_domain_matches_subdomains=relay_domains", "parent_domain_matches_subdomains",
+     "keep smtpd_access_maps in the list"),
     # -o typos: the override would silently not apply
     (None, "smtpd_tls_wrapermode=yes", "smtpd_tls_wrapermode", "did you mean smtpd_tls_wrappermode?"),
     (None, "smtpd_sasl_auth_enabled=yes", "smtpd_sasl_auth_enabled", "unknown parameter in -o override"),
@@ -175,6 +182,31 @@ def test_tls_build_errors_name_the_line_that_set_the_value(tmp_path):
         assert chk.returncode == 78, chk.stderr
         lines = [x for x in chk.stderr.splitlines() if "error: " in x]
         assert len(lines) == 1 and where in lines[0] and message in lines[0], (param, chk.stderr)
+
+
+def test_disable_vrfy_command_is_honoured(relay_factory):
+    """disable_vrfy_command = yes (address-harvesting hardening) was ignored with a warning and VRFY
+    told which recipients exist; now VRFY gets Postfix's 502 and EHLO does not announce it, per service."""
+    r = relay_factory("disable_vrfy_command = yes\n",
+                      services={"smtp": {}, "submission": {"disable_vrfy_command": "no"}})
+    assert "parameter disable_vrfy_command" not in r.log()
+    c = SmtpConn(r.port("smtp"))
+    assert "250-VRFY" not in c.ehlo()
+    assert c.cmd("VRFY carol@example.test") == "502 5.5.1 VRFY command is disabled"
+    assert c.cmd("VRFY <alice@example.test>") == "502 5.5.1 VRFY command is disabled"
+    c.quit()
+    c = SmtpConn(r.port("submission"))
+    assert "250-VRFY" in c.ehlo()
+    assert c.cmd("VRFY <alice@example.test>") == "252 2.0.0 alice@example.test"
+    c.quit()
+
+
+def test_default_parent_domain_matches_subdomains_is_accepted(tmp_path):
+    """Postfix's default list, in Postfix's or another order, passes (and is ktrelay's behaviour)."""
+    write_conf(tmp_path, "parent_domain_matches_subdomains = smtpd_access_maps relay_domains,"
+                         " debug_peer_list, fast_flush_domains, mynetworks, permit_mbox_mail_relay\n")
+    chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert chk.returncode == 0 and "parent_domain_matches_subdomains" not in chk.stderr, chk.stderr
 
 
 def test_ignore_unimplemented_lets_it_run(relay_factory):
