@@ -265,7 +265,7 @@ static struct kt_net_list *service_limit_exceptions(struct runtime_private *rp, 
     if (!nets) {
         char err[512];
         if (kt_net_list_open(list, &nets, err, sizeof(err)) < 0) {
-            kt_err("service %s: smtpd_client_event_limit_exceptions: %s", svc->name, err);
+            param_err(cfg, svc, "smtpd_client_event_limit_exceptions", "smtpd_client_event_limit_exceptions: %s", err);
             (*errors)++;
             return NULL;
         }
@@ -472,7 +472,7 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     st->auth_rate_limit = kt_config_get_int(cfg, svc, "smtpd_client_auth_rate_limit");
     st->anvil_unit_s = kt_config_get_time(cfg, svc, "anvil_rate_time_unit");
     if (st->anvil_unit_s <= 0) {
-        kt_err("service %s: anvil_rate_time_unit must be at least 1s", svc->name);
+        param_err(cfg, svc, "anvil_rate_time_unit", "anvil_rate_time_unit must be at least 1s");
         errors++;
     }
     st->limit_exceptions = service_limit_exceptions(rp, cfg, svc, st, &errors);
@@ -481,8 +481,8 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
         st->upstream_proxy = 1;
     } else if (proxy[0]) {
         /* fail closed: an unknown proxy protocol would make the proxy's address the client's */
-        kt_err("service %s: smtpd_upstream_proxy_protocol: unsupported value \"%s\" (empty or haproxy)",
-               svc->name, proxy);
+        param_err(cfg, svc, "smtpd_upstream_proxy_protocol",
+                  "smtpd_upstream_proxy_protocol: unsupported value \"%s\" (empty or haproxy)", proxy);
         errors++;
     }
     st->upstream_proxy_timeout_s = kt_config_get_time(cfg, svc, "smtpd_upstream_proxy_timeout");
@@ -610,22 +610,22 @@ static int log_settings(struct kt_config *cfg, struct kt_runtime *rt)
     const char *fac = get(cfg, NULL, "syslog_facility");
     rt->syslog_facility = kt_log_facility(fac);
     if (rt->syslog_facility < 0) {
-        kt_err("syslog_facility: unknown facility \"%s\" (mail, daemon, user, local0 ... local7, ...)", fac);
+        param_err(cfg, NULL, "syslog_facility", "syslog_facility: unknown facility \"%s\" (mail, daemon, user, local0 ... local7, ...)", fac);
         errors++;
     }
     rt->syslog_name = get(cfg, NULL, "syslog_name");
     if (!rt->syslog_name[0] || strchr(rt->syslog_name, '[') || strchr(rt->syslog_name, ':')
         || strchr(rt->syslog_name, ' ')) {
-        kt_err("syslog_name: \"%s\" must be a non-empty name without spaces, '[' or ':'", rt->syslog_name);
+        param_err(cfg, NULL, "syslog_name", "syslog_name: \"%s\" must be a non-empty name without spaces, '[' or ':'", rt->syslog_name);
         errors++;
     }
     rt->maillog_file = get(cfg, NULL, "maillog_file");
     const char *prefixes = get(cfg, NULL, "maillog_file_prefixes");
     if (rt->maillog_file[0] && rt->maillog_file[0] != '/') {
-        kt_err("maillog_file: \"%s\" must be an absolute path", rt->maillog_file);
+        param_err(cfg, NULL, "maillog_file", "maillog_file: \"%s\" must be an absolute path", rt->maillog_file);
         errors++;
     } else if (rt->maillog_file[0] && !kt_log_prefix_allowed(rt->maillog_file, prefixes)) {
-        kt_err("maillog_file value \"%s\" does not match any prefix in maillog_file_prefixes (%s)",
+        param_err(cfg, NULL, "maillog_file", "maillog_file value \"%s\" does not match any prefix in maillog_file_prefixes (%s)",
                rt->maillog_file, prefixes);
         errors++;
     }
@@ -635,7 +635,7 @@ static int log_settings(struct kt_config *cfg, struct kt_runtime *rt)
         char host[256], err[300];
         unsigned port;
         if (kt_metrics_parse_address(rt->metrics_address, host, sizeof(host), &port, err, sizeof(err)) < 0) {
-            kt_err("ktrelay_metrics_address: %s", err);
+            param_err(cfg, NULL, "ktrelay_metrics_address", "ktrelay_metrics_address: %s", err);
             errors++;
         }
     }

@@ -74,6 +74,13 @@ BAD = [
     ("maximal_queue_lifetime = 5days", None, "maximal_queue_lifetime", "bad time value"),
     (None, "smtpd_starttls_timeout=1y", "smtpd_starttls_timeout", "bad time value"),
     ("message_size_limit = 10M", None, "message_size_limit", "bad numerical value"),
+    # errors from building the settings carry the line too
+    ("smtpd_upstream_proxy_protocol = haproxi", None, "smtpd_upstream_proxy_protocol", "unsupported value"),
+    (None, "smtpd_upstream_proxy_protocol=nginx", "smtpd_upstream_proxy_protocol", "unsupported value"),
+    ("anvil_rate_time_unit = 0", None, "anvil_rate_time_unit", "must be at least 1s"),
+    ("syslog_facility = mial", None, "syslog_facility", "unknown facility"),
+    ("smtpd_client_event_limit_exceptions = 192.0.2.0/99", None, "smtpd_client_event_limit_exceptions",
+     "bad address pattern"),
     # stricter subdomain matching than ktrelay implements would relay or permit for more than asked
     ("parent_domain_matches_subdomains = debug_peer_list, smtpd_access_maps", None,
      "parent_domain_matches_subdomains", "keep relay_domains in the list"),
