@@ -662,6 +662,11 @@ int kt_runtime_new(struct kt_config *cfg, struct kt_runtime **out)
     rt->worker_threads = (unsigned)(workers > 256 ? 256 : workers);
     rt->queue_directory = get(cfg, NULL, "queue_directory");
     rt->data_directory = get(cfg, NULL, "data_directory");
+    if (rt->data_directory[0] != '/') {     /* run's instance lock needs it; check-config says so too */
+        param_err(cfg, NULL, "data_directory", "data_directory must be an absolute path (it holds the instance "
+                  "lock), not \"%s\"", rt->data_directory);
+        errors++;
+    }
     errors += qmgr_settings(rp, cfg, &rt->qmgr);
     errors += dns_servers_check(cfg);
     errors += log_settings(cfg, rt);

@@ -79,6 +79,7 @@ BAD = [
     (None, "smtpd_upstream_proxy_protocol=nginx", "smtpd_upstream_proxy_protocol", "unsupported value"),
     ("anvil_rate_time_unit = 0", None, "anvil_rate_time_unit", "must be at least 1s"),
     ("syslog_facility = mial", None, "syslog_facility", "unknown facility"),
+    ("data_directory = relative/data", None, "data_directory", "must be an absolute path"),
     ("smtpd_client_event_limit_exceptions = 192.0.2.0/99", None, "smtpd_client_event_limit_exceptions",
      "bad address pattern"),
     # stricter subdomain matching than ktrelay implements would relay or permit for more than asked
