@@ -68,6 +68,15 @@ class Relay:
 
     def _wait_listening(self):
         deadline = time.time() + 20
+        # the master binds the ports before the worker process serves them (connections would wait in
+        # the backlog meanwhile); it logs "daemon started" once the worker is up, with everything it
+        # serves: wait for that first, so the probes below are sessions that end at once
+        while "daemon started" not in self.log():
+            if self.proc.poll() is not None:
+                raise RuntimeError("ktrelay exited at start-up:\n" + self.log())
+            if time.time() > deadline:
+                raise RuntimeError("ktrelay did not start:\n" + self.log())
+            time.sleep(0.05)
         for port in self.ports.values():
             while True:
                 if self.proc.poll() is not None:
@@ -79,14 +88,6 @@ class Relay:
                     if time.time() > deadline:
                         raise RuntimeError("ktrelay did not listen:\n" + self.log())
                     time.sleep(0.05)
-        # the master binds the ports before the worker process serves them (connections wait in the
-        # backlog meanwhile); it logs "daemon started" once the worker is up, with everything it serves
-        while "daemon started" not in self.log():
-            if self.proc.poll() is not None:
-                raise RuntimeError("ktrelay exited at start-up:\n" + self.log())
-            if time.time() > deadline:
-                raise RuntimeError("ktrelay did not start:\n" + self.log())
-            time.sleep(0.05)
 
     def port(self, label="smtp"):
         return self.ports[label]
