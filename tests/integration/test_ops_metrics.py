@@ -53,6 +53,11 @@ def test_metrics_count_the_traffic(relay_factory, tmp_path, request):
                       f"transport_maps = inline:{{ {{defer.test=smtp:[127.0.0.1]:{closed}}} }}\n")
     port = r.port()
     before = scrape(mport)
+    # the readiness probe's session may still be closing: wait for the gauge to settle
+    deadline = time.time() + 10
+    while value(before, "ktrelay_connections", service="smtpd") != 0 and time.time() < deadline:
+        time.sleep(0.05)
+        before = scrape(mport)
     assert value(before, "ktrelay_messages_received_total") == 0
     assert value(before, "ktrelay_connections", service="smtpd") == 0
 
