@@ -3,12 +3,14 @@
 # available): installs what it needs, then
 #   1. builds ktrelay (release) and runs the unit tests and the fuzz corpus,
 #   2. runs the integration tests (real daemon, swaks, smtplib, openssl, Dovecot,
-#      testssl.sh) against that build,
+#      testssl.sh) against that build, checks that -Dbuildtype=release builds, and
+#      fuzzes every parser target with libFuzzer for a bounded time (clang),
 #   3. builds again with AddressSanitizer + UndefinedBehaviorSanitizer and runs
-#      unit and integration tests against that build,
+#      unit and integration tests and the network fuzzer against that build,
 #   4. boots Debian 12's 6.1 kernel under qemu and runs the kTLS tests inside,
 #   5. runs the benchmark matrix in --quick mode as a smoke test (no speed check).
-# Set KT_SKIP_VM=1, KT_SKIP_ASAN=1 or KT_SKIP_BENCH=1 to leave a stage out locally.
+# Set KT_SKIP_VM=1, KT_SKIP_ASAN=1, KT_SKIP_FUZZ=1 or KT_SKIP_BENCH=1 to leave a stage out locally;
+# KT_FUZZ_SECONDS (per libFuzzer target) and KT_NETFUZZ_SECONDS bound the fuzzing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -20,7 +22,7 @@ DEPS=(gcc pkg-config meson ninja-build liburing-dev libssl-dev libjemalloc-dev l
       libcrypt-dev libmicrohttpd-dev libsystemd-dev openssl python3 python3-pytest python3-prometheus-client
       pflogsumm man-db systemd swaks
       dovecot-imapd postfix testssl.sh qemu-system-x86
-      busybox-static cpio kmod gnuplot-nox passwd procps iproute2 haproxy python3-dnslib)
+      busybox-static cpio kmod gnuplot-nox passwd procps iproute2 haproxy python3-dnslib clang)
 missing=()
 for p in "${DEPS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -82,11 +84,19 @@ integration() {   # integration DIR
 stage "build (release)" build build
 stage "unit tests (release)" unit build
 stage "integration tests (release)" integration build
+# -Dbuildtype=release (-O3) must build under -Werror too: gcc warns differently at -O3
+stage "build (-Dbuildtype=release)" build build-release -Dbuildtype=release
+# coverage-guided fuzzing of every parser target, about three minutes in all (clang, libFuzzer)
+if [ "${KT_SKIP_FUZZ:-0}" != 1 ]; then
+    stage "fuzz targets (libFuzzer, ${KT_FUZZ_SECONDS:-45} s each)" tests/fuzz/run-libfuzzer.sh build-fuzz
+fi
 if [ "${KT_SKIP_ASAN:-0}" != 1 ]; then
     stage "build (ASan+UBSan)" build build-asan -Dsanitize=true -Dbuildtype=debug
     export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
     stage "unit tests (ASan+UBSan)" unit build-asan
     stage "integration tests (ASan+UBSan)" integration build-asan
+    stage "network fuzzer (ASan+UBSan, ${KT_NETFUZZ_SECONDS:-60} s)" "$PY" tests/fuzz/netfuzz.py \
+        --bin build-asan/ktrelay --seconds "${KT_NETFUZZ_SECONDS:-60}"
     unset ASAN_OPTIONS UBSAN_OPTIONS
 fi
 if [ "${KT_SKIP_VM:-0}" != 1 ] && [ -x tests/vm/run-ktls-tests.sh ]; then

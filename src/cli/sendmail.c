@@ -44,6 +44,7 @@
 #include "core/buf.h"
 #include "core/log.h"
 #include "queue/pickup.h"
+#include "smtpd/smtp_parse.h"
 #include "queue/queue.h"
 
 struct rcpt_list {
@@ -217,26 +218,45 @@ static void scan_header(void *arg, const char *name, size_t nl, const char *val,
         st->has_msgid = 1;
 }
 
-/* stdin: LF or CRLF in, CRLF out, bare CR dropped; without ignore_dots a
- * line with a single "." ends the message, as with sendmail(1) without -i. */
+/* stdin: lines end in LF or CRLF; without ignore_dots a line with a single "." ends the message, as with
+ * sendmail(1) without -i. The lines then go through the server's line-ending rule (smtp_parse.h), so a CR
+ * inside a line is stored as a line end, as smtpd stores it, never raw: the queue holds only canonical
+ * CRLF lines. */
 static void read_message(FILE *in, struct kt_buf *out, int ignore_dots)
 {
-    char *line = NULL;
-    size_t cap = 0;
+    struct kt_data_parser p;
+    char *line = NULL, *canon = NULL, end[2];
+    size_t cap = 0, canon_cap = 0;
     ssize_t n;
+
+    kt_data_parser_init_chunked(&p);
     while ((n = getline(&line, &cap, in)) > 0) {
-        size_t len = (size_t)n;
+        size_t len = (size_t)n, used = 0, got;
         if (line[len - 1] == '\n')
             len--;
         if (len > 0 && line[len - 1] == '\r')
             len--;
         if (!ignore_dots && len == 1 && line[0] == '.')
             break;
-        for (size_t i = 0; i < len; i++)
-            if (line[i] != '\r')
-                kt_buf_append(out, line + i, 1);
-        kt_buf_append(out, "\r\n", 2);
+        if (cap < len + 2) {
+            cap = len + 2;
+            line = realloc(line, cap);
+            if (!line)
+                abort();
+        }
+        line[len++] = '\r';
+        line[len++] = '\n';
+        if (canon_cap < 2 * len + 2) {
+            canon_cap = 2 * len + 2;
+            canon = kt_realloc(canon, canon_cap);
+        }
+        while (used < len) {
+            used += kt_data_parse(&p, line + used, len - used, canon, canon_cap, &got);
+            kt_buf_append(out, canon, got);
+        }
     }
+    kt_buf_append(out, end, kt_data_parse_end(&p, end));
+    kt_free(canon);
     free(line);
 }
 
@@ -304,7 +324,8 @@ static int drop(const char *qdir, const char *sender, struct rcpt_list *r, const
     int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
     if (fd < 0)
         return -errno;
-    char *env = kt_queue_envelope(sender, (const char *const *)r->v, r->n, time(NULL), -1);
+    /* the pickup does not take a maildrop file's word for it (a local user wrote it): not marked canonical */
+    char *env = kt_queue_envelope(sender, (const char *const *)r->v, r->n, time(NULL), -1, 0);
     int rc = write_all(fd, env, strlen(env));
     kt_free(env);
     if (rc == 0)

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <netdb.h>
 #include <stdarg.h>
+#include <openssl/evp.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -91,6 +92,44 @@ static void shared_add(struct runtime_private *rp, int kind, const char *key, vo
     rp->n_objs++;
 }
 
+/* local_recipient_maps: ktrelay knows local recipients from the system users and alias_maps, Postfix's
+ * default "proxy:unix:passwd.byname $alias_maps". That is the one value it can honour; an empty value
+ * (Postfix: accept any local part) would let mail for unknown users in, and other tables are not
+ * implemented, so both are refused at start. */
+static int local_recipient_maps_ok(const struct kt_config *cfg, const struct kt_service *svc, int *errors)
+{
+    const char *v = get(cfg, svc, "local_recipient_maps"), *aliases = get(cfg, svc, "alias_maps");
+    const char *p = v;
+    char tok[512];
+
+    while (*p) {
+        size_t n;
+        p += strspn(p, " \t,");
+        n = strcspn(p, " \t,");
+        if (!n)
+            break;
+        snprintf(tok, sizeof(tok), "%.*s", (int)n, p);
+        p += n;
+        if (!strcmp(tok, "proxy:unix:passwd.byname") || !strcmp(tok, "unix:passwd.byname"))
+            continue;
+        /* an alias_maps table, as $alias_maps expands */
+        const char *a = strstr(aliases, tok);
+        if (a && (a == aliases || strchr(" \t,", a[-1])) && strchr(" \t,", a[strlen(tok)]))
+            continue;
+        kt_err("service %s: local_recipient_maps: only the system users (unix:passwd.byname) and $alias_maps "
+               "are supported, not \"%s\"", svc->name, tok);
+        (*errors)++;
+        return 0;
+    }
+    if (!strstr(v, "passwd.byname")) {
+        kt_err("service %s: local_recipient_maps must list unix:passwd.byname (Postfix's default); an empty "
+               "value would accept mail for any local part", svc->name);
+        (*errors)++;
+        return 0;
+    }
+    return 1;
+}
+
 static struct kt_resolver *service_resolver(struct runtime_private *rp, const struct kt_config *cfg,
                                             const struct kt_service *svc, int *errors)
 {
@@ -108,11 +147,19 @@ static struct kt_resolver *service_resolver(struct runtime_private *rp, const st
         .inet_interfaces_addrs = NULL,
         .passwd_file = NULL,
         .mail_owner = get(cfg, NULL, "mail_owner"),
+        .myorigin = get(cfg, svc, "myorigin"),
+        .mydomain = get(cfg, svc, "mydomain"),
+        .append_at_myorigin = kt_config_get_bool(cfg, svc, "append_at_myorigin") == 1,
+        .append_dot_mydomain = kt_config_get_bool(cfg, svc, "append_dot_mydomain") == 1,
+        .default_privs = get(cfg, svc, "default_privs"),
     };
-    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s", rc.myhostname, rc.mydestination,
-                            rc.relay_domains, rc.virtual_mailbox_domains, rc.virtual_mailbox_base,
-                            rc.virtual_mailbox_maps, rc.virtual_uid_maps, rc.virtual_gid_maps, rc.alias_maps,
-                            rc.home_mailbox);
+    if (!local_recipient_maps_ok(cfg, svc, errors))
+        return NULL;
+    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%d\1%d\1%s", rc.myhostname,
+                            rc.mydestination, rc.relay_domains, rc.virtual_mailbox_domains,
+                            rc.virtual_mailbox_base, rc.virtual_mailbox_maps, rc.virtual_uid_maps,
+                            rc.virtual_gid_maps, rc.alias_maps, rc.home_mailbox, rc.myorigin, rc.mydomain,
+                            rc.append_at_myorigin, rc.append_dot_mydomain, rc.default_privs);
     struct kt_resolver *r = shared_find(rp, 0, key);
     if (!r) {
         char err[512];
@@ -274,6 +321,55 @@ static struct kt_net_list *service_limit_exceptions(struct runtime_private *rp, 
     return nets;
 }
 
+/* smtpd_forbid_bare_newline and its exclusions. Postfix 3.9 values: normalize (and its alias yes), reject,
+ * no. Postfix's "no" would also let <LF>.<LF> end the data; ktrelay never does (that is SMTP smuggling),
+ * so "no" normalizes like "normalize" and says so. */
+static int service_bare_newline(struct runtime_private *rp, const struct kt_config *cfg,
+                                const struct kt_service *svc, struct kt_smtpd_settings *st)
+{
+    const char *v = get(cfg, svc, "smtpd_forbid_bare_newline");
+    const char *excl = get(cfg, svc, "smtpd_forbid_bare_newline_exclusions");
+    long long code = kt_config_get_int(cfg, svc, "smtpd_forbid_bare_newline_reject_code");
+
+    if (!strcasecmp(v, "normalize") || !strcasecmp(v, "yes")) {
+        st->bare_newline = KT_BARE_NEWLINE_NORMALIZE;
+    } else if (!strcasecmp(v, "reject")) {
+        st->bare_newline = KT_BARE_NEWLINE_REJECT;
+    } else if (!strcasecmp(v, "no")) {
+        st->bare_newline = KT_BARE_NEWLINE_NO;
+        kt_warn("service %s: smtpd_forbid_bare_newline = no: bare <LF> and <CR> are stored as <CR><LF> and "
+                "only <CR><LF>.<CR><LF> ends the data, as with normalize", svc->name);
+    } else {
+        kt_err("service %s: smtpd_forbid_bare_newline must be normalize, yes, reject or no, not \"%s\"",
+               svc->name, v);
+        return 1;
+    }
+    if (code < 400 || code > 599) {
+        kt_err("service %s: smtpd_forbid_bare_newline_reject_code must be a 4xx or 5xx code, not %lld", svc->name,
+               code);
+        return 1;
+    }
+    st->bare_newline_reject_code = (int)code;
+    if (!excl[0]) {
+        st->bare_newline_exclusions = NULL;
+        return 0;
+    }
+    if (!strcmp(excl, get(cfg, svc, "mynetworks"))) {
+        st->bare_newline_exclusions = st->mynetworks;   /* the default, $mynetworks, with its style */
+        return st->mynetworks ? 0 : 1;
+    }
+    st->bare_newline_exclusions = shared_find(rp, 2, excl);
+    if (!st->bare_newline_exclusions) {
+        char err[512];
+        if (kt_net_list_open(excl, &st->bare_newline_exclusions, err, sizeof(err)) < 0) {
+            kt_err("service %s: smtpd_forbid_bare_newline_exclusions: %s", svc->name, err);
+            return 1;
+        }
+        shared_add(rp, 2, excl, st->bare_newline_exclusions);
+    }
+    return 0;
+}
+
 static struct kt_policy *service_policy(struct runtime_private *rp, const struct kt_config *cfg,
                                         const struct kt_service *svc, const struct kt_smtpd_settings *st,
                                         int *errors)
@@ -285,6 +381,7 @@ static struct kt_policy *service_policy(struct runtime_private *rp, const struct
         .relay_restrictions = get(cfg, svc, "smtpd_relay_restrictions"),
         .recipient_restrictions = get(cfg, svc, "smtpd_recipient_restrictions"),
         .sender_login_maps = get(cfg, svc, "smtpd_sender_login_maps"),
+        .relay_clientcerts = get(cfg, svc, "relay_clientcerts"),
         .reject_unlisted_sender = kt_config_get_bool(cfg, svc, "smtpd_reject_unlisted_sender") == 1,
         .addr_flags = (kt_config_get_bool(cfg, svc, "allow_percent_hack") == 1 ? KT_ADDR_PERCENT_HACK : 0)
                       | (kt_config_get_bool(cfg, svc, "swap_bangpath") == 1 ? KT_ADDR_SWAP_BANGPATH : 0)
@@ -302,12 +399,11 @@ static struct kt_policy *service_policy(struct runtime_private *rp, const struct
     if (kt_config_get_bool(cfg, svc, "smtpd_reject_unlisted_recipient") == 0)
         kt_warn("service %s: smtpd_reject_unlisted_recipient = no is not supported; unknown local and virtual "
                 "recipients are always rejected", svc->name);
-    if (kt_config_get_bool(cfg, svc, "smtpd_forbid_bare_newline") == 0)
-        kt_warn("service %s: smtpd_forbid_bare_newline = no is not supported; a bare LF or CR in DATA always "
-                "rejects the message", svc->name);
-    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%d\1%u\1%p\1%p", pc.rbl_reply_maps, pc.client_restrictions,
+    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%d\1%u\1%p\1%p", pc.rbl_reply_maps,
+                            pc.client_restrictions,
                             pc.helo_restrictions, pc.sender_restrictions, pc.relay_restrictions,
-                            pc.recipient_restrictions, pc.sender_login_maps, pc.reject_unlisted_sender,
+                            pc.recipient_restrictions, pc.sender_login_maps, pc.relay_clientcerts,
+                            pc.reject_unlisted_sender,
                             pc.addr_flags, (const void *)pc.resolver, (const void *)pc.mynetworks);
     struct kt_policy *p = shared_find(rp, 3, key);
     if (!p) {
@@ -447,6 +543,12 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     st->helo_required = kt_config_get_bool(cfg, svc, "smtpd_helo_required") == 1;
     st->disable_vrfy = kt_config_get_bool(cfg, svc, "disable_vrfy_command") == 1;
     st->timeout_s = kt_config_get_time(cfg, svc, "smtpd_timeout");
+    st->per_request_deadline = kt_config_get_bool(cfg, svc, "smtpd_per_request_deadline") == 1;
+    st->min_data_rate = kt_config_get_int(cfg, svc, "smtpd_min_data_rate");
+    if (st->min_data_rate <= 0) {
+        kt_err("service %s: smtpd_min_data_rate must be a positive number of bytes per second", svc->name);
+        errors++;
+    }
     st->starttls_timeout_s = kt_config_get_time(cfg, svc, "smtpd_starttls_timeout");
     st->hard_error_limit = kt_config_get_int(cfg, svc, "smtpd_hard_error_limit");
     st->soft_error_limit = kt_config_get_int(cfg, svc, "smtpd_soft_error_limit");
@@ -459,6 +561,12 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     st->tls_loglevel = (int)kt_config_get_int(cfg, svc, "smtpd_tls_loglevel");
     st->tls_received_header = kt_config_get_bool(cfg, svc, "smtpd_tls_received_header") == 1;
     st->ktls_rx_tls13 = kt_config_get_bool(cfg, svc, "tls_ktls_rx_tls13") == 1;
+    st->tls_fingerprint_digest = get(cfg, svc, "smtpd_tls_fingerprint_digest");
+    if (!EVP_get_digestbyname(st->tls_fingerprint_digest)) {
+        kt_err("service %s: smtpd_tls_fingerprint_digest: unknown digest \"%s\"", svc->name,
+               st->tls_fingerprint_digest);
+        errors++;
+    }
     if (st->tls_level != KT_TLS_NONE || st->wrappermode)
         st->tls = service_tls(rp, cfg, svc, st, &errors);
     st->resolver = service_resolver(rp, cfg, svc, &errors);
@@ -487,6 +595,7 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     }
     st->upstream_proxy_timeout_s = kt_config_get_time(cfg, svc, "smtpd_upstream_proxy_timeout");
     st->peername_lookup = kt_config_get_bool(cfg, svc, "smtpd_peername_lookup") != 0;
+    errors += service_bare_newline(rp, cfg, svc, st);
     errors += service_sasl(rp, cfg, svc, st);
     errors += service_listen_check(cfg, svc);
     return errors;

@@ -19,6 +19,8 @@ struct kt_sasl_server;
 struct kt_maps;
 
 enum kt_tls_level { KT_TLS_NONE, KT_TLS_MAY, KT_TLS_ENCRYPT };
+/* smtpd_forbid_bare_newline (Postfix 3.9). Every value stores CRLF and ends data only at CRLF.CRLF. */
+enum kt_bare_newline { KT_BARE_NEWLINE_NORMALIZE, KT_BARE_NEWLINE_REJECT, KT_BARE_NEWLINE_NO };
 
 struct kt_smtpd_settings {
     const struct kt_service *service;
@@ -30,16 +32,22 @@ struct kt_smtpd_settings {
     int helo_required;               /* smtpd_helo_required: MAIL needs HELO/EHLO first */
     int disable_vrfy;                /* disable_vrfy_command: VRFY gets 502, EHLO omits it */
     long long timeout_s;             /* smtpd_timeout */
+    int per_request_deadline;        /* smtpd_per_request_deadline: timeout_s bounds a whole request */
+    long long min_data_rate;         /* smtpd_min_data_rate, bytes/s: body bytes that extend the deadline */
     long long starttls_timeout_s;    /* handshake deadline */
     long long hard_error_limit;
     long long soft_error_limit;
     long long error_sleep_ms;
     size_t line_length_limit;        /* command line bound */
+    enum kt_bare_newline bare_newline;            /* smtpd_forbid_bare_newline */
+    struct kt_net_list *bare_newline_exclusions;  /* clients exempt from reject (may be mynetworks) */
+    int bare_newline_reject_code;                 /* smtpd_forbid_bare_newline_reject_code */
     enum kt_tls_level tls_level;
     int wrappermode;                 /* implicit TLS from the first byte */
     int tls_loglevel;
     int tls_received_header;
     int ktls_rx_tls13;               /* install TLS 1.3 RX keys ourselves */
+    const char *tls_fingerprint_digest;  /* smtpd_tls_fingerprint_digest: client certificate fingerprints */
     struct kt_tls_server *tls;       /* NULL when the level is none and not wrappermode */
     struct kt_resolver *resolver;
     struct kt_net_list *mynetworks;

@@ -245,6 +245,28 @@ void kt_log_as(const char *service, enum kt_log_level level, const char *fmt, ..
     va_end(ap);
 }
 
+void kt_log_limited(struct kt_log_limit *l, unsigned interval_s, enum kt_log_level level, const char *fmt, ...)
+{
+    long long now = (long long)time(NULL);
+    long long next = __atomic_load_n(&l->next, __ATOMIC_RELAXED);
+    char text[1536];
+    va_list ap;
+
+    if (now < next || !__atomic_compare_exchange_n(&l->next, &next, now + (long long)interval_s, 0,
+                                                   __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+        __atomic_add_fetch(&l->suppressed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    unsigned long left_out = __atomic_exchange_n(&l->suppressed, 0, __ATOMIC_RELAXED);
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof(text), fmt, ap);
+    va_end(ap);
+    if (left_out)
+        kt_log(level, "%s (%lu similar messages suppressed in the last %u s)", text, left_out, interval_s);
+    else
+        kt_log(level, "%s", text);
+}
+
 void kt_set_err(char *err, size_t errlen, const char *fmt, ...)
 {
     va_list ap;

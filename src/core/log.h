@@ -54,6 +54,16 @@ void kt_log_as(const char *service, enum kt_log_level level, const char *fmt, ..
     __attribute__((format(printf, 3, 4)));
 void kt_vlog_as(const char *service, enum kt_log_level level, const char *fmt, va_list ap);
 
+/* A message that can repeat fast (out of descriptors, a flood of the same failure): at most one line per
+ * `interval_s` seconds per limiter, across threads; the next line that passes says how many were left
+ * out. A limiter is a zeroed static struct kt_log_limit. */
+struct kt_log_limit {
+    long long next;            /* time() before which lines are suppressed */
+    unsigned long suppressed;  /* lines left out since the last one written */
+};
+void kt_log_limited(struct kt_log_limit *l, unsigned interval_s, enum kt_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
 /* Format an error message into a caller's buffer (err may be NULL). */
 void kt_set_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4), nonnull(3)));
 

@@ -4,6 +4,7 @@
  * fsync, renameat, linkat, unlinkat, mkdirat) so the event loop never waits
  * on the disk; many deliveries from many sessions overlap their fsyncs.
  * Error paths that undo links use plain unlink(2): they are rare and short. */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -285,17 +286,20 @@ void kt_delivery_reuse_file(struct kt_delivery *d, const char *path)
 }
 
 /* mkdir -p of the Maildir and its tmp/ new/ cur/, as one hard-linked chain so
- * that an EEXIST in the middle does not cancel the rest. */
+ * that an EEXIST in the middle does not cancel the rest. Nothing at or above
+ * the mailbox's `keep` prefix (a user's home directory) is ever created: a
+ * missing home fails the delivery (451, the client retries) instead of
+ * appearing with the Maildir, as /nonexistent/Maildir would. */
 static void submit_mkdirs(struct kt_delivery *d, size_t box, enum stage stage)
 {
     static const char *const sub[] = { "tmp", "new", "cur" };
     const char *base = d->boxes[box].path;
-    size_t len = strlen(base);
+    size_t len = strlen(base), first = d->boxes[box].keep > 1 ? d->boxes[box].keep : 1;
     char *dirs[24];
     int n = 0;
 
-    /* every prefix ending at a '/' (skip the root) */
-    for (size_t i = 1; i < len && n < 20; i++) {
+    /* every prefix ending at a '/' below the kept part (skip the root) */
+    for (size_t i = first; i < len && n < 20; i++) {
         if (base[i] == '/')
             dirs[n++] = kt_strndup(base, i);
     }
@@ -326,6 +330,30 @@ void kt_delivery_open(struct kt_delivery *d, kt_delivery_cb cb, void *arg)
     d->cb = cb;
     d->arg = arg;
     submit_open(d);
+}
+
+/* After directories were made for a mailbox: fsync every directory that may
+ * have gained an entry, from the kept prefix (or the root) down to the
+ * Maildir itself, so that a crash cannot lose the mailbox a 250 relied on.
+ * Rare (once per new mailbox), so done synchronously. */
+static void fsync_made_dirs(struct kt_delivery *d, size_t box)
+{
+    const char *base = d->boxes[box].path;
+    size_t len = strlen(base), keep = d->boxes[box].keep;
+    char path[PATH_MAX];
+
+    for (size_t i = 1; i <= len && i < sizeof(path); i++) {
+        if (base[i - 1] != '/' || i < keep)
+            continue;
+        memcpy(path, base, i);
+        path[i] = '\0';
+        int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        if (fsync(fd) < 0 && !d->error)
+            d->error = -errno;
+        close(fd);
+    }
 }
 
 /* ---- body writes ---- */
@@ -429,6 +457,77 @@ void kt_delivery_set_drain_cb(struct kt_delivery *d, kt_delivery_cb cb, void *ar
 {
     d->drain_cb = cb;
     d->drain_arg = arg;
+}
+
+static const char *skip_digits(const char *p)
+{
+    if (*p < '0' || *p > '9')
+        return NULL;
+    while (*p >= '0' && *p <= '9')
+        p++;
+    return p;
+}
+
+/* "<sec>.[I<queue id>]M<usec>P<pid>Q<worker>x<seq>.<host>" exactly, as kt_delivery_new names files, host
+ * escaped as escape_host does. */
+static int ktrelay_tmp_name(const char *name, const char *host)
+{
+    static const char marks[] = "MPQx";
+    const char *p = skip_digits(name);
+
+    if (!p || *p++ != '.')
+        return 0;
+    if (*p == 'I') {
+        const char *id = ++p;
+        /* queue ids are upper-case hex (kt_queue_new_id), so the 'M' after one is unambiguous */
+        while ((*p >= '0' && *p <= '9') || (*p >= 'A' && *p <= 'F'))
+            p++;
+        if (p == id || p - id > 24)
+            return 0;
+    }
+    for (int k = 0; k < 4; k++) {
+        if (*p++ != marks[k] || !(p = skip_digits(p)))
+            return 0;
+    }
+    return *p == '.' && strcmp(p + 1, host) == 0;
+}
+
+int kt_maildir_clean_tmp(const char *maildir, const char *hostname, time_t now)
+{
+    char path[PATH_MAX], host[128];
+    struct dirent *e;
+    int removed = 0;
+
+    escape_host(hostname, host, sizeof(host));
+    snprintf(path, sizeof(path), "%stmp", maildir);
+    int dfd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (dfd < 0)
+        return errno == ENOENT || errno == ENOTDIR ? 0 : -errno;
+    DIR *dir = fdopendir(dfd);
+    if (!dir) {
+        int err = -errno;
+        close(dfd);
+        return err;
+    }
+    while ((e = readdir(dir)) != NULL) {
+        struct stat st;
+        if (!ktrelay_tmp_name(e->d_name, host))
+            continue;
+        /* lstat through the directory descriptor: a symlink is never followed, only regular files go */
+        if (fstatat(dfd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISREG(st.st_mode))
+            continue;
+        if (now - st.st_mtime <= KT_MAILDIR_TMP_MAX_AGE)
+            continue;
+        if (unlinkat(dfd, e->d_name, 0) == 0)
+            removed++;
+    }
+    closedir(dir);
+    return removed;
+}
+
+int kt_delivery_error(const struct kt_delivery *d)
+{
+    return d->error;
 }
 
 unsigned long long kt_delivery_size(const struct kt_delivery *d)
@@ -657,6 +756,7 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
     case ST_MKDIRS:
         if (--d->mkdir_left > 0)
             return;
+        fsync_made_dirs(d, 0);
         if (delivery_release_if_abandoned(d))
             return;
         submit_open(d);
@@ -664,6 +764,7 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
     case ST_LINK_MKDIRS:
         if (--d->mkdir_left > 0)
             return;
+        fsync_made_dirs(d, d->mkdir_box);
         d->stage = ST_LINKING;
         submit_link(d);
         return;

@@ -13,6 +13,7 @@
 
 #include <stddef.h>
 #include <sys/types.h>
+#include <time.h>
 
 #include "core/loop.h"
 #include "delivery/resolve.h"
@@ -64,12 +65,22 @@ void kt_delivery_spliced(struct kt_delivery *d, size_t n);
  * report the error and nothing reaches new/. */
 void kt_delivery_fail(struct kt_delivery *d, int err);
 unsigned long long kt_delivery_size(const struct kt_delivery *d);
+/* 0, or the -errno of a write that already failed (the commit will fail with it). */
+int kt_delivery_error(const struct kt_delivery *d);
 /* Make durable; cb(arg, 0) only when every copy and directory is fsync'd. */
 void kt_delivery_commit(struct kt_delivery *d, kt_delivery_cb cb, void *arg);
 /* Drop the message: no callback ever fires again; the object frees itself
  * once its I/O has drained. Safe at any stage; after commit has completed
  * it only frees. */
 void kt_delivery_abandon(struct kt_delivery *d);
+/* Maildir rule for tmp/ (maildir(5): files older than 36 hours are abandoned): remove from
+ * maildir/tmp/ the files ktrelay itself names ("<sec>.M<usec>P<pid>Q<worker>x<seq>.<host>", host as
+ * escaped for hostname) whose modification time is older than 36 hours, e.g. left by kill -9 or power
+ * loss. Other files are never touched, nor are symlinks or anything but regular files. Synchronous; for
+ * start-up. Returns the number removed, or -errno when tmp/ cannot be read (-ENOENT is not an error: 0). */
+#define KT_MAILDIR_TMP_MAX_AGE (36 * 3600)
+int kt_maildir_clean_tmp(const char *maildir, const char *hostname, time_t now);
+
 /* Name of the file in new/ once committed (basename). */
 const char *kt_delivery_name(const struct kt_delivery *d);
 /* Data of the delivery's creator (the queue writer's envelope), freed with free_fn when the delivery is

@@ -37,6 +37,7 @@ struct user {
     char *name;
     char *mailbox;
     char *home;
+    size_t home_len;   /* the home directory part of mailbox */
     unsigned uid, gid;
     size_t line;   /* keeps the first of duplicate names, like getpwnam */
 };
@@ -63,6 +64,9 @@ struct kt_resolver {
     size_t nlocal_ips;
     unsigned self_uid, self_gid;
     struct nss_cache *nss;         /* NULL when users come from passwd_file */
+    unsigned default_uid, default_gid;   /* default_privs */
+    char *myorigin, *mydomain;
+    int append_at_myorigin, append_dot_mydomain;
 };
 
 /* Users through NSS (getpwnam_r) at lookup time, so a user created after the
@@ -123,6 +127,38 @@ static int parse_ip(const char *s, size_t n, struct ip *ip)
     return -1;
 }
 
+int kt_resolve_complete(const struct kt_resolver *r, const char *addr, char *out, size_t outlen)
+{
+    size_t n = strlen(addr), at = n;
+    int q = 0, len;
+
+    /* the domain starts after the last '@' outside a quoted local part */
+    for (size_t i = 0; i < n; i++) {
+        if (addr[i] == '\\' && q && i + 1 < n)
+            i++;
+        else if (addr[i] == '"')
+            q = !q;
+        else if (addr[i] == '@' && !q)
+            at = i;
+    }
+    if (at == n && r->append_at_myorigin && r->myorigin[0]) {
+        len = snprintf(out, outlen, "%s@%s", addr, r->myorigin);
+        at = n;
+    } else {
+        len = snprintf(out, outlen, "%s", addr);
+    }
+    if (len < 0 || (size_t)len >= outlen)
+        return -ENAMETOOLONG;
+    if (r->append_dot_mydomain && r->mydomain[0] && out[at] == '@' && out[at + 1] != '['
+        && !strchr(out + at + 1, '.')) {
+        size_t used = (size_t)len;
+        len = snprintf(out + used, outlen - used, ".%s", r->mydomain);
+        if (len < 0 || (size_t)len >= outlen - used)
+            return -ENAMETOOLONG;
+    }
+    return 0;
+}
+
 enum kt_addr_class kt_resolve_class(const struct kt_resolver *r, const char *domain)
 {
     size_t n;
@@ -180,6 +216,7 @@ static const struct user *nss_find_user(struct nss_cache *c, const char *name)
         mailbox = NULL;
         n->u.uid = pw.pw_uid;
         n->u.gid = pw.pw_gid;
+        n->u.home_len = strlen(n->u.mailbox) - strlen(c->home_mailbox);
         n->next = c->list;
         c->list = n;
         hit = &n->u;
@@ -254,6 +291,7 @@ static enum vresult virtual_lookup(const struct kt_resolver *r, const char *addr
     size_t n;
 
     mb->home = NULL;
+    mb->keep = 0;   /* virtual(8) makes the folders below virtual_mailbox_base as needed */
 
     if (!v)
         return V_UNKNOWN;
@@ -321,7 +359,10 @@ static void deliver_user(struct expand *x, const char *name)
     const struct user *u = find_user(x->r, name);
 
     if (u) {
-        struct kt_mailbox mb = { u->mailbox, u->uid, u->gid, u->home };
+        /* Never deliver as root: its mail is owned by default_privs, as Postfix's local(8) delivers
+         * for root; the home must exist (it is never created). */
+        struct kt_mailbox mb = { u->mailbox, u->uid ? u->uid : x->r->default_uid,
+                                 u->uid ? u->gid : x->r->default_gid, u->home, u->home_len };
         add_mailbox(x, &mb);
     } else {
         skip(x, "unknown local user");
@@ -592,6 +633,8 @@ static int load_passwd(struct kt_resolver *r, const char *file, const char *home
         r->users[r->nusers].name = kt_strdup(field[0]);
         r->users[r->nusers].mailbox = join_path(field[5], home_mailbox);
         r->users[r->nusers].home = kt_strdup(field[5]);
+        /* "home/" + home_mailbox (relative, checked by the caller) */
+        r->users[r->nusers].home_len = strlen(r->users[r->nusers].mailbox) - strlen(home_mailbox);
         r->users[r->nusers].uid = uid;
         r->users[r->nusers].gid = gid;
         r->users[r->nusers].line = lineno;
@@ -679,6 +722,24 @@ static int load_local_ips(struct kt_resolver *r, const char *list, char *err, si
     }
 }
 
+/* myorigin, or myhostname when it is empty; Postfix's "/file" form means the file's first word. */
+static char *origin_value(const struct kt_resolve_config *c)
+{
+    const char *o = !empty(c->myorigin) ? c->myorigin : empty(c->myhostname) ? "" : c->myhostname;
+    char buf[256] = "";
+    FILE *f;
+
+    if (o[0] != '/')
+        return kt_strdup(o);
+    if ((f = fopen(o, "re")) != NULL) {
+        if (!fgets(buf, sizeof(buf), f))
+            buf[0] = '\0';
+        fclose(f);
+    }
+    buf[strcspn(buf, " \t\r\n")] = '\0';
+    return kt_strdup(buf[0] ? buf : empty(c->myhostname) ? "" : c->myhostname);
+}
+
 int kt_resolver_new(const struct kt_resolve_config *c, struct kt_resolver **out, char *err, size_t errlen)
 {
     struct kt_resolver *r;
@@ -748,12 +809,51 @@ int kt_resolver_new(const struct kt_resolve_config *c, struct kt_resolver **out,
     }
     if (rc == 0)
         rc = load_local_ips(r, c->inet_interfaces_addrs, err, errlen);
+    if (rc == 0) {
+        const char *dp = empty(c->default_privs) ? "nobody" : c->default_privs;
+        const struct user *u = find_user(r, dp);
+        if (!u || u->uid == 0) {
+            kt_set_err(err, errlen, "default_privs: %s is %s", dp, u ? "a privileged user" : "not a known user");
+            rc = -EINVAL;
+        } else {
+            r->default_uid = u->uid;
+            r->default_gid = u->gid;
+        }
+    }
+    r->myorigin = origin_value(c);
+    r->mydomain = kt_strdup(empty(c->mydomain) ? "" : c->mydomain);
+    r->append_at_myorigin = c->append_at_myorigin;
+    r->append_dot_mydomain = c->append_dot_mydomain;
     if (rc < 0) {
         kt_resolver_free(r);
         return rc;
     }
     *out = r;
     return 0;
+}
+
+int kt_resolver_foreach_mailbox(const struct kt_resolver *r, int (*fn)(const char *maildir, void *arg), void *arg)
+{
+    int rc = 0;
+
+    for (size_t i = 0; i < r->nvpaths && !rc; i++)
+        rc = fn(r->vpaths[i].path, arg);
+    for (size_t i = 0; i < r->nusers && !rc; i++)
+        rc = fn(r->users[i].mailbox, arg);
+    if (r->nss && !rc) {
+        /* users through NSS: every entry once (start-up, one thread) */
+        struct passwd *pw;
+        setpwent();
+        while (!rc && (pw = getpwent()) != NULL) {
+            if (pw->pw_dir[0] != '/')
+                continue;
+            char *mb = join_path(pw->pw_dir, r->nss->home_mailbox);
+            rc = fn(mb, arg);
+            kt_free(mb);
+        }
+        endpwent();
+    }
+    return rc;
 }
 
 void kt_resolver_free(struct kt_resolver *r)
@@ -788,5 +888,7 @@ void kt_resolver_free(struct kt_resolver *r)
     for (size_t i = 0; i < r->nvpaths; i++)
         kt_free(r->vpaths[i].path);
     kt_free(r->vpaths);
+    kt_free(r->myorigin);
+    kt_free(r->mydomain);
     kt_free(r);
 }

@@ -17,15 +17,21 @@ struct kt_resolve_config {
                                * users work at once; a file (tests): passwd(5) lines read once here */
     const char *mail_owner;   /* started as root: the default owner of virtual mailboxes
                                * (else the process's own uid and gid); NULL = none */
+    /* Postfix trivial-rewrite address completion (kt_resolve_complete) */
+    const char *myorigin, *mydomain;   /* NULL or "" = $myhostname, and no mydomain */
+    int append_at_myorigin;            /* Postfix default yes (settings.c passes it) */
+    int append_dot_mydomain;           /* Postfix >= 3.0 default no */
+    const char *default_privs;         /* owner of mail for uid 0; NULL = "nobody" */
 };
 
 enum kt_addr_class { KT_CLASS_LOCAL, KT_CLASS_VIRTUAL, KT_CLASS_RELAY, KT_CLASS_DEFAULT };
 
 struct kt_mailbox {
     const char *path;   /* absolute Maildir path ending in '/'; owned by the resolver */
-    unsigned uid, gid;
+    unsigned uid, gid;  /* never 0 for a local user: root's mail is owned by default_privs */
     const char *home;   /* local(8) class: the user's home directory, which holds the
                          * Maildir (home_mailbox); NULL for virtual mailboxes */
+    size_t keep;        /* leading bytes of path that must exist already (a user's home): never created */
 };
 
 #define KT_RESOLVE_MAX_MAILBOXES 16
@@ -50,6 +56,15 @@ int kt_resolver_new(const struct kt_resolve_config *c, struct kt_resolver **out,
 void kt_resolver_free(struct kt_resolver *r);
 /* addr: envelope recipient without brackets. Never blocks, never allocates (result written into *res). */
 void kt_resolve_recipient(const struct kt_resolver *r, const char *addr, struct kt_resolve_result *res);
+/* Postfix's address completion for envelope addresses (trivial-rewrite, "local" context): an address
+ * without a domain gets "@$myorigin" when append_at_myorigin is on, and a domain without a dot gets
+ * ".$mydomain" when append_dot_mydomain is on (not an address literal). So with "mydestination =" a bare
+ * <root> from a client is root@$myorigin, a remote address, and refused unless the client may relay.
+ * out gets the completed address. Returns 0, or -ENAMETOOLONG when it does not fit in outlen. */
+int kt_resolve_complete(const struct kt_resolver *r, const char *addr, char *out, size_t outlen);
+/* Calls fn for every Maildir the resolver knows (virtual mailboxes, users' home mailboxes); stops at the
+ * first non-zero return and returns it. For start-up housekeeping. */
+int kt_resolver_foreach_mailbox(const struct kt_resolver *r, int (*fn)(const char *maildir, void *arg), void *arg);
 /* Class of a domain ("example.com", "[192.0.2.1]"; NULL or "" = local). */
 enum kt_addr_class kt_resolve_class(const struct kt_resolver *r, const char *domain);
 

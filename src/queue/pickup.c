@@ -16,6 +16,7 @@
 #include "delivery/header_scan.h"
 #include "metrics/metrics.h"
 #include "queue/pickup.h"
+#include "smtpd/smtp_parse.h"
 #include "queue/queue.h"
 
 #define MAX_RCPTS 10000
@@ -83,23 +84,21 @@ bad:
     return -1;
 }
 
-/* CRLF line ends: a lone LF becomes CRLF, a bare CR is dropped (no smuggling
- * of line ends the next hop might read differently). */
+/* CRLF line ends: a lone LF or a bare CR becomes CRLF, through the one rule every way in uses (no
+ * smuggling of line ends the next hop might read differently). */
 static void normalize(struct kt_buf *out, const char *in, size_t len)
 {
-    size_t start = 0;
-    for (size_t i = 0; i < len; i++) {
-        if (in[i] == '\n') {
-            size_t end = i > start && in[i - 1] == '\r' ? i - 1 : i;
-            kt_buf_append(out, in + start, end - start);
-            kt_buf_append(out, "\r\n", 2);
-            start = i + 1;
-        } else if (in[i] == '\r' && !(i + 1 < len && in[i + 1] == '\n')) {
-            kt_buf_append(out, in + start, i - start);
-            start = i + 1;
-        }
+    struct kt_data_parser p;
+    char block[2 * 4096 + 2], end[2];
+    size_t used = 0;
+
+    kt_data_parser_init_chunked(&p);
+    while (used < len) {
+        size_t got = 0, take = len - used < 4096 ? len - used : 4096;
+        used += kt_data_parse(&p, in + used, take, block, sizeof(block), &got);
+        kt_buf_append(out, block, got);
     }
-    kt_buf_append(out, in + start, len - start);
+    kt_buf_append(out, end, kt_data_parse_end(&p, end));
 }
 
 static void pick_one(int dfd, const char *dir, const char *name, const char *qdir, long long size_limit,

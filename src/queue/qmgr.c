@@ -695,6 +695,7 @@ static void conn_run_next(struct conn *cn)
         j->sm = (struct kt_smtp_msg){
             .id = j->m->q->id, .sender = j->m->q->sender, .rcpts = j->addrs, .n_rcpts = j->n, .fd = j->fd,
             .body_off = j->m->q->body_off, .body_len = j->m->q->body_len, .dots = j->m->q->dots,
+            .canonical = j->m->q->canonical,
             .codes = j->codes, .replies = j->replies,
         };
         kt_smtp_send(cn->c, &j->sm, job_sent, cn);

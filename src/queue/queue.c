@@ -74,12 +74,15 @@ void kt_queue_new_id(char *buf, size_t len)
              c & 0xFFF);
 }
 
-char *kt_queue_envelope(const char *sender, const char *const *rcpts, size_t n, time_t arrival, int dots)
+char *kt_queue_envelope(const char *sender, const char *const *rcpts, size_t n, time_t arrival, int dots,
+                        int canonical)
 {
     struct kt_buf b = { 0 };
     kt_buf_printf(&b, MAGIC "arrival %lld\nsender %s\n", (long long)arrival, sender ? sender : "");
     if (dots >= 0)
         kt_buf_printf(&b, "dots %d\n", dots ? 1 : 0);
+    if (canonical)
+        kt_buf_printf(&b, "canonical 1\n");
     for (size_t i = 0; i < n; i++)
         kt_buf_printf(&b, "rcpt %s\n", rcpts[i]);
     kt_buf_append(&b, "body\n", 6);    /* with the NUL: the buffer is returned as a string */
@@ -112,6 +115,18 @@ static int fsync_dir(const char *path)
     return rc;
 }
 
+/* Every CR followed by LF and every LF preceded by CR. */
+static int is_canonical(const char *body, size_t len)
+{
+    for (size_t i = 0; i < len; i++) {
+        if (body[i] == '\r' && (i + 1 == len || body[i + 1] != '\n'))
+            return 0;
+        if (body[i] == '\n' && (i == 0 || body[i - 1] != '\r'))
+            return 0;
+    }
+    return 1;
+}
+
 static int has_dot_line(const char *body, size_t len)
 {
     if (len > 0 && body[0] == '.')
@@ -142,7 +157,7 @@ int kt_queue_write_at(const char *qdir, time_t arrival, const char *sender, cons
     int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0)
         return -errno;
-    char *env = kt_queue_envelope(sender, rcpts, n, arrival, has_dot_line(body, len));
+    char *env = kt_queue_envelope(sender, rcpts, n, arrival, has_dot_line(body, len), is_canonical(body, len));
     rc = write_all(fd, env, strlen(env));
     kt_free(env);
     if (rc == 0)
@@ -253,6 +268,8 @@ static int load_from(const char *qdir, const char *sub, const char *id, struct k
             m->sender = kt_strdup(line + 7);
         } else if (!strncmp(line, "dots ", 5)) {
             m->dots = atoi(line + 5) ? 1 : 0;
+        } else if (!strcmp(line, "canonical 1")) {
+            m->canonical = 1;
         } else if (!strncmp(line, "rcpt ", 5)) {
             m->rcpts = kt_realloc(m->rcpts, (m->n_rcpts + 1) * sizeof(*m->rcpts));
             m->rcpts[m->n_rcpts].addr = kt_strdup(line + 5);
@@ -670,7 +687,8 @@ struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir
                                           unsigned worker_id, const char *queue_id)
 {
     time_t arrival = time(NULL);
-    char *env = kt_queue_envelope(sender, rcpts, n, arrival, -1);
+    /* the session stores bodies through the line-ending rule (smtp_parse.h): canonical */
+    char *env = kt_queue_envelope(sender, rcpts, n, arrival, -1, 1);
     size_t len = strlen(env);
     if (len >= KT_DELIVERY_CHUNK) {
         kt_free(env);
@@ -694,6 +712,7 @@ struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir
     m->sender = kt_strdup(sender ? sender : "");
     m->arrival = arrival;
     m->dots = -1;
+    m->canonical = 1;
     m->n_rcpts = n;
     m->rcpts = kt_calloc(n ? n : 1, sizeof(*m->rcpts));
     for (size_t i = 0; i < n; i++)

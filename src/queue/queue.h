@@ -9,7 +9,7 @@
  *                queued by other processes (kt_queue_notify), like Postfix's
  *
  * A message file starts with text lines
- *   "KTQUEUE 1\n" "arrival <epoch>\n" "sender <addr>\n" ["dots <0|1>\n"]
+ *   "KTQUEUE 1\n" "arrival <epoch>\n" "sender <addr>\n" ["dots <0|1>\n"] ["canonical 1\n"]
  *   "rcpt <addr>\n"... "body\n"
  * followed by the message bytes (CRLF line ends, not dot-stuffed) up to the
  * end of the file. "sender " with an empty address is the null sender.
@@ -45,6 +45,7 @@ struct kt_qmsg {
     char *sender;                  /* "" = null sender */
     time_t arrival;
     int dots;                      /* -1 unknown, 0 no body line starts with '.', 1 some do */
+    int canonical;                 /* 1: every body line ends in CRLF, no bare CR or LF ("canonical 1") */
     int warned;                    /* delay warning already sent */
     int deferred;                  /* a delivery attempt was deferred (status "defer" records) */
     size_t n_rcpts;
@@ -73,8 +74,11 @@ int kt_queue_init_maildrop(const char *qdir);
  * microseconds, a counter). Given when a transaction starts (MAIL, sendmail)
  * and kept by the message everywhere: log lines, queue file, Maildir names. */
 void kt_queue_new_id(char *buf, size_t len);
-/* The envelope header text (kt_malloc'ed). dots: -1 unknown, 0, 1. */
-char *kt_queue_envelope(const char *sender, const char *const *rcpts, size_t n, time_t arrival, int dots);
+/* The envelope header text (kt_malloc'ed). dots: -1 unknown, 0, 1. canonical: the body is known to hold
+ * only CRLF line ends (every writer of this version makes it so; files without the line are sent through
+ * the client's canonicalizing path). */
+char *kt_queue_envelope(const char *sender, const char *const *rcpts, size_t n, time_t arrival, int dots,
+                        int canonical);
 /* Synchronous durable creation from memory. id (KT_QUEUE_ID_MAX bytes) is used when it holds a
  * string, else a fresh id is written there. 0 or -errno. */
 int kt_queue_write(const char *qdir, const char *sender, const char *const *rcpts, size_t n, const void *body,

@@ -76,7 +76,8 @@ struct kt_smtp_conn {
     size_t accepted;
     int use_chunking, use_sendfile, sendfile_counted, body_crlf;
     off_t body_pos, body_end;
-    int line_start;
+    int line_start;                /* DATA in userspace: at the start of a line */
+    int cr_pending;                /* DATA in userspace: a CR waits for the next byte */
 };
 
 static unsigned long sendfile_count;
@@ -444,6 +445,7 @@ static void start_body(struct kt_smtp_conn *c)
     c->body_pos = c->m->body_off;
     c->body_end = c->m->body_off + c->m->body_len;
     c->line_start = 1;
+    c->cr_pending = 0;
     if (c->use_chunking)
         kt_buf_printf(&c->out, "BDAT %lld LAST\r\n", (long long)c->m->body_len);
     set_deadline(c, c->p.command_timeout_s);
@@ -610,6 +612,45 @@ static void on_reply(struct kt_smtp_conn *c, int code)
     }
 }
 
+/* DATA body bytes as canonical lines with RFC 5321 4.5.2 transparency: a bare CR or LF goes out as CRLF
+ * (never raw, so a next hop cannot find an end of data ktrelay did not mean), and a line-leading dot is
+ * doubled. State runs across calls. */
+static void data_canonical(struct kt_smtp_conn *c, const char *buf, size_t n)
+{
+    size_t start = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        char ch = buf[i];
+        if (c->cr_pending) {
+            c->cr_pending = 0;
+            kt_buf_append(&c->out, "\r\n", 2);
+            c->line_start = 1;
+            if (ch == '\n') {
+                start = i + 1;
+                continue;
+            }
+        }
+        if (ch == '\r' || ch == '\n') {
+            kt_buf_append(&c->out, buf + start, i - start);
+            start = i + 1;
+            if (ch == '\r') {
+                c->cr_pending = 1;
+            } else {
+                kt_buf_append(&c->out, "\r\n", 2);
+                c->line_start = 1;
+            }
+            continue;
+        }
+        if (c->line_start && ch == '.') {
+            kt_buf_append(&c->out, buf + start, i - start);
+            kt_buf_append(&c->out, ".", 1);
+            start = i;
+        }
+        c->line_start = 0;
+    }
+    kt_buf_append(&c->out, buf + start, n - start);
+}
+
 /* The next body bytes into c->out (the pump flushes them), or the whole body
  * to kt_conn_sendfile. Returns 1 when all of it is out, 0 when there is more
  * (or sendfile is running), -1 after a failure. */
@@ -637,17 +678,7 @@ static int send_body(struct kt_smtp_conn *c)
     if (c->use_chunking) {
         kt_buf_append(&c->out, buf, (size_t)n);
     } else {
-        /* RFC 5321 4.5.2 transparency */
-        size_t start = 0;
-        for (size_t i = 0; i < (size_t)n; i++) {
-            if (c->line_start && buf[i] == '.') {
-                kt_buf_append(&c->out, buf + start, i - start);
-                kt_buf_append(&c->out, ".", 1);
-                start = i;
-            }
-            c->line_start = buf[i] == '\n';
-        }
-        kt_buf_append(&c->out, buf + start, (size_t)n - start);
+        data_canonical(c, buf, (size_t)n);
     }
     return 0;
 }
@@ -668,8 +699,13 @@ static void sendfile_done(struct kt_smtp_conn *c, int res)
 
 static void body_sent(struct kt_smtp_conn *c)
 {
-    if (!c->use_chunking)
+    if (!c->use_chunking && c->use_sendfile) {
         kt_buf_printf(&c->out, "%s.\r\n", c->body_crlf ? "" : "\r\n");
+    } else if (!c->use_chunking) {
+        /* a pending CR or an unterminated last line gets its CRLF before the end marker */
+        kt_buf_printf(&c->out, "%s.\r\n", c->cr_pending || !c->line_start ? "\r\n" : "");
+        c->cr_pending = 0;
+    }
     c->state = ST_DOT;
     c->expect = 1;
 }
@@ -798,13 +834,15 @@ void kt_smtp_send(struct kt_smtp_conn *c, struct kt_smtp_msg *m, kt_smtp_cb cb, 
         m->codes[i] = 0;
         m->replies[i] = NULL;
     }
-    c->use_chunking = c->ext_chunking;
+    /* BDAT states the byte count first: only a body known to be canonical can go as it is */
+    c->use_chunking = c->ext_chunking && m->canonical;
     if (m->body_len >= 2 && pread(m->fd, tail, 2, m->body_off + m->body_len - 2) == 2)
         c->body_crlf = tail[0] == '\r' && tail[1] == '\n';
     else
         c->body_crlf = m->body_len == 0;
-    /* sendfile needs the bytes as they are: BDAT, or DATA without a line to stuff */
-    c->use_sendfile = kt_conn_can_sendfile(c->conn) && (c->use_chunking || m->dots == 0);
+    /* sendfile needs the bytes as they are: a canonical body over BDAT, or over DATA without a line to
+     * stuff */
+    c->use_sendfile = kt_conn_can_sendfile(c->conn) && m->canonical && (c->use_chunking || m->dots == 0);
     c->sendfile_counted = 0;
     kt_buf_printf(&c->out, "MAIL FROM:<%s>", m->sender);
     if (c->ext_size)

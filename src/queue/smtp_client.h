@@ -51,6 +51,7 @@ struct kt_smtp_msg {
     int fd;                       /* queue file */
     off_t body_off, body_len;
     int dots;                     /* -1 unknown, 0 no line starts with '.', 1 some do */
+    int canonical;                /* body holds only CRLF line ends (else it is canonicalized on the way) */
     int *codes;
     char **replies;
 };

@@ -78,6 +78,11 @@ void kt_addr_resolve(const struct kt_resolver *r, unsigned flags, const char *ad
     /* bounded: every round removes a domain or an operator */
     for (int round = 0; round < 16; round++) {
         long at = find_unquoted(a, '@', 1);
+        if (at >= 0 && kt_resolve_complete(r, a, tmp, sizeof(tmp)) == 0 && strcmp(tmp, a) != 0) {
+            /* append_dot_mydomain: "user@host" is user@host.$mydomain */
+            snprintf(a, sizeof(out->addr), "%s", tmp);
+            out->rewritten = 1;
+        }
         size_t local_len = at >= 0 ? (size_t)at : strlen(a);
         out->cls = kt_resolve_class(r, at >= 0 ? a + at + 1 : NULL);
         memcpy(tmp, a, local_len);
@@ -103,6 +108,13 @@ void kt_addr_resolve(const struct kt_resolver *r, unsigned flags, const char *ad
             a[ulen] = '@';
             memcpy(a + ulen + 1, tmp, hlen);
             a[local_len] = '\0';
+        } else if (at < 0) {
+            /* trivial-rewrite's order: operators first, then a bare local part gets @$myorigin
+             * (append_at_myorigin) and is looked at again */
+            if (kt_resolve_complete(r, tmp, a, sizeof(out->addr)) < 0 || strchr(a, '@') == NULL) {
+                snprintf(a, sizeof(out->addr), "%s", tmp);
+                return;   /* no completion: a local address without a domain */
+            }
         } else {
             return;   /* a plain local address */
         }
@@ -118,6 +130,7 @@ enum rtype {
     R_PERMIT_AUTH_DEST, R_REJECT_UNAUTH_PIPELINING, R_NON_FQDN_SENDER, R_NON_FQDN_RCPT, R_NON_FQDN_HELO,
     R_UNLISTED_RCPT, R_UNLISTED_SENDER, R_LOGIN_MISMATCH, R_AUTH_LOGIN_MISMATCH, R_UNAUTH_LOGIN_MISMATCH,
     R_INVALID_HELO, R_UNKNOWN_CLIENT, R_UNKNOWN_REVERSE_CLIENT, R_UNKNOWN_HELO, R_UNKNOWN_SENDER_DOMAIN,
+    R_PERMIT_TLS_CLIENTCERTS, R_PERMIT_TLS_ALL_CLIENTCERTS,
     R_CHECK_CLIENT, R_CHECK_HELO, R_CHECK_SENDER, R_CHECK_RCPT,
     /* DNS lists: one "domain[=filter]" argument */
     R_RBL_CLIENT, R_RHSBL_CLIENT, R_RHSBL_REVERSE_CLIENT, R_RHSBL_SENDER, R_RHSBL_HELO, R_DNSWL_CLIENT,
@@ -159,6 +172,8 @@ static const struct {
     { "reject_rhsbl_sender", R_RHSBL_SENDER },
     { "reject_rhsbl_helo", R_RHSBL_HELO },
     { "permit_dnswl_client", R_DNSWL_CLIENT },
+    { "permit_tls_clientcerts", R_PERMIT_TLS_CLIENTCERTS },
+    { "permit_tls_all_clientcerts", R_PERMIT_TLS_ALL_CLIENTCERTS },
     { "check_client_access", R_CHECK_CLIENT },
     { "check_helo_access", R_CHECK_HELO },
     { "check_sender_access", R_CHECK_SENDER },
@@ -186,6 +201,7 @@ static const char *const list_param[L_COUNT] = { "smtpd_client_restrictions", "s
 struct kt_policy {
     struct rlist lists[L_COUNT];
     struct kt_maps *login_maps;
+    struct kt_maps *relay_ccerts;    /* relay_clientcerts */
     int reject_unlisted_sender;
     unsigned addr_flags;
     const struct kt_resolver *resolver;
@@ -383,6 +399,11 @@ static int needs_login_maps(enum rtype t)
     return t == R_LOGIN_MISMATCH || t == R_AUTH_LOGIN_MISMATCH || t == R_UNAUTH_LOGIN_MISMATCH;
 }
 
+static int needs_relay_ccerts(enum rtype t)
+{
+    return t == R_PERMIT_TLS_CLIENTCERTS;
+}
+
 int kt_policy_new(const struct kt_policy_config *c, struct kt_policy **out, char *err, size_t errlen)
 {
     struct kt_policy *p = kt_calloc(1, sizeof(*p));
@@ -423,6 +444,21 @@ int kt_policy_new(const struct kt_policy_config *c, struct kt_policy **out, char
                 snprintf(err, errlen, "smtpd_sender_login_maps: %s", msg);
         }
     }
+    int want_ccerts = 0;
+    for (int i = 0; i < L_COUNT; i++)
+        want_ccerts |= list_has(&p->lists[i], needs_relay_ccerts);
+    if (rc == 0 && want_ccerts) {
+        /* Postfix would permit nobody here; a list that can never match is a configuration mistake */
+        if (!c->relay_clientcerts || !c->relay_clientcerts[0]) {
+            snprintf(err, errlen, "permit_tls_clientcerts needs relay_clientcerts");
+            rc = -EINVAL;
+        } else {
+            char msg[400];
+            rc = kt_maps_open(c->relay_clientcerts, KT_TABLE_MAP, &p->relay_ccerts, msg, sizeof(msg));
+            if (rc < 0)
+                snprintf(err, errlen, "relay_clientcerts: %s", msg);
+        }
+    }
     if (rc < 0) {
         kt_policy_free(p);
         return rc;
@@ -445,6 +481,7 @@ void kt_policy_free(struct kt_policy *p)
     }
     kt_maps_free(p->login_maps);
     kt_maps_free(p->rbl_reply_maps);
+    kt_maps_free(p->relay_ccerts);
     kt_free(p);
 }
 
@@ -1019,6 +1056,21 @@ static int valid_helo_name(const char *helo)
     return p == helo && kt_smtp_valid_helo(helo, strlen(helo));
 }
 
+/* Text tables keep their keys in lower case (as postmap does), so the hex is looked up that way: a
+ * fingerprint written in either case matches. */
+static int fingerprint_listed(const struct kt_maps *m, const char *fp)
+{
+    char key[200];
+    size_t i;
+
+    if (!m || !fp || !*fp)
+        return 0;
+    for (i = 0; fp[i] && i + 1 < sizeof(key); i++)
+        key[i] = (char)tolower((unsigned char)fp[i]);
+    key[i] = '\0';
+    return kt_maps_get(m, key) != NULL;
+}
+
 static int apply(struct eval *e, enum rtype t, const struct kt_table *table, int depth)
 {
     const struct kt_policy_request *r = e->r;
@@ -1033,6 +1085,12 @@ static int apply(struct eval *e, enum rtype t, const struct kt_table *table, int
         return e->p->mynetworks && kt_net_list_match(e->p->mynetworks, r->client_addr) ? PERMIT : DUNNO;
     case R_PERMIT_SASL:
         return r->sasl_username ? PERMIT : DUNNO;
+    case R_PERMIT_TLS_ALL_CLIENTCERTS:
+        return r->ccert_trusted ? PERMIT : DUNNO;
+    case R_PERMIT_TLS_CLIENTCERTS:
+        /* Postfix: the certificate's fingerprint, then its public key's, in relay_clientcerts */
+        return fingerprint_listed(e->p->relay_ccerts, r->ccert_fp)
+               || fingerprint_listed(e->p->relay_ccerts, r->ccert_pkey_fp) ? PERMIT : DUNNO;
     case R_PERMIT_AUTH_DEST:
         return auth_destination(e->ra) ? PERMIT : DUNNO;
     case R_REJECT_UNAUTH_DEST:

@@ -27,7 +27,9 @@ struct kt_resolved_addr {
 /* Like trivial-rewrite(8): a local domain (mydestination, [local IP]) is stripped and what remains is looked
  * at again, "user%host" becoming "user@host" (KT_ADDR_PERCENT_HACK) and "host!user" becoming "user@host"
  * (KT_ADDR_SWAP_BANGPATH); with KT_ADDR_DEQUOTE a quoted local part is read without its quotes, so an '@'
- * hidden inside counts. had_route: the SMTP path carried a source route. */
+ * hidden inside counts. What is left without a domain is completed by kt_resolve_complete
+ * (append_at_myorigin: "root" is root@$myorigin, of $myorigin's class). had_route: the SMTP path carried a
+ * source route. */
 void kt_addr_resolve(const struct kt_resolver *r, unsigned flags, const char *addr, int had_route,
                      struct kt_resolved_addr *out);
 
@@ -37,6 +39,7 @@ struct kt_policy_config {
     const char *client_restrictions, *helo_restrictions, *sender_restrictions, *relay_restrictions,
                *recipient_restrictions;
     const char *sender_login_maps;
+    const char *relay_clientcerts;   /* tables: client certificate (or public key) fingerprint -> anything */
     int reject_unlisted_sender;      /* smtpd_reject_unlisted_sender */
     unsigned addr_flags;             /* KT_ADDR_* from allow_percent_hack, swap_bangpath, resolve_dequoted_address */
     const struct kt_resolver *resolver;      /* not owned */
@@ -58,6 +61,9 @@ struct kt_policy_request {
     const char *recipient;        /* as received, route stripped */
     int recipient_had_route;
     const char *sasl_username;    /* NULL unless authenticated */
+    int ccert_trusted;            /* a client certificate that verifies (permit_tls_all_clientcerts) */
+    const char *ccert_fp;         /* its fingerprint, NULL without one (permit_tls_clientcerts) */
+    const char *ccert_pkey_fp;    /* its public key's fingerprint, NULL without one */
     int esmtp;                    /* the client said EHLO */
     int pipelined;                /* input was waiting behind this command */
     /* client names, as Postfix's smtpd_peer: name is forward-confirmed ("unknown" otherwise),

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sysexits.h>
 #include <time.h>
@@ -30,11 +31,27 @@
 #include "core/log.h"
 #include "queue/dns.h"
 #include "metrics/metrics.h"
+#include "delivery/maildir.h"
+#include "delivery/resolve.h"
 #include "queue/qmgr.h"
 #include "smtpd/server.h"
 #include "smtpd/session.h"
 
 #define TICK_MS 200
+/* After EMFILE/ENFILE (or ENOBUFS/ENOMEM) accepting pauses this long, as nginx (accept_mutex_delay) and
+ * Postfix do: re-arming at once would spin on the same error. Waiting clients stay in the backlog. */
+#define ACCEPT_BACKOFF_MS 500
+/* At most one log line per this many seconds about it */
+#define ACCEPT_LOG_INTERVAL_S 10
+
+static struct kt_log_limit accept_log_limit;
+
+static long long monotonic_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 #define DRAIN_SECONDS 10
 #define RING_ENTRIES 2048
 
@@ -214,12 +231,18 @@ void kt_listen_close(struct kt_listen_set *ls)
 static void accept_arm(struct kt_listener *l)
 {
     struct io_uring_sqe *sqe = kt_loop_sqe(&l->worker->loop, &l->op);
+    l->armed = 1;
     io_uring_prep_multishot_accept(sqe, l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 }
 
 static int server_closing(const struct kt_server *srv)
 {
     return atomic_load(&srv->stopping) || atomic_load(&srv->retiring);
+}
+
+static int accept_exhausted(int res)
+{
+    return res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM;
 }
 
 static void accept_done(struct kt_op *op, int res, unsigned flags)
@@ -236,11 +259,24 @@ static void accept_done(struct kt_op *op, int res, unsigned flags)
         } else {
             kt_session_start(w, res, (struct sockaddr *)&ss, len, w->rt, &w->rt->services[l->service]);
         }
+    } else if (accept_exhausted(res) && !closing) {
+        if (!l->resume_ms)
+            kt_log_limited(&accept_log_limit, ACCEPT_LOG_INTERVAL_S, KT_LOG_WARN,
+                           "accept: %s: not accepting for %d ms (%zu sessions on worker %u)", strerror(-res),
+                           ACCEPT_BACKOFF_MS, w->n_sessions, w->id);
+        l->resume_ms = monotonic_ms() + ACCEPT_BACKOFF_MS;
+        if (flags & IORING_CQE_F_MORE) {
+            struct io_uring_sqe *sqe = kt_loop_sqe(&w->loop, NULL);
+            io_uring_prep_cancel64(sqe, (uint64_t)(uintptr_t)&l->op, 0);
+        }
     } else if (!closing && res != -ECANCELED && res != -EAGAIN && res != -EINTR && res != -ECONNABORTED) {
-        kt_warn("accept: %s", strerror(-res));
+        kt_log_limited(&accept_log_limit, ACCEPT_LOG_INTERVAL_S, KT_LOG_WARN, "accept: %s", strerror(-res));
     }
-    if (!(flags & IORING_CQE_F_MORE) && !closing && l->fd >= 0)
-        accept_arm(l);
+    if (!(flags & IORING_CQE_F_MORE)) {
+        l->armed = 0;
+        if (!closing && l->fd >= 0 && !l->resume_ms)
+            accept_arm(l);
+    }
 }
 
 static void worker_begin_drain(struct kt_worker *w)
@@ -267,6 +303,15 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
 
     w->tick_armed = 0;
     kt_dns_tick(w->dns);
+    long long now_ms = monotonic_ms();
+    for (size_t i = 0; i < w->n_listeners; i++) {
+        struct kt_listener *l = &w->listeners[i];
+        if (l->resume_ms && now_ms >= l->resume_ms && !server_closing(srv)) {
+            l->resume_ms = 0;
+            if (!l->armed && l->fd >= 0)
+                accept_arm(l);
+        }
+    }
     if (server_closing(srv) && !w->draining)
         worker_begin_drain(w);
     /* the list may change under us: sessions can free themselves */
@@ -410,6 +455,72 @@ static void qmgr_end(struct kt_server *srv)
     }
 }
 
+/* Descriptors the process needs besides sessions: listeners, rings, the queue manager, logs, tables. */
+#define FD_RESERVE 64
+
+/* Raise the soft RLIMIT_NOFILE to the hard limit (what a process may do without privileges) and say how
+ * many sessions that allows: a session holds its socket, and one more descriptor while a message is
+ * being written. */
+static void raise_nofile(void)
+{
+    struct rlimit rl;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+        return;
+    if (rl.rlim_cur < rl.rlim_max) {
+        rlim_t old = rl.rlim_cur;
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &rl) < 0) {
+            kt_warn("cannot raise the open file limit from %llu to %llu: %s", (unsigned long long)old,
+                    (unsigned long long)rl.rlim_max, strerror(errno));
+            rl.rlim_cur = old;
+        }
+    }
+    if (rl.rlim_cur == RLIM_INFINITY) {
+        kt_info("open file limit: unlimited");
+        return;
+    }
+    unsigned long long n = rl.rlim_cur > FD_RESERVE ? (unsigned long long)rl.rlim_cur - FD_RESERVE : 0;
+    kt_info("open file limit %llu: room for about %llu sessions (%llu while every one writes a message)",
+            (unsigned long long)rl.rlim_cur, n, n / 2);
+}
+
+struct tmp_clean {
+    const char *hostname;
+    time_t now;
+    long removed;
+};
+
+static int clean_one(const char *maildir, void *arg)
+{
+    struct tmp_clean *tc = arg;
+    int n = kt_maildir_clean_tmp(maildir, tc->hostname, tc->now);
+    if (n > 0)
+        tc->removed += n;
+    return 0;
+}
+
+/* Files ktrelay left in Maildir tmp/ folders (kill -9, power loss) go after 36 hours, the Maildir rule;
+ * only names ktrelay makes, for each service's mailboxes and host name. */
+static void clean_maildir_tmp(const struct kt_runtime *rt)
+{
+    struct tmp_clean tc = { .now = time(NULL) };
+
+    for (size_t i = 0; i < rt->n_services; i++) {
+        const struct kt_smtpd_settings *st = &rt->services[i];
+        int seen = 0;
+        for (size_t k = 0; k < i; k++)
+            if (rt->services[k].resolver == st->resolver && !strcmp(rt->services[k].myhostname, st->myhostname))
+                seen = 1;
+        if (seen || !st->resolver)
+            continue;
+        tc.hostname = st->myhostname;
+        kt_resolver_foreach_mailbox(st->resolver, clean_one, &tc);
+    }
+    if (tc.removed)
+        kt_info("removed %ld stale files (older than 36 hours) from Maildir tmp/ folders", tc.removed);
+}
+
 /* ---- the worker process ---- */
 
 static void tell_master(int fd, char what)
@@ -447,6 +558,9 @@ int kt_server_run(struct kt_runtime *rt, const struct kt_listen_set *ls, unsigne
     srv.generation = generation;
     srv.qmgr_lock = -1;
     pthread_mutex_init(&srv.qmgr_mu, NULL);
+
+    raise_nofile();
+    clean_maildir_tmp(rt);
 
     sigset_t set;
     sigemptyset(&set);

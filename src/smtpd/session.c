@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <openssl/crypto.h>
 #include <poll.h>
+#include <openssl/x509.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -26,6 +27,7 @@
 #include <unistd.h>
 
 #include "core/alloc.h"
+#include "core/table.h"
 #include "core/log.h"
 #include "delivery/maildir.h"
 #include "metrics/metrics.h"
@@ -207,9 +209,25 @@ static int session_dns(struct kt_session *s, int type, const char *name, struct 
     return 1;
 }
 
+/* A new request (command line, body, TLS handshake) starts: it has smtpd_timeout. */
 static void session_touch(struct kt_session *s)
 {
     s->deadline = time(NULL) + s->cfg->timeout_s;
+    s->rate_credit_ms = 0;
+}
+
+/* smtpd_per_request_deadline (Postfix 3.7): body bytes received extend the request's deadline by
+ * bytes / smtpd_min_data_rate seconds, so a client that trickles is cut off however it spaces its
+ * bytes; without it every read restarts smtpd_timeout. */
+static void body_progress(struct kt_session *s, size_t bytes)
+{
+    if (!s->cfg->per_request_deadline) {
+        session_touch(s);
+        return;
+    }
+    s->rate_credit_ms += (unsigned long long)bytes * 1000 / (unsigned long long)s->cfg->min_data_rate;
+    s->deadline += (time_t)(s->rate_credit_ms / 1000);
+    s->rate_credit_ms %= 1000;
 }
 
 /* One reply line; counts errors and enforces smtpd_hard_error_limit. */
@@ -462,8 +480,14 @@ static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
         reply(s, "552 5.3.4 Message size exceeds fixed limit");
         return;
     }
+    char full[sizeof(((struct kt_smtpd_txn *)0)->sender_full)] = "";
+    if (!path.is_null && kt_resolve_complete(s->cfg->resolver, path.addr, full, sizeof(full)) < 0) {
+        reply(s, "501 5.1.7 Bad sender address syntax");
+        return;
+    }
     s->txn = transaction_new();
     memcpy(s->txn->sender, path.addr, path.addr_len + 1);
+    memcpy(s->txn->sender_full, full, sizeof(full));
     s->txn->body_8bit = p.body != KT_BODY_7BIT;
     clock_gettime(CLOCK_MONOTONIC, &s->txn->t_start);
     make_queue_id(s);
@@ -579,6 +603,9 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         too_many_recipients(s);
         return;
     }
+    /* RFC 5321 4.5.1 (and Postfix's smtpd_check_rcpt): <postmaster> without a domain is always accepted,
+     * whatever the restrictions; it is completed like any other bare local part */
+    int bare_postmaster = strcasecmp(path.addr, "postmaster") == 0;
     struct kt_policy_request pr = {
         .client_addr = s->addr,
         .helo = s->helo,
@@ -586,6 +613,9 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         .recipient = path.addr,
         .recipient_had_route = path.had_route,
         .sasl_username = s->sasl_username[0] ? s->sasl_username : NULL,
+        .ccert_trusted = s->tls_on && s->ccert == KT_CCERT_TRUSTED,
+        .ccert_fp = s->tls_on && s->ccert != KT_CCERT_NONE ? s->ccert_fp : NULL,
+        .ccert_pkey_fp = s->tls_on && s->ccert != KT_CCERT_NONE ? s->ccert_pkey_fp : NULL,
         .esmtp = s->esmtp,
         .pipelined = s->cmd_pipelined,
         .client_name = s->client_name,
@@ -596,18 +626,22 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
     struct kt_resolved_addr ra;
     struct kt_dns_needs needs;
     char why[700];
-    int prc;
-    for (;;) {
-        needs.n = 0;
-        /* after two rounds of fetching, a missing answer is a failed lookup */
-        pr.needs = s->dns_rounds < 2 ? &needs : NULL;
-        pr.answers = s->dns_answers;
-        pr.n_answers = s->n_dns_answers;
-        prc = kt_policy_check_rcpt(s->cfg->policy, &pr, &ra, why, sizeof(why));
-        if (prc != KT_POLICY_NEED_DNS)
-            break;
-        if (dns_wait(s, &needs, resume_commands))
-            return;   /* the command runs again once the answers are in */
+    int prc = 0;
+    if (bare_postmaster) {
+        kt_addr_resolve(s->cfg->resolver, kt_policy_addr_flags(s->cfg->policy), path.addr, 0, &ra);
+    } else {
+        for (;;) {
+            needs.n = 0;
+            /* after two rounds of fetching, a missing answer is a failed lookup */
+            pr.needs = s->dns_rounds < 2 ? &needs : NULL;
+            pr.answers = s->dns_answers;
+            pr.n_answers = s->n_dns_answers;
+            prc = kt_policy_check_rcpt(s->cfg->policy, &pr, &ra, why, sizeof(why));
+            if (prc != KT_POLICY_NEED_DNS)
+                break;
+            if (dns_wait(s, &needs, resume_commands))
+                return;   /* the command runs again once the answers are in */
+        }
     }
     if (prc) {
         rcpt_reject(s, why, path.addr);
@@ -656,6 +690,16 @@ static double elapsed_since(const struct timespec *t0)
     return (double)(now.tv_sec - t0->tv_sec) + (double)(now.tv_nsec - t0->tv_nsec) / 1e9;
 }
 
+/* The reply for a failed queue or mailbox write: a full disk or quota is "insufficient system storage"
+ * (RFC 3463 4.3.1, Postfix's 452), anything else a local error in processing. */
+static void reply_write_error(struct kt_session *s, int err)
+{
+    if (err == -ENOSPC || err == -EDQUOT)
+        reply(s, "452 4.3.1 Error: insufficient system storage");
+    else
+        reply(s, "451 4.3.0 Error: queue file write error");
+}
+
 static void on_commit(void *arg, int res)
 {
     struct kt_session *s = arg;
@@ -663,7 +707,7 @@ static void on_commit(void *arg, int res)
     s->wait = KT_WAIT_NONE;
     if (res < 0) {
         kt_err("%s: delivery failed: %s", t->queue_id, strerror(-res));
-        reply(s, "451 4.3.0 Error: queue file write error");
+        reply_write_error(s, res);
     } else {
         const char *r = t->rcpts.data;
         double delay = elapsed_since(&t->t_start);
@@ -671,7 +715,7 @@ static void on_commit(void *arg, int res)
          * message, qmgr its envelope, local/virtual each delivery. */
         kt_info_as("cleanup", "%s: message-id=%s", t->queue_id,
                    t->hdrscan.message_id[0] ? t->hdrscan.message_id : "<>");
-        kt_info_as("qmgr", "%s: from=<%s>, size=%llu, nrcpt=%u (queue active)", t->queue_id, t->sender,
+        kt_info_as("qmgr", "%s: from=<%s>, size=%llu, nrcpt=%u (queue active)", t->queue_id, t->sender_full,
                    kt_delivery_size(t->delivery), t->n_rcpts);
         kt_metric_inc(KT_M_MESSAGES_RECEIVED);
         if (s->tls_on)
@@ -720,6 +764,32 @@ static void on_drained(void *arg, int res)
     session_process(s);
 }
 
+/* smtpd_forbid_bare_newline = reject, and the client is not in smtpd_forbid_bare_newline_exclusions.
+ * Otherwise bare line ends are stored as CRLF (normalize). */
+static int bare_newline_rejects(const struct kt_session *s)
+{
+    if (s->cfg->bare_newline != KT_BARE_NEWLINE_REJECT)
+        return 0;
+    return !(s->cfg->bare_newline_exclusions && kt_net_list_match(s->cfg->bare_newline_exclusions, s->addr) == 1);
+}
+
+static void bare_newline_reply(struct kt_session *s)
+{
+    const struct kt_smtpd_txn *t = s->txn;
+    const char *what = t->dp.bare_lf ? "LF" : "CR";
+    int code = s->cfg->bare_newline_reject_code;
+    kt_info("%s: reject: bare <%s> in message body from %s[%s]", t->queue_id, what, client_name(s), s->addr);
+    reply(s, "%d %d.5.2 Error: bare <%s> received", code, code / 100, what);
+}
+
+static void bare_newline_note(struct kt_session *s)
+{
+    const struct kt_smtpd_txn *t = s->txn;
+    if (t->dp.bare_lf || t->dp.bare_cr)
+        kt_info("%s: bare <%s> in message body from %s[%s] stored as <CR><LF>", t->queue_id,
+                t->dp.bare_lf ? "LF" : "CR", client_name(s), s->addr);
+}
+
 static void on_spool_open(void *arg, int res)
 {
     struct kt_session *s = arg;
@@ -729,11 +799,12 @@ static void on_spool_open(void *arg, int res)
         kt_err("%s: cannot create spool file: %s", t->queue_id, strerror(-res));
         if (s->state == KT_SS_BDAT) {
             /* the chunk's bytes still have to be read and thrown away */
-            bdat_fail(s, "451 4.3.0 Error: queue file write error");
+            bdat_fail(s, res == -ENOSPC || res == -EDQUOT ? "452 4.3.1 Error: insufficient system storage"
+                                                          : "451 4.3.0 Error: queue file write error");
             kt_delivery_abandon(t->delivery);
             t->delivery = NULL;
         } else {
-            reply(s, "451 4.3.0 Error: queue file write error");
+            reply_write_error(s, res);
             transaction_reset(s);
             session_enter_state(s, KT_SS_COMMAND);
         }
@@ -743,7 +814,9 @@ static void on_spool_open(void *arg, int res)
     kt_delivery_set_drain_cb(t->delivery, on_drained, s);
     add_received_header(s);
     if (s->state == KT_SS_DATA) {
+        session_touch(s);   /* the body is the next request */
         kt_data_parser_init(&t->dp);
+        t->nl_reject = bare_newline_rejects(s);
         reply(s, "354 End data with <CR><LF>.<CR><LF>");
     }
     session_process(s);
@@ -758,8 +831,8 @@ static void start_spool(struct kt_session *s)
         for (unsigned i = 0; i < t->n_rcpts; i++, r += strlen(r) + 1)
             list[i] = r;
         /* relay_accept keeps the envelope small enough for this never to be NULL */
-        t->delivery = kt_queue_delivery_new(&s->worker->loop, s->rt->queue_directory, t->sender, list, t->n_rcpts,
-                                            s->cfg->myhostname, s->worker->id, t->queue_id);
+        t->delivery = kt_queue_delivery_new(&s->worker->loop, s->rt->queue_directory, t->sender_full, list,
+                                            t->n_rcpts, s->cfg->myhostname, s->worker->id, t->queue_id);
         kt_free(list);
     }
     if (!t->delivery)
@@ -790,12 +863,10 @@ static void cmd_data(struct kt_session *s, const struct kt_smtp_command *c)
 static void data_finish(struct kt_session *s)
 {
     struct kt_smtpd_txn *t = s->txn;
-    if (t->dp.bare_lf || t->dp.bare_cr) {
-        kt_info("%s: reject: bare <%s> in message body from %s[%s]", t->queue_id,
-                t->dp.bare_lf ? "LF" : "CR", client_name(s), s->addr);
+    if (t->nl_reject && (t->dp.bare_lf || t->dp.bare_cr)) {
         kt_metric_inc(KT_M_REJECT_DATA);
         session_enter_state(s, KT_SS_COMMAND);
-        reply(s, "550 5.5.2 Error: bare <%s> received", t->dp.bare_lf ? "LF" : "CR");
+        bare_newline_reply(s);
         transaction_reset(s);
         return;
     }
@@ -807,6 +878,7 @@ static void data_finish(struct kt_session *s)
         transaction_reset(s);
         return;
     }
+    bare_newline_note(s);
     commit_message(s);   /* the state stays DATA until the commit callback */
 }
 
@@ -816,26 +888,50 @@ static int body_fits(const struct kt_session *s, unsigned long long more)
     return limit <= 0 || s->txn->msg_bytes + more <= (unsigned long long)limit;
 }
 
-static void data_feed(struct kt_session *s)
+/* Canonical body bytes into the spool (DATA and BDAT); 1 when the writer is behind. Nothing more is stored
+ * once the message is sure to be refused. */
+static int body_store(struct kt_session *s, const char *p, size_t n)
 {
     struct kt_smtpd_txn *t = s->txn;
-    char *head = kt_buf_head(&s->in);
-    size_t out_len = 0;
-    /* unstuffing never grows the data, so it runs in place */
-    size_t used = kt_data_parse(&t->dp, head, kt_buf_used(&s->in), head, &out_len);
-    int behind = 0;
-    if (!t->msg_too_big && !t->dp.bare_lf && !t->dp.bare_cr) {
-        if (!body_fits(s, out_len))
-            t->msg_too_big = 1;
-        else if (out_len) {
-            behind = kt_delivery_append(t->delivery, head, out_len);
-            if (!t->hdrscan.done)
-                kt_header_scan_feed(&t->hdrscan, head, out_len);
-            t->msg_bytes += out_len;
-        }
+    if (n == 0 || t->msg_too_big || (t->nl_reject && (t->dp.bare_lf || t->dp.bare_cr)))
+        return 0;
+    if (!body_fits(s, n)) {
+        t->msg_too_big = 1;
+        return 0;
+    }
+    t->msg_bytes += n;
+    if (!t->hdrscan.done)
+        kt_header_scan_feed(&t->hdrscan, p, n);
+    return kt_delivery_append(t->delivery, p, n);
+}
+
+/* Body bytes through the line-ending rule (smtp_parse.h), in blocks, until the input is used up, the
+ * end of data is reached or the writer is behind. `limit` bounds the input taken (BDAT: the chunk). */
+static size_t body_feed(struct kt_session *s, size_t limit, int *behind)
+{
+    struct kt_smtpd_txn *t = s->txn;
+    char out[2 * 8192 + 2];
+    const char *head = kt_buf_head(&s->in);
+    size_t used = 0;
+
+    *behind = 0;
+    while (used < limit && !t->dp.done && !*behind) {
+        size_t out_len = 0, take = limit - used;
+        if (take > 8192)
+            take = 8192;
+        used += kt_data_parse(&t->dp, head + used, take, out, sizeof(out), &out_len);
+        *behind = body_store(s, out, out_len);
     }
     kt_buf_consume(&s->in, used);
-    if (t->dp.done)
+    body_progress(s, used);
+    return used;
+}
+
+static void data_feed(struct kt_session *s)
+{
+    int behind;
+    body_feed(s, kt_buf_used(&s->in), &behind);
+    if (s->txn->dp.done)
         data_finish(s);
     else if (behind)
         s->wait = KT_WAIT_DRAIN;
@@ -858,6 +954,29 @@ static void bdat_fail(struct kt_session *s, const char *why)
 
 static void bdat_chunk_done(struct kt_session *s)
 {
+    struct kt_smtpd_txn *t = s->txn;
+    if (!s->bdat_refused && t && s->bdat_last) {
+        char end[2];
+        size_t n = kt_data_parse_end(&t->dp, end);
+        if (body_store(s, end, n))
+            s->wait = KT_WAIT_DRAIN;
+    }
+    if (!s->bdat_refused && t && !s->bdat_last && t->delivery && kt_delivery_error(t->delivery) < 0) {
+        /* a write of this message already failed: say so now, not only at the last chunk */
+        int err = kt_delivery_error(t->delivery);
+        kt_err("%s: delivery failed: %s", t->queue_id, strerror(-err));
+        bdat_fail(s, err == -ENOSPC || err == -EDQUOT ? "452 4.3.1 Error: insufficient system storage"
+                                                      : "451 4.3.0 Error: queue file write error");
+    }
+    if (!s->bdat_refused && t && t->nl_reject && (t->dp.bare_lf || t->dp.bare_cr)) {
+        char why[96];
+        int code = s->cfg->bare_newline_reject_code;
+        kt_info("%s: reject: bare <%s> in message body from %s[%s]", t->queue_id,
+                t->dp.bare_lf ? "LF" : "CR", client_name(s), s->addr);
+        snprintf(why, sizeof(why), "%d %d.5.2 Error: bare <%s> received", code, code / 100,
+                 t->dp.bare_lf ? "LF" : "CR");
+        bdat_fail(s, why);
+    }
     if (s->bdat_refused) {
         session_enter_state(s, KT_SS_COMMAND);
         reply(s, "%s", s->bdat_error);
@@ -866,79 +985,37 @@ static void bdat_chunk_done(struct kt_session *s)
         return;
     }
     if (s->bdat_last) {
+        bare_newline_note(s);
         commit_message(s);   /* the state stays BDAT until the commit callback */
         return;
     }
     session_enter_state(s, KT_SS_COMMAND);
-    reply(s, "250 2.0.0 Ok: %llu bytes", s->txn->msg_bytes);
+    reply(s, "250 2.0.0 Ok: %llu bytes", s->txn->bdat_received);
 }
 
-static void on_spliced(struct kt_session *s, int res)
-{
-    s->wait = KT_WAIT_NONE;
-    if (res > 0) {
-        kt_delivery_spliced(s->txn->delivery, (size_t)res);
-        s->bdat_left -= (unsigned long long)res;
-        s->txn->msg_bytes += (unsigned long long)res;
-        session_touch(s);
-        if (s->bdat_left == 0)
-            bdat_chunk_done(s);
-    } else if (res != -EINVAL) {
-        /* -EINVAL: a kTLS control record is next; the normal read path handles it */
-        if (res == 0)
-            kt_info("lost connection after BDAT from %s[%s]", client_name(s), s->addr);
-        else
-            kt_info("BDAT splice from %s[%s] failed: %s", client_name(s), s->addr, strerror(-res));
-        session_close(s);
-        kt_session_maybe_free(s);
-        return;
-    }
-    session_process(s);
-}
-
-/* Bytes of a chunk already in the input buffer are copied; the rest moves
- * socket -> pipe -> file with splice(2) when the transport allows it. */
+/* Chunk bytes go through the same line-ending rule as DATA (in chunked mode: no dots, no end marker), so a
+ * BDAT body is never stored with a bare CR or LF; that is why chunks are read, not spliced. */
 static void bdat_feed(struct kt_session *s)
 {
     size_t avail = kt_buf_used(&s->in);
     size_t take = avail < s->bdat_left ? avail : (size_t)s->bdat_left;
     if (take) {
-        if (!s->bdat_refused) {
-            if (!body_fits(s, take)) {
+        if (s->bdat_refused) {
+            kt_buf_consume(&s->in, take);
+        } else {
+            int behind;
+            take = body_feed(s, take, &behind);
+            if (behind)
+                s->wait = KT_WAIT_DRAIN;
+            if (s->txn->msg_too_big)   /* the rest of the chunk is only read and dropped */
                 bdat_fail(s, "552 5.3.4 Error: message file too big");
-            } else {
-                if (!s->txn->hdrscan.done)
-                    kt_header_scan_feed(&s->txn->hdrscan, kt_buf_head(&s->in), take);
-                if (kt_delivery_append(s->txn->delivery, kt_buf_head(&s->in), take))
-                    s->wait = KT_WAIT_DRAIN;
-                s->txn->msg_bytes += take;
-            }
         }
-        kt_buf_consume(&s->in, take);
         s->bdat_left -= take;
     }
-    if (s->bdat_left == 0) {
+    if (s->bdat_left == 0)
         bdat_chunk_done(s);
-        return;
-    }
-    if (s->wait == KT_WAIT_NONE && !s->bdat_refused && kt_buf_used(&s->in) == 0
-        && s->bdat_left >= 8192
-        && kt_conn_can_splice(s->conn)) {
-        int fd;
-        off_t off;
-        if (!body_fits(s, s->bdat_left)) {
-            bdat_fail(s, "552 5.3.4 Error: message file too big");
-            return;
-        }
-        if (kt_delivery_splice_target(s->txn->delivery, &fd, &off) < 0)
-            return;   /* the delivery failed: the bytes are read and the commit reports it */
-        s->wait = KT_WAIT_SPLICE;
-        kt_conn_splice(s->conn, fd, off, (size_t)s->bdat_left);
-    }
 }
 
-/* `refusal` is the command table's verdict (NULL: the preconditions hold);
- * either way the chunk is read before the reply. */
 static void bdat_start(struct kt_session *s, const struct kt_smtp_command *c, const char *refusal)
 {
     unsigned long long size;
@@ -963,8 +1040,14 @@ static void bdat_start(struct kt_session *s, const struct kt_smtp_command *c, co
         bdat_fail(s, s->txn->bdat_error);
     else if (s->txn->n_rcpts == 0)
         bdat_fail(s, "554 5.5.1 Error: no valid recipients");
-    if (!s->bdat_refused && s->txn->delivery == NULL)
-        start_spool(s);
+    if (!s->bdat_refused) {
+        s->txn->bdat_received += size;
+        if (s->txn->delivery == NULL) {
+            kt_data_parser_init_chunked(&s->txn->dp);   /* the rule's state runs across the message's chunks */
+            s->txn->nl_reject = bare_newline_rejects(s);
+            start_spool(s);
+        }
+    }
 }
 
 /* ---- other commands ---- */
@@ -993,7 +1076,12 @@ static void cmd_vrfy(struct kt_session *s, const struct kt_smtp_command *c)
     }
     memcpy(addr, a, n);
     addr[n] = '\0';
-    kt_resolve_recipient(s->cfg->resolver, addr, &res);
+    char full[520];
+    if (kt_resolve_complete(s->cfg->resolver, addr, full, sizeof(full)) < 0) {
+        reply(s, "501 5.1.3 Bad recipient address syntax");
+        return;
+    }
+    kt_resolve_recipient(s->cfg->resolver, full, &res);
     if (res.reply)
         reply(s, "%s", res.reply);
     else if (res.cls == KT_CLASS_LOCAL || res.cls == KT_CLASS_VIRTUAL)
@@ -1442,6 +1530,18 @@ static const struct smtpd_cmd *handle_command(struct kt_session *s, const char *
         if (cmd->counter)
             (*(unsigned *)((char *)&s->counts + cmd->counter - 1))++;
     }
+    if (c.verb != KT_VERB_UNKNOWN && c.verb != KT_VERB_HELO && c.verb != KT_VERB_EHLO
+        && kt_smtp_arg_has_ctl(c.arg, c.arg_len)) {
+        /* a NUL or control character would truncate or disguise the argument downstream (HELO/EHLO take
+         * any argument, as in Postfix: the name is kept with such bytes made printable) */
+        reply(s, "501 5.5.2 Syntax error: control character in command argument");
+        if (c.verb == KT_VERB_BDAT) {
+            /* its chunk cannot be skipped without a size */
+            reply(s, "421 4.5.0 %s Error: cannot resynchronize after bad BDAT", s->cfg->myhostname);
+            session_enter_state(s, KT_SS_CLOSING);
+        }
+        return cmd;
+    }
     const char *refusal = command_refusal(s, cmd);
     if (refusal && (cmd->flags & CMD_CHUNK))
         bdat_start(s, &c, refusal);
@@ -1517,6 +1617,8 @@ static void command_feed(struct kt_session *s)
     if (s->dns_rounds || s->dns_answers)
         dns_step_done(s);
     kt_buf_consume(&s->in, consumed);
+    if (s->state == KT_SS_COMMAND || s->state == KT_SS_BDAT || s->state == KT_SS_AUTH)
+        session_touch(s);   /* a complete line ends a request; the next one (or a BDAT chunk) starts */
     if (s->wait == KT_WAIT_STARTTLS && kt_buf_used(&s->in)) {
         /* CVE-2011-0411: plaintext pipelined after STARTTLS must not be
          * executed inside the TLS session */
@@ -1572,7 +1674,9 @@ static void session_process(struct kt_session *s)
 
 static void session_on_input(struct kt_session *s)
 {
-    session_touch(s);
+    /* With smtpd_per_request_deadline a read does not restart the clock: requests do */
+    if (!s->cfg->per_request_deadline)
+        session_touch(s);
     session_process(s);
 }
 
@@ -1603,6 +1707,19 @@ static void session_on_sent(struct kt_session *s)
     }
 }
 
+/* Postfix's line about a client certificate (smtpd, loglevel 1): what relay_clientcerts needs. */
+static void log_client_cert(struct kt_session *s, SSL *ssl)
+{
+    X509 *cert = ssl ? SSL_get0_peer_certificate(ssl) : NULL;
+    char subject[128] = "", issuer[128] = "";
+    if (!cert)
+        return;
+    X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, subject, sizeof(subject));
+    X509_NAME_get_text_by_NID(X509_get_issuer_name(cert), NID_commonName, issuer, sizeof(issuer));
+    kt_info("unknown[%s]: %s: subject_CN=%s, issuer_CN=%s, fingerprint=%s, pkey_fingerprint=%s", s->addr,
+            kt_tls_ccert_str(s->ccert), subject, issuer, s->ccert_fp, s->ccert_pkey_fp);
+}
+
 static void session_on_tls_ready(struct kt_session *s)
 {
     SSL *ssl = kt_conn_ssl(s->conn);
@@ -1615,6 +1732,8 @@ static void session_on_tls_ready(struct kt_session *s)
     s->tls_on = 1;
     if (s->cfg->newtls_rate_limit > 0 && !s->anvil_exempt && !SSL_session_reused(ssl))
         kt_anvil_event(service_name(s), s->addr, KT_ANVIL_NEWTLS, s->cfg->anvil_unit_s);
+    s->ccert = kt_tls_peer_cert(ssl, s->cfg->tls_fingerprint_digest, s->ccert_fp, s->ccert_pkey_fp);
+    log_client_cert(s, ssl);
     session_enter_state(s, KT_SS_COMMAND);
     s->wait = KT_WAIT_NONE;
     session_touch(s);
@@ -1680,8 +1799,7 @@ static void on_conn_event(void *arg, enum kt_conn_event ev, int res)
         session_on_tls_ready(s);
         return;
     case KT_CONN_EV_SPLICED:
-        on_spliced(s, res);
-        return;
+        return;   /* sessions never splice: every body byte goes through the line-ending rule */
     case KT_CONN_EV_CLOSED:
         s->conn = NULL;
         kt_session_maybe_free(s);

@@ -17,6 +17,7 @@
 #include "delivery/resolve.h"
 #include "smtpd/smtp_parse.h"
 #include "delivery/header_scan.h"
+#include "tls/tls.h"
 
 struct kt_worker;
 struct kt_runtime;
@@ -76,7 +77,8 @@ struct kt_cmd_counts {
 struct kt_smtpd_txn {
     char queue_id[24];                     /* given at MAIL (kt_queue_new_id) */
     int client_logged;                     /* "client=" logged at the first accepted RCPT */
-    char sender[513];                      /* reverse-path without brackets; "" for <> */
+    char sender[513];                      /* reverse-path without brackets; "" for <>: what restrictions see */
+    char sender_full[520];                 /* completed (append_at_myorigin): what is queued and logged */
     struct timespec t_start;               /* MAIL time, for delay= */
     int body_8bit;                         /* BODY=8BITMIME or BINARYMIME */
     struct kt_buf rcpts;                   /* NUL-separated recipient addresses */
@@ -87,11 +89,13 @@ struct kt_smtpd_txn {
     size_t n_mailboxes;
     long long rcpt_overshoot;              /* recipients refused past smtpd_recipient_limit */
     struct kt_delivery *delivery;          /* from the first DATA/BDAT on; owned */
-    struct kt_data_parser dp;              /* DATA body parser */
+    struct kt_data_parser dp;              /* line-ending rule for DATA, or for all BDAT chunks */
+    int nl_reject;                         /* smtpd_forbid_bare_newline = reject applies to this client */
     int msg_too_big;                       /* message_size_limit passed: refuse at the end */
     int bdat_failed;                       /* a BDAT was refused: refuse every chunk until RSET/MAIL */
     char bdat_error[96];                   /* the reply those chunks get */
-    unsigned long long msg_bytes;          /* body bytes so far */
+    unsigned long long msg_bytes;          /* stored (canonical) body bytes so far */
+    unsigned long long bdat_received;      /* chunk bytes received (RFC 3030 replies) */
     struct kt_header_scan hdrscan;         /* Message-ID for the log, read as the body streams in */
 };
 
@@ -120,6 +124,9 @@ struct kt_session {
     int tls_on;                            /* handshake done, all I/O is TLS */
     int tls_used_starttls;
     struct timespec tls_t0;                /* handshake start, for ktrelay_tls_handshake_seconds */
+    enum kt_ccert ccert;                   /* client certificate: none, untrusted, trusted (verified) */
+    char ccert_fp[KT_TLS_FP_MAX];          /* its smtpd_tls_fingerprint_digest, "AB:CD:..." */
+    char ccert_pkey_fp[KT_TLS_FP_MAX];     /* the same of its public key */
 
     /* PROXY protocol (smtpd_upstream_proxy_protocol = haproxy) */
     struct kt_op proxy_op;                 /* readability poll while the header is read */
@@ -162,6 +169,7 @@ struct kt_session {
     int bdat_last;                         /* the current chunk is the LAST */
     int bdat_refused;                      /* the chunk is read and thrown away, then bdat_error is sent */
     char bdat_error[96];                   /* reply owed at the end of a refused chunk */
+    unsigned long long rate_credit_ms;     /* body bytes not yet turned into deadline seconds */
 };
 
 /* session.c */

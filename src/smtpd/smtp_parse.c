@@ -1,7 +1,8 @@
 /* SMTP protocol parsers: line framing, verbs, MAIL/RCPT paths and ESMTP parameters, HELO names, BDAT and the
- * DATA body state machine. Guarantees: no allocation, no I/O, never reads outside the given lengths, never
- * writes more output than input; the DATA parser gives the same result however the input is chunked and
- * ends data only on CRLF.CRLF, so a bare LF or CR can never be used to smuggle a second message. */
+ * message body state machine. Guarantees: no allocation, no I/O, never reads or writes outside the given
+ * lengths; the body parser gives the same result however the input is chunked, writes only canonical CRLF
+ * lines and ends data only on CRLF.CRLF, so a bare LF or CR can never be used to smuggle a second message,
+ * here or at a next hop. */
 #include "smtpd/smtp_parse.h"
 
 #include <arpa/inet.h>
@@ -133,6 +134,16 @@ void kt_smtp_parse_command(const char *line, size_t len, struct kt_smtp_command 
     out->arg_len = len - i;
 }
 
+int kt_smtp_arg_has_ctl(const char *arg, size_t len)
+{
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)arg[i];
+        if ((c < ' ' && c != '\t') || c == 0x7f)
+            return 1;
+    }
+    return 0;
+}
+
 /* Index just past the closing quote of the quoted-string starting at s[0] == '"', or 0 if unterminated. */
 static size_t quoted_end(const char *s, size_t n)
 {
@@ -200,7 +211,8 @@ static int valid_literal(const char *s, size_t n)
         s += 5;
         n -= 5;
     }
-    if (n >= sizeof(tmp))
+    /* inet_pton stops at a NUL: "[192.0.2.1\0junk]" must not pass as 192.0.2.1 */
+    if (n >= sizeof(tmp) || memchr(s, '\0', n))
         return 0;
     memcpy(tmp, s, n);
     tmp[n] = '\0';
@@ -632,22 +644,42 @@ const char *kt_smtp_parse_bdat(const char *arg, size_t len, unsigned long long *
     return NULL;
 }
 
-/* DATA states. BOL means "just after CRLF (or at the start)": only there can a dot be stuffing or the
- * end-of-data marker. The line-leading dot is dropped in both cases, so it never needs to be held back. */
-enum { D_BOL = 0, D_MID, D_CR, D_DOT, D_DOT_CR };
+/* Body states. BOL: just after a raw CRLF (or at the start), the only place where a dot can begin the end of
+ * data. NBOL: just after a bare LF or bare CR (written out as CRLF): a dot there is unstuffed but can never
+ * end the data. CR: a CR is held until the next byte says whether it was part of CRLF. */
+enum { D_BOL = 0, D_MID, D_CR, D_DOT, D_DOT_CR, D_NBOL };
 
 void kt_data_parser_init(struct kt_data_parser *p)
 {
     memset(p, 0, sizeof(*p));
     p->state = D_BOL;
+    p->ends_in_lf = 1;
 }
 
-size_t kt_data_parse(struct kt_data_parser *p, const char *in, size_t in_len, char *out, size_t *out_len)
+void kt_data_parser_init_chunked(struct kt_data_parser *p)
+{
+    kt_data_parser_init(p);
+    p->chunked = 1;
+    p->state = D_MID;
+}
+
+static unsigned after_crlf(const struct kt_data_parser *p)
+{
+    return p->chunked ? D_MID : D_BOL;
+}
+
+static unsigned after_bare(const struct kt_data_parser *p)
+{
+    return p->chunked ? D_MID : D_NBOL;
+}
+
+size_t kt_data_parse(struct kt_data_parser *p, const char *in, size_t in_len, char *out, size_t out_cap,
+                     size_t *out_len)
 {
     unsigned st = p->state;
     size_t i = 0, o = 0;
 
-    while (i < in_len && !p->done) {
+    while (i < in_len && !p->done && o + 2 <= out_cap) {
         const char c = in[i];
 
         switch (st) {
@@ -658,6 +690,11 @@ size_t kt_data_parse(struct kt_data_parser *p, const char *in, size_t in_len, ch
             } else {
                 st = D_MID;
             }
+            break;
+        case D_NBOL:
+            if (c == '.')
+                i++;
+            st = D_MID;
             break;
         case D_DOT:
             if (c == '\r') {
@@ -671,48 +708,72 @@ size_t kt_data_parse(struct kt_data_parser *p, const char *in, size_t in_len, ch
             if (c == '\n') {
                 i++;
                 p->done = 1;
-            } else {
-                /* The CR is dropped: emitting it now could need one byte more than this call's input. */
-                p->bare_cr = 1;
-                st = D_MID;
+                break;
             }
+            /* "." CR x: the CR is bare; the dot was stuffing */
+            p->bare_cr = 1;
+            out[o++] = '\r';
+            out[o++] = '\n';
+            st = after_bare(p);
             break;
         case D_CR:
+            out[o++] = '\r';
+            out[o++] = '\n';
             if (c == '\n') {
-                out[o++] = c;
                 i++;
-                st = D_BOL;
+                st = after_crlf(p);
             } else {
                 p->bare_cr = 1;
-                st = D_MID;
+                st = after_bare(p);
             }
             break;
         default: {  /* D_MID: copy the rest of the line in one go */
             const char *s = in + i;
-            size_t n = in_len - i, run;
+            size_t n = in_len - i;
+            if (n > out_cap - o)
+                n = out_cap - o;
             const char *lf = memchr(s, '\n', n);
             size_t span = lf ? (size_t)(lf - s) : n;
             const char *cr = memchr(s, '\r', span);
 
+            if (cr)
+                span = (size_t)(cr - s);
+            memcpy(out + o, s, span);
+            o += span;
+            i += span;
             if (cr) {
-                run = (size_t)(cr - s) + 1;
+                i++;
                 st = D_CR;
             } else if (lf) {
-                run = span + 1;
+                if (o + 2 > out_cap)
+                    break;      /* no room for the CRLF yet */
+                i++;
                 p->bare_lf = 1;
-            } else {
-                run = n;
+                out[o++] = '\r';
+                out[o++] = '\n';
+                st = after_bare(p);
             }
-            if (out + o != s)
-                memmove(out + o, s, run);
-            o += run;
-            i += run;
             break;
         }
         }
     }
     p->state = st;
     p->out_bytes += o;
+    if (o > 0)
+        p->ends_in_lf = out[o - 1] == '\n';
     *out_len = o;
     return i;
+}
+
+size_t kt_data_parse_end(struct kt_data_parser *p, char out[2])
+{
+    if (p->state != D_CR)
+        return 0;
+    p->bare_cr = 1;
+    p->state = D_MID;
+    out[0] = '\r';
+    out[1] = '\n';
+    p->out_bytes += 2;
+    p->ends_in_lf = 1;
+    return 2;
 }

@@ -33,6 +33,11 @@ struct kt_smtp_command {
 /* Verb is case-insensitive and ends at a space or tab or the end of the line ("MAILX" is unknown). */
 void kt_smtp_parse_command(const char *line, size_t len, struct kt_smtp_command *out);
 
+/* 1 if the argument holds a NUL or another control character (anything below 0x20 but TAB, or DEL): such a
+ * command is refused whole with "501 5.5.2" before any argument parser sees it, so that no truncated or
+ * terminal-controlling value reaches a lookup, a log line or a queue file. */
+int kt_smtp_arg_has_ctl(const char *arg, size_t len);
+
 enum kt_body_type { KT_BODY_7BIT, KT_BODY_8BITMIME, KT_BODY_BINARYMIME };
 enum kt_dsn_ret { KT_RET_NONE, KT_RET_FULL, KT_RET_HDRS };
 /* NOTIFY bits; KT_NOTIFY_NEVER is exclusive. */
@@ -83,25 +88,40 @@ int kt_smtp_valid_helo(const char *arg, size_t len);
 /* BDAT argument: "<size> [LAST]". Returns NULL or "501 5.5.4 Syntax: BDAT count [LAST]". */
 const char *kt_smtp_parse_bdat(const char *arg, size_t len, unsigned long long *size, int *last);
 
-/* DATA body: incremental, resumable across arbitrary chunk boundaries. A zeroed struct is initialised. */
+/* Message body line-ending rule, one for every way in (DATA, BDAT, `ktrelay sendmail`): the output is always
+ * canonical, every line ending in CRLF, so that no stored message holds a bare CR or LF that a next hop could
+ * read as a line end of its own. A bare LF and a bare CR (one not followed by LF) each become CRLF and set
+ * their flag; whether the message is then refused (smtpd_forbid_bare_newline = reject) is the caller's policy.
+ *
+ * DATA mode (kt_data_parser_init): end of data is ONLY the raw sequence CRLF "." CRLF (its first CRLF is
+ * content), or "." CRLF at the very start. A line-leading "." is removed (RFC 5321 4.5.2) after any line
+ * end, but after a bare LF or bare CR the line is never the end of data, so "\n.\n", "\r\n.\n", "\n.\r\n",
+ * "\r.\r\n", "\r.\r" and "\n.\r\n" stay content (Postfix 3.9 `normalize`): no SMTP smuggling.
+ * Chunked mode (kt_data_parser_init_chunked, BDAT and local submission): no dot handling and no end marker;
+ * call kt_data_parse_end after the last byte.
+ * Either way the result does not depend on how the input is split into calls. */
 struct kt_data_parser {
     unsigned state;       /* private */
-    int done;             /* CRLF.CRLF seen (or "." CRLF at the very start) */
+    int chunked;          /* private: BDAT mode */
+    int done;             /* DATA: CRLF.CRLF seen (or "." CRLF at the very start) */
     int bare_lf;          /* a LF not preceded by CR was seen */
     int bare_cr;          /* a CR not followed by LF was seen */
-    unsigned long long out_bytes;   /* total unstuffed bytes produced */
+    int ends_in_lf;       /* the output so far ends with LF (or is empty) */
+    unsigned long long out_bytes;   /* total bytes produced */
 };
 void kt_data_parser_init(struct kt_data_parser *p);
+void kt_data_parser_init_chunked(struct kt_data_parser *p);
 
-/* Consumes in[0..in_len) up to and including the end-of-data line; writes the dot-unstuffed content to out
- * (room for in_len bytes; out == in works in place) and sets *out_len. Returns the number of input bytes
- * consumed, < in_len only when done (the rest is pipelined commands); 0 once done.
- * Lines are CRLF-terminated; line ends are kept as sent. End of data is ONLY CRLF "." CRLF (the first CRLF
- * is content), or "." CRLF at the very start. A bare LF or bare CR is content and sets its flag; the line
- * after a bare LF is not a new line for end-of-data or unstuffing, so "\n.\n", "\r\n.\n", "\n.\r\n" and
- * "\r.\r\n" never end the data (no SMTP smuggling). A line starting with "." loses that dot. The one place
- * where output differs from input beyond unstuffing: a line-leading "." followed by a CR that is not
- * followed by LF drops that CR too (bare_cr is set; the message is malformed anyway). */
-size_t kt_data_parse(struct kt_data_parser *p, const char *in, size_t in_len, char *out, size_t *out_len);
+/* Consumes input from in[0..in_len) and writes canonical content to out[0..out_cap), out_cap >= 2 (a bare
+ * line end grows by one byte, so out_cap >= 2 * in_len + 2 always takes all of it; out must not overlap in).
+ * Returns the number of input bytes consumed: all of them, unless the end of data came first (the rest is
+ * pipelined commands; 0 once done) or out filled up (call again). *out_len is the number of bytes written. */
+size_t kt_data_parse(struct kt_data_parser *p, const char *in, size_t in_len, char *out, size_t out_cap,
+                     size_t *out_len);
+
+/* Chunked mode, after the last byte: writes to out (room for 2 bytes) a CR still held back as CRLF (it was
+ * bare). A last line without any line end stays as it is: it holds no bare CR or LF, and the SMTP client
+ * ends it before the end-of-data dot. Returns bytes written (0 or 2). */
+size_t kt_data_parse_end(struct kt_data_parser *p, char out[2]);
 
 #endif

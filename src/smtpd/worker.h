@@ -23,6 +23,8 @@ struct kt_listener {
     struct kt_worker *worker;
     int fd;
     size_t service;               /* index into the runtime's services */
+    int armed;                    /* an accept (multishot) is in the kernel */
+    long long resume_ms;          /* paused after EMFILE/ENFILE until this CLOCK_MONOTONIC time; 0 = not */
 };
 
 struct kt_worker {

@@ -710,7 +710,7 @@ static void tls_established(struct kt_conn *c)
         /* Postfix logs this at loglevel 1; ktrelay always does, as it also
          * says which directions the kernel took over. */
         kt_info("%s TLS connection established from %s: %s, resumed=%s, ktls=%s%s%s",
-                SSL_get0_peer_certificate(c->ssl) ? "Untrusted" : "Anonymous", c->peer, c->tls_desc,
+                kt_tls_ccert_str(kt_tls_peer_trust(c->ssl)), c->peer, c->tls_desc,
                 SSL_session_reused(c->ssl) ? "yes" : "no", c->ktls_tx ? "tx" : "", c->ktls_tx && c->ktls_rx ? "+" : "",
                 c->ktls_rx ? "rx" : (c->ktls_tx ? "" : "none"));
     }

@@ -698,3 +698,52 @@ out:
     EVP_PKEY_free(pkey);
     return rc;
 }
+
+static void hex_pairs(const unsigned char *md, unsigned n, char out[KT_TLS_FP_MAX])
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t o = 0;
+
+    for (unsigned i = 0; i < n && o + 3 < KT_TLS_FP_MAX; i++) {
+        if (i)
+            out[o++] = ':';
+        out[o++] = hex[md[i] >> 4];
+        out[o++] = hex[md[i] & 15];
+    }
+    out[o] = '\0';
+}
+
+enum kt_ccert kt_tls_peer_cert(SSL *ssl, const char *digest, char fp[KT_TLS_FP_MAX], char pkey_fp[KT_TLS_FP_MAX])
+{
+    X509 *cert = SSL_get0_peer_certificate(ssl);
+    const EVP_MD *md = EVP_get_digestbyname(digest && *digest ? digest : "sha256");
+    unsigned char buf[EVP_MAX_MD_SIZE];
+    unsigned n = 0;
+
+    fp[0] = pkey_fp[0] = '\0';
+    if (!cert)
+        return KT_CCERT_NONE;
+    if (md && X509_digest(cert, md, buf, &n) == 1)
+        hex_pairs(buf, n, fp);
+    /* Postfix's pkey_fingerprint: the digest of the DER SubjectPublicKeyInfo */
+    unsigned char *der = NULL;
+    int len = i2d_PUBKEY(X509_get0_pubkey(cert), &der);
+    if (md && len > 0 && EVP_Digest(der, (size_t)len, buf, &n, md, NULL) == 1)
+        hex_pairs(buf, n, pkey_fp);
+    OPENSSL_free(der);
+    /* ask_ccert accepts any certificate in the handshake (accept_any_cert_cb); the chain's real
+     * verdict is kept by OpenSSL */
+    return SSL_get_verify_result(ssl) == X509_V_OK ? KT_CCERT_TRUSTED : KT_CCERT_UNTRUSTED;
+}
+
+enum kt_ccert kt_tls_peer_trust(SSL *ssl)
+{
+    if (!SSL_get0_peer_certificate(ssl))
+        return KT_CCERT_NONE;
+    return SSL_get_verify_result(ssl) == X509_V_OK ? KT_CCERT_TRUSTED : KT_CCERT_UNTRUSTED;
+}
+
+const char *kt_tls_ccert_str(enum kt_ccert c)
+{
+    return c == KT_CCERT_TRUSTED ? "Trusted" : c == KT_CCERT_UNTRUSTED ? "Untrusted" : "Anonymous";
+}

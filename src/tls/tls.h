@@ -49,6 +49,18 @@ int kt_tls_cipherlist(const char *grade, const char *high, const char *medium, c
  * "... TLS connection established from ...:" line. */
 void kt_tls_describe(SSL *ssl, char *buf, size_t len);
 
+/* The client certificate of a server-side session, as Postfix's smtpd sees it: KT_CCERT_NONE (no
+ * certificate: "Anonymous"), KT_CCERT_UNTRUSTED (one that does not verify against smtpd_tls_CAfile /
+ * CApath: "Untrusted"), KT_CCERT_TRUSTED (it verifies: "Trusted"). With a certificate, fp and pkey_fp get
+ * the digest (smtpd_tls_fingerprint_digest, e.g. "sha256") of the certificate and of its public key, as
+ * upper-case hex pairs joined by ':' (the keys of relay_clientcerts); "" when the digest is unknown. */
+enum kt_ccert { KT_CCERT_NONE, KT_CCERT_UNTRUSTED, KT_CCERT_TRUSTED };
+#define KT_TLS_FP_MAX (3 * 64 + 1)
+enum kt_ccert kt_tls_peer_cert(SSL *ssl, const char *digest, char fp[KT_TLS_FP_MAX], char pkey_fp[KT_TLS_FP_MAX]);
+const char *kt_tls_ccert_str(enum kt_ccert c);   /* "Anonymous", "Untrusted", "Trusted" */
+/* The same verdict without the fingerprints. */
+enum kt_ccert kt_tls_peer_trust(SSL *ssl);
+
 /* Self-signed ECDSA P-256 certificate for hostname (CN, SAN DNS:hostname and DNS:localhost,
  * valid 10 years) written as PEM; the key file gets mode 0600. Both files are replaced
  * atomically. Returns 0 or a negative errno with a message. */

@@ -144,7 +144,9 @@ static void test_defaults(void **state)
     assert_int_equal(kt_config_get_time(cfg, NULL, "smtpd_starttls_timeout"), 300);
     assert_int_equal(kt_config_get_time(cfg, NULL, "maximal_queue_lifetime"), 5 * 86400);
     assert_int_equal(kt_config_get_time(cfg, NULL, "delay_warning_time"), 0);
-    assert_int_equal(kt_config_get_bool(cfg, NULL, "smtpd_forbid_bare_newline"), 1);
+    assert_string_equal(GET(cfg, "smtpd_forbid_bare_newline"), "normalize");
+    assert_string_equal(GET(cfg, "smtpd_forbid_bare_newline_exclusions"), GET(cfg, "mynetworks"));
+    assert_int_equal(kt_config_get_int(cfg, NULL, "smtpd_forbid_bare_newline_reject_code"), 550);
     assert_int_equal(kt_config_get_bool(cfg, NULL, "smtpd_use_tls"), 0);
     assert_string_equal(GET(cfg, "smtpd_tls_protocols"), ">=TLSv1");
     assert_string_equal(GET(cfg, "home_mailbox"), "Maildir/");

@@ -172,8 +172,8 @@ static void test_local_users(void **state)
     assert_int_equal(r.cls, KT_CLASS_LOCAL);
     assert_true(has_mailbox(&r, "/home/carol/Maildir/", 1003, 1003));
 
-    resolve_into(&r, "nobody@example.com");
-    assert_string_equal(r.reply, "550 5.1.1 <nobody@example.com>: Recipient address rejected: User unknown in local recipient table");
+    resolve_into(&r, "nosuchuser@example.com");
+    assert_string_equal(r.reply, "550 5.1.1 <nosuchuser@example.com>: Recipient address rejected: User unknown in local recipient table");
     assert_int_equal(r.n_mailboxes, 0);
 
     /* passwd names are matched after case folding, so "MixedCase" is unreachable; "+nis" and bad lines are ignored. */
@@ -372,8 +372,11 @@ static void test_defaults(void **state)
     kt_resolve_recipient(r, "PostMaster@mx.example.com", &res);
     assert_null(res.reply);
     assert_int_equal(res.n_mailboxes, 1);
+    /* root's mail is never owned by uid 0: default_privs (nobody), and root's home is never created */
     assert_string_equal(res.mailboxes[0].path, "/root/Maildir/");
-    assert_int_equal(res.mailboxes[0].uid, 0);
+    assert_int_equal(res.mailboxes[0].uid, 65534);
+    assert_int_equal(res.mailboxes[0].gid, 65534);
+    assert_int_equal(res.mailboxes[0].keep, strlen("/root/"));
     kt_resolve_recipient(r, "alice@localhost", &res);
     assert_null(res.reply);
     assert_int_equal(res.n_forward, 0);
@@ -440,6 +443,59 @@ static void *resolve_many(void *arg)
     return (void *)bad;
 }
 
+/* Postfix trivial-rewrite completion: append_at_myorigin, append_dot_mydomain. */
+static void test_complete(void **state)
+{
+    struct kt_resolve_config c = base_config();
+    struct kt_resolver *r;
+    char err[256], out[64];
+
+    (void)state;
+    c.myorigin = "origin.example";
+    c.mydomain = "example.com";
+    c.append_at_myorigin = 1;
+    assert_int_equal(kt_resolver_new(&c, &r, err, sizeof(err)), 0);
+    assert_int_equal(kt_resolve_complete(r, "root", out, sizeof(out)), 0);
+    assert_string_equal(out, "root@origin.example");
+    assert_int_equal(kt_resolve_class(r, strchr(out, '@') + 1), KT_CLASS_DEFAULT);
+    assert_int_equal(kt_resolve_complete(r, "\"a@b\"", out, sizeof(out)), 0);
+    assert_string_equal(out, "\"a@b\"@origin.example");
+    assert_int_equal(kt_resolve_complete(r, "a@host", out, sizeof(out)), 0);
+    assert_string_equal(out, "a@host");              /* append_dot_mydomain = no (Postfix 3) */
+    assert_int_equal(kt_resolve_complete(r, "a@b.c", out, sizeof(out)), 0);
+    assert_string_equal(out, "a@b.c");
+    assert_int_equal(kt_resolve_complete(r, "a-very-long-local-part-that-will-not-fit-at-all", out, 40),
+                     -ENAMETOOLONG);
+    kt_resolver_free(r);
+
+    c.append_at_myorigin = 0;
+    c.append_dot_mydomain = 1;
+    assert_int_equal(kt_resolver_new(&c, &r, err, sizeof(err)), 0);
+    assert_int_equal(kt_resolve_complete(r, "root", out, sizeof(out)), 0);
+    assert_string_equal(out, "root");
+    assert_int_equal(kt_resolve_complete(r, "a@host", out, sizeof(out)), 0);
+    assert_string_equal(out, "a@host.example.com");
+    assert_int_equal(kt_resolve_complete(r, "a@[192.0.2.1]", out, sizeof(out)), 0);
+    assert_string_equal(out, "a@[192.0.2.1]");
+    kt_resolver_free(r);
+
+    /* myorigin defaults to myhostname */
+    c = base_config();
+    c.append_at_myorigin = 1;
+    assert_int_equal(kt_resolver_new(&c, &r, err, sizeof(err)), 0);
+    assert_int_equal(kt_resolve_complete(r, "daemon", out, sizeof(out)), 0);
+    assert_string_equal(out, "daemon@mx.example.com");
+    kt_resolver_free(r);
+
+    /* default_privs must be an unprivileged known user */
+    c.default_privs = "root";
+    assert_int_equal(kt_resolver_new(&c, &r, err, sizeof(err)), -EINVAL);
+    assert_string_equal(err, "default_privs: root is a privileged user");
+    c.default_privs = "nosuchuser";
+    assert_int_equal(kt_resolver_new(&c, &r, err, sizeof(err)), -EINVAL);
+    assert_string_equal(err, "default_privs: nosuchuser is not a known user");
+}
+
 static void test_threads(void **state)
 {
     pthread_t t[4];
@@ -468,6 +524,7 @@ int main(void)
         cmocka_unit_test(test_relay_default),
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_config_errors),
+        cmocka_unit_test(test_complete),
         cmocka_unit_test(test_threads),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

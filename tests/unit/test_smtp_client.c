@@ -223,7 +223,8 @@ static void exchange(const struct step *script, const char *body, int dots, cons
     int fd = body_file(body);
     struct kt_smtp_msg m = {
         .id = "TESTID", .sender = "alice@example.test", .rcpts = rcpts, .n_rcpts = n, .fd = fd,
-        .body_off = 0, .body_len = (off_t)strlen(body), .dots = dots, .codes = codes, .replies = replies,
+        .body_off = 0, .body_len = (off_t)strlen(body), .dots = dots, .canonical = 1, .codes = codes,
+        .replies = replies,
     };
     memset(txn, 0, sizeof(*txn));
     kt_smtp_send(c, &m, on_done, txn);
