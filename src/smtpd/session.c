@@ -1604,10 +1604,18 @@ static void command_feed(struct kt_session *s)
     }
     s->cmd_pipelined = consumed < avail;
     const struct smtpd_cmd *cmd = NULL;
-    if (s->state == KT_SS_AUTH)
+    if (bare_lf && bare_newline_rejects(s)) {
+        /* Postfix 3.9 smtpd_forbid_bare_newline = reject: a command line ending in a bare LF is refused */
+        int code = s->cfg->bare_newline_reject_code;
+        kt_info("bare <LF> received in command from %s[%s]", client_name(s), s->addr);
+        reply(s, "%d %d.5.2 Error: bare <LF> received", code, code / 100);
+        if (s->state == KT_SS_AUTH)
+            auth_end(s);
+    } else if (s->state == KT_SS_AUTH) {
         auth_response(s, head, line_len);
-    else
+    } else {
         cmd = handle_command(s, head, line_len);
+    }
     if (s->wait == KT_WAIT_DNS) {
         /* the line stays in the buffer: the command runs again with the answers */
         s->cmd_replay = 1;

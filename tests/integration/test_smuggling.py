@@ -306,11 +306,17 @@ def test_reject_mode_and_exclusions(relay_factory):
     c.send(b"BDAT 3 LAST\r\nc\r\n")
     assert c.reply() == "550 5.5.2 Error: bare <LF> received"
     assert c.cmd("NOOP") == "250 2.0.0 Ok"
+    # a command line ending in a bare LF is refused too, and not run
+    c.send(b"RSET\n")
+    assert c.reply() == "550 5.5.2 Error: bare <LF> received"
+    assert c.cmd("NOOP") == "250 2.0.0 Ok"
     c.close()
     # an excluded client gets normalize
     c = SmtpConn(sock=socket.create_connection(("127.0.0.1", r.port()), timeout=10,
                                           source_address=("127.0.0.2", 0)))
     assert c.cmd("EHLO client.test").startswith("250")
+    c.send(b"NOOP\n")
+    assert c.reply() == "250 2.0.0 Ok"
     assert c.cmd("MAIL FROM:<a@example.test>").startswith("250")
     assert c.cmd("RCPT TO:<x@localhost>").startswith("250")
     assert c.cmd("DATA").startswith("354")
