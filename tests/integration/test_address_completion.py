@@ -75,8 +75,13 @@ def test_missing_home_is_never_created(relay_factory):
     c = session(r)
     assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
     assert c.cmd("RCPT TO:<nobody@localhost>") == "250 2.1.5 Ok"
-    # the delivery fails before any byte is taken: a temporary error, the client keeps the message
-    assert c.cmd("DATA") == "451 4.3.0 Error: queue file write error"
+    # the delivery fails (at DATA, or at the end of data when the local delivery agent writes the copy):
+    # a temporary error, the client keeps the message
+    rep = c.cmd("DATA")
+    if rep.startswith("354"):
+        c.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        rep = c.reply()
+    assert rep.startswith("4") and " 4." in rep, rep
     assert c.cmd("NOOP") == "250 2.0.0 Ok"
     c.close()
     assert not os.path.exists(u.pw_dir)
@@ -108,6 +113,8 @@ def test_kill_9_leaves_tmp_then_cleaned(tmp_path):
     from conftest import BASE_MAIN_CF, BASE_VMAILBOX, Relay
     d = tmp_path / "k9"
     d.mkdir()
+    from conftest import make_searchable
+    make_searchable(d)
     (d / "vmailbox").write_text(BASE_VMAILBOX)
     main_cf = BASE_MAIN_CF.format(dir=d)
     r = Relay(d, main_cf, {"smtp": {}})

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, Relay, SmtpConn, free_port
+from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, Relay, SmtpConn, free_port, make_searchable
 
 
 def cpu_seconds(pid):
@@ -20,6 +20,7 @@ def cpu_seconds(pid):
 
 
 def test_descriptor_limit(tmp_path):
+    make_searchable(tmp_path)     # the unprivileged worker reaches its files
     (tmp_path / "vmailbox").write_text(BASE_VMAILBOX)
     limit = 256
 
