@@ -71,6 +71,8 @@ class RecordingSink:
                         if not l or l == b".\r\n":
                             break
                         data.append(l)
+                    if not l:
+                        break           # the client went away in the middle: no message
                     if self.delay:
                         await asyncio.sleep(self.delay)
                     msg = b"".join(data)
