@@ -201,9 +201,24 @@ static void msg_round_done(struct kt_qmgr *q, struct msg *m);
 static void local_next(struct dest *d);
 static void msg_load(struct kt_qmgr *q, const char *id, int start);
 
+/* The wall clock, in seconds since the epoch: every time the manager reads
+ * is read here. Unit tests point qmgr_clock elsewhere (the test includes this
+ * file); nothing else changes it. */
+static time_t qmgr_clock_wall(void)
+{
+    return time(NULL);
+}
+
+static time_t (*qmgr_clock)(void) = qmgr_clock_wall;
+
+static time_t qmgr_now(void)
+{
+    return qmgr_clock();
+}
+
 static double delay_of(const struct msg *m)
 {
-    return difftime(time(NULL), m->q->arrival);
+    return difftime(qmgr_now(), m->q->arrival);
 }
 
 /* ---- routing ---- */
@@ -706,7 +721,7 @@ static void conn_run_next(struct conn *cn)
     if (d->q->stopping)
         conn_remove(cn);
     else
-        cn->idle_since = time(NULL);
+        cn->idle_since = qmgr_now();
 }
 
 static void conn_ready(void *arg, int res, const char *reason)
@@ -774,7 +789,7 @@ static void resolved(void *arg, int res, const struct kt_smtp_addr *addrs, size_
     d->addrs = kt_calloc(n, sizeof(*addrs));
     memcpy(d->addrs, addrs, n * sizeof(*addrs));
     d->n_addrs = n;
-    d->addrs_expire = time(NULL) + 300;
+    d->addrs_expire = qmgr_now() + 300;
     dest_kick(d);
 }
 
@@ -790,7 +805,7 @@ static void dest_kick(struct dest *d)
     }
     if (d->queued == 0)
         return;
-    if (!d->addrs || time(NULL) >= d->addrs_expire) {
+    if (!d->addrs || qmgr_now() >= d->addrs_expire) {
         if (!d->resolving && d->n_conns == 0) {
             d->resolving = 1;
             kt_dns_lookup(q->dns, d->host, d->port, d->mx, resolved, d);
@@ -1166,9 +1181,41 @@ static void msg_complete(struct kt_qmgr *q, struct msg *m)
     msg_free(q, m);
 }
 
+/* Seconds to wait before the next attempt after the attempts-th failed one
+ * (attempts >= 1): minimal_backoff_time, doubled per further failure, at most
+ * maximal_backoff_time, as Postfix's qmgr. */
+static long long retry_backoff(const struct kt_qmgr_settings *set, unsigned attempts)
+{
+    long long backoff = set->minimal_backoff_time;
+    for (unsigned k = 1; k < attempts && backoff < set->maximal_backoff_time; k++)
+        backoff *= 2;
+    if (backoff > set->maximal_backoff_time)
+        backoff = set->maximal_backoff_time;
+    return backoff;
+}
+
+/* maximal_queue_lifetime, or bounce_queue_lifetime for the null sender, in seconds. */
+static long long queue_lifetime(const struct kt_qmgr_settings *set, const struct kt_qmsg *qm)
+{
+    return qm->sender[0] ? set->maximal_queue_lifetime : set->bounce_queue_lifetime;
+}
+
+/* 1 when the message has been queued for its lifetime at `now`: its pending recipients fail. */
+static int msg_expired(const struct kt_qmgr_settings *set, const struct kt_qmsg *qm, time_t now)
+{
+    return difftime(now, qm->arrival) >= (double)queue_lifetime(set, qm);
+}
+
+/* 1 when a delay warning is due at `now` (delay_warning_time, not yet sent, not for the null sender). */
+static int delay_warning_due(const struct kt_qmgr_settings *set, const struct kt_qmsg *qm, time_t now)
+{
+    return set->delay_warning_time > 0 && !qm->warned && qm->sender[0] &&
+           difftime(now, qm->arrival) >= (double)set->delay_warning_time;
+}
+
 static void msg_round_done(struct kt_qmgr *q, struct msg *m)
 {
-    time_t now = time(NULL);
+    time_t now = qmgr_now();
     if (m->gone) {
         kt_info("%s: removed from the queue by the administrator", m->q->id);
         msg_free(q, m);
@@ -1179,8 +1226,8 @@ static void msg_round_done(struct kt_qmgr *q, struct msg *m)
         return;
     }
     kt_queue_note_deferrals(q->qdir, m->q);
-    long long life = m->q->sender[0] ? q->set->maximal_queue_lifetime : q->set->bounce_queue_lifetime;
-    if (difftime(now, m->q->arrival) >= (double)life) {
+    long long life = queue_lifetime(q->set, m->q);
+    if (msg_expired(q->set, m->q, now)) {
         for (size_t i = 0; i < m->q->n_rcpts; i++) {
             if (m->q->rcpts[i].state != KT_QR_PENDING)
                 continue;
@@ -1205,15 +1252,9 @@ static void msg_round_done(struct kt_qmgr *q, struct msg *m)
         }
     }
     m->attempts++;
-    long long backoff = q->set->minimal_backoff_time;
-    for (unsigned k = 1; k < m->attempts && backoff < q->set->maximal_backoff_time; k++)
-        backoff *= 2;
-    if (backoff > q->set->maximal_backoff_time)
-        backoff = q->set->maximal_backoff_time;
-    m->next_try = now + (time_t)backoff;
+    m->next_try = now + (time_t)retry_backoff(q->set, m->attempts);
     heap_push(q, m);
-    if (q->set->delay_warning_time > 0 && !m->q->warned && m->q->sender[0] &&
-        difftime(now, m->q->arrival) >= (double)q->set->delay_warning_time) {
+    if (delay_warning_due(q->set, m->q, now)) {
         send_dsn(q, m, KT_DSN_DELAYED, m->q->arrival + (time_t)life);
         struct kt_qmark mk = { (size_t)-1, KT_QR_PENDING, NULL };
         record(q, m, &mk, 1);
@@ -1301,11 +1342,20 @@ static void load_all(struct kt_qmgr *q)
     kt_queue_free_ids(ids, n);
 }
 
+/* The deferred message to start next at `now` (any for a flush), or NULL. */
+static struct msg *deferred_due(const struct kt_qmgr *q, time_t now, int all)
+{
+    if (q->heap_n == 0 || q->stopping || !(all || q->heap[0]->next_try <= now))
+        return NULL;
+    return q->heap[0];
+}
+
 /* Deferred messages whose retry time has come (all of them for a flush). */
 static void run_deferred(struct kt_qmgr *q, time_t now, int all)
 {
-    while (q->heap_n > 0 && !q->stopping && (all || q->heap[0]->next_try <= now))
-        msg_start(q, q->heap[0]);
+    struct msg *m;
+    while ((m = deferred_due(q, now, all)))
+        msg_start(q, m);
 }
 
 /* ---- loop ---- */
@@ -1336,7 +1386,7 @@ static void begin_stop(struct kt_qmgr *q)
     if (q->stopping)
         return;
     q->stopping = 1;
-    q->stop_deadline = time(NULL) + STOP_GRACE_S;
+    q->stop_deadline = qmgr_now() + STOP_GRACE_S;
     /* queued jobs stay pending on disk */
     for (struct dest *d = q->dests; d; d = d->next) {
         struct job *j;
@@ -1426,8 +1476,8 @@ static void efd_done(struct kt_op *op, int res, unsigned flags)
 static void flush_now(struct kt_qmgr *q)
 {
     kt_info("flush requested: retrying every deferred message");
-    run_deferred(q, time(NULL), 1);
-    q->last_run = time(NULL);
+    run_deferred(q, qmgr_now(), 1);
+    q->last_run = qmgr_now();
 }
 
 static void check_flush(struct kt_qmgr *q)
@@ -1509,7 +1559,7 @@ static void publish_queue_gauges(struct kt_qmgr *q, time_t now)
 static void tick_done(struct kt_op *op, int res, unsigned flags)
 {
     struct kt_qmgr *q = (struct kt_qmgr *)((char *)op - offsetof(struct kt_qmgr, tick_op));
-    time_t now = time(NULL);
+    time_t now = qmgr_now();
     publish_queue_gauges(q, now);
     /* maildrop/: what local users submitted reaches the queue, and this queue
      * manager through public/qmgr, like any other process's mail */
@@ -1558,7 +1608,7 @@ static void *qmgr_main(void *arg)
     if (q->fifo_fd >= 0)
         fifo_arm(q);
     kt_info("queue manager started: %zu message%s in %s", q->n_msgs, q->n_msgs == 1 ? "" : "s", q->qdir);
-    q->last_run = time(NULL);
+    q->last_run = qmgr_now();
     /* everything loaded at start is due now */
     for (struct msg *m = q->msgs; m; m = m->next)
         heap_push(q, m);
