@@ -136,6 +136,44 @@ static void test_round_done_next_try(void **state)
     kt_free(q.heap);
 }
 
+/* Every parent's next_try is at most its children's, and each message knows its place. */
+static int heap_valid(const struct kt_qmgr *q)
+{
+    for (size_t i = 0; i < q->heap_n; i++) {
+        if (q->heap[i]->heap_idx != i)
+            return 0;
+        if (i > 0 && q->heap[(i - 1) / 2]->next_try > q->heap[i]->next_try)
+            return 0;
+    }
+    return 1;
+}
+
+/* Removing from the middle can need the moved last element to go up: [1 10 2 11 12 3 4] less 11. */
+static void test_heap_remove_middle(void **state)
+{
+    (void)state;
+    struct kt_qmgr_settings set = defaults();
+    struct kt_qmgr q = { 0 };
+    q.set = &set;
+    static const int tries[] = { 1, 10, 2, 11, 12, 3, 4 };
+    struct fixture_msg f[7];
+    for (unsigned i = 0; i < 7; i++) {
+        fixture_init(&f[i], "R", "s@example.test", T0);
+        f[i].m.next_try = T0 + tries[i];
+        heap_push(&q, &f[i].m);
+        assert_true(heap_valid(&q));
+    }
+    assert_int_equal(f[3].m.heap_idx, 3);
+    heap_remove(&q, &f[3].m);
+    assert_int_equal(f[3].m.heap_idx, NOT_IN_HEAP);
+    assert_true(heap_valid(&q));
+    assert_int_equal(f[6].m.heap_idx, 1);   /* 4 moved up over 10 */
+    heap_remove(&q, &f[3].m);                 /* not in the heap: no change */
+    assert_int_equal(q.heap_n, 6);
+    assert_true(heap_valid(&q));
+    kt_free(q.heap);
+}
+
 /* The heap yields deferred messages in next_try order, each exactly when the clock reaches it. */
 static void test_heap_order(void **state)
 {
@@ -152,9 +190,12 @@ static void test_heap_order(void **state)
         heap_push(&q, &f[i].m);
     }
     assert_int_equal(q.heap_n, N);
+    assert_true(heap_valid(&q));
     /* removing from the middle keeps the heap valid */
     heap_remove(&q, &f[17].m);
+    assert_true(heap_valid(&q));
     heap_remove(&q, &f[250].m);
+    assert_true(heap_valid(&q));
     assert_int_equal(q.heap_n, N - 2);
     assert_null(deferred_due(&q, qmgr_now(), 0));
     /* a flush takes one regardless of time */
@@ -174,6 +215,7 @@ static void test_heap_order(void **state)
             assert_true(m->next_try >= last);
             last = m->next_try;
             heap_remove(&q, m);
+            assert_true(heap_valid(&q));
             got++;
         }
         if (q.heap_n > 0)
@@ -292,9 +334,12 @@ static void test_window_feedback(void **state)
     for (int i = 6; i <= 12; i++)
         dest_feedback(d, 0);
     assert_int_equal((unsigned)d->window, 1);
-    for (int i = 0; i < 100; i++)
-        dest_feedback(d, 0);
+    dest_feedback(d, 0);   /* 1.46 - 1/1.46 would be 0.78 */
     assert_true(d->window == 1.0);
+    for (int i = 0; i < 100; i++) {
+        dest_feedback(d, 0);
+        assert_true(d->window == 1.0);
+    }
     /* and from 1 one success gives 2 */
     dest_feedback(d, 1);
     assert_true(d->window == 2.0);
@@ -318,6 +363,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_clock_seam, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backoff_sequence, setup, teardown),
         cmocka_unit_test_setup_teardown(test_round_done_next_try, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_heap_remove_middle, setup, teardown),
         cmocka_unit_test_setup_teardown(test_heap_order, setup, teardown),
         cmocka_unit_test_setup_teardown(test_expiry, setup, teardown),
         cmocka_unit_test_setup_teardown(test_delay_warning, setup, teardown),
