@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "core/alloc.h"
@@ -751,6 +752,35 @@ static int log_settings(struct kt_config *cfg, struct kt_runtime *rt)
     return errors;
 }
 
+/* run's master creates queue_directory at start, one level only, as Postfix's
+ * postfix-script does; a path that is not a directory, or whose parent does
+ * not exist, would stop run, so the same build refuses it here and
+ * check-config says what run would. Returns the number of errors (0 or 1). */
+static int queue_directory_check(const struct kt_config *cfg, const char *q)
+{
+    struct stat st;
+    if (stat(q, &st) == 0) {
+        if (S_ISDIR(st.st_mode))
+            return 0;
+        param_err(cfg, NULL, "queue_directory", "queue_directory %s is not a directory", q);
+        return 1;
+    }
+    size_t len = strlen(q);
+    while (len > 1 && q[len - 1] == '/')
+        len--;
+    while (len > 0 && q[len - 1] != '/')
+        len--;
+    while (len > 1 && q[len - 1] == '/')
+        len--;
+    char *parent = len ? kt_strndup(q, len) : kt_strdup(".");
+    int bad = stat(parent, &st) < 0 || !S_ISDIR(st.st_mode);
+    if (bad)
+        param_err(cfg, NULL, "queue_directory", "queue_directory %s cannot be created: its parent %s is not an "
+                  "existing directory", q, parent);
+    kt_free(parent);
+    return bad;
+}
+
 int kt_runtime_new(struct kt_config *cfg, struct kt_runtime **out)
 {
     struct runtime_private *rp = kt_calloc(1, sizeof(*rp));
@@ -776,6 +806,7 @@ int kt_runtime_new(struct kt_config *cfg, struct kt_runtime **out)
                   "lock), not \"%s\"", rt->data_directory);
         errors++;
     }
+    errors += queue_directory_check(cfg, rt->queue_directory);
     errors += qmgr_settings(rp, cfg, &rt->qmgr);
     errors += dns_servers_check(cfg);
     errors += log_settings(cfg, rt);

@@ -80,6 +80,10 @@ BAD = [
     ("anvil_rate_time_unit = 0", None, "anvil_rate_time_unit", "must be at least 1s"),
     ("syslog_facility = mial", None, "syslog_facility", "unknown facility"),
     ("data_directory = relative/data", None, "data_directory", "must be an absolute path"),
+    # run's master creates queue_directory one level deep, so check-config refuses what it could not make
+    ("queue_directory = /nonexistent/ktrelay-queue", None, "queue_directory",
+     "cannot be created: its parent /nonexistent is not an existing directory"),
+    ("queue_directory = /etc/hostname", None, "queue_directory", "is not a directory"),
     ("smtpd_client_event_limit_exceptions = 192.0.2.0/99", None, "smtpd_client_event_limit_exceptions",
      "bad address pattern"),
     # stricter subdomain matching than ktrelay implements would relay or permit for more than asked
