@@ -86,7 +86,7 @@ stage "unit tests (release)" unit build
 stage "integration tests (release)" integration build
 # -Dbuildtype=release (-O3) must build under -Werror too: gcc warns differently at -O3
 stage "build (-Dbuildtype=release)" build build-release -Dbuildtype=release
-# coverage-guided fuzzing of every parser target, about four minutes in all (clang, libFuzzer)
+# coverage-guided fuzzing of every parser target, about five minutes in all (clang, libFuzzer)
 if [ "${KT_SKIP_FUZZ:-0}" != 1 ]; then
     stage "fuzz targets (libFuzzer, ${KT_FUZZ_SECONDS:-45} s each)" tests/fuzz/run-libfuzzer.sh build-fuzz
 fi
