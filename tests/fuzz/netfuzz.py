@@ -25,6 +25,7 @@ import time
 
 MAIN_CF = """\
 myhostname = mx.fuzz.test
+data_directory = {dir}/data
 mydestination = localhost
 inet_interfaces = loopback-only
 inet_protocols = ipv4
@@ -157,6 +158,7 @@ def main():
     args = ap.parse_args()
 
     d = tempfile.mkdtemp(prefix="ktrelay-netfuzz-")
+    os.chmod(d, 0o711)     # the unprivileged worker (mail_owner) reaches the files below
     port, port2 = free_port(), free_port()
     with open(f"{d}/main.cf", "w") as f:
         f.write(MAIN_CF.format(dir=d))
