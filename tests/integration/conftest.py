@@ -111,15 +111,45 @@ class Relay:
         return sorted(d.iterdir()) if d.exists() else []
 
     def stop(self, sig=signal.SIGTERM, timeout=15):
+        """Stop the instance: the master and every process it started. After SIGKILL the master's
+        children (worker, delivery agent) end through their parent-death signal a moment later, still
+        holding the instance lock and the queue: wait until they have exited too."""
         if self.proc.poll() is None:
+            kids = child_pids(self.proc.pid)
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+            wait_until(lambda: not any(alive(k) for k in kids), timeout=10,
+                       what=f"processes {kids} of the stopped instance to exit")
         self.logfile.close()
         return self.proc.returncode
+
+
+def child_pids(pid):
+    """PIDs whose parent is pid (from /proc/PID/stat)."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(d))
+    return kids
+
+
+def alive(pid):
+    """True while pid runs (a zombie has already closed its files and counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 BASE_MAIN_CF = """\
