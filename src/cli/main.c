@@ -228,7 +228,8 @@ static int start_error_code(int rc)
 
 /* One instance per data_directory, as Postfix's master.lock: a second `run`
  * would share the ports (SO_REUSEPORT) and run a second queue manager on the
- * same queue. The lock holds until this process exits. */
+ * same queue. Returns the locked descriptor, which holds the lock until this
+ * process exits (the master's children close their copies), or -errno. */
 static int instance_lock(const struct kt_runtime *rt)
 {
     const char *dir = rt->data_directory;
@@ -261,7 +262,7 @@ static int instance_lock(const struct kt_runtime *rt)
         kt_err("fatal: cannot lock %s: %s", path, strerror(-rc));
     }
     kt_free(path);
-    return rc;
+    return rc < 0 ? rc : fd;
 }
 
 int main(int argc, char **argv)
@@ -345,6 +346,7 @@ int main(int argc, char **argv)
             kt_runtime_unref(rt);
             return lrc == -EWOULDBLOCK ? EX_TEMPFAIL : EX_CANTCREAT;
         }
+        kt_master_keep_lock(lrc);
         /* the worker processes serve ktrelay_metrics_address (their counters) */
         return start_error_code(kt_master_run(rt, dir));
     }

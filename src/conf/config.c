@@ -65,6 +65,8 @@ struct kt_config {
     char **seen;                    /* messages already reported */
     size_t nseen;
     int errors;
+    const char *chroot_file;        /* first master.cf line with chroot y that the worker serves */
+    int chroot_line;
 };
 
 struct where {                      /* the text being expanded */
@@ -763,6 +765,16 @@ static void master_line(struct kt_config *cfg, const char *file, int line, char 
     } else if (strcmp(t[6].text, "-") != 0 && !all_digits(t[6].text)) {
         report(cfg, 1, file, line, "service %s/%s: bad maxproc field \"%s\"", t[0].text, t[1].text, t[6].text);
     } else {
+        int served = (ty == 1 && strcmp(t[7].text, "smtp") == 0
+                      && (strcmp(t[0].text, "smtp") == 0 || strcmp(t[0].text, "relay") == 0))
+                     || (ty == 0 && strcmp(t[7].text, "smtpd") == 0);
+        if (served && strcmp(t[4].text, "y") == 0 && !cfg->chroot_file) {
+            cfg->chroot_file = file;
+            cfg->chroot_line = line;
+        }
+        if (served && ty == 0 && strcmp(t[3].text, "n") == 0)
+            report(cfg, 0, file, line, "service %s/inet: unprivileged field n ignored: the SMTP workers always run "
+                   "as mail_owner, never as root", t[0].text);
         /* Postfix keeps the last definition of a name/type pair. */
         if (ty == 0) {
             for (size_t i = 0; i < cfg->nsvcs; i++) {
@@ -1069,6 +1081,15 @@ void kt_config_free(struct kt_config *cfg)
 }
 
 /* ---- reading a loaded configuration ---- */
+
+int kt_config_chroot(const struct kt_config *cfg, const char **file, int *line)
+{
+    if (!cfg->chroot_file)
+        return 0;
+    *file = cfg->chroot_file;
+    *line = cfg->chroot_line;
+    return 1;
+}
 
 size_t kt_config_service_count(const struct kt_config *cfg)
 {

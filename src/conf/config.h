@@ -83,6 +83,11 @@ int kt_config_load_text(const char *main_cf, const char *master_cf, const char *
                         struct kt_config **out);
 void kt_config_free(struct kt_config *cfg);
 
+/* 1 when a master.cf line the worker serves (an inet smtpd service, or the
+ * smtp/relay unix transports) has y in its chroot field, with where the first
+ * such line is; else 0. The worker is then confined (src/master/confine.h). */
+int kt_config_chroot(const struct kt_config *cfg, const char **file, int *line);
+
 size_t kt_config_service_count(const struct kt_config *cfg);
 const struct kt_service *kt_config_service(const struct kt_config *cfg, size_t i);
 

@@ -33,6 +33,7 @@
 #include "conf/settings.h"
 #include "delivery/local.h"
 #include "delivery/maildir.h"
+#include "master/confine.h"
 #include "master/master.h"
 #include "smtpd/server.h"
 #include "tls/ktls.h"
@@ -47,6 +48,13 @@
 #define KT_SANITIZED 1
 #endif
 #endif
+
+static int instance_lock_fd = -1;
+
+void kt_master_keep_lock(int fd)
+{
+    instance_lock_fd = fd;
+}
 
 struct owner {
     const char *name;
@@ -265,6 +273,39 @@ static int check_virtual_base(const struct kt_runtime *rt, const struct owner *o
     return -e;
 }
 
+/* master.cf's chroot y (see master.h): the worker can then write only the
+ * queue, data_directory and the virtual mailboxes, read the configuration and
+ * the system's libraries and files, and execute nothing. */
+static int confine_worker(const struct master *m, const struct kt_runtime *rt)
+{
+    const char *file;
+    int line;
+    if (!kt_config_chroot(rt->cfg, &file, &line))
+        return 0;
+    const char *base = kt_config_get(rt->cfg, NULL, "virtual_mailbox_base");
+    const char *data = kt_config_get(rt->cfg, NULL, "data_directory");
+    const char *rw[3];
+    size_t nrw = 0;
+    rw[nrw++] = rt->queue_directory;
+    if (data && *data)
+        rw[nrw++] = data;
+    if (base && *base)
+        rw[nrw++] = base;
+    const char *ro[] = { m->config_dir ? m->config_dir : "/etc", "/etc", "/usr", "/proc/self", "/sys/devices/system/cpu",
+                         "/dev/null", "/dev/urandom" };
+    const char *why = "";
+    int rc = kt_confine_paths(rw, nrw, ro, sizeof(ro) / sizeof(ro[0]), &why);
+    if (rc < 0) {
+        kt_err("fatal: %s:%d: chroot field y: cannot confine the worker (%s: %s); set the chroot field to n to run "
+               "it unconfined", file, line, why, strerror(-rc));
+        return rc;
+    }
+    kt_info("worker confined to %s%s%s%s%s (writable) and the configuration, /etc and /usr (read-only), as %s:%d "
+            "asks (chroot y)", rt->queue_directory, nrw > 1 ? ", " : "", nrw > 1 ? rw[1] : "", nrw > 2 ? ", " : "",
+            nrw > 2 ? rw[2] : "", file, line);
+    return 0;
+}
+
 static void close_other_gens(const struct master *m)
 {
     for (const struct gen *g = m->gens; g; g = g->next)
@@ -277,6 +318,8 @@ static __attribute__((noreturn)) void worker_child(struct master *m, struct kt_r
 {
     int rc;
     close_other_gens(m);
+    if (instance_lock_fd >= 0)
+        close(instance_lock_fd);
     kt_log_set_program("smtpd");
     unsetenv("NOTIFY_SOCKET");      /* only the master talks to the service manager */
     sigset_t none;
@@ -310,6 +353,8 @@ static __attribute__((noreturn)) void worker_child(struct master *m, struct kt_r
             exit(EX_CANTCREAT);
         kt_delivery_use_agent(agent_fd, rt->queue_directory, (unsigned)o->uid);
     }
+    if ((rc = confine_worker(m, rt)) < 0)
+        exit(EX_CONFIG);
     rc = kt_server_run(rt, ls, id, status_fd);
     exit(rc);
 }
@@ -382,9 +427,11 @@ static int gen_start(struct master *m, struct kt_runtime *rt, struct gen **out)
         size_t n = 0, cap = (size_t)ls.n_workers * ls.n_addrs;
         for (const struct gen *g = m->gens; g; g = g->next)
             cap++;
-        int *others = kt_calloc(cap + 1, sizeof(int));
+        int *others = kt_calloc(cap + 2, sizeof(int));
         for (const struct gen *g = m->gens; g; g = g->next)
             others[n++] = g->status_fd;
+        if (instance_lock_fd >= 0)
+            others[n++] = instance_lock_fd;
         for (size_t k = 0; k < (size_t)ls.n_workers * ls.n_addrs; k++)
             others[n++] = ls.fds[k];
         const char *base = kt_config_get(rt->cfg, NULL, "virtual_mailbox_base");

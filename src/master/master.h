@@ -10,7 +10,13 @@
  * generation and exit 0 when they all stopped cleanly.
  *
  * Started by a normal user, nothing changes owner: the worker keeps that
- * user's identity and there is no delivery agent. */
+ * user's identity and there is no delivery agent.
+ *
+ * master.cf's chroot field y on a line the worker serves confines the worker
+ * to queue_directory, data_directory and virtual_mailbox_base (writable) and
+ * the configuration directory, /etc and /usr (read-only), with no program
+ * execution (master/confine.h); a kernel without Landlock ABI 2 makes that a
+ * start-up error rather than an unconfined worker. */
 #ifndef KTRELAY_MASTER_H
 #define KTRELAY_MASTER_H
 
@@ -20,5 +26,10 @@ struct kt_runtime;
  * CONFIG_DIR). Returns the process exit code: 0 after a clean stop, 1 when
  * start-up failed or a worker process died. */
 int kt_master_run(struct kt_runtime *rt, const char *config_dir);
+
+/* FD holds the instance lock (core/lockfile.h) for the master's lifetime;
+ * the processes the master starts close their copy, so the lock ends with
+ * the master however it ends. */
+void kt_master_keep_lock(int fd);
 
 #endif

@@ -56,9 +56,11 @@ class Relay:
         for label, opts in services.items():
             port = free_port()
             self.ports[label] = port
-            master.append(f"127.0.0.1:{port} inet n - n - - smtpd")
+            # "_fields": master.cf's private unpriv chroot wakeup maxproc columns
+            master.append(f"127.0.0.1:{port} inet {opts.get('_fields', 'n - n - -')} smtpd")
             for k, v in opts.items():
-                master.append(f"  -o {k}={v}")
+                if k != "_fields":
+                    master.append(f"  -o {k}={v}")
         (tmp / "main.cf").write_text(main_cf)
         (tmp / "master.cf").write_text("\n".join(master) + "\n")
         self.logfile = open(tmp / "ktrelay.log", "w+b")

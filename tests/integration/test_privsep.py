@@ -265,3 +265,41 @@ def test_unit_hardening():
                  "ReadWritePaths=/var/spool/ktrelay /var/lib/ktrelay -/var/vmail /home", "PrivateTmp=yes",
                  "SystemCallFilter=@system-service", "KillMode=mixed", "Type=notify", "NotifyAccess=main"):
         assert line + "\n" in text, line
+
+
+def test_chroot_field_confines_the_worker(relay_factory, tmp_path):
+    """master.cf's chroot y: the worker runs confined to the queue, data_directory and the virtual
+    mailboxes (Landlock; the names stay as configured) and still receives, delivers and relays; the
+    unprivileged field n on an smtpd line is a warning, never a root smtpd."""
+    from test_ops_logs import Sink
+    sink = Sink()
+    try:
+        r = relay_factory(f"queue_directory = {tmp_path}/queue\nrelayhost = [127.0.0.1]:{sink.port}\n"
+                          "relay_domains = remote.test\n",
+                          services={"smtp": {"_fields": "n n y - -"}})
+        assert r.wait_log("worker confined to ")
+        line = next(l for l in r.log().splitlines() if "worker confined to " in l)
+        assert f"{tmp_path}/queue" in line and "(chroot y)" in line, line
+        assert "unprivileged field n ignored: the SMTP workers always run as mail_owner, never as root" in r.log()
+        pid = next(iter(socket_holders(listening_inodes(r.port("smtp")))))
+        owner_uid = int(subprocess.run(["id", "-u", MAIL_OWNER], capture_output=True, check=True).stdout)
+        for st in threads(pid):
+            assert int(st["Uid"].split()[1]) == owner_uid and int(st["CapEff"], 16) == 0, st
+        # direct Maildir delivery (create, write, fsync, rename between folders) works confined
+        c = Smtp(r.port("smtp"))
+        start_data(c)
+        queued(send_data_only(c, b"Subject: confined\r\n\r\nhi\r\n"))
+        files = r.maildir_files()
+        assert len(files) == 1
+        assert open(files[0], "rb").read().endswith(b"Subject: confined\r\n\r\nhi\r\n")
+        # and so does the queue: written, relayed, removed
+        c = Smtp(r.port("smtp"))
+        c.cmd("EHLO client.test", 250)
+        c.cmd("MAIL FROM:<a@example.org>", 250)
+        c.cmd("RCPT TO:<b@remote.test>", 250)
+        c.cmd("DATA", 354)
+        c.send(b"Subject: relayed\r\n\r\nhi\r\n.\r\n")
+        c.expect(250)
+        assert r.wait_log("status=sent", timeout=20), r.log()
+    finally:
+        sink.stop()
