@@ -165,6 +165,8 @@ int kt_local_deliver_box(int root_fd, const char *rel, uid_t uid, int msg_fd, ui
         if ((rc = check_owner(fds[k], uid, sub_shown, why, whylen)) < 0)
             goto cleanup;
     }
+    if (msg_fd < 0)
+        goto cleanup;            /* a check only: every folder is there and the recipient's */
     file = openat(fds[0], name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (file < 0) {
         rc = -errno;
@@ -359,6 +361,18 @@ static void handle_request(const struct agent *a, const struct kt_local_req *req
     if (!name_ok(req->name)) {
         reply.status = EINVAL;
         kt_set_err(reply.reason, sizeof(reply.reason), "bad Maildir file name");
+    }
+    /* Several mailboxes: check them all before writing any, so that one
+     * refused mailbox defers the message before the others got a copy that a
+     * retry would duplicate. */
+    for (uint32_t i = 0; req->n_boxes > 1 && i < req->n_boxes && reply.status == 0; i++) {
+        const struct kt_local_box *b = &req->boxes[i];
+        int rc = run_box(a, b, -1, 0, req->name, reply.reason, sizeof(reply.reason));
+        if (rc < 0) {
+            reply.status = -rc;
+            kt_warn("delivery to %s (uid %u) deferred: %s; no mailbox of this message was written", b->path,
+                    (unsigned)b->uid, reply.reason);
+        }
     }
     for (uint32_t i = 0; i < req->n_boxes && reply.status == 0; i++) {
         const struct kt_local_box *b = &req->boxes[i];

@@ -64,7 +64,9 @@ int kt_local_agent_start(const char *virtual_base, const int *close_fds, size_t 
  * virtual_mailbox_base); REL the Maildir relative to it ("Maildir/"); UID the
  * owner the Maildir and its tmp/ new/ cur/ must have; missing folders are
  * created (0700). The file is tmp/NAME, fsync'd, renamed to new/NAME (never
- * over an existing name), and new/ is fsync'd. Returns 0 or -errno with the
+ * over an existing name), and new/ is fsync'd. MSG_FD < 0 checks only: the
+ * folders are made and checked, nothing is written (the agent checks every
+ * mailbox of a message before it writes any). Returns 0 or -errno with the
  * reason in why. */
 int kt_local_deliver_box(int root_fd, const char *rel, uid_t uid, int msg_fd, uint64_t size, const char *name,
                          char *why, size_t whylen);

@@ -161,3 +161,25 @@ def test_missing_home_is_not_created(local_relay, users, tmp_path):
     assert r == "451 4.3.0 Error: queue file write error"
     assert relay.wait_log(f"home directory {u.pw_dir} does not exist"), relay.log()
     assert not os.path.exists(u.pw_dir)
+
+
+def test_one_refused_mailbox_writes_no_copy_for_the_others(local_relay, users, root_dir):
+    """A message for a normal user and an attacker: deferred as a whole with nothing written, so the
+    client's retry (after the attacker's link is gone) gives the normal user exactly one copy."""
+    good, bad = users("g"), users("h")
+    link = os.path.join(bad.pw_dir, "Maildir")
+    os.symlink(root_dir, link)
+    relay = local_relay()
+    c = Smtp(relay.port())
+    r = send_data(c, b"Subject: two\r\n\r\nhello\r\n", rcpts=(f"{good.pw_name}@localhost", f"{bad.pw_name}@localhost"))
+    assert r == "451 4.3.0 Error: queue file write error"
+    assert relay.wait_log(f"delivery to {bad.pw_dir}/Maildir/ (uid {bad.pw_uid}) deferred: Maildir is a symbolic "
+                          "link; no mailbox of this message was written"), relay.log()
+    assert os.listdir(os.path.join(good.pw_dir, "Maildir", "new")) == []
+    assert os.listdir(os.path.join(good.pw_dir, "Maildir", "tmp")) == []
+    assert untouched(root_dir)
+    os.unlink(link)
+    c = Smtp(relay.port())
+    queued(send_data(c, b"Subject: two\r\n\r\nhello\r\n", rcpts=(f"{good.pw_name}@localhost", f"{bad.pw_name}@localhost")))
+    for u in (good, bad):
+        assert len(os.listdir(os.path.join(u.pw_dir, "Maildir", "new"))) == 1, u.pw_name
