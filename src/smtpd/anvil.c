@@ -12,11 +12,11 @@
 #include <time.h>
 
 #include "core/alloc.h"
+#include "core/hash.h"
 #include "smtpd/anvil.h"
 
 struct entry {
-    struct entry *next;
-    uint64_t hash;
+    struct kt_hnode node;                /* first: the table's link and hash */
     unsigned conns;                      /* simultaneous connections */
     unsigned rate[KT_ANVIL_NRATES];      /* events in the current window */
     time_t start;                        /* start of the current window */
@@ -25,9 +25,8 @@ struct entry {
 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static struct entry **buckets;
-static size_t n_buckets;
-static unsigned long n_entries, sweep_at = 1024;
+static struct kt_htab table;
+static unsigned long sweep_at = 1024;
 
 static time_t now_s(void)
 {
@@ -39,54 +38,24 @@ static time_t now_s(void)
 /* FNV-1a over "service\0addr" */
 static uint64_t key_hash(const char *service, const char *addr)
 {
-    uint64_t h = 1469598103934665603ULL;
-    for (const char *p = service;; p++) {
-        h = (h ^ (unsigned char)*p) * 1099511628211ULL;
-        if (!*p)
-            break;
-    }
-    for (const char *p = addr; *p; p++)
-        h = (h ^ (unsigned char)*p) * 1099511628211ULL;
-    return h;
+    return kt_fnv1a(kt_fnv1a(KT_FNV_OFFSET, service, strlen(service) + 1), addr, strlen(addr));
 }
 
-static int expired(const struct entry *e, time_t now)
+static int expired(const struct kt_hnode *n, void *arg)
 {
-    return e->conns == 0 && e->start + e->unit < now;
+    const struct entry *e = (const struct entry *)n;
+    return e->conns == 0 && e->start + e->unit < *(const time_t *)arg;
+}
+
+static void free_entry(struct kt_hnode *n)
+{
+    kt_free(n);
 }
 
 static void sweep(time_t now)
 {
-    for (size_t i = 0; i < n_buckets; i++) {
-        struct entry **pp = &buckets[i], *e;
-        while ((e = *pp)) {
-            if (expired(e, now)) {
-                *pp = e->next;
-                kt_free(e);
-                n_entries--;
-            } else {
-                pp = &e->next;
-            }
-        }
-    }
-    sweep_at = n_entries * 2 > 1024 ? n_entries * 2 : 1024;
-}
-
-static void grow(void)
-{
-    size_t nb = n_buckets ? n_buckets * 2 : 256;
-    struct entry **nbk = kt_calloc(nb, sizeof(*nbk));
-    for (size_t i = 0; i < n_buckets; i++) {
-        struct entry *e, *next;
-        for (e = buckets[i]; e; e = next) {
-            next = e->next;
-            e->next = nbk[e->hash & (nb - 1)];
-            nbk[e->hash & (nb - 1)] = e;
-        }
-    }
-    kt_free(buckets);
-    buckets = nbk;
-    n_buckets = nb;
+    kt_htab_sweep(&table, expired, &now, free_entry);
+    sweep_at = table.n_entries * 2 > 1024 ? table.n_entries * 2 : 1024;
 }
 
 /* The entry for service and addr, its window brought up to date; created
@@ -98,27 +67,29 @@ static struct entry *lookup(const char *service, const char *addr, long long uni
     time_t now = now_s();
     struct entry *e = NULL;
 
-    if (n_buckets) {
-        for (e = buckets[h & (n_buckets - 1)]; e; e = e->next)
-            if (e->hash == h && memcmp(e->key, service, sl + 1) == 0 && strcmp(e->key + sl + 1, addr) == 0)
+    if (table.n_buckets) {
+        for (struct kt_hnode **pp = kt_htab_chain(&table, h); *pp; pp = &(*pp)->next) {
+            struct entry *c = (struct entry *)*pp;
+            if (c->node.hash == h && memcmp(c->key, service, sl + 1) == 0 && strcmp(c->key + sl + 1, addr) == 0) {
+                e = c;
                 break;
+            }
+        }
     }
     if (!e) {
         if (!create)
             return NULL;
-        if (n_entries >= sweep_at)
+        if (table.n_entries >= sweep_at)
             sweep(now);
-        if (n_entries >= n_buckets)
-            grow();
+        if (table.n_entries >= table.n_buckets)
+            kt_htab_resize(&table, table.n_buckets ? table.n_buckets * 2 : 256);
         e = kt_calloc(1, sizeof(*e) + sl + al + 2);
-        e->hash = h;
+        e->node.hash = h;
         memcpy(e->key, service, sl + 1);
         memcpy(e->key + sl + 1, addr, al + 1);
         e->start = now;
         e->unit = unit > 0 ? unit : 1;
-        e->next = buckets[h & (n_buckets - 1)];
-        buckets[h & (n_buckets - 1)] = e;
-        n_entries++;
+        kt_htab_insert(&table, &e->node);
     }
     if (unit > 0)
         e->unit = unit;
@@ -174,7 +145,7 @@ unsigned kt_anvil_peek(const char *service, const char *addr, enum kt_anvil_rate
 unsigned long kt_anvil_size(void)
 {
     pthread_mutex_lock(&lock);
-    unsigned long n = n_entries;
+    unsigned long n = table.n_entries;
     pthread_mutex_unlock(&lock);
     return n;
 }

@@ -16,6 +16,7 @@
 #include <time.h>
 
 #include "core/alloc.h"
+#include "core/hash.h"
 #include "queue/dns.h"
 #include "smtpd/client_dns.h"
 
@@ -26,8 +27,7 @@
 #define TTL_MAX 86400
 
 struct centry {
-    struct centry *next;
-    uint64_t hash;
+    struct kt_hnode node;           /* first: the table's link and hash */
     int type;
     long long expires_ms;
     struct kt_dns_answer ans;
@@ -35,8 +35,7 @@ struct centry {
 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static struct centry **buckets;
-static size_t n_buckets, n_entries;
+static struct kt_htab table;
 
 static long long now_ms(void)
 {
@@ -58,34 +57,34 @@ static void norm_name(const char *in, char *out, size_t outlen)
 
 static uint64_t hash_of(int type, const char *name)
 {
-    uint64_t h = 1469598103934665603ULL ^ (uint64_t)type;
-    for (const char *p = name; *p; p++)
-        h = (h ^ (unsigned char)*p) * 1099511628211ULL;
-    return h;
+    return kt_fnv1a(KT_FNV_OFFSET ^ (uint64_t)type, name, strlen(name));
+}
+
+/* expired at NOW (ms); NOW 0: every entry */
+static int expired(const struct kt_hnode *n, void *arg)
+{
+    long long now = *(const long long *)arg;
+    return now == 0 || ((const struct centry *)n)->expires_ms <= now;
+}
+
+static void free_entry(struct kt_hnode *n)
+{
+    kt_free(n);
 }
 
 static void cache_clear_expired(long long now)
 {
-    for (size_t i = 0; i < n_buckets; i++) {
-        struct centry **pp = &buckets[i], *e;
-        while ((e = *pp)) {
-            if (now == 0 || e->expires_ms <= now) {
-                *pp = e->next;
-                kt_free(e);
-                n_entries--;
-            } else {
-                pp = &e->next;
-            }
-        }
-    }
+    kt_htab_sweep(&table, expired, &now, free_entry);
 }
 
-static struct centry **find(uint64_t h, int type, const char *name)
+static struct kt_hnode **find(uint64_t h, int type, const char *name)
 {
-    struct centry **pp = &buckets[h & (n_buckets - 1)];
-    for (; *pp; pp = &(*pp)->next)
-        if ((*pp)->hash == h && (*pp)->type == type && strcmp((*pp)->name, name) == 0)
+    struct kt_hnode **pp = kt_htab_chain(&table, h);
+    for (; *pp; pp = &(*pp)->next) {
+        const struct centry *e = (const struct centry *)*pp;
+        if (e->node.hash == h && e->type == type && strcmp(e->name, name) == 0)
             break;
+    }
     return pp;
 }
 
@@ -96,48 +95,26 @@ static void cache_store(int type, const char *raw, const struct kt_dns_answer *a
     uint64_t h = hash_of(type, name);
     long long now = now_ms();
     pthread_mutex_lock(&lock);
-    if (!n_buckets) {
-        n_buckets = 1024;
-        buckets = kt_calloc(n_buckets, sizeof(*buckets));
-    }
-    struct centry **pp = find(h, type, name);
-    if (*pp) {
-        struct centry *old = *pp;
-        *pp = old->next;
-        kt_free(old);
-        n_entries--;
-    }
-    if (n_entries >= CACHE_MAX) {
+    if (!table.n_buckets)
+        kt_htab_resize(&table, 1024);
+    struct kt_hnode **pp = find(h, type, name);
+    if (*pp)
+        kt_free(kt_htab_unlink(&table, pp));
+    if (table.n_entries >= CACHE_MAX) {
         cache_clear_expired(now);
-        if (n_entries >= CACHE_MAX * 3 / 4)
+        if (table.n_entries >= CACHE_MAX * 3 / 4)
             cache_clear_expired(0);
     }
-    if (n_entries >= n_buckets && n_buckets < CACHE_MAX) {
-        size_t nb = n_buckets * 2;
-        struct centry **nbk = kt_calloc(nb, sizeof(*nbk));
-        for (size_t i = 0; i < n_buckets; i++) {
-            struct centry *e, *next;
-            for (e = buckets[i]; e; e = next) {
-                next = e->next;
-                e->next = nbk[e->hash & (nb - 1)];
-                nbk[e->hash & (nb - 1)] = e;
-            }
-        }
-        kt_free(buckets);
-        buckets = nbk;
-        n_buckets = nb;
-    }
+    if (table.n_entries >= table.n_buckets && table.n_buckets < CACHE_MAX)
+        kt_htab_resize(&table, table.n_buckets * 2);
     size_t nl = strlen(name);
     struct centry *e = kt_malloc(sizeof(*e) + nl + 1);
-    e->hash = h;
+    e->node.hash = h;
     e->type = type;
     e->expires_ms = now + (long long)(ttl < 1 ? 1 : ttl > TTL_MAX ? TTL_MAX : ttl) * 1000;
     e->ans = *a;
     memcpy(e->name, name, nl + 1);
-    pp = &buckets[h & (n_buckets - 1)];
-    e->next = *pp;
-    *pp = e;
-    n_entries++;
+    kt_htab_insert(&table, &e->node);
     pthread_mutex_unlock(&lock);
 }
 
@@ -148,10 +125,10 @@ int kt_cdns_lookup(int type, const char *raw, struct kt_dns_answer *out)
     uint64_t h = hash_of(type, name);
     int found = 0;
     pthread_mutex_lock(&lock);
-    if (n_buckets) {
-        struct centry **pp = find(h, type, name);
-        if (*pp && (*pp)->expires_ms > now_ms()) {
-            *out = (*pp)->ans;
+    if (table.n_buckets) {
+        const struct centry *e = (const struct centry *)*find(h, type, name);
+        if (e && e->expires_ms > now_ms()) {
+            *out = e->ans;
             found = 1;
         }
     }
@@ -162,7 +139,7 @@ int kt_cdns_lookup(int type, const char *raw, struct kt_dns_answer *out)
 size_t kt_cdns_cache_size(void)
 {
     pthread_mutex_lock(&lock);
-    size_t n = n_entries;
+    size_t n = table.n_entries;
     pthread_mutex_unlock(&lock);
     return n;
 }
