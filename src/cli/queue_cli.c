@@ -138,6 +138,10 @@ static int requeue_one(const char *qdir, const char *id, char *newid, size_t new
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     char *body = NULL;
     const char **rcpts = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*rcpts));
+    size_t *idx = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*idx));
+    unsigned *notify = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*notify));
+    const char **orcpt = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*orcpt));
+    struct kt_qprops props;
     size_t n = 0;
     if (fd < 0) {
         rc = -errno;
@@ -151,19 +155,27 @@ static int requeue_one(const char *qdir, const char *id, char *newid, size_t new
         goto out;
     }
     for (size_t k = 0; k < m->n_rcpts; k++)
-        if (m->rcpts[k].state == KT_QR_PENDING)
+        if (m->rcpts[k].state == KT_QR_PENDING) {
+            idx[n] = k;
             rcpts[n++] = m->rcpts[k].addr;
+        }
     newid[0] = '\0';
     if (n == 0) {
         rc = kt_queue_remove(qdir, id);
         goto out;
     }
-    rc = kt_queue_write_at(qdir, m->arrival, m->sender, rcpts, n, body, (size_t)m->body_len, newid, newlen);
+    /* SMTPUTF8, BODY and the DSN parameters go with the message */
+    kt_qmsg_props(m, idx, n, notify, orcpt, &props);
+    rc = kt_queue_write_props(qdir, m->arrival, m->sender, rcpts, n, &props, body, (size_t)m->body_len, newid,
+                              newlen);
     if (rc == 0)
         rc = kt_queue_remove(qdir, id);
 out:
     kt_free(body);
     kt_free(rcpts);
+    kt_free(idx);
+    kt_free(notify);
+    kt_free(orcpt);
     kt_qmsg_free(m);
     return rc;
 }

@@ -325,7 +325,7 @@ static int drop(const char *qdir, const char *sender, struct rcpt_list *r, const
     if (fd < 0)
         return -errno;
     /* the pickup does not take a maildrop file's word for it (a local user wrote it): not marked canonical */
-    char *env = kt_queue_envelope(sender, (const char *const *)r->v, r->n, time(NULL), -1, 0);
+    char *env = kt_queue_envelope(sender, (const char *const *)r->v, r->n, time(NULL), -1, 0, NULL);
     int rc = write_all(fd, env, strlen(env));
     kt_free(env);
     if (rc == 0)

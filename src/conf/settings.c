@@ -529,6 +529,37 @@ static int dns_servers_check(const struct kt_config *cfg)
     return errors;
 }
 
+/* smtpd_discard_ehlo_keywords: names of EHLO keywords, any case, separated by spaces or commas. An unknown
+ * name is ignored with a warning, as Postfix's ehlo_mask() does. */
+static unsigned ehlo_discard_mask(const struct kt_config *cfg, const struct kt_service *svc)
+{
+    static const struct { const char *name; unsigned bit; } words[] = {
+        { "pipelining", KT_EHLO_PIPELINING }, { "size", KT_EHLO_SIZE }, { "vrfy", KT_EHLO_VRFY },
+        { "etrn", KT_EHLO_ETRN }, { "starttls", KT_EHLO_STARTTLS }, { "auth", KT_EHLO_AUTH },
+        { "enhancedstatuscodes", KT_EHLO_ENHANCEDSTATUSCODES }, { "8bitmime", KT_EHLO_8BITMIME },
+        { "dsn", KT_EHLO_DSN }, { "smtputf8", KT_EHLO_SMTPUTF8 }, { "chunking", KT_EHLO_CHUNKING },
+        { "silent-discard", KT_EHLO_SILENT },
+    };
+    const char *v = get(cfg, svc, "smtpd_discard_ehlo_keywords");
+    unsigned mask = 0;
+    while (*v) {
+        size_t n = strcspn(v, " \t,");
+        if (n > 0) {
+            size_t k;
+            for (k = 0; k < sizeof(words) / sizeof(words[0]); k++)
+                if (strlen(words[k].name) == n && !strncasecmp(v, words[k].name, n))
+                    break;
+            if (k < sizeof(words) / sizeof(words[0]))
+                mask |= words[k].bit;
+            else
+                kt_warn("smtpd_discard_ehlo_keywords: unknown keyword \"%.*s\" ignored", (int)n, v);
+        }
+        v += n;
+        v += strspn(v, " \t,");
+    }
+    return mask;
+}
+
 static int service_settings(struct runtime_private *rp, const struct kt_config *cfg, const struct kt_service *svc,
                             struct kt_smtpd_settings *st)
 {
@@ -543,6 +574,7 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     st->recipient_overshoot_limit = kt_config_get_int(cfg, svc, "smtpd_recipient_overshoot_limit");
     st->helo_required = kt_config_get_bool(cfg, svc, "smtpd_helo_required") == 1;
     st->disable_vrfy = kt_config_get_bool(cfg, svc, "disable_vrfy_command") == 1;
+    st->ehlo_discard = ehlo_discard_mask(cfg, svc);
     st->timeout_s = kt_config_get_time(cfg, svc, "smtpd_timeout");
     st->per_request_deadline = kt_config_get_bool(cfg, svc, "smtpd_per_request_deadline") == 1;
     st->min_data_rate = kt_config_get_int(cfg, svc, "smtpd_min_data_rate");
@@ -665,6 +697,11 @@ static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg
     qs->maximal_queue_lifetime = kt_config_get_time(cfg, NULL, "maximal_queue_lifetime");
     qs->bounce_queue_lifetime = kt_config_get_time(cfg, NULL, "bounce_queue_lifetime");
     qs->delay_warning_time = kt_config_get_time(cfg, NULL, "delay_warning_time");
+    qs->bounce_size_limit = kt_config_get_int(cfg, NULL, "bounce_size_limit");
+    if (qs->bounce_size_limit < 1) {
+        param_err(cfg, NULL, "bounce_size_limit", "bounce_size_limit: must be at least 1 (Postfix)");
+        errors++;
+    }
     qs->message_size_limit = kt_config_get_int(cfg, NULL, "message_size_limit");
     if (qs->minimal_backoff_time < 1)
         qs->minimal_backoff_time = 1;

@@ -22,6 +22,14 @@ enum kt_tls_level { KT_TLS_NONE, KT_TLS_MAY, KT_TLS_ENCRYPT };
 /* smtpd_forbid_bare_newline (Postfix 3.9). Every value stores CRLF and ends data only at CRLF.CRLF. */
 enum kt_bare_newline { KT_BARE_NEWLINE_NORMALIZE, KT_BARE_NEWLINE_REJECT, KT_BARE_NEWLINE_NO };
 
+/* smtpd_discard_ehlo_keywords: EHLO keywords not announced (bits). KT_EHLO_DSN also refuses the DSN
+ * parameters ("501 5.7.1 DSN support is disabled") and KT_EHLO_SMTPUTF8 the SMTPUTF8 one, as in Postfix. */
+enum {
+    KT_EHLO_PIPELINING = 1 << 0, KT_EHLO_SIZE = 1 << 1, KT_EHLO_VRFY = 1 << 2, KT_EHLO_STARTTLS = 1 << 3,
+    KT_EHLO_AUTH = 1 << 4, KT_EHLO_ENHANCEDSTATUSCODES = 1 << 5, KT_EHLO_8BITMIME = 1 << 6, KT_EHLO_DSN = 1 << 7,
+    KT_EHLO_SMTPUTF8 = 1 << 8, KT_EHLO_CHUNKING = 1 << 9, KT_EHLO_ETRN = 1 << 10, KT_EHLO_SILENT = 1 << 11,
+};
+
 struct kt_smtpd_settings {
     const struct kt_service *service;
     const char *myhostname;
@@ -31,6 +39,7 @@ struct kt_smtpd_settings {
     long long recipient_overshoot_limit; /* excess recipients that are not counted as errors */
     int helo_required;               /* smtpd_helo_required: MAIL needs HELO/EHLO first */
     int disable_vrfy;                /* disable_vrfy_command: VRFY gets 502, EHLO omits it */
+    unsigned ehlo_discard;           /* smtpd_discard_ehlo_keywords: KT_EHLO_* bits */
     long long timeout_s;             /* smtpd_timeout */
     int per_request_deadline;        /* smtpd_per_request_deadline: timeout_s bounds a whole request */
     long long min_data_rate;         /* smtpd_min_data_rate, bytes/s: body bytes that extend the deadline */
@@ -98,6 +107,7 @@ struct kt_qmgr_settings {
     long long maximal_queue_lifetime;
     long long bounce_queue_lifetime;
     long long delay_warning_time;    /* 0 = no delay warnings */
+    long long bounce_size_limit;     /* bytes of the original returned with a failure notice, else headers */
     unsigned destination_concurrency_limit;  /* default_destination_concurrency_limit, > 0 */
     unsigned initial_destination_concurrency;  /* 1 .. destination_concurrency_limit */
     long long message_size_limit;    /* for maildrop pickup; 0 = none */

@@ -90,6 +90,8 @@ struct job {
     size_t n;
     size_t *idx;                   /* recipient indexes in m->q */
     const char **addrs;
+    unsigned *notify;              /* NOTIFY bits of each, for the client */
+    const char **orcpt;            /* ORCPT of each or NULL (strings are the message's) */
     int *codes;
     char **replies;
     int fd;
@@ -200,6 +202,8 @@ static void dest_kick(struct dest *d);
 static void msg_round_done(struct kt_qmgr *q, struct msg *m);
 static void local_next(struct dest *d);
 static void msg_load(struct kt_qmgr *q, const char *id, int start);
+static void notify_sender(struct kt_qmgr *q, struct msg *m, enum kt_dsn_kind kind, int fd,
+                          const struct kt_dsn_rcpt *r, size_t n, time_t until);
 
 /* The wall clock, in seconds since the epoch: every time the manager reads
  * is read here. Unit tests point qmgr_clock elsewhere (the test includes this
@@ -452,8 +456,12 @@ static void job_add_rcpt(struct job *j, size_t i)
 {
     j->idx = kt_realloc(j->idx, (j->n + 1) * sizeof(*j->idx));
     j->addrs = kt_realloc(j->addrs, (j->n + 1) * sizeof(*j->addrs));
+    j->notify = kt_realloc(j->notify, (j->n + 1) * sizeof(*j->notify));
+    j->orcpt = kt_realloc(j->orcpt, (j->n + 1) * sizeof(*j->orcpt));
     j->idx[j->n] = i;
     j->addrs[j->n] = j->m->q->rcpts[i].addr;
+    j->notify[j->n] = j->m->q->rcpts[i].notify;
+    j->orcpt[j->n] = j->m->q->rcpts[i].orcpt;
     j->n++;
 }
 
@@ -466,6 +474,8 @@ static void job_free(struct job *j)
     kt_free(j->codes);
     kt_free(j->idx);
     kt_free(j->addrs);
+    kt_free(j->notify);
+    kt_free(j->orcpt);
     if (j->fd >= 0)
         close(j->fd);
     kt_free(j);
@@ -485,7 +495,7 @@ static void job_end(struct kt_qmgr *q, struct job *j)
  * recipient delivered and nothing else in flight, the removal of the queue file that follows is the
  * record, and nothing is written. */
 static void job_results(struct kt_qmgr *q, struct job *j, int res, const char *dsn, const char *reason,
-                        const char *relay)
+                        const char *relay, int hop_dsn)
 {
     struct msg *m = j->m;
     struct kt_qmark *marks = kt_calloc(j->n, sizeof(*marks));
@@ -530,16 +540,33 @@ static void job_results(struct kt_qmgr *q, struct job *j, int res, const char *d
     } else if (n > 0) {
         rc = record(q, m, marks, n);
     }
+    struct kt_dsn_rcpt *ok = kt_calloc(n ? n : 1, sizeof(*ok));
+    char **ok_reasons = kt_calloc(n ? n : 1, sizeof(*ok_reasons));
+    size_t n_ok = 0;
     for (size_t k = 0; k < n && rc == 0; k++) {
         size_t i = marks[k].rcpt;
-        if (marks[k].state == KT_QR_DONE)
+        if (marks[k].state == KT_QR_DONE) {
             log_sent(m, i, relay, texts[k]);
-        else {
+            /* RFC 3461 5.2.2: a next hop without DSN cannot report success; ktrelay does ("relayed") */
+            if ((m->q->rcpts[i].notify & KT_QNOTIFY_SUCCESS) && !hop_dsn) {
+                ok_reasons[n_ok] = kt_asprintf("2.0.0 %s %s", relay, texts[k] ? texts[k] : "relayed");
+                ok[n_ok] = (struct kt_dsn_rcpt){ m->q->rcpts[i].addr, ok_reasons[n_ok], m->q->rcpts[i].orcpt,
+                                                 "relayed" };
+                n_ok++;
+            }
+        } else {
             kt_metric_inc(KT_M_DELIVERY_BOUNCED);
             kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=bounced (%s)", m->q->id,
                        m->q->rcpts[i].addr, relay, delay_of(m), dsns[k], texts[k]);
         }
     }
+    /* queued before the message file can go (the removal follows this round) */
+    if (n_ok)
+        notify_sender(q, m, KT_DSN_SUCCESS, j->fd, ok, n_ok, 0);
+    for (size_t k = 0; k < n_ok; k++)
+        kt_free(ok_reasons[k]);
+    kt_free(ok_reasons);
+    kt_free(ok);
     for (size_t k = 0; k < n; k++)
         kt_free((char *)marks[k].reason);
     kt_free(marks);
@@ -549,7 +576,7 @@ static void job_results(struct kt_qmgr *q, struct job *j, int res, const char *d
 
 static void job_defer_all(struct kt_qmgr *q, struct job *j, int res, const char *dsn, const char *reason)
 {
-    job_results(q, j, res, dsn, reason, "none");
+    job_results(q, j, res, dsn, reason, "none", 0);
     job_end(q, j);
 }
 
@@ -655,7 +682,8 @@ static void job_sent(void *arg, int res, const char *reason)
     /* Ending the job can queue new work for d (a bounce): this connection must not be handed it from
      * inside its own completion, so it is not ready until the outcomes are dealt with. */
     cn->ready = 0;
-    job_results(d->q, j, res, NULL, reason, kt_smtp_relay(cn->c));
+    job_results(d->q, j, res, NULL, reason, kt_smtp_relay(cn->c),
+                (kt_smtp_extensions(cn->c) & KT_SMTP_EXT_DSN) != 0);
     job_end(d->q, j);
     cn->ready = 1;
     if (res != 0 || !kt_smtp_usable(cn->c)) {
@@ -678,6 +706,58 @@ static int prepare_job_fd(struct kt_qmgr *q, struct job *j)
     return j->fd < 0 ? j->fd : 0;
 }
 
+static int has_8bit(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] >= 0x80)
+            return 1;
+    return 0;
+}
+
+/* Postfix's rule for a message whose client asked for SMTPUTF8: it needs the extension when its envelope
+ * or its header section holds UTF-8 (smtputf8_autodetect_classes is about mail without the request). */
+static int smtputf8_needed(const struct job *j)
+{
+    const struct kt_qmsg *m = j->m->q;
+    char head[65536];
+    if (!m->smtputf8)
+        return 0;
+    if (has_8bit(m->sender, strlen(m->sender)))
+        return 1;
+    for (size_t i = 0; i < m->n_rcpts; i++)
+        if (has_8bit(m->rcpts[i].addr, strlen(m->rcpts[i].addr)))
+            return 1;
+    size_t want = (size_t)m->body_len < sizeof(head) ? (size_t)m->body_len : sizeof(head);
+    ssize_t got = want ? pread(j->fd, head, want, m->body_off) : 0;
+    if (got <= 0)
+        return 0;
+    const char *end = memmem(head, (size_t)got, "\r\n\r\n", 4);
+    return has_8bit(head, end ? (size_t)(end - head) : (size_t)got);
+}
+
+/* A message that needs SMTPUTF8 and a server that does not offer it: the job's recipients bounce with
+ * Postfix's 5.6.7 (nothing is sent). 1 when that happened and the job is over. */
+static int smtputf8_refused(struct conn *cn, struct job *j)
+{
+    if ((kt_smtp_extensions(cn->c) & KT_SMTP_EXT_SMTPUTF8) || !smtputf8_needed(j))
+        return 0;
+    const char *relay = kt_smtp_relay(cn->c);
+    const char *br = strrchr(relay, ']');
+    char text[400];
+    snprintf(text, sizeof(text), "SMTPUTF8 is required, but was not offered by host %.*s",
+             br ? (int)(br - relay + 1) : (int)strlen(relay), relay);
+    if (j->replies)
+        for (size_t k = 0; k < j->n; k++)
+            kt_free(j->replies[k]);
+    kt_free(j->replies);
+    kt_free(j->codes);
+    j->replies = NULL;
+    j->codes = NULL;
+    job_results(cn->d->q, j, 550, "5.6.7", text, relay, 0);
+    job_end(cn->d->q, j);
+    return 1;
+}
+
 static void conn_run_next(struct conn *cn)
 {
     struct dest *d = cn->d;
@@ -697,6 +777,8 @@ static void conn_run_next(struct conn *cn)
             job_end(d->q, j);
             continue;
         }
+        if (smtputf8_refused(cn, j))
+            continue;
         cn->ready = 1;
         cn->job = j;
         d->n_unassigned--;
@@ -711,6 +793,8 @@ static void conn_run_next(struct conn *cn)
             .id = j->m->q->id, .sender = j->m->q->sender, .rcpts = j->addrs, .n_rcpts = j->n, .fd = j->fd,
             .body_off = j->m->q->body_off, .body_len = j->m->q->body_len, .dots = j->m->q->dots,
             .canonical = j->m->q->canonical,
+            .smtputf8 = j->m->q->smtputf8, .body = j->m->q->body, .ret = j->m->q->ret, .envid = j->m->q->envid,
+            .notify = j->notify, .orcpt = j->orcpt,
             .codes = j->codes, .replies = j->replies,
         };
         kt_smtp_send(cn->c, &j->sm, job_sent, cn);
@@ -844,6 +928,12 @@ static void local_result(struct job *j, int res)
     } else {
         char *text = kt_asprintf("delivered to maildir as %s", kt_delivery_name(j->dl));
         rcpt_done(q, j->m, i, local_relay(q, j->addrs[j->cur]), text);
+        if ((j->m->q->rcpts[i].notify & KT_QNOTIFY_SUCCESS) && j->m->q->rcpts[i].state == KT_QR_DONE) {
+            /* NOTIFY=SUCCESS at final delivery: "delivered" (RFC 3461 5.2.3) */
+            struct kt_dsn_rcpt ok = { j->addrs[j->cur], "2.0.0 - delivered to maildir", j->m->q->rcpts[i].orcpt,
+                                      "delivered" };
+            notify_sender(q, j->m, KT_DSN_SUCCESS, j->fd, &ok, 1, 0);
+        }
         kt_free(text);
     }
     kt_delivery_abandon(j->dl);
@@ -1115,32 +1205,47 @@ static void log_notification(struct kt_qmgr *q, const char *id)
                nm->q->n_rcpts);
 }
 
+/* Queue one notification about m to its sender. fd: m's open queue file, or -1 to open it here. */
+static void notify_sender(struct kt_qmgr *q, struct msg *m, enum kt_dsn_kind kind, int fd,
+                          const struct kt_dsn_rcpt *r, size_t n, time_t until)
+{
+    char id[KT_QUEUE_ID_MAX];
+    int own = fd < 0;
+    if (own)
+        fd = kt_queue_open_body_at(q->new_fd, m->q->id);
+    int rc = kt_dsn_send(q->qdir, q->set->myhostname, kind, m->q, fd, r, n, until, q->set->bounce_size_limit, id,
+                         sizeof(id));
+    if (own && fd >= 0)
+        close(fd);
+    if (rc == 0) {
+        msg_load(q, id, 1);
+        log_notification(q, id);
+        kt_info_as("bounce", "%s: sender %s notification: %s", m->q->id,
+                   kind == KT_DSN_FAILED ? "non-delivery" : kind == KT_DSN_DELAYED ? "delay" : "delivery status",
+                   id);
+    } else if (rc < 0) {
+        kt_err("%s: cannot queue a notification: %s", m->q->id, strerror(-rc));
+    }
+}
+
+/* Failures and delays are reported for the recipients whose NOTIFY asks for them (no NOTIFY: both, as
+ * Postfix; NOTIFY=NEVER: nothing). */
 static void send_dsn(struct kt_qmgr *q, struct msg *m, enum kt_dsn_kind kind, time_t until)
 {
-    struct kt_dsn_rcpt *r = kt_calloc(m->q->n_rcpts, sizeof(*r));
+    struct kt_dsn_rcpt *r = kt_calloc(m->q->n_rcpts ? m->q->n_rcpts : 1, sizeof(*r));
     size_t n = 0;
+    unsigned want = kind == KT_DSN_FAILED ? KT_QNOTIFY_FAILURE : KT_QNOTIFY_DELAY;
     for (size_t i = 0; i < m->q->n_rcpts; i++) {
         const struct kt_qrcpt *qr = &m->q->rcpts[i];
+        if (qr->notify && !(qr->notify & want))
+            continue;
         if (kind == KT_DSN_FAILED && qr->state == KT_QR_FAILED)
-            r[n++] = (struct kt_dsn_rcpt){ qr->addr, qr->reason };
+            r[n++] = (struct kt_dsn_rcpt){ qr->addr, qr->reason, qr->orcpt, NULL };
         else if (kind == KT_DSN_DELAYED && qr->state == KT_QR_PENDING)
-            r[n++] = (struct kt_dsn_rcpt){ qr->addr, m->defer_reason };
+            r[n++] = (struct kt_dsn_rcpt){ qr->addr, m->defer_reason, qr->orcpt, NULL };
     }
-    if (n > 0) {
-        char id[KT_QUEUE_ID_MAX];
-        int fd = kt_queue_open_body_at(q->new_fd, m->q->id);
-        int rc = kt_dsn_send(q->qdir, q->set->myhostname, kind, m->q, fd, r, n, until, id, sizeof(id));
-        if (fd >= 0)
-            close(fd);
-        if (rc == 0) {
-            msg_load(q, id, 1);
-            log_notification(q, id);
-            kt_info_as("bounce", "%s: sender %s notification: %s", m->q->id,
-                    kind == KT_DSN_FAILED ? "non-delivery" : "delay", id);
-        } else if (rc < 0) {
-            kt_err("%s: cannot queue a notification: %s", m->q->id, strerror(-rc));
-        }
-    }
+    if (n > 0)
+        notify_sender(q, m, kind, -1, r, n, until);
     kt_free(r);
 }
 

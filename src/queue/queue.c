@@ -74,19 +74,125 @@ void kt_queue_new_id(char *buf, size_t len)
              c & 0xFFF);
 }
 
+static const char *const body_names[] = { "", "7BIT", "8BITMIME", "BINARYMIME" };
+
+/* "SUCCESS,FAILURE,DELAY" or "NEVER" for NOTIFY bits into out. */
+static void notify_names(unsigned bits, char *out, size_t cap)
+{
+    static const struct { unsigned bit; const char *name; } names[] = {
+        { KT_QNOTIFY_NEVER, "NEVER" }, { KT_QNOTIFY_SUCCESS, "SUCCESS" }, { KT_QNOTIFY_FAILURE, "FAILURE" },
+        { KT_QNOTIFY_DELAY, "DELAY" },
+    };
+    size_t used = 0;
+    out[0] = '\0';
+    for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++)
+        if (bits & names[k].bit)
+            used += (size_t)snprintf(out + used, used < cap ? cap - used : 0, "%s%s", used ? "," : "",
+                                     names[k].name);
+}
+
+static unsigned notify_parse(const char *s)
+{
+    unsigned bits = 0;
+    if (strstr(s, "NEVER"))
+        bits |= KT_QNOTIFY_NEVER;
+    if (strstr(s, "SUCCESS"))
+        bits |= KT_QNOTIFY_SUCCESS;
+    if (strstr(s, "FAILURE"))
+        bits |= KT_QNOTIFY_FAILURE;
+    if (strstr(s, "DELAY"))
+        bits |= KT_QNOTIFY_DELAY;
+    return bits & KT_QNOTIFY_NEVER ? KT_QNOTIFY_NEVER : bits;
+}
+
+/* A stored value must stay on its line: the writers pass only checked xtext, this is the last guard. */
+static int one_line(const char *s)
+{
+    return s && *s && !strpbrk(s, "\r\n");
+}
+
 char *kt_queue_envelope(const char *sender, const char *const *rcpts, size_t n, time_t arrival, int dots,
-                        int canonical)
+                        int canonical, const struct kt_qprops *props)
 {
     struct kt_buf b = { 0 };
+    char names[64];
     kt_buf_printf(&b, MAGIC "arrival %lld\nsender %s\n", (long long)arrival, sender ? sender : "");
     if (dots >= 0)
         kt_buf_printf(&b, "dots %d\n", dots ? 1 : 0);
     if (canonical)
         kt_buf_printf(&b, "canonical 1\n");
-    for (size_t i = 0; i < n; i++)
+    if (props && props->smtputf8)
+        kt_buf_printf(&b, "smtputf8 1\n");
+    if (props && props->body > KT_QBODY_NONE && props->body <= KT_QBODY_BINARYMIME)
+        kt_buf_printf(&b, "encoding %s\n", body_names[props->body]);
+    if (props && props->ret != KT_QRET_NONE)
+        kt_buf_printf(&b, "ret %s\n", props->ret == KT_QRET_HDRS ? "HDRS" : "FULL");
+    if (props && one_line(props->envid))
+        kt_buf_printf(&b, "envid %s\n", props->envid);
+    for (size_t i = 0; i < n; i++) {
         kt_buf_printf(&b, "rcpt %s\n", rcpts[i]);
+        if (props && props->notify && props->notify[i]) {
+            notify_names(props->notify[i], names, sizeof(names));
+            kt_buf_printf(&b, "notify %s\n", names);
+        }
+        if (props && props->orcpt && one_line(props->orcpt[i]))
+            kt_buf_printf(&b, "orcpt %s\n", props->orcpt[i]);
+    }
     kt_buf_append(&b, "body\n", 6);    /* with the NUL: the buffer is returned as a string */
     return b.data;
+}
+
+void kt_qmsg_props(const struct kt_qmsg *m, const size_t *idx, size_t n, unsigned *notify, const char **orcpt,
+                   struct kt_qprops *out)
+{
+    for (size_t k = 0; k < n; k++) {
+        notify[k] = m->rcpts[idx[k]].notify;
+        orcpt[k] = m->rcpts[idx[k]].orcpt;
+    }
+    *out = (struct kt_qprops){ .smtputf8 = m->smtputf8, .body = m->body, .ret = m->ret, .envid = m->envid,
+                               .notify = notify, .orcpt = orcpt };
+}
+
+static int hexval(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+void kt_xtext_decode(const char *s, char *out, size_t cap)
+{
+    size_t o = 0;
+    if (cap == 0)
+        return;
+    for (; *s && o + 1 < cap; s++) {
+        int c = (unsigned char)*s;
+        if (c == '+' && hexval(s[1]) >= 0 && hexval(s[2]) >= 0) {
+            c = hexval(s[1]) * 16 + hexval(s[2]);
+            s += 2;
+        }
+        out[o++] = c >= 0x20 && c < 0x7f ? (char)c : '?';
+    }
+    out[o] = '\0';
+}
+
+void kt_xtext_encode(const char *s, char *out, size_t cap)
+{
+    size_t o = 0;
+    if (cap == 0)
+        return;
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c < 33 || c > 126 || c == '+' || c == '=') {
+            if (o + 4 > cap)
+                break;
+            snprintf(out + o, 4, "+%02X", c);
+            o += 3;
+        } else {
+            if (o + 2 > cap)
+                break;
+            out[o++] = (char)c;
+        }
+    }
+    out[o] = '\0';
 }
 
 static int write_all(int fd, const void *p, size_t len)
@@ -146,6 +252,12 @@ int kt_queue_write(const char *qdir, const char *sender, const char *const *rcpt
 int kt_queue_write_at(const char *qdir, time_t arrival, const char *sender, const char *const *rcpts, size_t n,
                       const void *body, size_t len, char *id, size_t idlen)
 {
+    return kt_queue_write_props(qdir, arrival, sender, rcpts, n, NULL, body, len, id, idlen);
+}
+
+int kt_queue_write_props(const char *qdir, time_t arrival, const char *sender, const char *const *rcpts, size_t n,
+                         const struct kt_qprops *props, const void *body, size_t len, char *id, size_t idlen)
+{
     char tmp[PATH_MAX], dst[PATH_MAX];
     int rc = kt_queue_init_dirs(qdir);
     if (rc < 0)
@@ -157,7 +269,8 @@ int kt_queue_write_at(const char *qdir, time_t arrival, const char *sender, cons
     int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0)
         return -errno;
-    char *env = kt_queue_envelope(sender, rcpts, n, arrival, has_dot_line(body, len), is_canonical(body, len));
+    char *env = kt_queue_envelope(sender, rcpts, n, arrival, has_dot_line(body, len), is_canonical(body, len),
+                                  props);
     rc = write_all(fd, env, strlen(env));
     kt_free(env);
     if (rc == 0)
@@ -184,8 +297,10 @@ void kt_qmsg_free(struct kt_qmsg *m)
     for (size_t i = 0; i < m->n_rcpts; i++) {
         kt_free(m->rcpts[i].addr);
         kt_free(m->rcpts[i].reason);
+        kt_free(m->rcpts[i].orcpt);
     }
     kt_free(m->rcpts);
+    kt_free(m->envid);
     kt_free(m->sender);
     kt_free(m->id);
     kt_free(m);
@@ -270,11 +385,27 @@ static int load_from(const char *qdir, const char *sub, const char *id, struct k
             m->dots = atoi(line + 5) ? 1 : 0;
         } else if (!strcmp(line, "canonical 1")) {
             m->canonical = 1;
+        } else if (!strcmp(line, "smtputf8 1")) {
+            m->smtputf8 = 1;
+        } else if (!strncmp(line, "encoding ", 9)) {
+            for (int k = KT_QBODY_7BIT; k <= KT_QBODY_BINARYMIME; k++)
+                if (!strcmp(line + 9, body_names[k]))
+                    m->body = (enum kt_qbody)k;
+        } else if (!strncmp(line, "ret ", 4)) {
+            m->ret = !strcmp(line + 4, "HDRS") ? KT_QRET_HDRS : !strcmp(line + 4, "FULL") ? KT_QRET_FULL : KT_QRET_NONE;
+        } else if (!strncmp(line, "envid ", 6) && line[6]) {
+            kt_free(m->envid);
+            m->envid = kt_strdup(line + 6);
+        } else if (!strncmp(line, "notify ", 7) && m->n_rcpts) {
+            m->rcpts[m->n_rcpts - 1].notify = notify_parse(line + 7);
+        } else if (!strncmp(line, "orcpt ", 6) && line[6] && m->n_rcpts) {
+            kt_free(m->rcpts[m->n_rcpts - 1].orcpt);
+            m->rcpts[m->n_rcpts - 1].orcpt = kt_strdup(line + 6);
         } else if (!strncmp(line, "rcpt ", 5)) {
             m->rcpts = kt_realloc(m->rcpts, (m->n_rcpts + 1) * sizeof(*m->rcpts));
+            memset(&m->rcpts[m->n_rcpts], 0, sizeof(*m->rcpts));
             m->rcpts[m->n_rcpts].addr = kt_strdup(line + 5);
             m->rcpts[m->n_rcpts].state = KT_QR_PENDING;
-            m->rcpts[m->n_rcpts].reason = NULL;
             m->n_rcpts++;
         } else if (!strcmp(line, "body")) {
             m->body_off = (off_t)total;
@@ -683,12 +814,12 @@ struct kt_qmsg *kt_queue_delivery_take(struct kt_delivery *d)
 }
 
 struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir, const char *sender,
-                                          const char *const *rcpts, size_t n, const char *hostname,
-                                          unsigned worker_id, const char *queue_id)
+                                          const char *const *rcpts, size_t n, const struct kt_qprops *props,
+                                          const char *hostname, unsigned worker_id, const char *queue_id)
 {
     time_t arrival = time(NULL);
     /* the session stores bodies through the line-ending rule (smtp_parse.h): canonical */
-    char *env = kt_queue_envelope(sender, rcpts, n, arrival, -1, 1);
+    char *env = kt_queue_envelope(sender, rcpts, n, arrival, -1, 1, props);
     size_t len = strlen(env);
     if (len >= KT_DELIVERY_CHUNK) {
         kt_free(env);
@@ -715,8 +846,19 @@ struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir
     m->canonical = 1;
     m->n_rcpts = n;
     m->rcpts = kt_calloc(n ? n : 1, sizeof(*m->rcpts));
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         m->rcpts[i].addr = kt_strdup(rcpts[i]);
+        if (props && props->notify)
+            m->rcpts[i].notify = props->notify[i];
+        if (props && props->orcpt && one_line(props->orcpt[i]))
+            m->rcpts[i].orcpt = kt_strdup(props->orcpt[i]);
+    }
+    if (props) {
+        m->smtputf8 = props->smtputf8;
+        m->body = props->body;
+        m->ret = props->ret;
+        m->envid = one_line(props->envid) ? kt_strdup(props->envid) : NULL;
+    }
     m->body_off = (off_t)len;
     kt_delivery_set_user(d, m, qmsg_free_user);
     return d;

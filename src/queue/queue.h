@@ -10,9 +10,14 @@
  *
  * A message file starts with text lines
  *   "KTQUEUE 1\n" "arrival <epoch>\n" "sender <addr>\n" ["dots <0|1>\n"] ["canonical 1\n"]
- *   "rcpt <addr>\n"... "body\n"
+ *   ["smtputf8 1\n"] ["encoding 7BIT|8BITMIME|BINARYMIME\n"] ["ret FULL|HDRS\n"] ["envid <xtext>\n"]
+ *   ("rcpt <addr>\n" ["notify SUCCESS,FAILURE,DELAY|NEVER\n"] ["orcpt <type;xtext>\n"])... "body\n"
  * followed by the message bytes (CRLF line ends, not dot-stuffed) up to the
- * end of the file. "sender " with an empty address is the null sender.
+ * end of the file. "sender " with an empty address is the null sender. The optional lines carry the
+ * message's properties as the client declared them: SMTPUTF8 (RFC 6531), BODY= (RFC 6152, 3030) and the
+ * DSN parameters (RFC 3461) RET, ENVID and, on the lines after their recipient's, NOTIFY and ORCPT, with
+ * ENVID and ORCPT kept in their xtext form. Files without them (older ones) mean none was given; unknown
+ * lines are skipped.
  * The status file holds lines "done N", "fail N REASON" (recipient N,
  * 0-based, is final; REASON is one line for the bounce) and "warn" (a delay warning went out); each append is fsync'd
  * before the outcome counts. A message whose recipients were all delivered
@@ -34,10 +39,31 @@
 
 enum kt_qrcpt_state { KT_QR_PENDING, KT_QR_DONE, KT_QR_FAILED };
 
+/* NOTIFY (RFC 3461 4.1) bits of a recipient; 0 = no NOTIFY given (failures and delays are reported, as
+ * Postfix does). NEVER is exclusive. */
+enum { KT_QNOTIFY_NEVER = 1, KT_QNOTIFY_SUCCESS = 2, KT_QNOTIFY_FAILURE = 4, KT_QNOTIFY_DELAY = 8 };
+/* BODY= as the client declared it (KT_QBODY_NONE: not given). */
+enum kt_qbody { KT_QBODY_NONE, KT_QBODY_7BIT, KT_QBODY_8BITMIME, KT_QBODY_BINARYMIME };
+/* RET= (RFC 3461 4.3; KT_QRET_NONE: not given, bounces return the full message as Postfix's do). */
+enum kt_qret { KT_QRET_NONE, KT_QRET_FULL, KT_QRET_HDRS };
+
 struct kt_qrcpt {
     char *addr;
     enum kt_qrcpt_state state;
     char *reason;                  /* for a failed recipient: "DSN MTA DIAGNOSTIC" as marked, or NULL */
+    unsigned notify;               /* KT_QNOTIFY_* bits, 0 = none given */
+    char *orcpt;                   /* ORCPT "addr-type;xtext" as received, or NULL */
+};
+
+/* The properties a writer stores with an envelope. envid: xtext, NULL = none. notify/orcpt: one entry per
+ * recipient (NULL arrays or NULL entries: none given). All borrowed. */
+struct kt_qprops {
+    int smtputf8;
+    enum kt_qbody body;
+    enum kt_qret ret;
+    const char *envid;
+    const unsigned *notify;
+    const char *const *orcpt;
 };
 
 struct kt_qmsg {
@@ -52,6 +78,10 @@ struct kt_qmsg {
     struct kt_qrcpt *rcpts;
     off_t body_off, body_len;      /* message bytes in the file */
     int has_status;                /* status/ID exists (records were loaded or appended) */
+    int smtputf8;                  /* the client asked for SMTPUTF8 */
+    enum kt_qbody body;
+    enum kt_qret ret;
+    char *envid;                   /* ENVID in xtext, or NULL */
 };
 
 /* One status record for kt_queue_mark_many: recipient rcpt becomes state (done or failed with reason). */
@@ -78,7 +108,16 @@ void kt_queue_new_id(char *buf, size_t len);
  * only CRLF line ends (every writer of this version makes it so; files without the line are sent through
  * the client's canonicalizing path). */
 char *kt_queue_envelope(const char *sender, const char *const *rcpts, size_t n, time_t arrival, int dots,
-                        int canonical);
+                        int canonical, const struct kt_qprops *props);
+/* The properties of a loaded message as a writer takes them, for the recipients idx[0..n) (requeue keeps
+ * them). notify and orcpt are caller arrays of n entries; the strings stay m's. */
+void kt_qmsg_props(const struct kt_qmsg *m, const size_t *idx, size_t n, unsigned *notify, const char **orcpt,
+                   struct kt_qprops *out);
+/* RFC 3461 4 xtext: decode s into out (cap bytes, NUL-terminated), every byte outside 0x20..0x7e shown as
+ * '?', so that the result can go into a header field. */
+void kt_xtext_decode(const char *s, char *out, size_t cap);
+/* The reverse: out gets s with '+', '=' and bytes outside 33..126 as "+XX". */
+void kt_xtext_encode(const char *s, char *out, size_t cap);
 /* Synchronous durable creation from memory. id (KT_QUEUE_ID_MAX bytes) is used when it holds a
  * string, else a fresh id is written there. 0 or -errno. */
 int kt_queue_write(const char *qdir, const char *sender, const char *const *rcpts, size_t n, const void *body,
@@ -86,6 +125,9 @@ int kt_queue_write(const char *qdir, const char *sender, const char *const *rcpt
 /* The same with a given arrival time (requeue keeps the original one). */
 int kt_queue_write_at(const char *qdir, time_t arrival, const char *sender, const char *const *rcpts, size_t n,
                       const void *body, size_t len, char *id, size_t idlen);
+/* The same with the message's properties (props may be NULL). */
+int kt_queue_write_props(const char *qdir, time_t arrival, const char *sender, const char *const *rcpts, size_t n,
+                         const struct kt_qprops *props, const void *body, size_t len, char *id, size_t idlen);
 /* Read the envelope and the status records of new/ID (hold/ID). 0, -ENOENT, -EINVAL (bad file), -errno.
  * A pending recipient's reason is its last deferral reason, if any. */
 int kt_queue_load(const char *qdir, const char *id, struct kt_qmsg **out);
@@ -152,12 +194,12 @@ struct kt_qmsg *kt_queue_delivery_take(struct kt_delivery *d);
  * before the 250. The envelope is appended here, before the file exists:
  * kt_delivery buffers up to KT_DELIVERY_CHUNK bytes in memory until then.
  * Returns NULL when the envelope would not fit in that buffer (far more
- * recipients than any recipient limit allows). The queue file is named
+ * recipients than any recipient limit allows). props (may be NULL) as for kt_queue_envelope. The queue file is named
  * queue_id (the session's id, from kt_queue_new_id()), and a clash with an
  * existing file fails the commit with -EEXIST rather than replacing it. */
 struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir, const char *sender,
-                                          const char *const *rcpts, size_t n, const char *hostname,
-                                          unsigned worker_id, const char *queue_id);
+                                          const char *const *rcpts, size_t n, const struct kt_qprops *props,
+                                          const char *hostname, unsigned worker_id, const char *queue_id);
 
 /* Command line: argv[0] is the command name; return the process exit code.
  *   sendmail [options] [rcpt...]   (cli/sendmail.c) local submission, like Postfix's sendmail(1)

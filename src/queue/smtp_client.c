@@ -29,6 +29,7 @@
 #include "core/buf.h"
 #include "metrics/metrics.h"
 #include "core/log.h"
+#include "queue/queue.h"
 #include "queue/smtp_client.h"
 #include "tls/conn.h"
 
@@ -63,6 +64,7 @@ struct kt_smtp_conn {
 
     /* EHLO extensions */
     int ext_starttls, ext_pipelining, ext_chunking, ext_size;
+    unsigned ext;                  /* KT_SMTP_EXT_* */
 
     kt_smtp_cb cb;
     void *arg;
@@ -114,6 +116,11 @@ const char *kt_smtp_relay(const struct kt_smtp_conn *c)
 int kt_smtp_usable(const struct kt_smtp_conn *c)
 {
     return c && !c->failed && !c->freed && !c->closing && c->state == ST_IDLE;
+}
+
+unsigned kt_smtp_extensions(const struct kt_smtp_conn *c)
+{
+    return c ? c->ext : 0;
 }
 
 int kt_smtp_tls_state(const struct kt_smtp_conn *c)
@@ -314,6 +321,7 @@ static char *reply_text(struct kt_smtp_conn *c, const char *cmd)
 static void send_ehlo(struct kt_smtp_conn *c, enum state st)
 {
     c->ext_starttls = c->ext_pipelining = c->ext_chunking = c->ext_size = 0;
+    c->ext = 0;
     kt_buf_printf(&c->out, "EHLO %s\r\n", c->p.helo_name);
     c->state = st;
     c->expect = 1;
@@ -333,6 +341,14 @@ static void parse_ehlo(struct kt_smtp_conn *c)
             c->ext_chunking = 1;
         else if (!strncasecmp(kw, "SIZE", 4))
             c->ext_size = 1;
+        else if (!strcasecmp(kw, "8BITMIME"))
+            c->ext |= KT_SMTP_EXT_8BITMIME;
+        else if (!strcasecmp(kw, "SMTPUTF8"))
+            c->ext |= KT_SMTP_EXT_SMTPUTF8;
+        else if (!strcasecmp(kw, "DSN"))
+            c->ext |= KT_SMTP_EXT_DSN;
+        else if (!strcasecmp(kw, "BINARYMIME"))
+            c->ext |= KT_SMTP_EXT_BINARYMIME;
     }
     kt_free(text);
 }
@@ -470,9 +486,38 @@ static void rcpts_answered(struct kt_smtp_conn *c)
     }
 }
 
+static int is_ascii(const char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s >= 0x80)
+            return 0;
+    return 1;
+}
+
+/* RCPT TO, with NOTIFY= and ORCPT= (RFC 3461 4.1, 4.2) when the server offers DSN. */
 static void send_rcpt(struct kt_smtp_conn *c, size_t i)
 {
-    kt_buf_printf(&c->out, "RCPT TO:<%s>\r\n", c->m->rcpts[i]);
+    const struct kt_smtp_msg *m = c->m;
+    kt_buf_printf(&c->out, "RCPT TO:<%s>", m->rcpts[i]);
+    if (c->ext & KT_SMTP_EXT_DSN) {
+        unsigned n = m->notify ? m->notify[i] : 0;
+        if (n & KT_QNOTIFY_NEVER)
+            kt_buf_printf(&c->out, " NOTIFY=NEVER");
+        else if (n)
+            kt_buf_printf(&c->out, " NOTIFY=%s%s%s%s%s", n & KT_QNOTIFY_SUCCESS ? "SUCCESS" : "",
+                          (n & KT_QNOTIFY_SUCCESS) && (n & (KT_QNOTIFY_FAILURE | KT_QNOTIFY_DELAY)) ? "," : "",
+                          n & KT_QNOTIFY_FAILURE ? "FAILURE" : "",
+                          (n & KT_QNOTIFY_FAILURE) && (n & KT_QNOTIFY_DELAY) ? "," : "",
+                          n & KT_QNOTIFY_DELAY ? "DELAY" : "");
+        if (m->orcpt && m->orcpt[i]) {
+            kt_buf_printf(&c->out, " ORCPT=%s", m->orcpt[i]);
+        } else if (is_ascii(m->rcpts[i])) {
+            char x[1600];
+            kt_xtext_encode(m->rcpts[i], x, sizeof(x));
+            kt_buf_printf(&c->out, " ORCPT=rfc822;%s", x);
+        }
+    }
+    kt_buf_printf(&c->out, "\r\n");
 }
 
 static void on_reply(struct kt_smtp_conn *c, int code)
@@ -847,6 +892,19 @@ void kt_smtp_send(struct kt_smtp_conn *c, struct kt_smtp_msg *m, kt_smtp_cb cb, 
     kt_buf_printf(&c->out, "MAIL FROM:<%s>", m->sender);
     if (c->ext_size)
         kt_buf_printf(&c->out, " SIZE=%lld", (long long)m->body_len);
+    /* BODY= as the client declared it; BINARYMIME only where it can go as such (BDAT), else 8BITMIME */
+    if (m->body == KT_QBODY_BINARYMIME && (c->ext & KT_SMTP_EXT_BINARYMIME) && c->use_chunking)
+        kt_buf_printf(&c->out, " BODY=BINARYMIME");
+    else if (m->body != KT_QBODY_NONE && (c->ext & KT_SMTP_EXT_8BITMIME))
+        kt_buf_printf(&c->out, " BODY=%s", m->body == KT_QBODY_7BIT ? "7BIT" : "8BITMIME");
+    if (m->smtputf8 && (c->ext & KT_SMTP_EXT_SMTPUTF8))
+        kt_buf_printf(&c->out, " SMTPUTF8");
+    if (c->ext & KT_SMTP_EXT_DSN) {
+        if (m->ret != KT_QRET_NONE)
+            kt_buf_printf(&c->out, " RET=%s", m->ret == KT_QRET_HDRS ? "HDRS" : "FULL");
+        if (m->envid)
+            kt_buf_printf(&c->out, " ENVID=%s", m->envid);
+    }
     kt_buf_printf(&c->out, "\r\n");
     c->expect = 1;
     c->pipelined_data = 0;

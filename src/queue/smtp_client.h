@@ -52,6 +52,16 @@ struct kt_smtp_msg {
     off_t body_off, body_len;
     int dots;                     /* -1 unknown, 0 no line starts with '.', 1 some do */
     int canonical;                /* body holds only CRLF line ends (else it is canonicalized on the way) */
+    /* properties sent on when the server offers the extension (queue.h): SMTPUTF8 (RFC 6531), BODY=
+     * (RFC 6152; BINARYMIME only with CHUNKING, RFC 3030), RET= and ENVID= (RFC 3461) on MAIL; NOTIFY= and
+     * ORCPT= on each RCPT (notify/orcpt: one entry per recipient, or NULL). Without ORCPT the client sends
+     * ORCPT=rfc822;ADDRESS for an ASCII address, as Postfix does. */
+    int smtputf8;
+    int body;                     /* enum kt_qbody */
+    int ret;                      /* enum kt_qret */
+    const char *envid;            /* xtext or NULL */
+    const unsigned *notify;       /* KT_QNOTIFY_* bits */
+    const char *const *orcpt;     /* "addr-type;xtext" or NULL */
     int *codes;
     char **replies;
 };
@@ -75,6 +85,9 @@ void kt_smtp_send(struct kt_smtp_conn *c, struct kt_smtp_msg *m, kt_smtp_cb cb, 
 void kt_smtp_close(struct kt_smtp_conn *c);
 /* Fail the connection when its current step's deadline has passed. */
 void kt_smtp_check_timeout(struct kt_smtp_conn *c, time_t now);
+/* Extensions the server announced in its last EHLO reply (0 after HELO). */
+enum { KT_SMTP_EXT_8BITMIME = 1, KT_SMTP_EXT_SMTPUTF8 = 2, KT_SMTP_EXT_DSN = 4, KT_SMTP_EXT_BINARYMIME = 8 };
+unsigned kt_smtp_extensions(const struct kt_smtp_conn *c);
 /* 1 when another transaction may run on it. */
 int kt_smtp_usable(const struct kt_smtp_conn *c);
 /* "host[addr]:port" of the connected server ("none" before connecting). */

@@ -283,6 +283,10 @@ static void transaction_reset(struct kt_session *s)
         kt_delivery_abandon(t->delivery);
     kt_buf_release(&t->rcpts);
     kt_buf_release(&t->relay_rcpts);
+    for (size_t i = 0; i < t->rcpt_dsn_cap; i++)
+        kt_free(t->rcpt_orcpt[i]);
+    kt_free(t->rcpt_orcpt);
+    kt_free(t->rcpt_notify);
     kt_free(t->mailboxes);
     kt_free(t);
 }
@@ -426,24 +430,41 @@ static void helo_or_ehlo(struct kt_session *s, const struct kt_smtp_command *c, 
         return;
     }
     s->counts.ehlo_ok++;
-    kt_buf_printf(&s->out, "250-%s\r\n250-PIPELINING\r\n", s->cfg->myhostname);
-    if (s->cfg->message_size_limit > 0)
-        kt_buf_printf(&s->out, "250-SIZE %lld\r\n", s->cfg->message_size_limit);
-    else
-        kt_buf_printf(&s->out, "250-SIZE\r\n");
-    if (!s->cfg->disable_vrfy)
-        kt_buf_printf(&s->out, "250-VRFY\r\n");
-    if (tls_offerable(s))
-        kt_buf_printf(&s->out, "250-STARTTLS\r\n");
-    unsigned mechs = auth_mechs_now(s);
+    /* Postfix's keywords in Postfix's order, less smtpd_discard_ehlo_keywords */
+    unsigned discard = s->cfg->ehlo_discard;
+    char kw[12][300];
+    size_t n = 0;
+    snprintf(kw[n++], sizeof(kw[0]), "%s", s->cfg->myhostname);
+    if (!(discard & KT_EHLO_PIPELINING))
+        snprintf(kw[n++], sizeof(kw[0]), "PIPELINING");
+    if (!(discard & KT_EHLO_SIZE) && s->cfg->message_size_limit > 0)
+        snprintf(kw[n++], sizeof(kw[0]), "SIZE %lld", s->cfg->message_size_limit);
+    else if (!(discard & KT_EHLO_SIZE))
+        snprintf(kw[n++], sizeof(kw[0]), "SIZE");
+    if (!s->cfg->disable_vrfy && !(discard & KT_EHLO_VRFY))
+        snprintf(kw[n++], sizeof(kw[0]), "VRFY");
+    if (tls_offerable(s) && !(discard & KT_EHLO_STARTTLS))
+        snprintf(kw[n++], sizeof(kw[0]), "STARTTLS");
+    unsigned mechs = discard & KT_EHLO_AUTH ? 0 : auth_mechs_now(s);
     if (mechs) {
         char list[32];
         mech_list(mechs, list, sizeof(list));
-        kt_buf_printf(&s->out, "250-AUTH %s\r\n", list);
+        snprintf(kw[n++], sizeof(kw[0]), "AUTH %s", list);
         if (s->cfg->broken_sasl_auth_clients)
-            kt_buf_printf(&s->out, "250-AUTH=%s\r\n", list);
+            snprintf(kw[n++], sizeof(kw[0]), "AUTH=%s", list);
     }
-    kt_buf_printf(&s->out, "250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n");
+    if (!(discard & KT_EHLO_ENHANCEDSTATUSCODES))
+        snprintf(kw[n++], sizeof(kw[0]), "ENHANCEDSTATUSCODES");
+    if (!(discard & KT_EHLO_8BITMIME))
+        snprintf(kw[n++], sizeof(kw[0]), "8BITMIME");
+    if (!(discard & KT_EHLO_DSN))
+        snprintf(kw[n++], sizeof(kw[0]), "DSN");
+    if (!(discard & KT_EHLO_SMTPUTF8))
+        snprintf(kw[n++], sizeof(kw[0]), "SMTPUTF8");
+    if (!(discard & KT_EHLO_CHUNKING))
+        snprintf(kw[n++], sizeof(kw[0]), "CHUNKING");
+    for (size_t i = 0; i < n; i++)
+        kt_buf_printf(&s->out, "250%c%s\r\n", i + 1 < n ? '-' : ' ', kw[i]);
 }
 
 static void cmd_helo(struct kt_session *s, const struct kt_smtp_command *c)
@@ -472,6 +493,15 @@ static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
         reply(s, "%s", err);
         return;
     }
+    /* smtpd_discard_ehlo_keywords: Postfix no longer knows what it does not announce */
+    if (p.smtputf8 && (s->cfg->ehlo_discard & KT_EHLO_SMTPUTF8)) {
+        reply(s, "555 5.5.4 Unsupported option: SMTPUTF8");
+        return;
+    }
+    if ((p.ret != KT_RET_NONE || p.has_envid) && (s->cfg->ehlo_discard & KT_EHLO_DSN)) {
+        reply(s, "501 5.7.1 DSN support is disabled");
+        return;
+    }
     if (path.utf8 && !p.smtputf8) {
         reply(s, "553 5.6.7 Must declare SMTPUTF8 to send unicode address");
         return;
@@ -489,6 +519,14 @@ static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
     memcpy(s->txn->sender, path.addr, path.addr_len + 1);
     memcpy(s->txn->sender_full, full, sizeof(full));
     s->txn->body_8bit = p.body != KT_BODY_7BIT;
+    /* the message's properties, carried in the queue envelope */
+    s->txn->smtputf8 = p.smtputf8;
+    s->txn->body = p.has_body ? (p.body == KT_BODY_7BIT ? KT_QBODY_7BIT
+                                                  : p.body == KT_BODY_8BITMIME ? KT_QBODY_8BITMIME
+                                                  : KT_QBODY_BINARYMIME) : KT_QBODY_NONE;
+    s->txn->ret = p.ret == KT_RET_FULL ? KT_QRET_FULL : p.ret == KT_RET_HDRS ? KT_QRET_HDRS : KT_QRET_NONE;
+    if (p.has_envid)
+        snprintf(s->txn->envid, sizeof(s->txn->envid), "%.*s", (int)p.envid_len, p.envid);
     clock_gettime(CLOCK_MONOTONIC, &s->txn->t_start);
     make_queue_id(s);
     s->counts.mail_ok++;
@@ -554,16 +592,66 @@ static void rcpt_reject(struct kt_session *s, const char *why, const char *rcpt)
  * recipients to their Maildirs and relays the others. */
 #define RELAY_ENVELOPE_MAX (KT_DELIVERY_CHUNK / 2)
 
-static int relay_accept(struct kt_smtpd_txn *t, const char *addr)
+/* The message goes into the queue, not straight into the Maildirs: some recipient is relayed, or asked for
+ * a success notice (NOTIFY=SUCCESS), which the queue manager sends once it delivered. */
+static int via_queue(const struct kt_smtpd_txn *t)
+{
+    return t->n_relay_rcpts || t->want_success;
+}
+
+/* What a recipient's NOTIFY and ORCPT add to the queue envelope ("notify ...\n", "orcpt ...\n"). */
+static size_t rcpt_dsn_bytes(const struct kt_rcpt_params *p)
+{
+    return (p->has_notify ? 40 : 0) + (p->has_orcpt ? p->orcpt_len + 8 : 0);
+}
+
+/* 1 when one more recipient of addr_len bytes with p's DSN parameters keeps the queue envelope within
+ * what is buffered in memory until the queue file exists. */
+static int envelope_room(const struct kt_smtpd_txn *t, size_t addr_len, const struct kt_rcpt_params *p)
+{
+    return kt_buf_used(&t->rcpts) + addr_len + 1 + 6 * ((size_t)t->n_rcpts + 1) + t->dsn_bytes +
+           rcpt_dsn_bytes(p) <= RELAY_ENVELOPE_MAX;
+}
+
+/* NOTIFY and ORCPT of the recipient just added to t->rcpts (RFC 3461), kept for the queue envelope. */
+static void rcpt_dsn_keep(struct kt_smtpd_txn *t, const struct kt_rcpt_params *p)
+{
+    unsigned i = t->n_rcpts - 1;
+    if (!p->has_notify && !p->has_orcpt && !t->rcpt_notify)
+        return;
+    if (i >= t->rcpt_dsn_cap) {
+        size_t cap = t->rcpt_dsn_cap ? t->rcpt_dsn_cap : 16;
+        while (cap <= i)
+            cap *= 2;
+        t->rcpt_notify = kt_realloc(t->rcpt_notify, cap * sizeof(*t->rcpt_notify));
+        t->rcpt_orcpt = kt_realloc(t->rcpt_orcpt, cap * sizeof(*t->rcpt_orcpt));
+        for (size_t k = t->rcpt_dsn_cap; k < cap; k++) {
+            t->rcpt_notify[k] = 0;
+            t->rcpt_orcpt[k] = NULL;
+        }
+        t->rcpt_dsn_cap = cap;
+    }
+    t->rcpt_notify[i] = (p->notify & KT_NOTIFY_NEVER ? KT_QNOTIFY_NEVER : 0) |
+                        (p->notify & KT_NOTIFY_SUCCESS ? KT_QNOTIFY_SUCCESS : 0) |
+                        (p->notify & KT_NOTIFY_FAILURE ? KT_QNOTIFY_FAILURE : 0) |
+                        (p->notify & KT_NOTIFY_DELAY ? KT_QNOTIFY_DELAY : 0);
+    t->rcpt_orcpt[i] = p->has_orcpt ? kt_strndup(p->orcpt, p->orcpt_len) : NULL;
+    t->dsn_bytes += rcpt_dsn_bytes(p);
+    if (p->notify & KT_NOTIFY_SUCCESS)
+        t->want_success = 1;
+}
+
+static int relay_accept(struct kt_smtpd_txn *t, const char *addr, const struct kt_rcpt_params *p)
 {
     size_t n = strlen(addr) + 1;
     /* the queue envelope is buffered in memory until the queue file exists */
-    if (kt_buf_used(&t->rcpts) + n + 6 * ((size_t)t->n_rcpts + 1) > RELAY_ENVELOPE_MAX)
+    if (!envelope_room(t, n - 1, p))
         return -1;
     kt_buf_append(&t->relay_rcpts, addr, n);
     t->n_relay_rcpts++;
     kt_buf_append(&t->rcpts, addr, n);
     t->n_rcpts++;
+    rcpt_dsn_keep(t, p);
     return 0;
 }
 
@@ -597,6 +685,10 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
     const char *err = kt_smtp_parse_rcpt(c->arg, c->arg_len, &path, &p);
     if (err) {
         reply(s, "%s", err);
+        return;
+    }
+    if ((p.has_notify || p.has_orcpt) && (s->cfg->ehlo_discard & KT_EHLO_DSN)) {
+        reply(s, "501 5.7.1 DSN support is disabled");
         return;
     }
     if (t->n_rcpts >= s->cfg->recipient_limit) {
@@ -648,7 +740,7 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         return;
     }
     if (ra.cls != KT_CLASS_LOCAL && ra.cls != KT_CLASS_VIRTUAL) {
-        if (!rcpt_already(t, ra.addr) && relay_accept(t, ra.addr) < 0) {
+        if (!rcpt_already(t, ra.addr) && relay_accept(t, ra.addr, &p) < 0) {
             too_many_recipients(s);
             return;
         }
@@ -674,10 +766,15 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         rcpt_accepted(s);
         return;
     }
+    if ((p.has_notify || p.has_orcpt || t->n_relay_rcpts) && !envelope_room(t, path.addr_len, &p)) {
+        too_many_recipients(s);
+        return;
+    }
     for (size_t i = 0; i < res.n_mailboxes; i++)
         add_mailbox(t, &res.mailboxes[i]);
     kt_buf_append(&t->rcpts, path.addr, path.addr_len + 1);
     t->n_rcpts++;
+    rcpt_dsn_keep(t, &p);
     rcpt_accepted(s);
 }
 
@@ -721,9 +818,9 @@ static void on_commit(void *arg, int res)
         if (s->tls_on)
             kt_metric_add(kt_conn_ktls(s->conn) & KT_CONN_KTLS_RX ? KT_M_TLS_BYTES_RX_KTLS : KT_M_TLS_BYTES_RX_USER,
                           (long long)t->msg_bytes);
-        if (t->n_relay_rcpts)
+        if (via_queue(t))
             kt_qmgr_submit(t->delivery);
-        for (unsigned i = 0; i < t->n_rcpts && !t->n_relay_rcpts; i++) {
+        for (unsigned i = 0; i < t->n_rcpts && !via_queue(t); i++) {
             const char *at = strrchr(r, '@');
             int virt = s->cfg->resolver && kt_resolve_class(s->cfg->resolver, at ? at + 1 : "") == KT_CLASS_VIRTUAL;
             kt_info_as(virt ? "virtual" : "local",
@@ -734,7 +831,7 @@ static void on_commit(void *arg, int res)
             kt_metric_observe(KT_H_DELIVERY, delay);
             r += strlen(r) + 1;
         }
-        if (!t->n_relay_rcpts)
+        if (!via_queue(t))
             kt_info_as("qmgr", "%s: removed", t->queue_id);
         if (s->state == KT_SS_BDAT)
             s->counts.bdat_ok++;
@@ -825,14 +922,19 @@ static void on_spool_open(void *arg, int res)
 static void start_spool(struct kt_session *s)
 {
     struct kt_smtpd_txn *t = s->txn;
-    if (t->n_relay_rcpts) {
+    if (via_queue(t)) {
         const char **list = kt_calloc(t->n_rcpts, sizeof(*list));
         const char *r = t->rcpts.data;
         for (unsigned i = 0; i < t->n_rcpts; i++, r += strlen(r) + 1)
             list[i] = r;
-        /* relay_accept keeps the envelope small enough for this never to be NULL */
+        struct kt_qprops props = {
+            .smtputf8 = t->smtputf8, .body = (enum kt_qbody)t->body, .ret = (enum kt_qret)t->ret,
+            .envid = t->envid[0] ? t->envid : NULL, .notify = t->rcpt_notify,
+            .orcpt = (const char *const *)t->rcpt_orcpt,
+        };
+        /* envelope_room keeps the envelope small enough for this never to be NULL */
         t->delivery = kt_queue_delivery_new(&s->worker->loop, s->rt->queue_directory, t->sender_full, list,
-                                            t->n_rcpts, s->cfg->myhostname, s->worker->id, t->queue_id);
+                                            t->n_rcpts, &props, s->cfg->myhostname, s->worker->id, t->queue_id);
         kt_free(list);
     }
     if (!t->delivery)

@@ -81,6 +81,17 @@ struct kt_smtpd_txn {
     char sender_full[520];                 /* completed (append_at_myorigin): what is queued and logged */
     struct timespec t_start;               /* MAIL time, for delay= */
     int body_8bit;                         /* BODY=8BITMIME or BINARYMIME */
+    /* message properties for the queue envelope (queue.h): SMTPUTF8, BODY=, RET=, ENVID= */
+    int smtputf8;
+    int body;                              /* enum kt_qbody */
+    int ret;                               /* enum kt_qret */
+    char envid[104];                       /* xtext as received (at most 100), "" = none */
+    /* per recipient, in the order of rcpts (NULL until a recipient has NOTIFY or ORCPT) */
+    unsigned *rcpt_notify;                 /* KT_QNOTIFY_* bits */
+    char **rcpt_orcpt;                     /* "addr-type;xtext" or NULL */
+    size_t rcpt_dsn_cap;                   /* entries in both */
+    size_t dsn_bytes;                      /* what NOTIFY and ORCPT add to the queue envelope */
+    int want_success;                      /* a recipient asked for NOTIFY=SUCCESS: through the queue */
     struct kt_buf rcpts;                   /* NUL-separated recipient addresses */
     unsigned n_rcpts;                      /* all accepted recipients, local and relayed */
     struct kt_buf relay_rcpts;             /* NUL-separated recipients to relay (handed over at end of data) */

@@ -384,15 +384,19 @@ static const struct {
     const char *name, *bad, *dup;
 } params[P_COUNT] = {
 #define PARAM(n) { #n, "501 5.5.4 Bad " #n " parameter value", "501 5.5.4 Duplicate " #n " parameter" }
-    PARAM(SIZE), PARAM(BODY), PARAM(SMTPUTF8), PARAM(AUTH), PARAM(RET), PARAM(ENVID), PARAM(NOTIFY),
-    PARAM(ORCPT),
+/* Postfix's smtpd words for the DSN parameters, one reply for a bad and a repeated value */
+#define DSN_PARAM(n, e) { #n, "501 5.5.4 " e "Bad " #n " parameter syntax", "501 5.5.4 " e "Bad " #n " parameter syntax" }
+    PARAM(SIZE), PARAM(BODY), PARAM(SMTPUTF8), PARAM(AUTH), DSN_PARAM(RET, ""), DSN_PARAM(ENVID, ""),
+    DSN_PARAM(NOTIFY, "Error: "), DSN_PARAM(ORCPT, "Error: "),
 #undef PARAM
+#undef DSN_PARAM
 };
 
 static _Thread_local char unsupported_reply[96];
 
 /* xtext (RFC 3461): chars 33..126 except '+' and '=', with '+' introducing two upper-case hex digits.
- * With utf8, raw UTF-8 is allowed too (RFC 6533 utf-8-addr-unitext). */
+ * With utf8, raw UTF-8 is allowed too (RFC 6533 utf-8-addr-unitext). An encoded control character
+ * (below 0x20, or DEL) is refused: the value would carry a line break into a queue file or a report. */
 static int valid_xtext(const char *s, size_t n, size_t max, int utf8)
 {
     size_t i = 0;
@@ -408,6 +412,8 @@ static int valid_xtext(const char *s, size_t n, size_t max, int utf8)
                 if (!is_digit(h) && !(h >= 'A' && h <= 'F'))
                     return 0;
             }
+            if (s[i + 1] < '2' || (s[i + 1] == '7' && s[i + 2] == 'F'))
+                return 0;
             i += 3;
         } else if (c >= 0x80 && utf8) {
             size_t step = utf8_len((const unsigned char *)s + i, n - i);
@@ -489,6 +495,7 @@ static int apply_param(int id, const char *v, size_t vl, struct kt_mail_params *
         }
         return 1;
     case P_BODY:
+        m->has_body = 1;
         if (ieq(v, vl, "7BIT"))
             m->body = KT_BODY_7BIT;
         else if (ieq(v, vl, "8BITMIME"))
@@ -506,12 +513,20 @@ static int apply_param(int id, const char *v, size_t vl, struct kt_mail_params *
         return m->ret != KT_RET_NONE;
     case P_ENVID:
         m->has_envid = 1;
+        m->envid = v;
+        m->envid_len = vl;
+        /* Postfix: the decoded value must be printable ASCII */
+        for (i = 0; i + 2 < vl; i++)
+            if (v[i] == '+' && v[i + 1] >= '8')
+                return 0;
         return valid_xtext(v, vl, 100, 0);
     case P_NOTIFY:
         r->has_notify = 1;
         return parse_notify(v, vl, &r->notify);
     default:    /* P_ORCPT */
         r->has_orcpt = 1;
+        r->orcpt = v;
+        r->orcpt_len = vl;
         return valid_orcpt(v, vl);
     }
 }

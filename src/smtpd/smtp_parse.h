@@ -46,15 +46,20 @@ enum { KT_NOTIFY_NEVER = 1, KT_NOTIFY_SUCCESS = 2, KT_NOTIFY_FAILURE = 4, KT_NOT
 struct kt_mail_params {
     long long size;       /* -1 if absent */
     enum kt_body_type body;
+    int has_body;         /* BODY= was given */
     int smtputf8;
     int has_auth;
     enum kt_dsn_ret ret;
     int has_envid;
+    const char *envid;    /* ENVID value (xtext, as received) inside the argument, envid_len bytes */
+    size_t envid_len;
 };
 struct kt_rcpt_params {
     int has_notify;
     int has_orcpt;
     unsigned notify;      /* KT_NOTIFY_* bits, 0 if absent */
+    const char *orcpt;    /* ORCPT value "addr-type;xtext" inside the argument, orcpt_len bytes */
+    size_t orcpt_len;
 };
 struct kt_smtp_path {
     char addr[513];       /* NUL-terminated */
@@ -72,6 +77,10 @@ struct kt_smtp_path {
  * SMTPUTF8 was requested is the caller's policy); local parts without a domain ("postmaster").
  * addr[] gets the address without brackets and route, "" for the null sender; at most 512 bytes.
  * ESMTP keywords are case-insensitive; MAIL knows SIZE BODY SMTPUTF8 AUTH RET ENVID, RCPT knows NOTIFY ORCPT.
+ * The DSN parameters (RFC 3461) get Postfix's replies, for a bad value and a repeated one alike:
+ * "501 5.5.4 Bad RET parameter syntax", "501 5.5.4 Bad ENVID parameter syntax" (xtext of at most 100
+ * characters that decodes to printable ASCII), "501 5.5.4 Error: Bad NOTIFY parameter syntax" and
+ * "501 5.5.4 Error: Bad ORCPT parameter syntax" (addr-type;xtext, no control character once decoded).
  * Returns NULL on success, or a reply line without CRLF. Replies are static strings, except
  * "555 5.5.4 Unsupported option: NAME", which lives in a per-thread buffer valid until the next call of
  * kt_smtp_parse_mail/kt_smtp_parse_rcpt on the same thread. *path and *p are unspecified after an error. */

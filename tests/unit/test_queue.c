@@ -229,30 +229,88 @@ static void test_dsn(void **state)
     const char hdrs[] = "Subject: hello\r\nMessage-Id: <1@x>\r\n";
     struct kt_dsn_rcpt r[2] = {
         { "bob@remote.test", "5.1.1 mx.remote.test[192.0.2.1]:25 host mx.remote.test[192.0.2.1]:25 said: 550 5.1.1 "
-                             "unknown user (in reply to RCPT TO command)" },
-        { "carol@remote.test", "5.4.7 - message expired: connection refused" },
+                             "unknown user (in reply to RCPT TO command)", NULL, NULL },
+        { "carol@remote.test", "5.4.7 - message expired: connection refused", "rfc822;c+2Bx@remote.test", NULL },
     };
-    char *t = kt_dsn_build(KT_DSN_FAILED, "relay.example", "ABC", "alice@example.test", 1000, r, 2, hdrs,
-                           strlen(hdrs), 0);
+    struct kt_dsn_msg msg = { .id = "ABC", .orig_sender = "alice@example.test", .arrival = 1000,
+                              .original = hdrs, .original_len = strlen(hdrs) };
+    char *t = kt_dsn_build(KT_DSN_FAILED, "relay.example", &msg, r, 2);
     assert_non_null(strstr(t, "To: alice@example.test\r\n"));
     assert_non_null(strstr(t, "Content-Type: multipart/report; report-type=delivery-status;"));
-    assert_non_null(strstr(t, "Reporting-MTA: dns; relay.example\r\n"));
+    assert_non_null(strstr(t, "Reporting-MTA: dns; relay.example\r\nX-Ktrelay-Queue-ID: ABC\r\n"));
+    assert_null(strstr(t, "Original-Envelope-Id"));
     assert_non_null(strstr(t, "Final-Recipient: rfc822; bob@remote.test\r\nOriginal-Recipient: rfc822;bob@remote.test\r\n"
                               "Action: failed\r\nStatus: 5.1.1\r\nRemote-MTA: dns; mx.remote.test\r\n"
                               "Diagnostic-Code: smtp; 550 5.1.1 unknown user\r\n"));
-    assert_non_null(strstr(t, "Final-Recipient: rfc822; carol@remote.test"));
+    /* the ORCPT given, its xtext decoded */
+    assert_non_null(strstr(t, "Final-Recipient: rfc822; carol@remote.test\r\nOriginal-Recipient: rfc822;c+x@remote.test\r\n"));
     assert_non_null(strstr(t, "Status: 5.4.7\r\n"));
-    assert_non_null(strstr(t, "Content-Type: text/rfc822-headers\r\n\r\nSubject: hello\r\nMessage-Id: <1@x>\r\n"));
+    assert_non_null(strstr(t, "Content-Description: Undelivered Message Headers\r\nContent-Type: text/rfc822-headers\r\n"
+                              "\r\nSubject: hello\r\nMessage-Id: <1@x>\r\n"));
     assert_null(strstr(t, "Will-Retry-Until"));
     /* every line ends in CRLF */
     for (char *p = strchr(t, '\n'); p; p = strchr(p + 1, '\n'))
         assert_int_equal(p[-1], '\r');
     kt_free(t);
-    t = kt_dsn_build(KT_DSN_DELAYED, "relay.example", "ABC", "alice@example.test", 1000, r, 1, hdrs, strlen(hdrs),
-                     5000);
+    msg.retry_until = 5000;
+    t = kt_dsn_build(KT_DSN_DELAYED, "relay.example", &msg, r, 1);
     assert_non_null(strstr(t, "Action: delayed\r\n"));
     assert_non_null(strstr(t, "Will-Retry-Until: "));
     kt_free(t);
+    /* the whole message, an ENVID with a control character encoded, a success notice */
+    const char whole[] = "Subject: hello\r\n\r\nbody line\r\n";
+    struct kt_dsn_msg full = { .id = "ABC", .orig_sender = "alice@example.test", .arrival = 1000,
+                               .envid = "QQ+2B1+0A", .original = whole, .original_len = strlen(whole), .full = 1 };
+    struct kt_dsn_rcpt ok = { "bob@example.test", "2.0.0 - delivered to maildir", NULL, "delivered" };
+    t = kt_dsn_build(KT_DSN_SUCCESS, "relay.example", &full, &ok, 1);
+    assert_non_null(strstr(t, "Subject: Successful Mail Delivery Report\r\n"));
+    assert_non_null(strstr(t, "Reporting-MTA: dns; relay.example\r\nOriginal-Envelope-Id: QQ+1?\r\n"));
+    assert_non_null(strstr(t, "Action: delivered\r\nStatus: 2.0.0\r\nDiagnostic-Code: X-Ktrelay; delivered to maildir\r\n"));
+    assert_non_null(strstr(t, "Content-Description: Message\r\nContent-Type: message/rfc822\r\n\r\n"
+                              "Subject: hello\r\n\r\nbody line\r\n"));
+    kt_free(t);
+}
+
+/* SMTPUTF8, BODY=, RET=, ENVID=, NOTIFY= and ORCPT= survive the queue file; a file without them loads as
+ * before. */
+static void test_props(void **state)
+{
+    const char *addrs[] = { "a@x.test", "b@x.test", "c@x.test" };
+    unsigned notify[] = { KT_QNOTIFY_SUCCESS | KT_QNOTIFY_DELAY, 0, KT_QNOTIFY_NEVER };
+    const char *orcpt[] = { "rfc822;A+2Bx@x.test", NULL, "utf-8;c@x.test" };
+    struct kt_qprops props = { .smtputf8 = 1, .body = KT_QBODY_8BITMIME, .ret = KT_QRET_HDRS, .envid = "ENV+2B1",
+                               .notify = notify, .orcpt = orcpt };
+    char id[KT_QUEUE_ID_MAX] = "";
+    struct kt_qmsg *m;
+    assert_int_equal(kt_queue_write_props(qdir, 1000, "s@x.test", addrs, 3, &props, "x\r\n", 3, id, sizeof(id)), 0);
+    assert_int_equal(kt_queue_load(qdir, id, &m), 0);
+    assert_int_equal(m->smtputf8, 1);
+    assert_int_equal(m->body, KT_QBODY_8BITMIME);
+    assert_int_equal(m->ret, KT_QRET_HDRS);
+    assert_string_equal(m->envid, "ENV+2B1");
+    assert_int_equal(m->n_rcpts, 3);
+    assert_int_equal(m->rcpts[0].notify, KT_QNOTIFY_SUCCESS | KT_QNOTIFY_DELAY);
+    assert_string_equal(m->rcpts[0].orcpt, "rfc822;A+2Bx@x.test");
+    assert_int_equal(m->rcpts[1].notify, 0);
+    assert_null(m->rcpts[1].orcpt);
+    assert_int_equal(m->rcpts[2].notify, KT_QNOTIFY_NEVER);
+    assert_string_equal(m->rcpts[2].orcpt, "utf-8;c@x.test");
+    assert_int_equal(m->body_len, 3);
+    /* requeue keeps them for the recipients it takes */
+    size_t idx[] = { 2 };
+    unsigned n2[1];
+    const char *o2[1];
+    struct kt_qprops p2;
+    kt_qmsg_props(m, idx, 1, n2, o2, &p2);
+    assert_int_equal(p2.notify[0], KT_QNOTIFY_NEVER);
+    assert_string_equal(p2.orcpt[0], "utf-8;c@x.test");
+    assert_string_equal(p2.envid, "ENV+2B1");
+    kt_qmsg_free(m);
+    char x[64];
+    kt_xtext_encode("a+b=c d\xc3\xa4", x, sizeof(x));
+    assert_string_equal(x, "a+2Bb+3Dc+20d+C3+A4");
+    kt_xtext_decode("a+2Bb+0Dc", x, sizeof(x));
+    assert_string_equal(x, "a+b?c");
 }
 
 int main(void)
@@ -265,6 +323,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_retire_as_spare, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_files, setup, teardown),
         cmocka_unit_test(test_dsn),
+        cmocka_unit_test_setup_teardown(test_props, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

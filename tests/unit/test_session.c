@@ -358,7 +358,7 @@ static void test_tls_required(void **state)
     assert_reply(c, "VRFY alice@example.test", MUST_STARTTLS);
     assert_reply(c, "EHLO client.example",
                  "250-mx.example.test\n250-PIPELINING\n250-SIZE 10240000\n250-VRFY\n250-STARTTLS\n"
-                 "250-ENHANCEDSTATUSCODES\n250-8BITMIME\n250-SMTPUTF8\n250 CHUNKING");
+                 "250-ENHANCEDSTATUSCODES\n250-8BITMIME\n250-DSN\n250-SMTPUTF8\n250 CHUNKING");
     assert_reply(c, "MAIL FROM:<a@example.org>", MUST_STARTTLS);
     assert_reply(c, "RCPT TO:<alice@example.test>", MUST_STARTTLS);
     assert_reply(c, "DATA", MUST_STARTTLS);
@@ -381,7 +381,7 @@ static void test_tls_required(void **state)
     assert_reply(c, "VRFY alice@example.test", "252 2.0.0 alice@example.test");
     assert_reply(c, "EHLO client.example",
                  "250-mx.example.test\n250-PIPELINING\n250-SIZE 10240000\n250-VRFY\n250-AUTH PLAIN LOGIN\n"
-                 "250-ENHANCEDSTATUSCODES\n250-8BITMIME\n250-SMTPUTF8\n250 CHUNKING");
+                 "250-ENHANCEDSTATUSCODES\n250-8BITMIME\n250-DSN\n250-SMTPUTF8\n250 CHUNKING");
     assert_reply(c, "MAIL FROM:<a@example.org>", "250 2.1.0 Ok");
     assert_non_null(session_of(c)->txn);
     assert_reply(c, "STARTTLS", "554 5.5.1 Error: TLS already active");
@@ -428,7 +428,7 @@ static void test_transaction(void **state)
     assert_null(session_of(c)->txn);
     assert_reply(c, "EHLO client.example",
                  "250-mx.example.test\n250-PIPELINING\n250-SIZE 10240000\n250-VRFY\n250-STARTTLS\n"
-                 "250-AUTH PLAIN LOGIN\n250-ENHANCEDSTATUSCODES\n250-8BITMIME\n250-SMTPUTF8\n250 CHUNKING");
+                 "250-AUTH PLAIN LOGIN\n250-ENHANCEDSTATUSCODES\n250-8BITMIME\n250-DSN\n250-SMTPUTF8\n250 CHUNKING");
     assert_reply(c, "MAIL FROM:<a@example.org>", "250 2.1.0 Ok");
     struct kt_smtpd_txn *t = session_of(c)->txn;
     assert_non_null(t);

@@ -288,7 +288,16 @@ static void test_mail_params(void **state)
     assert_int_equal(p.has_auth, 1);
     assert_int_equal(p.ret, KT_RET_HDRS);
     assert_int_equal(p.has_envid, 1);
+    assert_int_equal(p.envid_len, 6);
+    assert_memory_equal(p.envid, "QQ+2Bx", 6);
     assert_int_equal(p.size, -1);
+    assert_int_equal(p.has_body, 0);
+    /* the decoded ENVID is printable ASCII; no xtext value may decode to a control character */
+    expect_mail_err("FROM:<a@b.c> ENVID=a+0Ab", "501 5.5.4 Bad ENVID parameter syntax");
+    expect_mail_err("FROM:<a@b.c> ENVID=a+C3+A4", "501 5.5.4 Bad ENVID parameter syntax");
+    expect_mail_err("FROM:<a@b.c> ENVID=a+7F", "501 5.5.4 Bad ENVID parameter syntax");
+    expect_mail_err("FROM:<a@b.c> RET=HDRS RET=HDRS", "501 5.5.4 Bad RET parameter syntax");
+    expect_mail_err("FROM:<a@b.c> ENVID=a ENVID=a", "501 5.5.4 Bad ENVID parameter syntax");
     assert_null(mail("FROM:<a@b.c> AUTH=user+2Bx@example.com RET=FULL", &path, &p));
     assert_int_equal(p.ret, KT_RET_FULL);
 
@@ -301,13 +310,13 @@ static void test_mail_params(void **state)
     expect_mail_err("FROM:<a@b.c> BODY=8BIT", "501 5.5.4 Bad BODY parameter value");
     expect_mail_err("FROM:<a@b.c> BODY", "501 5.5.4 Bad BODY parameter value");
     expect_mail_err("FROM:<a@b.c> SMTPUTF8=yes", "501 5.5.4 Bad SMTPUTF8 parameter value");
-    expect_mail_err("FROM:<a@b.c> RET=ALL", "501 5.5.4 Bad RET parameter value");
+    expect_mail_err("FROM:<a@b.c> RET=ALL", "501 5.5.4 Bad RET parameter syntax");
     expect_mail_err("FROM:<a@b.c> AUTH=a+2", "501 5.5.4 Bad AUTH parameter value");
     expect_mail_err("FROM:<a@b.c> AUTH=a+zz", "501 5.5.4 Bad AUTH parameter value");
     expect_mail_err("FROM:<a@b.c> AUTH=\xc3\xa4", "501 5.5.4 Bad AUTH parameter value");
-    expect_mail_err("FROM:<a@b.c> ENVID=a=b", "501 5.5.4 Bad ENVID parameter value");
+    expect_mail_err("FROM:<a@b.c> ENVID=a=b", "501 5.5.4 Bad ENVID parameter syntax");
     expect_mail_err("FROM:<a@b.c> ENVID=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
-                    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxx", "501 5.5.4 Bad ENVID parameter value");
+                    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxx", "501 5.5.4 Bad ENVID parameter syntax");
 
     expect_mail_err("FROM:<a@b.c> FOO", "555 5.5.4 Unsupported option: FOO");
     expect_mail_err("FROM:<a@b.c> SIZE=1 X-Thing=1", "555 5.5.4 Unsupported option: X-Thing");
@@ -441,6 +450,9 @@ static void test_rcpt(void **state)
     assert_int_equal(p.has_notify, 1);
     assert_int_equal(p.notify, KT_NOTIFY_SUCCESS | KT_NOTIFY_FAILURE | KT_NOTIFY_DELAY);
     assert_int_equal(p.has_orcpt, 1);
+    assert_int_equal(p.orcpt_len, strlen("rfc822;a+40b.c"));
+    assert_memory_equal(p.orcpt, "rfc822;a+40b.c", p.orcpt_len);
+    expect_rcpt_err("TO:<a@b.c> ORCPT=rfc822;a+0D+0Ab", "501 5.5.4 Error: Bad ORCPT parameter syntax");
     assert_null(rcpt("TO:<a@b.c> notify=never", &path, &p));
     assert_int_equal(p.notify, KT_NOTIFY_NEVER);
     assert_null(rcpt("TO:<\xc3\xa4@b.c> ORCPT=utf-8;\xc3\xa4@b.c", &path, &p));
@@ -457,17 +469,17 @@ static void test_rcpt(void **state)
     expect_rcpt_err("TO:Joe <a@b.c>", RCPT_SYNTAX);
     expect_rcpt_err("TO:<a@b.c> SIZE=1", "555 5.5.4 Unsupported option: SIZE");
     expect_rcpt_err("TO:<a@b.c> BODY=8BITMIME", "555 5.5.4 Unsupported option: BODY");
-    expect_rcpt_err("TO:<a@b.c> NOTIFY=NEVER,SUCCESS", "501 5.5.4 Bad NOTIFY parameter value");
-    expect_rcpt_err("TO:<a@b.c> NOTIFY=", "501 5.5.4 Bad NOTIFY parameter value");
-    expect_rcpt_err("TO:<a@b.c> NOTIFY=SUCCESS,", "501 5.5.4 Bad NOTIFY parameter value");
-    expect_rcpt_err("TO:<a@b.c> NOTIFY=,SUCCESS", "501 5.5.4 Bad NOTIFY parameter value");
-    expect_rcpt_err("TO:<a@b.c> NOTIFY=SOMETIMES", "501 5.5.4 Bad NOTIFY parameter value");
-    expect_rcpt_err("TO:<a@b.c> NOTIFY=DELAY NOTIFY=DELAY", "501 5.5.4 Duplicate NOTIFY parameter");
-    expect_rcpt_err("TO:<a@b.c> ORCPT=a@b.c", "501 5.5.4 Bad ORCPT parameter value");
-    expect_rcpt_err("TO:<a@b.c> ORCPT=;a@b.c", "501 5.5.4 Bad ORCPT parameter value");
-    expect_rcpt_err("TO:<a@b.c> ORCPT=rfc822;", "501 5.5.4 Bad ORCPT parameter value");
-    expect_rcpt_err("TO:<a@b.c> ORCPT=rfc822;\xc3\xa4@b.c", "501 5.5.4 Bad ORCPT parameter value");
-    expect_rcpt_err("TO:<a@b.c> ORCPT=rfc822;a ORCPT=rfc822;b", "501 5.5.4 Duplicate ORCPT parameter");
+    expect_rcpt_err("TO:<a@b.c> NOTIFY=NEVER,SUCCESS", "501 5.5.4 Error: Bad NOTIFY parameter syntax");
+    expect_rcpt_err("TO:<a@b.c> NOTIFY=", "501 5.5.4 Error: Bad NOTIFY parameter syntax");
+    expect_rcpt_err("TO:<a@b.c> NOTIFY=SUCCESS,", "501 5.5.4 Error: Bad NOTIFY parameter syntax");
+    expect_rcpt_err("TO:<a@b.c> NOTIFY=,SUCCESS", "501 5.5.4 Error: Bad NOTIFY parameter syntax");
+    expect_rcpt_err("TO:<a@b.c> NOTIFY=SOMETIMES", "501 5.5.4 Error: Bad NOTIFY parameter syntax");
+    expect_rcpt_err("TO:<a@b.c> NOTIFY=DELAY NOTIFY=DELAY", "501 5.5.4 Error: Bad NOTIFY parameter syntax");
+    expect_rcpt_err("TO:<a@b.c> ORCPT=a@b.c", "501 5.5.4 Error: Bad ORCPT parameter syntax");
+    expect_rcpt_err("TO:<a@b.c> ORCPT=;a@b.c", "501 5.5.4 Error: Bad ORCPT parameter syntax");
+    expect_rcpt_err("TO:<a@b.c> ORCPT=rfc822;", "501 5.5.4 Error: Bad ORCPT parameter syntax");
+    expect_rcpt_err("TO:<a@b.c> ORCPT=rfc822;\xc3\xa4@b.c", "501 5.5.4 Error: Bad ORCPT parameter syntax");
+    expect_rcpt_err("TO:<a@b.c> ORCPT=rfc822;a ORCPT=rfc822;b", "501 5.5.4 Error: Bad ORCPT parameter syntax");
 }
 
 static void test_unsupported_name(void **state)

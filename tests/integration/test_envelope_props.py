@@ -1,0 +1,313 @@
+"""Message properties carried through the queue: SMTPUTF8 (RFC 6531), BODY= (RFC 6152) and the DSN
+parameters RET, ENVID, NOTIFY and ORCPT (RFC 3461), from the SMTP server through the queue file to the
+SMTP client, and honoured by ktrelay's own notifications (RFC 3464). Two next hops run by the test record
+the exact commands they receive: one offers SMTPUTF8, 8BITMIME and DSN, the other none of them."""
+import re
+import signal
+import socket
+import threading
+
+import pytest
+
+from conftest import SmtpConn, free_port
+from test_relay import RELAY_CF, Node, wait_for
+
+
+class Hop:
+    """A next hop on a loopback port: answers every command, records each command line exactly (UTF-8
+    kept), and the bodies it received. ehlo: the keywords it announces. A RCPT for an address that starts
+    with "reject" gets 550."""
+
+    def __init__(self, ehlo, port=None):
+        self.ehlo = list(ehlo)
+        self.port = port or free_port()
+        self.commands = []
+        self.bodies = []
+        self.lock = threading.Lock()
+        self.sock = None
+
+    def start(self):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", self.port))
+        self.sock.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self):
+        if self.sock:
+            self.sock.close()
+            self.sock = None
+
+    def _accept(self):
+        sock = self.sock
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        f = conn.makefile("rb")
+        out = conn.makefile("wb")
+
+        def say(text):
+            out.write(text.encode() + b"\r\n")
+            out.flush()
+
+        try:
+            say("220 hop.test ESMTP")
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                cmd = line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+                with self.lock:
+                    self.commands.append(cmd)
+                verb = cmd.split(" ", 1)[0].upper()
+                if verb == "EHLO":
+                    kws = ["hop.test", *self.ehlo]
+                    say("\r\n".join(f"250{'-' if i + 1 < len(kws) else ' '}{k}" for i, k in enumerate(kws)))
+                elif verb == "RCPT":
+                    say("550 5.1.1 Recipient address rejected" if cmd[9:].startswith("reject") else "250 2.1.5 Ok")
+                elif verb == "DATA":
+                    say("354 go ahead")
+                    body = b""
+                    while True:
+                        chunk = f.readline()
+                        if chunk in (b".\r\n", b""):
+                            break
+                        body += chunk
+                    with self.lock:
+                        self.bodies.append(body)
+                    say("250 2.0.0 Ok: queued as HOP1")
+                elif verb == "BDAT":
+                    body = f.read(int(cmd.split()[1]))
+                    with self.lock:
+                        self.bodies.append(body)
+                    say("250 2.0.0 Ok: queued as HOP1")
+                elif verb == "QUIT":
+                    say("221 2.0.0 Bye")
+                    return
+                else:
+                    say("250 2.0.0 Ok")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def mail_rcpt(self):
+        """The MAIL and RCPT commands received so far, in order."""
+        with self.lock:
+            return [c for c in self.commands if c[:4].upper() in ("MAIL", "RCPT")]
+
+
+FULL = ("PIPELINING", "SIZE 10240000", "8BITMIME", "DSN", "SMTPUTF8")
+NONE = ("PIPELINING",)
+
+
+@pytest.fixture
+def hops():
+    made = []
+
+    def make(ehlo, port=None):
+        h = Hop(ehlo, port)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.stop()
+
+
+@pytest.fixture
+def node(tmp_path):
+    made = []
+
+    def make(full, bare, extra=""):
+        cf = (RELAY_CF + "mynetworks = 127.0.0.0/8\n"
+              f"transport_maps = inline:{{ full.test=smtp:[127.0.0.1]:{full.port}, "
+              f"bare.test=smtp:[127.0.0.1]:{bare.port} }}\n" + extra)
+        n = Node(tmp_path / "node", cf)
+        made.append(n)
+        return n.start()
+
+    yield make
+    for n in made:
+        if n.r and n.r.proc.poll() is None:
+            n.stop()
+
+
+def submit(n, mail, rcpts, body):
+    """One transaction over SMTP from a permitted client: MAIL and RCPT lines as given; the queue id."""
+    c = SmtpConn(n.r.port())
+    c.ehlo()
+    c.cmd(mail, 250)
+    for r in rcpts:
+        c.cmd(r, 250)
+    c.cmd("DATA", 354)
+    c.send(body + b".\r\n")
+    reply = c.expect(250)
+    c.quit()
+    return re.search(r"queued as ([0-9A-F]+)", reply).group(1)
+
+
+def notices(n, box="example.test/alice/"):
+    return [p.read_bytes().decode(errors="replace") for p in n.r.maildir_files(box)]
+
+
+ASCII_BODY = b"Subject: plain\r\nMessage-Id: <p1@example.test>\r\n\r\nbody line one\r\n"
+UTF8_BODY = "Subject: Grüße\r\nMessage-Id: <u1@example.test>\r\n\r\nbody text ü\r\n".encode()
+
+
+def test_server_announces_dsn_and_refuses_bad_parameters(node, hops):
+    n = node(hops(FULL), hops(NONE))
+    c = SmtpConn(n.r.port())
+    lines = c.ehlo()
+    assert lines[-5:] == ["250-ENHANCEDSTATUSCODES", "250-8BITMIME", "250-DSN", "250-SMTPUTF8", "250 CHUNKING"]
+    assert c.cmd("MAIL FROM:<alice@example.test> RET=BODY") == "501 5.5.4 Bad RET parameter syntax"
+    assert c.cmd("MAIL FROM:<alice@example.test> RET=HDRS RET=FULL") == "501 5.5.4 Bad RET parameter syntax"
+    assert c.cmd("MAIL FROM:<alice@example.test> ENVID=a+0Ab") == "501 5.5.4 Bad ENVID parameter syntax"
+    c.cmd("MAIL FROM:<alice@example.test> RET=HDRS ENVID=x", 250)
+    assert c.cmd("RCPT TO:<bob@full.test> NOTIFY=NEVER,DELAY") == "501 5.5.4 Error: Bad NOTIFY parameter syntax"
+    assert c.cmd("RCPT TO:<bob@full.test> ORCPT=bob@full.test") == "501 5.5.4 Error: Bad ORCPT parameter syntax"
+    c.cmd("RCPT TO:<bob@full.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;bob@full.test", 250)
+    c.quit()
+
+
+def test_discarded_dsn_keyword(tmp_path, hops):
+    full, bare = hops(FULL), hops(NONE)
+    cf = (RELAY_CF + "mynetworks = 127.0.0.0/8\nsmtpd_discard_ehlo_keywords = dsn, SMTPUTF8\n")
+    n = Node(tmp_path / "node", cf).start()
+    try:
+        c = SmtpConn(n.r.port())
+        lines = c.ehlo()
+        assert "250-DSN" not in lines and "250-SMTPUTF8" not in lines and lines[-1] == "250 CHUNKING"
+        assert c.cmd("MAIL FROM:<alice@example.test> RET=HDRS") == "501 5.7.1 DSN support is disabled"
+        assert c.cmd("MAIL FROM:<alice@example.test> SMTPUTF8") == "555 5.5.4 Unsupported option: SMTPUTF8"
+        c.cmd("MAIL FROM:<alice@example.test>", 250)
+        assert c.cmd("RCPT TO:<bob@example.test> NOTIFY=NEVER") == "501 5.7.1 DSN support is disabled"
+        c.quit()
+    finally:
+        n.stop()
+
+
+def test_properties_sent_on_to_a_hop_that_offers_them(node, hops):
+    full = hops(FULL).start()
+    n = node(full, hops(NONE))
+    qid = submit(n, "MAIL FROM:<jörg@example.org> BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=QQ+2B1",
+                 ["RCPT TO:<bob@full.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+40orig.test",
+                  "RCPT TO:<carol@full.test>", "RCPT TO:<dave@full.test> NOTIFY=NEVER"], UTF8_BODY)
+    assert n.wait_log(rf"{qid}: removed"), n.log()
+    got = full.mail_rcpt()
+    assert re.fullmatch(r"MAIL FROM:<jörg@example\.org> SIZE=\d+ BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=QQ\+2B1",
+                        got[0]), got
+    assert got[1:] == ["RCPT TO:<bob@full.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+40orig.test",
+                       "RCPT TO:<carol@full.test> ORCPT=rfc822;carol@full.test",
+                       "RCPT TO:<dave@full.test> NOTIFY=NEVER ORCPT=rfc822;dave@full.test"]
+    assert "Grüße".encode() in full.bodies[0]
+    # the hop offers DSN: reporting success is its job, not ktrelay's
+    assert "notification" not in n.log()
+
+
+def test_hop_without_extensions(node, hops):
+    """SMTPUTF8 needed (UTF-8 in the envelope or the headers) and not offered: 5.6.7 bounce, nothing sent.
+    SMTPUTF8 asked for but not needed: sent without it. An 8-bit body goes as it is (Postfix). DSN
+    parameters are dropped; NOTIFY=SUCCESS gets ktrelay's own "relayed" notice."""
+    bare = hops(NONE).start()
+    n = node(hops(FULL), bare)
+    q1 = submit(n, "MAIL FROM:<alice@example.test> SMTPUTF8", ["RCPT TO:<jörg@bare.test>"], ASCII_BODY)
+    assert n.wait_log(rf"{q1}: to=<jörg@bare.test>, relay=127.0.0.1\[127.0.0.1\]:{bare.port}, delay=\d+, "
+                      rf"dsn=5\.6\.7, status=bounced \(SMTPUTF8 is required, but was not offered by host "
+                      rf"127\.0\.0\.1\[127\.0\.0\.1\]\)"), n.log()
+    q2 = submit(n, "MAIL FROM:<alice@example.test> SMTPUTF8", ["RCPT TO:<bob@bare.test>"], UTF8_BODY)
+    assert n.wait_log(rf"{q2}: to=<bob@bare.test>, .*dsn=5\.6\.7, status=bounced \(SMTPUTF8 is required"), n.log()
+    assert bare.mail_rcpt() == []
+    assert n.wait_log(rf"{q1}: sender non-delivery notification") and n.wait_log(rf"{q2}: sender non-delivery")
+    q3 = submit(n, "MAIL FROM:<alice@example.test> SMTPUTF8 BODY=8BITMIME RET=FULL ENVID=E3",
+                ["RCPT TO:<carol@bare.test> NOTIFY=SUCCESS ORCPT=rfc822;c+2Bx@orig.test"],
+                b"Subject: plain\r\n\r\n8-bit body \xc3\xbc\r\n")
+    assert n.wait_log(rf"{q3}: to=<carol@bare.test>, .*status=sent"), n.log()
+    assert bare.mail_rcpt() == ["MAIL FROM:<alice@example.test>", "RCPT TO:<carol@bare.test>"]
+    assert b"8-bit body \xc3\xbc" in bare.bodies[0]
+    assert n.wait_log(rf"{q3}: sender delivery status notification: [0-9A-F]+"), n.log()
+    texts = wait_for(lambda: len(notices(n)) == 3 and notices(n))
+    utf8 = [t for t in texts if "SMTPUTF8 is required" in t]
+    assert len(utf8) == 2
+    assert all("Status: 5.6.7\r\n" in t and "Action: failed" in t for t in utf8)
+    ok = [t for t in texts if "Successful Mail Delivery Report" in t]
+    assert len(ok) == 1
+    assert "Original-Envelope-Id: E3\r\n" in ok[0]
+    assert ("Final-Recipient: rfc822; carol@bare.test\r\nOriginal-Recipient: rfc822;c+x@orig.test\r\n"
+            "Action: relayed\r\nStatus: 2.0.0\r\nRemote-MTA: dns; 127.0.0.1\r\n"
+            "Diagnostic-Code: smtp; 250 2.0.0 Ok: queued as HOP1\r\n") in ok[0]
+    # a success notice returns the headers only
+    assert "Content-Type: text/rfc822-headers" in ok[0] and "8-bit body" not in ok[0]
+
+
+def test_notify_and_ret_in_notices(node, hops):
+    """NOTIFY=NEVER: no bounce. No NOTIFY: the bounce returns the whole message; RET=HDRS: its headers
+    only. ENVID and ORCPT in the delivery-status part. NOTIFY=SUCCESS on a local recipient: "delivered"."""
+    full = hops(FULL).start()
+    n = node(full, hops(NONE))
+    q1 = submit(n, "MAIL FROM:<alice@example.test>", ["RCPT TO:<reject1@full.test> NOTIFY=NEVER"], ASCII_BODY)
+    assert n.wait_log(rf"{q1}: to=<reject1@full.test>, .*status=bounced"), n.log()
+    assert n.wait_log(rf"{q1}: removed")
+    q2 = submit(n, "MAIL FROM:<alice@example.test> ENVID=ENV+2B2", ["RCPT TO:<reject2@full.test>"], ASCII_BODY)
+    q3 = submit(n, "MAIL FROM:<alice@example.test> RET=HDRS ENVID=ENV3",
+                ["RCPT TO:<reject3@full.test> NOTIFY=FAILURE ORCPT=rfc822;x+40orig.test"], ASCII_BODY)
+    q4 = submit(n, "MAIL FROM:<alice@example.test>", ["RCPT TO:<bob@example.test> NOTIFY=SUCCESS"], ASCII_BODY)
+    for q in (q2, q3, q4):
+        assert n.wait_log(rf"{q}: removed"), n.log()
+    assert not re.search(rf"{q1}: sender .*notification", n.log())
+    assert n.wait_log(rf"{q4}: to=<bob@example.test>, relay=virtual, .*status=sent")
+    assert n.wait_log(rf"{q4}: sender delivery status notification")
+    texts = wait_for(lambda: len(notices(n)) == 3 and notices(n))
+    by = {q: [t for t in texts if f"X-Ktrelay-Queue-ID: {q}\r\n" in t] for q in (q1, q2, q3, q4)}
+    assert by[q1] == []
+    full2, = by[q2]
+    assert "Original-Envelope-Id: ENV+2\r\n" in full2
+    assert "Content-Description: Undelivered Message\r\nContent-Type: message/rfc822\r\n" in full2
+    assert "body line one" in full2
+    hdrs3, = by[q3]
+    assert "Original-Envelope-Id: ENV3\r\n" in hdrs3
+    assert "Final-Recipient: rfc822; reject3@full.test\r\nOriginal-Recipient: rfc822;x@orig.test\r\n" in hdrs3
+    assert "Content-Type: text/rfc822-headers" in hdrs3 and "Subject: plain" in hdrs3
+    assert "body line one" not in hdrs3
+    ok4, = by[q4]
+    assert ("Final-Recipient: rfc822; bob@example.test\r\nOriginal-Recipient: rfc822;bob@example.test\r\n"
+            "Action: delivered\r\nStatus: 2.0.0\r\n") in ok4
+    assert len(n.r.maildir_files("example.test/bob/")) == 1
+
+
+def test_delay_warning_follows_notify(node, hops):
+    """DELAY governs the delay warning: a recipient with NOTIFY=FAILURE is left out of it."""
+    full = hops(FULL)                  # not started: every attempt is deferred
+    n = node(full, hops(NONE), "delay_warning_time = 1s\n")
+    qid = submit(n, "MAIL FROM:<alice@example.test>",
+                 ["RCPT TO:<bob@full.test> NOTIFY=FAILURE", "RCPT TO:<carol@full.test>"], ASCII_BODY)
+    assert n.wait_log(rf"{qid}: sender delay notification: [0-9A-F]+"), n.log()
+    warn, = wait_for(lambda: notices(n))
+    assert "Final-Recipient: rfc822; carol@full.test" in warn and "Action: delayed" in warn
+    assert "bob@full.test" not in warn
+
+
+def test_queue_file_keeps_properties_across_kill_9(node, hops):
+    full = hops(FULL)                  # down at first
+    n = node(full, hops(NONE))
+    qid = submit(n, "MAIL FROM:<alice@example.test> BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=K9",
+                 ["RCPT TO:<jörg@full.test> NOTIFY=SUCCESS,DELAY ORCPT=utf-8;jörg@orig.test"], UTF8_BODY)
+    assert n.wait_log(rf"{qid}: to=<jörg@full.test>, .*status=deferred"), n.log()
+    text = (n.d / "queue" / "new" / qid).read_bytes()
+    env = text.split(b"body\n", 1)[0].decode()
+    assert ("smtputf8 1\nencoding 8BITMIME\nret HDRS\nenvid K9\n"
+            "rcpt jörg@full.test\nnotify SUCCESS,DELAY\norcpt utf-8;jörg@orig.test\n") in env
+    n.stop(sig=signal.SIGKILL)
+    full.start()
+    n.start()
+    assert n.wait_log(rf"{qid}: to=<jörg@full.test>, .*status=sent"), n.log()
+    got = full.mail_rcpt()
+    assert re.fullmatch(r"MAIL FROM:<alice@example\.test> SIZE=\d+ BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=K9",
+                        got[0]), got
+    assert got[1:] == ["RCPT TO:<jörg@full.test> NOTIFY=SUCCESS,DELAY ORCPT=utf-8;jörg@orig.test"]
