@@ -766,7 +766,7 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         rcpt_accepted(s);
         return;
     }
-    if ((p.has_notify || p.has_orcpt || t->n_relay_rcpts) && !envelope_room(t, path.addr_len, &p)) {
+    if ((p.has_notify || p.has_orcpt || via_queue(t)) && !envelope_room(t, path.addr_len, &p)) {
         too_many_recipients(s);
         return;
     }
