@@ -7,7 +7,10 @@
  * ("<>" is the null sender), -F full name (for a From: header that is
  * missing), -C / -c configuration directory, -v (log lines on stderr too),
  * -bm (the default: submit), -bp (list the queue, like mailq), -bs (SMTP on
- * stdin/stdout), -bi (newaliases), -q (flush the queue). -B, -N, -R, -V, -X,
+ * stdin/stdout), -bi (newaliases), -q (flush the queue), and the DSN requests
+ * of Postfix's sendmail: -N never | success,delay,failure (NOTIFY for every
+ * recipient), -R hdrs | full (RET), -V envid (ENVID, printable ASCII of at
+ * most 100 characters; stored as xtext). -B, -X,
  * -h, -L, -m, -n, -U and other -o options are accepted and ignored, as
  * Postfix's sendmail ignores most of them; -bd, -bD, -bh, -bH, -bl, -bv are
  * refused.
@@ -290,6 +293,9 @@ struct submit_ctx {
     char *origin;
     const char *fullname;
     int extract;             /* -t */
+    unsigned notify;         /* -N: KT_QNOTIFY_* for every recipient, 0 = none */
+    enum kt_qret ret;        /* -R */
+    const char *envid;       /* -V, as xtext; NULL = none */
     int verbose;
 };
 
@@ -311,7 +317,8 @@ static int write_all(int fd, const void *p, size_t n)
 
 /* maildrop/NAME: the envelope and the message, written under ".NAME" and
  * renamed once complete and on disk. */
-static int drop(const char *qdir, const char *sender, struct rcpt_list *r, const char *msg, size_t len)
+static int drop(const char *qdir, const char *sender, struct rcpt_list *r, const struct kt_qprops *props,
+                const char *msg, size_t len)
 {
     unsigned char rnd[16];
     char name[40], tmp[PATH_MAX], dst[PATH_MAX];
@@ -325,7 +332,7 @@ static int drop(const char *qdir, const char *sender, struct rcpt_list *r, const
     if (fd < 0)
         return -errno;
     /* the pickup does not take a maildrop file's word for it (a local user wrote it): not marked canonical */
-    char *env = kt_queue_envelope(sender, (const char *const *)r->v, r->n, time(NULL), -1, 0, NULL);
+    char *env = kt_queue_envelope(sender, (const char *const *)r->v, r->n, time(NULL), -1, 0, props);
     int rc = write_all(fd, env, strlen(env));
     kt_free(env);
     if (rc == 0)
@@ -422,9 +429,14 @@ static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list
     kt_buf_append(&msg, b + hlen, blen - hlen);
     kt_buf_release(&added);
 
+    /* -N, -R, -V */
+    unsigned *notify = c->notify ? kt_calloc(rcpts->n, sizeof(*notify)) : NULL;
+    for (size_t i = 0; notify && i < rcpts->n; i++)
+        notify[i] = c->notify;
+    struct kt_qprops props = { .ret = c->ret, .envid = c->envid, .notify = notify };
     if (direct) {
-        int w = kt_queue_write(c->qdir, sender, (const char *const *)rcpts->v, rcpts->n, msg.data,
-                               kt_buf_used(&msg), id, sizeof(id));
+        int w = kt_queue_write_props(c->qdir, time(NULL), sender, (const char *const *)rcpts->v, rcpts->n, &props,
+                                     msg.data, kt_buf_used(&msg), id, sizeof(id));
         if (w < 0) {
             fprintf(stderr, "sendmail: cannot queue the message in %s: %s\n", c->qdir, strerror(-w));
             rc = w == -EACCES || w == -EPERM ? EX_NOPERM : EX_TEMPFAIL;
@@ -433,7 +445,7 @@ static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list
             kt_queue_notify(c->qdir, id);
         }
     } else {
-        int w = drop(c->qdir, sender, rcpts, msg.data, kt_buf_used(&msg));
+        int w = drop(c->qdir, sender, rcpts, &props, msg.data, kt_buf_used(&msg));
         if (w == -ENOENT) {
             fprintf(stderr, "sendmail: %s/maildrop does not exist: start the ktrelay daemon once on this "
                     "queue_directory (it creates maildrop/ for local users)\n", c->qdir);
@@ -446,6 +458,7 @@ static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list
         }
     }
     kt_buf_release(&msg);
+    kt_free(notify);
 out:
     kt_free(sender);
     return rc;
@@ -588,6 +601,9 @@ int kt_queue_cli_sendmail(int argc, char **argv)
 {
     const char *dir = NULL, *sender = NULL, *fullname = NULL, *mode = "m";
     int ignore_dots = 0, extract = 0, verbose = 0, flush = 0, opt;
+    unsigned notify = 0;
+    enum kt_qret ret = KT_QRET_NONE;
+    char envid[304] = "";
     optind = 0;
     /* "+": stop at the first recipient, as sendmail does (an address is never an option) */
     while ((opt = getopt(argc, argv, "+B:C:c:F:f:h:iL:mN:no:q::R:r:tUV:vX:b:")) != -1) {
@@ -603,7 +619,35 @@ int kt_queue_cli_sendmail(int argc, char **argv)
         case 'v': verbose = 1; kt_log_set_debug(1); break;
         case 'q': flush = 1; break;
         case 'b': mode = optarg; break;
-        case 'B': case 'h': case 'L': case 'm': case 'N': case 'n': case 'R': case 'U': case 'V': case 'X':
+        case 'N':
+            /* RFC 3461 NOTIFY for every recipient; Postfix's sendmail refuses a bad list */
+            if (!(notify = kt_notify_parse(optarg))) {
+                fprintf(stderr, "sendmail: bad -N option value \"%s\" (never, or success, delay, failure)\n", optarg);
+                return EX_USAGE;
+            }
+            break;
+        case 'R':
+            if (!strcasecmp(optarg, "hdrs"))
+                ret = KT_QRET_HDRS;
+            else if (!strcasecmp(optarg, "full"))
+                ret = KT_QRET_FULL;
+            else {
+                fprintf(stderr, "sendmail: bad -R option value \"%s\" (hdrs or full)\n", optarg);
+                return EX_USAGE;
+            }
+            break;
+        case 'V': {
+            int ok = *optarg && strlen(optarg) <= 100;
+            for (const char *v = optarg; ok && *v; v++)
+                ok = (unsigned char)*v >= 0x20 && (unsigned char)*v <= 0x7e;
+            if (!ok) {
+                fprintf(stderr, "sendmail: -V needs an envelope id of printable ASCII, at most 100 characters\n");
+                return EX_USAGE;
+            }
+            kt_xtext_encode(optarg, envid, sizeof(envid));
+            break;
+        }
+        case 'B': case 'h': case 'L': case 'm': case 'n': case 'U': case 'X':
             break;   /* accepted and ignored, as Postfix's sendmail ignores most of these */
         default:
             fprintf(stderr, "usage: sendmail [-t] [-i] [-f sender] [-F name] [-C dir] [-bm|-bp|-bs|-bi] [-q] "
@@ -649,6 +693,9 @@ int kt_queue_cli_sendmail(int argc, char **argv)
         .fullname = fullname,
         .extract = extract,
         .verbose = verbose,
+        .notify = notify,
+        .ret = ret,
+        .envid = envid[0] ? envid : NULL,
     };
     int rc;
     if (!strcmp(mode, "s")) {

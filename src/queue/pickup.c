@@ -44,9 +44,16 @@ static int clean_addr(const char *s, size_t n)
     return 1;
 }
 
+/* The DSN requests sendmail -N, -R and -V wrote (a local user's file: checked like an SMTP client's). */
+struct drop_props {
+    struct kt_qprops props;
+    unsigned *notify;             /* per recipient, or NULL */
+};
+
 /* Envelope lines up to "body\n"; fills sender and rcpts (pointers into the
- * NUL-terminated copy in *env). Returns the offset of the message or -1. */
-static long parse_envelope(char *data, size_t len, const char **sender, const char ***rcpts, size_t *n)
+ * NUL-terminated copy in *env) and dp. Returns the offset of the message or -1. */
+static long parse_envelope(char *data, size_t len, const char **sender, const char ***rcpts, size_t *n,
+                           struct drop_props *dp)
 {
     static const char magic[] = "KTQUEUE 1\n";
     if (len < sizeof(magic) - 1 || memcmp(data, magic, sizeof(magic) - 1) != 0)
@@ -74,6 +81,18 @@ static long parse_envelope(char *data, size_t len, const char **sender, const ch
                 *rcpts = kt_realloc(*rcpts, cap * sizeof(**rcpts));
             }
             (*rcpts)[(*n)++] = line + 5;
+            if (dp->notify) {
+                dp->notify = kt_realloc(dp->notify, cap * sizeof(*dp->notify));
+                dp->notify[*n - 1] = 0;
+            }
+        } else if (!strncmp(line, "notify ", 7) && *n && kt_notify_parse(line + 7)) {
+            if (!dp->notify)
+                dp->notify = kt_calloc(cap, sizeof(*dp->notify));
+            dp->notify[*n - 1] = kt_notify_parse(line + 7);
+        } else if (!strcmp(line, "ret HDRS") || !strcmp(line, "ret FULL")) {
+            dp->props.ret = line[4] == 'H' ? KT_QRET_HDRS : KT_QRET_FULL;
+        } else if (!strncmp(line, "envid ", 6) && kt_xtext_printable(line + 6, 100)) {
+            dp->props.envid = line + 6;
         } else if (strncmp(line, "arrival ", 8) && strncmp(line, "dots ", 5)) {
             goto bad;
         }
@@ -81,6 +100,8 @@ static long parse_envelope(char *data, size_t len, const char **sender, const ch
 bad:
     kt_free(*rcpts);
     *rcpts = NULL;
+    kt_free(dp->notify);
+    dp->notify = NULL;
     return -1;
 }
 
@@ -109,6 +130,7 @@ static void pick_one(int dfd, const char *dir, const char *name, const char *qdi
     char *data = NULL;
     const char **rcpts = NULL;
     size_t n = 0;
+    struct drop_props dp = { 0 };
     if (fd < 0) {
         kt_warn("pickup: %s/%s: %s; removed", dir, name, strerror(errno));
         goto remove;
@@ -138,7 +160,8 @@ static void pick_one(int dfd, const char *dir, const char *name, const char *qdi
     }
     data[len] = '\0';
     const char *sender;
-    long off = parse_envelope(data, len, &sender, &rcpts, &n);
+    long off = parse_envelope(data, len, &sender, &rcpts, &n, &dp);
+    dp.props.notify = dp.notify;
     if (off < 0) {
         kt_warn("pickup: %s/%s: malformed submission from uid %u; removed", dir, name, (unsigned)st.st_uid);
         goto remove;
@@ -155,7 +178,8 @@ static void pick_one(int dfd, const char *dir, const char *name, const char *qdi
     kt_buf_printf(&msg, "Received: by %s (ktrelay, from userid %u)\r\n\tid %s; %s\r\n", hostname,
                   (unsigned)st.st_uid, id, date);
     normalize(&msg, data + off, len - (size_t)off);
-    int rc = kt_queue_write(qdir, sender, rcpts, n, msg.data, kt_buf_used(&msg), id, sizeof(id));
+    int rc = kt_queue_write_props(qdir, time(NULL), sender, rcpts, n, &dp.props, msg.data, kt_buf_used(&msg), id,
+                                  sizeof(id));
     if (rc < 0) {
         /* keep the drop file: the next tick tries again */
         kt_err("pickup: %s/%s: cannot queue: %s", dir, name, strerror(-rc));
@@ -171,6 +195,7 @@ remove:
         kt_warn("pickup: cannot remove %s/%s: %s", dir, name, strerror(errno));
 out:
     kt_free(rcpts);
+    kt_free(dp.notify);
     kt_free(data);
     if (fd >= 0)
         close(fd);

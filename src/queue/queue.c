@@ -3,6 +3,7 @@
  * Synchronous functions here serve the command line (sendmail, queue) and
  * the queue manager thread, which owns no client sockets' hot path; the
  * in-process writer for SMTP sessions is asynchronous on the session's ring. */
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -11,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -74,6 +76,11 @@ void kt_queue_new_id(char *buf, size_t len)
              c & 0xFFF);
 }
 
+static int hexval(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
 static const char *const body_names[] = { "", "7BIT", "8BITMIME", "BINARYMIME" };
 
 /* "SUCCESS,FAILURE,DELAY" or "NEVER" for NOTIFY bits into out. */
@@ -91,18 +98,51 @@ static void notify_names(unsigned bits, char *out, size_t cap)
                                      names[k].name);
 }
 
-static unsigned notify_parse(const char *s)
+unsigned kt_notify_parse(const char *s)
 {
+    static const struct { const char *name; unsigned bit; } names[] = {
+        { "NEVER", KT_QNOTIFY_NEVER }, { "SUCCESS", KT_QNOTIFY_SUCCESS }, { "FAILURE", KT_QNOTIFY_FAILURE },
+        { "DELAY", KT_QNOTIFY_DELAY },
+    };
     unsigned bits = 0;
-    if (strstr(s, "NEVER"))
-        bits |= KT_QNOTIFY_NEVER;
-    if (strstr(s, "SUCCESS"))
-        bits |= KT_QNOTIFY_SUCCESS;
-    if (strstr(s, "FAILURE"))
-        bits |= KT_QNOTIFY_FAILURE;
-    if (strstr(s, "DELAY"))
-        bits |= KT_QNOTIFY_DELAY;
-    return bits & KT_QNOTIFY_NEVER ? KT_QNOTIFY_NEVER : bits;
+    while (*s) {
+        size_t n = strcspn(s, ","), k;
+        for (k = 0; k < 4; k++)
+            if (strlen(names[k].name) == n && !strncasecmp(s, names[k].name, n))
+                break;
+        if (k == 4)
+            return 0;
+        bits |= names[k].bit;
+        s += n;
+        if (*s == ',' && !*++s)
+            return 0;
+    }
+    if ((bits & KT_QNOTIFY_NEVER) && bits != KT_QNOTIFY_NEVER)
+        return 0;
+    return bits;
+}
+
+int kt_xtext_printable(const char *s, size_t max)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > max)
+        return 0;
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '+') {
+            /* RFC 3461: two upper-case hex digits */
+            if (!isxdigit((unsigned char)s[1]) || islower((unsigned char)s[1]) || !isxdigit((unsigned char)s[2]) ||
+                islower((unsigned char)s[2]))
+                return 0;
+            int v = hexval(s[1]) * 16 + hexval(s[2]);
+            if (v < 0x20 || v > 0x7e)
+                return 0;
+            s += 2;
+        } else if (c < 33 || c > 126 || c == '=') {
+            return 0;
+        }
+    }
+    return 1;
 }
 
 /* A stored value must stay on its line: the writers pass only checked xtext, this is the last guard. */
@@ -151,11 +191,6 @@ void kt_qmsg_props(const struct kt_qmsg *m, const size_t *idx, size_t n, unsigne
     }
     *out = (struct kt_qprops){ .smtputf8 = m->smtputf8, .body = m->body, .ret = m->ret, .envid = m->envid,
                                .notify = notify, .orcpt = orcpt };
-}
-
-static int hexval(char c)
-{
-    return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
 }
 
 void kt_xtext_decode(const char *s, char *out, size_t cap)
@@ -397,7 +432,7 @@ static int load_from(const char *qdir, const char *sub, const char *id, struct k
             kt_free(m->envid);
             m->envid = kt_strdup(line + 6);
         } else if (!strncmp(line, "notify ", 7) && m->n_rcpts) {
-            m->rcpts[m->n_rcpts - 1].notify = notify_parse(line + 7);
+            m->rcpts[m->n_rcpts - 1].notify = kt_notify_parse(line + 7);
         } else if (!strncmp(line, "orcpt ", 6) && line[6] && m->n_rcpts) {
             kt_free(m->rcpts[m->n_rcpts - 1].orcpt);
             m->rcpts[m->n_rcpts - 1].orcpt = kt_strdup(line + 6);

@@ -118,6 +118,12 @@ void kt_qmsg_props(const struct kt_qmsg *m, const size_t *idx, size_t n, unsigne
 void kt_xtext_decode(const char *s, char *out, size_t cap);
 /* The reverse: out gets s with '+', '=' and bytes outside 33..126 as "+XX". */
 void kt_xtext_encode(const char *s, char *out, size_t cap);
+/* 1 when s is xtext of 1..max characters that decodes to printable ASCII (0x20..0x7e): an ENVID as
+ * Postfix accepts it. */
+int kt_xtext_printable(const char *s, size_t max);
+/* NOTIFY names ("NEVER", or any of "SUCCESS", "FAILURE", "DELAY", comma-separated, any case) as
+ * KT_QNOTIFY_* bits; 0 for anything else (RFC 3461 4.1, Postfix's sendmail -N). */
+unsigned kt_notify_parse(const char *s);
 /* Synchronous durable creation from memory. id (KT_QUEUE_ID_MAX bytes) is used when it holds a
  * string, else a fresh id is written there. 0 or -errno. */
 int kt_queue_write(const char *qdir, const char *sender, const char *const *rcpts, size_t n, const void *body,

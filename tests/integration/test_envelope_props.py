@@ -5,11 +5,12 @@ the exact commands they receive: one offers SMTPUTF8, 8BITMIME and DSN, the othe
 import re
 import signal
 import socket
+import subprocess
 import threading
 
 import pytest
 
-from conftest import SmtpConn, free_port
+from conftest import BIN, SmtpConn, free_port
 from test_relay import RELAY_CF, Node, wait_for
 
 
@@ -311,3 +312,37 @@ def test_queue_file_keeps_properties_across_kill_9(node, hops):
     assert re.fullmatch(r"MAIL FROM:<alice@example\.test> SIZE=\d+ BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=K9",
                         got[0]), got
     assert got[1:] == ["RCPT TO:<jörg@full.test> NOTIFY=SUCCESS,DELAY ORCPT=utf-8;jörg@orig.test"]
+
+
+def test_sendmail_dsn_options_and_pickup(node, hops):
+    """sendmail -N, -R, -V as Postfix's: stored, then sent on to a hop that offers DSN; a bad value is a
+    usage error. A maildrop file's DSN lines are checked like an SMTP client's parameters."""
+    full = hops(FULL).start()
+    n = node(full, hops(NONE))
+    base = [BIN, "sendmail", "-c", str(n.d), "-f", "alice@example.test"]
+    p = subprocess.run(base + ["-N", "success,sometimes", "bob@full.test"], input=ASCII_BODY, capture_output=True)
+    assert p.returncode == 64 and b"bad -N option value" in p.stderr
+    p = subprocess.run(base + ["-R", "body", "bob@full.test"], input=ASCII_BODY, capture_output=True)
+    assert p.returncode == 64 and b"bad -R option value" in p.stderr
+    p = subprocess.run(base + ["-V", "x" * 101, "bob@full.test"], input=ASCII_BODY, capture_output=True)
+    assert p.returncode == 64
+    p = subprocess.run(base + ["-v", "-N", "success,delay", "-R", "hdrs", "-V", "env id+1", "bob@full.test"],
+                       input=ASCII_BODY, capture_output=True)
+    assert p.returncode == 0, p.stderr
+    qid = re.search(rb"([0-9A-F]+): from=", p.stderr).group(1).decode()
+    assert n.wait_log(rf"{qid}: removed"), n.log()
+    got = full.mail_rcpt()
+    assert re.fullmatch(r"MAIL FROM:<alice@example\.test> SIZE=\d+ RET=HDRS ENVID=env\+20id\+2B1", got[0]), got
+    assert got[1:] == ["RCPT TO:<bob@full.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;bob@full.test"]
+    # what sendmail drops for the daemon's pickup, written here by hand
+    drop = n.d / "queue" / "maildrop"
+    assert wait_for(lambda: drop.is_dir())
+    (drop / "BAD1").write_bytes(b"KTQUEUE 1\nsender alice@example.test\nrcpt carol@full.test\nenvid a+0Ab\n"
+                                b"body\n" + ASCII_BODY)
+    (drop / "GOOD1").write_bytes(b"KTQUEUE 1\nsender alice@example.test\nrcpt carol@full.test\nnotify NEVER\n"
+                                 b"ret FULL\nenvid Q+2B\nbody\n" + ASCII_BODY)
+    assert n.wait_log(r"pickup: .*/BAD1: malformed submission"), n.log()
+    assert wait_for(lambda: len(full.mail_rcpt()) == 4), full.mail_rcpt()
+    got = full.mail_rcpt()
+    assert re.fullmatch(r"MAIL FROM:<alice@example\.test> SIZE=\d+ RET=FULL ENVID=Q\+2B", got[2]), got
+    assert got[3] == "RCPT TO:<carol@full.test> NOTIFY=NEVER ORCPT=rfc822;carol@full.test"
