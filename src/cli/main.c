@@ -40,6 +40,7 @@ static void usage(FILE *out)
             "  config [-n] [NAME...]            print parameters like postconf (-n: only those main.cf sets)\n"
             "  sendmail [-t] [-i] [-f SENDER] [-F NAME] [-bp|-bs|-bi] [-q] [RCPT...]   submit stdin\n"
             "  queue list | flush | show ID | delete|hold|release|requeue ID|ALL   like mailq, postcat, postsuper\n"
+            "  tlsrpt flush                     write the TLS reports (RFC 8460) of the counts so far now\n"
             "  version, --version               print the version\n"
             "  help, --help                     this text\n"
             "Options may stand anywhere after COMMAND. The configuration directory (main.cf, master.cf) is\n"
@@ -295,6 +296,10 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "queue")) {
         kt_log_set_program("ktrelay/postqueue");
         return kt_queue_cli_queue(argc - 1, argv + 1);
+    }
+    if (!strcmp(cmd, "tlsrpt")) {
+        kt_log_set_program("ktrelay/postqueue");
+        return kt_queue_cli_tlsrpt(argc - 1, argv + 1);
     }
     if (strcmp(cmd, "run") && strcmp(cmd, "check-config") && strcmp(cmd, "config")) {
         fprintf(stderr, "ktrelay: unknown command '%s'\n", cmd);

@@ -357,3 +357,40 @@ usage:
     fprintf(stderr, "usage: ktrelay queue [-c DIR] list | flush | show ID | delete|hold|release|requeue ID|ALL\n");
     return EX_USAGE;
 }
+
+int kt_queue_cli_tlsrpt(int argc, char **argv)
+{
+    const char *dir = NULL;
+    int opt;
+    optind = 0;
+    while ((opt = getopt(argc, argv, "c:v")) != -1) {
+        if (opt == 'c')
+            dir = optarg;
+        else if (opt == 'v')
+            kt_log_set_debug(1);
+        else
+            goto usage;
+    }
+    if (argc - optind != 1 || strcmp(argv[optind], "flush"))
+        goto usage;
+    struct kt_config *cfg = load_config(dir, "ktrelay tlsrpt");
+    if (!cfg)
+        return EX_CONFIG;
+    const char *qdir = kt_config_get(cfg, NULL, "queue_directory");
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/tlsrpt-flush", qdir);
+    int rc = EX_OK, fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0) {
+        fprintf(stderr, "ktrelay tlsrpt: cannot request the reports (%s): %s\n", path, strerror(errno));
+        rc = errno == EACCES ? EX_NOPERM : EX_CANTCREAT;
+    } else {
+        close(fd);
+        /* "R": the queue manager looks for the request file now (else within a second) */
+        kt_queue_forget(qdir, "", 'R');
+    }
+    kt_config_free(cfg);
+    return rc;
+usage:
+    fprintf(stderr, "usage: ktrelay tlsrpt [-c DIR] flush\n");
+    return EX_USAGE;
+}

@@ -652,7 +652,9 @@ static int smtp_settings(struct runtime_private *rp, const struct kt_config *cfg
         return 1;
     }
     sm->tls_level = level;
-    if (level == KT_SMTP_TLS_NONE)
+    /* MTA-STS raises the level per destination: the client context must exist whatever the default */
+    int sts = kt_config_get_bool(cfg, NULL, "ktrelay_mta_sts_enable") == 1;
+    if (level == KT_SMTP_TLS_NONE && !sts)
         return 0;
     int mandatory = level >= KT_SMTP_TLS_ENCRYPT;
     struct kt_tls_client_params p = {
@@ -675,6 +677,12 @@ static int smtp_settings(struct runtime_private *rp, const struct kt_config *cfg
                           : strstr(err, "cipher") ? (mandatory ? "smtp_tls_mandatory_ciphers" : "smtp_tls_ciphers")
                           : "smtp_tls_security_level";
         param_err(cfg, NULL, about, "outbound TLS: %s", err);
+        return 1;
+    }
+    /* MTA-STS trusts the WebPKI (RFC 8461 4.2): without smtp_tls_CAfile/CApath, the system's store */
+    if (sts && !p.CAfile[0] && !p.CApath[0] && !SSL_CTX_set_default_verify_paths(rp->smtp_ssl_ctx)) {
+        param_err(cfg, NULL, "ktrelay_mta_sts_enable", "outbound TLS: cannot load the system's CA certificates "
+                  "for MTA-STS; set smtp_tls_CAfile");
         return 1;
     }
     sm->ssl_ctx = rp->smtp_ssl_ctx;
@@ -722,6 +730,31 @@ static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg
     }
     qs->transport_maps = rp->transport_maps;
     qs->resolver = service_resolver(rp, cfg, NULL, &errors);
+    qs->mta_sts_enable = kt_config_get_bool(cfg, NULL, "ktrelay_mta_sts_enable") == 1;
+    qs->mta_sts_cache_directory = get(cfg, NULL, "ktrelay_mta_sts_cache_directory");
+    qs->mta_sts_CAfile = get(cfg, NULL, "ktrelay_mta_sts_CAfile");
+    qs->mta_sts_fetch_timeout = kt_config_get_time(cfg, NULL, "ktrelay_mta_sts_fetch_timeout");
+    if (qs->mta_sts_fetch_timeout < 1)
+        qs->mta_sts_fetch_timeout = 1;
+    qs->tlsrpt_enable = kt_config_get_bool(cfg, NULL, "ktrelay_tlsrpt_enable") == 1;
+    qs->tlsrpt_directory = get(cfg, NULL, "ktrelay_tlsrpt_directory");
+    qs->tlsrpt_organization_name = get(cfg, NULL, "ktrelay_tlsrpt_organization_name");
+    qs->tlsrpt_contact_info = get(cfg, NULL, "ktrelay_tlsrpt_contact_info");
+    if (qs->mta_sts_enable && qs->mta_sts_cache_directory[0] != '/') {
+        param_err(cfg, NULL, "ktrelay_mta_sts_cache_directory", "ktrelay_mta_sts_cache_directory must be an "
+                  "absolute path, not \"%s\"", qs->mta_sts_cache_directory);
+        errors++;
+    }
+    if (qs->mta_sts_enable && qs->mta_sts_CAfile[0] && access(qs->mta_sts_CAfile, R_OK) < 0) {
+        param_err(cfg, NULL, "ktrelay_mta_sts_CAfile", "ktrelay_mta_sts_CAfile: cannot read %s: %s",
+                  qs->mta_sts_CAfile, strerror(errno));
+        errors++;
+    }
+    if (qs->tlsrpt_enable && qs->tlsrpt_directory[0] != '/') {
+        param_err(cfg, NULL, "ktrelay_tlsrpt_directory", "ktrelay_tlsrpt_directory must be an absolute path, "
+                  "not \"%s\"", qs->tlsrpt_directory);
+        errors++;
+    }
     errors += smtp_settings(rp, cfg, &qs->smtp);
     return errors;
 }

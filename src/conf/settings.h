@@ -114,6 +114,14 @@ struct kt_qmgr_settings {
     struct kt_maps *transport_maps;  /* owned by the runtime; NULL when empty */
     const struct kt_resolver *resolver;  /* address classes (main.cf values); NULL if it failed */
     struct kt_smtp_settings smtp;
+    /* MTA-STS (RFC 8461) and TLS reporting (RFC 8460) */
+    int mta_sts_enable;              /* ktrelay_mta_sts_enable */
+    const char *mta_sts_cache_directory;  /* ktrelay_mta_sts_cache_directory, absolute */
+    const char *mta_sts_CAfile;      /* ktrelay_mta_sts_CAfile: "" = the system's CA store */
+    long long mta_sts_fetch_timeout; /* ktrelay_mta_sts_fetch_timeout, seconds, >= 1 */
+    int tlsrpt_enable;               /* ktrelay_tlsrpt_enable */
+    const char *tlsrpt_directory;    /* ktrelay_tlsrpt_directory, absolute */
+    const char *tlsrpt_organization_name, *tlsrpt_contact_info;
 };
 
 struct kt_runtime {

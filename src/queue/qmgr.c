@@ -66,6 +66,7 @@
 #include "metrics/metrics.h"
 #include "core/log.h"
 #include "delivery/maildir.h"
+#include "queue/mta_sts.h"
 #include "queue/qmgr.h"
 #include "queue/pickup.h"
 #include "queue/queue.h"
@@ -73,6 +74,7 @@
 #include "conf/settings.h"
 #include "queue/smtp_client.h"
 #include "core/table.h"
+#include "queue/tlsrpt.h"
 #include "tls/tls.h"
 
 #define TICK_MS 1000
@@ -129,6 +131,9 @@ struct dest {
     struct kt_smtp_addr *addrs;
     size_t n_addrs;
     time_t addrs_expire;
+    /* MTA-STS (RFC 8461): the policy found at the last address lookup */
+    int has_sts;                   /* sts holds a policy of mode testing or enforce */
+    struct kt_sts_policy sts;
     struct job *local_job;         /* local: the job being delivered */
     struct dest *next;
     struct kt_qmgr *q;
@@ -169,6 +174,8 @@ struct kt_qmgr {
     int stopping;
     time_t stop_deadline;
     struct kt_dns *dns;
+    struct kt_sts *sts;            /* MTA-STS policies (ktrelay_mta_sts_enable) */
+    struct kt_tlsrpt *tlsrpt;      /* TLS reporting (ktrelay_tlsrpt_enable) */
     struct msg *msgs;
     size_t n_msgs;
     struct msg **htab;             /* by queue id; hcap is a power of two */
@@ -808,17 +815,35 @@ static void conn_run_next(struct conn *cn)
         cn->idle_since = qmgr_now();
 }
 
+/* The TLS outcome of a connection: logged for an MTA-STS policy in testing mode, counted for TLS
+ * reporting (RFC 8460) by the destination's policy domain. */
+static void tls_outcome(struct conn *cn, const char *reason)
+{
+    struct dest *d = cn->d;
+    struct kt_qmgr *q = d->q;
+    const char *result, *mx, *ip;
+    if (!kt_smtp_tls_report(cn->c, &result, &mx, &ip))
+        return;
+    if (result && d->has_sts && d->sts.mode == KT_STS_MODE_TESTING)
+        kt_info_as("smtp", "MTA-STS policy of %s (mode testing): TLS with %s[%s] failed (%s); delivering anyway",
+                   d->host, mx ? mx : "?", ip ? ip : "?", result);
+    if (q->tlsrpt && q->set->tlsrpt_enable && d->mx)
+        kt_tlsrpt_count(q->tlsrpt, d->host, d->has_sts ? &d->sts : NULL, result, mx, ip, result ? reason : NULL);
+}
+
 static void conn_ready(void *arg, int res, const char *reason)
 {
     struct conn *cn = arg;
     struct dest *d = cn->d;
+    tls_outcome(cn, res != 0 ? reason : NULL);
     if (res != 0) {
         kt_info_as("smtp", "%s", reason);
         dest_feedback(d, 0);
         conn_remove(cn);
         /* the destination is down (or refuses us): what waits for it is deferred now rather
-         * than fed to new connections that would fail the same way */
-        dest_defer_queued(d, res, NULL, reason);
+         * than fed to new connections that would fail the same way. A certificate that does not
+         * verify is Postfix's 4.7.5. */
+        dest_defer_queued(d, res, res == -EACCES ? "4.7.5" : NULL, reason);
         return;
     }
     cn->ready = 1;
@@ -853,6 +878,15 @@ static void conn_open(struct dest *d)
     }
     p.sni = sni;
     p.verify_name = sni ? sni : d->host;
+    if (d->has_sts) {
+        /* RFC 8461 4.2: enforce needs TLS with a certificate valid for the MX host name; testing checks
+         * the same and only reports what failed */
+        p.verify_mx_name = 1;
+        if (d->sts.mode == KT_STS_MODE_ENFORCE && p.tls_level < KT_SMTP_TLS_SECURE)
+            p.tls_level = KT_SMTP_TLS_SECURE;
+        else if (p.tls_level < KT_SMTP_TLS_MAY)
+            p.tls_level = KT_SMTP_TLS_MAY;
+    }
     cn->c = kt_smtp_connect(&q->loop, &p, d->addrs, d->n_addrs, conn_ready, cn);
     kt_free(sni);
 }
@@ -869,12 +903,58 @@ static void resolved(void *arg, int res, const struct kt_smtp_addr *addrs, size_
         dest_defer_queued(d, res > 0 ? res : 450, dsn ? dsn : "4.4.3", err ? err : "no address");
         return;
     }
+    struct kt_smtp_addr *use = kt_calloc(n, sizeof(*use));
+    size_t n_use = 0;
+    const char *refused = NULL;
+    for (size_t i = 0; i < n; i++) {
+        /* RFC 8461 4.1: an MX host the policy does not list is not used in enforce mode */
+        if (d->has_sts && !kt_sts_mx_match(&d->sts, addrs[i].host)) {
+            if (i == 0 || strcmp(addrs[i].host, addrs[i - 1].host))
+                kt_info_as("smtp", "MTA-STS policy of %s (mode %s): MX host %s does not match the policy%s", d->host,
+                           kt_sts_mode_str(d->sts.mode), addrs[i].host,
+                           d->sts.mode == KT_STS_MODE_ENFORCE ? "; not used" : "; used (testing)");
+            if (d->sts.mode == KT_STS_MODE_ENFORCE) {
+                refused = addrs[i].host;
+                if (d->q->tlsrpt && d->q->set->tlsrpt_enable && (i == 0 || strcmp(addrs[i].host, addrs[i - 1].host)))
+                    kt_tlsrpt_count(d->q->tlsrpt, d->host, &d->sts, "validation-failure", addrs[i].host, NULL,
+                                    "MX host not listed in the MTA-STS policy");
+                continue;
+            }
+        }
+        use[n_use++] = addrs[i];
+    }
+    if (n_use == 0) {
+        char why[600];
+        snprintf(why, sizeof(why), "MX host %s does not match the MTA-STS policy of %s (mode enforce)", refused,
+                 d->host);
+        kt_info_as("smtp", "%s", why);
+        kt_free(use);
+        dest_defer_queued(d, 450, "4.7.5", why);
+        return;
+    }
     kt_free(d->addrs);
-    d->addrs = kt_calloc(n, sizeof(*addrs));
-    memcpy(d->addrs, addrs, n * sizeof(*addrs));
-    d->n_addrs = n;
+    d->addrs = use;
+    d->n_addrs = n_use;
     d->addrs_expire = qmgr_now() + 300;
     dest_kick(d);
+}
+
+/* The destination's MTA-STS policy is known: keep it, then look its addresses up. */
+static void sts_known(void *arg, const struct kt_sts_policy *policy, const char *failure)
+{
+    struct dest *d = arg;
+    struct kt_qmgr *q = d->q;
+    kt_sts_policy_clear(&d->sts);
+    d->has_sts = policy && policy->mode != KT_STS_MODE_NONE;
+    if (d->has_sts)
+        kt_sts_policy_copy(&d->sts, policy);
+    if (failure && q->tlsrpt && q->set->tlsrpt_enable)
+        kt_tlsrpt_count(q->tlsrpt, d->host, d->has_sts ? &d->sts : NULL, failure, NULL, NULL, NULL);
+    if (q->stopping) {
+        d->resolving = 0;
+        return;
+    }
+    kt_dns_lookup(q->dns, d->host, d->port, d->mx, resolved, d);
 }
 
 static void dest_kick(struct dest *d)
@@ -892,7 +972,14 @@ static void dest_kick(struct dest *d)
     if (!d->addrs || qmgr_now() >= d->addrs_expire) {
         if (!d->resolving && d->n_conns == 0) {
             d->resolving = 1;
-            kt_dns_lookup(q->dns, d->host, d->port, d->mx, resolved, d);
+            /* MTA-STS applies to a next-hop domain found through MX records (RFC 8461 4) */
+            if (q->sts && q->set->mta_sts_enable && d->mx) {
+                kt_sts_lookup(q->sts, d->host, qmgr_now(), sts_known, d);
+            } else {
+                kt_sts_policy_clear(&d->sts);
+                d->has_sts = 0;
+                kt_dns_lookup(q->dns, d->host, d->port, d->mx, resolved, d);
+            }
         }
         if (!d->addrs)
             return;
@@ -1532,6 +1619,59 @@ static void force_stop(struct kt_qmgr *q)
     }
 }
 
+static void sts_wake(void *arg)
+{
+    struct kt_qmgr *q = arg;
+    uint64_t one = 1;
+    if (write(q->efd, &one, sizeof(one)) < 0) {
+        /* the counter is full: a wakeup is pending anyway, and the tick polls too */
+    }
+}
+
+static void report_queued(void *arg, const char *id)
+{
+    struct kt_qmgr *q = arg;
+    msg_load(q, id, 1);
+    log_notification(q, id);
+}
+
+/* MTA-STS and TLS reporting as the current generation asks: started when first enabled, given each
+ * generation's settings (a generation that disables them keeps their state and stops using it). */
+static void reporting_start(struct kt_qmgr *q)
+{
+    const struct kt_qmgr_settings *set = q->set;
+    struct kt_sts_settings ss = {
+        .cache_dir = set->mta_sts_cache_directory, .CAfile = set->mta_sts_CAfile,
+        .fetch_timeout_s = set->mta_sts_fetch_timeout,
+    };
+    struct kt_tlsrpt_settings ts = {
+        .report_dir = set->tlsrpt_directory, .organization_name = set->tlsrpt_organization_name,
+        .contact_info = set->tlsrpt_contact_info, .submitter = set->myhostname, .queue_directory = q->qdir,
+    };
+    if (q->sts)
+        kt_sts_update(q->sts, &ss);
+    else if (set->mta_sts_enable && q->dns)
+        kt_sts_new(q->dns, &ss, sts_wake, q, &q->sts);
+    if (q->tlsrpt)
+        kt_tlsrpt_update(q->tlsrpt, &ts);
+    else if (set->tlsrpt_enable && q->dns)
+        kt_tlsrpt_new(q->dns, &ts, qmgr_now(), report_queued, q, &q->tlsrpt);
+}
+
+static void check_tlsrpt(struct kt_qmgr *q)
+{
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/tlsrpt-flush", q->qdir);
+    if (unlink(path) == 0) {
+        if (q->tlsrpt && q->set->tlsrpt_enable) {
+            kt_info("TLS report flush requested");
+            kt_tlsrpt_flush(q->tlsrpt, qmgr_now());
+        } else {
+            kt_warn("TLS report flush requested, but ktrelay_tlsrpt_enable = no");
+        }
+    }
+}
+
 /* Take the generation kt_qmgr_reload handed over, on this thread, between deliveries steps: routing
  * (relayhost, transport_maps), retry times and the client's settings apply from the next delivery;
  * connections opened under the old one finish their transaction and then close. */
@@ -1547,6 +1687,7 @@ static void adopt_runtime(struct kt_qmgr *q)
     kt_runtime_unref(q->rt);
     q->rt = rt;
     q->set = &rt->qmgr;
+    reporting_start(q);
     kt_info("queue manager: configuration reloaded");
 }
 
@@ -1575,6 +1716,7 @@ static void efd_done(struct kt_op *op, int res, unsigned flags)
     }
     adopt_runtime(q);
     take_handoffs(q);
+    kt_sts_poll(q->sts, qmgr_now());
     efd_arm(q);
 }
 
@@ -1632,6 +1774,8 @@ static void fifo_done(struct kt_op *op, int res, unsigned flags)
                 msg_load(q, p + 1, 1);
             else if (p[0] == 'F')
                 check_flush(q);
+            else if (p[0] == 'R')
+                check_tlsrpt(q);
             else if ((p[0] == 'D' || p[0] == 'H' || p[0] == 'Q') && p[1])
                 msg_forget(q, p[0], p + 1);
         }
@@ -1693,6 +1837,10 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
     }
     adopt_runtime(q);
     check_flush(q);
+    check_tlsrpt(q);
+    kt_sts_poll(q->sts, now);
+    if (q->tlsrpt && q->set->tlsrpt_enable)
+        kt_tlsrpt_tick(q->tlsrpt, now);
     if (difftime(now, q->last_run) >= (double)q->set->queue_run_delay) {
         q->last_run = now;
         run_deferred(q, now, 0);
@@ -1727,6 +1875,11 @@ static void *qmgr_main(void *arg)
             break;
         }
     }
+    /* both use the resolver: they go first (the counts not yet reported are saved) */
+    kt_sts_free(q->sts);
+    q->sts = NULL;
+    kt_tlsrpt_free(q->tlsrpt);
+    q->tlsrpt = NULL;
     /* lookups in flight call back with -ECANCELED; nothing waits for them now */
     kt_dns_free(q->dns);
     q->dns = NULL;
@@ -1783,10 +1936,13 @@ static void qmgr_free(struct kt_qmgr *q)
         kt_free(d->key);
         kt_free(d->host);
         kt_free(d->addrs);
+        kt_sts_policy_clear(&d->sts);
         kt_free(d);
     }
     kt_free(q->htab);
     kt_free(q->heap);
+    kt_sts_free(q->sts);
+    kt_tlsrpt_free(q->tlsrpt);
     kt_dns_free(q->dns);
     kt_free(q->qdir);
     kt_free(q->new_dir);
@@ -1872,6 +2028,7 @@ int kt_qmgr_start(struct kt_runtime *rt, struct kt_qmgr **out)
         qmgr_free(q);
         return rc;
     }
+    reporting_start(q);
     if (!atomic_load(&submit_qdir))
         atomic_store(&submit_qdir, (const char *)kt_strdup(q->qdir));
     atomic_store(&global_q, q);

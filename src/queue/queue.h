@@ -212,5 +212,8 @@ struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir
  *   queue [-c DIR] list | flush | delete ID|ALL ...   (cli/queue_cli.c) like mailq, postqueue, postsuper */
 int kt_queue_cli_sendmail(int argc, char **argv);
 int kt_queue_cli_queue(int argc, char **argv);
+/* `ktrelay tlsrpt [-c DIR] flush`: asks the queue manager to write its TLS reports now (a request file,
+ * queue_directory/tlsrpt-flush, and a wakeup through public/qmgr). */
+int kt_queue_cli_tlsrpt(int argc, char **argv);
 
 #endif

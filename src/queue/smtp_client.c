@@ -62,6 +62,10 @@ struct kt_smtp_conn {
     size_t expect;                 /* replies still to read */
     struct kt_buf reply;           /* lines of the reply being read, '\n' separated */
 
+    /* TLS reporting: the outcome at the current server */
+    int tls_known;
+    const char *tls_result;        /* RFC 8460 result type, NULL for a success */
+
     /* EHLO extensions */
     int ext_starttls, ext_pipelining, ext_chunking, ext_size;
     unsigned ext;                  /* KT_SMTP_EXT_* */
@@ -223,6 +227,8 @@ static void connect_next(struct kt_smtp_conn *c)
             continue;
         }
         c->state = ST_CONNECT;
+        c->tls_known = 0;
+        c->tls_result = NULL;
         set_deadline(c, c->p.connect_timeout_s);
         c->conn = kt_conn_new(c->loop, fd, KT_CONN_CLIENT, c->relay, &c->in, &c->out, on_conn_event, c);
         c->conns_open++;
@@ -370,18 +376,49 @@ static void start_tls(struct kt_smtp_conn *c)
     }
     /* nothing the server sent before the handshake may count as protected */
     kt_buf_reset(&c->in);
-    if (c->p.sni && *c->p.sni)
-        SSL_set_tlsext_host_name(ssl, c->p.sni);
-    if (c->p.tls_level >= KT_SMTP_TLS_VERIFY) {
+    const char *mx = c->addrs[c->cur_addr].host;
+    const char *sni = c->p.verify_mx_name ? mx : c->p.sni;
+    const char *name = c->p.verify_mx_name ? mx : c->p.verify_name;
+    if (sni && *sni)
+        SSL_set_tlsext_host_name(ssl, sni);
+    if (c->p.tls_level >= KT_SMTP_TLS_VERIFY)
         SSL_set_verify(ssl, SSL_VERIFY_PEER, NULL);
-        if (c->p.verify_name && *c->p.verify_name) {
-            SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
-            SSL_set1_host(ssl, c->p.verify_name);
-        }
+    if ((c->p.tls_level >= KT_SMTP_TLS_VERIFY || c->p.verify_mx_name) && name && *name) {
+        SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+        SSL_set1_host(ssl, name);
     }
     c->state = ST_HANDSHAKE;
     set_deadline(c, c->p.command_timeout_s);
     kt_conn_start_tls(c->conn);
+}
+
+/* RFC 8460 4.3 result type of a certificate verification error */
+static const char *verify_result_type(long vr)
+{
+    switch (vr) {
+    case X509_V_ERR_HOSTNAME_MISMATCH:
+        return "certificate-host-mismatch";
+    case X509_V_ERR_CERT_HAS_EXPIRED:
+    case X509_V_ERR_CERT_NOT_YET_VALID:
+        return "certificate-expired";
+    case X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT:
+    case X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN:
+    case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT:
+    case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY:
+    case X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE:
+    case X509_V_ERR_CERT_UNTRUSTED:
+        return "certificate-not-trusted";
+    default:
+        return "validation-failure";
+    }
+}
+
+int kt_smtp_tls_report(const struct kt_smtp_conn *c, const char **result, const char **mx, const char **ip)
+{
+    *result = c->tls_result;
+    *mx = c->cur_addr < c->n_addrs ? c->addrs[c->cur_addr].host : NULL;
+    *ip = c->peer_ip[0] ? c->peer_ip : NULL;
+    return c->tls_known;
 }
 
 static void tls_ready(struct kt_smtp_conn *c)
@@ -393,6 +430,9 @@ static void tls_ready(struct kt_smtp_conn *c)
                         : SSL_get_verify_result(ssl) != X509_V_OK ? "Untrusted"
                         : c->p.tls_level >= KT_SMTP_TLS_VERIFY ? "Verified" : "Trusted";
     X509_free(peer);
+    long vr = SSL_get_verify_result(ssl);
+    c->tls_known = 1;
+    c->tls_result = c->p.verify_mx_name && vr != X509_V_OK ? verify_result_type(vr) : NULL;
     if (c->p.tls_loglevel >= 1)
         kt_info_as("smtp", "%s TLS connection established to %s: %s ktls=%s", trust, c->relay,
                    kt_conn_tls_desc(c->conn), ktls_tx ? "tx" : "none");
@@ -402,6 +442,8 @@ static void tls_ready(struct kt_smtp_conn *c)
 static void tls_failed(struct kt_smtp_conn *c)
 {
     long vr = SSL_get_verify_result(kt_conn_ssl(c->conn));
+    c->tls_known = 1;
+    c->tls_result = vr != X509_V_OK ? verify_result_type(vr) : "validation-failure";
     if (vr != X509_V_OK && c->p.tls_level >= KT_SMTP_TLS_VERIFY) {
         conn_fail(c, -EACCES, "Server certificate not verified (%s): %s", c->relay, X509_verify_cert_error_string(vr));
         return;
@@ -412,6 +454,8 @@ static void tls_failed(struct kt_smtp_conn *c)
 static void after_ehlo(struct kt_smtp_conn *c)
 {
     if (c->state == ST_EHLO && c->p.tls_level != KT_SMTP_TLS_NONE) {
+        c->tls_known = !c->ext_starttls;
+        c->tls_result = c->ext_starttls ? NULL : "starttls-not-supported";
         if (c->ext_starttls) {
             kt_buf_printf(&c->out, "STARTTLS\r\n");
             c->state = ST_STARTTLS;
@@ -555,6 +599,8 @@ static void on_reply(struct kt_smtp_conn *c, int code)
         return;
     case ST_STARTTLS:
         if (code / 100 != 2) {
+            c->tls_known = 1;
+            c->tls_result = "starttls-not-supported";
             if (c->p.tls_level >= KT_SMTP_TLS_ENCRYPT) {
                 conn_fail(c, 450, "TLS is required, but host %s refused to start TLS: %s", c->relay, text);
                 return;

@@ -30,6 +30,9 @@ struct kt_smtp_params {
     SSL_CTX *ssl_ctx;             /* required unless the level is none */
     const char *sni;              /* server name indication, NULL = none */
     const char *verify_name;      /* name the certificate must match under verify/secure */
+    int verify_mx_name;           /* MTA-STS (RFC 8461 4.1, 4.2): SNI and the certificate name are each
+                                   * address's MX host name; at levels below verify the result is only
+                                   * recorded (kt_smtp_tls_report) */
     int tls_loglevel;
     long long connect_timeout_s, command_timeout_s;
 };
@@ -94,6 +97,12 @@ int kt_smtp_usable(const struct kt_smtp_conn *c);
 const char *kt_smtp_relay(const struct kt_smtp_conn *c);
 /* 1 when the connection used TLS, 2 when its transmit side is kernel TLS. */
 int kt_smtp_tls_state(const struct kt_smtp_conn *c);
+/* The TLS outcome of the last server tried, for TLS reporting (RFC 8460): 0 when no server got as
+ * far as EHLO; else 1 with *result NULL (TLS established, and with verify_mx_name the certificate
+ * verified against the MX name) or an RFC 8460 result type ("starttls-not-supported",
+ * "certificate-host-mismatch", "certificate-expired", "certificate-not-trusted",
+ * "validation-failure"), *mx the MX host name and *ip its address (valid while c lives). */
+int kt_smtp_tls_report(const struct kt_smtp_conn *c, const char **result, const char **mx, const char **ip);
 /* Transactions whose body went out with sendfile (all time, this process). */
 unsigned long kt_smtp_sendfile_count(void);
 /* Connections not yet freed (this process). */

@@ -14,7 +14,7 @@ import os
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SINK), reason="smtp-sink (postfix package) not installed")
 
-TYPES = {1: "A", 28: "AAAA", 15: "MX"}
+TYPES = {1: "A", 28: "AAAA", 15: "MX", 16: "TXT"}
 
 
 def encode_name(name):
@@ -26,7 +26,8 @@ def encode_name(name):
 
 
 class DnsServer:
-    """UDP DNS responder: records {(name, type): [values]} with type "A", "AAAA" or "MX" ((pref, host));
+    """UDP DNS responder: records {(name, type): [values]} with type "A", "AAAA", "MX" ((pref, host)) or
+    "TXT" (a string, or a list of the strings of one record);
     names in `nxdomain` answer NXDOMAIN, in `servfail` SERVFAIL, in `drop` nothing at all. Names
     with no record of the asked type answer NOERROR without answers (NODATA) when the name has some
     other record, else NXDOMAIN. Every question is kept in `queries` as (name, type)."""
@@ -50,7 +51,10 @@ class DnsServer:
                 return
             reply = self.answer(data)
             if reply:
-                self.sock.sendto(reply, peer)
+                try:
+                    self.sock.sendto(reply, peer)
+                except OSError:
+                    return             # closed meanwhile
 
     def answer(self, q):
         qid, _flags, qdcount = struct.unpack("!HHH", q[:6])
@@ -81,6 +85,10 @@ class DnsServer:
                     rdata = socket.inet_pton(socket.AF_INET, value)
                 elif tname == "AAAA":
                     rdata = socket.inet_pton(socket.AF_INET6, value)
+                elif tname == "TXT":
+                    # one record: a string, or a list of strings that the reader joins
+                    chunks = [value] if isinstance(value, str) else value
+                    rdata = b"".join(bytes([len(c.encode())]) + c.encode() for c in chunks)
                 else:
                     rdata = struct.pack("!H", value[0]) + encode_name(value[1])
                 # the owner name is a pointer to the question (offset 12)
