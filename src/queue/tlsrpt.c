@@ -97,12 +97,22 @@ static void records_free(struct record *r)
     }
 }
 
+/* the same policy: its id and what it says (the text as saved may differ in line ends) */
+static int same_policy(const struct kt_sts_policy *a, const struct kt_sts_policy *b)
+{
+    if (strcmp(a->id, b->id) || a->mode != b->mode || a->max_age != b->max_age || a->n_mx != b->n_mx)
+        return 0;
+    for (size_t i = 0; i < a->n_mx; i++)
+        if (strcmp(a->mx[i], b->mx[i]))
+            return 0;
+    return 1;
+}
+
 static struct record *record_get(struct kt_tlsrpt *t, const char *domain, const struct kt_sts_policy *p)
 {
     struct record *r;
     for (r = t->recs; r; r = r->next)
-        if (!strcmp(r->domain, domain) && r->sts == (p != NULL)
-            && (!p || (!strcmp(r->pol.id, p->id) && same(r->pol.text, p->text))))
+        if (!strcmp(r->domain, domain) && r->sts == (p != NULL) && (!p || same_policy(&r->pol, p)))
             return r;
     r = kt_calloc(1, sizeof(*r));
     r->domain = kt_strdup(domain);
