@@ -373,7 +373,7 @@ static void cache_read(struct kt_sts *s, struct entry *e)
         return;
     }
     struct kt_sts_policy p = { .fetched = (time_t)fetched };
-    snprintf(p.id, sizeof(p.id), "%s", id);
+    snprintf(p.id, sizeof(p.id), "%.32s", id);
     if (kt_sts_policy_parse(nl + 1, (size_t)(buf + n - (nl + 1)), &p, err, sizeof(err)) < 0) {
         kt_warn("MTA-STS cache %s: %s; ignored", path, err);
         kt_free(buf);
@@ -599,7 +599,9 @@ void kt_sts_lookup(struct kt_sts *s, const char *domain, time_t now, kt_sts_cb c
     size_t dl = strlen(dom);
     if (dl > 1 && dom[dl - 1] == '.')
         dom[dl - 1] = '\0';
-    if (!domain_ok(dom)) {
+    unsigned char bin[sizeof(struct in6_addr)];
+    if (!domain_ok(dom) || inet_pton(AF_INET, dom, bin) == 1) {
+        /* an address literal has no policy */
         cb(arg, NULL, NULL);
         return;
     }
@@ -630,22 +632,6 @@ void kt_sts_lookup(struct kt_sts *s, const char *domain, time_t now, kt_sts_cb c
     char name[300];
     snprintf(name, sizeof(name), "_mta-sts.%s", e->domain);
     kt_dns_query(s->dns, name, 16 /* TXT */, txt_done, step_new(s, e));
-}
-
-void kt_sts_forget(struct kt_sts *s, void *arg)
-{
-    if (!s)
-        return;
-    for (struct entry *e = s->entries; e; e = e->next)
-        for (struct waiter **pp = &e->waiters; *pp;) {
-            if ((*pp)->arg == arg) {
-                struct waiter *w = *pp;
-                *pp = w->next;
-                kt_free(w);
-            } else {
-                pp = &(*pp)->next;
-            }
-        }
 }
 
 /* ---- the HTTPS fetch (helper thread) ---- */

@@ -78,8 +78,6 @@ typedef void (*kt_sts_cb)(void *arg, const struct kt_sts_policy *policy, const c
  * come at once (cb may run before this returns); after STS_RECHECK_S the
  * TXT record is checked again and the policy fetched when its id changed. */
 void kt_sts_lookup(struct kt_sts *s, const char *domain, time_t now, kt_sts_cb cb, void *arg);
-/* Drop every waiter whose arg is arg (its owner goes away). */
-void kt_sts_forget(struct kt_sts *s, void *arg);
 /* Completes fetches the helper thread finished (calls their waiters). */
 void kt_sts_poll(struct kt_sts *s, time_t now);
 

@@ -272,3 +272,26 @@ def test_configuration_checks(tmp_path):
     (d / "main.cf").write_text(BASE_MAIN_CF.format(dir=d) + "ktrelay_mta_sts_enable = maybe\n")
     p = subprocess.run([BIN, "check-config", "-c", str(d)], capture_output=True, text=True)
     assert p.returncode == 78 and "ktrelay_mta_sts_enable" in p.stderr, p.stderr
+
+
+def test_expired_policy_no_longer_applies(nodes, dns, pki, policy_servers):
+    import time
+    final = final_node(nodes, pki, names=("mx.example.test", "other.example.net"))
+    srv = policy_servers(pki, "example.test", policy_text("enforce", ["mx.example.test"], max_age=1))
+    d = dns(records(srv, ["mx.example.test"]))
+    front = nodes(front_cf(d, pki, final.r.port("smtp1"))).start()
+    qid = front.sendmail(["bob@example.test"], BODY)
+    # the policy's only MX has the other service's certificate: enforce defers
+    assert front.wait_log(rf"{qid}: to=<bob@example.test>, relay=none, .*dsn=4.7.5, status=deferred \(Server "
+                          r"certificate not verified"), front.log()
+    fetched = int((front.d / "data" / "mta-sts" / "example.test").read_text().split()[3])
+    # the TXT record goes away; once max_age has passed, the cached policy is expired: no policy at all
+    front.stop()
+    srv.stop()
+    d.records = records(srv, ["other.example.net"], sts_id=None)
+    wait_for(lambda: time.time() >= fetched + 2, timeout=10)
+    front.start()
+    qid = front.sendmail(["bob@example.test"], BODY)
+    assert front.wait_log(rf"{qid}: to=<bob@example.test>, relay=other.example.net\[127.0.0.1\]:\d+, .*status=sent"), \
+        front.log()
+    assert "MTA-STS policy of" not in front.log()
