@@ -284,15 +284,28 @@ static int confine_worker(const struct master *m, const struct kt_runtime *rt)
         return 0;
     const char *base = kt_config_get(rt->cfg, NULL, "virtual_mailbox_base");
     const char *data = kt_config_get(rt->cfg, NULL, "data_directory");
-    const char *rw[3];
+    const char *rw[5];
     size_t nrw = 0;
     rw[nrw++] = rt->queue_directory;
     if (data && *data)
         rw[nrw++] = data;
     if (base && *base)
         rw[nrw++] = base;
+    /* the MTA-STS policy cache and the TLS reports (by default beneath data_directory); a directory
+     * that does not exist yet is made now, as it could not be once confined */
+    const struct kt_qmgr_settings *qs = &rt->qmgr;
+    if (qs->mta_sts_enable) {
+        mkdir(qs->mta_sts_cache_directory, 0700);
+        rw[nrw++] = qs->mta_sts_cache_directory;
+    }
+    if (qs->tlsrpt_enable) {
+        mkdir(qs->tlsrpt_directory, 0700);
+        rw[nrw++] = qs->tlsrpt_directory;
+    }
     const char *ro[] = { m->config_dir ? m->config_dir : "/etc", "/etc", "/usr", "/proc/self", "/sys/devices/system/cpu",
-                         "/dev/null", "/dev/urandom" };
+                         "/dev/null", "/dev/urandom",
+                         /* the policy fetch's trust anchors */
+                         qs->mta_sts_enable && qs->mta_sts_CAfile[0] ? qs->mta_sts_CAfile : "/etc" };
     const char *why = "";
     int rc = kt_confine_paths(rw, nrw, ro, sizeof(ro) / sizeof(ro[0]), &why);
     if (rc < 0) {
