@@ -224,6 +224,12 @@ static int prepare_files(const struct master *m, const struct kt_runtime *rt, co
             return rc;
         }
     }
+    /* the queue manager's MTA-STS policy cache and TLS reports */
+    if (rt->qmgr.mta_sts_enable
+        && (rc = own_dir("ktrelay_mta_sts_cache_directory", rt->qmgr.mta_sts_cache_directory, o, 0700)) < 0)
+        return rc;
+    if (rt->qmgr.tlsrpt_enable && (rc = own_dir("ktrelay_tlsrpt_directory", rt->qmgr.tlsrpt_directory, o, 0700)) < 0)
+        return rc;
     const char *base = kt_config_get(rt->cfg, NULL, "virtual_mailbox_base");
     const char *maps = kt_config_get(rt->cfg, NULL, "virtual_mailbox_maps");
     struct stat st;
@@ -291,17 +297,12 @@ static int confine_worker(const struct master *m, const struct kt_runtime *rt)
         rw[nrw++] = data;
     if (base && *base)
         rw[nrw++] = base;
-    /* the MTA-STS policy cache and the TLS reports (by default beneath data_directory); a directory
-     * that does not exist yet is made now, as it could not be once confined */
+    /* the MTA-STS policy cache and the TLS reports (made by prepare_files) */
     const struct kt_qmgr_settings *qs = &rt->qmgr;
-    if (qs->mta_sts_enable) {
-        mkdir(qs->mta_sts_cache_directory, 0700);
+    if (qs->mta_sts_enable)
         rw[nrw++] = qs->mta_sts_cache_directory;
-    }
-    if (qs->tlsrpt_enable) {
-        mkdir(qs->tlsrpt_directory, 0700);
+    if (qs->tlsrpt_enable)
         rw[nrw++] = qs->tlsrpt_directory;
-    }
     const char *ro[] = { m->config_dir ? m->config_dir : "/etc", "/etc", "/usr", "/proc/self", "/sys/devices/system/cpu",
                          "/dev/null", "/dev/urandom",
                          /* the policy fetch's trust anchors */

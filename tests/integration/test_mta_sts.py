@@ -295,3 +295,26 @@ def test_expired_policy_no_longer_applies(nodes, dns, pki, policy_servers):
     assert front.wait_log(rf"{qid}: to=<bob@example.test>, relay=other.example.net\[127.0.0.1\]:\d+, .*status=sent"), \
         front.log()
     assert "MTA-STS policy of" not in front.log()
+
+
+def test_confined_worker_fetches_caches_and_reports(nodes, dns, pki, policy_servers):
+    """master.cf's chroot y: the confined worker still reads ktrelay_mta_sts_CAfile (outside /etc) and
+    writes the policy cache and the TLS reports, here in directories of their own outside data_directory."""
+    final = final_node(nodes, pki)
+    srv = policy_servers(pki, "example.test", policy_text("enforce", ["mx.example.test"]))
+    recs = records(srv, ["mx.example.test"])
+    recs[("_smtp._tls.example.test", "TXT")] = ["v=TLSRPTv1; rua=https://reports.test/x"]
+    d = dns(recs)
+    front = nodes(front_cf(d, pki, final.r.port("smtp0"),
+                           "ktrelay_mta_sts_cache_directory = {dir}/sts-cache\nktrelay_tlsrpt_enable = yes\n"
+                           "ktrelay_tlsrpt_directory = {dir}/reports\n"),
+                  services={"smtp": {"_fields": "n n y - -"}}).start()
+    assert front.wait_log("worker confined to "), front.log()
+    qid = front.sendmail(["bob@example.test"], BODY)
+    assert front.wait_log(rf"{qid}: to=<bob@example.test>, relay=mx.example.test\[127.0.0.1\]:\d+, .*status=sent"), \
+        front.log()
+    assert (front.d / "sts-cache" / "example.test").read_text().startswith("ktrelay-mta-sts 1 20261130a ")
+    from conftest import BIN
+    subprocess.run([BIN, "tlsrpt", "flush", "-c", str(front.d)], check=True)
+    assert front.wait_log(r"TLS report for example.test written: "), front.log()
+    assert len(list((front.d / "reports").glob("*.json"))) == 1
