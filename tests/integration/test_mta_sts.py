@@ -46,11 +46,14 @@ class PolicyServer:
         self.headers = {"Content-Type": "text/plain"}
         self.requests = 0
         self.addr = None
+        self.hold = None               # a threading.Event the answer waits for
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server.requests += 1
+                if server.hold:
+                    server.hold.wait(30)
                 body = server.policy.encode()
                 self.send_response(server.status)
                 for k, v in server.headers.items():
@@ -65,7 +68,7 @@ class PolicyServer:
         for _ in range(50):
             addr = f"127.0.{random.randint(100, 250)}.{random.randint(2, 250)}"
             try:
-                self.httpd = http.server.HTTPServer((addr, 443), Handler)
+                self.httpd = http.server.ThreadingHTTPServer((addr, 443), Handler)
                 self.addr = addr
                 break
             except OSError:
@@ -73,10 +76,13 @@ class PolicyServer:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(cert), str(key))
         self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
     def stop(self):
+        if self.hold:
+            self.hold.set()
         if self.httpd:
             self.httpd.shutdown()
             self.httpd.server_close()
@@ -318,3 +324,26 @@ def test_confined_worker_fetches_caches_and_reports(nodes, dns, pki, policy_serv
     subprocess.run([BIN, "tlsrpt", "flush", "-c", str(front.d)], check=True)
     assert front.wait_log(r"TLS report for example.test written: "), front.log()
     assert len(list((front.d / "reports").glob("*.json"))) == 1
+
+
+def test_slow_policy_fetch_does_not_hold_other_deliveries(nodes, dns, pki, policy_servers):
+    """The HTTPS fetch runs beside the queue manager's loop: while the policy server holds its answer,
+    mail to another destination is delivered; then the waiting message goes out under the policy."""
+    final = final_node(nodes, pki)
+    srv = policy_servers(pki, "example.test", policy_text("enforce", ["mx.example.test"]))
+    srv.hold = threading.Event()
+    d = dns(records(srv, ["mx.example.test"]))
+    port = final.r.port("smtp0")
+    front = nodes(front_cf(d, pki, port).replace("example.test=smtp:example.test:%d" % port,
+                                                  "example.test=smtp:example.test:%d, localhost=smtp:[127.0.0.1]:%d"
+                                                  % (port, port))
+                  .replace("virtual_mailbox_domains = localhost\n", "virtual_mailbox_domains = sender.test\n")).start()
+    held = front.sendmail(["bob@example.test"], BODY)
+    wait_for(lambda: srv.requests == 1, timeout=10)
+    other = front.sendmail(["postmaster@localhost"], BODY)
+    assert front.wait_log(rf"{other}: to=<postmaster@localhost>, relay=127.0.0.1\[127.0.0.1\]:\d+, .*status=sent"), \
+        front.log()
+    assert f"{held}: to=<bob@example.test>" not in front.log() and srv.requests == 1
+    srv.hold.set()
+    assert front.wait_log(rf"{held}: to=<bob@example.test>, relay=mx.example.test\[127.0.0.1\]:\d+, .*status=sent"), \
+        front.log()
