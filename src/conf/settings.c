@@ -2,7 +2,9 @@
  * are read (and expanded) once here, not on the session hot path. Resolvers
  * and TLS contexts are shared between services whose parameters are equal. */
 #include <ares.h>
+#include <arpa/inet.h>
 #include <errno.h>
+#include <ifaddrs.h>
 #include <netdb.h>
 #include <stdarg.h>
 #include <openssl/evp.h>
@@ -14,6 +16,7 @@
 
 #include "core/alloc.h"
 #include "queue/smtp_client.h"
+#include "queue/smtp_sasl.h"
 #include "conf/config.h"
 #include "tls/ktls.h"
 #include "metrics/metrics.h"
@@ -36,6 +39,8 @@ struct runtime_private {
     struct kt_runtime pub;
     struct kt_maps *transport_maps;   /* pub.qmgr.transport_maps */
     SSL_CTX *smtp_ssl_ctx;            /* pub.qmgr.smtp.ssl_ctx */
+    struct kt_maps *smtp_sasl_maps;   /* pub.qmgr.smtp.sasl_password_maps */
+    struct sockaddr_storage *own_addrs;  /* pub.qmgr.own_addrs */
     struct shared_obj *objs;
     size_t n_objs;
 };
@@ -634,12 +639,122 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     return errors;
 }
 
+/* smtp_sasl_* and the other Postfix smtp(8) delivery limits. Returns the error count. */
+static int smtp_sasl_settings(struct runtime_private *rp, const struct kt_config *cfg, struct kt_smtp_settings *sm)
+{
+    char err[512];
+    int errors = 0;
+    unsigned opts = 0, tls_opts = 0, filter = 0;
+
+    sm->sasl_soft_bounce = kt_config_get_bool(cfg, NULL, "smtp_sasl_auth_soft_bounce") == 1;
+    sm->sender_dependent_auth = kt_config_get_bool(cfg, NULL, "smtp_sender_dependent_authentication") == 1;
+    sm->randomize_addresses = kt_config_get_bool(cfg, NULL, "smtp_randomize_addresses") == 1;
+    long long lim = kt_config_get_int(cfg, NULL, "smtp_destination_recipient_limit");
+    sm->recipient_limit = lim > 0 ? (unsigned)(lim > 100000 ? 100000 : lim) : 0;
+    sm->rate_delay_s = kt_config_get_time(cfg, NULL, "smtp_destination_rate_delay");
+    sm->conn_cache_time_s = kt_config_get_time(cfg, NULL, "smtp_connection_cache_time_limit");
+    long long reuse = kt_config_get_int(cfg, NULL, "smtp_connection_reuse_count_limit");
+    sm->reuse_count_limit = reuse > 0 ? (unsigned)(reuse > 1000000 ? 1000000 : reuse) : 0;
+    if (sm->rate_delay_s < 0)
+        sm->rate_delay_s = 0;
+    if (sm->conn_cache_time_s < 0)
+        sm->conn_cache_time_s = 0;
+
+    /* checked even when AUTH is off, so check-config finds a bad value before it is switched on */
+    if (kt_sasl_security_mechs(get(cfg, NULL, "smtp_sasl_security_options"), &opts, err, sizeof(err)) < 0) {
+        param_err(cfg, NULL, "smtp_sasl_security_options", "smtp_sasl_security_options: %s", err);
+        errors++;
+    }
+    if (kt_sasl_security_mechs(get(cfg, NULL, "smtp_sasl_tls_security_options"), &tls_opts, err, sizeof(err)) < 0) {
+        param_err(cfg, NULL, "smtp_sasl_tls_security_options", "smtp_sasl_tls_security_options: %s", err);
+        errors++;
+    }
+    if (kt_smtp_sasl_filter(get(cfg, NULL, "smtp_sasl_mechanism_filter"), &filter, err, sizeof(err)) < 0) {
+        param_err(cfg, NULL, "smtp_sasl_mechanism_filter", "smtp_sasl_mechanism_filter: %s", err);
+        errors++;
+    }
+    /* the server side's option bits are the same mechanisms: PLAIN 1, LOGIN 2 */
+    sm->sasl_mechs = ((opts & KT_MECH_PLAIN ? KT_SMTP_MECH_PLAIN : 0u) | (opts & KT_MECH_LOGIN ? KT_SMTP_MECH_LOGIN : 0u)) & filter;
+    sm->sasl_tls_mechs = ((tls_opts & KT_MECH_PLAIN ? KT_SMTP_MECH_PLAIN : 0u) |
+                          (tls_opts & KT_MECH_LOGIN ? KT_SMTP_MECH_LOGIN : 0u)) & filter;
+    sm->sasl_auth_enable = kt_config_get_bool(cfg, NULL, "smtp_sasl_auth_enable") == 1;
+    if (!sm->sasl_auth_enable)
+        return errors;
+    const char *maps = get(cfg, NULL, "smtp_sasl_password_maps");
+    if (!*maps) {
+        /* Postfix stops too: AUTH on, but nowhere to find a password */
+        param_err(cfg, NULL, "smtp_sasl_auth_enable",
+                  "smtp_sasl_auth_enable = yes needs a password table in smtp_sasl_password_maps");
+        return errors + 1;
+    }
+    if (kt_maps_open(maps, KT_TABLE_MAP, &rp->smtp_sasl_maps, err, sizeof(err)) < 0) {
+        param_err(cfg, NULL, "smtp_sasl_password_maps", "smtp_sasl_password_maps: %s", err);
+        return errors + 1;
+    }
+    sm->sasl_password_maps = rp->smtp_sasl_maps;
+    return errors;
+}
+
+static void own_add(struct runtime_private *rp, size_t *n, const struct sockaddr *sa)
+{
+    size_t len = sa->sa_family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
+    if (sa->sa_family != AF_INET && sa->sa_family != AF_INET6)
+        return;
+    rp->own_addrs = kt_realloc(rp->own_addrs, (*n + 1) * sizeof(*rp->own_addrs));
+    memset(&rp->own_addrs[*n], 0, sizeof(*rp->own_addrs));
+    memcpy(&rp->own_addrs[*n], sa, len);
+    (*n)++;
+}
+
+/* Names or addresses of a list (inet_interfaces, proxy_interfaces) into own_addrs; "all" takes every
+ * interface's address, "loopback-only" 127.0.0.1 and ::1, as Postfix's own_inet_addr. Returns errors. */
+static int own_list(struct runtime_private *rp, const struct kt_config *cfg, const char *param, size_t *n)
+{
+    char *copy = kt_strdup(get(cfg, NULL, param)), *save = NULL;
+    int errors = 0;
+    for (char *tok = strtok_r(copy, ", \t", &save); tok; tok = strtok_r(NULL, ", \t", &save)) {
+        if (!strcasecmp(tok, "all") && !strcmp(param, "inet_interfaces")) {
+            struct ifaddrs *ifs = NULL;
+            if (getifaddrs(&ifs) == 0) {
+                for (struct ifaddrs *i = ifs; i; i = i->ifa_next)
+                    if (i->ifa_addr)
+                        own_add(rp, n, i->ifa_addr);
+                freeifaddrs(ifs);
+            }
+            continue;
+        }
+        if (!strcasecmp(tok, "loopback-only") && !strcmp(param, "inet_interfaces")) {
+            struct sockaddr_in a4 = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+            struct sockaddr_in6 a6 = { .sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT };
+            own_add(rp, n, (struct sockaddr *)&a4);
+            own_add(rp, n, (struct sockaddr *)&a6);
+            continue;
+        }
+        char host[256];
+        snprintf(host, sizeof(host), "%s", tok[0] == '[' ? tok + 1 : tok);
+        host[strcspn(host, "]")] = '\0';
+        struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *ai = NULL;
+        if (getaddrinfo(host, NULL, &hints, &ai) != 0) {
+            param_err(cfg, NULL, param, "%s: cannot resolve %s", param, tok);
+            errors++;
+            continue;
+        }
+        for (struct addrinfo *a = ai; a; a = a->ai_next)
+            own_add(rp, n, a->ai_addr);
+        freeaddrinfo(ai);
+    }
+    kt_free(copy);
+    return errors;
+}
+
 /* The outbound client: smtp_* parameters of main.cf (Postfix smtp(8)). */
 static int smtp_settings(struct runtime_private *rp, const struct kt_config *cfg, struct kt_smtp_settings *sm)
 {
     char err[512];
     const char *level_name = get(cfg, NULL, "smtp_tls_security_level");
     int level = kt_smtp_tls_level_parse(level_name);
+    if (smtp_sasl_settings(rp, cfg, sm))
+        return 1;
 
     sm->helo_name = get(cfg, NULL, "smtp_helo_name");
     sm->tls_servername = get(cfg, NULL, "smtp_tls_servername");
@@ -756,6 +871,11 @@ static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg
         errors++;
     }
     errors += smtp_settings(rp, cfg, &qs->smtp);
+    size_t n_own = 0;
+    errors += own_list(rp, cfg, "inet_interfaces", &n_own);
+    errors += own_list(rp, cfg, "proxy_interfaces", &n_own);
+    qs->own_addrs = rp->own_addrs;
+    qs->n_own_addrs = n_own;
     return errors;
 }
 
@@ -776,6 +896,8 @@ static void runtime_free(struct runtime_private *rp)
     }
     kt_free(rp->objs);
     kt_maps_free(rp->transport_maps);
+    kt_maps_free(rp->smtp_sasl_maps);
+    kt_free(rp->own_addrs);
     SSL_CTX_free(rp->smtp_ssl_ctx);
     kt_free(rp->pub.services);
     kt_config_free(rp->pub.cfg);

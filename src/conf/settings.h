@@ -6,6 +6,7 @@
 
 #include <stdatomic.h>
 #include <stddef.h>
+#include <sys/socket.h>
 
 #include <openssl/ssl.h>
 
@@ -93,6 +94,18 @@ struct kt_smtp_settings {
     const char *tls_servername;      /* smtp_tls_servername: "", "hostname", "nexthop" or a fixed name */
     long long connect_timeout_s;     /* smtp_connect_timeout */
     long long command_timeout_s;     /* per reply; 300 s, Postfix's smtp_*_timeout defaults */
+    /* AUTH towards the next hop (Postfix smtp(8) SASL) */
+    int sasl_auth_enable;            /* smtp_sasl_auth_enable */
+    const struct kt_maps *sasl_password_maps;  /* smtp_sasl_password_maps; owned by the runtime, NULL if off */
+    unsigned sasl_mechs;             /* KT_SMTP_MECH_*: smtp_sasl_security_options and the filter */
+    unsigned sasl_tls_mechs;         /* smtp_sasl_tls_security_options and the filter */
+    int sasl_soft_bounce;            /* smtp_sasl_auth_soft_bounce */
+    int sender_dependent_auth;       /* smtp_sender_dependent_authentication */
+    int randomize_addresses;         /* smtp_randomize_addresses */
+    unsigned recipient_limit;        /* smtp_destination_recipient_limit; 0 = none */
+    long long rate_delay_s;          /* smtp_destination_rate_delay; 0 = none */
+    long long conn_cache_time_s;     /* smtp_connection_cache_time_limit */
+    unsigned reuse_count_limit;      /* smtp_connection_reuse_count_limit; 0 = none */
 };
 
 /* Queue manager (Postfix qmgr(8) parameters, main.cf only). Times in seconds. */
@@ -113,6 +126,10 @@ struct kt_qmgr_settings {
     long long message_size_limit;    /* for maildrop pickup; 0 = none */
     struct kt_maps *transport_maps;  /* owned by the runtime; NULL when empty */
     const struct kt_resolver *resolver;  /* address classes (main.cf values); NULL if it failed */
+    /* this host's addresses for the "loops back to myself" check: inet_interfaces (all: every
+     * interface's), and proxy_interfaces; owned by the runtime */
+    const struct sockaddr_storage *own_addrs;
+    size_t n_own_addrs;
     struct kt_smtp_settings smtp;
     /* MTA-STS (RFC 8461) and TLS reporting (RFC 8460) */
     int mta_sts_enable;              /* ktrelay_mta_sts_enable */

@@ -230,6 +230,7 @@ static void addr_done(void *arg, int status, int timeouts, struct ares_addrinfo 
             else
                 ((struct sockaddr_in6 *)&a->ss)->sin6_port = htons((unsigned short)r->port);
             snprintf(a->host, sizeof(a->host), "%s", e->name);
+            a->pref = e->pref;
         }
     }
     if (res)
@@ -296,7 +297,8 @@ static void mx_done(void *arg, int status, int timeouts, unsigned char *abuf, in
         req_free(r);
         return;
     }
-    /* equal preferences keep the server's order */
+    /* equal preferences keep the server's order here; each connection shuffles them (qmgr.c,
+     * smtp_randomize_addresses) */
     for (size_t i = 1; i < r->n_ex; i++)
         for (size_t k = i; k > 0 && by_pref(&r->ex[k - 1], &r->ex[k]) > 0; k--) {
             struct exch t = r->ex[k];

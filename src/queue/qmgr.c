@@ -73,13 +73,12 @@
 #include "delivery/resolve.h"
 #include "conf/settings.h"
 #include "queue/smtp_client.h"
+#include "queue/smtp_sasl.h"
 #include "core/table.h"
 #include "queue/tlsrpt.h"
 #include "tls/tls.h"
 
 #define TICK_MS 1000
-/* Postfix's smtp_connection_cache_time_limit: an idle connection waits this long for more mail */
-#define CONN_CACHE_S 2
 #define STOP_GRACE_S 3
 #define LOCAL_BLOCK (256 * 1024)
 
@@ -113,6 +112,8 @@ struct conn {
     struct job *job;
     int ready;
     unsigned jobs_done;            /* transactions completed on this connection */
+    const char *sasl_value;        /* smtp_sasl_password_maps value it authenticates with, or NULL */
+    char server[256];              /* the first server's name, a key of that lookup */
     time_t idle_since;             /* waiting for work since (connection cache) */
     struct conn *next;
 };
@@ -135,6 +136,7 @@ struct dest {
     int has_sts;                   /* sts holds a policy of mode testing or enforce */
     struct kt_sts_policy sts;
     struct job *local_job;         /* local: the job being delivered */
+    long long resume_ms;           /* smtp_destination_rate_delay: no delivery starts before (mono_ms) */
     struct dest *next;
     struct kt_qmgr *q;
 };
@@ -225,6 +227,14 @@ static time_t (*qmgr_clock)(void) = qmgr_clock_wall;
 static time_t qmgr_now(void)
 {
     return qmgr_clock();
+}
+
+/* Milliseconds on the monotonic clock, for smtp_destination_rate_delay's gaps. */
+static long long mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static double delay_of(const struct msg *m)
@@ -684,6 +694,8 @@ static void job_sent(void *arg, int res, const char *reason)
     }
     if (res == 0)
         cn->jobs_done++;
+    if (d->q->set->smtp.rate_delay_s > 0)
+        d->resume_ms = mono_ms() + d->q->set->smtp.rate_delay_s * 1000;
     /* a delivery that got replies counts as success for the window, a broken connection as failure */
     dest_feedback(d, res >= 0);
     /* Ending the job can queue new work for d (a bounce): this connection must not be handed it from
@@ -693,7 +705,8 @@ static void job_sent(void *arg, int res, const char *reason)
                 (kt_smtp_extensions(cn->c) & KT_SMTP_EXT_DSN) != 0);
     job_end(d->q, j);
     cn->ready = 1;
-    if (res != 0 || !kt_smtp_usable(cn->c)) {
+    unsigned reuse_limit = d->q->set->smtp.reuse_count_limit;
+    if (res != 0 || !kt_smtp_usable(cn->c) || (reuse_limit && cn->jobs_done >= reuse_limit)) {
         conn_remove(cn);
         dest_kick(d);
         return;
@@ -765,6 +778,44 @@ static int smtputf8_refused(struct conn *cn, struct job *j)
     return 1;
 }
 
+/* The smtp_sasl_password_maps value for a connection of d to server carrying j (NULL: no AUTH). */
+static const char *sasl_value(const struct dest *d, const struct job *j, const char *server)
+{
+    const struct kt_smtp_settings *sm = &d->q->set->smtp;
+    if (!sm->sasl_auth_enable || !sm->sasl_password_maps)
+        return NULL;
+    struct kt_smtp_sasl_keys k = {
+        .sender = j ? j->m->q->sender : NULL, .sender_dependent = sm->sender_dependent_auth,
+        .server = server, .nexthop = strchr(d->key, ':') + 1,
+    };
+    return kt_smtp_sasl_lookup(sm->sasl_password_maps, &k);
+}
+
+/* The next job this connection may carry: the first queued one, or with sender-dependent credentials
+ * the first whose sender authenticates as this connection does (Postfix does not reuse such a
+ * connection at all; reuse under the same credentials is as safe). */
+static struct job *dest_take(struct dest *d, struct conn *cn)
+{
+    const struct kt_smtp_settings *sm = &d->q->set->smtp;
+    if (!sm->sasl_auth_enable || !sm->sender_dependent_auth)
+        return dest_pop(d);
+    struct job *prev = NULL;
+    for (struct job *j = d->head; j; prev = j, j = j->next) {
+        if (sasl_value(d, j, cn->server) != cn->sasl_value)
+            continue;
+        if (prev)
+            prev->next = j->next;
+        else
+            d->head = j->next;
+        if (d->tail == j)
+            d->tail = prev;
+        j->next = NULL;
+        d->queued--;
+        return j;
+    }
+    return NULL;
+}
+
 static void conn_run_next(struct conn *cn)
 {
     struct dest *d = cn->d;
@@ -775,9 +826,14 @@ static void conn_run_next(struct conn *cn)
         dest_kick(d);
         return;
     }
+    if (d->q->set->smtp.rate_delay_s > 0 && mono_ms() < d->resume_ms) {
+        /* smtp_destination_rate_delay: wait (cached) until the gap has passed; the tick resumes */
+        cn->idle_since = qmgr_now();
+        return;
+    }
     /* not ready while picking: ending a job whose file is gone can call dest_kick */
     cn->ready = 0;
-    while (!d->q->stopping && (j = dest_pop(d))) {
+    while (!d->q->stopping && (j = dest_take(d, cn))) {
         if (prepare_job_fd(d->q, j) < 0) {
             if (!j->m->gone)
                 kt_warn("%s: cannot open the queue file: %s", j->m->q->id, strerror(-j->fd));
@@ -808,6 +864,12 @@ static void conn_run_next(struct conn *cn)
         return;
     }
     cn->ready = 1;
+    if (d->queued && !d->q->stopping) {
+        /* what waits needs other credentials: this connection makes room for one that has them */
+        conn_remove(cn);
+        dest_kick(d);
+        return;
+    }
     /* nothing more for this destination now: keep the connection for a moment, then QUIT (tick) */
     if (d->q->stopping)
         conn_remove(cn);
@@ -837,13 +899,16 @@ static void conn_ready(void *arg, int res, const char *reason)
     struct dest *d = cn->d;
     tls_outcome(cn, res != 0 ? reason : NULL);
     if (res != 0) {
+        char dsn[16] = "";
         kt_info_as("smtp", "%s", reason);
+        if (kt_smtp_dsn(cn->c))
+            snprintf(dsn, sizeof(dsn), "%s", kt_smtp_dsn(cn->c));
         dest_feedback(d, 0);
         conn_remove(cn);
         /* the destination is down (or refuses us): what waits for it is deferred now rather
          * than fed to new connections that would fail the same way. A certificate that does not
-         * verify is Postfix's 4.7.5. */
-        dest_defer_queued(d, res, res == -EACCES ? "4.7.5" : NULL, reason);
+         * verify is Postfix's 4.7.5; the client's own failures (AUTH, loops) carry their code. */
+        dest_defer_queued(d, res, dsn[0] ? dsn : res == -EACCES ? "4.7.5" : NULL, reason);
         return;
     }
     cn->ready = 1;
@@ -887,8 +952,63 @@ static void conn_open(struct dest *d)
         else if (p.tls_level < KT_SMTP_TLS_MAY)
             p.tls_level = KT_SMTP_TLS_MAY;
     }
-    cn->c = kt_smtp_connect(&q->loop, &p, d->addrs, d->n_addrs, conn_ready, cn);
+    /* Postfix's smtp_randomize_addresses: hosts of equal MX preference in random order, per connection */
+    struct kt_smtp_addr *addrs = kt_calloc(d->n_addrs, sizeof(*addrs));
+    memcpy(addrs, d->addrs, d->n_addrs * sizeof(*addrs));
+    for (size_t lo = 0; sm->randomize_addresses && lo < d->n_addrs;) {
+        size_t hi = lo + 1;
+        while (hi < d->n_addrs && addrs[hi].pref == addrs[lo].pref)
+            hi++;
+        for (size_t i = hi - 1; i > lo; i--) {
+            size_t k = lo + arc4random_uniform((uint32_t)(i - lo + 1));
+            struct kt_smtp_addr t = addrs[i];
+            addrs[i] = addrs[k];
+            addrs[k] = t;
+        }
+        lo = hi;
+    }
+    /* smarthost AUTH: the credentials for the first server, and with sender-dependent ones the sender
+     * of the job this connection is most likely to carry (the first one no idle connection takes) */
+    snprintf(cn->server, sizeof(cn->server), "%s", addrs[0].host);
+    struct job *next = d->head;
+    for (unsigned k = 1; next && k < d->n_unassigned; k++)
+        next = next->next;
+    cn->sasl_value = sasl_value(d, next ? next : d->head, cn->server);
+    char *user = NULL, *pass = NULL;
+    if (cn->sasl_value && kt_smtp_sasl_split(cn->sasl_value, &user, &pass) < 0)
+        kt_warn("smtp_sasl_password_maps: the value for %s is not username:password; no AUTH", d->host);
+    p.sasl_username = user;
+    p.sasl_password = pass;
+    p.sasl_mechs = sm->sasl_mechs;
+    p.sasl_tls_mechs = sm->sasl_tls_mechs;
+    p.sasl_soft_bounce = sm->sasl_soft_bounce;
+    /* Postfix detects loops only for port 25 (other ports are content filters and the like) */
+    p.loop_myhostname = d->port == 25 ? q->set->myhostname : NULL;
+    p.nexthop = strchr(d->key, ':') + 1;    /* as written: "[host]:port", "domain" */
+    cn->c = kt_smtp_connect(&q->loop, &p, addrs, d->n_addrs, conn_ready, cn);
+    if (pass)
+        explicit_bzero(pass, strlen(pass));
+    kt_free(user);
+    kt_free(pass);
+    kt_free(addrs);
     kt_free(sni);
+}
+
+/* 1 when sa is one of this host's addresses (inet_interfaces, proxy_interfaces). */
+static int own_addr(const struct kt_qmgr *q, const struct sockaddr_storage *sa)
+{
+    for (size_t i = 0; i < q->set->n_own_addrs; i++) {
+        const struct sockaddr_storage *o = &q->set->own_addrs[i];
+        if (o->ss_family != sa->ss_family)
+            continue;
+        if (sa->ss_family == AF_INET && ((const struct sockaddr_in *)o)->sin_addr.s_addr ==
+                                            ((const struct sockaddr_in *)sa)->sin_addr.s_addr)
+            return 1;
+        if (sa->ss_family == AF_INET6 && !memcmp(&((const struct sockaddr_in6 *)o)->sin6_addr,
+                                                 &((const struct sockaddr_in6 *)sa)->sin6_addr, 16))
+            return 1;
+    }
+    return 0;
 }
 
 static void resolved(void *arg, int res, const struct kt_smtp_addr *addrs, size_t n, const char *dsn,
@@ -902,6 +1022,25 @@ static void resolved(void *arg, int res, const struct kt_smtp_addr *addrs, size_
         kt_info_as("smtp", "%s", err ? err : "no address");
         dest_defer_queued(d, res > 0 ? res : 450, dsn ? dsn : "4.4.3", err ? err : "no address");
         return;
+    }
+    if (d->port == 25) {
+        /* Postfix's loop detection (port 25 only): an MX host that is this host, and every one of
+         * equal or lower preference, is dropped; when nothing is left the mail would come back */
+        unsigned self = (unsigned)-1;
+        for (size_t i = 0; i < n; i++)
+            if (addrs[i].pref < self && own_addr(d->q, &addrs[i].ss))
+                self = addrs[i].pref;
+        size_t keep = 0;
+        while (keep < n && addrs[keep].pref < self)
+            keep++;
+        if (keep == 0) {
+            char *why = kt_asprintf("mail for %s loops back to myself", d->host);
+            kt_info_as("smtp", "%s", why);
+            dest_defer_queued(d, 550, "5.4.6", why);
+            kt_free(why);
+            return;
+        }
+        n = keep;
     }
     struct kt_smtp_addr *use = kt_calloc(n, sizeof(*use));
     size_t n_use = 0;
@@ -984,6 +1123,9 @@ static void dest_kick(struct dest *d)
         if (!d->addrs)
             return;
     }
+    long long rate = d->q->set->smtp.rate_delay_s;
+    if (rate > 0 && mono_ms() < d->resume_ms)
+        return;                    /* smtp_destination_rate_delay: the tick comes back */
     /* idle connections take work first (each pass gives one a job or drops it, so this ends); new
      * ones only while jobs outnumber them */
     while (d->queued) {
@@ -994,7 +1136,8 @@ static void dest_kick(struct dest *d)
             break;
         conn_run_next(cn);
     }
-    unsigned limit = (unsigned)d->window;
+    /* with a rate delay, one delivery at a time (Postfix) */
+    unsigned limit = rate > 0 ? 1 : (unsigned)d->window;
     while (d->queued > d->n_unassigned && d->n_conns < limit)
         conn_open(d);
 }
@@ -1476,8 +1619,10 @@ static void msg_start(struct kt_qmgr *q, struct msg *m)
         struct dest *d = dest_get(q, key);
         kt_free(key);
         struct job *j = NULL;
+        /* smtp_destination_recipient_limit: at most that many recipients per transaction */
+        unsigned limit = d->local ? 0 : q->set->smtp.recipient_limit;
         for (size_t k = 0; k < n_jobs; k++)
-            if (jobs[k]->d == d)
+            if (jobs[k]->d == d && (!limit || jobs[k]->n < limit))
                 j = jobs[k];
         if (!j) {
             j = job_new(m, d);
@@ -1819,11 +1964,13 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
         struct conn *cn, *next;
         for (cn = d->conns; cn; cn = next) {
             next = cn->next;
-            if (cn->ready && !cn->job && now - cn->idle_since >= CONN_CACHE_S)
+            if (cn->ready && !cn->job && now - cn->idle_since >= q->set->smtp.conn_cache_time_s)
                 conn_remove(cn);   /* QUIT */
             else
                 kt_smtp_check_timeout(cn->c, now);
         }
+        if (!q->stopping && d->queued && !d->local && q->set->smtp.rate_delay_s > 0 && mono_ms() >= d->resume_ms)
+            dest_kick(d);
     }
     if (q->stopping) {
         if (now >= q->stop_deadline)

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/x509v3.h>
 
 #include "core/alloc.h"
@@ -38,7 +39,7 @@
 #define REPLY_READ 16384
 
 enum state {
-    ST_CONNECT, ST_GREETING, ST_EHLO, ST_HELO, ST_STARTTLS, ST_HANDSHAKE, ST_EHLO2, ST_IDLE,
+    ST_CONNECT, ST_GREETING, ST_EHLO, ST_HELO, ST_STARTTLS, ST_HANDSHAKE, ST_EHLO2, ST_AUTH, ST_IDLE,
     ST_MAIL, ST_DATA, ST_BODY, ST_DOT, ST_RSET, ST_QUIT, ST_DONE,
 };
 
@@ -46,6 +47,9 @@ struct kt_smtp_conn {
     struct kt_loop *loop;
     struct kt_smtp_params p;
     char *sni, *verify_name;          /* own copies behind p.sni, p.verify_name */
+    char *sasl_username, *sasl_password, *loop_myhostname, *nexthop;   /* own copies, as above */
+    int plain_retry;               /* the may handshake failed: this connection goes on without TLS */
+    char dsn[16];                  /* enhanced status code of our own session failure, "" if none */
     struct kt_smtp_addr *addrs;
     size_t n_addrs, cur_addr;
     struct kt_conn *conn;          /* the current address's connection */
@@ -69,6 +73,10 @@ struct kt_smtp_conn {
     /* EHLO extensions */
     int ext_starttls, ext_pipelining, ext_chunking, ext_size;
     unsigned ext;                  /* KT_SMTP_EXT_* */
+    unsigned ext_auth;             /* KT_SMTP_MECH_* the server offers in its AUTH line */
+    int ehlo_loop;                 /* the EHLO reply named this host (loop detection) */
+    unsigned auth_mech;            /* the mechanism in use */
+    int auth_step;                 /* LOGIN: 0 user name next, 1 password next, 2 done */
 
     kt_smtp_cb cb;
     void *arg;
@@ -110,6 +118,11 @@ int kt_smtp_tls_level_parse(const char *s)
         if (!strcasecmp(s, names[i]))
             return i;
     return -1;
+}
+
+const char *kt_smtp_dsn(const struct kt_smtp_conn *c)
+{
+    return c && c->dsn[0] ? c->dsn : NULL;
 }
 
 const char *kt_smtp_relay(const struct kt_smtp_conn *c)
@@ -155,6 +168,12 @@ static void conn_free_if_idle(struct kt_smtp_conn *c)
     kt_free(c->addrs);
     kt_free(c->sni);
     kt_free(c->verify_name);
+    if (c->sasl_password)
+        explicit_bzero(c->sasl_password, strlen(c->sasl_password));
+    kt_free(c->sasl_password);
+    kt_free(c->sasl_username);
+    kt_free(c->loop_myhostname);
+    kt_free(c->nexthop);
     kt_free(c);
     __atomic_sub_fetch(&live_count, 1, __ATOMIC_RELAXED);
     kt_metric_add(KT_M_CONN_SMTP, -1);
@@ -245,6 +264,7 @@ static void connected(struct kt_smtp_conn *c, int res)
         snprintf(why, sizeof(why), "connect to %s: %s", c->relay, strerror(-res));
         if (++c->cur_addr < c->n_addrs) {
             kt_info_as("smtp", "%s", why);
+            c->plain_retry = 0;    /* the next server gets its own TLS attempt */
             connect_next(c);
             return;
         }
@@ -270,6 +290,14 @@ struct kt_smtp_conn *kt_smtp_connect(struct kt_loop *loop, const struct kt_smtp_
     c->verify_name = p->verify_name ? kt_strdup(p->verify_name) : NULL;
     c->p.sni = c->sni;
     c->p.verify_name = c->verify_name;
+    c->sasl_username = p->sasl_username ? kt_strdup(p->sasl_username) : NULL;
+    c->sasl_password = p->sasl_password ? kt_strdup(p->sasl_password) : NULL;
+    c->loop_myhostname = p->loop_myhostname ? kt_strdup(p->loop_myhostname) : NULL;
+    c->nexthop = p->nexthop ? kt_strdup(p->nexthop) : NULL;
+    c->p.sasl_username = c->sasl_username;
+    c->p.sasl_password = c->sasl_password;
+    c->p.loop_myhostname = c->loop_myhostname;
+    c->p.nexthop = c->nexthop;
     c->addrs = kt_calloc(n ? n : 1, sizeof(*addrs));
     memcpy(c->addrs, addrs, n * sizeof(*addrs));
     c->n_addrs = n;
@@ -328,6 +356,8 @@ static void send_ehlo(struct kt_smtp_conn *c, enum state st)
 {
     c->ext_starttls = c->ext_pipelining = c->ext_chunking = c->ext_size = 0;
     c->ext = 0;
+    c->ext_auth = 0;
+    c->ehlo_loop = 0;
     kt_buf_printf(&c->out, "EHLO %s\r\n", c->p.helo_name);
     c->state = st;
     c->expect = 1;
@@ -337,9 +367,30 @@ static void parse_ehlo(struct kt_smtp_conn *c)
 {
     char *save = NULL;
     char *text = kt_strndup(kt_buf_head(&c->reply), kt_buf_used(&c->reply));
+    int first = 1;
     for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
         const char *kw = strlen(line) > 4 ? line + 4 : "";
-        if (!strncasecmp(kw, "STARTTLS", 8))
+        if (first) {
+            /* the server's name: with loop detection, our own name means the mail would come back */
+            size_t n = strcspn(kw, " \t");
+            first = 0;
+            if (c->p.loop_myhostname && n == strlen(c->p.loop_myhostname) && n > 0 &&
+                !strncasecmp(kw, c->p.loop_myhostname, n))
+                c->ehlo_loop = 1;
+            continue;
+        }
+        if (!strncasecmp(kw, "AUTH", 4) && (kw[4] == ' ' || kw[4] == '=')) {
+            /* "AUTH PLAIN LOGIN ..." (RFC 4954), or the "AUTH=" of old drafts */
+            for (const char *m = kw + 5; *m;) {
+                size_t n = strcspn(m, " \t");
+                unsigned bit = (n == 5 && !strncasecmp(m, "PLAIN", 5))   ? KT_SMTP_MECH_PLAIN
+                               : (n == 5 && !strncasecmp(m, "LOGIN", 5)) ? KT_SMTP_MECH_LOGIN
+                                                                         : 0;
+                c->ext_auth |= bit;
+                m += n;
+                m += strspn(m, " \t");
+            }
+        } else if (!strncasecmp(kw, "STARTTLS", 8))
             c->ext_starttls = 1;
         else if (!strncasecmp(kw, "PIPELINING", 10))
             c->ext_pipelining = 1;
@@ -448,12 +499,133 @@ static void tls_failed(struct kt_smtp_conn *c)
         conn_fail(c, -EACCES, "Server certificate not verified (%s): %s", c->relay, X509_verify_cert_error_string(vr));
         return;
     }
+    if (c->p.tls_level == KT_SMTP_TLS_MAY && !c->plain_retry && !c->closing) {
+        /* Postfix at level may: TLS is opportunistic, so the same server is tried again at once, on a
+         * new connection, in plaintext (the conversation on this one is in an unknown state) */
+        kt_info_as("smtp", "TLS handshake with %s failed: %s; TLS is not required, retrying in plaintext",
+                   c->relay, kt_conn_why(c->conn));
+        c->plain_retry = 1;
+        c->sending = 0;
+        kt_buf_reset(&c->in);
+        kt_buf_reset(&c->out);
+        kt_buf_reset(&c->reply);
+        c->expect = 0;
+        /* the failed handshake stays this server's TLS outcome (TLS reporting) */
+        int known = c->tls_known;
+        const char *result = c->tls_result;
+        connect_next(c);
+        c->tls_known = known;
+        c->tls_result = result;
+        return;
+    }
     conn_fail(c, -EIO, "TLS handshake with %s failed: %s", c->relay, kt_conn_why(c->conn));
+}
+
+/* "host[addr]", the server as Postfix names it in SASL and loop messages */
+static const char *namaddr(const struct kt_smtp_conn *c, char *buf, size_t len)
+{
+    snprintf(buf, len, "%s[%s]", c->addrs[c->cur_addr].host, c->peer_ip);
+    return buf;
+}
+
+static void send_auth_line(struct kt_smtp_conn *c, const char *prefix, const void *data, size_t len)
+{
+    char *b64 = kt_malloc(4 * ((len + 2) / 3) + 1);
+    EVP_EncodeBlock((unsigned char *)b64, data, (int)len);
+    kt_buf_printf(&c->out, "%s%s\r\n", prefix, b64);
+    explicit_bzero(b64, strlen(b64));
+    kt_free(b64);
+    c->expect = 1;
+}
+
+/* AUTH after the last EHLO (RFC 4954), with the best mechanism that the server offers and the
+ * security options for this connection allow: PLAIN (with its initial response), else LOGIN. */
+static void start_auth(struct kt_smtp_conn *c)
+{
+    char na[320];
+    int tls = kt_conn_ssl(c->conn) != NULL;
+    unsigned usable = c->ext_auth & (tls ? c->p.sasl_tls_mechs : c->p.sasl_mechs);
+    if (!usable) {
+        /* Postfix: no usable mechanism is a temporary failure, never a password sent in the clear */
+        snprintf(c->dsn, sizeof(c->dsn), "4.7.0");
+        conn_fail(c, 450, "SASL authentication failed; cannot authenticate to server %s: no mechanism available%s",
+                  namaddr(c, na, sizeof(na)),
+                  !tls && (c->ext_auth & c->p.sasl_tls_mechs) ? " without TLS (smtp_sasl_security_options)" : "");
+        return;
+    }
+    c->state = ST_AUTH;
+    c->auth_step = 0;
+    if (usable & KT_SMTP_MECH_PLAIN) {
+        size_t ul = strlen(c->p.sasl_username), pl = strlen(c->p.sasl_password);
+        char *msg = kt_malloc(ul + pl + 2);
+        msg[0] = '\0';
+        memcpy(msg + 1, c->p.sasl_username, ul);
+        msg[1 + ul] = '\0';
+        memcpy(msg + 2 + ul, c->p.sasl_password, pl);
+        c->auth_mech = KT_SMTP_MECH_PLAIN;
+        c->auth_step = 2;
+        send_auth_line(c, "AUTH PLAIN ", msg, ul + pl + 2);
+        explicit_bzero(msg, ul + pl + 2);
+        kt_free(msg);
+        return;
+    }
+    c->auth_mech = KT_SMTP_MECH_LOGIN;
+    kt_buf_printf(&c->out, "AUTH LOGIN\r\n");
+    c->expect = 1;
+}
+
+static void session_ready_or_auth(struct kt_smtp_conn *c)
+{
+    if (c->p.sasl_username && c->ext_auth) {
+        start_auth(c);
+        return;
+    }
+    session_ready(c);
+}
+
+static void auth_reply(struct kt_smtp_conn *c, int code, const char *text)
+{
+    char na[320];
+    if (code == 235) {
+        session_ready(c);
+        return;
+    }
+    if (code == 334 && c->auth_mech == KT_SMTP_MECH_LOGIN && c->auth_step < 2) {
+        const char *v = c->auth_step == 0 ? c->p.sasl_username : c->p.sasl_password;
+        c->auth_step++;
+        send_auth_line(c, "", v, strlen(v));
+        return;
+    }
+    char *t = kt_strdup(text);
+    for (char *q = t; *q; q++)
+        if (*q == '\n')
+            *q = ' ';
+    int res = code;
+    if (code == 334) {
+        /* a challenge where none can come: end the exchange (RFC 4954 "*") and give up */
+        kt_buf_printf(&c->out, "*\r\n");
+        res = 450;
+    } else if (code >= 500 && c->p.sasl_soft_bounce) {
+        res = code - 100;       /* smtp_sasl_auth_soft_bounce: the 5.x.y of the reply becomes 4.x.y */
+    }
+    conn_fail(c, res, "SASL authentication failed; server %s said: %s", namaddr(c, na, sizeof(na)), t);
+    kt_free(t);
 }
 
 static void after_ehlo(struct kt_smtp_conn *c)
 {
-    if (c->state == ST_EHLO && c->p.tls_level != KT_SMTP_TLS_NONE) {
+    if (c->ehlo_loop) {
+        /* Postfix: a server that answers EHLO with our own name is us; 5.4.6 when it is among the best
+         * MX hosts of the next hop, else 4.4.6 */
+        char na[320];
+        int best = c->addrs[c->cur_addr].pref == c->addrs[0].pref;
+        kt_log_as("smtp", KT_LOG_WARN, "host %s replied to HELO/EHLO with my own hostname %s", namaddr(c, na, sizeof(na)),
+                  c->p.loop_myhostname);
+        snprintf(c->dsn, sizeof(c->dsn), "%s", best ? "5.4.6" : "4.4.6");
+        conn_fail(c, best ? 550 : 450, "mail for %s loops back to myself", c->p.nexthop ? c->p.nexthop : c->relay);
+        return;
+    }
+    if (c->state == ST_EHLO && c->p.tls_level != KT_SMTP_TLS_NONE && !c->plain_retry) {
         c->tls_known = !c->ext_starttls;
         c->tls_result = c->ext_starttls ? NULL : "starttls-not-supported";
         if (c->ext_starttls) {
@@ -467,7 +639,7 @@ static void after_ehlo(struct kt_smtp_conn *c)
             return;
         }
     }
-    session_ready(c);
+    session_ready_or_auth(c);
 }
 
 static void txn_done(struct kt_smtp_conn *c)
@@ -605,10 +777,13 @@ static void on_reply(struct kt_smtp_conn *c, int code)
                 conn_fail(c, 450, "TLS is required, but host %s refused to start TLS: %s", c->relay, text);
                 return;
             }
-            session_ready(c);
+            session_ready_or_auth(c);
             return;
         }
         start_tls(c);
+        return;
+    case ST_AUTH:
+        auth_reply(c, code, text);
         return;
     case ST_MAIL: {
         size_t idx = c->reply_idx++;
@@ -993,6 +1168,7 @@ void kt_smtp_check_timeout(struct kt_smtp_conn *c, time_t now)
     static const char *const what[] = {
         [ST_CONNECT] = "connect", [ST_GREETING] = "initial server greeting", [ST_EHLO] = "EHLO",
         [ST_HELO] = "HELO", [ST_STARTTLS] = "STARTTLS", [ST_HANDSHAKE] = "TLS handshake", [ST_EHLO2] = "EHLO",
+        [ST_AUTH] = "AUTH",
         [ST_IDLE] = "idle", [ST_MAIL] = "MAIL FROM", [ST_DATA] = "DATA", [ST_BODY] = "message transfer",
         [ST_DOT] = "end of data", [ST_RSET] = "RSET", [ST_QUIT] = "QUIT", [ST_DONE] = "end",
     };

@@ -2,7 +2,14 @@
  * number of messages (transactions) in turn. It connects (trying each
  * address), reads the greeting, sends EHLO (HELO if refused), STARTTLS as
  * the security level demands, and then runs transactions with PIPELINING
- * and CHUNKING when the server offers them. Bodies move from the queue file
+ * and CHUNKING when the server offers them. With credentials it
+ * authenticates (AUTH PLAIN or LOGIN, RFC 4954) after EHLO, once TLS is up,
+ * and only with a mechanism that the security options allow for the
+ * connection as it is (Postfix smtp(8): smtp_sasl_security_options before
+ * TLS, smtp_sasl_tls_security_options after). A failed STARTTLS handshake at
+ * level may is retried once on a new connection without TLS, as Postfix
+ * does. With loop detection (Postfix: port 25) an EHLO reply that names
+ * this host is a mail loop (5.4.6). Bodies move from the queue file
  * to the socket with sendfile(2) on plaintext and on kernel TLS (TX) and
  * through SSL_write otherwise. All socket and TLS I/O goes through the
  * connection layer (tls/conn.h) that the SMTP server sessions use too. */
@@ -21,6 +28,9 @@ enum kt_smtp_tls {
     KT_SMTP_TLS_NONE, KT_SMTP_TLS_MAY, KT_SMTP_TLS_ENCRYPT, KT_SMTP_TLS_VERIFY, KT_SMTP_TLS_SECURE,
 };
 
+/* SASL mechanisms the client speaks (bits of kt_smtp_params.sasl_mechs). */
+enum { KT_SMTP_MECH_PLAIN = 1, KT_SMTP_MECH_LOGIN = 2 };
+
 /* "none" ... "secure" (case-insensitive; "" = none). -1 for anything else. */
 int kt_smtp_tls_level_parse(const char *s);
 
@@ -35,12 +45,21 @@ struct kt_smtp_params {
                                    * recorded (kt_smtp_tls_report) */
     int tls_loglevel;
     long long connect_timeout_s, command_timeout_s;
+    /* AUTH (RFC 4954): sasl_username NULL = never; both strings are copied and wiped at the end */
+    const char *sasl_username, *sasl_password;
+    unsigned sasl_mechs;          /* KT_SMTP_MECH_* allowed without TLS */
+    unsigned sasl_tls_mechs;      /* allowed once TLS is active */
+    int sasl_soft_bounce;         /* smtp_sasl_auth_soft_bounce: a 5xx AUTH reply fails as 4xx */
+    /* loop detection (Postfix: only for port 25): NULL = off; an EHLO reply whose first word is
+     * myhostname fails the connection "mail for NEXTHOP loops back to myself" (both copied) */
+    const char *loop_myhostname, *nexthop;
 };
 
 struct kt_smtp_addr {
     struct sockaddr_storage ss;
     socklen_t len;
     char host[256];               /* name shown in logs: "mx.example.com" or the address */
+    unsigned pref;                /* MX preference (0 without MX); the list is in ascending order */
 };
 
 /* One transaction. The client fills codes[] (SMTP reply code per recipient;
@@ -93,6 +112,9 @@ enum { KT_SMTP_EXT_8BITMIME = 1, KT_SMTP_EXT_SMTPUTF8 = 2, KT_SMTP_EXT_DSN = 4, 
 unsigned kt_smtp_extensions(const struct kt_smtp_conn *c);
 /* 1 when another transaction may run on it. */
 int kt_smtp_usable(const struct kt_smtp_conn *c);
+/* The enhanced status code ("4.7.0", "5.4.6") of the client's own last session failure when no
+ * server reply carries one, else NULL. */
+const char *kt_smtp_dsn(const struct kt_smtp_conn *c);
 /* "host[addr]:port" of the connected server ("none" before connecting). */
 const char *kt_smtp_relay(const struct kt_smtp_conn *c);
 /* 1 when the connection used TLS, 2 when its transmit side is kernel TLS. */

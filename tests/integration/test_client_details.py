@@ -1,0 +1,251 @@
+"""Details of the outbound client that Postfix's smtp(8) has: a failed STARTTLS handshake at level
+`may` retried in plaintext, random order among MX hosts of equal preference, the "mail for X loops
+back to myself" checks (5.4.6), smtp_destination_recipient_limit and smtp_destination_rate_delay.
+The next hops are a small SMTP server in this file that records every command of every connection
+with its time, on loopback addresses the tests choose; names come from test_relay_dns's DNS server."""
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import free_port
+from test_relay import BODY, nodes, wait_for  # noqa: F401  (fixture)
+from test_relay_dns import DnsServer
+
+
+class Conn:
+    def __init__(self):
+        self.commands = []          # (time.monotonic(), line without CRLF)
+        self.ended = []             # time.monotonic() of each end of data
+
+
+class Next:
+    """An SMTP server on (host, port). ehlo_name: the first word of its EHLO reply. starttls: offer
+    STARTTLS, answer 220 and then send bytes that no TLS client accepts (a broken handshake)."""
+
+    def __init__(self, host="127.0.0.1", port=None, ehlo_name="sink.test", starttls=False):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port or 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.ehlo_name, self.starttls = ehlo_name, starttls
+        self.conns = []
+        self.open = self.max_open = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                s, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.session, args=(s,), daemon=True).start()
+
+    def session(self, s):
+        c = Conn()
+        with self.lock:
+            self.conns.append(c)
+            self.open += 1
+            self.max_open = max(self.max_open, self.open)
+        f = s.makefile("rb")
+        try:
+            s.sendall(b"220 " + self.ehlo_name.encode() + b" ESMTP\r\n")
+            while True:
+                line = f.readline()
+                if not line:
+                    break
+                cmd = line.rstrip(b"\r\n").decode(errors="replace")
+                with self.lock:
+                    c.commands.append((time.monotonic(), cmd))
+                verb = cmd[:4].upper()
+                if verb == "EHLO":
+                    ext = b"250-STARTTLS\r\n" if self.starttls else b""
+                    s.sendall(b"250-" + self.ehlo_name.encode() + b"\r\n" + ext + b"250 PIPELINING\r\n")
+                elif verb == "STAR":
+                    s.sendall(b"220 2.0.0 Ready to start TLS\r\n")
+                    f.read1(4096)                   # the ClientHello
+                    s.sendall(b"this is not TLS\r\n" * 4)
+                    break
+                elif verb == "DATA":
+                    s.sendall(b"354 go\r\n")
+                    while True:
+                        l = f.readline()
+                        if not l or l == b".\r\n":
+                            break
+                    if not l:
+                        break
+                    with self.lock:
+                        c.ended.append(time.monotonic())
+                    s.sendall(b"250 2.0.0 Ok: queued\r\n")
+                elif verb == "QUIT":
+                    s.sendall(b"221 2.0.0 Bye\r\n")
+                    break
+                else:
+                    s.sendall(b"250 2.0.0 Ok\r\n")
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.open -= 1
+            s.close()
+
+    def verbs(self):
+        with self.lock:
+            return [[cmd.split(":")[0].split(" ")[0].upper() for _, cmd in c.commands] for c in self.conns]
+
+    def transactions(self):
+        """[(time of MAIL, [RCPT addresses], end time or None)] over every connection."""
+        out = []
+        with self.lock:
+            for c in self.conns:
+                ends = list(c.ended)
+                for t, cmd in c.commands:
+                    if cmd.upper().startswith("MAIL FROM:"):
+                        out.append([t, [], ends.pop(0) if ends else None])
+                    elif cmd.upper().startswith("RCPT TO:"):
+                        out[-1][1].append(cmd[9:-1])
+        return sorted(out)
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def nexts():
+    made = []
+
+    def make(**kw):
+        n = Next(**kw)
+        made.append(n)
+        return n
+
+    yield make
+    for n in made:
+        n.close()
+
+
+def on_two_addresses(nexts, hosts, **kw):
+    """One next hop per host, all on the same port (an MX lookup gives one port for every host)."""
+    for _ in range(20):
+        port = free_port()
+        try:
+            return [nexts(host=h, port=port, **kw) for h in hosts]
+        except OSError:
+            continue
+    pytest.skip("no port free on every address")
+
+
+def test_may_handshake_failure_retried_in_plaintext(nodes, nexts):
+    nh = nexts(starttls=True)
+    n = nodes(f"relayhost = [127.0.0.1]:{nh.port}\nsmtp_tls_security_level = may\n").start()
+    qid = n.sendmail(["bob@remote.test"], BODY)
+    assert n.wait_log(rf"{qid}: to=<bob@remote.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{nh.port}, .*status=sent"), \
+        n.log()
+    assert n.wait_log(rf"TLS handshake with 127\.0\.0\.1\[127\.0\.0\.1\]:{nh.port} failed: .*; TLS is not required, "
+                      r"retrying in plaintext"), n.log()
+    verbs = nh.verbs()
+    # the first connection asked for TLS, the second one went on without it, on the same server
+    assert verbs[0] == ["EHLO", "STARTTLS"], verbs
+    assert verbs[1][:5] == ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"] or verbs[1][:4] == ["EHLO", "MAIL", "RCPT", "DATA"], verbs
+    assert "deferred" not in n.log()
+
+
+def test_encrypt_handshake_failure_is_not_retried_in_plaintext(nodes, nexts):
+    nh = nexts(starttls=True)
+    n = nodes(f"relayhost = [127.0.0.1]:{nh.port}\nsmtp_tls_security_level = encrypt\n").start()
+    qid = n.sendmail(["bob@remote.test"], BODY)
+    assert n.wait_log(rf"{qid}: to=<bob@remote.test>, .*status=deferred \(TLS handshake with"), n.log()
+    assert all("MAIL" not in v for v in nh.verbs()), nh.verbs()
+
+
+def test_equal_preference_mx_hosts_in_random_order(nodes, nexts):
+    a, b = on_two_addresses(nexts, ["127.0.0.151", "127.0.0.152"])
+    backup = nexts(host="127.0.0.153", port=a.port)
+    dns = DnsServer({("shuf.test", "MX"): [(10, "a.shuf.test"), (10, "b.shuf.test"), (20, "c.shuf.test")],
+                     ("a.shuf.test", "A"): ["127.0.0.151"], ("b.shuf.test", "A"): ["127.0.0.152"],
+                     ("c.shuf.test", "A"): ["127.0.0.153"]})
+    n = nodes(f"ktrelay_dns_servers = 127.0.0.1:{dns.port}\n"
+              f"transport_maps = inline:{{ shuf.test=smtp:shuf.test:{a.port} }}\n"
+              # one message per connection, so that each message draws the order anew
+              "smtp_connection_reuse_count_limit = 1\n").start()
+    ids = [n.sendmail([f"u{k}@shuf.test"], BODY) for k in range(16)]
+    assert n.wait_log(r"to=<u\d+@shuf\.test>, .*status=sent", count=16, timeout=60), n.log()
+    got_a, got_b = len(a.transactions()), len(b.transactions())
+    # both hosts of the best preference get mail (all to one: probability 2 * 2^-16), the backup none
+    assert got_a + got_b == 16 and got_a > 0 and got_b > 0, (got_a, got_b)
+    assert backup.transactions() == []
+    assert len(ids) == 16
+
+
+def test_mx_that_is_this_host_loops_back(nodes):
+    """inet_interfaces = loopback-only (the tests' default): 127.0.0.1 is ours. The best MX being us,
+    and no MX of lower preference number, is a loop: 5.4.6, as Postfix (port 25 only)."""
+    dns = DnsServer({("loop.test", "MX"): [(10, "mx.loop.test"), (20, "backup.loop.test")],
+                     ("mx.loop.test", "A"): ["127.0.0.1"], ("backup.loop.test", "A"): ["127.0.0.154"]})
+    n = nodes(f"ktrelay_dns_servers = 127.0.0.1:{dns.port}\n").start()
+    qid = n.sendmail(["bob@loop.test"], BODY)
+    assert n.wait_log(rf"{qid}: to=<bob@loop\.test>, relay=none, delay=\d+, dsn=5\.4\.6, status=bounced "
+                      r"\(mail for loop\.test loops back to myself\)"), n.log()
+    # the sender hears of it (alice is local on this node)
+    dsn = wait_for(lambda: n.r.maildir_files("example.test/alice/"))
+    assert len(dsn) == 1 and "mail for loop.test loops back to myself" in dsn[0].read_text()
+
+
+def test_ehlo_with_my_own_name_loops_back(nodes, nexts):
+    """A server at port 25 that answers EHLO with our myhostname is us (a forwarding loop)."""
+    if os.geteuid() != 0:
+        pytest.skip("port 25 needs root")
+    try:
+        nh = nexts(host="127.0.0.155", port=25, ehlo_name="mx.example.test")
+    except OSError:
+        pytest.skip("127.0.0.155:25 is taken")
+    n = nodes("transport_maps = inline:{ ehlo.test=smtp:[127.0.0.155]:25 }\n").start()
+    qid = n.sendmail(["bob@ehlo.test"], BODY)
+    assert n.wait_log(r"warning: host 127\.0\.0\.155\[127\.0\.0\.155\] replied to HELO/EHLO with my own hostname "
+                      r"mx\.example\.test"), n.log()
+    assert n.wait_log(rf"{qid}: to=<bob@ehlo\.test>, relay=none, .*dsn=5\.4\.6, status=bounced \(mail for "
+                      r"\[127\.0\.0\.155\]:25 loops back to myself\)"), n.log()
+    assert nh.transactions() == []
+    # another port is not checked (Postfix: content filters and the like live there)
+    other = nexts(host="127.0.0.155", ehlo_name="mx.example.test")
+    n2 = nodes(f"transport_maps = inline:{{ ehlo.test=smtp:[127.0.0.155]:{other.port} }}\n").start()
+    qid2 = n2.sendmail(["bob@ehlo.test"], BODY)
+    assert n2.wait_log(rf"{qid2}: to=<bob@ehlo\.test>, .*status=sent"), n2.log()
+
+
+def test_recipient_limit_splits_transactions(nodes, nexts):
+    nh = nexts()
+    n = nodes(f"relayhost = [127.0.0.1]:{nh.port}\n").start()
+    rcpts = [f"r{k}@remote.test" for k in range(120)]
+    qid = n.sendmail(rcpts, BODY)
+    assert n.wait_log(rf"{qid}: to=<r\d+@remote\.test>, .*status=sent", count=120), n.log()
+    tx = nh.transactions()
+    # smtp_destination_recipient_limit = $default_destination_recipient_limit = 50
+    assert sorted(len(r) for _, r, _ in tx) == [20, 50, 50], [len(r) for _, r, _ in tx]
+    assert sorted(a for _, r, _ in tx for a in r) == sorted(rcpts)
+    assert n.wait_log(rf"{qid}: removed"), n.log()
+
+
+def test_recipient_limit_setting(nodes, nexts):
+    nh = nexts()
+    n = nodes(f"relayhost = [127.0.0.1]:{nh.port}\nsmtp_destination_recipient_limit = 2\n").start()
+    qid = n.sendmail([f"r{k}@remote.test" for k in range(5)], BODY)
+    assert n.wait_log(rf"{qid}: to=<r\d+@remote\.test>, .*status=sent", count=5), n.log()
+    assert sorted(len(r) for _, r, _ in nh.transactions()) == [1, 2, 2]
+
+
+def test_rate_delay_spaces_deliveries(nodes, nexts):
+    nh = nexts()
+    n = nodes(f"relayhost = [127.0.0.1]:{nh.port}\nsmtp_destination_rate_delay = 2s\n").start()
+    ids = [n.sendmail([f"u{k}@remote.test"], BODY) for k in range(3)]
+    assert n.wait_log(r"to=<u\d@remote\.test>, .*status=sent", count=3, timeout=30), n.log()
+    tx = nh.transactions()
+    assert len(tx) == 3 and len(ids) == 3
+    # one delivery at a time, and each starts at least the delay after the previous one ended
+    assert nh.max_open == 1
+    for (_, _, end), (start, _, _) in zip(tx, tx[1:]):
+        assert start - end >= 2.0, [(s, e) for s, _, e in tx]
