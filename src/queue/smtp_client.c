@@ -745,6 +745,14 @@ static void on_reply(struct kt_smtp_conn *c, int code)
             conn_fail(c, code, "host %s refused to talk to me: %s", c->relay, text);
             return;
         }
+        if (c->p.loop_myhostname && strlen(text) > 4) {
+            /* Postfix only warns about the greeting; the EHLO reply decides */
+            size_t n = strcspn(text + 4, " \t\n");
+            char na[320];
+            if (n == strlen(c->p.loop_myhostname) && !strncasecmp(text + 4, c->p.loop_myhostname, n))
+                kt_log_as("smtp", KT_LOG_WARN, "host %s greeted me with my own hostname %s", namaddr(c, na, sizeof(na)),
+                          c->p.loop_myhostname);
+        }
         send_ehlo(c, ST_EHLO);
         return;
     case ST_EHLO:

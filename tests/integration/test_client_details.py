@@ -205,6 +205,8 @@ def test_ehlo_with_my_own_name_loops_back(nodes, nexts):
         pytest.skip("127.0.0.155:25 is taken")
     n = nodes("transport_maps = inline:{ ehlo.test=smtp:[127.0.0.155]:25 }\n").start()
     qid = n.sendmail(["bob@ehlo.test"], BODY)
+    assert n.wait_log(r"warning: host 127\.0\.0\.155\[127\.0\.0\.155\] greeted me with my own hostname "
+                      r"mx\.example\.test"), n.log()
     assert n.wait_log(r"warning: host 127\.0\.0\.155\[127\.0\.0\.155\] replied to HELO/EHLO with my own hostname "
                       r"mx\.example\.test"), n.log()
     assert n.wait_log(rf"{qid}: to=<bob@ehlo\.test>, relay=none, .*dsn=5\.4\.6, status=bounced \(mail for "
