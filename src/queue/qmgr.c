@@ -883,14 +883,15 @@ static void tls_outcome(struct conn *cn, const char *reason)
 {
     struct dest *d = cn->d;
     struct kt_qmgr *q = d->q;
-    const char *result, *mx, *ip;
-    if (!kt_smtp_tls_report(cn->c, &result, &mx, &ip))
+    const char *result, *mx, *ip, *local_ip;
+    if (!kt_smtp_tls_report(cn->c, &result, &mx, &ip, &local_ip))
         return;
     if (result && d->has_sts && d->sts.mode == KT_STS_MODE_TESTING)
         kt_info_as("smtp", "MTA-STS policy of %s (mode testing): TLS with %s[%s] failed (%s); delivering anyway",
                    d->host, mx ? mx : "?", ip ? ip : "?", result);
     if (q->tlsrpt && q->set->tlsrpt_enable && d->mx)
-        kt_tlsrpt_count(q->tlsrpt, d->host, d->has_sts ? &d->sts : NULL, result, mx, ip, result ? reason : NULL);
+        kt_tlsrpt_count(q->tlsrpt, d->host, d->has_sts ? &d->sts : NULL, result, local_ip, mx, ip,
+                        result ? reason : NULL);
 }
 
 static void conn_ready(void *arg, int res, const char *reason)
@@ -1055,8 +1056,8 @@ static void resolved(void *arg, int res, const struct kt_smtp_addr *addrs, size_
             if (d->sts.mode == KT_STS_MODE_ENFORCE) {
                 refused = addrs[i].host;
                 if (d->q->tlsrpt && d->q->set->tlsrpt_enable && (i == 0 || strcmp(addrs[i].host, addrs[i - 1].host)))
-                    kt_tlsrpt_count(d->q->tlsrpt, d->host, &d->sts, "validation-failure", addrs[i].host, NULL,
-                                    "MX host not listed in the MTA-STS policy");
+                    kt_tlsrpt_count(d->q->tlsrpt, d->host, &d->sts, "validation-failure", NULL, addrs[i].host,
+                                    NULL, "MX host not listed in the MTA-STS policy");
                 continue;
             }
         }
@@ -1088,7 +1089,7 @@ static void sts_known(void *arg, const struct kt_sts_policy *policy, const char 
     if (d->has_sts)
         kt_sts_policy_copy(&d->sts, policy);
     if (failure && q->tlsrpt && q->set->tlsrpt_enable)
-        kt_tlsrpt_count(q->tlsrpt, d->host, d->has_sts ? &d->sts : NULL, failure, NULL, NULL, NULL);
+        kt_tlsrpt_count(q->tlsrpt, d->host, d->has_sts ? &d->sts : NULL, failure, NULL, NULL, NULL, NULL);
     if (q->stopping) {
         d->resolving = 0;
         return;

@@ -69,6 +69,7 @@ struct kt_smtp_conn {
     /* TLS reporting: the outcome at the current server */
     int tls_known;
     const char *tls_result;        /* RFC 8460 result type, NULL for a success */
+    char local_ip[INET6_ADDRSTRLEN];   /* our address on the connection ("" unknown) */
 
     /* EHLO extensions */
     int ext_starttls, ext_pipelining, ext_chunking, ext_size;
@@ -271,6 +272,15 @@ static void connected(struct kt_smtp_conn *c, int res)
         conn_fail(c, res, "%s", why);
         return;
     }
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    c->local_ip[0] = '\0';
+    if (getsockname(kt_conn_fd(c->conn), (struct sockaddr *)&ss, &len) == 0) {
+        if (ss.ss_family == AF_INET)
+            inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, c->local_ip, sizeof(c->local_ip));
+        else if (ss.ss_family == AF_INET6)
+            inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, c->local_ip, sizeof(c->local_ip));
+    }
     c->state = ST_GREETING;
     c->expect = 1;
     set_deadline(c, c->p.command_timeout_s);
@@ -464,11 +474,13 @@ static const char *verify_result_type(long vr)
     }
 }
 
-int kt_smtp_tls_report(const struct kt_smtp_conn *c, const char **result, const char **mx, const char **ip)
+int kt_smtp_tls_report(const struct kt_smtp_conn *c, const char **result, const char **mx, const char **ip,
+                       const char **local_ip)
 {
     *result = c->tls_result;
     *mx = c->cur_addr < c->n_addrs ? c->addrs[c->cur_addr].host : NULL;
     *ip = c->peer_ip[0] ? c->peer_ip : NULL;
+    *local_ip = c->local_ip[0] ? c->local_ip : NULL;
     return c->tls_known;
 }
 

@@ -123,8 +123,10 @@ int kt_smtp_tls_state(const struct kt_smtp_conn *c);
  * far as EHLO; else 1 with *result NULL (TLS established, and with verify_mx_name the certificate
  * verified against the MX name) or an RFC 8460 result type ("starttls-not-supported",
  * "certificate-host-mismatch", "certificate-expired", "certificate-not-trusted",
- * "validation-failure"), *mx the MX host name and *ip its address (valid while c lives). */
-int kt_smtp_tls_report(const struct kt_smtp_conn *c, const char **result, const char **mx, const char **ip);
+ * "validation-failure"), *mx the MX host name, *ip its address and *local_ip ours (each NULL when
+ * unknown; valid while c lives). */
+int kt_smtp_tls_report(const struct kt_smtp_conn *c, const char **result, const char **mx, const char **ip,
+                       const char **local_ip);
 /* Transactions whose body went out with sendfile (all time, this process). */
 unsigned long kt_smtp_sendfile_count(void);
 /* Connections not yet freed (this process). */

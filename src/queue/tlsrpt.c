@@ -29,7 +29,7 @@
 #define STATE_FILE "counts"
 
 struct detail {
-    char *result, *mx, *ip, *reason;
+    char *result, *sip, *mx, *ip, *reason;
     long long n;
     struct detail *next;
 };
@@ -78,6 +78,7 @@ static void record_free(struct record *r)
     for (d = r->details; d; d = dn) {
         dn = d->next;
         kt_free(d->result);
+        kt_free(d->sip);
         kt_free(d->mx);
         kt_free(d->ip);
         kt_free(d->reason);
@@ -124,12 +125,13 @@ static struct record *record_get(struct kt_tlsrpt *t, const char *domain, const 
     return r;
 }
 
-static void add_detail(struct record *r, const char *result, const char *mx, const char *ip, const char *reason,
-                       long long n)
+static void add_detail(struct record *r, const char *result, const char *sip, const char *mx, const char *ip,
+                       const char *reason, long long n)
 {
     struct detail *d;
     for (d = r->details; d; d = d->next)
-        if (!strcmp(d->result, result) && same(d->mx, mx) && same(d->ip, ip) && same(d->reason, reason)) {
+        if (!strcmp(d->result, result) && same(d->sip, sip) && same(d->mx, mx) && same(d->ip, ip)
+            && same(d->reason, reason)) {
             d->n += n;
             return;
         }
@@ -143,6 +145,7 @@ static void add_detail(struct record *r, const char *result, const char *mx, con
     }
     d = kt_calloc(1, sizeof(*d));
     d->result = kt_strdup(result);
+    d->sip = dup0(sip);
     d->mx = dup0(mx);
     d->ip = dup0(ip);
     d->reason = dup0(reason);
@@ -153,7 +156,8 @@ static void add_detail(struct record *r, const char *result, const char *mx, con
 }
 
 void kt_tlsrpt_count(struct kt_tlsrpt *t, const char *domain, const struct kt_sts_policy *policy,
-                     const char *result, const char *mx_host, const char *receiving_ip, const char *detail)
+                     const char *result, const char *sending_ip, const char *mx_host, const char *receiving_ip,
+                     const char *detail)
 {
     if (!t || !domain || !*domain)
         return;
@@ -167,7 +171,7 @@ void kt_tlsrpt_count(struct kt_tlsrpt *t, const char *domain, const struct kt_st
         return;
     }
     r->failed++;
-    add_detail(r, result, mx_host, receiving_ip, detail, 1);
+    add_detail(r, result, sending_ip, mx_host, receiving_ip, detail, 1);
 }
 
 /* ---- TLSRPT record ---- */
@@ -345,6 +349,10 @@ static char *report_json(const struct kt_tlsrpt *t, const struct job *j, const c
                 fprintf(f, "%s\n        {\n          \"result-type\": ", fd ? "" : ",");
                 fd = 0;
                 json_str(f, d->result);
+                if (d->sip) {
+                    fputs(",\n          \"sending-mta-ip\": ", f);
+                    json_str(f, d->sip);
+                }
                 if (d->ip) {
                     fputs(",\n          \"receiving-ip\": ", f);
                     json_str(f, d->ip);
@@ -635,7 +643,7 @@ static void state_save(struct kt_tlsrpt *t)
     char *out = NULL;
     size_t olen = 0;
     FILE *f = open_memstream(&out, &olen);
-    fprintf(f, "ktrelay-tlsrpt 1 %lld\n", (long long)t->start);
+    fprintf(f, "ktrelay-tlsrpt 2 %lld\n", (long long)t->start);
     for (struct record *r = t->recs; r; r = r->next) {
         fprintf(f, "record %s %d %lld %lld %s\n", r->domain, r->sts, r->ok, r->failed, r->sts ? r->pol.id : "-");
         if (r->sts && r->pol.text)
@@ -653,8 +661,8 @@ static void state_save(struct kt_tlsrpt *t)
             for (char *c = reason; *c; c++)
                 if (*c == '\n' || *c == '\r')
                     *c = ' ';
-            fprintf(f, "detail %lld %s %s %s %s\n", d->n, d->result, d->mx ? d->mx : "-", d->ip ? d->ip : "-",
-                    reason);
+            fprintf(f, "detail %lld %s %s %s %s %s\n", d->n, d->result, d->sip ? d->sip : "-", d->mx ? d->mx : "-",
+                    d->ip ? d->ip : "-", reason);
         }
     }
     fclose(f);
@@ -685,7 +693,7 @@ static void state_load(struct kt_tlsrpt *t)
     char *ptext = NULL;
     size_t plen = 0;
     FILE *pf = NULL;
-    if (!fgets(line, sizeof(line), f) || sscanf(line, "ktrelay-tlsrpt 1 %lld", &start) != 1) {
+    if (!fgets(line, sizeof(line), f) || sscanf(line, "ktrelay-tlsrpt 2 %lld", &start) != 1) {
         kt_warn("TLS reporting: %s unreadable; counts start from zero", path);
         goto cleanup;
     }
@@ -722,12 +730,12 @@ static void state_load(struct kt_tlsrpt *t)
         } else if (r && pf && !strncmp(line, "policy ", 7)) {
             fprintf(pf, "%s\n", line + 7);
         } else if (r && !strncmp(line, "detail ", 7)) {
-            char result[64], mx[256], ip[64];
+            char result[64], sip[64], mx[256], ip[64];
             int off = 0;
-            if (sscanf(line, "detail %lld %63s %255s %63s %n", &n, result, mx, ip, &off) >= 4 && off > 0) {
+            if (sscanf(line, "detail %lld %63s %63s %255s %63s %n", &n, result, sip, mx, ip, &off) >= 5 && off > 0) {
                 const char *reason = line + off;
-                add_detail(r, result, strcmp(mx, "-") ? mx : NULL, strcmp(ip, "-") ? ip : NULL,
-                           *reason ? reason : NULL, n);
+                add_detail(r, result, strcmp(sip, "-") ? sip : NULL, strcmp(mx, "-") ? mx : NULL,
+                           strcmp(ip, "-") ? ip : NULL, *reason ? reason : NULL, n);
             }
         }
     }

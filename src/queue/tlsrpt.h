@@ -44,10 +44,11 @@ void kt_tlsrpt_update(struct kt_tlsrpt *t, const struct kt_tlsrpt_settings *set)
  * "no-policy-found". result: NULL for a success, else an RFC 8460 result
  * type ("starttls-not-supported", "certificate-host-mismatch",
  * "certificate-expired", "certificate-not-trusted", "validation-failure",
- * "sts-policy-fetch-error", ...). mx_host, receiving_ip, detail: for the
- * failure details (NULL when unknown). */
+ * "sts-policy-fetch-error", ...). sending_ip (ours), mx_host, receiving_ip,
+ * detail: for the failure details (NULL when unknown). */
 void kt_tlsrpt_count(struct kt_tlsrpt *t, const char *domain, const struct kt_sts_policy *policy,
-                     const char *result, const char *mx_host, const char *receiving_ip, const char *detail);
+                     const char *result, const char *sending_ip, const char *mx_host, const char *receiving_ip,
+                     const char *detail);
 /* End the reporting period at now: every domain's counts are reported (after
  * the TXT lookups) and start again from zero. */
 void kt_tlsrpt_flush(struct kt_tlsrpt *t, time_t now);

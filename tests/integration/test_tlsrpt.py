@@ -94,7 +94,7 @@ def test_report_counts_success_and_failure(nodes, dns, pki, policy_servers):
     fd = pol["failure-details"][0]
     assert fd["result-type"] == "certificate-host-mismatch"
     assert fd["receiving-mx-hostname"] == "mx.example.test"
-    assert fd["receiving-ip"] == "127.0.0.1"
+    assert fd["receiving-ip"] == "127.0.0.1" and fd["sending-mta-ip"] == "127.0.0.1"
     assert fd["failed-session-count"] == 1
     assert set(fd) <= {"result-type", "sending-mta-ip", "receiving-mx-hostname", "receiving-mx-helo",
                        "receiving-ip", "failed-session-count", "additional-information", "failure-reason-code"}
