@@ -347,3 +347,25 @@ def test_slow_policy_fetch_does_not_hold_other_deliveries(nodes, dns, pki, polic
     srv.hold.set()
     assert front.wait_log(rf"{held}: to=<bob@example.test>, relay=mx.example.test\[127.0.0.1\]:\d+, .*status=sent"), \
         front.log()
+
+
+def test_enforce_without_starttls_defers_and_testing_delivers(nodes, dns, pki, policy_servers):
+    # the MX offers no STARTTLS at all
+    final = nodes("myhostname = final.example.test\nvirtual_mailbox_domains = localhost, example.test\n").start()
+    srv = policy_servers(pki, "example.test", policy_text("enforce", ["mx.example.test"]))
+    d = dns(records(srv, ["mx.example.test"]))
+    front = nodes(front_cf(d, pki, final.r.port())).start()
+    qid = front.sendmail(["bob@example.test"], BODY)
+    assert front.wait_log(rf"{qid}: to=<bob@example.test>, relay=none, .*status=deferred \(TLS is required, but was "
+                          r"not offered by host mx.example.test\[127.0.0.1\]:\d+\)"), front.log()
+    assert final.r.maildir_files("example.test/bob/") == []
+    # the same MX under a testing policy (new id): logged, sent in plaintext
+    srv2 = policy_servers(pki, "example.test", policy_text("testing", ["mx.example.test"]))
+    front.stop()
+    d.records = records(srv2, ["mx.example.test"], sts_id="20261130b")
+    front.start()
+    qid = front.sendmail(["bob@example.test"], BODY)
+    assert front.wait_log(rf"{qid}: to=<bob@example.test>, relay=mx.example.test\[127.0.0.1\]:\d+, .*status=sent"), \
+        front.log()
+    assert re.search(r"MTA-STS policy of example.test \(mode testing\): TLS with mx.example.test\[127.0.0.1\] failed "
+                     r"\(starttls-not-supported\); delivering anyway", front.log()), front.log()
