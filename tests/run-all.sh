@@ -19,7 +19,7 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 DEPS=(gcc pkg-config meson ninja-build liburing-dev libssl-dev libjemalloc-dev libcmocka-dev libc-ares-dev
-      libcrypt-dev libmicrohttpd-dev libsystemd-dev libcurl4-openssl-dev openssl python3 python3-pytest python3-prometheus-client
+      libcrypt-dev libmicrohttpd-dev libsystemd-dev libcurl4-openssl-dev libpcre2-dev openssl python3 python3-pytest python3-prometheus-client
       pflogsumm man-db systemd swaks
       dovecot-imapd postfix testssl.sh qemu-system-x86
       busybox-static cpio kmod gnuplot-nox passwd procps iproute2 haproxy python3-dnslib clang)

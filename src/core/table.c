@@ -1,5 +1,5 @@
 /* Postfix-style lookup tables (texthash/hash/btree/lmdb text sources, cidr,
- * inline, static) and the domain and network lists built on them.
+ * inline, static; regexp and pcre in regexp_table.c) and the domain and network lists built on them.
  * Everything is parsed at open time; lookups only read, never allocate and
  * never block, so any number of threads may query a table at once. Text
  * tables are open-addressing hash tables whose keys and values live in one
@@ -16,6 +16,7 @@
 
 #include "core/alloc.h"
 #include "core/log.h"
+#include "core/regexp_table.h"
 #include "core/table.h"
 
 #define LIST_FILE_DEPTH 8
@@ -382,7 +383,7 @@ static int cidr_match(const struct cidr *pat, const struct cidr *a)
 
 /* ---- tables ---- */
 
-enum table_type { TT_HASH, TT_CIDR, TT_STATIC };
+enum table_type { TT_HASH, TT_CIDR, TT_STATIC, TT_REGEXP };
 
 struct cidr_rule {
     struct cidr net;
@@ -397,6 +398,7 @@ struct kt_table {
     struct cidr_rule *rules;  /* TT_CIDR, in file order */
     size_t nrules, rcap;
     char *value;              /* TT_STATIC */
+    struct kt_regexp_table *re;   /* TT_REGEXP (regexp: and pcre:) */
 };
 
 struct load_ctx {
@@ -480,6 +482,11 @@ static void load_cidr_line(char *line, unsigned lineno, void *arg)
     t->rules[t->nrules++] = r;
 }
 
+static void load_regexp_line(char *line, unsigned lineno, void *arg)
+{
+    kt_regexp_table_add_line(arg, line, lineno);
+}
+
 /* inline:{ key=value, { key = value } }: braces let a value hold spaces and commas. */
 static int load_inline(struct kt_table *t, const char *body, char *err, size_t errlen)
 {
@@ -540,7 +547,7 @@ static const char *const text_types[] = { "texthash", "hash", "btree", "lmdb" };
 /* Length of the "type" in "type:rest" when type is one this module knows, else 0. */
 static size_t table_type_len(const char *spec)
 {
-    static const char *const others[] = { "cidr", "inline", "static" };
+    static const char *const others[] = { "cidr", "inline", "static", "regexp", "pcre" };
     const char *colon = strchr(spec, ':');
     size_t n;
 
@@ -558,7 +565,8 @@ static size_t table_type_len(const char *spec)
 
 const char *const *kt_table_types(size_t *n)
 {
-    static const char *const all[] = { "texthash", "hash", "btree", "lmdb", "cidr", "inline", "static" };
+    static const char *const all[] = { "texthash", "hash", "btree", "lmdb", "cidr", "inline", "static", "regexp",
+                                       "pcre" };
     *n = sizeof(all) / sizeof(*all);
     return all;
 }
@@ -605,6 +613,14 @@ int kt_table_open(const char *spec, enum kt_table_kind kind, struct kt_table **o
     } else if (strncmp(spec, "inline:", 7) == 0) {
         t->type = TT_HASH;
         rc = load_inline(t, arg, err, errlen);
+    } else if (strncmp(spec, "regexp:", 7) == 0 || strncmp(spec, "pcre:", 5) == 0) {
+        t->type = TT_REGEXP;
+        t->re = kt_regexp_table_new(spec, spec[0] == 'p');
+        rc = read_file(arg, &text, err, errlen);
+        if (rc == 0) {
+            for_each_logical_line(t->name, text, load_regexp_line, t->re);
+            kt_regexp_table_finish(t->re);
+        }
     } else if (strncmp(spec, "cidr:", 5) == 0) {
         t->type = TT_CIDR;
         rc = read_file(arg, &text, err, errlen);
@@ -636,6 +652,11 @@ const char *kt_table_get(const struct kt_table *t, const char *key)
         return t->value;
     case TT_HASH:
         return ht_get(&t->h, key);
+    case TT_REGEXP: {
+        /* the expanded result lives until this thread's next regexp lookup (see table.h) */
+        static __thread char result[4096];
+        return kt_regexp_table_get(t->re, key, result, sizeof(result));
+    }
     case TT_CIDR:
         if (parse_addr(key, &a) < 0)
             return NULL;
@@ -656,6 +677,8 @@ int kt_table_foreach(const struct kt_table *t, int (*fn)(const char *key, const 
         return 0;
     if (t->type == TT_STATIC)
         return fn(NULL, t->value, arg);
+    if (t->type == TT_REGEXP)
+        return kt_regexp_table_foreach(t->re, fn, arg);
     if (t->type == TT_CIDR) {
         for (size_t i = 0; i < t->nrules && !rc; i++)
             rc = fn(NULL, t->h.arena + t->rules[i].val, arg);
@@ -674,6 +697,7 @@ void kt_table_free(struct kt_table *t)
     ht_free(&t->h);
     kt_free(t->rules);
     kt_free(t->value);
+    kt_regexp_table_free(t->re);
     kt_free(t->name);
     kt_free(t);
 }

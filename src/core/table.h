@@ -9,7 +9,10 @@
 
 /* spec: "texthash:/path" (plain "key value" lines, Postfix texthash), "hash:/path" and "btree:/path" and
  * "lmdb:/path" (read the TEXT source file /path, no .db needed), "cidr:/path" (Postfix cidr_table: "network/len
- * result" lines, IPv4 and IPv6, first match wins), "inline:{ key=value, { key = value } }", "static:value".
+ * result" lines, IPv4 and IPv6, first match wins), "inline:{ key=value, { key = value } }", "static:value",
+ * "regexp:/path" and "pcre:/path" (Postfix regexp_table(5)/pcre_table(5), see regexp_table.h: the key is matched
+ * as given, and the result, with $n expanded, lives in a per-thread buffer until the calling thread's next
+ * regexp/pcre lookup; copy it to keep it longer).
  * Key matching for text tables is case-insensitive (keys lowercased, like postmap). Comments (#), blank lines and
  * continuation lines (leading whitespace) as in postmap. kind selects the source syntax:
  * KT_TABLE_MAP = "key value", KT_TABLE_ALIASES = /etc/aliases syntax "name: value, value".

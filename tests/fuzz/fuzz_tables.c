@@ -1,5 +1,5 @@
 /* Fuzz target for lookup tables and lists: the input as the body of an inline:{...} table, as a
- * mynetworks-style network list, as a domain list, and written to a file read as texthash:, cidr: and an
+ * mynetworks-style network list, as a domain list, and written to a file read as texthash:, cidr:, regexp:, pcre: and an
  * aliases file (with every alias expanded token by token). Lookups of a few keys run on whatever loaded.
  * Built as described in fuzz_driver.c. */
 #include <stdint.h>
@@ -15,7 +15,8 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static const char *const keys[] = { "a", "alice@example.com", "example.com", "@example.com", "postmaster",
-                                    "192.0.2.1", "2001:db8::1", "", "root" };
+                                    "192.0.2.1", "2001:db8::1", "", "root",
+                                    "Subject: hello world", "X-Spam: (yes) $1 ${2}" };
 #define N_KEYS (sizeof(keys) / sizeof(keys[0]))
 
 static int visit(const char *key, const char *value, void *arg)
@@ -94,6 +95,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         try_maps(file_spec, KT_TABLE_ALIASES);
         try_aliases(file_spec);
         snprintf(file_spec, sizeof(file_spec), "cidr:%s", path);
+        try_maps(file_spec, KT_TABLE_MAP);
+        snprintf(file_spec, sizeof(file_spec), "regexp:%s", path);
+        try_maps(file_spec, KT_TABLE_MAP);
+        snprintf(file_spec, sizeof(file_spec), "pcre:%s", path);
         try_maps(file_spec, KT_TABLE_MAP);
         unlink(path);
     }
