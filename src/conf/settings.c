@@ -21,6 +21,7 @@
 #include "tls/ktls.h"
 #include "metrics/metrics.h"
 #include "core/log.h"
+#include "smtpd/cleanup.h"
 #include "smtpd/policy.h"
 #include "delivery/resolve.h"
 #include "smtpd/sasl.h"
@@ -376,6 +377,43 @@ static int service_bare_newline(struct runtime_private *rp, const struct kt_conf
     return 0;
 }
 
+/* header_checks, mime_header_checks, nested_header_checks, body_checks with header_size_limit and
+ * body_checks_size_limit: one checker per distinct set, shared by the services that use it. */
+static int service_checks(struct runtime_private *rp, const struct kt_config *cfg, const struct kt_service *svc,
+                          struct kt_smtpd_settings *st)
+{
+    struct kt_cleanup_params cp = {
+        .header_checks = get(cfg, svc, "header_checks"),
+        .mime_header_checks = get(cfg, svc, "mime_header_checks"),
+        .nested_header_checks = get(cfg, svc, "nested_header_checks"),
+        .body_checks = get(cfg, svc, "body_checks"),
+        .header_size_limit = kt_config_get_int(cfg, svc, "header_size_limit"),
+        .body_checks_size_limit = kt_config_get_int(cfg, svc, "body_checks_size_limit"),
+    };
+    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%lld\1%lld", cp.header_checks, cp.mime_header_checks,
+                            cp.nested_header_checks, cp.body_checks, cp.header_size_limit, cp.body_checks_size_limit);
+    int errors = 0;
+
+    st->checks = NULL;
+    if (!cp.header_checks[0] && !cp.mime_header_checks[0] && !cp.nested_header_checks[0] && !cp.body_checks[0])
+        goto done;
+    st->checks = shared_find(rp, 5, key);
+    if (!st->checks) {
+        char err[600];
+        if (kt_cleanup_checks_new(&cp, &st->checks, err, sizeof(err)) < 0) {
+            param_err(cfg, svc, NULL, "%s", err);
+            errors++;
+            goto done;
+        }
+        if (st->checks)
+            shared_add(rp, 5, key, st->checks);
+    }
+    st->checks_need_queue = kt_cleanup_checks_need_queue(st->checks);
+done:
+    kt_free(key);
+    return errors;
+}
+
 static struct kt_policy *service_policy(struct runtime_private *rp, const struct kt_config *cfg,
                                         const struct kt_service *svc, const struct kt_smtpd_settings *st,
                                         int *errors)
@@ -634,6 +672,7 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     st->upstream_proxy_timeout_s = kt_config_get_time(cfg, svc, "smtpd_upstream_proxy_timeout");
     st->peername_lookup = kt_config_get_bool(cfg, svc, "smtpd_peername_lookup") != 0;
     errors += service_bare_newline(rp, cfg, svc, st);
+    errors += service_checks(rp, cfg, svc, st);
     errors += service_sasl(rp, cfg, svc, st);
     errors += service_listen_check(cfg, svc);
     return errors;
@@ -890,6 +929,8 @@ static void runtime_free(struct runtime_private *rp)
             kt_net_list_free(rp->objs[i].obj);
         else if (rp->objs[i].kind == 3)
             kt_policy_free(rp->objs[i].obj);
+        else if (rp->objs[i].kind == 5)
+            kt_cleanup_checks_free(rp->objs[i].obj);
         else
             kt_sasl_server_free(rp->objs[i].obj);
         kt_free(rp->objs[i].key);

@@ -31,6 +31,8 @@ enum {
     KT_EHLO_SMTPUTF8 = 1 << 8, KT_EHLO_CHUNKING = 1 << 9, KT_EHLO_ETRN = 1 << 10, KT_EHLO_SILENT = 1 << 11,
 };
 
+struct kt_cleanup_checks;
+
 struct kt_smtpd_settings {
     const struct kt_service *service;
     const char *myhostname;
@@ -83,6 +85,9 @@ struct kt_smtpd_settings {
     int upstream_proxy;              /* smtpd_upstream_proxy_protocol = haproxy */
     int peername_lookup;             /* smtpd_peername_lookup: reverse DNS of every client */
     long long upstream_proxy_timeout_s; /* smtpd_upstream_proxy_timeout */
+    struct kt_cleanup_checks *checks;    /* header_checks, mime_header_checks, nested_header_checks,
+                                            body_checks (smtpd/cleanup.h); NULL when all are empty */
+    int checks_need_queue;           /* some check can HOLD, REDIRECT or FILTER: every message is queued */
 };
 
 /* Outbound SMTP client (Postfix smtp(8) parameters, main.cf only). */

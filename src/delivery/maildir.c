@@ -49,6 +49,7 @@ struct kt_delivery {
     char name[192];                  /* unique base name */
     char final_name[256];            /* name in new/ with ,S= and ,W= */
     int exact_name;                  /* queue file: final_name = name, never replace */
+    char new_dir[8];                 /* "new", or "hold" for a held queue file */
     char tmp_path[PATH_MAX];
     size_t n_boxes;
     struct kt_mailbox *boxes;        /* n_boxes entries; paths owned (box_paths) */
@@ -129,6 +130,7 @@ struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbo
                                     const char *hostname, unsigned worker_id, const char *queue_id)
 {
     struct kt_delivery *d = kt_calloc(1, sizeof(*d));
+    snprintf(d->new_dir, sizeof(d->new_dir), "new");
     struct timeval tv;
     char host[128];
 
@@ -172,6 +174,11 @@ struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbo
     else
         snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp/%s", d->boxes[0].path, d->name);
     return d;
+}
+
+void kt_delivery_set_new_dir(struct kt_delivery *d, const char *dir)
+{
+    snprintf(d->new_dir, sizeof(d->new_dir), "%s", dir);
 }
 
 void kt_delivery_set_exact_name(struct kt_delivery *d, const char *name)
@@ -223,7 +230,7 @@ static void delivery_cleanup_files(struct kt_delivery *d)
 {
     char path[PATH_MAX];
     for (size_t i = 0; i < d->linked; i++) {
-        snprintf(path, sizeof(path), "%snew/%s", d->boxes[i].path, d->final_name);
+        snprintf(path, sizeof(path), "%s%s/%s", d->boxes[i].path, d->new_dir, d->final_name);
         unlink(path);
     }
     d->linked = 0;
@@ -573,7 +580,7 @@ void kt_delivery_fail(struct kt_delivery *d, int err)
 static void submit_link(struct kt_delivery *d)
 {
     struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
-    snprintf(d->paths[0], sizeof(d->paths[0]), "%snew/%s", d->boxes[d->step].path, d->final_name);
+    snprintf(d->paths[0], sizeof(d->paths[0]), "%s%s/%s", d->boxes[d->step].path, d->new_dir, d->final_name);
     if (d->n_boxes == 1)
         io_uring_prep_renameat(sqe, AT_FDCWD, d->tmp_path, AT_FDCWD, d->paths[0],
                                d->exact_name ? RENAME_NOREPLACE : 0);
@@ -617,7 +624,7 @@ static void submit_dir_sync(struct kt_delivery *d)
         return;
     }
     d->stage = ST_DIR_FSYNC;
-    snprintf(d->paths[1], sizeof(d->paths[1]), "%snew", d->boxes[d->step].path);
+    snprintf(d->paths[1], sizeof(d->paths[1]), "%s%s", d->boxes[d->step].path, d->new_dir);
     d->dirsync.done = dir_synced;
     d->pending++;
     kt_dirsync_request(d->loop, d->paths[1], &d->dirsync);

@@ -47,6 +47,9 @@ void kt_delivery_set_exact_name(struct kt_delivery *d, const char *name);
  * truncated on open) instead of creating a new one, so that no inode is allocated; the file is then renamed into
  * new/ as usual. When path no longer exists, a new file is created after all. */
 void kt_delivery_reuse_file(struct kt_delivery *d, const char *path);
+/* The directory beside tmp/ that the commit renames or links into: "new" (the default, Maildir) or, for a
+ * queue file, "hold" (header/body checks HOLD). At most 7 characters; before commit. */
+void kt_delivery_set_new_dir(struct kt_delivery *d, const char *dir);
 /* Create the tmp file (and missing Maildir folders); cb when done. */
 void kt_delivery_open(struct kt_delivery *d, kt_delivery_cb cb, void *arg);
 /* Append body bytes. Returns 1 when the caller should stop feeding until the

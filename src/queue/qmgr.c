@@ -304,21 +304,26 @@ static struct dest *dest_get(struct kt_qmgr *q, const char *key)
 }
 
 /* Key of the destination for addr, or NULL with *err set for a recipient that fails at once. */
-static char *route(struct kt_qmgr *q, const char *addr, const char **err)
+static char *route(struct kt_qmgr *q, const char *addr, const char *filter, const char **err)
 {
     char domain[256];
     snprintf(domain, sizeof(domain), "%s", addr_domain(addr));
     for (char *p = domain; *p; p++)
         *p = (char)tolower((unsigned char)*p);
     *err = NULL;
-    if (!domain[0])
-        return kt_strdup("local");
-    if (q->set->resolver) {
-        enum kt_addr_class cls = kt_resolve_class(q->set->resolver, domain);
-        if (cls == KT_CLASS_LOCAL || cls == KT_CLASS_VIRTUAL)
+    /* a FILTER action (header/body checks) sends every recipient to transport:destination, as Postfix's
+     * content filter: routed like a transport_maps result, before the address classes */
+    const char *t = filter;
+    if (!t) {
+        if (!domain[0])
             return kt_strdup("local");
+        if (q->set->resolver) {
+            enum kt_addr_class cls = kt_resolve_class(q->set->resolver, domain);
+            if (cls == KT_CLASS_LOCAL || cls == KT_CLASS_VIRTUAL)
+                return kt_strdup("local");
+        }
+        t = transport_lookup(q, addr, domain);
     }
-    const char *t = transport_lookup(q, addr, domain);
     if (t && *t) {
         const char *colon = strchr(t, ':');
         size_t tlen = colon ? (size_t)(colon - t) : strlen(t);
@@ -1607,7 +1612,7 @@ static void msg_start(struct kt_qmgr *q, struct msg *m)
         if (m->q->rcpts[i].state != KT_QR_PENDING)
             continue;
         const char *err;
-        char *key = route(q, m->q->rcpts[i].addr, &err);
+        char *key = route(q, m->q->rcpts[i].addr, m->q->filter, &err);
         if (!key) {
             rcpt_failed(q, m, i, "none", 550, NULL, err);
             continue;

@@ -229,6 +229,7 @@ void kt_xtext_encode(const char *s, char *out, size_t cap)
     }
     out[o] = '\0';
 }
+static int valid_id(const char *id);
 
 static int write_all(int fd, const void *p, size_t len)
 {
@@ -325,6 +326,105 @@ int kt_queue_write_props(const char *qdir, time_t arrival, const char *sender, c
     return fsync_dir(tmp);
 }
 
+int kt_queue_rewrite_held(const char *qdir, const char *id, const char *redirect, const char *filter, int keep_held)
+{
+    char src[PATH_MAX], tmp[PATH_MAX], dst[PATH_MAX], dir[PATH_MAX];
+    struct kt_qmsg *m = NULL;
+    const char **rcpts = NULL;
+    size_t n;
+    char *env = NULL;
+    int in = -1, out = -1, rc;
+
+    if (!valid_id(id))
+        return -EINVAL;
+    if ((rc = kt_queue_load_held(qdir, id, &m)) < 0)
+        return rc;
+    n = redirect ? 1 : m->n_rcpts;
+    rcpts = kt_calloc(n ? n : 1, sizeof(*rcpts));
+    for (size_t i = 0; i < n; i++)
+        rcpts[i] = redirect ? redirect : m->rcpts[i].addr;
+    /* the message's properties stay; a REDIRECT's new recipient has no NOTIFY or ORCPT of its own */
+    size_t *idx = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*idx));
+    unsigned *notify = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*notify));
+    const char **orcpt = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*orcpt));
+    struct kt_qprops props;
+    for (size_t i = 0; i < m->n_rcpts; i++)
+        idx[i] = i;
+    kt_qmsg_props(m, idx, m->n_rcpts, notify, orcpt, &props);
+    if (redirect) {
+        props.notify = NULL;
+        props.orcpt = NULL;
+    }
+    env = kt_queue_envelope(m->sender, rcpts, n, m->arrival, m->dots, m->canonical, &props);
+    kt_free(idx);
+    kt_free(notify);
+    kt_free(orcpt);
+    if (filter) {
+        /* before the first rcpt line (or "body"): "filter transport:destination" */
+        char *at = strstr(env, "\nrcpt ");
+        char *body = strstr(env, "\nbody\n");
+        char *cut = at ? at + 1 : body ? body + 1 : env + strlen(env);
+        char *e = kt_asprintf("%.*sfilter %s\n%s", (int)(cut - env), env, filter, cut);
+        kt_free(env);
+        env = e;
+    }
+    snprintf(src, sizeof(src), "%s/hold/%s", qdir, id);
+    snprintf(tmp, sizeof(tmp), "%s/tmp/%s.rewrite", qdir, id);
+    snprintf(dst, sizeof(dst), "%s/%s/%s", qdir, keep_held ? "hold" : "new", id);
+    in = open(src, O_RDONLY | O_CLOEXEC);
+    if (in < 0) {
+        rc = -errno;
+        goto cleanup;
+    }
+    unlink(tmp);
+    out = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (out < 0) {
+        rc = -errno;
+        goto cleanup;
+    }
+    rc = write_all(out, env, strlen(env));
+    for (loff_t off = m->body_off, left = m->body_len; rc == 0 && left > 0;) {
+        ssize_t k = copy_file_range(in, &off, out, NULL, (size_t)left, 0);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            rc = k < 0 ? -errno : -EIO;
+        else
+            left -= k;
+    }
+    if (rc == 0 && fsync(out) < 0)
+        rc = -errno;
+    if (close(out) < 0 && rc == 0)
+        rc = -errno;
+    out = -1;
+    if (rc == 0 && rename(tmp, dst) < 0)
+        rc = -errno;
+    if (rc < 0) {
+        unlink(tmp);
+        goto cleanup;
+    }
+    snprintf(dir, sizeof(dir), "%s/%s", qdir, keep_held ? "hold" : "new");
+    rc = fsync_dir(dir);
+    if (!keep_held) {
+        /* new/ID is durable: the held copy goes */
+        if (unlink(src) < 0 && rc == 0)
+            rc = -errno;
+        snprintf(dir, sizeof(dir), "%s/hold", qdir);
+        if (rc == 0)
+            rc = fsync_dir(dir);
+        kt_queue_notify(qdir, id);
+    }
+cleanup:
+    if (in >= 0)
+        close(in);
+    if (out >= 0)
+        close(out);
+    kt_free(env);
+    kt_free(rcpts);
+    kt_qmsg_free(m);
+    return rc;
+}
+
 void kt_qmsg_free(struct kt_qmsg *m)
 {
     if (!m)
@@ -337,6 +437,7 @@ void kt_qmsg_free(struct kt_qmsg *m)
     kt_free(m->rcpts);
     kt_free(m->envid);
     kt_free(m->sender);
+    kt_free(m->filter);
     kt_free(m->id);
     kt_free(m);
 }
@@ -436,6 +537,9 @@ static int load_from(const char *qdir, const char *sub, const char *id, struct k
         } else if (!strncmp(line, "orcpt ", 6) && line[6] && m->n_rcpts) {
             kt_free(m->rcpts[m->n_rcpts - 1].orcpt);
             m->rcpts[m->n_rcpts - 1].orcpt = kt_strdup(line + 6);
+        } else if (!strncmp(line, "filter ", 7)) {
+            kt_free(m->filter);
+            m->filter = line[7] ? kt_strdup(line + 7) : NULL;
         } else if (!strncmp(line, "rcpt ", 5)) {
             m->rcpts = kt_realloc(m->rcpts, (m->n_rcpts + 1) * sizeof(*m->rcpts));
             memset(&m->rcpts[m->n_rcpts], 0, sizeof(*m->rcpts));

@@ -11,7 +11,7 @@
  * A message file starts with text lines
  *   "KTQUEUE 1\n" "arrival <epoch>\n" "sender <addr>\n" ["dots <0|1>\n"] ["canonical 1\n"]
  *   ["smtputf8 1\n"] ["encoding 7BIT|8BITMIME|BINARYMIME\n"] ["ret FULL|HDRS\n"] ["envid <xtext>\n"]
- *   ("rcpt <addr>\n" ["notify SUCCESS,FAILURE,DELAY|NEVER\n"] ["orcpt <type;xtext>\n"])... "body\n"
+ *   ["filter <transport:destination>\n"] ("rcpt <addr>\n" ["notify SUCCESS,FAILURE,DELAY|NEVER\n"] ["orcpt <type;xtext>\n"])... "body\n"
  * followed by the message bytes (CRLF line ends, not dot-stuffed) up to the
  * end of the file. "sender " with an empty address is the null sender. The optional lines carry the
  * message's properties as the client declared them: SMTPUTF8 (RFC 6531), BODY= (RFC 6152, 3030) and the
@@ -82,6 +82,8 @@ struct kt_qmsg {
     enum kt_qbody body;
     enum kt_qret ret;
     char *envid;                   /* ENVID in xtext, or NULL */
+    char *filter;                  /* "filter transport:destination" (header/body_checks FILTER): every
+                                      recipient goes there; NULL = routed as usual */
 };
 
 /* One status record for kt_queue_mark_many: recipient rcpt becomes state (done or failed with reason). */
@@ -134,6 +136,13 @@ int kt_queue_write_at(const char *qdir, time_t arrival, const char *sender, cons
 /* The same with the message's properties (props may be NULL). */
 int kt_queue_write_props(const char *qdir, time_t arrival, const char *sender, const char *const *rcpts, size_t n,
                          const struct kt_qprops *props, const void *body, size_t len, char *id, size_t idlen);
+/* A message the SMTP server committed into hold/ID (kt_delivery_set_new_dir) whose envelope the header and
+ * body checks changed: REDIRECT (redirect non-NULL: the only recipient) and FILTER (filter non-NULL: the
+ * "filter" line). Writes a new file with the changed envelope and the same message bytes (copied in the
+ * kernel, copy_file_range), fsyncs it and renames it over hold/ID (keep_held) or to new/ID (then
+ * hold/ID is removed and a running queue manager told), fsyncing the directories. Synchronous: only for
+ * these rare actions. 0 or -errno; on failure hold/ID stays as it was (the message is held, not lost). */
+int kt_queue_rewrite_held(const char *qdir, const char *id, const char *redirect, const char *filter, int keep_held);
 /* Read the envelope and the status records of new/ID (hold/ID). 0, -ENOENT, -EINVAL (bad file), -errno.
  * A pending recipient's reason is its last deferral reason, if any. */
 int kt_queue_load(const char *qdir, const char *id, struct kt_qmsg **out);

@@ -37,6 +37,7 @@
 #include "conf/config.h"
 #include "core/table.h"
 #include "smtpd/anvil.h"
+#include "smtpd/cleanup.h"
 #include "smtpd/client_dns.h"
 #include "smtpd/proxy.h"
 #include "smtpd/sasl.h"
@@ -281,6 +282,7 @@ static void transaction_reset(struct kt_session *s)
     s->txn = NULL;
     if (t->delivery)
         kt_delivery_abandon(t->delivery);
+    kt_cleanup_free(t->cleanup);
     kt_buf_release(&t->rcpts);
     kt_buf_release(&t->relay_rcpts);
     for (size_t i = 0; i < t->rcpt_dsn_cap; i++)
@@ -299,6 +301,14 @@ static const char *protocol_name(const struct kt_session *s)
     if (s->sasl_username[0])
         return s->tls_on ? "ESMTPSA" : "ESMTPA";
     return s->tls_on ? "ESMTPS" : "ESMTP";
+}
+
+/* Message bytes into the spool, through the header and body checks when the service has any. Returns 1 when
+ * the writer is behind. */
+static int spool_append(struct kt_session *s, const char *p, size_t n)
+{
+    struct kt_smtpd_txn *t = s->txn;
+    return t->cleanup ? kt_cleanup_feed(t->cleanup, p, n) : kt_delivery_append(t->delivery, p, n);
 }
 
 /* RFC 5321 4.4 trace header, in Postfix's layout. */
@@ -326,7 +336,7 @@ static void add_received_header(struct kt_session *s)
             n += snprintf(hdr + n, sizeof(hdr) - (size_t)n, "\t%s\r\n", date);
     }
     if (n > 0 && (size_t)n < sizeof(hdr))
-        kt_delivery_append(s->txn->delivery, hdr, (size_t)n);
+        spool_append(s, hdr, (size_t)n);   /* header_checks see it too, as in Postfix */
 }
 
 /* ---- greeting, EHLO ---- */
@@ -812,15 +822,29 @@ static void on_commit(void *arg, int res)
          * message, qmgr its envelope, local/virtual each delivery. */
         kt_info_as("cleanup", "%s: message-id=%s", t->queue_id,
                    t->hdrscan.message_id[0] ? t->hdrscan.message_id : "<>");
-        kt_info_as("qmgr", "%s: from=<%s>, size=%llu, nrcpt=%u (queue active)", t->queue_id, t->sender_full,
-                   kt_delivery_size(t->delivery), t->n_rcpts);
+        const char *redirect = t->cleanup ? kt_cleanup_redirect(t->cleanup) : NULL;
+        const char *filter = t->cleanup ? kt_cleanup_filter(t->cleanup) : NULL;
+        int hold = t->cleanup && kt_cleanup_hold(t->cleanup);
+        int in_hold = hold || redirect || filter;   /* committed into hold/ (checks_end) */
+        if (in_hold && (redirect || filter)) {
+            int rc = kt_queue_rewrite_held(s->rt->queue_directory, t->queue_id, redirect, filter, hold);
+            if (rc < 0)
+                kt_err("%s: cannot apply %s%s%s to the queued message: %s; it stays on hold", t->queue_id,
+                       redirect ? "REDIRECT" : "", redirect && filter ? " and " : "", filter ? "FILTER" : "",
+                       strerror(-rc));
+            else if (!hold)
+                in_hold = 0;   /* in new/ now, and the queue manager was told */
+        }
+        if (!in_hold)
+            kt_info_as("qmgr", "%s: from=<%s>, size=%llu, nrcpt=%u (queue active)", t->queue_id, t->sender_full,
+                       kt_delivery_size(t->delivery), redirect && !in_hold ? 1 : t->n_rcpts);
         kt_metric_inc(KT_M_MESSAGES_RECEIVED);
         if (s->tls_on)
             kt_metric_add(kt_conn_ktls(s->conn) & KT_CONN_KTLS_RX ? KT_M_TLS_BYTES_RX_KTLS : KT_M_TLS_BYTES_RX_USER,
                           (long long)t->msg_bytes);
-        if (via_queue(t))
+        if (t->queued && !redirect && !filter && !hold)
             kt_qmgr_submit(t->delivery);
-        for (unsigned i = 0; i < t->n_rcpts && !via_queue(t); i++) {
+        for (unsigned i = 0; i < t->n_rcpts && !t->queued; i++) {
             const char *at = strrchr(r, '@');
             int virt = s->cfg->resolver && kt_resolve_class(s->cfg->resolver, at ? at + 1 : "") == KT_CLASS_VIRTUAL;
             kt_info_as(virt ? "virtual" : "local",
@@ -831,7 +855,7 @@ static void on_commit(void *arg, int res)
             kt_metric_observe(KT_H_DELIVERY, delay);
             r += strlen(r) + 1;
         }
-        if (!via_queue(t))
+        if (!t->queued)
             kt_info_as("qmgr", "%s: removed", t->queue_id);
         if (s->state == KT_SS_BDAT)
             s->counts.bdat_ok++;
@@ -919,10 +943,16 @@ static void on_spool_open(void *arg, int res)
     session_process(s);
 }
 
+static int cleanup_out(void *arg, const char *p, size_t n)
+{
+    return kt_delivery_append(arg, p, n);
+}
+
 static void start_spool(struct kt_session *s)
 {
     struct kt_smtpd_txn *t = s->txn;
-    if (via_queue(t)) {
+    /* A check that can HOLD, REDIRECT or FILTER needs the message in the queue, whatever its recipients */
+    if (via_queue(t) || s->cfg->checks_need_queue) {
         const char **list = kt_calloc(t->n_rcpts, sizeof(*list));
         const char *r = t->rcpts.data;
         for (unsigned i = 0; i < t->n_rcpts; i++, r += strlen(r) + 1)
@@ -936,10 +966,18 @@ static void start_spool(struct kt_session *s)
         t->delivery = kt_queue_delivery_new(&s->worker->loop, s->rt->queue_directory, t->sender_full, list,
                                             t->n_rcpts, &props, s->cfg->myhostname, s->worker->id, t->queue_id);
         kt_free(list);
+        t->queued = t->delivery != NULL;
     }
     if (!t->delivery)
         t->delivery = kt_delivery_new(&s->worker->loop, t->mailboxes, t->n_mailboxes, s->cfg->myhostname,
                                       s->worker->id, t->queue_id);
+    if (s->cfg->checks) {
+        char client[600];
+        snprintf(client, sizeof(client), "%s[%s]", client_name(s), s->addr);
+        struct kt_cleanup_origin o = { .queue_id = t->queue_id, .client = client, .sender = t->sender_full,
+                                       .rcpt = t->rcpts.data, .proto = protocol_name(s), .helo = s->helo };
+        t->cleanup = kt_cleanup_new(s->cfg->checks, &o, cleanup_out, t->delivery);
+    }
     s->wait = KT_WAIT_OPEN;
     kt_delivery_open(t->delivery, on_spool_open, s);
 }
@@ -962,6 +1000,49 @@ static void cmd_data(struct kt_session *s, const struct kt_smtp_command *c)
     start_spool(s);
 }
 
+/* End of the message for the header and body checks: REJECT and DISCARD are answered here (1: the
+ * transaction is over); HOLD, REDIRECT and FILTER commit the queue file into hold/ (0: commit). */
+static int checks_end(struct kt_session *s)
+{
+    struct kt_smtpd_txn *t = s->txn;
+    struct kt_cleanup *c = t->cleanup;
+    if (!c)
+        return 0;
+    kt_cleanup_finish(c);
+    switch (kt_cleanup_verdict(c)) {
+    case KT_CLEANUP_REJECT:
+        kt_metric_inc(KT_M_REJECT_DATA);
+        session_enter_state(s, KT_SS_COMMAND);
+        reply(s, "%s", kt_cleanup_reply(c));
+        transaction_reset(s);
+        return 1;
+    case KT_CLEANUP_DISCARD:
+        /* Postfix's answer: the client is told the message was taken, and it goes nowhere */
+        if (s->state == KT_SS_BDAT)
+            s->counts.bdat_ok++;
+        else
+            s->counts.data_ok++;
+        session_enter_state(s, KT_SS_COMMAND);
+        reply(s, "250 2.0.0 Ok: queued as %s", t->queue_id);
+        transaction_reset(s);
+        return 1;
+    case KT_CLEANUP_ACCEPT:
+        break;
+    }
+    if (kt_cleanup_hold(c) || kt_cleanup_redirect(c) || kt_cleanup_filter(c)) {
+        if (!t->queued) {
+            /* the envelope was too large for a queue file: the action cannot be honoured */
+            kt_err("%s: HOLD, REDIRECT or FILTER needs a queue file, which this envelope does not fit", t->queue_id);
+            session_enter_state(s, KT_SS_COMMAND);
+            reply(s, "451 4.3.0 Error: queue file write error");
+            transaction_reset(s);
+            return 1;
+        }
+        kt_delivery_set_new_dir(t->delivery, "hold");
+    }
+    return 0;
+}
+
 static void data_finish(struct kt_session *s)
 {
     struct kt_smtpd_txn *t = s->txn;
@@ -981,6 +1062,8 @@ static void data_finish(struct kt_session *s)
         return;
     }
     bare_newline_note(s);
+    if (checks_end(s))
+        return;
     commit_message(s);   /* the state stays DATA until the commit callback */
 }
 
@@ -1004,7 +1087,7 @@ static int body_store(struct kt_session *s, const char *p, size_t n)
     t->msg_bytes += n;
     if (!t->hdrscan.done)
         kt_header_scan_feed(&t->hdrscan, p, n);
-    return kt_delivery_append(t->delivery, p, n);
+    return spool_append(s, p, n);
 }
 
 /* Body bytes through the line-ending rule (smtp_parse.h), in blocks, until the input is used up, the
@@ -1088,6 +1171,8 @@ static void bdat_chunk_done(struct kt_session *s)
     }
     if (s->bdat_last) {
         bare_newline_note(s);
+        if (checks_end(s))
+            return;
         commit_message(s);   /* the state stays BDAT until the commit callback */
         return;
     }

@@ -23,6 +23,7 @@ struct kt_worker;
 struct kt_runtime;
 struct kt_smtpd_settings;
 struct kt_delivery;
+struct kt_cleanup;
 struct kt_auth_req;
 struct kt_conn;
 struct dns_job;
@@ -108,6 +109,8 @@ struct kt_smtpd_txn {
     unsigned long long msg_bytes;          /* stored (canonical) body bytes so far */
     unsigned long long bdat_received;      /* chunk bytes received (RFC 3030 replies) */
     struct kt_header_scan hdrscan;         /* Message-ID for the log, read as the body streams in */
+    struct kt_cleanup *cleanup;            /* header and body checks (smtpd/cleanup.h) while spooling; owned */
+    int queued;                            /* spooled as a queue file (relayed recipients or checks_need_queue) */
 };
 
 struct kt_session {

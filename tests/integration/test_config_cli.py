@@ -81,11 +81,11 @@ def test_not_implemented_warning(tmp_path):
 
 
 def test_not_implemented_filter_is_an_error(tmp_path):
-    d = write_conf(tmp_path, "header_checks = regexp:/etc/postfix/header_checks\n",
+    d = write_conf(tmp_path, "smtp_header_checks = regexp:/etc/postfix/smtp_header_checks\n",
                    "127.0.0.1:2599 inet n - n - - smtpd\n")
     r = ktrelay("check-config", "-c", str(d))
     assert r.returncode == 78, r.stderr
-    assert re.search(r"error: \S*main\.cf:\d+: parameter header_checks is not implemented by ktrelay", r.stderr), \
+    assert re.search(r"error: \S*main\.cf:\d+: parameter smtp_header_checks is not implemented by ktrelay", r.stderr), \
         r.stderr
 
 
@@ -114,7 +114,8 @@ def test_config_without_n_shows_defaults_and_values(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "message_size_limit = 4096000\n" in r.stdout
     assert "smtpd_recipient_limit = 1000\n" in r.stdout
-    assert "header_checks" not in r.stdout      # not implemented, not listed
+    assert "smtp_header_checks" not in r.stdout      # not implemented, not listed
+    assert "\nheader_checks = \n" in r.stdout and "\nbody_checks_size_limit = 51200\n" in r.stdout
 
 
 def test_version():

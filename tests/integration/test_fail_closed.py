@@ -100,8 +100,9 @@ BAD = [
     ("smtpd_milters = inet:127.0.0.1:8891", None, "smtpd_milters", "not implemented by ktrelay"),
     ("non_smtpd_milters = inet:127.0.0.1:8891", None, "non_smtpd_milters", "not implemented by ktrelay"),
     (None, "content_filter=amavis:[127.0.0.1]:10024", "content_filter", "not implemented by ktrelay"),
-    ("header_checks = regexp:/etc/postfix/header_checks", None, "header_checks", "not implemented by ktrelay"),
-    ("body_checks = regexp:/etc/postfix/body_checks", None, "body_checks", "not implemented by ktrelay"),
+    ("smtp_header_checks = regexp:/etc/postfix/smtp_header_checks", None, "smtp_header_checks",
+     "not implemented by ktrelay"),
+    ("relocated_maps = hash:/etc/postfix/relocated", None, "relocated_maps", "not implemented by ktrelay"),
     ("virtual_alias_maps = hash:/etc/postfix/virtual", None, "virtual_alias_maps", "not implemented by ktrelay"),
     ("sender_canonical_maps = hash:/etc/postfix/canonical", None, "sender_canonical_maps",
      "not implemented by ktrelay"),
@@ -229,11 +230,12 @@ def test_default_parent_domain_matches_subdomains_is_accepted(tmp_path):
 
 def test_ignore_unimplemented_lets_it_run(relay_factory):
     """An operator who knows what the missing features do can opt out: warnings, and it serves."""
-    r = relay_factory("ktrelay_ignore_unimplemented = yes\nheader_checks = regexp:/etc/postfix/header_checks\n",
+    r = relay_factory("ktrelay_ignore_unimplemented = yes\n"
+                      "smtp_header_checks = regexp:/etc/postfix/smtp_header_checks\n",
                       services={"smtp": {"content_filter": "amavis:[127.0.0.1]:10024"}})
     log = r.log()
-    assert re.search(r"warning: \S+/main\.cf:\d+: parameter header_checks is not implemented by ktrelay; ignored "
-                     r"because ktrelay_ignore_unimplemented = yes", log), log
+    assert re.search(r"warning: \S+/main\.cf:\d+: parameter smtp_header_checks is not implemented by ktrelay; "
+                     r"ignored because ktrelay_ignore_unimplemented = yes", log), log
     assert re.search(r"warning: \S+/master\.cf:1: parameter content_filter is not implemented", log), log
 
 

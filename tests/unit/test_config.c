@@ -121,8 +121,9 @@ static void test_table_sorted_and_typed(void **state)
     assert_true(impl >= 100);
     assert_false(kt_param_is_known("no_such_parameter"));
     assert_false(kt_param_is_known("SMTPD_BANNER"));   /* names are case-sensitive */
-    assert_true(kt_param_is_known("header_checks"));
-    assert_false(kt_param_find("header_checks")->implemented);
+    assert_true(kt_param_is_known("smtp_header_checks"));
+    assert_false(kt_param_find("smtp_header_checks")->implemented);
+    assert_true(kt_param_find("header_checks")->implemented);
     assert_true(kt_param_find("smtpd_tls_CApath")->implemented);
 }
 
@@ -408,13 +409,13 @@ static void test_not_implemented(void **state)
     (void)state;
     /* features that change who may send, what is filtered or where mail goes: errors */
     struct loaded l = load("myhostname = a.b.c\n"
-                           "header_checks = regexp:/etc/postfix/header_checks\n"
+                           "smtp_header_checks = regexp:/etc/postfix/smtp_header_checks\n"
                            "smtpd_milters = inet:localhost:8891\n"
                            "debug_peer_level = 3\n"
                            "virtual_alias_maps =\n",
                            "smtp inet n - n - - smtpd -o content_filter=amavis:[127.0.0.1]:10024\n");
     assert_int_equal(l.rc, -EINVAL);
-    expect_log(l.log, "error: main.cf:2: parameter header_checks is not implemented by ktrelay, and running "
+    expect_log(l.log, "error: main.cf:2: parameter smtp_header_checks is not implemented by ktrelay, and running "
                       "without it would change who may send, what is filtered or where mail goes; remove it, "
                       "or set ktrelay_ignore_unimplemented = yes to run without it");
     expect_log(l.log, "error: main.cf:3: parameter smtpd_milters is not implemented by ktrelay");
@@ -428,10 +429,10 @@ static void test_not_implemented(void **state)
 
     /* the operator's explicit opt-out */
     l = load("myhostname = a.b.c\nktrelay_ignore_unimplemented = yes\n"
-             "header_checks = regexp:/etc/postfix/header_checks\n",
+             "smtp_header_checks = regexp:/etc/postfix/smtp_header_checks\n",
              "smtp inet n - n - - smtpd -o content_filter=amavis:[127.0.0.1]:10024\n");
     assert_int_equal(l.rc, 0);
-    expect_log(l.log, "warning: main.cf:3: parameter header_checks is not implemented by ktrelay; ignored because "
+    expect_log(l.log, "warning: main.cf:3: parameter smtp_header_checks is not implemented by ktrelay; ignored because "
                       "ktrelay_ignore_unimplemented = yes");
     expect_log(l.log, "warning: master.cf:1: parameter content_filter is not implemented by ktrelay; ignored");
     kt_config_free(l.cfg);
