@@ -12,6 +12,8 @@ void kt_header_scan_reset(struct kt_header_scan *h)
     h->seen = 0;
     h->line_len = 0;
     h->message_id[0] = '\0';
+    h->loop_rcpt = NULL;
+    h->loop = 0;
 }
 
 static void append_trimmed(char *dst, size_t cap, const char *src, size_t len)
@@ -46,6 +48,15 @@ static void line_done(struct kt_header_scan *h)
         return;
     }
     h->in_msgid = 0;
+    static const char dt[] = "delivered-to:";
+    if (h->loop_rcpt && len >= sizeof(dt) - 1 && strncasecmp(l, dt, sizeof(dt) - 1) == 0) {
+        char v[sizeof(h->line)];
+        v[0] = '\0';
+        append_trimmed(v, sizeof(v), l + sizeof(dt) - 1, len - (sizeof(dt) - 1));
+        if (strcasecmp(v, h->loop_rcpt) == 0)
+            h->loop = 1;
+        return;
+    }
     static const char name[] = "message-id:";
     if (!h->message_id[0] && len >= sizeof(name) - 1 && strncasecmp(l, name, sizeof(name) - 1) == 0) {
         h->in_msgid = 1;

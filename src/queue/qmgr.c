@@ -1217,12 +1217,33 @@ static void local_opened(void *arg, int res)
         local_result(j, res);
         return;
     }
-    char *hdr = kt_asprintf("Return-Path: <%s>\r\nDelivered-To: %s\r\n", j->m->q->sender, j->addrs[j->cur]);
+    /* what Postfix's virtual(8) and local(8) prepend, as the SMTP server's own final deliveries do */
+    char *hdr = kt_asprintf("Return-Path: <%s>\r\nX-Original-To: %s\r\nDelivered-To: %s\r\n", j->m->q->sender,
+                            j->addrs[j->cur], j->addrs[j->cur]);
     kt_delivery_append(j->dl, hdr, strlen(hdr));
     kt_free(hdr);
     j->pos = j->m->q->body_off;
     kt_delivery_set_drain_cb(j->dl, local_feed, j);
     local_feed(j, 0);
+}
+
+/* The message's header section already has "Delivered-To: addr" (local(8)'s loop check). */
+static int delivered_to_loop(const struct job *j, const char *addr)
+{
+    struct kt_header_scan hs;
+    char buf[8192];
+    off_t pos = j->m->q->body_off, end = j->m->q->body_off + j->m->q->body_len;
+    kt_header_scan_reset(&hs);
+    hs.loop_rcpt = addr;
+    while (!hs.done && !hs.loop && pos < end) {
+        size_t want = (size_t)(end - pos) < sizeof(buf) ? (size_t)(end - pos) : sizeof(buf);
+        ssize_t n = pread(j->fd, buf, want, pos);
+        if (n <= 0)
+            break;
+        kt_header_scan_feed(&hs, buf, (size_t)n);
+        pos += n;
+    }
+    return hs.loop;
 }
 
 static void local_step(struct job *j)
@@ -1234,6 +1255,14 @@ static void local_step(struct job *j)
         struct kt_resolve_result *res = kt_malloc(sizeof(*res));
         if (!q->set->resolver) {
             rcpt_deferred(j->m, i, "local", 451, NULL, "no local delivery configured");
+            j->cur++;
+            kt_free(res);
+            continue;
+        }
+        if (delivered_to_loop(j, j->addrs[j->cur])) {
+            char *why = kt_asprintf("mail forwarding loop for %s", j->addrs[j->cur]);
+            rcpt_failed(q, j->m, i, local_relay(q, j->addrs[j->cur]), 550, "5.4.6", why);
+            kt_free(why);
             j->cur++;
             kt_free(res);
             continue;

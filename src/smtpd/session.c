@@ -311,6 +311,19 @@ static int spool_append(struct kt_session *s, const char *p, size_t n)
     return t->cleanup ? kt_cleanup_feed(t->cleanup, p, n) : kt_delivery_append(t->delivery, p, n);
 }
 
+/* Final delivery from the session (one recipient, its Maildirs): what Postfix's virtual(8) and local(8)
+ * prepend, RFC 5321 4.4's return path first, in the same form as the queue manager's deliveries. Written
+ * straight into the spool, before the Received: header: the checks do not see it, as in Postfix, where
+ * the delivery agent adds it. */
+static void add_trace_headers(struct kt_session *s)
+{
+    struct kt_smtpd_txn *t = s->txn;
+    char *hdr = kt_asprintf("Return-Path: <%s>\r\nX-Original-To: %s\r\nDelivered-To: %s\r\n", t->sender_full,
+                            t->rcpts.data, t->rcpts.data);
+    kt_delivery_append(t->delivery, hdr, strlen(hdr));
+    kt_free(hdr);
+}
+
 /* RFC 5321 4.4 trace header, in Postfix's layout. */
 static void add_received_header(struct kt_session *s)
 {
@@ -603,10 +616,11 @@ static void rcpt_reject(struct kt_session *s, const char *why, const char *rcpt)
 #define RELAY_ENVELOPE_MAX (KT_DELIVERY_CHUNK / 2)
 
 /* The message goes into the queue, not straight into the Maildirs: some recipient is relayed, or asked for
- * a success notice (NOTIFY=SUCCESS), which the queue manager sends once it delivered. */
+ * a success notice (NOTIFY=SUCCESS), which the queue manager sends once it delivered, or there are several
+ * recipients (a copy each, with its own Delivered-To:). */
 static int via_queue(const struct kt_smtpd_txn *t)
 {
-    return t->n_relay_rcpts || t->want_success;
+    return t->n_relay_rcpts || t->want_success || t->n_rcpts > 1;
 }
 
 /* What a recipient's NOTIFY and ORCPT add to the queue envelope ("notify ...\n", "orcpt ...\n"). */
@@ -933,6 +947,8 @@ static void on_spool_open(void *arg, int res)
         return;
     }
     kt_delivery_set_drain_cb(t->delivery, on_drained, s);
+    if (!t->queued)
+        add_trace_headers(s);
     add_received_header(s);
     if (s->state == KT_SS_DATA) {
         session_touch(s);   /* the body is the next request */
@@ -951,7 +967,9 @@ static int cleanup_out(void *arg, const char *p, size_t n)
 static void start_spool(struct kt_session *s)
 {
     struct kt_smtpd_txn *t = s->txn;
-    /* A check that can HOLD, REDIRECT or FILTER needs the message in the queue, whatever its recipients */
+    /* A check that can HOLD, REDIRECT or FILTER needs the message in the queue, whatever its recipients;
+     * so does mail for several recipients (via_queue): each final delivery carries its own Delivered-To:,
+     * which one file linked into several Maildirs cannot. */
     if (via_queue(t) || s->cfg->checks_need_queue) {
         const char **list = kt_calloc(t->n_rcpts, sizeof(*list));
         const char *r = t->rcpts.data;
@@ -968,9 +986,11 @@ static void start_spool(struct kt_session *s)
         kt_free(list);
         t->queued = t->delivery != NULL;
     }
-    if (!t->delivery)
+    if (!t->delivery) {
         t->delivery = kt_delivery_new(&s->worker->loop, t->mailboxes, t->n_mailboxes, s->cfg->myhostname,
                                       s->worker->id, t->queue_id);
+        t->hdrscan.loop_rcpt = t->rcpts.data;   /* final delivery here: a Delivered-To: for it is a loop */
+    }
     if (s->cfg->checks) {
         char client[600];
         snprintf(client, sizeof(client), "%s[%s]", client_name(s), s->addr);
@@ -1043,6 +1063,22 @@ static int checks_end(struct kt_session *s)
     return 0;
 }
 
+/* A message that already carries a Delivered-To: for its (one, final) recipient loops (Postfix's local(8)
+ * and virtual(8) bounce it with 5.4.6); refused here, before anything is stored, so no bounce is needed. */
+static int mail_loop(struct kt_session *s)
+{
+    struct kt_smtpd_txn *t = s->txn;
+    if (t->queued || !t->hdrscan.loop)
+        return 0;
+    kt_info("%s: reject: mail forwarding loop for %s from %s[%s]; from=<%s> to=<%s> proto=%s helo=<%s>", t->queue_id,
+            t->rcpts.data, client_name(s), s->addr, t->sender_full, t->rcpts.data, protocol_name(s), s->helo);
+    kt_metric_inc(KT_M_REJECT_DATA);
+    session_enter_state(s, KT_SS_COMMAND);
+    reply(s, "554 5.4.6 Error: mail forwarding loop for %s", t->rcpts.data);
+    transaction_reset(s);
+    return 1;
+}
+
 static void data_finish(struct kt_session *s)
 {
     struct kt_smtpd_txn *t = s->txn;
@@ -1062,7 +1098,7 @@ static void data_finish(struct kt_session *s)
         return;
     }
     bare_newline_note(s);
-    if (checks_end(s))
+    if (checks_end(s) || mail_loop(s))
         return;
     commit_message(s);   /* the state stays DATA until the commit callback */
 }
@@ -1171,7 +1207,7 @@ static void bdat_chunk_done(struct kt_session *s)
     }
     if (s->bdat_last) {
         bare_newline_note(s);
-        if (checks_end(s))
+        if (checks_end(s) || mail_loop(s))
             return;
         commit_message(s);   /* the state stays BDAT until the commit callback */
         return;

@@ -8,6 +8,7 @@ build/ktrelay relative to the source tree.
 import contextlib
 import os
 import pathlib
+import re
 import signal
 import ssl
 import socket
@@ -128,6 +129,18 @@ class Relay:
                        what=f"processes {kids} of the stopped instance to exit")
         self.logfile.close()
         return self.proc.returncode
+
+
+# What every final delivery prepends (Postfix's virtual(8) and local(8)): return path, original recipient,
+# recipient.
+TRACE_HEADERS = re.compile(rb"Return-Path: <[^\r\n]*>\r\nX-Original-To: [^\r\n]*\r\nDelivered-To: [^\r\n]*\r\n")
+
+
+def after_trace(data):
+    """A delivered file's bytes after its trace headers (Return-Path:, X-Original-To:, Delivered-To:)."""
+    m = TRACE_HEADERS.match(data)
+    assert m, data[:300]
+    return data[m.end():]
 
 
 def child_pids(pid):

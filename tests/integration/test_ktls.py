@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import SmtpConn, make_cert, wait_until
+from conftest import SmtpConn, make_cert, wait_until, after_trace
 
 
 def _ktls_available():
@@ -191,7 +191,7 @@ def assert_delivered(relay, bodies):
     for body in bodies:
         match = [c for c in contents if c.endswith(body)]
         assert len(match) == 1, f"message of {len(body)} bytes not stored byte-exact"
-        header = match[0][:-len(body)]
+        header = after_trace(match[0][:-len(body)])
         assert re.fullmatch(rb"Received: from [^\r\n]*\r\n(\t[^\r\n]*\r\n)+", header), header
     for f in files:
         assert int(re.search(r",S=(\d+)", f.name).group(1)) == f.stat().st_size

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import SmtpConn, free_port, make_cert
+from conftest import SmtpConn, free_port, make_cert, after_trace
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
 
@@ -85,7 +85,7 @@ def test_header_address_is_the_client(behind_haproxy, version):
     c.cmd("QUIT")
     files = r.maildir_files()
     assert len(files) == 1
-    assert files[0].read_bytes().startswith(b"Received: from client.example (unknown [127.0.0.2])\r\n")
+    assert after_trace(files[0].read_bytes()).startswith(b"Received: from client.example (unknown [127.0.0.2])\r\n")
     log = r.log()
     assert "connect from unknown[127.0.0.2]" in log
     assert "NOQUEUE: reject: RCPT from unknown[127.0.0.2]: 554 5.7.1 <x@remote.example>: Relay access denied" in log

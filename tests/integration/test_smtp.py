@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import SmtpConn, give_to_mail_owner, wait_until
+from conftest import SmtpConn, give_to_mail_owner, wait_until, after_trace
 
 
 def stuff(content):
@@ -30,6 +30,7 @@ def split_received(path):
     assert m, path.name
     assert int(m.group(1)) == len(data), (path.name, len(data))
     assert int(m.group(2)) == len(data)   # stored with CRLF: the RFC 822 size is the file size
+    data = after_trace(data)
     assert data.startswith(b"Received: from "), data[:200]
     i = data.index(b"\r\n") + 2
     while data[i:i + 1] in (b"\t", b" "):

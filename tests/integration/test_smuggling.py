@@ -220,9 +220,9 @@ def send_bdat(relay, rcpts, chunks):
 
 
 def strip_received(msg):
-    """The message after the trace headers ktrelay adds (Return-Path, Delivered-To, Received)."""
+    """The message after the trace headers ktrelay adds (Return-Path, X-Original-To, Delivered-To, Received)."""
     i = msg.index(b"\r\nSubject: v\r\n")
-    assert re.fullmatch(rb"((Return-Path|Delivered-To): [^\r\n]*\r\n)*Received: .*", msg[:i], re.S), msg[:i]
+    assert re.fullmatch(rb"((Return-Path|X-Original-To|Delivered-To): [^\r\n]*\r\n)*Received: .*", msg[:i], re.S), msg[:i]
     return msg[i + 2:]
 
 

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, SmtpConn, embedded_default, free_port, make_cert, port_busy
+from conftest import (BASE_MAIN_CF, BASE_VMAILBOX, BIN, SmtpConn, after_trace, embedded_default, free_port, make_cert,
+                      port_busy)
 
 SENDER = "sender@example.org"
 RCPT = "someone@localhost"
@@ -688,7 +689,7 @@ def test_large_messages_data_and_bdat(relay_factory, tmp_path, label):
     for marker, msg in ((f"big-data-{label}", data_msg), (f"big-bdat-{label}", bdat_msg)):
         files = delivered(r, marker)
         assert len(files) == 1
-        raw = files[0].read_bytes()
+        raw = after_trace(files[0].read_bytes())
         assert raw.startswith(b"Received: ")
         assert raw.endswith(msg) and raw.index(msg) == raw.index(b"From: <")
 
