@@ -973,16 +973,32 @@ static void start_spool(struct kt_session *s)
     if (via_queue(t) || s->cfg->checks_need_queue) {
         const char **list = kt_calloc(t->n_rcpts, sizeof(*list));
         const char *r = t->rcpts.data;
-        for (unsigned i = 0; i < t->n_rcpts; i++, r += strlen(r) + 1)
-            list[i] = r;
+        unsigned *notify = kt_calloc(t->n_rcpts, sizeof(*notify));
+        const char **orcpt = kt_calloc(t->n_rcpts, sizeof(*orcpt));
+        size_t n = 0;
+        /* one delivery per recipient: the same address twice (any case) is one recipient, with the DSN
+         * parameters it was first given */
+        for (unsigned i = 0; i < t->n_rcpts; i++, r += strlen(r) + 1) {
+            size_t k = 0;
+            while (k < n && strcasecmp(list[k], r) != 0)
+                k++;
+            if (k < n)
+                continue;
+            list[n] = r;
+            notify[n] = i < t->rcpt_dsn_cap ? t->rcpt_notify[i] : 0;
+            orcpt[n] = i < t->rcpt_dsn_cap ? t->rcpt_orcpt[i] : NULL;
+            n++;
+        }
         struct kt_qprops props = {
             .smtputf8 = t->smtputf8, .body = (enum kt_qbody)t->body, .ret = (enum kt_qret)t->ret,
-            .envid = t->envid[0] ? t->envid : NULL, .notify = t->rcpt_notify,
-            .orcpt = (const char *const *)t->rcpt_orcpt,
+            .envid = t->envid[0] ? t->envid : NULL, .notify = t->rcpt_notify ? notify : NULL,
+            .orcpt = t->rcpt_orcpt ? orcpt : NULL,
         };
         /* envelope_room keeps the envelope small enough for this never to be NULL */
-        t->delivery = kt_queue_delivery_new(&s->worker->loop, s->rt->queue_directory, t->sender_full, list,
-                                            t->n_rcpts, &props, s->cfg->myhostname, s->worker->id, t->queue_id);
+        t->delivery = kt_queue_delivery_new(&s->worker->loop, s->rt->queue_directory, t->sender_full, list, n,
+                                            &props, s->cfg->myhostname, s->worker->id, t->queue_id);
+        kt_free(notify);
+        kt_free(orcpt);
         kt_free(list);
         t->queued = t->delivery != NULL;
     }

@@ -64,6 +64,12 @@ def queued(reply):
     return m.group(1)
 
 
+def delivered_by_queue(relay, qid):
+    """Mail for several recipients goes through the queue (a copy each, with its own Delivered-To:): wait
+    until the queue manager has delivered every recipient and removed the queue file."""
+    assert relay.wait_log(f"{qid}: removed", timeout=30), relay.log()[-3000:]
+
+
 def delivered_one(relay, box="localhost/catchall/"):
     files = relay.maildir_files(box)
     assert len(files) == 1, files
@@ -180,9 +186,10 @@ def test_pipelined_group(relay):
         warnings.warn(f"replies to one pipelined group arrived in {reads_before_354} reads")
     assert c.buf == b""
     c.send(b"Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n")
-    queued(c.reply())
+    qid = queued(c.reply())
     assert c.reply() == "221 2.0.0 Bye"
     assert c.closed()
+    delivered_by_queue(relay, qid)
     for box in ("localhost/catchall/", "localhost/postmaster/", "example.test/alice/"):
         _, rest = delivered_one(relay, box)
         assert rest == b"Subject: p\r\n\r\nbody\r\n"
@@ -393,8 +400,8 @@ def test_too_many_recipients(relay_factory):
     c = SmtpConn(r.port())
     start_data(c, rcpts=("a@localhost", "b@localhost", "postmaster@localhost"))
     assert c.cmd("RCPT TO:<alice@example.test>") == "452 4.5.3 Error: too many recipients"
-    queued(send_data_only(c, b"Subject: three\r\n\r\n"))
-    assert len(r.maildir_files()) == 1
+    delivered_by_queue(r, queued(send_data_only(c, b"Subject: three\r\n\r\n")))
+    assert len(r.maildir_files()) == 2          # a@ and b@ share the catch-all: a copy each
     assert len(r.maildir_files("localhost/postmaster/")) == 1
     assert r.maildir_files("example.test/alice/") == []
 
@@ -557,20 +564,28 @@ def test_file_in_new_when_250_arrives(relay):
     assert all_files(relay, "tmp") == []
 
 
-def test_one_copy_per_mailbox(relay):
+def test_one_copy_per_recipient(relay):
+    """As Postfix's virtual(8): each recipient gets its own copy with its own Delivered-To:, also two
+    recipients of one mailbox (the catch-all); the same address twice, in any case, is one recipient."""
     c = SmtpConn(relay.port())
     rcpts = ("alice@example.test", "bob@example.test", "x@localhost", "y@localhost", "postmaster@localhost",
              "ALICE@example.test")
     content = b"Subject: many\r\n\r\nfor several mailboxes\r\n"
-    queued(send_data(c, content, rcpts=rcpts))
-    boxes = ["example.test/alice/", "example.test/bob/", "localhost/catchall/", "localhost/postmaster/"]
-    for box in boxes:
+    delivered_by_queue(relay, queued(send_data(c, content, rcpts=rcpts)))
+    boxes = {"example.test/alice/": ["alice@example.test"], "example.test/bob/": ["bob@example.test"],
+             "localhost/catchall/": ["x@localhost", "y@localhost"], "localhost/postmaster/": ["postmaster@localhost"]}
+    for box, want in boxes.items():
         files = relay.maildir_files(box)
-        assert len(files) == 1, (box, files)
-        received, rest = split_received(files[0])
-        assert rest == content
-        assert b"\tfor <" not in received          # several recipients: no single "for" clause
-    assert len(all_files(relay)) == 4
+        assert len(files) == len(want), (box, files)
+        got = []
+        for f in files:
+            data = f.read_bytes()
+            got.append(re.search(rb"\r\nDelivered-To: (\S+)\r\n", data).group(1).decode())
+            received, rest = split_received(f)
+            assert rest == content
+            assert b"\tfor <" not in received          # several recipients: no single "for" clause
+        assert sorted(got) == want
+    assert len(all_files(relay)) == 5
     assert all_files(relay, "tmp") == []
 
 
@@ -583,8 +598,19 @@ def test_unwritable_mailbox_451_and_nothing_left(relay, order):
     give_to_mail_owner(bob.parent, bob, bob / "tmp", bob / "cur", bob / "new")
     c = SmtpConn(relay.port())
     r = send_data(c, b"Subject: blocked\r\n\r\n", rcpts=[f"{u}@example.test" for u in order])
-    assert r == "451 4.3.0 Error: queue file write error"
-    assert all_files(relay, "new") == []
+    if len(order) == 1:
+        # delivered by the session: refused, nothing stored
+        assert r == "451 4.3.0 Error: queue file write error"
+        assert all_files(relay, "new") == []
+    else:
+        # several recipients go through the queue: bob's copy is deferred, alice's delivered
+        qid = queued(r)
+        assert relay.wait_log(f"{qid}: to=<bob@example.test>, relay=virtual", timeout=20)
+        assert re.search(rf"{qid}: to=<bob@example.test>, relay=virtual, .*status=deferred", relay.log())
+        assert relay.wait_log(f"{qid}: to=<alice@example.test>, relay=virtual", timeout=20)
+        assert len(relay.maildir_files("example.test/alice/")) == 1
+        for f in relay.maildir_files("example.test/alice/"):
+            f.unlink()
     assert all_files(relay, "tmp") == []
     assert (bob / "new").read_text() == "not a directory\n"
     # the session goes on and other mail is delivered
