@@ -304,3 +304,20 @@ def test_filter_sends_every_recipient_to_the_filter(checked):
                what="the filter's copy", timeout=20)
     assert checked.wait_log(f"{qid}: to=<alice@example.test>, relay=127.0.0.1[127.0.0.1]:{checked.sink.port}")
     assert box_files(checked) == []
+
+
+def test_header_size_limit_cuts_a_long_header(relay_factory, tmp_path):
+    """header_size_limit bounds what is held of one logical header: the rest is dropped, the header still
+    ends its line, and the next header and the body are untouched."""
+    (tmp_path / "hc").write_text("/^X-Long: (a+)$/ WARN long header\n")
+    r = relay_factory(f"header_checks = regexp:{tmp_path}/hc\nheader_size_limit = 120\n")
+    long_value = "a" * 300
+    body = f"X-Long: {long_value}\r\n\tfolded-tail\r\nSubject: after\r\n\r\nbody line\r\n"
+    reply = send(r, body)
+    assert reply.startswith("250 2.0.0 Ok: queued as ")
+    (f,) = box_files(r)
+    data = f.read_bytes()
+    cut = data[data.index(b"X-Long: "):]
+    assert cut.startswith(b"X-Long: " + b"a" * 112 + b"\r\nSubject: after\r\n\r\nbody line\r\n")
+    # the lookup saw the cut header (120 bytes: "X-Long: " and 112 a's), which still matches
+    assert f"warning: header X-Long: {'a' * 112} {TAIL}: long header" in r.log()
