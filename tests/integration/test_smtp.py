@@ -225,11 +225,14 @@ def test_whole_session_in_one_write_with_bdat(relay):
            + f"BDAT {len(m2)} LAST\r\n".encode() + m2 + b"QUIT\r\n")
     assert c.reply().endswith("250 CHUNKING")
     assert [c.reply() for _ in range(3)] == ["250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.1.5 Ok"]
-    queued(c.reply())
+    qid = queued(c.reply())
     assert [c.reply() for _ in range(2)] == ["250 2.1.0 Ok", "250 2.1.5 Ok"]
     queued(c.reply())
     assert c.reply() == "221 2.0.0 Bye"
-    assert delivered_one(relay)[1] == m1
+    # a@ and b@ (both the catch-all): two recipients, a copy each through the queue
+    delivered_by_queue(relay, qid)
+    files = relay.maildir_files()
+    assert len(files) == 2 and all(split_received(f)[1] == m1 for f in files)
     assert delivered_one(relay, "example.test/alice/")[1] == m2
 
 
