@@ -294,7 +294,7 @@ static const struct kt_param_def params[] = {
     S(smtpd_upstream_proxy_protocol, ""),
     T(smtpd_upstream_proxy_timeout, "5s", 's'),
     B(smtpd_use_tls, "no"),
-    N(smtputf8_enable),
+    B(smtputf8_enable, "yes"),
     X(soft_bounce),
     S(stress, ""),
     X(strict_rfc821_envelopes),

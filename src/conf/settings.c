@@ -618,6 +618,7 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     st->helo_required = kt_config_get_bool(cfg, svc, "smtpd_helo_required") == 1;
     st->disable_vrfy = kt_config_get_bool(cfg, svc, "disable_vrfy_command") == 1;
     st->ehlo_discard = ehlo_discard_mask(cfg, svc);
+    st->smtputf8_enable = kt_config_get_bool(cfg, svc, "smtputf8_enable") == 1;
     st->timeout_s = kt_config_get_time(cfg, svc, "smtpd_timeout");
     st->per_request_deadline = kt_config_get_bool(cfg, svc, "smtpd_per_request_deadline") == 1;
     st->min_data_rate = kt_config_get_int(cfg, svc, "smtpd_min_data_rate");
@@ -860,6 +861,7 @@ static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg
     qs->bounce_queue_lifetime = kt_config_get_time(cfg, NULL, "bounce_queue_lifetime");
     qs->delay_warning_time = kt_config_get_time(cfg, NULL, "delay_warning_time");
     qs->bounce_size_limit = kt_config_get_int(cfg, NULL, "bounce_size_limit");
+    qs->smtputf8_enable = kt_config_get_bool(cfg, NULL, "smtputf8_enable") == 1;
     if (qs->bounce_size_limit < 1) {
         param_err(cfg, NULL, "bounce_size_limit", "bounce_size_limit: must be at least 1 (Postfix)");
         errors++;

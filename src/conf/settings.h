@@ -43,6 +43,7 @@ struct kt_smtpd_settings {
     int helo_required;               /* smtpd_helo_required: MAIL needs HELO/EHLO first */
     int disable_vrfy;                /* disable_vrfy_command: VRFY gets 502, EHLO omits it */
     unsigned ehlo_discard;           /* smtpd_discard_ehlo_keywords: KT_EHLO_* bits */
+    int smtputf8_enable;             /* smtputf8_enable: no = SMTPUTF8 neither announced nor accepted */
     long long timeout_s;             /* smtpd_timeout */
     int per_request_deadline;        /* smtpd_per_request_deadline: timeout_s bounds a whole request */
     long long min_data_rate;         /* smtpd_min_data_rate, bytes/s: body bytes that extend the deadline */
@@ -126,6 +127,7 @@ struct kt_qmgr_settings {
     long long bounce_queue_lifetime;
     long long delay_warning_time;    /* 0 = no delay warnings */
     long long bounce_size_limit;     /* bytes of the original returned with a failure notice, else headers */
+    int smtputf8_enable;             /* no: SMTPUTF8 is never sent on and never required of a next hop */
     unsigned destination_concurrency_limit;  /* default_destination_concurrency_limit, > 0 */
     unsigned initial_destination_concurrency;  /* 1 .. destination_concurrency_limit */
     long long message_size_limit;    /* for maildrop pickup; 0 = none */

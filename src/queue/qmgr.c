@@ -745,7 +745,7 @@ static int smtputf8_needed(const struct job *j)
 {
     const struct kt_qmsg *m = j->m->q;
     char head[65536];
-    if (!m->smtputf8)
+    if (!m->smtputf8 || !j->d->q->set->smtputf8_enable)
         return 0;
     if (has_8bit(m->sender, strlen(m->sender)))
         return 1;
@@ -861,7 +861,7 @@ static void conn_run_next(struct conn *cn)
             .id = j->m->q->id, .sender = j->m->q->sender, .rcpts = j->addrs, .n_rcpts = j->n, .fd = j->fd,
             .body_off = j->m->q->body_off, .body_len = j->m->q->body_len, .dots = j->m->q->dots,
             .canonical = j->m->q->canonical,
-            .smtputf8 = j->m->q->smtputf8, .body = j->m->q->body, .ret = j->m->q->ret, .envid = j->m->q->envid,
+            .smtputf8 = j->m->q->smtputf8 && d->q->set->smtputf8_enable, .body = j->m->q->body, .ret = j->m->q->ret, .envid = j->m->q->envid,
             .notify = j->notify, .orcpt = j->orcpt,
             .codes = j->codes, .replies = j->replies,
         };

@@ -482,7 +482,7 @@ static void helo_or_ehlo(struct kt_session *s, const struct kt_smtp_command *c, 
         snprintf(kw[n++], sizeof(kw[0]), "8BITMIME");
     if (!(discard & KT_EHLO_DSN))
         snprintf(kw[n++], sizeof(kw[0]), "DSN");
-    if (!(discard & KT_EHLO_SMTPUTF8))
+    if (!(discard & KT_EHLO_SMTPUTF8) && s->cfg->smtputf8_enable)
         snprintf(kw[n++], sizeof(kw[0]), "SMTPUTF8");
     if (!(discard & KT_EHLO_CHUNKING))
         snprintf(kw[n++], sizeof(kw[0]), "CHUNKING");
@@ -517,7 +517,7 @@ static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
         return;
     }
     /* smtpd_discard_ehlo_keywords: Postfix no longer knows what it does not announce */
-    if (p.smtputf8 && (s->cfg->ehlo_discard & KT_EHLO_SMTPUTF8)) {
+    if (p.smtputf8 && ((s->cfg->ehlo_discard & KT_EHLO_SMTPUTF8) || !s->cfg->smtputf8_enable)) {
         reply(s, "555 5.5.4 Unsupported option: SMTPUTF8");
         return;
     }
@@ -525,7 +525,8 @@ static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
         reply(s, "501 5.7.1 DSN support is disabled");
         return;
     }
-    if (path.utf8 && !p.smtputf8) {
+    /* smtputf8_enable = no: UTF-8 is only 8-bit data, as before SMTPUTF8 (Postfix) */
+    if (path.utf8 && !p.smtputf8 && s->cfg->smtputf8_enable) {
         reply(s, "553 5.6.7 Must declare SMTPUTF8 to send unicode address");
         return;
     }

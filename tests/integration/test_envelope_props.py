@@ -346,3 +346,17 @@ def test_sendmail_dsn_options_and_pickup(node, hops):
     got = full.mail_rcpt()
     assert re.fullmatch(r"MAIL FROM:<alice@example\.test> SIZE=\d+ RET=FULL ENVID=Q\+2B", got[2]), got
     assert got[3] == "RCPT TO:<carol@full.test> NOTIFY=NEVER ORCPT=rfc822;carol@full.test"
+
+
+def test_smtputf8_disabled(node, hops):
+    """smtputf8_enable = no: SMTPUTF8 neither announced nor accepted, UTF-8 addresses are 8-bit data, and
+    a UTF-8 message goes to a next hop without SMTPUTF8 instead of bouncing (Postfix's workaround)."""
+    bare = hops(NONE).start()
+    n = node(hops(FULL), bare, "smtputf8_enable = no\n")
+    c = SmtpConn(n.r.port())
+    assert "250-SMTPUTF8" not in c.ehlo()
+    assert c.cmd("MAIL FROM:<alice@example.test> SMTPUTF8") == "555 5.5.4 Unsupported option: SMTPUTF8"
+    c.quit()
+    qid = submit(n, "MAIL FROM:<jörg@example.test>", ["RCPT TO:<jörg@bare.test>"], UTF8_BODY)
+    assert n.wait_log(rf"{qid}: to=<jörg@bare.test>, .*status=sent"), n.log()
+    assert bare.mail_rcpt() == ["MAIL FROM:<jörg@example.test>", "RCPT TO:<jörg@bare.test>"]
