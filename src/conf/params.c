@@ -77,6 +77,7 @@ static const struct kt_param_def params[] = {
     X(default_transport),
     T(delay_warning_time, "0h", 'h'),
     N(disable_dns_lookups),
+    B(disable_mime_output_conversion, "yes"),
     B(disable_vrfy_command, "no"),
     X(fallback_transport),
     N(forward_path),
