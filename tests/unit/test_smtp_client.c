@@ -5,7 +5,8 @@
  * real connection layer; nothing is mocked. Covered: EHLO refused -> HELO
  * and one command at a time; PIPELINING with CHUNKING (BDAT LAST, body by
  * sendfile) and a 5xx for one RCPT; a 4xx at MAIL under PIPELINING with a
- * pipelined DATA; DATA with dot-stuffing; QUIT on close. */
+ * pipelined DATA; DATA with dot-stuffing; QUIT on close; the message's
+ * properties (SMTPUTF8, BODY, DSN) on MAIL and RCPT. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -26,6 +27,7 @@
 
 #include "core/alloc.h"
 #include "core/loop.h"
+#include "queue/queue.h"
 #include "queue/smtp_client.h"
 
 /* One script step: the peer sends text (S), expects one exact line (C),
@@ -201,8 +203,8 @@ static int body_file(const char *body)
 
 /* Connect, run one transaction of body to rcpts, close; the peer's script
  * must run through exactly. Returns the transaction's result in *txn. */
-static void exchange(const struct step *script, const char *body, int dots, const char *const *rcpts, size_t n,
-                     int *codes, char **replies, struct run *txn)
+static void exchange_props(const struct step *script, const char *body, int dots, const char *const *rcpts,
+                           size_t n, const struct kt_smtp_msg *props, int *codes, char **replies, struct run *txn)
 {
     struct kt_loop loop;
     struct peer p;
@@ -226,6 +228,14 @@ static void exchange(const struct step *script, const char *body, int dots, cons
         .body_off = 0, .body_len = (off_t)strlen(body), .dots = dots, .canonical = 1, .codes = codes,
         .replies = replies,
     };
+    if (props) {
+        m.smtputf8 = props->smtputf8;
+        m.body = props->body;
+        m.ret = props->ret;
+        m.envid = props->envid;
+        m.notify = props->notify;
+        m.orcpt = props->orcpt;
+    }
     memset(txn, 0, sizeof(*txn));
     kt_smtp_send(c, &m, on_done, txn);
     run_until(&loop, &txn->called);
@@ -241,6 +251,12 @@ static void exchange(const struct step *script, const char *body, int dots, cons
     kt_loop_fini(&loop);
     if (p.failure[0])
         fail_msg("scripted peer: %s", p.failure);
+}
+
+static void exchange(const struct step *script, const char *body, int dots, const char *const *rcpts, size_t n,
+                     int *codes, char **replies, struct run *txn)
+{
+    exchange_props(script, body, dots, rcpts, n, NULL, codes, replies, txn);
 }
 
 static void free_replies(char **replies, size_t n)
@@ -366,6 +382,44 @@ static void test_pipelining_mail_4xx(void **state)
 }
 
 /* A greeting that is not 2xx fails the connection with the server's words. */
+/* The message's properties on MAIL and RCPT when the server announces the extensions (RFC 6531, 6152,
+ * 3030, 3461): BINARYMIME over BDAT, SMTPUTF8, RET, ENVID; NOTIFY and ORCPT per recipient, and an ORCPT
+ * made of the address where none was given. */
+static void test_properties_sent_on(void **state)
+{
+    static const char *const rcpts[] = { "bob@remote.test", "carol@remote.test" };
+    static const char body[] = "Subject: t\r\n\r\nx\r\n";
+    static const struct step script[] = {
+        { 'S', "220 mx.test ESMTP\r\n" },
+        { 'C', "EHLO client.example\r\n" },
+        { 'S', "250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-BINARYMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n"
+               "250 CHUNKING\r\n" },
+        { 'C', "MAIL FROM:<alice@example.test> BODY=BINARYMIME SMTPUTF8 RET=HDRS ENVID=QQ+2B1\r\n" },
+        { 'C', "RCPT TO:<bob@remote.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;b+2Bx@orig.test\r\n" },
+        { 'C', "RCPT TO:<carol@remote.test> NOTIFY=NEVER ORCPT=rfc822;carol@remote.test\r\n" },
+        { 'S', "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n" },
+        { 'C', "BDAT 17 LAST\r\n" },
+        { 'B', body },
+        { 'S', "250 2.0.0 Ok: queued as GHI\r\n" },
+        { 'C', "QUIT\r\n" },
+        { 'S', "221 2.0.0 Bye\r\n" },
+        { 0, NULL },
+    };
+    static const unsigned notify[] = { KT_QNOTIFY_SUCCESS | KT_QNOTIFY_DELAY, KT_QNOTIFY_NEVER };
+    static const char *const orcpt[] = { "rfc822;b+2Bx@orig.test", NULL };
+    struct kt_smtp_msg props = { .smtputf8 = 1, .body = KT_QBODY_BINARYMIME, .ret = KT_QRET_HDRS,
+                                 .envid = "QQ+2B1", .notify = notify, .orcpt = orcpt };
+    int codes[2];
+    char *replies[2];
+    struct run txn;
+    assert_int_equal(strlen(body), 17);
+    exchange_props(script, body, 0, rcpts, 2, &props, codes, replies, &txn);
+    assert_int_equal(txn.res, 0);
+    assert_int_equal(codes[0], 250);
+    assert_int_equal(codes[1], 250);
+    free_replies(replies, 2);
+}
+
 static void test_greeting_refused(void **state)
 {
     static const struct step script[] = {
@@ -402,6 +456,7 @@ int main(void)
         cmocka_unit_test(test_pipelining_bdat_last_rcpt_5xx),
         cmocka_unit_test(test_pipelining_mail_4xx),
         cmocka_unit_test(test_greeting_refused),
+        cmocka_unit_test(test_properties_sent_on),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
