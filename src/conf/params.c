@@ -19,6 +19,7 @@ static int check_enum(const struct kt_param_def *p, const char *value, char *msg
 static int check_enum_list(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_smtpd_tls_level(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_smtp_tls_level(const struct kt_param_def *p, const char *value, char *msg, size_t len);
+static int check_lmtp_tls_level(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_grade(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_protocols(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_maps(const struct kt_param_def *p, const char *value, char *msg, size_t len);
@@ -74,7 +75,7 @@ static const struct kt_param_def params[] = {
     I(default_destination_recipient_limit, "50"),
     S(default_privs, "nobody"),
     I(default_process_limit, "100"),
-    X(default_transport),
+    S(default_transport, "smtp"),
     T(delay_warning_time, "0h", 'h'),
     N(disable_dns_lookups),
     B(disable_mime_output_conversion, "yes"),
@@ -102,8 +103,14 @@ static const struct kt_param_def params[] = {
     S(ktrelay_tlsrpt_organization_name, "$mydomain"),
     I(ktrelay_worker_threads, "0"),
     I(line_length_limit, "2048"),
+    T(lmtp_connect_timeout, "0s", 's'),
+    T(lmtp_data_done_timeout, "600s", 's'),
+    I(lmtp_destination_concurrency_limit, "$default_destination_concurrency_limit"),
+    I(lmtp_destination_recipient_limit, "$default_destination_recipient_limit"),
+    S(lmtp_lhlo_name, "$myhostname"),
+    C(lmtp_tls_security_level, "", check_lmtp_tls_level),
     L(local_recipient_maps, "proxy:unix:passwd.byname $alias_maps"),
-    X(local_transport),
+    S(local_transport, "local:$myhostname"),
     X(luser_relay),
     S(mail_name, "ktrelay"),
     S(mail_owner, "ktrelay"),
@@ -168,7 +175,7 @@ static const struct kt_param_def params[] = {
     L(relay_clientcerts, ""),
     L(relay_domains, ""),
     X(relay_recipient_maps),
-    X(relay_transport),
+    S(relay_transport, "relay"),
     S(relayhost, ""),
     X(relocated_maps),
     B(resolve_dequoted_address, "yes"),
@@ -319,7 +326,7 @@ static const struct kt_param_def params[] = {
     L(virtual_mailbox_domains, "$virtual_mailbox_maps"),
     M(virtual_mailbox_maps, ""),
     X(virtual_minimum_uid),
-    X(virtual_transport),
+    S(virtual_transport, "virtual"),
     M(virtual_uid_maps, ""),
 };
 
@@ -614,6 +621,21 @@ static int check_smtpd_tls_level(const struct kt_param_def *p, const char *value
 static int check_smtp_tls_level(const struct kt_param_def *p, const char *value, char *msg, size_t len)
 {
     return check_level(p, value, smtp_levels, 6, msg, len);
+}
+
+/* The LMTP client speaks plaintext only (a local socket or a trusted network, as Dovecot's LMTP is
+ * usually reached): a level that asks for TLS fails rather than delivering in the clear. */
+static int check_lmtp_tls_level(const struct kt_param_def *p, const char *value, char *msg, size_t len)
+{
+    if (!*value || !strcasecmp(value, "none"))
+        return 0;
+    if (in_choices(value, strlen(value), smtp_levels, 6) || in_choices(value, strlen(value), client_only_levels, 5)) {
+        snprintf(msg, len, "bad value \"%s\" for %s: ktrelay's LMTP client does not implement TLS; it takes none",
+                 value, p->name);
+        return -EINVAL;
+    }
+    static const char *const none[] = { "none" };
+    return bad_choice(p->name, value, strlen(value), none, 1, msg, len);
 }
 
 static int check_grade(const struct kt_param_def *p, const char *value, char *msg, size_t len)

@@ -27,6 +27,7 @@
 #include "smtpd/sasl.h"
 #include "conf/settings.h"
 #include "core/table.h"
+#include "delivery/transport.h"
 #include "tls/tls.h"
 
 /* Owned objects, shared by services with equal keys. */
@@ -38,7 +39,7 @@ struct shared_obj {
 
 struct runtime_private {
     struct kt_runtime pub;
-    struct kt_maps *transport_maps;   /* pub.qmgr.transport_maps */
+    struct kt_transport *transport;   /* pub.qmgr.transport, every service's transport */
     SSL_CTX *smtp_ssl_ctx;            /* pub.qmgr.smtp.ssl_ctx */
     struct kt_maps *smtp_sasl_maps;   /* pub.qmgr.smtp.sasl_password_maps */
     struct sockaddr_storage *own_addrs;  /* pub.qmgr.own_addrs */
@@ -647,6 +648,7 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     if (st->tls_level != KT_TLS_NONE || st->wrappermode)
         st->tls = service_tls(rp, cfg, svc, st, &errors);
     st->resolver = service_resolver(rp, cfg, svc, &errors);
+    st->transport = rp->transport;
     st->mynetworks = service_mynetworks(rp, cfg, svc, &errors);
     st->policy = service_policy(rp, cfg, svc, st, &errors);
     st->conn_count_limit = kt_config_get_int(cfg, svc, "smtpd_client_connection_count_limit");
@@ -801,6 +803,7 @@ static int smtp_settings(struct runtime_private *rp, const struct kt_config *cfg
     sm->tls_loglevel = (int)kt_config_get_int(cfg, NULL, "smtp_tls_loglevel");
     sm->connect_timeout_s = kt_config_get_time(cfg, NULL, "smtp_connect_timeout");
     sm->command_timeout_s = 300;
+    sm->data_done_timeout_s = sm->command_timeout_s;
     if (level < 0) {
         param_err(cfg, NULL, "smtp_tls_security_level",
                   "unsupported smtp_tls_security_level \"%s\" (none, may, encrypt, verify, secure)", level_name);
@@ -844,10 +847,29 @@ static int smtp_settings(struct runtime_private *rp, const struct kt_config *cfg
     return 0;
 }
 
+/* Transport selection (Postfix trivial-rewrite(8)): main.cf values only, shared by every smtpd service
+ * (which must leave recipients of a non-Maildir transport to the queue) and the queue manager. */
+static int transport_settings(struct runtime_private *rp, const struct kt_config *cfg)
+{
+    char err[600];
+    struct kt_transport_config tc = {
+        .local_transport = get(cfg, NULL, "local_transport"),
+        .virtual_transport = get(cfg, NULL, "virtual_transport"),
+        .relay_transport = get(cfg, NULL, "relay_transport"),
+        .default_transport = get(cfg, NULL, "default_transport"),
+        .relayhost = get(cfg, NULL, "relayhost"),
+        .transport_maps = get(cfg, NULL, "transport_maps"),
+    };
+    if (kt_transport_new(&tc, &rp->transport, err, sizeof(err)) < 0) {
+        param_err(cfg, NULL, NULL, "%s", err);
+        return 1;
+    }
+    return 0;
+}
+
 /* The queue manager: main.cf values only, as Postfix's qmgr(8) reads them. */
 static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg, struct kt_qmgr_settings *qs)
 {
-    char err[512];
     int errors = 0;
 
     qs->queue_directory = get(cfg, NULL, "queue_directory");
@@ -886,12 +908,7 @@ static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg
     qs->initial_destination_concurrency = init > 0 ? (unsigned)init : 5;
     if (qs->initial_destination_concurrency > qs->destination_concurrency_limit)
         qs->initial_destination_concurrency = qs->destination_concurrency_limit;
-    const char *tm = get(cfg, NULL, "transport_maps");
-    if (*tm && kt_maps_open(tm, KT_TABLE_MAP, &rp->transport_maps, err, sizeof(err)) < 0) {
-        param_err(cfg, NULL, "transport_maps", "transport_maps: %s", err);
-        errors++;
-    }
-    qs->transport_maps = rp->transport_maps;
+    qs->transport = rp->transport;
     qs->resolver = service_resolver(rp, cfg, NULL, &errors);
     qs->mta_sts_enable = kt_config_get_bool(cfg, NULL, "ktrelay_mta_sts_enable") == 1;
     qs->mta_sts_cache_directory = get(cfg, NULL, "ktrelay_mta_sts_cache_directory");
@@ -924,6 +941,26 @@ static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg
     errors += own_list(rp, cfg, "proxy_interfaces", &n_own);
     qs->own_addrs = rp->own_addrs;
     qs->n_own_addrs = n_own;
+    /* the LMTP client: plaintext only (lmtp_tls_security_level takes none), its own names and timeouts */
+    qs->lmtp.helo_name = get(cfg, NULL, "lmtp_lhlo_name");
+    qs->lmtp.tls_level = KT_SMTP_TLS_NONE;
+    qs->lmtp.tls_servername = "";
+    qs->lmtp.connect_timeout_s = kt_config_get_time(cfg, NULL, "lmtp_connect_timeout");
+    qs->lmtp.command_timeout_s = 300;
+    qs->lmtp.data_done_timeout_s = kt_config_get_time(cfg, NULL, "lmtp_data_done_timeout");
+    /* Postfix's lmtp_* defaults of these follow smtp's (or default_destination_rate_delay) */
+    qs->lmtp.conn_cache_time_s = qs->smtp.conn_cache_time_s;
+    qs->lmtp.reuse_count_limit = qs->smtp.reuse_count_limit;
+    qs->lmtp.randomize_addresses = qs->smtp.randomize_addresses;
+    qs->lmtp.rate_delay_s = kt_config_get_time(cfg, NULL, "default_destination_rate_delay");
+    long long lc = kt_config_get_int(cfg, NULL, "lmtp_destination_concurrency_limit");
+    qs->lmtp_concurrency_limit = lc > 0 ? (unsigned)(lc > 10000 ? 10000 : lc) : qs->destination_concurrency_limit;
+    long long lr = kt_config_get_int(cfg, NULL, "lmtp_destination_recipient_limit");
+    if (lr < 1) {
+        param_err(cfg, NULL, "lmtp_destination_recipient_limit", "lmtp_destination_recipient_limit must be at least 1");
+        errors++;
+    }
+    qs->lmtp_recipient_limit = lr > 0 ? (unsigned)(lr > 100000 ? 100000 : lr) : 1;
     return errors;
 }
 
@@ -945,7 +982,7 @@ static void runtime_free(struct runtime_private *rp)
         kt_free(rp->objs[i].key);
     }
     kt_free(rp->objs);
-    kt_maps_free(rp->transport_maps);
+    kt_transport_free(rp->transport);
     kt_maps_free(rp->smtp_sasl_maps);
     kt_free(rp->own_addrs);
     SSL_CTX_free(rp->smtp_ssl_ctx);
@@ -1033,6 +1070,7 @@ int kt_runtime_new(struct kt_config *cfg, struct kt_runtime **out)
     rt->cfg = cfg;
     rt->n_services = kt_config_service_count(cfg);
     rt->services = kt_calloc(rt->n_services ? rt->n_services : 1, sizeof(*rt->services));
+    errors += transport_settings(rp, cfg);
     for (size_t i = 0; i < rt->n_services; i++)
         errors += service_settings(rp, cfg, kt_config_service(cfg, i), &rt->services[i]);
     long long workers = kt_config_get_int(cfg, NULL, "ktrelay_worker_threads");

@@ -18,6 +18,7 @@ struct kt_net_list;
 struct kt_policy;
 struct kt_sasl_server;
 struct kt_maps;
+struct kt_transport;
 
 enum kt_tls_level { KT_TLS_NONE, KT_TLS_MAY, KT_TLS_ENCRYPT };
 /* smtpd_forbid_bare_newline (Postfix 3.9). Every value stores CRLF and ends data only at CRLF.CRLF. */
@@ -63,6 +64,7 @@ struct kt_smtpd_settings {
     const char *tls_fingerprint_digest;  /* smtpd_tls_fingerprint_digest: client certificate fingerprints */
     struct kt_tls_server *tls;       /* NULL when the level is none and not wrappermode */
     struct kt_resolver *resolver;
+    const struct kt_transport *transport;  /* transport_maps and *_transport (main.cf), owned by the runtime */
     struct kt_net_list *mynetworks;
     struct kt_policy *policy;        /* smtpd_*_restrictions and address rewriting */
     /* SASL AUTH */
@@ -112,6 +114,7 @@ struct kt_smtp_settings {
     long long rate_delay_s;          /* smtp_destination_rate_delay; 0 = none */
     long long conn_cache_time_s;     /* smtp_connection_cache_time_limit */
     unsigned reuse_count_limit;      /* smtp_connection_reuse_count_limit; 0 = none */
+    long long data_done_timeout_s;   /* the reply(s) to the end of data (lmtp_data_done_timeout) */
 };
 
 /* Queue manager (Postfix qmgr(8) parameters, main.cf only). Times in seconds. */
@@ -131,7 +134,7 @@ struct kt_qmgr_settings {
     unsigned destination_concurrency_limit;  /* default_destination_concurrency_limit, > 0 */
     unsigned initial_destination_concurrency;  /* 1 .. destination_concurrency_limit */
     long long message_size_limit;    /* for maildrop pickup; 0 = none */
-    struct kt_maps *transport_maps;  /* owned by the runtime; NULL when empty */
+    const struct kt_transport *transport;  /* transport_maps, *_transport, relayhost; owned by the runtime */
     const struct kt_resolver *resolver;  /* address classes (main.cf values); NULL if it failed */
     /* this host's addresses for the "loops back to myself" check: inet_interfaces (all: every
      * interface's), and proxy_interfaces; owned by the runtime */
@@ -146,6 +149,9 @@ struct kt_qmgr_settings {
     int tlsrpt_enable;               /* ktrelay_tlsrpt_enable */
     const char *tlsrpt_directory;    /* ktrelay_tlsrpt_directory, absolute */
     const char *tlsrpt_organization_name, *tlsrpt_contact_info;
+    struct kt_smtp_settings lmtp;    /* the LMTP client (Postfix lmtp(8)): lmtp_lhlo_name, lmtp_*_timeout */
+    unsigned lmtp_concurrency_limit; /* lmtp_destination_concurrency_limit, > 0 */
+    unsigned lmtp_recipient_limit;   /* lmtp_destination_recipient_limit: recipients per transaction, > 0 */
 };
 
 struct kt_runtime {

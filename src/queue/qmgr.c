@@ -45,6 +45,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -54,6 +55,7 @@
 #include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -74,6 +76,7 @@
 #include "conf/settings.h"
 #include "queue/smtp_client.h"
 #include "queue/smtp_sasl.h"
+#include "delivery/transport.h"
 #include "core/table.h"
 #include "queue/tlsrpt.h"
 #include "tls/tls.h"
@@ -119,9 +122,11 @@ struct conn {
 };
 
 struct dest {
-    char *key;                     /* "local" or "smtp:NEXTHOP" */
+    char *key;                     /* "local", "smtp:NEXTHOP" or "lmtp:unix:PATH" / "lmtp:inet:HOST" */
     double window;                 /* concurrency window (feedback), 1 .. limit */
     int local;
+    int lmtp;                      /* delivered with LMTP (lmtp(8)) */
+    char *unix_path;               /* LMTP over a unix-domain socket: the path as configured */
     char *host;                    /* next hop without brackets and port */
     int port, mx;
     struct job *head, *tail;
@@ -203,6 +208,12 @@ struct kt_qmgr {
     size_t fifo_len;
 };
 
+/* The client settings of d's transport: lmtp(8)'s or smtp(8)'s. */
+static const struct kt_smtp_settings *dest_client(const struct dest *d)
+{
+    return d->lmtp ? &d->q->set->lmtp : &d->q->set->smtp;
+}
+
 static struct kt_qmgr *_Atomic global_q;
 /* queue_directory of the last manager this process ran (kt_qmgr_submit without one) */
 static _Atomic(const char *) submit_qdir;
@@ -244,30 +255,6 @@ static double delay_of(const struct msg *m)
 
 /* ---- routing ---- */
 
-static const char *addr_domain(const char *addr)
-{
-    const char *at = strrchr(addr, '@');
-    return at ? at + 1 : "";
-}
-
-/* transport_maps as in transport(5): the address, the domain, each parent
- * ".domain", then "*". */
-static const char *transport_lookup(struct kt_qmgr *q, const char *addr, const char *domain)
-{
-    const char *v;
-    const struct kt_maps *tm = q->set->transport_maps;
-    if (!tm)
-        return NULL;
-    if ((v = kt_maps_get(tm, addr)))
-        return v;
-    if ((v = kt_maps_get(tm, domain)))
-        return v;
-    for (const char *p = domain; (p = strchr(p, '.')); p++)
-        if ((v = kt_maps_get(tm, p)))
-            return v;
-    return kt_maps_get(tm, "*");
-}
-
 static struct dest *dest_get(struct kt_qmgr *q, const char *key)
 {
     for (struct dest *d = q->dests; d; d = d->next)
@@ -278,7 +265,34 @@ static struct dest *dest_get(struct kt_qmgr *q, const char *key)
     d->key = kt_strdup(key);
     d->window = q->set->initial_destination_concurrency;
     d->local = !strcmp(key, "local");
-    if (!d->local) {
+    d->lmtp = !strncmp(key, "lmtp:", 5);
+    if (d->lmtp) {
+        /* "lmtp:unix:PATH" (relative: below queue_directory, as Postfix's private/dovecot-lmtp), or
+         * "lmtp:inet:[host]:port", "lmtp:inet:host:port", "lmtp:inet:host"; never an MX lookup */
+        const char *nh = key + 5;
+        if (!strncmp(nh, "unix:", 5)) {
+            d->unix_path = kt_strdup(nh + 5);
+            d->host = kt_strdup(nh + 5);
+        } else {
+            nh += 5;    /* "inet:" */
+            d->port = 24;
+            if (nh[0] == '[') {
+                const char *end = strchr(nh, ']');
+                d->host = kt_strndup(nh + 1, end ? (size_t)(end - nh - 1) : strlen(nh + 1));
+                if (end && end[1] == ':')
+                    d->port = atoi(end + 2);
+            } else {
+                const char *colon = strrchr(nh, ':');
+                d->host = colon ? kt_strndup(nh, (size_t)(colon - nh)) : kt_strdup(nh);
+                if (colon)
+                    d->port = atoi(colon + 1);
+            }
+            if (d->port <= 0 || d->port > 65535)
+                d->port = 24;
+        }
+        if (d->window > q->set->lmtp_concurrency_limit)
+            d->window = q->set->lmtp_concurrency_limit;
+    } else if (!d->local) {
         /* "smtp:[host]:port", "smtp:host:port", "smtp:host" */
         const char *nh = strchr(key, ':') + 1;
         d->mx = 1;
@@ -303,46 +317,38 @@ static struct dest *dest_get(struct kt_qmgr *q, const char *key)
     return d;
 }
 
-/* Key of the destination for addr, or NULL with *err set for a recipient that fails at once. */
+/* Key of the destination for addr ("local", "smtp:NEXTHOP", "lmtp:unix:PATH", "lmtp:inet:HOST"), "" for a
+ * transport ktrelay does not run (deferred), or NULL with *err set for a recipient that fails at once.
+ * filter: a FILTER action's "transport:destination" (header/body checks), which sends every recipient
+ * there, as Postfix's content filter: routed like a transport_maps result, before the address classes. */
 static char *route(struct kt_qmgr *q, const char *addr, const char *filter, const char **err)
 {
-    char domain[256];
-    snprintf(domain, sizeof(domain), "%s", addr_domain(addr));
-    for (char *p = domain; *p; p++)
-        *p = (char)tolower((unsigned char)*p);
     *err = NULL;
-    /* a FILTER action (header/body checks) sends every recipient to transport:destination, as Postfix's
-     * content filter: routed like a transport_maps result, before the address classes */
-    const char *t = filter;
-    if (!t) {
-        if (!domain[0])
-            return kt_strdup("local");
-        if (q->set->resolver) {
-            enum kt_addr_class cls = kt_resolve_class(q->set->resolver, domain);
-            if (cls == KT_CLASS_LOCAL || cls == KT_CLASS_VIRTUAL)
-                return kt_strdup("local");
-        }
-        t = transport_lookup(q, addr, domain);
+    const char *at = strrchr(addr, '@');
+    if (!filter && (!at || !at[1]))
+        return kt_strdup("local");
+    enum kt_addr_class cls = q->set->resolver && at ? kt_resolve_class(q->set->resolver, at + 1) : KT_CLASS_DEFAULT;
+    if (!q->set->transport)
+        return cls == KT_CLASS_LOCAL || cls == KT_CLASS_VIRTUAL ? kt_strdup("local") : kt_strdup("");
+    /* one route per recipient: the result lives in the manager, which runs on one thread */
+    static struct kt_route r;
+    if (filter)
+        kt_transport_route_as(q->set->transport, filter, addr, cls, &r);
+    else
+        kt_transport_route(q->set->transport, addr, cls, &r);
+    switch (r.kind) {
+    case KT_XPORT_MAILDIR:
+        return kt_strdup("local");
+    case KT_XPORT_SMTP:
+        return kt_asprintf("smtp:%s", r.nexthop);
+    case KT_XPORT_LMTP:
+        return kt_asprintf("lmtp:%s", r.nexthop);
+    case KT_XPORT_ERROR:
+        *err = r.nexthop;
+        return NULL;
+    default:
+        return kt_strdup("");
     }
-    if (t && *t) {
-        const char *colon = strchr(t, ':');
-        size_t tlen = colon ? (size_t)(colon - t) : strlen(t);
-        const char *nh = colon ? colon + 1 : "";
-        if (tlen == 5 && !strncmp(t, "error", 5)) {
-            *err = *nh ? nh : "mail for this domain is refused";
-            return NULL;
-        }
-        if ((tlen == 5 && !strncmp(t, "local", 5)) || (tlen == 7 && !strncmp(t, "virtual", 7)))
-            return kt_strdup("local");
-        if (!((tlen == 4 && !strncmp(t, "smtp", 4)) || (tlen == 5 && !strncmp(t, "relay", 5)))) {
-            *err = NULL;
-            return kt_strdup("");      /* unknown transport: deferred */
-        }
-        return kt_asprintf("smtp:%s", *nh ? nh : domain);
-    }
-    if (q->set->relayhost[0])
-        return kt_asprintf("smtp:%s", q->set->relayhost);
-    return kt_asprintf("smtp:%s", domain);
 }
 
 /* ---- recipient outcomes ---- */
@@ -376,11 +382,13 @@ static const char *local_relay(const struct kt_qmgr *q, const char *addr)
 /* The Postfix delivery agent whose log line this is: local and virtual
  * Maildir deliveries, else the SMTP client (relay=none included: DNS and
  * connection failures are the smtp agent's lines in Postfix too). */
+static const char *lmtp_agent;     /* "lmtp" while the outcomes of an LMTP job are logged (one thread) */
+
 static const char *agent_of(const char *relay)
 {
     if (!strcmp(relay, "local") || !strcmp(relay, "virtual"))
         return relay;
-    return "smtp";
+    return lmtp_agent ? lmtp_agent : "smtp";
 }
 
 static void log_sent(struct msg *m, size_t i, const char *relay, const char *text)
@@ -520,6 +528,7 @@ static void job_results(struct kt_qmgr *q, struct job *j, int res, const char *d
                         const char *relay, int hop_dsn)
 {
     struct msg *m = j->m;
+    lmtp_agent = j->d->lmtp ? "lmtp" : NULL;
     struct kt_qmark *marks = kt_calloc(j->n, sizeof(*marks));
     const char **texts = kt_calloc(j->n, sizeof(*texts));
     char (*dsns)[32] = kt_calloc(j->n, sizeof(*dsns));
@@ -535,7 +544,7 @@ static void job_results(struct kt_qmgr *q, struct job *j, int res, const char *d
             marks[n] = (struct kt_qmark){ i, KT_QR_FAILED, r };
             texts[n++] = t;
             n_failed++;
-        } else if (res == 0 && code >= 200 && code < 300) {
+        } else if ((res == 0 || k < j->sm.final_upto) && code >= 200 && code < 300) {
             marks[n] = (struct kt_qmark){ i, KT_QR_DONE, NULL };
             texts[n++] = text;
         } else {
@@ -594,6 +603,7 @@ static void job_results(struct kt_qmgr *q, struct job *j, int res, const char *d
     kt_free(marks);
     kt_free(texts);
     kt_free(dsns);
+    lmtp_agent = NULL;
 }
 
 static void job_defer_all(struct kt_qmgr *q, struct job *j, int res, const char *dsn, const char *reason)
@@ -670,7 +680,7 @@ static void conn_run_next(struct conn *cn);
  * after `window` failed connections. */
 static void dest_feedback(struct dest *d, int ok)
 {
-    unsigned limit = d->q->set->destination_concurrency_limit;
+    unsigned limit = d->lmtp ? d->q->set->lmtp_concurrency_limit : d->q->set->destination_concurrency_limit;
     d->window += (ok ? 1.0 : -1.0) / d->window;
     if (d->window > limit)
         d->window = limit;
@@ -699,8 +709,8 @@ static void job_sent(void *arg, int res, const char *reason)
     }
     if (res == 0)
         cn->jobs_done++;
-    if (d->q->set->smtp.rate_delay_s > 0)
-        d->resume_ms = mono_ms() + d->q->set->smtp.rate_delay_s * 1000;
+    if (dest_client(d)->rate_delay_s > 0)
+        d->resume_ms = mono_ms() + dest_client(d)->rate_delay_s * 1000;
     /* a delivery that got replies counts as success for the window, a broken connection as failure */
     dest_feedback(d, res >= 0);
     /* Ending the job can queue new work for d (a bounce): this connection must not be handed it from
@@ -710,7 +720,7 @@ static void job_sent(void *arg, int res, const char *reason)
                 (kt_smtp_extensions(cn->c) & KT_SMTP_EXT_DSN) != 0);
     job_end(d->q, j);
     cn->ready = 1;
-    unsigned reuse_limit = d->q->set->smtp.reuse_count_limit;
+    unsigned reuse_limit = dest_client(d)->reuse_count_limit;
     if (res != 0 || !kt_smtp_usable(cn->c) || (reuse_limit && cn->jobs_done >= reuse_limit)) {
         conn_remove(cn);
         dest_kick(d);
@@ -786,7 +796,7 @@ static int smtputf8_refused(struct conn *cn, struct job *j)
 /* The smtp_sasl_password_maps value for a connection of d to server carrying j (NULL: no AUTH). */
 static const char *sasl_value(const struct dest *d, const struct job *j, const char *server)
 {
-    const struct kt_smtp_settings *sm = &d->q->set->smtp;
+    const struct kt_smtp_settings *sm = dest_client(d);
     if (!sm->sasl_auth_enable || !sm->sasl_password_maps)
         return NULL;
     struct kt_smtp_sasl_keys k = {
@@ -801,7 +811,7 @@ static const char *sasl_value(const struct dest *d, const struct job *j, const c
  * connection at all; reuse under the same credentials is as safe). */
 static struct job *dest_take(struct dest *d, struct conn *cn)
 {
-    const struct kt_smtp_settings *sm = &d->q->set->smtp;
+    const struct kt_smtp_settings *sm = dest_client(d);
     if (!sm->sasl_auth_enable || !sm->sender_dependent_auth)
         return dest_pop(d);
     struct job *prev = NULL;
@@ -831,7 +841,7 @@ static void conn_run_next(struct conn *cn)
         dest_kick(d);
         return;
     }
-    if (d->q->set->smtp.rate_delay_s > 0 && mono_ms() < d->resume_ms) {
+    if (dest_client(d)->rate_delay_s > 0 && mono_ms() < d->resume_ms) {
         /* smtp_destination_rate_delay: wait (cached) until the gap has passed; the tick resumes */
         cn->idle_since = qmgr_now();
         return;
@@ -906,7 +916,7 @@ static void conn_ready(void *arg, int res, const char *reason)
     tls_outcome(cn, res != 0 ? reason : NULL);
     if (res != 0) {
         char dsn[16] = "";
-        kt_info_as("smtp", "%s", reason);
+        kt_info_as(d->lmtp ? "lmtp" : "smtp", "%s", reason);
         if (kt_smtp_dsn(cn->c))
             snprintf(dsn, sizeof(dsn), "%s", kt_smtp_dsn(cn->c));
         dest_feedback(d, 0);
@@ -930,7 +940,7 @@ static void conn_open(struct dest *d)
     d->conns = cn;
     d->n_conns++;
     d->n_unassigned++;
-    const struct kt_smtp_settings *sm = &q->set->smtp;
+    const struct kt_smtp_settings *sm = d->lmtp ? &q->set->lmtp : &q->set->smtp;
     cn->rt = kt_runtime_ref(q->rt);
     struct kt_smtp_params p = {
         .helo_name = sm->helo_name,
@@ -939,6 +949,8 @@ static void conn_open(struct dest *d)
         .tls_loglevel = sm->tls_loglevel,
         .connect_timeout_s = sm->connect_timeout_s,
         .command_timeout_s = sm->command_timeout_s,
+        .data_done_timeout_s = sm->data_done_timeout_s,
+        .lmtp = d->lmtp,
     };
     char *sni = NULL;
     if (sm->tls_servername[0]) {
@@ -989,7 +1001,7 @@ static void conn_open(struct dest *d)
     p.sasl_tls_mechs = sm->sasl_tls_mechs;
     p.sasl_soft_bounce = sm->sasl_soft_bounce;
     /* Postfix detects loops only for port 25 (other ports are content filters and the like) */
-    p.loop_myhostname = d->port == 25 ? q->set->myhostname : NULL;
+    p.loop_myhostname = d->port == 25 && !d->lmtp ? q->set->myhostname : NULL;
     p.nexthop = strchr(d->key, ':') + 1;    /* as written: "[host]:port", "domain" */
     cn->c = kt_smtp_connect(&q->loop, &p, addrs, d->n_addrs, conn_ready, cn);
     if (pass)
@@ -1025,11 +1037,11 @@ static void resolved(void *arg, int res, const struct kt_smtp_addr *addrs, size_
     if (res == -ECANCELED)
         return;                    /* stopping: the jobs stay queued on disk */
     if (res != 0 || n == 0) {
-        kt_info_as("smtp", "%s", err ? err : "no address");
+        kt_info_as(d->lmtp ? "lmtp" : "smtp", "%s", err ? err : "no address");
         dest_defer_queued(d, res > 0 ? res : 450, dsn ? dsn : "4.4.3", err ? err : "no address");
         return;
     }
-    if (d->port == 25) {
+    if (d->port == 25 && !d->lmtp) {
         /* Postfix's loop detection (port 25 only): an MX host that is this host, and every one of
          * equal or lower preference, is dropped; when nothing is left the mail would come back */
         unsigned self = (unsigned)-1;
@@ -1102,6 +1114,28 @@ static void sts_known(void *arg, const struct kt_sts_policy *policy, const char 
     kt_dns_lookup(q->dns, d->host, d->port, d->mx, resolved, d);
 }
 
+/* An LMTP server on a unix-domain socket needs no lookup: its one address is the path (relative paths
+ * below queue_directory), shown in logs as Postfix shows it, "myhostname[private/dovecot-lmtp]". */
+static void dest_unix_addr(struct dest *d)
+{
+    struct kt_smtp_addr *a = kt_calloc(1, sizeof(*a));
+    struct sockaddr_un *sun = (struct sockaddr_un *)&a->ss;
+    sun->sun_family = AF_UNIX;
+    int n = d->unix_path[0] == '/' ? snprintf(sun->sun_path, sizeof(sun->sun_path), "%s", d->unix_path)
+                                   : snprintf(sun->sun_path, sizeof(sun->sun_path), "%s/%s", d->q->qdir, d->unix_path);
+    if (n < 0 || (size_t)n >= sizeof(sun->sun_path)) {
+        kt_free(a);
+        kt_info_as("lmtp", "LMTP socket path too long: %s", d->unix_path);
+        dest_defer_queued(d, 451, "4.3.5", "LMTP socket path too long");
+        return;
+    }
+    a->len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + (size_t)n + 1);
+    snprintf(a->host, sizeof(a->host), "%s[%s]", d->q->set->myhostname, d->unix_path);
+    d->addrs = a;
+    d->n_addrs = 1;
+    d->addrs_expire = (time_t)1 << 62;
+}
+
 static void dest_kick(struct dest *d)
 {
     struct kt_qmgr *q = d->q;
@@ -1114,6 +1148,8 @@ static void dest_kick(struct dest *d)
     }
     if (d->queued == 0)
         return;
+    if (d->unix_path && !d->addrs)
+        dest_unix_addr(d);
     if (!d->addrs || qmgr_now() >= d->addrs_expire) {
         if (!d->resolving && d->n_conns == 0) {
             d->resolving = 1;
@@ -1129,7 +1165,7 @@ static void dest_kick(struct dest *d)
         if (!d->addrs)
             return;
     }
-    long long rate = d->q->set->smtp.rate_delay_s;
+    long long rate = dest_client(d)->rate_delay_s;
     if (rate > 0 && mono_ms() < d->resume_ms)
         return;                    /* smtp_destination_rate_delay: the tick comes back */
     /* idle connections take work first (each pass gives one a job or drops it, so this ends); new
@@ -1654,8 +1690,8 @@ static void msg_start(struct kt_qmgr *q, struct msg *m)
         struct dest *d = dest_get(q, key);
         kt_free(key);
         struct job *j = NULL;
-        /* smtp_destination_recipient_limit: at most that many recipients per transaction */
-        unsigned limit = d->local ? 0 : q->set->smtp.recipient_limit;
+        /* smtp_ and lmtp_destination_recipient_limit: at most that many recipients per transaction */
+        unsigned limit = d->local ? 0 : d->lmtp ? q->set->lmtp_recipient_limit : q->set->smtp.recipient_limit;
         for (size_t k = 0; k < n_jobs; k++)
             if (jobs[k]->d == d && (!limit || jobs[k]->n < limit))
                 j = jobs[k];
@@ -1999,12 +2035,12 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
         struct conn *cn, *next;
         for (cn = d->conns; cn; cn = next) {
             next = cn->next;
-            if (cn->ready && !cn->job && now - cn->idle_since >= q->set->smtp.conn_cache_time_s)
+            if (cn->ready && !cn->job && now - cn->idle_since >= dest_client(d)->conn_cache_time_s)
                 conn_remove(cn);   /* QUIT */
             else
                 kt_smtp_check_timeout(cn->c, now);
         }
-        if (!q->stopping && d->queued && !d->local && q->set->smtp.rate_delay_s > 0 && mono_ms() >= d->resume_ms)
+        if (!q->stopping && d->queued && !d->local && dest_client(d)->rate_delay_s > 0 && mono_ms() >= d->resume_ms)
             dest_kick(d);
     }
     if (q->stopping) {
@@ -2117,6 +2153,7 @@ static void qmgr_free(struct kt_qmgr *q)
         dn = d->next;
         kt_free(d->key);
         kt_free(d->host);
+        kt_free(d->unix_path);
         kt_free(d->addrs);
         kt_sts_policy_clear(&d->sts);
         kt_free(d);

@@ -89,6 +89,7 @@ struct kt_smtp_conn {
     int mail_code;
     char *mail_text;
     size_t accepted;
+    size_t dot_next;               /* LMTP: recipient index the next end-of-data reply is for */
     int use_chunking, use_sendfile, sendfile_counted, body_crlf;
     off_t body_pos, body_end;
     int line_start;                /* DATA in userspace: at the start of a line */
@@ -233,14 +234,18 @@ static void connect_next(struct kt_smtp_conn *c)
     while (c->cur_addr < c->n_addrs) {
         const struct kt_smtp_addr *a = &c->addrs[c->cur_addr];
         int port = 0;
-        if (a->ss.ss_family == AF_INET) {
+        if (a->ss.ss_family == AF_UNIX) {
+            snprintf(c->peer_ip, sizeof(c->peer_ip), "unix");
+            snprintf(c->relay, sizeof(c->relay), "%s", a->host);
+        } else if (a->ss.ss_family == AF_INET) {
             inet_ntop(AF_INET, &((const struct sockaddr_in *)&a->ss)->sin_addr, c->peer_ip, sizeof(c->peer_ip));
             port = ntohs(((const struct sockaddr_in *)&a->ss)->sin_port);
         } else {
             inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)&a->ss)->sin6_addr, c->peer_ip, sizeof(c->peer_ip));
             port = ntohs(((const struct sockaddr_in6 *)&a->ss)->sin6_port);
         }
-        snprintf(c->relay, sizeof(c->relay), "%s[%s]:%d", a->host, c->peer_ip, port);
+        if (a->ss.ss_family != AF_UNIX)
+            snprintf(c->relay, sizeof(c->relay), "%s[%s]:%d", a->host, c->peer_ip, port);
         int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0) {
             c->cur_addr++;
@@ -249,7 +254,10 @@ static void connect_next(struct kt_smtp_conn *c)
         c->state = ST_CONNECT;
         c->tls_known = 0;
         c->tls_result = NULL;
-        set_deadline(c, c->p.connect_timeout_s);
+        if (c->p.connect_timeout_s > 0)
+            set_deadline(c, c->p.connect_timeout_s);
+        else
+            c->deadline = 0;      /* lmtp_connect_timeout = 0: the kernel's own limit */
         c->conn = kt_conn_new(c->loop, fd, KT_CONN_CLIENT, c->relay, &c->in, &c->out, on_conn_event, c);
         c->conns_open++;
         kt_conn_connect(c->conn, (const struct sockaddr *)&a->ss, a->len);
@@ -368,7 +376,7 @@ static void send_ehlo(struct kt_smtp_conn *c, enum state st)
     c->ext = 0;
     c->ext_auth = 0;
     c->ehlo_loop = 0;
-    kt_buf_printf(&c->out, "EHLO %s\r\n", c->p.helo_name);
+    kt_buf_printf(&c->out, "%s %s\r\n", c->p.lmtp ? "LHLO" : "EHLO", c->p.helo_name);
     c->state = st;
     c->expect = 1;
 }
@@ -770,8 +778,9 @@ static void on_reply(struct kt_smtp_conn *c, int code)
     case ST_EHLO:
     case ST_EHLO2:
         if (code / 100 != 2) {
-            if (c->state == ST_EHLO2 || c->p.tls_level >= KT_SMTP_TLS_ENCRYPT) {
-                conn_fail(c, code, "host %s refused EHLO: %s", c->relay, text);
+            if (c->state == ST_EHLO2 || c->p.tls_level >= KT_SMTP_TLS_ENCRYPT || c->p.lmtp) {
+                /* RFC 2033 4.1: LMTP has no HELO to fall back to */
+                conn_fail(c, code, "host %s refused %s: %s", c->relay, c->p.lmtp ? "LHLO" : "EHLO", text);
                 return;
             }
             kt_buf_printf(&c->out, "HELO %s\r\n", c->p.helo_name);
@@ -871,6 +880,22 @@ static void on_reply(struct kt_smtp_conn *c, int code)
         start_body(c);
         return;
     case ST_DOT:
+        if (c->p.lmtp && c->accepted != (size_t)-1) {
+            /* RFC 2033 4.2: one reply per accepted recipient, in RCPT order, each that recipient's outcome */
+            struct kt_smtp_msg *m = c->m;
+            while (c->dot_next < m->n_rcpts && (m->codes[c->dot_next] < 200 || m->codes[c->dot_next] > 299))
+                c->dot_next++;
+            if (c->dot_next < m->n_rcpts) {
+                size_t i = c->dot_next++;
+                m->codes[i] = code;
+                kt_free(m->replies[i]);
+                m->replies[i] = reply_text(c, "end of DATA");
+                m->final_upto = i + 1;
+            }
+            if (c->expect == 0)
+                txn_done(c);
+            return;
+        }
         if (c->accepted != (size_t)-1) {
             char *r = reply_text(c, c->use_chunking ? "end of BDAT" : "end of DATA");
             set_all(c, code, r, 1);
@@ -993,7 +1018,9 @@ static void body_sent(struct kt_smtp_conn *c)
         c->cr_pending = 0;
     }
     c->state = ST_DOT;
-    c->expect = 1;
+    c->expect = c->p.lmtp ? c->accepted : 1;
+    c->dot_next = 0;
+    set_deadline(c, c->p.data_done_timeout_s > 0 ? c->p.data_done_timeout_s : c->p.command_timeout_s);
 }
 
 static void pump(struct kt_smtp_conn *c)
@@ -1066,7 +1093,8 @@ static void on_conn_event(void *arg, enum kt_conn_event ev, int res)
         connected(c, res);
         return;
     case KT_CONN_EV_INPUT:
-        set_deadline(c, c->p.command_timeout_s);
+        set_deadline(c, c->state == ST_DOT && c->p.data_done_timeout_s > 0 ? c->p.data_done_timeout_s
+                                                                           : c->p.command_timeout_s);
         break;
     case KT_CONN_EV_SENT:
         c->sending = 0;
@@ -1116,12 +1144,13 @@ void kt_smtp_send(struct kt_smtp_conn *c, struct kt_smtp_msg *m, kt_smtp_cb cb, 
     c->reply_idx = 0;
     c->accepted = 0;
     c->mail_code = 0;
+    m->final_upto = 0;
     for (size_t i = 0; i < m->n_rcpts; i++) {
         m->codes[i] = 0;
         m->replies[i] = NULL;
     }
     /* BDAT states the byte count first: only a body known to be canonical can go as it is */
-    c->use_chunking = c->ext_chunking && m->canonical;
+    c->use_chunking = c->ext_chunking && m->canonical && !c->p.lmtp;   /* lmtp(8) sends DATA, as Postfix */
     if (m->body_len >= 2 && pread(m->fd, tail, 2, m->body_off + m->body_len - 2) == 2)
         c->body_crlf = tail[0] == '\r' && tail[1] == '\n';
     else

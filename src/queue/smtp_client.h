@@ -9,7 +9,11 @@
  * TLS, smtp_sasl_tls_security_options after). A failed STARTTLS handshake at
  * level may is retried once on a new connection without TLS, as Postfix
  * does. With loop detection (Postfix: port 25) an EHLO reply that names
- * this host is a mail loop (5.4.6). Bodies move from the queue file
+ * this host is a mail loop (5.4.6). In LMTP mode (RFC 2033, as Postfix's
+ * lmtp(8)) it greets with LHLO, never falls back to HELO, sends bodies with
+ * DATA, and reads one reply per accepted recipient after the end of data,
+ * each the outcome of its own recipient; the server may be a unix-domain
+ * socket (AF_UNIX address) as well as TCP. Bodies move from the queue file
  * to the socket with sendfile(2) on plaintext and on kernel TLS (TX) and
  * through SSL_write otherwise. All socket and TLS I/O goes through the
  * connection layer (tls/conn.h) that the SMTP server sessions use too. */
@@ -44,7 +48,10 @@ struct kt_smtp_params {
                                    * address's MX host name; at levels below verify the result is only
                                    * recorded (kt_smtp_tls_report) */
     int tls_loglevel;
-    long long connect_timeout_s, command_timeout_s;
+    long long connect_timeout_s;  /* 0 = no limit but the kernel's */
+    long long command_timeout_s;  /* each reply */
+    long long data_done_timeout_s;  /* the reply (LMTP: every reply) to the end of data; 0 = command_timeout_s */
+    int lmtp;                     /* LMTP (RFC 2033) instead of SMTP */
     /* AUTH (RFC 4954): sasl_username NULL = never; both strings are copied and wiped at the end */
     const char *sasl_username, *sasl_password;
     unsigned sasl_mechs;          /* KT_SMTP_MECH_* allowed without TLS */
@@ -58,12 +65,14 @@ struct kt_smtp_params {
 struct kt_smtp_addr {
     struct sockaddr_storage ss;
     socklen_t len;
-    char host[256];               /* name shown in logs: "mx.example.com" or the address */
+    char host[256];               /* name shown in logs: "mx.example.com" or the address; for AF_UNIX
+                                   * the whole relay= text, Postfix's "myhostname[private/dovecot-lmtp]" */
     unsigned pref;                /* MX preference (0 without MX); the list is in ascending order */
 };
 
 /* One transaction. The client fills codes[] (SMTP reply code per recipient;
- * 0 = no reply for it) and replies[] (kt_malloc'ed "host H[A] said: ..." text,
+ * 0 = no reply for it; in LMTP mode an accepted recipient's code is its reply
+ * to the end of data) and replies[] (kt_malloc'ed "host H[A] said: ..." text,
  * or the reply for a success) which the caller frees. */
 struct kt_smtp_msg {
     const char *id;               /* for log lines */
@@ -86,6 +95,8 @@ struct kt_smtp_msg {
     const char *const *orcpt;     /* "addr-type;xtext" or NULL */
     int *codes;
     char **replies;
+    size_t final_upto;            /* LMTP: codes[i] for i < final_upto are final even if the connection
+                                   * then broke (each recipient's own end-of-data reply) */
 };
 
 /* res: 0 on success; otherwise a negative errno or an SMTP code (4xx/5xx) of a

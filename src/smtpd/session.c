@@ -30,6 +30,7 @@
 #include "core/table.h"
 #include "core/log.h"
 #include "delivery/maildir.h"
+#include "delivery/transport.h"
 #include "metrics/metrics.h"
 #include "smtpd/policy.h"
 #include "queue/qmgr.h"
@@ -789,6 +790,15 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
     }
     if (rcpt_already(t, path.addr)) {
         rcpt_accepted(s);
+        return;
+    }
+    if (kt_transport_queued(s->cfg->transport, path.addr, ra.cls)) {
+        /* another transport delivers it (virtual_transport = lmtp:..., transport_maps): the message goes
+         * through the queue, like relayed mail, and the recipient's Maildirs are not written here */
+        if (relay_accept(t, path.addr, &p) < 0)
+            too_many_recipients(s);
+        else
+            rcpt_accepted(s);
         return;
     }
     if ((p.has_notify || p.has_orcpt || via_queue(t)) && !envelope_room(t, path.addr_len, &p)) {
