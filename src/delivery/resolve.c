@@ -574,6 +574,11 @@ void kt_resolve_recipient(const struct kt_resolver *r, const char *addr, struct 
     }
 }
 
+int kt_resolve_virtual_listed(const struct kt_resolver *r, const char *addr)
+{
+    return virtual_get(r->vmaps, addr) != NULL;
+}
+
 /* ---- construction ---- */
 
 static char *join_path(const char *dir, const char *rel)

@@ -65,6 +65,10 @@ int kt_resolve_complete(const struct kt_resolver *r, const char *addr, char *out
 /* Calls fn for every Maildir the resolver knows (virtual mailboxes, users' home mailboxes); stops at the
  * first non-zero return and returns it. For start-up housekeeping. */
 int kt_resolver_foreach_mailbox(const struct kt_resolver *r, int (*fn)(const char *maildir, void *arg), void *arg);
+/* 1 when addr (virtual class) has an entry in virtual_mailbox_maps, the address or its "@domain", whatever
+ * the value: Postfix's smtpd recipient check when another transport than virtual(8) delivers (lmtp:, where
+ * the table only lists who exists). */
+int kt_resolve_virtual_listed(const struct kt_resolver *r, const char *addr);
 /* Class of a domain ("example.com", "[192.0.2.1]"; NULL or "" = local). */
 enum kt_addr_class kt_resolve_class(const struct kt_resolver *r, const char *domain);
 

@@ -776,9 +776,31 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
     if (ra.rewritten)
         memcpy(path.addr, ra.addr, strlen(ra.addr) + 1);
     path.addr_len = strlen(path.addr);
-    kt_resolve_recipient(s->cfg->resolver, path.addr, &res);
-    if (res.reply) {
-        rcpt_reject(s, res.reply, path.addr);
+    /* another transport delivers it (virtual_transport = lmtp:..., transport_maps): the message goes
+     * through the queue, like relayed mail, and no Maildir is written here; the address is passed on
+     * as it is, so only whether the recipient exists matters */
+    int queued = kt_transport_queued(s->cfg->transport, path.addr, ra.cls);
+    if (queued && ra.cls == KT_CLASS_VIRTUAL) {
+        /* Postfix: virtual_mailbox_maps lists who exists; the value is virtual(8)'s, unused here */
+        if (!kt_resolve_virtual_listed(s->cfg->resolver, path.addr)) {
+            char msg[700];
+            snprintf(msg, sizeof(msg), "550 5.1.1 <%s>: Recipient address rejected: User unknown in virtual "
+                     "mailbox table", path.addr);
+            rcpt_reject(s, msg, path.addr);
+            return;
+        }
+    } else {
+        kt_resolve_recipient(s->cfg->resolver, path.addr, &res);
+        if (res.reply) {
+            rcpt_reject(s, res.reply, path.addr);
+            return;
+        }
+    }
+    if (queued) {
+        if (!rcpt_already(t, path.addr) && relay_accept(t, path.addr, &p) < 0)
+            too_many_recipients(s);
+        else
+            rcpt_accepted(s);
         return;
     }
     if (res.n_mailboxes == 0) {
@@ -790,15 +812,6 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
     }
     if (rcpt_already(t, path.addr)) {
         rcpt_accepted(s);
-        return;
-    }
-    if (kt_transport_queued(s->cfg->transport, path.addr, ra.cls)) {
-        /* another transport delivers it (virtual_transport = lmtp:..., transport_maps): the message goes
-         * through the queue, like relayed mail, and the recipient's Maildirs are not written here */
-        if (relay_accept(t, path.addr, &p) < 0)
-            too_many_recipients(s);
-        else
-            rcpt_accepted(s);
         return;
     }
     if ((p.has_notify || p.has_orcpt || via_queue(t)) && !envelope_room(t, path.addr_len, &p)) {
