@@ -6,7 +6,11 @@
  * and one command at a time; PIPELINING with CHUNKING (BDAT LAST, body by
  * sendfile) and a 5xx for one RCPT; a 4xx at MAIL under PIPELINING with a
  * pipelined DATA; DATA with dot-stuffing; QUIT on close; the message's
- * properties (SMTPUTF8, BODY, DSN) on MAIL and RCPT. */
+ * properties (SMTPUTF8, BODY, DSN) on MAIL and RCPT. LMTP mode (RFC 2033)
+ * over a unix-domain socket: LHLO, DATA although CHUNKING is offered, one
+ * reply per accepted recipient after the end of data, each applied to its
+ * own recipient; LHLO refused (no HELO fallback); the connection lost
+ * between two end-of-data replies (the first stays final). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -22,6 +26,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -31,7 +36,8 @@
 #include "queue/smtp_client.h"
 
 /* One script step: the peer sends text (S), expects one exact line (C),
- * or expects exactly len raw bytes equal to text (B). */
+ * expects exactly len raw bytes equal to text (B), or closes the connection
+ * at once (X, text NULL; ends the script). */
 struct step {
     char kind;
     const char *text;
@@ -112,8 +118,13 @@ static void *peer_main(void *arg)
     }
     struct timeval tv = { .tv_sec = 10 };
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    int closed = 0;
     for (size_t i = 0; p->script[i].kind; i++) {
         const struct step *st = &p->script[i];
+        if (st->kind == 'X') {
+            closed = 1;
+            break;
+        }
         if (st->kind == 'S') {
             if (send(fd, st->text, strlen(st->text), MSG_NOSIGNAL) != (ssize_t)strlen(st->text)) {
                 snprintf(p->failure, sizeof(p->failure), "step %zu: send failed", i);
@@ -134,7 +145,7 @@ static void *peer_main(void *arg)
         }
     }
     /* after the script: the client must have closed, with nothing more sent */
-    if (!p->failure[0]) {
+    if (!p->failure[0] && !closed) {
         char extra;
         if (p->len || recv(fd, &extra, 1, 0) != 0)
             snprintf(p->failure, sizeof(p->failure), "client sent more than the script expects");
@@ -159,6 +170,24 @@ static int peer_start(struct peer *p, const struct step *script, struct kt_smtp_
     memcpy(&addr->ss, &sin, sizeof(sin));
     addr->len = sizeof(sin);
     snprintf(addr->host, sizeof(addr->host), "mx.test");
+    return pthread_create(&p->thread, NULL, peer_main, p);
+}
+
+/* The same peer on a unix-domain socket at path; addr's host is the relay= text. */
+static int peer_start_unix(struct peer *p, const struct step *script, const char *path, struct kt_smtp_addr *addr)
+{
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    memset(p, 0, sizeof(*p));
+    p->script = script;
+    snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", path);
+    unlink(path);
+    p->lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (p->lfd < 0 || bind(p->lfd, (struct sockaddr *)&sun, sizeof(sun)) < 0 || listen(p->lfd, 1) < 0)
+        return -1;
+    memset(addr, 0, sizeof(*addr));
+    memcpy(&addr->ss, &sun, sizeof(sun));
+    addr->len = sizeof(sun);
+    snprintf(addr->host, sizeof(addr->host), "client.example[%s]", path);
     return pthread_create(&p->thread, NULL, peer_main, p);
 }
 
@@ -203,8 +232,9 @@ static int body_file(const char *body)
 
 /* Connect, run one transaction of body to rcpts, close; the peer's script
  * must run through exactly. Returns the transaction's result in *txn. */
-static void exchange_props(const struct step *script, const char *body, int dots, const char *const *rcpts,
-                           size_t n, const struct kt_smtp_msg *props, int *codes, char **replies, struct run *txn)
+static void exchange_full(int lmtp, const struct step *script, const char *body, int dots,
+                          const char *const *rcpts, size_t n, const struct kt_smtp_msg *props, int *codes,
+                          char **replies, struct run *txn, size_t *final_upto)
 {
     struct kt_loop loop;
     struct peer p;
@@ -212,11 +242,16 @@ static void exchange_props(const struct step *script, const char *body, int dots
     struct run conn = { 0 };
     struct kt_smtp_params params = {
         .helo_name = "client.example", .tls_level = KT_SMTP_TLS_NONE,
-        .connect_timeout_s = 10, .command_timeout_s = 10,
+        .connect_timeout_s = 10, .command_timeout_s = 10, .lmtp = lmtp,
     };
+    char path[64];
 
     assert_int_equal(kt_loop_init(&loop, 64), 0);
-    assert_int_equal(peer_start(&p, script, &addr), 0);
+    snprintf(path, sizeof(path), "/tmp/kt-test-lmtp-%d.sock", (int)getpid());
+    if (lmtp)
+        assert_int_equal(peer_start_unix(&p, script, path, &addr), 0);
+    else
+        assert_int_equal(peer_start(&p, script, &addr), 0);
     struct kt_smtp_conn *c = kt_smtp_connect(&loop, &params, &addr, 1, on_done, &conn);
     run_until(&loop, &conn.called);
     assert_int_equal(conn.res, 0);
@@ -239,6 +274,10 @@ static void exchange_props(const struct step *script, const char *body, int dots
     memset(txn, 0, sizeof(*txn));
     kt_smtp_send(c, &m, on_done, txn);
     run_until(&loop, &txn->called);
+    if (final_upto)
+        *final_upto = m.final_upto;
+    if (lmtp)
+        assert_string_equal(kt_smtp_relay(c), addr.host);
 
     kt_smtp_close(c);
     run_until(&loop, &p.done);
@@ -249,8 +288,23 @@ static void exchange_props(const struct step *script, const char *body, int dots
     peer_finish(&p);
     close(fd);
     kt_loop_fini(&loop);
+    if (lmtp)
+        unlink(path);
     if (p.failure[0])
         fail_msg("scripted peer: %s", p.failure);
+}
+
+static void exchange_props(const struct step *script, const char *body, int dots, const char *const *rcpts,
+                           size_t n, const struct kt_smtp_msg *props, int *codes, char **replies, struct run *txn)
+{
+    exchange_full(0, script, body, dots, rcpts, n, props, codes, replies, txn, NULL);
+}
+
+/* LMTP (lmtp 1) over a unix socket; *final_upto gets the message's final_upto. */
+static void exchange_as(int lmtp, const struct step *script, const char *body, int dots, const char *const *rcpts,
+                        size_t n, int *codes, char **replies, struct run *txn, size_t *final_upto)
+{
+    exchange_full(lmtp, script, body, dots, rcpts, n, NULL, codes, replies, txn, final_upto);
 }
 
 static void exchange(const struct step *script, const char *body, int dots, const char *const *rcpts, size_t n,
@@ -449,6 +503,124 @@ static void test_greeting_refused(void **state)
         fail_msg("scripted peer: %s", p.failure);
 }
 
+/* LMTP over a unix socket: LHLO, everything pipelined with DATA (CHUNKING is offered but lmtp(8) does not
+ * use it), one recipient refused at RCPT, then one reply per accepted recipient after the end of data in
+ * RCPT order: bob delivered, carol over quota (452) while bob's stays 250. */
+static void test_lmtp_replies_per_recipient(void **state)
+{
+    static const char *const rcpts[] = { "bob@example.test", "nobody@example.test", "carol@example.test" };
+    static const struct step script[] = {
+        { 'S', "220 dovecot ready.\r\n" },
+        { 'C', "LHLO client.example\r\n" },
+        { 'S', "250-dovecot\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-ENHANCEDSTATUSCODES\r\n250 PIPELINING\r\n" },
+        { 'C', "MAIL FROM:<alice@example.test>\r\n" },
+        { 'C', "RCPT TO:<bob@example.test>\r\n" },
+        { 'C', "RCPT TO:<nobody@example.test>\r\n" },
+        { 'C', "RCPT TO:<carol@example.test>\r\n" },
+        { 'C', "DATA\r\n" },
+        { 'S', "250 2.1.0 OK\r\n250 2.1.5 OK\r\n550 5.1.1 <nobody@example.test> User doesn't exist\r\n"
+               "250 2.1.5 OK\r\n354 OK\r\n" },
+        { 'C', "Subject: t\r\n" },
+        { 'C', "\r\n" },
+        { 'C', "..dot\r\n" },
+        { 'C', ".\r\n" },
+        { 'S', "250 2.0.0 <bob@example.test> kL3aAB Saved\r\n" },
+        { 'S', "452 4.2.2 <carol@example.test> Quota exceeded (mailbox for user is full)\r\n" },
+        { 'C', "QUIT\r\n" },
+        { 'S', "221 2.0.0 Bye\r\n" },
+        { 0, NULL },
+    };
+    int codes[3];
+    char *replies[3];
+    struct run txn;
+    size_t final_upto;
+    char path[64];
+    snprintf(path, sizeof(path), "/tmp/kt-test-lmtp-%d.sock", (int)getpid());
+    exchange_as(1, script, "Subject: t\r\n\r\n.dot\r\n", 1, rcpts, 3, codes, replies, &txn, &final_upto);
+    assert_int_equal(txn.res, 0);
+    assert_int_equal(codes[0], 250);
+    assert_int_equal(codes[1], 550);
+    assert_int_equal(codes[2], 452);
+    assert_int_equal(final_upto, 3);
+    char want[256];
+    snprintf(want, sizeof(want), "host client.example[%s] said: 250 2.0.0 <bob@example.test> kL3aAB Saved "
+             "(in reply to end of DATA command)", path);
+    assert_string_equal(replies[0], want);
+    assert_non_null(strstr(replies[1], "said: 550 5.1.1 <nobody@example.test> User doesn't exist (in reply to RCPT TO command)"));
+    assert_non_null(strstr(replies[2], "said: 452 4.2.2 <carol@example.test> Quota exceeded (mailbox for user is full) "
+                                       "(in reply to end of DATA command)"));
+    free_replies(replies, 3);
+}
+
+/* The connection is lost after the first of two end-of-data replies: the transaction fails, the first
+ * recipient's reply is final (final_upto), the second has only its RCPT reply. */
+static void test_lmtp_lost_between_replies(void **state)
+{
+    static const char *const rcpts[] = { "bob@example.test", "carol@example.test" };
+    static const struct step script[] = {
+        { 'S', "220 lmtp ready\r\n" },
+        { 'C', "LHLO client.example\r\n" },
+        { 'S', "250-lmtp\r\n250 PIPELINING\r\n" },
+        { 'C', "MAIL FROM:<alice@example.test>\r\n" },
+        { 'C', "RCPT TO:<bob@example.test>\r\n" },
+        { 'C', "RCPT TO:<carol@example.test>\r\n" },
+        { 'C', "DATA\r\n" },
+        { 'S', "250 2.1.0 OK\r\n250 2.1.5 OK\r\n250 2.1.5 OK\r\n354 OK\r\n" },
+        { 'C', "x\r\n" },
+        { 'C', ".\r\n" },
+        { 'S', "250 2.0.0 <bob@example.test> Saved\r\n" },
+        { 'X', NULL },
+    };
+    int codes[2];
+    char *replies[2];
+    struct run txn;
+    size_t final_upto;
+    exchange_as(1, script, "x\r\n", 0, rcpts, 2, codes, replies, &txn, &final_upto);
+    assert_true(txn.res < 0);
+    assert_non_null(strstr(txn.reason, "lost connection with client.example["));
+    assert_int_equal(final_upto, 1);
+    assert_int_equal(codes[0], 250);
+    assert_non_null(strstr(replies[0], "said: 250 2.0.0 <bob@example.test> Saved (in reply to end of DATA command)"));
+    assert_int_equal(codes[1], 250);          /* its RCPT reply only: not final */
+    assert_null(replies[1]);
+    free_replies(replies, 2);
+}
+
+/* RFC 2033 has no HELO: a refused LHLO fails the connection. */
+static void test_lmtp_lhlo_refused(void **state)
+{
+    static const struct step script[] = {
+        { 'S', "220 lmtp ready\r\n" },
+        { 'C', "LHLO client.example\r\n" },
+        { 'S', "500 5.5.1 Unknown command\r\n" },
+        { 0, NULL },
+    };
+    struct kt_loop loop;
+    struct peer p;
+    struct kt_smtp_addr addr;
+    struct run conn = { 0 };
+    struct kt_smtp_params params = {
+        .helo_name = "client.example", .connect_timeout_s = 10, .command_timeout_s = 10, .lmtp = 1,
+    };
+    char path[64];
+    snprintf(path, sizeof(path), "/tmp/kt-test-lmtp-%d.sock", (int)getpid());
+    assert_int_equal(kt_loop_init(&loop, 64), 0);
+    assert_int_equal(peer_start_unix(&p, script, path, &addr), 0);
+    struct kt_smtp_conn *c = kt_smtp_connect(&loop, &params, &addr, 1, on_done, &conn);
+    run_until(&loop, &conn.called);
+    assert_int_equal(conn.res, 500);
+    assert_non_null(strstr(conn.reason, "refused LHLO: 500 5.5.1 Unknown command"));
+    kt_smtp_close(c);
+    run_until(&loop, &p.done);
+    while (kt_smtp_live() > 0)
+        kt_loop_run_once(&loop, 50);
+    peer_finish(&p);
+    kt_loop_fini(&loop);
+    unlink(path);
+    if (p.failure[0])
+        fail_msg("scripted peer: %s", p.failure);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -457,6 +629,9 @@ int main(void)
         cmocka_unit_test(test_pipelining_mail_4xx),
         cmocka_unit_test(test_greeting_refused),
         cmocka_unit_test(test_properties_sent_on),
+        cmocka_unit_test(test_lmtp_replies_per_recipient),
+        cmocka_unit_test(test_lmtp_lost_between_replies),
+        cmocka_unit_test(test_lmtp_lhlo_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
