@@ -118,7 +118,7 @@ static const struct kt_param_def params[] = {
     S(mail_version, KT_VERSION),
     X(mailbox_command),
     N(mailbox_size_limit),
-    X(mailbox_transport),
+    S(mailbox_transport, ""),
     S(maillog_file, ""),
     L(maillog_file_prefixes, "/var, /dev/stdout"),
     N(mailq_path),

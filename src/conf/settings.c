@@ -859,6 +859,7 @@ static int transport_settings(struct runtime_private *rp, const struct kt_config
         .default_transport = get(cfg, NULL, "default_transport"),
         .relayhost = get(cfg, NULL, "relayhost"),
         .transport_maps = get(cfg, NULL, "transport_maps"),
+        .mailbox_transport = get(cfg, NULL, "mailbox_transport"),
     };
     if (kt_transport_new(&tc, &rp->transport, err, sizeof(err)) < 0) {
         param_err(cfg, NULL, NULL, "%s", err);

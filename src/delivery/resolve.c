@@ -291,6 +291,7 @@ static enum vresult virtual_lookup(const struct kt_resolver *r, const char *addr
     size_t n;
 
     mb->home = NULL;
+    mb->user = NULL;
     mb->keep = 0;   /* virtual(8) makes the folders below virtual_mailbox_base as needed */
 
     if (!v)
@@ -362,7 +363,7 @@ static void deliver_user(struct expand *x, const char *name)
         /* Never deliver as root: its mail is owned by default_privs, as Postfix's local(8) delivers
          * for root; the home must exist (it is never created). */
         struct kt_mailbox mb = { u->mailbox, u->uid ? u->uid : x->r->default_uid,
-                                 u->uid ? u->gid : x->r->default_gid, u->home, u->home_len };
+                                 u->uid ? u->gid : x->r->default_gid, u->home, u->home_len, u->name };
         add_mailbox(x, &mb);
     } else {
         skip(x, "unknown local user");

@@ -32,6 +32,7 @@ struct kt_mailbox {
     const char *home;   /* local(8) class: the user's home directory, which holds the
                          * Maildir (home_mailbox); NULL for virtual mailboxes */
     size_t keep;        /* leading bytes of path that must exist already (a user's home): never created */
+    const char *user;   /* local(8) class: the user's login name (owned by the resolver); NULL for virtual */
 };
 
 #define KT_RESOLVE_MAX_MAILBOXES 16

@@ -21,6 +21,8 @@ struct xport {
 
 struct kt_transport {
     struct xport local, virt, relay, dflt;
+    struct xport mbox;             /* mailbox_transport */
+    int has_mbox;
     char *relayhost;
     struct kt_maps *maps;
 };
@@ -160,6 +162,20 @@ int kt_transport_new(const struct kt_transport_config *c, struct kt_transport **
         rc = class_xport("relay_transport", c->relay_transport, "relay", &t->relay, err, errlen);
     if (rc == 0)
         rc = class_xport("default_transport", c->default_transport, "smtp", &t->dflt, err, errlen);
+    if (rc == 0 && c->mailbox_transport && *c->mailbox_transport) {
+        const char *why = NULL;
+        t->mbox.kind = KT_XPORT_SMTP;
+        rc = parse_xport(c->mailbox_transport, &t->mbox, &why);
+        if (rc == 0 && (t->mbox.kind != KT_XPORT_LMTP || !t->mbox.nexthop[0])) {
+            why = "ktrelay hands local(8) mailbox deliveries only to lmtp:NEXTHOP";
+            rc = -EINVAL;
+        }
+        if (rc < 0) {
+            kt_set_err(err, errlen, "mailbox_transport: bad value \"%s\": %s", c->mailbox_transport, why);
+            rc = -EINVAL;
+        }
+        t->has_mbox = rc == 0;
+    }
     if (rc == 0 && c->transport_maps && *c->transport_maps) {
         char why[400];
         rc = kt_maps_open(c->transport_maps, KT_TABLE_MAP, &t->maps, why, sizeof(why));
@@ -261,11 +277,21 @@ void kt_transport_route_as(const struct kt_transport *t, const char *value, cons
     route_with(t, at ? at + 1 : "", cls, value, out);
 }
 
+int kt_transport_mailbox(const struct kt_transport *t, struct kt_route *out)
+{
+    if (!t || !t->has_mbox)
+        return 0;
+    out->kind = t->mbox.kind;
+    snprintf(out->nexthop, sizeof(out->nexthop), "%s", t->mbox.nexthop);
+    return 1;
+}
+
 int kt_transport_queued(const struct kt_transport *t, const char *addr, enum kt_addr_class cls)
 {
     struct kt_route r;
     if (!t)
         return 0;
     kt_transport_route(t, addr, cls, &r);
-    return r.kind != KT_XPORT_MAILDIR;
+    /* local(8) with a mailbox_transport runs in the queue manager */
+    return r.kind != KT_XPORT_MAILDIR || (cls == KT_CLASS_LOCAL && t->has_mbox);
 }

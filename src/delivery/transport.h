@@ -9,8 +9,9 @@
  * ktrelay runs these transports itself: local and virtual (its Maildir
  * delivery), smtp and relay (its SMTP client), lmtp (the same client in LMTP
  * mode, RFC 2033) and error. A parameter naming any other transport is
- * refused when the table is built; a transport_maps entry naming one defers
- * the recipient, as Postfix does for a transport missing from master.cf. */
+ * refused when the table is built, and so is a transport_maps entry naming
+ * one. mailbox_transport (local(8) hands each local user's mailbox delivery
+ * to it after alias expansion) takes only lmtp:NEXTHOP. */
 #ifndef KTRELAY_TRANSPORT_H
 #define KTRELAY_TRANSPORT_H
 
@@ -26,6 +27,7 @@ struct kt_transport_config {
     const char *default_transport;  /* "smtp" */
     const char *relayhost;          /* next hop of relay and default mail without one; "" = the domain */
     const char *transport_maps;     /* "" = none */
+    const char *mailbox_transport;  /* "" = local(8) writes the Maildir; else lmtp:NEXTHOP */
 };
 
 enum kt_transport_kind {
@@ -56,6 +58,9 @@ void kt_transport_route(const struct kt_transport *t, const char *addr, enum kt_
  * A value ktrelay cannot run gives KT_XPORT_UNAVAILABLE. */
 void kt_transport_route_as(const struct kt_transport *t, const char *value, const char *addr, enum kt_addr_class cls,
                            struct kt_route *out);
+/* local(8)'s mailbox_transport: 1 with *out (an lmtp: route) when the mailbox deliveries of local users go
+ * to another transport after alias expansion, 0 when local(8) writes their Maildirs. */
+int kt_transport_mailbox(const struct kt_transport *t, struct kt_route *out);
 /* 1 when a recipient of class cls in addr's domain leaves the SMTP session through the queue (anything but
  * the Maildir delivery), so the session must not deliver it itself. */
 int kt_transport_queued(const struct kt_transport *t, const char *addr, enum kt_addr_class cls);

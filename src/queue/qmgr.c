@@ -93,7 +93,8 @@ struct job {
     struct dest *d;
     size_t n;
     size_t *idx;                   /* recipient indexes in m->q */
-    const char **addrs;
+    const char **addrs;            /* the recipients as sent: the queue's, or local(8)'s for mailbox_transport */
+    char **own;                    /* addresses of addrs[] that the job owns (NULL entries: the queue's) */
     unsigned *notify;              /* NOTIFY bits of each, for the client */
     const char **orcpt;            /* ORCPT of each or NULL (strings are the message's) */
     int *codes;
@@ -482,14 +483,17 @@ static struct job *job_new(struct msg *m, struct dest *d)
     return j;
 }
 
-static void job_add_rcpt(struct job *j, size_t i)
+/* as: the address to send instead of the queue's (owned by the job from now on), or NULL */
+static void job_add_rcpt_as(struct job *j, size_t i, char *as)
 {
     j->idx = kt_realloc(j->idx, (j->n + 1) * sizeof(*j->idx));
     j->addrs = kt_realloc(j->addrs, (j->n + 1) * sizeof(*j->addrs));
     j->notify = kt_realloc(j->notify, (j->n + 1) * sizeof(*j->notify));
     j->orcpt = kt_realloc(j->orcpt, (j->n + 1) * sizeof(*j->orcpt));
+    j->own = kt_realloc(j->own, (j->n + 1) * sizeof(*j->own));
     j->idx[j->n] = i;
-    j->addrs[j->n] = j->m->q->rcpts[i].addr;
+    j->addrs[j->n] = as ? as : j->m->q->rcpts[i].addr;
+    j->own[j->n] = as;
     j->notify[j->n] = j->m->q->rcpts[i].notify;
     j->orcpt[j->n] = j->m->q->rcpts[i].orcpt;
     j->n++;
@@ -506,6 +510,10 @@ static void job_free(struct job *j)
     kt_free(j->addrs);
     kt_free(j->notify);
     kt_free(j->orcpt);
+    if (j->own)
+        for (size_t k = 0; k < j->n; k++)
+            kt_free(j->own[k]);
+    kt_free(j->own);
     if (j->fd >= 0)
         close(j->fd);
     kt_free(j);
@@ -1667,6 +1675,57 @@ static void msg_round_done(struct kt_qmgr *q, struct msg *m)
     }
 }
 
+/* local(8) with a mailbox_transport (Postfix: local expands aliases, then hands each local user's mailbox
+ * delivery to the transport): for recipient i of the local class, *key becomes the lmtp: destination and
+ * *as the address to send when an alias was expanded ("user@$myorigin", as local(8) resolves an alias
+ * target). Returns 0 when the recipient's outcome was decided here (unknown, or an expansion this does not
+ * hand over: several mailboxes), 1 to go on with *key. Virtual recipients and expansions into virtual
+ * mailboxes only keep the Maildir delivery. */
+static int mailbox_route(struct kt_qmgr *q, struct msg *m, size_t i, char **key, char **as)
+{
+    struct kt_route mr;
+    const char *addr = m->q->rcpts[i].addr;
+    const char *at = strrchr(addr, '@');
+    if (!q->set->resolver || !kt_transport_mailbox(q->set->transport, &mr) || !at
+        || kt_resolve_class(q->set->resolver, at + 1) != KT_CLASS_LOCAL)
+        return 1;
+    struct kt_resolve_result *res = kt_malloc(sizeof(*res));
+    int go_on = 0;
+    kt_resolve_recipient(q->set->resolver, addr, res);
+    size_t users = 0;
+    for (size_t k = 0; k < res->n_mailboxes; k++)
+        users += res->mailboxes[k].user != NULL;
+    if (res->reply || res->n_mailboxes == 0) {
+        const char *why = res->reply ? res->reply : "alias forwards to remote addresses only";
+        if (res->reply && res->reply[0] == '4')
+            rcpt_deferred(m, i, "local", 450, NULL, why);
+        else
+            rcpt_failed(q, m, i, "local", 550, NULL, why);
+    } else if (users == 0) {
+        go_on = 1;                 /* virtual mailboxes: still local(8)'s own Maildir delivery */
+    } else if (res->n_mailboxes > 1) {
+        rcpt_deferred(m, i, "local", 450, "4.3.0",
+                      "mailbox_transport: an alias that expands to several mailboxes is not handed over");
+    } else {
+        const char *user = res->mailboxes[0].user;
+        size_t llen = (size_t)(at - addr);
+        kt_free(*key);
+        *key = kt_asprintf("lmtp:%s", mr.nexthop);
+        if (strlen(user) != llen || strncasecmp(user, addr, llen)) {
+            char full[512];
+            if (kt_resolve_complete(q->set->resolver, user, full, sizeof(full)) == 0)
+                *as = kt_strdup(full);
+        }
+        go_on = 1;
+    }
+    kt_free(res);
+    if (!go_on) {
+        kt_free(*key);
+        *key = NULL;
+    }
+    return go_on;
+}
+
 static void msg_start(struct kt_qmgr *q, struct msg *m)
 {
     struct job **jobs = NULL;
@@ -1687,6 +1746,9 @@ static void msg_start(struct kt_qmgr *q, struct msg *m)
             kt_free(key);
             continue;
         }
+        char *as = NULL;
+        if (!strcmp(key, "local") && !mailbox_route(q, m, i, &key, &as))
+            continue;      /* local(8) decided this recipient's outcome already */
         struct dest *d = dest_get(q, key);
         kt_free(key);
         struct job *j = NULL;
@@ -1700,7 +1762,7 @@ static void msg_start(struct kt_qmgr *q, struct msg *m)
             jobs = kt_realloc(jobs, (n_jobs + 1) * sizeof(*jobs));
             jobs[n_jobs++] = j;
         }
-        job_add_rcpt(j, i);
+        job_add_rcpt_as(j, i, as);
     }
     for (size_t k = 0; k < n_jobs; k++)
         dest_push(jobs[k]->d, jobs[k]);

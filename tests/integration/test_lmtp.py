@@ -6,6 +6,7 @@ refused at RCPT), and a Dovecot that is down: deferred, then delivered once it r
 import imaplib
 import os
 import pathlib
+import pwd
 import re
 import shutil
 import signal
@@ -34,7 +35,7 @@ class Dovecot:
     """A private Dovecot with IMAP and LMTP (a unix socket and a TCP listener) for alice and carol of
     example.test; carol's quota is 1 KB. Mail goes to root/mail/example.test/USER/ (Maildir)."""
 
-    def __init__(self, root):
+    def __init__(self, root, more_users=()):
         self.root = root
         self.d = root / "dovecot"
         self.d.mkdir()
@@ -49,7 +50,8 @@ class Dovecot:
         os.chown(home, UID, UID)
         (self.d / "users").write_text(
             f"alice@example.test:{{PLAIN}}{PASSWORD}:{UID}:{UID}::{home}::\n"
-            f"carol@example.test:{{PLAIN}}{PASSWORD}:{UID}:{UID}::{home}::userdb_quota_rule=*:storage=1K\n")
+            f"carol@example.test:{{PLAIN}}{PASSWORD}:{UID}:{UID}::{home}::userdb_quota_rule=*:storage=1K\n"
+            + "".join(f"{u}:{{PLAIN}}{PASSWORD}:{UID}:{UID}::{home}::\n" for u in more_users))
         (self.d / "dovecot.conf").write_text(f"""\
 base_dir = {self.d}/run
 state_dir = {self.d}/state
@@ -151,16 +153,38 @@ service anvil {{
 
 
 @pytest.fixture
-def dovecot():
-    # Dovecot's unprivileged processes must reach the files: a directory outside pytest's private tmp
-    root = pathlib.Path(tempfile.mkdtemp(prefix="ktrelay-lmtp-"))
-    root.chmod(0o755)
-    dv = Dovecot(root)
-    try:
-        yield dv
-    finally:
+def dovecot_factory():
+    made = []
+
+    def make(more_users=()):
+        # Dovecot's unprivileged processes must reach the files: a directory outside pytest's private tmp
+        root = pathlib.Path(tempfile.mkdtemp(prefix="ktrelay-lmtp-"))
+        root.chmod(0o755)
+        made.append(Dovecot(root, more_users))
+        return made[-1]
+    yield make
+    for dv in made:
         dv.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(dv.root, ignore_errors=True)
+
+
+@pytest.fixture
+def dovecot(dovecot_factory):
+    return dovecot_factory()
+
+
+@pytest.fixture
+def local_user(tmp_path):
+    name = f"ktlmtp{os.getpid() % 100000}"
+    home = tmp_path / "home" / name
+    home.parent.mkdir()
+    subprocess.run(["userdel", name], capture_output=True)      # left over from an interrupted run
+    subprocess.run(["useradd", "-m", "-d", str(home), "-s", "/usr/sbin/nologin", name], check=True,
+                   capture_output=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], check=True, capture_output=True)
 
 
 CONTENT = ("From: Jörg <jorg@example.org>\r\nTo: alice@example.test\r\nSubject: over LMTP\r\n"
@@ -251,6 +275,44 @@ def test_dovecot_down_defers_then_delivers(relay_factory, dovecot):
     wait_until(lambda: not list((relay.dir / "queue" / "new").iterdir()), what="the queue file removed")
 
 
+def test_mailbox_transport_after_alias_expansion(relay_factory, dovecot_factory, local_user, tmp_path):
+    """mailbox_transport: local(8) keeps the local recipient checks and alias expansion, then hands the
+    user's mailbox delivery to Dovecot: the user's own address as given, an alias as user@$myorigin."""
+    name = local_user.pw_name
+    dv = dovecot_factory(more_users=(f"{name}@localhost", f"{name}@mx.example.test")).start()
+    aliases = tmp_path / "aliases"
+    aliases.write_text(f"postmaster: {name}\nfriends: {name}, alice@example.test\n")
+    relay = relay_factory(RETRY + "mydestination = localhost\nvirtual_mailbox_domains = example.test\n"
+                          f"alias_maps = texthash:{aliases}\nmailbox_transport = lmtp:unix:{dv.sock}\n")
+    c = SmtpConn(relay.port())
+    start_data(c, [f"{name}@localhost"])
+    assert c.cmd("RCPT TO:<nobody-such@localhost>") == ("550 5.1.1 <nobody-such@localhost>: Recipient address "
+                                                        "rejected: User unknown in local recipient table")
+    assert c.cmd("DATA").startswith("354 ")
+    c.send(stuff(CONTENT) + b".\r\n")
+    qid = queued(c.reply())
+    c.cmd("QUIT")
+    relay_re = rf"relay=mx\.example\.test\[{re.escape(str(dv.sock))}\]"
+    wait_until(lambda: re.search(rf"ktrelay/lmtp\[\d+\]: {qid}: to=<{name}@localhost>, {relay_re}, .*status=sent "
+                                 rf"\(250 2\.0\.0 <{name}@localhost> \S+ Saved\)", relay.log()), what="the user's delivery")
+    qid2 = send(relay, ["postmaster@localhost"])
+    wait_until(lambda: re.search(rf"{qid2}: to=<postmaster@localhost>, {relay_re}, .*status=sent "
+                                 rf"\(250 2\.0\.0 <{name}@mx\.example\.test> \S+ Saved\)", relay.log()),
+               what="the alias's delivery")
+    [(whole, _)] = dv.fetch_all(f"{name}@localhost")
+    assert whole.endswith(CONTENT)
+    [(whole, _)] = dv.fetch_all(f"{name}@mx.example.test")
+    assert whole.endswith(CONTENT)
+    # local(8) wrote no Maildir of its own
+    assert not os.path.exists(os.path.join(local_user.pw_dir, "Maildir"))
+    # an alias to several mailboxes is not handed over: deferred, and said so
+    qid3 = send(relay, ["friends@localhost"])
+    assert relay.wait_log(f"{qid3}: to=<friends@localhost>, relay=local, ")
+    wait_until(lambda: re.search(rf"{qid3}: to=<friends@localhost>, relay=local, delay=\d+, dsn=4\.3\.0, status=deferred "
+                                 r"\(mailbox_transport: an alias that expands to several mailboxes is not handed over\)",
+                                 relay.log()), what="the deferral")
+
+
 def test_lmtp_values_it_cannot_honour_fail(relay_factory, tmp_path):
     from conftest import BIN
     d = tmp_path / "cf"
@@ -260,7 +322,9 @@ def test_lmtp_values_it_cannot_honour_fail(relay_factory, tmp_path):
     for line, message in [
             ("lmtp_tls_security_level = may", "ktrelay's LMTP client does not implement TLS; it takes none"),
             ("virtual_transport = dovecot", "virtual_transport: bad value \"dovecot\""),
-            ("mailbox_transport = lmtp:unix:private/dovecot-lmtp", "mailbox_transport"),
+            ("mailbox_transport = dovecot", "mailbox_transport: bad value \"dovecot\""),
+            ("mailbox_transport = lmtp", "mailbox_transport: bad value \"lmtp\""),
+            ("fallback_transport = lmtp:unix:private/dovecot-lmtp", "fallback_transport"),
             ("transport_maps = inline:{ a.test=lmtp:inet:host:x }", "transport_maps: a.test: bad value"),
             ("transport_maps = inline:{ a.test=pipe:x }", "transport_maps: a.test: bad value")]:
         (d / "main.cf").write_text(base + line + "\n")
