@@ -35,7 +35,7 @@ class Dovecot:
     """A private Dovecot with IMAP and LMTP (a unix socket and a TCP listener) for alice and carol of
     example.test; carol's quota is 1 KB. Mail goes to root/mail/example.test/USER/ (Maildir)."""
 
-    def __init__(self, root, more_users=()):
+    def __init__(self, root, more_users=(), sock=None):
         self.root = root
         self.d = root / "dovecot"
         self.d.mkdir()
@@ -44,7 +44,7 @@ class Dovecot:
         os.chown(self.mail, UID, UID)
         self.imap_port = free_port()
         self.lmtp_port = free_port()
-        self.sock = self.d / "lmtp.sock"
+        self.sock = sock or self.d / "lmtp.sock"
         home = root / "home"
         home.mkdir()
         os.chown(home, UID, UID)
@@ -156,11 +156,11 @@ service anvil {{
 def dovecot_factory():
     made = []
 
-    def make(more_users=()):
+    def make(more_users=(), sock=None):
         # Dovecot's unprivileged processes must reach the files: a directory outside pytest's private tmp
         root = pathlib.Path(tempfile.mkdtemp(prefix="ktrelay-lmtp-"))
         root.chmod(0o755)
-        made.append(Dovecot(root, more_users))
+        made.append(Dovecot(root, more_users, sock))
         return made[-1]
     yield make
     for dv in made:
@@ -223,6 +223,23 @@ def test_virtual_transport_over_unix_socket_read_back_through_imap(relay_factory
     assert head.count(b"Delivered-To:") == 1 and b"\r\nDelivered-To: alice@example.test\r\n" in head
     assert head.count(b"Return-Path:") == 1 and b"Return-Path: <sender@example.org>" in head
     assert re.search(rb"by mx\.example\.test \(ktrelay\) with ESMTP id " + qid.encode(), head), head
+
+
+def test_relative_socket_path_is_below_queue_directory(relay_factory, dovecot_factory):
+    """lmtp:unix:private/dovecot-lmtp, the usual Postfix set-up, is a socket below queue_directory; the
+    log names it as Postfix does."""
+    relay = relay_factory("virtual_transport = lmtp:unix:private/dovecot-lmtp\n")
+    private = relay.dir / "queue" / "private"
+    private.mkdir(exist_ok=True)
+    private.chmod(0o755)
+    dv = dovecot_factory(sock=private / "dovecot-lmtp").start()
+    qid = send(relay, ["alice@example.test"])
+    wait_until(lambda: re.search(rf"ktrelay/lmtp\[\d+\]: {qid}: to=<alice@example\.test>, "
+                                 r"relay=mx\.example\.test\[private/dovecot-lmtp\], delay=\d+, dsn=2\.0\.0, "
+                                 r"status=sent \(250 2\.0\.0 <alice@example\.test> \S+ Saved\)", relay.log()),
+               what="the delivery")
+    [(whole, _)] = dv.fetch_all("alice@example.test")
+    assert whole.endswith(CONTENT)
 
 
 def test_each_recipient_gets_its_own_outcome(relay_factory, dovecot):
