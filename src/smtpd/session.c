@@ -1345,6 +1345,10 @@ static void cmd_vrfy(struct kt_session *s, const struct kt_smtp_command *c)
         return;
     }
     kt_resolve_recipient(s->cfg->resolver, full, &res);
+    /* handed to another transport (lmtp:), a virtual recipient needs only its entry, as at RCPT */
+    if (res.reply && res.cls == KT_CLASS_VIRTUAL && kt_transport_queued(s->cfg->transport, full, res.cls)
+        && kt_resolve_virtual_listed(s->cfg->resolver, full))
+        res.reply = NULL;
     if (res.reply)
         reply(s, "%s", res.reply);
     else if (res.cls == KT_CLASS_LOCAL || res.cls == KT_CLASS_VIRTUAL)

@@ -205,7 +205,15 @@ def send(relay, rcpts, content=CONTENT, sender="sender@example.org"):
 
 def test_virtual_transport_over_unix_socket_read_back_through_imap(relay_factory, dovecot):
     dovecot.start()
-    relay = relay_factory(f"virtual_transport = lmtp:unix:{dovecot.sock}\n")
+    # with an lmtp: virtual transport, virtual_mailbox_maps only lists who exists: any value will do
+    vmailbox = re.sub(r"(?m)^alice@example\.test\s.*$", "alice@example.test OK", BASE_VMAILBOX)
+    assert "alice@example.test OK" in vmailbox
+    relay = relay_factory(f"virtual_transport = lmtp:unix:{dovecot.sock}\n", vmailbox=vmailbox)
+    c = SmtpConn(relay.port())
+    assert c.cmd("VRFY alice@example.test") == "252 2.0.0 alice@example.test"
+    assert c.cmd("VRFY nobody@example.test") == ("550 5.1.1 <nobody@example.test>: Recipient address rejected: "
+                                                 "User unknown in virtual mailbox table")
+    c.cmd("QUIT")
     qid = send(relay, ["alice@example.test"])
     # Postfix's lmtp(8) line: relay=myhostname[socket path], the server's own reply for this recipient
     sent = re.compile(rf"ktrelay/lmtp\[\d+\]: {qid}: to=<alice@example\.test>, "
