@@ -282,6 +282,37 @@ def test_each_recipient_gets_its_own_outcome(relay_factory, dovecot):
     assert dovecot.fetch_all("carol@example.test") == []
 
 
+def saved_tokens(dv, msgid):
+    """{user: Dovecot's <pid><session> token} of each 'saved mail' line for msgid: one session per LMTP
+    connection, ":T<n>" added for its n-th transaction; the recipient's ":R<n>" within it is left out."""
+    return {m.group(1): re.sub(r":R\d+>$", ">", m.group(2)) for m in re.finditer(
+        rf"lmtp\(([^)]+)\)(<\d+><[^>]+>): Info: msgid={re.escape(msgid)}: saved mail to INBOX", dv.log())}
+
+
+def test_recipient_limit_splits_transactions_on_one_cached_connection(relay_factory, dovecot_factory):
+    dv = dovecot_factory(more_users=("dave@example.test",)).start()
+    hop = f"transport_maps = inline:{{ example.test=lmtp:[127.0.0.1]:{dv.lmtp_port} }}\n"
+    vmailbox = BASE_VMAILBOX + "dave@example.test example.test/dave/\n"
+    rcpts = ["alice@example.test", "dave@example.test"]
+    # the default limit (50): both recipients in one transaction
+    one = relay_factory(hop, vmailbox=vmailbox)
+    send(one, rcpts, content=CONTENT.replace(b"<lmtp-1@", b"<together@"))
+    tokens = wait_until(lambda: (t := saved_tokens(dv, "<together@example.org>")) and len(t) == 2 and t,
+                        what="both deliveries")
+    assert tokens["alice@example.test"] == tokens["dave@example.test"], tokens
+    # lmtp_destination_recipient_limit = 1: one transaction each, one after the other on the same connection
+    two = relay_factory(hop + "lmtp_destination_recipient_limit = 1\nlmtp_destination_concurrency_limit = 1\n",
+                        vmailbox=vmailbox)
+    qid = send(two, rcpts, content=CONTENT.replace(b"<lmtp-1@", b"<apart@"))
+    tokens = wait_until(lambda: (t := saved_tokens(dv, "<apart@example.org>")) and len(t) == 2 and t,
+                        what="both deliveries")
+    a, d = tokens["alice@example.test"], tokens["dave@example.test"]
+    # the second transaction of the same LMTP session: the connection was reused
+    assert d == a[:-1] + ":T2>", tokens
+    for r in rcpts:
+        assert two.wait_log(f"{qid}: to=<{r}>, relay=127.0.0.1[127.0.0.1]:{dv.lmtp_port}, ")
+
+
 def test_dovecot_down_defers_then_delivers(relay_factory, dovecot):
     relay = relay_factory(RETRY + f"virtual_transport = lmtp:inet:127.0.0.1:{dovecot.lmtp_port}\n"
                           "lmtp_lhlo_name = lmtp-client.example.test\n")
