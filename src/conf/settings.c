@@ -957,11 +957,7 @@ static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg
     long long lc = kt_config_get_int(cfg, NULL, "lmtp_destination_concurrency_limit");
     qs->lmtp_concurrency_limit = lc > 0 ? (unsigned)(lc > 10000 ? 10000 : lc) : qs->destination_concurrency_limit;
     long long lr = kt_config_get_int(cfg, NULL, "lmtp_destination_recipient_limit");
-    if (lr < 1) {
-        param_err(cfg, NULL, "lmtp_destination_recipient_limit", "lmtp_destination_recipient_limit must be at least 1");
-        errors++;
-    }
-    qs->lmtp_recipient_limit = lr > 0 ? (unsigned)(lr > 100000 ? 100000 : lr) : 1;
+    qs->lmtp_recipient_limit = lr > 0 ? (unsigned)(lr > 1000000 ? 1000000 : lr) : 0;   /* 0: no limit, as smtp's */
     return errors;
 }
 

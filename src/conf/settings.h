@@ -151,7 +151,7 @@ struct kt_qmgr_settings {
     const char *tlsrpt_organization_name, *tlsrpt_contact_info;
     struct kt_smtp_settings lmtp;    /* the LMTP client (Postfix lmtp(8)): lmtp_lhlo_name, lmtp_*_timeout */
     unsigned lmtp_concurrency_limit; /* lmtp_destination_concurrency_limit, > 0 */
-    unsigned lmtp_recipient_limit;   /* lmtp_destination_recipient_limit: recipients per transaction, > 0 */
+    unsigned lmtp_recipient_limit;   /* lmtp_destination_recipient_limit: recipients per transaction; 0 = none */
 };
 
 struct kt_runtime {
