@@ -586,11 +586,12 @@ static void job_results(struct kt_qmgr *q, struct job *j, int res, const char *d
         size_t i = marks[k].rcpt;
         if (marks[k].state == KT_QR_DONE) {
             log_sent(m, i, relay, texts[k]);
-            /* RFC 3461 5.2.2: a next hop without DSN cannot report success; ktrelay does ("relayed") */
+            /* RFC 3461 5.2.2: a next hop without DSN cannot report success; ktrelay does: "relayed", or
+             * "delivered" after LMTP, which is final delivery (as Postfix's lmtp) */
             if ((m->q->rcpts[i].notify & KT_QNOTIFY_SUCCESS) && !hop_dsn) {
                 ok_reasons[n_ok] = kt_asprintf("2.0.0 %s %s", relay, texts[k] ? texts[k] : "relayed");
                 ok[n_ok] = (struct kt_dsn_rcpt){ m->q->rcpts[i].addr, ok_reasons[n_ok], m->q->rcpts[i].orcpt,
-                                                 "relayed" };
+                                                 j->d && j->d->lmtp ? "delivered" : "relayed" };
                 n_ok++;
             }
         } else {

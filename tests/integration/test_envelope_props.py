@@ -360,3 +360,22 @@ def test_smtputf8_disabled(node, hops):
     qid = submit(n, "MAIL FROM:<jörg@example.test>", ["RCPT TO:<jörg@bare.test>"], UTF8_BODY)
     assert n.wait_log(rf"{qid}: to=<jörg@bare.test>, .*status=sent"), n.log()
     assert bare.mail_rcpt() == ["MAIL FROM:<jörg@example.test>", "RCPT TO:<jörg@bare.test>"]
+
+
+def test_success_notice_after_lmtp_is_delivered(tmp_path, hops):
+    """LMTP is final delivery: NOTIFY=SUCCESS to an LMTP server without DSN gets "delivered", not
+    "relayed" (Postfix's lmtp)."""
+    lmtp = hops(()).start()            # answers LHLO with one line: no extensions
+    cf = (RELAY_CF + "mynetworks = 127.0.0.0/8\n"
+          f"transport_maps = inline:{{ lmtp.test=lmtp:inet:[127.0.0.1]:{lmtp.port} }}\n")
+    n = Node(tmp_path / "node", cf).start()
+    try:
+        qid = submit(n, "MAIL FROM:<alice@example.test>", ["RCPT TO:<bob@lmtp.test> NOTIFY=SUCCESS"], ASCII_BODY)
+        assert n.wait_log(rf"{qid}: sender delivery status notification"), n.log()
+        assert lmtp.mail_rcpt() == ["MAIL FROM:<alice@example.test>", "RCPT TO:<bob@lmtp.test>"]
+        assert lmtp.commands[0].startswith("LHLO ")
+        ok, = wait_for(lambda: notices(n))
+        assert "Final-Recipient: rfc822; bob@lmtp.test\r\nOriginal-Recipient: rfc822;bob@lmtp.test\r\n" \
+               "Action: delivered\r\nStatus: 2.0.0\r\n" in ok
+    finally:
+        n.stop()
