@@ -20,6 +20,7 @@ static int check_enum_list(const struct kt_param_def *p, const char *value, char
 static int check_smtpd_tls_level(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_smtp_tls_level(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_lmtp_tls_level(const struct kt_param_def *p, const char *value, char *msg, size_t len);
+static int check_dns_support_level(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_grade(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_protocols(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_maps(const struct kt_param_def *p, const char *value, char *msg, size_t len);
@@ -192,6 +193,7 @@ static const struct kt_param_def params[] = {
     I(smtp_connection_reuse_count_limit, "0"),
     T(smtp_destination_rate_delay, "$default_destination_rate_delay", 's'),
     I(smtp_destination_recipient_limit, "$default_destination_recipient_limit"),
+    C(smtp_dns_support_level, "", check_dns_support_level),
     X(smtp_header_checks),
     S(smtp_helo_name, "$myhostname"),
     N(smtp_helo_timeout),
@@ -209,18 +211,22 @@ static const struct kt_param_def params[] = {
     X(smtp_tls_cert_file),
     G(smtp_tls_ciphers, "medium"),
     L(smtp_tls_exclude_ciphers, ""),
+    L(smtp_tls_fingerprint_cert_match, ""),
+    S(smtp_tls_fingerprint_digest, "sha256"),
     X(smtp_tls_key_file),
     I(smtp_tls_loglevel, "0"),
     G(smtp_tls_mandatory_ciphers, "medium"),
     L(smtp_tls_mandatory_exclude_ciphers, ""),
     P(smtp_tls_mandatory_protocols, ">=TLSv1"),
     N(smtp_tls_note_starttls_offer),
-    X(smtp_tls_policy_maps),
+    M(smtp_tls_policy_maps, ""),
     P(smtp_tls_protocols, ">=TLSv1"),
+    L(smtp_tls_secure_cert_match, "nexthop, dot-nexthop"),
     C(smtp_tls_security_level, "", check_smtp_tls_level),
     S(smtp_tls_servername, ""),
     N(smtp_tls_session_cache_database),
     N(smtp_tls_session_cache_timeout),
+    L(smtp_tls_verify_cert_match, "hostname"),
     N(smtpd_authorized_xclient_hosts),
     N(smtpd_authorized_xforward_hosts),
     S(smtpd_banner, "$myhostname ESMTP $mail_name"),
@@ -591,7 +597,8 @@ static int check_enum_list(const struct kt_param_def *p, const char *value, char
 /* Postfix's TLS security levels: the server takes none, may and encrypt; the
  * others exist only for the SMTP client. */
 static const char *const smtpd_levels[] = { "", "none", "may", "encrypt" };
-static const char *const smtp_levels[] = { "", "none", "may", "encrypt", "verify", "secure" };
+static const char *const smtp_levels[] = { "", "none", "may", "encrypt", "dane", "dane-only", "fingerprint", "verify",
+                                           "secure" };
 static const char *const client_only_levels[] = { "dane", "dane-only", "fingerprint", "verify", "secure" };
 
 static int check_level(const struct kt_param_def *p, const char *value, const char *const *ok, size_t n,
@@ -605,11 +612,6 @@ static int check_level(const struct kt_param_def *p, const char *value, const ch
                  "(smtp_tls_security_level); the server takes none, may or encrypt", value, p->name, value);
         return -EINVAL;
     }
-    if (client_only) {
-        snprintf(msg, len, "bad value \"%s\" for %s: ktrelay does not implement the %s level; it takes none, may, "
-                 "encrypt, verify or secure", value, p->name, value);
-        return -EINVAL;
-    }
     return bad_choice(p->name, value, strlen(value), ok + 1, n - 1, msg, len);
 }
 
@@ -620,7 +622,16 @@ static int check_smtpd_tls_level(const struct kt_param_def *p, const char *value
 
 static int check_smtp_tls_level(const struct kt_param_def *p, const char *value, char *msg, size_t len)
 {
-    return check_level(p, value, smtp_levels, 6, msg, len);
+    return check_level(p, value, smtp_levels, 9, msg, len);
+}
+
+/* smtp_dns_support_level: Postfix's values; empty means enabled. */
+static int check_dns_support_level(const struct kt_param_def *p, const char *value, char *msg, size_t len)
+{
+    static const char *const levels[] = { "", "disabled", "enabled", "dnssec" };
+    if (in_choices(value, strlen(value), levels, 4))
+        return 0;
+    return bad_choice(p->name, value, strlen(value), levels + 1, 3, msg, len);
 }
 
 /* The LMTP client speaks plaintext only (a local socket or a trusted network, as Dovecot's LMTP is

@@ -17,6 +17,7 @@
 #include "core/alloc.h"
 #include "queue/smtp_client.h"
 #include "queue/smtp_sasl.h"
+#include "queue/tls_policy.h"
 #include "conf/config.h"
 #include "tls/ktls.h"
 #include "metrics/metrics.h"
@@ -43,6 +44,7 @@ struct runtime_private {
     SSL_CTX *smtp_ssl_ctx;            /* pub.qmgr.smtp.ssl_ctx */
     struct kt_maps *smtp_sasl_maps;   /* pub.qmgr.smtp.sasl_password_maps */
     struct sockaddr_storage *own_addrs;  /* pub.qmgr.own_addrs */
+    struct kt_tls_policy_set *tls_policy;   /* pub.qmgr.smtp.tls_policy */
     struct shared_obj *objs;
     size_t n_objs;
 };
@@ -789,7 +791,7 @@ static int own_list(struct runtime_private *rp, const struct kt_config *cfg, con
     return errors;
 }
 
-/* The outbound client: smtp_* parameters of main.cf (Postfix smtp(8)). */
+/* The outbound client: smtp_* parameters of main.cf (Postfix smtp(8)), with smtp_tls_policy_maps. */
 static int smtp_settings(struct runtime_private *rp, const struct kt_config *cfg, struct kt_smtp_settings *sm)
 {
     char err[512];
@@ -806,15 +808,57 @@ static int smtp_settings(struct runtime_private *rp, const struct kt_config *cfg
     sm->data_done_timeout_s = sm->command_timeout_s;
     if (level < 0) {
         param_err(cfg, NULL, "smtp_tls_security_level",
-                  "unsupported smtp_tls_security_level \"%s\" (none, may, encrypt, verify, secure)", level_name);
+                  "unsupported smtp_tls_security_level \"%s\" (none, may, encrypt, dane, dane-only, fingerprint, "
+                  "verify, secure)", level_name);
         return 1;
     }
     sm->tls_level = level;
+    const char *dns_level = get(cfg, NULL, "smtp_dns_support_level");
+    sm->dns_support_level = !strcasecmp(dns_level, "dnssec")     ? KT_SMTP_DNS_DNSSEC
+                            : !strcasecmp(dns_level, "disabled") ? KT_SMTP_DNS_DISABLED
+                                                                 : KT_SMTP_DNS_ENABLED;
+    struct kt_tls_policy_defaults def = {
+        .security_level = level_name,
+        .verify_cert_match = get(cfg, NULL, "smtp_tls_verify_cert_match"),
+        .secure_cert_match = get(cfg, NULL, "smtp_tls_secure_cert_match"),
+        .fingerprint_cert_match = get(cfg, NULL, "smtp_tls_fingerprint_cert_match"),
+        .protocols = get(cfg, NULL, "smtp_tls_protocols"),
+        .mandatory_protocols = get(cfg, NULL, "smtp_tls_mandatory_protocols"),
+        .ciphers = get(cfg, NULL, "smtp_tls_ciphers"),
+        .mandatory_ciphers = get(cfg, NULL, "smtp_tls_mandatory_ciphers"),
+        .exclude_ciphers = get(cfg, NULL, "smtp_tls_exclude_ciphers"),
+        .mandatory_exclude_ciphers = get(cfg, NULL, "smtp_tls_mandatory_exclude_ciphers"),
+        .servername = sm->tls_servername,
+        .fingerprint_digest = get(cfg, NULL, "smtp_tls_fingerprint_digest"),
+        .high_cipherlist = get(cfg, NULL, "tls_high_cipherlist"),
+        .medium_cipherlist = get(cfg, NULL, "tls_medium_cipherlist"),
+        .low_cipherlist = get(cfg, NULL, "tls_low_cipherlist"),
+    };
+    struct kt_maps *maps = NULL;
+    const char *pm = get(cfg, NULL, "smtp_tls_policy_maps");
+    if (*pm && kt_maps_open(pm, KT_TABLE_MAP, &maps, err, sizeof(err)) < 0) {
+        param_err(cfg, NULL, "smtp_tls_policy_maps", "smtp_tls_policy_maps: %s", err);
+        return 1;
+    }
+    if (kt_tls_policy_set_new(&def, maps, &rp->tls_policy, err, sizeof(err)) < 0) {
+        kt_maps_free(maps);
+        const char *about = !strncmp(err, "entry ", 6)                    ? "smtp_tls_policy_maps"
+                            : !strncmp(err, "smtp_tls_fingerprint_digest", 27) ? "smtp_tls_fingerprint_digest"
+                                                                           : "smtp_tls_security_level";
+        param_err(cfg, NULL, about, "%s: %s", about, err);
+        return 1;
+    }
+    sm->tls_policy = rp->tls_policy;
+    if (kt_tls_policy_set_uses_dane(rp->tls_policy) && sm->dns_support_level != KT_SMTP_DNS_DNSSEC)
+        kt_warn("smtp_tls_security_level or smtp_tls_policy_maps uses dane, but smtp_dns_support_level is not "
+                "dnssec: dane is used as may, and dane-only defers");
     /* MTA-STS raises the level per destination: the client context must exist whatever the default */
     int sts = kt_config_get_bool(cfg, NULL, "ktrelay_mta_sts_enable") == 1;
-    if (level == KT_SMTP_TLS_NONE && !sts)
+    if (!kt_tls_policy_set_uses_tls(rp->tls_policy) && !sts)
         return 0;
-    int mandatory = level >= KT_SMTP_TLS_ENCRYPT;
+    /* The context carries what every policy shares (trust anchors, kTLS); each connection sets its
+     * policy's protocols and ciphers (kt_tls_policy_openssl) on its own SSL. */
+    int mandatory = kt_tls_level_mandatory(level);
     struct kt_tls_client_params p = {
         .CAfile = get(cfg, NULL, "smtp_tls_CAfile"),
         .CApath = get(cfg, NULL, "smtp_tls_CApath"),
@@ -983,6 +1027,7 @@ static void runtime_free(struct runtime_private *rp)
     kt_maps_free(rp->smtp_sasl_maps);
     kt_free(rp->own_addrs);
     SSL_CTX_free(rp->smtp_ssl_ctx);
+    kt_tls_policy_set_free(rp->tls_policy);
     kt_free(rp->pub.services);
     kt_config_free(rp->pub.cfg);
     kt_free(rp);

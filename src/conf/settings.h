@@ -93,6 +93,11 @@ struct kt_smtpd_settings {
     int checks_need_queue;           /* some check can HOLD, REDIRECT or FILTER: every message is queued */
 };
 
+/* smtp_dns_support_level ("" is enabled). */
+enum { KT_SMTP_DNS_ENABLED, KT_SMTP_DNS_DISABLED, KT_SMTP_DNS_DNSSEC };
+
+struct kt_tls_policy_set;
+
 /* Outbound SMTP client (Postfix smtp(8) parameters, main.cf only). */
 struct kt_smtp_settings {
     const char *helo_name;           /* smtp_helo_name, expanded */
@@ -100,6 +105,8 @@ struct kt_smtp_settings {
     int tls_loglevel;                /* smtp_tls_loglevel */
     SSL_CTX *ssl_ctx;                /* client context, owned by the runtime; NULL at level none */
     const char *tls_servername;      /* smtp_tls_servername: "", "hostname", "nexthop" or a fixed name */
+    struct kt_tls_policy_set *tls_policy;   /* smtp_tls_policy_maps over the smtp_tls_* defaults; owned by the runtime */
+    int dns_support_level;           /* smtp_dns_support_level: KT_SMTP_DNS_* */
     long long connect_timeout_s;     /* smtp_connect_timeout */
     long long command_timeout_s;     /* per reply; 300 s, Postfix's smtp_*_timeout defaults */
     /* AUTH towards the next hop (Postfix smtp(8) SASL) */

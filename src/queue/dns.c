@@ -9,7 +9,11 @@
  * A lookup with MX queries MX first: exchangers sorted by preference, then
  * A/AAAA for all of them in parallel; no MX records means the domain itself
  * (RFC 5321 5.1); a null MX (RFC 7505) fails permanently. The user callback
- * runs exactly once per lookup. */
+ * runs exactly once per lookup.
+ *
+ * The DNSSEC variant (for DANE) sends its own queries with the AD bit set
+ * through ares_send, A and AAAA separately, and keeps the AD bit of every
+ * answer: an address is validated when its answers and the MX answer were. */
 #include <arpa/inet.h>
 #include <ares.h>
 #include <errno.h>
@@ -51,6 +55,8 @@ struct exch {
     int status;
     struct kt_smtp_addr *addrs;
     size_t n;
+    int ad_pending;                /* dnssec: A and AAAA answers still to come */
+    int authenticated;             /* dnssec: every answer so far had AD */
 };
 
 struct req {
@@ -62,6 +68,8 @@ struct req {
     unsigned pending;
     struct exch *ex;
     size_t n_ex;
+    int dnssec;                    /* AD-bit queries (kt_dns_lookup_dnssec) */
+    int mx_authenticated;          /* dnssec: the MX answer had AD (1 when there was no MX query) */
 };
 
 static pthread_once_t lib_once = PTHREAD_ONCE_INIT;
@@ -190,8 +198,11 @@ static void req_finish(struct req *r)
     const char *failed = r->n_ex ? r->ex[0].name : r->host;
     for (size_t i = 0; i < r->n_ex; i++) {
         struct exch *e = &r->ex[i];
-        for (size_t k = 0; k < e->n && n < MAX_ADDRS; k++)
-            all[n++] = e->addrs[k];
+        for (size_t k = 0; k < e->n && n < MAX_ADDRS; k++) {
+            all[n] = e->addrs[k];
+            all[n].dnssec = r->dnssec && e->authenticated;
+            all[n++].mx_dnssec = r->dnssec && r->mx_authenticated;
+        }
         if (e->status == ARES_EDESTRUCTION || e->status == ARES_ECANCELLED) {
             status = e->status;
             n = 0;
@@ -208,6 +219,28 @@ static void req_finish(struct req *r)
     }
     r->cb(r->arg, 0, all, n, NULL, NULL);
     req_free(r);
+}
+
+static void exch_add_addr(struct exch *e, int family, const void *ip)
+{
+    struct req *r = e->r;
+    e->addrs = kt_realloc(e->addrs, (e->n + 1) * sizeof(*e->addrs));
+    struct kt_smtp_addr *a = &e->addrs[e->n++];
+    memset(a, 0, sizeof(*a));
+    if (family == AF_INET) {
+        struct sockaddr_in *in4 = (struct sockaddr_in *)&a->ss;
+        in4->sin_family = AF_INET;
+        in4->sin_port = htons((unsigned short)r->port);
+        memcpy(&in4->sin_addr, ip, 4);
+        a->len = sizeof(*in4);
+    } else {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&a->ss;
+        in6->sin6_family = AF_INET6;
+        in6->sin6_port = htons((unsigned short)r->port);
+        memcpy(&in6->sin6_addr, ip, 16);
+        a->len = sizeof(*in6);
+    }
+    snprintf(a->host, sizeof(a->host), "%s", e->name);
 }
 
 static void addr_done(void *arg, int status, int timeouts, struct ares_addrinfo *res)
@@ -239,6 +272,13 @@ static void addr_done(void *arg, int status, int timeouts, struct ares_addrinfo 
         req_finish(r);
 }
 
+static void ad_addr_done(void *arg, int status, const unsigned char *abuf, int alen, int authenticated);
+
+struct ad_addr_q {
+    struct exch *e;
+    int type;
+};
+
 static void resolve_exchangers(struct req *r)
 {
     struct ares_addrinfo_hints hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM };
@@ -247,9 +287,58 @@ static void resolve_exchangers(struct req *r)
     r->pending++;
     for (size_t i = 0; i < r->n_ex; i++) {
         r->ex[i].r = r;
+        if (r->dnssec) {
+            r->ex[i].ad_pending = 2;
+            r->ex[i].authenticated = 1;
+            r->ex[i].status = ARES_ENODATA;
+            for (int t = 0; t < 2; t++) {
+                struct ad_addr_q *aq = kt_calloc(1, sizeof(*aq));
+                aq->e = &r->ex[i];
+                aq->type = t == 0 ? 1 /* A */ : 28 /* AAAA */;
+                kt_dns_query_ad(r->d, r->ex[i].name, aq->type, ad_addr_done, aq);
+            }
+            continue;
+        }
         ares_getaddrinfo(r->d->ch, r->ex[i].name, NULL, &hints, addr_done, &r->ex[i]);
     }
     if (--r->pending == 0)
+        req_finish(r);
+}
+
+/* One of the A/AAAA answers of an exchanger in DNSSEC mode. */
+static void ad_addr_done(void *arg, int status, const unsigned char *abuf, int alen, int authenticated)
+{
+    struct ad_addr_q *aq = arg;
+    struct exch *e = aq->e;
+    struct req *r = e->r;
+    if (status == ARES_SUCCESS) {
+        if (aq->type == 1) {
+            struct ares_addrttl ttls[MAX_ADDRS];
+            int n = MAX_ADDRS;
+            status = ares_parse_a_reply(abuf, alen, NULL, ttls, &n);
+            for (int i = 0; status == ARES_SUCCESS && i < n; i++)
+                exch_add_addr(e, AF_INET, &ttls[i].ipaddr);
+        } else {
+            struct ares_addr6ttl ttls[MAX_ADDRS];
+            int n = MAX_ADDRS;
+            status = ares_parse_aaaa_reply(abuf, alen, NULL, ttls, &n);
+            for (int i = 0; status == ARES_SUCCESS && i < n; i++)
+                exch_add_addr(e, AF_INET6, &ttls[i].ip6addr);
+        }
+    }
+    if (status == ARES_SUCCESS || status == ARES_ENODATA || status == ARES_ENOTFOUND)
+        e->authenticated &= authenticated;
+    else
+        e->authenticated = 0;
+    /* the exchanger's status: success if either family gave an address, else a temporary failure if
+     * either had one, else NXDOMAIN or no data */
+    if (status == ARES_SUCCESS && e->n > 0)
+        e->status = ARES_SUCCESS;
+    else if (e->status != ARES_SUCCESS && status != ARES_SUCCESS && status != ARES_ENODATA
+             && (temporary(status) || e->status == ARES_ENODATA))
+        e->status = status;
+    kt_free(aq);
+    if (--e->ad_pending == 0 && --r->pending == 0)
         req_finish(r);
 }
 
@@ -263,6 +352,15 @@ static int by_pref(const void *a, const void *b)
 {
     const struct exch *x = a, *y = b;
     return (x->pref > y->pref) - (x->pref < y->pref);
+}
+
+static void mx_done(void *arg, int status, int timeouts, unsigned char *abuf, int alen);
+
+static void mx_ad_done(void *arg, int status, const unsigned char *abuf, int alen, int authenticated)
+{
+    struct req *r = arg;
+    r->mx_authenticated = authenticated;
+    mx_done(r, status, 0, (unsigned char *)abuf, alen);
 }
 
 static void mx_done(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
@@ -331,7 +429,7 @@ static int literal(const char *host, int port, struct kt_smtp_addr *a)
     return 1;
 }
 
-void kt_dns_lookup(struct kt_dns *d, const char *host, int port, int mx, kt_dns_cb cb, void *arg)
+static void lookup(struct kt_dns *d, const char *host, int port, int mx, int dnssec, kt_dns_cb cb, void *arg)
 {
     struct kt_smtp_addr a;
     if (literal(host, port, &a)) {
@@ -348,16 +446,30 @@ void kt_dns_lookup(struct kt_dns *d, const char *host, int port, int mx, kt_dns_
     r->arg = arg;
     r->host = kt_strdup(host);
     r->port = port;
+    r->dnssec = dnssec;
+    r->mx_authenticated = 1;
     size_t len = strlen(r->host);
     if (len > 1 && r->host[len - 1] == '.')
         r->host[len - 1] = '\0';
-    if (mx) {
+    if (mx && dnssec) {
+        kt_dns_query_ad(d, r->host, 15 /* T_MX */, mx_ad_done, r);
+    } else if (mx) {
         ares_query(d->ch, r->host, 1 /* C_IN */, 15 /* T_MX */, mx_done, r);
     } else {
         add_exchanger(r, r->host, 0);
         resolve_exchangers(r);
     }
     sync_watches(d);
+}
+
+void kt_dns_lookup(struct kt_dns *d, const char *host, int port, int mx, kt_dns_cb cb, void *arg)
+{
+    lookup(d, host, port, mx, 0, cb, arg);
+}
+
+void kt_dns_lookup_dnssec(struct kt_dns *d, const char *host, int port, int mx, kt_dns_cb cb, void *arg)
+{
+    lookup(d, host, port, mx, 1, cb, arg);
 }
 
 struct raw_req {
@@ -383,6 +495,57 @@ void kt_dns_query(struct kt_dns *d, const char *name, int type, kt_dns_raw_cb cb
     q->cb = cb;
     q->arg = arg;
     ares_query(d->ch, name, 1 /* C_IN */, type, raw_done, q);
+    sync_watches(d);
+}
+
+struct ad_req {
+    kt_dns_ad_cb cb;
+    void *arg;
+};
+
+/* ares_send's answer: the status as ares_query would give it (rcode and answer count), and the AD bit. */
+static void ad_done(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
+{
+    struct ad_req *q = arg;
+    int authenticated = 0;
+    (void)timeouts;
+    if (status == ARES_SUCCESS) {
+        if (!abuf || alen < 12) {
+            status = ARES_EBADRESP;
+        } else {
+            int rcode = abuf[3] & 0x0f, ancount = abuf[6] << 8 | abuf[7];
+            authenticated = (abuf[3] & 0x20) != 0;
+            status = rcode == 0 ? (ancount > 0 ? ARES_SUCCESS : ARES_ENODATA)
+                   : rcode == 3 ? ARES_ENOTFOUND
+                   : rcode == 2 ? ARES_ESERVFAIL
+                   : rcode == 5 ? ARES_EREFUSED
+                   : ARES_EBADRESP;
+        }
+    }
+    q->cb(q->arg, status, abuf, abuf ? alen : 0, authenticated);
+    kt_free(q);
+}
+
+void kt_dns_query_ad(struct kt_dns *d, const char *name, int type, kt_dns_ad_cb cb, void *arg)
+{
+    unsigned char *qbuf = NULL;
+    int qlen = 0;
+    if (!d || !d->have_ch) {
+        cb(arg, ARES_EDESTRUCTION, NULL, 0, 0);
+        return;
+    }
+    if (ares_create_query(name, 1 /* C_IN */, type, 0, 1, &qbuf, &qlen, 0) != ARES_SUCCESS || qlen < 12) {
+        if (qbuf)
+            ares_free_string(qbuf);
+        cb(arg, ARES_EBADNAME, NULL, 0, 0);
+        return;
+    }
+    qbuf[3] |= 0x20;               /* AD: "tell me whether you validated it" (RFC 6840 5.7) */
+    struct ad_req *q = kt_calloc(1, sizeof(*q));
+    q->cb = cb;
+    q->arg = arg;
+    ares_send(d->ch, qbuf, qlen, ad_done, q);
+    ares_free_string(qbuf);
     sync_watches(d);
 }
 

@@ -63,6 +63,7 @@
 #include "queue/bounce.h"
 #include "conf/config.h"
 #include "core/dirsync.h"
+#include "queue/dane.h"
 #include "queue/dns.h"
 #include "delivery/header_scan.h"
 #include "metrics/metrics.h"
@@ -77,6 +78,7 @@
 #include "queue/smtp_client.h"
 #include "queue/smtp_sasl.h"
 #include "delivery/transport.h"
+#include "queue/tls_policy.h"
 #include "core/table.h"
 #include "queue/tlsrpt.h"
 #include "tls/tls.h"
@@ -141,6 +143,8 @@ struct dest {
     /* MTA-STS (RFC 8461): the policy found at the last address lookup */
     int has_sts;                   /* sts holds a policy of mode testing or enforce */
     struct kt_sts_policy sts;
+    struct kt_dane_set *dane;      /* TLSA records of its hosts, when its policy is dane or dane-only */
+    int addrs_dnssec;              /* addrs were looked up with DNSSEC (AD) for DANE */
     struct job *local_job;         /* local: the job being delivered */
     long long resume_ms;           /* smtp_destination_rate_delay: no delivery starts before (mono_ms) */
     struct dest *next;
@@ -940,10 +944,53 @@ static void conn_ready(void *arg, int res, const char *reason)
     conn_run_next(cn);
 }
 
+/* The next hop as smtp_tls_policy_maps keys it: as written in the destination ("[host]:port", "domain"). */
+static const char *dest_nexthop(const struct dest *d)
+{
+    return strchr(d->key, ':') + 1;      /* after "smtp:" */
+}
+
+/* The destination's TLS policy; dane and dane-only need DNSSEC lookups (smtp_dns_support_level = dnssec),
+ * without which dane is may (Postfix warns and downgrades) and dane-only stays, to defer. */
+static void dest_policy(const struct dest *d, struct kt_tls_policy *pol)
+{
+    const struct kt_smtp_settings *sm = &d->q->set->smtp;
+    /* LMTP has no TLS in ktrelay (lmtp_tls_security_level takes only none) */
+    kt_tls_policy_lookup(d->lmtp ? NULL : sm->tls_policy, dest_nexthop(d), pol);
+    if (pol->level == KT_SMTP_TLS_DANE && sm->dns_support_level != KT_SMTP_DNS_DNSSEC)
+        pol->level = KT_SMTP_TLS_MAY;
+}
+
+static int dest_wants_dane(const struct dest *d)
+{
+    struct kt_tls_policy pol;
+    if (!kt_tls_policy_set_uses_dane(d->q->set->smtp.tls_policy)
+        || d->q->set->smtp.dns_support_level != KT_SMTP_DNS_DNSSEC)
+        return 0;
+    dest_policy(d, &pol);
+    return pol.level == KT_SMTP_TLS_DANE || pol.level == KT_SMTP_TLS_DANE_ONLY;
+}
+
+/* Whether the destination's MTA-STS policy applies on top of its TLS policy. An smtp_tls_policy_maps
+ * entry for the next hop wins, as the static table does when Postfix lists it before an MTA-STS
+ * resolver; and DANE wins where it has usable TLSA records (RFC 8461 2). */
+static int sts_applies(const struct dest *d, const struct kt_tls_policy *pol)
+{
+    if (!strcmp(pol->source, "smtp_tls_policy_maps"))
+        return 0;
+    if ((pol->level == KT_SMTP_TLS_DANE || pol->level == KT_SMTP_TLS_DANE_ONLY) && d->dane)
+        for (size_t i = 0; i < d->dane->n; i++)
+            if (d->dane->hosts[i].state == KT_DANE_USABLE)
+                return 0;
+    return 1;
+}
+
 static void conn_open(struct dest *d)
 {
     struct kt_qmgr *q = d->q;
     struct conn *cn = kt_calloc(1, sizeof(*cn));
+    struct kt_tls_policy pol;
+    char *cipherlist = NULL;
     cn->d = d;
     cn->next = d->conns;
     d->conns = cn;
@@ -951,33 +998,34 @@ static void conn_open(struct dest *d)
     d->n_unassigned++;
     const struct kt_smtp_settings *sm = d->lmtp ? &q->set->lmtp : &q->set->smtp;
     cn->rt = kt_runtime_ref(q->rt);
+    dest_policy(d, &pol);
     struct kt_smtp_params p = {
         .helo_name = sm->helo_name,
-        .tls_level = (enum kt_smtp_tls)sm->tls_level,
+        .tls_level = (enum kt_smtp_tls)pol.level,
         .ssl_ctx = sm->ssl_ctx,
+        .sni = pol.servername[0] ? pol.servername : NULL,
+        .nexthop_domain = d->host,
+        .match = pol.match,
+        .fingerprint_digest = pol.fingerprint_digest,
+        .dane = d->dane,
         .tls_loglevel = sm->tls_loglevel,
         .connect_timeout_s = sm->connect_timeout_s,
         .command_timeout_s = sm->command_timeout_s,
         .data_done_timeout_s = sm->data_done_timeout_s,
         .lmtp = d->lmtp,
     };
-    char *sni = NULL;
-    if (sm->tls_servername[0]) {
-        if (!strcmp(sm->tls_servername, "hostname") || !strcmp(sm->tls_servername, "nexthop"))
-            sni = kt_strdup(d->host);
-        else
-            sni = kt_strdup(sm->tls_servername);
-    }
-    p.sni = sni;
-    p.verify_name = sni ? sni : d->host;
-    if (d->has_sts) {
+    if (d->has_sts && sts_applies(d, &pol)) {
         /* RFC 8461 4.2: enforce needs TLS with a certificate valid for the MX host name; testing checks
          * the same and only reports what failed */
         p.verify_mx_name = 1;
-        if (d->sts.mode == KT_STS_MODE_ENFORCE && p.tls_level < KT_SMTP_TLS_SECURE)
+        if (d->sts.mode == KT_STS_MODE_ENFORCE && (p.tls_level == KT_SMTP_TLS_NONE || p.tls_level == KT_SMTP_TLS_MAY
+                                                   || p.tls_level == KT_SMTP_TLS_ENCRYPT
+                                                   || p.tls_level == KT_SMTP_TLS_VERIFY
+                                                   || p.tls_level == KT_SMTP_TLS_DANE))
             p.tls_level = KT_SMTP_TLS_SECURE;
-        else if (p.tls_level < KT_SMTP_TLS_MAY)
+        else if (p.tls_level == KT_SMTP_TLS_NONE)
             p.tls_level = KT_SMTP_TLS_MAY;
+        pol.level = p.tls_level;
     }
     /* Postfix's smtp_randomize_addresses: hosts of equal MX preference in random order, per connection */
     struct kt_smtp_addr *addrs = kt_calloc(d->n_addrs, sizeof(*addrs));
@@ -1012,13 +1060,27 @@ static void conn_open(struct dest *d)
     /* Postfix detects loops only for port 25 (other ports are content filters and the like) */
     p.loop_myhostname = d->port == 25 && !d->lmtp ? q->set->myhostname : NULL;
     p.nexthop = strchr(d->key, ':') + 1;    /* as written: "[host]:port", "domain" */
+    if (pol.level != KT_SMTP_TLS_NONE
+        && kt_tls_policy_openssl(sm->tls_policy, &pol, &p.min_version, &p.max_version, &p.no_mask, &cipherlist) == 0)
+        p.cipherlist = cipherlist;
     cn->c = kt_smtp_connect(&q->loop, &p, addrs, d->n_addrs, conn_ready, cn);
     if (pass)
         explicit_bzero(pass, strlen(pass));
     kt_free(user);
     kt_free(pass);
     kt_free(addrs);
-    kt_free(sni);
+    kt_free(cipherlist);
+}
+
+static void dane_resolved(void *arg, struct kt_dane_set *set)
+{
+    struct dest *d = arg;
+    d->resolving = 0;
+    if (!set)
+        return;                    /* stopping */
+    kt_dane_set_free(d->dane);
+    d->dane = set;
+    dest_kick(d);
 }
 
 /* 1 when sa is one of this host's addresses (inet_interfaces, proxy_interfaces). */
@@ -1102,10 +1164,30 @@ static void resolved(void *arg, int res, const struct kt_smtp_addr *addrs, size_
     d->addrs = use;
     d->n_addrs = n_use;
     d->addrs_expire = qmgr_now() + 300;
+    if (d->addrs_dnssec) {
+        /* RFC 7672: the TLSA records of every validated host before the first connection */
+        d->resolving = 1;
+        kt_dane_resolve(d->q->dns, d->addrs, d->n_addrs, d->port, dane_resolved, d);
+        return;
+    }
+    kt_dane_set_free(d->dane);
+    d->dane = NULL;
     dest_kick(d);
 }
 
 /* The destination's MTA-STS policy is known: keep it, then look its addresses up. */
+/* The next hop's addresses: MX records unless smtp_dns_support_level = disabled, with DNSSEC (AD-bit)
+ * queries when its policy is dane or dane-only (d->addrs_dnssec). */
+static void dns_lookup(struct dest *d)
+{
+    struct kt_qmgr *q = d->q;
+    int mx = d->mx && q->set->smtp.dns_support_level != KT_SMTP_DNS_DISABLED;
+    if (d->addrs_dnssec)
+        kt_dns_lookup_dnssec(q->dns, d->host, d->port, mx, resolved, d);
+    else
+        kt_dns_lookup(q->dns, d->host, d->port, mx, resolved, d);
+}
+
 static void sts_known(void *arg, const struct kt_sts_policy *policy, const char *failure)
 {
     struct dest *d = arg;
@@ -1120,7 +1202,7 @@ static void sts_known(void *arg, const struct kt_sts_policy *policy, const char 
         d->resolving = 0;
         return;
     }
-    kt_dns_lookup(q->dns, d->host, d->port, d->mx, resolved, d);
+    dns_lookup(d);
 }
 
 /* An LMTP server on a unix-domain socket needs no lookup: its one address is the path (relative paths
@@ -1159,19 +1241,21 @@ static void dest_kick(struct dest *d)
         return;
     if (d->unix_path && !d->addrs)
         dest_unix_addr(d);
-    if (!d->addrs || qmgr_now() >= d->addrs_expire) {
+    int dane = dest_wants_dane(d);
+    if (!d->addrs || qmgr_now() >= d->addrs_expire || dane != d->addrs_dnssec) {
         if (!d->resolving && d->n_conns == 0) {
             d->resolving = 1;
+            d->addrs_dnssec = dane;
             /* MTA-STS applies to a next-hop domain found through MX records (RFC 8461 4) */
             if (q->sts && q->set->mta_sts_enable && d->mx) {
                 kt_sts_lookup(q->sts, d->host, qmgr_now(), sts_known, d);
             } else {
                 kt_sts_policy_clear(&d->sts);
                 d->has_sts = 0;
-                kt_dns_lookup(q->dns, d->host, d->port, d->mx, resolved, d);
+                dns_lookup(d);
             }
         }
-        if (!d->addrs)
+        if (!d->addrs || (d->addrs_dnssec && (d->resolving || !d->dane)))
             return;
     }
     long long rate = dest_client(d)->rate_delay_s;
@@ -2219,6 +2303,7 @@ static void qmgr_free(struct kt_qmgr *q)
         kt_free(d->unix_path);
         kt_free(d->addrs);
         kt_sts_policy_clear(&d->sts);
+        kt_dane_set_free(d->dane);
         kt_free(d);
     }
     kt_free(q->htab);

@@ -33,6 +33,8 @@
 #include "queue/queue.h"
 #include "queue/smtp_client.h"
 #include "tls/conn.h"
+#include "tls/dane.h"
+#include "tls/tls.h"
 
 #define MAX_REPLY 8192
 #define BODY_BLOCK (32 * 1024)
@@ -46,10 +48,16 @@ enum state {
 struct kt_smtp_conn {
     struct kt_loop *loop;
     struct kt_smtp_params p;
-    char *sni, *verify_name;          /* own copies behind p.sni, p.verify_name */
+    char *sni;                     /* own copy behind p.sni */
     char *sasl_username, *sasl_password, *loop_myhostname, *nexthop;   /* own copies, as above */
     int plain_retry;               /* the may handshake failed: this connection goes on without TLS */
     char dsn[16];                  /* enhanced status code of our own session failure, "" if none */
+    char *nexthop_domain, *match, *fp_digest, *cipherlist;   /* own copies behind p's strings */
+    struct kt_dane_set *dane;      /* own copy behind p.dane */
+    int level;                     /* the current address's level: the policy's, or DANE's verdict */
+    const struct kt_dane_host *dane_host;   /* the current address's TLSA records (level dane) */
+    int match_names;               /* verify/secure: names asked of the certificate */
+    char skipped[1024];            /* why the last address not tried was skipped (dane-only, TLSA errors) */
     struct kt_smtp_addr *addrs;
     size_t n_addrs, cur_addr;
     struct kt_conn *conn;          /* the current address's connection */
@@ -113,13 +121,7 @@ unsigned long kt_smtp_sendfile_count(void)
 
 int kt_smtp_tls_level_parse(const char *s)
 {
-    static const char *const names[] = { "none", "may", "encrypt", "verify", "secure" };
-    if (!s || !*s)
-        return KT_SMTP_TLS_NONE;
-    for (int i = 0; i < 5; i++)
-        if (!strcasecmp(s, names[i]))
-            return i;
-    return -1;
+    return kt_tls_level_parse(s);
 }
 
 const char *kt_smtp_dsn(const struct kt_smtp_conn *c)
@@ -169,13 +171,17 @@ static void conn_free_if_idle(struct kt_smtp_conn *c)
     kt_free(c->mail_text);
     kt_free(c->addrs);
     kt_free(c->sni);
-    kt_free(c->verify_name);
     if (c->sasl_password)
         explicit_bzero(c->sasl_password, strlen(c->sasl_password));
     kt_free(c->sasl_password);
     kt_free(c->sasl_username);
     kt_free(c->loop_myhostname);
     kt_free(c->nexthop);
+    kt_free(c->nexthop_domain);
+    kt_free(c->match);
+    kt_free(c->fp_digest);
+    kt_free(c->cipherlist);
+    kt_dane_set_free(c->dane);
     kt_free(c);
     __atomic_sub_fetch(&live_count, 1, __ATOMIC_RELAXED);
     kt_metric_add(KT_M_CONN_SMTP, -1);
@@ -201,8 +207,16 @@ static void report(struct kt_smtp_conn *c, int res, const char *reason)
         cb(c->arg, res, reason);
 }
 
-/* The connection is unusable: tell the owner (who will close it). */
 static void conn_fail(struct kt_smtp_conn *c, int res, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* A failure with its own enhanced status code (TLS policy: 4.7.4, 4.7.5). */
+#define conn_fail_dsn(c, dsn_, res, ...) \
+    do { \
+        snprintf((c)->dsn, sizeof((c)->dsn), "%s", (dsn_)); \
+        conn_fail((c), (res), __VA_ARGS__); \
+    } while (0)
+
+/* The connection is unusable: tell the owner (who will close it). */
 static void conn_fail(struct kt_smtp_conn *c, int res, const char *fmt, ...)
 {
     char reason[1024];
@@ -225,6 +239,47 @@ static void conn_fail(struct kt_smtp_conn *c, int res, const char *fmt, ...)
 
 static void on_conn_event(void *arg, enum kt_conn_event ev, int res);
 
+/* The TLS level for address a: the policy's, or for dane and dane-only what the host's TLSA records
+ * allow (tls/dane.h, Postfix's fallbacks). -1 when the address must not be used (dane-only without
+ * DANE, a TLSA lookup error), with the reason in c->skipped. */
+static int address_level(struct kt_smtp_conn *c, const struct kt_smtp_addr *a, int port)
+{
+    int dane_only = c->p.tls_level == KT_SMTP_TLS_DANE_ONLY;
+    c->dane_host = NULL;
+    c->level = c->p.tls_level;
+    if (c->p.tls_level != KT_SMTP_TLS_DANE && !dane_only)
+        return 0;
+    const struct kt_dane_host *h = c->dane ? kt_dane_set_find(c->dane, a->host) : NULL;
+    enum kt_dane_state st = h && a->dnssec ? h->state : KT_DANE_INSECURE;
+    switch (st) {
+    case KT_DANE_USABLE:
+        c->dane_host = h;
+        return 0;
+    case KT_DANE_ERROR:
+        snprintf(c->skipped, sizeof(c->skipped), "TLSA lookup error for %s:%d", a->host, port);
+        kt_info_as("smtp", "warning: %s", c->skipped);
+        return -1;
+    case KT_DANE_UNUSABLE:
+        if (!dane_only) {
+            c->level = KT_SMTP_TLS_ENCRYPT;
+            return 0;
+        }
+        break;
+    case KT_DANE_INSECURE:
+    case KT_DANE_NO_TLSA:
+        if (!dane_only) {
+            c->level = KT_SMTP_TLS_MAY;
+            return 0;
+        }
+        break;
+    }
+    snprintf(c->skipped, sizeof(c->skipped), "client TLS configuration problem: dane-only and %s: %s for %s",
+             a->host, kt_dane_state_str(st), c->relay);
+    kt_info_as("smtp", "warning: TLS policy lookup for %s/%s: %s", c->p.nexthop_domain, a->host,
+               kt_dane_state_str(st));
+    return -1;
+}
+
 static void connect_next(struct kt_smtp_conn *c)
 {
     if (c->conn) {
@@ -246,6 +301,10 @@ static void connect_next(struct kt_smtp_conn *c)
         }
         if (a->ss.ss_family != AF_UNIX)
             snprintf(c->relay, sizeof(c->relay), "%s[%s]:%d", a->host, c->peer_ip, port);
+        if (address_level(c, a, port) < 0) {
+            c->cur_addr++;
+            continue;
+        }
         int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0) {
             c->cur_addr++;
@@ -261,6 +320,10 @@ static void connect_next(struct kt_smtp_conn *c)
         c->conn = kt_conn_new(c->loop, fd, KT_CONN_CLIENT, c->relay, &c->in, &c->out, on_conn_event, c);
         c->conns_open++;
         kt_conn_connect(c->conn, (const struct sockaddr *)&a->ss, a->len);
+        return;
+    }
+    if (c->skipped[0]) {
+        conn_fail_dsn(c, "4.7.5", -EACCES, "%s", c->skipped);
         return;
     }
     conn_fail(c, -EHOSTUNREACH, "no usable address for the next hop");
@@ -305,9 +368,12 @@ struct kt_smtp_conn *kt_smtp_connect(struct kt_loop *loop, const struct kt_smtp_
     c->p = *p;
     /* the caller's strings may not outlive this call */
     c->sni = p->sni ? kt_strdup(p->sni) : NULL;
-    c->verify_name = p->verify_name ? kt_strdup(p->verify_name) : NULL;
+    c->nexthop_domain = kt_strdup(p->nexthop_domain ? p->nexthop_domain : "");
+    c->match = kt_strdup(p->match ? p->match : "");
+    c->fp_digest = kt_strdup(p->fingerprint_digest && *p->fingerprint_digest ? p->fingerprint_digest : "sha256");
+    c->cipherlist = p->cipherlist ? kt_strdup(p->cipherlist) : NULL;
+    c->dane = kt_dane_set_copy(p->dane);
     c->p.sni = c->sni;
-    c->p.verify_name = c->verify_name;
     c->sasl_username = p->sasl_username ? kt_strdup(p->sasl_username) : NULL;
     c->sasl_password = p->sasl_password ? kt_strdup(p->sasl_password) : NULL;
     c->loop_myhostname = p->loop_myhostname ? kt_strdup(p->loop_myhostname) : NULL;
@@ -316,6 +382,11 @@ struct kt_smtp_conn *kt_smtp_connect(struct kt_loop *loop, const struct kt_smtp_
     c->p.sasl_password = c->sasl_password;
     c->p.loop_myhostname = c->loop_myhostname;
     c->p.nexthop = c->nexthop;
+    c->p.nexthop_domain = c->nexthop_domain;
+    c->p.match = c->match;
+    c->p.fingerprint_digest = c->fp_digest;
+    c->p.cipherlist = c->cipherlist;
+    c->p.dane = c->dane;
     c->addrs = kt_calloc(n ? n : 1, sizeof(*addrs));
     memcpy(c->addrs, addrs, n * sizeof(*addrs));
     c->n_addrs = n;
@@ -436,6 +507,42 @@ static void session_ready(struct kt_smtp_conn *c)
     report(c, 0, NULL);
 }
 
+/* Names the certificate must match at verify and secure: the policy's match list with Postfix's words
+ * "hostname" (the host connected to), "nexthop" and "dot-nexthop" replaced. An address literal (a
+ * [192.0.2.1] next hop) names no DNS name a certificate could hold and is left out; with no name left,
+ * nothing verifies (c->match_names stays 0). 0 or -EINVAL. */
+static int set_match_names(struct kt_smtp_conn *c, SSL *ssl)
+{
+    const char *host = c->addrs[c->cur_addr].host;
+    int first = 1;
+    SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+    for (const char *s = c->p.match; *s;) {
+        size_t n = strcspn(s, ":");
+        char name[300];
+        if (n == 8 && !strncasecmp(s, "hostname", 8))
+            snprintf(name, sizeof(name), "%s", host);
+        else if (n == 7 && !strncasecmp(s, "nexthop", 7))
+            snprintf(name, sizeof(name), "%s", c->p.nexthop_domain);
+        else if (n == 11 && !strncasecmp(s, "dot-nexthop", 11))
+            snprintf(name, sizeof(name), ".%s", c->p.nexthop_domain);
+        else
+            snprintf(name, sizeof(name), "%.*s", (int)(n < 299 ? n : 299), s);
+        unsigned char ip[16];
+        const char *bare = name[0] == '.' ? name + 1 : name;
+        int literal = inet_pton(AF_INET, bare, ip) == 1 || inet_pton(AF_INET6, bare, ip) == 1;
+        if (name[0] && strcmp(name, ".") && !literal) {
+            if (!(first ? SSL_set1_host(ssl, name) : SSL_add1_host(ssl, name)))
+                return -EINVAL;
+            first = 0;
+            c->match_names++;
+        }
+        s += n;
+        if (*s == ':')
+            s++;
+    }
+    return 0;
+}
+
 static void start_tls(struct kt_smtp_conn *c)
 {
     SSL *ssl = kt_conn_tls_new(c->conn, c->p.ssl_ctx, 0, NULL);
@@ -445,16 +552,43 @@ static void start_tls(struct kt_smtp_conn *c)
     }
     /* nothing the server sent before the handshake may count as protected */
     kt_buf_reset(&c->in);
+    /* the policy's protocols and ciphers (policy table attributes, or the level's main.cf values) */
+    if (c->p.min_version)
+        SSL_set_min_proto_version(ssl, c->p.min_version);
+    if (c->p.max_version)
+        SSL_set_max_proto_version(ssl, c->p.max_version);
+    if (c->p.no_mask)
+        SSL_set_options(ssl, (uint64_t)c->p.no_mask);
+    if (c->p.cipherlist && !SSL_set_cipher_list(ssl, c->p.cipherlist)) {
+        conn_fail(c, -EINVAL, "TLS policy for %s: no usable cipher in \"%s\"", c->relay, c->p.cipherlist);
+        return;
+    }
     const char *mx = c->addrs[c->cur_addr].host;
-    const char *sni = c->p.verify_mx_name ? mx : c->p.sni;
-    const char *name = c->p.verify_mx_name ? mx : c->p.verify_name;
-    if (sni && *sni)
+    if (c->p.verify_mx_name) {
+        SSL_set_tlsext_host_name(ssl, mx);        /* MTA-STS: SNI is the MX host name */
+    } else if (c->p.sni && *c->p.sni) {
+        const char *sni = !strcmp(c->p.sni, "hostname") ? mx : !strcmp(c->p.sni, "nexthop") ? c->p.nexthop_domain : c->p.sni;
         SSL_set_tlsext_host_name(ssl, sni);
-    if (c->p.tls_level >= KT_SMTP_TLS_VERIFY)
-        SSL_set_verify(ssl, SSL_VERIFY_PEER, NULL);
-    if ((c->p.tls_level >= KT_SMTP_TLS_VERIFY || c->p.verify_mx_name) && name && *name) {
+    }
+    c->match_names = 0;
+    if (c->dane_host) {
+        if (kt_dane_arm(ssl, c->dane_host, c->p.nexthop_domain) < 0) {
+            conn_fail_dsn(c, "4.7.5", -EINVAL, "TLSA records of %s could not be used", c->relay);
+            return;
+        }
+    } else if (c->p.verify_mx_name) {
+        /* MTA-STS: the certificate must name the MX host (verified at secure, recorded below it) */
+        if (c->level == KT_SMTP_TLS_VERIFY || c->level == KT_SMTP_TLS_SECURE)
+            SSL_set_verify(ssl, SSL_VERIFY_PEER, NULL);
         SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
-        SSL_set1_host(ssl, name);
+        if (SSL_set1_host(ssl, mx))
+            c->match_names = 1;
+    } else if (c->level == KT_SMTP_TLS_VERIFY || c->level == KT_SMTP_TLS_SECURE) {
+        SSL_set_verify(ssl, SSL_VERIFY_PEER, NULL);
+        if (set_match_names(c, ssl) < 0) {
+            conn_fail(c, -EINVAL, "TLS policy for %s: bad match names \"%s\"", c->relay, c->p.match);
+            return;
+        }
     }
     c->state = ST_HANDSHAKE;
     set_deadline(c, c->p.command_timeout_s);
@@ -492,21 +626,58 @@ int kt_smtp_tls_report(const struct kt_smtp_conn *c, const char **result, const 
     return c->tls_known;
 }
 
+/* fingerprint level: the certificate's or its public key's digest is one of the match list ('|'). */
+static int fingerprint_matches(struct kt_smtp_conn *c, SSL *ssl)
+{
+    char fp[KT_TLS_FP_MAX], pkey_fp[KT_TLS_FP_MAX];
+    if (kt_tls_peer_cert(ssl, c->p.fingerprint_digest, fp, pkey_fp) == KT_CCERT_NONE || !fp[0])
+        return 0;
+    for (const char *s = c->p.match; *s;) {
+        size_t n = strcspn(s, "|");
+        if ((n == strlen(fp) && !strncasecmp(s, fp, n)) || (n == strlen(pkey_fp) && !strncasecmp(s, pkey_fp, n)))
+            return 1;
+        s += n;
+        if (*s == '|')
+            s++;
+    }
+    return 0;
+}
+
 static void tls_ready(struct kt_smtp_conn *c)
 {
     SSL *ssl = kt_conn_ssl(c->conn);
     int ktls_tx = (kt_conn_ktls(c->conn) & KT_CONN_KTLS_TX) != 0;
-    X509 *peer = SSL_get1_peer_certificate(ssl);
-    const char *trust = !peer ? "Anonymous"
-                        : SSL_get_verify_result(ssl) != X509_V_OK ? "Untrusted"
-                        : c->p.tls_level >= KT_SMTP_TLS_VERIFY ? "Verified" : "Trusted";
-    X509_free(peer);
+    X509 *cert = SSL_get1_peer_certificate(ssl);
+    int peer = cert != NULL;
+    int chain_ok = peer && SSL_get_verify_result(ssl) == X509_V_OK;
+    int verified = 0;
+    X509_free(cert);
+    if (c->dane_host)
+        verified = chain_ok && SSL_get0_dane_authority(ssl, NULL, NULL) >= 0;
+    else if (c->level == KT_SMTP_TLS_FINGERPRINT)
+        verified = peer && fingerprint_matches(c, ssl);
+    else if (c->level == KT_SMTP_TLS_VERIFY || c->level == KT_SMTP_TLS_SECURE)
+        verified = chain_ok && c->match_names > 0;
+    /* DANE through an MX answer that was not validated: authenticated, but the name may be forged */
+    int insecure_mx = c->dane_host && !c->addrs[c->cur_addr].mx_dnssec;
+    const char *trust = !peer                    ? "Anonymous"
+                        : verified && !insecure_mx ? "Verified"
+                        : chain_ok                 ? "Trusted"
+                                                   : "Untrusted";
     long vr = SSL_get_verify_result(ssl);
     c->tls_known = 1;
     c->tls_result = c->p.verify_mx_name && vr != X509_V_OK ? verify_result_type(vr) : NULL;
-    if (c->p.tls_loglevel >= 1)
+    if (c->p.tls_loglevel >= 1 || (kt_tls_level_authenticates(c->level) && !verified))
         kt_info_as("smtp", "%s TLS connection established to %s: %s ktls=%s", trust, c->relay,
                    kt_conn_tls_desc(c->conn), ktls_tx ? "tx" : "none");
+    if (kt_tls_level_authenticates(c->level) && !verified) {
+        kt_info_as("smtp", "server certificate verification failed for %s: %s", c->relay,
+                   c->level == KT_SMTP_TLS_FINGERPRINT ? "fingerprint mismatch"
+                   : c->match_names == 0 && !c->dane_host ? "no certificate name to match (only address literals)"
+                                                          : "not verified");
+        conn_fail_dsn(c, "4.7.5", -EACCES, "Server certificate not verified");
+        return;
+    }
     send_ehlo(c, ST_EHLO2);
 }
 
@@ -515,11 +686,13 @@ static void tls_failed(struct kt_smtp_conn *c)
     long vr = SSL_get_verify_result(kt_conn_ssl(c->conn));
     c->tls_known = 1;
     c->tls_result = vr != X509_V_OK ? verify_result_type(vr) : "validation-failure";
-    if (vr != X509_V_OK && c->p.tls_level >= KT_SMTP_TLS_VERIFY) {
-        conn_fail(c, -EACCES, "Server certificate not verified (%s): %s", c->relay, X509_verify_cert_error_string(vr));
+    if (vr != X509_V_OK && (c->dane_host || c->level == KT_SMTP_TLS_VERIFY || c->level == KT_SMTP_TLS_SECURE)) {
+        kt_info_as("smtp", "server certificate verification failed for %s: num=%ld:%s", c->relay, vr,
+                   X509_verify_cert_error_string(vr));
+        conn_fail_dsn(c, "4.7.5", -EACCES, "Server certificate not verified");
         return;
     }
-    if (c->p.tls_level == KT_SMTP_TLS_MAY && !c->plain_retry && !c->closing) {
+    if (c->level == KT_SMTP_TLS_MAY && !c->plain_retry && !c->closing) {
         /* Postfix at level may: TLS is opportunistic, so the same server is tried again at once, on a
          * new connection, in plaintext (the conversation on this one is in an unknown state) */
         kt_info_as("smtp", "TLS handshake with %s failed: %s; TLS is not required, retrying in plaintext",
@@ -645,7 +818,7 @@ static void after_ehlo(struct kt_smtp_conn *c)
         conn_fail(c, best ? 550 : 450, "mail for %s loops back to myself", c->p.nexthop ? c->p.nexthop : c->relay);
         return;
     }
-    if (c->state == ST_EHLO && c->p.tls_level != KT_SMTP_TLS_NONE && !c->plain_retry) {
+    if (c->state == ST_EHLO && c->level != KT_SMTP_TLS_NONE && !c->plain_retry) {
         c->tls_known = !c->ext_starttls;
         c->tls_result = c->ext_starttls ? NULL : "starttls-not-supported";
         if (c->ext_starttls) {
@@ -654,8 +827,8 @@ static void after_ehlo(struct kt_smtp_conn *c)
             c->expect = 1;
             return;
         }
-        if (c->p.tls_level >= KT_SMTP_TLS_ENCRYPT) {
-            conn_fail(c, 450, "TLS is required, but was not offered by host %s", c->relay);
+        if (kt_tls_level_mandatory(c->level)) {
+            conn_fail_dsn(c, "4.7.4", 450, "TLS is required, but was not offered by host %s", c->relay);
             return;
         }
     }
@@ -778,7 +951,7 @@ static void on_reply(struct kt_smtp_conn *c, int code)
     case ST_EHLO:
     case ST_EHLO2:
         if (code / 100 != 2) {
-            if (c->state == ST_EHLO2 || c->p.tls_level >= KT_SMTP_TLS_ENCRYPT || c->p.lmtp) {
+            if (c->state == ST_EHLO2 || kt_tls_level_mandatory(c->level) || c->p.lmtp) {
                 /* RFC 2033 4.1: LMTP has no HELO to fall back to */
                 conn_fail(c, code, "host %s refused %s: %s", c->relay, c->p.lmtp ? "LHLO" : "EHLO", text);
                 return;
@@ -802,8 +975,9 @@ static void on_reply(struct kt_smtp_conn *c, int code)
         if (code / 100 != 2) {
             c->tls_known = 1;
             c->tls_result = "starttls-not-supported";
-            if (c->p.tls_level >= KT_SMTP_TLS_ENCRYPT) {
-                conn_fail(c, 450, "TLS is required, but host %s refused to start TLS: %s", c->relay, text);
+            if (kt_tls_level_mandatory(c->level)) {
+                conn_fail_dsn(c, "4.7.4", 450, "TLS is required, but host %s refused to start TLS: %s", c->relay,
+                              text);
                 return;
             }
             session_ready_or_auth(c);

@@ -27,26 +27,33 @@
 #include <time.h>
 
 #include "core/loop.h"
-
-enum kt_smtp_tls {
-    KT_SMTP_TLS_NONE, KT_SMTP_TLS_MAY, KT_SMTP_TLS_ENCRYPT, KT_SMTP_TLS_VERIFY, KT_SMTP_TLS_SECURE,
-};
+#include "queue/tls_policy.h"
 
 /* SASL mechanisms the client speaks (bits of kt_smtp_params.sasl_mechs). */
 enum { KT_SMTP_MECH_PLAIN = 1, KT_SMTP_MECH_LOGIN = 2 };
 
-/* "none" ... "secure" (case-insensitive; "" = none). -1 for anything else. */
+/* "none" ... "dane-only" (case-insensitive; "" = none). -1 for anything else (kt_tls_level_parse). */
 int kt_smtp_tls_level_parse(const char *s);
 
+struct kt_dane_set;
+
+/* The TLS side is the effective policy of the next hop (queue/tls_policy.h). */
 struct kt_smtp_params {
     const char *helo_name;
     enum kt_smtp_tls tls_level;
     SSL_CTX *ssl_ctx;             /* required unless the level is none */
-    const char *sni;              /* server name indication, NULL = none */
-    const char *verify_name;      /* name the certificate must match under verify/secure */
+    const char *sni;              /* server name indication, NULL = none; "hostname": the host connected to */
+    const char *nexthop_domain;   /* next-hop domain: "nexthop" and "dot-nexthop" in match, DANE, SNI */
+    const char *match;            /* verify/secure names (':'), fingerprint digests ('|'); see tls_policy.h */
+    const char *fingerprint_digest;   /* smtp_tls_fingerprint_digest */
+    int min_version, max_version; /* protocol bounds for this policy (0 = none) */
+    long no_mask;                 /* SSL_OP_NO_* inside the bounds */
+    const char *cipherlist;       /* OpenSSL cipher list for this policy; NULL = the context's */
+    /* dane and dane-only: per host TLSA records and DNSSEC state (queue/dane.h); NULL otherwise */
+    const struct kt_dane_set *dane;
     int verify_mx_name;           /* MTA-STS (RFC 8461 4.1, 4.2): SNI and the certificate name are each
-                                   * address's MX host name; at levels below verify the result is only
-                                   * recorded (kt_smtp_tls_report) */
+                                   * address's MX host name (instead of sni and match); at levels below
+                                   * verify the result is only recorded (kt_smtp_tls_report) */
     int tls_loglevel;
     long long connect_timeout_s;  /* 0 = no limit but the kernel's */
     long long command_timeout_s;  /* each reply */
@@ -68,6 +75,8 @@ struct kt_smtp_addr {
     char host[256];               /* name shown in logs: "mx.example.com" or the address; for AF_UNIX
                                    * the whole relay= text, Postfix's "myhostname[private/dovecot-lmtp]" */
     unsigned pref;                /* MX preference (0 without MX); the list is in ascending order */
+    int dnssec;                   /* its address answers were DNSSEC-validated (AD) */
+    int mx_dnssec;                /* and the MX answer that named it was too (1 without an MX lookup) */
 };
 
 /* One transaction. The client fills codes[] (SMTP reply code per recipient;
@@ -105,8 +114,8 @@ typedef void (*kt_smtp_cb)(void *arg, int res, const char *reason);
 
 struct kt_smtp_conn;
 
-/* Connect to addrs[0], then the next ones on failure. p and addrs are copied (strings
- * sni and verify_name too; helo_name and ssl_ctx must outlive the connection). cb once: ready for a
+/* Connect to addrs[0], then the next ones on failure. p and addrs are copied (its strings and dane
+ * too; helo_name and ssl_ctx must outlive the connection). cb once: ready for a
  * transaction (res 0) or failed; after a failure the caller must kt_smtp_close. */
 struct kt_smtp_conn *kt_smtp_connect(struct kt_loop *loop, const struct kt_smtp_params *p,
                                      const struct kt_smtp_addr *addrs, size_t n, kt_smtp_cb cb, void *arg);

@@ -21,6 +21,7 @@
 
 #include "core/alloc.h"
 #include "core/log.h"
+#include "tls/dane.h"
 #include "tls/tls.h"
 
 #define DEF_HIGH_CLIST   "aNULL:-aNULL:HIGH:@STRENGTH"
@@ -534,6 +535,12 @@ int kt_tls_client_ctx_new(const struct kt_tls_client_params *p, SSL_CTX **out, c
     }
     SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    /* DANE stays off on each SSL until kt_dane_arm turns it on for a host with TLSA records */
+    if (kt_dane_ctx_enable(ctx) < 0) {
+        set_ssl_err(err, errlen, "cannot enable DANE on the TLS client context");
+        SSL_CTX_free(ctx);
+        return -ENOMEM;
+    }
     *out = ctx;
     return 0;
 }

@@ -453,9 +453,11 @@ static void test_enumerated_values(void **state)
         { "smtpd_tls_security_level = verify",
           "main.cf:2: bad value \"verify\" for smtpd_tls_security_level: verify is a client-only TLS security level" },
         { "smtpd_tls_security_level = secure", "secure is a client-only TLS security level" },
-        { "smtp_tls_security_level = dane",
-          "main.cf:2: bad value \"dane\" for smtp_tls_security_level: ktrelay does not implement the dane level" },
-        { "smtp_tls_security_level = fingerprint", "does not implement the fingerprint level" },
+        { "smtp_tls_security_level = daneonly",
+          "main.cf:2: bad value \"daneonly\" for smtp_tls_security_level (did you mean dane-only?)" },
+        { "smtp_tls_security_level = fingerprnt", "(did you mean fingerprint?)" },
+        { "smtp_dns_support_level = dnsec", "bad value \"dnsec\" for smtp_dns_support_level (did you mean dnssec?)" },
+        { "smtp_tls_policy_maps = /etc/postfix/tls_policy", "for smtp_tls_policy_maps: expected type:table" },
         { "smtp_tls_security_level = mey", "bad value \"mey\" for smtp_tls_security_level (did you mean may?)" },
         { "smtpd_use_tls = ture", "main.cf:2: bad boolean value for smtpd_use_tls: \"ture\" (expected yes or no)" },
         { "smtpd_tls_wrappermode = 1", "bad boolean value for smtpd_tls_wrappermode" },
@@ -485,7 +487,8 @@ static void test_enumerated_values(void **state)
     }
     /* what Postfix accepts, in either case */
     struct kt_config *cfg = load_ok("myhostname = a.b.c\nsmtpd_tls_security_level = ENCRYPT\n"
-                                    "smtp_tls_security_level = secure\nsmtpd_tls_protocols = >=TLSv1.2 <=0x0304\n"
+                                    "smtp_tls_security_level = dane-only\nsmtp_dns_support_level = dnssec\n"
+                                    "smtpd_tls_protocols = >=TLSv1.2 <=0x0304\n"
                                     "smtp_tls_protocols = !SSLv2, !SSLv3, !TLSv1, !TLSv1.1\n"
                                     "inet_protocols = ipv4, ipv6\nsmtpd_tls_ciphers = HIGH\n"
                                     "alias_maps = hash:/etc/aliases, inline:{ a=b, c=d }\n", NULL);
