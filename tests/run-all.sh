@@ -22,7 +22,7 @@ DEPS=(gcc pkg-config meson ninja-build liburing-dev libssl-dev libjemalloc-dev l
       libcrypt-dev libmicrohttpd-dev libsystemd-dev libcurl4-openssl-dev libpcre2-dev openssl python3 python3-pytest python3-prometheus-client
       pflogsumm man-db systemd swaks
       dovecot-imapd postfix testssl.sh qemu-system-x86
-      busybox-static cpio kmod gnuplot-nox passwd procps iproute2 haproxy python3-dnslib clang)
+      busybox-static cpio kmod gnuplot-nox passwd procps iproute2 haproxy python3-dnslib clang unbound ldnsutils)
 missing=()
 for p in "${DEPS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

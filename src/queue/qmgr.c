@@ -121,6 +121,9 @@ struct conn {
     const char *sasl_value;        /* smtp_sasl_password_maps value it authenticates with, or NULL */
     char server[256];              /* the first server's name, a key of that lookup */
     time_t idle_since;             /* waiting for work since (connection cache) */
+    /* kt_smtp_connect can fail before it returns (no address may be used): kept for after it */
+    int opening, open_res;
+    char *open_reason;
     struct conn *next;
 };
 
@@ -926,6 +929,11 @@ static void conn_ready(void *arg, int res, const char *reason)
 {
     struct conn *cn = arg;
     struct dest *d = cn->d;
+    if (res != 0 && cn->opening) {
+        cn->open_res = res;
+        cn->open_reason = kt_strdup(reason ? reason : "connection failed");
+        return;
+    }
     tls_outcome(cn, res != 0 ? reason : NULL);
     if (res != 0) {
         char dsn[16] = "";
@@ -1063,13 +1071,21 @@ static void conn_open(struct dest *d)
     if (pol.level != KT_SMTP_TLS_NONE
         && kt_tls_policy_openssl(sm->tls_policy, &pol, &p.min_version, &p.max_version, &p.no_mask, &cipherlist) == 0)
         p.cipherlist = cipherlist;
+    cn->opening = 1;
     cn->c = kt_smtp_connect(&q->loop, &p, addrs, d->n_addrs, conn_ready, cn);
+    cn->opening = 0;
     if (pass)
         explicit_bzero(pass, strlen(pass));
     kt_free(user);
     kt_free(pass);
     kt_free(addrs);
     kt_free(cipherlist);
+    if (cn->open_reason) {
+        char *why = cn->open_reason;
+        cn->open_reason = NULL;
+        conn_ready(cn, cn->open_res, why);      /* frees cn */
+        kt_free(why);
+    }
 }
 
 static void dane_resolved(void *arg, struct kt_dane_set *set)

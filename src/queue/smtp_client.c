@@ -273,8 +273,7 @@ static int address_level(struct kt_smtp_conn *c, const struct kt_smtp_addr *a, i
         }
         break;
     }
-    snprintf(c->skipped, sizeof(c->skipped), "client TLS configuration problem: dane-only and %s: %s for %s",
-             a->host, kt_dane_state_str(st), c->relay);
+    snprintf(c->skipped, sizeof(c->skipped), "client TLS configuration problem");
     kt_info_as("smtp", "warning: TLS policy lookup for %s/%s: %s", c->p.nexthop_domain, a->host,
                kt_dane_state_str(st));
     return -1;

@@ -2,8 +2,10 @@
  * bytes a resolver hands back for the SMTP server's client checks: reverse names, DNS lists, sender and
  * HELO domains. Each input is read as an answer for every record type those checks ask for. Invariants:
  * at most KT_DNS_MAX_RR records, each a non-empty NUL-terminated string inside its slot; an A or AAAA
- * record is a valid address of its family; FOUND exactly when a record was kept. Built as described in
- * fuzz_driver.c. */
+ * record is a valid address of its family; FOUND exactly when a record was kept. The same bytes are read
+ * as a TLSA answer for DANE (tls/dane.c): only usable records kept (usage 2 or 3, selector 0 or 1,
+ * matching type 0 to 2 with its digest's length), at most KT_DANE_MAX_RR, and USABLE exactly when one
+ * was. Built as described in fuzz_driver.c. */
 #include <ares.h>
 #include <arpa/inet.h>
 #include <stdint.h>
@@ -11,6 +13,7 @@
 #include <string.h>
 
 #include "smtpd/client_dns.h"
+#include "tls/dane.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -44,6 +47,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 if (types[t] == KT_RR_AAAA)
                     CHECK(inet_pton(AF_INET6, ans.rr[i], bin) == 1);
             }
+        }
+    }
+    static struct kt_dane_host h;
+    if (kt_dane_parse_tlsa(data, (int)size, &h) == 0) {
+        CHECK(h.n <= KT_DANE_MAX_RR);
+        CHECK((h.state == KT_DANE_USABLE) == (h.n > 0));
+        CHECK(h.state == KT_DANE_USABLE || h.state == KT_DANE_UNUSABLE || h.state == KT_DANE_NO_TLSA);
+        for (size_t i = 0; i < h.n; i++) {
+            CHECK(h.rr[i].usage == 2 || h.rr[i].usage == 3);
+            CHECK(h.rr[i].selector <= 1 && h.rr[i].mtype <= 2);
+            CHECK(h.rr[i].len > 0 && h.rr[i].len <= KT_DANE_MAX_DATA);
+            CHECK(h.rr[i].mtype != 1 || h.rr[i].len == 32);
+            CHECK(h.rr[i].mtype != 2 || h.rr[i].len == 64);
         }
     }
     return 0;
