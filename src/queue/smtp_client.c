@@ -279,6 +279,13 @@ static int address_level(struct kt_smtp_conn *c, const struct kt_smtp_addr *a, i
     return -1;
 }
 
+/* TLS is mandatory for the current address: its level says so, or it has usable TLSA records (RFC 7672
+ * 2.2: a server with usable TLSA records must not be sent mail in plaintext). */
+static int tls_required(const struct kt_smtp_conn *c)
+{
+    return kt_tls_level_mandatory(c->level) || c->dane_host != NULL;
+}
+
 static void connect_next(struct kt_smtp_conn *c)
 {
     if (c->conn) {
@@ -826,7 +833,7 @@ static void after_ehlo(struct kt_smtp_conn *c)
             c->expect = 1;
             return;
         }
-        if (kt_tls_level_mandatory(c->level)) {
+        if (tls_required(c)) {
             conn_fail_dsn(c, "4.7.4", 450, "TLS is required, but was not offered by host %s", c->relay);
             return;
         }
@@ -950,7 +957,7 @@ static void on_reply(struct kt_smtp_conn *c, int code)
     case ST_EHLO:
     case ST_EHLO2:
         if (code / 100 != 2) {
-            if (c->state == ST_EHLO2 || kt_tls_level_mandatory(c->level) || c->p.lmtp) {
+            if (c->state == ST_EHLO2 || tls_required(c) || c->p.lmtp) {
                 /* RFC 2033 4.1: LMTP has no HELO to fall back to */
                 conn_fail(c, code, "host %s refused %s: %s", c->relay, c->p.lmtp ? "LHLO" : "EHLO", text);
                 return;
@@ -974,7 +981,7 @@ static void on_reply(struct kt_smtp_conn *c, int code)
         if (code / 100 != 2) {
             c->tls_known = 1;
             c->tls_result = "starttls-not-supported";
-            if (kt_tls_level_mandatory(c->level)) {
+            if (tls_required(c)) {
                 conn_fail_dsn(c, "4.7.4", 450, "TLS is required, but host %s refused to start TLS: %s", c->relay,
                               text);
                 return;

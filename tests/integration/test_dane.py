@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import make_cert
-from test_relay import BODY, nodes, wait_for  # noqa: F401 (fixture)
+from test_relay import BODY, nodes, sinks, wait_for  # noqa: F401 (fixtures)
 
 UNBOUND = "/usr/sbin/unbound"
 
@@ -152,7 +152,7 @@ def message(subject):
     return BODY.replace(b"Subject: relay test", b"Subject: " + subject.encode())
 
 
-def test_dane(nodes, resolver, tmp_path):
+def test_dane(nodes, resolver, sinks, tmp_path):
     cert, key = make_cert(tmp_path, cn="mx.dane.test")
     other_cert, _ = make_cert(tmp_path, name="other", cn="mx.dane.test")
     good, wrong = spki_sha256(cert), spki_sha256(other_cert)
@@ -160,7 +160,9 @@ def test_dane(nodes, resolver, tmp_path):
                                          "smtpd_tls_key_file": str(key)}}).start()
     p = final.r.port()
     tlsa = f"_{p}._tcp"
-    signed = zone("dane.test", "".join(
+    sink = sinks().start()                   # smtp-sink: no STARTTLS
+    signed = zone("dane.test", f"sink IN MX 10 mxsink.dane.test.\nmxsink IN A 127.0.0.1\n"
+                  f"_{sink.port}._tcp.mxsink IN TLSA 3 1 1 {good}\n" + "".join(
         f"{name} IN MX 10 mx{name if name != '@' else ''}.dane.test.\n"
         f"mx{name if name != '@' else ''} IN A 127.0.0.1\n" for name in ["@", "bad", "bogus", "notlsa", "unusable"])
         + f"{tlsa}.mx IN TLSA 3 1 1 {good}\n"
@@ -184,14 +186,15 @@ def test_dane(nodes, resolver, tmp_path):
               "onlyok": "dane.test"}
     # nexthop "domain:port": an MX lookup, then that port (Postfix's transport(5) syntax)
     (front_dir / "transport").write_text("".join(f"{k}@localhost smtp:{v}:{p}\n" for k, v in labels.items()
-                                                 if k != "onlyok") + f"onlyok@localhost smtp:[mx.dane.test]:{p}\n")
+                                                 if k != "onlyok") + f"onlyok@localhost smtp:[mx.dane.test]:{p}\n"
+                                         + f"sink@localhost smtp:sink.dane.test:{sink.port}\n")
     (front_dir / "tls_policy").write_text(f"only.plain.test:{p} dane-only\n[mx.dane.test]:{p} dane-only\n")
     front = nodes("virtual_mailbox_domains = example.test\n"
                   f"transport_maps = texthash:{front_dir}/transport\n"
                   f"smtp_tls_policy_maps = texthash:{front_dir}/tls_policy\n"
                   "smtp_tls_security_level = dane\nsmtp_dns_support_level = dnssec\n"
                   f"ktrelay_dns_servers = 127.0.0.1:{ub.port}\nsmtp_tls_loglevel = 1\n").start()
-    ids = {k: front.sendmail([f"{k}@localhost"], message(k)) for k in labels}
+    ids = {k: front.sendmail([f"{k}@localhost"], message(k)) for k in list(labels) + ["sink"]}
 
     def sent(k, host):
         return front.wait_log(rf"{ids[k]}: to=<{k}@localhost>, relay={host}\[127\.0\.0\.1\]:{p}, .*status=sent")
@@ -215,6 +218,11 @@ def test_dane(nodes, resolver, tmp_path):
     # an unsigned zone: may, as Postfix; its TLSA record (of another key) is not even asked for
     assert sent("plain", r"mx\.plain\.test"), front.log()
     assert front.wait_log(rf"Untrusted TLS connection established to mx\.plain\.test\[127\.0\.0\.1\]:{p}")
+    # usable TLSA records make TLS mandatory: a next hop without STARTTLS gets nothing in plaintext
+    assert front.wait_log(rf"{ids['sink']}: to=<sink@localhost>, relay=none, .*dsn=4\.7\.4, status=deferred "
+                          rf"\(TLS is required, but was not offered by host mxsink\.dane\.test\[127\.0\.0\.1\]:{sink.port}\)"), \
+        front.log()
+    assert sink.messages() == []
     # dane-only to the unsigned zone: never sent
     assert deferred("only", "client TLS configuration problem"), front.log()
     assert front.wait_log(r"warning: TLS policy lookup for only\.plain\.test/mx\.plain\.test: non DNSSEC destination")
@@ -226,7 +234,7 @@ def test_dane(nodes, resolver, tmp_path):
         assert len(wait_for(lambda: stored(k))) == 1, k
     for k in ("bad", "only"):
         assert stored(k) == []
-    assert sorted(f.name for f in front.queue_files()) == sorted([ids["bad"], ids["only"]])
+    assert sorted(f.name for f in front.queue_files()) == sorted([ids["bad"], ids["only"], ids["sink"]])
 
 
 def test_dane_tlsa_lookup_error(nodes, resolver, tmp_path):
