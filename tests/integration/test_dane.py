@@ -258,3 +258,50 @@ def test_dane_tlsa_lookup_error(nodes, resolver, tmp_path):
     assert front.wait_log(rf"{qid}: to=<x@localhost>, relay=none, .*dsn=4\.7\.5, status=deferred "
                           rf"\(TLSA lookup error for mx\.bogus\.test:{p}\)"), front.log()
     assert final.r.maildir_files("localhost/catchall/") == []
+
+
+def make_ca_chain(d, name):
+    """A CA and a leaf certificate for name signed by it; returns (chain file: leaf then CA, key, CA cert)."""
+    def run(*args):
+        subprocess.run(args, check=True, capture_output=True, cwd=d)
+    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30",
+        "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=Test DANE TA", "-addext", "basicConstraints=critical,CA:true",
+        "-addext", "keyUsage=critical,keyCertSign")
+    run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "leaf.key",
+        "-out", "leaf.csr", "-subj", f"/CN={name}")
+    (d / "ext.cnf").write_text(f"subjectAltName=DNS:{name}\n")
+    run("openssl", "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "30", "-out", "leaf.pem", "-extfile", "ext.cnf")
+    (d / "chain.pem").write_text((d / "leaf.pem").read_text() + (d / "ca.pem").read_text())
+    return d / "chain.pem", d / "leaf.key", d / "ca.pem"
+
+
+def test_dane_ta_usage_2(nodes, resolver, tmp_path):
+    """DANE-TA(2): the record names the issuing CA (2 0 1, its whole certificate); the server's chain must
+    lead to it and the certificate must carry the MX host's name, which OpenSSL checks."""
+    chain, key, ca = make_ca_chain(tmp_path, "mx.ta.test")
+    ca_der = subprocess.run(["openssl", "x509", "-in", str(ca), "-outform", "DER"], capture_output=True,
+                            check=True).stdout
+    ta = hashlib.sha256(ca_der).hexdigest()
+    final = nodes("", services={"smtp": {"smtpd_tls_security_level": "may", "smtpd_tls_cert_file": str(chain),
+                                         "smtpd_tls_key_file": str(key)}}).start()
+    p = final.r.port()
+    signed = zone("ta.test", f"@ IN MX 10 mx.ta.test.\nmx IN A 127.0.0.1\n_{p}._tcp.mx IN TLSA 2 0 1 {ta}\n"
+                  f"other IN MX 10 mxother.ta.test.\nmxother IN A 127.0.0.1\n_{p}._tcp.mxother IN TLSA 2 0 1 {ta}\n")
+    ub = resolver({"ta.test": signed}, signed={"ta.test"})
+    front_dir = tmp_path / "front"
+    front_dir.mkdir()
+    (front_dir / "transport").write_text(f"a@localhost smtp:ta.test:{p}\nb@localhost smtp:other.ta.test:{p}\n")
+    front = nodes("virtual_mailbox_domains = example.test\n"
+                  f"transport_maps = texthash:{front_dir}/transport\n"
+                  "smtp_tls_security_level = dane-only\nsmtp_dns_support_level = dnssec\n"
+                  f"ktrelay_dns_servers = 127.0.0.1:{ub.port}\nsmtp_tls_loglevel = 1\n").start()
+    qa = front.sendmail(["a@localhost"], message("ta"))
+    qb = front.sendmail(["b@localhost"], message("ta-other"))
+    assert front.wait_log(rf"{qa}: to=<a@localhost>, relay=mx\.ta\.test\[127\.0\.0\.1\]:{p}, .*status=sent"), front.log()
+    assert front.wait_log(rf"Verified TLS connection established to mx\.ta\.test\[127\.0\.0\.1\]:{p}")
+    # the same trust anchor, but the certificate is not for mxother.ta.test (nor other.ta.test)
+    assert front.wait_log(rf"{qb}: to=<b@localhost>, relay=none, .*dsn=4\.7\.5, status=deferred "
+                          r"\(Server certificate not verified\)"), front.log()
+    assert front.wait_log(rf"server certificate verification failed for mxother\.ta\.test\[127\.0\.0\.1\]:{p}: "
+                          r"num=62:hostname mismatch"), front.log()
