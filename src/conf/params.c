@@ -79,7 +79,7 @@ static const struct kt_param_def params[] = {
     S(default_transport, "smtp"),
     T(delay_warning_time, "0h", 'h'),
     N(disable_dns_lookups),
-    B(disable_mime_output_conversion, "yes"),
+    B(disable_mime_output_conversion, "no"),
     B(disable_vrfy_command, "no"),
     X(fallback_transport),
     N(forward_path),

@@ -929,13 +929,9 @@ static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg
     qs->delay_warning_time = kt_config_get_time(cfg, NULL, "delay_warning_time");
     qs->bounce_size_limit = kt_config_get_int(cfg, NULL, "bounce_size_limit");
     qs->smtputf8_enable = kt_config_get_bool(cfg, NULL, "smtputf8_enable") == 1;
-    /* an 8-bit body goes to a next hop without 8BITMIME as it is: Postfix's "yes"; its default "no"
-     * (8BITMIME to 7BIT conversion of MIME parts) is not implemented, so it cannot be asked for */
-    if (kt_config_get_bool(cfg, NULL, "disable_mime_output_conversion") != 1) {
-        param_err(cfg, NULL, "disable_mime_output_conversion", "disable_mime_output_conversion = no (8BITMIME "
-                  "to 7BIT conversion) is not implemented: ktrelay sends 8-bit mail as it is");
-        errors++;
-    }
+    /* Postfix's default "no" converts 8-bit MIME parts to quoted-printable for a next hop without 8BITMIME;
+     * "yes" sends the body as it is */
+    qs->mime_output_conversion = kt_config_get_bool(cfg, NULL, "disable_mime_output_conversion") != 1;
     if (qs->bounce_size_limit < 1) {
         param_err(cfg, NULL, "bounce_size_limit", "bounce_size_limit: must be at least 1 (Postfix)");
         errors++;

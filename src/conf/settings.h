@@ -138,6 +138,8 @@ struct kt_qmgr_settings {
     long long delay_warning_time;    /* 0 = no delay warnings */
     long long bounce_size_limit;     /* bytes of the original returned with a failure notice, else headers */
     int smtputf8_enable;             /* no: SMTPUTF8 is never sent on and never required of a next hop */
+    int mime_output_conversion;      /* disable_mime_output_conversion = no: 8BITMIME to 7BIT for a next
+                                      * hop without 8BITMIME */
     unsigned destination_concurrency_limit;  /* default_destination_concurrency_limit, > 0 */
     unsigned initial_destination_concurrency;  /* 1 .. destination_concurrency_limit */
     long long message_size_limit;    /* for maildrop pickup; 0 = none */

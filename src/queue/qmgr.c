@@ -1021,6 +1021,7 @@ static void conn_open(struct dest *d)
         .command_timeout_s = sm->command_timeout_s,
         .data_done_timeout_s = sm->data_done_timeout_s,
         .lmtp = d->lmtp,
+        .mime_output_conversion = q->set->mime_output_conversion,
     };
     if (d->has_sts && sts_applies(d, &pol)) {
         /* RFC 8461 4.2: enforce needs TLS with a certificate valid for the MX host name; testing checks

@@ -32,6 +32,7 @@
 #include "core/log.h"
 #include "queue/queue.h"
 #include "queue/smtp_client.h"
+#include "queue/mime_downgrade.h"
 #include "tls/conn.h"
 #include "tls/dane.h"
 #include "tls/tls.h"
@@ -102,6 +103,7 @@ struct kt_smtp_conn {
     off_t body_pos, body_end;
     int line_start;                /* DATA in userspace: at the start of a line */
     int cr_pending;                /* DATA in userspace: a CR waits for the next byte */
+    struct kt_buf conv;            /* the body converted to 7BIT (len 0: the queue file's bytes go) */
 };
 
 static unsigned long sendfile_count;
@@ -168,6 +170,7 @@ static void conn_free_if_idle(struct kt_smtp_conn *c)
     kt_buf_release(&c->in);
     kt_buf_release(&c->out);
     kt_buf_release(&c->reply);
+    kt_buf_release(&c->conv);
     kt_free(c->mail_text);
     kt_free(c->addrs);
     kt_free(c->sni);
@@ -873,12 +876,17 @@ static void send_rset(struct kt_smtp_conn *c)
 static void start_body(struct kt_smtp_conn *c)
 {
     c->state = ST_BODY;
-    c->body_pos = c->m->body_off;
-    c->body_end = c->m->body_off + c->m->body_len;
+    if (c->conv.len) {
+        c->body_pos = 0;
+        c->body_end = (off_t)c->conv.len;
+    } else {
+        c->body_pos = c->m->body_off;
+        c->body_end = c->m->body_off + c->m->body_len;
+    }
     c->line_start = 1;
     c->cr_pending = 0;
     if (c->use_chunking)
-        kt_buf_printf(&c->out, "BDAT %lld LAST\r\n", (long long)c->m->body_len);
+        kt_buf_printf(&c->out, "BDAT %lld LAST\r\n", (long long)(c->body_end - c->body_pos));
     set_deadline(c, c->p.command_timeout_s);
 }
 
@@ -1160,6 +1168,15 @@ static int send_body(struct kt_smtp_conn *c)
     size_t want = (size_t)(c->body_end - c->body_pos);
     if (want > sizeof(buf))
         want = sizeof(buf);
+    if (c->conv.len) {
+        /* the converted body: CRLF lines, dots still to stuff on DATA */
+        c->body_pos += (off_t)want;
+        if (c->use_chunking)
+            kt_buf_append(&c->out, c->conv.data + c->body_pos - want, want);
+        else
+            data_canonical(c, c->conv.data + c->body_pos - want, want);
+        return 0;
+    }
     ssize_t n = pread(c->m->fd, buf, want, c->body_pos);
     if (n <= 0) {
         conn_fail(c, -EIO, "cannot read queue file %s: %s", c->m->id, n < 0 ? strerror(errno) : "truncated");
@@ -1197,6 +1214,7 @@ static void body_sent(struct kt_smtp_conn *c)
         kt_buf_printf(&c->out, "%s.\r\n", c->cr_pending || !c->line_start ? "\r\n" : "");
         c->cr_pending = 0;
     }
+    kt_buf_release(&c->conv);
     c->state = ST_DOT;
     c->expect = c->p.lmtp ? c->accepted : 1;
     c->dot_next = 0;
@@ -1315,6 +1333,29 @@ static void on_conn_event(void *arg, enum kt_conn_event ev, int res)
     pump(c);
 }
 
+/* The 8BITMIME to 7BIT conversion (disable_mime_output_conversion = no) for a server without 8BITMIME:
+ * the whole body is read and converted into c->conv (bounded by message_size_limit, as the body is;
+ * a message with nothing to convert keeps c->conv empty and goes from the queue file as it is, with
+ * sendfile where it can). Returns 1 to go on, 0 after the connection failed. */
+static int downgrade(struct kt_smtp_conn *c, struct kt_smtp_msg *m)
+{
+    size_t len = (size_t)m->body_len, got = 0;
+    char *raw = kt_malloc(len ? len : 1);
+    while (got < len) {
+        ssize_t n = pread(m->fd, raw + got, len - got, m->body_off + (off_t)got);
+        if (n <= 0) {
+            kt_free(raw);
+            conn_fail(c, -EIO, "cannot read queue file %s: %s", m->id, n < 0 ? strerror(errno) : "truncated");
+            return 0;
+        }
+        got += (size_t)n;
+    }
+    if (kt_mime_downgrade(raw, len, &c->conv) != 1 || !c->conv.len)
+        kt_buf_release(&c->conv);
+    kt_free(raw);
+    return 1;
+}
+
 void kt_smtp_send(struct kt_smtp_conn *c, struct kt_smtp_msg *m, kt_smtp_cb cb, void *arg)
 {
     char tail[2] = { 0, 0 };
@@ -1329,19 +1370,25 @@ void kt_smtp_send(struct kt_smtp_conn *c, struct kt_smtp_msg *m, kt_smtp_cb cb, 
         m->codes[i] = 0;
         m->replies[i] = NULL;
     }
-    /* BDAT states the byte count first: only a body known to be canonical can go as it is */
-    c->use_chunking = c->ext_chunking && m->canonical && !c->p.lmtp;   /* lmtp(8) sends DATA, as Postfix */
+    kt_buf_release(&c->conv);
+    if (c->p.mime_output_conversion && !(c->ext & KT_SMTP_EXT_8BITMIME) &&
+        (m->body == KT_QBODY_8BITMIME || m->body == KT_QBODY_BINARYMIME) && !downgrade(c, m))
+        return;
+    /* BDAT states the byte count first: only a body known to be canonical can go as it is (the
+     * converted body always is) */
+    c->use_chunking = c->ext_chunking && (m->canonical || c->conv.len) && !c->p.lmtp;   /* lmtp(8) sends DATA, as Postfix */
     if (m->body_len >= 2 && pread(m->fd, tail, 2, m->body_off + m->body_len - 2) == 2)
         c->body_crlf = tail[0] == '\r' && tail[1] == '\n';
     else
         c->body_crlf = m->body_len == 0;
     /* sendfile needs the bytes as they are: a canonical body over BDAT, or over DATA without a line to
      * stuff */
-    c->use_sendfile = kt_conn_can_sendfile(c->conn) && m->canonical && (c->use_chunking || m->dots == 0);
+    c->use_sendfile = kt_conn_can_sendfile(c->conn) && m->canonical && (c->use_chunking || m->dots == 0) &&
+                      !c->conv.len;
     c->sendfile_counted = 0;
     kt_buf_printf(&c->out, "MAIL FROM:<%s>", m->sender);
     if (c->ext_size)
-        kt_buf_printf(&c->out, " SIZE=%lld", (long long)m->body_len);
+        kt_buf_printf(&c->out, " SIZE=%lld", c->conv.len ? (long long)c->conv.len : (long long)m->body_len);
     /* BODY= as the client declared it; BINARYMIME only where it can go as such (BDAT), else 8BITMIME */
     if (m->body == KT_QBODY_BINARYMIME && (c->ext & KT_SMTP_EXT_BINARYMIME) && c->use_chunking)
         kt_buf_printf(&c->out, " BODY=BINARYMIME");

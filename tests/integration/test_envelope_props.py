@@ -214,7 +214,7 @@ def test_properties_sent_on_to_a_hop_that_offers_them(node, hops):
 
 def test_hop_without_extensions(node, hops):
     """SMTPUTF8 needed (UTF-8 in the envelope or the headers) and not offered: 5.6.7 bounce, nothing sent.
-    SMTPUTF8 asked for but not needed: sent without it. An 8-bit body goes as it is (Postfix). DSN
+    SMTPUTF8 asked for but not needed: sent without it. An 8-bit body is converted to 7BIT (Postfix). DSN
     parameters are dropped; NOTIFY=SUCCESS gets ktrelay's own "relayed" notice."""
     bare = hops(NONE).start()
     n = node(hops(FULL), bare)
@@ -231,7 +231,9 @@ def test_hop_without_extensions(node, hops):
                 b"Subject: plain\r\n\r\n8-bit body \xc3\xbc\r\n")
     assert n.wait_log(rf"{q3}: to=<carol@bare.test>, .*status=sent"), n.log()
     assert bare.mail_rcpt() == ["MAIL FROM:<alice@example.test>", "RCPT TO:<carol@bare.test>"]
-    assert b"8-bit body \xc3\xbc" in bare.bodies[0]
+    # the 8-bit body is converted for a hop without 8BITMIME (disable_mime_output_conversion = no)
+    assert bare.bodies[0].endswith(b"\r\nSubject: plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+                                   b"8-bit body =C3=BC\r\n"), bare.bodies[0]
     assert n.wait_log(rf"{q3}: sender delivery status notification: [0-9A-F]+"), n.log()
     texts = wait_for(lambda: len(notices(n)) == 3 and notices(n))
     utf8 = [t for t in texts if "SMTPUTF8 is required" in t]
@@ -245,6 +247,68 @@ def test_hop_without_extensions(node, hops):
             "Diagnostic-Code: smtp; 250 2.0.0 Ok: queued as HOP1\r\n") in ok[0]
     # a success notice returns the headers only
     assert "Content-Type: text/rfc822-headers" in ok[0] and "8-bit body" not in ok[0]
+
+
+MIME_8BIT = ("Subject: single\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+             "Content-Transfer-Encoding: 8bit\r\n\r\nGrüße = ok \r\n.leading dot " + "x" * 80 + "\r\n").encode()
+MIME_8BIT_QP = (b"Subject: single\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Transfer-Encoding: quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe =3D ok=20\r\n"
+                b".leading dot " + b"x" * 62 + b"=\r\n" + b"x" * 18 + b"\r\n")
+MULTI_HEAD = (b"Subject: multi\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"=_b1\"\r\n\r\n"
+              b"preamble\r\n--=_b1\r\nContent-Type: text/plain; charset=utf-8\r\n")
+MULTI_TAIL = (b"--=_b1\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+              b"w7w=\r\n--=_b1--\r\n")
+MULTI = MULTI_HEAD + b"Content-Transfer-Encoding: 8bit\r\n\r\n\xc3\xa9t\xc3\xa9\r\n" + MULTI_TAIL
+MULTI_QP = MULTI_HEAD + b"Content-Transfer-Encoding: quoted-printable\r\n\r\n=C3=A9t=C3=A9\r\n" + MULTI_TAIL
+
+
+def sent_body(hop, i, subject):
+    """Body i as the hop received it from the Subject line on (ktrelay puts its Received: first), with
+    DATA's dot-stuffing in place."""
+    b = hop.bodies[i]
+    return b[b.index(b"Subject: " + subject):]
+
+
+def test_mime_output_conversion(node, hops):
+    """disable_mime_output_conversion = no (the default, as Postfix): an 8BITMIME message to a hop without
+    8BITMIME goes as quoted-printable, only in its 8-bit parts, with no BODY=; the hop with 8BITMIME gets
+    the bytes as they were; an 8BITMIME message with nothing 8-bit goes unchanged."""
+    full, bare = hops(FULL).start(), hops(NONE).start()
+    n = node(full, bare)
+    for i, (body, want, subject) in enumerate([(MIME_8BIT, MIME_8BIT_QP, b"single"), (MULTI, MULTI_QP, b"multi"),
+                                               (ASCII_BODY, ASCII_BODY, b"plain")]):
+        stuffed = body.replace(b"\r\n.", b"\r\n..")
+        q = submit(n, "MAIL FROM:<alice@example.test> BODY=8BITMIME", ["RCPT TO:<bob@bare.test>"], stuffed)
+        assert n.wait_log(rf"{q}: to=<bob@bare.test>, .*status=sent"), n.log()
+        assert bare.mail_rcpt()[-2][:30] == "MAIL FROM:<alice@example.test>"
+        assert "BODY=" not in bare.mail_rcpt()[-2]
+        assert sent_body(bare, i, subject) == want.replace(b"\r\n.", b"\r\n.."), sent_body(bare, i, subject)
+        q = submit(n, "MAIL FROM:<alice@example.test> BODY=8BITMIME", ["RCPT TO:<bob@full.test>"], stuffed)
+        assert n.wait_log(rf"{q}: to=<bob@full.test>, .*status=sent"), n.log()
+        assert full.mail_rcpt()[-2].endswith(" BODY=8BITMIME")
+        assert sent_body(full, i, subject) == stuffed
+
+
+def test_mime_output_conversion_over_bdat(node, hops):
+    """A hop with CHUNKING and without 8BITMIME: BDAT states the converted body's length."""
+    chunk = hops(("PIPELINING", "CHUNKING")).start()
+    n = node(hops(FULL), chunk)
+    q = submit(n, "MAIL FROM:<alice@example.test> BODY=8BITMIME", ["RCPT TO:<bob@bare.test>"], MULTI)
+    assert n.wait_log(rf"{q}: to=<bob@bare.test>, .*status=sent"), n.log()
+    assert chunk.mail_rcpt() == ["MAIL FROM:<alice@example.test>", "RCPT TO:<bob@bare.test>"]
+    bdat = [c for c in chunk.commands if c.startswith("BDAT ")]
+    assert bdat == [f"BDAT {len(chunk.bodies[0])} LAST"]
+    assert sent_body(chunk, 0, b"multi") == MULTI_QP
+
+
+def test_mime_output_conversion_disabled(node, hops):
+    """disable_mime_output_conversion = yes: the 8-bit body goes to the hop without 8BITMIME as it is."""
+    bare = hops(NONE).start()
+    n = node(hops(FULL), bare, "disable_mime_output_conversion = yes\n")
+    q = submit(n, "MAIL FROM:<alice@example.test> BODY=8BITMIME", ["RCPT TO:<bob@bare.test>"], MULTI)
+    assert n.wait_log(rf"{q}: to=<bob@bare.test>, .*status=sent"), n.log()
+    assert bare.mail_rcpt() == ["MAIL FROM:<alice@example.test>", "RCPT TO:<bob@bare.test>"]
+    assert sent_body(bare, 0, b"multi") == MULTI
 
 
 def test_notify_and_ret_in_notices(node, hops):

@@ -90,7 +90,7 @@ BAD = [
     (None, "smtpd_starttls_timeout=1y", "smtpd_starttls_timeout", "bad time value"),
     ("message_size_limit = 10M", None, "message_size_limit", "bad numerical value"),
     ("bounce_size_limit = 0", None, "bounce_size_limit", "must be at least 1"),
-    ("disable_mime_output_conversion = no", None, "disable_mime_output_conversion", "is not implemented"),
+    ("disable_mime_output_conversion = maybe", None, "disable_mime_output_conversion", "bad boolean value"),
     # errors from building the settings carry the line too
     ("smtpd_upstream_proxy_protocol = haproxi", None, "smtpd_upstream_proxy_protocol", "unsupported value"),
     (None, "smtpd_upstream_proxy_protocol=nginx", "smtpd_upstream_proxy_protocol", "unsupported value"),
