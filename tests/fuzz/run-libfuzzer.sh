@@ -19,7 +19,7 @@ meson compile -C "$BUILD" || exit 1
 
 declare -A corpus=([smtp_parse]=corpus_smtp [config]=corpus_config [tables]=corpus_tables [auth]=corpus_auth [proxy]=corpus_proxy [dns]=corpus_dns [mta_sts]=corpus_mta_sts)
 failed=0
-for t in smtp_parse config tables auth proxy dns mta_sts; do
+for t in smtp_parse config tables auth proxy dns mta_sts mime_downgrade; do
     work=$(mktemp -d)
     mkdir -p "tests/fuzz/regressions/$t"
     echo "== fuzz_$t: ${SECS} s"

@@ -21,7 +21,7 @@ static void check(const char *in, int want_rc, const char *want)
     struct kt_buf out = { 0 };
     int rc = kt_mime_downgrade(in, strlen(in), &out);
     assert_int_equal(rc, want_rc);
-    if (out.len != strlen(want) || memcmp(out.data, want, out.len))
+    if (out.len != strlen(want) || (out.len && memcmp(out.data, want, out.len)))
         fail_msg("got:\n%.*s\nwant:\n%s", (int)out.len, out.data ? out.data : "", want);
     kt_buf_release(&out);
 }
