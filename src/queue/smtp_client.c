@@ -1333,7 +1333,9 @@ static void on_conn_event(void *arg, enum kt_conn_event ev, int res)
     pump(c);
 }
 
-/* The 8BITMIME to 7BIT conversion (disable_mime_output_conversion = no) for a server without 8BITMIME:
+/* The 8BITMIME to 7BIT conversion (disable_mime_output_conversion = no) for a server without 8BITMIME, for
+ * a message received with BODY=8BITMIME or BINARYMIME or without BODY= (which may hold 8-bit bytes; one
+ * declared BODY=7BIT is taken at its word):
  * the whole body is read and converted into c->conv (bounded by message_size_limit, as the body is;
  * a message with nothing to convert keeps c->conv empty and goes from the queue file as it is, with
  * sendfile where it can). Returns 1 to go on, 0 after the connection failed. */
@@ -1372,7 +1374,7 @@ void kt_smtp_send(struct kt_smtp_conn *c, struct kt_smtp_msg *m, kt_smtp_cb cb, 
     }
     kt_buf_release(&c->conv);
     if (c->p.mime_output_conversion && !(c->ext & KT_SMTP_EXT_8BITMIME) &&
-        (m->body == KT_QBODY_8BITMIME || m->body == KT_QBODY_BINARYMIME) && !downgrade(c, m))
+        m->body != KT_QBODY_7BIT && !downgrade(c, m))
         return;
     /* BDAT states the byte count first: only a body known to be canonical can go as it is (the
      * converted body always is) */

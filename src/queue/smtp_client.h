@@ -67,8 +67,8 @@ struct kt_smtp_params {
     /* loop detection (Postfix: only for port 25): NULL = off; an EHLO reply whose first word is
      * myhostname fails the connection "mail for NEXTHOP loops back to myself" (both copied) */
     const char *loop_myhostname, *nexthop;
-    /* disable_mime_output_conversion = no: a message received as 8BITMIME (or BINARYMIME) goes to a
-     * server that does not announce 8BITMIME converted to 7BIT (mime_downgrade.h), without BODY= */
+    /* disable_mime_output_conversion = no: a message not declared BODY=7BIT goes to a server that does
+     * not announce 8BITMIME with its 8-bit parts converted to 7BIT (mime_downgrade.h), without BODY= */
     int mime_output_conversion;
 };
 

@@ -289,6 +289,20 @@ def test_mime_output_conversion(node, hops):
         assert sent_body(full, i, subject) == stuffed
 
 
+def test_mime_output_conversion_without_body_parameter(node, hops):
+    """No BODY= but 8-bit bytes: converted as well (as Postfix's cleanup marks such mail 8-bit); BODY=7BIT
+    is taken at its word."""
+    bare = hops(NONE).start()
+    n = node(hops(FULL), bare)
+    q = submit(n, "MAIL FROM:<alice@example.test>", ["RCPT TO:<bob@bare.test>"], MULTI)
+    assert n.wait_log(rf"{q}: to=<bob@bare.test>, .*status=sent"), n.log()
+    assert sent_body(bare, 0, b"multi") == MULTI_QP
+    q = submit(n, "MAIL FROM:<alice@example.test> BODY=7BIT", ["RCPT TO:<bob@bare.test>"], MULTI)
+    assert n.wait_log(rf"{q}: to=<bob@bare.test>, .*status=sent"), n.log()
+    assert sent_body(bare, 1, b"multi") == MULTI
+    assert bare.mail_rcpt() == ["MAIL FROM:<alice@example.test>", "RCPT TO:<bob@bare.test>"] * 2
+
+
 def test_mime_output_conversion_over_bdat(node, hops):
     """A hop with CHUNKING and without 8BITMIME: BDAT states the converted body's length."""
     chunk = hops(("PIPELINING", "CHUNKING")).start()
