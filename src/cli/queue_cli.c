@@ -141,6 +141,7 @@ static int requeue_one(const char *qdir, const char *id, char *newid, size_t new
     size_t *idx = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*idx));
     unsigned *notify = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*notify));
     const char **orcpt = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*orcpt));
+    const char **origs = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*origs));
     struct kt_qprops props;
     size_t n = 0;
     if (fd < 0) {
@@ -164,8 +165,8 @@ static int requeue_one(const char *qdir, const char *id, char *newid, size_t new
         rc = kt_queue_remove(qdir, id);
         goto out;
     }
-    /* SMTPUTF8, BODY and the DSN parameters go with the message */
-    kt_qmsg_props(m, idx, n, notify, orcpt, &props);
+    /* SMTPUTF8, BODY, the DSN parameters, the content filter and the original recipients go with the message */
+    kt_qmsg_props(m, idx, n, notify, orcpt, origs, &props);
     rc = kt_queue_write_props(qdir, m->arrival, m->sender, rcpts, n, &props, body, (size_t)m->body_len, newid,
                               newlen);
     if (rc == 0)
@@ -176,6 +177,7 @@ out:
     kt_free(idx);
     kt_free(notify);
     kt_free(orcpt);
+    kt_free(origs);
     kt_qmsg_free(m);
     return rc;
 }
@@ -275,8 +277,12 @@ static int queue_show(const char *qdir, const char *id)
     printf("message_size: %lld\n", (long long)m->body_len);
     printf("message_arrival_time: %s\n", date);
     printf("sender: %s\n", m->sender);
+    if (m->filter)
+        printf("content_filter: %s\n", m->filter);
     for (size_t k = 0; k < m->n_rcpts; k++) {
         const struct kt_qrcpt *r = &m->rcpts[k];
+        if (r->orig_rcpt)
+            printf("original_recipient: %s\n", r->orig_rcpt);
         printf("recipient: %s (%s)", r->addr, r->state == KT_QR_DONE ? "delivered" : r->state == KT_QR_FAILED
                                                                                   ? "failed" : "pending");
         if (r->reason)

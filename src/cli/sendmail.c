@@ -43,7 +43,10 @@
 
 #include "cli/cli.h"
 #include "conf/config.h"
+#include "conf/settings.h"
 #include "core/alloc.h"
+#include "delivery/resolve.h"
+#include "delivery/rewrite.h"
 #include "core/buf.h"
 #include "core/log.h"
 #include "queue/pickup.h"
@@ -297,6 +300,11 @@ struct submit_ctx {
     enum kt_qret ret;        /* -R */
     const char *envid;       /* -V, as xtext; NULL = none */
     int verbose;
+    /* canonical and virtual alias rewriting for a message queued directly (built at its first use; the
+     * daemon's pickup rewrites what is dropped into maildrop/) */
+    int rw_built;
+    struct kt_resolver *resolver;
+    struct kt_rewrite *rw;
 };
 
 static int write_all(int fd, const void *p, size_t n)
@@ -435,14 +443,43 @@ static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list
         notify[i] = c->notify;
     struct kt_qprops props = { .ret = c->ret, .envid = c->envid, .notify = notify };
     if (direct) {
-        int w = kt_queue_write_props(c->qdir, time(NULL), sender, (const char *const *)rcpts->v, rcpts->n, &props,
-                                     msg.data, kt_buf_used(&msg), id, sizeof(id));
+        struct kt_rewrite_envelope env;
+        const char *failed;
+        int w = 0;
+        if (!c->rw_built) {
+            c->rw_built = 1;
+            w = kt_settings_rewriter(c->cfg, &c->resolver, &c->rw);
+        }
         if (w < 0) {
-            fprintf(stderr, "sendmail: cannot queue the message in %s: %s\n", c->qdir, strerror(-w));
-            rc = w == -EACCES || w == -EPERM ? EX_NOPERM : EX_TEMPFAIL;
+            fprintf(stderr, "sendmail: the configuration's address rewriting tables cannot be loaded (ktrelay "
+                    "check-config says why); message not queued\n");
+            rc = EX_CONFIG;
+        } else if ((w = kt_rewrite_envelope(c->rw, id, sender, (const char *const *)rcpts->v, rcpts->n, &env,
+                                            &failed)) < 0) {
+            /* as Postfix's cleanup: an alias loop or an oversized expansion is not accepted */
+            fprintf(stderr, "sendmail: <%s>: unreasonable virtual alias expansion; message not queued\n", failed);
+            rc = EX_TEMPFAIL;
         } else {
-            kt_pickup_log(id, getuid(), sender, msg.data, kt_buf_used(&msg), rcpts->n);
-            kt_queue_notify(c->qdir, id);
+            /* main.cf's content_filter applies to local submissions too, as to Postfix's pickup; every
+             * recipient keeps -N */
+            unsigned *rnotify = c->notify ? kt_calloc(env.n ? env.n : 1, sizeof(*rnotify)) : NULL;
+            for (size_t i = 0; rnotify && i < env.n; i++)
+                rnotify[i] = c->notify;
+            struct kt_qprops rprops = props;
+            rprops.notify = rnotify;
+            rprops.filter = kt_config_get(c->cfg, NULL, "content_filter");
+            rprops.orig_rcpt = (const char *const *)env.origs;
+            w = kt_queue_write_props(c->qdir, time(NULL), env.sender, (const char *const *)env.rcpts, env.n, &rprops,
+                                     msg.data, kt_buf_used(&msg), id, sizeof(id));
+            kt_free(rnotify);
+            if (w < 0) {
+                fprintf(stderr, "sendmail: cannot queue the message in %s: %s\n", c->qdir, strerror(-w));
+                rc = w == -EACCES || w == -EPERM ? EX_NOPERM : EX_TEMPFAIL;
+            } else {
+                kt_pickup_log(id, getuid(), env.sender, msg.data, kt_buf_used(&msg), env.n);
+                kt_queue_notify(c->qdir, id);
+            }
+            kt_rewrite_envelope_free(&env);
         }
     } else {
         int w = drop(c->qdir, sender, rcpts, &props, msg.data, kt_buf_used(&msg));
@@ -714,6 +751,8 @@ int kt_queue_cli_sendmail(int argc, char **argv)
         rcpt_free(&rcpts);
     }
     kt_free(c.origin);
+    kt_rewrite_free(c.rw);
+    kt_resolver_free(c.resolver);
     kt_config_free(cfg);
     return rc;
 }

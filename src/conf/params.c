@@ -25,6 +25,7 @@ static int check_grade(const struct kt_param_def *p, const char *value, char *ms
 static int check_protocols(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_maps(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_parent_matches(const struct kt_param_def *p, const char *value, char *msg, size_t len);
+static int check_filter(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 
 #define S(n, d)    { #n, KT_PARAM_STRING, d, 0, 1, NULL, NULL, 0 }
 #define L(n, d)    { #n, KT_PARAM_LIST, d, 0, 1, NULL, NULL, 0 }
@@ -63,10 +64,12 @@ static const struct kt_param_def params[] = {
     T(bounce_queue_lifetime, "5d", 'd'),
     I(bounce_size_limit, "50000"),
     B(broken_sasl_auth_clients, "no"),
-    X(canonical_maps),
+    EL(canonical_classes, "envelope_sender, envelope_recipient, header_sender, header_recipient",
+       "envelope_sender|envelope_recipient|header_sender|header_recipient"),
+    M(canonical_maps, ""),
     N(command_directory),
     N(compatibility_level),
-    X(content_filter),
+    C(content_filter, "", check_filter),
     N(daemon_directory),
     S(data_directory, "/var/lib/ktrelay"),
     N(debug_peer_level),
@@ -163,16 +166,18 @@ static const struct kt_param_def params[] = {
     N(postscreen_non_smtp_command_enable),
     N(postscreen_pipelining_enable),
     X(postscreen_upstream_proxy_protocol),
+    EL(propagate_unmatched_extensions, "canonical, virtual", "canonical|virtual|alias|forward|include|generic"),
     L(proxy_interfaces, ""),
     N(proxy_read_maps),
     S(queue_directory, "/var/spool/ktrelay"),
     T(queue_run_delay, "300s", 's'),
     L(rbl_reply_maps, ""),
     N(readme_directory),
-    N(receive_override_options),
+    EL(receive_override_options, "", "no_unknown_recipient_checks|no_address_mappings|no_header_body_checks|no_milters"),
     X(recipient_bcc_maps),
-    X(recipient_canonical_maps),
-    X(recipient_delimiter),
+    EL(recipient_canonical_classes, "envelope_recipient, header_recipient", "envelope_recipient|header_recipient"),
+    M(recipient_canonical_maps, ""),
+    S(recipient_delimiter, ""),
     L(relay_clientcerts, ""),
     L(relay_domains, ""),
     X(relay_recipient_maps),
@@ -182,7 +187,8 @@ static const struct kt_param_def params[] = {
     B(resolve_dequoted_address, "yes"),
     N(sample_directory),
     X(sender_bcc_maps),
-    X(sender_canonical_maps),
+    EL(sender_canonical_classes, "envelope_sender, header_sender", "envelope_sender|header_sender"),
+    M(sender_canonical_maps, ""),
     N(sendmail_path),
     N(setgid_group),
     N(shlib_directory),
@@ -325,8 +331,10 @@ static const struct kt_param_def params[] = {
     N(tls_ssl_options),
     M(transport_maps, ""),
     N(unknown_local_recipient_reject_code),
-    X(virtual_alias_domains),
-    X(virtual_alias_maps),
+    L(virtual_alias_domains, "$virtual_alias_maps"),
+    I(virtual_alias_expansion_limit, "1000"),
+    M(virtual_alias_maps, ""),
+    I(virtual_alias_recursion_limit, "1000"),
     M(virtual_gid_maps, ""),
     S(virtual_mailbox_base, ""),
     L(virtual_mailbox_domains, "$virtual_mailbox_maps"),
@@ -759,6 +767,30 @@ static int check_parent_matches(const struct kt_param_def *p, const char *value,
                      needed[i]);
             return -EINVAL;
         }
+    }
+    return 0;
+}
+
+/* content_filter: empty, or Postfix's "transport:nexthop" with a transport ktrelay has a client for (smtp,
+ * relay) and a next hop; anything else would leave mail unfiltered or stuck, so it is refused. */
+static int check_filter(const struct kt_param_def *p, const char *value, char *msg, size_t len)
+{
+    static const char *const transports[] = { "smtp", "relay" };
+    if (!*value)
+        return 0;
+    const char *colon = strchr(value, ':');
+    size_t tlen = colon ? (size_t)(colon - value) : strlen(value);
+    if (!in_choices(value, tlen, transports, 2)) {
+        const char *near = kt_closest(value, tlen, transports, 2);
+        snprintf(msg, len, "bad value \"%s\" for %s: transport \"%.*s\" is not supported%s%s%s; expected "
+                 "smtp:nexthop or relay:nexthop, for example smtp:[127.0.0.1]:10024", value, p->name, (int)tlen,
+                 value, near ? " (did you mean " : "", near ? near : "", near ? "?)" : "");
+        return -EINVAL;
+    }
+    if (!colon || !colon[1] || strpbrk(colon + 1, " \t,")) {
+        snprintf(msg, len, "bad value \"%s\" for %s: expected transport:nexthop with one next hop, for example "
+                 "smtp:[127.0.0.1]:10024", value, p->name);
+        return -EINVAL;
     }
     return 0;
 }

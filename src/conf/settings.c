@@ -25,6 +25,7 @@
 #include "smtpd/cleanup.h"
 #include "smtpd/policy.h"
 #include "delivery/resolve.h"
+#include "delivery/rewrite.h"
 #include "smtpd/sasl.h"
 #include "conf/settings.h"
 #include "core/table.h"
@@ -35,7 +36,7 @@
 struct shared_obj {
     char *key;
     void *obj;
-    int kind;       /* 0 resolver, 1 tls, 2 net list, 3 policy, 4 SASL backend */
+    int kind;       /* 0 resolver, 1 tls, 2 net list, 3 policy, 4 SASL backend, 5 checks, 6 rewriter */
 };
 
 struct runtime_private {
@@ -162,14 +163,17 @@ static struct kt_resolver *service_resolver(struct runtime_private *rp, const st
         .append_at_myorigin = kt_config_get_bool(cfg, svc, "append_at_myorigin") == 1,
         .append_dot_mydomain = kt_config_get_bool(cfg, svc, "append_dot_mydomain") == 1,
         .default_privs = get(cfg, svc, "default_privs"),
+        .virtual_alias_domains = get(cfg, svc, "virtual_alias_domains"),
+        .recipient_delimiter = get(cfg, svc, "recipient_delimiter"),
     };
     if (!local_recipient_maps_ok(cfg, svc, errors))
         return NULL;
-    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%d\1%d\1%s", rc.myhostname,
+    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%d\1%d\1%s\1%s\1%s", rc.myhostname,
                             rc.mydestination, rc.relay_domains, rc.virtual_mailbox_domains,
                             rc.virtual_mailbox_base, rc.virtual_mailbox_maps, rc.virtual_uid_maps,
                             rc.virtual_gid_maps, rc.alias_maps, rc.home_mailbox, rc.myorigin, rc.mydomain,
-                            rc.append_at_myorigin, rc.append_dot_mydomain, rc.default_privs);
+                            rc.append_at_myorigin, rc.append_dot_mydomain, rc.default_privs,
+                            rc.virtual_alias_domains, rc.recipient_delimiter);
     struct kt_resolver *r = shared_find(rp, 0, key);
     if (!r) {
         char err[512];
@@ -183,6 +187,69 @@ static struct kt_resolver *service_resolver(struct runtime_private *rp, const st
     }
     kt_free(key);
     return r;
+}
+
+/* canonical_maps, sender_/recipient_canonical_maps, virtual_alias_maps and their classes and limits
+ * (delivery/rewrite.h), shared by services with equal values and the same resolver. */
+static struct kt_rewrite *service_rewrite(struct runtime_private *rp, const struct kt_config *cfg,
+                                          const struct kt_service *svc, const struct kt_resolver *resolver,
+                                          int *errors)
+{
+    struct kt_rewrite_config c = {
+        .virtual_alias_maps = get(cfg, svc, "virtual_alias_maps"),
+        .canonical_maps = get(cfg, svc, "canonical_maps"),
+        .sender_canonical_maps = get(cfg, svc, "sender_canonical_maps"),
+        .recipient_canonical_maps = get(cfg, svc, "recipient_canonical_maps"),
+        .canonical_classes = get(cfg, svc, "canonical_classes"),
+        .sender_canonical_classes = get(cfg, svc, "sender_canonical_classes"),
+        .recipient_canonical_classes = get(cfg, svc, "recipient_canonical_classes"),
+        .propagate_unmatched_extensions = get(cfg, svc, "propagate_unmatched_extensions"),
+        .virtual_alias_expansion_limit = kt_config_get_int(cfg, svc, "virtual_alias_expansion_limit"),
+        .virtual_alias_recursion_limit = kt_config_get_int(cfg, svc, "virtual_alias_recursion_limit"),
+        .resolver = resolver,
+    };
+    static const char *const limits[] = { "virtual_alias_expansion_limit", "virtual_alias_recursion_limit" };
+    for (size_t i = 0; i < 2; i++)
+        if (kt_config_get_int(cfg, svc, limits[i]) <= 0) {
+            param_err(cfg, svc, limits[i], "%s must be a positive number", limits[i]);
+            (*errors)++;
+        }
+    /* local(8)'s alias and :include: expansion do not carry an unmatched extension along */
+    static const char *const unimplemented[] = { "alias", "include" };
+    for (size_t i = 0; i < 2; i++) {
+        const char *v = c.propagate_unmatched_extensions, *p = v;
+        size_t wl = strlen(unimplemented[i]);
+        for (p += strspn(p, ", \t"); *p; p += strspn(p, ", \t")) {
+            size_t n = strcspn(p, ", \t");
+            if (n == wl && !strncasecmp(p, unimplemented[i], n)) {
+                param_err(cfg, svc, "propagate_unmatched_extensions", "propagate_unmatched_extensions: ktrelay "
+                          "does not propagate extensions into local %s expansions; remove \"%s\"",
+                          i == 0 ? "alias" : ":include:", unimplemented[i]);
+                (*errors)++;
+            }
+            p += n;
+        }
+    }
+    if (!resolver)
+        return NULL;   /* already reported */
+    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%lld\1%lld\1%p", c.virtual_alias_maps,
+                            c.canonical_maps, c.sender_canonical_maps, c.recipient_canonical_maps,
+                            c.canonical_classes, c.sender_canonical_classes, c.recipient_canonical_classes,
+                            c.propagate_unmatched_extensions, c.virtual_alias_expansion_limit,
+                            c.virtual_alias_recursion_limit, (const void *)resolver);
+    struct kt_rewrite *rw = shared_find(rp, 6, key);
+    if (!rw) {
+        char err[512];
+        if (kt_rewrite_new(&c, &rw, err, sizeof(err)) < 0) {
+            param_err(cfg, svc, NULL, "%s", err);
+            (*errors)++;
+            rw = NULL;
+        } else {
+            shared_add(rp, 6, key, rw);
+        }
+    }
+    kt_free(key);
+    return rw;
 }
 
 /* The loader admits only Postfix's server levels (none, may, encrypt, empty). */
@@ -651,6 +718,20 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
         st->tls = service_tls(rp, cfg, svc, st, &errors);
     st->resolver = service_resolver(rp, cfg, svc, &errors);
     st->transport = rp->transport;
+    st->rewrite = service_rewrite(rp, cfg, svc, st->resolver, &errors);
+    st->content_filter = get(cfg, svc, "content_filter");
+    const char *ro = get(cfg, svc, "receive_override_options");
+    static const char *const ro_names[] = { "no_unknown_recipient_checks", "no_address_mappings",
+                                            "no_header_body_checks", "no_milters" };
+    for (size_t i = 0; i < 4; i++) {
+        size_t wl = strlen(ro_names[i]);
+        for (const char *p = ro + strspn(ro, ", \t"); *p; p += strspn(p, ", \t")) {
+            size_t n = strcspn(p, ", \t");
+            if (n == wl && !strncasecmp(p, ro_names[i], n))
+                st->receive_override |= 1u << i;
+            p += n;
+        }
+    }
     st->mynetworks = service_mynetworks(rp, cfg, svc, &errors);
     st->policy = service_policy(rp, cfg, svc, st, &errors);
     st->conn_count_limit = kt_config_get_int(cfg, svc, "smtpd_client_connection_count_limit");
@@ -678,6 +759,12 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     st->peername_lookup = kt_config_get_bool(cfg, svc, "smtpd_peername_lookup") != 0;
     errors += service_bare_newline(rp, cfg, svc, st);
     errors += service_checks(rp, cfg, svc, st);
+    if (st->receive_override & KT_RO_NO_HEADER_BODY_CHECKS) {
+        /* receive_override_options = no_header_body_checks (a re-injection service after a content filter):
+         * the tables are still built and checked, and not applied here */
+        st->checks = NULL;
+        st->checks_need_queue = 0;
+    }
     errors += service_sasl(rp, cfg, svc, st);
     errors += service_listen_check(cfg, svc);
     return errors;
@@ -976,6 +1063,8 @@ static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg
                   "not \"%s\"", qs->tlsrpt_directory);
         errors++;
     }
+    qs->rewrite = service_rewrite(rp, cfg, NULL, qs->resolver, &errors);
+    qs->content_filter = get(cfg, NULL, "content_filter");
     errors += smtp_settings(rp, cfg, &qs->smtp);
     size_t n_own = 0;
     errors += own_list(rp, cfg, "inet_interfaces", &n_own);
@@ -1014,6 +1103,8 @@ static void runtime_free(struct runtime_private *rp)
             kt_policy_free(rp->objs[i].obj);
         else if (rp->objs[i].kind == 5)
             kt_cleanup_checks_free(rp->objs[i].obj);
+        else if (rp->objs[i].kind == 6)
+            kt_rewrite_free(rp->objs[i].obj);
         else
             kt_sasl_server_free(rp->objs[i].obj);
         kt_free(rp->objs[i].key);
@@ -1027,6 +1118,25 @@ static void runtime_free(struct runtime_private *rp)
     kt_free(rp->pub.services);
     kt_config_free(rp->pub.cfg);
     kt_free(rp);
+}
+
+int kt_settings_rewriter(const struct kt_config *cfg, struct kt_resolver **resolver, struct kt_rewrite **rw)
+{
+    struct runtime_private rp = { 0 };
+    int errors = 0;
+    *resolver = service_resolver(&rp, cfg, NULL, &errors);
+    *rw = service_rewrite(&rp, cfg, NULL, *resolver, &errors);
+    for (size_t i = 0; i < rp.n_objs; i++)
+        kt_free(rp.objs[i].key);       /* the objects themselves go to the caller */
+    kt_free(rp.objs);
+    if (errors) {
+        kt_rewrite_free(*rw);
+        kt_resolver_free(*resolver);
+        *rw = NULL;
+        *resolver = NULL;
+        return -EINVAL;
+    }
+    return 0;
 }
 
 /* syslog_facility, syslog_name, maillog_file and maillog_file_prefixes as

@@ -19,6 +19,15 @@ struct kt_policy;
 struct kt_sasl_server;
 struct kt_maps;
 struct kt_transport;
+struct kt_rewrite;
+
+/* receive_override_options bits (Postfix's names) */
+enum {
+    KT_RO_NO_UNKNOWN_RECIPIENT_CHECKS = 1u << 0,
+    KT_RO_NO_ADDRESS_MAPPINGS = 1u << 1,      /* no canonical mapping, no virtual alias expansion */
+    KT_RO_NO_HEADER_BODY_CHECKS = 1u << 2,
+    KT_RO_NO_MILTERS = 1u << 3,
+};
 
 enum kt_tls_level { KT_TLS_NONE, KT_TLS_MAY, KT_TLS_ENCRYPT };
 /* smtpd_forbid_bare_newline (Postfix 3.9). Every value stores CRLF and ends data only at CRLF.CRLF. */
@@ -67,6 +76,9 @@ struct kt_smtpd_settings {
     const struct kt_transport *transport;  /* transport_maps and *_transport (main.cf), owned by the runtime */
     struct kt_net_list *mynetworks;
     struct kt_policy *policy;        /* smtpd_*_restrictions and address rewriting */
+    struct kt_rewrite *rewrite;      /* canonical and virtual alias maps (cleanup's rewriting) */
+    const char *content_filter;      /* "transport:nexthop" for every message received here; "" = none */
+    unsigned receive_override;       /* KT_RO_* from receive_override_options */
     /* SASL AUTH */
     int sasl_enable;                 /* smtpd_sasl_auth_enable and a backend */
     unsigned sasl_mechs;             /* KT_MECH_* allowed without TLS (smtpd_sasl_security_options) */
@@ -149,6 +161,8 @@ struct kt_qmgr_settings {
      * interface's), and proxy_interfaces; owned by the runtime */
     const struct sockaddr_storage *own_addrs;
     size_t n_own_addrs;
+    const struct kt_rewrite *rewrite;    /* main.cf's canonical and virtual alias maps (local submissions) */
+    const char *content_filter;          /* main.cf's content_filter, for local submissions; "" = none */
     struct kt_smtp_settings smtp;
     /* MTA-STS (RFC 8461) and TLS reporting (RFC 8460) */
     int mta_sts_enable;              /* ktrelay_mta_sts_enable */
@@ -186,6 +200,10 @@ struct kt_runtime {
  * run both go through here. Returns 0 or -EINVAL after logging every problem. */
 int kt_runtime_new(struct kt_config *cfg, struct kt_runtime **out);
 struct kt_runtime *kt_runtime_ref(struct kt_runtime *rt);
+/* main.cf's resolver and address rewriter alone, built as the queue manager's are, for a local submission
+ * that queues directly (ktrelay sendmail run by root). 0, or -EINVAL after logging the problems. The
+ * caller frees both (kt_rewrite_free first). */
+int kt_settings_rewriter(const struct kt_config *cfg, struct kt_resolver **resolver, struct kt_rewrite **rw);
 void kt_runtime_unref(struct kt_runtime *rt);
 
 #endif

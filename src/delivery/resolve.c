@@ -53,7 +53,8 @@ struct ip {
 };
 
 struct kt_resolver {
-    struct kt_domain_list *mydest, *relay, *vdomains;
+    struct kt_domain_list *mydest, *relay, *vdomains, *adomains;
+    char *delim;                   /* recipient_delimiter, "" = none */
     struct kt_maps *vmaps, *vuid, *vgid;
     struct kt_aliases *aliases;
     struct user *users;
@@ -177,11 +178,34 @@ enum kt_addr_class kt_resolve_class(const struct kt_resolver *r, const char *dom
     }
     if (kt_domain_list_match(r->mydest, domain))
         return KT_CLASS_LOCAL;
+    if (kt_domain_list_match(r->adomains, domain))
+        return KT_CLASS_ALIAS;
     if (kt_domain_list_match(r->vdomains, domain))
         return KT_CLASS_VIRTUAL;
     if (kt_domain_list_match(r->relay, domain))
         return KT_CLASS_RELAY;
     return KT_CLASS_DEFAULT;
+}
+
+size_t kt_addr_unextended(const char *delims, const char *lp, size_t len)
+{
+    size_t n;
+
+    if (empty(delims) || len == 0)
+        return len;
+    if ((len == 10 && strncasecmp(lp, "postmaster", 10) == 0) || (len == 13 && strncasecmp(lp, "mailer-daemon", 13) == 0))
+        return len;
+    if (strchr(delims, '-')
+        && ((len > 6 && strncasecmp(lp, "owner-", 6) == 0) || (len > 8 && strncasecmp(lp + len - 8, "-request", 8) == 0)))
+        return len;
+    for (n = 0; n < len && !strchr(delims, lp[n]); n++)
+        ;
+    return n == 0 || n + 1 >= len ? len : n;
+}
+
+const char *kt_resolve_delimiter(const struct kt_resolver *r)
+{
+    return r ? r->delim : "";
 }
 
 /* ---- lookups ---- */
@@ -247,12 +271,19 @@ static const char *find_vpath(const struct kt_resolver *r, const char *value)
     return v ? v->path : NULL;
 }
 
-/* virtual(8) order: the full address, then the "@domain" catch-all. */
-static const char *virtual_get(const struct kt_maps *m, const char *addr)
+/* virtual(8) order: the full address, the address without its extension (recipient_delimiter), then the
+ * "@domain" catch-all. */
+static const char *virtual_get(const struct kt_resolver *r, const struct kt_maps *m, const char *addr)
 {
-    const char *v = kt_maps_get(m, addr), *at;
+    const char *v = kt_maps_get(m, addr), *at = strrchr(addr, '@');
 
-    if (!v && (at = strrchr(addr, '@')) != NULL)
+    if (!v && at) {
+        size_t lp = (size_t)(at - addr), base = kt_addr_unextended(r->delim, addr, lp);
+        char key[520];
+        if (base < lp && (size_t)snprintf(key, sizeof(key), "%.*s%s", (int)base, addr, at) < sizeof(key))
+            v = kt_maps_get(m, key);
+    }
+    if (!v && at)
         v = kt_maps_get(m, at);
     return v;
 }
@@ -274,20 +305,21 @@ static int parse_id(const char *s, unsigned *out)
     return 0;
 }
 
-static int virtual_id(const struct kt_maps *m, const char *addr, unsigned self, unsigned *out)
+static int virtual_id(const struct kt_resolver *r, const struct kt_maps *m, const char *addr, unsigned self,
+                      unsigned *out)
 {
     if (!kt_maps_count(m)) {
         *out = self;
         return 0;
     }
-    return parse_id(virtual_get(m, addr), out);
+    return parse_id(virtual_get(r, m, addr), out);
 }
 
 enum vresult { V_OK, V_UNKNOWN, V_MBOX, V_IDS };
 
 static enum vresult virtual_lookup(const struct kt_resolver *r, const char *addr, struct kt_mailbox *mb)
 {
-    const char *v = virtual_get(r->vmaps, addr);
+    const char *v = virtual_get(r, r->vmaps, addr);
     size_t n;
 
     mb->home = NULL;
@@ -299,7 +331,7 @@ static enum vresult virtual_lookup(const struct kt_resolver *r, const char *addr
     n = strlen(v);
     if (!n || v[n - 1] != '/' || !(mb->path = find_vpath(r, v)))
         return V_MBOX;
-    if (virtual_id(r->vuid, addr, r->self_uid, &mb->uid) < 0 || virtual_id(r->vgid, addr, r->self_gid, &mb->gid) < 0)
+    if (virtual_id(r, r->vuid, addr, r->self_uid, &mb->uid) < 0 || virtual_id(r, r->vgid, addr, r->self_gid, &mb->gid) < 0)
         return V_IDS;
     return V_OK;
 }
@@ -358,7 +390,14 @@ static void add_forward(struct expand *x, const char *addr)
 static void deliver_user(struct expand *x, const char *name)
 {
     const struct user *u = find_user(x->r, name);
+    size_t len = strlen(name), base = kt_addr_unextended(x->r->delim, name, len);
 
+    if (!u && base < len) {
+        /* local(8): user+extension is delivered to user */
+        char bare[256];
+        snprintf(bare, sizeof(bare), "%.*s", (int)base, name);
+        u = find_user(x->r, bare);
+    }
     if (u) {
         /* Never deliver as root: its mail is owned by default_privs, as Postfix's local(8) delivers
          * for root; the home must exist (it is never created). */
@@ -405,7 +444,17 @@ static void expand_list(struct expand *x, const char *list);
 static void expand_local(struct expand *x, const char *name)
 {
     const char *value = kt_aliases_get(x->r->aliases, name);
+    size_t len = strlen(name), base = kt_addr_unextended(x->r->delim, name, len);
 
+    if (!value && base < len && !find_user(x->r, name)) {
+        /* local(8): user+extension has the aliases of user, unless a user of the full name exists */
+        char bare[256];
+        snprintf(bare, sizeof(bare), "%.*s", (int)base, name);
+        if (kt_aliases_get(x->r->aliases, bare)) {
+            expand_local(x, bare);    /* bare has no extension: this recursion ends there */
+            return;
+        }
+    }
     if (!value || on_stack(x, name)) {
         deliver_user(x, name);
         return;
@@ -446,6 +495,7 @@ static void expand_address(struct expand *x, const char *addr)
         else
             skip(x, "undeliverable virtual alias target");
         return;
+    case KT_CLASS_ALIAS:      /* forwarded: virtual_alias_maps rewrite it on its way */
     case KT_CLASS_RELAY:
     case KT_CLASS_DEFAULT:
         add_forward(x, addr);
@@ -569,6 +619,10 @@ void kt_resolve_recipient(const struct kt_resolver *r, const char *addr, struct 
             break;
         }
         break;
+    case KT_CLASS_ALIAS:
+        /* an address of a virtual alias domain that virtual_alias_maps did not rewrite */
+        reply(res, "550 5.1.1", addr, "Recipient address rejected: User unknown in virtual alias table");
+        break;
     case KT_CLASS_RELAY:
     case KT_CLASS_DEFAULT:
         break;
@@ -577,7 +631,7 @@ void kt_resolve_recipient(const struct kt_resolver *r, const char *addr, struct 
 
 int kt_resolve_virtual_listed(const struct kt_resolver *r, const char *addr)
 {
-    return virtual_get(r->vmaps, addr) != NULL;
+    return virtual_get(r, r->vmaps, addr) != NULL;
 }
 
 /* ---- construction ---- */
@@ -789,6 +843,9 @@ int kt_resolver_new(const struct kt_resolve_config *c, struct kt_resolver **out,
     if (rc == 0)
         rc = kt_domain_list_open(c->virtual_mailbox_domains, 0, &r->vdomains, err, errlen);
     if (rc == 0)
+        rc = kt_domain_list_open(c->virtual_alias_domains, 0, &r->adomains, err, errlen);
+    r->delim = kt_strdup(empty(c->recipient_delimiter) ? "" : c->recipient_delimiter);
+    if (rc == 0)
         rc = kt_maps_open(c->virtual_mailbox_maps, KT_TABLE_MAP, &r->vmaps, err, errlen);
     if (rc == 0)
         rc = open_ids(c->virtual_uid_maps, "virtual_uid_maps", &r->vuid, err, errlen);
@@ -869,6 +926,8 @@ void kt_resolver_free(struct kt_resolver *r)
     kt_domain_list_free(r->mydest);
     kt_domain_list_free(r->relay);
     kt_domain_list_free(r->vdomains);
+    kt_domain_list_free(r->adomains);
+    kt_free(r->delim);
     kt_maps_free(r->vmaps);
     kt_maps_free(r->vuid);
     kt_maps_free(r->vgid);

@@ -22,9 +22,15 @@ struct kt_resolve_config {
     int append_at_myorigin;            /* Postfix default yes (settings.c passes it) */
     int append_dot_mydomain;           /* Postfix >= 3.0 default no */
     const char *default_privs;         /* owner of mail for uid 0; NULL = "nobody" */
+    const char *virtual_alias_domains; /* Postfix virtual alias class (default $virtual_alias_maps: the
+                                        * domains that are keys of those tables); NULL = none */
+    const char *recipient_delimiter;   /* extension delimiters ("+", "+-"); NULL or "" = none */
 };
 
-enum kt_addr_class { KT_CLASS_LOCAL, KT_CLASS_VIRTUAL, KT_CLASS_RELAY, KT_CLASS_DEFAULT };
+/* Postfix's address classes; KT_CLASS_ALIAS is the virtual alias class (virtual_alias_domains): an
+ * authorized destination with no mailboxes of its own, every address of which must be rewritten by
+ * virtual_alias_maps (delivery/rewrite.h) before it is resolved. */
+enum kt_addr_class { KT_CLASS_LOCAL, KT_CLASS_VIRTUAL, KT_CLASS_RELAY, KT_CLASS_DEFAULT, KT_CLASS_ALIAS };
 
 struct kt_mailbox {
     const char *path;   /* absolute Maildir path ending in '/'; owned by the resolver */
@@ -70,7 +76,14 @@ int kt_resolver_foreach_mailbox(const struct kt_resolver *r, int (*fn)(const cha
  * the value: Postfix's smtpd recipient check when another transport than virtual(8) delivers (lmtp:, where
  * the table only lists who exists). */
 int kt_resolve_virtual_listed(const struct kt_resolver *r, const char *addr);
-/* Class of a domain ("example.com", "[192.0.2.1]"; NULL or "" = local). */
+/* Class of a domain ("example.com", "[192.0.2.1]"; NULL or "" = local), in trivial-rewrite's order:
+ * local (mydestination, this host's [address]), virtual alias, virtual mailbox, relay, default. */
 enum kt_addr_class kt_resolve_class(const struct kt_resolver *r, const char *domain);
+/* Postfix's split_addr: the length of the part of local part lp (len bytes) before its address extension
+ * (the first character of delims), or len when it has none: no delimiters, a delimiter at the start or
+ * the end, postmaster and MAILER-DAEMON, and, when '-' is a delimiter, "owner-*" and "*-request". */
+size_t kt_addr_unextended(const char *delims, const char *lp, size_t len);
+/* The resolver's recipient_delimiter ("" = none). */
+const char *kt_resolve_delimiter(const struct kt_resolver *r);
 
 #endif

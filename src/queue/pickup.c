@@ -15,6 +15,7 @@
 #include "core/log.h"
 #include "delivery/header_scan.h"
 #include "metrics/metrics.h"
+#include "delivery/rewrite.h"
 #include "queue/pickup.h"
 #include "smtpd/smtp_parse.h"
 #include "queue/queue.h"
@@ -123,7 +124,7 @@ static void normalize(struct kt_buf *out, const char *in, size_t len)
 }
 
 static void pick_one(int dfd, const char *dir, const char *name, const char *qdir, long long size_limit,
-                     const char *hostname, int *picked)
+                     const char *hostname, const struct kt_rewrite *rw, const char *filter, int *picked)
 {
     int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
     struct stat st;
@@ -178,15 +179,35 @@ static void pick_one(int dfd, const char *dir, const char *name, const char *qdi
     kt_buf_printf(&msg, "Received: by %s (ktrelay, from userid %u)\r\n\tid %s; %s\r\n", hostname,
                   (unsigned)st.st_uid, id, date);
     normalize(&msg, data + off, len - (size_t)off);
-    int rc = kt_queue_write_props(qdir, time(NULL), sender, rcpts, n, &dp.props, msg.data, kt_buf_used(&msg), id,
-                                  sizeof(id));
+    struct kt_rewrite_envelope env;
+    const char *failed;
+    int rc = kt_rewrite_envelope(rw, id, sender, rcpts, n, &env, &failed);
     if (rc < 0) {
+        /* Postfix's cleanup does not accept it either; the drop file stays for a fixed table */
+        kt_err("pickup: %s/%s: recipient %s cannot be rewritten; kept for a later try", dir, name, failed);
+        kt_buf_release(&msg);
+        goto out;
+    }
+    /* each recipient an alias expanded into keeps the DSN request of the one it came from */
+    unsigned *notify = dp.notify ? kt_calloc(env.n ? env.n : 1, sizeof(*notify)) : NULL;
+    for (size_t i = 0; notify && i < env.n; i++)
+        notify[i] = dp.notify[env.src[i]];
+    struct kt_qprops props = dp.props;
+    props.notify = notify;
+    props.filter = filter;
+    props.orig_rcpt = (const char *const *)env.origs;
+    rc = kt_queue_write_props(qdir, time(NULL), env.sender, (const char *const *)env.rcpts, env.n, &props, msg.data,
+                              kt_buf_used(&msg), id, sizeof(id));
+    kt_free(notify);
+    if (rc < 0) {
+        kt_rewrite_envelope_free(&env);
         /* keep the drop file: the next tick tries again */
         kt_err("pickup: %s/%s: cannot queue: %s", dir, name, strerror(-rc));
         kt_buf_release(&msg);
         goto out;
     }
-    kt_pickup_log(id, st.st_uid, sender, msg.data, kt_buf_used(&msg), n);
+    kt_pickup_log(id, st.st_uid, env.sender, msg.data, kt_buf_used(&msg), env.n);
+    kt_rewrite_envelope_free(&env);
     kt_buf_release(&msg);
     kt_queue_notify(qdir, id);
     (*picked)++;
@@ -201,7 +222,8 @@ out:
         close(fd);
 }
 
-int kt_pickup_run(const char *qdir, long long size_limit, const char *hostname)
+int kt_pickup_run(const char *qdir, long long size_limit, const char *hostname, const struct kt_rewrite *rw,
+                  const char *content_filter)
 {
     char dir[PATH_MAX];
     snprintf(dir, sizeof(dir), "%s/maildrop", qdir);
@@ -219,7 +241,7 @@ int kt_pickup_run(const char *qdir, long long size_limit, const char *hostname)
     for (int seen = 0; (e = readdir(d)) != NULL && seen < 1000; seen++) {
         if (e->d_name[0] == '.')
             continue;    /* ".", "..", and files still being written */
-        pick_one(dirfd(d), dir, e->d_name, qdir, size_limit, hostname, &picked);
+        pick_one(dirfd(d), dir, e->d_name, qdir, size_limit, hostname, rw, content_filter, &picked);
     }
     closedir(d);
     return picked;

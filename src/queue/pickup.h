@@ -22,10 +22,17 @@
 #include <stddef.h>
 #include <sys/types.h>
 
+struct kt_rewrite;
 /* Pick up every complete file in qdir/maildrop. size_limit: message_size_limit
- * (0 = none). Returns the number of messages queued (>= 0). Blocking file I/O:
- * run it where that is acceptable (the queue manager's tick). */
-int kt_pickup_run(const char *qdir, long long size_limit, const char *hostname);
+ * (0 = none). rw (may be NULL): canonical and virtual alias rewriting of the
+ * envelope, as Postfix's cleanup applies to picked-up mail; a recipient that
+ * cannot be rewritten (an alias loop) keeps the drop file for a later try.
+ * content_filter (NULL or "" = none): main.cf's, recorded in every message
+ * picked up, as Postfix's pickup service applies it.
+ * Returns the number of messages queued (>= 0). Blocking file I/O: run it
+ * where that is acceptable (the queue manager's tick). */
+int kt_pickup_run(const char *qdir, long long size_limit, const char *hostname, const struct kt_rewrite *rw,
+                  const char *content_filter);
 
 /* The three log lines of a locally submitted message (also used by
  * `ktrelay sendmail` when it queues directly). msg: the message as queued. */

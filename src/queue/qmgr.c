@@ -336,6 +336,12 @@ static char *route(struct kt_qmgr *q, const char *addr, const char *filter, cons
     if (!filter && (!at || !at[1]))
         return kt_strdup("local");
     enum kt_addr_class cls = q->set->resolver && at ? kt_resolve_class(q->set->resolver, at + 1) : KT_CLASS_DEFAULT;
+    if (!filter && cls == KT_CLASS_ALIAS) {
+        /* an address of a virtual alias domain that virtual_alias_maps did not rewrite (Postfix's error
+         * transport for that class) */
+        *err = "User unknown in virtual alias table";
+        return NULL;
+    }
     if (!q->set->transport)
         return cls == KT_CLASS_LOCAL || cls == KT_CLASS_VIRTUAL ? kt_strdup("local") : kt_strdup("");
     /* one route per recipient: the result lives in the manager, which runs on one thread */
@@ -399,6 +405,18 @@ static const char *agent_of(const char *relay)
     return lmtp_agent ? lmtp_agent : "smtp";
 }
 
+/* What a "to=<%s>" log line shows for recipient i: the address, and after it Postfix's ", orig_to=<...>" when
+ * address rewriting changed it. One buffer per thread, for one use at a time. */
+static const char *to_of(const struct msg *m, size_t i)
+{
+    static __thread char buf[1100];
+    const struct kt_qrcpt *r = &m->q->rcpts[i];
+    if (!r->orig_rcpt)
+        return r->addr;
+    snprintf(buf, sizeof(buf), "%s>, orig_to=<%s", r->addr, r->orig_rcpt);
+    return buf;
+}
+
 static void log_sent(struct msg *m, size_t i, const char *relay, const char *text)
 {
     const char *said = text ? strstr(text, "said: ") : NULL;
@@ -411,7 +429,7 @@ static void log_sent(struct msg *m, size_t i, const char *relay, const char *tex
     }
     kt_metric_inc(KT_M_DELIVERY_SENT);
     kt_metric_observe(KT_H_DELIVERY, (double)delay_of(m));
-    kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=2.0.0, status=sent (%s)", m->q->id, m->q->rcpts[i].addr, relay,
+    kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=2.0.0, status=sent (%s)", m->q->id, to_of(m, i), relay,
             delay_of(m), reply);
 }
 
@@ -455,7 +473,7 @@ static void rcpt_failed(struct kt_qmgr *q, struct msg *m, size_t i, const char *
     if (rc == 0) {
         kt_metric_inc(KT_M_DELIVERY_BOUNCED);
         kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=bounced (%s)", m->q->id,
-                   m->q->rcpts[i].addr, relay, delay_of(m), dsn, text);
+                   to_of(m, i), relay, delay_of(m), dsn, text);
     }
 }
 
@@ -469,7 +487,7 @@ static void rcpt_deferred(struct msg *m, size_t i, const char *relay, int code, 
     if (dsn[0] != '4')
         dsn[0] = '4';
     kt_metric_inc(KT_M_DELIVERY_DEFERRED);
-    kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=deferred (%s)", m->q->id, m->q->rcpts[i].addr, relay,
+    kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=deferred (%s)", m->q->id, to_of(m, i), relay,
             delay_of(m), dsn, text);
     kt_free(m->defer_reason);
     m->defer_reason = kt_asprintf("%s %s %s", dsn, strcmp(relay, "none") ? relay : "-", text);
@@ -604,7 +622,7 @@ static void job_results(struct kt_qmgr *q, struct job *j, int res, const char *d
         } else {
             kt_metric_inc(KT_M_DELIVERY_BOUNCED);
             kt_info_as(agent_of(relay), "%s: to=<%s>, relay=%s, delay=%.0f, dsn=%s, status=bounced (%s)", m->q->id,
-                       m->q->rcpts[i].addr, relay, delay_of(m), dsns[k], texts[k]);
+                       to_of(m, i), relay, delay_of(m), dsns[k], texts[k]);
         }
     }
     /* queued before the message file can go (the removal follows this round) */
@@ -1364,8 +1382,10 @@ static void local_opened(void *arg, int res)
         return;
     }
     /* what Postfix's virtual(8) and local(8) prepend, as the SMTP server's own final deliveries do */
+    /* X-Original-To: the address before canonical and virtual alias rewriting (orig_rcpt) */
+    const char *orig = j->m->q->rcpts[j->idx[j->cur]].orig_rcpt;
     char *hdr = kt_asprintf("Return-Path: <%s>\r\nX-Original-To: %s\r\nDelivered-To: %s\r\n", j->m->q->sender,
-                            j->addrs[j->cur], j->addrs[j->cur]);
+                            orig ? orig : j->addrs[j->cur], j->addrs[j->cur]);
     kt_delivery_append(j->dl, hdr, strlen(hdr));
     kt_free(hdr);
     j->pos = j->m->q->body_off;
@@ -1837,7 +1857,7 @@ static void msg_start(struct kt_qmgr *q, struct msg *m)
     for (size_t i = 0; i < m->q->n_rcpts; i++) {
         if (m->q->rcpts[i].state != KT_QR_PENDING)
             continue;
-        const char *err;
+        const char *err = NULL;
         char *key = route(q, m->q->rcpts[i].addr, m->q->filter, &err);
         if (!key) {
             rcpt_failed(q, m, i, "none", 550, NULL, err);
@@ -2193,7 +2213,8 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
     /* maildrop/: what local users submitted reaches the queue, and this queue
      * manager through public/qmgr, like any other process's mail */
     if (!q->stopping)
-        kt_pickup_run(q->qdir, q->set->message_size_limit, q->set->myhostname);
+        kt_pickup_run(q->qdir, q->set->message_size_limit, q->set->myhostname, q->set->rewrite,
+                      q->set->content_filter);
     kt_dns_tick(q->dns);
     for (struct dest *d = q->dests; d; d = d->next) {
         struct conn *cn, *next;

@@ -169,6 +169,8 @@ char *kt_queue_envelope(const char *sender, const char *const *rcpts, size_t n, 
         kt_buf_printf(&b, "ret %s\n", props->ret == KT_QRET_HDRS ? "HDRS" : "FULL");
     if (props && one_line(props->envid))
         kt_buf_printf(&b, "envid %s\n", props->envid);
+    if (props && one_line(props->filter))
+        kt_buf_printf(&b, "filter %s\n", props->filter);
     for (size_t i = 0; i < n; i++) {
         kt_buf_printf(&b, "rcpt %s\n", rcpts[i]);
         if (props && props->notify && props->notify[i]) {
@@ -177,20 +179,23 @@ char *kt_queue_envelope(const char *sender, const char *const *rcpts, size_t n, 
         }
         if (props && props->orcpt && one_line(props->orcpt[i]))
             kt_buf_printf(&b, "orcpt %s\n", props->orcpt[i]);
+        if (props && props->orig_rcpt && one_line(props->orig_rcpt[i]) && strcmp(props->orig_rcpt[i], rcpts[i]))
+            kt_buf_printf(&b, "orig_rcpt %s\n", props->orig_rcpt[i]);
     }
     kt_buf_append(&b, "body\n", 6);    /* with the NUL: the buffer is returned as a string */
     return b.data;
 }
 
 void kt_qmsg_props(const struct kt_qmsg *m, const size_t *idx, size_t n, unsigned *notify, const char **orcpt,
-                   struct kt_qprops *out)
+                   const char **orig, struct kt_qprops *out)
 {
     for (size_t k = 0; k < n; k++) {
         notify[k] = m->rcpts[idx[k]].notify;
         orcpt[k] = m->rcpts[idx[k]].orcpt;
+        orig[k] = m->rcpts[idx[k]].orig_rcpt;
     }
     *out = (struct kt_qprops){ .smtputf8 = m->smtputf8, .body = m->body, .ret = m->ret, .envid = m->envid,
-                               .notify = notify, .orcpt = orcpt };
+                               .notify = notify, .orcpt = orcpt, .filter = m->filter, .orig_rcpt = orig };
 }
 
 void kt_xtext_decode(const char *s, char *out, size_t cap)
@@ -347,27 +352,23 @@ int kt_queue_rewrite_held(const char *qdir, const char *id, const char *redirect
     size_t *idx = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*idx));
     unsigned *notify = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*notify));
     const char **orcpt = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*orcpt));
+    const char **origs = kt_calloc(m->n_rcpts ? m->n_rcpts : 1, sizeof(*origs));
     struct kt_qprops props;
     for (size_t i = 0; i < m->n_rcpts; i++)
         idx[i] = i;
-    kt_qmsg_props(m, idx, m->n_rcpts, notify, orcpt, &props);
+    kt_qmsg_props(m, idx, m->n_rcpts, notify, orcpt, origs, &props);
     if (redirect) {
         props.notify = NULL;
         props.orcpt = NULL;
+        props.orig_rcpt = NULL;
     }
+    if (filter)
+        props.filter = filter;      /* the "filter transport:destination" line, replacing any earlier one */
     env = kt_queue_envelope(m->sender, rcpts, n, m->arrival, m->dots, m->canonical, &props);
     kt_free(idx);
     kt_free(notify);
     kt_free(orcpt);
-    if (filter) {
-        /* before the first rcpt line (or "body"): "filter transport:destination" */
-        char *at = strstr(env, "\nrcpt ");
-        char *body = strstr(env, "\nbody\n");
-        char *cut = at ? at + 1 : body ? body + 1 : env + strlen(env);
-        char *e = kt_asprintf("%.*sfilter %s\n%s", (int)(cut - env), env, filter, cut);
-        kt_free(env);
-        env = e;
-    }
+    kt_free(origs);
     snprintf(src, sizeof(src), "%s/hold/%s", qdir, id);
     snprintf(tmp, sizeof(tmp), "%s/tmp/%s.rewrite", qdir, id);
     snprintf(dst, sizeof(dst), "%s/%s/%s", qdir, keep_held ? "hold" : "new", id);
@@ -433,6 +434,7 @@ void kt_qmsg_free(struct kt_qmsg *m)
         kt_free(m->rcpts[i].addr);
         kt_free(m->rcpts[i].reason);
         kt_free(m->rcpts[i].orcpt);
+        kt_free(m->rcpts[i].orig_rcpt);
     }
     kt_free(m->rcpts);
     kt_free(m->envid);
@@ -534,6 +536,9 @@ static int load_from(const char *qdir, const char *sub, const char *id, struct k
             m->envid = kt_strdup(line + 6);
         } else if (!strncmp(line, "notify ", 7) && m->n_rcpts) {
             m->rcpts[m->n_rcpts - 1].notify = kt_notify_parse(line + 7);
+        } else if (!strncmp(line, "orig_rcpt ", 10) && line[10] && m->n_rcpts) {
+            kt_free(m->rcpts[m->n_rcpts - 1].orig_rcpt);
+            m->rcpts[m->n_rcpts - 1].orig_rcpt = kt_strdup(line + 10);
         } else if (!strncmp(line, "orcpt ", 6) && line[6] && m->n_rcpts) {
             kt_free(m->rcpts[m->n_rcpts - 1].orcpt);
             m->rcpts[m->n_rcpts - 1].orcpt = kt_strdup(line + 6);
@@ -991,12 +996,15 @@ struct kt_delivery *kt_queue_delivery_new(struct kt_loop *loop, const char *qdir
             m->rcpts[i].notify = props->notify[i];
         if (props && props->orcpt && one_line(props->orcpt[i]))
             m->rcpts[i].orcpt = kt_strdup(props->orcpt[i]);
+        if (props && props->orig_rcpt && one_line(props->orig_rcpt[i]) && strcmp(props->orig_rcpt[i], rcpts[i]))
+            m->rcpts[i].orig_rcpt = kt_strdup(props->orig_rcpt[i]);
     }
     if (props) {
         m->smtputf8 = props->smtputf8;
         m->body = props->body;
         m->ret = props->ret;
         m->envid = one_line(props->envid) ? kt_strdup(props->envid) : NULL;
+        m->filter = one_line(props->filter) ? kt_strdup(props->filter) : NULL;
     }
     m->body_off = (off_t)len;
     kt_delivery_set_user(d, m, qmsg_free_user);

@@ -11,13 +11,19 @@
  * A message file starts with text lines
  *   "KTQUEUE 1\n" "arrival <epoch>\n" "sender <addr>\n" ["dots <0|1>\n"] ["canonical 1\n"]
  *   ["smtputf8 1\n"] ["encoding 7BIT|8BITMIME|BINARYMIME\n"] ["ret FULL|HDRS\n"] ["envid <xtext>\n"]
- *   ["filter <transport:destination>\n"] ("rcpt <addr>\n" ["notify SUCCESS,FAILURE,DELAY|NEVER\n"] ["orcpt <type;xtext>\n"])... "body\n"
+ *   ["filter <transport:nexthop>\n"]
+ *   ("rcpt <addr>\n" ["notify SUCCESS,FAILURE,DELAY|NEVER\n"] ["orcpt <type;xtext>\n"] ["orig_rcpt <addr>\n"])...
+ *   "body\n"
  * followed by the message bytes (CRLF line ends, not dot-stuffed) up to the
  * end of the file. "sender " with an empty address is the null sender. The optional lines carry the
  * message's properties as the client declared them: SMTPUTF8 (RFC 6531), BODY= (RFC 6152, 3030) and the
  * DSN parameters (RFC 3461) RET, ENVID and, on the lines after their recipient's, NOTIFY and ORCPT, with
  * ENVID and ORCPT kept in their xtext form. Files without them (older ones) mean none was given; unknown
- * lines are skipped.
+ * lines are skipped. "filter" (Postfix's content_filter or an access table's FILTER action, its queue
+ * file record L) sends the message, every recipient, to that next hop instead of routing it.
+ * "orig_rcpt" (Postfix's record O) is the address its recipient had before address rewriting
+ * (canonical_maps, virtual_alias_maps), for X-Original-To and the log's orig_to=; without it the two
+ * are the same.
  * The status file holds lines "done N", "fail N REASON" (recipient N,
  * 0-based, is final; REASON is one line for the bounce) and "warn" (a delay warning went out); each append is fsync'd
  * before the outcome counts. A message whose recipients were all delivered
@@ -53,6 +59,7 @@ struct kt_qrcpt {
     char *reason;                  /* for a failed recipient: "DSN MTA DIAGNOSTIC" as marked, or NULL */
     unsigned notify;               /* KT_QNOTIFY_* bits, 0 = none given */
     char *orcpt;                   /* ORCPT "addr-type;xtext" as received, or NULL */
+    char *orig_rcpt;               /* the address before rewriting, NULL when it is addr itself */
 };
 
 /* The properties a writer stores with an envelope. envid: xtext, NULL = none. notify/orcpt: one entry per
@@ -64,6 +71,8 @@ struct kt_qprops {
     const char *envid;
     const unsigned *notify;
     const char *const *orcpt;
+    const char *filter;              /* content filter "transport:nexthop"; NULL or "" = none */
+    const char *const *orig_rcpt;    /* per recipient: the address before rewriting (NULL, or equal = none) */
 };
 
 struct kt_qmsg {
@@ -82,8 +91,9 @@ struct kt_qmsg {
     enum kt_qbody body;
     enum kt_qret ret;
     char *envid;                   /* ENVID in xtext, or NULL */
-    char *filter;                  /* "filter transport:destination" (header/body_checks FILTER): every
-                                      recipient goes there; NULL = routed as usual */
+    char *filter;                  /* "transport:destination" of a content filter (content_filter, an access
+                                      table's or header/body_checks' FILTER): every recipient goes there;
+                                      NULL = routed as usual */
 };
 
 /* One status record for kt_queue_mark_many: recipient rcpt becomes state (done or failed with reason). */
@@ -112,9 +122,10 @@ void kt_queue_new_id(char *buf, size_t len);
 char *kt_queue_envelope(const char *sender, const char *const *rcpts, size_t n, time_t arrival, int dots,
                         int canonical, const struct kt_qprops *props);
 /* The properties of a loaded message as a writer takes them, for the recipients idx[0..n) (requeue keeps
- * them). notify and orcpt are caller arrays of n entries; the strings stay m's. */
+ * them, the content filter and the original recipients too). notify, orcpt and orig are caller arrays of n
+ * entries; the strings stay m's. */
 void kt_qmsg_props(const struct kt_qmsg *m, const size_t *idx, size_t n, unsigned *notify, const char **orcpt,
-                   struct kt_qprops *out);
+                   const char **orig, struct kt_qprops *out);
 /* RFC 3461 4 xtext: decode s into out (cap bytes, NUL-terminated), every byte outside 0x20..0x7e shown as
  * '?', so that the result can go into a header field. */
 void kt_xtext_decode(const char *s, char *out, size_t cap);

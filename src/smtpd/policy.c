@@ -556,7 +556,8 @@ static int fqdn(const char *domain)
 
 static int auth_destination(const struct kt_resolved_addr *ra)
 {
-    return !ra->routed && (ra->cls == KT_CLASS_LOCAL || ra->cls == KT_CLASS_VIRTUAL || ra->cls == KT_CLASS_RELAY);
+    return !ra->routed && (ra->cls == KT_CLASS_LOCAL || ra->cls == KT_CLASS_VIRTUAL || ra->cls == KT_CLASS_RELAY
+                           || ra->cls == KT_CLASS_ALIAS);
 }
 
 static int apply(struct eval *e, enum rtype t, const struct kt_table *table, int depth);
@@ -577,6 +578,18 @@ static int access_result(struct eval *e, const char *value, int list, int depth)
         return PERMIT;
     if (wlen == 5 && strncasecmp(value, "DUNNO", 5) == 0)
         return DUNNO;
+    if (wlen == 6 && strncasecmp(value, "FILTER", 6) == 0) {
+        /* access(5): the message goes to this content filter once queued; evaluation goes on */
+        size_t n = strcspn(text, " \t");
+        const char *colon = memchr(text, ':', n);
+        if (!colon || colon == text || colon + 1 == text + n || n >= KT_FILTER_MAX) {
+            kt_warn("access table: FILTER action without transport:nexthop: \"%s\"; ignored", text);
+            return DUNNO;
+        }
+        if (e->r->filter)
+            snprintf(e->r->filter, KT_FILTER_MAX, "%.*s", (int)n, text);
+        return DUNNO;
+    }
     int code = 0;
     if (wlen == 6 && strncasecmp(value, "REJECT", 6) == 0)
         code = 554;
@@ -620,6 +633,14 @@ static int check_mail_access(struct eval *e, const struct kt_table *t, const cha
     if ((v = kt_table_get(t, key)))
         return access_result(e, v, list, depth);
     long at = find_unquoted(key, '@', 1);
+    /* access(5) with recipient_delimiter: user+foo@domain, user@domain, domain, user+foo@, user@ */
+    size_t base = at >= 0 ? kt_addr_unextended(kt_resolve_delimiter(e->p->resolver), key, (size_t)at) : 0;
+    if (at >= 0 && base < (size_t)at) {
+        char bare[520];
+        snprintf(bare, sizeof(bare), "%.*s%s", (int)base, key, key + at);
+        if ((v = kt_table_get(t, bare)))
+            return access_result(e, v, list, depth);
+    }
     if (at >= 0) {
         const char *d = key + at + 1;
         for (const char *p = d; p && *p; p = strchr(p + 1, '.')) {
@@ -630,6 +651,12 @@ static int check_mail_access(struct eval *e, const struct kt_table *t, const cha
         key[at + 1] = '\0';
         if ((v = kt_table_get(t, key)))
             return access_result(e, v, list, depth);
+        if (base < (size_t)at) {
+            key[base] = '@';
+            key[base + 1] = '\0';
+            if ((v = kt_table_get(t, key)))
+                return access_result(e, v, list, depth);
+        }
     }
     return DUNNO;
 }

@@ -78,7 +78,12 @@ struct kt_policy_request {
     struct kt_dns_needs *needs;
     const struct kt_dns_result *answers;   /* answers fetched for this check, looked at before the cache */
     unsigned n_answers;
+    /* Out: an access table's "FILTER transport:nexthop" (access(5)) met during the evaluation, the last
+     * one winning, as Postfix; it does not end the evaluation. NULL: FILTER is ignored. */
+    char *filter;                 /* KT_FILTER_MAX bytes, left alone when no FILTER matched */
 };
+
+#define KT_FILTER_MAX 256
 
 enum { KT_NAME_OK, KT_NAME_PERM, KT_NAME_TEMP };
 

@@ -31,6 +31,7 @@
 #include "core/log.h"
 #include "delivery/maildir.h"
 #include "delivery/transport.h"
+#include "delivery/rewrite.h"
 #include "metrics/metrics.h"
 #include "smtpd/policy.h"
 #include "queue/qmgr.h"
@@ -285,6 +286,7 @@ static void transaction_reset(struct kt_session *s)
         kt_delivery_abandon(t->delivery);
     kt_cleanup_free(t->cleanup);
     kt_buf_release(&t->rcpts);
+    kt_buf_release(&t->orig_rcpts);
     kt_buf_release(&t->relay_rcpts);
     for (size_t i = 0; i < t->rcpt_dsn_cap; i++)
         kt_free(t->rcpt_orcpt[i]);
@@ -319,8 +321,9 @@ static int spool_append(struct kt_session *s, const char *p, size_t n)
 static void add_trace_headers(struct kt_session *s)
 {
     struct kt_smtpd_txn *t = s->txn;
+    /* X-Original-To: the address before canonical and virtual alias rewriting */
     char *hdr = kt_asprintf("Return-Path: <%s>\r\nX-Original-To: %s\r\nDelivered-To: %s\r\n", t->sender_full,
-                            t->rcpts.data, t->rcpts.data);
+                            t->orig_rcpts.data, t->rcpts.data);
     kt_delivery_append(t->delivery, hdr, strlen(hdr));
     kt_free(hdr);
 }
@@ -540,9 +543,16 @@ static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
         reply(s, "501 5.1.7 Bad sender address syntax");
         return;
     }
+    /* cleanup's envelope sender rewriting: sender_canonical_maps, canonical_maps */
+    if (full[0] && !(s->cfg->receive_override & KT_RO_NO_ADDRESS_MAPPINGS) && kt_rewrite_active(s->cfg->rewrite)) {
+        char canon[sizeof(full)];
+        if (kt_rewrite_sender(s->cfg->rewrite, full, canon, sizeof(canon)) > 0)
+            memcpy(full, canon, sizeof(full));
+    }
     s->txn = transaction_new();
     memcpy(s->txn->sender, path.addr, path.addr_len + 1);
     memcpy(s->txn->sender_full, full, sizeof(full));
+    snprintf(s->txn->filter, sizeof(s->txn->filter), "%s", s->cfg->content_filter ? s->cfg->content_filter : "");
     s->txn->body_8bit = p.body != KT_BODY_7BIT;
     /* the message's properties, carried in the queue envelope */
     s->txn->smtputf8 = p.smtputf8;
@@ -619,10 +629,12 @@ static void rcpt_reject(struct kt_session *s, const char *why, const char *rcpt)
 
 /* The message goes into the queue, not straight into the Maildirs: some recipient is relayed, or asked for
  * a success notice (NOTIFY=SUCCESS), which the queue manager sends once it delivered, or there are several
- * recipients (a copy each, with its own Delivered-To:). */
+ * recipients (a copy each, with its own Delivered-To:), or a recipient did not resolve after address
+ * rewriting (the queue manager bounces or retries it), or a content filter applies (content_filter, an
+ * access table's FILTER). */
 static int via_queue(const struct kt_smtpd_txn *t)
 {
-    return t->n_relay_rcpts || t->want_success || t->n_rcpts > 1;
+    return t->n_relay_rcpts || t->want_success || t->n_rcpts > 1 || t->queue_all || t->filter[0];
 }
 
 /* What a recipient's NOTIFY and ORCPT add to the queue envelope ("notify ...\n", "orcpt ...\n"). */
@@ -631,12 +643,14 @@ static size_t rcpt_dsn_bytes(const struct kt_rcpt_params *p)
     return (p->has_notify ? 40 : 0) + (p->has_orcpt ? p->orcpt_len + 8 : 0);
 }
 
-/* 1 when one more recipient of addr_len bytes with p's DSN parameters keeps the queue envelope within
- * what is buffered in memory until the queue file exists. */
-static int envelope_room(const struct kt_smtpd_txn *t, size_t addr_len, const struct kt_rcpt_params *p)
+/* 1 when one more recipient of addr_len bytes (orig_len before rewriting) with p's DSN parameters keeps
+ * the queue envelope within what is buffered in memory until the queue file exists. */
+static int envelope_room(const struct kt_smtpd_txn *t, size_t addr_len, size_t orig_len, const struct kt_rcpt_params *p)
 {
+    /* "orig_rcpt " lines: at most one per recipient */
     return kt_buf_used(&t->rcpts) + addr_len + 1 + 6 * ((size_t)t->n_rcpts + 1) + t->dsn_bytes +
-           rcpt_dsn_bytes(p) <= RELAY_ENVELOPE_MAX;
+           rcpt_dsn_bytes(p) + kt_buf_used(&t->orig_rcpts) + orig_len + 12 * ((size_t)t->n_rcpts + 1)
+           <= RELAY_ENVELOPE_MAX;
 }
 
 /* NOTIFY and ORCPT of the recipient just added to t->rcpts (RFC 3461), kept for the queue envelope. */
@@ -667,17 +681,25 @@ static void rcpt_dsn_keep(struct kt_smtpd_txn *t, const struct kt_rcpt_params *p
         t->want_success = 1;
 }
 
-static int relay_accept(struct kt_smtpd_txn *t, const char *addr, const struct kt_rcpt_params *p)
+/* A recipient into the envelope: addr as rewritten, orig as the client gave it (for orig_rcpt), with its
+ * DSN parameters. */
+static void rcpt_keep(struct kt_smtpd_txn *t, const char *addr, const char *orig, const struct kt_rcpt_params *p)
+{
+    kt_buf_append(&t->rcpts, addr, strlen(addr) + 1);
+    kt_buf_append(&t->orig_rcpts, orig, strlen(orig) + 1);
+    t->n_rcpts++;
+    rcpt_dsn_keep(t, p);
+}
+
+static int relay_accept(struct kt_smtpd_txn *t, const char *addr, const char *orig, const struct kt_rcpt_params *p)
 {
     size_t n = strlen(addr) + 1;
     /* the queue envelope is buffered in memory until the queue file exists */
-    if (!envelope_room(t, n - 1, p))
+    if (!envelope_room(t, n - 1, strlen(orig), p))
         return -1;
     kt_buf_append(&t->relay_rcpts, addr, n);
     t->n_relay_rcpts++;
-    kt_buf_append(&t->rcpts, addr, n);
-    t->n_rcpts++;
-    rcpt_dsn_keep(t, p);
+    rcpt_keep(t, addr, orig, p);
     return 0;
 }
 
@@ -697,12 +719,126 @@ static void resume_commands(struct kt_session *s)
     session_process(s);
 }
 
+/* A recipient that address rewriting left alone: local and virtual ones must resolve to Maildirs here
+ * (unknown users are refused), others are relayed (the restrictions allowed it). 1 when accepted. */
+static int rcpt_single(struct kt_session *s, struct kt_smtp_path *path, const struct kt_resolved_addr *ra,
+                       const char *addr, const char *orig, const struct kt_rcpt_params *p)
+{
+    struct kt_smtpd_txn *t = s->txn;
+    struct kt_resolve_result res;
+    if (ra->cls != KT_CLASS_LOCAL && ra->cls != KT_CLASS_VIRTUAL && ra->cls != KT_CLASS_ALIAS) {
+        if (!rcpt_already(t, addr) && relay_accept(t, addr, orig, p) < 0) {
+            too_many_recipients(s);
+            return 0;
+        }
+        rcpt_accepted(s);
+        return 1;
+    }
+    if (ra->rewritten)
+        memcpy(path->addr, ra->addr, strlen(ra->addr) + 1);
+    path->addr_len = strlen(path->addr);
+    /* another transport delivers it (virtual_transport = lmtp:..., transport_maps): the message goes
+     * through the queue, like relayed mail, and no Maildir is written here; the address is passed on
+     * as it is, so only whether the recipient exists matters */
+    int queued = ra->cls != KT_CLASS_ALIAS && kt_transport_queued(s->cfg->transport, path->addr, ra->cls);
+    if (queued && ra->cls == KT_CLASS_VIRTUAL) {
+        /* Postfix: virtual_mailbox_maps lists who exists; the value is virtual(8)'s, unused here */
+        if (!kt_resolve_virtual_listed(s->cfg->resolver, path->addr)) {
+            char msg[700];
+            snprintf(msg, sizeof(msg), "550 5.1.1 <%s>: Recipient address rejected: User unknown in virtual "
+                     "mailbox table", path->addr);
+            rcpt_reject(s, msg, path->addr);
+            return 0;
+        }
+    } else {
+        kt_resolve_recipient(s->cfg->resolver, path->addr, &res);
+        if (res.reply) {
+            rcpt_reject(s, res.reply, path->addr);
+            return 0;
+        }
+    }
+    if (queued) {
+        if (!rcpt_already(t, path->addr) && relay_accept(t, path->addr, orig, p) < 0) {
+            too_many_recipients(s);
+            return 0;
+        }
+        rcpt_accepted(s);
+        return 1;
+    }
+    if (res.n_mailboxes == 0) {
+        char msg[700];
+        snprintf(msg, sizeof(msg), "550 5.1.1 <%s>: Recipient address rejected: alias forwards to remote "
+                 "addresses, which this server does not relay", path->addr);
+        rcpt_reject(s, msg, path->addr);
+        return 0;
+    }
+    if (rcpt_already(t, path->addr)) {
+        rcpt_accepted(s);
+        return 1;
+    }
+    if ((p->has_notify || p->has_orcpt || via_queue(t)) && !envelope_room(t, path->addr_len, strlen(orig), p)) {
+        too_many_recipients(s);
+        return 0;
+    }
+    for (size_t i = 0; i < res.n_mailboxes; i++)
+        add_mailbox(t, &res.mailboxes[i]);
+    rcpt_keep(t, path->addr, orig, p);
+    rcpt_accepted(s);
+    return 1;
+}
+
+/* A recipient that canonical or virtual alias maps rewrote (into one address or several): it is accepted,
+ * as Postfix's smtpd accepts an address that virtual_alias_maps know, and each result is delivered by its
+ * own class, with the recipient's DSN parameters. Local and virtual results that resolve go straight into
+ * their Maildirs; the others (remote ones, and results that do not resolve, which the queue manager then
+ * bounces or retries as Postfix would after accepting them) send the message through the queue. 1 when
+ * accepted. */
+static int rcpt_expanded(struct kt_session *s, const struct kt_rewrite_result *rr, const char *orig,
+                         const struct kt_rcpt_params *p)
+{
+    struct kt_smtpd_txn *t = s->txn;
+    struct kt_resolve_result res;
+    for (size_t i = 0; i < rr->n; i++) {
+        const char *a = rr->addrs[i];
+        if (rcpt_already(t, a))
+            continue;
+        const char *at = strrchr(a, '@');
+        enum kt_addr_class cls = kt_resolve_class(s->cfg->resolver, at ? at + 1 : NULL);
+        /* remote, or delivered by another transport (lmtp:, transport_maps): through the queue */
+        if ((cls != KT_CLASS_LOCAL && cls != KT_CLASS_VIRTUAL && cls != KT_CLASS_ALIAS)
+            || (cls != KT_CLASS_ALIAS && kt_transport_queued(s->cfg->transport, a, cls))) {
+            if (relay_accept(t, a, orig, p) < 0) {
+                too_many_recipients(s);
+                return 0;
+            }
+            continue;
+        }
+        if (!envelope_room(t, strlen(a), strlen(orig), p)) {
+            too_many_recipients(s);
+            return 0;
+        }
+        res.reply = "";
+        res.n_mailboxes = 0;
+        if (cls != KT_CLASS_ALIAS)   /* an alias domain address that expanded to itself: bounced */
+            kt_resolve_recipient(s->cfg->resolver, a, &res);
+        if (!res.reply && res.n_mailboxes > 0) {
+            for (size_t k = 0; k < res.n_mailboxes; k++)
+                add_mailbox(t, &res.mailboxes[k]);
+        } else {
+            t->queue_all = 1;
+        }
+        rcpt_keep(t, a, orig, p);
+    }
+    rcpt_accepted(s);
+    return 1;
+}
+
 static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
 {
     struct kt_smtp_path path;
     struct kt_rcpt_params p;
-    struct kt_resolve_result res;
     struct kt_smtpd_txn *t = s->txn;   /* the command table guarantees one */
+    char filter[KT_FILTER_MAX] = "";
 
     if (!s->cmd_replay && rate_exceeded(s, KT_ANVIL_RCPT, s->cfg->rcpt_rate_limit, "Recipient address")) {
         reply(s, "450 4.7.1 Error: too many recipients from %s", s->addr);
@@ -740,6 +876,7 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         .client_name_status = s->client_name_status,
         .reverse_name = s->reverse_name,
         .reverse_name_status = s->reverse_name_status,
+        .filter = filter,
     };
     struct kt_resolved_addr ra;
     struct kt_dns_needs needs;
@@ -765,65 +902,33 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         rcpt_reject(s, why, path.addr);
         return;
     }
-    if (ra.cls != KT_CLASS_LOCAL && ra.cls != KT_CLASS_VIRTUAL) {
-        if (!rcpt_already(t, ra.addr) && relay_accept(t, ra.addr, &p) < 0) {
-            too_many_recipients(s);
-            return;
-        }
-        rcpt_accepted(s);
-        return;
-    }
-    if (ra.rewritten)
-        memcpy(path.addr, ra.addr, strlen(ra.addr) + 1);
-    path.addr_len = strlen(path.addr);
-    /* another transport delivers it (virtual_transport = lmtp:..., transport_maps): the message goes
-     * through the queue, like relayed mail, and no Maildir is written here; the address is passed on
-     * as it is, so only whether the recipient exists matters */
-    int queued = kt_transport_queued(s->cfg->transport, path.addr, ra.cls);
-    if (queued && ra.cls == KT_CLASS_VIRTUAL) {
-        /* Postfix: virtual_mailbox_maps lists who exists; the value is virtual(8)'s, unused here */
-        if (!kt_resolve_virtual_listed(s->cfg->resolver, path.addr)) {
-            char msg[700];
-            snprintf(msg, sizeof(msg), "550 5.1.1 <%s>: Recipient address rejected: User unknown in virtual "
-                     "mailbox table", path.addr);
-            rcpt_reject(s, msg, path.addr);
-            return;
-        }
-    } else {
-        kt_resolve_recipient(s->cfg->resolver, path.addr, &res);
-        if (res.reply) {
-            rcpt_reject(s, res.reply, path.addr);
-            return;
-        }
-    }
-    if (queued) {
-        if (!rcpt_already(t, path.addr) && relay_accept(t, path.addr, &p) < 0)
-            too_many_recipients(s);
-        else
-            rcpt_accepted(s);
-        return;
-    }
-    if (res.n_mailboxes == 0) {
+    /* the address trivial-rewrite made of it, then cleanup's canonical and virtual alias rewriting */
+    const char *addr0 = ra.cls != KT_CLASS_LOCAL && ra.cls != KT_CLASS_VIRTUAL ? ra.addr
+                        : ra.rewritten ? ra.addr : path.addr;
+    struct kt_rewrite_result rr = { 0 };
+    int rrc = 0;
+    if (!(s->cfg->receive_override & KT_RO_NO_ADDRESS_MAPPINGS) && kt_rewrite_active(s->cfg->rewrite))
+        rrc = kt_rewrite_recipient(s->cfg->rewrite, t->client_logged ? t->queue_id : "NOQUEUE", addr0, &rr);
+    if (rrc < 0) {
         char msg[700];
-        snprintf(msg, sizeof(msg), "550 5.1.1 <%s>: Recipient address rejected: alias forwards to remote "
-                 "addresses, which this server does not relay", path.addr);
+        snprintf(msg, sizeof(msg), "451 4.3.0 <%s>: Temporary lookup failure", path.addr);
         rcpt_reject(s, msg, path.addr);
         return;
     }
-    if (rcpt_already(t, path.addr)) {
-        rcpt_accepted(s);
-        return;
+    if (rr.n == 0) {
+        rr.addrs = kt_calloc(1, sizeof(*rr.addrs));
+        rr.addrs[rr.n++] = kt_strdup(addr0);
     }
-    if ((p.has_notify || p.has_orcpt || via_queue(t)) && !envelope_room(t, path.addr_len, &p)) {
-        too_many_recipients(s);
-        return;
+    int rewritten = rr.aliased || rr.n != 1 || strcmp(rr.addrs[0], addr0) != 0;
+    int accepted = rewritten ? rcpt_expanded(s, &rr, addr0, &p) : rcpt_single(s, &path, &ra, rr.addrs[0], addr0, &p);
+    kt_rewrite_result_free(&rr);
+    /* an access table's FILTER counts once the recipient is accepted; the whole message goes there */
+    if (accepted && filter[0] && strcmp(filter, t->filter) != 0) {
+        kt_info("%s: filter: RCPT from %s[%s]: <%s>: triggers FILTER %s; from=<%s> to=<%s> proto=%s helo=<%s>",
+                t->queue_id, client_name(s), s->addr, path.addr, filter, t->sender, path.addr, protocol_name(s),
+                s->helo);
+        memcpy(t->filter, filter, sizeof(t->filter));
     }
-    for (size_t i = 0; i < res.n_mailboxes; i++)
-        add_mailbox(t, &res.mailboxes[i]);
-    kt_buf_append(&t->rcpts, path.addr, path.addr_len + 1);
-    t->n_rcpts++;
-    rcpt_dsn_keep(t, &p);
-    rcpt_accepted(s);
 }
 
 /* ---- message body: DATA and BDAT ---- */
@@ -882,16 +987,21 @@ static void on_commit(void *arg, int res)
                           (long long)t->msg_bytes);
         if (t->queued && !redirect && !filter && !hold)
             kt_qmgr_submit(t->delivery);
+        const char *o = t->orig_rcpts.data;
         for (unsigned i = 0; i < t->n_rcpts && !t->queued; i++) {
             const char *at = strrchr(r, '@');
             int virt = s->cfg->resolver && kt_resolve_class(s->cfg->resolver, at ? at + 1 : "") == KT_CLASS_VIRTUAL;
+            char orig_to[600] = "";
+            if (strcmp(o, r) != 0)
+                snprintf(orig_to, sizeof(orig_to), ", orig_to=<%s>", o);
             kt_info_as(virt ? "virtual" : "local",
-                       "%s: to=<%s>, relay=%s, delay=%.2f, dsn=2.0.0, status=sent "
-                       "(delivered to maildir as %s)", t->queue_id, r, virt ? "virtual" : "local", delay,
+                       "%s: to=<%s>%s, relay=%s, delay=%.2f, dsn=2.0.0, status=sent "
+                       "(delivered to maildir as %s)", t->queue_id, r, orig_to, virt ? "virtual" : "local", delay,
                        kt_delivery_name(t->delivery));
             kt_metric_inc(KT_M_DELIVERY_SENT);
             kt_metric_observe(KT_H_DELIVERY, delay);
             r += strlen(r) + 1;
+            o += strlen(o) + 1;
         }
         if (!t->queued)
             kt_info_as("qmgr", "%s: removed", t->queue_id);
@@ -996,13 +1106,14 @@ static void start_spool(struct kt_session *s)
      * which one file linked into several Maildirs cannot. */
     if (via_queue(t) || s->cfg->checks_need_queue) {
         const char **list = kt_calloc(t->n_rcpts, sizeof(*list));
-        const char *r = t->rcpts.data;
+        const char *r = t->rcpts.data, *o = t->orig_rcpts.data;
         unsigned *notify = kt_calloc(t->n_rcpts, sizeof(*notify));
         const char **orcpt = kt_calloc(t->n_rcpts, sizeof(*orcpt));
+        const char **origs = kt_calloc(t->n_rcpts, sizeof(*origs));
         size_t n = 0;
         /* one delivery per recipient: the same address twice (any case) is one recipient, with the DSN
-         * parameters it was first given */
-        for (unsigned i = 0; i < t->n_rcpts; i++, r += strlen(r) + 1) {
+         * parameters (and the original address) it was first given */
+        for (unsigned i = 0; i < t->n_rcpts; i++, r += strlen(r) + 1, o += strlen(o) + 1) {
             size_t k = 0;
             while (k < n && strcasecmp(list[k], r) != 0)
                 k++;
@@ -1011,12 +1122,13 @@ static void start_spool(struct kt_session *s)
             list[n] = r;
             notify[n] = i < t->rcpt_dsn_cap ? t->rcpt_notify[i] : 0;
             orcpt[n] = i < t->rcpt_dsn_cap ? t->rcpt_orcpt[i] : NULL;
+            origs[n] = o;
             n++;
         }
         struct kt_qprops props = {
             .smtputf8 = t->smtputf8, .body = (enum kt_qbody)t->body, .ret = (enum kt_qret)t->ret,
             .envid = t->envid[0] ? t->envid : NULL, .notify = t->rcpt_notify ? notify : NULL,
-            .orcpt = t->rcpt_orcpt ? orcpt : NULL,
+            .orcpt = t->rcpt_orcpt ? orcpt : NULL, .filter = t->filter, .orig_rcpt = origs,
         };
         /* envelope_room keeps the envelope small enough for this never to be NULL */
         t->delivery = kt_queue_delivery_new(&s->worker->loop, s->rt->queue_directory, t->sender_full, list, n,
@@ -1024,6 +1136,7 @@ static void start_spool(struct kt_session *s)
         kt_free(notify);
         kt_free(orcpt);
         kt_free(list);
+        kt_free(origs);
         t->queued = t->delivery != NULL;
     }
     if (!t->delivery) {
@@ -1343,6 +1456,17 @@ static void cmd_vrfy(struct kt_session *s, const struct kt_smtp_command *c)
     if (kt_resolve_complete(s->cfg->resolver, addr, full, sizeof(full)) < 0) {
         reply(s, "501 5.1.3 Bad recipient address syntax");
         return;
+    }
+    /* an address virtual_alias_maps know is deliverable, as for RCPT */
+    struct kt_rewrite_result rr;
+    if (!(s->cfg->receive_override & KT_RO_NO_ADDRESS_MAPPINGS) && kt_rewrite_active(s->cfg->rewrite)
+        && kt_rewrite_recipient(s->cfg->rewrite, "NOQUEUE", full, &rr) == 0) {
+        int aliased = rr.aliased;
+        kt_rewrite_result_free(&rr);
+        if (aliased) {
+            reply(s, "252 2.0.0 %s", addr);
+            return;
+        }
     }
     kt_resolve_recipient(s->cfg->resolver, full, &res);
     /* handed to another transport (lmtp:), a virtual recipient needs only its entry, as at RCPT */

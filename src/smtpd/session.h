@@ -93,7 +93,10 @@ struct kt_smtpd_txn {
     size_t rcpt_dsn_cap;                   /* entries in both */
     size_t dsn_bytes;                      /* what NOTIFY and ORCPT add to the queue envelope */
     int want_success;                      /* a recipient asked for NOTIFY=SUCCESS: through the queue */
-    struct kt_buf rcpts;                   /* NUL-separated recipient addresses */
+    struct kt_buf rcpts;                   /* NUL-separated recipient addresses (after address rewriting) */
+    struct kt_buf orig_rcpts;              /* the same count: each one's address before rewriting */
+    char filter[256];                      /* content_filter or FILTER (KT_FILTER_MAX); "" = none */
+    int queue_all;                         /* a recipient the queue manager must handle: queue the message */
     unsigned n_rcpts;                      /* all accepted recipients, local and relayed */
     struct kt_buf relay_rcpts;             /* NUL-separated recipients to relay (handed over at end of data) */
     unsigned n_relay_rcpts;

@@ -116,13 +116,17 @@ BAD = [
     # Postfix features that change who may send, what is filtered or where mail goes
     ("smtpd_milters = inet:127.0.0.1:8891", None, "smtpd_milters", "not implemented by ktrelay"),
     ("non_smtpd_milters = inet:127.0.0.1:8891", None, "non_smtpd_milters", "not implemented by ktrelay"),
-    (None, "content_filter=amavis:[127.0.0.1]:10024", "content_filter", "not implemented by ktrelay"),
+    (None, "content_filter=amavis:[127.0.0.1]:10024", "content_filter", 'transport "amavis" is not supported'),
+    ("content_filter = smtp:", None, "content_filter", "expected transport:nexthop with one next hop"),
+    ("smtpd_proxy_filter = 127.0.0.1:10025", None, "smtpd_proxy_filter", "not implemented by ktrelay"),
     ("smtp_header_checks = regexp:/etc/postfix/smtp_header_checks", None, "smtp_header_checks",
      "not implemented by ktrelay"),
     ("relocated_maps = hash:/etc/postfix/relocated", None, "relocated_maps", "not implemented by ktrelay"),
-    ("virtual_alias_maps = hash:/etc/postfix/virtual", None, "virtual_alias_maps", "not implemented by ktrelay"),
-    ("sender_canonical_maps = hash:/etc/postfix/canonical", None, "sender_canonical_maps",
-     "not implemented by ktrelay"),
+    ("masquerade_domains = example.com", None, "masquerade_domains", "not implemented by ktrelay"),
+    ("propagate_unmatched_extensions = canonical, virtual, alias", None, "propagate_unmatched_extensions",
+     "does not propagate extensions into local alias expansions"),
+    ("canonical_classes = envelope_sender, header_sendr", None, "canonical_classes",
+     "did you mean header_sender?"),
     ("smtp_header_checks = regexp:/etc/postfix/smtp_header_checks", None, "smtp_header_checks",
      "not implemented by ktrelay"),
     # smarthost AUTH on, but no password table: Postfix stops too
@@ -247,11 +251,11 @@ def test_ignore_unimplemented_lets_it_run(relay_factory):
     """An operator who knows what the missing features do can opt out: warnings, and it serves."""
     r = relay_factory("ktrelay_ignore_unimplemented = yes\n"
                       "smtp_header_checks = regexp:/etc/postfix/smtp_header_checks\n",
-                      services={"smtp": {"content_filter": "amavis:[127.0.0.1]:10024"}})
+                      services={"smtp": {"smtpd_proxy_filter": "127.0.0.1:10025"}})
     log = r.log()
     assert re.search(r"warning: \S+/main\.cf:\d+: parameter smtp_header_checks is not implemented by ktrelay; "
                      r"ignored because ktrelay_ignore_unimplemented = yes", log), log
-    assert re.search(r"warning: \S+/master\.cf:1: parameter content_filter is not implemented", log), log
+    assert re.search(r"warning: \S+/master\.cf:1: parameter smtpd_proxy_filter is not implemented", log), log
 
 
 def test_cosmetic_unimplemented_and_empty_values_warn_only(tmp_path):

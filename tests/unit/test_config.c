@@ -412,29 +412,29 @@ static void test_not_implemented(void **state)
                            "smtp_header_checks = regexp:/etc/postfix/smtp_header_checks\n"
                            "smtpd_milters = inet:localhost:8891\n"
                            "debug_peer_level = 3\n"
-                           "virtual_alias_maps =\n",
-                           "smtp inet n - n - - smtpd -o content_filter=amavis:[127.0.0.1]:10024\n");
+                           "relocated_maps =\n",
+                           "smtp inet n - n - - smtpd -o smtpd_proxy_filter=127.0.0.1:10025\n");
     assert_int_equal(l.rc, -EINVAL);
     expect_log(l.log, "error: main.cf:2: parameter smtp_header_checks is not implemented by ktrelay, and running "
                       "without it would change who may send, what is filtered or where mail goes; remove it, "
                       "or set ktrelay_ignore_unimplemented = yes to run without it");
     expect_log(l.log, "error: main.cf:3: parameter smtpd_milters is not implemented by ktrelay");
-    expect_log(l.log, "error: master.cf:1: parameter content_filter is not implemented by ktrelay");
+    expect_log(l.log, "error: master.cf:1: parameter smtpd_proxy_filter is not implemented by ktrelay");
     /* cosmetic ones and empty values stay warnings */
     expect_log(l.log, "warning: main.cf:4: parameter debug_peer_level is a Postfix parameter that ktrelay does "
                       "not implement; ignored");
-    expect_log(l.log, "warning: main.cf:5: parameter virtual_alias_maps is a Postfix parameter that ktrelay "
+    expect_log(l.log, "warning: main.cf:5: parameter relocated_maps is a Postfix parameter that ktrelay "
                       "does not implement; ignored (empty)");
     expect_no_log(l.log, "unknown parameter");
 
     /* the operator's explicit opt-out */
     l = load("myhostname = a.b.c\nktrelay_ignore_unimplemented = yes\n"
              "smtp_header_checks = regexp:/etc/postfix/smtp_header_checks\n",
-             "smtp inet n - n - - smtpd -o content_filter=amavis:[127.0.0.1]:10024\n");
+             "smtp inet n - n - - smtpd -o smtpd_proxy_filter=127.0.0.1:10025\n");
     assert_int_equal(l.rc, 0);
     expect_log(l.log, "warning: main.cf:3: parameter smtp_header_checks is not implemented by ktrelay; ignored because "
                       "ktrelay_ignore_unimplemented = yes");
-    expect_log(l.log, "warning: master.cf:1: parameter content_filter is not implemented by ktrelay; ignored");
+    expect_log(l.log, "warning: master.cf:1: parameter smtpd_proxy_filter is not implemented by ktrelay; ignored");
     kt_config_free(l.cfg);
 }
 

@@ -299,9 +299,9 @@ static void test_props(void **state)
     /* requeue keeps them for the recipients it takes */
     size_t idx[] = { 2 };
     unsigned n2[1];
-    const char *o2[1];
+    const char *o2[1], *g2[1];
     struct kt_qprops p2;
-    kt_qmsg_props(m, idx, 1, n2, o2, &p2);
+    kt_qmsg_props(m, idx, 1, n2, o2, g2, &p2);
     assert_int_equal(p2.notify[0], KT_QNOTIFY_NEVER);
     assert_string_equal(p2.orcpt[0], "utf-8;c@x.test");
     assert_string_equal(p2.envid, "ENV+2B1");
@@ -311,6 +311,41 @@ static void test_props(void **state)
     assert_string_equal(x, "a+2Bb+3Dc+20d+C3+A4");
     kt_xtext_decode("a+2Bb+0Dc", x, sizeof(x));
     assert_string_equal(x, "a+b?c");
+}
+
+/* The content filter and the original recipients survive the file and are not mistaken for recipients. */
+static void test_filter_and_orig_rcpt(void **state)
+{
+    (void)state;
+    const char *origs[] = { "team@alias.test", NULL, "dave@remote.test" };
+    struct kt_qprops x = { .filter = "smtp:[127.0.0.1]:10024", .orig_rcpt = origs };
+    char id[KT_QUEUE_ID_MAX] = "";
+    assert_int_equal(kt_queue_write_props(qdir, 1000, "a@b", rcpts, 3, &x, "x\r\n", 3, id, sizeof(id)), 0);
+    char path[1024], buf[1024];
+    snprintf(path, sizeof(path), "%s/new/%s", qdir, id);
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    /* orig_rcpt only where it differs, on the line after its rcpt */
+    assert_non_null(strstr(buf, "canonical 1\nfilter smtp:[127.0.0.1]:10024\nrcpt bob@remote.test\n"
+                                "orig_rcpt team@alias.test\nrcpt carol@remote.test\nrcpt dave@remote.test\nbody\n"));
+    struct kt_qmsg *m;
+    assert_int_equal(kt_queue_load(qdir, id, &m), 0);
+    assert_string_equal(m->filter, "smtp:[127.0.0.1]:10024");
+    assert_int_equal(m->n_rcpts, 3);
+    assert_string_equal(m->rcpts[0].orig_rcpt, "team@alias.test");
+    assert_null(m->rcpts[1].orig_rcpt);
+    assert_null(m->rcpts[2].orig_rcpt);
+    kt_qmsg_free(m);
+    /* without extras: neither record */
+    id[0] = '\0';
+    assert_int_equal(kt_queue_write(qdir, "a@b", rcpts, 1, "x\r\n", 3, id, sizeof(id)), 0);
+    assert_int_equal(kt_queue_load(qdir, id, &m), 0);
+    assert_null(m->filter);
+    assert_null(m->rcpts[0].orig_rcpt);
+    kt_qmsg_free(m);
 }
 
 int main(void)
@@ -324,6 +359,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_bad_files, setup, teardown),
         cmocka_unit_test(test_dsn),
         cmocka_unit_test_setup_teardown(test_props, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_filter_and_orig_rcpt, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
