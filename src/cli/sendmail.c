@@ -447,8 +447,17 @@ static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list
         const char *failed;
         int w = 0;
         if (!c->rw_built) {
+            /* built only when there is something to rewrite: no tables, no work (and no NSS lookups) */
+            static const char *const maps[] = { "virtual_alias_maps", "canonical_maps", "sender_canonical_maps",
+                                                "recipient_canonical_maps" };
+            int any = 0;
+            for (size_t i = 0; i < sizeof(maps) / sizeof(maps[0]); i++) {
+                const char *v = kt_config_get(c->cfg, NULL, maps[i]);
+                any |= v && v[strspn(v, " \t,")] != '\0';
+            }
             c->rw_built = 1;
-            w = kt_settings_rewriter(c->cfg, &c->resolver, &c->rw);
+            if (any)
+                w = kt_settings_rewriter(c->cfg, &c->resolver, &c->rw);
         }
         if (w < 0) {
             fprintf(stderr, "sendmail: the configuration's address rewriting tables cannot be loaded (ktrelay "
