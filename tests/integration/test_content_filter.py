@@ -249,3 +249,20 @@ def test_main_cf_content_filter_applies_to_sendmail(relay_factory, peers):
     assert len(flt.messages) == 2
     for name in ("alice", "bob"):
         assert box(r, name)[0].read_bytes().count(b"X-Filtered: yes\r\n") == 1
+
+
+def test_reinjection_skips_header_checks(relay_factory, peers, tmp_path):
+    """receive_override_options = no_header_body_checks on the re-injection service: the checks ran on
+    the way in and do not run again on what the filter hands back (here they would refuse its header)."""
+    fport = free_port()
+    hc = tmp_path / "header_checks"
+    hc.write_text("/^X-Filtered:/ REJECT seen by the checks after the filter\n")
+    make_searchable(hc)
+    r = relay_factory(QUEUE_CF + f"header_checks = regexp:{hc}\n",
+                      services={"smtp": {"content_filter": f"smtp:[127.0.0.1]:{fport}"}, "reinject": REINJECT})
+    flt = peers(fport, reinject=r.port("reinject"))
+    send(r.port(), ["alice@example.test"])
+    wait_until(lambda: len(box(r, "alice")) == 1, 15, "the filtered copy")
+    assert len(flt.messages) == 1
+    assert box(r, "alice")[0].read_bytes().count(b"X-Filtered: yes\r\n") == 1
+    assert "seen by the checks after the filter" not in r.log()
