@@ -204,6 +204,11 @@ void kt_vlog_as(const char *service, enum kt_log_level level, const char *fmt, v
     len += (size_t)m;
     if (len > cap - 1)
         len = cap - 1;
+    /* one line per message: a line end or other control character that came with a peer's text (a header
+     * copied by a check, a reply) is shown as '?', as Postfix's printable() does in msg_output */
+    for (size_t i = (size_t)n; i < len; i++)
+        if (((unsigned char)body[i] < ' ' && body[i] != '\t') || body[i] == 127)
+            body[i] = '?';
     body[len] = '\n';
 
     if (use_stderr && write(STDERR_FILENO, body, len + 1) < 0) { /* stderr gone: nowhere to report */ }
