@@ -170,9 +170,23 @@ static void emit(struct kt_cleanup *c, const char *p, size_t n)
     c->olen += n;
 }
 
+/* A PREPEND or REPLACE text and its CRLF. A text made with $n from a folded header carries the fold's
+ * "\n": it is written as CRLF (and a continuation line starts with a blank), never as a bare LF. */
 static void emit_line(struct kt_cleanup *c, const char *text)
 {
-    emit(c, text, strlen(text));
+    for (const char *p = text; *p;) {
+        size_t n = strcspn(p, "\n");
+        if (n && p[n] == '\n' && p[n - 1] == '\r')
+            n--;
+        emit(c, p, n);
+        p += n;
+        if (!*p)
+            break;
+        p += *p == '\r' ? 2 : 1;
+        emit(c, "\r\n", 2);
+        if (*p && *p != ' ' && *p != '\t')
+            emit(c, "\t", 1);
+    }
     emit(c, "\r\n", 2);
 }
 
@@ -249,6 +263,26 @@ static int is_header(const char *p, size_t n)
     return i < n && p[i] == ':';
 }
 
+/* Makes an action's text (which $n may have filled with client bytes) one line for a reply or a log:
+ * a line end and the blanks after it (a fold) become one space, other control characters and, unless
+ * eight_bit, bytes above 126 become '?', as Postfix's printable(). */
+static void one_line(char *s, int eight_bit)
+{
+    char *o = s;
+
+    for (const unsigned char *p = (const unsigned char *)s; *p;) {
+        if (*p == '\r' || *p == '\n') {
+            while (*p == '\r' || *p == '\n' || *p == ' ' || *p == '\t')
+                p++;
+            *o++ = ' ';
+            continue;
+        }
+        *o++ = (*p < ' ' && *p != '\t') || *p == 127 || (*p > 127 && !eight_bit) ? '?' : (char)*p;
+        p++;
+    }
+    *o = 0;
+}
+
 /* "QUEUEID: ACTION: CLASS CONTENT from ORIGIN; from=<> to=<> proto=P helo=<h>[: TEXT]" */
 static void act_log(const struct kt_cleanup *c, const char *action, const char *cls, const char *content,
                     const char *text)
@@ -261,11 +295,23 @@ static void act_log(const struct kt_cleanup *c, const char *action, const char *
         if (*p != '\n' && *p != '\r')
             shown[o++] = *p;
     shown[o] = 0;
+    char *t = kt_strdup(text ? text : "");
+    one_line(t, 1);
     kt_info_as("cleanup", "%s: %s: %s %s from %s;%s%s%s", c->queue_id, action, cls, shown, c->origin, c->tail,
-               text && *text ? ": " : "", text && *text ? text : "");
+               *t ? ": " : "", t);
+    kt_free(t);
 }
 
 enum act_result { ACT_KEEP, ACT_DROP, ACT_REPLACE };
+
+/* A REDIRECT address or FILTER next hop: one token of printable characters (it becomes an envelope line). */
+static int one_token(const char *s)
+{
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+        if (*p <= ' ' || *p == 127)
+            return 0;
+    return 1;
+}
 
 static int is_dsn(const char *t)
 {
@@ -300,6 +346,7 @@ static enum act_result act(struct kt_cleanup *c, const char *cls, const char *ma
 #define IS(w) (wlen == strlen(w) && strncasecmp(value, w, wlen) == 0)
     if (IS("REJECT")) {
         char reason[400];
+        one_line((char *)text, 0);   /* the SMTP reply is ASCII */
         if (!*text)
             snprintf(reason, sizeof(reason), "5.7.1 message content rejected");
         else if (is_dsn(text))
@@ -327,7 +374,7 @@ static enum act_result act(struct kt_cleanup *c, const char *cls, const char *ma
     if (IS("FILTER")) {
         if (!*text)
             kt_warn("missing FILTER command argument in %s map", map);
-        else if (!strchr(text, ':'))
+        else if (!strchr(text, ':') || !one_token(text))
             kt_warn("bad FILTER command %s in %s -- need transport:destination", text, map);
         else {
             kt_free(c->filter);
@@ -369,7 +416,7 @@ static enum act_result act(struct kt_cleanup *c, const char *cls, const char *ma
         return ACT_REPLACE;
     }
     if (IS("REDIRECT")) {
-        if (!strchr(text, '@')) {
+        if (!strchr(text, '@') || !one_token(text)) {
             kt_warn("bad REDIRECT target \"%s\" in %s map -- need user@domain", text, map);
             return ACT_KEEP;
         }
