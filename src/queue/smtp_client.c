@@ -850,6 +850,13 @@ static void txn_done(struct kt_smtp_conn *c)
     c->state = ST_IDLE;
     c->expect = 0;
     c->deadline = 0;
+    if (kt_buf_used(&c->in) > 0) {
+        /* more replies than commands (an LMTP server with one reply too many): the next one would answer
+         * the wrong command, so the transaction's outcome stands and the connection is not reused */
+        kt_warn("%s sent more replies than commands: the connection is not reused", c->relay);
+        c->failed = 1;
+        c->state = ST_DONE;
+    }
     report(c, 0, NULL);
 }
 
@@ -1059,8 +1066,10 @@ static void on_reply(struct kt_smtp_conn *c, int code)
     case ST_DATA:
     data_reply:
         if (code != 354) {
+            /* a 2xx here is no delivery (the server has not seen the message): it must not read as one
+             * for the accepted recipients, so it counts as a temporary failure, as any unexpected reply */
             char *r = reply_text(c, "DATA");
-            set_all(c, code, r, 1);
+            set_all(c, code / 100 == 2 ? 450 : code, r, 1);
             kt_free(r);
             send_rset(c);
             return;

@@ -73,3 +73,111 @@ def test_redirect_and_filter_to_odd_values_are_ignored(hostile):
     assert "redirect:" not in log and "filter:" not in log, log[-3000:]
     assert len(box_files(hostile)) == 3
     assert box_files(hostile, "bob") == [] and box_files(hostile, "carol") == []
+
+
+class Scripted:
+    """A next hop that answers each command from a script: {command word: reply}; records what it got."""
+
+    def __init__(self, replies, greeting=b"220 scripted ESMTP\r\n"):
+        import socket
+        import threading
+        self.replies = replies
+        self.greeting = greeting
+        self.got = []
+        self.ls = socket.socket()
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(8)
+        self.port = self.ls.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        import threading
+        while True:
+            try:
+                s, _ = self.ls.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.session, args=(s,), daemon=True).start()
+
+    def session(self, s):
+        f = s.makefile("rb")
+        try:
+            s.sendall(self.greeting)
+            in_data = False
+            for line in f:
+                self.got.append(line)
+                if in_data:
+                    if line == b".\r\n":
+                        in_data = False
+                        s.sendall(self.replies.get(".", b"250 2.0.0 Ok\r\n"))
+                    continue
+                word = line.split(b" ")[0].split(b":")[0].strip().upper().decode()
+                s.sendall(self.replies.get(word, b"250 Ok\r\n"))
+                if word == "DATA" and self.replies.get(word, b"").startswith(b"354"):
+                    in_data = True
+                if word == "QUIT":
+                    break
+        except OSError:
+            pass
+        finally:
+            s.close()
+
+    def close(self):
+        self.ls.close()
+
+
+def test_a_2xx_reply_to_data_is_no_delivery(relay_factory, tmp_path):
+    """A next hop that answers DATA with 250 (no 354) never saw the message: it stays queued, deferred."""
+    srv = Scripted({"EHLO": b"250-scripted\r\n250 PIPELINING\r\n", "DATA": b"250 2.0.0 Ok\r\n"})
+    r = relay_factory(f"""\
+relayhost = [127.0.0.1]:{srv.port}
+queue_run_delay = 300s
+mynetworks = 127.0.0.0/8
+""")
+    c = SmtpConn(r.port())
+    c.ehlo("client.example.net")
+    c.cmd("MAIL FROM:<sender@example.org>", 250)
+    c.cmd("RCPT TO:<bob@remote.example>", 250)
+    c.cmd("DATA", 354)
+    c.send(b"Subject: x\r\n\r\nhello\r\n.\r\n")
+    qid = queue_id_of(c.reply())
+    c.cmd("QUIT", 221)
+    assert r.wait_log(f"{qid}: to=<bob@remote.example>", timeout=20), r.log()[-3000:]
+    log = r.log()
+    assert "status=sent" not in log, log[-3000:]
+    assert re.search(rf"{qid}: to=<bob@remote.example>, relay=127.0.0.1\[127.0.0.1\]:{srv.port}, .*dsn=4\.\d\.\d, "
+                     r"status=deferred \(host 127.0.0.1\[127.0.0.1\]:\d+ said: 250 2.0.0 Ok \(in reply to DATA command\)\)",
+                     log), log[-3000:]
+    assert f"{qid}: removed" not in log
+    srv.close()
+
+
+def test_an_lmtp_server_with_more_replies_than_recipients(relay_factory):
+    """One end-of-data reply too many: that recipient's outcome is the first, and the connection (whose
+    next reply would answer the wrong command) is not reused: the next message is delivered on a new one
+    at once."""
+    srv = Scripted({"LHLO": b"250-scripted\r\n250 PIPELINING\r\n", "DATA": b"354 go\r\n",
+                    ".": b"250 2.0.0 <alice@example.test> Saved\r\n250 2.0.0 <alice@example.test> Saved again\r\n"},
+                   greeting=b"220 scripted LMTP\r\n")
+    r = relay_factory(f"""\
+virtual_transport = lmtp:inet:127.0.0.1:{srv.port}
+queue_run_delay = 300s
+""")
+    qids = []
+    for i in range(2):
+        c = SmtpConn(r.port())
+        c.ehlo("client.example.net")
+        c.cmd("MAIL FROM:<sender@example.org>", 250)
+        c.cmd("RCPT TO:<alice@example.test>", 250)
+        c.cmd("DATA", 354)
+        c.send(f"Subject: {i}\r\n\r\nhello\r\n.\r\n".encode())
+        qids.append(queue_id_of(c.reply()))
+        c.cmd("QUIT", 221)
+        assert r.wait_log(f"{qids[-1]}: removed", timeout=20), r.log()[-3000:]
+    log = r.log()
+    for q in qids:
+        assert re.search(rf"{q}: to=<alice@example.test>, relay=127.0.0.1\[127.0.0.1\]:{srv.port}, .*dsn=2.0.0, "
+                         r"status=sent \(250 2.0.0 <alice@example.test> Saved\)", log), log[-3000:]
+    assert "deferred" not in log
+    assert sum(1 for l in srv.got if l == b".\r\n") == 2
+    srv.close()
