@@ -13,7 +13,7 @@
 #include "smtpd/cleanup.h"
 
 #define OUT_BUF 16384
-#define BOUNDARY_MAX 80   /* RFC 2046 5.1.1: at most 70 characters */
+#define BOUNDARY_MAX 2048 /* Postfix's mime_boundary_length_limit: longer ones are compared on this prefix */
 
 struct kt_cleanup_checks {
     struct kt_maps *header, *mime, *nested, *body;
@@ -43,10 +43,10 @@ struct kt_cleanup {
     char *key;                        /* lookup key built from hdr */
     size_t key_cap;
 
-    char boundary[KT_CLEANUP_MIME_DEPTH][BOUNDARY_MAX + 1];
+    char *boundary[KT_CLEANUP_MIME_DEPTH];   /* of each open multipart level (allocated as levels open) */
     int depth;                        /* open multipart levels */
     int deep_multipart;               /* a multipart level beyond KT_CLEANUP_MIME_DEPTH was seen */
-    char next_boundary[BOUNDARY_MAX + 1];   /* from this section's Content-Type: multipart */
+    char *next_boundary;              /* from this section's Content-Type: multipart, or NULL */
     int next_rfc822;                  /* this section's Content-Type is message/rfc822 */
     unsigned long long body_off;      /* body bytes seen (for body_checks_size_limit) */
 
@@ -215,6 +215,9 @@ void kt_cleanup_free(struct kt_cleanup *c)
         return;
     kt_free(c->hdr);
     kt_free(c->key);
+    for (int i = 0; i < KT_CLEANUP_MIME_DEPTH; i++)
+        kt_free(c->boundary[i]);
+    kt_free(c->next_boundary);
     kt_free(c->redirect);
     kt_free(c->filter);
     kt_free(c->origin);
@@ -495,9 +498,9 @@ static void content_type(struct kt_cleanup *c, const char *key)
             while (p[n] && p[n] != ';' && p[n] != ' ' && p[n] != '\t' && p[n] != '\n')
                 n++;
         }
-        if (n && n <= BOUNDARY_MAX) {
-            memcpy(c->next_boundary, p, n);
-            c->next_boundary[n] = 0;
+        if (n) {
+            kt_free(c->next_boundary);
+            c->next_boundary = kt_strndup(p, n < BOUNDARY_MAX ? n : BOUNDARY_MAX);
         }
         return;
     }
@@ -510,7 +513,9 @@ static int boundary_line(struct kt_cleanup *c, const char *p, size_t n)
         return 0;
     for (int i = c->depth - 1; i >= 0; i--) {
         size_t bl = strlen(c->boundary[i]);
-        if (n < 2 + bl || memcmp(p + 2, c->boundary[i], bl) != 0)
+        /* a boundary as long as the line buffer is compared on what the line's first piece holds */
+        size_t cmp = n - 2 < bl && n >= KT_CLEANUP_LINE_MAX ? n - 2 : bl;
+        if (n < 2 + cmp || memcmp(p + 2, c->boundary[i], cmp) != 0)
             continue;
         if (n >= 4 + bl && p[2 + bl] == '-' && p[3 + bl] == '-') {
             c->depth = i;
@@ -586,12 +591,15 @@ static void hdr_add(struct kt_cleanup *c, const char *p, size_t n)
 /* The end of a header section (its empty line was written): what follows. */
 static void headers_end(struct kt_cleanup *c)
 {
-    if (c->next_boundary[0]) {
-        if (c->depth < KT_CLEANUP_MIME_DEPTH)
-            snprintf(c->boundary[c->depth++], BOUNDARY_MAX + 1, "%s", c->next_boundary);
-        else
+    if (c->next_boundary) {
+        if (c->depth < KT_CLEANUP_MIME_DEPTH) {
+            kt_free(c->boundary[c->depth]);
+            c->boundary[c->depth++] = c->next_boundary;
+        } else {
             c->deep_multipart = 1;
-        c->next_boundary[0] = 0;
+            kt_free(c->next_boundary);
+        }
+        c->next_boundary = NULL;
         c->next_rfc822 = 0;
         c->in_headers = 0;
         return;
@@ -632,7 +640,8 @@ static void body_piece(struct kt_cleanup *c, const char *p, size_t n, int start,
     if (b == 1) {
         c->in_headers = 1;   /* a body part's headers follow */
         c->hclass = HC_MULTIPART;
-        c->next_boundary[0] = 0;
+        kt_free(c->next_boundary);
+        c->next_boundary = NULL;
         c->next_rfc822 = 0;
     }
 }

@@ -32,7 +32,7 @@
 #include <stddef.h>
 
 #define KT_CLEANUP_LINE_MAX 2048
-#define KT_CLEANUP_MIME_DEPTH 8
+#define KT_CLEANUP_MIME_DEPTH 100   /* Postfix's mime_nesting_limit */
 
 /* The tables of one configuration (per service), shared read-only by every session using it. */
 struct kt_cleanup_checks;

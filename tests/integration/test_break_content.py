@@ -181,3 +181,30 @@ queue_run_delay = 300s
     assert "deferred" not in log
     assert sum(1 for l in srv.got if l == b".\r\n") == 2
     srv.close()
+
+
+def nested_multipart(depth, boundary, inner):
+    """depth multipart levels, each a part of the one above; the innermost part is `inner`."""
+    b = [f"{boundary}{i}" for i in range(depth)]
+    text = f'From: <sender@example.org>\r\nSubject: mime\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="{b[0]}"\r\n\r\n'
+    for i in range(1, depth):
+        text += f'--{b[i - 1]}\r\nContent-Type: multipart/mixed; boundary="{b[i]}"\r\n\r\n'
+    text += f"--{b[-1]}\r\n{inner}\r\nbody\r\n--{b[-1]}--\r\n"
+    for i in range(depth - 2, -1, -1):
+        text += f"--{b[i]}--\r\n"
+    return text
+
+
+@pytest.mark.parametrize("depth,blen", [(1, 200), (1, 3000), (20, 10), (90, 60)],
+                         ids=["boundary-200", "boundary-3000", "depth-20", "depth-90"])
+def test_mime_header_checks_see_parts_behind_long_boundaries_and_deep_nesting(relay_factory, tmp_path, depth, blen):
+    """Postfix tracks boundaries up to mime_boundary_length_limit (2048, longer ones compared on that
+    prefix) and mime_nesting_limit (100) levels: a part cannot hide from mime_header_checks behind a
+    boundary longer than RFC 2046's 70 characters or a few levels more."""
+    (tmp_path / "mc").write_text("/^Content-Type: application\\/x-msdownload/ REJECT executable attachment\n")
+    r = relay_factory(f"mime_header_checks = pcre:{tmp_path}/mc\n")
+    bad = nested_multipart(depth, "b" * blen, "Content-Type: application/x-msdownload\r\n")
+    assert send(r, bad) == "550 5.7.1 executable attachment"
+    good = nested_multipart(depth, "b" * blen, "Content-Type: text/plain\r\n")
+    assert queue_id_of(send(r, good))
+    assert len(box_files(r)) == 1
