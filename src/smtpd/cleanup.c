@@ -183,6 +183,8 @@ static void emit_line(struct kt_cleanup *c, const char *text)
         if (!*p)
             break;
         p += *p == '\r' ? 2 : 1;
+        if (!*p)
+            break;   /* a last line end would make the next line empty: the end of the header section */
         emit(c, "\r\n", 2);
         if (*p && *p != ' ' && *p != '\t')
             emit(c, "\t", 1);

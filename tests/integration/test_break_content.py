@@ -11,6 +11,7 @@ HC = r"""
 /^Subject: reject ([^!]*)/           REJECT bad subject $1
 /^Subject: replace ([^!]*)/          REPLACE Subject: [tagged] $1
 /^Subject: prepend ([^!]*)/          PREPEND X-Was: $1
+/^Subject: cut ([^\t]*)/             REPLACE Subject: [cut] $1
 /^X-Redirect: ([^!]*)/               REDIRECT $1
 /^X-Filter: ([^!]*)/                 FILTER $1
 """
@@ -61,6 +62,15 @@ def test_replace_and_prepend_with_a_folded_header_store_crlf_only(hostile):
     assert b"\nX-Was: three\r\n four\r\nSubject: prepend three\r\n four\r\n" in second
     for b in (first, second):
         assert b.count(b"\n") == b.count(b"\r\n")
+
+
+def test_replace_text_ending_in_a_fold_keeps_the_header_section(hostile):
+    """$1 that ends at a fold's line end must not end the header section with an empty line."""
+    r = send(hostile, msg("cut one\r\n\ttwo", "X-After: still a header\r\n"))
+    assert queue_id_of(r), r
+    [f] = box_files(hostile)
+    b = f.read_bytes()
+    assert b"\r\nSubject: [cut] one\r\nX-After: still a header\r\n\r\nhello\r\n" in b, b
 
 
 def test_redirect_and_filter_to_odd_values_are_ignored(hostile):
