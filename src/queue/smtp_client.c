@@ -52,6 +52,7 @@ struct kt_smtp_conn {
     char *sni;                     /* own copy behind p.sni */
     char *sasl_username, *sasl_password, *loop_myhostname, *nexthop;   /* own copies, as above */
     int plain_retry;               /* the may handshake failed: this connection goes on without TLS */
+    int quit_after_fail;           /* our own refusal at a clean point of the dialogue: close says QUIT */
     char dsn[16];                  /* enhanced status code of our own session failure, "" if none */
     char *nexthop_domain, *match, *fp_digest, *cipherlist;   /* own copies behind p's strings */
     struct kt_dane_set *dane;      /* own copy behind p.dane */
@@ -750,6 +751,7 @@ static void start_auth(struct kt_smtp_conn *c)
     if (!usable) {
         /* Postfix: no usable mechanism is a temporary failure, never a password sent in the clear */
         snprintf(c->dsn, sizeof(c->dsn), "4.7.0");
+        c->quit_after_fail = 1;
         conn_fail(c, 450, "SASL authentication failed; cannot authenticate to server %s: no mechanism available%s",
                   namaddr(c, na, sizeof(na)),
                   !tls && (c->ext_auth & c->p.sasl_tls_mechs) ? " without TLS (smtp_sasl_security_options)" : "");
@@ -807,8 +809,10 @@ static void auth_reply(struct kt_smtp_conn *c, int code, const char *text)
         /* a challenge where none can come: end the exchange (RFC 4954 "*") and give up */
         kt_buf_printf(&c->out, "*\r\n");
         res = 450;
-    } else if (code >= 500 && c->p.sasl_soft_bounce) {
-        res = code - 100;       /* smtp_sasl_auth_soft_bounce: the 5.x.y of the reply becomes 4.x.y */
+    } else {
+        c->quit_after_fail = 1;
+        if (code >= 500 && c->p.sasl_soft_bounce)
+            res = code - 100;   /* smtp_sasl_auth_soft_bounce: the 5.x.y of the reply becomes 4.x.y */
     }
     conn_fail(c, res, "SASL authentication failed; server %s said: %s", namaddr(c, na, sizeof(na)), t);
     kt_free(t);
@@ -824,6 +828,7 @@ static void after_ehlo(struct kt_smtp_conn *c)
         kt_log_as("smtp", KT_LOG_WARN, "host %s replied to HELO/EHLO with my own hostname %s", namaddr(c, na, sizeof(na)),
                   c->p.loop_myhostname);
         snprintf(c->dsn, sizeof(c->dsn), "%s", best ? "5.4.6" : "4.4.6");
+        c->quit_after_fail = 1;
         conn_fail(c, best ? 550 : 450, "mail for %s loops back to myself", c->p.nexthop ? c->p.nexthop : c->relay);
         return;
     }
@@ -1437,6 +1442,12 @@ void kt_smtp_close(struct kt_smtp_conn *c)
         return;
     c->closing = 1;
     c->cb = NULL;
+    if (c->failed && c->quit_after_fail && c->conn && !c->freed) {
+        /* we gave up, not the server: take leave as Postfix does, with QUIT */
+        c->failed = 0;
+        c->state = ST_IDLE;
+        c->expect = 0;
+    }
     if (c->failed || c->state != ST_IDLE) {
         conn_teardown(c);
         return;

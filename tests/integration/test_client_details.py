@@ -4,6 +4,8 @@ back to myself" checks (5.4.6), smtp_destination_recipient_limit and smtp_destin
 The next hops are a small SMTP server in this file that records every command of every connection
 with its time, on loopback addresses the tests choose; names come from test_relay_dns's DNS server."""
 import os
+import random
+import re
 import socket
 import threading
 import time
@@ -111,6 +113,10 @@ class Next:
         return sorted(out)
 
     def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)     # wakes the accepting thread, which lets the port go
+        except OSError:
+            pass
         self.sock.close()
 
 
@@ -126,6 +132,13 @@ def nexts():
     yield make
     for n in made:
         n.close()
+
+
+def loopback_addresses(n):
+    """n distinct addresses in 127.0.0.0/8 other than 127.0.0.1 (which is this host's), random so that
+    test runs side by side do not meet."""
+    net = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}."
+    return [net + str(k) for k in random.sample(range(2, 250), n)]
 
 
 def on_two_addresses(nexts, hosts, **kw):
@@ -163,11 +176,11 @@ def test_encrypt_handshake_failure_is_not_retried_in_plaintext(nodes, nexts):
 
 
 def test_equal_preference_mx_hosts_in_random_order(nodes, nexts):
-    a, b = on_two_addresses(nexts, ["127.0.0.151", "127.0.0.152"])
-    backup = nexts(host="127.0.0.153", port=a.port)
+    ha, hb, hc = loopback_addresses(3)
+    a, b = on_two_addresses(nexts, [ha, hb])
+    backup = nexts(host=hc, port=a.port)
     dns = DnsServer({("shuf.test", "MX"): [(10, "a.shuf.test"), (10, "b.shuf.test"), (20, "c.shuf.test")],
-                     ("a.shuf.test", "A"): ["127.0.0.151"], ("b.shuf.test", "A"): ["127.0.0.152"],
-                     ("c.shuf.test", "A"): ["127.0.0.153"]})
+                     ("a.shuf.test", "A"): [ha], ("b.shuf.test", "A"): [hb], ("c.shuf.test", "A"): [hc]})
     n = nodes(f"ktrelay_dns_servers = 127.0.0.1:{dns.port}\n"
               f"transport_maps = inline:{{ shuf.test=smtp:shuf.test:{a.port} }}\n"
               # one message per connection, so that each message draws the order anew
@@ -199,22 +212,25 @@ def test_ehlo_with_my_own_name_loops_back(nodes, nexts):
     """A server at port 25 that answers EHLO with our myhostname is us (a forwarding loop)."""
     if os.geteuid() != 0:
         pytest.skip("port 25 needs root")
+    (host,) = loopback_addresses(1)
     try:
-        nh = nexts(host="127.0.0.155", port=25, ehlo_name="mx.example.test")
+        nh = nexts(host=host, port=25, ehlo_name="mx.example.test")
     except OSError:
-        pytest.skip("127.0.0.155:25 is taken")
-    n = nodes("transport_maps = inline:{ ehlo.test=smtp:[127.0.0.155]:25 }\n").start()
+        pytest.skip(f"{host}:25 is taken")
+    h = re.escape(host)
+    n = nodes(f"transport_maps = inline:{{ ehlo.test=smtp:[{host}]:25 }}\n").start()
     qid = n.sendmail(["bob@ehlo.test"], BODY)
-    assert n.wait_log(r"warning: host 127\.0\.0\.155\[127\.0\.0\.155\] greeted me with my own hostname "
-                      r"mx\.example\.test"), n.log()
-    assert n.wait_log(r"warning: host 127\.0\.0\.155\[127\.0\.0\.155\] replied to HELO/EHLO with my own hostname "
-                      r"mx\.example\.test"), n.log()
+    assert n.wait_log(rf"warning: host {h}\[{h}\] greeted me with my own hostname mx\.example\.test"), n.log()
+    assert n.wait_log(rf"warning: host {h}\[{h}\] replied to HELO/EHLO with my own hostname mx\.example\.test"), \
+        n.log()
     assert n.wait_log(rf"{qid}: to=<bob@ehlo\.test>, relay=none, .*dsn=5\.4\.6, status=bounced \(mail for "
-                      r"\[127\.0\.0\.155\]:25 loops back to myself\)"), n.log()
+                      rf"\[{h}\]:25 loops back to myself\)"), n.log()
     assert nh.transactions() == []
+    # the client took its leave with QUIT
+    assert wait_for(lambda: "QUIT" in nh.verbs()[0]), nh.verbs()
     # another port is not checked (Postfix: content filters and the like live there)
-    other = nexts(host="127.0.0.155", ehlo_name="mx.example.test")
-    n2 = nodes(f"transport_maps = inline:{{ ehlo.test=smtp:[127.0.0.155]:{other.port} }}\n").start()
+    other = nexts(host=host, ehlo_name="mx.example.test")
+    n2 = nodes(f"transport_maps = inline:{{ ehlo.test=smtp:[{host}]:{other.port} }}\n").start()
     qid2 = n2.sendmail(["bob@ehlo.test"], BODY)
     assert n2.wait_log(rf"{qid2}: to=<bob@ehlo\.test>, .*status=sent"), n2.log()
 

@@ -69,6 +69,9 @@ def test_wrong_password_defers_with_the_smarthost_reply(nodes, smarthost):
         front.log()
     assert [f.name for f in front.queue_files()] == [qid]
     assert sh.r.maildir_files("example.test/bob/") == []
+    # the front took its leave with QUIT after the refusal
+    assert sh.wait_log(r"disconnect from unknown\[127\.0\.0\.1\] ehlo=2 starttls=1 auth=0/1 quit=1 commands=5"), \
+        sh.log()
     assert "status=bounced" not in front.log()
 
 
@@ -91,8 +94,8 @@ def test_no_auth_in_the_clear(nodes, smarthost):
     assert front.wait_log(rf"{qid}: to=<bob@example.test>, relay=none, .*dsn=4\.7\.0, status=deferred \(SASL "
                           r"authentication failed; cannot authenticate to server 127\.0\.0\.1\[127\.0\.0\.1\]: no "
                           r"mechanism available without TLS \(smtp_sasl_security_options\)\)"), front.log()
-    # the smarthost heard EHLO, never AUTH
-    assert sh.wait_log(r"disconnect from unknown\[127\.0\.0\.1\] ehlo=1 commands=1"), sh.log()
+    # the smarthost heard EHLO and QUIT, never AUTH
+    assert sh.wait_log(r"disconnect from unknown\[127\.0\.0\.1\] ehlo=1 quit=1 commands=2"), sh.log()
     assert "auth=" not in sh.log() and "sasl_" not in sh.log()
     # allowing plaintext mechanisms without TLS is the operator's choice
     front2 = front_node(nodes, port, f"[127.0.0.1]:{port} alice:{PASSWORD}\n", "smtp_sasl_security_options = noanonymous\n")
