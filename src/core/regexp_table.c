@@ -41,6 +41,7 @@ struct kt_regexp_table {
     size_t *open_ifs;    /* while loading: indexes of the if rules not yet closed */
     size_t n_open, cap_open;
     uint32_t max_groups;
+    unsigned unreadable;  /* rules skipped and unmatched if/endif: the table is refused */
     pcre2_general_context *gctx;   /* pcre2's memory through kt_malloc: out of memory aborts as elsewhere */
     pcre2_match_context *mctx;
     pcre2_compile_context *ccctx;
@@ -158,7 +159,8 @@ static int parse_pattern(struct kt_regexp_table *t, const char **pp, unsigned li
     }
     delim = *p;
     if (!delim || is_space(delim) || is_alnum(delim) || delim == '\\') {
-        kt_warn("%s, line %u: no regexp delimiter: skipping this rule", t->name, lineno);
+        kt_warn("%s, line %u: no regexp delimiter: this rule cannot be used", t->name, lineno);
+        t->unreadable++;
         return -1;
     }
     start = ++p;
@@ -168,7 +170,8 @@ static int parse_pattern(struct kt_regexp_table *t, const char **pp, unsigned li
         p++;
     }
     if (!*p) {
-        kt_warn("%s, line %u: no closing regexp delimiter \"%c\": skipping this rule", t->name, lineno, delim);
+        kt_warn("%s, line %u: no closing regexp delimiter \"%c\": this rule cannot be used", t->name, lineno, delim);
+        t->unreadable++;
         return -1;
     }
     text = kt_strndup(start, (size_t)(p - start));
@@ -178,10 +181,11 @@ static int parse_pattern(struct kt_regexp_table *t, const char **pp, unsigned li
             break;   /* "/p1/!/p2/" */
         if (apply_flag(t, *p, &opts) < 0) {
             if (!t->pcre_syntax && *p == 'x')
-                kt_warn("%s, line %u: basic regular expression syntax (flag x) is not supported: skipping this "
-                        "rule", t->name, lineno);
+                kt_warn("%s, line %u: basic regular expression syntax (flag x) is not supported: this rule "
+                        "cannot be used", t->name, lineno);
             else
-                kt_warn("%s, line %u: unknown regexp option \"%c\": skipping this rule", t->name, lineno, *p);
+                kt_warn("%s, line %u: unknown regexp option \"%c\": this rule cannot be used", t->name, lineno, *p);
+            t->unreadable++;
             kt_free(text);
             return -1;
         }
@@ -190,8 +194,9 @@ static int parse_pattern(struct kt_regexp_table *t, const char **pp, unsigned li
     if (!out->re) {
         PCRE2_UCHAR msg[256];
         pcre2_get_error_message(errcode, msg, sizeof(msg));
-        kt_warn("%s, line %u: error in regexp \"%s\" at offset %zu: %s: skipping this rule", t->name, lineno, text,
+        kt_warn("%s, line %u: error in regexp \"%s\" at offset %zu: %s: this rule cannot be used", t->name, lineno, text,
                 (size_t)erroff, (const char *)msg);
+        t->unreadable++;
         kt_free(text);
         return -1;
     }
@@ -201,7 +206,7 @@ static int parse_pattern(struct kt_regexp_table *t, const char **pp, unsigned li
 }
 
 /* Checks the $ references of a result against the pattern's groups; -1 (warned) to skip the rule. */
-static int check_result(const struct kt_regexp_table *t, const struct rule *r, unsigned lineno, uint32_t groups)
+static int check_result(struct kt_regexp_table *t, const struct rule *r, unsigned lineno, uint32_t groups)
 {
     for (const char *p = r->result; *p; p++) {
         unsigned long idx = 0;
@@ -221,8 +226,9 @@ static int check_result(const struct kt_regexp_table *t, const struct rule *r, u
         }
         if (!is_digit(*q)) {
             if (close || is_alnum(*q) || *q == '_') {
-                kt_warn("%s, line %u: non-numeric replacement index in \"%s\": skipping this rule", t->name, lineno,
+                kt_warn("%s, line %u: non-numeric replacement index in \"%s\": this rule cannot be used", t->name, lineno,
                         r->result);
+                t->unreadable++;
                 return -1;
             }
             continue;   /* a lone $ is text */
@@ -230,16 +236,19 @@ static int check_result(const struct kt_regexp_table *t, const struct rule *r, u
         while (is_digit(*q) && idx < 1000)
             idx = idx * 10 + (unsigned long)(*q++ - '0');
         if (close ? *q != close : (is_alnum(*q) || *q == '_')) {
-            kt_warn("%s, line %u: bad replacement index in \"%s\": skipping this rule", t->name, lineno, r->result);
+            kt_warn("%s, line %u: bad replacement index in \"%s\": this rule cannot be used", t->name, lineno, r->result);
+            t->unreadable++;
             return -1;
         }
         if (r->p1.negate) {
-            kt_warn("%s, line %u: $number found in negative match replacement text: skipping this rule", t->name,
+            kt_warn("%s, line %u: $number found in negative match replacement text: this rule cannot be used", t->name,
                     lineno);
+            t->unreadable++;
             return -1;
         }
         if (idx > groups) {
-            kt_warn("%s, line %u: out-of-range replacement index \"%lu\": skipping this rule", t->name, lineno, idx);
+            kt_warn("%s, line %u: out-of-range replacement index \"%lu\": this rule cannot be used", t->name, lineno, idx);
+            t->unreadable++;
             return -1;
         }
         p = close ? q : q - 1;
@@ -272,6 +281,7 @@ void kt_regexp_table_add_line(struct kt_regexp_table *t, const char *line, unsig
             kt_warn("%s, line %u: ignoring extra text after ENDIF", t->name, lineno);
         if (!t->n_open) {
             kt_warn("%s, line %u: ignoring ENDIF without matching IF", t->name, lineno);
+            t->unreadable++;
             return;
         }
         t->rules[t->open_ifs[--t->n_open]].skip = t->n;
@@ -311,7 +321,8 @@ void kt_regexp_table_add_line(struct kt_regexp_table *t, const char *line, unsig
         p = q;
     }
     if (*p && !is_space(*p)) {
-        kt_warn("%s, line %u: unexpected text after the pattern: skipping this rule", t->name, lineno);
+        kt_warn("%s, line %u: unexpected text after the pattern: this rule cannot be used", t->name, lineno);
+        t->unreadable++;
         goto skip;
     }
     while (is_space(*p))
@@ -332,16 +343,18 @@ skip:
     kt_free(r.result);
 }
 
-void kt_regexp_table_finish(struct kt_regexp_table *t)
+unsigned kt_regexp_table_finish(struct kt_regexp_table *t)
 {
     while (t->n_open) {
         struct rule *r = &t->rules[t->open_ifs[--t->n_open]];
         kt_warn("%s, line %u: IF has no matching ENDIF", t->name, r->lineno);
+        t->unreadable++;
         r->skip = t->n;
     }
     kt_free(t->open_ifs);
     t->open_ifs = NULL;
     t->cap_open = 0;
+    return t->unreadable;
 }
 
 /* 1 when the pattern applies (matches, or does not when negated), 0 when not, -1 on a match error. */

@@ -28,8 +28,11 @@ struct kt_regexp_table;
 struct kt_regexp_table *kt_regexp_table_new(const char *name, int pcre_syntax);
 /* One logical line (comments and continuation already handled by the caller), lineno its first line. */
 void kt_regexp_table_add_line(struct kt_regexp_table *t, const char *line, unsigned lineno);
-/* After the last line: closes open if blocks (with a warning). */
-void kt_regexp_table_finish(struct kt_regexp_table *t);
+/* After the last line: closes open if blocks (with a warning). Returns how
+ * many rules could not be read (each logged with its line, as postmap does);
+ * Postfix skips them, ktrelay refuses the table (a REJECT rule with a typo
+ * must not silently stop applying). */
+unsigned kt_regexp_table_finish(struct kt_regexp_table *t);
 /* The result of the first matching rule, $n expanded, written into buf (NUL-terminated, cut at
  * buflen - 1); returns buf, or NULL when no rule matches. */
 const char *kt_regexp_table_get(const struct kt_regexp_table *t, const char *key, char *buf, size_t buflen);

@@ -619,7 +619,12 @@ int kt_table_open(const char *spec, enum kt_table_kind kind, struct kt_table **o
         rc = read_file(arg, &text, err, errlen);
         if (rc == 0) {
             for_each_logical_line(t->name, text, load_regexp_line, t->re);
-            kt_regexp_table_finish(t->re);
+            unsigned bad = kt_regexp_table_finish(t->re);
+            if (bad) {
+                rc = -EINVAL;
+                snprintf(err, errlen, "%s: %u rule%s could not be read (the warnings above name the lines); a "
+                         "table is used whole or not at all", arg, bad, bad == 1 ? "" : "s");
+            }
         }
     } else if (strncmp(spec, "cidr:", 5) == 0) {
         t->type = TT_CIDR;
