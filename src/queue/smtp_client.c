@@ -13,6 +13,7 @@
  * tried) is still open: each reports KT_CONN_EV_CLOSED once nothing refers
  * to it any more. */
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdio.h>
@@ -42,7 +43,7 @@
 #define REPLY_READ 16384
 
 enum state {
-    ST_CONNECT, ST_GREETING, ST_EHLO, ST_HELO, ST_STARTTLS, ST_HANDSHAKE, ST_EHLO2, ST_AUTH, ST_IDLE,
+    ST_CONNECT, ST_GREETING, ST_EHLO, ST_HELO, ST_STARTTLS, ST_HANDSHAKE, ST_EHLO2, ST_AUTH, ST_AUTH_ABORT, ST_IDLE,
     ST_MAIL, ST_DATA, ST_BODY, ST_DOT, ST_RSET, ST_QUIT, ST_DONE,
 };
 
@@ -88,6 +89,7 @@ struct kt_smtp_conn {
     int ehlo_loop;                 /* the EHLO reply named this host (loop detection) */
     unsigned auth_mech;            /* the mechanism in use */
     int auth_step;                 /* LOGIN: 0 user name next, 1 password next, 2 done */
+    char auth_why[640];            /* ST_AUTH_ABORT: the failure reported once "*" is answered */
 
     kt_smtp_cb cb;
     void *arg;
@@ -787,6 +789,35 @@ static void session_ready_or_auth(struct kt_smtp_conn *c)
     session_ready(c);
 }
 
+/* A SASL challenge (RFC 4954 4): base64 of RFC 4648 4, padded, possibly empty; one line. */
+static int is_base64(const char *s)
+{
+    size_t n = strlen(s), pad = 0;
+    if (n % 4)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch == '=') {
+            if (++pad > 2)
+                return 0;
+        } else if (pad || !(isalnum(ch) || ch == '+' || ch == '/')) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Cancel the exchange with "*" (RFC 4954 4) and fail with why (4.7.0, Postfix's code for a SASL
+ * exchange the client cannot go on with) once the server answered it, closed or timed out. */
+static void auth_abort(struct kt_smtp_conn *c, const char *why)
+{
+    snprintf(c->auth_why, sizeof(c->auth_why), "%s", why);
+    snprintf(c->dsn, sizeof(c->dsn), "4.7.0");
+    kt_buf_printf(&c->out, "*\r\n");
+    c->state = ST_AUTH_ABORT;
+    c->expect = 1;
+}
+
 static void auth_reply(struct kt_smtp_conn *c, int code, const char *text)
 {
     char na[320];
@@ -795,6 +826,14 @@ static void auth_reply(struct kt_smtp_conn *c, int code, const char *text)
         return;
     }
     if (code == 334 && c->auth_mech == KT_SMTP_MECH_LOGIN && c->auth_step < 2) {
+        if (!is_base64(text + (strlen(text) > 4 ? 4 : strlen(text)))) {
+            /* Postfix (Cyrus): a challenge that is not base64 ends the exchange; no password goes out */
+            char why[512];
+            snprintf(why, sizeof(why), "SASL authentication failed; cannot authenticate to server %s: malformed "
+                     "SASL challenge from server", namaddr(c, na, sizeof(na)));
+            auth_abort(c, why);
+            return;
+        }
         const char *v = c->auth_step == 0 ? c->p.sasl_username : c->p.sasl_password;
         c->auth_step++;
         send_auth_line(c, "", v, strlen(v));
@@ -807,12 +846,15 @@ static void auth_reply(struct kt_smtp_conn *c, int code, const char *text)
     int res = code;
     if (code == 334) {
         /* a challenge where none can come: end the exchange (RFC 4954 "*") and give up */
-        kt_buf_printf(&c->out, "*\r\n");
-        res = 450;
-    } else {
-        c->quit_after_fail = 1;
-        if (code >= 500 && c->p.sasl_soft_bounce)
-            res = code - 100;   /* smtp_sasl_auth_soft_bounce: the 5.x.y of the reply becomes 4.x.y */
+        char *why = kt_asprintf("SASL authentication failed; server %s said: %s", namaddr(c, na, sizeof(na)), t);
+        auth_abort(c, why);
+        kt_free(why);
+        kt_free(t);
+        return;
+    }
+    c->quit_after_fail = 1;
+    if (code >= 500 && c->p.sasl_soft_bounce) {
+        res = code - 100;       /* smtp_sasl_auth_soft_bounce: the 5.x.y of the reply becomes 4.x.y */
     }
     conn_fail(c, res, "SASL authentication failed; server %s said: %s", namaddr(c, na, sizeof(na)), t);
     kt_free(t);
@@ -1013,6 +1055,9 @@ static void on_reply(struct kt_smtp_conn *c, int code)
         return;
     case ST_AUTH:
         auth_reply(c, code, text);
+        return;
+    case ST_AUTH_ABORT:
+        conn_fail(c, 450, "%s", c->auth_why);
         return;
     case ST_MAIL: {
         size_t idx = c->reply_idx++;
@@ -1323,6 +1368,10 @@ static void on_conn_event(void *arg, enum kt_conn_event ev, int res)
     case KT_CONN_EV_ERROR:
         c->sending = 0;
         tls = kt_conn_ssl(c->conn) != NULL;
+        if (c->state == ST_AUTH_ABORT) {
+            conn_fail(c, 450, "%s", c->auth_why);     /* the server closed instead of answering "*" */
+            break;
+        }
         switch (kt_conn_failed_step(c->conn)) {
         case KT_CONN_STEP_HANDSHAKE:
             tls_failed(c);
@@ -1466,12 +1515,14 @@ void kt_smtp_check_timeout(struct kt_smtp_conn *c, time_t now)
     static const char *const what[] = {
         [ST_CONNECT] = "connect", [ST_GREETING] = "initial server greeting", [ST_EHLO] = "EHLO",
         [ST_HELO] = "HELO", [ST_STARTTLS] = "STARTTLS", [ST_HANDSHAKE] = "TLS handshake", [ST_EHLO2] = "EHLO",
-        [ST_AUTH] = "AUTH",
+        [ST_AUTH] = "AUTH", [ST_AUTH_ABORT] = "AUTH",
         [ST_IDLE] = "idle", [ST_MAIL] = "MAIL FROM", [ST_DATA] = "DATA", [ST_BODY] = "message transfer",
         [ST_DOT] = "end of data", [ST_RSET] = "RSET", [ST_QUIT] = "QUIT", [ST_DONE] = "end",
     };
     if (c->state == ST_CONNECT)
         conn_fail(c, -ETIMEDOUT, "connect to %s: Connection timed out", c->relay);
+    else if (c->state == ST_AUTH_ABORT)
+        conn_fail(c, 450, "%s", c->auth_why);
     else
         conn_fail(c, -ETIMEDOUT, "conversation with %s timed out while sending %s", c->relay, what[c->state]);
 }
