@@ -971,6 +971,32 @@ static int is_ascii(const char *s)
     return 1;
 }
 
+/* A "utf-8" ORCPT given with raw UTF-8 (RFC 6533 utf-8-addr-unitext, which the server accepts only
+ * as the ORCPT's own form) for a next hop without SMTPUTF8: each non-ASCII character becomes the
+ * 7-bit EmbeddedUnicodeChar "\x{HEX}" of utf-8-addr-xtext (RFC 6533 3), never raw 8-bit bytes in
+ * a command the hop did not agree to. Malformed UTF-8 (the server refused it at RCPT) goes as "?". */
+static void orcpt_xtext(struct kt_smtp_conn *c, const char *v)
+{
+    const unsigned char *p = (const unsigned char *)v;
+    while (*p) {
+        if (*p < 0x80) {
+            kt_buf_append(&c->out, (const char *)p, 1);
+            p++;
+            continue;
+        }
+        int n = (*p & 0xE0) == 0xC0 ? 2 : (*p & 0xF0) == 0xE0 ? 3 : (*p & 0xF8) == 0xF0 ? 4 : 1;
+        unsigned cp = n == 2 ? *p & 0x1F : n == 3 ? *p & 0x0F : *p & 0x07;
+        int k = 1;
+        for (; k < n && (p[k] & 0xC0) == 0x80; k++)
+            cp = cp << 6 | (p[k] & 0x3F);
+        if (n == 1 || k < n)
+            kt_buf_printf(&c->out, "?");
+        else
+            kt_buf_printf(&c->out, "\\x{%X}", cp);
+        p += k;
+    }
+}
+
 /* RCPT TO, with NOTIFY= and ORCPT= (RFC 3461 4.1, 4.2) when the server offers DSN. */
 static void send_rcpt(struct kt_smtp_conn *c, size_t i)
 {
@@ -986,7 +1012,10 @@ static void send_rcpt(struct kt_smtp_conn *c, size_t i)
                           n & KT_QNOTIFY_FAILURE ? "FAILURE" : "",
                           (n & KT_QNOTIFY_FAILURE) && (n & KT_QNOTIFY_DELAY) ? "," : "",
                           n & KT_QNOTIFY_DELAY ? "DELAY" : "");
-        if (m->orcpt && m->orcpt[i]) {
+        if (m->orcpt && m->orcpt[i] && !is_ascii(m->orcpt[i]) && !(c->ext & KT_SMTP_EXT_SMTPUTF8)) {
+            kt_buf_printf(&c->out, " ORCPT=");
+            orcpt_xtext(c, m->orcpt[i]);
+        } else if (m->orcpt && m->orcpt[i]) {
             kt_buf_printf(&c->out, " ORCPT=%s", m->orcpt[i]);
         } else if (is_ascii(m->rcpts[i])) {
             char x[1600];

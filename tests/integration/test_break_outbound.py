@@ -202,6 +202,31 @@ def submit(n, mail, rcpts, body=b"Subject: x\r\n\r\nhi\r\n"):
     return replies
 
 
+def test_utf8_orcpt_to_a_hop_without_smtputf8(nodes, hops):
+    """RFC 6533 3: a "utf-8" ORCPT in raw UTF-8 goes to a next hop without SMTPUTF8 as
+    utf-8-addr-xtext (\\x{HEX}), never as 8-bit bytes; the message itself is ASCII, so it goes."""
+    hop = hops(ehlo=[b"PIPELINING", b"8BITMIME", b"DSN"])
+    n = relay_node(nodes, hop)
+    replies = submit(n, "MAIL FROM:<alice@example.test> SMTPUTF8",
+                     ["RCPT TO:<bob@remote.test> ORCPT=utf-8;b\u00f6b\u20ac@remote.test",
+                      "RCPT TO:<carol@remote.test> ORCPT=rfc822;c\u00f6b@remote.test"])
+    # raw UTF-8 belongs only to the utf-8 type
+    assert replies == ["250 2.1.5 Ok", "501 5.5.4 Error: Bad ORCPT parameter syntax"]
+    assert n.wait_log(r"to=<bob@remote\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, .*status=sent"), n.log()
+    got = hop.received()
+    assert got[1] == b"MAIL FROM:<alice@example.test>", got
+    assert got[2] == b"RCPT TO:<bob@remote.test> ORCPT=utf-8;b\\x{F6}b\\x{20AC}@remote.test", got
+    assert all(b < 0x80 for cmd in got for b in cmd), got
+
+
+def test_utf8_orcpt_to_a_hop_with_smtputf8(nodes, hops):
+    hop = hops(ehlo=[b"PIPELINING", b"8BITMIME", b"DSN", b"SMTPUTF8"])
+    n = relay_node(nodes, hop)
+    submit(n, "MAIL FROM:<alice@example.test> SMTPUTF8", ["RCPT TO:<bob@remote.test> ORCPT=utf-8;b\u00f6b@remote.test"])
+    assert n.wait_log(r"to=<bob@remote\.test>, .*status=sent"), n.log()
+    assert hop.received()[2] == "RCPT TO:<bob@remote.test> ORCPT=utf-8;b\u00f6b@remote.test".encode(), hop.received()
+
+
 def test_hop_that_advertises_smtputf8_then_refuses_it(nodes, hops):
     """The hop's own 5xx to MAIL decides: bounced with its code and text, as Postfix."""
     hop = hops(ehlo=[b"PIPELINING", b"SMTPUTF8", b"8BITMIME", b"DSN"],
