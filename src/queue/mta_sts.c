@@ -348,7 +348,10 @@ static int domain_ok(const char *d)
 
 /* ---- cache files ---- */
 
-static void cache_read(struct kt_sts *s, struct entry *e)
+/* One cached policy, written by cache_write. A file that was tampered with or cut short is ignored
+ * with a warning (no policy from it); so is one fetched in the future (more than a day ahead of this
+ * clock), which would otherwise stay in effect for as long as it claims. */
+static void cache_read(struct kt_sts *s, struct entry *e, time_t now)
 {
     char path[4096], err[256];
     e->loaded = 1;
@@ -369,6 +372,11 @@ static void cache_read(struct kt_sts *s, struct entry *e)
     char *nl = strchr(buf, '\n');
     if (!nl || sscanf(buf, "ktrelay-mta-sts 1 %40s %lld", id, &fetched) != 2 || strlen(id) > 32) {
         kt_warn("MTA-STS cache %s: unreadable; ignored", path);
+        kt_free(buf);
+        return;
+    }
+    if (fetched < 0 || fetched > (long long)now + 86400) {
+        kt_warn("MTA-STS cache %s: fetched at %lld, in the future; ignored", path, fetched);
         kt_free(buf);
         return;
     }
@@ -616,7 +624,7 @@ void kt_sts_lookup(struct kt_sts *s, const char *domain, time_t now, kt_sts_cb c
         s->entries = e;
     }
     if (!e->loaded)
-        cache_read(s, e);
+        cache_read(s, e, now);
     if (!e->busy && e->checked && now - e->checked < STS_RECHECK_S && now >= e->checked) {
         cb(arg, in_effect(e, now), e->failure);
         return;

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import SmtpConn
 from test_relay import BODY, nodes, wait_for  # noqa: F401  (fixture)
+from test_relay_dns import dns  # noqa: F401  (fixture)
+from test_mta_sts import pki, policy_servers  # noqa: F401  (fixtures)
 
 PASSWORD = "s3cr3t-Pa55"
 USER = "relayuser"
@@ -239,3 +241,29 @@ def test_hop_that_advertises_smtputf8_then_refuses_it(nodes, hops):
                       r"Unsupported option: SMTPUTF8 \(in reply to MAIL FROM command\)\)"), n.log()
     got = hop.received()
     assert got[1] == "MAIL FROM:<j\u00f6rg@example.test> BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=a+2Bb".encode(), got
+
+
+def test_mta_sts_cache_fetched_in_the_future_is_ignored(nodes, dns, pki, policy_servers):
+    """A cache file whose fetch time lies ahead (tampered with, or a clock set back) would keep its
+    policy for as long as it claims (and a huge one overflowed the expiry sum): it is ignored."""
+    import os
+    import time
+    from test_mta_sts import final_node, front_cf, policy_text, records
+    final = final_node(nodes, pki, names=("other.example.net",))
+    srv = policy_servers(pki, "example.test", policy_text("enforce", ["mx.example.test"]))
+    srv.stop()
+    d = dns(records(srv, ["other.example.net"], sts_id=None))
+    front = nodes(front_cf(d, pki, final.r.port("smtp0"))).start()
+    front.stop()
+    cache = front.d / "data" / "mta-sts"
+    st = os.stat(cache)
+    for domain, fetched in (("example.test", int(time.time()) + 10 * 365 * 86400),):
+        f = cache / domain
+        f.write_text(f"ktrelay-mta-sts 1 20261130a {fetched}\n" + policy_text("enforce", ["mx.example.test"]))
+        os.chown(f, st.st_uid, st.st_gid)
+    front.start()
+    qid = front.sendmail(["bob@example.test"], BODY)
+    assert front.wait_log(rf"{qid}: to=<bob@example\.test>, relay=other\.example\.net\[127\.0\.0\.1\]:\d+, .*status=sent"), \
+        front.log()
+    assert front.wait_log(rf"MTA-STS cache {cache}/example\.test: fetched at \d+, in the future; ignored"), front.log()
+    assert "MTA-STS policy of" not in front.log()
