@@ -20,7 +20,8 @@ USER = "relayuser"
 
 class Hop:
     """An SMTP server on 127.0.0.1. ehlo: the EHLO reply's extension lines; script(cmd) may return
-    the reply bytes for a command (None: the default, 250); each command is recorded."""
+    the reply bytes for a command (None: the default, 250), b"." standing for the end of data; each
+    command is recorded."""
 
     def __init__(self, ehlo=(b"PIPELINING",), script=None):
         self.sock = socket.socket()
@@ -65,7 +66,9 @@ class Hop:
                         l = f.readline()
                         if not l or l == b".\r\n":
                             break
-                    s.sendall(b"250 2.0.0 Ok: queued\r\n")
+                    with self.lock:
+                        self.commands.append(b".")
+                    s.sendall(self.script(b".") or b"250 2.0.0 Ok: queued\r\n")
                 elif verb == b"QUIT":
                     s.sendall(b"221 2.0.0 Bye\r\n")
                     break
@@ -267,3 +270,34 @@ def test_mta_sts_cache_fetched_in_the_future_is_ignored(nodes, dns, pki, policy_
         front.log()
     assert front.wait_log(rf"MTA-STS cache {cache}/example\.test: fetched at \d+, in the future; ignored"), front.log()
     assert "MTA-STS policy of" not in front.log()
+
+
+@pytest.mark.parametrize("sig", ["TERM", "KILL"])
+def test_stop_while_the_hop_holds_the_end_of_data(nodes, hops, sig):
+    """ktrelay stops (SIGTERM, or kill -9) while the next hop has the whole message and has not answered
+    the final dot: no 250 came, so the message stays queued and goes again after the restart, once."""
+    import signal
+    held = threading.Event()
+    release = threading.Event()
+    state = {"n": 0}
+
+    def script(cmd):
+        if cmd == b"." and state["n"] == 0:
+            state["n"] += 1
+            held.set()
+            release.wait(30)
+            return b"451 4.3.0 too late\r\n"
+        return None
+    hop = hops(ehlo=[b"8BITMIME"], script=script)
+    n = nodes(f"relayhost = [127.0.0.1]:{hop.port}\n").start()
+    qid = n.sendmail(["bob@remote.test"], BODY)
+    assert held.wait(20), n.log()
+    n.stop(sig=getattr(signal, "SIG" + sig))
+    assert [f.name for f in n.queue_files()] == [qid]
+    release.set()
+    n.start()
+    assert n.wait_log(rf"{qid}: to=<bob@remote\.test>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:{hop.port}, .*status=sent"), \
+        n.log()
+    assert wait_for(lambda: n.queue_files() == [], timeout=10)
+    # the first transaction had no 250, the second one did
+    assert hop.received().count(b"DATA") == 2, hop.received()
