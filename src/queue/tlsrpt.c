@@ -176,6 +176,17 @@ void kt_tlsrpt_count(struct kt_tlsrpt *t, const char *domain, const struct kt_st
 
 /* ---- TLSRPT record ---- */
 
+/* RFC 8460 3 tlsrpt-uri is an RFC 3986 URI: printable ASCII, no spaces. A TXT string may hold any
+ * byte; a line break would add a line of the attacker's choosing to the .rua file the operator sends
+ * reports to, so such a URI is left out. */
+static int uri_chars_ok(const char *u)
+{
+    for (; *u; u++)
+        if ((unsigned char)*u <= ' ' || (unsigned char)*u >= 0x7f)
+            return 0;
+    return 1;
+}
+
 int kt_tlsrpt_txt_parse(const char *txt, char ***uris, size_t *n)
 {
     char buf[2048];
@@ -208,7 +219,7 @@ int kt_tlsrpt_txt_parse(const char *txt, char ***uris, size_t *n)
             char *ue = u + strlen(u);
             while (ue > u && (ue[-1] == ' ' || ue[-1] == '\t'))
                 *--ue = '\0';
-            if (!*u)
+            if (!*u || !uri_chars_ok(u))
                 continue;
             *uris = kt_realloc(*uris, (*n + 1) * sizeof(**uris));
             (*uris)[(*n)++] = kt_strdup(u);

@@ -56,7 +56,8 @@ void kt_tlsrpt_flush(struct kt_tlsrpt *t, time_t now);
 void kt_tlsrpt_tick(struct kt_tlsrpt *t, time_t now);
 
 /* The rua URIs of a TLSRPT record ("v=TLSRPTv1; rua=mailto:a@b,https://..."),
- * comma separated into uris (kt_malloc'ed strings, *n of them). 0, or
+ * comma separated into uris (kt_malloc'ed strings, *n of them; a URI with a byte that is not
+ * printable ASCII or with a space is left out). 0, or
  * -EINVAL when txt is not a valid TLSRPTv1 record. */
 int kt_tlsrpt_txt_parse(const char *txt, char ***uris, size_t *n);
 

@@ -109,6 +109,14 @@ static void test_tlsrpt_txt(void **state)
     for (size_t i = 0; i < n; i++)
         kt_free(u[i]);
     kt_free(u);
+    /* a URI with a line break, a space or a control character is left out */
+    assert_int_equal(kt_tlsrpt_txt_parse("v=TLSRPTv1; rua=mailto:a@b.example\nhttps://evil.example/x,"
+                                         "mailto:c d@e.example,mailto:f@g\001.example,mailto:ok@h.example", &u, &n), 0);
+    assert_int_equal(n, 1);
+    assert_string_equal(u[0], "mailto:ok@h.example");
+    kt_free(u[0]);
+    kt_free(u);
+    assert_int_equal(kt_tlsrpt_txt_parse("v=TLSRPTv1; rua=mailto:a@b.example\r\nmailto:x@y", &u, &n), -22);
     assert_int_equal(kt_tlsrpt_txt_parse("v=TLSRPTv2; rua=mailto:a@b", &u, &n), -22);
     assert_int_equal(kt_tlsrpt_txt_parse("v=TLSRPTv1;", &u, &n), -22);
     assert_int_equal(n, 0);
