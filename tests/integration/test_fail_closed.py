@@ -69,6 +69,7 @@ BAD = [
     ("inet_protocols = ipv5", None, "inet_protocols", "did you mean ipv4?"),
     ("mynetworks_style = hots", None, "mynetworks_style", "did you mean host?"),
     ("smtpd_sasl_type = dovcot", None, "smtpd_sasl_type", "did you mean dovecot?"),
+    ("smtp_sasl_type = dovecot", None, "smtp_sasl_type", "expected cyrus"),
     ("smtpd_sasl_security_options = noanonymous, noplaintxt", None, "smtpd_sasl_security_options",
      "did you mean noplaintext?"),
     (None, "smtpd_sasl_tls_security_options=noanonymus", "smtpd_sasl_tls_security_options",
