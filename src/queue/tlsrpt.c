@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "core/alloc.h"
+#include "core/hash.h"
 #include "core/log.h"
 #include "queue/queue.h"
 #include "queue/tlsrpt.h"
@@ -35,6 +36,7 @@ struct detail {
 };
 
 struct record {
+    struct kt_hnode hn;            /* in kt_tlsrpt.idx, by domain */
     char *domain;
     int sts;                       /* an MTA-STS policy (else no-policy-found) */
     struct kt_sts_policy pol;      /* sts: the policy */
@@ -56,6 +58,7 @@ struct kt_tlsrpt {
     struct kt_dns *dns;
     char *dir, *org, *contact, *submitter, *qdir;
     struct record *recs;
+    struct kt_htab idx;            /* recs by domain: a sender to many domains counts in O(1) */
     time_t start;                  /* beginning of the current period */
     struct job *jobs;
     void (*queued)(void *, const char *);
@@ -109,20 +112,53 @@ static int same_policy(const struct kt_sts_policy *a, const struct kt_sts_policy
     return 1;
 }
 
+static uint64_t domain_hash(const char *domain)
+{
+    return kt_fnv1a(KT_FNV_OFFSET, domain, strlen(domain));
+}
+
+/* r (its domain set) joins the current period's records and their index */
+static void record_add(struct kt_tlsrpt *t, struct record *r)
+{
+    if (t->idx.n_entries >= t->idx.n_buckets)
+        kt_htab_resize(&t->idx, t->idx.n_buckets ? t->idx.n_buckets * 2 : 64);
+    r->hn.hash = domain_hash(r->domain);
+    kt_htab_insert(&t->idx, &r->hn);
+    r->next = t->recs;
+    t->recs = r;
+}
+
 static struct record *record_get(struct kt_tlsrpt *t, const char *domain, const struct kt_sts_policy *p)
 {
     struct record *r;
-    for (r = t->recs; r; r = r->next)
-        if (!strcmp(r->domain, domain) && r->sts == (p != NULL) && (!p || same_policy(&r->pol, p)))
-            return r;
+    uint64_t h = domain_hash(domain);
+    if (t->idx.n_buckets)
+        for (struct kt_hnode **pp = kt_htab_chain(&t->idx, h); *pp; pp = &(*pp)->next) {
+            r = (struct record *)*pp;
+            if (r->hn.hash == h && !strcmp(r->domain, domain) && r->sts == (p != NULL) &&
+                (!p || same_policy(&r->pol, p)))
+                return r;
+        }
     r = kt_calloc(1, sizeof(*r));
     r->domain = kt_strdup(domain);
     r->sts = p != NULL;
     if (p)
         kt_sts_policy_copy(&r->pol, p);
-    r->next = t->recs;
-    t->recs = r;
+    record_add(t, r);
     return r;
+}
+
+/* for the grouping by domain at a flush: by domain, then in the order the records came */
+struct rec_ord {
+    struct record *r;
+    size_t seq;
+};
+
+static int rec_ord_cmp(const void *a, const void *b)
+{
+    const struct rec_ord *x = a, *y = b;
+    int c = strcmp(x->r->domain, y->r->domain);
+    return c ? c : x->seq < y->seq ? -1 : x->seq > y->seq;
 }
 
 static void add_detail(struct record *r, const char *result, const char *sip, const char *mx, const char *ip,
@@ -604,28 +640,30 @@ void kt_tlsrpt_flush(struct kt_tlsrpt *t, time_t now)
 {
     if (!t)
         return;
-    struct record *all = t->recs;
     time_t start = t->start;
+    size_t n = 0;
+    for (struct record *r = t->recs; r; r = r->next)
+        n++;
+    struct rec_ord *ord = kt_calloc(n ? n : 1, sizeof(*ord));
+    n = 0;
+    for (struct record *r = t->recs; r; r = r->next, n++)
+        ord[n] = (struct rec_ord){ r, n };
+    qsort(ord, n, sizeof(*ord), rec_ord_cmp);
     t->recs = NULL;
+    kt_htab_free(&t->idx);
     t->start = now;
-    while (all) {
+    for (size_t i = 0; i < n;) {
         /* one job per domain, its records in the order they came */
         struct job *j = kt_calloc(1, sizeof(*j));
         j->t = t;
-        j->domain = kt_strdup(all->domain);
+        j->domain = kt_strdup(ord[i].r->domain);
         j->start = start;
         j->end = now;
-        struct record **tail = &j->recs, **pp = &all;
-        while (*pp) {
-            struct record *r = *pp;
-            if (!strcmp(r->domain, j->domain)) {
-                *pp = r->next;
-                r->next = NULL;
-                *tail = r;
-                tail = &r->next;
-            } else {
-                pp = &r->next;
-            }
+        struct record **tail = &j->recs;
+        for (; i < n && !strcmp(ord[i].r->domain, j->domain); i++) {
+            ord[i].r->next = NULL;
+            *tail = ord[i].r;
+            tail = &ord[i].r->next;
         }
         j->next = t->jobs;
         t->jobs = j;
@@ -633,6 +671,7 @@ void kt_tlsrpt_flush(struct kt_tlsrpt *t, time_t now)
         snprintf(name, sizeof(name), "_smtp._tls.%s", j->domain);
         kt_dns_query(t->dns, name, 16 /* TXT */, rua_done, j);
     }
+    kt_free(ord);
 }
 
 void kt_tlsrpt_tick(struct kt_tlsrpt *t, time_t now)
@@ -736,8 +775,7 @@ static void state_load(struct kt_tlsrpt *t)
                 snprintf(r->pol.id, sizeof(r->pol.id), "%.32s", id);
                 pf = open_memstream(&ptext, &plen);
             }
-            r->next = t->recs;
-            t->recs = r;
+            record_add(t, r);
         } else if (r && pf && !strncmp(line, "policy ", 7)) {
             fprintf(pf, "%s\n", line + 7);
         } else if (r && !strncmp(line, "detail ", 7)) {
@@ -813,6 +851,7 @@ void kt_tlsrpt_free(struct kt_tlsrpt *t)
     }
     state_save(t);
     records_free(t->recs);
+    kt_htab_free(&t->idx);
     kt_free(t->dir);
     kt_free(t->org);
     kt_free(t->contact);

@@ -3,7 +3,11 @@
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -122,6 +126,51 @@ static void test_tlsrpt_txt(void **state)
     assert_int_equal(n, 0);
 }
 
+/* Many policy domains: each keeps one record with its exact counts (kept across a restart through the
+ * saved counts), however many domains there are. */
+static void test_tlsrpt_many_domains(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/kt-tlsrpt-XXXXXX", path[64], line[256], dom[64];
+    assert_non_null(mkdtemp(dir));
+    struct kt_tlsrpt_settings set = { dir, "Org", "c@sender.test", "relay.sender.test", "" };
+    enum { N = 3000 };
+    for (int round = 0; round < 2; round++) {
+        struct kt_tlsrpt *t = NULL;
+        assert_int_equal(kt_tlsrpt_new(NULL, &set, time(NULL), NULL, NULL, &t), 0);
+        for (int k = 0; k < 3; k++)
+            for (int i = 0; i < N; i++) {
+                snprintf(dom, sizeof(dom), "D%d.Example", i);
+                kt_tlsrpt_count(t, dom, NULL, i % 3 == k ? "starttls-not-supported" : NULL, "192.0.2.1",
+                                "mx.test", "192.0.2.2", "no STARTTLS");
+            }
+        kt_tlsrpt_free(t);
+    }
+    snprintf(path, sizeof(path), "%s/counts", dir);
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    static char seen[N];
+    int records = 0;
+    while (fgets(line, sizeof(line), f)) {
+        int i, sts;
+        long long ok, failed;
+        if (strncmp(line, "record ", 7))
+            continue;
+        records++;
+        assert_int_equal(sscanf(line, "record d%d.example %d %lld %lld -", &i, &sts, &ok, &failed), 4);
+        assert_true(i >= 0 && i < N && !seen[i]);
+        seen[i] = 1;
+        assert_int_equal(sts, 0);
+        /* two rounds of three sessions: one failure per round */
+        assert_int_equal(ok, 4);
+        assert_int_equal(failed, 2);
+    }
+    fclose(f);
+    assert_int_equal(records, N);
+    unlink(path);
+    rmdir(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -130,6 +179,7 @@ int main(void)
         cmocka_unit_test(test_policy_refused),
         cmocka_unit_test(test_txt),
         cmocka_unit_test(test_tlsrpt_txt),
+        cmocka_unit_test(test_tlsrpt_many_domains),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
