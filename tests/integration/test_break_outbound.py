@@ -301,3 +301,26 @@ def test_stop_while_the_hop_holds_the_end_of_data(nodes, hops, sig):
     assert wait_for(lambda: n.queue_files() == [], timeout=10)
     # the first transaction had no 250, the second one did
     assert hop.received().count(b"DATA") == 2, hop.received()
+
+
+def test_rate_delayed_destination_with_a_restart_loses_and_repeats_nothing(nodes, hops):
+    """Eight messages to a destination with smtp_destination_rate_delay: one delivery at a time; ktrelay
+    stops (SIGTERM) after some went; after the restart every message arrives exactly once (each was
+    answered 250 and recorded before the stop, or not sent at all)."""
+    import re
+    hop = hops(ehlo=[b"PIPELINING"])
+    n = nodes(f"relayhost = [127.0.0.1]:{hop.port}\nsmtp_destination_rate_delay = 1s\n").start()
+    ids = [n.sendmail([f"u{k}@remote.test"], BODY) for k in range(8)]
+    assert n.wait_log(r"to=<u\d@remote\.test>, .*status=sent", count=2, timeout=30), n.log()
+    n.stop()
+    n.start()
+    def rcpts():
+        return [c for c in hop.received() if c.startswith(b"RCPT TO:")]
+    assert wait_for(lambda: len(rcpts()) >= 8, timeout=60), hop.received()
+    assert wait_for(lambda: n.queue_files() == [], timeout=20), n.log()
+    got = sorted(rcpts())
+    assert got == sorted(f"RCPT TO:<u{k}@remote.test>".encode() for k in range(8)), got
+    # one transaction at a time: every MAIL is followed by its end of data before the next MAIL
+    seq = [c for c in hop.received() if c.startswith(b"MAIL") or c == b"."]
+    assert seq == [b"MAIL FROM:<alice@example.test>", b"."] * 8, seq
+    assert len(set(ids)) == 8 and not re.search("status=(deferred|bounced)", n.log())
