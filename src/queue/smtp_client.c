@@ -1086,6 +1086,7 @@ static void on_reply(struct kt_smtp_conn *c, int code)
         auth_reply(c, code, text);
         return;
     case ST_AUTH_ABORT:
+        c->quit_after_fail = 1;     /* the server answered the "*": the session can end with QUIT */
         conn_fail(c, 450, "%s", c->auth_why);
         return;
     case ST_MAIL: {
