@@ -23,6 +23,8 @@ DEPS=(gcc pkg-config meson ninja-build liburing-dev libssl-dev libjemalloc-dev l
       pflogsumm man-db systemd swaks
       dovecot-imapd postfix testssl.sh qemu-system-x86
       busybox-static cpio kmod gnuplot-nox passwd procps iproute2 haproxy python3-dnslib clang unbound ldnsutils)
+# milters for tests/integration/test_milter.py and the opendkim benchmark row
+DEPS+=(python3-milter opendkim opendkim-tools)
 missing=()
 for p in "${DEPS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -26,6 +26,7 @@
 #include "smtpd/policy.h"
 #include "delivery/resolve.h"
 #include "delivery/rewrite.h"
+#include "smtpd/milter.h"
 #include "smtpd/sasl.h"
 #include "conf/settings.h"
 #include "core/table.h"
@@ -36,7 +37,7 @@
 struct shared_obj {
     char *key;
     void *obj;
-    int kind;       /* 0 resolver, 1 tls, 2 net list, 3 policy, 4 SASL backend, 5 checks, 6 rewriter */
+    int kind;       /* 0 resolver, 1 tls, 2 net list, 3 policy, 4 SASL backend, 5 checks, 6 rewriter, 7 milters */
 };
 
 struct runtime_private {
@@ -673,6 +674,41 @@ static unsigned ehlo_discard_mask(const struct kt_config *cfg, const struct kt_s
     return mask;
 }
 
+/* smtpd_milters (per service through -o) with the milter_* parameters, as Postfix's milter8 reads
+ * them. Every value is checked here, so check-config refuses what run would. Returns the error count. */
+static int service_milters(struct runtime_private *rp, const struct kt_config *cfg, const struct kt_service *svc,
+                           struct kt_smtpd_settings *st)
+{
+    static const char *const macro_params[KT_MS_COUNT] = {
+        [KT_MS_CONNECT] = "milter_connect_macros", [KT_MS_HELO] = "milter_helo_macros",
+        [KT_MS_MAIL] = "milter_mail_macros", [KT_MS_RCPT] = "milter_rcpt_macros",
+        [KT_MS_DATA] = "milter_data_macros", [KT_MS_EOH] = "milter_end_of_header_macros",
+        [KT_MS_EOD] = "milter_end_of_data_macros", [KT_MS_UNKNOWN] = "milter_unknown_command_macros",
+    };
+    struct kt_milter_defaults def = {
+        .default_action = get(cfg, svc, "milter_default_action"),
+        .protocol = get(cfg, svc, "milter_protocol"),
+        .connect_timeout_s = kt_config_get_time(cfg, svc, "milter_connect_timeout"),
+        .command_timeout_s = kt_config_get_time(cfg, svc, "milter_command_timeout"),
+        .content_timeout_s = kt_config_get_time(cfg, svc, "milter_content_timeout"),
+    };
+    for (int i = 0; i < KT_MS_COUNT; i++)
+        def.macros[i] = get(cfg, svc, macro_params[i]);
+    st->milter_daemon_name = get(cfg, svc, "milter_macro_daemon_name");
+    st->milter_macro_v = get(cfg, svc, "milter_macro_v");
+    char err[512];
+    const char *list = get(cfg, svc, "smtpd_milters");
+    if (kt_milter_set_parse(list, &def, &st->milters, err, sizeof(err)) < 0) {
+        param_err(cfg, svc, "smtpd_milters", "smtpd_milters: %s", err);
+        return 1;
+    }
+    if (st->milters)
+        shared_add(rp, 7, "smtpd_milters", st->milters);
+    if (st->receive_override & KT_RO_NO_MILTERS)
+        st->milters = NULL;   /* receive_override_options = no_milters: checked, not applied */
+    return 0;
+}
+
 static int service_settings(struct runtime_private *rp, const struct kt_config *cfg, const struct kt_service *svc,
                             struct kt_smtpd_settings *st)
 {
@@ -765,6 +801,7 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
         st->checks = NULL;
         st->checks_need_queue = 0;
     }
+    errors += service_milters(rp, cfg, svc, st);
     errors += service_sasl(rp, cfg, svc, st);
     errors += service_listen_check(cfg, svc);
     return errors;
@@ -1105,8 +1142,10 @@ static void runtime_free(struct runtime_private *rp)
             kt_cleanup_checks_free(rp->objs[i].obj);
         else if (rp->objs[i].kind == 6)
             kt_rewrite_free(rp->objs[i].obj);
-        else
+        else if (rp->objs[i].kind == 4)
             kt_sasl_server_free(rp->objs[i].obj);
+        else if (rp->objs[i].kind == 7)
+            kt_milter_set_free(rp->objs[i].obj);
         kt_free(rp->objs[i].key);
     }
     kt_free(rp->objs);

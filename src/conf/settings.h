@@ -28,6 +28,7 @@ enum {
     KT_RO_NO_HEADER_BODY_CHECKS = 1u << 2,
     KT_RO_NO_MILTERS = 1u << 3,
 };
+struct kt_milter_set;
 
 enum kt_tls_level { KT_TLS_NONE, KT_TLS_MAY, KT_TLS_ENCRYPT };
 /* smtpd_forbid_bare_newline (Postfix 3.9). Every value stores CRLF and ends data only at CRLF.CRLF. */
@@ -103,6 +104,9 @@ struct kt_smtpd_settings {
     struct kt_cleanup_checks *checks;    /* header_checks, mime_header_checks, nested_header_checks,
                                             body_checks (smtpd/cleanup.h); NULL when all are empty */
     int checks_need_queue;           /* some check can HOLD, REDIRECT or FILTER: every message is queued */
+    struct kt_milter_set *milters;   /* smtpd_milters with the milter_* parameters; NULL = none */
+    const char *milter_daemon_name;  /* milter_macro_daemon_name: {daemon_name} */
+    const char *milter_macro_v;      /* milter_macro_v: v */
 };
 
 /* smtp_dns_support_level ("" is enabled). */

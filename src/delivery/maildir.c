@@ -68,8 +68,9 @@ struct kt_delivery {
     unsigned inflight_writes;
     off_t size;                      /* bytes accepted so far (next file offset) */
 
-    kt_delivery_cb cb, drain_cb;
-    void *arg, *drain_arg;
+    kt_delivery_cb cb, drain_cb, flush_cb;
+    void *arg, *drain_arg, *flush_arg;
+    struct kt_op flush_op;           /* completes a flush with nothing in flight */
     int want_drain;
 
     char paths[2][PATH_MAX];         /* scratch for mkdirat/linkat/renameat arguments */
@@ -424,6 +425,12 @@ static void chunk_done(struct kt_op *op, int res, unsigned flags)
         commit_continue(d);
         return;
     }
+    if (d->flush_cb && d->inflight_writes == 0) {
+        kt_delivery_cb cb = d->flush_cb;
+        d->flush_cb = NULL;
+        cb(d->flush_arg, d->error);
+        return;
+    }
     if (d->want_drain && d->inflight_bytes < MAX_INFLIGHT_BYTES) {
         d->want_drain = 0;
         if (d->drain_cb)
@@ -458,6 +465,34 @@ int kt_delivery_append(struct kt_delivery *d, const void *data, size_t len)
         return 1;
     }
     return 0;
+}
+
+static void flush_now(struct kt_op *op, int res, unsigned flags)
+{
+    struct kt_delivery *d = (struct kt_delivery *)((char *)op - offsetof(struct kt_delivery, flush_op));
+    d->pending--;
+    if (delivery_release_if_abandoned(d))
+        return;
+    kt_delivery_cb cb = d->flush_cb;
+    d->flush_cb = NULL;
+    if (cb)
+        cb(d->flush_arg, d->error);
+}
+
+void kt_delivery_flush(struct kt_delivery *d, kt_delivery_cb cb, void *arg)
+{
+    d->flush_cb = cb;
+    d->flush_arg = arg;
+    chunk_submit(d);
+    if (d->inflight_writes == 0) {
+        d->flush_op.cb = flush_now;
+        io_uring_prep_nop(delivery_sqe(d, &d->flush_op));
+    }
+}
+
+int kt_delivery_fd(const struct kt_delivery *d)
+{
+    return d->fd;
 }
 
 void kt_delivery_set_drain_cb(struct kt_delivery *d, kt_delivery_cb cb, void *arg)
@@ -843,7 +878,7 @@ void kt_delivery_abandon(struct kt_delivery *d)
     if (!d)
         return;
     d->abandoned = 1;
-    d->cb = d->drain_cb = NULL;
+    d->cb = d->drain_cb = d->flush_cb = NULL;
     /* A commit under way finishes (the client sent its final dot, so the
      * message may be delivered, as with any SMTP server); anything earlier is
      * removed once the operations in flight complete. */

@@ -67,6 +67,12 @@ void kt_delivery_spliced(struct kt_delivery *d, size_t n);
 /* Writing body bytes outside this object failed (-errno): the commit will
  * report the error and nothing reaches new/. */
 void kt_delivery_fail(struct kt_delivery *d, int err);
+/* Read-back before the commit (milters): every byte appended so far is written to the file, then
+ * cb(arg, 0 or -errno) from the loop; the file (kt_delivery_fd) may then be read with pread. Appending
+ * may go on afterwards. */
+void kt_delivery_flush(struct kt_delivery *d, kt_delivery_cb cb, void *arg);
+/* The spool file once open (-1 before). Owned by the delivery. */
+int kt_delivery_fd(const struct kt_delivery *d);
 unsigned long long kt_delivery_size(const struct kt_delivery *d);
 /* 0, or the -errno of a write that already failed (the commit will fail with it). */
 int kt_delivery_error(const struct kt_delivery *d);

@@ -41,6 +41,7 @@
 #include "smtpd/anvil.h"
 #include "smtpd/cleanup.h"
 #include "smtpd/client_dns.h"
+#include "smtpd/milter.h"
 #include "smtpd/proxy.h"
 #include "smtpd/sasl.h"
 #include "smtpd/session.h"
@@ -60,6 +61,11 @@
 
 static void session_process(struct kt_session *s);
 static void bdat_fail(struct kt_session *s, const char *why);
+static int milter_after(struct kt_session *s, int stage);
+static void on_milter_event(void *arg, const struct kt_milter_result *r);
+static void session_welcome(struct kt_session *s);
+static void message_end(struct kt_session *s);
+static void start_spool(struct kt_session *s);
 
 /* Stop the session: the connection closes (TLS close_notify, socket I/O
  * cancelled) and reports back once it is gone; then the session is freed. */
@@ -282,6 +288,7 @@ static void transaction_reset(struct kt_session *s)
     if (!t)
         return;
     s->txn = NULL;
+    kt_milters_abort(s->milters);
     if (t->delivery)
         kt_delivery_abandon(t->delivery);
     kt_cleanup_free(t->cleanup);
@@ -360,7 +367,16 @@ static void add_received_header(struct kt_session *s)
 
 static void send_banner(struct kt_session *s)
 {
-    reply(s, "220 %s", s->cfg->banner);
+    /* Postfix: a milter that refused the connection gets 554 (5xx) or 421 (then close) instead of the
+     * banner; a 4xx refusal keeps the banner and answers MAIL and later commands */
+    if (s->milter_greeting == 554) {
+        reply(s, "554 %s ESMTP not accepting connections", s->cfg->myhostname);
+    } else if (s->milter_greeting == 421) {
+        reply(s, "421 %s Service unavailable - try again later", s->cfg->myhostname);
+        session_enter_state(s, KT_SS_CLOSING);
+    } else {
+        reply(s, "220 %s", s->cfg->banner);
+    }
 }
 
 static int tls_offerable(const struct kt_session *s)
@@ -496,12 +512,31 @@ static void helo_or_ehlo(struct kt_session *s, const struct kt_smtp_command *c, 
 
 static void cmd_helo(struct kt_session *s, const struct kt_smtp_command *c)
 {
+    s->milter_mark = s->out.len;
     helo_or_ehlo(s, c, 0);
+    if (s->helo[0] && c->arg_len)
+        milter_after(s, KT_MS_HELO);
 }
 
 static void cmd_ehlo(struct kt_session *s, const struct kt_smtp_command *c)
 {
+    s->milter_mark = s->out.len;
     helo_or_ehlo(s, c, 1);
+    if (s->helo[0] && c->arg_len)
+        milter_after(s, KT_MS_HELO);
+}
+
+/* The ESMTP parameters after a MAIL or RCPT path, for the milters. */
+static void milter_params_of(struct kt_session *s, const struct kt_smtp_command *c)
+{
+    s->milter_params[0] = '\0';
+    if (!s->milters)
+        return;
+    const char *gt = memchr(c->arg, '>', c->arg_len);
+    if (!gt)
+        return;
+    size_t rest = c->arg_len - (size_t)(gt + 1 - c->arg);
+    snprintf(s->milter_params, sizeof(s->milter_params), "%.*s", (int)rest, gt + 1);
 }
 
 /* ---- MAIL, RCPT ---- */
@@ -565,7 +600,10 @@ static void cmd_mail(struct kt_session *s, const struct kt_smtp_command *c)
     clock_gettime(CLOCK_MONOTONIC, &s->txn->t_start);
     make_queue_id(s);
     s->counts.mail_ok++;
+    s->milter_mark = s->out.len;
     reply(s, "250 2.1.0 Ok");
+    milter_params_of(s, c);
+    milter_after(s, KT_MS_MAIL);
 }
 
 static void add_mailbox(struct kt_smtpd_txn *t, const struct kt_mailbox *m)
@@ -597,6 +635,7 @@ static void rcpt_accepted(struct kt_session *s)
 {
     struct kt_smtpd_txn *t = s->txn;
     s->counts.rcpt_ok++;
+    s->milter_mark = s->out.len;
     if (!t->client_logged) {
         t->client_logged = 1;
         if (s->sasl_username[0])
@@ -606,6 +645,7 @@ static void rcpt_accepted(struct kt_session *s)
             kt_info("%s: client=%s[%s]", t->queue_id, client_name(s), s->addr);
     }
     reply(s, "250 2.1.5 Ok");
+    milter_after(s, KT_MS_RCPT);
 }
 
 static void rcpt_reject(struct kt_session *s, const char *why, const char *rcpt)
@@ -853,6 +893,17 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         reply(s, "501 5.7.1 DSN support is disabled");
         return;
     }
+    if (s->milters) {   /* what a milter's refusal of this recipient puts back */
+        snprintf(s->milter_rcpt, sizeof(s->milter_rcpt), "%s", path.addr);
+        milter_params_of(s, c);
+        s->undo_rcpts = t->rcpts.len;
+        s->undo_relay = t->relay_rcpts.len;
+        s->undo_n_rcpts = t->n_rcpts;
+        s->undo_n_relay = t->n_relay_rcpts;
+        s->undo_n_mailboxes = t->n_mailboxes;
+        s->undo_dsn_bytes = t->dsn_bytes;
+        s->undo_want_success = t->want_success;
+    }
     if (t->n_rcpts >= s->cfg->recipient_limit) {
         too_many_recipients(s);
         return;
@@ -967,7 +1018,7 @@ static void on_commit(void *arg, int res)
                    t->hdrscan.message_id[0] ? t->hdrscan.message_id : "<>");
         const char *redirect = t->cleanup ? kt_cleanup_redirect(t->cleanup) : NULL;
         const char *filter = t->cleanup ? kt_cleanup_filter(t->cleanup) : NULL;
-        int hold = t->cleanup && kt_cleanup_hold(t->cleanup);
+        int hold = (t->cleanup && kt_cleanup_hold(t->cleanup)) || t->milter_hold;   /* milters' quarantine too */
         int in_hold = hold || redirect || filter;   /* committed into hold/ (checks_end) */
         if (in_hold && (redirect || filter)) {
             int rc = kt_queue_rewrite_held(s->rt->queue_directory, t->queue_id, redirect, filter, hold);
@@ -1081,6 +1132,7 @@ static void on_spool_open(void *arg, int res)
         return;
     }
     kt_delivery_set_drain_cb(t->delivery, on_drained, s);
+    t->msg_off = kt_delivery_size(t->delivery);
     if (!t->queued)
         add_trace_headers(s);
     add_received_header(s);
@@ -1170,6 +1222,8 @@ static void cmd_data(struct kt_session *s, const struct kt_smtp_command *c)
         return;
     }
     session_enter_state(s, KT_SS_DATA);
+    if (milter_after(s, KT_MS_DATA))
+        return;   /* the spool opens once the milters said yes */
     start_spool(s);
 }
 
@@ -1253,7 +1307,7 @@ static void data_finish(struct kt_session *s)
     bare_newline_note(s);
     if (checks_end(s) || mail_loop(s))
         return;
-    commit_message(s);   /* the state stays DATA until the commit callback */
+    message_end(s);   /* the state stays DATA until the commit callback */
 }
 
 static int body_fits(const struct kt_session *s, unsigned long long more)
@@ -1362,7 +1416,7 @@ static void bdat_chunk_done(struct kt_session *s)
         bare_newline_note(s);
         if (checks_end(s) || mail_loop(s))
             return;
-        commit_message(s);   /* the state stays BDAT until the commit callback */
+        message_end(s);   /* the state stays BDAT until the commit callback */
         return;
     }
     session_enter_state(s, KT_SS_COMMAND);
@@ -1424,6 +1478,345 @@ static void bdat_start(struct kt_session *s, const struct kt_smtp_command *c, co
             start_spool(s);
         }
     }
+}
+
+/* ---- milters (smtpd_milters) ----
+ * Each SMTP event goes to the milters (smtpd/milter.h) once ktrelay itself
+ * has accepted it, as in Postfix: HELO, MAIL and RCPT after their 250 was
+ * queued (held back until the milters answered: a refusal replaces it), DATA
+ * before its 354, the end of the message after the body is spooled and
+ * before the commit. A milter that edits the message gets it rewritten into
+ * a new spool file (or queue file, when the envelope changed or the message
+ * is quarantined); the 250 still waits for the fsync. */
+
+/* Postfix's check_milter_reply log line: "ID: milter-reject: RCPT from name[addr]: reply; from=<> ..." */
+static void milter_log(struct kt_session *s, const char *action, const char *where, const char *text)
+{
+    const struct kt_smtpd_txn *t = s->txn;
+    char whatsup[1400] = "";
+    int n = 0;
+    if (t)
+        n = snprintf(whatsup, sizeof(whatsup), " from=<%s>", t->sender_full);
+    if (t && n >= 0 && (size_t)n < sizeof(whatsup)) {
+        const char *to = s->milter_stage == KT_MS_RCPT ? s->milter_rcpt : t->n_rcpts ? t->rcpts.data : NULL;
+        if (to)
+            n += snprintf(whatsup + n, sizeof(whatsup) - (size_t)n, " to=<%s>", to);
+    }
+    if (n >= 0 && (size_t)n < sizeof(whatsup))
+        snprintf(whatsup + n, sizeof(whatsup) - (size_t)n, " proto=%s helo=<%s>", protocol_name(s), s->helo);
+    const char *id = t && (t->client_logged || s->milter_stage == KT_MS_EOD) ? t->queue_id : "NOQUEUE";
+    kt_info("%s: %s: %s from %s[%s]: %s;%s", id, action, where, client_name(s), s->addr, text, whatsup);
+}
+
+static const char *milter_where(int stage)
+{
+    switch (stage) {
+    case KT_MS_CONNECT: return "CONNECT";
+    case KT_MS_HELO: return "HELO";
+    case KT_MS_MAIL: return "MAIL";
+    case KT_MS_RCPT: return "RCPT";
+    case KT_MS_DATA: return "DATA";
+    }
+    return "END-OF-MESSAGE";
+}
+
+/* "<path>" and the ESMTP parameters, for MAIL and RCPT events. */
+static size_t milter_args(const char *path, char *params, const char **args, size_t max)
+{
+    size_t n = 0;
+    args[n++] = path;
+    char *save = NULL;
+    for (char *w = strtok_r(params, " ", &save); w && n < max; w = strtok_r(NULL, " ", &save))
+        args[n++] = w;
+    return n;
+}
+
+/* Sends the event of stage to the milters and waits for their answer (returns 1), or returns 0 without
+ * milters. */
+static int milter_after(struct kt_session *s, int stage)
+{
+    if (!s->milters)
+        return 0;
+    struct kt_smtpd_txn *t = s->txn;
+    char path[540];
+    const char *args[32];
+    s->milter_stage = stage;
+    s->wait = KT_WAIT_MILTER;
+    switch (stage) {
+    case KT_MS_HELO:
+        kt_milters_helo(s->milters, s->helo, on_milter_event, s);
+        break;
+    case KT_MS_MAIL:
+        snprintf(path, sizeof(path), "<%s>", t->sender);
+        kt_milters_mail(s->milters, args, milter_args(path, s->milter_params, args, 32), on_milter_event, s);
+        break;
+    case KT_MS_RCPT:
+        snprintf(path, sizeof(path), "<%s>", s->milter_rcpt);
+        kt_milters_rcpt(s->milters, args, milter_args(path, s->milter_params, args, 32), on_milter_event, s);
+        break;
+    default:
+        kt_milters_data(s->milters, on_milter_event, s);
+        break;
+    }
+    return 1;
+}
+
+/* A milter refused what ktrelay had accepted: its reply replaces ours, and the command is undone. */
+static void milter_refused(struct kt_session *s, const struct kt_milter_result *r)
+{
+    struct kt_smtpd_txn *t = s->txn;
+    milter_log(s, "milter-reject", milter_where(s->milter_stage), r->reply);
+    if (s->milter_stage == KT_MS_MAIL || s->milter_stage == KT_MS_RCPT || s->milter_stage == KT_MS_HELO)
+        s->out.len = s->milter_mark;   /* the 250 not yet sent */
+    if (s->milter_stage == KT_MS_MAIL) {
+        s->counts.mail_ok--;
+        transaction_reset(s);
+    } else if (s->milter_stage == KT_MS_RCPT && t) {
+        s->counts.rcpt_ok--;
+        t->rcpts.len = s->undo_rcpts;
+        t->relay_rcpts.len = s->undo_relay;
+        t->n_rcpts = s->undo_n_rcpts;
+        t->n_relay_rcpts = s->undo_n_relay;
+        t->n_mailboxes = s->undo_n_mailboxes;
+        for (size_t i = s->undo_n_rcpts; i < t->rcpt_dsn_cap; i++) {   /* its NOTIFY and ORCPT */
+            kt_free(t->rcpt_orcpt[i]);
+            t->rcpt_orcpt[i] = NULL;
+            t->rcpt_notify[i] = 0;
+        }
+        t->dsn_bytes = s->undo_dsn_bytes;
+        t->want_success = s->undo_want_success;
+    } else if (s->milter_stage == KT_MS_DATA) {
+        session_enter_state(s, KT_SS_COMMAND);
+    }
+    reply(s, "%s", r->reply);
+    if (r->verdict == KT_MILTER_SHUTDOWN)
+        session_enter_state(s, KT_SS_CLOSING);
+}
+
+static void on_milter_event(void *arg, const struct kt_milter_result *r)
+{
+    struct kt_session *s = arg;
+    s->wait = KT_WAIT_NONE;
+    if (s->dead) {
+        kt_session_maybe_free(s);
+        return;
+    }
+    if (s->milter_stage == KT_MS_CONNECT) {
+        if (r->verdict == KT_MILTER_SHUTDOWN || (r->verdict == KT_MILTER_REJECT && r->reply[0] == '5')) {
+            s->milter_greeting = r->verdict == KT_MILTER_SHUTDOWN ? 421 : 554;
+            milter_log(s, "milter-reject", "CONNECT", r->reply);
+        }
+        session_welcome(s);
+        return;
+    }
+    if (r->verdict == KT_MILTER_REJECT || r->verdict == KT_MILTER_SHUTDOWN) {
+        /* HELO is refused only by a 421 (Postfix): other refusals answer MAIL and later commands */
+        if (s->milter_stage != KT_MS_HELO || r->verdict == KT_MILTER_SHUTDOWN)
+            milter_refused(s, r);
+        session_process(s);
+        return;
+    }
+    if (s->txn && r->verdict == KT_MILTER_DISCARD && !s->txn->milter_discard) {
+        s->txn->milter_discard = 1;
+        milter_log(s, "milter-discard", milter_where(s->milter_stage), "milter triggers DISCARD action");
+    }
+    if (s->txn && r->hold && !s->txn->milter_hold) {
+        s->txn->milter_hold = 1;
+        milter_log(s, "milter-hold", milter_where(s->milter_stage),
+                   r->hold_reason[0] ? r->hold_reason : "milter triggers HOLD action");
+    }
+    if (s->milter_stage == KT_MS_DATA) {
+        start_spool(s);
+        return;
+    }
+    session_process(s);
+}
+
+/* The end of the message is refused (a milter, or an envelope the milters left empty). */
+static void on_milter_eom_refuse(struct kt_session *s, const char *why, int shutdown)
+{
+    s->wait = KT_WAIT_NONE;
+    kt_metric_inc(KT_M_REJECT_DATA);
+    transaction_reset(s);
+    session_enter_state(s, shutdown ? KT_SS_CLOSING : KT_SS_COMMAND);
+    reply(s, "%s", why);
+    session_touch(s);
+    session_process(s);
+}
+
+/* The message is accepted and dropped (a milter's DISCARD): 250, nothing stored. */
+static void milter_discarded(struct kt_session *s)
+{
+    struct kt_smtpd_txn *t = s->txn;
+    s->wait = KT_WAIT_NONE;
+    if (s->state == KT_SS_BDAT)
+        s->counts.bdat_ok++;
+    else
+        s->counts.data_ok++;
+    reply(s, "250 2.0.0 Ok: queued as %s", t->queue_id);
+    transaction_reset(s);
+    if (s->state != KT_SS_CLOSING)
+        session_enter_state(s, KT_SS_COMMAND);
+    session_touch(s);
+    session_process(s);
+}
+
+static void on_milter_written(void *arg, int res)
+{
+    struct kt_session *s = arg;
+    struct kt_smtpd_txn *t = s->txn;
+    if (res < 0)
+        kt_delivery_fail(t->delivery, res);
+    kt_delivery_set_drain_cb(t->delivery, on_drained, s);
+    commit_message(s);   /* reports a failed write too */
+}
+
+static void on_milter_reopened(void *arg, int res)
+{
+    struct kt_session *s = arg;
+    if (res < 0) {
+        on_commit(s, res);
+        return;
+    }
+    kt_milters_write(s->milters, s->txn->delivery, s->milter_keep_fixed, on_milter_written, s);
+}
+
+/* The milters changed the message, its envelope or want it held: the edited message goes into a new
+ * file (the old one is dropped; nothing of either is visible before the commit). A changed envelope or a
+ * hold goes to the queue, whose manager resolves the recipients; otherwise the same Maildirs. */
+static void milter_rewrite(struct kt_session *s, int envelope_edited)
+{
+    struct kt_smtpd_txn *t = s->txn;
+    int was_queued = t->queued;
+    if (envelope_edited) {
+        const char *const *rl;
+        size_t n = kt_milters_rcpts(s->milters, &rl);
+        if (n == 0) {
+            milter_log(s, "milter-reject", "END-OF-MESSAGE", "554 5.5.1 Error: no valid recipients");
+            on_milter_eom_refuse(s, "554 5.5.1 Error: no valid recipients", 0);
+            return;
+        }
+        snprintf(t->sender_full, sizeof(t->sender_full), "%s", kt_milters_sender(s->milters));
+        kt_buf_reset(&t->rcpts);
+        for (size_t i = 0; i < n; i++)
+            kt_buf_append(&t->rcpts, rl[i], strlen(rl[i]) + 1);
+        t->n_rcpts = (unsigned)n;
+    }
+    kt_delivery_abandon(t->delivery);
+    t->delivery = NULL;
+    if (t->queued || envelope_edited || t->milter_hold) {
+        const char **list = kt_calloc(t->n_rcpts, sizeof(*list));
+        unsigned *notify = kt_calloc(t->n_rcpts, sizeof(*notify));
+        const char **orcpt = kt_calloc(t->n_rcpts, sizeof(*orcpt));
+        const char *r = t->rcpts.data;
+        size_t n = 0;
+        /* one delivery per recipient (as start_spool); the recipients' NOTIFY and ORCPT only while the
+         * recipients are the client's */
+        int dsn = !envelope_edited && t->rcpt_notify;
+        for (unsigned i = 0; i < t->n_rcpts; i++, r += strlen(r) + 1) {
+            size_t k = 0;
+            while (k < n && strcasecmp(list[k], r) != 0)
+                k++;
+            if (k < n)
+                continue;
+            list[n] = r;
+            notify[n] = dsn && i < t->rcpt_dsn_cap ? t->rcpt_notify[i] : 0;
+            orcpt[n] = dsn && i < t->rcpt_dsn_cap ? t->rcpt_orcpt[i] : NULL;
+            n++;
+        }
+        struct kt_qprops props = {
+            .smtputf8 = t->smtputf8, .body = (enum kt_qbody)t->body, .ret = (enum kt_qret)t->ret,
+            .envid = t->envid[0] ? t->envid : NULL, .notify = dsn ? notify : NULL, .orcpt = dsn ? orcpt : NULL,
+        };
+        t->delivery = kt_queue_delivery_new(&s->worker->loop, s->rt->queue_directory, t->sender_full, list, n,
+                                            &props, s->cfg->myhostname, s->worker->id, t->queue_id);
+        kt_free(notify);
+        kt_free(orcpt);
+        kt_free(list);
+        if (!t->delivery) {
+            on_milter_eom_refuse(s, "452 4.5.3 Error: too many recipients", 0);
+            return;
+        }
+        t->queued = 1;
+        if (t->milter_hold || (t->cleanup && (kt_cleanup_hold(t->cleanup) || kt_cleanup_redirect(t->cleanup)
+                                              || kt_cleanup_filter(t->cleanup))))
+            kt_delivery_set_new_dir(t->delivery, "hold");
+    } else {
+        t->delivery = kt_delivery_new(&s->worker->loop, t->mailboxes, t->n_mailboxes, s->cfg->myhostname,
+                                      s->worker->id, t->queue_id);
+    }
+    /* the trace headers of a final delivery here stay only if it still is one */
+    s->milter_keep_fixed = !(t->queued && !was_queued);
+    kt_delivery_open(t->delivery, on_milter_reopened, s);
+}
+
+static void on_milter_eom(void *arg, const struct kt_milter_result *r)
+{
+    struct kt_session *s = arg;
+    struct kt_smtpd_txn *t = s->txn;
+    if (s->dead) {
+        s->wait = KT_WAIT_NONE;
+        kt_session_maybe_free(s);
+        return;
+    }
+    if (r->verdict == KT_MILTER_REJECT || r->verdict == KT_MILTER_SHUTDOWN) {
+        milter_log(s, "milter-reject", "END-OF-MESSAGE", r->reply);
+        on_milter_eom_refuse(s, r->reply, r->verdict == KT_MILTER_SHUTDOWN);
+        return;
+    }
+    if (r->verdict == KT_MILTER_DISCARD) {
+        milter_log(s, "milter-discard", "END-OF-MESSAGE", "milter triggers DISCARD action");
+        milter_discarded(s);
+        return;
+    }
+    if (r->hold && !t->milter_hold) {
+        t->milter_hold = 1;
+        milter_log(s, "milter-hold", "END-OF-MESSAGE", r->hold_reason[0] ? r->hold_reason
+                                                                           : "milter triggers HOLD action");
+    }
+    if (r->edited || r->envelope_edited || (t->milter_hold && !t->queued)) {
+        milter_rewrite(s, r->envelope_edited);
+        return;
+    }
+    if (t->milter_hold)
+        kt_delivery_set_new_dir(t->delivery, "hold");   /* quarantine: committed into hold/ */
+    commit_message(s);
+}
+
+static void on_milter_flushed(void *arg, int res)
+{
+    struct kt_session *s = arg;
+    struct kt_smtpd_txn *t = s->txn;
+    if (res < 0) {
+        on_commit(s, res);
+        return;
+    }
+    const char **list = kt_calloc(t->n_rcpts ? t->n_rcpts : 1, sizeof(*list));
+    const char *r = t->rcpts.data;
+    for (unsigned i = 0; i < t->n_rcpts; i++, r += strlen(r) + 1)
+        list[i] = r;
+    unsigned long long size = kt_delivery_size(t->delivery);
+    /* a final delivery from here starts with its trace headers (add_trace_headers), then our Received: */
+    kt_milters_eom(s->milters, kt_delivery_fd(t->delivery), (off_t)t->msg_off, (off_t)(size - t->msg_off),
+                   t->queued ? 0 : 3, 1, t->sender_full, list, t->n_rcpts, on_milter_eom, s);
+    kt_free(list);
+}
+
+/* The body is in: the milters see the message (once its bytes are in the file), then the commit. */
+static void message_end(struct kt_session *s)
+{
+    struct kt_smtpd_txn *t = s->txn;
+    if (!s->milters) {
+        commit_message(s);
+        return;
+    }
+    if (t->milter_discard) {
+        milter_discarded(s);
+        return;
+    }
+    s->wait = KT_WAIT_MILTER;
+    s->milter_stage = KT_MS_EOD;
+    kt_delivery_flush(t->delivery, on_milter_flushed, s);
 }
 
 /* ---- other commands ---- */
@@ -2064,7 +2457,8 @@ static void session_process(struct kt_session *s)
      * per idle session matters with many thousands of them. */
     if (kt_buf_used(&s->in) == 0 && (s->in.cap > 65536 || (s->in.cap > 4096 && s->state == KT_SS_COMMAND)))
         kt_buf_release(&s->in);
-    if (s->wait != KT_WAIT_TARPIT)   /* the held error reply leaves when the delay ends */
+    /* the held error reply leaves when the delay ends; a reply a milter may still overrule waits for it */
+    if (s->wait != KT_WAIT_TARPIT && s->wait != KT_WAIT_MILTER)
         kt_conn_flush(s->conn);
     if (!s->dead && s->wait == KT_WAIT_NONE && s->state != KT_SS_CLOSING && s->state != KT_SS_HANDSHAKE)
         kt_conn_arm_read(s->conn, s->state == KT_SS_COMMAND || s->state == KT_SS_AUTH ? COMMAND_READ : BODY_READ);
@@ -2248,6 +2642,8 @@ void kt_session_maybe_free(struct kt_session *s)
     if (s->anvil_connected)
         kt_anvil_disconnect(service_name(s), s->addr);
     transaction_reset(s);
+    kt_milters_free(s->milters);
+    s->milters = NULL;
     kt_buf_release(&s->in);
     kt_buf_release(&s->out);
     auth_job_free(s);
@@ -2274,8 +2670,8 @@ void kt_session_timeout(struct kt_session *s)
         return;
     }
     if (s->wait == KT_WAIT_COMMIT || s->wait == KT_WAIT_OPEN || s->wait == KT_WAIT_DRAIN || s->wait == KT_WAIT_AUTH
-        || s->wait == KT_WAIT_TARPIT || s->wait == KT_WAIT_DNS)
-        return;   /* waiting on our own disk, password check or DNS, not on the client */
+        || s->wait == KT_WAIT_TARPIT || s->wait == KT_WAIT_DNS || s->wait == KT_WAIT_MILTER)
+        return;   /* waiting on our own disk, password check, DNS or a milter (its own timeouts), not the client */
     kt_info("timeout after %s from %s[%s]", stage_str(s->state), client_name(s), s->addr);
     if (s->state == KT_SS_HANDSHAKE || s->wait == KT_WAIT_SPLICE) {
         /* no plaintext reply is possible mid-handshake or mid-splice */
@@ -2311,6 +2707,8 @@ void kt_session_abort(struct kt_session *s)
 }
 
 static void session_greet(struct kt_session *s);
+static void session_welcome(struct kt_session *s);
+static void on_milter_event(void *arg, const struct kt_milter_result *r);
 
 static int same_address(const char *x, const char *y)
 {
@@ -2417,6 +2815,23 @@ static void session_greet(struct kt_session *s)
         kt_session_maybe_free(s);
         return;
     }
+    if (s->cfg->milters) {
+        /* the milters hear of the client before it gets a banner */
+        s->milters = kt_milters_new(&s->worker->loop, s->cfg->milters, kt_session_milter_macro, s);
+        char bracketed[INET6_ADDRSTRLEN + 2];
+        snprintf(bracketed, sizeof(bracketed), "[%s]", s->addr);
+        s->wait = KT_WAIT_MILTER;
+        s->milter_stage = KT_MS_CONNECT;
+        kt_milters_connect(s->milters, s->client_name ? s->client_name : bracketed, strchr(s->addr, ':') ? '6' : '4',
+                           s->addr, (unsigned)s->port, on_milter_event, s);
+        return;
+    }
+    session_welcome(s);
+}
+
+/* Banner or, in wrapper mode, the TLS handshake first. */
+static void session_welcome(struct kt_session *s)
+{
     if (s->cfg->wrappermode) {
         if (newtls_exceeded(s)) {
             session_close(s);

@@ -56,6 +56,7 @@ enum kt_session_wait {
     KT_WAIT_TARPIT,       /* error reply held for smtpd_error_sleep_time (soft error limit) */
     KT_WAIT_PROXY,        /* reading the PROXY protocol header, before the banner */
     KT_WAIT_DNS,          /* DNS answers for the client's names or a restriction */
+    KT_WAIT_MILTER,       /* a milter's answer (smtpd_milters), or the message being rewritten after it */
 };
 
 /* Which response an AUTH exchange waits for (KT_SS_AUTH). */
@@ -114,6 +115,9 @@ struct kt_smtpd_txn {
     struct kt_header_scan hdrscan;         /* Message-ID for the log, read as the body streams in */
     struct kt_cleanup *cleanup;            /* header and body checks (smtpd/cleanup.h) while spooling; owned */
     int queued;                            /* spooled as a queue file (relayed recipients or checks_need_queue) */
+    unsigned long long msg_off;            /* where the message starts in the spool file (after a queue envelope) */
+    int milter_discard;                    /* a milter discarded the message: 250, then dropped */
+    int milter_hold;                       /* a milter quarantined it: queued on hold */
 };
 
 struct kt_session {
@@ -178,6 +182,20 @@ struct kt_session {
     struct kt_op delay_op;
     struct __kernel_timespec delay_ts;
 
+    /* milters (smtpd_milters): NULL without */
+    struct kt_milters *milters;
+    int milter_stage;                      /* the event awaited (session.c) */
+    size_t milter_mark;                    /* output length before the reply the milter may overrule */
+    int milter_greeting;                   /* connect refused by a milter: 554 or 421 instead of 220 */
+    int milter_keep_fixed;                 /* the rewritten message keeps the trace headers of a final delivery */
+    char milter_rcpt[520];                 /* the recipient of the RCPT being checked ({rcpt_addr}) */
+    char milter_params[520];               /* its ESMTP parameters (or MAIL's) */
+    size_t undo_rcpts, undo_relay;         /* the transaction before that RCPT, restored if a milter refuses */
+    unsigned undo_n_rcpts, undo_n_relay;
+    size_t undo_n_mailboxes;
+    size_t undo_dsn_bytes;
+    int undo_want_success;
+
     /* mail transaction: NULL outside one */
     struct kt_smtpd_txn *txn;
 
@@ -188,6 +206,9 @@ struct kt_session {
     char bdat_error[96];                   /* reply owed at the end of a refused chunk */
     unsigned long long rate_credit_ms;     /* body bytes not yet turned into deadline seconds */
 };
+
+/* smtpd_milter.c: the value of a Sendmail macro for this session (kt_milter_macro_fn) */
+const char *kt_session_milter_macro(void *arg, const char *name, char *buf, size_t len);
 
 /* session.c */
 void kt_session_start(struct kt_worker *w, int fd, const struct sockaddr *sa, socklen_t salen,

@@ -115,7 +115,7 @@ BAD = [
     (None, "smtpd_tls_wrapermode=yes", "smtpd_tls_wrapermode", "did you mean smtpd_tls_wrappermode?"),
     (None, "smtpd_sasl_auth_enabled=yes", "smtpd_sasl_auth_enabled", "unknown parameter in -o override"),
     # Postfix features that change who may send, what is filtered or where mail goes
-    ("smtpd_milters = inet:127.0.0.1:8891", None, "smtpd_milters", "not implemented by ktrelay"),
+    ("smtpd_proxy_filter = 127.0.0.1:10025", None, "smtpd_proxy_filter", "not implemented by ktrelay"),
     ("non_smtpd_milters = inet:127.0.0.1:8891", None, "non_smtpd_milters", "not implemented by ktrelay"),
     (None, "content_filter=amavis:[127.0.0.1]:10024", "content_filter", 'transport "amavis" is not supported'),
     ("content_filter = smtp:", None, "content_filter", "expected transport:nexthop with one next hop"),
@@ -260,11 +260,11 @@ def test_ignore_unimplemented_lets_it_run(relay_factory):
 
 
 def test_cosmetic_unimplemented_and_empty_values_warn_only(tmp_path):
-    write_conf(tmp_path, "debug_peer_level = 3\nsmtpd_milters =\nheader_checks =\n")
+    write_conf(tmp_path, "debug_peer_level = 3\nsmtpd_proxy_filter =\nheader_checks =\n")
     chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True, timeout=30)
     assert chk.returncode == 0, chk.stderr
     assert "parameter debug_peer_level is a Postfix parameter that ktrelay does not implement; ignored" in chk.stderr
-    assert "parameter smtpd_milters is a Postfix parameter that ktrelay does not implement; ignored (empty)" \
+    assert "parameter smtpd_proxy_filter is a Postfix parameter that ktrelay does not implement; ignored (empty)" \
         in chk.stderr
 
 

@@ -410,7 +410,7 @@ static void test_not_implemented(void **state)
     /* features that change who may send, what is filtered or where mail goes: errors */
     struct loaded l = load("myhostname = a.b.c\n"
                            "smtp_header_checks = regexp:/etc/postfix/smtp_header_checks\n"
-                           "smtpd_milters = inet:localhost:8891\n"
+                           "smtpd_proxy_filter = 127.0.0.1:10025\n"
                            "debug_peer_level = 3\n"
                            "relocated_maps =\n",
                            "smtp inet n - n - - smtpd -o smtpd_proxy_filter=127.0.0.1:10025\n");
@@ -418,7 +418,7 @@ static void test_not_implemented(void **state)
     expect_log(l.log, "error: main.cf:2: parameter smtp_header_checks is not implemented by ktrelay, and running "
                       "without it would change who may send, what is filtered or where mail goes; remove it, "
                       "or set ktrelay_ignore_unimplemented = yes to run without it");
-    expect_log(l.log, "error: main.cf:3: parameter smtpd_milters is not implemented by ktrelay");
+    expect_log(l.log, "error: main.cf:3: parameter smtpd_proxy_filter is not implemented by ktrelay");
     expect_log(l.log, "error: master.cf:1: parameter smtpd_proxy_filter is not implemented by ktrelay");
     /* cosmetic ones and empty values stay warnings */
     expect_log(l.log, "warning: main.cf:4: parameter debug_peer_level is a Postfix parameter that ktrelay does "
