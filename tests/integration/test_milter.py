@@ -398,3 +398,75 @@ def test_bdat_message_goes_through_the_milter(relay_factory, milter):
     data = stored(r, "example.test/alice/")
     assert b"\r\nX-Filter: one\r\n\r\nbody line\r\n" in data and b"Subject: changed subject\r\n" in data
     assert m.events("eoh")[0]["headers"][0] == ["From", "a@example.org"]
+
+
+class OpenDkim:
+    """opendkim started here as a signing (mode s, key made by opendkim-genkey) or verifying (mode v, the
+    public key through TestPublicKeys instead of DNS) milter on a loopback port."""
+
+    def __init__(self, tmp, mode):
+        self.dir = tmp / "dkim"
+        self.dir.mkdir(exist_ok=True)
+        if not (self.dir / "test.private").exists():
+            subprocess.run(["opendkim-genkey", "-D", str(self.dir), "-d", "example.org", "-s", "test"], check=True)
+            txt = (self.dir / "test.txt").read_text()
+            (self.dir / "keys").write_text("test._domainkey.example.org " + "".join(re.findall(r'"([^"]*)"', txt))
+                                           + "\n")
+        self.port = free_port()
+        self.spec = f"inet:127.0.0.1:{self.port}"
+        self.conf = self.dir / f"{mode}.conf"
+        common = (f"Socket inet:{self.port}@127.0.0.1\nBackground no\nSyslog no\nRequireSafeKeys no\n"
+                  f"PidFile {self.dir}/{mode}.pid\nTestPublicKeys {self.dir}/keys\n")
+        if mode == "s":
+            self.conf.write_text(common + f"Mode s\nDomain example.org\nSelector test\nKeyFile {self.dir}/test.private\n"
+                                 "Canonicalization relaxed/simple\n")
+        else:
+            self.conf.write_text(common + "Mode v\nAuthservID verifier.example.test\n")
+        self.proc = subprocess.Popen(["opendkim", "-f", "-x", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        wait_until(self._ready, 10, "opendkim to listen")
+
+    def _ready(self):
+        assert self.proc.poll() is None, self.proc.stderr.read().decode()
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("opendkim") is None, reason="opendkim is not installed")
+def test_opendkim_signs_and_the_signature_verifies(relay_factory, tmp_path):
+    signer = OpenDkim(tmp_path, "s")
+    verifier = OpenDkim(tmp_path, "v")
+    try:
+        # the verifier after the signer sees the signed message (milters in order, as Postfix)
+        r = relay_factory(f"smtpd_milters = {signer.spec}, {verifier.spec}\n")
+        msg = ("From: Alice <a@example.org>\r\nTo: alice@example.test\r\nSubject: signed\r\n"
+               "Date: Mon, 30 Nov 2026 10:00:00 +0000\r\nMessage-ID: <dkim1@example.org>\r\n\r\n"
+               "line one\r\n..dot-stuffed line\r\n\r\nlast line\r\n")
+        send(r.port(), msg=msg)
+        f = r.maildir_files("example.test/alice/")
+        assert len(f) == 1
+        data = f[0].read_bytes()
+        # both insert their header at position 0, before ktrelay's Received: (as with Postfix)
+        assert re.match(rb"Authentication-Results: [^\r]*\r\n(?:\t[^\r]*\r\n)*DKIM-Signature: v=1; a=rsa-sha256; "
+                        rb"c=relaxed/simple; d=example.org; s=test;\r\n\tt=\d+; bh=[^\r]*\r\n\th=From:To:Subject:Date;\r\n\tb=", data), \
+            data[:600]
+        assert re.search(rb"Authentication-Results: verifier.example.test;\r\n\tdkim=pass \(2048-bit key\) "
+                         rb"header.d=example.org header.i=@example.org header.a=rsa-sha256 header.s=test header.b=", data), data[:1200]
+        assert data.endswith(b"\r\n\r\nline one\r\n.dot-stuffed line\r\n\r\nlast line\r\n")
+        # and opendkim's own test mode verifies the stored file (a copy: -t takes a comma-separated list)
+        copy = tmp_path / "stored.eml"
+        copy.write_bytes(data)
+        chk = subprocess.run(["opendkim", "-x", str(verifier.conf), "-t", str(copy)], capture_output=True, text=True,
+                             timeout=30)
+        assert chk.returncode == 0, chk.stderr
+        assert "verification (s=test, d=example.org, 2048-bit key) succeeded" in chk.stdout + chk.stderr, chk.stdout
+    finally:
+        signer.stop()
+        verifier.stop()
