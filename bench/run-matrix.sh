@@ -10,6 +10,9 @@
 # usage: bench/run-matrix.sh [--quick] [--servers ktrelay,postfix] [--out DIR]
 #                            [--ktrelay PATH] [--ktbench PATH] [--no-ceiling]
 #                            [--rows REGEX] [--repeat N]
+# The dkim-* rows send through a listener whose smtpd_milters is one opendkim
+# signing every message (a key made by opendkim-genkey here); run them alone
+# with --rows '^dkim'.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,6 +27,10 @@ REPEAT=
 PORT=10025
 TLSPORT=10465
 SINKPORT=10026
+# the dkim rows: a listener whose smtpd_milters is one opendkim (signing), the same for both servers
+DKIMPORT=10027
+DKIM_MILTER_PORT=10891
+DKIM_PID=
 
 while [ $# -gt 0 ]; do
 	case $1 in
@@ -57,6 +64,7 @@ SINK_PID=
 
 cleanup() {
 	set +e
+	if [ -n "$DKIM_PID" ]; then kill "$DKIM_PID" 2>/dev/null; wait "$DKIM_PID" 2>/dev/null; fi
 	if [ -n "$KT_PID" ] && kill -0 "$KT_PID" 2>/dev/null; then
 		kill "$KT_PID"
 		for _ in $(seq 50); do kill -0 "$KT_PID" 2>/dev/null || break; sleep 0.1; done
@@ -217,6 +225,8 @@ start_ktrelay() {
 127.0.0.1:$PORT inet n - n - - smtpd
 127.0.0.1:$TLSPORT inet n - n - - smtpd
   -o smtpd_tls_wrappermode=yes
+127.0.0.1:$DKIMPORT inet n - n - - smtpd
+  -o smtpd_milters=inet:127.0.0.1:$DKIM_MILTER_PORT
 EOF
 	reset_maildir || return 1
 	"$KTRELAY" run -c "$dir" >"$T/ktrelay.log" 2>&1 &
@@ -267,6 +277,8 @@ EOF
 		echo "127.0.0.1:$PORT inet n - n - - smtpd"
 		echo "127.0.0.1:$TLSPORT inet n - n - - smtpd"
 		echo "  -o smtpd_tls_wrappermode=yes"
+		echo "127.0.0.1:$DKIMPORT inet n - n - - smtpd"
+		echo "  -o smtpd_milters=inet:127.0.0.1:$DKIM_MILTER_PORT"
 		# the unix services of the distribution's master.cf (the packaged
 		# template when Postfix was installed unconfigured)
 		mcf=/etc/postfix/master.cf
@@ -341,6 +353,31 @@ rows() {
 	echo "handshake-tls13|--mode starttls --tls-version 1.3 --connections $HS_C --messages $HS_M --handshake-only --quickack|hs"
 	echo "newconn-msg-tls13|--mode starttls --tls-version 1.3 --size 4096 --connections $HS_C --messages $HS_M --new-connection-per-message --quickack|msg"
 	echo "idle-tls13|--mode starttls --tls-version 1.3 --idle-settle 3|idle"
+	# the same 4 KB STARTTLS load through one opendkim signing milter (start_opendkim)
+	echo "dkim-tls13-4k-data|--port $DKIMPORT --mode starttls --tls-version 1.3 --size 4096 --connections $SMALL_C --messages $SMALL_M --pipelining --quickack|msg"
+}
+
+# opendkim signing the load's mail (sender domain ktbench.test), for the dkim rows.
+start_opendkim() {
+	command -v opendkim >/dev/null || { echo "run-matrix: opendkim is not installed; dkim rows skipped"; return 1; }
+	mkdir -p "$T/dkim"
+	opendkim-genkey -D "$T/dkim" -d ktbench.test -s bench
+	printf 'bench._domainkey.ktbench.test ktbench.test:bench:%s\n' "$T/dkim/bench.private" >"$T/dkim/keytable"
+	printf '*@ktbench.test bench._domainkey.ktbench.test\n' >"$T/dkim/signingtable"
+	cat >"$T/dkim/opendkim.conf" <<EOF
+Mode s
+Socket inet:$DKIM_MILTER_PORT@127.0.0.1
+Background no
+Syslog no
+RequireSafeKeys no
+KeyTable $T/dkim/keytable
+SigningTable refile:$T/dkim/signingtable
+Canonicalization relaxed/simple
+EOF
+	port_free "$DKIM_MILTER_PORT"
+	opendkim -f -x "$T/dkim/opendkim.conf" >"$T/opendkim.log" 2>&1 &
+	DKIM_PID=$!
+	wait_port "$DKIM_MILTER_PORT"
 }
 
 KTLS=0
@@ -424,6 +461,7 @@ run_rows() {
 	while IFS='|' read -r name opts kind; do
 		[[ $name =~ $filter ]] || continue
 		[[ $name =~ $ROWS ]] || continue
+		[[ $name == dkim-* && $DKIM_OK != 1 ]] && continue   # no milter: the dkim rows cannot run
 		name=$name$suffix
 		if [ "$kind" = idle ]; then
 			idle=$IDLE_KT
@@ -453,6 +491,8 @@ run_rows() {
 ktrelay_pids() { [ -n "$KT_PID" ] && { echo "$KT_PID"; pgrep -P "$KT_PID" || true; }; }
 
 IFS=, read -r -a SERVER_LIST <<<"$SERVERS"
+DKIM_OK=0
+if [[ dkim-tls13-4k-data =~ $ROWS ]] && start_opendkim; then DKIM_OK=1; fi
 if ! start_sink; then
 	echo "run-matrix: smtp-sink did not start on $SINKPORT:"
 	cat "$T/sink.log"
