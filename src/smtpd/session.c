@@ -1516,6 +1516,7 @@ static const char *milter_where(int stage)
     case KT_MS_MAIL: return "MAIL";
     case KT_MS_RCPT: return "RCPT";
     case KT_MS_DATA: return "DATA";
+    case KT_MS_UNKNOWN: return "UNKNOWN";
     }
     return "END-OF-MESSAGE";
 }
@@ -1553,6 +1554,9 @@ static int milter_after(struct kt_session *s, int stage)
     case KT_MS_RCPT:
         snprintf(path, sizeof(path), "<%s>", s->milter_rcpt);
         kt_milters_rcpt(s->milters, args, milter_args(path, s->milter_params, args, 32), on_milter_event, s);
+        break;
+    case KT_MS_UNKNOWN:
+        kt_milters_unknown(s->milters, s->milter_params, on_milter_event, s);
         break;
     default:
         kt_milters_data(s->milters, on_milter_event, s);
@@ -1629,6 +1633,8 @@ static void on_milter_event(void *arg, const struct kt_milter_result *r)
         start_spool(s);
         return;
     }
+    if (s->milter_stage == KT_MS_UNKNOWN)
+        reply(s, "502 5.5.2 Error: command not recognized");
     session_process(s);
 }
 
@@ -2216,6 +2222,8 @@ static void cmd_not_implemented(struct kt_session *s, const struct kt_smtp_comma
 
 static void cmd_unknown(struct kt_session *s, const struct kt_smtp_command *c)
 {
+    if (milter_after(s, KT_MS_UNKNOWN))
+        return;   /* a milter may answer it instead (Postfix) */
     reply(s, "502 5.5.2 Error: command not recognized");
 }
 
@@ -2326,6 +2334,8 @@ static const struct smtpd_cmd *handle_command(struct kt_session *s, const char *
         }
         return cmd;
     }
+    if (c.verb == KT_VERB_UNKNOWN && s->milters)   /* the whole line goes to the milters */
+        snprintf(s->milter_params, sizeof(s->milter_params), "%.*s", (int)len, line);
     const char *refusal = command_refusal(s, cmd);
     if (refusal && (cmd->flags & CMD_CHUNK))
         bdat_start(s, &c, refusal);

@@ -189,7 +189,7 @@ struct kt_session {
     int milter_greeting;                   /* connect refused by a milter: 554 or 421 instead of 220 */
     int milter_keep_fixed;                 /* the rewritten message keeps the trace headers of a final delivery */
     char milter_rcpt[520];                 /* the recipient of the RCPT being checked ({rcpt_addr}) */
-    char milter_params[520];               /* its ESMTP parameters (or MAIL's) */
+    char milter_params[520];               /* its ESMTP parameters (or MAIL's), or an unknown command line */
     size_t undo_rcpts, undo_relay;         /* the transaction before that RCPT, restored if a milter refuses */
     unsigned undo_n_rcpts, undo_n_relay;
     size_t undo_n_mailboxes;

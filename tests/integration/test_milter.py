@@ -470,3 +470,33 @@ def test_opendkim_signs_and_the_signature_verifies(relay_factory, tmp_path):
     finally:
         signer.stop()
         verifier.stop()
+
+
+def test_large_body_without_replies_reaches_the_milter_whole(relay_factory, milter):
+    """Headers and body events without replies (SMFIP_NR_*) leave in batches; a body larger than the
+    spool's memory buffer is read back from the file in 64 KB packets."""
+    import hashlib
+    m = milter("count")
+    r = relay_factory(f"smtpd_milters = {m.spec}\n")
+    body = "".join(f"line {i:07d} " + "x" * 60 + "\r\n" for i in range(9000))   # about 650 KB
+    send(r.port(), msg=MSG.split("\r\n\r\n")[0] + "\r\n\r\n" + body)
+    eom = m.events("eom")[0]
+    assert eom["size"] == len(body) and eom["sha256"] == hashlib.sha256(body.encode()).hexdigest()
+    assert eom["headers"] == 5
+    _, rest = split_received(stored(r, "example.test/alice/"))
+    assert rest == (MSG.split("\r\n\r\n")[0] + "\r\n\r\n" + body).encode()
+
+
+def test_unknown_command_goes_to_the_milter(relay_factory, milter):
+    m = milter("reject-unknown")
+    r = relay_factory(f"smtpd_milters = {m.spec}\n")
+    c = SmtpConn(r.port())
+    c.ehlo()
+    assert c.cmd("XFOO bar baz") == "550 5.5.1 say what"
+    c.quit()
+    assert m.events("unknown")[0]["cmd"] == "XFOO bar baz"
+    m2 = milter("continue")
+    r2 = relay_factory(f"smtpd_milters = {m2.spec}\n")
+    c = SmtpConn(r2.port())
+    assert c.cmd("XFOO") == "502 5.5.2 Error: command not recognized"
+    c.quit()

@@ -7,6 +7,7 @@ per event the filter saw (with the macros it was given), so a test can check wha
 ACTION is one of:
   continue         change nothing
   reject-connect   reject at connect           tempfail-connect  tempfail at connect
+  reject-unknown   reply 550 5.5.1 to unknown commands
   reject-mail      reject MAIL                 reject-rcpt       reject recipients starting with "bad"
   reject           reject at end of message    tempfail          tempfail at end of message
   replycode        end of message: 550 5.7.1 with a two-line text
@@ -17,8 +18,11 @@ ACTION is one of:
   chgfrom          change the sender to new-sender@example.org
   chain-a          add X-Chain: a              chain-b           add X-Seen-Chain: with X-Chain's value
   slow             sleep 5 s at the end of message, then continue
+  count            headers and body without replies (SMFIP_NR_HDR, SMFIP_NR_BODY): record the body's size
+                   and digest at the end of message
   close            exit during the body
 """
+import hashlib
 import json
 import os
 import sys
@@ -37,6 +41,8 @@ def record(event, **kw):
 class Filter(Milter.Base):
     def __init__(self):
         self.headers = []
+        self.body_hash = hashlib.sha256()
+        self.body_len = 0
 
     def macros(self, names):
         return {n: self.getsymval(n) for n in names if self.getsymval(n) is not None}
@@ -52,6 +58,13 @@ class Filter(Milter.Base):
 
     def hello(self, name):
         record("helo", name=name, macros=self.macros(["{tls_version}", "{cipher}"]))
+        return Milter.CONTINUE
+
+    def unknown(self, cmd):
+        record("unknown", cmd=cmd)
+        if ACTION == "reject-unknown":
+            self.setreply("550", "5.5.1", "say what")
+            return Milter.REJECT
         return Milter.CONTINUE
 
     def envfrom(self, sender, *params):
@@ -117,7 +130,24 @@ class Filter(Milter.Base):
         return Milter.CONTINUE
 
 
-Milter.factory = Filter
+class CountFilter(Filter):
+    @Milter.noreply
+    def header(self, name, value):
+        self.headers.append([name, value])
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def body(self, chunk):
+        self.body_hash.update(chunk)
+        self.body_len += len(chunk)
+        return Milter.CONTINUE
+
+    def eom(self):
+        record("eom", size=self.body_len, sha256=self.body_hash.hexdigest(), headers=len(self.headers))
+        return Milter.CONTINUE
+
+
+Milter.factory = CountFilter if ACTION == "count" else Filter
 Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGBODY | Milter.ADDRCPT | Milter.DELRCPT
                  | Milter.QUARANTINE | Milter.CHGFROM)
 Milter.runmilter("ktrelay-test", SOCKET, 60)
