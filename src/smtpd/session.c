@@ -529,14 +529,14 @@ static void cmd_ehlo(struct kt_session *s, const struct kt_smtp_command *c)
 /* The ESMTP parameters after a MAIL or RCPT path, for the milters. */
 static void milter_params_of(struct kt_session *s, const struct kt_smtp_command *c)
 {
-    s->milter_params[0] = '\0';
     if (!s->milters)
         return;
+    s->mstate->params[0] = '\0';
     const char *gt = memchr(c->arg, '>', c->arg_len);
     if (!gt)
         return;
     size_t rest = c->arg_len - (size_t)(gt + 1 - c->arg);
-    snprintf(s->milter_params, sizeof(s->milter_params), "%.*s", (int)rest, gt + 1);
+    snprintf(s->mstate->params, sizeof(s->mstate->params), "%.*s", (int)rest, gt + 1);
 }
 
 /* ---- MAIL, RCPT ---- */
@@ -894,15 +894,15 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         return;
     }
     if (s->milters) {   /* what a milter's refusal of this recipient puts back */
-        snprintf(s->milter_rcpt, sizeof(s->milter_rcpt), "%s", path.addr);
+        snprintf(s->mstate->rcpt, sizeof(s->mstate->rcpt), "%s", path.addr);
         milter_params_of(s, c);
-        s->undo_rcpts = t->rcpts.len;
-        s->undo_relay = t->relay_rcpts.len;
-        s->undo_n_rcpts = t->n_rcpts;
-        s->undo_n_relay = t->n_relay_rcpts;
-        s->undo_n_mailboxes = t->n_mailboxes;
-        s->undo_dsn_bytes = t->dsn_bytes;
-        s->undo_want_success = t->want_success;
+        s->mstate->undo_rcpts = t->rcpts.len;
+        s->mstate->undo_relay = t->relay_rcpts.len;
+        s->mstate->undo_n_rcpts = t->n_rcpts;
+        s->mstate->undo_n_relay = t->n_relay_rcpts;
+        s->mstate->undo_n_mailboxes = t->n_mailboxes;
+        s->mstate->undo_dsn_bytes = t->dsn_bytes;
+        s->mstate->undo_want_success = t->want_success;
     }
     if (t->n_rcpts >= s->cfg->recipient_limit) {
         too_many_recipients(s);
@@ -1498,7 +1498,7 @@ static void milter_log(struct kt_session *s, const char *action, const char *whe
     if (t)
         n = snprintf(whatsup, sizeof(whatsup), " from=<%s>", t->sender_full);
     if (t && n >= 0 && (size_t)n < sizeof(whatsup)) {
-        const char *to = s->milter_stage == KT_MS_RCPT ? s->milter_rcpt : t->n_rcpts ? t->rcpts.data : NULL;
+        const char *to = s->milter_stage == KT_MS_RCPT ? s->mstate->rcpt : t->n_rcpts ? t->rcpts.data : NULL;
         if (to)
             n += snprintf(whatsup + n, sizeof(whatsup) - (size_t)n, " to=<%s>", to);
     }
@@ -1549,14 +1549,14 @@ static int milter_after(struct kt_session *s, int stage)
         break;
     case KT_MS_MAIL:
         snprintf(path, sizeof(path), "<%s>", t->sender);
-        kt_milters_mail(s->milters, args, milter_args(path, s->milter_params, args, 32), on_milter_event, s);
+        kt_milters_mail(s->milters, args, milter_args(path, s->mstate->params, args, 32), on_milter_event, s);
         break;
     case KT_MS_RCPT:
-        snprintf(path, sizeof(path), "<%s>", s->milter_rcpt);
-        kt_milters_rcpt(s->milters, args, milter_args(path, s->milter_params, args, 32), on_milter_event, s);
+        snprintf(path, sizeof(path), "<%s>", s->mstate->rcpt);
+        kt_milters_rcpt(s->milters, args, milter_args(path, s->mstate->params, args, 32), on_milter_event, s);
         break;
     case KT_MS_UNKNOWN:
-        kt_milters_unknown(s->milters, s->milter_params, on_milter_event, s);
+        kt_milters_unknown(s->milters, s->mstate->params, on_milter_event, s);
         break;
     default:
         kt_milters_data(s->milters, on_milter_event, s);
@@ -1577,18 +1577,18 @@ static void milter_refused(struct kt_session *s, const struct kt_milter_result *
         transaction_reset(s);
     } else if (s->milter_stage == KT_MS_RCPT && t) {
         s->counts.rcpt_ok--;
-        t->rcpts.len = s->undo_rcpts;
-        t->relay_rcpts.len = s->undo_relay;
-        t->n_rcpts = s->undo_n_rcpts;
-        t->n_relay_rcpts = s->undo_n_relay;
-        t->n_mailboxes = s->undo_n_mailboxes;
-        for (size_t i = s->undo_n_rcpts; i < t->rcpt_dsn_cap; i++) {   /* its NOTIFY and ORCPT */
+        t->rcpts.len = s->mstate->undo_rcpts;
+        t->relay_rcpts.len = s->mstate->undo_relay;
+        t->n_rcpts = s->mstate->undo_n_rcpts;
+        t->n_relay_rcpts = s->mstate->undo_n_relay;
+        t->n_mailboxes = s->mstate->undo_n_mailboxes;
+        for (size_t i = s->mstate->undo_n_rcpts; i < t->rcpt_dsn_cap; i++) {   /* its NOTIFY and ORCPT */
             kt_free(t->rcpt_orcpt[i]);
             t->rcpt_orcpt[i] = NULL;
             t->rcpt_notify[i] = 0;
         }
-        t->dsn_bytes = s->undo_dsn_bytes;
-        t->want_success = s->undo_want_success;
+        t->dsn_bytes = s->mstate->undo_dsn_bytes;
+        t->want_success = s->mstate->undo_want_success;
     } else if (s->milter_stage == KT_MS_DATA) {
         session_enter_state(s, KT_SS_COMMAND);
     }
@@ -2335,7 +2335,7 @@ static const struct smtpd_cmd *handle_command(struct kt_session *s, const char *
         return cmd;
     }
     if (c.verb == KT_VERB_UNKNOWN && s->milters)   /* the whole line goes to the milters */
-        snprintf(s->milter_params, sizeof(s->milter_params), "%.*s", (int)len, line);
+        snprintf(s->mstate->params, sizeof(s->mstate->params), "%.*s", (int)len, line);
     const char *refusal = command_refusal(s, cmd);
     if (refusal && (cmd->flags & CMD_CHUNK))
         bdat_start(s, &c, refusal);
@@ -2654,6 +2654,7 @@ void kt_session_maybe_free(struct kt_session *s)
     transaction_reset(s);
     kt_milters_free(s->milters);
     s->milters = NULL;
+    kt_free(s->mstate);
     kt_buf_release(&s->in);
     kt_buf_release(&s->out);
     auth_job_free(s);
@@ -2828,6 +2829,7 @@ static void session_greet(struct kt_session *s)
     if (s->cfg->milters) {
         /* the milters hear of the client before it gets a banner */
         s->milters = kt_milters_new(&s->worker->loop, s->cfg->milters, kt_session_milter_macro, s);
+        s->mstate = kt_calloc(1, sizeof(*s->mstate));
         char bracketed[INET6_ADDRSTRLEN + 2];
         snprintf(bracketed, sizeof(bracketed), "[%s]", s->addr);
         s->wait = KT_WAIT_MILTER;

@@ -120,6 +120,17 @@ struct kt_smtpd_txn {
     int milter_hold;                       /* a milter quarantined it: queued on hold */
 };
 
+/* What the milter events of a session need (allocated only with smtpd_milters: idle sessions stay small). */
+struct kt_session_milter {
+    char rcpt[520];                        /* the recipient of the RCPT being checked ({rcpt_addr}) */
+    char params[520];                      /* its ESMTP parameters (or MAIL's), or an unknown command line */
+    size_t undo_rcpts, undo_relay;         /* the transaction before that RCPT, restored if a milter refuses */
+    unsigned undo_n_rcpts, undo_n_relay;
+    size_t undo_n_mailboxes;
+    size_t undo_dsn_bytes;
+    int undo_want_success;
+};
+
 struct kt_session {
     struct kt_session *next, *prev;        /* worker's session list */
     struct kt_worker *worker;
@@ -188,13 +199,7 @@ struct kt_session {
     size_t milter_mark;                    /* output length before the reply the milter may overrule */
     int milter_greeting;                   /* connect refused by a milter: 554 or 421 instead of 220 */
     int milter_keep_fixed;                 /* the rewritten message keeps the trace headers of a final delivery */
-    char milter_rcpt[520];                 /* the recipient of the RCPT being checked ({rcpt_addr}) */
-    char milter_params[520];               /* its ESMTP parameters (or MAIL's), or an unknown command line */
-    size_t undo_rcpts, undo_relay;         /* the transaction before that RCPT, restored if a milter refuses */
-    unsigned undo_n_rcpts, undo_n_relay;
-    size_t undo_n_mailboxes;
-    size_t undo_dsn_bytes;
-    int undo_want_success;
+    struct kt_session_milter *mstate;     /* with milters only: what their events need */
 
     /* mail transaction: NULL outside one */
     struct kt_smtpd_txn *txn;

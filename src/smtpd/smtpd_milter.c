@@ -111,8 +111,8 @@ const char *kt_session_milter_macro(void *arg, const char *name, char *buf, size
     if (!strcmp(name, "{mail_host}"))
         return t->sender_full[0] ? domain_of(t->sender_full) : NULL;
     if (!strcmp(name, "{rcpt_addr}"))
-        return s->milter_rcpt[0] ? s->milter_rcpt : NULL;
+        return s->mstate->rcpt[0] ? s->mstate->rcpt : NULL;
     if (!strcmp(name, "{rcpt_host}"))
-        return s->milter_rcpt[0] ? domain_of(s->milter_rcpt) : NULL;
+        return s->mstate->rcpt[0] ? domain_of(s->mstate->rcpt) : NULL;
     return NULL;
 }
