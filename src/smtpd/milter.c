@@ -634,6 +634,7 @@ struct kt_milters {
 
     enum event ev;
     size_t cur;                  /* milter the event is at */
+    int decided;                 /* the milter at cur decided the event (reject, discard, shutdown) */
     char **args;                 /* the event's arguments */
     size_t n_args;
     int family;
@@ -947,6 +948,10 @@ static void event_finish(struct kt_milters *g)
     if (g->ev == EV_EOM) {
         g->in_msg = 0;
         for (size_t i = 0; i < g->n; i++) {
+            /* milters after the one that refused or discarded the message never saw its end: they get
+             * SMFIC_ABORT (kt_milters_abort) like Postfix's milter_abort */
+            if (g->res.verdict != KT_MILTER_CONTINUE && i > g->cur)
+                continue;
             g->conns[i].msg_accepted = 0;
             g->conns[i].saw_message = 0;
             g->conns[i].data_sent = 0;
@@ -1126,6 +1131,7 @@ static void event_start(struct kt_milters *g, enum event ev, const char *const *
 {
     g->ev = ev;
     g->cur = 0;
+    g->decided = 0;
     g->cb = cb;
     g->cb_arg = arg;
     g->in_call++;
@@ -1199,14 +1205,14 @@ static int event_reply(struct mconn *c, char cmd, const char *d, size_t len)
             break;
         }
         result_reply(g, strncmp(reply, "421", 3) == 0 ? KT_MILTER_SHUTDOWN : KT_MILTER_REJECT, reply);
-        g->cur = g->n + 1;   /* decided */
+        g->decided = 1;
         break;
     }
     case SMFIR_SHUTDOWN:
         c->state = M_REJECT_CON;
         c->def_reply = "421 4.7.0 Server closing connection";
         result_reply(g, KT_MILTER_SHUTDOWN, c->def_reply);
-        g->cur = g->n + 1;
+        g->decided = 1;
         break;
     case SMFIR_DISCARD:
         if (at_connect) {
@@ -1215,7 +1221,7 @@ static int event_reply(struct mconn *c, char cmd, const char *d, size_t len)
         }
         g->discard = 1;
         result_reply(g, KT_MILTER_DISCARD, NULL);
-        g->cur = g->n + 1;
+        g->decided = 1;
         break;
     case SMFIR_QUARANTINE:
         g->res.hold = 1;
@@ -1607,7 +1613,7 @@ static int conn_packet(struct mconn *c, char cmd, const char *d, size_t len)
         return eom_reply(c, cmd, d, len);
     if (event_reply(c, cmd, d, len))
         return 1;
-    if (g->cur > g->n)
+    if (g->decided)
         event_done(g);
     else
         event_next(g);

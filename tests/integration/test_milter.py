@@ -500,3 +500,21 @@ def test_unknown_command_goes_to_the_milter(relay_factory, milter):
     c = SmtpConn(r2.port())
     assert c.cmd("XFOO") == "502 5.5.2 Error: command not recognized"
     c.quit()
+
+
+def test_later_milters_stay_in_step_when_an_earlier_one_refuses(relay_factory, milter):
+    first, second = milter("reject"), milter("continue")
+    r = relay_factory(f"smtpd_milters = {first.spec}, {second.spec}\n")
+    c = SmtpConn(r.port())
+    c.ehlo()
+    for _ in range(2):
+        c.cmd("MAIL FROM:<a@example.org>", 250)
+        c.cmd("RCPT TO:<alice@example.test>", 250)
+        c.cmd("DATA", 354)
+        c.send(MSG + ".\r\n")
+        assert c.reply() == "550 5.7.1 Command rejected"
+    c.quit()
+    # the second milter never saw a message's end, and its conversation went on with the next MAIL (after
+    # an SMFIC_ABORT, which libmilter would also infer by itself)
+    assert second.events("eom") == []
+    assert len(second.events("abort")) >= 1 and len(second.events("mail")) == 2

@@ -94,6 +94,10 @@ class Filter(Milter.Base):
             os._exit(0)
         return Milter.CONTINUE
 
+    def abort(self):
+        record("abort")
+        return Milter.CONTINUE
+
     def eom(self):
         record("eom", macros=self.macros(["i"]))
         if ACTION == "reject":
