@@ -21,7 +21,7 @@ SUDO=""
 DEPS=(gcc pkg-config meson ninja-build liburing-dev libssl-dev libjemalloc-dev libcmocka-dev libc-ares-dev
       libcrypt-dev libmicrohttpd-dev libsystemd-dev libcurl4-openssl-dev libpcre2-dev openssl python3 python3-pytest python3-prometheus-client
       pflogsumm man-db systemd swaks
-      dovecot-imapd postfix testssl.sh qemu-system-x86
+      dovecot-imapd dovecot-lmtpd postfix testssl.sh qemu-system-x86
       busybox-static cpio kmod gnuplot-nox passwd procps iproute2 haproxy python3-dnslib clang unbound ldnsutils)
 # milters for tests/integration/test_milter.py and the opendkim benchmark row
 DEPS+=(python3-milter opendkim opendkim-tools)
