@@ -245,16 +245,20 @@ static void qp_encode(const char *p, size_t n, struct kt_buf *out)
  * followed by) "Content-Transfer-Encoding: cte". */
 static void put_headers(const char *p, const struct entity_hdr *h, const char *cte, struct kt_buf *out)
 {
+    size_t hb = h->body;
+    int empty_line = hb >= 2 && p[hb - 2] == '\r' && p[hb - 1] == '\n' &&
+                     (hb == 2 || (hb >= 4 && p[hb - 4] == '\r' && p[hb - 3] == '\n'));
     if (h->has_cte) {
         put(out, p, h->cte_start);
         kt_buf_printf(out, "Content-Transfer-Encoding: %s\r\n", cte);
         put(out, p + h->cte_end, h->body - h->cte_end);
+        /* a body that began right after the fields gets the empty line, as Postfix's cleanup adds
+         * it: encoded, its first line could otherwise read as one more field */
+        if (!empty_line)
+            put(out, "\r\n", 2);
         return;
     }
     /* the new field goes before the empty line (or, without one, one is added) */
-    size_t hb = h->body;
-    int empty_line = hb >= 2 && p[hb - 2] == '\r' && p[hb - 1] == '\n' &&
-                     (hb == 2 || (hb >= 4 && p[hb - 4] == '\r' && p[hb - 3] == '\n'));
     size_t fields = empty_line ? hb - 2 : hb;
     put(out, p, fields);
     if (fields > 0 && !(fields >= 2 && p[fields - 2] == '\r' && p[fields - 1] == '\n'))
