@@ -263,6 +263,29 @@ static double delay_of(const struct msg *m)
 
 /* ---- routing ---- */
 
+/* A next hop "[host]:port", "[host]", "host:port" or "host": *HOST (owned by
+ * the caller) and *PORT (DEFAULT_PORT when none is given or it is out of
+ * range). Returns 1 for the bracketed form (no MX lookup), else 0. */
+static int parse_host_port(const char *nh, int default_port, char **host, int *port)
+{
+    int bracketed = nh[0] == '[';
+    *port = default_port;
+    if (bracketed) {
+        const char *end = strchr(nh, ']');
+        *host = kt_strndup(nh + 1, end ? (size_t)(end - nh - 1) : strlen(nh + 1));
+        if (end && end[1] == ':')
+            *port = atoi(end + 2);
+    } else {
+        const char *colon = strrchr(nh, ':');
+        *host = colon ? kt_strndup(nh, (size_t)(colon - nh)) : kt_strdup(nh);
+        if (colon)
+            *port = atoi(colon + 1);
+    }
+    if (*port <= 0 || *port > 65535)
+        *port = default_port;
+    return bracketed;
+}
+
 static struct dest *dest_get(struct kt_qmgr *q, const char *key)
 {
     for (struct dest *d = q->dests; d; d = d->next)
@@ -283,42 +306,14 @@ static struct dest *dest_get(struct kt_qmgr *q, const char *key)
             d->host = kt_strdup(nh + 5);
         } else {
             nh += 5;    /* "inet:" */
-            d->port = 24;
-            if (nh[0] == '[') {
-                const char *end = strchr(nh, ']');
-                d->host = kt_strndup(nh + 1, end ? (size_t)(end - nh - 1) : strlen(nh + 1));
-                if (end && end[1] == ':')
-                    d->port = atoi(end + 2);
-            } else {
-                const char *colon = strrchr(nh, ':');
-                d->host = colon ? kt_strndup(nh, (size_t)(colon - nh)) : kt_strdup(nh);
-                if (colon)
-                    d->port = atoi(colon + 1);
-            }
-            if (d->port <= 0 || d->port > 65535)
-                d->port = 24;
+            parse_host_port(nh, 24, &d->host, &d->port);
         }
         if (d->window > q->set->lmtp_concurrency_limit)
             d->window = q->set->lmtp_concurrency_limit;
     } else if (!d->local) {
         /* "smtp:[host]:port", "smtp:host:port", "smtp:host" */
         const char *nh = strchr(key, ':') + 1;
-        d->mx = 1;
-        d->port = 25;
-        if (nh[0] == '[') {
-            const char *end = strchr(nh, ']');
-            d->mx = 0;
-            d->host = kt_strndup(nh + 1, end ? (size_t)(end - nh - 1) : strlen(nh + 1));
-            if (end && end[1] == ':')
-                d->port = atoi(end + 2);
-        } else {
-            const char *colon = strrchr(nh, ':');
-            d->host = colon ? kt_strndup(nh, (size_t)(colon - nh)) : kt_strdup(nh);
-            if (colon)
-                d->port = atoi(colon + 1);
-        }
-        if (d->port <= 0 || d->port > 65535)
-            d->port = 25;
+        d->mx = !parse_host_port(nh, 25, &d->host, &d->port);
     }
     d->next = q->dests;
     q->dests = d;
