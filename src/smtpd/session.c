@@ -1001,6 +1001,26 @@ static void reply_write_error(struct kt_session *s, int err)
         reply(s, "451 4.3.0 Error: queue file write error");
 }
 
+/* The message is accepted (stored, or dropped by a DISCARD): counted, and 250 with its queue id. */
+static void accept_message(struct kt_session *s)
+{
+    if (s->state == KT_SS_BDAT)
+        s->counts.bdat_ok++;
+    else
+        s->counts.data_ok++;
+    reply(s, "250 2.0.0 Ok: queued as %s", s->txn->queue_id);
+}
+
+/* After the reply to the end of a message: the next transaction starts, and pipelined commands run. */
+static void transaction_done(struct kt_session *s)
+{
+    transaction_reset(s);
+    if (s->state != KT_SS_CLOSING)
+        session_enter_state(s, KT_SS_COMMAND);
+    session_touch(s);
+    session_process(s);
+}
+
 static void on_commit(void *arg, int res)
 {
     struct kt_session *s = arg;
@@ -1056,17 +1076,9 @@ static void on_commit(void *arg, int res)
         }
         if (!t->queued)
             kt_info_as("qmgr", "%s: removed", t->queue_id);
-        if (s->state == KT_SS_BDAT)
-            s->counts.bdat_ok++;
-        else
-            s->counts.data_ok++;
-        reply(s, "250 2.0.0 Ok: queued as %s", t->queue_id);
+        accept_message(s);
     }
-    transaction_reset(s);
-    if (s->state != KT_SS_CLOSING)
-        session_enter_state(s, KT_SS_COMMAND);
-    session_touch(s);
-    session_process(s);
+    transaction_done(s);
 }
 
 static void commit_message(struct kt_session *s)
@@ -1653,18 +1665,9 @@ static void on_milter_eom_refuse(struct kt_session *s, const char *why, int shut
 /* The message is accepted and dropped (a milter's DISCARD): 250, nothing stored. */
 static void milter_discarded(struct kt_session *s)
 {
-    struct kt_smtpd_txn *t = s->txn;
     s->wait = KT_WAIT_NONE;
-    if (s->state == KT_SS_BDAT)
-        s->counts.bdat_ok++;
-    else
-        s->counts.data_ok++;
-    reply(s, "250 2.0.0 Ok: queued as %s", t->queue_id);
-    transaction_reset(s);
-    if (s->state != KT_SS_CLOSING)
-        session_enter_state(s, KT_SS_COMMAND);
-    session_touch(s);
-    session_process(s);
+    accept_message(s);
+    transaction_done(s);
 }
 
 static void on_milter_written(void *arg, int res)
