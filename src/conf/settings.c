@@ -26,7 +26,7 @@
 #include "smtpd/policy.h"
 #include "delivery/resolve.h"
 #include "delivery/rewrite.h"
-#include "smtpd/milter.h"
+#include "milter/milter.h"
 #include "smtpd/sasl.h"
 #include "conf/settings.h"
 #include "core/table.h"

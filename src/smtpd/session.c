@@ -41,7 +41,7 @@
 #include "smtpd/anvil.h"
 #include "smtpd/cleanup.h"
 #include "smtpd/client_dns.h"
-#include "smtpd/milter.h"
+#include "milter/milter.h"
 #include "smtpd/proxy.h"
 #include "smtpd/sasl.h"
 #include "smtpd/session.h"
@@ -1493,7 +1493,7 @@ static void bdat_start(struct kt_session *s, const struct kt_smtp_command *c, co
 }
 
 /* ---- milters (smtpd_milters) ----
- * Each SMTP event goes to the milters (smtpd/milter.h) once ktrelay itself
+ * Each SMTP event goes to the milters (milter/milter.h) once ktrelay itself
  * has accepted it, as in Postfix: HELO, MAIL and RCPT after their 250 was
  * queued (held back until the milters answered: a refusal replaces it), DATA
  * before its 354, the end of the message after the body is spooled and

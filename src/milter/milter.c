@@ -38,7 +38,7 @@
 #include "core/buf.h"
 #include "core/log.h"
 #include "delivery/maildir.h"
-#include "smtpd/milter.h"
+#include "milter/milter.h"
 
 /* Commands, MTA to filter */
 #define SMFIC_ABORT 'A'
