@@ -328,6 +328,50 @@ def wait_until(pred, timeout=10, what="condition"):
         time.sleep(0.02)
 
 
+def wait_for(fn, timeout=20, interval=0.1):
+    """Polls fn until it returns something true, which is returned; after timeout seconds, what fn
+    returns then (false: the caller's assert says what was missing)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = fn()
+        if v:
+            return v
+        time.sleep(interval)
+    return fn()
+
+
+def made_by_test(make, end="close"):
+    """The body of a factory fixture: `yield from made_by_test(Peer)` gives the test make itself
+    (same arguments, same result) and ends everything it made at teardown with its method named end."""
+    made = []
+
+    def factory(*args, **kw):
+        made.append(make(*args, **kw))
+        return made[-1]
+
+    yield factory
+    for thing in made:
+        getattr(thing, end)()
+
+
+@contextlib.contextmanager
+def new_system_user(tmp_path, prefix):
+    """A real system user PREFIX<pid> with its home made by useradd -m in tmp_path/home/, for local
+    delivery; removed at the end (one left over from an interrupted run goes first). Yields its pwd
+    entry (pw_name, pw_dir). Needs root."""
+    import pwd
+    name = f"{prefix}{os.getpid() % 100000}"
+    home = tmp_path / "home" / name
+    home.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["userdel", name], capture_output=True)
+    subprocess.run(["useradd", "-m", "-d", str(home), "-s", "/usr/sbin/nologin", name], check=True,
+                   capture_output=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], check=True, capture_output=True)
+
+
 def tcp_sockets():
     """Every IPv4 TCP socket of this host as dicts (local_port, remote_port, state, tx_queue, rx_queue),
     from /proc/net/tcp: the server runs on loopback, so its side of a connection is visible too."""

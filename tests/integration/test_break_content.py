@@ -5,6 +5,7 @@ import re
 import pytest
 
 from conftest import SmtpConn
+from peers import TcpPeer
 from test_checks import box_files, msg, queue_id_of, send
 
 HC = r"""
@@ -85,29 +86,15 @@ def test_redirect_and_filter_to_odd_values_are_ignored(hostile):
     assert box_files(hostile, "bob") == [] and box_files(hostile, "carol") == []
 
 
-class Scripted:
+class Scripted(TcpPeer):
     """A next hop that answers each command from a script: {command word: reply}; records what it got."""
 
     def __init__(self, replies, greeting=b"220 scripted ESMTP\r\n"):
-        import socket
-        import threading
+        super().__init__(backlog=8)
         self.replies = replies
         self.greeting = greeting
         self.got = []
-        self.ls = socket.socket()
-        self.ls.bind(("127.0.0.1", 0))
-        self.ls.listen(8)
-        self.port = self.ls.getsockname()[1]
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        import threading
-        while True:
-            try:
-                s, _ = self.ls.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.session, args=(s,), daemon=True).start()
+        self.listen()
 
     def session(self, s):
         f = s.makefile("rb")
@@ -131,9 +118,6 @@ class Scripted:
             pass
         finally:
             s.close()
-
-    def close(self):
-        self.ls.close()
 
 
 def test_a_2xx_reply_to_data_is_no_delivery(relay_factory, tmp_path):

@@ -4,12 +4,12 @@ scripted SMTP server in this file that records every command it gets; each test 
 Every check is on exact log lines, DSN codes and the commands the hop received, and no credential may
 appear in the log, in clear or in base64."""
 import base64
-import socket
 import threading
 
 import pytest
 
-from conftest import SmtpConn
+from conftest import SmtpConn, made_by_test
+from peers import TcpPeer, read_data_lines
 from test_relay import BODY, nodes, wait_for  # noqa: F401  (fixture)
 from test_relay_dns import dns  # noqa: F401  (fixture)
 from test_mta_sts import pki, policy_servers  # noqa: F401  (fixtures)
@@ -18,28 +18,16 @@ PASSWORD = "s3cr3t-Pa55"
 USER = "relayuser"
 
 
-class Hop:
+class Hop(TcpPeer):
     """An SMTP server on 127.0.0.1. ehlo: the EHLO reply's extension lines; script(cmd) may return
     the reply bytes for a command (None: the default, 250), b"." standing for the end of data; each
     command is recorded."""
 
     def __init__(self, ehlo=(b"PIPELINING",), script=None):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
+        super().__init__()
         self.ehlo, self.script = list(ehlo), script or (lambda cmd: None)
         self.commands = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self):
-        while True:
-            try:
-                s, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.session, args=(s,), daemon=True).start()
+        self.listen()
 
     def session(self, s):
         f = s.makefile("rb")
@@ -62,10 +50,7 @@ class Hop:
                     s.sendall(b"".join(b"250-" + x + b"\r\n" for x in lines[:-1]) + b"250 " + lines[-1] + b"\r\n")
                 elif verb == b"DATA":
                     s.sendall(b"354 go\r\n")
-                    while True:
-                        l = f.readline()
-                        if not l or l == b".\r\n":
-                            break
+                    read_data_lines(f)
                     with self.lock:
                         self.commands.append(b".")
                     s.sendall(self.script(b".") or b"250 2.0.0 Ok: queued\r\n")
@@ -83,22 +68,10 @@ class Hop:
         with self.lock:
             return list(self.commands)
 
-    def close(self):
-        self.sock.close()
-
 
 @pytest.fixture
 def hops():
-    made = []
-
-    def make(**kw):
-        h = Hop(**kw)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
+    yield from made_by_test(Hop)
 
 
 def auth_node(nodes, tmp_path, hop, extra=""):

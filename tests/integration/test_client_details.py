@@ -6,13 +6,12 @@ with its time, on loopback addresses the tests choose; names come from test_rela
 import os
 import random
 import re
-import socket
-import threading
 import time
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, made_by_test
+from peers import TcpPeer, read_data_lines
 from test_relay import BODY, nodes, wait_for  # noqa: F401  (fixture)
 from test_relay_dns import DnsServer
 
@@ -23,29 +22,16 @@ class Conn:
         self.ended = []             # time.monotonic() of each end of data
 
 
-class Next:
+class Next(TcpPeer):
     """An SMTP server on (host, port). ehlo_name: the first word of its EHLO reply. starttls: offer
     STARTTLS, answer 220 and then send bytes that no TLS client accepts (a broken handshake)."""
 
     def __init__(self, host="127.0.0.1", port=None, ehlo_name="sink.test", starttls=False):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port or 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
+        super().__init__(host, port, backlog=64, reuse_addr=True)
         self.ehlo_name, self.starttls = ehlo_name, starttls
         self.conns = []
         self.open = self.max_open = 0
-        self.lock = threading.Lock()
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self):
-        while True:
-            try:
-                s, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.session, args=(s,), daemon=True).start()
+        self.listen()
 
     def session(self, s):
         c = Conn()
@@ -74,11 +60,7 @@ class Next:
                     break
                 elif verb == "DATA":
                     s.sendall(b"354 go\r\n")
-                    while True:
-                        l = f.readline()
-                        if not l or l == b".\r\n":
-                            break
-                    if not l:
+                    if not read_data_lines(f)[1]:
                         break
                     with self.lock:
                         c.ended.append(time.monotonic())
@@ -112,26 +94,10 @@ class Next:
                         out[-1][1].append(cmd[9:-1])
         return sorted(out)
 
-    def close(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)     # wakes the accepting thread, which lets the port go
-        except OSError:
-            pass
-        self.sock.close()
-
 
 @pytest.fixture
 def nexts():
-    made = []
-
-    def make(**kw):
-        n = Next(**kw)
-        made.append(n)
-        return n
-
-    yield make
-    for n in made:
-        n.close()
+    yield from made_by_test(Next)
 
 
 def loopback_addresses(n):

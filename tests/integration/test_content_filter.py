@@ -5,41 +5,27 @@ ktrelay service with "-o content_filter=" that delivers normally. Also: the filt
 lost, delivered once it is back), FILTER from an access table, and remote virtual alias targets
 relayed through the queue."""
 import re
-import socket
 import smtplib
 import subprocess
-import threading
 
 import pytest
 
-from conftest import BIN, SmtpConn, free_port, make_searchable, wait_until
+from conftest import BIN, SmtpConn, free_port, made_by_test, make_searchable, wait_until
+from peers import TcpPeer, read_data_lines
 
 
-class SmtpPeer:
+class SmtpPeer(TcpPeer):
     """A small SMTP server on 127.0.0.1:port, one thread per connection. Each message is recorded as
     (sender, recipients, data); with reinject=PORT it is first sent on, with an X-Filtered header
     prepended, to 127.0.0.1:PORT, and the client gets that server's answer (as Amavis does)."""
 
     def __init__(self, port, reinject=None):
-        self.port, self.reinject = port, reinject
+        super().__init__(port=port, reuse_addr=True)
+        self.reinject = reinject
         self.messages = []
-        self.lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(16)
-        self.running = True
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.listen()
 
-    def _accept(self):
-        while self.running:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
+    def session(self, conn):
         f = conn.makefile("rb")
         out = lambda s: conn.sendall(s.encode() + b"\r\n")  # noqa: E731
         try:
@@ -61,12 +47,7 @@ class SmtpPeer:
                     out("250 2.1.5 Ok")
                 elif verb == "DATA":
                     out("354 go ahead")
-                    data = b""
-                    while True:
-                        l2 = f.readline()
-                        if l2 in (b".\r\n", b""):
-                            break
-                        data += l2[1:] if l2.startswith(b"..") else l2
+                    data = b"".join(l[1:] if l.startswith(b"..") else l for l in read_data_lines(f)[0])
                     out(self._message(sender, rcpts, data))
                 elif verb == "RSET":
                     sender, rcpts = None, []
@@ -92,10 +73,6 @@ class SmtpPeer:
         except smtplib.SMTPException as e:
             return f"451 4.3.0 re-injection failed: {e}"
         return "250 2.0.0 Ok: filtered and re-injected"
-
-    def close(self):
-        self.running = False
-        self.sock.close()
 
 
 # Postfix's FILTER_README re-injection service, with the -o lines ktrelay implements
@@ -125,15 +102,7 @@ smtp_connect_timeout = 5s
 
 @pytest.fixture
 def peers():
-    made = []
-
-    def make(port, reinject=None):
-        p = SmtpPeer(port, reinject)
-        made.append(p)
-        return p
-    yield make
-    for p in made:
-        p.close()
+    yield from made_by_test(SmtpPeer)
 
 
 def send(port, rcpts, body="Subject: t\r\nMessage-ID: <cf@example.org>\r\n\r\nhello\r\n",

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import make_cert
+from conftest import made_by_test, make_cert
 from test_relay import BODY, nodes, sinks, wait_for  # noqa: F401 (fixtures)
 
 UNBOUND = "/usr/sbin/unbound"
@@ -132,15 +132,7 @@ class Unbound:
 
 @pytest.fixture
 def resolver():
-    made = []
-
-    def make(*args, **kw):
-        u = Unbound(*args, **kw)
-        made.append(u)
-        return u
-    yield make
-    for u in made:
-        u.stop()
+    yield from made_by_test(Unbound, end="stop")
 
 
 def zone(origin, body):

@@ -4,52 +4,30 @@ SMTP client, and honoured by ktrelay's own notifications (RFC 3464). Two next ho
 the exact commands they receive: one offers SMTPUTF8, 8BITMIME and DSN, the other none of them."""
 import re
 import signal
-import socket
 import subprocess
-import threading
 
 import pytest
 
-from conftest import BIN, SmtpConn, free_port
+from conftest import BIN, SmtpConn, free_port, made_by_test
+from peers import TcpPeer, read_data_lines
 from test_relay import RELAY_CF, Node, wait_for
 
 
-class Hop:
-    """A next hop on a loopback port: answers every command, records each command line exactly (UTF-8
-    kept), and the bodies it received. ehlo: the keywords it announces. A RCPT for an address that starts
-    with "reject" gets 550."""
+class Hop(TcpPeer):
+    """A next hop on a loopback port, listening from start() to stop(): answers every command, records
+    each command line exactly (UTF-8 kept), and the bodies it received. ehlo: the keywords it announces.
+    A RCPT for an address that starts with "reject" gets 550."""
 
     def __init__(self, ehlo, port=None):
+        super().__init__(port=port or free_port(), reuse_addr=True)
         self.ehlo = list(ehlo)
-        self.port = port or free_port()
         self.commands = []
         self.bodies = []
-        self.lock = threading.Lock()
-        self.sock = None
 
-    def start(self):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", self.port))
-        self.sock.listen(16)
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
+    start = TcpPeer.listen
+    stop = TcpPeer.close
 
-    def stop(self):
-        if self.sock:
-            self.sock.close()
-            self.sock = None
-
-    def _accept(self):
-        sock = self.sock
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
+    def session(self, conn):
         f = conn.makefile("rb")
         out = conn.makefile("wb")
 
@@ -74,12 +52,7 @@ class Hop:
                     say("550 5.1.1 Recipient address rejected" if cmd[9:].startswith("reject") else "250 2.1.5 Ok")
                 elif verb == "DATA":
                     say("354 go ahead")
-                    body = b""
-                    while True:
-                        chunk = f.readline()
-                        if chunk in (b".\r\n", b""):
-                            break
-                        body += chunk
+                    body = b"".join(read_data_lines(f)[0])
                     with self.lock:
                         self.bodies.append(body)
                     say("250 2.0.0 Ok: queued as HOP1")
@@ -110,16 +83,7 @@ NONE = ("PIPELINING",)
 
 @pytest.fixture
 def hops():
-    made = []
-
-    def make(ehlo, port=None):
-        h = Hop(ehlo, port)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.stop()
+    yield from made_by_test(Hop)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ refused at RCPT), and a Dovecot that is down: deferred, then delivered once it r
 import imaplib
 import os
 import pathlib
-import pwd
 import re
 import shutil
 import signal
@@ -17,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import BASE_VMAILBOX, SmtpConn, free_port, wait_until
+from conftest import BASE_VMAILBOX, SmtpConn, free_port, new_system_user, wait_until
 from test_smtp import queued, start_data, stuff
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
@@ -175,16 +174,8 @@ def dovecot(dovecot_factory):
 
 @pytest.fixture
 def local_user(tmp_path):
-    name = f"ktlmtp{os.getpid() % 100000}"
-    home = tmp_path / "home" / name
-    home.parent.mkdir()
-    subprocess.run(["userdel", name], capture_output=True)      # left over from an interrupted run
-    subprocess.run(["useradd", "-m", "-d", str(home), "-s", "/usr/sbin/nologin", name], check=True,
-                   capture_output=True)
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], check=True, capture_output=True)
+    with new_system_user(tmp_path, "ktlmtp") as pw:
+        yield pw
 
 
 CONTENT = ("From: Jörg <jorg@example.org>\r\nTo: alice@example.test\r\nSubject: over LMTP\r\n"

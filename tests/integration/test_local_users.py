@@ -2,15 +2,13 @@
 alias_maps with aliases to the user, files owned by the user, and 550 for an
 unknown local user. Creates a user with useradd, so it needs root."""
 import os
-import pwd
 import shutil
 import smtplib
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import SmtpConn
+from conftest import SmtpConn, new_system_user
 from test_smtp import queued, send_data, send_data_only, split_received
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
@@ -19,16 +17,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd")
 
 @pytest.fixture
 def local_user(tmp_path):
-    name = f"kttest{os.getpid() % 100000}"
-    home = tmp_path / "home" / name
-    home.parent.mkdir()
-    subprocess.run(["userdel", name], capture_output=True)      # left over from an interrupted run
-    subprocess.run(["useradd", "-m", "-d", str(home), "-s", "/usr/sbin/nologin", name], check=True,
-                   capture_output=True)
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], check=True, capture_output=True)
+    with new_system_user(tmp_path, "kttest") as pw:
+        yield pw
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 
 from test_relay import BODY, nodes, wait_for  # noqa: F401  (fixtures)
 from test_relay_dns import dns, dns_cf  # noqa: F401  (fixtures)
-from conftest import make_cert, make_searchable
+from conftest import made_by_test, make_cert, make_searchable
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the policy server listens on port 443 (root)")
 
@@ -105,17 +105,8 @@ def pki(tmp_path):
 
 @pytest.fixture
 def policy_servers():
-    made = []
-
-    def make(pki, domain, policy):
-        cert, key = pki["sign"](f"mta-sts.{domain}")
-        s = PolicyServer(cert, key, policy)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop()
+    yield from made_by_test(lambda pki, domain, policy: PolicyServer(*pki["sign"](f"mta-sts.{domain}"), policy),
+                            end="stop")
 
 
 def final_node(nodes, pki, names=("mx.example.test",), extra=""):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, BASE_MAIN_CF, BASE_VMAILBOX, Relay, free_port, make_searchable
+from conftest import BIN, BASE_MAIN_CF, BASE_VMAILBOX, Relay, free_port, make_searchable, wait_until
 
 PFLOGSUMM = shutil.which("pflogsumm") or "/usr/sbin/pflogsumm"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
@@ -25,16 +25,6 @@ pytestmark = pytest.mark.skipif(not (os.path.exists(PFLOGSUMM) and os.path.exist
                                 reason="needs pflogsumm and Postfix's smtp-sink")
 
 LINE = re.compile(r"^(\w{3}) (\d{2}) (\d{2}):(\d{2}):(\d{2}) (\S+) ktrelay/(\w+)\[(\d+)\]: (.*)$")
-
-
-def wait_for(cond, timeout=20, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def refusing_port():
@@ -60,7 +50,7 @@ class Sink:
                 return True
             except OSError:
                 return False
-        wait_for(up, 10, "smtp-sink")
+        wait_until(up, 10, "smtp-sink")
 
     def stop(self):
         self.proc.terminate()
@@ -124,7 +114,7 @@ def test_traffic_mix_counts_with_pflogsumm(tmp_path):
             text = maillog.read_text()
             return (text.count("status=sent") == 5 and text.count("status=deferred") == 2
                     and text.count("status=bounced") == 2)
-        wait_for(settled, 30, "deliveries, deferrals and bounces in maillog_file")
+        wait_until(settled, 30, "deliveries, deferrals and bounces in maillog_file")
     finally:
         assert r.stop() == 0, r.log()[-3000:]
         ok.stop()
@@ -248,10 +238,10 @@ def test_bounce_notification_has_its_own_id_lines(tmp_path):
     try:
         send(r.port(), "alice@example.test", "b@bounce.test", "<ndr@mix>")
         log = d / "maillog"
-        m = wait_for(lambda: re.search(r"ktrelay/bounce\[\d+\]: ([0-9A-F]+): sender non-delivery notification: "
-                                       r"([0-9A-F]+)", log.read_text()), 30, "the notification")
+        m = wait_until(lambda: re.search(r"ktrelay/bounce\[\d+\]: ([0-9A-F]+): sender non-delivery notification: "
+                                         r"([0-9A-F]+)", log.read_text()), 30, "the notification")
         orig, ndr = m.group(1), m.group(2)
-        wait_for(lambda: f"{ndr}: to=<alice@example.test>, relay=virtual" in log.read_text(), 30, "its delivery")
+        wait_until(lambda: f"{ndr}: to=<alice@example.test>, relay=virtual" in log.read_text(), 30, "its delivery")
     finally:
         assert r.stop() == 0
         refuse.stop()

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import BIN, free_port, make_cert
+from conftest import BIN, free_port, make_cert, wait_for
 from test_ops_logs import refusing_port
 
 parser = pytest.importorskip("prometheus_client.parser")
@@ -29,15 +29,6 @@ def scrape(port):
 
 def value(samples, name, **labels):
     return samples[(name, tuple(sorted(labels.items())))]
-
-
-def wait_for(cond, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_metrics_count_the_traffic(relay_factory, tmp_path, request):

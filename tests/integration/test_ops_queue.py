@@ -5,24 +5,13 @@ import os
 import re
 import smtplib
 import subprocess
-import time
 
 import pytest
 
-from conftest import BIN
+from conftest import BIN, wait_until
 from test_ops_logs import Sink, SMTP_SINK, refusing_port
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SMTP_SINK), reason="needs Postfix's smtp-sink")
-
-
-def wait_for(cond, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def send(port, rcpt, subject):
@@ -51,11 +40,12 @@ def test_list_show_hold_release_requeue(relay_factory, tmp_path, request):
 
     send(port, "x@later.test", "m1")
     send(port, "y@sink.test", "m2")
-    m1 = wait_for(lambda: qid_of(r.log(), "x@later.test", "deferred"))
-    m2 = wait_for(lambda: qid_of(r.log(), "y@sink.test", "deferred"))
+    m1 = wait_until(lambda: qid_of(r.log(), "x@later.test", "deferred"), 30)
+    m2 = wait_until(lambda: qid_of(r.log(), "y@sink.test", "deferred"), 30)
 
     # list: both deferred (no "*"), each reason above its recipient
-    out = wait_for(lambda: (lambda o: o if "Connection refused" in o and o.count("(") >= 2 else None)(q("list").stdout))
+    out = wait_until(lambda: (lambda o: o if "Connection refused" in o and o.count("(") >= 2 else None)(q("list").stdout),
+                     30)
     assert re.search(rf"^{m1}  +\d+ .* alice@example.test$", out, re.M), out
     assert re.search(rf"^ {{42}}\(connect to 127\.0\.0\.1\[127\.0\.0\.1\]:{closed}: Connection refused\)\n"
                      rf" {{43}}x@later\.test$", out, re.M), out
@@ -82,13 +72,13 @@ def test_list_show_hold_release_requeue(relay_factory, tmp_path, request):
         deferrals_before = r.log().count(f"{m1}: to=<x@later.test>")
         assert q("flush").returncode == 0
         # the flush ran (m1 was tried again) ...
-        wait_for(lambda: r.log().count(f"{m1}: to=<x@later.test>") > deferrals_before)
+        wait_until(lambda: r.log().count(f"{m1}: to=<x@later.test>") > deferrals_before, 30)
         # ... and left the held message alone
         assert not qid_of(r.log(), "y@sink.test", "sent")
         p = q("release", m2)
         assert p.returncode == 0 and f"{m2}: released from hold" in p.stdout
         assert q("flush").returncode == 0
-        assert wait_for(lambda: qid_of(r.log(), "y@sink.test", "sent")) == m2
+        assert wait_until(lambda: qid_of(r.log(), "y@sink.test", "sent"), 30) == m2
 
         # requeue m1: a new id, the same arrival, tried at once
         arrival = re.search(r"^arrival (\d+)$", (r.dir / "queue" / "new" / m1).read_text(errors="replace"), re.M)[1]
@@ -99,7 +89,7 @@ def test_list_show_hold_release_requeue(relay_factory, tmp_path, request):
         assert r.wait_log(f"{m1}: requeued"), r.log()
         text = (r.dir / "queue" / "new" / new).read_text(errors="replace")
         assert f"arrival {arrival}\n" in text and "rcpt x@later.test\n" in text and "body of m1" in text
-        wait_for(lambda: qid_of(r.log(), "x@later.test", "deferred") == new)
+        wait_until(lambda: qid_of(r.log(), "x@later.test", "deferred") == new, 30)
 
         # ALL forms
         p = q("hold", "ALL")
@@ -108,6 +98,6 @@ def test_list_show_hold_release_requeue(relay_factory, tmp_path, request):
         assert p.returncode == 0 and "Released from hold: 1 message" in p.stdout
         p = q("delete", "ALL")
         assert p.returncode == 0, p.stderr
-        assert wait_for(lambda: q("list").stdout == "Mail queue is empty\n")
+        assert wait_until(lambda: q("list").stdout == "Mail queue is empty\n", 30)
     finally:
         sink.stop()

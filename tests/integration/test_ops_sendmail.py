@@ -8,25 +8,14 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, BASE_MAIN_CF, BASE_VMAILBOX, Relay
+from conftest import BIN, BASE_MAIN_CF, BASE_VMAILBOX, Relay, new_system_user, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
                                 reason="needs root and useradd for a real unprivileged user")
-
-
-def wait_for(cond, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    return None
 
 
 @pytest.fixture
@@ -182,17 +171,9 @@ def test_non_root_without_maildrop_says_what_to_do(world, user):
 def test_user_created_after_start_receives_mail(relay_factory, tmp_path):
     import smtplib
     r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\n")
-    name = f"ktnew{os.getpid() % 100000}"
-    home = tmp_path / "home" / name
-    home.parent.mkdir()
-    subprocess.run(["userdel", name], capture_output=True)
-    subprocess.run(["useradd", "-m", "-d", str(home), "-s", "/usr/sbin/nologin", name], check=True,
-                   capture_output=True)
-    try:
+    with new_system_user(tmp_path, "ktnew") as pw:
         with smtplib.SMTP("127.0.0.1", r.port(), timeout=30) as c:
-            c.sendmail("alice@example.test", [f"{name}@localhost"], "Subject: welcome\r\n\r\nhi\r\n")
-        files = list((home / "Maildir" / "new").iterdir())
+            c.sendmail("alice@example.test", [f"{pw.pw_name}@localhost"], "Subject: welcome\r\n\r\nhi\r\n")
+        files = list((Path(pw.pw_dir) / "Maildir" / "new").iterdir())
         assert len(files) == 1
-        assert files[0].stat().st_uid == pwd.getpwnam(name).pw_uid
-    finally:
-        subprocess.run(["userdel", name], capture_output=True)
+        assert files[0].stat().st_uid == pw.pw_uid

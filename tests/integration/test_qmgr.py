@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from conftest import made_by_test
 from test_relay import SINK, nodes, sinks, wait_for  # noqa: F401 (fixtures)
 
 BODY = b"Subject: qmgr test\r\n\r\nline\r\n"
@@ -113,16 +114,7 @@ class RecordingSink:
 
 @pytest.fixture
 def recording_sink():
-    made = []
-
-    def make(**kw):
-        s = RecordingSink(**kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop()
+    yield from made_by_test(RecordingSink, end="stop")
 
 
 def send_over_smtp(port, tags, per_connection=25):

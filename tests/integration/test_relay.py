@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, TCP_ESTABLISHED, Relay, free_port, make_cert, tcp_sockets, wait_until
+from conftest import (BASE_MAIN_CF, BASE_VMAILBOX, BIN, TCP_ESTABLISHED, Relay, free_port, make_cert, tcp_sockets,
+                      made_by_test, wait_for, wait_until)
 
 SINK = "/usr/sbin/smtp-sink"
 
@@ -71,16 +72,7 @@ class Sink:
 
 @pytest.fixture
 def sinks(tmp_path):
-    made = []
-
-    def make(**kw):
-        s = Sink(tmp_path, **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.remove()
+    yield from made_by_test(lambda **kw: Sink(tmp_path, **kw), end="remove")
 
 
 class Node:
@@ -150,16 +142,6 @@ def nodes(tmp_path):
     for n in made:
         if n.r and n.r.proc.poll() is None:
             n.stop()
-
-
-def wait_for(fn, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.1)
-    return fn()
 
 
 BODY = b"Subject: relay test\nMessage-Id: <t1@example.test>\n\nfirst line\n.leading dot\n..two dots\nlast\n"

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from conftest import made_by_test
 from test_relay import BODY, SINK, nodes, sinks, wait_for  # noqa: F401  (fixtures)
 
 import os
@@ -103,16 +104,7 @@ class DnsServer:
 
 @pytest.fixture
 def dns():
-    made = []
-
-    def make(records, **kw):
-        d = DnsServer(records, **kw)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.close()
+    yield from made_by_test(DnsServer)
 
 
 def dns_cf(d):

@@ -7,12 +7,11 @@ characters in command arguments."""
 import re
 import socket
 import subprocess
-import threading
-import time
 
 import pytest
 
-from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, SmtpConn
+from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, SmtpConn, made_by_test, wait_for
+from peers import TcpPeer
 
 # (name, bytes placed between "before" and "after" in the body)
 VARIANTS = [
@@ -64,31 +63,18 @@ def assert_canonical(data, what):
     assert re.search(rb"(?<!\r)\n", data) is None, f"bare LF in {what}: {data!r}"
 
 
-class NextHop:
+class NextHop(TcpPeer):
     """A minimal SMTP server on loopback that records every byte it receives, per connection; it
     offers CHUNKING when asked. Messages are parsed strictly: DATA ends only at CRLF.CRLF."""
 
     def __init__(self, chunking):
+        super().__init__()
         self.chunking = chunking
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
         self.raw = []          # raw bytes of each connection
         self.messages = []     # (envelope rcpts, body as received: stuffed for DATA)
-        self.lock = threading.Lock()
-        self.stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.listen()
 
-    def _accept(self):
-        while not self.stop:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
-
-    def _serve(self, c):
+    def session(self, c):
         raw = bytearray()
         with self.lock:
             self.raw.append(raw)
@@ -156,33 +142,10 @@ class NextHop:
         finally:
             c.close()
 
-    def close(self):
-        self.stop = True
-        self.sock.close()
-
 
 @pytest.fixture
 def nexthops():
-    made = []
-
-    def make(chunking):
-        h = NextHop(chunking)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
-
-
-def wait_for(fn, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.1)
-    return fn()
+    yield from made_by_test(NextHop)
 
 
 def session(relay):
@@ -280,7 +243,7 @@ def test_every_variant_every_path(relay_factory, nexthops, chunking):
     # the next hop saw exactly the transactions ktrelay meant: the smuggled RCPT never reached it
     assert seen == set(expected)
     # the local copies: canonical, exactly the expected bytes
-    assert wait_for(lambda: len(r.maildir_files("localhost/catchall/")) == len(local))
+    assert wait_for(lambda: len(r.maildir_files("localhost/catchall/")) == len(local), 30)
     for f in r.maildir_files("localhost/catchall/"):
         data = f.read_bytes()
         assert_canonical(data, f.name)
@@ -324,7 +287,7 @@ def test_reject_mode_and_exclusions(relay_factory):
     c.send(b"last\r\n.\r\n")
     assert c.reply().startswith("250 2.0.0")
     c.close()
-    files = wait_for(lambda: r.maildir_files())
+    files = wait_for(lambda: r.maildir_files(), 30)
     assert strip_received(files[0].read_bytes()) == b"Subject: v\r\n\r\nline\r\n\r\nlast\r\n"
 
 
@@ -336,7 +299,7 @@ def test_reject_code_and_values(relay_factory, tmp_path):
     r2 = relay_factory("smtpd_forbid_bare_newline = no\n")
     assert "smtpd_forbid_bare_newline = no" in r2.log()
     assert send_data(r2, ["y@localhost"], b"a\n.\nb\r\n").startswith("250 2.0.0")
-    got = wait_for(lambda: r2.maildir_files())
+    got = wait_for(lambda: r2.maildir_files(), 30)
     assert got[0].read_bytes().endswith(b"(UTC)\r\na\r\n\r\nb\r\n")
     for bad in ("maybe", ""):
         d = tmp_path / f"bad{bad or 'empty'}"

@@ -5,14 +5,12 @@ one of them relayed) or by the local delivery agent to a system user; and the ma
 that already carries Delivered-To: for its recipient is refused (direct: 554 5.4.6 at the end of data) or
 bounced with dsn=5.4.6 (queued)."""
 import os
-import pwd
 import re
 import shutil
-import subprocess
 
 import pytest
 
-from conftest import SmtpConn, wait_until
+from conftest import SmtpConn, new_system_user, wait_until
 
 BODY = b"From: <s@example.org>\r\nSubject: trace\r\n\r\nhello\r\n"
 
@@ -123,16 +121,8 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd")
 
 @pytest.fixture
 def system_user(tmp_path):
-    name = f"kttr{os.getpid() % 100000}"
-    home = tmp_path / "home" / name
-    home.parent.mkdir()
-    subprocess.run(["userdel", name], capture_output=True)
-    subprocess.run(["useradd", "-m", "-d", str(home), "-s", "/usr/sbin/nologin", name], check=True,
-                   capture_output=True)
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], check=True, capture_output=True)
+    with new_system_user(tmp_path, "kttr") as pw:
+        yield pw
 
 
 @needs_root
