@@ -9,8 +9,7 @@
 
 #include "conf/config.h"
 #include "core/log.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+#include "fuzz.h"
 
 static void read_all(const struct kt_config *cfg, const struct kt_service *svc)
 {

@@ -12,14 +12,7 @@
 #include "core/alloc.h"
 #include "queue/mta_sts.h"
 #include "queue/tlsrpt.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define CHECK(cond)                                                                    \
-    do {                                                                               \
-        if (!(cond))                                                                   \
-            abort();                                                                   \
-    } while (0)
+#include "fuzz.h"
 
 static void policy(const char *text, size_t len)
 {

@@ -11,8 +11,7 @@
 #include "core/log.h"
 #include "core/table.h"
 #include "delivery/aliases.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+#include "fuzz.h"
 
 static const char *const keys[] = { "a", "alice@example.com", "example.com", "@example.com", "postmaster",
                                     "192.0.2.1", "2001:db8::1", "", "root",
