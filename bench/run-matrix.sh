@@ -16,6 +16,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+. "$REPO/bench/lib.sh"
 QUICK=0
 SERVERS=ktrelay,postfix
 OUT=$REPO/bench/results
@@ -111,10 +112,7 @@ echo "ktbench matrix $STAMP on $HOST ($(nproc) cores, $(uname -r)), mode: $([ "$
 echo "ktbench: $KTBENCH; tree: $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)"
 
 # ---- shared certificate ----
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
-	-subj /CN=bench.test -keyout "$T/key.pem" -out "$T/cert.pem" >/dev/null 2>&1
-chmod 644 "$T/cert.pem"
-chmod 600 "$T/key.pem"
+bench_cert "$T"
 
 # ktrelay's workers run as mail_owner (default ktrelay) and write virtual
 # mailboxes of that uid themselves (the io_uring fast path); both servers
@@ -152,20 +150,9 @@ EOF
 }
 
 reset_maildir() {
-	# Set the last row's mail aside instead of deleting it: ext4 makes inode
-	# allocation slow for minutes after mass deletions (the allocator skips
-	# recently deleted inodes), so deleting 10,000 files here would make the
-	# next row measure the previous row's clean-up. Everything goes at exit.
-	# Rows run in subshells, so the aside name is made unique here rather
-	# than counted; a failed move fails the row instead of piling it on top.
-	local spent
-	if [ -d "$MAILDIR" ]; then
-		spent=$(mktemp -d "$T/spent-mail.XXXXXX") || return 1
-		if ! mv "$MAILDIR" "$spent/mail"; then
-			echo "run-matrix: cannot set the last row's Maildir aside" >&2
-			return 1
-		fi
-	fi
+	# the last row's mail is set aside, not deleted (lib.sh says why); a failed
+	# move fails the row instead of piling it on top
+	set_aside "$T" mail || return 1
 	mkdir "$MAILDIR" && chown "$MAIL_UID:$MAIL_GID" "$MAILDIR" || return 1
 	if [ "$(delivered_count)" != 0 ]; then
 		echo "run-matrix: the Maildir is not empty at the start of the row" >&2
@@ -182,14 +169,6 @@ kt_queue_len() {
 
 delivered_count() {
 	find "$MAILDIR" -path '*/new/*' -type f 2>/dev/null | wc -l
-}
-
-wait_port() {
-	for _ in $(seq 100); do
-		if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-		sleep 0.1
-	done
-	return 1
 }
 
 port_free() {

@@ -17,6 +17,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+. "$REPO/bench/lib.sh"
 KTRELAY=$REPO/build/ktrelay
 KTBENCH=$REPO/build/bench/ktbench
 OUT=$REPO/bench/results
@@ -46,8 +47,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$T/key.pem" -out "$T/cert.pem" \
-	-days 2 -subj /CN=bench.test >/dev/null 2>&1
+bench_cert "$T"
 echo "@bench.test bench.test/catchall/" >"$T/vmailbox"
 
 # A DNS server for the checks: the client 127.0.0.1 is client.bench.test (confirmed), the HELO name
@@ -109,26 +109,16 @@ EOF
 }
 
 run() {   # run MODE -> msgs/s on stdout
-	# Set the last run's mail and queue aside instead of deleting them: ext4
-	# allocates inodes slowly for minutes after mass deletions, which would make
-	# every run after the first measure the previous one's clean-up (as
-	# run-matrix.sh explains). Everything goes at exit.
-	# (run executes in a subshell: the aside name is made unique, not counted)
-	local spent
-	spent=$(mktemp -d "$T/spent.XXXXXX")
-	for d in mail queue conf; do
-		if [ -d "$T/$d" ]; then mv "$T/$d" "$spent/$d"; fi
-	done
+	# the last run's mail, queue and configuration are set aside, not deleted
+	# (lib.sh says why); everything goes at exit
+	set_aside "$T" mail queue conf
 	mkdir -p "$T/mail" "$T/queue" "$T/conf"
 	sync
 	main_cf "$1" >"$T/conf/main.cf"
 	echo "127.0.0.1:$PORT inet n - n - - smtpd" >"$T/conf/master.cf"
 	"$KTRELAY" run -c "$T/conf" >>"$T/stderr-$1.log" 2>&1 &
 	KT_PID=$!
-	for _ in $(seq 100); do
-		(exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-		sleep 0.1
-	done
+	wait_port "$PORT" || true
 	# one message first, so that the measured run finds the answers cached
 	"$KTBENCH" --port "$PORT" --mode starttls --tls-version 1.3 --connections 1 --messages 1 --size 4096 \
 		--to x@bench.test --csv >/dev/null
