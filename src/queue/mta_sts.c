@@ -30,6 +30,7 @@
 #include <arpa/inet.h>
 
 #include "core/alloc.h"
+#include "core/durable.h"
 #include "core/log.h"
 #include "queue/mta_sts.h"
 
@@ -395,38 +396,11 @@ static void cache_read(struct kt_sts *s, struct entry *e, time_t now)
 
 static int cache_write(struct kt_sts *s, const struct entry *e)
 {
-    char path[4096], tmp[4200];
-    int rc = 0, fd = -1;
-    snprintf(path, sizeof(path), "%s/%s", s->set.cache_dir, e->domain);
-    snprintf(tmp, sizeof(tmp), "%s/.%s.tmp", s->set.cache_dir, e->domain);
     if (mkdir(s->set.cache_dir, 0700) < 0 && errno != EEXIST)
         return -errno;
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
-    if (fd < 0)
-        return -errno;
-    FILE *f = fdopen(fd, "w");
-    if (!f) {
-        rc = -errno;
-        close(fd);
-        goto cleanup;
-    }
-    fprintf(f, "ktrelay-mta-sts 1 %s %lld\n%s", e->pol.id, (long long)e->pol.fetched, e->pol.text);
-    if (fflush(f) != 0 || fsync(fileno(f)) != 0)
-        rc = -errno;
-    if (fclose(f) != 0 && rc == 0)
-        rc = -errno;
-    if (rc == 0 && rename(tmp, path) < 0)
-        rc = -errno;
-    if (rc == 0) {
-        int dfd = open(s->set.cache_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd >= 0) {
-            fsync(dfd);
-            close(dfd);
-        }
-    }
-cleanup:
-    if (rc < 0)
-        unlink(tmp);
+    char *text = kt_asprintf("ktrelay-mta-sts 1 %s %lld\n%s", e->pol.id, (long long)e->pol.fetched, e->pol.text);
+    int rc = kt_durable_write(s->set.cache_dir, e->domain, text, strlen(text));
+    kt_free(text);
     return rc;
 }
 

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "core/alloc.h"
+#include "core/durable.h"
 #include "core/hash.h"
 #include "core/log.h"
 #include "queue/queue.h"
@@ -425,43 +426,6 @@ static char *report_json(const struct kt_tlsrpt *t, const struct job *j, const c
     return out;
 }
 
-static int write_file(const char *dir, const char *name, const char *data, size_t len)
-{
-    char path[4096], tmp[4200];
-    int rc = 0;
-    snprintf(path, sizeof(path), "%s/%s", dir, name);
-    snprintf(tmp, sizeof(tmp), "%s/.%s.tmp", dir, name);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
-    if (fd < 0)
-        return -errno;
-    size_t off = 0;
-    while (off < len) {
-        ssize_t w = write(fd, data + off, len - off);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            rc = -errno;
-            break;
-        }
-        off += (size_t)w;
-    }
-    if (rc == 0 && fsync(fd) < 0)
-        rc = -errno;
-    close(fd);
-    if (rc == 0 && rename(tmp, path) < 0)
-        rc = -errno;
-    if (rc < 0) {
-        unlink(tmp);
-        return rc;
-    }
-    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-        fsync(dfd);
-        close(dfd);
-    }
-    return 0;
-}
-
 /* RFC 8460 5.3: a multipart/report with a short text and the JSON as application/tlsrpt+json */
 static char *report_mail(const struct kt_tlsrpt *t, const struct job *j, const char *report_id, const char *fname,
                          const char *json, size_t jlen, char *const *to, size_t n_to)
@@ -526,9 +490,9 @@ static void job_write(struct kt_tlsrpt *t, struct job *j, char **uris, size_t n_
         fprintf(rf, "%s\n", uris[i]);
     fclose(rf);
     snprintf(name, sizeof(name), "%.*s.rua", (int)(strlen(fname) - 5), fname);
-    int rc = write_file(t->dir, name, rua, rlen);
+    int rc = kt_durable_write(t->dir, name, rua, rlen);
     if (rc == 0)
-        rc = write_file(t->dir, fname, json, jlen);
+        rc = kt_durable_write(t->dir, fname, json, jlen);
     free(rua);
     if (rc < 0) {
         kt_err("TLS report for %s: cannot write %s/%s: %s", j->domain, t->dir, fname, strerror(-rc));
@@ -719,7 +683,7 @@ static void state_save(struct kt_tlsrpt *t)
     if (mkdir(t->dir, 0700) < 0 && errno != EEXIST) {
         kt_err("TLS reporting: cannot save the counts in %s: %s", t->dir, strerror(errno));
     } else {
-        int rc = write_file(t->dir, STATE_FILE, out, olen);
+        int rc = kt_durable_write(t->dir, STATE_FILE, out, olen);
         if (rc < 0)
             kt_err("TLS reporting: cannot save the counts in %s: %s", t->dir, strerror(-rc));
     }
