@@ -52,14 +52,34 @@ static void usage(FILE *out)
             "73 cannot create files, 75 try again later, 77 permission denied, 78 configuration error.\n");
 }
 
-static int write_file(const char *path, const char *text)
+/* Writes text into DIR/NAME, created or truncated. Returns 0 or -errno. */
+static int write_file(const char *dir, const char *name, const char *text)
 {
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
     FILE *f = fopen(path, "w");
     if (!f)
         return -errno;
     fputs(text, f);
     return fclose(f) == 0 ? 0 : -errno;
 }
+
+/* The embedded default's files after main.cf (which names its directory), written in this order. */
+static const struct {
+    const char *name, *text;
+} default_files[] = {
+    { "master.cf", "# service type  private unpriv  chroot  wakeup  maxproc command + args\n"
+                   "127.0.0.1:2525 inet n - n - - smtpd\n"
+                   "127.0.0.1:4465 inet n - n - - smtpd\n"
+                   "  -o smtpd_tls_wrappermode=yes\n" },
+    { "vmailbox", "# address            Maildir under virtual_mailbox_base (a trailing / means Maildir)\n"
+                  "postmaster@localhost localhost/postmaster/\n"
+                  "@localhost           localhost/catchall/\n" },
+    { "sasl-passwd", "# SASL users for AUTH PLAIN/LOGIN: \"user:hash\" lines, the hash from crypt(3), e.g.\n"
+                     "#   printf 'alice:%s\\n' \"$(mkpasswd -m yescrypt)\" >> sasl-passwd\n"
+                     "#   printf 'alice:%s\\n' \"$(openssl passwd -6)\" >> sasl-passwd\n"
+                     "# Read at start and on SIGHUP.\n" },
+};
 
 /* The embedded default: a complete, safe configuration written out so that it
  * can be read and edited like any other. */
@@ -109,29 +129,12 @@ static int make_default_config(const char *dir)
         "# to a service in master.cf: -o smtpd_sasl_auth_enable=yes -o smtpd_tls_auth_only=yes\n"
         "ktrelay_sasl_password_file = $data_directory/sasl-passwd\n",
         abs, abs);
-    int rc = write_file(path, main_cf);
+    int rc = write_file(abs, "main.cf", main_cf);
     kt_free(main_cf);
-    snprintf(path, sizeof(path), "%s/master.cf", abs);
-    if (rc == 0)
-        rc = write_file(path,
-                        "# service type  private unpriv  chroot  wakeup  maxproc command + args\n"
-                        "127.0.0.1:2525 inet n - n - - smtpd\n"
-                        "127.0.0.1:4465 inet n - n - - smtpd\n"
-                        "  -o smtpd_tls_wrappermode=yes\n");
-    snprintf(path, sizeof(path), "%s/vmailbox", abs);
-    if (rc == 0)
-        rc = write_file(path,
-                        "# address            Maildir under virtual_mailbox_base (a trailing / means Maildir)\n"
-                        "postmaster@localhost localhost/postmaster/\n"
-                        "@localhost           localhost/catchall/\n");
-    snprintf(path, sizeof(path), "%s/sasl-passwd", abs);
-    if (rc == 0)
-        rc = write_file(path,
-                        "# SASL users for AUTH PLAIN/LOGIN: \"user:hash\" lines, the hash from crypt(3), e.g.\n"
-                        "#   printf 'alice:%s\\n' \"$(mkpasswd -m yescrypt)\" >> sasl-passwd\n"
-                        "#   printf 'alice:%s\\n' \"$(openssl passwd -6)\" >> sasl-passwd\n"
-                        "# Read at start and on SIGHUP.\n");
+    for (size_t i = 0; rc == 0 && i < sizeof(default_files) / sizeof(default_files[0]); i++)
+        rc = write_file(abs, default_files[i].name, default_files[i].text);
     if (rc == 0) {
+        snprintf(path, sizeof(path), "%s/sasl-passwd", abs);
         chmod(path, 0600);
         char cert[4096], key[4096];
         snprintf(cert, sizeof(cert), "%s/cert.pem", abs);

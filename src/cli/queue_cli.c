@@ -314,21 +314,31 @@ static int queue_show(const char *qdir, const char *id)
     return EX_OK;
 }
 
+/* The options of `ktrelay queue` and `ktrelay tlsrpt`, anywhere among the arguments (queue list -c DIR:
+ * GNU getopt permutes): -c DIR into *dir, -v for debug logging. Leaves optind at the first operand;
+ * returns 0, or -EINVAL on any other option (the caller prints its usage). */
+static int dir_and_verbose(int argc, char **argv, const char **dir)
+{
+    int opt;
+    optind = 0;
+    while ((opt = getopt(argc, argv, "c:v")) != -1) {
+        if (opt == 'c')
+            *dir = optarg;
+        else if (opt == 'v')
+            kt_log_set_debug(1);
+        else
+            return -EINVAL;
+    }
+    return 0;
+}
+
 int kt_queue_cli_queue(int argc, char **argv)
 {
     const char *dir = NULL;
     char *args[3] = { NULL, NULL, NULL };
-    int opt, nargs = 0;
-    /* options anywhere (queue list -c DIR): GNU getopt permutes */
-    optind = 0;
-    while ((opt = getopt(argc, argv, "c:v")) != -1) {
-        if (opt == 'c')
-            dir = optarg;
-        else if (opt == 'v')
-            kt_log_set_debug(1);
-        else
-            goto usage;
-    }
+    int nargs = 0;
+    if (dir_and_verbose(argc, argv, &dir) < 0)
+        goto usage;
     for (int i = optind; i < argc; i++) {
         if (nargs == 2)
             goto usage;
@@ -367,17 +377,7 @@ usage:
 int kt_queue_cli_tlsrpt(int argc, char **argv)
 {
     const char *dir = NULL;
-    int opt;
-    optind = 0;
-    while ((opt = getopt(argc, argv, "c:v")) != -1) {
-        if (opt == 'c')
-            dir = optarg;
-        else if (opt == 'v')
-            kt_log_set_debug(1);
-        else
-            goto usage;
-    }
-    if (argc - optind != 1 || strcmp(argv[optind], "flush"))
+    if (dir_and_verbose(argc, argv, &dir) < 0 || argc - optind != 1 || strcmp(argv[optind], "flush"))
         goto usage;
     struct kt_config *cfg = load_config(dir, "ktrelay tlsrpt");
     if (!cfg)
