@@ -80,6 +80,15 @@ static size_t token(const char *v, size_t n, size_t i)
     return i;
 }
 
+/* A token with the comments and white space around it, from v[i]: its bounds in [*s, *e); returns the
+ * index after the white space that follows it. */
+static size_t cfws_token(const char *v, size_t n, size_t i, size_t *s, size_t *e)
+{
+    *s = skip_cfws(v, n, i);
+    *e = token(v, n, *s);
+    return skip_cfws(v, n, *e);
+}
+
 static int token_is(const char *v, size_t s, size_t e, const char *word)
 {
     return e - s == strlen(word) && !strncasecmp(v + s, word, e - s);
@@ -87,16 +96,11 @@ static int token_is(const char *v, size_t s, size_t e, const char *word)
 
 static void parse_content_type(struct entity_hdr *h, const char *v, size_t n)
 {
-    size_t i = skip_cfws(v, n, 0), s = i;
-    i = token(v, n, i);
-    size_t te = i;
-    i = skip_cfws(v, n, i);
+    size_t s, te, ss, se;
+    size_t i = cfws_token(v, n, 0, &s, &te);
     if (i >= n || v[i] != '/')
         return;
-    i = skip_cfws(v, n, i + 1);
-    size_t ss = i;
-    i = token(v, n, i);
-    size_t se = i;
+    i = cfws_token(v, n, i + 1, &ss, &se);
     h->multipart = token_is(v, s, te, "multipart");
     h->rfc822 = token_is(v, s, te, "message") && token_is(v, ss, se, "rfc822");
     h->digest = h->multipart && token_is(v, ss, se, "digest");
@@ -105,11 +109,8 @@ static void parse_content_type(struct entity_hdr *h, const char *v, size_t n)
         i = skip_cfws(v, n, i);
         if (i >= n || v[i] != ';')
             break;
-        i = skip_cfws(v, n, i + 1);
-        size_t as = i;
-        i = token(v, n, i);
-        size_t ae = i;
-        i = skip_cfws(v, n, i);
+        size_t as, ae;
+        i = cfws_token(v, n, i + 1, &as, &ae);
         if (i >= n || v[i] != '=')
             break;
         i = skip_cfws(v, n, i + 1);
