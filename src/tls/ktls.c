@@ -14,6 +14,8 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -140,10 +142,37 @@ int kt_tls13_expand_label(const EVP_MD *md, const unsigned char *secret, size_t 
     return 0;
 }
 
+/* The TLS 1.3 cipher suites the kernel takes (RFC 8446 B.4), and where each one's key and nonce go in its
+ * struct tls12_crypto_info_*: the 12-byte nonce (the "iv" of RFC 8446 7.3) is salt || iv in the kernel's
+ * terms (AES-GCM: 4 + 8 bytes; ChaCha20-Poly1305: no salt, the whole 12 bytes as iv). */
+#define SUITE(id_, digest, type, st)                                                                          \
+    { .id = id_, .md = digest, .cipher_type = type, .size = sizeof(struct st),                                \
+      .key_off = offsetof(struct st, key), .key_len = sizeof(((struct st *)0)->key),                          \
+      .salt_off = offsetof(struct st, salt), .salt_len = sizeof(((struct st *)0)->salt),                      \
+      .iv_off = offsetof(struct st, iv), .iv_len = sizeof(((struct st *)0)->iv) }
+static const struct tls13_suite {
+    uint16_t id, cipher_type;
+    const EVP_MD *(*md)(void);
+    size_t size, key_off, key_len, salt_off, salt_len, iv_off, iv_len;
+} tls13_suites[] = {
+    SUITE(0x1301, EVP_sha256, TLS_CIPHER_AES_GCM_128, tls12_crypto_info_aes_gcm_128),
+    SUITE(0x1302, EVP_sha384, TLS_CIPHER_AES_GCM_256, tls12_crypto_info_aes_gcm_256),
+    SUITE(0x1303, EVP_sha256, TLS_CIPHER_CHACHA20_POLY1305, tls12_crypto_info_chacha20_poly1305),
+};
+#undef SUITE
+
 int kt_ktls_install_tls13_rx(SSL *ssl, int fd, struct kt_ktls_secret *sec)
 {
     const SSL_CIPHER *c = SSL_get_current_cipher(ssl);
+    const struct tls13_suite *suite = NULL;
     unsigned char key[32], iv[12];
+    union {
+        struct tls_crypto_info info;
+        struct tls12_crypto_info_aes_gcm_128 aes_gcm_128;
+        struct tls12_crypto_info_aes_gcm_256 aes_gcm_256;
+        struct tls12_crypto_info_chacha20_poly1305 chacha20_poly1305;
+    } ci;
+    unsigned char *ci_bytes = (unsigned char *)&ci;
     int ret = -ENOTSUP;
 
     if (!c || sec->len == 0) {
@@ -155,39 +184,23 @@ int kt_ktls_install_tls13_rx(SSL *ssl, int fd, struct kt_ktls_secret *sec)
         goto out;
     }
     uint16_t id = (uint16_t)(SSL_CIPHER_get_id(c) & 0xFFFF);
-    const EVP_MD *md = id == 0x1302 ? EVP_sha384() : EVP_sha256();
-    size_t key_len = id == 0x1301 ? 16 : 32;
-    if (kt_tls13_expand_label(md, sec->secret, sec->len, "key", key, key_len) < 0
-        || kt_tls13_expand_label(md, sec->secret, sec->len, "iv", iv, sizeof(iv)) < 0)
+    for (size_t i = 0; i < sizeof(tls13_suites) / sizeof(tls13_suites[0]); i++)
+        if (tls13_suites[i].id == id)
+            suite = &tls13_suites[i];
+    if (!suite)
+        goto out;    /* -ENOTSUP */
+    if (kt_tls13_expand_label(suite->md(), sec->secret, sec->len, "key", key, suite->key_len) < 0
+        || kt_tls13_expand_label(suite->md(), sec->secret, sec->len, "iv", iv, sizeof(iv)) < 0)
         goto out;
 
-    if (id == 0x1301) {
-        struct tls12_crypto_info_aes_gcm_128 ci = { 0 };
-        ci.info.version = TLS_1_3_VERSION;
-        ci.info.cipher_type = TLS_CIPHER_AES_GCM_128;
-        memcpy(ci.key, key, sizeof(ci.key));
-        memcpy(ci.salt, iv, sizeof(ci.salt));
-        memcpy(ci.iv, iv + 4, sizeof(ci.iv));
-        ret = setsockopt(fd, SOL_TLS, TLS_RX, &ci, sizeof(ci)) < 0 ? -errno : 0;
-        OPENSSL_cleanse(&ci, sizeof(ci));
-    } else if (id == 0x1302) {
-        struct tls12_crypto_info_aes_gcm_256 ci = { 0 };
-        ci.info.version = TLS_1_3_VERSION;
-        ci.info.cipher_type = TLS_CIPHER_AES_GCM_256;
-        memcpy(ci.key, key, sizeof(ci.key));
-        memcpy(ci.salt, iv, sizeof(ci.salt));
-        memcpy(ci.iv, iv + 4, sizeof(ci.iv));
-        ret = setsockopt(fd, SOL_TLS, TLS_RX, &ci, sizeof(ci)) < 0 ? -errno : 0;
-        OPENSSL_cleanse(&ci, sizeof(ci));
-    } else if (id == 0x1303) {
-        struct tls12_crypto_info_chacha20_poly1305 ci = { 0 };
-        ci.info.version = TLS_1_3_VERSION;
-        ci.info.cipher_type = TLS_CIPHER_CHACHA20_POLY1305;
-        memcpy(ci.key, key, sizeof(ci.key));
-        memcpy(ci.iv, iv, sizeof(ci.iv));   /* ChaCha20: the whole 12-byte IV, no salt */
-        ret = setsockopt(fd, SOL_TLS, TLS_RX, &ci, sizeof(ci)) < 0 ? -errno : 0;
-        OPENSSL_cleanse(&ci, sizeof(ci));
-    }
+    memset(&ci, 0, sizeof(ci));    /* rec_seq 0: the first record after the handshake */
+    ci.info.version = TLS_1_3_VERSION;
+    ci.info.cipher_type = suite->cipher_type;
+    memcpy(ci_bytes + suite->key_off, key, suite->key_len);
+    memcpy(ci_bytes + suite->salt_off, iv, suite->salt_len);
+    memcpy(ci_bytes + suite->iv_off, iv + suite->salt_len, suite->iv_len);
+    ret = setsockopt(fd, SOL_TLS, TLS_RX, &ci, (socklen_t)suite->size) < 0 ? -errno : 0;
+    OPENSSL_cleanse(&ci, sizeof(ci));
 out:
     OPENSSL_cleanse(key, sizeof(key));
     OPENSSL_cleanse(iv, sizeof(iv));
