@@ -230,6 +230,55 @@ static int body_file(const char *body)
     return fd;
 }
 
+/* Starts the scripted peer: SMTP on a loopback TCP port, or LMTP (lmtp 1) on the unix socket at path. */
+static void peer_open(int lmtp, const struct step *script, const char *path, struct peer *p,
+                      struct kt_smtp_addr *addr)
+{
+    if (lmtp)
+        assert_int_equal(peer_start_unix(p, script, path, addr), 0);
+    else
+        assert_int_equal(peer_start(p, script, addr), 0);
+}
+
+/* After kt_smtp_close: waits until the peer's script ended and no client connection is left, then
+ * stops the peer and fails the test if the script did not run through exactly. */
+static void peer_close(int lmtp, struct kt_loop *loop, struct peer *p, const char *path)
+{
+    run_until(loop, &p->done);
+    time_t end = time(NULL) + 5;
+    while (kt_smtp_live() > 0 && time(NULL) < end)
+        kt_loop_run_once(loop, 50);
+    assert_int_equal(kt_smtp_live(), 0);
+    peer_finish(p);
+    if (lmtp)
+        unlink(path);
+    if (p->failure[0])
+        fail_msg("scripted peer: %s", p->failure);
+}
+
+/* Connects to a peer whose script refuses the session (greeting, EHLO or LHLO); the connection's result
+ * is in *conn. */
+static void connect_refused(int lmtp, const struct step *script, struct run *conn)
+{
+    struct kt_loop loop;
+    struct peer p;
+    struct kt_smtp_addr addr;
+    struct kt_smtp_params params = {
+        .helo_name = "client.example", .connect_timeout_s = 10, .command_timeout_s = 10, .lmtp = lmtp,
+    };
+    char path[64];
+
+    memset(conn, 0, sizeof(*conn));
+    snprintf(path, sizeof(path), "/tmp/kt-test-lmtp-%d.sock", (int)getpid());
+    assert_int_equal(kt_loop_init(&loop, 64), 0);
+    peer_open(lmtp, script, path, &p, &addr);
+    struct kt_smtp_conn *c = kt_smtp_connect(&loop, &params, &addr, 1, on_done, conn);
+    run_until(&loop, &conn->called);
+    kt_smtp_close(c);
+    peer_close(lmtp, &loop, &p, path);
+    kt_loop_fini(&loop);
+}
+
 /* Connect, run one transaction of body to rcpts, close; the peer's script
  * must run through exactly. Returns the transaction's result in *txn. */
 static void exchange_full(int lmtp, const struct step *script, const char *body, int dots,
@@ -248,10 +297,7 @@ static void exchange_full(int lmtp, const struct step *script, const char *body,
 
     assert_int_equal(kt_loop_init(&loop, 64), 0);
     snprintf(path, sizeof(path), "/tmp/kt-test-lmtp-%d.sock", (int)getpid());
-    if (lmtp)
-        assert_int_equal(peer_start_unix(&p, script, path, &addr), 0);
-    else
-        assert_int_equal(peer_start(&p, script, &addr), 0);
+    peer_open(lmtp, script, path, &p, &addr);
     struct kt_smtp_conn *c = kt_smtp_connect(&loop, &params, &addr, 1, on_done, &conn);
     run_until(&loop, &conn.called);
     assert_int_equal(conn.res, 0);
@@ -280,18 +326,9 @@ static void exchange_full(int lmtp, const struct step *script, const char *body,
         assert_string_equal(kt_smtp_relay(c), addr.host);
 
     kt_smtp_close(c);
-    run_until(&loop, &p.done);
-    time_t end = time(NULL) + 5;
-    while (kt_smtp_live() > 0 && time(NULL) < end)
-        kt_loop_run_once(&loop, 50);
-    assert_int_equal(kt_smtp_live(), 0);
-    peer_finish(&p);
+    peer_close(lmtp, &loop, &p, path);
     close(fd);
     kt_loop_fini(&loop);
-    if (lmtp)
-        unlink(path);
-    if (p.failure[0])
-        fail_msg("scripted peer: %s", p.failure);
 }
 
 static void exchange_props(const struct step *script, const char *body, int dots, const char *const *rcpts,
@@ -480,27 +517,10 @@ static void test_greeting_refused(void **state)
         { 'S', "554 5.7.1 mx.test go away\r\n" },
         { 0, NULL },
     };
-    struct kt_loop loop;
-    struct peer p;
-    struct kt_smtp_addr addr;
-    struct run conn = { 0 };
-    struct kt_smtp_params params = {
-        .helo_name = "client.example", .connect_timeout_s = 10, .command_timeout_s = 10,
-    };
-    assert_int_equal(kt_loop_init(&loop, 64), 0);
-    assert_int_equal(peer_start(&p, script, &addr), 0);
-    struct kt_smtp_conn *c = kt_smtp_connect(&loop, &params, &addr, 1, on_done, &conn);
-    run_until(&loop, &conn.called);
+    struct run conn;
+    connect_refused(0, script, &conn);
     assert_int_equal(conn.res, 554);
     assert_non_null(strstr(conn.reason, "refused to talk to me: 554 5.7.1 mx.test go away"));
-    kt_smtp_close(c);
-    run_until(&loop, &p.done);
-    while (kt_smtp_live() > 0)
-        kt_loop_run_once(&loop, 50);
-    peer_finish(&p);
-    kt_loop_fini(&loop);
-    if (p.failure[0])
-        fail_msg("scripted peer: %s", p.failure);
 }
 
 /* LMTP over a unix socket: LHLO, everything pipelined with DATA (CHUNKING is offered but lmtp(8) does not
@@ -595,30 +615,10 @@ static void test_lmtp_lhlo_refused(void **state)
         { 'S', "500 5.5.1 Unknown command\r\n" },
         { 0, NULL },
     };
-    struct kt_loop loop;
-    struct peer p;
-    struct kt_smtp_addr addr;
-    struct run conn = { 0 };
-    struct kt_smtp_params params = {
-        .helo_name = "client.example", .connect_timeout_s = 10, .command_timeout_s = 10, .lmtp = 1,
-    };
-    char path[64];
-    snprintf(path, sizeof(path), "/tmp/kt-test-lmtp-%d.sock", (int)getpid());
-    assert_int_equal(kt_loop_init(&loop, 64), 0);
-    assert_int_equal(peer_start_unix(&p, script, path, &addr), 0);
-    struct kt_smtp_conn *c = kt_smtp_connect(&loop, &params, &addr, 1, on_done, &conn);
-    run_until(&loop, &conn.called);
+    struct run conn;
+    connect_refused(1, script, &conn);
     assert_int_equal(conn.res, 500);
     assert_non_null(strstr(conn.reason, "refused LHLO: 500 5.5.1 Unknown command"));
-    kt_smtp_close(c);
-    run_until(&loop, &p.done);
-    while (kt_smtp_live() > 0)
-        kt_loop_run_once(&loop, 50);
-    peer_finish(&p);
-    kt_loop_fini(&loop);
-    unlink(path);
-    if (p.failure[0])
-        fail_msg("scripted peer: %s", p.failure);
 }
 
 int main(void)
