@@ -133,6 +133,16 @@ static int has_mailbox(const struct kt_resolve_result *r, const char *path, unsi
     return 0;
 }
 
+/* Resolves addr into *r, which must be accepted (no reply) with the mailbox path owned by uid:gid among
+ * its mailboxes. */
+static void expect_mailbox(struct kt_resolve_result *r, const char *addr, const char *path, unsigned uid,
+                           unsigned gid)
+{
+    resolve_into(r, addr);
+    assert_null(r->reply);
+    assert_true(has_mailbox(r, path, uid, gid));
+}
+
 static void test_classes(void **state)
 {
     (void)state;
@@ -203,12 +213,8 @@ static void test_alias_self_and_root(void **state)
     assert_int_equal(r.n_mailboxes, 1);
     assert_true(has_mailbox(&r, "/home/alice/Maildir/", 1001, 1001));
 
-    resolve_into(&r, "postmaster");
-    assert_null(r.reply);
-    assert_true(has_mailbox(&r, "/home/alice/Maildir/", 1001, 1001));
-    resolve_into(&r, "POSTMASTER@example.com");
-    assert_null(r.reply);
-    assert_true(has_mailbox(&r, "/home/alice/Maildir/", 1001, 1001));
+    expect_mailbox(&r, "postmaster", "/home/alice/Maildir/", 1001, 1001);
+    expect_mailbox(&r, "POSTMASTER@example.com", "/home/alice/Maildir/", 1001, 1001);
 }
 
 static void test_alias_lists(void **state)
@@ -265,9 +271,7 @@ static void test_alias_loops_and_depth(void **state)
     resolve_into(&r, "loopx@example.com");
     assert_string_equal(r.reply, "550 5.1.1 <loopx@example.com>: Recipient address rejected: User unknown in local recipient table");
 
-    resolve_into(&r, "chain5@example.com");
-    assert_null(r.reply);
-    assert_true(has_mailbox(&r, "/home/carol/Maildir/", 1003, 1003));
+    expect_mailbox(&r, "chain5@example.com", "/home/carol/Maildir/", 1003, 1003);
 
     resolve_into(&r, "chain25@example.com");
     assert_non_null(r.reply);
@@ -321,13 +325,9 @@ static void test_virtual(void **state)
     assert_int_equal(r.n_mailboxes, 1);
     assert_true(has_mailbox(&r, "/var/vmail/virtual.example/vuser/", 5001, 6000));
 
-    resolve_into(&r, "VCASE@virtual.EXAMPLE");
-    assert_null(r.reply);
-    assert_true(has_mailbox(&r, "/var/vmail/virtual.example/vcase/", 5003, 6000));
+    expect_mailbox(&r, "VCASE@virtual.EXAMPLE", "/var/vmail/virtual.example/vcase/", 5003, 6000);
 
-    resolve_into(&r, "anyone@catch.example");
-    assert_null(r.reply);
-    assert_true(has_mailbox(&r, "/var/vmail/catch.example/all/", 5002, 6000));
+    expect_mailbox(&r, "anyone@catch.example", "/var/vmail/catch.example/all/", 5002, 6000);
 
     resolve_into(&r, "mboxuser@virtual.example");
     assert_string_equal(r.reply, "550 5.1.1 <mboxuser@virtual.example>: Recipient address rejected: mailbox format not supported");

@@ -47,6 +47,13 @@ static struct kt_tls_policy_set *set_with(const char *inline_spec, const char *l
     return s;
 }
 
+/* The policy of nexthop in set, into *p; returns its level (an enum kt_smtp_tls). */
+static int level_of(const struct kt_tls_policy_set *set, const char *nexthop, struct kt_tls_policy *p)
+{
+    kt_tls_policy_lookup(set, nexthop, p);
+    return p->level;
+}
+
 static void test_levels(void **state)
 {
     (void)state;
@@ -132,29 +139,20 @@ static void test_lookup_keys(void **state)
     assert_true(kt_tls_policy_set_uses_tls(s));
     assert_false(kt_tls_policy_set_uses_dane(s));
     /* "[host]:port" and "[host]" are exact keys */
-    kt_tls_policy_lookup(s, "[mx.example.com]:587", &p);
-    assert_int_equal(p.level, KT_SMTP_TLS_SECURE);
+    assert_int_equal(level_of(s, "[mx.example.com]:587", &p), KT_SMTP_TLS_SECURE);
     assert_string_equal(p.match, "mx.example.com");
-    kt_tls_policy_lookup(s, "[MX.Example.COM]", &p);
-    assert_int_equal(p.level, KT_SMTP_TLS_ENCRYPT);
+    assert_int_equal(level_of(s, "[MX.Example.COM]", &p), KT_SMTP_TLS_ENCRYPT);
     /* no parent lookups for a bracketed or port-qualified next hop */
-    kt_tls_policy_lookup(s, "[sub.example.com]", &p);
-    assert_int_equal(p.level, KT_SMTP_TLS_MAY);
+    assert_int_equal(level_of(s, "[sub.example.com]", &p), KT_SMTP_TLS_MAY);
     assert_string_equal(p.source, "smtp_tls_security_level");
-    kt_tls_policy_lookup(s, "sub.example.com:25", &p);
-    assert_int_equal(p.level, KT_SMTP_TLS_MAY);
-    kt_tls_policy_lookup(s, "relay.example.net:2525", &p);
-    assert_int_equal(p.level, KT_SMTP_TLS_SECURE);
+    assert_int_equal(level_of(s, "sub.example.com:25", &p), KT_SMTP_TLS_MAY);
+    assert_int_equal(level_of(s, "relay.example.net:2525", &p), KT_SMTP_TLS_SECURE);
     /* a domain: itself, then ".parent" keys, as TLS_README describes */
-    kt_tls_policy_lookup(s, "example.com", &p);
-    assert_int_equal(p.level, KT_SMTP_TLS_VERIFY);
+    assert_int_equal(level_of(s, "example.com", &p), KT_SMTP_TLS_VERIFY);
     assert_string_equal(p.source, "smtp_tls_policy_maps");
-    kt_tls_policy_lookup(s, "a.b.example.com.", &p);
-    assert_int_equal(p.level, KT_SMTP_TLS_ENCRYPT);
-    kt_tls_policy_lookup(s, "example.org", &p);
-    assert_int_equal(p.level, KT_SMTP_TLS_NONE);
-    kt_tls_policy_lookup(s, "example.net", &p);
-    assert_int_equal(p.level, KT_SMTP_TLS_MAY);
+    assert_int_equal(level_of(s, "a.b.example.com.", &p), KT_SMTP_TLS_ENCRYPT);
+    assert_int_equal(level_of(s, "example.org", &p), KT_SMTP_TLS_NONE);
+    assert_int_equal(level_of(s, "example.net", &p), KT_SMTP_TLS_MAY);
     /* OpenSSL settings: mandatory levels take the mandatory parameters */
     int mn, mx;
     long no;
