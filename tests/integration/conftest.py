@@ -119,12 +119,7 @@ class Relay:
         holding the instance lock and the queue: wait until they have exited too."""
         if self.proc.poll() is None:
             kids = child_pids(self.proc.pid)
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, sig, timeout)
             wait_until(lambda: not any(alive(k) for k in kids), timeout=10,
                        what=f"processes {kids} of the stopped instance to exit")
         self.logfile.close()
@@ -141,6 +136,16 @@ def after_trace(data):
     m = TRACE_HEADERS.match(data)
     assert m, data[:300]
     return data[m.end():]
+
+
+def stop_process(proc, sig=signal.SIGTERM, timeout=15):
+    """Sends sig to the subprocess proc and reaps it, killing it after timeout seconds; its exit status."""
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def child_pids(pid):
@@ -304,12 +309,7 @@ def embedded_default(directory):
     try:
         yield directory
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
+        rc = stop_process(proc)
         logf.close()
     log = logpath.read_text(errors="replace")
     assert rc == 0, log[-4000:]

@@ -10,7 +10,6 @@ import base64
 import os
 import pathlib
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -19,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import SmtpConn, make_cert
+from conftest import SmtpConn, make_cert, stop_process
 
 SRC_ADDR = "127.0.0.2"
 PASSWORD = "s3cret pass"          # a space, so that nothing splits it
@@ -397,12 +396,7 @@ service anvil {{
     try:
         yield sock
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -85,6 +85,13 @@ def ehlo_mail(c, helo="client.example", sender="s@good.example"):
     assert c.cmd(f"MAIL FROM:<{sender}>") == "250 2.1.0 Ok"
 
 
+def mailing(port, source, **kw):
+    """A client from source, past EHLO and MAIL (ehlo_mail's arguments), ready for RCPT."""
+    c = client(port, source)
+    ehlo_mail(c, **kw)
+    return c
+
+
 def rev(addr):
     return ".".join(reversed(addr.split("."))) + ".in-addr.arpa"
 
@@ -141,8 +148,7 @@ def rcpt(c, to="someone@localhost"):
 def test_reverse_names_forward_confirmed(relay_factory, dns):
     d = dns()
     r = dns_relay(relay_factory, d)
-    c = client(r.port(), "127.0.0.2")
-    ehlo_mail(c)
+    c = mailing(r.port(), "127.0.0.2")
     assert rcpt(c) == "250 2.1.5 Ok"
     assert c.cmd("DATA").startswith("354 ")
     c.send(b"Subject: t\r\n\r\nx\r\n.\r\n")
@@ -171,21 +177,17 @@ def test_reject_unknown_client_hostnames(relay_factory, dns):
     d = dns()
     r = dns_relay(relay_factory, d, "smtpd_client_restrictions = reject_unknown_client_hostname\n"
                                     "smtpd_helo_restrictions = reject_unknown_reverse_client_hostname\n")
-    ok = client(r.port(), "127.0.0.2")
-    ehlo_mail(ok)
+    ok = mailing(r.port(), "127.0.0.2")
     assert rcpt(ok) == "250 2.1.5 Ok"
-    liar = client(r.port(), "127.0.0.3")
-    ehlo_mail(liar)
+    liar = mailing(r.port(), "127.0.0.3")
     assert rcpt(liar) == "450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.3]"
     assert r.wait_log("NOQUEUE: reject: RCPT from unknown[127.0.0.3]: 450 4.7.25 Client host rejected: cannot find "
                       "your hostname, [127.0.0.3]; from=<s@good.example> to=<someone@localhost> proto=ESMTP "
                       "helo=<client.example>")
     r2 = dns_relay(relay_factory, d, "smtpd_client_restrictions = reject_unknown_reverse_client_hostname\n")
-    liar = client(r2.port(), "127.0.0.3")
-    ehlo_mail(liar)
+    liar = mailing(r2.port(), "127.0.0.3")
     assert rcpt(liar) == "250 2.1.5 Ok"     # it has a PTR name, confirmed or not
-    none = client(r2.port(), "127.0.0.4")
-    ehlo_mail(none)
+    none = mailing(r2.port(), "127.0.0.4")
     assert rcpt(none) == "450 4.7.25 Client host rejected: cannot find your reverse hostname, [127.0.0.4]"
 
 
@@ -193,27 +195,23 @@ def test_rbl_client_default_reply_and_filters(relay_factory, dns):
     d = dns()
     r = dns_relay(relay_factory, d, "smtpd_client_restrictions = reject_rbl_client zen.test, "
                                     "reject_rbl_client filt.test=127.0.0.[4..6]\n")
-    c = client(r.port(), "127.0.0.5")
-    ehlo_mail(c)
+    c = mailing(r.port(), "127.0.0.5")
     assert rcpt(c) == ("554 5.7.1 Service unavailable; Client host [127.0.0.5] blocked using zen.test; "
                        "listed: see http://zen.test/q?127.0.0.5")
     assert r.wait_log("NOQUEUE: reject: RCPT from unknown[127.0.0.5]: 554 5.7.1 Service unavailable; Client host "
                       "[127.0.0.5] blocked using zen.test; listed: see http://zen.test/q?127.0.0.5; "
                       "from=<s@good.example> to=<someone@localhost>")
     # filt.test answers 127.0.0.10 for .6: outside the filter, not listed
-    c6 = client(r.port(), "127.0.0.6")
-    ehlo_mail(c6)
+    c6 = mailing(r.port(), "127.0.0.6")
     assert rcpt(c6) == "250 2.1.5 Ok"
     # .7 gets 127.0.0.5: inside; no TXT record, so no reason
-    c7 = client(r.port(), "127.0.0.7")
-    ehlo_mail(c7)
+    c7 = mailing(r.port(), "127.0.0.7")
     assert rcpt(c7) == "554 5.7.1 Service unavailable; Client host [127.0.0.7] blocked using filt.test"
     # the answers are cached: a second recipient asks nothing again
     assert rcpt(c7) == "554 5.7.1 Service unavailable; Client host [127.0.0.7] blocked using filt.test"
     assert d.count("7.0.0.127.filt.test", "A") == 1
     # unlisted client
-    c8 = client(r.port(), "127.0.0.8")
-    ehlo_mail(c8)
+    c8 = mailing(r.port(), "127.0.0.8")
     assert rcpt(c8) == "250 2.1.5 Ok"
 
 
@@ -223,8 +221,7 @@ def test_rbl_reply_maps(relay_factory, dns, tmp_path):
         "zen.test 550 Go away $client_address, see $rbl_domain${rbl_reason?: $rbl_reason}\n")
     r = dns_relay(relay_factory, d, "smtpd_client_restrictions = reject_rbl_client zen.test\n"
                                     f"rbl_reply_maps = texthash:{tmp_path}/rbl_reply\n")
-    c = client(r.port(), "127.0.0.5")
-    ehlo_mail(c)
+    c = mailing(r.port(), "127.0.0.5")
     assert rcpt(c) == "550 5.7.1 Go away 127.0.0.5, see zen.test: listed: see http://zen.test/q?127.0.0.5"
 
 
@@ -243,8 +240,7 @@ def test_rhsbl(relay_factory, dns):
     d = dns()
     r = dns_relay(relay_factory, d, "smtpd_sender_restrictions = reject_rhsbl_sender dbl.test\n"
                                     "smtpd_helo_restrictions = reject_rhsbl_helo dbl.test\n")
-    c = client(r.port(), "127.0.0.8")
-    ehlo_mail(c, sender="s@bad.example")
+    c = mailing(r.port(), "127.0.0.8", sender="s@bad.example")
     assert rcpt(c) == "554 5.7.1 Service unavailable; Sender address [bad.example] blocked using dbl.test"
     c.cmd("RSET")
     ehlo_mail(c, helo="bad.example")
@@ -267,8 +263,7 @@ def test_unknown_sender_domain_and_helo(relay_factory, dns):
     d = dns()
     r = dns_relay(relay_factory, d, "smtpd_sender_restrictions = reject_unknown_sender_domain\n"
                                     "smtpd_helo_restrictions = reject_unknown_helo_hostname\n")
-    c = client(r.port(), "127.0.0.8")
-    ehlo_mail(c, helo="bad.example", sender="s@nx.example")
+    c = mailing(r.port(), "127.0.0.8", helo="bad.example", sender="s@nx.example")
     assert rcpt(c) == "450 4.1.8 <s@nx.example>: Sender address rejected: Domain not found"
     c.cmd("RSET")
     ehlo_mail(c, helo="bad.example", sender="s@nullmx.example")
@@ -291,8 +286,7 @@ def test_slow_server_holds_only_its_session(relay_factory, dns):
     d = dns(hold={"5.0.0.127.zen.test"})
     r = dns_relay(relay_factory, d, "mynetworks = 127.0.0.1/32\n"
                                     "smtpd_client_restrictions = permit_mynetworks, reject_rbl_client zen.test\n")
-    slow = client(r.port(), "127.0.0.5")
-    ehlo_mail(slow)
+    slow = mailing(r.port(), "127.0.0.5")
     slow.send("RCPT TO:<someone@localhost>\r\n")
     deadline = 50
     while d.count("5.0.0.127.zen.test", "A") == 0 and deadline:
@@ -300,8 +294,7 @@ def test_slow_server_holds_only_its_session(relay_factory, dns):
         deadline -= 1
     assert d.count("5.0.0.127.zen.test", "A") >= 1
     # meanwhile another client goes through a whole transaction
-    fast = client(r.port(), "127.0.0.1")
-    ehlo_mail(fast)
+    fast = mailing(r.port(), "127.0.0.1")
     assert rcpt(fast) == "250 2.1.5 Ok"
     assert fast.cmd("DATA").startswith("354 ")
     fast.send(b"Subject: t\r\n\r\nx\r\n.\r\n")
@@ -320,8 +313,7 @@ def test_failing_server_counts_as_not_listed(relay_factory, dns):
     d = dns(servfail={"8.0.0.127.zen.test"}, drop={"8.0.0.127.dead.test"})
     r = dns_relay(relay_factory, d, "smtpd_client_restrictions = reject_rbl_client zen.test, "
                                     "reject_rbl_client dead.test\n")
-    c = client(r.port(), "127.0.0.8")
-    ehlo_mail(c)
+    c = mailing(r.port(), "127.0.0.8")
     assert rcpt(c) == "250 2.1.5 Ok"
     assert r.wait_log("warning: 8.0.0.127.zen.test: RBL lookup error: server failure (counted as not listed)")
     assert r.wait_log("warning: 8.0.0.127.dead.test: RBL lookup error: timeout (counted as not listed)")

@@ -7,7 +7,6 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -15,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import SmtpConn, free_port
+from conftest import SmtpConn, free_port, stop_process
 from test_smtp import queued, send_data
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
@@ -99,12 +98,7 @@ service anvil {{
     try:
         yield port, maildir
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def test_message_read_back_through_imap(relay_factory, dovecot, open_dir):

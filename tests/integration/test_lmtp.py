@@ -8,7 +8,6 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -16,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import BASE_VMAILBOX, SmtpConn, free_port, new_system_user, wait_until
+from conftest import BASE_VMAILBOX, SmtpConn, free_port, new_system_user, stop_process, wait_until
 from test_smtp import queued, start_data, stuff
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
@@ -118,12 +117,7 @@ service anvil {{
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
         self.proc = None
 
     def log(self):

@@ -137,12 +137,20 @@ def records(server, mx_hosts, sts_id="20261130a"):
     return r
 
 
-def test_enforce_matching_mx_with_valid_certificate_delivers(nodes, dns, pki, policy_servers):
-    final = final_node(nodes, pki)
-    srv = policy_servers(pki, "example.test", policy_text("enforce", ["mx.example.test"]))
-    d = dns(records(srv, ["mx.example.test"]))
+def sts_sent(nodes, dns, pki, policy_servers, mode, patterns, mx_hosts, names=("mx.example.test",)):
+    """The set-up most tests share: a final MX whose certificate has names, example.test's policy server
+    (mode, mx patterns), the DNS with mx_hosts as its MX hosts, and a front relay with MTA-STS on that has
+    queued one message to bob@example.test. Returns (final, srv, d, front, qid)."""
+    final = final_node(nodes, pki, names=names)
+    srv = policy_servers(pki, "example.test", policy_text(mode, patterns))
+    d = dns(records(srv, mx_hosts))
     front = nodes(front_cf(d, pki, final.r.port("smtp0"))).start()
-    qid = front.sendmail(["bob@example.test"], BODY)
+    return final, srv, d, front, front.sendmail(["bob@example.test"], BODY)
+
+
+def test_enforce_matching_mx_with_valid_certificate_delivers(nodes, dns, pki, policy_servers):
+    final, srv, d, front, qid = sts_sent(nodes, dns, pki, policy_servers, "enforce", ["mx.example.test"],
+                                         ["mx.example.test"])
     assert front.wait_log(rf"{qid}: to=<bob@example.test>, relay=mx.example.test\[127.0.0.1\]:\d+, .*dsn=2.0.0, "
                           r"status=sent"), front.log()
     log = front.log()
@@ -155,11 +163,9 @@ def test_enforce_matching_mx_with_valid_certificate_delivers(nodes, dns, pki, po
 
 
 def test_enforce_refuses_mx_not_in_policy(nodes, dns, pki, policy_servers):
-    final = final_node(nodes, pki, names=("other.example.net",))
-    srv = policy_servers(pki, "example.test", policy_text("enforce", ["mx.example.test", "*.mx.example.test"]))
-    d = dns(records(srv, ["other.example.net"]))
-    front = nodes(front_cf(d, pki, final.r.port("smtp0"))).start()
-    qid = front.sendmail(["bob@example.test"], BODY)
+    final, srv, d, front, qid = sts_sent(nodes, dns, pki, policy_servers, "enforce",
+                                         ["mx.example.test", "*.mx.example.test"], ["other.example.net"],
+                                         names=("other.example.net",))
     assert front.wait_log(rf"{qid}: to=<bob@example.test>, relay=none, .*dsn=4.7.5, status=deferred \(MX host "
                           r"other.example.net does not match the MTA-STS policy of example.test \(mode enforce\)\)"), \
         front.log()
@@ -171,11 +177,8 @@ def test_enforce_refuses_mx_not_in_policy(nodes, dns, pki, policy_servers):
 
 def test_enforce_certificate_not_matching_mx_defers(nodes, dns, pki, policy_servers):
     # the policy allows mx2 by its wildcard, but the server's certificate names another host
-    final = final_node(nodes, pki, names=("mx.example.test",))
-    srv = policy_servers(pki, "example.test", policy_text("enforce", ["*.example.test"]))
-    d = dns(records(srv, ["mx2.example.test"]))
-    front = nodes(front_cf(d, pki, final.r.port("smtp0"))).start()
-    qid = front.sendmail(["bob@example.test"], BODY)
+    final, srv, d, front, qid = sts_sent(nodes, dns, pki, policy_servers, "enforce", ["*.example.test"],
+                                         ["mx2.example.test"], names=("mx.example.test",))
     assert front.wait_log(rf"{qid}: to=<bob@example.test>, relay=none, .*dsn=4.7.5, status=deferred \(Server "
                           r"certificate not verified\)"), front.log()
     assert front.wait_log(r"server certificate verification failed for mx2.example.test\[127.0.0.1\]:\d+: "
@@ -184,11 +187,8 @@ def test_enforce_certificate_not_matching_mx_defers(nodes, dns, pki, policy_serv
 
 
 def test_testing_mode_logs_and_delivers(nodes, dns, pki, policy_servers):
-    final = final_node(nodes, pki, names=("mx.example.test",))
-    srv = policy_servers(pki, "example.test", policy_text("testing", ["mx.example.test"]))
-    d = dns(records(srv, ["other.example.net"]))
-    front = nodes(front_cf(d, pki, final.r.port("smtp0"))).start()
-    qid = front.sendmail(["bob@example.test"], BODY)
+    final, srv, d, front, qid = sts_sent(nodes, dns, pki, policy_servers, "testing", ["mx.example.test"],
+                                         ["other.example.net"], names=("mx.example.test",))
     assert front.wait_log(rf"{qid}: to=<bob@example.test>, relay=other.example.net\[127.0.0.1\]:\d+, .*status=sent"), \
         front.log()
     log = front.log()
@@ -201,11 +201,8 @@ def test_testing_mode_logs_and_delivers(nodes, dns, pki, policy_servers):
 
 
 def test_policy_cached_across_restart_and_refetched_on_new_id(nodes, dns, pki, policy_servers):
-    final = final_node(nodes, pki, names=("mx.example.test", "other.example.net"))
-    srv = policy_servers(pki, "example.test", policy_text("enforce", ["mx.example.test"]))
-    d = dns(records(srv, ["mx.example.test"]))
-    front = nodes(front_cf(d, pki, final.r.port("smtp0"))).start()
-    qid = front.sendmail(["bob@example.test"], BODY)
+    final, srv, d, front, qid = sts_sent(nodes, dns, pki, policy_servers, "enforce", ["mx.example.test"],
+                                         ["mx.example.test"], names=("mx.example.test", "other.example.net"))
     assert front.wait_log(rf"{qid}: to=<bob@example.test>, .*status=sent"), front.log()
     assert srv.requests == 1
 

@@ -50,12 +50,17 @@ def start_data(c, rcpts=("someone@localhost",), sender="sender@example.org", par
         assert c.cmd(f"RCPT TO:<{r}>") == "250 2.1.5 Ok"
 
 
+def data_wire(c, wire):
+    """DATA, then WIRE as it is (dot-stuffed and ended by the caller); returns the final reply."""
+    assert c.cmd("DATA").startswith("354 ")
+    c.send(wire)
+    return c.reply()
+
+
 def send_data(c, content, rcpts=("someone@localhost",), params=""):
     """One message with DATA; CONTENT is the unstuffed message; returns the final reply."""
     start_data(c, rcpts, params=params)
-    assert c.cmd("DATA").startswith("354 ")
-    c.send(stuff(content) + b".\r\n")
-    return c.reply()
+    return data_wire(c, stuff(content) + b".\r\n")
 
 
 def queued(reply):
@@ -111,9 +116,7 @@ def test_only_dotdot_line(relay):
     # a client that sends the line '..' means a line holding one '.'
     c = SmtpConn(relay.port())
     start_data(c)
-    assert c.cmd("DATA").startswith("354")
-    c.send(b"Subject: x\r\n\r\n..\r\n.\r\n")
-    queued(c.reply())
+    queued(data_wire(c, b"Subject: x\r\n\r\n..\r\n.\r\n"))
     _, rest = delivered_one(relay)
     assert rest == b"Subject: x\r\n\r\n.\r\n"
 
@@ -140,9 +143,7 @@ def test_large_message_with_data(relay):
 def test_empty_body(relay):
     c = SmtpConn(relay.port())
     start_data(c)
-    assert c.cmd("DATA").startswith("354")
-    c.send(b".\r\n")
-    queued(c.reply())
+    queued(data_wire(c, b".\r\n"))
     received, rest = delivered_one(relay)
     assert rest == b""
 
@@ -393,9 +394,7 @@ def test_line_too_long_session_survives(relay):
 
 
 def send_data_only(c, content):
-    assert c.cmd("DATA").startswith("354")
-    c.send(stuff(content) + b".\r\n")
-    return c.reply()
+    return data_wire(c, stuff(content) + b".\r\n")
 
 
 def test_too_many_recipients(relay_factory):
