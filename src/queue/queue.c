@@ -19,6 +19,7 @@
 
 #include "core/alloc.h"
 #include "core/buf.h"
+#include "core/durable.h"
 #include "core/log.h"
 #include "queue/queue.h"
 
@@ -236,32 +237,6 @@ void kt_xtext_encode(const char *s, char *out, size_t cap)
 }
 static int valid_id(const char *id);
 
-static int write_all(int fd, const void *p, size_t len)
-{
-    const char *c = p;
-    while (len > 0) {
-        ssize_t n = write(fd, c, len);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        c += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
-static int fsync_dir(const char *path)
-{
-    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    int rc = fsync(fd) < 0 ? -errno : 0;
-    close(fd);
-    return rc;
-}
-
 /* Every CR followed by LF and every LF preceded by CR. */
 static int is_canonical(const char *body, size_t len)
 {
@@ -312,10 +287,10 @@ int kt_queue_write_props(const char *qdir, time_t arrival, const char *sender, c
         return -errno;
     char *env = kt_queue_envelope(sender, rcpts, n, arrival, has_dot_line(body, len), is_canonical(body, len),
                                   props);
-    rc = write_all(fd, env, strlen(env));
+    rc = kt_write_all(fd, env, strlen(env));
     kt_free(env);
     if (rc == 0)
-        rc = write_all(fd, body, len);
+        rc = kt_write_all(fd, body, len);
     if (rc == 0 && fsync(fd) < 0)
         rc = -errno;
     if (close(fd) < 0 && rc == 0)
@@ -328,7 +303,7 @@ int kt_queue_write_props(const char *qdir, time_t arrival, const char *sender, c
         return rc;
     }
     snprintf(tmp, sizeof(tmp), "%s/new", qdir);
-    return fsync_dir(tmp);
+    return kt_fsync_dir(tmp);
 }
 
 int kt_queue_rewrite_held(const char *qdir, const char *id, const char *redirect, const char *filter, int keep_held)
@@ -383,7 +358,7 @@ int kt_queue_rewrite_held(const char *qdir, const char *id, const char *redirect
         rc = -errno;
         goto cleanup;
     }
-    rc = write_all(out, env, strlen(env));
+    rc = kt_write_all(out, env, strlen(env));
     for (loff_t off = m->body_off, left = m->body_len; rc == 0 && left > 0;) {
         ssize_t k = copy_file_range(in, &off, out, NULL, (size_t)left, 0);
         if (k < 0 && errno == EINTR)
@@ -405,14 +380,14 @@ int kt_queue_rewrite_held(const char *qdir, const char *id, const char *redirect
         goto cleanup;
     }
     snprintf(dir, sizeof(dir), "%s/%s", qdir, keep_held ? "hold" : "new");
-    rc = fsync_dir(dir);
+    rc = kt_fsync_dir(dir);
     if (!keep_held) {
         /* new/ID is durable: the held copy goes */
         if (unlink(src) < 0 && rc == 0)
             rc = -errno;
         snprintf(dir, sizeof(dir), "%s/hold", qdir);
         if (rc == 0)
-            rc = fsync_dir(dir);
+            rc = kt_fsync_dir(dir);
         kt_queue_notify(qdir, id);
     }
 cleanup:
@@ -636,7 +611,7 @@ int kt_queue_mark_many(int status_fd, struct kt_qmsg *m, const struct kt_qmark *
         fd = openat(status_fd, m->id, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
         created = 1;
     }
-    int rc = fd < 0 ? -errno : write_all(fd, b.data, kt_buf_used(&b));
+    int rc = fd < 0 ? -errno : kt_write_all(fd, b.data, kt_buf_used(&b));
     if (fd >= 0) {
         if (rc == 0 && fdatasync(fd) < 0)
             rc = -errno;
@@ -663,7 +638,7 @@ int kt_queue_mark(const char *qdir, struct kt_qmsg *m, size_t rcpt, enum kt_qrcp
         fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
         created = 1;
     }
-    int rc = fd < 0 ? -errno : write_all(fd, line, strlen(line));
+    int rc = fd < 0 ? -errno : kt_write_all(fd, line, strlen(line));
     if (fd >= 0) {
         if (rc == 0 && fsync(fd) < 0)
             rc = -errno;
@@ -672,7 +647,7 @@ int kt_queue_mark(const char *qdir, struct kt_qmsg *m, size_t rcpt, enum kt_qrcp
     if (rc == 0 && created) {
         /* the new name must survive a crash too */
         snprintf(path, sizeof(path), "%s/status", qdir);
-        rc = fsync_dir(path);
+        rc = kt_fsync_dir(path);
     }
     kt_free(line);
     if (rc < 0)
@@ -827,7 +802,7 @@ int kt_queue_note_deferrals(const char *qdir, const struct kt_qmsg *m)
     snprintf(path, sizeof(path), "%s/status/%s", qdir, m->id);
     /* informational: no fsync (a lost reason is shown again after the next attempt) */
     int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
-    int rc = fd < 0 ? -errno : write_all(fd, b.data, kt_buf_used(&b));
+    int rc = fd < 0 ? -errno : kt_write_all(fd, b.data, kt_buf_used(&b));
     if (fd >= 0)
         close(fd);
     kt_buf_release(&b);
@@ -849,9 +824,9 @@ static int move(const char *qdir, const char *from, const char *to, const char *
     if (renameat2(AT_FDCWD, src, AT_FDCWD, dst, RENAME_NOREPLACE) < 0)
         return -errno;
     snprintf(dst, sizeof(dst), "%s/%s", qdir, to);
-    int rc = fsync_dir(dst);
+    int rc = kt_fsync_dir(dst);
     snprintf(src, sizeof(src), "%s/%s", qdir, from);
-    int rc2 = fsync_dir(src);
+    int rc2 = kt_fsync_dir(src);
     return rc < 0 ? rc : rc2;
 }
 
