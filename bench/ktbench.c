@@ -858,6 +858,15 @@ static int read_in(struct conn *c)
 	return 1;
 }
 
+/* The result r of a step that may have to wait (the handshake, a read): below 0 the connection fails,
+ * 0 waits for the next event. True when the connection goes on. */
+static int goes_on(struct conn *c, int r)
+{
+	if (r < 0)
+		conn_fail(c);
+	return r > 0;
+}
+
 /* Drives a connection as far as it goes without blocking. */
 static void drive(struct conn *c)
 {
@@ -878,25 +887,13 @@ static void drive(struct conn *c)
 				return; /* still connecting */
 			c->state = c->ssl ? CS_HANDSHAKE : CS_SMTP;
 		}
-		if (c->state == CS_HANDSHAKE) {
-			int r = do_handshake(c);
-			if (r < 0) {
-				conn_fail(c);
-				return;
-			}
-			if (r == 0)
-				return;
-		}
+		if (c->state == CS_HANDSHAKE && !goes_on(c, do_handshake(c)))
+			return;
 		if (flush_out(c) < 0) {
 			conn_fail(c);
 			return;
 		}
-		int r = read_in(c);
-		if (r < 0) {
-			conn_fail(c);
-			return;
-		}
-		if (r == 0)
+		if (!goes_on(c, read_in(c)))
 			return;
 		if (!process_input(c))
 			return;
