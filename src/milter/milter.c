@@ -1965,3 +1965,32 @@ void kt_milters_write(struct kt_milters *ms, struct kt_delivery *d, int keep_fix
         return;
     write_body(ms);
 }
+
+int kt_milters_render(struct kt_milters *ms, struct kt_buf *out)
+{
+    struct msgview *v = ms->view;
+    if (!v)
+        return -EINVAL;
+    for (size_t i = 0; i < v->n_hdrs; i++) {
+        kt_buf_printf(out, "%s:", v->hdrs[i].name);
+        kt_buf_append(out, v->hdrs[i].value, strlen(v->hdrs[i].value));
+        kt_buf_append(out, "\r\n", 2);
+    }
+    if (v->had_blank || v->body_replaced)
+        kt_buf_append(out, "\r\n", 2);
+    if (v->body_replaced) {
+        kt_buf_append(out, v->newbody.data, v->newbody.len);
+        return 0;
+    }
+    kt_buf_reserve(out, (size_t)v->body_len);
+    for (off_t pos = 0; pos < v->body_len;) {
+        ssize_t r = pread(v->fd, out->data + out->len, (size_t)(v->body_len - pos), v->body_off + pos);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return r < 0 ? -errno : -EIO;
+        out->len += (size_t)r;
+        pos += r;
+    }
+    return 0;
+}

@@ -4,7 +4,8 @@
  * A struct kt_milter_set is the parsed smtpd_milters (or non_smtpd_milters)
  * of one service with the milter_* parameters; it is built once per
  * configuration generation and shared read-only. A struct kt_milters is one
- * session's conversation with every milter of its set, in order: each SMTP
+ * SMTP session's (or one locally submitted message's, queue/pickup.c)
+ * conversation with every milter of its set, in order: each SMTP
  * event (connect, HELO, MAIL, RCPT, DATA, end of message, unknown command)
  * goes to the first milter, then to the next, until one of them decides, and
  * the session hears the outcome through a callback. All socket I/O is on
@@ -105,7 +106,7 @@ struct kt_milters *kt_milters_new(struct kt_loop *loop, const struct kt_milter_s
  * callback fires after this. NULL is fine. */
 void kt_milters_free(struct kt_milters *ms);
 
-/* Events. Each calls cb once, later, from the loop. family: 4, 6 or 'U' (unknown); addr may be NULL. */
+/* Events. Each calls cb once, later, from the loop. family: '4', '6' or 'U' (unknown); addr may be NULL. */
 void kt_milters_connect(struct kt_milters *ms, const char *hostname, int family, const char *addr, unsigned port,
                         kt_milter_cb cb, void *arg);
 void kt_milters_helo(struct kt_milters *ms, const char *helo, kt_milter_cb cb, void *arg);
@@ -136,5 +137,9 @@ size_t kt_milters_rcpts(const struct kt_milters *ms, const char *const **rcpts);
  * before this returns. */
 void kt_milters_write(struct kt_milters *ms, struct kt_delivery *d, int keep_fixed, void (*cb)(void *arg, int res),
                       void *arg);
+/* The same, synchronously into memory, every header included: for a message small enough to be held there
+ * (a local submission, at most message_size_limit). Appends to out; 0 or -errno (reading the body back). */
+struct kt_buf;
+int kt_milters_render(struct kt_milters *ms, struct kt_buf *out);
 
 #endif
