@@ -305,6 +305,9 @@ struct submit_ctx {
     int rw_built;
     struct kt_resolver *resolver;
     struct kt_rewrite *rw;
+    /* non_smtpd_milters is set: every message goes through maildrop/ and the daemon's pickup, where the
+     * milters see it (one path for all local submissions, as Postfix's postdrop and pickup) */
+    int milters;
 };
 
 static int write_all(int fd, const void *p, size_t n)
@@ -406,7 +409,7 @@ static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list
     localtime_r(&now, &tm);
     strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S %z (%Z)", &tm);
     kt_queue_new_id(id, sizeof(id));
-    int direct = can_write_queue(c->qdir);
+    int direct = !c->milters && can_write_queue(c->qdir);
     if (direct)
         kt_buf_printf(&msg, "Received: by %s (ktrelay, from userid %u)\r\n\tid %s; %s\r\n", c->host,
                       (unsigned)getuid(), id, date);
@@ -743,6 +746,8 @@ int kt_queue_cli_sendmail(int argc, char **argv)
         .ret = ret,
         .envid = envid[0] ? envid : NULL,
     };
+    const char *nsm = kt_config_get(cfg, NULL, "non_smtpd_milters");
+    c.milters = nsm && nsm[strspn(nsm, " \t\r\n,")] != '\0';
     int rc;
     if (!strcmp(mode, "s")) {
         rc = serve_stdio(&c);

@@ -160,7 +160,7 @@ static const struct kt_param_def params[] = {
     S(myorigin, "$myhostname"),
     M(nested_header_checks, "$header_checks"),
     N(newaliases_path),
-    X(non_smtpd_milters),
+    S(non_smtpd_milters, ""),
     N(notify_classes),
     C(parent_domain_matches_subdomains, "debug_peer_list,fast_flush_domains,mynetworks,permit_mx_backup_networks,"
       "qmqpd_authorized_clients,relay_domains,smtpd_access_maps", check_parent_matches),

@@ -674,10 +674,11 @@ static unsigned ehlo_discard_mask(const struct kt_config *cfg, const struct kt_s
     return mask;
 }
 
-/* smtpd_milters (per service through -o) with the milter_* parameters, as Postfix's milter8 reads
- * them. Every value is checked here, so check-config refuses what run would. Returns the error count. */
-static int service_milters(struct runtime_private *rp, const struct kt_config *cfg, const struct kt_service *svc,
-                           struct kt_smtpd_settings *st)
+/* A milter list parameter (smtpd_milters per service through -o; non_smtpd_milters from main.cf) with the
+ * milter_* parameters, as Postfix's milter8 reads them. Every value is checked here, so check-config
+ * refuses what run would. *out: NULL for an empty list, else owned by the runtime. Returns the error count. */
+static int milter_list(struct runtime_private *rp, const struct kt_config *cfg, const struct kt_service *svc,
+                       const char *param, struct kt_milter_set **out)
 {
     static const char *const macro_params[KT_MS_COUNT] = {
         [KT_MS_CONNECT] = "milter_connect_macros", [KT_MS_HELO] = "milter_helo_macros",
@@ -694,16 +695,26 @@ static int service_milters(struct runtime_private *rp, const struct kt_config *c
     };
     for (int i = 0; i < KT_MS_COUNT; i++)
         def.macros[i] = get(cfg, svc, macro_params[i]);
-    st->milter_daemon_name = get(cfg, svc, "milter_macro_daemon_name");
-    st->milter_macro_v = get(cfg, svc, "milter_macro_v");
     char err[512];
-    const char *list = get(cfg, svc, "smtpd_milters");
-    if (kt_milter_set_parse(list, &def, &st->milters, err, sizeof(err)) < 0) {
-        param_err(cfg, svc, "smtpd_milters", "smtpd_milters: %s", err);
+    *out = NULL;
+    if (kt_milter_set_parse(get(cfg, svc, param), &def, out, err, sizeof(err)) < 0) {
+        param_err(cfg, svc, param, "%s: %s", param, err);
         return 1;
     }
-    if (st->milters)
-        shared_add(rp, 7, "smtpd_milters", st->milters);
+    if (*out)
+        shared_add(rp, 7, param, *out);
+    return 0;
+}
+
+/* smtpd_milters of one service. A service's -o non_smtpd_milters means nothing to an SMTP server: Postfix's
+ * smtpd never reads it, neither does this. */
+static int service_milters(struct runtime_private *rp, const struct kt_config *cfg, const struct kt_service *svc,
+                           struct kt_smtpd_settings *st)
+{
+    st->milter_daemon_name = get(cfg, svc, "milter_macro_daemon_name");
+    st->milter_macro_v = get(cfg, svc, "milter_macro_v");
+    if (milter_list(rp, cfg, svc, "smtpd_milters", &st->milters))
+        return 1;
     if (st->receive_override & KT_RO_NO_MILTERS)
         st->milters = NULL;   /* receive_override_options = no_milters: checked, not applied */
     return 0;
@@ -1102,6 +1113,12 @@ static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg
     }
     qs->rewrite = service_rewrite(rp, cfg, NULL, qs->resolver, &errors);
     qs->content_filter = get(cfg, NULL, "content_filter");
+    /* non_smtpd_milters: mail from ktrelay sendmail, through the pickup (as Postfix's cleanup for pickup) */
+    struct kt_milter_set *nsm = NULL;
+    errors += milter_list(rp, cfg, NULL, "non_smtpd_milters", &nsm);
+    qs->non_smtpd_milters = nsm;
+    qs->milter_daemon_name = get(cfg, NULL, "milter_macro_daemon_name");
+    qs->milter_macro_v = get(cfg, NULL, "milter_macro_v");
     errors += smtp_settings(rp, cfg, &qs->smtp);
     size_t n_own = 0;
     errors += own_list(rp, cfg, "inet_interfaces", &n_own);

@@ -167,6 +167,11 @@ struct kt_qmgr_settings {
     size_t n_own_addrs;
     const struct kt_rewrite *rewrite;    /* main.cf's canonical and virtual alias maps (local submissions) */
     const char *content_filter;          /* main.cf's content_filter, for local submissions; "" = none */
+    /* non_smtpd_milters with main.cf's milter_* parameters, for local submissions (the pickup); NULL = none;
+     * owned by the runtime */
+    const struct kt_milter_set *non_smtpd_milters;
+    const char *milter_daemon_name;      /* milter_macro_daemon_name: {daemon_name} */
+    const char *milter_macro_v;          /* milter_macro_v: v */
     struct kt_smtp_settings smtp;
     /* MTA-STS (RFC 8461) and TLS reporting (RFC 8460) */
     int mta_sts_enable;              /* ktrelay_mta_sts_enable */

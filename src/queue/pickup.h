@@ -38,4 +38,29 @@ int kt_pickup_run(const char *qdir, long long size_limit, const char *hostname, 
  * `ktrelay sendmail` when it queues directly). msg: the message as queued. */
 void kt_pickup_log(const char *id, uid_t uid, const char *sender, const char *msg, size_t len, size_t nrcpt);
 
+/* With non_smtpd_milters, the same pickup runs every message through the milters first, as Postfix's
+ * cleanup does for pickup mail (cleanup_milter_emul_*): connect from localhost[127.0.0.1] (family inet,
+ * port 0), EHLO localhost, MAIL with the sender, RCPT for each recipient, DATA, then the message (our own
+ * Received: not shown) and the end of message, with Postfix's non-SMTP macro values. One message at a
+ * time, asynchronously on the queue manager's ring; the drop file stays in maildrop/ until the message as
+ * the milters left it is durably queued (or returned, or discarded). Outcomes, as Postfix's:
+ *   continue/accept: queued with the milters' changes (headers, body, sender, recipients);
+ *   quarantine: queued into hold/ (logged milter-hold);
+ *   discard: the drop file is removed (logged milter-discard);
+ *   5xx (not at RCPT): returned to the sender in a non-delivery notification with the milter's reply;
+ *   4xx, 421, or a 5xx at RCPT (Postfix's "can't reject recipient in non-smtpd(8) submission"): kept in
+ *   maildrop/ and tried again after queue_run_delay.
+ * A milter that is down answers with its default_action (milter_default_action). */
+struct kt_loop;
+struct kt_runtime;
+struct kt_pickup;
+struct kt_pickup *kt_pickup_new(struct kt_loop *loop);
+/* Abandons a conversation in flight (its drop file stays for the next run). NULL is fine. */
+void kt_pickup_free(struct kt_pickup *p);
+/* 1 while a message is with the milters. */
+int kt_pickup_busy(const struct kt_pickup *p);
+/* Starts on the next drop file unless a conversation runs; rt's qmgr settings (non_smtpd_milters, ...)
+ * are used and rt referenced until the next generation comes. From the queue manager's tick. */
+void kt_pickup_milter_run(struct kt_pickup *p, struct kt_runtime *rt);
+
 #endif

@@ -189,6 +189,7 @@ struct kt_qmgr {
     int stopping;
     time_t stop_deadline;
     struct kt_dns *dns;
+    struct kt_pickup *pickup;      /* maildrop/ through non_smtpd_milters, on this ring */
     struct kt_sts *sts;            /* MTA-STS policies (ktrelay_mta_sts_enable) */
     struct kt_tlsrpt *tlsrpt;      /* TLS reporting (ktrelay_tlsrpt_enable) */
     struct msg *msgs;
@@ -1990,7 +1991,7 @@ static void begin_stop(struct kt_qmgr *q)
 
 static int busy(struct kt_qmgr *q)
 {
-    if (q->rm_in_flight)
+    if (q->rm_in_flight || kt_pickup_busy(q->pickup))
         return 1;
     for (struct dest *d = q->dests; d; d = d->next)
         if (d->n_conns || d->local_job)
@@ -2000,6 +2001,8 @@ static int busy(struct kt_qmgr *q)
 
 static void force_stop(struct kt_qmgr *q)
 {
+    kt_pickup_free(q->pickup);   /* the drop file of a message still with the milters stays */
+    q->pickup = NULL;
     for (struct dest *d = q->dests; d; d = d->next) {
         struct conn *cn;
         while ((cn = d->conns)) {
@@ -2207,7 +2210,9 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
     publish_queue_gauges(q, now);
     /* maildrop/: what local users submitted reaches the queue, and this queue
      * manager through public/qmgr, like any other process's mail */
-    if (!q->stopping)
+    if (!q->stopping && q->set->non_smtpd_milters)
+        kt_pickup_milter_run(q->pickup, q->rt);   /* through the milters first, asynchronously */
+    else if (!q->stopping && !kt_pickup_busy(q->pickup))
         kt_pickup_run(q->qdir, q->set->message_size_limit, q->set->myhostname, q->set->rewrite,
                       q->set->content_filter);
     kt_dns_tick(q->dns);
@@ -2273,6 +2278,9 @@ static void *qmgr_main(void *arg)
             break;
         }
     }
+    /* a message still with the milters stays in maildrop/ for the next start */
+    kt_pickup_free(q->pickup);
+    q->pickup = NULL;
     /* both use the resolver: they go first (the counts not yet reported are saved) */
     kt_sts_free(q->sts);
     q->sts = NULL;
@@ -2284,6 +2292,7 @@ static void *qmgr_main(void *arg)
     /* let cancellations complete so no operation points at freed memory */
     for (int i = 0; i < 20 && kt_smtp_live() > 0; i++)
         kt_loop_run_once(&q->loop, 50);
+    kt_loop_run_once(&q->loop, 0);   /* and the pickup's milter sockets, shut down above */
     kt_dirsync_thread_cleanup();
     return NULL;
 }
@@ -2341,6 +2350,7 @@ static void qmgr_free(struct kt_qmgr *q)
     }
     kt_free(q->htab);
     kt_free(q->heap);
+    kt_pickup_free(q->pickup);
     kt_sts_free(q->sts);
     kt_tlsrpt_free(q->tlsrpt);
     kt_dns_free(q->dns);
@@ -2416,6 +2426,7 @@ int kt_qmgr_start(struct kt_runtime *rt, struct kt_qmgr **out)
         qmgr_free(q);
         return rc;
     }
+    q->pickup = kt_pickup_new(&q->loop);
     const char *servers = q->set->dns_servers;
     if ((rc = kt_dns_new(&q->loop, servers, &q->dns)) < 0) {
         kt_err("queue manager: resolver (ktrelay_dns_servers = %s): %s", servers, strerror(-rc));

@@ -116,7 +116,10 @@ BAD = [
     (None, "smtpd_sasl_auth_enabled=yes", "smtpd_sasl_auth_enabled", "unknown parameter in -o override"),
     # Postfix features that change who may send, what is filtered or where mail goes
     ("smtpd_proxy_filter = 127.0.0.1:10025", None, "smtpd_proxy_filter", "not implemented by ktrelay"),
-    ("non_smtpd_milters = inet:127.0.0.1:8891", None, "non_smtpd_milters", "not implemented by ktrelay"),
+    ("always_bcc = archive@example.com", None, "always_bcc", "not implemented by ktrelay"),
+    # non_smtpd_milters is checked like smtpd_milters (fail closed on a value not understood)
+    ("non_smtpd_milters = { inet:127.0.0.1:8891, default_action=bounce }", None, "non_smtpd_milters",
+     "non_smtpd_milters:"),
     (None, "content_filter=amavis:[127.0.0.1]:10024", "content_filter", 'transport "amavis" is not supported'),
     ("content_filter = smtp:", None, "content_filter", "expected transport:nexthop with one next hop"),
     ("smtpd_proxy_filter = 127.0.0.1:10025", None, "smtpd_proxy_filter", "not implemented by ktrelay"),

@@ -16,6 +16,8 @@ ACTION is one of:
   replacebody      replace the body
   addrcpt          add bob@example.test        delrcpt           remove alice@example.test
   chgfrom          change the sender to new-sender@example.org
+  edit-all         add X-Local-Filter: seen, change the sender to changed@example.test, add
+                   bob@example.test, replace the body with "replaced body"
   chain-a          add X-Chain: a              chain-b           add X-Seen-Chain: with X-Chain's value
   slow             sleep 5 s at the end of message, then continue
   count            headers and body without replies (SMFIP_NR_HDR, SMFIP_NR_BODY): record the body's size
@@ -124,6 +126,11 @@ class Filter(Milter.Base):
             self.delrcpt("<alice@example.test>")
         if ACTION == "chgfrom":
             self.chgfrom("<new-sender@example.org>")
+        if ACTION == "edit-all":
+            self.addheader("X-Local-Filter", "seen")
+            self.chgfrom("<changed@example.test>")
+            self.addrcpt("<bob@example.test>")
+            self.replacebody(b"replaced body\r\n")
         if ACTION == "chain-a":
             self.addheader("X-Chain", "a")
         if ACTION == "chain-b":
