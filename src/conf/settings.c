@@ -1117,6 +1117,15 @@ static int qmgr_settings(struct runtime_private *rp, const struct kt_config *cfg
     struct kt_milter_set *nsm = NULL;
     errors += milter_list(rp, cfg, NULL, "non_smtpd_milters", &nsm);
     qs->non_smtpd_milters = nsm;
+    /* main.cf's receive_override_options = no_milters turns them off for the pickup too, as Postfix's
+     * pickup passes it to cleanup (checked all the same) */
+    const char *ro = get(cfg, NULL, "receive_override_options");
+    for (const char *w = ro + strspn(ro, ", \t"); *w; w += strspn(w, ", \t")) {
+        size_t n = strcspn(w, ", \t");
+        if (n == strlen("no_milters") && !strncasecmp(w, "no_milters", n))
+            qs->non_smtpd_milters = NULL;
+        w += n;
+    }
     qs->milter_daemon_name = get(cfg, NULL, "milter_macro_daemon_name");
     qs->milter_macro_v = get(cfg, NULL, "milter_macro_v");
     errors += smtp_settings(rp, cfg, &qs->smtp);

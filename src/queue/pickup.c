@@ -336,6 +336,7 @@ struct kt_pickup {
     struct kt_op next_op;         /* the end of a conversation runs from the loop, not inside its callback */
     int next_pending;
     int orphan;                   /* kt_pickup_free came while next_op was in flight: on_next frees */
+    int stopping;                 /* no new conversation */
 };
 
 static void on_next(struct kt_op *op, int res, unsigned flags);
@@ -581,7 +582,7 @@ static void on_next(struct kt_op *op, int res, unsigned flags)
         return;
     }
     conversation_end(p);
-    if (p->rt)
+    if (p->rt && !p->stopping)
         pickup_next(p);
 }
 
@@ -714,9 +715,15 @@ static void pickup_next(struct kt_pickup *p)
     closedir(d);
 }
 
+void kt_pickup_stop(struct kt_pickup *p)
+{
+    if (p)
+        p->stopping = 1;
+}
+
 void kt_pickup_milter_run(struct kt_pickup *p, struct kt_runtime *rt)
 {
-    if (p->busy || p->next_pending)
+    if (p->busy || p->next_pending || p->stopping)
         return;
     if (p->rt != rt) {
         if (p->rt)

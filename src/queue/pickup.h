@@ -57,6 +57,8 @@ struct kt_pickup;
 struct kt_pickup *kt_pickup_new(struct kt_loop *loop);
 /* Abandons a conversation in flight (its drop file stays for the next run). NULL is fine. */
 void kt_pickup_free(struct kt_pickup *p);
+/* The queue manager is stopping: the conversation under way ends, no other starts. */
+void kt_pickup_stop(struct kt_pickup *p);
 /* 1 while a message is with the milters. */
 int kt_pickup_busy(const struct kt_pickup *p);
 /* Starts on the next drop file unless a conversation runs; rt's qmgr settings (non_smtpd_milters, ...)

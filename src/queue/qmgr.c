@@ -1975,6 +1975,7 @@ static void begin_stop(struct kt_qmgr *q)
         return;
     q->stopping = 1;
     q->stop_deadline = qmgr_now() + STOP_GRACE_S;
+    kt_pickup_stop(q->pickup);
     /* queued jobs stay pending on disk */
     for (struct dest *d = q->dests; d; d = d->next) {
         struct job *j;

@@ -239,3 +239,12 @@ def test_local_user_through_maildrop_gets_the_milters_changes(world, user, milte
         assert not list((world / "queue" / "maildrop").iterdir())
     finally:
         r.stop()
+
+
+def test_receive_override_no_milters_in_main_cf_turns_them_off(relay_factory, milter):
+    m = milter("addheader")
+    r = relay_factory(f"non_smtpd_milters = {m.spec}\nreceive_override_options = no_milters\n")
+    sendmail(r, "bob@example.test")
+    wait_until(lambda: r.maildir_files("example.test/bob/"), 15, "delivery to bob")
+    assert b"X-Filter" not in r.maildir_files("example.test/bob/")[0].read_bytes()
+    assert m.events() == []
