@@ -143,7 +143,9 @@ def test_quarantine_queues_it_on_hold(relay_factory, milter):
     held = r.dir / "queue" / "hold" / qid
     wait_until(held.exists, 10, "hold/ID")
     assert held.read_bytes().endswith(b"\r\n\r\nbody line\r\n")
-    assert drops(r) == [] and r.maildir_files("example.test/bob/") == []
+    # the drop file goes right after hold/ID is durable
+    wait_until(lambda: drops(r) == [], 10, "the drop file to go")
+    assert r.maildir_files("example.test/bob/") == []
     listing = subprocess.run([BIN, "queue", "-c", str(r.dir), "list"], capture_output=True, text=True, timeout=30)
     assert re.search(rf"^{qid}!", listing.stdout, re.M), listing.stdout
 
