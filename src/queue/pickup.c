@@ -321,6 +321,7 @@ struct retry {
 
 struct kt_pickup {
     struct kt_loop *loop;
+    char *qdir;                   /* the queue manager's queue_directory (a reload does not move it) */
     struct kt_runtime *rt;        /* held while a conversation runs: its milter set and settings */
     struct kt_milters *ms;
     int busy;
@@ -341,10 +342,11 @@ struct kt_pickup {
 
 static void on_next(struct kt_op *op, int res, unsigned flags);
 
-struct kt_pickup *kt_pickup_new(struct kt_loop *loop)
+struct kt_pickup *kt_pickup_new(struct kt_loop *loop, const char *qdir)
 {
     struct kt_pickup *p = kt_calloc(1, sizeof(*p));
     p->loop = loop;
+    p->qdir = kt_strdup(qdir);
     p->memfd = -1;
     p->next_op.cb = on_next;
     return p;
@@ -383,6 +385,7 @@ void kt_pickup_free(struct kt_pickup *p)
         return;
     }
     kt_free(p->retry);
+    kt_free(p->qdir);
     kt_free(p);
 }
 
@@ -461,7 +464,7 @@ static void pickup_next(struct kt_pickup *p);
 static int bounce_rejected(struct kt_pickup *p, const char *reply)
 {
     const struct kt_qmgr_settings *set = &p->rt->qmgr;
-    const char *qdir = set->queue_directory;
+    const char *qdir = p->qdir;
     if (!p->m.sender[0]) {
         kt_info_as("cleanup", "%s: the message from the null sender is not returned", p->m.id);
         return DROP_REMOVE;
@@ -512,7 +515,7 @@ static void conversation_done(struct kt_pickup *p, const struct kt_milter_result
 {
     const struct kt_qmgr_settings *set = &p->rt->qmgr;
     char dir[PATH_MAX];
-    snprintf(dir, sizeof(dir), "%s/maildrop", set->queue_directory);
+    snprintf(dir, sizeof(dir), "%s/maildrop", p->qdir);
     int fate = DROP_KEEP;
     if (r->verdict == KT_MILTER_DISCARD) {
         milter_log(p, "milter-discard", where, "milter triggers DISCARD action");
@@ -551,7 +554,7 @@ static void conversation_done(struct kt_pickup *p, const struct kt_milter_result
             milter_log(p, "milter-reject", where, "554 5.5.1 Error: no valid recipients");
             fate = bounce_rejected(p, "554 5.5.1 Error: no valid recipients");
         } else {
-            fate = queue_one(set->queue_directory, dir, set->rewrite, set->content_filter, &p->m, sender, rcpts, n,
+            fate = queue_one(p->qdir, dir, set->rewrite, set->content_filter, &p->m, sender, rcpts, n,
                              body, len, p->hold);
         }
         kt_buf_release(&edited);
@@ -578,6 +581,7 @@ static void on_next(struct kt_op *op, int res, unsigned flags)
     p->next_pending = 0;
     if (p->orphan) {
         kt_free(p->retry);
+        kt_free(p->qdir);
         kt_free(p);
         return;
     }
@@ -670,7 +674,7 @@ static void pickup_next(struct kt_pickup *p)
     if (!set->non_smtpd_milters)
         return;
     char dir[PATH_MAX];
-    snprintf(dir, sizeof(dir), "%s/maildrop", set->queue_directory);
+    snprintf(dir, sizeof(dir), "%s/maildrop", p->qdir);
     int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (dfd < 0)
         return;

@@ -54,7 +54,8 @@ void kt_pickup_log(const char *id, uid_t uid, const char *sender, const char *ms
 struct kt_loop;
 struct kt_runtime;
 struct kt_pickup;
-struct kt_pickup *kt_pickup_new(struct kt_loop *loop);
+/* qdir: the queue_directory the queue manager serves (copied). */
+struct kt_pickup *kt_pickup_new(struct kt_loop *loop, const char *qdir);
 /* Abandons a conversation in flight (its drop file stays for the next run). NULL is fine. */
 void kt_pickup_free(struct kt_pickup *p);
 /* The queue manager is stopping: the conversation under way ends, no other starts. */

@@ -2427,7 +2427,7 @@ int kt_qmgr_start(struct kt_runtime *rt, struct kt_qmgr **out)
         qmgr_free(q);
         return rc;
     }
-    q->pickup = kt_pickup_new(&q->loop);
+    q->pickup = kt_pickup_new(&q->loop, q->qdir);
     const char *servers = q->set->dns_servers;
     if ((rc = kt_dns_new(&q->loop, servers, &q->dns)) < 0) {
         kt_err("queue manager: resolver (ktrelay_dns_servers = %s): %s", servers, strerror(-rc));
