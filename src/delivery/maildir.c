@@ -3,6 +3,12 @@
  * Every file system step is an io_uring operation (openat, write,
  * fsync, renameat, linkat, unlinkat, mkdirat) so the event loop never waits
  * on the disk; many deliveries from many sessions overlap their fsyncs.
+ * A Maildir delivery spools into an unnamed O_TMPFILE in the first mailbox's
+ * tmp/ and, once the file is fsync'd, links it by /proc/self/fd into each
+ * new/: no name is made and removed in tmp/, and the file's fsync does not
+ * have to write tmp/ too (ext4 syncs the directory of a newly named inode).
+ * Without O_TMPFILE or /proc, and for queue files, a named tmp/ file is
+ * renamed (one mailbox) or linked (several) as maildir(5) describes.
  * Error paths that undo links use plain unlink(2): they are rare and short. */
 #include <dirent.h>
 #include <errno.h>
@@ -60,6 +66,8 @@ struct kt_delivery {
     int mkdir_left;                  /* mkdirat operations still in flight */
     int mkdir_tried;
     int reuse;                       /* tmp_path is an existing spare file (kt_delivery_reuse_file) */
+    int tmpfile;                     /* spool is an O_TMPFILE in tmp_path (a directory), linked by proc_path */
+    char proc_path[32];              /* "/proc/self/fd/N" of the spool, for linkat */
     size_t mkdir_box;                /* the mailbox whose directories are being made */
     size_t link_mkdir_tried;         /* 1 + index of the last box made while linking */
 
@@ -102,6 +110,16 @@ void kt_delivery_use_agent(int fd, const char *spool_dir, unsigned uid)
 static int box_is_direct(const struct kt_mailbox *b)
 {
     return agent_fd < 0 || (!b->home && b->uid == direct_uid);
+}
+
+/* O_TMPFILE spools need /proc/self/fd to be linked without CAP_DAC_READ_SEARCH (linkat(2)); without
+ * /proc (a chroot without it) named tmp/ files are used. Probed once per process. */
+static int tmpfile_usable(void)
+{
+    static int usable = -1;
+    if (usable < 0)
+        usable = access("/proc/self/fd", X_OK) == 0;
+    return usable;
 }
 
 static void delivery_step(struct kt_op *op, int res, unsigned flags);
@@ -170,10 +188,14 @@ struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbo
     else
         snprintf(d->name, sizeof(d->name), "%lld.M%ldP%dQ%ux%lu.%s", (long long)tv.tv_sec, (long)tv.tv_usec,
                  (int)getpid(), worker_id, seq, host);
-    if (d->anon_spool)
+    if (d->anon_spool) {
         snprintf(d->tmp_path, sizeof(d->tmp_path), "%s", agent_spool_dir);
-    else
+    } else if (tmpfile_usable()) {
+        d->tmpfile = 1;
+        snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp", d->boxes[0].path);
+    } else {
         snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp/%s", d->boxes[0].path, d->name);
+    }
     return d;
 }
 
@@ -185,6 +207,7 @@ void kt_delivery_set_new_dir(struct kt_delivery *d, const char *dir)
 void kt_delivery_set_exact_name(struct kt_delivery *d, const char *name)
 {
     d->exact_name = 1;
+    d->tmpfile = 0;
     snprintf(d->name, sizeof(d->name), "%s", name);
     snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp/%s", d->boxes[0].path, d->name);
 }
@@ -235,7 +258,7 @@ static void delivery_cleanup_files(struct kt_delivery *d)
         unlink(path);
     }
     d->linked = 0;
-    if (!d->anon_spool && d->stage != ST_NEW && d->stage != ST_OPENING && d->stage != ST_MKDIRS)
+    if (!d->anon_spool && !d->tmpfile && d->stage != ST_NEW && d->stage != ST_OPENING && d->stage != ST_MKDIRS)
         unlink(d->tmp_path);
 }
 
@@ -281,12 +304,15 @@ static void submit_open(struct kt_delivery *d)
         io_uring_prep_openat(sqe, AT_FDCWD, d->tmp_path, O_RDWR | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0);
     else if (d->anon_spool)
         io_uring_prep_openat(sqe, AT_FDCWD, d->tmp_path, O_RDWR | O_TMPFILE | O_CLOEXEC, 0600);
+    else if (d->tmpfile)
+        io_uring_prep_openat(sqe, AT_FDCWD, d->tmp_path, O_RDWR | O_TMPFILE | O_NOFOLLOW | O_CLOEXEC, 0600);
     else
         io_uring_prep_openat(sqe, AT_FDCWD, d->tmp_path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
 }
 
 void kt_delivery_reuse_file(struct kt_delivery *d, const char *path)
 {
+    d->tmpfile = 0;
     if (snprintf(d->tmp_path, sizeof(d->tmp_path), "%s", path) < (int)sizeof(d->tmp_path))
         d->reuse = 1;
     else
@@ -616,7 +642,9 @@ static void submit_link(struct kt_delivery *d)
 {
     struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
     snprintf(d->paths[0], sizeof(d->paths[0]), "%s%s/%s", d->boxes[d->step].path, d->new_dir, d->final_name);
-    if (d->n_boxes == 1)
+    if (d->tmpfile)
+        io_uring_prep_linkat(sqe, AT_FDCWD, d->proc_path, AT_FDCWD, d->paths[0], AT_SYMLINK_FOLLOW);
+    else if (d->n_boxes == 1)
         io_uring_prep_renameat(sqe, AT_FDCWD, d->tmp_path, AT_FDCWD, d->paths[0],
                                d->exact_name ? RENAME_NOREPLACE : 0);
     else
@@ -786,12 +814,23 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
             submit_mkdirs(d, 0, ST_MKDIRS);
             return;
         }
+        if ((res == -EOPNOTSUPP || res == -EISDIR) && d->tmpfile) {
+            /* a file system without O_TMPFILE: a named tmp/ file */
+            d->tmpfile = 0;
+            snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp/%s", d->boxes[0].path, d->name);
+            if (delivery_release_if_abandoned(d))
+                return;
+            submit_open(d);
+            return;
+        }
         if (res < 0) {
             kt_err("open %s: %s", d->tmp_path, strerror(-res));
             delivery_finish(d, res);
             return;
         }
         d->fd = res;
+        if (d->tmpfile)
+            snprintf(d->proc_path, sizeof(d->proc_path), "/proc/self/fd/%d", res);
         d->stage = ST_OPEN;
         delivery_finish(d, 0);
         return;
@@ -839,7 +878,7 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
             return;
         }
         d->step = 0;
-        if (d->n_boxes > 1) {
+        if (d->n_boxes > 1 && !d->tmpfile) {
             d->stage = ST_UNLINK_TMP;
             struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
             io_uring_prep_unlinkat(sqe, AT_FDCWD, d->tmp_path, 0);

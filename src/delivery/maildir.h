@@ -1,10 +1,12 @@
 /* Durable Maildir delivery driven by io_uring.
  *
- * A delivery owns one spool file in the first mailbox's tmp/. The caller
+ * A delivery owns one spool file in the first mailbox's tmp/: an unnamed
+ * O_TMPFILE where the kernel and /proc allow it, else a named file. The caller
  * appends bytes (or has them spliced into the file at the offset it is
  * given); commit then writes what is
- * buffered, fsyncs the file, links it into every mailbox's new/ (rename for a
- * single mailbox), fsyncs each new/ directory and removes the tmp name. Only
+ * buffered, fsyncs the file, links it into every mailbox's new/ (a named file:
+ * rename for a single mailbox, links and then the tmp name removed for
+ * several) and fsyncs each new/ directory. Only
  * after all of that does the completion report success, so a 250 sent on it
  * means every copy is on disk. Any failure removes what was created in new/
  * and reports an error; nothing half-written is ever visible in new/. */
