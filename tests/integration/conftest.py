@@ -113,6 +113,25 @@ class Relay:
         d = self.maildir_base / box / sub
         return sorted(d.iterdir()) if d.exists() else []
 
+    def open_spool_files(self, box="localhost/catchall/", sub="tmp"):
+        """Files in the mailbox's sub/ that the instance's processes hold open, named or not: a delivery spools
+        into an unnamed O_TMPFILE there (/proc shows it as "DIR/#INODE (deleted)")."""
+        d = str(self.maildir_base / box / sub) + "/"
+        found = []
+        for pid in [self.proc.pid] + child_pids(self.proc.pid):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith(d):
+                    found.append(target)
+        return sorted(found)
+
     def stop(self, sig=signal.SIGTERM, timeout=15):
         """Stop the instance: the master and every process it started. After SIGKILL the master's
         children (worker, delivery agent) end through their parent-death signal a moment later, still

@@ -371,8 +371,8 @@ def start_body(c, method, body, total):
 
 
 def body_started(krelay, c):
-    """The server is inside the message: its spool file exists and it has read what was sent."""
-    wait_until(lambda: krelay.maildir_files(sub="tmp"), TIMEOUT, "the spool file")
+    """The server is inside the message: its spool file is open and it has read what was sent."""
+    wait_until(lambda: krelay.open_spool_files(), TIMEOUT, "the spool file")
     c.wait_read_by_server(TIMEOUT)
 
 

@@ -566,6 +566,26 @@ def test_file_in_new_when_250_arrives(relay):
     assert all_files(relay, "tmp") == []
 
 
+def test_message_being_received_has_no_name_in_tmp(relay):
+    """A message is spooled into an unnamed O_TMPFILE in the mailbox's tmp/ while it is received: nothing
+    appears there by name (a crash leaves nothing to clean), and the file gets its one name in new/ only
+    once it is complete and fsync'd."""
+    c = SmtpConn(relay.port())
+    start_data(c, ("d@localhost",))
+    assert c.cmd("DATA").startswith("354 ")
+    c.send(b"Subject: unnamed\r\n\r\nfirst part\r\n")
+    wait_until(lambda: relay.open_spool_files(), 10, "the spool file")
+    spool = relay.open_spool_files()
+    assert len(spool) == 1 and re.fullmatch(r".*/localhost/catchall/tmp/#\d+ \(deleted\)", spool[0]), spool
+    assert all_files(relay, "tmp") == [] and all_files(relay) == []
+    c.send(b"second part\r\n.\r\n")
+    queued(c.reply())
+    assert delivered_one(relay)[1] == b"Subject: unnamed\r\n\r\nfirst part\r\nsecond part\r\n"
+    assert all_files(relay, "tmp") == []
+    c.close()
+    wait_until(lambda: relay.open_spool_files() == [], 10, "the spool file to be closed")
+
+
 def test_one_copy_per_recipient(relay):
     """As Postfix's virtual(8): each recipient gets its own copy with its own Delivered-To:, also two
     recipients of one mailbox (the catch-all); the same address twice, in any case, is one recipient."""
