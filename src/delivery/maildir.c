@@ -68,6 +68,9 @@ struct kt_delivery {
     int reuse;                       /* tmp_path is an existing spare file (kt_delivery_reuse_file) */
     int tmpfile;                     /* spool is an O_TMPFILE in tmp_path (a directory), linked by proc_path */
     char proc_path[32];              /* "/proc/self/fd/N" of the spool, for linkat */
+    struct kt_op link_op;            /* the first link, chained after the file's fsync (IOSQE_IO_LINK) */
+    int chain_left;                  /* completions of that chain still to come */
+    int chain_fsync_res, chain_link_res;
     size_t mkdir_box;                /* the mailbox whose directories are being made */
     size_t link_mkdir_tried;         /* 1 + index of the last box made while linking */
 
@@ -123,6 +126,7 @@ static int tmpfile_usable(void)
 }
 
 static void delivery_step(struct kt_op *op, int res, unsigned flags);
+static void chain_link_done(struct kt_op *op, int res, unsigned flags);
 static void chunk_done(struct kt_op *op, int res, unsigned flags);
 static void commit_continue(struct kt_delivery *d);
 static void submit_dir_sync(struct kt_delivery *d);
@@ -155,6 +159,7 @@ struct kt_delivery *kt_delivery_new(struct kt_loop *loop, const struct kt_mailbo
 
     d->loop = loop;
     d->op.cb = delivery_step;
+    d->link_op.cb = chain_link_done;
     d->fd = d->agent_sock = -1;
     d->boxes = kt_calloc(n ? n : 1, sizeof(*d->boxes));
     d->box_paths = kt_calloc(n ? n : 1, sizeof(*d->box_paths));
@@ -638,9 +643,9 @@ void kt_delivery_fail(struct kt_delivery *d, int err)
 
 /* ---- commit ---- */
 
-static void submit_link(struct kt_delivery *d)
+static void prep_link(struct kt_delivery *d, struct kt_op *op)
 {
-    struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
+    struct io_uring_sqe *sqe = delivery_sqe(d, op);
     snprintf(d->paths[0], sizeof(d->paths[0]), "%s%s/%s", d->boxes[d->step].path, d->new_dir, d->final_name);
     if (d->tmpfile)
         io_uring_prep_linkat(sqe, AT_FDCWD, d->proc_path, AT_FDCWD, d->paths[0], AT_SYMLINK_FOLLOW);
@@ -649,6 +654,11 @@ static void submit_link(struct kt_delivery *d)
                                d->exact_name ? RENAME_NOREPLACE : 0);
     else
         io_uring_prep_linkat(sqe, AT_FDCWD, d->tmp_path, AT_FDCWD, d->paths[0], 0);
+}
+
+static void submit_link(struct kt_delivery *d)
+{
+    prep_link(d, &d->op);
 }
 
 static int box_seen_before(struct kt_delivery *d, size_t i)
@@ -775,8 +785,16 @@ static void commit_continue(struct kt_delivery *d)
         return;
     }
     d->stage = ST_FSYNC_FILE;
+    d->step = 0;
     struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
     io_uring_prep_fsync(sqe, d->fd, 0);
+    if (d->tmpfile) {
+        /* The first link runs right after the fsync, only if it succeeded (else it completes with
+         * -ECANCELED): one trip through the loop instead of two. */
+        sqe->flags |= IOSQE_IO_LINK;
+        d->chain_left = 2;
+        prep_link(d, &d->link_op);
+    }
 }
 
 void kt_delivery_commit(struct kt_delivery *d, kt_delivery_cb cb, void *arg)
@@ -791,6 +809,61 @@ void kt_delivery_commit(struct kt_delivery *d, kt_delivery_cb cb, void *arg)
     d->stage = ST_COMMIT_WRITES;
     chunk_submit(d);
     commit_continue(d);
+}
+
+/* A link into new/ (box d->step) completed with res. */
+static void link_done(struct kt_delivery *d, int res)
+{
+    /* only the first mailbox was made before the message was spooled */
+    if (res == -ENOENT && d->link_mkdir_tried != d->step + 1) {
+        d->link_mkdir_tried = d->step + 1;
+        submit_mkdirs(d, d->step, ST_LINK_MKDIRS);
+        return;
+    }
+    if (res < 0 && !(res == -EEXIST && box_seen_before(d, d->step))) {
+        kt_err("link %s -> %s: %s", d->tmp_path, d->paths[0], strerror(-res));
+        delivery_finish(d, res);
+        return;
+    }
+    if (res == 0)
+        d->linked = d->step + 1;
+    if (++d->step < d->n_boxes) {
+        submit_link(d);
+        return;
+    }
+    d->step = 0;
+    if (d->n_boxes > 1 && !d->tmpfile) {
+        d->stage = ST_UNLINK_TMP;
+        struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
+        io_uring_prep_unlinkat(sqe, AT_FDCWD, d->tmp_path, 0);
+        return;
+    }
+    submit_dir_sync(d);
+}
+
+/* Both completions of the fsync -> first link chain are in (in either order): go on as the unchained
+ * steps would. A failed fsync cancels the link, so nothing unsynced ever gets a name in new/. */
+static void chain_step(struct kt_delivery *d)
+{
+    if (--d->chain_left > 0)
+        return;
+    if (d->chain_fsync_res < 0) {
+        if (d->chain_link_res == 0)
+            d->linked = 1;
+        kt_err("fsync %s: %s", d->tmp_path, strerror(-d->chain_fsync_res));
+        delivery_finish(d, d->chain_fsync_res);
+        return;
+    }
+    d->stage = ST_LINKING;
+    link_done(d, d->chain_link_res);
+}
+
+static void chain_link_done(struct kt_op *op, int res, unsigned flags)
+{
+    struct kt_delivery *d = (struct kt_delivery *)((char *)op - offsetof(struct kt_delivery, link_op));
+    d->pending--;
+    d->chain_link_res = res;
+    chain_step(d);
 }
 
 static void delivery_step(struct kt_op *op, int res, unsigned flags)
@@ -850,6 +923,11 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
         submit_link(d);
         return;
     case ST_FSYNC_FILE:
+        if (d->chain_left) {
+            d->chain_fsync_res = res;
+            chain_step(d);
+            return;
+        }
         if (res < 0) {
             kt_err("fsync %s: %s", d->tmp_path, strerror(-res));
             delivery_finish(d, res);
@@ -860,31 +938,7 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
         submit_link(d);
         return;
     case ST_LINKING:
-        /* only the first mailbox was made before the message was spooled */
-        if (res == -ENOENT && d->link_mkdir_tried != d->step + 1) {
-            d->link_mkdir_tried = d->step + 1;
-            submit_mkdirs(d, d->step, ST_LINK_MKDIRS);
-            return;
-        }
-        if (res < 0 && !(res == -EEXIST && box_seen_before(d, d->step))) {
-            kt_err("link %s -> %s: %s", d->tmp_path, d->paths[0], strerror(-res));
-            delivery_finish(d, res);
-            return;
-        }
-        if (res == 0)
-            d->linked = d->step + 1;
-        if (++d->step < d->n_boxes) {
-            submit_link(d);
-            return;
-        }
-        d->step = 0;
-        if (d->n_boxes > 1 && !d->tmpfile) {
-            d->stage = ST_UNLINK_TMP;
-            struct io_uring_sqe *sqe = delivery_sqe(d, &d->op);
-            io_uring_prep_unlinkat(sqe, AT_FDCWD, d->tmp_path, 0);
-            return;
-        }
-        submit_dir_sync(d);
+        link_done(d, res);
         return;
     case ST_UNLINK_TMP:
         if (res < 0)
