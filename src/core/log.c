@@ -1,9 +1,13 @@
 /* Postfix-style log lines to syslog, maillog_file and stderr (see log.h).
- * Each destination gets one system call per line. syslog is spoken directly
- * (a datagram to /dev/log) rather than through syslog(3): its ident is one
- * process-wide string, and ktrelay's threads log as different services. */
+ * Each destination gets one system call per line and nothing else: the pid
+ * is read once per process (again in a forked child) and each thread keeps
+ * the time stamps of the current second, so a line costs its formatting and
+ * its writes. syslog is spoken directly (a datagram to /dev/log) rather than
+ * through syslog(3): its ident is one process-wide string, and ktrelay's
+ * threads log as different services. */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
@@ -32,6 +36,46 @@ static atomic_long syslog_retry_at;      /* monotonic second of the next reconne
 static atomic_int maillog_fd = -1;
 static char maillog_path[4096];
 static char host_label[64] = "localhost";
+static atomic_int log_pid;               /* this process's pid, 0 = not read yet (or just forked) */
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+/* Time stamps of one second, per thread: localtime_r and strftime once a second, not once a line. */
+struct stamp_cache {
+    time_t sec;                          /* the second they show; 0 = none yet */
+    char rfc3164[24];                    /* "Mmm dd hh:mm:ss " with a space-padded day, for syslog */
+    char maillog[24];                    /* "Mmm dd hh:mm:ss " with a zero-padded day, as Postfix's maillog_file */
+};
+static __thread struct stamp_cache stamps;
+
+static void forget_pid(void) { atomic_store(&log_pid, 0); }
+static void watch_forks(void) { pthread_atfork(NULL, NULL, forget_pid); }
+
+/* getpid(2) is a system call on every line otherwise; a child made by fork() reads its own. */
+static int line_pid(void)
+{
+    int pid = atomic_load_explicit(&log_pid, memory_order_relaxed);
+    if (pid)
+        return pid;
+    pthread_once(&atfork_once, watch_forks);
+    pid = (int)getpid();
+    atomic_store_explicit(&log_pid, pid, memory_order_relaxed);
+    return pid;
+}
+
+static const struct stamp_cache *line_stamps(void)
+{
+    time_t now = time(NULL);
+    if (now != stamps.sec) {
+        struct tm tm;
+        localtime_r(&now, &tm);
+        if (!strftime(stamps.rfc3164, sizeof(stamps.rfc3164), "%b %e %H:%M:%S ", &tm))
+            stamps.rfc3164[0] = '\0';
+        if (!strftime(stamps.maillog, sizeof(stamps.maillog), "%b %d %H:%M:%S ", &tm))
+            stamps.maillog[0] = '\0';
+        stamps.sec = now;
+    }
+    return &stamps;
+}
 
 void kt_log_set_program(const char *name)
 {
@@ -148,11 +192,7 @@ int kt_log_reopen(void)
 static void send_syslog(int severity, const char *body, size_t len)
 {
     char msg[LINE_MAX_BYTES + 64];
-    time_t now = time(NULL);
-    struct tm tm;
-    localtime_r(&now, &tm);
-    int n = snprintf(msg, sizeof(msg), "<%d>", facility | severity);
-    n += (int)strftime(msg + n, sizeof(msg) - (size_t)n, "%b %e %H:%M:%S ", &tm);
+    int n = snprintf(msg, sizeof(msg), "<%d>%s", facility | severity, line_stamps()->rfc3164);
     if (len > sizeof(msg) - (size_t)n)
         len = sizeof(msg) - (size_t)n;
     memcpy(msg + n, body, len);
@@ -194,7 +234,7 @@ void kt_vlog_as(const char *service, enum kt_log_level level, const char *fmt, v
         return;
     if (!service)
         service = thread_service ? thread_service : process_service;
-    int n = snprintf(body, cap, "%s/%s[%d]: %s", syslog_name, service, (int)getpid(), prefix[level]);
+    int n = snprintf(body, cap, "%s/%s[%d]: %s", syslog_name, service, line_pid(), prefix[level]);
     if (n < 0)
         return;
     size_t len = (size_t)n < cap ? (size_t)n : cap - 1;
@@ -214,15 +254,13 @@ void kt_vlog_as(const char *service, enum kt_log_level level, const char *fmt, v
     if (use_stderr && write(STDERR_FILENO, body, len + 1) < 0) { /* stderr gone: nowhere to report */ }
     int mfd = atomic_load(&maillog_fd);
     if (mfd >= 0) {
-        time_t now = time(NULL);
-        struct tm tm;
         char stamp[96];
-        localtime_r(&now, &tm);
-        size_t sl = strftime(stamp, sizeof(stamp), "%b %d %H:%M:%S ", &tm);
-        int hl = snprintf(stamp + sl, sizeof(stamp) - sl, "%s ", host_label);
-        if (hl > 0)
-            sl += (size_t)hl < sizeof(stamp) - sl ? (size_t)hl : sizeof(stamp) - sl - 1;
-        memcpy(body - sl, stamp, sl);
+        int sl = snprintf(stamp, sizeof(stamp), "%s%s ", line_stamps()->maillog, host_label);
+        if (sl < 0)
+            sl = 0;
+        if ((size_t)sl >= sizeof(stamp))
+            sl = (int)sizeof(stamp) - 1;
+        memcpy(body - sl, stamp, (size_t)sl);
         if (write(mfd, body - sl, sl + len + 1) < 0) { /* a full disk loses log lines, never mail */ }
     }
     if (syslog_wanted)

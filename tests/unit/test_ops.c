@@ -1,5 +1,6 @@
 /* Operations pieces: syslog facility names and maillog_file_prefixes (as
- * Postfix checks them), maillog_file line shape, the Message-ID header scan,
+ * Postfix checks them), maillog_file line shape (the pid of a forked child,
+ * time stamps across a second), the Message-ID header scan,
  * the metrics exposition (per-thread shards summed), the metrics address
  * syntax, and queue ids (short, upper-case hex, distinct). */
 #include <setjmp.h>
@@ -12,7 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <syslog.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "core/alloc.h"
@@ -73,6 +76,96 @@ static void test_maillog_line_shape(void **state)
     assert_non_null(strstr(l2, " mx ktrelay/virtual["));
     assert_non_null(strstr(l2, "]: warning: careful\n"));
     kt_log_set_service(NULL);
+}
+
+static void log_to(const char *path)
+{
+    struct kt_log_config lc = { .syslog_name = "ktrelay", .syslog_facility = LOG_MAIL, .maillog_file = path,
+                                .hostname = "mx.example.test", .use_stderr = 0 };
+    char err[256];
+    assert_int_equal(kt_log_configure(&lc, err, sizeof(err)), 0);
+}
+
+static void log_off(void)
+{
+    struct kt_log_config off = { .syslog_facility = LOG_MAIL, .use_stderr = 1 };
+    char err[256];
+    assert_int_equal(kt_log_configure(&off, err, sizeof(err)), 0);
+}
+
+/* The pid is read once per process: a child made by fork() after the parent logged says its own. */
+static void test_maillog_pid_after_fork(void **state)
+{
+    char path[] = "/tmp/kt-test-maillog-XXXXXX";
+    int fd = mkstemp(path), status = -1;
+    assert_true(fd >= 0);
+    close(fd);
+    log_to(path);
+    kt_info("parent line");
+    pid_t child = fork();
+    assert_true(child >= 0);
+    if (child == 0) {
+        kt_info("child line");
+        _exit(0);
+    }
+    assert_int_equal(waitpid(child, &status, 0), child);
+    assert_int_equal(status, 0);
+    kt_info("parent again");
+    log_off();
+    FILE *f = fopen(path, "r");
+    char l[3][512];
+    for (int i = 0; i < 3; i++)
+        assert_non_null(fgets(l[i], sizeof(l[i]), f));
+    fclose(f);
+    unlink(path);
+    char want[128];
+    snprintf(want, sizeof(want), "]: parent line\n");
+    assert_non_null(strstr(l[0], want));
+    snprintf(want, sizeof(want), "[%d]: parent line\n", (int)getpid());
+    assert_non_null(strstr(l[0], want));
+    snprintf(want, sizeof(want), "[%d]: child line\n", (int)child);
+    assert_non_null(strstr(l[1], want));
+    snprintf(want, sizeof(want), "[%d]: parent again\n", (int)getpid());
+    assert_non_null(strstr(l[2], want));
+}
+
+/* Time stamps are kept for the second they show: a line of the next second shows the next second, with
+ * the day zero-padded as Postfix's maillog_file writes it. */
+static void test_maillog_stamp_per_second(void **state)
+{
+    char path[] = "/tmp/kt-test-maillog-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    log_to(path);
+    time_t t0 = time(NULL);
+    kt_info("first");
+    while (time(NULL) == t0)
+        usleep(1000);       /* the clock is the condition waited for */
+    time_t t1 = time(NULL);
+    kt_info("second");
+    time_t t2 = time(NULL);
+    log_off();
+    FILE *f = fopen(path, "r");
+    char l1[512], l2[512];
+    assert_non_null(fgets(l1, sizeof(l1), f));
+    assert_non_null(fgets(l2, sizeof(l2), f));
+    fclose(f);
+    unlink(path);
+    char want[64];
+    struct tm tm;
+    localtime_r(&t0, &tm);
+    strftime(want, sizeof(want), "%b %d %H:%M:%S mx ", &tm);
+    assert_memory_equal(l1, want, strlen(want));
+    /* the second line was written at t1 or, at most, t2 */
+    localtime_r(&t1, &tm);
+    strftime(want, sizeof(want), "%b %d %H:%M:%S mx ", &tm);
+    if (memcmp(l2, want, strlen(want)) != 0) {
+        localtime_r(&t2, &tm);
+        strftime(want, sizeof(want), "%b %d %H:%M:%S mx ", &tm);
+        assert_memory_equal(l2, want, strlen(want));
+    }
+    assert_true(strstr(l2, "]: second\n") != NULL);
 }
 
 static void test_header_scan(void **state)
@@ -166,6 +259,8 @@ int main(void)
         cmocka_unit_test(test_facility_names),
         cmocka_unit_test(test_maillog_prefixes),
         cmocka_unit_test(test_maillog_line_shape),
+        cmocka_unit_test(test_maillog_pid_after_fork),
+        cmocka_unit_test(test_maillog_stamp_per_second),
         cmocka_unit_test(test_header_scan),
         cmocka_unit_test(test_metrics_sum_threads),
         cmocka_unit_test(test_metrics_address),
