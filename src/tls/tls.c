@@ -22,6 +22,7 @@
 #include "core/alloc.h"
 #include "core/log.h"
 #include "tls/dane.h"
+#include "tls/ktls.h"
 #include "tls/tls.h"
 
 #define DEF_HIGH_CLIST   "aNULL:-aNULL:HIGH:@STRENGTH"
@@ -302,11 +303,18 @@ static int setup_common(SSL_CTX *ctx, const char *protocols, const char *grade, 
      * many clients just close, and treating that as an error is noise. */
     uint64_t opts = SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF
                   | (uint64_t)no_mask;
+    /* Without the kernel's tls ULP every kTLS attempt is two failing
+     * setsockopt calls per handshake: ask for kTLS only where it can work. */
+    char why[256];
+    if (ktls && !kt_ktls_probe(why, sizeof(why)))
+        ktls = 0;
     if (ktls)
         opts |= SSL_OP_ENABLE_KTLS;
     SSL_CTX_set_options(ctx, opts);
-    /* kTLS RX is skipped when OpenSSL holds a partly read record. */
-    SSL_CTX_set_read_ahead(ctx, 0);
+    /* kTLS RX is skipped when OpenSSL holds a partly read record, so with
+     * kTLS OpenSSL reads each record's header and body separately. Without
+     * it, read ahead: one read(2) takes every record that has arrived. */
+    SSL_CTX_set_read_ahead(ctx, !ktls);
     SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
     SSL_CTX_set_default_passwd_cb(ctx, no_passphrase_cb);
     SSL_CTX_set_default_passwd_cb_userdata(ctx, NULL);
@@ -408,6 +416,26 @@ static int load_cert_and_key(SSL_CTX *ctx, const char *cert, const char *key, ch
     return 0;
 }
 
+/* A certificate file without its chain gets one at every handshake: OpenSSL
+ * builds it from the CA store with a full X509_verify_cert ("auto chain").
+ * Build it here once instead, for each certificate slot (RSA, ECDSA), as far
+ * as the store allows and with the same certificates the handshake would
+ * send (the root too, when the store has it). A slot whose chain cannot be
+ * built here keeps OpenSSL's per-handshake building, and its errors. */
+static void build_chains_once(SSL_CTX *ctx)
+{
+    for (int r = SSL_CTX_set_current_cert(ctx, SSL_CERT_SET_FIRST); r == 1;
+         r = SSL_CTX_set_current_cert(ctx, SSL_CERT_SET_NEXT)) {
+        STACK_OF(X509) *chain = NULL;
+        if (!SSL_CTX_get0_chain_certs(ctx, &chain) || chain)
+            continue;    /* the file had its chain: OpenSSL sends that one as it is */
+        if (SSL_CTX_build_cert_chain(ctx, SSL_BUILD_CHAIN_FLAG_UNTRUSTED | SSL_BUILD_CHAIN_FLAG_IGNORE_ERROR
+                                          | SSL_BUILD_CHAIN_FLAG_CLEAR_ERROR) <= 0)
+            ERR_clear_error();
+    }
+    ERR_clear_error();
+}
+
 /* ask_ccert asks, it does not require: any certificate is accepted here and
  * its verification result stays available through SSL_get_verify_result. */
 static int accept_any_cert_cb(int ok, X509_STORE_CTX *store)
@@ -446,6 +474,7 @@ static int setup_server(SSL_CTX *ctx, const struct kt_tls_server_params *p, char
             return -EINVAL;
         }
     }
+    build_chains_once(ctx);
     if (p->ask_ccert) {
         SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_CLIENT_ONCE, accept_any_cert_cb);
         SSL_CTX_set_verify_depth(ctx, CCERT_VERIFY_DEPTH);
@@ -470,6 +499,10 @@ static int setup_server(SSL_CTX *ctx, const struct kt_tls_server_params *p, char
     if (p->session_cache_timeout > 0) {
         SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER);
         SSL_CTX_set_timeout(ctx, p->session_cache_timeout);
+        /* Postfix's tls_server.c: one TLS 1.3 ticket per full handshake
+         * (OpenSSL's default is two; an MTA keeps one per destination, and
+         * each costs an encrypted session and a record). */
+        SSL_CTX_set_num_tickets(ctx, 1);
     } else {
         SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
         SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);

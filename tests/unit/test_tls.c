@@ -23,11 +23,12 @@
 #include <openssl/x509v3.h>
 
 #include "core/alloc.h"
+#include "tls/ktls.h"
 #include "tls/tls.h"
 
 static char dir[64];
 static char root_pem[128], rsa_chain[128], rsa_key[128], ec_chain[128], ec_key[128],
-            combined[128], other_key[128], enc_key[128];
+            combined[128], other_key[128], enc_key[128], ec_leaf[128], ca_bundle[128];
 
 /* ---- certificate fixtures ---- */
 
@@ -96,6 +97,8 @@ static int group_setup(void **state)
     snprintf(combined, sizeof(combined), "%s/combined.pem", dir);
     snprintf(other_key, sizeof(other_key), "%s/other-key.pem", dir);
     snprintf(enc_key, sizeof(enc_key), "%s/enc-key.pem", dir);
+    snprintf(ec_leaf, sizeof(ec_leaf), "%s/ec-leaf.pem", dir);
+    snprintf(ca_bundle, sizeof(ca_bundle), "%s/ca-bundle.pem", dir);
 
     EVP_PKEY *root_k = EVP_EC_gen("P-256"), *inter_k = EVP_EC_gen("P-256");
     EVP_PKEY *rsa_k = EVP_RSA_gen(2048), *ec_k = EVP_EC_gen("P-256"), *other_k = EVP_EC_gen("P-256");
@@ -114,6 +117,8 @@ static int group_setup(void **state)
     write_pem(combined, "w", ec, inter, ec_k, NULL);
     write_pem(other_key, "w", NULL, NULL, other_k, NULL);
     write_pem(enc_key, "w", NULL, NULL, ec_k, "secret");
+    write_pem(ec_leaf, "w", ec, NULL, NULL, NULL);
+    write_pem(ca_bundle, "w", inter, root, NULL, NULL);
 
     X509_free(root); X509_free(inter); X509_free(rsa); X509_free(ec);
     EVP_PKEY_free(root_k); EVP_PKEY_free(inter_k); EVP_PKEY_free(rsa_k);
@@ -357,13 +362,17 @@ static void test_ctx_options(void **state)
     struct kt_tls_server *s = server_ok(&p);
     SSL_CTX *ctx = kt_tls_server_ctx(s);
     uint64_t o = SSL_CTX_get_options(ctx);
+    char why[256];
+    int kernel_tls = kt_ktls_probe(why, sizeof(why));
 
-    assert_true(o & SSL_OP_ENABLE_KTLS);
+    /* kTLS is asked for only where the kernel has it; without it OpenSSL reads ahead */
+    assert_int_equal((o & SSL_OP_ENABLE_KTLS) != 0, kernel_tls);
+    assert_int_equal(SSL_CTX_get_read_ahead(ctx), !kernel_tls);
     assert_true(o & SSL_OP_NO_COMPRESSION);
     assert_true(o & SSL_OP_NO_RENEGOTIATION);
     assert_true(o & SSL_OP_CIPHER_SERVER_PREFERENCE);
     assert_false(o & SSL_OP_NO_TICKET);
-    assert_int_equal(SSL_CTX_get_read_ahead(ctx), 0);
+    assert_int_equal(SSL_CTX_get_num_tickets(ctx), 1);
     assert_true(SSL_CTX_get_mode(ctx) & SSL_MODE_RELEASE_BUFFERS);
     assert_int_equal(SSL_CTX_get_session_cache_mode(ctx), SSL_SESS_CACHE_SERVER);
     assert_int_equal(SSL_CTX_get_timeout(ctx), 3600);
@@ -379,7 +388,9 @@ static void test_ctx_options(void **state)
     ctx = kt_tls_server_ctx(s);
     o = SSL_CTX_get_options(ctx);
     assert_false(o & SSL_OP_ENABLE_KTLS);
+    assert_int_equal(SSL_CTX_get_read_ahead(ctx), 1);
     assert_true(o & SSL_OP_NO_TICKET);
+    assert_int_equal(SSL_CTX_get_num_tickets(ctx), 0);
     assert_int_equal(SSL_CTX_get_session_cache_mode(ctx), SSL_SESS_CACHE_OFF);
     assert_int_equal(SSL_CTX_get_verify_mode(ctx), SSL_VERIFY_NONE);
     kt_tls_server_free(s);
@@ -689,6 +700,83 @@ static int resume_once(long timeout, const char *client_protocols, int tickets)
     return j.reused;
 }
 
+/* ---- tickets and chains (what a full handshake costs the server) ---- */
+
+static int tickets_seen;
+
+static int count_ticket(SSL *ssl, SSL_SESSION *sess)
+{
+    tickets_seen++;
+    return 0;     /* not kept */
+}
+
+static int tickets_after_handshake(long timeout)
+{
+    struct kt_tls_server_params p = base_params();
+    p.session_cache_timeout = timeout;
+    struct kt_tls_server *s = server_ok(&p);
+    SSL_CTX *cctx = client_ctx("TLSv1.3");
+    SSL_CTX_sess_set_new_cb(cctx, count_ticket);
+    struct conn k;
+    tickets_seen = 0;
+    conn_open(&k, kt_tls_server_ctx(s), cctx, NULL);
+    assert_true(k.ok);
+    assert_int_equal(SSL_version(k.s), TLS1_3_VERSION);
+    conn_greet(&k);    /* the client reads the tickets that came before the greeting */
+    conn_close(&k);
+    SSL_CTX_free(cctx);
+    kt_tls_server_free(s);
+    return tickets_seen;
+}
+
+/* As Postfix's tls_server.c: one TLS 1.3 ticket per full handshake (OpenSSL sends two by default), none
+ * with the session cache off. */
+static void test_one_ticket(void **state)
+{
+    assert_int_equal(tickets_after_handshake(3600), 1);
+    assert_int_equal(tickets_after_handshake(0), 0);
+}
+
+static int chain_sent(const struct kt_tls_server_params *p, const char *protocols)
+{
+    struct kt_tls_server *s = server_ok(p);
+    SSL_CTX *cctx = client_ctx(protocols);
+    struct conn k;
+    conn_open(&k, kt_tls_server_ctx(s), cctx, NULL);
+    assert_true(k.ok);
+    assert_int_equal(SSL_get_verify_result(k.c), X509_V_OK);
+    STACK_OF(X509) *chain = SSL_get_peer_cert_chain(k.c);
+    int n = chain ? sk_X509_num(chain) : -1;
+    conn_close(&k);
+    SSL_CTX_free(cctx);
+    kt_tls_server_free(s);
+    return n;
+}
+
+/* A certificate file without its chain: the chain comes from smtpd_tls_CAfile, built when the context is
+ * made rather than at every handshake, and the handshake sends what OpenSSL's per-handshake building sent
+ * (leaf, intermediate and the root the store has). A file with its chain sends that chain as it is. */
+static void test_chain_built_once(void **state)
+{
+    struct kt_tls_server_params p = base_params();
+    p.cert_file = p.key_file = NULL;
+    p.eccert_file = ec_leaf;
+    p.CAfile = ca_bundle;
+    struct kt_tls_server *s = server_ok(&p);
+    STACK_OF(X509) *built = NULL;
+    assert_int_equal(SSL_CTX_set_current_cert(kt_tls_server_ctx(s), SSL_CERT_SET_FIRST), 1);
+    assert_int_equal(SSL_CTX_get0_chain_certs(kt_tls_server_ctx(s), &built), 1);
+    assert_non_null(built);
+    assert_int_equal(sk_X509_num(built), 2);
+    kt_tls_server_free(s);
+    assert_int_equal(chain_sent(&p, "TLSv1.3"), 3);
+    assert_int_equal(chain_sent(&p, "<=TLSv1.2"), 3);
+
+    p = base_params();          /* leaf + intermediate in the file, root only in the CAfile */
+    p.CAfile = ca_bundle;
+    assert_int_equal(chain_sent(&p, "TLSv1.3"), 2);
+}
+
 static void test_resumption(void **state)
 {
     assert_true(resume_once(3600, "<=TLSv1.2", 1));
@@ -760,8 +848,10 @@ static void test_client_ctx(void **state)
     char err[256];
     assert_int_equal(kt_tls_client_ctx_new(&cp, &c, err, sizeof(err)), 0);
     assert_int_equal(SSL_CTX_get_min_proto_version(c), TLS1_2_VERSION);
-    assert_true(SSL_CTX_get_options(c) & SSL_OP_ENABLE_KTLS);
-    assert_int_equal(SSL_CTX_get_read_ahead(c), 0);
+    char why[256];
+    int kernel_tls = kt_ktls_probe(why, sizeof(why));
+    assert_int_equal((SSL_CTX_get_options(c) & SSL_OP_ENABLE_KTLS) != 0, kernel_tls);
+    assert_int_equal(SSL_CTX_get_read_ahead(c), !kernel_tls);
     assert_int_equal(SSL_CTX_get_verify_mode(c), SSL_VERIFY_NONE);
     SSL_CTX_free(c);
 
@@ -860,6 +950,8 @@ int main(void)
         cmocka_unit_test(test_tls11_refused),
         cmocka_unit_test(test_ask_ccert),
         cmocka_unit_test(test_resumption),
+        cmocka_unit_test(test_one_ticket),
+        cmocka_unit_test(test_chain_built_once),
         cmocka_unit_test(test_loglevels),
         cmocka_unit_test(test_client_ctx),
         cmocka_unit_test(test_self_signed),
