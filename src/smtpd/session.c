@@ -120,6 +120,8 @@ static void session_enter_state(struct kt_session *s, enum kt_session_state st)
     kt_debug("session %s[%s]: %s -> %s", client_name(s), s->addr, kt_session_state_str(s->state),
              kt_session_state_str(st));
     s->state = st;
+    if (st == KT_SS_CLOSING && s->conn)
+        kt_conn_last_output(s->conn);   /* the last reply leaves with close_notify and FIN */
 }
 
 /* ---- DNS for client checks ----

@@ -71,6 +71,7 @@ struct kt_conn {
     unsigned pending;                 /* io_uring operations in flight; free only at 0 */
     int closing;                      /* kt_conn_close called: only CLOSED from now on */
     int failed;                       /* an error or end was reported: no more I/O */
+    int corked;                       /* TCP_CORK holds the last output until kt_conn_close */
     int rx_armed, tx_armed;
     size_t rx_chunk;
     struct kt_op connect_op, rx_op, tx_op, rx_poll_op, tx_poll_op, cancel_op, splice_op, sf_poll_op;
@@ -822,12 +823,24 @@ static void cancel_done(struct kt_op *op, int res, unsigned flags)
     op_done(c, NULL);
 }
 
+void kt_conn_last_output(struct kt_conn *c)
+{
+    int one = 1;
+    if (c->corked || c->closing || c->failed || c->role != KT_CONN_SERVER)
+        return;
+    c->corked = setsockopt(c->fd, IPPROTO_TCP, TCP_CORK, &one, sizeof(one)) == 0;
+}
+
 void kt_conn_close(struct kt_conn *c)
 {
     if (!c || c->closing)
         return;
     if (!c->handshaking)
         c->txo->shutdown(c);
+    /* The held bytes leave now, with the FIN appended to them (close(2) alone
+     * would send a reset instead if the client had sent more after QUIT). */
+    if (c->corked)
+        shutdown(c->fd, SHUT_WR);
     c->closing = 1;
     /* Cancel everything on the socket, including a splice that may be
      * waiting for bytes that will never come. The completion of this cancel
@@ -876,9 +889,12 @@ struct kt_conn *kt_conn_new(struct kt_loop *loop, int fd, enum kt_conn_role role
     c->cancel_op.cb = cancel_done;
     /* Each group of replies (server) or of pipelined commands and the body's
      * last segment (client) is one write: it must not wait for the peer's
-     * delayed ACK. */
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+     * delayed ACK. An accepted socket inherits TCP_NODELAY from its listening
+     * socket (server.c sets it there), which saves a system call per client. */
+    if (role == KT_CONN_CLIENT) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    }
     return c;
 }
 

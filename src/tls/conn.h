@@ -71,7 +71,8 @@ enum kt_conn_step {
 typedef void (*kt_conn_cb)(void *owner, enum kt_conn_event ev, int res);
 
 /* Takes ownership of fd (a non-blocking stream socket, connected unless
- * kt_conn_connect follows). peer names the other end in log lines
+ * kt_conn_connect follows). A client socket gets TCP_NODELAY here; a server
+ * socket comes from accept(2) and has it from its listening socket. peer names the other end in log lines
  * ("unknown[192.0.2.1]"); it is copied. Never fails. */
 struct kt_conn *kt_conn_new(struct kt_loop *loop, int fd, enum kt_conn_role role, const char *peer,
                             struct kt_buf *in, struct kt_buf *out, kt_conn_cb cb, void *owner);
@@ -116,8 +117,14 @@ int kt_conn_can_sendfile(const struct kt_conn *c);
  * KT_CONN_EV_SENDFILE follows, possibly before this returns. */
 void kt_conn_sendfile(struct kt_conn *c, int fd, off_t off, size_t len);
 
+/* The owner's next output is its last (a 221 or 421 before the close): TCP
+ * holds it (TCP_CORK) until kt_conn_close, so that the reply, the TLS
+ * close_notify and the FIN leave in one segment instead of three. No-op on a
+ * socket that is not TCP. */
+void kt_conn_last_output(struct kt_conn *c);
 /* Stop: send a TLS close_notify (best effort, never waiting for the peer's),
- * cancel every operation on the socket, then close it and free the SSL.
+ * end the stream (FIN) when kt_conn_last_output held the last bytes, cancel
+ * every operation on the socket, then close it and free the SSL.
  * KT_CONN_EV_CLOSED follows from the event loop. Idempotent; NULL is fine. */
 void kt_conn_close(struct kt_conn *c);
 

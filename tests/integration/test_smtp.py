@@ -344,6 +344,20 @@ def test_bdat_without_transaction_reads_and_discards_chunk(relay):
     assert_nothing_delivered(relay)
 
 
+# ---- the end of a session ----
+
+def test_quit_reply_arrives_before_the_end_with_more_unread(relay):
+    """The 221 leaves together with the end of the stream: it must arrive even when the client sent
+    more after QUIT that the server never reads, where closing the socket resets the connection and
+    throws away whatever it still held."""
+    c = SmtpConn(relay.port())
+    c.ehlo()
+    c.send(b"QUIT\r\n" + b"NOOP\r\n" * 3000)     # far more than one read of the server
+    assert c.reply() == "221 2.0.0 Bye"
+    assert c.closed(drain=True)
+    relay.wait_log("disconnect from")
+
+
 # ---- errors ----
 
 def test_bad_sequence(relay):

@@ -409,6 +409,22 @@ def test_wrappermode_ehlo_has_no_starttls(relay_factory, tmp_path):
     c.close()
 
 
+def test_quit_reply_then_close_notify(relay_factory, tmp_path):
+    """After QUIT over TLS the 221, the close_notify and the end of the stream come together: the client
+    reads the reply and then a clean TLS end (no ragged EOF), also with more commands sent after QUIT."""
+    r = tls_relay(relay_factory, tmp_path)
+    for trailing in (b"", b"NOOP\r\n" * 3000):
+        c = SmtpConn(r.port())
+        c.ehlo()
+        c.starttls()
+        c.ehlo()
+        c.send(b"QUIT\r\n" + trailing)
+        assert c.reply() == "221 2.0.0 Bye"
+        assert c.buf == b""
+        assert c.sock.recv(100) == b""    # close_notify; a bare FIN raises SSLEOFError here
+        c.close()
+
+
 # ---- resumption ----
 
 @pytest.mark.parametrize("flag", ["-tls1_2", "-tls1_3"])
