@@ -285,6 +285,11 @@ static void ssl_read_some(struct kt_conn *c)
         if (n > 0) {
             kt_buf_append(c->in, record, (size_t)n);
             got += (size_t)n;
+            /* Nothing more in OpenSSL's buffers: another SSL_read would
+             * mostly be a read(2) that fails with EAGAIN. What the socket
+             * still holds is seen by the next poll, which completes at once. */
+            if (!SSL_has_pending(c->ssl))
+                break;
             continue;
         }
         int e = SSL_get_error(c->ssl, n);
