@@ -692,6 +692,7 @@ static int milter_list(struct runtime_private *rp, const struct kt_config *cfg, 
         .connect_timeout_s = kt_config_get_time(cfg, svc, "milter_connect_timeout"),
         .command_timeout_s = kt_config_get_time(cfg, svc, "milter_command_timeout"),
         .content_timeout_s = kt_config_get_time(cfg, svc, "milter_content_timeout"),
+        .message_size_limit = kt_config_get_int(cfg, svc, "message_size_limit"),
     };
     for (int i = 0; i < KT_MS_COUNT; i++)
         def.macros[i] = get(cfg, svc, macro_params[i]);

@@ -32,6 +32,7 @@
 #include <strings.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "core/alloc.h"
@@ -115,6 +116,10 @@
 #define MAX_PACKET (4 * 1024 * 1024)       /* a longer reply is a protocol error */
 #define MAX_HEADER_SECTION (1024 * 1024)   /* beyond it the rest counts as body */
 #define MAX_REPLACED_BODY (64 * 1024 * 1024)
+#define MAX_ADDED_HEADERS (1024 * 1024)    /* bytes of headers a milter may add to a message */
+/* SMFIR_PROGRESS restarts the wait for a reply (as Postfix and Sendmail), but one reply, progress
+ * reports and modifications included, must come within this many times the stage's timeout */
+#define MAX_EXCHANGE_TIMEOUTS 4
 
 static const char *const reply_reject = "550 5.7.1 Command rejected";
 static const char *const reply_tempfail = "451 4.7.1 Service unavailable - try again later";
@@ -372,6 +377,7 @@ int kt_milter_set_parse(const char *list, const struct kt_milter_defaults *def, 
     if (rc == 0)
         for (int i = 0; i < KT_MS_COUNT; i++)
             set->macros[i] = kt_strdup(def->macros[i] ? def->macros[i] : "");
+    set->message_size_limit = def->message_size_limit > 0 ? def->message_size_limit : 0;
     if (rc < 0 || set->n == 0) {
         kt_milter_set_free(set);
         return rc;
@@ -411,6 +417,8 @@ struct msgview {
     int body_replaced;
     struct kt_buf newbody; /* the replacement, CRLF lines */
     int body_open;         /* a replacement is being collected from the current milter */
+    int body_too_big;      /* the replacement grew past message_size_limit: the message is refused */
+    size_t added_bytes;    /* header names and values the milters added or changed */
     char *sender;
     char **rcpts;
     size_t n_rcpts;
@@ -539,19 +547,28 @@ static long view_find(const struct msgview *v, const char *name, unsigned idx)
 }
 
 /* A milter's header value as stored: Sendmail's one space after the colon unless the milter handles
- * leading space itself (SMFIP_HDR_LEADSPC); LF made CRLF. */
+ * leading space itself (SMFIP_HDR_LEADSPC). Line breaks (LF, CRLF or a bare CR) become CRLF followed by
+ * white space, so each one only folds the header: a line that does not begin with a space or tab gets a
+ * tab first, empty lines and breaks at the end are dropped. A value can thus never end the header or
+ * the header section, or start another header. */
 static char *header_value_from_milter(const char *val, int leadspc)
 {
     struct kt_buf b = { 0 };
     if (!leadspc)
         kt_buf_append(&b, " ", 1);
-    for (const char *p = val; *p; p++) {
-        if (*p == '\n' && (p == val || p[-1] != '\r'))
-            kt_buf_append(&b, "\r\n", 2);
-        else if (*p == '\r' && p[1] != '\n')
+    for (const char *p = val; *p;) {
+        size_t n = strcspn(p, "\r\n");
+        if (n) {
+            if (b.len && (b.data[b.len - 1] == '\n') && *p != ' ' && *p != '\t')
+                kt_buf_append(&b, "\t", 1);
+            kt_buf_append(&b, p, n);
+            p += n;
             continue;
-        else
-            kt_buf_append(&b, p, 1);
+        }
+        while (*p == '\r' || *p == '\n')
+            p++;
+        if (*p && b.len && b.data[b.len - 1] != '\n')
+            kt_buf_append(&b, "\r\n", 2);
     }
     kt_buf_append(&b, "", 1);
     char *s = kt_strdup(b.data);
@@ -570,13 +587,23 @@ static int valid_header_name(const char *name)
     return 1;
 }
 
-static void strip_brackets(const char *in, char *out, size_t outlen)
+/* An address from a milter without its angle brackets. -1 when it does not fit in out (no silent
+ * truncation into another address) or has a control character: the envelope is stored as lines. */
+static int strip_brackets(const char *in, char *out, size_t outlen)
 {
     size_t n = strlen(in);
-    if (n >= 2 && in[0] == '<' && in[n - 1] == '>')
-        snprintf(out, outlen, "%.*s", (int)(n - 2), in + 1);
-    else
-        snprintf(out, outlen, "%s", in);
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)in[i] < 32 || in[i] == 127)
+            return -1;
+    if (n >= 2 && in[0] == '<' && in[n - 1] == '>') {
+        in++;
+        n -= 2;
+    }
+    if (n >= outlen)
+        return -1;
+    memcpy(out, in, n);
+    out[n] = '\0';
+    return 0;
 }
 
 /* ---- connections ---- */
@@ -612,6 +639,7 @@ struct mconn {
     enum io_kind io;
     int want_reply;
     long long timeout_ms;
+    long long exchange_start_ms;   /* CLOCK_MONOTONIC when the command that wants a reply went out */
     struct __kernel_timespec ts;
     struct sockaddr_storage sa;
     socklen_t salen;
@@ -775,11 +803,19 @@ static void conn_submit(struct mconn *c, enum io_kind kind)
     g->pending += 2;
 }
 
+static long long monotonic_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 /* Sends what is queued; then reads one reply packet when want_reply. */
 static void conn_flush(struct mconn *c, int want_reply, long long timeout_ms)
 {
     c->want_reply = want_reply;
     c->timeout_ms = timeout_ms;
+    c->exchange_start_ms = monotonic_ms();
     if (kt_buf_used(&c->out))
         conn_submit(c, IO_SEND);
     else if (want_reply)
@@ -871,7 +907,22 @@ static int negotiated(struct mconn *c, const unsigned char *d, size_t len)
         conn_fail(c, "protocol version below 2");
         return -1;
     }
-    c->actions = get32(d + 4) & offered_actions;
+    char why[128];
+    /* as Postfix's milter8: a version or a modification the MTA did not offer breaks the negotiation
+     * (events it did not offer are only left out) */
+    if (c->version > c->conf->protocol) {
+        snprintf(why, sizeof(why), "protocol version %u conflict with MTA protocol version %u", c->version,
+                 c->conf->protocol);
+        conn_fail(c, why);
+        return -1;
+    }
+    if (get32(d + 4) & ~offered_actions) {
+        snprintf(why, sizeof(why), "request mask 0x%x conflict with MTA request mask 0x%x", get32(d + 4),
+                 offered_actions);
+        conn_fail(c, why);
+        return -1;
+    }
+    c->actions = get32(d + 4);
     c->pflags = get32(d + 8) & offered_pflags;
     /* SMFIR_SETSYMLIST in the negotiation: the macros the milter wants at each stage */
     static const int where_to_stage[] = { KT_MS_CONNECT, KT_MS_HELO, KT_MS_MAIL, KT_MS_RCPT, KT_MS_DATA,
@@ -1148,6 +1199,36 @@ static void event_start(struct kt_milters *g, enum event ev, const char *const *
     g->in_call--;
 }
 
+/* A SMFIR_REPLYCODE text is one SMTP reply, which the session passes on as it is: every line (lines end
+ * in CRLF) has the code of the first, a 4xx or 5xx one, then '-' or ' ' (set here as the line's place
+ * says), an enhanced status code of the same class if any (Postfix's check, there on the first line
+ * only), and no other control character. Otherwise the milter could make the client read a second reply
+ * of its choosing. 1 when reply is such a reply (edited in place), 0 when malformed. */
+static int reply_code_ok(char *reply)
+{
+    if ((reply[0] != '4' && reply[0] != '5') || !isdigit((unsigned char)reply[1])
+        || !isdigit((unsigned char)reply[2]))
+        return 0;
+    for (char *line = reply;;) {
+        char *crlf = strstr(line, "\r\n");
+        size_t len = crlf ? (size_t)(crlf - line) : strlen(line);
+        if (len < 4 || memcmp(line, reply, 3) != 0 || (line[3] != ' ' && line[3] != '-')
+            || (isdigit((unsigned char)line[4]) && line[4] != reply[0]))
+            return 0;
+        for (size_t i = 0; i < len; i++)
+            if ((unsigned char)line[i] < 32 || line[i] == 127)
+                return 0;
+        if (!crlf || !crlf[2]) {
+            line[3] = ' ';
+            if (crlf)
+                *crlf = '\0';   /* the session ends the reply's last line itself */
+            return 1;
+        }
+        line[3] = '-';
+        line = crlf + 2;
+    }
+}
+
 /* A reply to an event other than the end of message. Returns 0 when the exchange is over, 1 to read
  * another packet. */
 static int event_reply(struct mconn *c, char cmd, const char *d, size_t len)
@@ -1181,8 +1262,7 @@ static int event_reply(struct mconn *c, char cmd, const char *d, size_t len)
                 reply[o++] = d[i];
             }
             reply[o] = '\0';
-            if (o < 5 || (reply[0] != '4' && reply[0] != '5') || !isdigit((unsigned char)reply[1])
-                || !isdigit((unsigned char)reply[2]) || (reply[3] != ' ' && reply[3] != '-')) {
+            if (!reply_code_ok(reply)) {
                 char why[1200];
                 snprintf(why, sizeof(why), "malformed reply: %s", reply);
                 conn_fail(c, why);
@@ -1410,6 +1490,9 @@ static int eom_modify(struct mconn *c, char cmd, const char *d, size_t len)
             return -1;
         if (s2 >= end || !memchr(s2, '\0', (size_t)(end - s2)) || !valid_header_name(s1))
             return -1;
+        v->added_bytes += strlen(s1) + strlen(s2);
+        if (v->added_bytes > MAX_ADDED_HEADERS)
+            return -1;
         char *val = header_value_from_milter(s2, (c->pflags & SMFIP_HDR_LEADSPC) != 0);
         if (cmd == SMFIR_CHGHEADER) {
             long i = view_find(v, s1, idx);
@@ -1444,7 +1527,11 @@ static int eom_modify(struct mconn *c, char cmd, const char *d, size_t len)
         if (!(c->actions & (cmd == SMFIR_DELRCPT ? SMFIF_DELRCPT
                             : cmd == SMFIR_ADDRCPT ? SMFIF_ADDRCPT : SMFIF_ADDRCPT_PAR)))
             return -1;
-        strip_brackets(s1, addr, sizeof(addr));
+        if (strip_brackets(s1, addr, sizeof(addr)) < 0)
+            return -1;
+        if (cmd == SMFIR_ADDRCPT_PAR && s2 < end && *s2)
+            kt_warn("milter %s: add recipient <%s>: ignoring ESMTP arguments \"%.100s\"", c->conf->endpoint,
+                    addr, s2);
         if (cmd == SMFIR_DELRCPT) {
             int i = rcpt_index(v, addr);
             if (i >= 0) {
@@ -1461,7 +1548,12 @@ static int eom_modify(struct mconn *c, char cmd, const char *d, size_t len)
     case SMFIR_CHGFROM:
         if (!(c->actions & SMFIF_CHGFROM))
             return -1;
-        strip_brackets(s1, addr, sizeof(addr));
+        if (strip_brackets(s1, addr, sizeof(addr)) < 0)
+            return -1;
+        /* as Postfix's cleanup: the sender changes, its ESMTP parameters do not */
+        if (s2 < end && *s2)
+            kt_warn("milter %s: change sender to <%s>: ignoring ESMTP arguments \"%.100s\"", c->conf->endpoint,
+                    addr, s2);
         kt_free(v->sender);
         v->sender = kt_strdup(addr);
         v->envelope_edited = 1;
@@ -1473,8 +1565,16 @@ static int eom_modify(struct mconn *c, char cmd, const char *d, size_t len)
             v->body_open = 1;
             kt_buf_reset(&v->newbody);
         }
-        if (v->newbody.len + len > MAX_REPLACED_BODY)
-            return -1;
+        if (v->body_too_big)
+            return 0;   /* the rest of it is read and dropped: the message is refused at the milter's end */
+        long long limit = c->g->set->message_size_limit;
+        if ((limit > 0 && (long long)(v->newbody.len + len) > limit) || v->newbody.len + len > MAX_REPLACED_BODY) {
+            kt_warn("milter %s: replaced body is larger than message_size_limit (%lld bytes)", c->conf->endpoint,
+                    limit > 0 ? limit : (long long)MAX_REPLACED_BODY);
+            v->body_too_big = 1;
+            kt_buf_release(&v->newbody);
+            return 0;
+        }
         /* stored with CRLF line ends, whatever the milter sends */
         for (size_t i = 0; i < len; i++) {
             if (d[i] == '\n' && !(v->newbody.len && v->newbody.data[v->newbody.len - 1] == '\r'))
@@ -1569,6 +1669,12 @@ static int eom_reply(struct mconn *c, char cmd, const char *d, size_t len)
     case SMFIR_CONTINUE:
     case SMFIR_ACCEPT:
         eom_milter_done(c);
+        if (g->view->body_too_big) {
+            /* Postfix's cleanup: the queue file grew past message_size_limit */
+            result_reply(g, KT_MILTER_REJECT, "552 5.3.4 Error: message file too big");
+            event_done(g);
+            return 0;
+        }
         g->cur++;
         event_next(g);
         return 0;
@@ -1638,6 +1744,14 @@ static void conn_read(struct mconn *c)
         }
         if (have < 4 + (size_t)plen) {
             conn_submit(c, IO_RECV);
+            return;
+        }
+        if (c->want_reply && monotonic_ms() - c->exchange_start_ms > MAX_EXCHANGE_TIMEOUTS * c->timeout_ms) {
+            char why[128];
+            snprintf(why, sizeof(why), "no decision within %lld s (%d times the timeout) of progress reports or "
+                     "modifications", MAX_EXCHANGE_TIMEOUTS * c->timeout_ms / 1000, MAX_EXCHANGE_TIMEOUTS);
+            conn_fail(c, why);
+            event_next(c->g);
             return;
         }
         char *pkt = kt_malloc(plen);

@@ -52,6 +52,7 @@ struct kt_milter_set {
     size_t n;
     struct kt_milter_conf *v;
     char *macros[KT_MS_COUNT];       /* milter_*_macros: space-separated names */
+    long long message_size_limit;    /* bytes; bounds a replaced body (SMFIR_REPLBODY); 0 = unlimited */
 };
 
 /* What the main.cf parameters give the parser (times in seconds, as kt_config_get_time returns). */
@@ -60,6 +61,7 @@ struct kt_milter_defaults {
     const char *protocol;            /* milter_protocol */
     long long connect_timeout_s, command_timeout_s, content_timeout_s;
     const char *macros[KT_MS_COUNT];
+    long long message_size_limit;    /* message_size_limit, bytes; 0 = unlimited */
 };
 
 /* Parse a smtpd_milters value ("inet:127.0.0.1:8891, unix:/run/x.sock, { inet:h:p, default_action=accept,
