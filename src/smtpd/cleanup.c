@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #include "core/alloc.h"
 #include "core/log.h"
@@ -13,6 +14,10 @@
 #include "smtpd/cleanup.h"
 
 #define OUT_BUF 16384
+/* Time all the lookups of one message may take together. A hostile regexp: or pcre: rule costs up to
+ * ~15 ms per lookup at the match limit, so a message of many headers or body lines could hold its worker
+ * thread for minutes; past this budget the message is deferred (451 4.3.0) and no more lookups run. */
+#define LOOKUP_BUDGET_NS (1000LL * 1000 * 1000)
 #define BOUNDARY_MAX 2048 /* Postfix's mime_boundary_length_limit: longer ones are compared on this prefix */
 
 struct kt_cleanup_checks {
@@ -50,6 +55,7 @@ struct kt_cleanup {
     int next_rfc822;                  /* this section's Content-Type is message/rfc822 */
     unsigned long long body_off;      /* body bytes seen (for body_checks_size_limit) */
 
+    long long lookup_ns;              /* time spent in lookups for this message (CLOCK_MONOTONIC) */
     int stop;                         /* REJECT, DISCARD or REDIRECT: no more checks */
     int drop_output;                  /* REJECT or DISCARD: nothing more is written */
     enum kt_cleanup_verdict verdict;
@@ -450,7 +456,21 @@ static enum act_result check(struct kt_cleanup *c, const struct kt_maps *maps, c
 
     if (!maps || c->stop)
         return ACT_KEEP;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     v = kt_maps_get(maps, key);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    c->lookup_ns += (long long)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
+    if (c->lookup_ns > LOOKUP_BUDGET_NS) {
+        /* a resource problem of this message, not a content verdict: try again later, as Postfix's
+         * cleanup answers for its own trouble */
+        kt_warn("%s: header and body checks took more than %lld ms for this message from %s;%s; message "
+                "deferred", c->queue_id, LOOKUP_BUDGET_NS / 1000000, c->origin, c->tail);
+        snprintf(c->reply, sizeof(c->reply), "451 4.3.0 Error: too much time in header and body checks");
+        c->verdict = KT_CLEANUP_REJECT;
+        c->stop = c->drop_output = 1;
+        return ACT_KEEP;
+    }
     if (!v)
         return ACT_KEEP;
     snprintf(value, sizeof(value), "%s", v);

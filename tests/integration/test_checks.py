@@ -321,3 +321,31 @@ def test_header_size_limit_cuts_a_long_header(relay_factory, tmp_path):
     assert cut.startswith(b"X-Long: " + b"a" * 112 + b"\r\nSubject: after\r\n\r\nbody line\r\n")
     # the lookup saw the cut header (120 bytes: "X-Long: " and 112 a's), which still matches
     assert f"warning: header X-Long: {'a' * 112} {TAIL}: long header" in r.log()
+
+
+def test_hostile_pattern_on_many_headers_is_bounded_per_message(relay_factory, tmp_path):
+    # a catastrophic-backtracking rule: every lookup of an "X-Hostile: aaa...a!" header runs to the match
+    # limit (~15 ms); 300 such headers would hold the worker thread for seconds. The lookups of one message
+    # share a 1 s budget: past it the message is deferred and nothing of it is stored.
+    (tmp_path / "hostile").write_text("/^X-Hostile: (a|aa|aaa)+$/ REJECT never matches\n")
+    r = relay_factory(f"header_checks = pcre:{tmp_path}/hostile\n")
+    hdrs = "".join(f"X-Hostile: {'a' * 40}!\r\n" for _ in range(300))
+    c = SmtpConn(r.port())
+    c.ehlo()
+    c.cmd("MAIL FROM:<a@example.org>", 250)
+    c.cmd("RCPT TO:<alice@example.test>", 250)
+    c.cmd("DATA", 354)
+    c.send("From: a@example.org\r\nSubject: hi\r\n" + hdrs + "\r\nbody\r\n.\r\n")
+    assert c.reply() == "451 4.3.0 Error: too much time in header and body checks"
+    # the session goes on, and an ordinary message passes the same table
+    c.cmd("MAIL FROM:<a@example.org>", 250)
+    c.cmd("RCPT TO:<alice@example.test>", 250)
+    c.cmd("DATA", 354)
+    c.send("From: a@example.org\r\nX-Hostile: aaaa\r\n\r\nbody\r\n.\r\n")
+    assert c.reply() == "550 5.7.1 never matches"
+    c.quit()
+    assert r.wait_log("warning: ")
+    assert re.search(r"warning: \w+: header and body checks took more than 1000 ms for this message from "
+                     r"unknown\[127\.0\.0\.1\]; from=<a@example\.org> to=<alice@example\.test> proto=ESMTP "
+                     r"helo=<client\.example\.net>; message deferred", r.log())
+    assert r.maildir_files("example.test/alice/") == [] and r.maildir_files("example.test/alice/", "tmp") == []
