@@ -686,6 +686,20 @@ struct kt_milters {
     off_t wpos;
     void (*wcb)(void *arg, int res);
     void *warg;
+
+    struct replay *replay;       /* kt_milter_replay: no loop, no socket */
+};
+
+/* kt_milter_replay's stand-in for the ring: the one operation "in flight" and the deferred outcome. */
+struct replay {
+    struct kt_milters *g;        /* until the completion that frees it */
+    const unsigned char *data;   /* what the milter sends, read in slices */
+    size_t len, pos, slice;
+    struct mconn *io;
+    int deferred;
+    int called;
+    void (*check)(void *arg, const struct kt_milter_result *r);
+    void *check_arg;
 };
 
 static void conn_next(struct mconn *c);
@@ -773,6 +787,16 @@ static void on_io(struct kt_op *op, int res, unsigned flags);
 static void conn_submit(struct mconn *c, enum io_kind kind)
 {
     struct kt_milters *g = c->g;
+    if (g->replay) {
+        c->io = kind;
+        if (kind == IO_RECV) {
+            kt_buf_compact(&c->in);
+            kt_buf_reserve(&c->in, 16384);
+        }
+        g->replay->io = c;
+        g->pending += 2;
+        return;
+    }
     /* the operation and its timeout must reach the kernel in one submission */
     if (io_uring_sq_space_left(&g->loop->ring) < 2) {
         io_uring_submit(&g->loop->ring);
@@ -851,8 +875,8 @@ static int sockaddr_of(const struct kt_milter_conf *m, struct sockaddr_storage *
 
 static void conn_start(struct mconn *c)
 {
-    c->fd = socket(c->conf->family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (c->fd < 0) {
+    c->fd = c->g->replay ? -2 : socket(c->conf->family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (c->fd == -1) {
         char why[128];
         snprintf(why, sizeof(why), "socket: %s", strerror(errno));
         conn_fail(c, why);
@@ -1023,6 +1047,11 @@ static void event_done(struct kt_milters *g)
 {
     if (!g->in_call) {
         event_finish(g);
+        return;
+    }
+    if (g->replay) {
+        g->replay->deferred = 1;
+        g->pending++;
         return;
     }
     io_uring_prep_nop(kt_loop_sqe(g->loop, &g->defer_op));
@@ -1453,6 +1482,16 @@ static void eom_next(struct mconn *c)
     }
 }
 
+/* Bytes of the ESMTP arguments at s (up to end, where the packet ends, which need not be a NUL) to log,
+ * at most 100 as Postfix; a control character ends them. */
+static int args_len(const char *s, const char *end)
+{
+    int n = 0;
+    while (s + n < end && n < 100 && (unsigned char)s[n] >= 32 && s[n] != 127)
+        n++;
+    return n;
+}
+
 static int rcpt_index(const struct msgview *v, const char *addr)
 {
     for (size_t i = 0; i < v->n_rcpts; i++)
@@ -1530,8 +1569,8 @@ static int eom_modify(struct mconn *c, char cmd, const char *d, size_t len)
         if (strip_brackets(s1, addr, sizeof(addr)) < 0)
             return -1;
         if (cmd == SMFIR_ADDRCPT_PAR && s2 < end && *s2)
-            kt_warn("milter %s: add recipient <%s>: ignoring ESMTP arguments \"%.100s\"", c->conf->endpoint,
-                    addr, s2);
+            kt_warn("milter %s: add recipient <%s>: ignoring ESMTP arguments \"%.*s\"", c->conf->endpoint,
+                    addr, args_len(s2, end), s2);
         if (cmd == SMFIR_DELRCPT) {
             int i = rcpt_index(v, addr);
             if (i >= 0) {
@@ -1552,8 +1591,8 @@ static int eom_modify(struct mconn *c, char cmd, const char *d, size_t len)
             return -1;
         /* as Postfix's cleanup: the sender changes, its ESMTP parameters do not */
         if (s2 < end && *s2)
-            kt_warn("milter %s: change sender to <%s>: ignoring ESMTP arguments \"%.100s\"", c->conf->endpoint,
-                    addr, s2);
+            kt_warn("milter %s: change sender to <%s>: ignoring ESMTP arguments \"%.*s\"", c->conf->endpoint,
+                    addr, args_len(s2, end), s2);
         kt_free(v->sender);
         v->sender = kt_strdup(addr);
         v->envelope_edited = 1;
@@ -1731,11 +1770,11 @@ static void conn_read(struct mconn *c)
 {
     for (;;) {
         size_t have = kt_buf_used(&c->in);
-        const unsigned char *p = (const unsigned char *)kt_buf_head(&c->in);
         if (have < 4) {
             conn_submit(c, IO_RECV);
             return;
         }
+        const unsigned char *p = (const unsigned char *)kt_buf_head(&c->in);   /* not before: NULL + 0 */
         uint32_t plen = get32(p);
         if (plen == 0 || plen > MAX_PACKET) {
             conn_fail(c, "bad reply packet length");
@@ -2107,4 +2146,139 @@ int kt_milters_render(struct kt_milters *ms, struct kt_buf *out)
         pos += r;
     }
     return 0;
+}
+
+/* ---- replay: the reply parser without a ring or a socket (tests/fuzz/fuzz_milter.c) ---- */
+
+/* Completes the operation "in flight" or the deferred outcome until none is left. */
+static void replay_run(struct replay *r)
+{
+    while (r->io || r->deferred) {
+        if (!r->io) {
+            r->deferred = 0;
+            on_defer(&r->g->defer_op, 0, 0);
+            continue;
+        }
+        struct mconn *c = r->io;
+        r->io = NULL;
+        int res = 0;
+        if (c->io == IO_SEND) {
+            res = (int)kt_buf_used(&c->out);
+        } else if (c->io == IO_RECV) {
+            size_t n = r->len - r->pos;   /* 0: the milter closed the connection */
+            if (n > r->slice)
+                n = r->slice;
+            if (n > c->in.cap - c->in.len)
+                n = c->in.cap - c->in.len;
+            memcpy(c->in.data + c->in.len, r->data + r->pos, n);
+            r->pos += n;
+            res = (int)n;
+        }
+        on_io(&c->io_op, res, 0);
+        on_timeout_done(&c->to_op, -ECANCELED, 0);
+    }
+}
+
+static void replay_cb(void *arg, const struct kt_milter_result *res)
+{
+    struct replay *r = arg;
+    r->called++;
+    if (r->check)
+        r->check(r->check_arg, res);
+}
+
+static const char *replay_macro(void *arg, const char *name, char *buf, size_t len)
+{
+    (void)arg;
+    snprintf(buf, len, "value of %s", name);
+    return buf;
+}
+
+/* What an edited message must look like whatever the milter sent: header names a header may have, values
+ * whose every line break is CRLF followed by white space, envelope addresses without control characters,
+ * a replaced body within the limit. 0 or -EPROTO. */
+static int replay_view_ok(const struct kt_milters *g)
+{
+    const struct msgview *v = g->view;
+    if (!v)
+        return 0;
+    for (size_t i = 0; i < v->n_hdrs; i++) {
+        if (!valid_header_name(v->hdrs[i].name))
+            return -EPROTO;
+        for (const char *p = v->hdrs[i].value; *p; p++) {
+            if (*p == '\n' && (p == v->hdrs[i].value || p[-1] != '\r'))
+                return -EPROTO;
+            if (*p == '\r' && (p[1] != '\n' || (p[2] != ' ' && p[2] != '\t')))
+                return -EPROTO;
+        }
+    }
+    for (size_t i = 0; i <= v->n_rcpts; i++) {
+        const char *a = i < v->n_rcpts ? v->rcpts[i] : v->sender;
+        for (const char *p = a; p && *p; p++)
+            if ((unsigned char)*p < 32 || *p == 127)
+                return -EPROTO;
+    }
+    if (g->set->message_size_limit && v->newbody.len > (size_t)g->set->message_size_limit + 2)
+        return -EPROTO;
+    return 0;
+}
+
+int kt_milter_replay(const unsigned char *replies, size_t len, unsigned protocol, unsigned flags,
+                     int msg_fd, off_t msg_len, void (*check)(void *arg, const struct kt_milter_result *r),
+                     void *arg)
+{
+    struct kt_milter_conf conf = {
+        .endpoint = (char *)"inet:127.0.0.1:9", .family = AF_INET, .host = "127.0.0.1", .port = 9,
+        .default_action = (enum kt_milter_default)(flags & 3), .connect_timeout_ms = 1000,
+        .command_timeout_ms = 1000, .content_timeout_ms = 1000, .protocol = protocol < 2 || protocol > 6 ? 6 : protocol,
+    };
+    struct kt_milter_set set = { .n = 1, .v = &conf, .message_size_limit = flags & 4 ? 64 : 0 };
+    char macros[] = "j {daemon_name} i";
+    for (int i = 0; i < KT_MS_COUNT; i++)
+        set.macros[i] = macros;
+    struct replay r = { .data = replies, .len = len, .slice = flags & 8 ? 1 : 4096, .check = check,
+                        .check_arg = arg };
+    struct kt_milters *g = kt_milters_new(NULL, &set, replay_macro, NULL);
+    g->replay = &r;
+    r.g = g;
+    int rc = 0;
+    const char *mail[] = { "<a@example.org>", "SIZE=100" };
+    const char *rcpt[] = { "<b@example.test>" };
+    const char *rcpts[] = { "b@example.test", "c@example.test" };
+    for (int step = 0; step < 7 && rc == 0; step++) {
+        int before = r.called;
+        switch (step) {
+        case 0: kt_milters_connect(g, "[127.0.0.1]", '4', "127.0.0.1", 2525, replay_cb, &r); break;
+        case 1: kt_milters_helo(g, "client.example", replay_cb, &r); break;
+        case 2:
+            if (!(flags & 16))
+                continue;
+            kt_milters_unknown(g, "XFOO bar", replay_cb, &r);
+            break;
+        case 3: kt_milters_mail(g, mail, 2, replay_cb, &r); break;
+        case 4: kt_milters_rcpt(g, rcpt, 1, replay_cb, &r); break;
+        case 5: kt_milters_data(g, replay_cb, &r); break;
+        case 6:
+            kt_milters_eom(g, msg_fd, 0, msg_len, 0, 1, "a@example.org", rcpts, 2, replay_cb, &r);
+            break;
+        }
+        replay_run(&r);
+        if (r.called != before + 1)
+            rc = -EDEADLK;   /* every event has exactly one outcome */
+        else if (step == 6 && (rc = replay_view_ok(g)) == 0 && g->res.verdict == KT_MILTER_CONTINUE) {
+            /* the edited message as a caller gets it: CRLF line ends only */
+            struct kt_buf out = { 0 };
+            if (kt_milters_render(g, &out) == 0)
+                for (size_t i = 0; i < out.len && rc == 0; i++)
+                    if ((out.data[i] == '\r') != (i + 1 < out.len && out.data[i + 1] == '\n')
+                        || (out.data[i] == '\n' && (i == 0 || out.data[i - 1] != '\r')))
+                        rc = -EPROTO;
+            kt_buf_release(&out);
+        }
+        else if (g->res.verdict != KT_MILTER_CONTINUE && step >= 3)
+            break;   /* the session would not go on with this message */
+    }
+    kt_milters_free(g);
+    replay_run(&r);   /* completes what was in flight; the last completion frees */
+    return rc;
 }

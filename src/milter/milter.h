@@ -144,4 +144,15 @@ void kt_milters_write(struct kt_milters *ms, struct kt_delivery *d, int keep_fix
 struct kt_buf;
 int kt_milters_render(struct kt_milters *ms, struct kt_buf *out);
 
+/* For the fuzz target (tests/fuzz/fuzz_milter.c): one session's events (connect, HELO, an unknown command
+ * when flags & 16, MAIL, RCPT, DATA, the end of the message held in msg_fd, msg_len bytes from offset 0)
+ * through one milter of milter_protocol `protocol` whose replies are the `len` bytes of replies, read as
+ * the ring would (in slices of 4096 bytes, or 1 with flags & 8; the end of them is the milter closing),
+ * without a loop or a socket. flags & 3: its default_action; flags & 4: message_size_limit = 64. check
+ * sees each event's outcome. 0; -EDEADLK when an event got no outcome (or two); -EPROTO when the edited
+ * message broke what any milter input must leave intact (header names and folding, envelope addresses
+ * on one line, the replaced body's limit). */
+int kt_milter_replay(const unsigned char *replies, size_t len, unsigned protocol, unsigned flags, int msg_fd,
+                     off_t msg_len, void (*check)(void *arg, const struct kt_milter_result *r), void *arg);
+
 #endif
