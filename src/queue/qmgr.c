@@ -45,6 +45,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <stddef.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -135,6 +136,7 @@ struct dest {
     char *unix_path;               /* LMTP over a unix-domain socket: the path as configured */
     char *host;                    /* next hop without brackets and port */
     int port, mx;
+    int bad_port;                  /* the next hop's port is no port: every job is deferred */
     struct job *head, *tail;
     size_t queued;
     struct conn *conns;
@@ -267,6 +269,21 @@ static double delay_of(const struct msg *m)
 /* A next hop "[host]:port", "[host]", "host:port" or "host": *HOST (owned by
  * the caller) and *PORT (DEFAULT_PORT when none is given or it is out of
  * range). Returns 1 for the bracketed form (no MX lookup), else 0. */
+/* A next hop's port: 1 to 65535, or a service name of /etc/services (Postfix's ":smtp"); -1 for anything
+ * else, which must not quietly become port 25 (a typo in a content filter's port would send the mail
+ * around the filter). */
+static int port_of(const char *s)
+{
+    if (!*s)
+        return -1;
+    if (strspn(s, "0123456789") == strlen(s)) {
+        long p = strlen(s) <= 5 ? strtol(s, NULL, 10) : 0;
+        return p >= 1 && p <= 65535 ? (int)p : -1;
+    }
+    struct servent *se = getservbyname(s, "tcp");
+    return se ? ntohs((uint16_t)se->s_port) : -1;
+}
+
 static int parse_host_port(const char *nh, int default_port, char **host, int *port)
 {
     int bracketed = nh[0] == '[';
@@ -274,16 +291,16 @@ static int parse_host_port(const char *nh, int default_port, char **host, int *p
     if (bracketed) {
         const char *end = strchr(nh, ']');
         *host = kt_strndup(nh + 1, end ? (size_t)(end - nh - 1) : strlen(nh + 1));
-        if (end && end[1] == ':')
-            *port = atoi(end + 2);
+        if (!end || (end[1] && end[1] != ':'))
+            *port = -1;
+        else if (end[1] == ':')
+            *port = port_of(end + 2);
     } else {
         const char *colon = strrchr(nh, ':');
         *host = colon ? kt_strndup(nh, (size_t)(colon - nh)) : kt_strdup(nh);
         if (colon)
-            *port = atoi(colon + 1);
+            *port = port_of(colon + 1);
     }
-    if (*port <= 0 || *port > 65535)
-        *port = default_port;
     return bracketed;
 }
 
@@ -308,6 +325,7 @@ static struct dest *dest_get(struct kt_qmgr *q, const char *key)
         } else {
             nh += 5;    /* "inet:" */
             parse_host_port(nh, 24, &d->host, &d->port);
+            d->bad_port = d->port < 0;
         }
         if (d->window > q->set->lmtp_concurrency_limit)
             d->window = q->set->lmtp_concurrency_limit;
@@ -315,6 +333,7 @@ static struct dest *dest_get(struct kt_qmgr *q, const char *key)
         /* "smtp:[host]:port", "smtp:host:port", "smtp:host" */
         const char *nh = strchr(key, ':') + 1;
         d->mx = !parse_host_port(nh, 25, &d->host, &d->port);
+        d->bad_port = d->port < 0;
     }
     d->next = q->dests;
     q->dests = d;
@@ -1270,6 +1289,14 @@ static void dest_kick(struct dest *d)
     }
     if (d->queued == 0)
         return;
+    if (d->bad_port) {
+        /* as Postfix's smtp(8), which stops on a bad port: the mail waits for the configuration to be fixed */
+        char *why = kt_asprintf("bad port number in next hop %s", strchr(d->key, ':') + 1);
+        kt_log_as(d->lmtp ? "lmtp" : "smtp", KT_LOG_WARN, "%s", why);
+        dest_defer_queued(d, 450, "4.3.5", why);
+        kt_free(why);
+        return;
+    }
     if (d->unix_path && !d->addrs)
         dest_unix_addr(d);
     int dane = dest_wants_dane(d);

@@ -361,3 +361,33 @@ def test_many_added_headers_are_bounded(relay_factory, raw_milter):
     assert transaction(r.port()) == TEMPFAIL
     assert r.wait_log(f"warning: milter {m.spec}: bad or not negotiated modification 'h'")
     nothing_stored(r)
+
+
+# ---- FILTER and content_filter next hops ----
+
+@pytest.mark.parametrize("how,nexthop", [
+    ("filter", "[127.0.0.1]:70000"),
+    ("filter", "[127.0.0.1]:0"),
+    ("filter", "[127.0.0.1"),
+    ("content_filter", "[127.0.0.1]:1002x"),
+])
+def test_next_hop_with_a_bad_port_defers_rather_than_port_25(relay_factory, tmp_path, how, nexthop):
+    # before: the port fell back to 25, so a typo in a filter's port sent the mail around the filter (here
+    # to ourselves: bounced as a mail loop)
+    extra = "minimal_backoff_time = 1s\nmaximal_backoff_time = 2s\nqueue_run_delay = 1s\n"
+    services = None
+    if how == "filter":
+        (tmp_path / "hc").write_text(f"/^Subject: filter me/ FILTER smtp:{nexthop}\n")
+        extra += f"header_checks = pcre:{tmp_path}/hc\n"
+    else:
+        services = {"smtp": {"content_filter": f"smtp:{nexthop}"}}
+    r = relay_factory(extra, services=services)
+    end = transaction(r.port(), msg="Subject: filter me\r\n\r\nbody\r\n")
+    assert end.startswith("250 2.0.0 Ok: queued as ")
+    qid = end.split()[-1]
+    assert r.wait_log(f"{qid}: to=<alice@example.test>, relay=none, delay=", timeout=15)
+    assert r.wait_log(f"dsn=4.3.5, status=deferred (bad port number in next hop {nexthop})", timeout=15)
+    assert f"warning: bad port number in next hop {nexthop}" in r.log()
+    assert "status=bounced" not in r.log() and "sender non-delivery notification" not in r.log()
+    assert (r.dir / "queue" / "new" / qid).exists()
+    assert r.maildir_files("example.test/alice/") == []
