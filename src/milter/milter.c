@@ -1606,15 +1606,10 @@ static int eom_modify(struct mconn *c, char cmd, const char *d, size_t len)
         }
         if (v->body_too_big)
             return 0;   /* the rest of it is read and dropped: the message is refused at the milter's end */
-        long long limit = c->g->set->message_size_limit;
-        if ((limit > 0 && (long long)(v->newbody.len + len) > limit) || v->newbody.len + len > MAX_REPLACED_BODY) {
-            kt_warn("milter %s: replaced body is larger than message_size_limit (%lld bytes)", c->conf->endpoint,
-                    limit > 0 ? limit : (long long)MAX_REPLACED_BODY);
-            v->body_too_big = 1;
-            kt_buf_release(&v->newbody);
-            return 0;
-        }
-        /* stored with CRLF line ends, whatever the milter sends */
+        /* stored with CRLF line ends, whatever the milter sends (a bare LF grows by one byte; a bare CR is
+         * dropped, also one that ended the previous packet) */
+        if (len && d[0] != '\n' && v->newbody.len && v->newbody.data[v->newbody.len - 1] == '\r')
+            v->newbody.len--;
         for (size_t i = 0; i < len; i++) {
             if (d[i] == '\n' && !(v->newbody.len && v->newbody.data[v->newbody.len - 1] == '\r'))
                 kt_buf_append(&v->newbody, "\r\n", 2);
@@ -1622,6 +1617,14 @@ static int eom_modify(struct mconn *c, char cmd, const char *d, size_t len)
                 continue;
             else
                 kt_buf_append(&v->newbody, d + i, 1);
+        }
+        /* the limit applies to the body as stored, its final CRLF included (eom_milter_done) */
+        long long limit = c->g->set->message_size_limit;
+        if ((limit > 0 && (long long)v->newbody.len + 2 > limit) || v->newbody.len + 2 > MAX_REPLACED_BODY) {
+            kt_warn("milter %s: replaced body is larger than message_size_limit (%lld bytes)", c->conf->endpoint,
+                    limit > 0 ? limit : (long long)MAX_REPLACED_BODY);
+            v->body_too_big = 1;
+            kt_buf_release(&v->newbody);
         }
         return 0;
     }
@@ -1634,6 +1637,8 @@ static void eom_milter_done(struct mconn *c)
     struct msgview *v = c->g->view;
     if (v->body_open) {
         v->body_open = 0;
+        if (v->newbody.len && v->newbody.data[v->newbody.len - 1] == '\r')
+            v->newbody.len--;   /* a bare CR at the very end */
         if (v->newbody.len && (v->newbody.len < 2 || memcmp(v->newbody.data + v->newbody.len - 2, "\r\n", 2)))
             kt_buf_append(&v->newbody, "\r\n", 2);
         v->body_replaced = 1;
@@ -2218,8 +2223,12 @@ static int replay_view_ok(const struct kt_milters *g)
             if ((unsigned char)*p < 32 || *p == 127)
                 return -EPROTO;
     }
-    if (g->set->message_size_limit && v->newbody.len > (size_t)g->set->message_size_limit + 2)
+    if (g->set->message_size_limit && v->newbody.len > (size_t)g->set->message_size_limit)
         return -EPROTO;
+    for (size_t i = 0; v->body_replaced && i < v->newbody.len; i++)
+        if ((v->newbody.data[i] == '\r') != (i + 1 < v->newbody.len && v->newbody.data[i + 1] == '\n')
+            || (v->newbody.data[i] == '\n' && (i == 0 || v->newbody.data[i - 1] != '\r')))
+            return -EPROTO;   /* a bare CR or LF in the replaced body */
     return 0;
 }
 
