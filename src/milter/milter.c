@@ -117,6 +117,7 @@
 #define MAX_HEADER_SECTION (1024 * 1024)   /* beyond it the rest counts as body */
 #define MAX_REPLACED_BODY (64 * 1024 * 1024)
 #define MAX_ADDED_HEADERS (1024 * 1024)    /* bytes of headers a milter may add to a message */
+#define MAX_RCPTS 10000                    /* envelope recipients after the milters' additions */
 /* SMFIR_PROGRESS restarts the wait for a reply (as Postfix and Sendmail), but one reply, progress
  * reports and modifications included, must come within this many times the stage's timeout */
 #define MAX_EXCHANGE_TIMEOUTS 4
@@ -1578,7 +1579,9 @@ static int eom_modify(struct mconn *c, char cmd, const char *d, size_t len)
                 memmove(&v->rcpts[i], &v->rcpts[i + 1], (v->n_rcpts - (size_t)i - 1) * sizeof(*v->rcpts));
                 v->n_rcpts--;
             }
-        } else if (addr[0] && rcpt_index(v, addr) < 0 && v->n_rcpts < 10000) {
+        } else if (addr[0] && rcpt_index(v, addr) < 0) {
+            if (v->n_rcpts >= MAX_RCPTS)
+                return -1;   /* not dropped in silence: the milter failed */
             v->rcpts = kt_realloc(v->rcpts, (v->n_rcpts + 1) * sizeof(*v->rcpts));
             v->rcpts[v->n_rcpts++] = kt_strdup(addr);
         }

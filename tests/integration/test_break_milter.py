@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import SmtpConn, free_port
+from conftest import SmtpConn, wait_until
 
 MSG = ("From: a@example.org\r\nTo: alice@example.test\r\nSubject: hello\r\n"
        "Message-ID: <m1@example.org>\r\n\r\nbody line\r\n")
@@ -391,3 +391,57 @@ def test_next_hop_with_a_bad_port_defers_rather_than_port_25(relay_factory, tmp_
     assert "status=bounced" not in r.log() and "sender non-delivery notification" not in r.log()
     assert (r.dir / "queue" / "new" / qid).exists()
     assert r.maildir_files("example.test/alice/") == []
+
+
+# ---- many recipients, late answers, one slow milter among many sessions ----
+
+def test_added_recipients_beyond_the_limit_fail_the_milter(relay_factory, raw_milter):
+    # before: additions after the 10000th were dropped without a word and the message was accepted
+    adds = b"".join(pkt(b"+", f"<r{i}@localhost>\0".encode()) for i in range(10001))
+    m = raw_milter({b"E": lambda _: adds + pkt(b"c")})
+    r = relay_factory(f"smtpd_milters = {m.spec}\n")
+    assert transaction(r.port()) == TEMPFAIL
+    assert r.wait_log(f"warning: milter {m.spec}: bad or not negotiated modification '+'")
+    nothing_stored(r)
+
+
+def test_answer_after_the_timeout_is_not_taken_for_the_next_one(relay_factory, raw_milter):
+    def late(_):
+        time.sleep(1.5)
+        yield pkt(b"y", b"550 5.7.1 too late\0")
+    m = raw_milter({b"M": late})
+    r = relay_factory(f"smtpd_milters = {{ {m.spec}, command_timeout=1s }}\n")
+    c = SmtpConn(r.port())
+    c.ehlo()
+    assert c.cmd("MAIL FROM:<a@example.org>") == TEMPFAIL
+    time.sleep(1)   # the late reply has arrived by now; it must answer nothing
+    assert c.cmd("RSET") == "250 2.0.0 Ok"
+    assert c.cmd("MAIL FROM:<a@example.org>") == TEMPFAIL   # the milter stays failed for the session
+    c.quit()
+    assert r.wait_log(f"warning: milter {m.spec}: read timeout")
+    assert "too late" not in r.log()
+
+
+def test_one_slow_milter_holds_only_its_own_sessions(relay_factory, raw_milter):
+    def slow(_):
+        time.sleep(2)
+        yield pkt(b"c")
+    m = raw_milter({b"E": slow})
+    r = relay_factory("", services={"smtp": {"smtpd_milters": m.spec}, "plain": {}})
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(transaction(r.port()))) for _ in range(8)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    wait_until(lambda: m.seen.count(b"E") == 8, 10, "eight messages at the slow milter")
+    # meanwhile sessions of the same worker process without the milter are answered at once
+    for _ in range(3):
+        t1 = time.monotonic()
+        assert transaction(r.port("plain"), rcpts=("bob@example.test",)).startswith("250 2.0.0 Ok: queued as ")
+        assert time.monotonic() - t1 < 1.5
+    for t in threads:
+        t.join(30)
+    assert len(results) == 8 and all(x.startswith("250 2.0.0 Ok: queued as ") for x in results), results
+    assert time.monotonic() - t0 >= 2
+    assert len(r.maildir_files("example.test/alice/")) == 8
+    assert len(r.maildir_files("example.test/bob/")) == 3
