@@ -25,6 +25,8 @@ void kt_buf_reserve(struct kt_buf *b, size_t extra)
 
 void kt_buf_append(struct kt_buf *b, const void *p, size_t n)
 {
+    if (n == 0)
+        return;   /* p may be NULL then (an empty buffer's data): memcpy must not see it */
     kt_buf_reserve(b, n);
     memcpy(b->data + b->len, p, n);
     b->len += n;
