@@ -395,14 +395,21 @@ static void fsync_made_dirs(struct kt_delivery *d, size_t box)
     }
 }
 
-/* ---- body writes ---- */
+/* ---- body writes ----
+ *
+ * Bytes collect in a chunk buffer that is written out (io_uring WRITE at its file offset) once full. A message's
+ * first chunk is small (most messages fit in it, and idle memory matters); every later one is a whole
+ * KT_DELIVERY_CHUNK from the start, so no body byte is ever copied by a growing realloc. Up to
+ * MAX_INFLIGHT_BYTES are written concurrently; the caller is told to wait (drain callback) beyond that. */
 
-static struct wchunk *chunk_new(struct kt_delivery *d, size_t need)
+#define FIRST_CHUNK 16384
+
+static struct wchunk *chunk_new(struct kt_delivery *d)
 {
     struct wchunk *c = kt_calloc(1, sizeof(*c));
     c->op.cb = chunk_done;
     c->d = d;
-    c->cap = need < 16384 ? 16384 : need;
+    c->cap = d->size == 0 ? FIRST_CHUNK : KT_DELIVERY_CHUNK;
     c->data = kt_malloc(c->cap);
     c->off = d->size;
     return c;
@@ -469,17 +476,22 @@ static void chunk_done(struct kt_op *op, int res, unsigned flags)
     }
 }
 
+static int delivery_behind(struct kt_delivery *d)
+{
+    if (d->inflight_bytes >= MAX_INFLIGHT_BYTES) {
+        d->want_drain = 1;
+        return 1;
+    }
+    return 0;
+}
+
 int kt_delivery_append(struct kt_delivery *d, const void *data, size_t len)
 {
     const char *p = data;
     while (len > 0) {
         if (!d->cur)
-            d->cur = chunk_new(d, len < KT_DELIVERY_CHUNK ? len : KT_DELIVERY_CHUNK);
+            d->cur = chunk_new(d);
         struct wchunk *c = d->cur;
-        if (c->len == c->cap && c->cap < KT_DELIVERY_CHUNK) {
-            c->cap = c->cap * 2 > KT_DELIVERY_CHUNK ? KT_DELIVERY_CHUNK : c->cap * 2;
-            c->data = kt_realloc(c->data, c->cap);
-        }
         size_t n = c->cap - c->len;
         if (n > len)
             n = len;
@@ -488,14 +500,40 @@ int kt_delivery_append(struct kt_delivery *d, const void *data, size_t len)
         d->size += (off_t)n;
         p += n;
         len -= n;
-        if (c->len == KT_DELIVERY_CHUNK)
+        if (c->len == c->cap)
             chunk_submit(d);
     }
-    if (d->inflight_bytes >= MAX_INFLIGHT_BYTES) {
-        d->want_drain = 1;
-        return 1;
+    return delivery_behind(d);
+}
+
+char *kt_delivery_space(struct kt_delivery *d, size_t min, size_t *room)
+{
+    if (min > KT_DELIVERY_CHUNK)
+        min = KT_DELIVERY_CHUNK;
+    if (d->cur && d->cur->cap - d->cur->len < min)
+        chunk_submit(d);
+    if (!d->cur)
+        d->cur = chunk_new(d);
+    if (d->cur->cap < min) {
+        /* an empty first chunk too small for the request: whole from the start */
+        kt_free(d->cur->data);
+        d->cur->cap = KT_DELIVERY_CHUNK;
+        d->cur->data = kt_malloc(d->cur->cap);
     }
-    return 0;
+    *room = d->cur->cap - d->cur->len;
+    return d->cur->data + d->cur->len;
+}
+
+int kt_delivery_fill(struct kt_delivery *d, size_t n)
+{
+    struct wchunk *c = d->cur;
+    if (n == 0 || !c)
+        return delivery_behind(d);
+    c->len += n;
+    d->size += (off_t)n;
+    if (c->len == c->cap)
+        chunk_submit(d);
+    return delivery_behind(d);
 }
 
 static void flush_now(struct kt_op *op, int res, unsigned flags)

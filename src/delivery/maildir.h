@@ -57,6 +57,12 @@ void kt_delivery_open(struct kt_delivery *d, kt_delivery_cb cb, void *arg);
 /* Append body bytes. Returns 1 when the caller should stop feeding until the
  * drain callback fires (spool writes behind), else 0. */
 int kt_delivery_append(struct kt_delivery *d, const void *data, size_t len);
+/* Appending without a copy: a pointer to at least min (<= KT_DELIVERY_CHUNK) writable bytes of the spool
+ * buffer, *room of them in all, valid until the next call on d. Whatever is written there becomes part of
+ * the message only through kt_delivery_fill(d, n), n <= *room, which returns what kt_delivery_append
+ * would. */
+char *kt_delivery_space(struct kt_delivery *d, size_t min, size_t *room);
+int kt_delivery_fill(struct kt_delivery *d, size_t n);
 void kt_delivery_set_drain_cb(struct kt_delivery *d, kt_delivery_cb cb, void *arg);
 /* Zero-copy body bytes: where the next bytes of the message go, for the
  * connection layer to splice them straight into the file (tls/conn.h).
