@@ -58,6 +58,7 @@
 /* Read sizes: a command line fits a small read; bodies come in TLS-record-sized ones. */
 #define COMMAND_READ 1024
 #define BODY_READ 16384
+#define BODY_SPACE_MIN 4096   /* body bytes are parsed straight into the spool buffer when it has this room */
 
 static void session_process(struct kt_session *s);
 static void bdat_fail(struct kt_session *s, const char *why);
@@ -1330,9 +1331,9 @@ static int body_fits(const struct kt_session *s, unsigned long long more)
     return limit <= 0 || s->txn->msg_bytes + more <= (unsigned long long)limit;
 }
 
-/* Canonical body bytes into the spool (DATA and BDAT); 1 when the writer is behind. Nothing more is stored
- * once the message is sure to be refused. */
-static int body_store(struct kt_session *s, const char *p, size_t n)
+/* Whether n canonical body bytes at p are to be stored, counting them if so. Nothing more is stored once
+ * the message is sure to be refused. */
+static int body_keep(struct kt_session *s, const char *p, size_t n)
 {
     struct kt_smtpd_txn *t = s->txn;
     if (n == 0 || t->msg_too_big || (t->nl_reject && (t->dp.bare_lf || t->dp.bare_cr)))
@@ -1344,7 +1345,13 @@ static int body_store(struct kt_session *s, const char *p, size_t n)
     t->msg_bytes += n;
     if (!t->hdrscan.done)
         kt_header_scan_feed(&t->hdrscan, p, n);
-    return spool_append(s, p, n);
+    return 1;
+}
+
+/* Canonical body bytes into the spool (DATA and BDAT); 1 when the writer is behind. */
+static int body_store(struct kt_session *s, const char *p, size_t n)
+{
+    return body_keep(s, p, n) ? spool_append(s, p, n) : 0;
 }
 
 /* Body bytes through the line-ending rule (smtp_parse.h), in blocks, until the input is used up, the
@@ -1359,6 +1366,15 @@ static size_t body_feed(struct kt_session *s, size_t limit, int *behind)
     *behind = 0;
     while (used < limit && !t->dp.done && !*behind) {
         size_t out_len = 0, take = limit - used;
+        if (!t->cleanup && t->delivery && !t->msg_too_big) {
+            /* straight into the spool buffer: the bytes are kept only if body_keep says so */
+            size_t room;
+            char *dst = kt_delivery_space(t->delivery, BODY_SPACE_MIN, &room);
+            used += kt_data_parse(&t->dp, head + used, take, dst, room, &out_len);
+            if (body_keep(s, dst, out_len))
+                *behind = kt_delivery_fill(t->delivery, out_len);
+            continue;
+        }
         if (take > 8192)
             take = 8192;
         used += kt_data_parse(&t->dp, head + used, take, out, sizeof(out), &out_len);
