@@ -55,9 +55,9 @@
 /* Cap on the delay before a failure reply, in units of smtpd_error_sleep_time. */
 #define AUTH_MAX_DELAY_STEPS 5
 
-/* Read sizes: a command line fits a small read; bodies come in TLS-record-sized ones. */
+/* Read sizes: a command line fits a small read; body reads are several TLS records each. */
 #define COMMAND_READ 1024
-#define BODY_READ 16384
+#define BODY_READ 65536
 #define BODY_SPACE_MIN 4096   /* body bytes are parsed straight into the spool buffer when it has this room */
 
 static void session_process(struct kt_session *s);

@@ -43,6 +43,7 @@
 #define READ_CHUNK 16384
 #define MAX_BUFFERED_INPUT (256 * 1024)
 #define MAX_READ (64 * 1024)
+#define SSL_READ_AHEAD_BUF (64 * 1024)   /* userspace TLS receive after the handshake: bytes per read(2) */
 #define SPLICE_STEP (64 * 1024)
 #define SENDFILE_STEP (1u << 30)
 
@@ -271,20 +272,38 @@ static void arm_poll(struct kt_conn *c, struct kt_op *op, unsigned events)
     io_uring_prep_poll_add(sqe, c->fd, events);
 }
 
+static size_t read_room(struct kt_conn *c, size_t chunk);
+
+/* Userspace TLS receive: SSL_read until OpenSSL wants the socket again or the input buffer holds enough. A
+ * body read (the owner asked for READ_CHUNK or more) decrypts straight into the input buffer; a command
+ * read goes through the thread's scratch record buffer and keeps only what arrived, so an idle TLS
+ * connection holds no 16 KB input buffer. */
 static void ssl_read_some(struct kt_conn *c)
 {
+    static __thread char record[READ_CHUNK];
+    int direct = c->rx_chunk >= READ_CHUNK;
     size_t got = 0;
+    if (direct)
+        read_room(c, c->rx_chunk);
     for (;;) {
         if (kt_buf_used(c->in) >= MAX_BUFFERED_INPUT)
             break;
-        /* Decrypt into the thread's scratch record buffer, then keep only
-         * what arrived: an idle TLS connection holds no 16 KB input buffer. */
-        static __thread char record[READ_CHUNK];
+        char *dst = record;
+        size_t room = sizeof(record), n = 0;
+        if (direct) {
+            dst = c->in->data + c->in->len;
+            room = c->in->cap - c->in->len;
+            if (room == 0)
+                break;
+        }
         ERR_clear_error();
-        int n = SSL_read(c->ssl, record, (int)sizeof(record));
-        if (n > 0) {
-            kt_buf_append(c->in, record, (size_t)n);
-            got += (size_t)n;
+        int r = SSL_read_ex(c->ssl, dst, room, &n);
+        if (r == 1) {
+            if (direct)
+                c->in->len += n;
+            else
+                kt_buf_append(c->in, record, n);
+            got += n;
             /* Nothing more in OpenSSL's buffers: another SSL_read would
              * mostly be a read(2) that fails with EAGAIN. What the socket
              * still holds is seen by the next poll, which completes at once. */
@@ -292,7 +311,7 @@ static void ssl_read_some(struct kt_conn *c)
                 break;
             continue;
         }
-        int e = SSL_get_error(c->ssl, n);
+        int e = SSL_get_error(c->ssl, r);
         if (e == SSL_ERROR_WANT_READ)
             break;
         if (got) {
@@ -346,9 +365,12 @@ static void tls_recv(struct kt_conn *c, size_t chunk)
     arm_poll(c, &c->rx_poll_op, POLLIN);
 }
 
+/* Free space after the input buffer's bytes for a read of about chunk bytes. The buffer grows to hold chunk
+ * bytes in all, not chunk more than it has: a few bytes left over from the last read do not double it. */
 static size_t read_room(struct kt_conn *c, size_t chunk)
 {
-    kt_buf_reserve(c->in, chunk);
+    size_t used = kt_buf_used(c->in);
+    kt_buf_reserve(c->in, used < chunk / 2 ? chunk - used : chunk / 2);
     size_t room = c->in->cap - c->in->len;
     return room > MAX_READ ? MAX_READ : room;
 }
@@ -708,6 +730,14 @@ static void tls_established(struct kt_conn *c)
             kt_info("TLS 1.3 kTLS RX not installed for %s: %s", c->peer, strerror(-r));
     }
     OPENSSL_cleanse(&c->secret, sizeof(c->secret));
+    if (!c->ktls_rx) {
+        /* Receive stays in userspace for good: OpenSSL may now read ahead, several records per read(2)
+         * into a larger buffer (still released when empty, SSL_MODE_RELEASE_BUFFERS), instead of a
+         * header read and a body read per record. Never before this point: a record OpenSSL buffered
+         * would keep kTLS RX from being installed. */
+        SSL_set_default_read_buffer_len(c->ssl, SSL_READ_AHEAD_BUF);
+        SSL_set_read_ahead(c->ssl, 1);
+    }
     c->rx = c->ktls_rx ? &xprt_ktls : &xprt_tls;
     c->txo = c->ktls_tx ? &xprt_ktls : &xprt_tls;
     kt_tls_describe(c->ssl, c->tls_desc, sizeof(c->tls_desc));
