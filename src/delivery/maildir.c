@@ -438,6 +438,15 @@ static void chunk_submit(struct kt_delivery *d)
     chunk_submit_rest(c);
 }
 
+static void writeback_started(struct kt_op *op, int res, unsigned flags)
+{
+    struct wchunk *c = (struct wchunk *)op;
+    struct kt_delivery *d = c->d;
+    d->pending--;
+    kt_free(c);
+    delivery_release_if_abandoned(d);
+}
+
 static void chunk_done(struct kt_op *op, int res, unsigned flags)
 {
     struct wchunk *c = (struct wchunk *)op;
@@ -456,7 +465,16 @@ static void chunk_done(struct kt_op *op, int res, unsigned flags)
     d->inflight_bytes -= c->len;
     d->inflight_writes--;
     kt_free(c->data);
-    kt_free(c);
+    c->data = NULL;
+    if (c->len == KT_DELIVERY_CHUNK && !d->error && d->stage < ST_COMMIT_WRITES) {
+        /* A large message: start writing this chunk back now (SYNC_FILE_RANGE_WRITE neither waits nor makes
+         * anything durable), so that the fsync of the commit finds little left to write. */
+        c->op.cb = writeback_started;
+        io_uring_prep_sync_file_range(delivery_sqe(d, &c->op), d->fd, (unsigned)c->len, (unsigned long long)c->off,
+                                      SYNC_FILE_RANGE_WRITE);
+    } else {
+        kt_free(c);
+    }
     if (delivery_release_if_abandoned(d))
         return;
     if (d->stage == ST_COMMIT_WRITES) {
