@@ -799,6 +799,33 @@ static void test_data_smuggling(void **state)
     EXPECT_DATA("a\n.\r\n.\r\n", "a\r\n\r\n", 8, 1, 1, 0);
 }
 
+/* Long runs of plain lines are scanned 16 bytes at a time: every rule must hold wherever its bytes fall
+ * relative to those blocks, so the same lines are tried with 0 to 40 bytes in front of each line end. */
+static void test_data_long_lines(void **state)
+{
+    (void)state;
+    static char in[512], want[512];
+    for (size_t pad = 0; pad <= 40; pad++) {
+        size_t n = 0, w = 0;
+#define PUT(buf, len, str) (memcpy((buf) + (len), (str), sizeof(str) - 1), (len) += sizeof(str) - 1)
+#define PAD(buf, len, c) (memset((buf) + (len), (c), pad), (len) += pad)
+        /* DATA: stuffed dot, bare LF, bare CR, a dot after a bare LF, then the end */
+        PAD(in, n, 'a'); PUT(in, n, "\r\n..x"); PAD(in, n, 'b'); PUT(in, n, "\n"); PAD(in, n, 'c');
+        PUT(in, n, "\rd"); PAD(in, n, 'e'); PUT(in, n, "\n.\r\n"); PAD(in, n, 'f'); PUT(in, n, "\r\n.\r\nQUIT\r\n");
+        PAD(want, w, 'a'); PUT(want, w, "\r\n.x"); PAD(want, w, 'b'); PUT(want, w, "\r\n"); PAD(want, w, 'c');
+        PUT(want, w, "\r\nd"); PAD(want, w, 'e'); PUT(want, w, "\r\n\r\n"); PAD(want, w, 'f'); PUT(want, w, "\r\n");
+        expect_body(in, n, 0, want, w, n - 6, 1, 1, 1);
+        /* BDAT: dots stay, the same line-ending rule */
+        n = w = 0;
+        PAD(in, n, 'a'); PUT(in, n, "\r\n..x"); PAD(in, n, 'b'); PUT(in, n, "\r\n.\r\n"); PAD(in, n, 'c'); PUT(in, n, "\n");
+        PAD(want, w, 'a'); PUT(want, w, "\r\n..x"); PAD(want, w, 'b'); PUT(want, w, "\r\n.\r\n"); PAD(want, w, 'c');
+        PUT(want, w, "\r\n");
+        expect_body(in, n, 1, want, w, n, 0, 1, 0);
+#undef PUT
+#undef PAD
+    }
+}
+
 static void test_chunked(void **state)
 {
     (void)state;
@@ -943,6 +970,7 @@ int main(void)
         cmocka_unit_test(test_bdat),
         cmocka_unit_test(test_data_basic),
         cmocka_unit_test(test_data_smuggling),
+        cmocka_unit_test(test_data_long_lines),
         cmocka_unit_test(test_chunked),
         cmocka_unit_test(test_arg_ctl),
         cmocka_unit_test(test_data_random),
