@@ -250,3 +250,32 @@ def test_receive_override_no_milters_in_main_cf_turns_them_off(relay_factory, mi
     wait_until(lambda: r.maildir_files("example.test/bob/"), 15, "delivery to bob")
     assert b"X-Filter" not in r.maildir_files("example.test/bob/")[0].read_bytes()
     assert m.events() == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd") or shutil.which("opendkim") is None,
+                    reason="needs root, useradd and opendkim")
+def test_local_user_mail_is_signed_by_opendkim(world, user, tmp_path):
+    signer = OpenDkim(tmp_path, "s")
+    r = test_ops_sendmail.start(world, f"non_smtpd_milters = {signer.spec}\n")
+    try:
+        env = {"PATH": "/usr/bin:/bin", "KTRELAY_CONFIG": str(r.dir), "HOME": "/", "LOGNAME": user.pw_name}
+        msg = (b"From: Alice <alice@example.org>\nTo: bob@example.test\nSubject: signed for a user\n"
+               b"Date: Mon, 30 Nov 2026 10:00:00 +0000\nMessage-ID: <dkim-user@example.org>\n\nhello\n")
+        p = test_ops_sendmail.as_user(user, [BIN, "sendmail", "-i", "-f", "alice@example.org", "bob@example.test"],
+                                      msg, env)
+        assert p.returncode == 0 and p.stderr == b"", p.stderr
+        wait_until(lambda: test_ops_sendmail.maildir(r, "bob"), 20, "delivery to bob")
+        data = test_ops_sendmail.maildir(r, "bob")[0].read_bytes()
+        assert re.search(rb"\r\nDKIM-Signature: v=1; a=rsa-sha256; c=relaxed/simple; d=example.org; s=test;", data)
+        # a second opendkim, in verify mode, checks the stored file
+        verifier = OpenDkim(tmp_path, "v")
+        verifier.stop()
+        copy = tmp_path / "stored.eml"
+        copy.write_bytes(data)
+        chk = subprocess.run(["opendkim", "-x", str(verifier.conf), "-t", str(copy)], capture_output=True, text=True,
+                             timeout=30)
+        assert chk.returncode == 0, chk.stderr
+        assert "verification (s=test, d=example.org, 2048-bit key) succeeded" in chk.stdout + chk.stderr
+    finally:
+        r.stop()
+        signer.stop()
