@@ -403,6 +403,18 @@ static void send_payload(struct conn *c, bool bdat)
 	}
 }
 
+/* After the recipients: the message itself, as one BDAT LAST chunk or DATA (its 354 then sends it). */
+static void start_body(struct conn *c)
+{
+	if (o.bdat) {
+		send_payload(c, true);
+		expect(c, ST_BDAT);
+	} else {
+		push_str(c, xasprintf("DATA\r\n"));
+		expect(c, ST_DATA);
+	}
+}
+
 static void begin_message(struct conn *c)
 {
 	if (g_stop || c->sent_msgs >= o.messages) {
@@ -424,13 +436,7 @@ static void begin_message(struct conn *c)
 		expect(c, ST_RCPT);
 	}
 	c->rcpt_sent = o.rcpts;
-	if (o.bdat) {
-		send_payload(c, true);
-		expect(c, ST_BDAT);
-	} else {
-		push_str(c, xasprintf("DATA\r\n"));
-		expect(c, ST_DATA);
-	}
+	start_body(c);
 }
 
 static void finish_message(struct conn *c, bool ok)
@@ -568,13 +574,7 @@ static void on_reply(struct conn *c, int code)
 			finish_message(c, false);
 			return;
 		}
-		if (o.bdat) {
-			send_payload(c, true);
-			expect(c, ST_BDAT);
-		} else {
-			push_str(c, xasprintf("DATA\r\n"));
-			expect(c, ST_DATA);
-		}
+		start_body(c);
 		return;
 	case ST_DATA:
 		if (code == 354) {

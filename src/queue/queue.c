@@ -750,39 +750,37 @@ void kt_queue_spares_clear(void)
     pthread_mutex_unlock(&spare_mu);
 }
 
-void kt_queue_notify(const char *qdir, const char *id)
+/* One line (at most PIPE_BUF bytes: written whole or not at all) into the queue manager's FIFO
+ * QDIR/public/qmgr. No reader (ENXIO), no FIFO or a full one: nothing is written, and nothing is lost,
+ * as the queue manager loads new/ when it starts and finds a removed file gone at its next attempt. */
+static void qmgr_fifo_line(const char *qdir, const char *line, int n)
 {
-    char path[PATH_MAX], line[KT_QUEUE_ID_MAX + 4];
+    char path[PATH_MAX];
     snprintf(path, sizeof(path), "%s/public/qmgr", qdir);
-    /* no reader (ENXIO) or no FIFO: no queue manager runs, and it loads new/ when it starts */
     int fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0)
         return;
     struct stat st;
-    if (fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode)) {
-        int n = id ? snprintf(line, sizeof(line), "N%s\n", id) : snprintf(line, sizeof(line), "F\n");
-        /* at most PIPE_BUF bytes: written whole or not at all */
-        if (n > 0 && (size_t)n < sizeof(line) && write(fd, line, (size_t)n) < 0) {
-            /* a full FIFO means the queue manager has wakeups pending; it also loads new/ at start */
-        }
+    if (fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode) && n > 0 && write(fd, line, (size_t)n) < 0) {
+        /* a full FIFO means the queue manager has wakeups pending */
     }
     close(fd);
 }
 
+void kt_queue_notify(const char *qdir, const char *id)
+{
+    char line[KT_QUEUE_ID_MAX + 4];
+    int n = id ? snprintf(line, sizeof(line), "N%s\n", id) : snprintf(line, sizeof(line), "F\n");
+    if (n > 0 && (size_t)n < sizeof(line))
+        qmgr_fifo_line(qdir, line, n);
+}
+
 void kt_queue_forget(const char *qdir, const char *id, char why)
 {
-    char path[PATH_MAX], line[KT_QUEUE_ID_MAX + 4];
-    snprintf(path, sizeof(path), "%s/public/qmgr", qdir);
-    int fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
-    if (fd < 0)
-        return;
-    struct stat st;
+    char line[KT_QUEUE_ID_MAX + 4];
     int n = snprintf(line, sizeof(line), "%c%s\n", why, id);
-    if (fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode) && n > 0 && (size_t)n < sizeof(line)
-        && write(fd, line, (size_t)n) < 0) {
-        /* a full FIFO: the queue manager finds the file gone at its next attempt */
-    }
-    close(fd);
+    if (n > 0 && (size_t)n < sizeof(line))
+        qmgr_fifo_line(qdir, line, n);
 }
 
 int kt_queue_note_deferrals(const char *qdir, const struct kt_qmsg *m)
