@@ -246,11 +246,10 @@ static int queue_one(const char *qdir, const char *dir, const struct kt_rewrite 
     props.notify = notify;
     props.filter = filter;
     props.orig_rcpt = (const char *const *)env.origs;
+    props.hold = hold;
     rc = kt_queue_write_props(qdir, time(NULL), env.sender, (const char *const *)env.rcpts, env.n, &props, body,
                               len, m->id, sizeof(m->id));
     kt_free(notify);
-    if (rc == 0 && hold && (rc = kt_queue_hold(qdir, m->id)) < 0)
-        kt_queue_remove(qdir, m->id);
     if (rc < 0) {
         kt_rewrite_envelope_free(&env);
         /* keep the drop file: the next tick tries again */

@@ -281,7 +281,9 @@ int kt_queue_write_props(const char *qdir, time_t arrival, const char *sender, c
     if (!id[0])
         kt_queue_new_id(id, idlen);
     snprintf(tmp, sizeof(tmp), "%s/tmp/%s", qdir, id);
-    snprintf(dst, sizeof(dst), "%s/new/%s", qdir, id);
+    /* a held message is committed straight into hold/: no crash can leave it in new/ to be delivered */
+    const char *where = props && props->hold ? "hold" : "new";
+    snprintf(dst, sizeof(dst), "%s/%s/%s", qdir, where, id);
     int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0)
         return -errno;
@@ -302,7 +304,7 @@ int kt_queue_write_props(const char *qdir, time_t arrival, const char *sender, c
         unlink(tmp);
         return rc;
     }
-    snprintf(tmp, sizeof(tmp), "%s/new", qdir);
+    snprintf(tmp, sizeof(tmp), "%s/%s", qdir, where);
     return kt_fsync_dir(tmp);
 }
 

@@ -73,6 +73,7 @@ struct kt_qprops {
     const char *const *orcpt;
     const char *filter;              /* content filter "transport:nexthop"; NULL or "" = none */
     const char *const *orig_rcpt;    /* per recipient: the address before rewriting (NULL, or equal = none) */
+    int hold;                        /* kt_queue_write_props: commit into hold/ instead of new/ */
 };
 
 struct kt_qmsg {
@@ -144,7 +145,7 @@ int kt_queue_write(const char *qdir, const char *sender, const char *const *rcpt
 /* The same with a given arrival time (requeue keeps the original one). */
 int kt_queue_write_at(const char *qdir, time_t arrival, const char *sender, const char *const *rcpts, size_t n,
                       const void *body, size_t len, char *id, size_t idlen);
-/* The same with the message's properties (props may be NULL). */
+/* The same with the message's properties (props may be NULL; props->hold commits into hold/). */
 int kt_queue_write_props(const char *qdir, time_t arrival, const char *sender, const char *const *rcpts, size_t n,
                          const struct kt_qprops *props, const void *body, size_t len, char *id, size_t idlen);
 /* A message the SMTP server committed into hold/ID (kt_delivery_set_new_dir) whose envelope the header and
