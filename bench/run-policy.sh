@@ -49,6 +49,11 @@ trap cleanup EXIT
 
 bench_cert "$T"
 echo "@bench.test bench.test/catchall/" >"$T/vmailbox"
+# ktrelay's worker runs as mail_owner (ktrelay) and creates the mailbox itself: it must reach $T and own
+# virtual_mailbox_base, as in run-matrix.sh
+id -u ktrelay >/dev/null 2>&1 ||
+	useradd --system --home-dir /var/lib/ktrelay --shell /usr/sbin/nologin ktrelay
+chmod 711 "$T"
 
 # A DNS server for the checks: the client 127.0.0.1 is client.bench.test (confirmed), the HELO name
 # ktbench.test and the sender domain exist, every list answers NXDOMAIN; TTL 300 everywhere.
@@ -113,6 +118,7 @@ run() {   # run MODE -> msgs/s on stdout
 	# (lib.sh says why); everything goes at exit
 	set_aside "$T" mail queue conf
 	mkdir -p "$T/mail" "$T/queue" "$T/conf"
+	chown ktrelay: "$T/mail"
 	sync
 	main_cf "$1" >"$T/conf/main.cf"
 	echo "127.0.0.1:$PORT inet n - n - - smtpd" >"$T/conf/master.cf"
