@@ -45,6 +45,7 @@
 #include "conf/config.h"
 #include "conf/settings.h"
 #include "core/alloc.h"
+#include "core/durable.h"
 #include "delivery/resolve.h"
 #include "delivery/rewrite.h"
 #include "core/buf.h"
@@ -310,22 +311,6 @@ struct submit_ctx {
     int milters;
 };
 
-static int write_all(int fd, const void *p, size_t n)
-{
-    const char *c = p;
-    while (n) {
-        ssize_t w = write(fd, c, n);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        c += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
 /* maildrop/NAME: the envelope and the message, written under ".NAME" and
  * renamed once complete and on disk. */
 static int drop(const char *qdir, const char *sender, struct rcpt_list *r, const struct kt_qprops *props,
@@ -344,10 +329,10 @@ static int drop(const char *qdir, const char *sender, struct rcpt_list *r, const
         return -errno;
     /* the pickup does not take a maildrop file's word for it (a local user wrote it): not marked canonical */
     char *env = kt_queue_envelope(sender, (const char *const *)r->v, r->n, time(NULL), -1, 0, props);
-    int rc = write_all(fd, env, strlen(env));
+    int rc = kt_write_all(fd, env, strlen(env));
     kt_free(env);
     if (rc == 0)
-        rc = write_all(fd, msg, len);
+        rc = kt_write_all(fd, msg, len);
     if (rc == 0 && fsync(fd) < 0)
         rc = -errno;
     if (close(fd) < 0 && rc == 0)

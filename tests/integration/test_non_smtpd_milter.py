@@ -193,6 +193,16 @@ def test_milter_down_default_action(relay_factory, action, delivered, held):
     wait_until(lambda: drops(r) == [], 10, "the drop file to go")
 
 
+def verify_stored(verifier, tmp_path, data):
+    """opendkim -t, with the verifier's configuration, accepts the stored file's signature."""
+    copy = tmp_path / "stored.eml"
+    copy.write_bytes(data)
+    chk = subprocess.run(["opendkim", "-x", str(verifier.conf), "-t", str(copy)], capture_output=True, text=True,
+                         timeout=30)
+    assert chk.returncode == 0, chk.stderr
+    assert "verification (s=test, d=example.org, 2048-bit key) succeeded" in chk.stdout + chk.stderr
+
+
 @pytest.mark.skipif(shutil.which("opendkim") is None, reason="opendkim is not installed")
 def test_opendkim_signs_local_mail(relay_factory, tmp_path):
     signer = OpenDkim(tmp_path, "s")
@@ -208,12 +218,7 @@ def test_opendkim_signs_local_mail(relay_factory, tmp_path):
         assert re.search(rb"\r\nDKIM-Signature: v=1; a=rsa-sha256; c=relaxed/simple; d=example.org; s=test;", data)
         assert re.search(rb"Authentication-Results: verifier.example.test;\r\n\tdkim=pass ", data), data[:1200]
         assert data.endswith(b"\r\n\r\nline one\r\n.leading dot\r\n\r\nlast line\r\n")
-        copy = tmp_path / "stored.eml"
-        copy.write_bytes(data)
-        chk = subprocess.run(["opendkim", "-x", str(verifier.conf), "-t", str(copy)], capture_output=True, text=True,
-                             timeout=30)
-        assert chk.returncode == 0, chk.stderr
-        assert "verification (s=test, d=example.org, 2048-bit key) succeeded" in chk.stdout + chk.stderr
+        verify_stored(verifier, tmp_path, data)
     finally:
         signer.stop()
         verifier.stop()
@@ -270,12 +275,7 @@ def test_local_user_mail_is_signed_by_opendkim(world, user, tmp_path):
         # a second opendkim, in verify mode, checks the stored file
         verifier = OpenDkim(tmp_path, "v")
         verifier.stop()
-        copy = tmp_path / "stored.eml"
-        copy.write_bytes(data)
-        chk = subprocess.run(["opendkim", "-x", str(verifier.conf), "-t", str(copy)], capture_output=True, text=True,
-                             timeout=30)
-        assert chk.returncode == 0, chk.stderr
-        assert "verification (s=test, d=example.org, 2048-bit key) succeeded" in chk.stdout + chk.stderr
+        verify_stored(verifier, tmp_path, data)
     finally:
         r.stop()
         signer.stop()
