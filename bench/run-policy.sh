@@ -129,7 +129,7 @@ run() {   # run MODE -> msgs/s on stdout
 	"$KTBENCH" --port "$PORT" --mode starttls --tls-version 1.3 --connections 1 --messages 1 --size 4096 \
 		--to x@bench.test --csv >/dev/null
 	line=$("$KTBENCH" --port "$PORT" --mode starttls --tls-version 1.3 --connections "$C" --messages "$M" \
-		--size 4096 --pipelining --to x@bench.test --quickack --csv --label "$1" --server-pid "$KT_PID")
+		--size 4096 --pipelining --to x@bench.test --quickack --csv --label "$1" --server-pids-cmd "echo $KT_PID; pgrep -P $KT_PID || true")
 	kill "$KT_PID"
 	wait "$KT_PID" || true
 	KT_PID=
