@@ -922,6 +922,16 @@ static void chain_link_done(struct kt_op *op, int res, unsigned flags)
     chain_step(d);
 }
 
+/* The open failed for a way without a name (a reused spare file, or O_TMPFILE): open a named file in
+ * the first mailbox's tmp/ instead, unless the delivery was abandoned meanwhile. */
+static void reopen_named(struct kt_delivery *d)
+{
+    snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp/%s", d->boxes[0].path, d->name);
+    if (delivery_release_if_abandoned(d))
+        return;
+    submit_open(d);
+}
+
 static void delivery_step(struct kt_op *op, int res, unsigned flags)
 {
     struct kt_delivery *d = (struct kt_delivery *)((char *)op - offsetof(struct kt_delivery, op));
@@ -932,10 +942,7 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
         if (res < 0 && d->reuse) {
             /* the spare is gone: a file of our own after all */
             d->reuse = 0;
-            snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp/%s", d->boxes[0].path, d->name);
-            if (delivery_release_if_abandoned(d))
-                return;
-            submit_open(d);
+            reopen_named(d);
             return;
         }
         if (res == -ENOENT && !d->mkdir_tried && !d->anon_spool) {
@@ -946,10 +953,7 @@ static void delivery_step(struct kt_op *op, int res, unsigned flags)
         if ((res == -EOPNOTSUPP || res == -EISDIR) && d->tmpfile) {
             /* a file system without O_TMPFILE: a named tmp/ file */
             d->tmpfile = 0;
-            snprintf(d->tmp_path, sizeof(d->tmp_path), "%stmp/%s", d->boxes[0].path, d->name);
-            if (delivery_release_if_abandoned(d))
-                return;
-            submit_open(d);
+            reopen_named(d);
             return;
         }
         if (res < 0) {
