@@ -1,6 +1,7 @@
 /* Allocation wrappers: jemalloc underneath (linked as the process malloc),
  * abort on out-of-memory. */
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +15,17 @@ static void __attribute__((noreturn)) out_of_memory(size_t size)
     int n = snprintf(msg, sizeof(msg), "ktrelay: fatal: out of memory allocating %zu bytes\n", size);
     if (n > 0 && write(STDERR_FILENO, msg, (size_t)n) < 0) { /* nothing more to do */ }
     abort();
+}
+
+/* jemalloc's mallctl(3) when jemalloc is the process's malloc; weak, since the unit tests and the sanitizer
+ * builds link without it. */
+extern int mallctl(const char *name, void *oldp, size_t *oldlenp, void *newp, size_t newlen) __attribute__((weak));
+
+void kt_alloc_after_fork(void)
+{
+    bool on = true;
+    if (mallctl)
+        (void)mallctl("background_thread", NULL, NULL, &on, sizeof(on));
 }
 
 void *kt_malloc(size_t size)

@@ -369,6 +369,7 @@ static __attribute__((noreturn)) void worker_child(struct master *m, struct kt_r
     }
     if ((rc = confine_worker(m, rt)) < 0)
         exit(EX_CONFIG);
+    kt_alloc_after_fork();
     rc = kt_server_run(rt, ls, id, status_fd);
     exit(rc);
 }
