@@ -449,14 +449,27 @@ static void mech_list(unsigned mechs, char *out, size_t outlen)
 
 /* Keeps the HELO name for logs, restrictions and Received:, as Postfix's
  * printable(): control characters become '?', UTF-8 stays. */
+static const char no_helo[] = "";
+#define HELO_MAX 255
+
+static void helo_forget(struct kt_session *s)
+{
+    if (s->helo != no_helo)
+        kt_free((char *)s->helo);
+    s->helo = no_helo;
+}
+
 static void helo_store(struct kt_session *s, const char *arg, size_t len)
 {
-    size_t n = len < sizeof(s->helo) - 1 ? len : sizeof(s->helo) - 1;
+    size_t n = len < HELO_MAX ? len : HELO_MAX;
+    char *h = kt_malloc(n + 1);
     for (size_t i = 0; i < n; i++) {
         unsigned char ch = (unsigned char)arg[i];
-        s->helo[i] = ch < 0x20 || ch == 0x7f ? '?' : (char)ch;
+        h[i] = ch < 0x20 || ch == 0x7f ? '?' : (char)ch;
     }
-    s->helo[n] = '\0';
+    h[n] = '\0';
+    helo_forget(s);
+    s->helo = h;
 }
 
 static void helo_or_ehlo(struct kt_session *s, const struct kt_smtp_command *c, int ehlo)
@@ -922,8 +935,8 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         .recipient_had_route = path.had_route,
         .sasl_username = s->sasl_username[0] ? s->sasl_username : NULL,
         .ccert_trusted = s->tls_on && s->ccert == KT_CCERT_TRUSTED,
-        .ccert_fp = s->tls_on && s->ccert != KT_CCERT_NONE ? s->ccert_fp : NULL,
-        .ccert_pkey_fp = s->tls_on && s->ccert != KT_CCERT_NONE ? s->ccert_pkey_fp : NULL,
+        .ccert_fp = s->tls_on && s->ccert_fps ? s->ccert_fps->cert : NULL,
+        .ccert_pkey_fp = s->tls_on && s->ccert_fps ? s->ccert_fps->pkey : NULL,
         .esmtp = s->esmtp,
         .pipelined = s->cmd_pipelined,
         .client_name = s->client_name,
@@ -1405,8 +1418,10 @@ static void bdat_fail(struct kt_session *s, const char *why)
         snprintf(t->bdat_error, sizeof(t->bdat_error), "%s", why);
         t->bdat_failed = 1;
     }
-    if (!s->bdat_refused)
-        snprintf(s->bdat_error, sizeof(s->bdat_error), "%s", t ? t->bdat_error : why);
+    if (!s->bdat_refused) {
+        kt_free(s->bdat_error);
+        s->bdat_error = kt_strdup(t ? t->bdat_error : why);
+    }
     s->bdat_refused = 1;
 }
 
@@ -1437,7 +1452,7 @@ static void bdat_chunk_done(struct kt_session *s)
     }
     if (s->bdat_refused) {
         session_enter_state(s, KT_SS_COMMAND);
-        reply(s, "%s", s->bdat_error);
+        reply(s, "%s", s->bdat_error ? s->bdat_error : "554 5.5.1 Error: no valid recipients");
         if (s->bdat_last)
             transaction_reset(s);
         return;
@@ -1493,7 +1508,8 @@ static void bdat_start(struct kt_session *s, const struct kt_smtp_command *c, co
     s->bdat_left = size;
     s->bdat_last = last;
     s->bdat_refused = 0;
-    s->bdat_error[0] = '\0';
+    kt_free(s->bdat_error);
+    s->bdat_error = NULL;
     if (refusal)
         bdat_fail(s, refusal);
     else if (s->txn->bdat_failed)
@@ -1978,7 +1994,7 @@ static void auth_end(struct kt_session *s)
 
 static void auth_fail_reply(struct kt_session *s)
 {
-    reply(s, "%s", s->auth_reply);
+    reply(s, "%s", s->auth_reply ? s->auth_reply : "535 5.7.8 Error: authentication failed");
     if (s->auth_failures >= AUTH_MAX_FAILURES && s->state != KT_SS_CLOSING) {
         kt_info("too many authentication failures from %s[%s]", client_name(s), s->addr);
         reply(s, "421 4.7.0 %s Error: too many authentication failures", s->cfg->myhostname);
@@ -2003,7 +2019,8 @@ static void auth_failed(struct kt_session *s, const char *why)
 {
     kt_warn("%s[%s]: SASL %s authentication failed: %s", client_name(s), s->addr, s->sasl_method, why);
     s->auth_failures++;
-    snprintf(s->auth_reply, sizeof(s->auth_reply), "535 5.7.8 Error: authentication failed: %s", why);
+    kt_free(s->auth_reply);
+    s->auth_reply = kt_asprintf("535 5.7.8 Error: authentication failed: %s", why);
     unsigned recent = kt_auth_fail_record(s->addr);
     unsigned steps = recent > 1 ? recent - 1 : 0;
     if (steps > AUTH_MAX_DELAY_STEPS)
@@ -2536,12 +2553,12 @@ static void log_client_cert(struct kt_session *s, SSL *ssl)
 {
     X509 *cert = ssl ? SSL_get0_peer_certificate(ssl) : NULL;
     char subject[128] = "", issuer[128] = "";
-    if (!cert)
+    if (!cert || !s->ccert_fps)
         return;
     X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, subject, sizeof(subject));
     X509_NAME_get_text_by_NID(X509_get_issuer_name(cert), NID_commonName, issuer, sizeof(issuer));
     kt_info("unknown[%s]: %s: subject_CN=%s, issuer_CN=%s, fingerprint=%s, pkey_fingerprint=%s", s->addr,
-            kt_tls_ccert_str(s->ccert), subject, issuer, s->ccert_fp, s->ccert_pkey_fp);
+            kt_tls_ccert_str(s->ccert), subject, issuer, s->ccert_fps->cert, s->ccert_fps->pkey);
 }
 
 static void session_on_tls_ready(struct kt_session *s)
@@ -2556,7 +2573,11 @@ static void session_on_tls_ready(struct kt_session *s)
     s->tls_on = 1;
     if (s->cfg->newtls_rate_limit > 0 && !s->anvil_exempt && !SSL_session_reused(ssl))
         kt_anvil_event(service_name(s), s->addr, KT_ANVIL_NEWTLS, s->cfg->anvil_unit_s);
-    s->ccert = kt_tls_peer_cert(ssl, s->cfg->tls_fingerprint_digest, s->ccert_fp, s->ccert_pkey_fp);
+    s->ccert = KT_CCERT_NONE;
+    if (SSL_get0_peer_certificate(ssl)) {
+        s->ccert_fps = kt_calloc(1, sizeof(*s->ccert_fps));
+        s->ccert = kt_tls_peer_cert(ssl, s->cfg->tls_fingerprint_digest, s->ccert_fps->cert, s->ccert_fps->pkey);
+    }
     log_client_cert(s, ssl);
     session_enter_state(s, KT_SS_COMMAND);
     s->wait = KT_WAIT_NONE;
@@ -2564,7 +2585,7 @@ static void session_on_tls_ready(struct kt_session *s)
     if (s->tls_used_starttls) {
         /* RFC 3207 4.2: forget everything learned before the handshake */
         transaction_reset(s);
-        s->helo[0] = '\0';
+        helo_forget(s);
         s->esmtp = 0;
         s->sasl_username[0] = '\0';
     } else {
@@ -2685,6 +2706,10 @@ void kt_session_maybe_free(struct kt_session *s)
     kt_free(s->client_name);
     kt_free(s->reverse_name);
     kt_free(s->dns_answers);
+    helo_forget(s);
+    kt_free(s->ccert_fps);
+    kt_free(s->auth_reply);
+    kt_free(s->bdat_error);
     session_unlink(s);
     kt_metric_add(KT_M_CONN_SMTPD, -1);
     kt_runtime_unref(s->rt);
@@ -2944,6 +2969,7 @@ void kt_session_start(struct kt_worker *w, int fd, const struct sockaddr *sa, so
                       struct kt_runtime *rt, const struct kt_smtpd_settings *cfg)
 {
     struct kt_session *s = kt_calloc(1, sizeof(*s));
+    s->helo = no_helo;
     s->worker = w;
     s->rt = kt_runtime_ref(rt);
     s->cfg = cfg;

@@ -131,6 +131,13 @@ struct kt_session_milter {
     int undo_want_success;
 };
 
+/* A client certificate's fingerprints (smtpd_tls_fingerprint_digest, "AB:CD:..."): allocated only for a
+ * session whose client sent one, which keeps an idle session small. */
+struct kt_ccert_fps {
+    char cert[KT_TLS_FP_MAX];
+    char pkey[KT_TLS_FP_MAX];              /* of its public key */
+};
+
 struct kt_session {
     struct kt_session *next, *prev;        /* worker's session list */
     struct kt_worker *worker;
@@ -157,8 +164,7 @@ struct kt_session {
     int tls_used_starttls;
     struct timespec tls_t0;                /* handshake start, for ktrelay_tls_handshake_seconds */
     enum kt_ccert ccert;                   /* client certificate: none, untrusted, trusted (verified) */
-    char ccert_fp[KT_TLS_FP_MAX];          /* its smtpd_tls_fingerprint_digest, "AB:CD:..." */
-    char ccert_pkey_fp[KT_TLS_FP_MAX];     /* the same of its public key */
+    struct kt_ccert_fps *ccert_fps;        /* with a client certificate only: its fingerprints */
 
     /* PROXY protocol (smtpd_upstream_proxy_protocol = haproxy) */
     struct kt_op proxy_op;                 /* readability poll while the header is read */
@@ -177,7 +183,7 @@ struct kt_session {
     int cmd_replay;                        /* the current command runs again after DNS answers */
 
     /* SMTP state */
-    char helo[256];
+    const char *helo;                      /* never NULL: "" (a static string) until HELO/EHLO, else owned */
     int esmtp;
     int errors;
     int tarpit_owed;                       /* an error reply past the soft limit awaits its delay */
@@ -189,7 +195,7 @@ struct kt_session {
     enum kt_auth_step auth_step;
     struct kt_auth_req *auth_req;          /* check in flight or being collected */
     unsigned auth_failures;                /* in this session */
-    char auth_reply[160];                  /* failure reply held back during the delay */
+    char *auth_reply;                      /* failure reply held back during the delay, NULL without */
     struct kt_op delay_op;
     struct __kernel_timespec delay_ts;
 
@@ -208,7 +214,7 @@ struct kt_session {
     unsigned long long bdat_left;          /* bytes of the current chunk still to read */
     int bdat_last;                         /* the current chunk is the LAST */
     int bdat_refused;                      /* the chunk is read and thrown away, then bdat_error is sent */
-    char bdat_error[96];                   /* reply owed at the end of a refused chunk */
+    char *bdat_error;                      /* reply owed at the end of a refused chunk, NULL without */
     unsigned long long rate_credit_ms;     /* body bytes not yet turned into deadline seconds */
 };
 

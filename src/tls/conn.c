@@ -23,6 +23,7 @@
 #include <netinet/tcp.h>
 #include <openssl/err.h>
 #include <poll.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
@@ -84,7 +85,7 @@ struct kt_conn {
     int ktls_tx, ktls_rx, ktls_rx_tls13;
     struct kt_ktls_counters *counters;
     struct kt_ktls_secret secret;     /* TLS 1.3 client secret for own-key RX (ktls.c fills it) */
-    char tls_desc[160];
+    char *tls_desc;                   /* "TLSv1.3 with cipher ...", once TLS is up; NULL before */
     struct msghdr rx_msg;             /* kTLS RX: recvmsg carries the record type */
     struct iovec rx_iov;
     uint8_t rx_cmsg[64];
@@ -101,7 +102,7 @@ struct kt_conn {
     off_t sf_pos, sf_end;
 
     enum kt_conn_step failed_step;
-    char why[512];
+    char *why;                        /* the last failure, NULL without one (kt_conn_why) */
 };
 
 static const struct kt_xprt_ops xprt_plain, xprt_tls, xprt_ktls;
@@ -113,6 +114,18 @@ static void send_next(struct kt_conn *c);
 static void sendfile_some(struct kt_conn *c);
 
 /* ---- life cycle ---- */
+
+/* Records why the connection failed, for kt_conn_why (allocated: most connections never fail). */
+static void __attribute__((format(printf, 2, 3))) set_why(struct kt_conn *c, const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    kt_free(c->why);
+    c->why = kt_strdup(buf);
+}
 
 static void conn_free_if_done(struct kt_conn *c)
 {
@@ -130,6 +143,8 @@ static void conn_free_if_done(struct kt_conn *c)
         close(c->pipe_w);
     OPENSSL_cleanse(&c->secret, sizeof(c->secret));
     kt_buf_release(&c->tx);
+    kt_free(c->why);
+    kt_free(c->tls_desc);
     kt_free(c);
     cb(owner, KT_CONN_EV_CLOSED, 0);
 }
@@ -166,8 +181,8 @@ static void conn_fail(struct kt_conn *c, enum kt_conn_event ev, enum kt_conn_ste
         return;
     c->failed = 1;
     c->failed_step = step;
-    if (ev == KT_CONN_EV_ERROR && !c->why[0])
-        snprintf(c->why, sizeof(c->why), "%s", res ? strerror(-res) : "connection closed");
+    if (ev == KT_CONN_EV_ERROR && !c->why)
+        set_why(c, "%s", res ? strerror(-res) : "connection closed");
     emit(c, ev, res);
 }
 
@@ -177,9 +192,9 @@ static void tls_fail(struct kt_conn *c, enum kt_conn_step step, int ssl_err, con
 {
     unsigned long code = ERR_peek_error();
     if (code)
-        snprintf(c->why, sizeof(c->why), "%s", ERR_reason_error_string(code) ? ERR_reason_error_string(code) : "?");
+        set_why(c, "%s", ERR_reason_error_string(code) ? ERR_reason_error_string(code) : "?");
     else
-        snprintf(c->why, sizeof(c->why), "%s", ssl_err == SSL_ERROR_ZERO_RETURN ? "connection closed" : "I/O error");
+        set_why(c, "%s", ssl_err == SSL_ERROR_ZERO_RETURN ? "connection closed" : "I/O error");
     if (c->role == KT_CONN_SERVER && server_what) {
         char err[256] = "lost connection";
         if (code)
@@ -211,14 +226,14 @@ static int ktls_rx_control(struct kt_conn *c, int res)
         return 0;     /* application data */
     const unsigned char *rec = (const unsigned char *)c->in->data + c->in->len;
     if (type == 21 && res >= 2 && rec[1] == 0)
-        snprintf(c->why, sizeof(c->why), "TLS close_notify from %s", c->peer);
+        set_why(c, "TLS close_notify from %s", c->peer);
     else if (type == 21 && res >= 2)
-        snprintf(c->why, sizeof(c->why), "TLS alert from %s: level %u description %u", c->peer, rec[0], rec[1]);
+        set_why(c, "TLS alert from %s: level %u description %u", c->peer, rec[0], rec[1]);
     else if (type == 22 && res >= 1 && rec[0] == 24)
-        snprintf(c->why, sizeof(c->why), "TLS KeyUpdate from %s: this kernel cannot rekey kTLS RX; closing the "
+        set_why(c, "TLS KeyUpdate from %s: this kernel cannot rekey kTLS RX; closing the "
                  "session", c->peer);
     else
-        snprintf(c->why, sizeof(c->why), "unexpected TLS record type %u (handshake message %u) from %s; closing",
+        set_why(c, "unexpected TLS record type %u (handshake message %u) from %s; closing",
                  type, res >= 1 ? rec[0] : 0, c->peer);
     if (c->role == KT_CONN_SERVER)
         kt_info("%s", c->why);
@@ -323,11 +338,11 @@ static void ssl_read_some(struct kt_conn *c)
         if (e == SSL_ERROR_ZERO_RETURN) {
             if (c->role == KT_CONN_SERVER)
                 kt_info("TLS close_notify from %s", c->peer);
-            snprintf(c->why, sizeof(c->why), "connection closed");
+            set_why(c, "connection closed");
             ERR_clear_error();
             conn_fail(c, KT_CONN_EV_ERROR, KT_CONN_STEP_RECV, -EPROTO);
         } else if (e == SSL_ERROR_SYSCALL && ERR_peek_error() == 0) {
-            snprintf(c->why, sizeof(c->why), "I/O error");
+            set_why(c, "I/O error");
             conn_fail(c, KT_CONN_EV_EOF, KT_CONN_STEP_RECV, 0);
         } else {
             tls_fail(c, KT_CONN_STEP_RECV, e, "SSL_read error from");
@@ -338,7 +353,7 @@ static void ssl_read_some(struct kt_conn *c)
         /* The peer asked for our KeyUpdate, which must precede our next
          * record; OpenSSL sends it only from SSL_write, and this kernel cannot
          * rekey kTLS TX anyway. Answering with the old key would be wrong. */
-        snprintf(c->why, sizeof(c->why), "TLS KeyUpdate request from %s: this kernel cannot rekey kTLS TX; "
+        set_why(c, "TLS KeyUpdate request from %s: this kernel cannot rekey kTLS TX; "
                  "closing the session", c->peer);
         if (c->role == KT_CONN_SERVER)
             kt_info("%s", c->why);
@@ -571,7 +586,7 @@ static void sendfile_some(struct kt_conn *c)
         }
         if (n <= 0) {
             int err = n < 0 ? -errno : -EIO;
-            snprintf(c->why, sizeof(c->why), "%s", n < 0 ? strerror(errno) : "file truncated");
+            set_why(c, "%s", n < 0 ? strerror(errno) : "file truncated");
             sendfile_end(c, err);
             return;
         }
@@ -590,7 +605,7 @@ void kt_conn_sendfile(struct kt_conn *c, int fd, off_t off, size_t len)
     if (c->closing || c->failed)
         return;
     if (!kt_conn_can_sendfile(c) || c->tx_armed || kt_buf_used(&c->tx) || kt_buf_used(c->out)) {
-        snprintf(c->why, sizeof(c->why), "sendfile is not possible on this transport now");
+        set_why(c, "sendfile is not possible on this transport now");
         sendfile_end(c, -EINVAL);
         return;
     }
@@ -661,7 +676,7 @@ static void splice_step(struct kt_op *op, int res, unsigned flags)
         return;
     case 2: /* pipe -> file */
         if (res <= 0) {
-            snprintf(c->why, sizeof(c->why), "splice into the file: %s", strerror(res < 0 ? -res : EIO));
+            set_why(c, "splice into the file: %s", strerror(res < 0 ? -res : EIO));
             c->splice_fd = -1;
             conn_fail(c, KT_CONN_EV_ERROR, KT_CONN_STEP_SPLICE_FILE, res < 0 ? res : -EIO);
             return;
@@ -740,7 +755,10 @@ static void tls_established(struct kt_conn *c)
     }
     c->rx = c->ktls_rx ? &xprt_ktls : &xprt_tls;
     c->txo = c->ktls_tx ? &xprt_ktls : &xprt_tls;
-    kt_tls_describe(c->ssl, c->tls_desc, sizeof(c->tls_desc));
+    char desc[160];
+    kt_tls_describe(c->ssl, desc, sizeof(desc));
+    kt_free(c->tls_desc);
+    c->tls_desc = kt_strdup(desc);
     count_ktls(c, version);
     if (c->role == KT_CONN_SERVER) {
         /* Postfix logs this at loglevel 1; ktrelay always does, as it also
@@ -805,7 +823,7 @@ void kt_conn_start_tls(struct kt_conn *c)
     if (c->closing || c->failed)
         return;
     if (!c->ssl || c->tls_on || c->handshaking || c->rx_armed || c->tx_armed) {
-        snprintf(c->why, sizeof(c->why), "cannot start TLS now");
+        set_why(c, "cannot start TLS now");
         conn_fail(c, KT_CONN_EV_ERROR, KT_CONN_STEP_HANDSHAKE, -EINVAL);
         return;
     }
@@ -836,7 +854,7 @@ static void connect_done(struct kt_op *op, int res, unsigned flags)
     if (!op_done(c, NULL))
         return;
     if (res < 0) {
-        snprintf(c->why, sizeof(c->why), "%s", strerror(-res));
+        set_why(c, "%s", strerror(-res));
         c->failed = 1;
         c->failed_step = KT_CONN_STEP_CONNECT;
     }
@@ -952,12 +970,12 @@ unsigned kt_conn_ktls(const struct kt_conn *c)
 
 const char *kt_conn_tls_desc(const struct kt_conn *c)
 {
-    return c->tls_on ? c->tls_desc : "";
+    return c->tls_on && c->tls_desc ? c->tls_desc : "";
 }
 
 const char *kt_conn_why(const struct kt_conn *c)
 {
-    return c->why;
+    return c->why ? c->why : "";
 }
 
 enum kt_conn_step kt_conn_failed_step(const struct kt_conn *c)
