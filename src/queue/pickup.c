@@ -164,7 +164,8 @@ static int load_one(int dfd, const char *dir, const char *name, long long size_l
     memset(m, 0, sizeof(*m));
     snprintf(m->name, sizeof(m->name), "%s", name);
     if (fd < 0) {
-        kt_warn("pickup: %s/%s: %s; removed", dir, name, strerror(errno));
+        if (errno != ENOENT)   /* else removed by its owner since the directory was read */
+            kt_warn("pickup: %s/%s: %s; removed", dir, name, strerror(errno));
         goto cleanup;
     }
     if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_nlink != 1) {
@@ -311,11 +312,17 @@ int kt_pickup_run(const char *qdir, long long size_limit, const char *hostname, 
 
 /* ---- non_smtpd_milters: the same pickup with a milter conversation per message ---- */
 
-#define RETRY_MAX 1024
+/* Drop files a milter deferred are not tried again before their time (queue_run_delay). At most this many
+ * are remembered; one beyond it is tried again on the next pass, one pass a tick at most. */
+#define RETRY_MAX 100000
+/* Directory entries one call looks at before it lets the loop run (a pass through many files the milters
+ * deferred, or through many malformed files, goes on from the loop) */
+#define SCAN_BATCH 1000
 
 struct retry {
-    char name[NAME_MAX + 1];
+    char *name;
     time_t at;
+    unsigned pass;                /* the last pass that found the file still there */
 };
 
 struct kt_pickup {
@@ -331,8 +338,10 @@ struct kt_pickup {
     const char *rcpt;             /* {rcpt_addr} during a RCPT event */
     int hold;
     char hold_reason[128];
-    struct retry *retry;          /* drop files a milter deferred, and when to try them again */
-    size_t n_retry;
+    struct retry *retry;          /* drop files a milter deferred, sorted by name, and when to try them again */
+    size_t n_retry, cap_retry;
+    DIR *scan;                    /* the pass through maildrop/ under way (one a tick at most), or NULL */
+    unsigned pass;
     struct kt_op next_op;         /* the end of a conversation runs from the loop, not inside its callback */
     int next_pending;
     int orphan;                   /* kt_pickup_free came while next_op was in flight: on_next frees */
@@ -371,11 +380,28 @@ static void conversation_end(struct kt_pickup *p)
     p->hold_reason[0] = '\0';
 }
 
+static void retry_free(struct kt_pickup *p)
+{
+    for (size_t i = 0; i < p->n_retry; i++)
+        kt_free(p->retry[i].name);
+    kt_free(p->retry);
+    p->retry = NULL;
+    p->n_retry = p->cap_retry = 0;
+}
+
+static void scan_end(struct kt_pickup *p)
+{
+    if (p->scan)
+        closedir(p->scan);
+    p->scan = NULL;
+}
+
 void kt_pickup_free(struct kt_pickup *p)
 {
     if (!p)
         return;
     conversation_end(p);   /* a message in flight stays in maildrop/ for the next start */
+    scan_end(p);
     if (p->rt)
         kt_runtime_unref(p->rt);
     p->rt = NULL;
@@ -383,7 +409,7 @@ void kt_pickup_free(struct kt_pickup *p)
         p->orphan = 1;
         return;
     }
-    kt_free(p->retry);
+    retry_free(p);
     kt_free(p->qdir);
     kt_free(p);
 }
@@ -427,32 +453,79 @@ static void milter_log(struct kt_pickup *p, const char *action, const char *wher
                text, p->m.sender, to);
 }
 
+/* The retry entry of name (the list is sorted by name): its index, or where it would go with *found 0. */
+static size_t retry_find(const struct kt_pickup *p, const char *name, int *found)
+{
+    size_t lo = 0, hi = p->n_retry;
+    *found = 0;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int c = strcmp(p->retry[mid].name, name);
+        if (c == 0) {
+            *found = 1;
+            return mid;
+        }
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
 static void retry_later(struct kt_pickup *p, const char *name, time_t at)
 {
-    for (size_t i = 0; i < p->n_retry; i++)
-        if (!strcmp(p->retry[i].name, name)) {
-            p->retry[i].at = at;
-            return;
-        }
+    int found;
+    size_t i = retry_find(p, name, &found);
+    if (found) {
+        p->retry[i].at = at;
+        p->retry[i].pass = p->pass;
+        return;
+    }
     if (p->n_retry == RETRY_MAX)
-        return;   /* tried again at once, as if never deferred */
-    p->retry = kt_realloc(p->retry, (p->n_retry + 1) * sizeof(*p->retry));
-    snprintf(p->retry[p->n_retry].name, sizeof(p->retry[0].name), "%s", name);
-    p->retry[p->n_retry++].at = at;
+        return;   /* tried again on the next pass, as if never deferred */
+    if (p->n_retry == p->cap_retry) {
+        p->cap_retry = p->cap_retry ? 2 * p->cap_retry : 64;
+        p->retry = kt_realloc(p->retry, p->cap_retry * sizeof(*p->retry));
+    }
+    memmove(&p->retry[i + 1], &p->retry[i], (p->n_retry - i) * sizeof(*p->retry));
+    p->retry[i] = (struct retry){ .name = kt_strdup(name), .at = at, .pass = p->pass };
+    p->n_retry++;
+}
+
+static void retry_remove(struct kt_pickup *p, size_t i)
+{
+    kt_free(p->retry[i].name);
+    memmove(&p->retry[i], &p->retry[i + 1], (p->n_retry - i - 1) * sizeof(*p->retry));
+    p->n_retry--;
 }
 
 /* 1 when name was deferred and is not due yet; a due entry is forgotten. */
 static int retry_wait(struct kt_pickup *p, const char *name, time_t now)
 {
-    for (size_t i = 0; i < p->n_retry; i++) {
-        if (strcmp(p->retry[i].name, name))
-            continue;
-        if (p->retry[i].at > now)
-            return 1;
-        p->retry[i] = p->retry[--p->n_retry];
+    int found;
+    size_t i = retry_find(p, name, &found);
+    if (!found)
         return 0;
+    if (p->retry[i].at > now) {
+        p->retry[i].pass = p->pass;
+        return 1;
     }
+    retry_remove(p, i);
     return 0;
+}
+
+/* A whole pass is over: the entries of files it did not find (removed by their owner) are forgotten. */
+static void retry_prune(struct kt_pickup *p)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < p->n_retry; i++) {
+        if (p->retry[i].pass == p->pass)
+            p->retry[k++] = p->retry[i];
+        else
+            kt_free(p->retry[i].name);
+    }
+    p->n_retry = k;
 }
 
 static void pickup_next(struct kt_pickup *p);
@@ -579,7 +652,7 @@ static void on_next(struct kt_op *op, int res, unsigned flags)
     (void)flags;
     p->next_pending = 0;
     if (p->orphan) {
-        kt_free(p->retry);
+        retry_free(p);
         kt_free(p->qdir);
         kt_free(p);
         return;
@@ -666,29 +739,26 @@ static void on_connect(void *arg, const struct kt_milter_result *r)
         kt_milters_helo(p->ms, "localhost", on_helo, p);
 }
 
-/* The next complete drop file that is not waiting for a retry: its conversation starts. */
+/* The next complete drop file of the pass under way that is not waiting for a retry: its conversation
+ * starts. Each pass goes through the whole directory once, from where the last conversation left it, so a
+ * file is neither tried twice in a pass nor left behind a thousand others the milters keep deferring; the
+ * pass ends (and the next begins on a tick) at the end of the directory. */
 static void pickup_next(struct kt_pickup *p)
 {
     const struct kt_qmgr_settings *set = &p->rt->qmgr;
-    if (!set->non_smtpd_milters)
-        return;
-    char dir[PATH_MAX];
-    snprintf(dir, sizeof(dir), "%s/maildrop", p->qdir);
-    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    if (dfd < 0)
-        return;
-    DIR *d = fdopendir(dfd);
-    if (!d) {
-        close(dfd);
+    if (!set->non_smtpd_milters || !p->scan) {
+        scan_end(p);
         return;
     }
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof(dir), "%s/maildrop", p->qdir);
     time_t now = time(NULL);
-    struct dirent *e;
-    for (int seen = 0; !p->busy && (e = readdir(d)) != NULL && seen < 1000; seen++) {
+    struct dirent *e = NULL;
+    for (int seen = 0; !p->busy && seen < SCAN_BATCH && (e = readdir(p->scan)) != NULL; seen++) {
         if (e->d_name[0] == '.' || retry_wait(p, e->d_name, now))
             continue;
-        if (load_one(dirfd(d), dir, e->d_name, set->message_size_limit, set->myhostname, &p->m) != 0) {
-            drop_remove(dirfd(d), dir, e->d_name);
+        if (load_one(dirfd(p->scan), dir, e->d_name, set->message_size_limit, set->myhostname, &p->m) != 0) {
+            drop_remove(dirfd(p->scan), dir, e->d_name);
             continue;
         }
         kt_info_as("pickup", "%s: uid=%u from=<%s>", p->m.id, (unsigned)p->m.uid, p->m.sender);
@@ -715,7 +785,16 @@ static void pickup_next(struct kt_pickup *p)
         /* Postfix's cleanup_milter_emul_mail: a local submission comes from localhost[127.0.0.1], inet */
         kt_milters_connect(p->ms, "localhost", '4', "127.0.0.1", 0, on_connect, p);
     }
-    closedir(d);
+    if (p->busy)
+        return;
+    if (e) {
+        /* a full batch without a conversation: the rest of the pass from the loop */
+        io_uring_prep_nop(kt_loop_sqe(p->loop, &p->next_op));
+        p->next_pending = 1;
+        return;
+    }
+    scan_end(p);
+    retry_prune(p);
 }
 
 void kt_pickup_stop(struct kt_pickup *p)
@@ -732,6 +811,20 @@ void kt_pickup_milter_run(struct kt_pickup *p, struct kt_runtime *rt)
         if (p->rt)
             kt_runtime_unref(p->rt);
         p->rt = kt_runtime_ref(rt);
+    }
+    if (!p->scan) {
+        /* a new pass (the last one ended) */
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof(dir), "%s/maildrop", p->qdir);
+        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (dfd < 0)
+            return;
+        p->scan = fdopendir(dfd);
+        if (!p->scan) {
+            close(dfd);
+            return;
+        }
+        p->pass++;
     }
     pickup_next(p);
 }

@@ -50,7 +50,9 @@ void kt_pickup_log(const char *id, uid_t uid, const char *sender, const char *ms
  *   5xx (not at RCPT): returned to the sender in a non-delivery notification with the milter's reply;
  *   4xx, 421, or a 5xx at RCPT (Postfix's "can't reject recipient in non-smtpd(8) submission"): kept in
  *   maildrop/ and tried again after queue_run_delay.
- * A milter that is down answers with its default_action (milter_default_action). */
+ * A milter that is down answers with its default_action (milter_default_action). The pickup goes through
+ * maildrop/ in passes, at most one a tick: every file is tried at most once a pass, so files the milters
+ * keep deferring neither hide the others nor keep the milters busy in a loop. */
 struct kt_loop;
 struct kt_runtime;
 struct kt_pickup;

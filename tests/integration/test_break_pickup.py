@@ -1,0 +1,51 @@
+"""Attacks on the non-SMTP milter path: maildrop/ and its pickup with non_smtpd_milters, by a hostile local
+user (drop files written by hand) and a milter that keeps deferring them. The milter is test_break_milter's
+RawMilter, a raw implementation of the wire protocol; each test checks the exact log lines and files."""
+import os
+
+from conftest import wait_until
+from test_break_milter import pkt, raw_milter  # noqa: F401 (a fixture)
+
+CANT_REJECT = "milter configuration error: can't reject recipient in non-smtpd(8) submission"
+
+
+def maildrop(relay):
+    return relay.dir / "queue" / "maildrop"
+
+
+def drop(relay, name, sender, rcpts, body=b"Subject: by hand\n\nhi\n"):
+    """A drop file as a local user may write it into maildrop/ (mode 1733): under a dot name, then renamed."""
+    env = f"KTQUEUE 1\nsender {sender}\n" + "".join(f"rcpt {r}\n" for r in rcpts) + "body\n"
+    tmp = maildrop(relay) / f".{name}"
+    tmp.write_bytes(env.encode() + body)
+    os.rename(tmp, maildrop(relay) / name)
+
+
+def files_in(relay, *subdirs):
+    """Every file (dot files included) in the queue's subdirs."""
+    out = []
+    for sub in subdirs:
+        d = relay.dir / "queue" / sub
+        out += sorted(f"{sub}/{x.name}" for x in d.iterdir()) if d.exists() else []
+    return out
+
+
+def test_files_the_milters_keep_deferring_hide_no_other_file(relay_factory, raw_milter):
+    """A user's 1,100 drop files that the milter refuses at RCPT (kept in maildrop/, as Postfix's cleanup
+    keeps them) are each tried once, and do not stop the pickup from reaching the files after them: it used
+    to look at the first thousand directory entries only, so once a thousand kept files came first, no
+    other local mail was picked up until their retry time, and then the same thousand again."""
+    m = raw_milter({b"R": lambda d: pkt(b"r") if d.startswith(b"spam@") else pkt(b"c")})
+    r = relay_factory(f"non_smtpd_milters = {m.spec}\nqueue_run_delay = 1h\n")
+    wait_until(maildrop(r).is_dir, 10, "maildrop/")
+    for i in range(1100):
+        drop(r, f"S{i:05d}", "mallory@example.test", ["spam@example.test"])
+    assert r.wait_log(CANT_REJECT, 60, count=1100), r.log().count(CANT_REJECT)
+    drop(r, "GOOD", "alice@example.test", ["bob@example.test"])
+    wait_until(lambda: r.maildir_files("example.test/bob/"), 20, "delivery of the file after them")
+    assert r.maildir_files("example.test/bob/")[0].read_bytes().endswith(b"\r\nSubject: by hand\r\n\r\nhi\r\n")
+    # each kept file was tried exactly once (none again before queue_run_delay), and all are still there
+    assert r.log().count(CANT_REJECT) == 1100
+    assert r.log().count("milter-reject: RCPT from localhost[127.0.0.1]: 550 5.7.1 Command rejected; "
+                         "from=<mallory@example.test> to=<spam@example.test>") == 1100
+    assert files_in(r, "maildrop") == [f"maildrop/S{i:05d}" for i in range(1100)]
