@@ -24,8 +24,13 @@
  * Where it goes: a user who can write the queue (root, the queue's owner)
  * queues the message directly (durable before the exit status 0) and logs it
  * like Postfix's pickup; anybody else drops it into maildrop/ for the
- * daemon's pickup (pickup.h). Exit codes are sysexits(3)'s: 0, 64 usage,
- * 69 no maildrop (no daemon has prepared this queue), 75 try again, 77, 78. */
+ * daemon's pickup (pickup.h). Either way an envelope the pickup would refuse
+ * (an address with a space, a control character, < or >, or of more than
+ * 512 bytes; more than 10000 recipients) is refused here, before anything is
+ * written, so that no message is lost after an exit status 0 and no address
+ * can add a line to the queue file. Exit codes are sysexits(3)'s: 0, 64
+ * usage, 65 such an envelope, 69 no maildrop (no daemon has prepared this
+ * queue), 75 try again, 77, 78. */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -356,6 +361,36 @@ static int can_write_queue(const char *qdir)
     return access(p, W_OK) == 0;
 }
 
+/* 0 when the envelope can be queued or dropped (pickup.h's rule), else EX_DATAERR with a message naming the
+ * address (its control characters shown as '?'). */
+static int envelope_check(const char *sender, const struct rcpt_list *rcpts)
+{
+    const char *bad = NULL, *what = "sender";
+    if (!kt_pickup_addr_ok(sender, strlen(sender)))
+        bad = sender;
+    for (size_t i = 0; !bad && i < rcpts->n; i++)
+        if (!kt_pickup_addr_ok(rcpts->v[i], strlen(rcpts->v[i]))) {
+            bad = rcpts->v[i];
+            what = "recipient";
+        }
+    if (bad) {
+        char shown[80];
+        size_t k = 0;
+        for (; bad[k] && k + 1 < sizeof(shown); k++)
+            shown[k] = (unsigned char)bad[k] < ' ' || bad[k] == 0x7f ? '?' : bad[k];
+        shown[k] = '\0';
+        fprintf(stderr, "sendmail: %s address <%s%s> cannot be used: it has a space, a control character, < or >, "
+                "or more than 512 bytes; message not queued\n", what, shown, bad[k] ? "..." : "");
+        return EX_DATAERR;
+    }
+    if (rcpts->n > KT_PICKUP_MAX_RCPTS) {
+        fprintf(stderr, "sendmail: %zu recipients, more than %d in one message; message not queued\n", rcpts->n,
+                KT_PICKUP_MAX_RCPTS);
+        return EX_DATAERR;
+    }
+    return 0;
+}
+
 /* One message: complete its headers, pick its recipients, queue or drop it. */
 static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list *rcpts, struct kt_buf *body)
 {
@@ -385,6 +420,8 @@ static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list
         rc = EX_USAGE;
         goto out;
     }
+    if ((rc = envelope_check(sender, rcpts)) != 0)
+        goto out;
     /* the message as queued: the headers it lacks after its own (as Postfix's
      * cleanup adds them), Bcc: left out */
     struct kt_buf msg = { 0 }, added = { 0 };
@@ -588,6 +625,8 @@ static int serve_stdio(struct submit_ctx *c)
             kt_buf_release(&body);
             if (rc == 0)
                 smtp_reply("250 2.0.0 Ok: queued");
+            else if (rc == EX_DATAERR)
+                smtp_reply("550 5.1.3 Error: bad address syntax");
             else {
                 smtp_reply("451 4.3.0 Error: queue file write error");
                 failed = 1;

@@ -26,7 +26,6 @@
 #include "smtpd/smtp_parse.h"
 #include "queue/queue.h"
 
-#define MAX_RCPTS 10000
 #define ADDR_MAX 512
 #define ENVELOPE_SLACK (1024 * 1024)     /* room for the envelope beyond message_size_limit */
 
@@ -41,7 +40,7 @@ void kt_pickup_log(const char *id, uid_t uid, const char *sender, const char *ms
     kt_metric_inc(KT_M_MESSAGES_RECEIVED);
 }
 
-static int clean_addr(const char *s, size_t n)
+int kt_pickup_addr_ok(const char *s, size_t n)
 {
     if (n > ADDR_MAX)
         return 0;
@@ -80,9 +79,10 @@ static long parse_envelope(char *data, size_t len, const char **sender, const ch
         pos += ll + 1;
         if (!strcmp(line, "body"))
             return *sender && *n ? (long)pos : -1;
-        if (!strncmp(line, "sender ", 7) && !*sender && clean_addr(line + 7, ll - 7)) {
+        if (!strncmp(line, "sender ", 7) && !*sender && kt_pickup_addr_ok(line + 7, ll - 7)) {
             *sender = line + 7;
-        } else if (!strncmp(line, "rcpt ", 5) && ll > 5 && clean_addr(line + 5, ll - 5) && *n < MAX_RCPTS) {
+        } else if (!strncmp(line, "rcpt ", 5) && ll > 5 && kt_pickup_addr_ok(line + 5, ll - 5)
+                   && *n < KT_PICKUP_MAX_RCPTS) {
             if (*n == cap) {
                 cap = cap ? cap * 2 : 8;
                 *rcpts = kt_realloc(*rcpts, cap * sizeof(**rcpts));

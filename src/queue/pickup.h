@@ -34,6 +34,13 @@ struct kt_rewrite;
 int kt_pickup_run(const char *qdir, long long size_limit, const char *hostname, const struct kt_rewrite *rw,
                   const char *content_filter);
 
+/* What a drop file may carry (and `ktrelay sendmail` therefore refuses beyond it, before anything is
+ * dropped or queued): at most this many recipients, and envelope addresses (without angle brackets) of at
+ * most 512 bytes without a space, a control character, DEL, '<' or '>' (the queue keeps the envelope as
+ * lines). kt_pickup_addr_ok: 1 when the n bytes at s are such an address. */
+#define KT_PICKUP_MAX_RCPTS 10000
+int kt_pickup_addr_ok(const char *s, size_t n);
+
 /* The three log lines of a locally submitted message (also used by
  * `ktrelay sendmail` when it queues directly). msg: the message as queued. */
 void kt_pickup_log(const char *id, uid_t uid, const char *sender, const char *msg, size_t len, size_t nrcpt);

@@ -1,9 +1,13 @@
 """Attacks on the non-SMTP milter path: maildrop/ and its pickup with non_smtpd_milters, by a hostile local
-user (drop files written by hand) and a milter that keeps deferring them. The milter is test_break_milter's
-RawMilter, a raw implementation of the wire protocol; each test checks the exact log lines and files."""
+user (drop files written by hand, envelopes `ktrelay sendmail` is asked to drop) and a milter that keeps
+deferring them. The milter is test_break_milter's RawMilter, a raw implementation of the wire protocol;
+each test checks the exact log lines, exit statuses and files."""
 import os
+import subprocess
 
-from conftest import wait_until
+import pytest
+
+from conftest import BIN, wait_until
 from test_break_milter import pkt, raw_milter  # noqa: F401 (a fixture)
 
 CANT_REJECT = "milter configuration error: can't reject recipient in non-smtpd(8) submission"
@@ -49,3 +53,28 @@ def test_files_the_milters_keep_deferring_hide_no_other_file(relay_factory, raw_
     assert r.log().count("milter-reject: RCPT from localhost[127.0.0.1]: 550 5.7.1 Command rejected; "
                          "from=<mallory@example.test> to=<spam@example.test>") == 1100
     assert files_in(r, "maildrop") == [f"maildrop/S{i:05d}" for i in range(1100)]
+
+
+@pytest.mark.parametrize("milters,args,said", [
+    # through maildrop/: the pickup would remove the file as malformed, after sendmail had exited 0
+    (True, ["-f", "alice@example.test", "<bob smith@example.test>", "bob@example.test"],
+     "recipient address <bob smith@example.test> cannot be used"),
+    (True, ["-f", "alice@example.test", "a" * 600 + "@example.test"],
+     "recipient address <" + "a" * 79 + "...> cannot be used"),
+    (True, ["-f", "alice@example.test", *[f"u{i}@example.test" for i in range(10001)]],
+     "10001 recipients, more than 10000 in one message"),
+    # root's direct queueing: the address would have added a content filter line to the queue file
+    (False, ["-f", "alice@example.test\nfilter smtp:[127.0.0.1]:9", "bob@example.test"],
+     "sender address <alice@example.test?filter smtp:[127.0.0.1]:9> cannot be used"),
+], ids=["space", "long", "10001-rcpts", "lf-direct"])
+def test_sendmail_refuses_an_envelope_nothing_could_queue(relay_factory, raw_milter, milters, args, said):
+    extra = f"non_smtpd_milters = {raw_milter().spec}\n" if milters else ""
+    r = relay_factory(extra)
+    wait_until(maildrop(r).is_dir, 10, "maildrop/")
+    p = subprocess.run([BIN, "sendmail", "-c", str(r.dir), *args], input=b"Subject: x\n\nhi\n", capture_output=True,
+                       timeout=60)
+    assert p.returncode == 65, p.stderr
+    assert p.stdout == b""
+    tail = ": it has a space, a control character, < or >, or more than 512 bytes" if "address" in said else ""
+    assert p.stderr.decode() == f"sendmail: {said}{tail}; message not queued\n"
+    assert files_in(r, "maildrop", "new", "tmp", "hold") == []
