@@ -549,8 +549,20 @@ static int bounce_rejected(struct kt_pickup *p, const char *reply)
         if (sl < sizeof(status))
             snprintf(status, sizeof(status), "%.*s", (int)sl, text);
     }
-    char reason[1200];
-    snprintf(reason, sizeof(reason), "%s - %s", status, reply);
+    /* a multi-line reply on one line, its lines joined by a space (as a next hop's reply is quoted): the
+     * Diagnostic-Code field takes no line of its own per reply line */
+    char flat[sizeof(((struct kt_milter_result *)0)->reply)], reason[1200];
+    size_t k = 0;
+    for (size_t i = 0; reply[i] && k + 1 < sizeof(flat); i++) {
+        if (reply[i] == '\r' && reply[i + 1] == '\n') {
+            flat[k++] = ' ';
+            i++;
+        } else {
+            flat[k++] = reply[i];
+        }
+    }
+    flat[k] = '\0';
+    snprintf(reason, sizeof(reason), "%s - %s", status, flat);
     struct kt_dsn_rcpt *dr = kt_calloc(p->m.n, sizeof(*dr));
     for (size_t i = 0; i < p->m.n; i++)
         dr[i] = (struct kt_dsn_rcpt){ .addr = p->m.rcpts[i], .reason = reason };

@@ -1,7 +1,7 @@
 """Attacks on the non-SMTP milter path: maildrop/ and its pickup with non_smtpd_milters, by a hostile local
-user (drop files written by hand, envelopes `ktrelay sendmail` is asked to drop) and a milter that keeps
-deferring them. The milter is test_break_milter's RawMilter, a raw implementation of the wire protocol;
-each test checks the exact log lines, exit statuses and files."""
+user (drop files written by hand, envelopes `ktrelay sendmail` is asked to drop) and a hostile milter (one
+that keeps deferring them, one with a multi-line reject). The milter is test_break_milter's RawMilter, a raw
+implementation of the wire protocol; each test checks the exact log lines, exit statuses and files."""
 import os
 import subprocess
 
@@ -78,3 +78,22 @@ def test_sendmail_refuses_an_envelope_nothing_could_queue(relay_factory, raw_mil
     tail = ": it has a space, a control character, < or >, or more than 512 bytes" if "address" in said else ""
     assert p.stderr.decode() == f"sendmail: {said}{tail}; message not queued\n"
     assert files_in(r, "maildrop", "new", "tmp", "hold") == []
+
+
+def test_a_multiline_reject_is_one_diagnostic_code_line(relay_factory, raw_milter):
+    """A milter's multi-line 5xx (SMFIR_REPLYCODE) at the end of a local message: the returned message's
+    Diagnostic-Code field quotes it on one line (it used to break the delivery-status part with a line of
+    its own for each reply line)."""
+    m = raw_milter({b"E": pkt(b"y", b"550-5.7.1 first line\r\n550 5.7.1 second line\0")})
+    r = relay_factory(f"non_smtpd_milters = {m.spec}\n")
+    p = subprocess.run([BIN, "sendmail", "-c", str(r.dir), "-f", "alice@example.test", "bob@example.test"],
+                       input=b"Subject: refused\n\nhi\n", capture_output=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    wait_until(lambda: r.maildir_files("example.test/alice/"), 15, "the bounce to alice")
+    dsn = r.maildir_files("example.test/alice/")[0].read_bytes()
+    assert (b"Action: failed\r\nStatus: 5.7.1\r\n"
+            b"Diagnostic-Code: X-Ktrelay; 550-5.7.1 first line 550 5.7.1 second line\r\n") in dsn, dsn
+    assert b"\r\n550 5.7.1 second line" not in dsn
+    assert r.wait_log("milter-reject: END-OF-MESSAGE from localhost[127.0.0.1]: 550-5.7.1 first line??550 5.7.1 "
+                      "second line; from=<alice@example.test> to=<bob@example.test>")
+    assert files_in(r, "maildrop") == []
