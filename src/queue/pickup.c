@@ -29,15 +29,21 @@
 #define ADDR_MAX 512
 #define ENVELOPE_SLACK (1024 * 1024)     /* room for the envelope beyond message_size_limit */
 
-void kt_pickup_log(const char *id, uid_t uid, const char *sender, const char *msg, size_t len, size_t nrcpt)
+/* The cleanup and qmgr lines of a message just queued (the pickup line comes first, once). */
+static void log_queued(const char *id, const char *sender, const char *msg, size_t len, size_t nrcpt)
 {
     struct kt_header_scan hs;
     kt_header_scan_reset(&hs);
     kt_header_scan_feed(&hs, msg, len);
-    kt_info_as("pickup", "%s: uid=%u from=<%s>", id, (unsigned)uid, sender);
     kt_info_as("cleanup", "%s: message-id=%s", id, hs.message_id[0] ? hs.message_id : "<>");
     kt_info_as("qmgr", "%s: from=<%s>, size=%zu, nrcpt=%zu (queue active)", id, sender, len, nrcpt);
     kt_metric_inc(KT_M_MESSAGES_RECEIVED);
+}
+
+void kt_pickup_log(const char *id, uid_t uid, const char *sender, const char *msg, size_t len, size_t nrcpt)
+{
+    kt_info_as("pickup", "%s: uid=%u from=<%s>", id, (unsigned)uid, sender);
+    log_queued(id, sender, msg, len, nrcpt);
 }
 
 int kt_pickup_addr_ok(const char *s, size_t n)
@@ -220,11 +226,12 @@ cleanup:
 
 /* Queues m under its id with the envelope sender/rcpts and the message body/len (m's own, or as the
  * milters edited them; their DSN requests follow the recipient they were given for), into hold/ when
- * hold. DROP_REMOVE once it is durably queued (logged as Postfix's pickup, cleanup and qmgr), else
- * DROP_KEEP (logged): the drop file stays for a later try. */
+ * hold. DROP_REMOVE once it is durably queued (logged as Postfix's pickup, cleanup and qmgr; the pickup
+ * line not again when pickup_logged, before the milters), else DROP_KEEP (logged): the drop file stays for
+ * a later try. */
 static int queue_one(const char *qdir, const char *dir, const struct kt_rewrite *rw, const char *filter,
                      struct dropped *m, const char *sender, const char *const *rcpts, size_t n, const char *body,
-                     size_t len, int hold)
+                     size_t len, int hold, int pickup_logged)
 {
     struct kt_rewrite_envelope env;
     const char *failed;
@@ -257,7 +264,10 @@ static int queue_one(const char *qdir, const char *dir, const struct kt_rewrite 
         kt_err("pickup: %s/%s: cannot queue: %s", dir, m->name, strerror(-rc));
         return DROP_KEEP;
     }
-    kt_pickup_log(m->id, m->uid, env.sender, body, len, env.n);
+    if (pickup_logged)
+        log_queued(m->id, env.sender, body, len, env.n);
+    else
+        kt_pickup_log(m->id, m->uid, env.sender, body, len, env.n);
     kt_rewrite_envelope_free(&env);
     if (!hold)
         kt_queue_notify(qdir, m->id);
@@ -276,7 +286,7 @@ static void pick_one(int dfd, const char *dir, const char *name, const char *qdi
     struct dropped m;
     int fate = load_one(dfd, dir, name, size_limit, hostname, &m);
     if (fate == 0) {
-        fate = queue_one(qdir, dir, rw, filter, &m, m.sender, m.rcpts, m.n, m.msg.data, kt_buf_used(&m.msg), 0);
+        fate = queue_one(qdir, dir, rw, filter, &m, m.sender, m.rcpts, m.n, m.msg.data, kt_buf_used(&m.msg), 0, 0);
         if (fate == DROP_REMOVE)
             (*picked)++;
         dropped_release(&m);
@@ -639,7 +649,7 @@ static void conversation_done(struct kt_pickup *p, const struct kt_milter_result
             fate = bounce_rejected(p, "554 5.5.1 Error: no valid recipients");
         } else {
             fate = queue_one(p->qdir, dir, set->rewrite, set->content_filter, &p->m, sender, rcpts, n,
-                             body, len, p->hold);
+                             body, len, p->hold, 1);
         }
         kt_buf_release(&edited);
     }

@@ -1,13 +1,14 @@
 """Attacks on the non-SMTP milter path: maildrop/ and its pickup with non_smtpd_milters, by a hostile local
-user (drop files written by hand, envelopes `ktrelay sendmail` is asked to drop) and a hostile milter (one
-that keeps deferring them, one with a multi-line reject). The milter is test_break_milter's RawMilter, a raw
+user (drop files written by hand, envelopes `ktrelay sendmail` is asked to drop) and a broken milter (one
+that never answers, while ktrelay is stopped or killed). The milter is test_break_milter's RawMilter, a raw
 implementation of the wire protocol; each test checks the exact log lines, exit statuses and files."""
 import os
+import signal
 import subprocess
 
 import pytest
 
-from conftest import BIN, wait_until
+from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, Relay, child_pids, make_searchable, wait_until
 from test_break_milter import pkt, raw_milter  # noqa: F401 (a fixture)
 
 CANT_REJECT = "milter configuration error: can't reject recipient in non-smtpd(8) submission"
@@ -23,6 +24,10 @@ def drop(relay, name, sender, rcpts, body=b"Subject: by hand\n\nhi\n"):
     tmp = maildrop(relay) / f".{name}"
     tmp.write_bytes(env.encode() + body)
     os.rename(tmp, maildrop(relay) / name)
+
+
+def descendants(pid):
+    return [x for k in child_pids(pid) for x in [k, *descendants(k)]]
 
 
 def files_in(relay, *subdirs):
@@ -97,3 +102,53 @@ def test_a_multiline_reject_is_one_diagnostic_code_line(relay_factory, raw_milte
     assert r.wait_log("milter-reject: END-OF-MESSAGE from localhost[127.0.0.1]: 550-5.7.1 first line??550 5.7.1 "
                       "second line; from=<alice@example.test> to=<bob@example.test>")
     assert files_in(r, "maildrop") == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill-9"])
+def test_stop_during_a_conversation_keeps_the_drop_file_for_one_delivery(tmp_path, raw_milter, sig):
+    """ktrelay stopped (SIGTERM: after its grace period) or killed while a milter sits on the end of a
+    local message: the drop file is still there, nothing is queued or delivered, and the next start
+    delivers the message exactly once. SIGTERM also frees the abandoned conversation (an ASan build
+    reports any leak at exit, and the instance must exit 0)."""
+    hung = raw_milter({b"E": lambda d: []})   # never answers the end of message
+    d = tmp_path / "relay"
+    d.mkdir()
+    make_searchable(d)
+    (d / "vmailbox").write_text(BASE_VMAILBOX)
+    base = BASE_MAIN_CF.format(dir=d) + "queue_run_delay = 1s\n"
+    r = Relay(d, base + f"non_smtpd_milters = {hung.spec}\n", {"smtp": {}})
+    try:
+        wait_until(maildrop(r).is_dir, 10, "maildrop/")
+        p = subprocess.run([BIN, "sendmail", "-c", str(d), "-f", "alice@example.test", "bob@example.test"],
+                           input=b"Subject: once\n\nexactly once\n", capture_output=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        wait_until(lambda: b"E" in hung.seen, 15, "the end of message at the milter")
+        dropped = files_in(r, "maildrop")
+        assert len(dropped) == 1 and not dropped[0].startswith("maildrop/.")
+        if sig == signal.SIGKILL:
+            for pid in [r.proc.pid, *descendants(r.proc.pid)]:
+                os.kill(pid, signal.SIGKILL)
+    finally:
+        rc = r.stop()
+    log = (d / "ktrelay.log").read_text(errors="replace")
+    if sig == signal.SIGTERM:
+        assert rc == 0, log[-4000:]
+        assert "runtime error" not in log and "AddressSanitizer" not in log, log[-4000:]
+    assert files_in(r, "maildrop", "new", "hold") == dropped
+    assert r.maildir_files("example.test/bob/") == []
+    ok = raw_milter()
+    r2 = Relay(d, base + f"non_smtpd_milters = {ok.spec}\n", {"smtp": {}})
+    try:
+        wait_until(lambda: files_in(r2, "maildrop") == [], 15, "the drop file to be picked up")
+        wait_until(lambda: r2.maildir_files("example.test/bob/"), 15, "delivery to bob")
+        assert r2.wait_log(" status=sent ", 15)
+        # one pickup line per message, as Postfix's pickup logs it (it used to be logged again once queued)
+        assert r2.log().count("ktrelay/pickup[") == 1, r2.log()
+        assert len(r2.maildir_files("example.test/bob/")) == 1
+        assert r2.maildir_files("example.test/bob/")[0].read_bytes().endswith(b"\r\n\r\nexactly once\r\n")
+        assert ok.seen.count(b"E") == 1
+    finally:
+        rc = r2.stop()
+    log = (d / "ktrelay.log").read_text(errors="replace")
+    assert rc == 0, log[-4000:]
+    assert "runtime error" not in log and "AddressSanitizer" not in log, log[-4000:]
