@@ -506,22 +506,17 @@ static int delivery_behind(struct kt_delivery *d)
 int kt_delivery_append(struct kt_delivery *d, const void *data, size_t len)
 {
     const char *p = data;
+    int behind = delivery_behind(d);
     while (len > 0) {
-        if (!d->cur)
-            d->cur = chunk_new(d);
-        struct wchunk *c = d->cur;
-        size_t n = c->cap - c->len;
-        if (n > len)
-            n = len;
-        memcpy(c->data + c->len, p, n);
-        c->len += n;
-        d->size += (off_t)n;
+        size_t room;
+        char *dst = kt_delivery_space(d, 1, &room);
+        size_t n = room < len ? room : len;
+        memcpy(dst, p, n);
+        behind = kt_delivery_fill(d, n);
         p += n;
         len -= n;
-        if (c->len == c->cap)
-            chunk_submit(d);
     }
-    return delivery_behind(d);
+    return behind;
 }
 
 char *kt_delivery_space(struct kt_delivery *d, size_t min, size_t *room)
