@@ -266,9 +266,6 @@ static double delay_of(const struct msg *m)
 
 /* ---- routing ---- */
 
-/* A next hop "[host]:port", "[host]", "host:port" or "host": *HOST (owned by
- * the caller) and *PORT (DEFAULT_PORT when none is given or it is out of
- * range). Returns 1 for the bracketed form (no MX lookup), else 0. */
 /* A next hop's port: 1 to 65535, or a service name of /etc/services (Postfix's ":smtp"); -1 for anything
  * else, which must not quietly become port 25 (a typo in a content filter's port would send the mail
  * around the filter). */
@@ -284,6 +281,9 @@ static int port_of(const char *s)
     return se ? ntohs((uint16_t)se->s_port) : -1;
 }
 
+/* A next hop "[host]:port", "[host]", "host:port" or "host": *HOST (owned by the caller) and *PORT
+ * (default_port when none is given; -1 when what is given is no port, or the bracket is not closed).
+ * Returns 1 for the bracketed form (no MX lookup), else 0. */
 static int parse_host_port(const char *nh, int default_port, char **host, int *port)
 {
     int bracketed = nh[0] == '[';

@@ -447,8 +447,7 @@ static void mech_list(unsigned mechs, char *out, size_t outlen)
              (mechs & KT_MECH_PLAIN) && (mechs & KT_MECH_LOGIN) ? " " : "", mechs & KT_MECH_LOGIN ? "LOGIN" : "");
 }
 
-/* Keeps the HELO name for logs, restrictions and Received:, as Postfix's
- * printable(): control characters become '?', UTF-8 stays. */
+/* s->helo before HELO/EHLO: a static string, never freed */
 static const char no_helo[] = "";
 #define HELO_MAX 255
 
@@ -459,6 +458,8 @@ static void helo_forget(struct kt_session *s)
     s->helo = no_helo;
 }
 
+/* Keeps the HELO name for logs, restrictions and Received:, as Postfix's
+ * printable(): control characters become '?', UTF-8 stays. */
 static void helo_store(struct kt_session *s, const char *arg, size_t len)
 {
     size_t n = len < HELO_MAX ? len : HELO_MAX;
