@@ -165,42 +165,28 @@ def test_multiline_reply_code_is_passed_on(relay_factory, raw_milter):
 
 # ---- negotiation ----
 
-def test_protocol_version_the_mta_did_not_offer(relay_factory, raw_milter):
-    m = raw_milter(optneg=pkt(b"O", struct.pack(">III", 6, 0x1f, 0)))
-    r = relay_factory(f"smtpd_milters = {m.spec}\nmilter_protocol = 2\n")
-    c = SmtpConn(r.port())
-    c.ehlo()
-    assert c.cmd("MAIL FROM:<a@example.org>") == TEMPFAIL
-    c.quit()
-    assert r.wait_log(f"warning: milter {m.spec}: protocol version 6 conflict with MTA protocol version 2")
-    assert b"T" not in m.seen and b"M" not in m.seen
-
-
-def test_actions_the_mta_did_not_offer(relay_factory, raw_milter):
-    m = raw_milter(optneg=pkt(b"O", struct.pack(">III", 6, 0x3ff, 0)))
-    r = relay_factory(f"smtpd_milters = {m.spec}\n")
-    c = SmtpConn(r.port())
-    c.ehlo()
-    assert c.cmd("MAIL FROM:<a@example.org>") == TEMPFAIL
-    c.quit()
-    assert r.wait_log(f"warning: milter {m.spec}: request mask 0x3ff conflict with MTA request mask 0x1ff")
-
-
-@pytest.mark.parametrize("optneg", [
-    pkt(b"O", b"\0\0\0\6"),                                     # too short
-    pkt(b"c"),                                                  # not a negotiation reply
-    struct.pack(">I", 0xfffffff0) + b"O",                       # length near 2^32
-    struct.pack(">I", 0),                                       # empty packet
-    pkt(b"O", struct.pack(">III", 1, 0x1ff, 0)),                # version 1
-])
-def test_bad_negotiation_gets_the_default_action(relay_factory, raw_milter, optneg):
+@pytest.mark.parametrize("optneg, extra, warning", [
+    (pkt(b"O", b"\0\0\0\6"), "", ""),                                  # too short
+    (pkt(b"c"), "", ""),                                                # not a negotiation reply
+    (struct.pack(">I", 0xfffffff0) + b"O", "", ""),                     # length near 2^32
+    (struct.pack(">I", 0), "", ""),                                     # empty packet
+    (pkt(b"O", struct.pack(">III", 1, 0x1ff, 0)), "", ""),              # version 1
+    # a protocol version the MTA did not offer
+    (pkt(b"O", struct.pack(">III", 6, 0x1f, 0)), "milter_protocol = 2\n",
+     "protocol version 6 conflict with MTA protocol version 2"),
+    # actions the MTA did not offer
+    (pkt(b"O", struct.pack(">III", 6, 0x3ff, 0)), "", "request mask 0x3ff conflict with MTA request mask 0x1ff"),
+], ids=["short", "not-negotiation", "huge-length", "empty", "version-1", "version-not-offered",
+        "actions-not-offered"])
+def test_bad_negotiation_gets_the_default_action(relay_factory, raw_milter, optneg, extra, warning):
     m = raw_milter(optneg=optneg)
-    r = relay_factory(f"smtpd_milters = {m.spec}\n")
+    r = relay_factory(f"smtpd_milters = {m.spec}\n{extra}")
     c = SmtpConn(r.port())
     c.ehlo()
     assert c.cmd("MAIL FROM:<a@example.org>") == TEMPFAIL
     c.quit()
-    assert r.wait_log(f"warning: milter {m.spec}: ")
+    assert r.wait_log(f"warning: milter {m.spec}: {warning}")
+    assert b"T" not in m.seen and b"M" not in m.seen
 
 
 def test_macro_list_in_negotiation_without_terminator(relay_factory, raw_milter):
