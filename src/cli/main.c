@@ -19,6 +19,7 @@
 #include "core/log.h"
 #include "queue/queue.h"
 #include "master/master.h"
+#include "smtpd/server.h"
 #include "conf/settings.h"
 #include "tls/tls.h"
 
@@ -155,6 +156,11 @@ static int load_runtime(const char *dir, struct kt_runtime **rt)
         return -EINVAL;
     if (kt_runtime_new(cfg, rt) < 0) {
         kt_config_free(cfg);
+        return -EINVAL;
+    }
+    if (kt_listen_check(*rt) > 0) {
+        kt_runtime_unref(*rt);
+        *rt = NULL;
         return -EINVAL;
     }
     return 0;

@@ -162,6 +162,63 @@ static int open_listener(const struct bind_addr *b)
 
 /* ---- listening sockets (opened by the master) ---- */
 
+static int wildcard(const struct bind_addr *b)
+{
+    if (b->ss.ss_family == AF_INET)
+        return ((const struct sockaddr_in *)&b->ss)->sin_addr.s_addr == htonl(INADDR_ANY);
+    return IN6_IS_ADDR_UNSPECIFIED(&((const struct sockaddr_in6 *)&b->ss)->sin6_addr);
+}
+
+/* Two listeners of one family and port whose addresses are equal, or one of them the wildcard, would take
+ * the same connections. Postfix's master cannot bind the second (EADDRINUSE) and does not start; ktrelay's
+ * listeners are SO_REUSEPORT sockets, which would both bind and split the connections between two services
+ * (say one that requires TLS and one that does not). So it refuses too. Returns how many pairs it logged. */
+static int overlapping(const struct kt_runtime *rt, const struct bind_addr *addrs, size_t n)
+{
+    int errors = 0;
+    for (size_t a = 0; a < n; a++)
+        for (size_t b = a + 1; b < n; b++) {
+            const struct bind_addr *x = &addrs[a], *y = &addrs[b];
+            if (x->ss.ss_family != y->ss.ss_family)
+                continue;
+            int same;
+            if (x->ss.ss_family == AF_INET) {
+                const struct sockaddr_in *p = (const void *)&x->ss, *q = (const void *)&y->ss;
+                same = p->sin_port == q->sin_port && p->sin_addr.s_addr == q->sin_addr.s_addr;
+                if (p->sin_port != q->sin_port)
+                    continue;
+            } else {
+                const struct sockaddr_in6 *p = (const void *)&x->ss, *q = (const void *)&y->ss;
+                same = p->sin6_port == q->sin6_port && IN6_ARE_ADDR_EQUAL(&p->sin6_addr, &q->sin6_addr);
+                if (p->sin6_port != q->sin6_port)
+                    continue;
+            }
+            if (!same && !wildcard(x) && !wildcard(y))
+                continue;
+            const struct kt_service *sx = kt_config_service(rt->cfg, x->service);
+            const struct kt_service *sy = kt_config_service(rt->cfg, y->service);
+            kt_err("%s:%d: service %s would listen on %s, where service %s (%s:%d) already listens on %s: "
+                   "give each master.cf service its own address and port", sy->file, sy->line, sy->name, y->text,
+                   sx->name, sx->file, sx->line, x->text);
+            errors++;
+        }
+    return errors;
+}
+
+int kt_listen_check(const struct kt_runtime *rt)
+{
+    struct bind_addr *addrs = NULL;
+    size_t n_addrs = 0;
+    int errors = 0;
+    for (size_t i = 0; i < rt->n_services; i++)
+        if (service_addrs(rt, i, &addrs, &n_addrs) < 0)
+            errors++;
+    if (!errors)
+        errors = overlapping(rt, addrs, n_addrs);
+    kt_free(addrs);
+    return errors;
+}
+
 int kt_listen_open(const struct kt_runtime *rt, struct kt_listen_set *ls)
 {
     struct bind_addr *addrs = NULL;
@@ -174,6 +231,11 @@ int kt_listen_open(const struct kt_runtime *rt, struct kt_listen_set *ls)
             rc = -EINVAL;
             goto cleanup;
         }
+    if (overlapping(rt, addrs, n_addrs)) {
+        kt_err("fatal: master.cf services overlap; nothing is listening");
+        rc = -EINVAL;
+        goto cleanup;
+    }
     if (n_addrs == 0) {
         kt_err("fatal: no listening addresses: add an inet smtpd service to master.cf");
         rc = -EINVAL;

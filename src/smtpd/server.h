@@ -47,7 +47,12 @@ struct kt_listen_set {
     size_t *services;
 };
 
-/* Open (and log) the listeners of RT's services. 0 or -errno, errors logged. */
+/* Resolve RT's listening addresses as kt_listen_open does and check that no two services (or one service
+ * twice) would listen on the same address and port, or on a port another listens on for the wildcard
+ * address: Postfix's master fails to bind such a configuration. Binds nothing. Returns the number of
+ * problems, each logged with its master.cf line (0: fine). */
+int kt_listen_check(const struct kt_runtime *rt);
+/* Open (and log) the listeners of RT's services. 0 or -errno, errors logged (overlapping services too). */
 int kt_listen_open(const struct kt_runtime *rt, struct kt_listen_set *ls);
 /* Close every socket still open and free the set. */
 void kt_listen_close(struct kt_listen_set *ls);

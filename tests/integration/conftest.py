@@ -21,10 +21,22 @@ SRC = pathlib.Path(__file__).resolve().parents[2]
 BIN = os.environ.get("KTRELAY_BIN", str(SRC / "build" / "ktrelay"))
 
 
+_ports_given = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port nothing listens on, never one this process handed out before: the kernel picks
+    bind(0) ports at random, so two calls in a row can return the same one, and two master.cf services given
+    the same port would make the second replace the first."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            if len(_ports_given) > 10000:
+                _ports_given.clear()
+            _ports_given.add(port)
+            return port
 
 
 def make_cert(directory, name="cert", kind="ec", passphrase=None, cn="localhost"):
@@ -131,6 +143,30 @@ class Relay:
                 if target.startswith(d):
                     found.append(target)
         return sorted(found)
+
+    def threads_state(self):
+        """For a failure message: each thread of the instance's processes with its state, the kernel
+        function it waits in, and its kernel stack where /proc shows it (root), then the log's tail."""
+        out = []
+        for pid in [self.proc.pid] + child_pids(self.proc.pid):
+            try:
+                tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+            except OSError:
+                continue
+            for tid in tids:
+                t = f"/proc/{pid}/task/{tid}"
+                parts = []
+                for name in ("comm", "wchan", "stat", "stack"):
+                    try:
+                        with open(f"{t}/{name}") as f:
+                            v = f.read().strip()
+                    except OSError:
+                        continue
+                    if name == "stat":
+                        v = "state " + v.rsplit(")", 1)[1].split()[0]
+                    parts.append(v)
+                out.append(f"{pid}/{tid}: " + " | ".join(parts))
+        return "\n".join(out) + "\n--- log ---\n" + self.log()[-4000:]
 
     def stop(self, sig=signal.SIGTERM, timeout=15):
         """Stop the instance: the master and every process it started. After SIGKILL the master's

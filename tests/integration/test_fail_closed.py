@@ -334,3 +334,28 @@ def test_listen_address_that_does_not_resolve(tmp_path):
                      r"127\.0\.0\.300", chk.stderr), chk.stderr
     rc, out = run_refuses(tmp_path)
     assert rc == 78 and "cannot resolve listen address 127.0.0.300" in out, out
+
+
+@pytest.mark.parametrize("second,listens,first_listens", [
+    ("localhost:{p}", "127.0.0.1:{p}", "127.0.0.1:{p}"),      # another name for the same address
+    ("{p}", "0.0.0.0:{p}", "127.0.0.1:{p}"),                   # the wildcard address takes the same port
+])
+def test_services_that_would_share_a_port_are_refused(tmp_path, second, listens, first_listens):
+    """Two master.cf services on one address and port: Postfix's master cannot bind the second and stops.
+    ktrelay's listeners are SO_REUSEPORT sockets that would both bind and split the connections between
+    the two, here one that requires TLS and one that does not, so check-config and run refuse it."""
+    cert, key = make_cert(tmp_path)
+    write_conf(tmp_path, f"inet_interfaces = all\ninet_protocols = ipv4\nsmtpd_tls_cert_file = {cert}\n"
+               f"smtpd_tls_key_file = {key}\n")
+    p = free_port()
+    (tmp_path / "master.cf").write_text(f"127.0.0.1:{p} inet n - n - - smtpd\n"
+                                        f"  -o smtpd_tls_security_level=encrypt\n"
+                                        f"{second.format(p=p)} inet n - n - - smtpd\n")
+    message = (f"{tmp_path}/master.cf:3: service {second.format(p=p)} would listen on {listens.format(p=p)}, "
+               f"where service 127.0.0.1:{p} ({tmp_path}/master.cf:1) already listens on "
+               f"{first_listens.format(p=p)}: give each master.cf service its own address and port")
+    chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert chk.returncode == 78 and "error: " + message + "\n" in chk.stderr, chk.stderr
+    rc, out = run_refuses(tmp_path)
+    assert rc == 78 and message in out, out
+    assert "listening on" not in out
