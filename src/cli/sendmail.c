@@ -28,9 +28,12 @@
  * (an address with a space, a control character, < or >, or of more than
  * 512 bytes; more than 10000 recipients) is refused here, before anything is
  * written, so that no message is lost after an exit status 0 and no address
- * can add a line to the queue file. Exit codes are sysexits(3)'s: 0, 64
- * usage, 65 such an envelope, 69 no maildrop (no daemon has prepared this
- * queue), 75 try again, 77, 78. */
+ * can add a line to the queue file. A message larger than
+ * message_size_limit (with the headers added here) is refused the same way,
+ * as Postfix's sendmail refuses it ("SENDER(UID): message file too big";
+ * 552 5.3.4 in -bs mode). Exit codes are sysexits(3)'s: 0, 64 usage, 65
+ * such an envelope, 69 no maildrop (no daemon has prepared this queue) or
+ * a message too big, 75 try again, 77, 78. */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -234,7 +237,9 @@ static void scan_header(void *arg, const char *name, size_t nl, const char *val,
  * sendmail(1) without -i. The lines then go through the server's line-ending rule (smtp_parse.h), so a CR
  * inside a line is stored as a line end, as smtpd stores it, never raw: the queue holds only canonical
  * CRLF lines. */
-static void read_message(FILE *in, struct kt_buf *out, int ignore_dots)
+/* Reads the message from IN into OUT (CRLF lines). Stops reading once OUT holds more than LIMIT bytes
+ * (0: no limit) and returns 1 then, as Postfix's sendmail stops at its file size limit; else 0. */
+static int read_message(FILE *in, struct kt_buf *out, int ignore_dots, long long limit)
 {
     struct kt_data_parser p;
     char *line = NULL, *canon = NULL, end[2];
@@ -266,10 +271,13 @@ static void read_message(FILE *in, struct kt_buf *out, int ignore_dots)
             used += kt_data_parse(&p, line + used, len - used, canon, canon_cap, &got);
             kt_buf_append(out, canon, got);
         }
+        if (limit > 0 && (long long)kt_buf_used(out) > limit)
+            break;
     }
     kt_buf_append(out, end, kt_data_parse_end(&p, end));
     kt_free(canon);
     free(line);
+    return limit > 0 && (long long)kt_buf_used(out) > limit;
 }
 
 /* myorigin, with Postfix's "/file" form: the first line of the file. */
@@ -306,6 +314,8 @@ struct submit_ctx {
     enum kt_qret ret;        /* -R */
     const char *envid;       /* -V, as xtext; NULL = none */
     int verbose;
+    long long size_limit;    /* message_size_limit in bytes, 0 = none */
+    int too_big;             /* the last submit() refused the message as larger than that */
     /* canonical and virtual alias rewriting for a message queued directly (built at its first use; the
      * daemon's pickup rewrites what is dropped into maildrop/) */
     int rw_built;
@@ -391,7 +401,17 @@ static int envelope_check(const char *sender, const struct rcpt_list *rcpts)
     return 0;
 }
 
-/* One message: complete its headers, pick its recipients, queue or drop it. */
+/* A message over message_size_limit, as Postfix's sendmail says it ("SENDER(UID): message file too big",
+ * exit 69 EX_UNAVAILABLE): refused here rather than dropped for a pickup that could only remove it. */
+static int too_big(const char *sender)
+{
+    fprintf(stderr, "sendmail: fatal: %s(%u): message file too big\n", sender, (unsigned)getuid());
+    kt_err("fatal: %s(%u): message file too big", sender, (unsigned)getuid());
+    return EX_UNAVAILABLE;
+}
+
+/* One message: complete its headers, pick its recipients, queue or drop it. EX_UNAVAILABLE for a message
+ * larger than message_size_limit (with its added headers), EX_DATAERR for an envelope the pickup refuses. */
 static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list *rcpts, struct kt_buf *body)
 {
     struct passwd *pw = getpwuid(getuid());
@@ -415,6 +435,7 @@ static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list
     size_t hlen = header_len(body->data ? body->data : "", kt_buf_used(body));
     each_header(body->data ? body->data : "", hlen, scan_header, &st);
     int rc = 0;
+    c->too_big = 0;
     if (rcpts->n == 0) {
         fprintf(stderr, "sendmail: no recipients given%s\n", c->extract ? " (none in To:, Cc:, Bcc: either)" : "");
         rc = EX_USAGE;
@@ -461,6 +482,12 @@ static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list
         kt_buf_append(&msg, "\r\n", 2);
     kt_buf_append(&msg, b + hlen, blen - hlen);
     kt_buf_release(&added);
+    c->too_big = c->size_limit > 0 && (long long)kt_buf_used(&msg) > c->size_limit;
+    if (c->too_big) {
+        rc = too_big(sender);
+        kt_buf_release(&msg);
+        goto out;
+    }
 
     /* -N, -R, -V */
     unsigned *notify = c->notify ? kt_calloc(rcpts->n, sizeof(*notify)) : NULL;
@@ -614,6 +641,9 @@ static int serve_stdio(struct submit_ctx *c)
                     p++;
                     len--;
                 }
+                /* past message_size_limit the rest is read to the "." but not kept: submit() refuses it */
+                if (c->size_limit > 0 && (long long)kt_buf_used(&body) > c->size_limit)
+                    continue;
                 kt_buf_append(&body, p, len);
                 kt_buf_append(&body, "\r\n", 2);
             }
@@ -627,6 +657,8 @@ static int serve_stdio(struct submit_ctx *c)
                 smtp_reply("250 2.0.0 Ok: queued");
             else if (rc == EX_DATAERR)
                 smtp_reply("550 5.1.3 Error: bad address syntax");
+            else if (rc == EX_UNAVAILABLE && c->too_big)
+                smtp_reply("552 5.3.4 Error: message file too big");
             else {
                 smtp_reply("451 4.3.0 Error: queue file write error");
                 failed = 1;
@@ -769,6 +801,7 @@ int kt_queue_cli_sendmail(int argc, char **argv)
         .notify = notify,
         .ret = ret,
         .envid = envid[0] ? envid : NULL,
+        .size_limit = kt_config_get_int(cfg, NULL, "message_size_limit"),
     };
     const char *nsm = kt_config_get(cfg, NULL, "non_smtpd_milters");
     c.milters = nsm && nsm[strspn(nsm, " \t\r\n,")] != '\0';
@@ -783,7 +816,7 @@ int kt_queue_cli_sendmail(int argc, char **argv)
         for (int i = optind; i < argc; i++)
             parse_address_list(&rcpts, argv[i], strlen(argv[i]));
         struct kt_buf body = { 0 };
-        read_message(stdin, &body, ignore_dots);
+        read_message(stdin, &body, ignore_dots, c.size_limit);
         rc = submit(&c, sender, &rcpts, &body);
         kt_buf_release(&body);
         rcpt_free(&rcpts);

@@ -27,7 +27,9 @@
 #include "queue/queue.h"
 
 #define ADDR_MAX 512
-#define ENVELOPE_SLACK (1024 * 1024)     /* room for the envelope beyond message_size_limit */
+/* Room for a drop file's envelope beyond message_size_limit: its most recipients of the longest addresses,
+ * each on a line with its DSN requests (the message itself is checked against the limit once parsed). */
+#define ENVELOPE_SLACK ((KT_PICKUP_MAX_RCPTS + 1) * (ADDR_MAX + 128) + 64 * 1024)
 
 /* The cleanup and qmgr lines of a message just queued (the pickup line comes first, once). */
 static void log_queued(const char *id, const char *sender, const char *msg, size_t len, size_t nrcpt)
@@ -203,6 +205,11 @@ static int load_one(int dfd, const char *dir, const char *name, long long size_l
     m->dp.props.notify = m->dp.notify;
     if (off < 0) {
         kt_warn("pickup: %s/%s: malformed submission from uid %u; removed", dir, name, (unsigned)st.st_uid);
+        goto cleanup;
+    }
+    if (size_limit > 0 && (long long)(len - (size_t)off) > size_limit) {
+        kt_warn("pickup: %s/%s: message from uid %u exceeds message_size_limit; removed", dir, name,
+                (unsigned)st.st_uid);
         goto cleanup;
     }
     char date[64];

@@ -24,7 +24,10 @@
 #include "queue/queue.h"
 
 #define MAGIC "KTQUEUE 1\n"
-#define MAX_ENVELOPE (4 * 1024 * 1024)
+/* A sanity bound on a queue file's envelope lines, for a damaged file: what ktrelay writes stays far below it
+ * (10,000 recipients from sendmail of up to 512 bytes each are about 5.5 MB; SMTP's smtpd_recipient_limit
+ * and virtual_alias_expansion_limit keep a message to a few thousand). */
+#define MAX_ENVELOPE (64 * 1024 * 1024)
 
 int kt_queue_init_dirs(const char *qdir)
 {

@@ -152,3 +152,67 @@ def test_stop_during_a_conversation_keeps_the_drop_file_for_one_delivery(tmp_pat
     log = (d / "ktrelay.log").read_text(errors="replace")
     assert rc == 0, log[-4000:]
     assert "runtime error" not in log and "AddressSanitizer" not in log, log[-4000:]
+
+
+@pytest.mark.parametrize("milters", [True, False], ids=["maildrop", "direct"])
+def test_sendmail_refuses_a_message_over_message_size_limit(relay_factory, raw_milter, milters):
+    """A local message larger than message_size_limit is refused by sendmail, as Postfix's sendmail refuses
+    it (exit 69, "SENDER(UID): message file too big"): it used to be dropped with exit 0, and the pickup
+    then removed it with a log line only, so neither the user nor the sender heard of it. One just under the
+    limit is still delivered."""
+    extra = f"non_smtpd_milters = {raw_milter().spec}\n" if milters else ""
+    r = relay_factory(extra + "message_size_limit = 4000\n")
+    wait_until(maildrop(r).is_dir, 10, "maildrop/")
+    big = b"Subject: big\n\n" + b"x" * 70 + b"\n"
+    p = subprocess.run([BIN, "sendmail", "-c", str(r.dir), "-f", "alice@example.test", "bob@example.test"],
+                       input=big * 60, capture_output=True, timeout=30)
+    assert p.returncode == 69, p.stderr
+    assert p.stderr == b"sendmail: fatal: alice@example.test(0): message file too big\n"
+    assert files_in(r, "maildrop", "new", "tmp", "hold") == []
+    p = subprocess.run([BIN, "sendmail", "-c", str(r.dir), "-f", "alice@example.test", "bob@example.test"],
+                       input=big * 30, capture_output=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    wait_until(lambda: r.maildir_files("example.test/bob/"), 20, "delivery of the smaller message")
+    assert "exceeds message_size_limit" not in r.log()
+
+
+def test_sendmail_bs_answers_552_for_a_message_over_message_size_limit(relay_factory):
+    """In -bs mode the message over the limit is read to its end and refused 552 5.3.4 (smtpd's reply);
+    the session goes on, and the next transaction is queued."""
+    r = relay_factory("message_size_limit = 4000\n")
+    line = b"x" * 70 + b"\r\n"
+    tx = b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nSubject: %s\r\n\r\n%s.\r\n"
+    dialogue = b"EHLO client\r\n" + tx % (b"big", line * 100) + tx % (b"small", line) + b"QUIT\r\n"
+    p = subprocess.run([BIN, "sendmail", "-bs", "-c", str(r.dir)], input=dialogue, capture_output=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    finals = [ln for ln in p.stdout.split(b"\r\n") if ln[3:4] == b" "]
+    assert finals[5:] == [b"552 5.3.4 Error: message file too big", b"250 2.1.0 Ok", b"250 2.1.5 Ok",
+                          b"354 End data with <CR><LF>.<CR><LF>", b"250 2.0.0 Ok: queued", b"221 2.0.0 Bye"], p.stdout
+    wait_until(lambda: r.maildir_files("example.test/bob/"), 20, "delivery of the small message")
+    assert len(r.maildir_files("example.test/bob/")) == 1
+    assert b"Subject: small\r\n" in r.maildir_files("example.test/bob/")[0].read_bytes()
+
+
+@pytest.mark.parametrize("milters", [True, False], ids=["maildrop", "direct"])
+def test_the_largest_envelope_sendmail_takes_is_queued_and_loaded(relay_factory, raw_milter, milters):
+    """10,000 recipients of 500 bytes each, the most sendmail and the pickup accept, make an envelope of
+    about 5 MB. Through maildrop/ the pickup removed such a file as larger than message_size_limit (it
+    allowed 1 MB for the envelope); queued directly, the queue manager could not load an envelope over 4 MB
+    and the message stayed in new/ for good. Now it is queued either way, and the queue listing (which
+    loads each file as the queue manager does) shows every recipient while delivery is deferred."""
+    extra = f"non_smtpd_milters = {raw_milter().spec}\n" if milters else ""
+    r = relay_factory(extra + "relayhost = [127.0.0.1]:9\n")
+    wait_until(maildrop(r).is_dir, 10, "maildrop/")
+    rcpts = [f"{i:05d}" + "r" * 483 + "@example.org" for i in range(10000)]
+    to = "To: " + ",\n ".join(rcpts) + "\n"       # -t: too many for a command line
+    p = subprocess.run([BIN, "sendmail", "-c", str(r.dir), "-t", "-f", "alice@example.test"],
+                       input=to.encode() + b"Subject: many\n\nhi\n", capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    if milters:   # (sendmail logs a direct submission's lines itself)
+        assert r.wait_log("nrcpt=10000 (queue active)", 60), r.log()[-3000:]
+    # the queue manager loaded it
+    assert r.wait_log("status=deferred (connect to 127.0.0.1[127.0.0.1]:9: Connection refused)", 60, count=10000)
+    p = subprocess.run([BIN, "queue", "list", "-c", str(r.dir)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert sum(1 for ln in p.stdout.splitlines() if ln.strip() in rcpts) == 10000, p.stdout[:2000]
+    assert "exceeds message_size_limit" not in r.log()
