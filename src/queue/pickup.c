@@ -302,31 +302,6 @@ static void pick_one(int dfd, const char *dir, const char *name, const char *qdi
         drop_remove(dfd, dir, name);
 }
 
-int kt_pickup_run(const char *qdir, long long size_limit, const char *hostname, const struct kt_rewrite *rw,
-                  const char *content_filter)
-{
-    char dir[PATH_MAX];
-    snprintf(dir, sizeof(dir), "%s/maildrop", qdir);
-    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    if (dfd < 0)
-        return 0;
-    DIR *d = fdopendir(dfd);
-    if (!d) {
-        close(dfd);
-        return 0;
-    }
-    int picked = 0;
-    struct dirent *e;
-    /* at most 1000 per call, so one tick never takes long */
-    for (int seen = 0; (e = readdir(d)) != NULL && seen < 1000; seen++) {
-        if (e->d_name[0] == '.')
-            continue;    /* ".", "..", and files still being written */
-        pick_one(dirfd(d), dir, e->d_name, qdir, size_limit, hostname, rw, content_filter, &picked);
-    }
-    closedir(d);
-    return picked;
-}
-
 /* ---- non_smtpd_milters: the same pickup with a milter conversation per message ---- */
 
 /* Drop files a milter deferred are not tried again before their time (queue_run_delay). At most this many
@@ -358,6 +333,7 @@ struct kt_pickup {
     struct retry *retry;          /* drop files a milter deferred, sorted by name, and when to try them again */
     size_t n_retry, cap_retry;
     DIR *scan;                    /* the pass through maildrop/ under way (one a tick at most), or NULL */
+    DIR *plain_scan;              /* kt_pickup_run's pass (without milters) under way, or NULL */
     unsigned pass;
     struct kt_op next_op;         /* the end of a conversation runs from the loop, not inside its callback */
     int next_pending;
@@ -406,6 +382,42 @@ static void retry_free(struct kt_pickup *p)
     p->n_retry = p->cap_retry = 0;
 }
 
+static void plain_scan_end(struct kt_pickup *p)
+{
+    if (p->plain_scan)
+        closedir(p->plain_scan);
+    p->plain_scan = NULL;
+}
+
+int kt_pickup_run(struct kt_pickup *p, long long size_limit, const char *hostname, const struct kt_rewrite *rw,
+                  const char *content_filter)
+{
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof(dir), "%s/maildrop", p->qdir);
+    if (!p->plain_scan) {
+        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (dfd < 0)
+            return 0;
+        if (!(p->plain_scan = fdopendir(dfd))) {
+            close(dfd);
+            return 0;
+        }
+    }
+    int picked = 0;
+    /* at most 1000 entries a call, so one tick never takes long; the pass goes on at the next call */
+    for (int seen = 0; seen < 1000; seen++) {
+        struct dirent *e = readdir(p->plain_scan);
+        if (!e) {
+            plain_scan_end(p);   /* the pass is over: the next call begins another */
+            break;
+        }
+        if (e->d_name[0] == '.')
+            continue;    /* ".", "..", and files still being written */
+        pick_one(dirfd(p->plain_scan), dir, e->d_name, p->qdir, size_limit, hostname, rw, content_filter, &picked);
+    }
+    return picked;
+}
+
 static void scan_end(struct kt_pickup *p)
 {
     if (p->scan)
@@ -419,6 +431,7 @@ void kt_pickup_free(struct kt_pickup *p)
         return;
     conversation_end(p);   /* a message in flight stays in maildrop/ for the next start */
     scan_end(p);
+    plain_scan_end(p);
     if (p->rt)
         kt_runtime_unref(p->rt);
     p->rt = NULL;

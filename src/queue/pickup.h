@@ -23,15 +23,17 @@
 #include <sys/types.h>
 
 struct kt_rewrite;
-/* Pick up every complete file in qdir/maildrop. size_limit: message_size_limit
- * (0 = none). rw (may be NULL): canonical and virtual alias rewriting of the
- * envelope, as Postfix's cleanup applies to picked-up mail; a recipient that
- * cannot be rewritten (an alias loop) keeps the drop file for a later try.
- * content_filter (NULL or "" = none): main.cf's, recorded in every message
- * picked up, as Postfix's pickup service applies it.
+struct kt_pickup;
+/* Pick up the complete files in P's queue_directory/maildrop, at most 1000 directory entries a call: a
+ * pass through the directory goes on where the last call left it and ends at the end of the directory, so
+ * each file is tried once a pass and files that stay (a recipient that cannot be rewritten, a full disk)
+ * hide none behind them. size_limit: message_size_limit (0 = none). rw (may be NULL): canonical and
+ * virtual alias rewriting of the envelope, as Postfix's cleanup applies to picked-up mail; a recipient
+ * that cannot be rewritten keeps the drop file for a later try. content_filter (NULL or "" = none):
+ * main.cf's, recorded in every message picked up, as Postfix's pickup service applies it.
  * Returns the number of messages queued (>= 0). Blocking file I/O: run it
  * where that is acceptable (the queue manager's tick). */
-int kt_pickup_run(const char *qdir, long long size_limit, const char *hostname, const struct kt_rewrite *rw,
+int kt_pickup_run(struct kt_pickup *p, long long size_limit, const char *hostname, const struct kt_rewrite *rw,
                   const char *content_filter);
 
 /* What a drop file may carry (and `ktrelay sendmail` therefore refuses beyond it, before anything is

@@ -2241,7 +2241,7 @@ static void tick_done(struct kt_op *op, int res, unsigned flags)
     if (!q->stopping && q->set->non_smtpd_milters)
         kt_pickup_milter_run(q->pickup, q->rt);   /* through the milters first, asynchronously */
     else if (!q->stopping && !kt_pickup_busy(q->pickup))
-        kt_pickup_run(q->qdir, q->set->message_size_limit, q->set->myhostname, q->set->rewrite,
+        kt_pickup_run(q->pickup, q->set->message_size_limit, q->set->myhostname, q->set->rewrite,
                       q->set->content_filter);
     kt_dns_tick(q->dns);
     for (struct dest *d = q->dests; d; d = d->next) {

@@ -216,3 +216,25 @@ def test_the_largest_envelope_sendmail_takes_is_queued_and_loaded(relay_factory,
     assert p.returncode == 0, p.stderr
     assert sum(1 for ln in p.stdout.splitlines() if ln.strip() in rcpts) == 10000, p.stdout[:2000]
     assert "exceeds message_size_limit" not in r.log()
+
+
+def test_files_kept_without_milters_hide_no_other_file(relay_factory):
+    """Without milters too, a pass goes through the whole of maildrop/: a user's 1,100 drop files that stay
+    there (a recipient whose canonical_maps result is too long cannot be rewritten, and the file is kept
+    for a later try) are each tried, and a file after them is picked up. The pickup used to look at the
+    first 1,000 directory entries on every tick, the same ones each time while they stayed."""
+    long = "x" * 600 + "@example.test"
+    r = relay_factory(f"canonical_maps = inline:{{ spam@example.test={long} }}\n")
+    wait_until(maildrop(r).is_dir, 10, "maildrop/")
+    names = [f"S{i:05d}" for i in range(1100)]
+    for name in names:
+        drop(r, name, "mallory@example.test", ["spam@example.test"])
+    kept = "recipient spam@example.test cannot be rewritten; kept for a later try"
+
+    def all_tried():
+        log = r.log()
+        return all(f"maildrop/{n}: {kept}" in log for n in names)
+    wait_until(all_tried, 60, "every kept file to be tried")
+    drop(r, "GOOD", "alice@example.test", ["bob@example.test"])
+    wait_until(lambda: r.maildir_files("example.test/bob/"), 20, "delivery of the file after them")
+    assert files_in(r, "maildrop") == [f"maildrop/{n}" for n in names]
