@@ -80,6 +80,14 @@ static int add_addr(struct bind_addr **list, size_t *n, const char *host, int po
         return -EINVAL;
     }
     for (ai = res; ai; ai = ai->ai_next) {
+        /* one address named twice for a service (inet_interfaces = 127.0.0.1, localhost) is one listener, as
+         * Postfix makes its interface list unique */
+        int dup = 0;
+        for (size_t k = 0; k < *n && !dup; k++)
+            dup = (*list)[k].service == service && (*list)[k].len == ai->ai_addrlen
+                  && !memcmp(&(*list)[k].ss, ai->ai_addr, ai->ai_addrlen);
+        if (dup)
+            continue;
         *list = kt_realloc(*list, (*n + 1) * sizeof(**list));
         struct bind_addr *b = &(*list)[*n];
         memset(b, 0, sizeof(*b));

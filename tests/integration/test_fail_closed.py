@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, Relay, SmtpConn, free_port, make_cert
+from conftest import (BASE_MAIN_CF, BASE_VMAILBOX, BIN, Relay, SmtpConn, free_port, make_cert, make_searchable,
+                      wait_until)
 
 
 def write_conf(d, extra_main="", overrides=()):
@@ -359,3 +360,27 @@ def test_services_that_would_share_a_port_are_refused(tmp_path, second, listens,
     rc, out = run_refuses(tmp_path)
     assert rc == 78 and message in out, out
     assert "listening on" not in out
+
+
+def test_one_address_named_twice_for_a_service_is_one_listener(tmp_path):
+    """inet_interfaces = 127.0.0.1, localhost names one address twice: Postfix makes the list unique and
+    listens once, and so does ktrelay (it is not two services sharing a port)."""
+    write_conf(tmp_path, "inet_interfaces = 127.0.0.1, localhost\ninet_protocols = ipv4\n")
+    p = free_port()
+    (tmp_path / "master.cf").write_text(f"{p} inet n - n - - smtpd\n")
+    chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert chk.returncode == 0, chk.stderr
+    make_searchable(tmp_path)            # the workers run as mail_owner
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([BIN, "run", "-c", str(tmp_path)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "daemon started" in log.read_text() or proc.poll() is not None, 20, "the daemon to start")
+        text = log.read_text()
+        assert text.count("listening on ") == 1 and f"listening on 127.0.0.1:{p} (service {p}" in text, text
+        c = SmtpConn(p)
+        assert c.banner.startswith("220 ")
+        c.quit()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
