@@ -316,6 +316,8 @@ struct submit_ctx {
     int verbose;
     long long size_limit;    /* message_size_limit in bytes, 0 = none */
     int too_big;             /* the last submit() refused the message as larger than that */
+    int input_too_big;       /* read_message() stopped at the limit (-t: recipients may lie past it) */
+    int smtp_mode;           /* -bs: a refusal is a reply, not a fatal error on stderr */
     /* canonical and virtual alias rewriting for a message queued directly (built at its first use; the
      * daemon's pickup rewrites what is dropped into maildrop/) */
     int rw_built;
@@ -403,10 +405,14 @@ static int envelope_check(const char *sender, const struct rcpt_list *rcpts)
 
 /* A message over message_size_limit, as Postfix's sendmail says it ("SENDER(UID): message file too big",
  * exit 69 EX_UNAVAILABLE): refused here rather than dropped for a pickup that could only remove it. */
-static int too_big(const char *sender)
+static int too_big(const struct submit_ctx *c, const char *sender)
 {
-    fprintf(stderr, "sendmail: fatal: %s(%u): message file too big\n", sender, (unsigned)getuid());
-    kt_err("fatal: %s(%u): message file too big", sender, (unsigned)getuid());
+    if (c->smtp_mode) {
+        kt_warn("%s(%u): message file too big", sender, (unsigned)getuid());
+    } else {
+        fprintf(stderr, "sendmail: fatal: %s(%u): message file too big\n", sender, (unsigned)getuid());
+        kt_err("fatal: %s(%u): message file too big", sender, (unsigned)getuid());
+    }
     return EX_UNAVAILABLE;
 }
 
@@ -435,7 +441,11 @@ static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list
     size_t hlen = header_len(body->data ? body->data : "", kt_buf_used(body));
     each_header(body->data ? body->data : "", hlen, scan_header, &st);
     int rc = 0;
-    c->too_big = 0;
+    c->too_big = c->input_too_big;
+    if (c->too_big) {
+        rc = too_big(c, sender);
+        goto out;
+    }
     if (rcpts->n == 0) {
         fprintf(stderr, "sendmail: no recipients given%s\n", c->extract ? " (none in To:, Cc:, Bcc: either)" : "");
         rc = EX_USAGE;
@@ -484,7 +494,7 @@ static int submit(struct submit_ctx *c, const char *sender_arg, struct rcpt_list
     kt_buf_release(&added);
     c->too_big = c->size_limit > 0 && (long long)kt_buf_used(&msg) > c->size_limit;
     if (c->too_big) {
-        rc = too_big(sender);
+        rc = too_big(c, sender);
         kt_buf_release(&msg);
         goto out;
     }
@@ -807,6 +817,7 @@ int kt_queue_cli_sendmail(int argc, char **argv)
     c.milters = nsm && nsm[strspn(nsm, " \t\r\n,")] != '\0';
     int rc;
     if (!strcmp(mode, "s")) {
+        c.smtp_mode = 1;
         rc = serve_stdio(&c);
     } else if (optind >= argc && !extract) {
         fprintf(stderr, "sendmail: no recipients given (name them, or use -t)\n");
@@ -816,7 +827,7 @@ int kt_queue_cli_sendmail(int argc, char **argv)
         for (int i = optind; i < argc; i++)
             parse_address_list(&rcpts, argv[i], strlen(argv[i]));
         struct kt_buf body = { 0 };
-        read_message(stdin, &body, ignore_dots, c.size_limit);
+        c.input_too_big = read_message(stdin, &body, ignore_dots, c.size_limit);
         rc = submit(&c, sender, &rcpts, &body);
         kt_buf_release(&body);
         rcpt_free(&rcpts);

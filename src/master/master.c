@@ -435,7 +435,7 @@ static int gen_start(struct master *m, struct kt_runtime *rt, struct gen **out)
         if (prepare_files(m, rt, &o) < 0)
             return -1000 - EX_CANTCREAT;
     }
-    if ((rc = kt_listen_open(rt, &ls)) < 0)
+    if ((rc = kt_listen_open(rt, &ls, m->gens == NULL)) < 0)
         return rc == -EACCES ? -1000 - EX_NOPERM : -1000 - EX_UNAVAILABLE;
     if (m->privileged) {
         /* the agent needs none of the master's descriptors */

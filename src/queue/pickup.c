@@ -181,7 +181,7 @@ static int load_one(int dfd, const char *dir, const char *name, long long size_l
         kt_warn("pickup: %s/%s: not a regular file with one link; removed", dir, name);
         goto cleanup;
     }
-    if (size_limit > 0 && st.st_size > size_limit + ENVELOPE_SLACK) {
+    if (size_limit > 0 && st.st_size - ENVELOPE_SLACK > size_limit) {   /* (no overflow: st_size >= 0) */
         kt_warn("pickup: %s/%s: message from uid %u exceeds message_size_limit; removed", dir, name,
                 (unsigned)st.st_uid);
         goto cleanup;
@@ -394,6 +394,14 @@ int kt_pickup_run(struct kt_pickup *p, long long size_limit, const char *hostnam
 {
     char dir[PATH_MAX];
     snprintf(dir, sizeof(dir), "%s/maildrop", p->qdir);
+    if (p->plain_scan) {
+        /* maildrop/ moved away and replaced since the pass began: the pass ends, as Postfix's pickup opens
+         * every file by its name under maildrop/ */
+        struct stat open_st, now_st;
+        if (fstat(dirfd(p->plain_scan), &open_st) < 0 || lstat(dir, &now_st) < 0 || open_st.st_dev != now_st.st_dev
+            || open_st.st_ino != now_st.st_ino)
+            plain_scan_end(p);
+    }
     if (!p->plain_scan) {
         int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         if (dfd < 0)

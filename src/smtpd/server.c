@@ -68,9 +68,12 @@ static void tick_arm(struct kt_worker *w);
 
 /* ---- addresses ---- */
 
-static int add_addr(struct bind_addr **list, size_t *n, const char *host, int port, size_t service)
+/* family: AF_INET or AF_INET6 when inet_protocols enables only that one (a name is resolved in it alone, and
+ * an address of the other family cannot be resolved, as Postfix refuses it), else AF_UNSPEC. */
+static int add_addr(struct bind_addr **list, size_t *n, const char *host, int port, size_t service, int family)
 {
-    struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
+    struct addrinfo hints = { .ai_family = family, .ai_socktype = SOCK_STREAM,
+                              .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
     struct addrinfo *res, *ai;
     char portstr[16];
     snprintf(portstr, sizeof(portstr), "%d", port);
@@ -80,6 +83,12 @@ static int add_addr(struct bind_addr **list, size_t *n, const char *host, int po
         return -EINVAL;
     }
     for (ai = res; ai; ai = ai->ai_next) {
+        if (ai->ai_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr)) {
+            /* the IPv6 listeners are IPV6_V6ONLY: such an address could not be bound */
+            kt_err("listen address %s is an IPv4-mapped IPv6 address: write the IPv4 address", host);
+            freeaddrinfo(res);
+            return -EINVAL;
+        }
         /* one address named twice for a service (inet_interfaces = 127.0.0.1, localhost) is one listener, as
          * Postfix makes its interface list unique */
         int dup = 0;
@@ -114,23 +123,24 @@ static int service_addrs(const struct kt_runtime *rt, size_t i, struct bind_addr
     const char *protos = kt_config_get(rt->cfg, svc, "inet_protocols");
     int v4 = !protos || strstr(protos, "all") || strstr(protos, "ipv4");
     int v6 = !protos || strstr(protos, "all") || strstr(protos, "ipv6");
+    int family = v4 && !v6 ? AF_INET : v6 && !v4 ? AF_INET6 : AF_UNSPEC;
 
     if (svc->host)
-        return add_addr(list, n, svc->host, svc->port, i);
+        return add_addr(list, n, svc->host, svc->port, i, family);
     if (!ifs || !strcasecmp(ifs, "all")) {
         int rc = 0;
         if (v4)
-            rc |= add_addr(list, n, "0.0.0.0", svc->port, i);
+            rc |= add_addr(list, n, "0.0.0.0", svc->port, i, AF_INET);
         if (v6)
-            rc |= add_addr(list, n, "::", svc->port, i);
+            rc |= add_addr(list, n, "::", svc->port, i, AF_INET6);
         return rc;
     }
     if (!strcasecmp(ifs, "loopback-only")) {
         int rc = 0;
         if (v4)
-            rc |= add_addr(list, n, "127.0.0.1", svc->port, i);
+            rc |= add_addr(list, n, "127.0.0.1", svc->port, i, AF_INET);
         if (v6)
-            rc |= add_addr(list, n, "::1", svc->port, i);
+            rc |= add_addr(list, n, "::1", svc->port, i, AF_INET6);
         return rc;
     }
     char *copy = kt_strdup(ifs), *save = NULL;
@@ -141,7 +151,7 @@ static int service_addrs(const struct kt_runtime *rt, size_t i, struct bind_addr
             tok[len - 1] = '\0';
             tok++;
         }
-        rc |= add_addr(list, n, tok, svc->port, i);
+        rc |= add_addr(list, n, tok, svc->port, i, family);
     }
     kt_free(copy);
     return rc;
@@ -221,13 +231,36 @@ int kt_listen_check(const struct kt_runtime *rt)
     for (size_t i = 0; i < rt->n_services; i++)
         if (service_addrs(rt, i, &addrs, &n_addrs) < 0)
             errors++;
+    if (!errors && n_addrs == 0) {
+        kt_err("no listening addresses: add an inet smtpd service to master.cf");
+        errors++;
+    }
     if (!errors)
         errors = overlapping(rt, addrs, n_addrs);
     kt_free(addrs);
     return errors;
 }
 
-int kt_listen_open(const struct kt_runtime *rt, struct kt_listen_set *ls)
+/* 0 when nothing listens on b's address and port, else -errno (-EADDRINUSE: something does). The listeners
+ * are SO_REUSEPORT sockets, which would bind beside another root process's (a second ktrelay with another
+ * data_directory) and share its connections; this socket without SO_REUSEPORT cannot, as Postfix's master
+ * cannot bind a port already in use. */
+static int probe_free(const struct bind_addr *b)
+{
+    int fd = socket(b->ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1, rc = 0;
+    if (fd < 0)
+        return -errno;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (b->ss.ss_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    if (bind(fd, (const struct sockaddr *)&b->ss, b->len) < 0)
+        rc = -errno;
+    close(fd);
+    return rc;
+}
+
+int kt_listen_open(const struct kt_runtime *rt, struct kt_listen_set *ls, int exclusive)
 {
     struct bind_addr *addrs = NULL;
     size_t n_addrs = 0;
@@ -258,7 +291,9 @@ int kt_listen_open(const struct kt_runtime *rt, struct kt_listen_set *ls)
     for (size_t a = 0; a < n_addrs; a++) {
         ls->services[a] = addrs[a].service;
         for (unsigned w = 0; w < ls->n_workers; w++) {
-            int fd = open_listener(&addrs[a]);
+            int fd = w == 0 && exclusive ? probe_free(&addrs[a]) : 0;
+            if (fd == 0)
+                fd = open_listener(&addrs[a]);
             if (fd < 0) {
                 if (fd == -EACCES && geteuid() != 0)
                     kt_err("fatal: cannot listen on %s: %s: ports below 1024 need root; run ktrelay as root, "

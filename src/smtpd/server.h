@@ -52,8 +52,10 @@ struct kt_listen_set {
  * address: Postfix's master fails to bind such a configuration. Binds nothing. Returns the number of
  * problems, each logged with its master.cf line (0: fine). */
 int kt_listen_check(const struct kt_runtime *rt);
-/* Open (and log) the listeners of RT's services. 0 or -errno, errors logged (overlapping services too). */
-int kt_listen_open(const struct kt_runtime *rt, struct kt_listen_set *ls);
+/* Open (and log) the listeners of RT's services. 0 or -errno, errors logged (overlapping services too).
+ * exclusive (the first generation): each address must be free, not held by another process with
+ * SO_REUSEPORT either (-EADDRINUSE); a reload's generation binds beside the one it replaces. */
+int kt_listen_open(const struct kt_runtime *rt, struct kt_listen_set *ls, int exclusive);
 /* Close every socket still open and free the set. */
 void kt_listen_close(struct kt_listen_set *ls);
 

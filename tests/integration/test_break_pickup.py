@@ -238,3 +238,26 @@ def test_files_kept_without_milters_hide_no_other_file(relay_factory):
     drop(r, "GOOD", "alice@example.test", ["bob@example.test"])
     wait_until(lambda: r.maildir_files("example.test/bob/"), 20, "delivery of the file after them")
     assert files_in(r, "maildrop") == [f"maildrop/{n}" for n in names]
+
+
+def test_sendmail_t_with_its_recipients_past_the_limit_is_too_big(relay_factory):
+    """-t with the To: header beyond message_size_limit: reading stops at the limit, and the refusal is
+    the size (exit 69), not "no recipients" (exit 64)."""
+    r = relay_factory("message_size_limit = 1000\n")
+    msg = b"X-Pad: " + b"p" * 1500 + b"\nTo: bob@example.test\nSubject: x\n\nhi\n"
+    p = subprocess.run([BIN, "sendmail", "-c", str(r.dir), "-t", "-f", "alice@example.test"], input=msg,
+                       capture_output=True, timeout=30)
+    assert p.returncode == 69, p.stderr
+    assert p.stderr == b"sendmail: fatal: alice@example.test(0): message file too big\n"
+
+
+def test_the_largest_message_size_limit_loses_nothing(relay_factory, raw_milter):
+    """message_size_limit = 2^63-1 (check-config takes it): the pickup's bound for a drop file overflowed, and
+    it removed every local message sendmail had accepted."""
+    r = relay_factory(f"non_smtpd_milters = {raw_milter().spec}\nmessage_size_limit = 9223372036854775807\n")
+    wait_until(maildrop(r).is_dir, 10, "maildrop/")
+    p = subprocess.run([BIN, "sendmail", "-c", str(r.dir), "-f", "alice@example.test", "bob@example.test"],
+                       input=b"Subject: x\n\nhi\n", capture_output=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    wait_until(lambda: r.maildir_files("example.test/bob/"), 20, "delivery")
+    assert "exceeds message_size_limit" not in r.log()

@@ -384,3 +384,40 @@ def test_one_address_named_twice_for_a_service_is_one_listener(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("main_extra,service,message", [
+    ("", None, "no listening addresses: add an inet smtpd service to master.cf"),
+    ("inet_protocols = all\n", "[::ffff:127.0.0.1]:{p}",
+     "listen address ::ffff:127.0.0.1 is an IPv4-mapped IPv6 address: write the IPv4 address"),
+    ("inet_protocols = ipv4\n", "[::1]:{p}", "cannot resolve listen address ::1"),
+], ids=["no-service", "v4-mapped", "family-disabled"])
+def test_listen_addresses_run_would_refuse(tmp_path, main_extra, service, message):
+    """What run cannot listen on, check-config refuses too: no inet smtpd service at all (a master.cf whose
+    smtp service is postscreen's), an IPv4-mapped IPv6 address (the IPv6 listeners are IPv6-only), and an
+    address of a family inet_protocols turns off (Postfix does not listen there either)."""
+    write_conf(tmp_path, main_extra)
+    p = free_port()
+    (tmp_path / "master.cf").write_text(f"{service.format(p=p)} inet n - n - - smtpd\n" if service else
+                                        f"{p} inet n - n - 1 postscreen\nsmtpd pass - - n - - smtpd\n")
+    chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert chk.returncode == 78 and message in chk.stderr, chk.stderr
+    rc, out = run_refuses(tmp_path)
+    assert rc in (69, 78) and message in out, out
+
+
+def test_a_port_another_instance_serves_is_refused(relay_factory, tmp_path):
+    """A second ktrelay (another data_directory, so the instance lock does not stop it) configured on a port
+    the first one serves: its SO_REUSEPORT listeners would bind beside the first one's and take part of its
+    connections. It refuses to start, as Postfix's master fails to bind a port in use."""
+    first = relay_factory()
+    second = tmp_path / "second"
+    write_conf(second)
+    (second / "master.cf").write_text(f"127.0.0.1:{first.port()} inet n - n - - smtpd\n")
+    rc, out = run_refuses(second)
+    assert rc == 69, out
+    assert (f"fatal: cannot listen on 127.0.0.1:{first.port()}: Address already in use: another server (or "
+            "ktrelay) holds that port") in out, out
+    c = SmtpConn(first.port())
+    assert c.banner.startswith("220 mx.example.test ESMTP")
+    c.quit()
