@@ -261,3 +261,27 @@ def test_the_largest_message_size_limit_loses_nothing(relay_factory, raw_milter)
     assert p.returncode == 0, p.stderr
     wait_until(lambda: r.maildir_files("example.test/bob/"), 20, "delivery")
     assert "exceeds message_size_limit" not in r.log()
+
+
+def test_a_pass_ends_when_maildrop_is_replaced(relay_factory):
+    """An operator moves maildrop/ aside (to quarantine it) and makes a new one: the pass under way, which
+    keeps its directory open from tick to tick, ends at the next tick instead of reading the old directory
+    to its end, as Postfix's pickup opens each file by its name under maildrop/."""
+    long = "x" * 600 + "@example.test"
+    r = relay_factory(f"canonical_maps = inline:{{ spam@example.test={long} }}\n")
+    wait_until(maildrop(r).is_dir, 10, "maildrop/")
+    names = [f"S{i:05d}" for i in range(3000)]
+    for name in names:
+        drop(r, name, "mallory@example.test", ["spam@example.test"])
+    kept = "recipient spam@example.test cannot be rewritten; kept for a later try"
+    wait_until(lambda: kept in r.log(), 20, "the pass to begin")
+    old = maildrop(r).with_name("maildrop.old")
+    st = maildrop(r).stat()
+    os.rename(maildrop(r), old)
+    maildrop(r).mkdir()
+    os.chown(maildrop(r), st.st_uid, st.st_gid)
+    os.chmod(maildrop(r), st.st_mode & 0o7777)
+    drop(r, "GOOD", "alice@example.test", ["bob@example.test"])
+    wait_until(lambda: r.maildir_files("example.test/bob/"), 30, "delivery from the new maildrop/")
+    tried = sum(1 for n in names if f"maildrop/{n}: {kept}" in r.log())
+    assert 0 < tried < len(names), tried
