@@ -218,22 +218,32 @@ def test_the_largest_envelope_sendmail_takes_is_queued_and_loaded(relay_factory,
     assert "exceeds message_size_limit" not in r.log()
 
 
+KEPT = "recipient spam@example.test cannot be rewritten; kept for a later try"
+
+
+def kept_drop_files(relay_factory, count):
+    """A relay without milters and COUNT drop files (S00000, ...) that stay in maildrop/: their recipient's
+    canonical_maps result is too long, so the pickup cannot rewrite it and keeps the file (logging KEPT).
+    Returns the relay and the file names."""
+    long = "x" * 600 + "@example.test"
+    r = relay_factory(f"canonical_maps = inline:{{ spam@example.test={long} }}\n")
+    wait_until(maildrop(r).is_dir, 10, "maildrop/")
+    names = [f"S{i:05d}" for i in range(count)]
+    for name in names:
+        drop(r, name, "mallory@example.test", ["spam@example.test"])
+    return r, names
+
+
 def test_files_kept_without_milters_hide_no_other_file(relay_factory):
     """Without milters too, a pass goes through the whole of maildrop/: a user's 1,100 drop files that stay
     there (a recipient whose canonical_maps result is too long cannot be rewritten, and the file is kept
     for a later try) are each tried, and a file after them is picked up. The pickup used to look at the
     first 1,000 directory entries on every tick, the same ones each time while they stayed."""
-    long = "x" * 600 + "@example.test"
-    r = relay_factory(f"canonical_maps = inline:{{ spam@example.test={long} }}\n")
-    wait_until(maildrop(r).is_dir, 10, "maildrop/")
-    names = [f"S{i:05d}" for i in range(1100)]
-    for name in names:
-        drop(r, name, "mallory@example.test", ["spam@example.test"])
-    kept = "recipient spam@example.test cannot be rewritten; kept for a later try"
+    r, names = kept_drop_files(relay_factory, 1100)
 
     def all_tried():
         log = r.log()
-        return all(f"maildrop/{n}: {kept}" in log for n in names)
+        return all(f"maildrop/{n}: {KEPT}" in log for n in names)
     wait_until(all_tried, 60, "every kept file to be tried")
     drop(r, "GOOD", "alice@example.test", ["bob@example.test"])
     wait_until(lambda: r.maildir_files("example.test/bob/"), 20, "delivery of the file after them")
@@ -267,14 +277,8 @@ def test_a_pass_ends_when_maildrop_is_replaced(relay_factory):
     """An operator moves maildrop/ aside (to quarantine it) and makes a new one: the pass under way, which
     keeps its directory open from tick to tick, ends at the next tick instead of reading the old directory
     to its end, as Postfix's pickup opens each file by its name under maildrop/."""
-    long = "x" * 600 + "@example.test"
-    r = relay_factory(f"canonical_maps = inline:{{ spam@example.test={long} }}\n")
-    wait_until(maildrop(r).is_dir, 10, "maildrop/")
-    names = [f"S{i:05d}" for i in range(3000)]
-    for name in names:
-        drop(r, name, "mallory@example.test", ["spam@example.test"])
-    kept = "recipient spam@example.test cannot be rewritten; kept for a later try"
-    wait_until(lambda: kept in r.log(), 20, "the pass to begin")
+    r, names = kept_drop_files(relay_factory, 3000)
+    wait_until(lambda: KEPT in r.log(), 20, "the pass to begin")
     old = maildrop(r).with_name("maildrop.old")
     st = maildrop(r).stat()
     os.rename(maildrop(r), old)
@@ -283,5 +287,5 @@ def test_a_pass_ends_when_maildrop_is_replaced(relay_factory):
     os.chmod(maildrop(r), st.st_mode & 0o7777)
     drop(r, "GOOD", "alice@example.test", ["bob@example.test"])
     wait_until(lambda: r.maildir_files("example.test/bob/"), 30, "delivery from the new maildrop/")
-    tried = sum(1 for n in names if f"maildrop/{n}: {kept}" in r.log())
+    tried = sum(1 for n in names if f"maildrop/{n}: {KEPT}" in r.log())
     assert 0 < tried < len(names), tried
