@@ -382,6 +382,16 @@ static void retry_free(struct kt_pickup *p)
     p->n_retry = p->cap_retry = 0;
 }
 
+/* A new pass: maildrop/ (dir) opened for reading, not through a symlink; NULL when it cannot be. */
+static DIR *maildrop_open(const char *dir)
+{
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    DIR *d = dfd < 0 ? NULL : fdopendir(dfd);
+    if (dfd >= 0 && !d)
+        close(dfd);
+    return d;
+}
+
 static void plain_scan_end(struct kt_pickup *p)
 {
     if (p->plain_scan)
@@ -402,15 +412,8 @@ int kt_pickup_run(struct kt_pickup *p, long long size_limit, const char *hostnam
             || open_st.st_ino != now_st.st_ino)
             plain_scan_end(p);
     }
-    if (!p->plain_scan) {
-        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        if (dfd < 0)
-            return 0;
-        if (!(p->plain_scan = fdopendir(dfd))) {
-            close(dfd);
-            return 0;
-        }
-    }
+    if (!p->plain_scan && !(p->plain_scan = maildrop_open(dir)))
+        return 0;
     int picked = 0;
     /* at most 1000 entries a call, so one tick never takes long; the pass goes on at the next call */
     for (int seen = 0; seen < 1000; seen++) {
@@ -866,14 +869,8 @@ void kt_pickup_milter_run(struct kt_pickup *p, struct kt_runtime *rt)
         /* a new pass (the last one ended) */
         char dir[PATH_MAX];
         snprintf(dir, sizeof(dir), "%s/maildrop", p->qdir);
-        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        if (dfd < 0)
+        if (!(p->scan = maildrop_open(dir)))
             return;
-        p->scan = fdopendir(dfd);
-        if (!p->scan) {
-            close(dfd);
-            return;
-        }
         p->pass++;
     }
     pickup_next(p);

@@ -199,19 +199,17 @@ static int overlapping(const struct kt_runtime *rt, const struct bind_addr *addr
             const struct bind_addr *x = &addrs[a], *y = &addrs[b];
             if (x->ss.ss_family != y->ss.ss_family)
                 continue;
-            int same;
+            int same_port, same_addr;
             if (x->ss.ss_family == AF_INET) {
                 const struct sockaddr_in *p = (const void *)&x->ss, *q = (const void *)&y->ss;
-                same = p->sin_port == q->sin_port && p->sin_addr.s_addr == q->sin_addr.s_addr;
-                if (p->sin_port != q->sin_port)
-                    continue;
+                same_port = p->sin_port == q->sin_port;
+                same_addr = p->sin_addr.s_addr == q->sin_addr.s_addr;
             } else {
                 const struct sockaddr_in6 *p = (const void *)&x->ss, *q = (const void *)&y->ss;
-                same = p->sin6_port == q->sin6_port && IN6_ARE_ADDR_EQUAL(&p->sin6_addr, &q->sin6_addr);
-                if (p->sin6_port != q->sin6_port)
-                    continue;
+                same_port = p->sin6_port == q->sin6_port;
+                same_addr = IN6_ARE_ADDR_EQUAL(&p->sin6_addr, &q->sin6_addr);
             }
-            if (!same && !wildcard(x) && !wildcard(y))
+            if (!same_port || (!same_addr && !wildcard(x) && !wildcard(y)))
                 continue;
             const struct kt_service *sx = kt_config_service(rt->cfg, x->service);
             const struct kt_service *sy = kt_config_service(rt->cfg, y->service);
@@ -223,20 +221,30 @@ static int overlapping(const struct kt_runtime *rt, const struct bind_addr *addr
     return errors;
 }
 
-int kt_listen_check(const struct kt_runtime *rt)
+/* Every service's listening addresses into *addrs (the caller frees it, whatever the result), checked: at
+ * least one, and no two overlapping. Returns the number of problems, each logged (0: fine). */
+static int listen_addrs(const struct kt_runtime *rt, struct bind_addr **addrs, size_t *n_addrs)
 {
-    struct bind_addr *addrs = NULL;
-    size_t n_addrs = 0;
     int errors = 0;
+    *addrs = NULL;
+    *n_addrs = 0;
     for (size_t i = 0; i < rt->n_services; i++)
-        if (service_addrs(rt, i, &addrs, &n_addrs) < 0)
+        if (service_addrs(rt, i, addrs, n_addrs) < 0)
             errors++;
-    if (!errors && n_addrs == 0) {
+    if (!errors && *n_addrs == 0) {
         kt_err("no listening addresses: add an inet smtpd service to master.cf");
         errors++;
     }
     if (!errors)
-        errors = overlapping(rt, addrs, n_addrs);
+        errors = overlapping(rt, *addrs, *n_addrs);
+    return errors;
+}
+
+int kt_listen_check(const struct kt_runtime *rt)
+{
+    struct bind_addr *addrs;
+    size_t n_addrs;
+    int errors = listen_addrs(rt, &addrs, &n_addrs);
     kt_free(addrs);
     return errors;
 }
@@ -267,18 +275,7 @@ int kt_listen_open(const struct kt_runtime *rt, struct kt_listen_set *ls, int ex
     int rc = 0;
 
     memset(ls, 0, sizeof(*ls));
-    for (size_t i = 0; i < rt->n_services; i++)
-        if (service_addrs(rt, i, &addrs, &n_addrs) < 0) {
-            rc = -EINVAL;
-            goto cleanup;
-        }
-    if (overlapping(rt, addrs, n_addrs)) {
-        kt_err("fatal: master.cf services overlap; nothing is listening");
-        rc = -EINVAL;
-        goto cleanup;
-    }
-    if (n_addrs == 0) {
-        kt_err("fatal: no listening addresses: add an inet smtpd service to master.cf");
+    if (listen_addrs(rt, &addrs, &n_addrs) > 0) {
         rc = -EINVAL;
         goto cleanup;
     }
