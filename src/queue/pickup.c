@@ -392,6 +392,16 @@ static DIR *maildrop_open(const char *dir)
     return d;
 }
 
+/* Whether maildrop/ (dir) is no longer the directory d was opened on: moved away (and maybe replaced)
+ * since the pass began. The pass then ends, as Postfix's pickup opens every file by its name under
+ * maildrop/. lstat: a symlink put in its place is not the directory either. */
+static int maildrop_replaced(DIR *d, const char *dir)
+{
+    struct stat open_st, now_st;
+    return fstat(dirfd(d), &open_st) < 0 || lstat(dir, &now_st) < 0 || open_st.st_dev != now_st.st_dev
+        || open_st.st_ino != now_st.st_ino;
+}
+
 static void plain_scan_end(struct kt_pickup *p)
 {
     if (p->plain_scan)
@@ -404,14 +414,8 @@ int kt_pickup_run(struct kt_pickup *p, long long size_limit, const char *hostnam
 {
     char dir[PATH_MAX];
     snprintf(dir, sizeof(dir), "%s/maildrop", p->qdir);
-    if (p->plain_scan) {
-        /* maildrop/ moved away and replaced since the pass began: the pass ends, as Postfix's pickup opens
-         * every file by its name under maildrop/ */
-        struct stat open_st, now_st;
-        if (fstat(dirfd(p->plain_scan), &open_st) < 0 || lstat(dir, &now_st) < 0 || open_st.st_dev != now_st.st_dev
-            || open_st.st_ino != now_st.st_ino)
-            plain_scan_end(p);
-    }
+    if (p->plain_scan && maildrop_replaced(p->plain_scan, dir))
+        plain_scan_end(p);
     if (!p->plain_scan && !(p->plain_scan = maildrop_open(dir)))
         return 0;
     int picked = 0;
@@ -805,6 +809,10 @@ static void pickup_next(struct kt_pickup *p)
     }
     char dir[PATH_MAX];
     snprintf(dir, sizeof(dir), "%s/maildrop", p->qdir);
+    if (maildrop_replaced(p->scan, dir)) {
+        scan_end(p);   /* the next tick begins a pass through the new maildrop/ */
+        return;
+    }
     time_t now = time(NULL);
     struct dirent *e = NULL;
     for (int seen = 0; !p->busy && seen < SCAN_BATCH && (e = readdir(p->scan)) != NULL; seen++) {

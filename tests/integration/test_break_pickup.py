@@ -289,3 +289,26 @@ def test_a_pass_ends_when_maildrop_is_replaced(relay_factory):
     wait_until(lambda: r.maildir_files("example.test/bob/"), 30, "delivery from the new maildrop/")
     tried = sum(1 for n in names if f"maildrop/{n}: {KEPT}" in r.log())
     assert 0 < tried < len(names), tried
+
+
+def test_a_pass_with_milters_ends_when_maildrop_is_replaced(relay_factory, raw_milter):
+    """The same with non_smtpd_milters: the pass goes from one conversation to the next, and ends at the
+    next one after maildrop/ is moved aside, instead of reading the old directory to its end."""
+    m = raw_milter({b"R": lambda d: pkt(b"r") if d.startswith(b"spam@") else pkt(b"c")})
+    r = relay_factory(f"non_smtpd_milters = {m.spec}\nqueue_run_delay = 1h\n")
+    wait_until(maildrop(r).is_dir, 10, "maildrop/")
+    names = [f"S{i:05d}" for i in range(3000)]
+    for name in names:
+        drop(r, name, "mallory@example.test", ["spam@example.test"])
+    wait_until(lambda: CANT_REJECT in r.log(), 20, "the pass to begin")
+    old = maildrop(r).with_name("maildrop.old")
+    st = maildrop(r).stat()
+    os.rename(maildrop(r), old)
+    maildrop(r).mkdir()
+    os.chown(maildrop(r), st.st_uid, st.st_gid)
+    os.chmod(maildrop(r), st.st_mode & 0o7777)
+    drop(r, "GOOD", "alice@example.test", ["bob@example.test"])
+    wait_until(lambda: r.maildir_files("example.test/bob/"), 60, "delivery from the new maildrop/")
+    tried = r.log().count(CANT_REJECT)
+    assert 0 < tried < len(names), tried
+    assert sorted(x.name for x in old.iterdir()) == names
