@@ -238,45 +238,58 @@ static void scan_header(void *arg, const char *name, size_t nl, const char *val,
  * inside a line is stored as a line end, as smtpd stores it, never raw: the queue holds only canonical
  * CRLF lines. */
 /* Reads the message from IN into OUT (CRLF lines). Stops reading once OUT holds more than LIMIT bytes
- * (0: no limit) and returns 1 then, as Postfix's sendmail stops at its file size limit; else 0. */
+ * (0: no limit) and returns 1 then, as Postfix's sendmail stops at its file size limit; else 0. A line
+ * longer than READ_PIECE goes to the parser in pieces, so what is held is bounded by the limit (and
+ * READ_PIECE), never by the longest line: a line of hundreds of megabytes is refused without being held. */
+#define READ_PIECE 65536
 static int read_message(FILE *in, struct kt_buf *out, int ignore_dots, long long limit)
 {
     struct kt_data_parser p;
-    char *line = NULL, *canon = NULL, end[2];
-    size_t cap = 0, canon_cap = 0;
-    ssize_t n;
+    char *line = kt_malloc(READ_PIECE + 2), *canon = kt_malloc(2 * (READ_PIECE + 2) + 2), end[2];
+    size_t len = 0, got;
+    int pieces = 0;   /* earlier pieces of the line under way went to the parser */
 
     kt_data_parser_init_chunked(&p);
-    while ((n = getline(&line, &cap, in)) > 0) {
-        size_t len = (size_t)n, used = 0, got;
-        if (line[len - 1] == '\n')
-            len--;
+    for (;;) {
+        int ch = getc_unlocked(in);
+        if (ch != EOF && ch != '\n') {
+            line[len++] = (char)ch;
+            if (len < READ_PIECE)
+                continue;
+            /* a piece of a long line: all of it but a last CR, which may be the start of the line's end */
+            size_t cr = line[len - 1] == '\r';
+            for (size_t used = 0; used < len - cr;) {
+                used += kt_data_parse(&p, line + used, len - cr - used, canon, 2 * (READ_PIECE + 2) + 2, &got);
+                kt_buf_append(out, canon, got);
+            }
+            pieces = 1;
+            line[0] = '\r';
+            len = cr;
+            if (limit > 0 && (long long)kt_buf_used(out) > limit)
+                break;
+            continue;
+        }
+        if (ch == EOF && len == 0 && !pieces)
+            break;   /* the input ended after a line end */
+        /* the end of a line (or of the input, after a last line without one) */
         if (len > 0 && line[len - 1] == '\r')
             len--;
-        if (!ignore_dots && len == 1 && line[0] == '.')
+        if (!ignore_dots && !pieces && len == 1 && line[0] == '.')
             break;
-        if (cap < len + 2) {
-            cap = len + 2;
-            line = realloc(line, cap);
-            if (!line)
-                abort();
-        }
         line[len++] = '\r';
         line[len++] = '\n';
-        if (canon_cap < 2 * len + 2) {
-            canon_cap = 2 * len + 2;
-            canon = kt_realloc(canon, canon_cap);
-        }
-        while (used < len) {
-            used += kt_data_parse(&p, line + used, len - used, canon, canon_cap, &got);
+        for (size_t used = 0; used < len;) {
+            used += kt_data_parse(&p, line + used, len - used, canon, 2 * (READ_PIECE + 2) + 2, &got);
             kt_buf_append(out, canon, got);
         }
-        if (limit > 0 && (long long)kt_buf_used(out) > limit)
+        len = 0;
+        pieces = 0;
+        if (ch == EOF || (limit > 0 && (long long)kt_buf_used(out) > limit))
             break;
     }
     kt_buf_append(out, end, kt_data_parse_end(&p, end));
     kt_free(canon);
-    free(line);
+    kt_free(line);
     return limit > 0 && (long long)kt_buf_used(out) > limit;
 }
 

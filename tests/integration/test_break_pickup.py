@@ -5,6 +5,7 @@ implementation of the wire protocol; each test checks the exact log lines, exit 
 import os
 import signal
 import subprocess
+import threading
 
 import pytest
 
@@ -312,3 +313,50 @@ def test_a_pass_with_milters_ends_when_maildrop_is_replaced(relay_factory, raw_m
     tried = r.log().count(CANT_REJECT)
     assert 0 < tried < len(names), tried
     assert sorted(x.name for x in old.iterdir()) == names
+
+
+def test_sendmail_refuses_a_huge_line_without_holding_it(relay_factory):
+    """A 200 MB line against a 1 MB message_size_limit: sendmail refuses the message as too big once it has
+    read past the limit, and never holds the whole line (it used to read each line whole before it looked
+    at the size: its peak memory was over 200 MB)."""
+    r = relay_factory("message_size_limit = 1000000\n")
+    piece = b"y" * (1 << 20)   # written 200 times, so this process stays small (its child's peak counts it)
+    p = subprocess.Popen([BIN, "sendmail", "-c", str(r.dir), "-f", "alice@example.test", "bob@example.test"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def feed():
+        try:
+            p.stdin.write(b"Subject: x\n\n")
+            for _ in range(200):
+                p.stdin.write(piece)
+            p.stdin.write(b"\n")
+            p.stdin.close()
+        except BrokenPipeError:
+            pass   # it stopped reading at the limit
+    t = threading.Thread(target=feed)
+    t.start()
+    out, err = p.stdout.read(), p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)   # this child's own peak memory
+    p.returncode = os.waitstatus_to_exitcode(status)
+    t.join()
+    assert p.returncode == 69, err
+    assert (out, err) == (b"", b"sendmail: fatal: alice@example.test(0): message file too big\n")
+    assert usage.ru_maxrss < 128 << 10, usage.ru_maxrss   # KB (the sanitizer build's own overhead included)
+    assert files_in(r, "maildrop", "new", "tmp", "hold") == []
+
+
+@pytest.mark.parametrize("n", [65534, 65535, 65536, 65537, 200000])
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+def test_long_lines_read_in_pieces_are_stored_whole(relay_factory, n, eol):
+    """Lines around and past the 64 KB pieces sendmail reads them in (a CR of a CRLF may be the last byte of
+    a piece) are stored as one line each, ended by one CRLF."""
+    r = relay_factory()
+    line = (b"a" * (n - 1) + b"b")
+    msg = b"Subject: long" + eol + eol + line + eol + b"." + line[:10] + eol + b"end" + eol
+    p = subprocess.run([BIN, "sendmail", "-c", str(r.dir), "-f", "alice@example.test", "bob@example.test"],
+                       input=msg, capture_output=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    wait_until(lambda: r.maildir_files("example.test/bob/"), 20, "delivery")
+    data = r.maildir_files("example.test/bob/")[0].read_bytes()
+    assert b"\r\nSubject: long\r\n" in data
+    assert data.endswith(b"\r\n\r\n" + line + b"\r\n." + line[:10] + b"\r\nend\r\n"), data[-200:]
