@@ -233,64 +233,79 @@ static void scan_header(void *arg, const char *name, size_t nl, const char *val,
         st->has_msgid = 1;
 }
 
-/* stdin: lines end in LF or CRLF; without ignore_dots a line with a single "." ends the message, as with
- * sendmail(1) without -i. The lines then go through the server's line-ending rule (smtp_parse.h), so a CR
- * inside a line is stored as a line end, as smtpd stores it, never raw: the queue holds only canonical
- * CRLF lines. */
-/* Reads the message from IN into OUT (CRLF lines). Stops reading once OUT holds more than LIMIT bytes
- * (0: no limit) and returns 1 then, as Postfix's sendmail stops at its file size limit; else 0. A line
- * longer than READ_PIECE goes to the parser in pieces, so what is held is bounded by the limit (and
- * READ_PIECE), never by the longest line: a line of hundreds of megabytes is refused without being held. */
+/* stdin: lines end in LF or CRLF. The lines then go through the server's line-ending rule (smtp_parse.h), so
+ * a CR inside a line is stored as a line end, as smtpd stores it, never raw: the queue holds only canonical
+ * CRLF lines. How a "." is read: */
+enum dots {
+    DOTS_IGNORE,     /* -i, -oi: a "." is text */
+    DOTS_SENDMAIL,   /* sendmail(1) without -i: a line with a single "." ends the message */
+    DOTS_SMTP,       /* -bs DATA (RFC 5321 4.5.2): a single "." ends it, a leading "." of a line is removed, and past
+                      * the limit the rest is read to the "." and dropped, so the session stays in step */
+};
+
+/* Reads the message from IN into OUT (CRLF lines). Past LIMIT bytes in OUT (0: no limit) it stops keeping
+ * what it reads, and stops reading (but for DOTS_SMTP), as Postfix's sendmail stops at its file size limit;
+ * returns 1 then, else 0. A line longer than READ_PIECE goes to the parser in pieces, so what is held is
+ * bounded by the limit and READ_PIECE, never by the longest line: a line of hundreds of megabytes is refused
+ * without being held. */
 #define READ_PIECE 65536
-static int read_message(FILE *in, struct kt_buf *out, int ignore_dots, long long limit)
+static int read_message(FILE *in, struct kt_buf *out, enum dots dots, long long limit)
 {
     struct kt_data_parser p;
     char *line = kt_malloc(READ_PIECE + 2), *canon = kt_malloc(2 * (READ_PIECE + 2) + 2), end[2];
-    size_t len = 0, got;
+    size_t len = 0;
     int pieces = 0;   /* earlier pieces of the line under way went to the parser */
+    int over = 0;     /* past the limit: nothing more is kept */
 
     kt_data_parser_init_chunked(&p);
     for (;;) {
         int ch = getc_unlocked(in);
-        if (ch != EOF && ch != '\n') {
+        int line_end = ch == EOF || ch == '\n';
+        if (!line_end) {
             line[len++] = (char)ch;
             if (len < READ_PIECE)
                 continue;
-            /* a piece of a long line: all of it but a last CR, which may be the start of the line's end */
-            size_t cr = line[len - 1] == '\r';
-            for (size_t used = 0; used < len - cr;) {
-                used += kt_data_parse(&p, line + used, len - cr - used, canon, 2 * (READ_PIECE + 2) + 2, &got);
-                kt_buf_append(out, canon, got);
-            }
-            pieces = 1;
-            line[0] = '\r';
-            len = cr;
-            if (limit > 0 && (long long)kt_buf_used(out) > limit)
-                break;
-            continue;
-        }
-        if (ch == EOF && len == 0 && !pieces)
+        } else if (ch == EOF && len == 0 && !pieces) {
             break;   /* the input ended after a line end */
-        /* the end of a line (or of the input, after a last line without one) */
-        if (len > 0 && line[len - 1] == '\r')
-            len--;
-        if (!ignore_dots && !pieces && len == 1 && line[0] == '.')
-            break;
-        line[len++] = '\r';
-        line[len++] = '\n';
-        for (size_t used = 0; used < len;) {
-            used += kt_data_parse(&p, line + used, len - used, canon, 2 * (READ_PIECE + 2) + 2, &got);
+        }
+        /* a whole line (or the end of the input, after a last line without a line end), or a piece of a
+         * long line: all of it but a last CR, which may be the start of the line's end */
+        size_t take = len, skip = 0;
+        if (line_end) {
+            if (take > 0 && line[take - 1] == '\r')
+                take--;
+            if (dots != DOTS_IGNORE && !pieces && take == 1 && line[0] == '.')
+                break;
+            line[take++] = '\r';
+            line[take++] = '\n';
+        } else if (line[take - 1] == '\r') {
+            take--;
+        }
+        if (dots == DOTS_SMTP && !pieces && line[0] == '.')
+            skip = 1;
+        for (size_t used = skip; !over && used < take;) {
+            size_t got;
+            used += kt_data_parse(&p, line + used, take - used, canon, 2 * (READ_PIECE + 2) + 2, &got);
             kt_buf_append(out, canon, got);
         }
-        len = 0;
-        pieces = 0;
-        if (ch == EOF || (limit > 0 && (long long)kt_buf_used(out) > limit))
+        if (line_end) {
+            len = 0;
+            pieces = 0;
+        } else {
+            len = len - take;   /* the CR held back, or nothing */
+            line[0] = '\r';
+            pieces = 1;
+        }
+        if (limit > 0 && (long long)kt_buf_used(out) > limit)
+            over = 1;
+        if (ch == EOF || (over && dots != DOTS_SMTP))
             break;
     }
-    kt_buf_append(out, end, kt_data_parse_end(&p, end));
+    if (!over)
+        kt_buf_append(out, end, kt_data_parse_end(&p, end));
     kt_free(canon);
     kt_free(line);
-    return limit > 0 && (long long)kt_buf_used(out) > limit;
+    return over;
 }
 
 /* myorigin, with Postfix's "/file" form: the first line of the file. */
@@ -613,18 +628,41 @@ static int path_arg(const char *line, const char *verb, char *out, size_t outlen
     return 0;
 }
 
+/* -bs: one command line from IN into line (room COMMAND_MAX + 1), its line end removed. 1 for a line, 0 at
+ * the end of the input, -1 for a line longer than COMMAND_MAX (Postfix's line_length_limit default): the
+ * rest of it is read and dropped, so what is held stays bounded. */
+#define COMMAND_MAX 2048
+static int command_line(FILE *in, char *line)
+{
+    size_t len = 0;
+    int ch, too_long = 0;
+    while ((ch = getc_unlocked(in)) != EOF && ch != '\n') {
+        if (len < COMMAND_MAX)
+            line[len++] = (char)ch;
+        else
+            too_long = 1;
+    }
+    if (ch == EOF && len == 0 && !too_long)
+        return 0;
+    line[len] = '\0';
+    line[strcspn(line, "\r")] = '\0';
+    return too_long ? -1 : 1;
+}
+
 /* -bs: SMTP on stdin/stdout (RFC 5321 subset: HELO, EHLO, MAIL, RCPT, DATA,
  * RSET, NOOP, QUIT), each message submitted as above. */
 static int serve_stdio(struct submit_ctx *c)
 {
-    char *line = NULL, sender[513] = "";
-    size_t cap = 0;
-    int in_mail = 0, failed = 0;
+    char line[COMMAND_MAX + 1], sender[513] = "";
+    int in_mail = 0, failed = 0, got;
     struct rcpt_list rcpts = { 0 };
     smtp_reply("220 %s ESMTP ktrelay (sendmail -bs)", c->host);
-    while (getline(&line, &cap, stdin) > 0) {
-        line[strcspn(line, "\r\n")] = '\0';
+    while ((got = command_line(stdin, line)) != 0) {
         char arg[513];
+        if (got < 0) {
+            smtp_reply("500 5.5.2 Error: line too long");   /* as smtpd */
+            continue;
+        }
         if (!strncasecmp(line, "HELO", 4) || !strncasecmp(line, "EHLO", 4)) {
             if (!strncasecmp(line, "EHLO", 4))
                 smtp_reply("250-%s\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES", c->host);
@@ -650,27 +688,8 @@ static int serve_stdio(struct submit_ctx *c)
             }
             smtp_reply("354 End data with <CR><LF>.<CR><LF>");
             struct kt_buf body = { 0 };
-            char *l2 = NULL;
-            size_t c2 = 0;
-            ssize_t n;
-            while ((n = getline(&l2, &c2, stdin)) > 0) {
-                size_t len = (size_t)n;
-                while (len && (l2[len - 1] == '\n' || l2[len - 1] == '\r'))
-                    len--;
-                if (len == 1 && l2[0] == '.')
-                    break;
-                const char *p = l2;
-                if (len > 1 && l2[0] == '.') {   /* RFC 5321 4.5.2 */
-                    p++;
-                    len--;
-                }
-                /* past message_size_limit the rest is read to the "." but not kept: submit() refuses it */
-                if (c->size_limit > 0 && (long long)kt_buf_used(&body) > c->size_limit)
-                    continue;
-                kt_buf_append(&body, p, len);
-                kt_buf_append(&body, "\r\n", 2);
-            }
-            free(l2);
+            /* past message_size_limit the rest is read to the "." but not kept: submit() refuses it */
+            read_message(stdin, &body, DOTS_SMTP, c->size_limit);
             int save = c->extract;
             c->extract = 0;
             int rc = submit(c, sender[0] ? sender : "<>", &rcpts, &body);
@@ -699,7 +718,6 @@ static int serve_stdio(struct submit_ctx *c)
             smtp_reply("502 5.5.2 Error: command not recognized");
         }
     }
-    free(line);
     rcpt_free(&rcpts);
     return failed ? EX_TEMPFAIL : EX_OK;
 }
@@ -840,7 +858,7 @@ int kt_queue_cli_sendmail(int argc, char **argv)
         for (int i = optind; i < argc; i++)
             parse_address_list(&rcpts, argv[i], strlen(argv[i]));
         struct kt_buf body = { 0 };
-        c.input_too_big = read_message(stdin, &body, ignore_dots, c.size_limit);
+        c.input_too_big = read_message(stdin, &body, ignore_dots ? DOTS_IGNORE : DOTS_SENDMAIL, c.size_limit);
         rc = submit(&c, sender, &rcpts, &body);
         kt_buf_release(&body);
         rcpt_free(&rcpts);

@@ -360,3 +360,40 @@ def test_long_lines_read_in_pieces_are_stored_whole(relay_factory, n, eol):
     data = r.maildir_files("example.test/bob/")[0].read_bytes()
     assert b"\r\nSubject: long\r\n" in data
     assert data.endswith(b"\r\n\r\n" + line + b"\r\n." + line[:10] + b"\r\nend\r\n"), data[-200:]
+
+
+def test_sendmail_bs_bounds_its_lines_and_stores_canonical_lines(relay_factory):
+    """-bs: a command line past 2,048 bytes is answered 500 5.5.2 as smtpd answers it; a bare CR in the body
+    is stored as a line end, as smtpd stores it (it went into the queue file raw); a 50 MB body line past
+    message_size_limit is read to the "." without being held, refused 552 5.3.4, and the session goes on."""
+    r = relay_factory("message_size_limit = 1000000\n")
+    tx = b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"
+    piece = b"y" * (1 << 20)
+    p = subprocess.Popen([BIN, "sendmail", "-bs", "-c", str(r.dir)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def feed():
+        p.stdin.write(b"EHLO client\r\nNOOP " + b"x" * 5000 + b"\r\n")
+        p.stdin.write(tx + b"Subject: big\r\n\r\n")
+        for _ in range(50):
+            p.stdin.write(piece)
+        p.stdin.write(b"\r\n.\r\n" + tx + b"Subject: cr\r\n\r\nab\rcd\r\n..dot\r\n.\r\nQUIT\r\n")
+        p.stdin.close()
+    t = threading.Thread(target=feed)
+    t.start()
+    out, err = p.stdout.read(), p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    t.join()
+    assert os.waitstatus_to_exitcode(status) == 0, err
+    finals = [ln for ln in out.split(b"\r\n") if ln[3:4] == b" "]
+    assert finals[2:] == [b"500 5.5.2 Error: line too long",
+                          b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"354 End data with <CR><LF>.<CR><LF>",
+                          b"552 5.3.4 Error: message file too big",
+                          b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"354 End data with <CR><LF>.<CR><LF>",
+                          b"250 2.0.0 Ok: queued", b"221 2.0.0 Bye"], out
+    assert usage.ru_maxrss < 128 << 10, usage.ru_maxrss   # KB
+    wait_until(lambda: r.maildir_files("example.test/bob/"), 20, "delivery")
+    (f,) = r.maildir_files("example.test/bob/")
+    data = f.read_bytes()
+    assert b"\r\nSubject: cr\r\n" in data
+    assert data.endswith(b"\r\n\r\nab\r\ncd\r\n.dot\r\n"), data[-100:]
