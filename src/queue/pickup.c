@@ -689,11 +689,12 @@ static void conversation_done(struct kt_pickup *p, const struct kt_milter_result
         kt_buf_release(&edited);
     }
     if (fate == DROP_REMOVE) {
-        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        if (dfd >= 0) {
-            drop_remove(dfd, dir, p->m.name);
-            close(dfd);
-        }
+        /* through the directory the file was read from (the pass's, open until the conversation ends), which
+         * is no longer maildrop/ if that was moved aside meanwhile: never a file of the same name elsewhere */
+        if (p->scan)
+            drop_remove(dirfd(p->scan), dir, p->m.name);
+        else
+            kt_err("pickup: %s/%s: the directory it was read from is gone; the file stays", dir, p->m.name);
     } else {
         retry_later(p, p->m.name, time(NULL) + set->queue_run_delay);
     }
