@@ -243,9 +243,13 @@ enum dots {
                       * the limit the rest is read to the "." and dropped, so the session stays in step */
 };
 
+/* read_message's outcome: bits */
+#define READ_OVER 1   /* past the limit: what was kept is not the whole message */
+#define READ_EOF 2    /* DOTS_SMTP: the input ended before the "." (the message is incomplete) */
+
 /* Reads the message from IN into OUT (CRLF lines). Past LIMIT bytes in OUT (0: no limit) it stops keeping
- * what it reads, and stops reading (but for DOTS_SMTP), as Postfix's sendmail stops at its file size limit;
- * returns 1 then, else 0. A line longer than READ_PIECE goes to the parser in pieces, so what is held is
+ * what it reads, and stops reading (but for DOTS_SMTP), as Postfix's sendmail stops at its file size limit.
+ * Returns READ_* bits, 0 for a whole message. A line longer than READ_PIECE goes to the parser in pieces, so what is held is
  * bounded by the limit and READ_PIECE, never by the longest line: a line of hundreds of megabytes is refused
  * without being held. */
 #define READ_PIECE 65536
@@ -256,6 +260,7 @@ static int read_message(FILE *in, struct kt_buf *out, enum dots dots, long long 
     size_t len = 0;
     int pieces = 0;   /* earlier pieces of the line under way went to the parser */
     int over = 0;     /* past the limit: nothing more is kept */
+    int dot = 0;      /* the "." line ended it */
 
     kt_data_parser_init_chunked(&p);
     for (;;) {
@@ -274,8 +279,11 @@ static int read_message(FILE *in, struct kt_buf *out, enum dots dots, long long 
         if (line_end) {
             if (take > 0 && line[take - 1] == '\r')
                 take--;
-            if (dots != DOTS_IGNORE && !pieces && take == 1 && line[0] == '.')
+            /* in SMTP the "." must end its line too (RFC 5321 4.1.1.4: CRLF "." CRLF) */
+            if (dots != DOTS_IGNORE && !pieces && take == 1 && line[0] == '.' && (dots != DOTS_SMTP || ch != EOF)) {
+                dot = 1;
                 break;
+            }
             line[take++] = '\r';
             line[take++] = '\n';
         } else if (line[take - 1] == '\r') {
@@ -305,7 +313,7 @@ static int read_message(FILE *in, struct kt_buf *out, enum dots dots, long long 
         kt_buf_append(out, end, kt_data_parse_end(&p, end));
     kt_free(canon);
     kt_free(line);
-    return over;
+    return (over ? READ_OVER : 0) | (dots == DOTS_SMTP && !dot ? READ_EOF : 0);
 }
 
 /* myorigin, with Postfix's "/file" form: the first line of the file. */
@@ -628,47 +636,99 @@ static int path_arg(const char *line, const char *verb, char *out, size_t outlen
     return 0;
 }
 
-/* -bs: one command line from IN into line (room COMMAND_MAX + 1), its line end removed. 1 for a line, 0 at
- * the end of the input, -1 for a line longer than COMMAND_MAX (Postfix's line_length_limit default): the
- * rest of it is read and dropped, so what is held stays bounded. */
-#define COMMAND_MAX 2048
-static int command_line(FILE *in, char *line)
+/* -bs: the SIZE parameter (RFC 1870) among MAIL FROM's parameters, after the path's '>': its value in *size
+ * (-1 without one). 0, or -1 for a value smtpd's parser refuses (not 1 to 18 decimal digits). */
+static int mail_size_param(const char *line, long long *size)
 {
-    size_t len = 0;
+    const char *p = strchr(line, '>');
+    *size = -1;
+    while (p && (p = strchr(p, ' ')) != NULL) {
+        while (*p == ' ')
+            p++;
+        if (strncasecmp(p, "SIZE=", 5))
+            continue;
+        p += 5;
+        long long v = 0;
+        size_t digits = 0;
+        for (; *p >= '0' && *p <= '9' && digits <= 18; p++, digits++)
+            v = v * 10 + (*p - '0');
+        if (!digits || digits > 18 || (*p && *p != ' '))
+            return -1;   /* smtpd's bound too: 10^18 bytes is not a message */
+        *size = v;
+    }
+    return 0;
+}
+
+/* -bs: one command line from IN into line (room limit + 2), its line end (LF, or CRLF) removed. 1 for a
+ * line, 0 at the end of the input, -1 for a line longer than limit bytes without its line end (smtpd's
+ * line_length_limit): the rest of it is read and dropped, so what is held stays bounded. *len gets the
+ * line's length (it may hold NUL bytes). */
+static int command_line(FILE *in, char *line, size_t limit, size_t *len)
+{
+    size_t n = 0;
     int ch, too_long = 0;
     while ((ch = getc_unlocked(in)) != EOF && ch != '\n') {
-        if (len < COMMAND_MAX)
-            line[len++] = (char)ch;
+        if (n < limit + 1)
+            line[n++] = (char)ch;   /* one more than the limit: the CR of a CRLF */
         else
             too_long = 1;
     }
-    if (ch == EOF && len == 0 && !too_long)
+    if (ch == EOF && n == 0 && !too_long)
         return 0;
-    line[len] = '\0';
-    line[strcspn(line, "\r")] = '\0';
-    return too_long ? -1 : 1;
+    if (n > 0 && line[n - 1] == '\r')
+        n--;
+    line[n] = '\0';
+    *len = n;
+    return too_long || n > limit ? -1 : 1;
 }
 
 /* -bs: SMTP on stdin/stdout (RFC 5321 subset: HELO, EHLO, MAIL, RCPT, DATA,
  * RSET, NOOP, QUIT), each message submitted as above. */
 static int serve_stdio(struct submit_ctx *c)
 {
-    char line[COMMAND_MAX + 1], sender[513] = "";
+    long long ll = kt_config_get_int(c->cfg, NULL, "line_length_limit");
+    size_t limit = ll >= 80 && ll <= 1 << 20 ? (size_t)ll : 2048, len;
+    char *line = kt_malloc(limit + 2), sender[513] = "";
     int in_mail = 0, failed = 0, got;
     struct rcpt_list rcpts = { 0 };
     smtp_reply("220 %s ESMTP ktrelay (sendmail -bs)", c->host);
-    while ((got = command_line(stdin, line)) != 0) {
+    while ((got = command_line(stdin, line, limit, &len)) != 0) {
         char arg[513];
         if (got < 0) {
             smtp_reply("500 5.5.2 Error: line too long");   /* as smtpd */
             continue;
         }
+        /* a control character (a bare CR, a NUL) in a command: refused whole, as smtpd refuses it, never cut
+         * at that character */
+        size_t ctl = 0;
+        while (ctl < len && ((unsigned char)line[ctl] >= ' ' || line[ctl] == '\t') && line[ctl] != 127)
+            ctl++;
+        if (ctl < len) {
+            if (memchr(line, ' ', ctl))
+                smtp_reply("501 5.5.2 Syntax error: control character in command argument");
+            else
+                smtp_reply("502 5.5.2 Error: command not recognized");
+            continue;
+        }
         if (!strncasecmp(line, "HELO", 4) || !strncasecmp(line, "EHLO", 4)) {
+            char size_kw[40] = "SIZE";   /* as smtpd announces it: SIZE alone when there is no limit */
+            if (c->size_limit > 0)
+                snprintf(size_kw, sizeof(size_kw), "SIZE %lld", c->size_limit);
             if (!strncasecmp(line, "EHLO", 4))
-                smtp_reply("250-%s\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES", c->host);
+                smtp_reply("250-%s\r\n250-PIPELINING\r\n250-%s\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES", c->host,
+                           size_kw);
             else
                 smtp_reply("250 %s", c->host);
         } else if (!path_arg(line, "MAIL FROM:", arg, sizeof(arg))) {
+            long long size;
+            if (mail_size_param(line, &size) < 0) {
+                smtp_reply("501 5.5.4 Bad SIZE parameter value");   /* as smtpd */
+                continue;
+            }
+            if (size > 0 && c->size_limit > 0 && size > c->size_limit) {
+                smtp_reply("552 5.3.4 Message size exceeds fixed limit");   /* as smtpd, before the data */
+                continue;
+            }
             snprintf(sender, sizeof(sender), "%s", arg);
             rcpt_free(&rcpts);
             memset(&rcpts, 0, sizeof(rcpts));
@@ -689,7 +749,13 @@ static int serve_stdio(struct submit_ctx *c)
             smtp_reply("354 End data with <CR><LF>.<CR><LF>");
             struct kt_buf body = { 0 };
             /* past message_size_limit the rest is read to the "." but not kept: submit() refuses it */
-            read_message(stdin, &body, DOTS_SMTP, c->size_limit);
+            if (read_message(stdin, &body, DOTS_SMTP, c->size_limit) & READ_EOF) {
+                /* the input ended inside the message: nothing is queued and nothing answered, as smtpd does
+                 * with a connection lost after DATA */
+                kt_info("lost input after DATA (%zu bytes) from local", kt_buf_used(&body));
+                kt_buf_release(&body);
+                break;
+            }
             int save = c->extract;
             c->extract = 0;
             int rc = submit(c, sender[0] ? sender : "<>", &rcpts, &body);
@@ -709,7 +775,7 @@ static int serve_stdio(struct submit_ctx *c)
         } else if (!strcasecmp(line, "RSET")) {
             in_mail = 0;
             smtp_reply("250 2.0.0 Ok");
-        } else if (!strcasecmp(line, "NOOP")) {
+        } else if (!strcasecmp(line, "NOOP") || !strncasecmp(line, "NOOP ", 5)) {   /* RFC 5321 4.1.1.9: any argument */
             smtp_reply("250 2.0.0 Ok");
         } else if (!strcasecmp(line, "QUIT")) {
             smtp_reply("221 2.0.0 Bye");
@@ -718,6 +784,7 @@ static int serve_stdio(struct submit_ctx *c)
             smtp_reply("502 5.5.2 Error: command not recognized");
         }
     }
+    kt_free(line);
     rcpt_free(&rcpts);
     return failed ? EX_TEMPFAIL : EX_OK;
 }
@@ -858,7 +925,7 @@ int kt_queue_cli_sendmail(int argc, char **argv)
         for (int i = optind; i < argc; i++)
             parse_address_list(&rcpts, argv[i], strlen(argv[i]));
         struct kt_buf body = { 0 };
-        c.input_too_big = read_message(stdin, &body, ignore_dots ? DOTS_IGNORE : DOTS_SENDMAIL, c.size_limit);
+        c.input_too_big = read_message(stdin, &body, ignore_dots ? DOTS_IGNORE : DOTS_SENDMAIL, c.size_limit) & READ_OVER;
         rc = submit(&c, sender, &rcpts, &body);
         kt_buf_release(&body);
         rcpt_free(&rcpts);

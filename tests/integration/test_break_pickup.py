@@ -397,3 +397,82 @@ def test_sendmail_bs_bounds_its_lines_and_stores_canonical_lines(relay_factory):
     data = f.read_bytes()
     assert b"\r\nSubject: cr\r\n" in data
     assert data.endswith(b"\r\n\r\nab\r\ncd\r\n.dot\r\n"), data[-100:]
+
+
+def test_sendmail_bs_announces_size_and_refuses_a_larger_message_before_its_data(relay_factory):
+    """-bs announces SIZE as smtpd does and answers MAIL FROM's SIZE= as smtpd answers it: larger than
+    message_size_limit, 552 5.3.4 before any data is sent; not a number, 501 5.5.4."""
+    r = relay_factory("message_size_limit = 4000\n")
+    dialogue = (b"EHLO client\r\nMAIL FROM:<alice@example.test> SIZE=4001\r\n"
+                b"MAIL FROM:<alice@example.test> SIZE=12x\r\nMAIL FROM:<alice@example.test> size=100\r\n"
+                b"RCPT TO:<bob@example.test>\r\nDATA\r\nSubject: small\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+    p = subprocess.run([BIN, "sendmail", "-bs", "-c", str(r.dir)], input=dialogue, capture_output=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.split(b"\r\n")
+    assert lines[1:6] == [b"250-mx.example.test", b"250-PIPELINING", b"250-SIZE 4000", b"250-8BITMIME",
+                          b"250 ENHANCEDSTATUSCODES"], p.stdout
+    assert lines[6:] == [b"552 5.3.4 Message size exceeds fixed limit", b"501 5.5.4 Bad SIZE parameter value",
+                         b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"354 End data with <CR><LF>.<CR><LF>",
+                         b"250 2.0.0 Ok: queued", b"221 2.0.0 Bye", b""], p.stdout
+    wait_until(lambda: r.maildir_files("example.test/bob/"), 20, "delivery")
+
+
+def test_a_file_in_conversation_when_maildrop_is_replaced_is_removed_from_its_own_directory(relay_factory,
+                                                                                           raw_milter):
+    """maildrop/ moved aside while a milter holds the end of a local message: once accepted and queued, the
+    drop file is removed from the directory it was read from (it was unlinked by name under the new
+    maildrop/, where it is not, and stayed in the old one: moved back, it would be delivered twice)."""
+    go, at_eom = threading.Event(), threading.Event()
+
+    def eom(data):
+        at_eom.set()
+        go.wait(30)
+        yield pkt(b"a")
+    r = relay_factory(f"non_smtpd_milters = {raw_milter({b'E': eom}).spec}\n")
+    wait_until(maildrop(r).is_dir, 10, "maildrop/")
+    drop(r, "INFLIGHT", "alice@example.test", ["bob@example.test"])
+    assert at_eom.wait(20)
+    old = maildrop(r).with_name("maildrop.old")
+    st = maildrop(r).stat()
+    os.rename(maildrop(r), old)
+    maildrop(r).mkdir()
+    os.chown(maildrop(r), st.st_uid, st.st_gid)
+    os.chmod(maildrop(r), st.st_mode & 0o7777)
+    go.set()
+    wait_until(lambda: r.maildir_files("example.test/bob/"), 20, "delivery")
+    wait_until(lambda: not any(old.iterdir()), 10, "the drop file's removal from the old maildrop/")
+    assert len(r.maildir_files("example.test/bob/")) == 1
+
+
+def test_sendmail_bs_queues_nothing_when_the_input_ends_inside_the_message(relay_factory):
+    """-bs input that ends after DATA without the "." (or with a last "." that ends no line): nothing is
+    queued and nothing answered, as smtpd drops a message whose connection is lost after DATA (it was queued
+    and answered 250, cut off)."""
+    r = relay_factory()
+    for tail in (b"half a mess", b"half a message\r\n", b"half a message\r\n."):
+        dialogue = (b"EHLO c\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"
+                    b"Subject: cut\r\n\r\n" + tail)
+        p = subprocess.run([BIN, "sendmail", "-bs", "-c", str(r.dir)], input=dialogue, capture_output=True,
+                           timeout=30)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.endswith(b"\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"), p.stdout
+    assert files_in(r, "maildrop", "new", "tmp", "hold") == []
+    assert not r.maildir_files("example.test/bob/")
+
+
+@pytest.mark.parametrize("line,reply", [
+    (b"NOOP " + b"x" * 2043, b"250 2.0.0 Ok"),                       # 2,048 bytes and its CRLF: not too long
+    (b"NOOP " + b"x" * 2044, b"500 5.5.2 Error: line too long"),
+    (b"RSET\rQUIT", b"502 5.5.2 Error: command not recognized"),      # not cut at the CR
+    (b"MAIL FROM:<alice@example.test>\0junk", b"501 5.5.2 Syntax error: control character in command argument"),
+    (b"MAIL FROM:<alice@example.test>\rjunk", b"501 5.5.2 Syntax error: control character in command argument"),
+], ids=["2048", "2049", "cr-verb", "nul-arg", "cr-arg"])
+def test_sendmail_bs_command_lines_as_smtpd_reads_them(relay_factory, line, reply):
+    """-bs reads a command line as smtpd does: line_length_limit counts the line without its CRLF, and a
+    control character is refused with the whole line (a CR or NUL used to cut the command there, so
+    "RSET\\rQUIT" ran RSET)."""
+    r = relay_factory()
+    p = subprocess.run([BIN, "sendmail", "-bs", "-c", str(r.dir)], input=b"EHLO c\r\n" + line + b"\r\nQUIT\r\n",
+                       capture_output=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.endswith(b"250 ENHANCEDSTATUSCODES\r\n" + reply + b"\r\n221 2.0.0 Bye\r\n"), p.stdout
