@@ -27,6 +27,18 @@ def drop(relay, name, sender, rcpts, body=b"Subject: by hand\n\nhi\n"):
     os.rename(tmp, maildrop(relay) / name)
 
 
+def replace_maildrop(relay):
+    """What an operator does to set maildrop/ aside: it is renamed maildrop.old (returned), and a new one with
+    the same owner and mode takes its place."""
+    old = maildrop(relay).with_name("maildrop.old")
+    st = maildrop(relay).stat()
+    os.rename(maildrop(relay), old)
+    maildrop(relay).mkdir()
+    os.chown(maildrop(relay), st.st_uid, st.st_gid)
+    os.chmod(maildrop(relay), st.st_mode & 0o7777)
+    return old
+
+
 def descendants(pid):
     return [x for k in child_pids(pid) for x in [k, *descendants(k)]]
 
@@ -280,12 +292,7 @@ def test_a_pass_ends_when_maildrop_is_replaced(relay_factory):
     to its end, as Postfix's pickup opens each file by its name under maildrop/."""
     r, names = kept_drop_files(relay_factory, 3000)
     wait_until(lambda: KEPT in r.log(), 20, "the pass to begin")
-    old = maildrop(r).with_name("maildrop.old")
-    st = maildrop(r).stat()
-    os.rename(maildrop(r), old)
-    maildrop(r).mkdir()
-    os.chown(maildrop(r), st.st_uid, st.st_gid)
-    os.chmod(maildrop(r), st.st_mode & 0o7777)
+    old = replace_maildrop(r)
     drop(r, "GOOD", "alice@example.test", ["bob@example.test"])
     wait_until(lambda: r.maildir_files("example.test/bob/"), 30, "delivery from the new maildrop/")
     tried = sum(1 for n in names if f"maildrop/{n}: {KEPT}" in r.log())
@@ -302,12 +309,7 @@ def test_a_pass_with_milters_ends_when_maildrop_is_replaced(relay_factory, raw_m
     for name in names:
         drop(r, name, "mallory@example.test", ["spam@example.test"])
     wait_until(lambda: CANT_REJECT in r.log(), 20, "the pass to begin")
-    old = maildrop(r).with_name("maildrop.old")
-    st = maildrop(r).stat()
-    os.rename(maildrop(r), old)
-    maildrop(r).mkdir()
-    os.chown(maildrop(r), st.st_uid, st.st_gid)
-    os.chmod(maildrop(r), st.st_mode & 0o7777)
+    old = replace_maildrop(r)
     drop(r, "GOOD", "alice@example.test", ["bob@example.test"])
     wait_until(lambda: r.maildir_files("example.test/bob/"), 60, "delivery from the new maildrop/")
     tried = r.log().count(CANT_REJECT)
@@ -432,12 +434,7 @@ def test_a_file_in_conversation_when_maildrop_is_replaced_is_removed_from_its_ow
     wait_until(maildrop(r).is_dir, 10, "maildrop/")
     drop(r, "INFLIGHT", "alice@example.test", ["bob@example.test"])
     assert at_eom.wait(20)
-    old = maildrop(r).with_name("maildrop.old")
-    st = maildrop(r).stat()
-    os.rename(maildrop(r), old)
-    maildrop(r).mkdir()
-    os.chown(maildrop(r), st.st_uid, st.st_gid)
-    os.chmod(maildrop(r), st.st_mode & 0o7777)
+    old = replace_maildrop(r)
     go.set()
     wait_until(lambda: r.maildir_files("example.test/bob/"), 20, "delivery")
     wait_until(lambda: not any(old.iterdir()), 10, "the drop file's removal from the old maildrop/")
