@@ -619,46 +619,6 @@ static void smtp_reply(const char *fmt, ...)
     fflush(stdout);
 }
 
-static int path_arg(const char *line, const char *verb, char *out, size_t outlen)
-{
-    size_t vl = strlen(verb);
-    if (strncasecmp(line, verb, vl))
-        return -1;
-    const char *p = line + vl;
-    while (*p == ' ')
-        p++;
-    if (*p != '<')
-        return -1;
-    const char *e = strchr(p, '>');
-    if (!e || (size_t)(e - p - 1) >= outlen)
-        return -1;
-    snprintf(out, outlen, "%.*s", (int)(e - p - 1), p + 1);
-    return 0;
-}
-
-/* -bs: the SIZE parameter (RFC 1870) among MAIL FROM's parameters, after the path's '>': its value in *size
- * (-1 without one). 0, or -1 for a value smtpd's parser refuses (not 1 to 18 decimal digits). */
-static int mail_size_param(const char *line, long long *size)
-{
-    const char *p = strchr(line, '>');
-    *size = -1;
-    while (p && (p = strchr(p, ' ')) != NULL) {
-        while (*p == ' ')
-            p++;
-        if (strncasecmp(p, "SIZE=", 5))
-            continue;
-        p += 5;
-        long long v = 0;
-        size_t digits = 0;
-        for (; *p >= '0' && *p <= '9' && digits <= 18; p++, digits++)
-            v = v * 10 + (*p - '0');
-        if (!digits || digits > 18 || (*p && *p != ' '))
-            return -1;   /* smtpd's bound too: 10^18 bytes is not a message */
-        *size = v;
-    }
-    return 0;
-}
-
 /* -bs: one command line from IN into line (room limit + 2), its line end (LF, or CRLF) removed. 1 for a
  * line, 0 at the end of the input, -1 for a line longer than limit bytes without its line end (smtpd's
  * line_length_limit): the rest of it is read and dropped, so what is held stays bounded. *len gets the
@@ -686,62 +646,75 @@ static int command_line(FILE *in, char *line, size_t limit, size_t *len)
  * RSET, NOOP, QUIT), each message submitted as above. */
 static int serve_stdio(struct submit_ctx *c)
 {
+    /* smtpd's rules (settings.c): line_length_limit, at least RFC 5321's 512; smtpd_recipient_limit */
     long long ll = kt_config_get_int(c->cfg, NULL, "line_length_limit");
-    size_t limit = ll >= 80 && ll <= 1 << 20 ? (size_t)ll : 2048, len;
+    size_t limit = ll < 512 ? 512 : (size_t)ll, len;
+    long long rcpt_limit = kt_config_get_int(c->cfg, NULL, "smtpd_recipient_limit");
+    if (rcpt_limit <= 0)
+        rcpt_limit = 1000000;
     char *line = kt_malloc(limit + 2), sender[513] = "";
     int in_mail = 0, failed = 0, got;
     struct rcpt_list rcpts = { 0 };
     smtp_reply("220 %s ESMTP ktrelay (sendmail -bs)", c->host);
     while ((got = command_line(stdin, line, limit, &len)) != 0) {
-        char arg[513];
         if (got < 0) {
             smtp_reply("500 5.5.2 Error: line too long");   /* as smtpd */
             continue;
         }
-        /* a control character (a bare CR, a NUL) in a command: refused whole, as smtpd refuses it, never cut
-         * at that character */
-        size_t ctl = 0;
-        while (ctl < len && ((unsigned char)line[ctl] >= ' ' || line[ctl] == '\t') && line[ctl] != 127)
-            ctl++;
-        if (ctl < len) {
-            if (memchr(line, ' ', ctl))
-                smtp_reply("501 5.5.2 Syntax error: control character in command argument");
-            else
-                smtp_reply("502 5.5.2 Error: command not recognized");
+        /* the command as smtpd reads it (smtp_parse.h), with smtpd's replies */
+        if (strspn(line, " \t") == len) {
+            smtp_reply("500 5.5.2 Error: bad syntax");
             continue;
         }
-        if (!strncasecmp(line, "HELO", 4) || !strncasecmp(line, "EHLO", 4)) {
+        struct kt_smtp_command cmd;
+        kt_smtp_parse_command(line, len, &cmd);
+        if (cmd.verb != KT_VERB_UNKNOWN && cmd.verb != KT_VERB_HELO && cmd.verb != KT_VERB_EHLO
+            && kt_smtp_arg_has_ctl(cmd.arg, cmd.arg_len)) {
+            smtp_reply("501 5.5.2 Syntax error: control character in command argument");
+            continue;
+        }
+        struct kt_smtp_path path;
+        const char *err;
+        if (cmd.verb == KT_VERB_HELO || cmd.verb == KT_VERB_EHLO) {
+            int ehlo = cmd.verb == KT_VERB_EHLO;
             char size_kw[40] = "SIZE";   /* as smtpd announces it: SIZE alone when there is no limit */
             if (c->size_limit > 0)
                 snprintf(size_kw, sizeof(size_kw), "SIZE %lld", c->size_limit);
-            if (!strncasecmp(line, "EHLO", 4))
+            if (!cmd.arg_len)
+                smtp_reply("501 5.5.4 Syntax: %s hostname", ehlo ? "EHLO" : "HELO");
+            else if (ehlo)
                 smtp_reply("250-%s\r\n250-PIPELINING\r\n250-%s\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES", c->host,
                            size_kw);
             else
                 smtp_reply("250 %s", c->host);
-        } else if (!path_arg(line, "MAIL FROM:", arg, sizeof(arg))) {
-            long long size;
-            if (mail_size_param(line, &size) < 0) {
-                smtp_reply("501 5.5.4 Bad SIZE parameter value");   /* as smtpd */
-                continue;
+        } else if (cmd.verb == KT_VERB_MAIL) {
+            struct kt_mail_params mp;
+            if (in_mail) {
+                smtp_reply("503 5.5.1 Error: nested MAIL command");
+            } else if ((err = kt_smtp_parse_mail(cmd.arg, cmd.arg_len, &path, &mp)) != NULL) {
+                smtp_reply("%s", err);
+            } else if (mp.size > 0 && c->size_limit > 0 && mp.size > c->size_limit) {
+                smtp_reply("552 5.3.4 Message size exceeds fixed limit");   /* before the data */
+            } else {
+                snprintf(sender, sizeof(sender), "%s", path.addr);   /* "" for <> */
+                rcpt_free(&rcpts);
+                memset(&rcpts, 0, sizeof(rcpts));
+                in_mail = 1;
+                smtp_reply("250 2.1.0 Ok");
             }
-            if (size > 0 && c->size_limit > 0 && size > c->size_limit) {
-                smtp_reply("552 5.3.4 Message size exceeds fixed limit");   /* as smtpd, before the data */
-                continue;
-            }
-            snprintf(sender, sizeof(sender), "%s", arg);
-            rcpt_free(&rcpts);
-            memset(&rcpts, 0, sizeof(rcpts));
-            in_mail = 1;
-            smtp_reply("250 2.1.0 Ok");
-        } else if (!path_arg(line, "RCPT TO:", arg, sizeof(arg))) {
-            if (!in_mail) {
+        } else if (cmd.verb == KT_VERB_RCPT) {
+            struct kt_rcpt_params rp;
+            if (!in_mail)
                 smtp_reply("503 5.5.1 Error: need MAIL command");
-                continue;
+            else if ((err = kt_smtp_parse_rcpt(cmd.arg, cmd.arg_len, &path, &rp)) != NULL)
+                smtp_reply("%s", err);
+            else if ((long long)rcpts.n >= rcpt_limit)
+                smtp_reply("452 4.5.3 Error: too many recipients");
+            else {
+                rcpt_add(&rcpts, path.addr, path.addr_len);
+                smtp_reply("250 2.1.5 Ok");
             }
-            rcpt_add(&rcpts, arg, strlen(arg));
-            smtp_reply("250 2.1.5 Ok");
-        } else if (!strcasecmp(line, "DATA")) {
+        } else if (cmd.verb == KT_VERB_DATA) {
             if (!in_mail || !rcpts.n) {
                 smtp_reply("503 5.5.1 Error: need RCPT command");
                 continue;
@@ -772,12 +745,12 @@ static int serve_stdio(struct submit_ctx *c)
                 failed = 1;
             }
             in_mail = 0;
-        } else if (!strcasecmp(line, "RSET")) {
+        } else if (cmd.verb == KT_VERB_RSET) {
             in_mail = 0;
             smtp_reply("250 2.0.0 Ok");
-        } else if (!strcasecmp(line, "NOOP") || !strncasecmp(line, "NOOP ", 5)) {   /* RFC 5321 4.1.1.9: any argument */
+        } else if (cmd.verb == KT_VERB_NOOP) {   /* RFC 5321 4.1.1.9: any argument */
             smtp_reply("250 2.0.0 Ok");
-        } else if (!strcasecmp(line, "QUIT")) {
+        } else if (cmd.verb == KT_VERB_QUIT) {
             smtp_reply("221 2.0.0 Bye");
             break;
         } else {

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, Relay, child_pids, make_searchable, wait_until
+from conftest import BASE_MAIN_CF, BASE_VMAILBOX, BIN, Relay, SmtpConn, child_pids, make_searchable, wait_until
 from test_break_milter import pkt, raw_milter  # noqa: F401 (a fixture)
 
 CANT_REJECT = "milter configuration error: can't reject recipient in non-smtpd(8) submission"
@@ -473,3 +473,46 @@ def test_sendmail_bs_command_lines_as_smtpd_reads_them(relay_factory, line, repl
                        capture_output=True, timeout=30)
     assert p.returncode == 0, p.stderr
     assert p.stdout.endswith(b"250 ENHANCEDSTATUSCODES\r\n" + reply + b"\r\n221 2.0.0 Bye\r\n"), p.stdout
+
+
+MAIL = b"MAIL FROM:<alice@example.test>"
+
+
+@pytest.mark.parametrize("setup,probe", [
+    ([], MAIL + b" SIZE=999999 SIZE=5"),
+    ([], MAIL + b" SIZE"),
+    ([], MAIL + b" SIZE=9999999999999999999"),
+    ([], MAIL + b" SIZE=5000"),
+    ([], MAIL + b" SIZE=10\tBODY=8BITMIME"),
+    ([], MAIL + b" FOO=bar"),
+    ([], MAIL + b"SIZE=9"),
+    ([], b"MAIL FROM:<\"x> SIZE=5000\"@example.test>"),
+    ([], b"MAIL\tFROM:<alice@example.test\x01>"),
+    ([MAIL], b"MAIL FROM:<bob@example.test> SIZE=999999"),
+    ([MAIL], b"RCPT TO:<>"),
+    ([MAIL, b"RCPT TO:<bob@example.test>"], b"RCPT TO:<bob2@example.test>"),
+    ([], b""),
+    ([], b"HELO a\x01b"),
+    ([], b"FOO bar\x01"),
+    ([], b"NOOP\tx"),
+    ([], b"RSET "),
+    ([], b"EHLO"),
+    ([], b"HELOX"),
+    ([], b"QUIT x"),
+], ids=lambda v: repr(v)[:40] if isinstance(v, bytes) else str(len(v)))
+def test_sendmail_bs_answers_each_command_as_smtpd_does(relay_factory, setup, probe):
+    """-bs reads and answers a command as the daemon's smtpd does (one parser and the same replies): the
+    same command after the same ones gets the same reply from both."""
+    r = relay_factory("message_size_limit = 4000\nsmtpd_recipient_limit = 1\n")
+    c = SmtpConn(r.port())
+    c.ehlo()
+    for line in setup:
+        c.send(line + b"\r\n")
+        assert c.reply()[:1] == "2", line
+    c.send(probe + b"\r\n")
+    smtpd = c.reply()
+    dialogue = b"EHLO c\r\n" + b"".join(x + b"\r\n" for x in setup) + probe + b"\r\nQUIT\r\n"
+    p = subprocess.run([BIN, "sendmail", "-bs", "-c", str(r.dir)], input=dialogue, capture_output=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    finals = [ln.decode() for ln in p.stdout.split(b"\r\n") if ln[3:4] == b" "]
+    assert finals[2 + len(setup)] == smtpd, (finals, smtpd)
