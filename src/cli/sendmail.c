@@ -256,7 +256,8 @@ enum dots {
 static int read_message(FILE *in, struct kt_buf *out, enum dots dots, long long limit)
 {
     struct kt_data_parser p;
-    char *line = kt_malloc(READ_PIECE + 2), *canon = kt_malloc(2 * (READ_PIECE + 2) + 2), end[2];
+    const size_t canon_cap = 2 * (READ_PIECE + 2) + 2;   /* a bare line end grows by a byte (smtp_parse.h) */
+    char *line = kt_malloc(READ_PIECE + 2), *canon = kt_malloc(canon_cap), end[2];
     size_t len = 0;
     int pieces = 0;   /* earlier pieces of the line under way went to the parser */
     int over = 0;     /* past the limit: nothing more is kept */
@@ -293,7 +294,7 @@ static int read_message(FILE *in, struct kt_buf *out, enum dots dots, long long 
             skip = 1;
         for (size_t used = skip; !over && used < take;) {
             size_t got;
-            used += kt_data_parse(&p, line + used, take - used, canon, 2 * (READ_PIECE + 2) + 2, &got);
+            used += kt_data_parse(&p, line + used, take - used, canon, canon_cap, &got);
             kt_buf_append(out, canon, got);
         }
         if (line_end) {
@@ -646,12 +647,8 @@ static int command_line(FILE *in, char *line, size_t limit, size_t *len)
  * RSET, NOOP, QUIT), each message submitted as above. */
 static int serve_stdio(struct submit_ctx *c)
 {
-    /* smtpd's rules (settings.c): line_length_limit, at least RFC 5321's 512; smtpd_recipient_limit */
-    long long ll = kt_config_get_int(c->cfg, NULL, "line_length_limit");
-    size_t limit = ll < 512 ? 512 : (size_t)ll, len;
-    long long rcpt_limit = kt_config_get_int(c->cfg, NULL, "smtpd_recipient_limit");
-    if (rcpt_limit <= 0)
-        rcpt_limit = 1000000;
+    size_t limit = kt_settings_line_length_limit(c->cfg, NULL), len;
+    long long rcpt_limit = kt_settings_recipient_limit(c->cfg, NULL);
     char *line = kt_malloc(limit + 2), sender[513] = "";
     int in_mail = 0, failed = 0, got;
     struct rcpt_list rcpts = { 0 };

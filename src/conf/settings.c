@@ -729,9 +729,7 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     st->myhostname = get(cfg, svc, "myhostname");
     st->banner = get(cfg, svc, "smtpd_banner");
     st->message_size_limit = kt_config_get_int(cfg, svc, "message_size_limit");
-    st->recipient_limit = kt_config_get_int(cfg, svc, "smtpd_recipient_limit");
-    if (st->recipient_limit <= 0)
-        st->recipient_limit = 1000000;
+    st->recipient_limit = kt_settings_recipient_limit(cfg, svc);
     st->recipient_overshoot_limit = kt_config_get_int(cfg, svc, "smtpd_recipient_overshoot_limit");
     st->helo_required = kt_config_get_bool(cfg, svc, "smtpd_helo_required") == 1;
     st->disable_vrfy = kt_config_get_bool(cfg, svc, "disable_vrfy_command") == 1;
@@ -748,9 +746,7 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     st->hard_error_limit = kt_config_get_int(cfg, svc, "smtpd_hard_error_limit");
     st->soft_error_limit = kt_config_get_int(cfg, svc, "smtpd_soft_error_limit");
     st->error_sleep_ms = kt_config_get_time(cfg, svc, "smtpd_error_sleep_time") * 1000;
-    long long lll = kt_config_get_int(cfg, svc, "line_length_limit");
-    /* RFC 5321 4.5.3.1.4: a command line is at most 512 octets; never go below it */
-    st->line_length_limit = lll < 512 ? 512 : (size_t)lll;
+    st->line_length_limit = kt_settings_line_length_limit(cfg, svc);
     st->wrappermode = kt_config_get_bool(cfg, svc, "smtpd_tls_wrappermode") == 1;
     st->tls_level = tls_level(cfg, svc);
     st->tls_loglevel = (int)kt_config_get_int(cfg, svc, "smtpd_tls_loglevel");
@@ -1184,6 +1180,18 @@ static void runtime_free(struct runtime_private *rp)
     kt_free(rp->pub.services);
     kt_config_free(rp->pub.cfg);
     kt_free(rp);
+}
+
+size_t kt_settings_line_length_limit(const struct kt_config *cfg, const struct kt_service *svc)
+{
+    long long v = kt_config_get_int(cfg, svc, "line_length_limit");
+    return v < 512 ? 512 : (size_t)v;   /* RFC 5321 4.5.3.1.4: a command line is at most 512 octets */
+}
+
+long long kt_settings_recipient_limit(const struct kt_config *cfg, const struct kt_service *svc)
+{
+    long long v = kt_config_get_int(cfg, svc, "smtpd_recipient_limit");
+    return v <= 0 ? 1000000 : v;
 }
 
 int kt_settings_rewriter(const struct kt_config *cfg, struct kt_resolver **resolver, struct kt_rewrite **rw)

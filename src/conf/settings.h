@@ -214,5 +214,10 @@ struct kt_runtime *kt_runtime_ref(struct kt_runtime *rt);
  * caller frees both (kt_rewrite_free first). */
 int kt_settings_rewriter(const struct kt_config *cfg, struct kt_resolver **resolver, struct kt_rewrite **rw);
 void kt_runtime_unref(struct kt_runtime *rt);
+/* smtpd's command-line bound for svc (NULL: main.cf's): line_length_limit in bytes without the CRLF, never
+ * below RFC 5321's 512 (4.5.3.1.4). One rule for smtpd and `sendmail -bs`. */
+size_t kt_settings_line_length_limit(const struct kt_config *cfg, const struct kt_service *svc);
+/* smtpd_recipient_limit for svc (NULL: main.cf's): recipients per transaction; 0 or less means 1,000,000. */
+long long kt_settings_recipient_limit(const struct kt_config *cfg, const struct kt_service *svc);
 
 #endif
