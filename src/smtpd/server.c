@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <netdb.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -103,11 +104,10 @@ static int add_addr(struct bind_addr **list, size_t *n, const char *host, int po
         memcpy(&b->ss, ai->ai_addr, ai->ai_addrlen);
         b->len = ai->ai_addrlen;
         b->service = service;
-        char h[INET6_ADDRSTRLEN] = "?";
-        if (ai->ai_family == AF_INET)
-            inet_ntop(AF_INET, &((struct sockaddr_in *)ai->ai_addr)->sin_addr, h, sizeof(h));
-        else
-            inet_ntop(AF_INET6, &((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr, h, sizeof(h));
+        /* numeric, with a link-local address's zone ("fe80::1%eth0"), which is part of the address */
+        char h[INET6_ADDRSTRLEN + IF_NAMESIZE + 1] = "?";
+        if (getnameinfo(ai->ai_addr, ai->ai_addrlen, h, sizeof(h), NULL, 0, NI_NUMERICHOST) != 0)
+            snprintf(h, sizeof(h), "?");
         snprintf(b->text, sizeof(b->text), ai->ai_family == AF_INET6 ? "[%s]:%d" : "%s:%d", h, port);
         (*n)++;
     }
@@ -207,7 +207,8 @@ static int overlapping(const struct kt_runtime *rt, const struct bind_addr *addr
             } else {
                 const struct sockaddr_in6 *p = (const void *)&x->ss, *q = (const void *)&y->ss;
                 same_port = p->sin6_port == q->sin6_port;
-                same_addr = IN6_ARE_ADDR_EQUAL(&p->sin6_addr, &q->sin6_addr);
+                /* fe80::1%eth0 and fe80::1%eth1 are two addresses (RFC 4007 zones): the scope is compared too */
+                same_addr = IN6_ARE_ADDR_EQUAL(&p->sin6_addr, &q->sin6_addr) && p->sin6_scope_id == q->sin6_scope_id;
             }
             if (!same_port || (!same_addr && !wildcard(x) && !wildcard(y)))
                 continue;

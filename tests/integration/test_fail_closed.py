@@ -362,6 +362,26 @@ def test_services_that_would_share_a_port_are_refused(tmp_path, second, listens,
     assert "listening on" not in out
 
 
+def test_link_local_addresses_of_two_zones_are_two_addresses(tmp_path):
+    """fe80::1 on one interface and fe80::1 on another are different addresses (RFC 4007 zones), so two
+    services may listen on them with one port; the same zone named twice (by name, then by index) is one
+    address and is refused. A zone is written by interface name or number: lo is always index 1, and an
+    index no interface has is still a zone to compare (nothing is bound by check-config)."""
+    write_conf(tmp_path, "inet_protocols = ipv6\n")
+    p = free_port()
+    (tmp_path / "master.cf").write_text(f"[fe80::1%lo]:{p} inet n - n - - smtpd\n"
+                                        f"[fe80::1%4000]:{p} inet n - n - - smtpd\n")
+    chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert chk.returncode == 0, chk.stderr
+    (tmp_path / "master.cf").write_text(f"[fe80::1%lo]:{p} inet n - n - - smtpd\n"
+                                        f"[fe80::1%1]:{p} inet n - n - - smtpd\n")
+    chk = subprocess.run([BIN, "check-config", "-c", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    message = (f"{tmp_path}/master.cf:2: service [fe80::1%1]:{p} would listen on [fe80::1%lo]:{p}, where service "
+               f"[fe80::1%lo]:{p} ({tmp_path}/master.cf:1) already listens on [fe80::1%lo]:{p}: give each "
+               f"master.cf service its own address and port")
+    assert chk.returncode == 78 and "error: " + message + "\n" in chk.stderr, chk.stderr
+
+
 def test_one_address_named_twice_for_a_service_is_one_listener(tmp_path):
     """inet_interfaces = 127.0.0.1, localhost names one address twice: Postfix makes the list unique and
     listens once, and so does ktrelay (it is not two services sharing a port)."""
