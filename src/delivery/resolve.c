@@ -349,10 +349,13 @@ struct expand {
     int unsupported, overflow;
 };
 
-static void skip(struct expand *x, const char *why)
+static void skip(struct expand *x, const char *why, const char *target)
 {
     x->res->n_skipped++;
     x->res->skip_reason = why;
+    size_t n = strnlen(target, sizeof(x->res->skip_target) - 1);
+    memcpy(x->res->skip_target, target, n);
+    x->res->skip_target[n] = '\0';
 }
 
 static void add_mailbox(struct expand *x, const struct kt_mailbox *mb)
@@ -374,7 +377,7 @@ static void add_forward(struct expand *x, const char *addr)
     struct kt_resolve_result *res = x->res;
 
     if (strlen(addr) >= sizeof(res->forward[0])) {
-        skip(x, "alias target too long");
+        skip(x, "alias target too long", addr);
         return;
     }
     for (size_t i = 0; i < res->n_forward; i++)
@@ -405,7 +408,7 @@ static void deliver_user(struct expand *x, const char *name)
                                  u->uid ? u->gid : x->r->default_gid, u->home, u->home_len, u->name };
         add_mailbox(x, &mb);
     } else {
-        skip(x, "unknown local user");
+        skip(x, "unknown local user", name);
     }
 }
 
@@ -462,7 +465,7 @@ static void expand_local(struct expand *x, const char *name)
     if (seen(x, name))
         return;
     if (x->depth == ALIAS_DEPTH) {
-        skip(x, "alias nesting too deep");
+        skip(x, "alias nesting too deep", name);
         return;
     }
     if (remember(x, name) < 0) {
@@ -483,7 +486,7 @@ static void expand_address(struct expand *x, const char *addr)
     switch (kt_resolve_class(x->r, at + 1)) {
     case KT_CLASS_LOCAL:
         if ((size_t)(at - addr) >= sizeof(local)) {
-            skip(x, "alias target too long");
+            skip(x, "alias target too long", addr);
             return;
         }
         lower_copy(local, addr, (size_t)(at - addr));
@@ -493,7 +496,7 @@ static void expand_address(struct expand *x, const char *addr)
         if (virtual_lookup(x->r, addr, &mb) == V_OK)
             add_mailbox(x, &mb);
         else
-            skip(x, "undeliverable virtual alias target");
+            skip(x, "undeliverable virtual alias target", addr);
         return;
     case KT_CLASS_ALIAS:      /* forwarded: virtual_alias_maps rewrite it on its way */
     case KT_CLASS_RELAY:
@@ -531,7 +534,7 @@ static void expand_list(struct expand *x, const char *list)
             if (!inc || on_stack(x, tok))
                 break;
             if (x->depth == ALIAS_DEPTH) {
-                skip(x, "alias nesting too deep");
+                skip(x, "alias nesting too deep", tok);
                 break;
             }
             x->stack[x->depth++] = tok;
@@ -541,15 +544,15 @@ static void expand_list(struct expand *x, const char *list)
         }
         case KT_ALIAS_COMMAND:
             x->unsupported = 1;
-            skip(x, "|command alias targets are not supported");
+            skip(x, "|command alias targets are not supported", tok);
             break;
         case KT_ALIAS_FILE:
             x->unsupported = 1;
-            skip(x, "/file alias targets are not supported");
+            skip(x, "/file alias targets are not supported", tok);
             break;
         case KT_ALIAS_INVALID:
             x->unsupported = 1;
-            skip(x, "invalid alias target");
+            skip(x, "invalid alias target", tok);
             break;
         }
     }
@@ -583,10 +586,22 @@ static void resolve_local(const struct kt_resolver *r, const char *addr, size_t 
     if (x.overflow) {
         res->n_mailboxes = res->n_forward = 0;
         reply(res, "451 4.3.0", addr, "Temporary lookup failure");
+    } else if (x.unsupported) {
+        /* a |command, /file or invalid target anywhere in the expansion refuses the whole recipient: ktrelay
+         * cannot deliver what the alias asks for, and delivering to the rest would drop that part unseen */
+        res->n_mailboxes = res->n_forward = 0;
+        reply(res, "550 5.1.1", addr, "Recipient address rejected: unsupported alias target");
     } else if (res->n_mailboxes + res->n_forward == 0) {
-        reply(res, "550 5.1.1", addr, x.unsupported ? "Recipient address rejected: unsupported alias target"
-                                                    : "Recipient address rejected: User unknown in local recipient table");
+        reply(res, "550 5.1.1", addr, "Recipient address rejected: User unknown in local recipient table");
     }
+}
+
+void kt_resolve_warn_skipped(const struct kt_resolve_result *res, const char *queue_id, const char *addr)
+{
+    if (res->reply || res->n_skipped == 0)
+        return;
+    kt_warn("%s: to=<%s>: %zu alias target%s not delivered, the last one %s: %s", queue_id ? queue_id : "NOQUEUE",
+            addr, res->n_skipped, res->n_skipped == 1 ? "" : "s", res->skip_target, res->skip_reason);
 }
 
 void kt_resolve_recipient(const struct kt_resolver *r, const char *addr, struct kt_resolve_result *res)
@@ -597,6 +612,7 @@ void kt_resolve_recipient(const struct kt_resolver *r, const char *addr, struct 
     res->reply = NULL;
     res->n_mailboxes = res->n_forward = res->n_skipped = 0;
     res->skip_reason = NULL;
+    res->skip_target[0] = 0;
     res->reply_buf[0] = 0;
     res->cls = kt_resolve_class(r, at ? at + 1 : NULL);
     switch (res->cls) {

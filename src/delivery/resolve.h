@@ -51,8 +51,10 @@ struct kt_resolve_result {
     struct kt_mailbox mailboxes[KT_RESOLVE_MAX_MAILBOXES];
     size_t n_forward;             /* alias targets that are not local (remote addresses): kept for the relay work */
     char forward[KT_RESOLVE_MAX_FORWARD][256];
-    size_t n_skipped;             /* alias targets left out (|command, /file, unknown users) */
+    size_t n_skipped;             /* alias targets left out (unknown users, too deep, too long; |command,
+                                   * /file and invalid targets refuse the whole recipient instead) */
     const char *skip_reason;      /* why the last one was left out (static text), NULL if none */
+    char skip_target[256];        /* that target, as written in the aliases (cut to fit) */
     char reply_buf[600];          /* storage behind reply: copy a result with memcpy and re-point reply,
                                    * or better, do not copy it */
 };
@@ -63,6 +65,11 @@ int kt_resolver_new(const struct kt_resolve_config *c, struct kt_resolver **out,
 void kt_resolver_free(struct kt_resolver *r);
 /* addr: envelope recipient without brackets. Never blocks, never allocates (result written into *res). */
 void kt_resolve_recipient(const struct kt_resolver *r, const char *addr, struct kt_resolve_result *res);
+/* Logs (warning) the alias targets res left out of an accepted recipient's expansion, so that no part
+ * of an alias is dropped unseen: Postfix's local(8) bounces such a target, ktrelay delivers to the
+ * others and logs it. queue_id: the message's id, or NULL ("NOQUEUE"). Nothing when res has a reply or
+ * skipped nothing. */
+void kt_resolve_warn_skipped(const struct kt_resolve_result *res, const char *queue_id, const char *addr);
 /* Postfix's address completion for envelope addresses (trivial-rewrite, "local" context): an address
  * without a domain gets "@$myorigin" when append_at_myorigin is on, and a domain without a dot gets
  * ".$mydomain" when append_dot_mydomain is on (not an address literal). So with "mydestination =" a bare

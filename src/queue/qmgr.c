@@ -1467,6 +1467,7 @@ static void local_step(struct job *j)
             kt_free(res);
             continue;
         }
+        kt_resolve_warn_skipped(res, j->m->q->id, j->addrs[j->cur]);
         j->dl = kt_delivery_new(&q->loop, res->mailboxes, res->n_mailboxes, q->set->myhostname, 255, j->m->q->id);
         kt_free(res);
         kt_delivery_open(j->dl, local_opened, j);
@@ -1854,6 +1855,7 @@ static int mailbox_route(struct kt_qmgr *q, struct msg *m, size_t i, char **key,
     } else {
         const char *user = res->mailboxes[0].user;
         size_t llen = (size_t)(at - addr);
+        kt_resolve_warn_skipped(res, m->q->id, addr);
         kt_free(*key);
         *key = kt_asprintf("lmtp:%s", mr.nexthop);
         if (strlen(user) != llen || strncasecmp(user, addr, llen)) {

@@ -837,6 +837,7 @@ static int rcpt_single(struct kt_session *s, struct kt_smtp_path *path, const st
         too_many_recipients(s);
         return 0;
     }
+    kt_resolve_warn_skipped(&res, t->queue_id, path->addr);
     for (size_t i = 0; i < res.n_mailboxes; i++)
         add_mailbox(t, &res.mailboxes[i]);
     rcpt_keep(t, path->addr, orig, p);
@@ -879,6 +880,7 @@ static int rcpt_expanded(struct kt_session *s, const struct kt_rewrite_result *r
         if (cls != KT_CLASS_ALIAS)   /* an alias domain address that expanded to itself: bounced */
             kt_resolve_recipient(s->cfg->resolver, a, &res);
         if (!res.reply && res.n_mailboxes > 0) {
+            kt_resolve_warn_skipped(&res, t->queue_id, a);
             for (size_t k = 0; k < res.n_mailboxes; k++)
                 add_mailbox(t, &res.mailboxes[k]);
         } else {

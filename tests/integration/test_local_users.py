@@ -28,7 +28,9 @@ def local_relay(relay_factory, tmp_path, local_user):
                        f"postmaster: root\n"
                        f"root: {local_user.pw_name}\n"
                        f"abuse: postmaster\n"
-                       f"info: {local_user.pw_name}, postmaster\n")
+                       f"info: {local_user.pw_name}, postmaster\n"
+                       f"staff: {local_user.pw_name}, no-such-user-kt\n"
+                       f"archive: {local_user.pw_name}, \"|/usr/bin/logger -t archive\"\n")
     extra = ("mydestination = localhost\n"
              "virtual_mailbox_domains = example.test\n"
              "home_mailbox = Maildir/\n"
@@ -89,3 +91,23 @@ def test_unknown_local_user(local_relay, local_user):
         assert code == 250
     assert local_relay.wait_log("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 <no-such-user-kt@localhost>")
     assert user_maildir_files(local_user) == []
+
+
+def test_alias_targets_that_cannot_be_delivered(local_relay, local_user):
+    """An alias with a |command target refuses the whole recipient (ktrelay runs no commands, and a copy for
+    the user alone would drop the command's part unseen). An alias listing an unknown user delivers to the
+    others, as Postfix's local(8) does, and logs the target it left out."""
+    c = SmtpConn(local_relay.port())
+    assert c.cmd("EHLO c.example.org").startswith("250")
+    assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<archive@localhost>") == \
+        "550 5.1.1 <archive@localhost>: Recipient address rejected: unsupported alias target"
+    assert c.cmd("RCPT TO:<staff@localhost>") == "250 2.1.5 Ok"
+    qid = queued(send_data_only(c, b"Subject: to staff\r\n\r\nhello\r\n"))
+    assert local_relay.wait_log(f"warning: {qid}: to=<staff@localhost>: 1 alias target not delivered, the last "
+                                f"one no-such-user-kt: unknown local user")
+    assert local_relay.wait_log("reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 <archive@localhost>: Recipient "
+                                "address rejected: unsupported alias target")
+    files = user_maildir_files(local_user)
+    assert len(files) == 1
+    assert split_received(Path(files[0]))[1] == b"Subject: to staff\r\n\r\nhello\r\n"
