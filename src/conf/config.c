@@ -503,7 +503,9 @@ static const char *expand_sym(struct expander *e, int sym)
     const struct kt_param_def *p = (size_t)sym < cfg->npar ? kt_param_at((size_t)sym) : NULL;
     char *v;
     int rc = 0, failures = e->failures;
-    if (d)
+    if (p && p->local_template)
+        v = kt_strdup(d ? d->value : p->def ? p->def : "");
+    else if (d)
         rc = expand_alloc(e, d->value, strlen(d->value), &w, &v);
     else if (p && p->def)
         rc = expand_alloc(e, p->def, strlen(p->def), &w, &v);

@@ -36,6 +36,8 @@ struct kt_param_def {
     kt_param_check_fn check;  /* NULL: any value of the type */
     int policy;         /* not implemented, and it changes who may send, what is filtered or where
                          * mail goes: a non-empty value is an error unless ktrelay_ignore_unimplemented */
+    int local_template; /* a local(8) template ($home, $user, $extension are the recipient's, not main.cf
+                         * parameters): kept as written, never expanded, as Postfix's local(8) expands it */
 };
 
 /* Known parameter by exact (case-sensitive) name, or NULL. */

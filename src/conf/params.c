@@ -26,25 +26,26 @@ static int check_protocols(const struct kt_param_def *p, const char *value, char
 static int check_maps(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_parent_matches(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 static int check_filter(const struct kt_param_def *p, const char *value, char *msg, size_t len);
+static int check_forward_path(const struct kt_param_def *p, const char *value, char *msg, size_t len);
 
-#define S(n, d)    { #n, KT_PARAM_STRING, d, 0, 1, NULL, NULL, 0 }
-#define L(n, d)    { #n, KT_PARAM_LIST, d, 0, 1, NULL, NULL, 0 }
-#define B(n, d)    { #n, KT_PARAM_BOOL, d, 0, 1, NULL, NULL, 0 }
-#define I(n, d)    { #n, KT_PARAM_INT, d, 0, 1, NULL, NULL, 0 }
-#define Z(n, d)    { #n, KT_PARAM_SIZE, d, 0, 1, NULL, NULL, 0 }
-#define T(n, d, u) { #n, KT_PARAM_TIME, d, u, 1, NULL, NULL, 0 }
+#define S(n, d)    { #n, KT_PARAM_STRING, d, 0, 1, NULL, NULL, 0, 0 }
+#define L(n, d)    { #n, KT_PARAM_LIST, d, 0, 1, NULL, NULL, 0, 0 }
+#define B(n, d)    { #n, KT_PARAM_BOOL, d, 0, 1, NULL, NULL, 0, 0 }
+#define I(n, d)    { #n, KT_PARAM_INT, d, 0, 1, NULL, NULL, 0, 0 }
+#define Z(n, d)    { #n, KT_PARAM_SIZE, d, 0, 1, NULL, NULL, 0, 0 }
+#define T(n, d, u) { #n, KT_PARAM_TIME, d, u, 1, NULL, NULL, 0, 0 }
 /* Checked values: one of an enumeration, a list of them, or a special check. */
-#define E(n, d, v)  { #n, KT_PARAM_STRING, d, 0, 1, v, check_enum, 0 }
-#define EL(n, d, v) { #n, KT_PARAM_LIST, d, 0, 1, v, check_enum_list, 0 }
-#define C(n, d, f)  { #n, KT_PARAM_STRING, d, 0, 1, NULL, f, 0 }
-#define M(n, d)     { #n, KT_PARAM_LIST, d, 0, 1, NULL, check_maps, 0 }
-#define G(n, d)     { #n, KT_PARAM_STRING, d, 0, 1, "high|medium|low", check_grade, 0 }
-#define P(n, d)     { #n, KT_PARAM_LIST, d, 0, 1, NULL, check_protocols, 0 }
+#define E(n, d, v)  { #n, KT_PARAM_STRING, d, 0, 1, v, check_enum, 0, 0 }
+#define EL(n, d, v) { #n, KT_PARAM_LIST, d, 0, 1, v, check_enum_list, 0, 0 }
+#define C(n, d, f)  { #n, KT_PARAM_STRING, d, 0, 1, NULL, f, 0, 0 }
+#define M(n, d)     { #n, KT_PARAM_LIST, d, 0, 1, NULL, check_maps, 0, 0 }
+#define G(n, d)     { #n, KT_PARAM_STRING, d, 0, 1, "high|medium|low", check_grade, 0, 0 }
+#define P(n, d)     { #n, KT_PARAM_LIST, d, 0, 1, NULL, check_protocols, 0, 0 }
 /* Accepted and ignored: typed as strings since nothing reads them. N: cosmetic
  * (a warning); X: it changes who may send, what is filtered or where mail goes,
  * so a non-empty value fails the configuration (unless ktrelay_ignore_unimplemented). */
-#define N(n)       { #n, KT_PARAM_STRING, "", 0, 0, NULL, NULL, 0 }
-#define X(n)       { #n, KT_PARAM_STRING, "", 0, 0, NULL, NULL, 1 }
+#define N(n)       { #n, KT_PARAM_STRING, "", 0, 0, NULL, NULL, 0, 0 }
+#define X(n)       { #n, KT_PARAM_STRING, "", 0, 0, NULL, NULL, 1, 0 }
 
 #define SASL_OPTIONS "noanonymous|noplaintext|noactive|nodictionary|mutual_auth|forward_secrecy"
 
@@ -85,7 +86,9 @@ static const struct kt_param_def params[] = {
     B(disable_mime_output_conversion, "no"),
     B(disable_vrfy_command, "no"),
     X(fallback_transport),
-    N(forward_path),
+    /* a local(8) template, kept as written (see check_forward_path) */
+    { "forward_path", KT_PARAM_LIST, "$home/.forward${recipient_delimiter}${extension}, $home/.forward", 0, 1,
+      NULL, check_forward_path, 0, 1 },
     M(header_checks, ""),
     Z(header_size_limit, "102400"),
     S(home_mailbox, "Maildir/"),
@@ -762,6 +765,35 @@ static int check_maps(const struct kt_param_def *p, const char *value, char *msg
  * the stricter ".example.com"-only matching, which ktrelay does not
  * implement: honouring it wrongly would relay or permit for more domains than
  * asked, so it is refused. The other names matter nowhere in ktrelay. */
+/* forward_path: ktrelay delivers no mail through .forward files. With Postfix's default (or its parts:
+ * "$home/.forward", "$home/.forward${recipient_delimiter}${extension}", either with ${home}) the local
+ * delivery agent looks for $home/.forward and defers a user's mail while it exists, so that mail the user
+ * forwards is never quietly put in a Maildir nobody reads; an empty value means no .forward file is read,
+ * as in Postfix. Any other path would be a file ktrelay does not look at: an error. */
+static int check_forward_path(const struct kt_param_def *p, const char *value, char *msg, size_t len)
+{
+    static const char *const known[] = {
+        "$home/.forward", "${home}/.forward", "$home/.forward${recipient_delimiter}${extension}",
+        "${home}/.forward${recipient_delimiter}${extension}", "$home/.forward$recipient_delimiter$extension",
+        "${home}/.forward$recipient_delimiter$extension",
+    };
+    for (const char *s = value + strspn(value, LIST_SEP); *s; s += strspn(s, LIST_SEP)) {
+        size_t wlen = strcspn(s, LIST_SEP);
+        int found = 0;
+        for (size_t i = 0; i < sizeof(known) / sizeof(known[0]) && !found; i++)
+            found = wlen == strlen(known[i]) && strncmp(s, known[i], wlen) == 0;
+        if (!found) {
+            snprintf(msg, len, "bad value \"%.*s\" in %s: ktrelay delivers no mail through .forward files and "
+                     "checks only $home/.forward (mail for a user who has one waits in the queue); use Postfix's "
+                     "default, or an empty value to deliver to the Maildir whatever .forward files exist",
+                     (int)wlen, s, p->name);
+            return -EINVAL;
+        }
+        s += wlen;
+    }
+    return 0;
+}
+
 static int check_parent_matches(const struct kt_param_def *p, const char *value, char *msg, size_t len)
 {
     static const char *const needed[] = { "relay_domains", "smtpd_access_maps" };

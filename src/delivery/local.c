@@ -208,6 +208,7 @@ cleanup:
 
 struct agent {
     const char *vbase;            /* virtual_mailbox_base, "" when unset */
+    int check_forward;            /* forward_path is not empty: a user with $home/.forward is deferred */
 };
 
 static int path_below(const char *path, const char *root)
@@ -263,8 +264,8 @@ static int box_allowed(const struct agent *a, const struct kt_local_box *b, cons
 
 /* In a child: become the recipient and write the copy; the result goes back
  * through the pipe as an int and the reason text. */
-static void deliver_as_recipient(const struct kt_local_box *b, const char *root, int msg_fd, uint64_t size,
-                                 const char *name, int out)
+static void deliver_as_recipient(const struct agent *a, const struct kt_local_box *b, const char *root,
+                                 int msg_fd, uint64_t size, const char *name, int out)
 {
     char why[sizeof(((struct kt_local_reply *)0)->reason)] = "";
     int rc;
@@ -295,6 +296,17 @@ static void deliver_as_recipient(const struct kt_local_box *b, const char *root,
         goto out;
     }
     umask(077);
+    /* Postfix's local(8) would deliver through $home/.forward (forward_path); ktrelay cannot, and the user's
+     * Maildir is not where such a user reads mail. Looked for as the user: lstat, no link followed; an empty
+     * regular file is as none. */
+    struct stat fst;
+    if (a->check_forward && b->home[0] && fstatat(root_fd, ".forward", &fst, AT_SYMLINK_NOFOLLOW) == 0
+        && !(S_ISREG(fst.st_mode) && fst.st_size == 0)) {   /* an empty file forwards nowhere */
+        rc = -EOPNOTSUPP;
+        kt_set_err(why, sizeof(why), "%s/.forward exists: ktrelay does not deliver through .forward files "
+                   "(forward_path); the mail is deferred until it is removed", b->home);
+        goto out;
+    }
     const char *rel = b->path + strlen(root);
     rc = kt_local_deliver_box(root_fd, rel, b->uid, msg_fd, size, name, why, sizeof(why));
 out:
@@ -326,7 +338,7 @@ static int run_box(const struct agent *a, const struct kt_local_box *b, int msg_
     }
     if (pid == 0) {
         close(pfd[0]);
-        deliver_as_recipient(b, root, msg_fd, size, name, pfd[1]);
+        deliver_as_recipient(a, b, root, msg_fd, size, name, pfd[1]);
         _exit(0);
     }
     close(pfd[1]);
@@ -389,9 +401,9 @@ static void handle_request(const struct agent *a, const struct kt_local_req *req
         kt_warn("cannot answer a delivery request: %s", strerror(errno));
 }
 
-static void agent_main(int sock, const char *vbase)
+static void agent_main(int sock, const char *vbase, int check_forward)
 {
-    struct agent a = { .vbase = vbase };
+    struct agent a = { .vbase = vbase, .check_forward = check_forward };
     struct kt_local_req *req = kt_malloc(sizeof(*req));
     const size_t head = offsetof(struct kt_local_req, boxes);
 
@@ -455,8 +467,8 @@ static void agent_main(int sock, const char *vbase)
     kt_free(req);
 }
 
-int kt_local_agent_start(const char *virtual_base, const int *close_fds, size_t n_close, int *worker_fd,
-                         pid_t *pid)
+int kt_local_agent_start(const char *virtual_base, int check_forward, const int *close_fds, size_t n_close,
+                         int *worker_fd, pid_t *pid)
 {
     int sv[2];
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
@@ -486,7 +498,7 @@ int kt_local_agent_start(const char *virtual_base, const int *close_fds, size_t 
         signal(SIGCHLD, SIG_IGN);     /* request children reap themselves */
         sigemptyset(&all);
         sigprocmask(SIG_SETMASK, &all, NULL);
-        agent_main(sv[1], virtual_base ? virtual_base : "");
+        agent_main(sv[1], virtual_base ? virtual_base : "", check_forward);
         _exit(0);
     }
     close(sv[1]);

@@ -51,12 +51,15 @@ struct kt_local_reply {
 };
 
 /* Fork the agent (the caller is root). VIRTUAL_BASE is virtual_mailbox_base
- * ("" when unset). On success *worker_fd is the socket workers send requests
+ * ("" when unset). CHECK_FORWARD (forward_path is not empty): a local user's
+ * delivery is deferred (EOPNOTSUPP, with the reason) while $home/.forward
+ * exists, since ktrelay does not forward through it as Postfix's local(8)
+ * would. On success *worker_fd is the socket workers send requests
  * to (the caller gives it to its worker process and closes it) and *pid the
  * agent's process id; the agent exits once every copy of *worker_fd is closed.
  * Returns 0 or -errno. */
-int kt_local_agent_start(const char *virtual_base, const int *close_fds, size_t n_close, int *worker_fd,
-                         pid_t *pid);
+int kt_local_agent_start(const char *virtual_base, int check_forward, const int *close_fds, size_t n_close,
+                         int *worker_fd, pid_t *pid);
 
 /* Deliver one copy, with the caller's own privileges (the agent calls it in a
  * child that already runs as the recipient). ROOT_FD is the directory the

@@ -450,7 +450,15 @@ static int gen_start(struct master *m, struct kt_runtime *rt, struct gen **out)
         for (size_t k = 0; k < (size_t)ls.n_workers * ls.n_addrs; k++)
             others[n++] = ls.fds[k];
         const char *base = kt_config_get(rt->cfg, NULL, "virtual_mailbox_base");
-        rc = kt_local_agent_start(base ? base : "", others, n, &agent_fd, &agent);
+        /* forward_path (a local(8) template, kept as written): empty means no .forward file is read */
+        const char *fwd = kt_config_get(rt->cfg, NULL, "forward_path");
+        int check_forward = fwd && fwd[strspn(fwd, ", \t\r\n")] != '\0';
+        const char *mbt = kt_config_get(rt->cfg, NULL, "mailbox_transport");
+        if (check_forward && mbt && *mbt)
+            kt_warn("mailbox_transport: mail handed to %s is not checked for .forward files (forward_path), "
+                    "which Postfix's local(8) would deliver through; set forward_path empty to say that is meant",
+                    mbt);
+        rc = kt_local_agent_start(base ? base : "", check_forward, others, n, &agent_fd, &agent);
         kt_free(others);
         if (rc < 0) {
             kt_err("cannot start the local delivery agent: %s", strerror(-rc));

@@ -142,6 +142,8 @@ BAD = [
     ("smtpd_data_restrictions = reject_unauth_pipelining", None, "smtpd_data_restrictions",
      "not implemented by ktrelay"),
     (None, "smtpd_tls_req_ccert=yes", "smtpd_tls_req_ccert", "not implemented by ktrelay"),
+    # a .forward path ktrelay would not look at
+    ("forward_path = /var/forward/$user", None, "forward_path", "checks only $home/.forward"),
 ]
 
 

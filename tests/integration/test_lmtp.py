@@ -346,6 +346,11 @@ def test_mailbox_transport_after_alias_expansion(relay_factory, dovecot_factory,
     assert whole.endswith(CONTENT)
     # local(8) wrote no Maildir of its own
     assert not os.path.exists(os.path.join(local_user.pw_dir, "Maildir"))
+    # forward_path is left at Postfix's default: .forward files of these users are not looked for, and the
+    # start says so
+    assert (f"warning: mailbox_transport: mail handed to lmtp:unix:{dv.sock} is not checked for .forward files "
+            f"(forward_path), which Postfix's local(8) would deliver through; set forward_path empty to say that "
+            f"is meant") in relay.log()
     # an alias to several mailboxes is not handed over: deferred, and said so
     qid3 = send(relay, ["friends@localhost"])
     assert relay.wait_log(f"{qid3}: to=<friends@localhost>, relay=local, ")

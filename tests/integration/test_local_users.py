@@ -2,13 +2,15 @@
 alias_maps with aliases to the user, files owned by the user, and 550 for an
 unknown local user. Creates a user with useradd, so it needs root."""
 import os
+import re
 import shutil
 import smtplib
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import SmtpConn, new_system_user
+from conftest import BIN, SmtpConn, new_system_user
 from test_smtp import queued, send_data, send_data_only, split_received
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"),
@@ -111,3 +113,49 @@ def test_alias_targets_that_cannot_be_delivered(local_relay, local_user):
     files = user_maildir_files(local_user)
     assert len(files) == 1
     assert split_received(Path(files[0]))[1] == b"Subject: to staff\r\n\r\nhello\r\n"
+
+
+def write_forward(user, text):
+    """~/.forward owned by the user, as a user writes it."""
+    path = Path(user.pw_dir) / ".forward"
+    path.write_text(text)
+    os.chown(path, user.pw_uid, user.pw_gid)
+    return path
+
+
+def test_a_user_with_a_forward_file_is_deferred_until_it_is_emptied(local_relay, local_user):
+    """Postfix's local(8) delivers through ~/.forward (forward_path's default); ktrelay does not forward
+    through it, and the user's Maildir is not where that user reads mail: the mail is deferred, with the
+    reason logged, not put in the Maildir. Straight from the session that is a 451 (the client keeps it);
+    through the queue it waits there, and goes into the Maildir once the file is gone or empty."""
+    forward = write_forward(local_user, "someone@example.org\n")
+    user = f"{local_user.pw_name}@localhost"
+    c = SmtpConn(local_relay.port())
+    assert c.cmd("EHLO c.example.org").startswith("250")
+    start = send_data(c, b"Subject: direct\r\n\r\nhello\r\n", rcpts=(user,))
+    assert start == "451 4.3.0 Error: queue file write error", start
+    reason = (f"{local_user.pw_dir}/.forward exists: ktrelay does not deliver through .forward files "
+              f"(forward_path); the mail is deferred until it is removed")
+    assert local_relay.wait_log(f"warning: delivery deferred: {reason}")
+    # two recipients: through the queue (a copy each), where the user's copy waits
+    assert c.cmd("RSET") == "250 2.0.0 Ok"
+    qid = queued(send_data(c, b"Subject: queued\r\n\r\nhello\r\n", rcpts=(user, "root@localhost")))
+    assert local_relay.wait_log(f"{qid}: to=<{user}>", timeout=30)
+    assert re.search(rf"{qid}: to=<{re.escape(user)}>.*status=deferred", local_relay.log()), local_relay.log()[-2000:]
+    assert user_maildir_files(local_user) == []
+    forward.write_text("")          # an empty .forward forwards nowhere: as none
+    assert subprocess.run([BIN, "queue", "flush", "-c", str(local_relay.dir)], capture_output=True).returncode == 0
+    assert local_relay.wait_log(f"{qid}: removed", timeout=30), local_relay.log()[-2000:]
+    # root's copy goes to the same user (root: user), after the .forward is gone, so two
+    files = user_maildir_files(local_user)
+    assert len(files) == 2
+    assert all(split_received(Path(f))[1] == b"Subject: queued\r\n\r\nhello\r\n" for f in files)
+
+
+def test_forward_path_empty_delivers_whatever_forward_files_exist(relay_factory, local_user):
+    """forward_path = (empty): Postfix reads no .forward file, so neither does the check."""
+    write_forward(local_user, "someone@example.org\n")
+    r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\nforward_path =\n")
+    c = SmtpConn(r.port())
+    queued(send_data(c, b"Subject: direct\r\n\r\nhello\r\n", rcpts=(f"{local_user.pw_name}@localhost",)))
+    assert len(user_maildir_files(local_user)) == 1
