@@ -923,6 +923,70 @@ static int own_list(struct runtime_private *rp, const struct kt_config *cfg, con
     return errors;
 }
 
+/* smtp_bind_address (FAMILY AF_INET) or smtp_bind_address6 (AF_INET6) into *ss and *len, as Postfix's
+ * smtp(8): a numerical address of that family, or, when the parameter is empty and inet_interfaces names
+ * exactly one address of the family that is not a loopback address, that one (Postfix uses it as the bind
+ * address then; names in inet_interfaces are not resolved for this). *len stays 0 for none. 0, or 1 after
+ * a reported error. */
+static int bind_setting(const struct kt_config *cfg, int family, struct sockaddr_storage *ss, socklen_t *len)
+{
+    const char *param = family == AF_INET ? "smtp_bind_address" : "smtp_bind_address6";
+    const char *value = get(cfg, NULL, param);
+    char addr[INET6_ADDRSTRLEN + 3];
+    size_t n = value ? strspn(value, " \t") : 0;
+    *len = 0;
+    memset(ss, 0, sizeof(*ss));
+    if (value && value[n]) {
+        snprintf(addr, sizeof(addr), "%s", value + n);
+        addr[strcspn(addr, " \t")] = '\0';
+    } else {
+        /* inet_interfaces: one address of the family, not loopback */
+        const char *ifs = get(cfg, NULL, "inet_interfaces");
+        char *copy = kt_strdup(ifs ? ifs : ""), *save = NULL;
+        int found = 0, other = 0;
+        for (char *tok = strtok_r(copy, ", \t\n", &save); tok; tok = strtok_r(NULL, ", \t\n", &save)) {
+            size_t tl = strlen(tok);
+            if (tok[0] == '[' && tl > 1 && tok[tl - 1] == ']') {
+                tok[tl - 1] = '\0';
+                tok++;
+            }
+            unsigned char buf[sizeof(struct in6_addr)];
+            if (inet_pton(family, tok, buf) == 1) {
+                if (found++ == 0)
+                    snprintf(addr, sizeof(addr), "%s", tok);
+            } else {
+                other += inet_pton(family == AF_INET ? AF_INET6 : AF_INET, tok, buf) != 1;   /* a name, "all" */
+            }
+        }
+        kt_free(copy);
+        if (found != 1 || other)
+            return 0;
+        struct in_addr a4;
+        struct in6_addr a6;
+        if ((family == AF_INET && inet_pton(AF_INET, addr, &a4) == 1 && (ntohl(a4.s_addr) >> 24) == 127)
+            || (family == AF_INET6 && inet_pton(AF_INET6, addr, &a6) == 1 && IN6_IS_ADDR_LOOPBACK(&a6)))
+            return 0;
+    }
+    if (family == AF_INET) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)ss;
+        sin->sin_family = AF_INET;
+        if (inet_pton(AF_INET, addr, &sin->sin_addr) != 1) {
+            param_err(cfg, NULL, param, "bad value \"%s\" for %s: expected a numerical IPv4 address", addr, param);
+            return 1;
+        }
+        *len = sizeof(*sin);
+    } else {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
+        sin6->sin6_family = AF_INET6;
+        if (inet_pton(AF_INET6, addr, &sin6->sin6_addr) != 1) {
+            param_err(cfg, NULL, param, "bad value \"%s\" for %s: expected a numerical IPv6 address", addr, param);
+            return 1;
+        }
+        *len = sizeof(*sin6);
+    }
+    return 0;
+}
+
 /* The outbound client: smtp_* parameters of main.cf (Postfix smtp(8)), with smtp_tls_policy_maps. */
 static int smtp_settings(struct runtime_private *rp, const struct kt_config *cfg, struct kt_smtp_settings *sm)
 {
@@ -936,6 +1000,9 @@ static int smtp_settings(struct runtime_private *rp, const struct kt_config *cfg
     sm->tls_servername = get(cfg, NULL, "smtp_tls_servername");
     sm->tls_loglevel = (int)kt_config_get_int(cfg, NULL, "smtp_tls_loglevel");
     sm->connect_timeout_s = kt_config_get_time(cfg, NULL, "smtp_connect_timeout");
+    if (bind_setting(cfg, AF_INET, &sm->bind_addr4, &sm->bind_len4)
+        | bind_setting(cfg, AF_INET6, &sm->bind_addr6, &sm->bind_len6))
+        return 1;
     sm->command_timeout_s = 300;
     sm->data_done_timeout_s = sm->command_timeout_s;
     if (level < 0) {

@@ -138,6 +138,10 @@ struct kt_smtp_settings {
     long long conn_cache_time_s;     /* smtp_connection_cache_time_limit */
     unsigned reuse_count_limit;      /* smtp_connection_reuse_count_limit; 0 = none */
     long long data_done_timeout_s;   /* the reply(s) to the end of data (lmtp_data_done_timeout) */
+    /* smtp_bind_address, smtp_bind_address6 (or inet_interfaces' one non-loopback address of the family):
+     * the source address of outbound connections of that family; len 0 = the kernel's choice */
+    struct sockaddr_storage bind_addr4, bind_addr6;
+    socklen_t bind_len4, bind_len6;
 };
 
 /* Queue manager (Postfix qmgr(8) parameters, main.cf only). Times in seconds. */

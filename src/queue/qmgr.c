@@ -1055,6 +1055,11 @@ static void conn_open(struct dest *d)
         .data_done_timeout_s = sm->data_done_timeout_s,
         .lmtp = d->lmtp,
         .mime_output_conversion = q->set->mime_output_conversion,
+        /* Postfix's lmtp_bind_address is another parameter: LMTP connections are not bound */
+        .bind_addr4 = !d->lmtp && sm->bind_len4 ? (const struct sockaddr *)&sm->bind_addr4 : NULL,
+        .bind_addr6 = !d->lmtp && sm->bind_len6 ? (const struct sockaddr *)&sm->bind_addr6 : NULL,
+        .bind_len4 = sm->bind_len4,
+        .bind_len6 = sm->bind_len6,
     };
     if (d->has_sts && sts_applies(d, &pol)) {
         /* RFC 8461 4.2: enforce needs TLS with a certificate valid for the MX host name; testing checks

@@ -322,6 +322,25 @@ static void connect_next(struct kt_smtp_conn *c)
             c->cur_addr++;
             continue;
         }
+        const struct sockaddr *src = a->ss.ss_family == AF_INET ? c->p.bind_addr4
+                                     : a->ss.ss_family == AF_INET6 ? c->p.bind_addr6 : NULL;
+        if (src) {
+            /* the port is chosen at connect, per destination, so many connections share the address */
+            int one = 1;
+            setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
+            if (bind(fd, src, a->ss.ss_family == AF_INET ? c->p.bind_len4 : c->p.bind_len6) < 0) {
+                int err = -errno;
+                char text[INET6_ADDRSTRLEN] = "?";
+                inet_ntop(src->sa_family, src->sa_family == AF_INET
+                          ? (const void *)&((const struct sockaddr_in *)src)->sin_addr
+                          : (const void *)&((const struct sockaddr_in6 *)src)->sin6_addr, text, sizeof(text));
+                close(fd);
+                conn_fail(c, err, "bind %s (%s): %s", text, src->sa_family == AF_INET ? "smtp_bind_address"
+                                                                                      : "smtp_bind_address6",
+                          strerror(-err));
+                return;
+            }
+        }
         c->state = ST_CONNECT;
         c->tls_known = 0;
         c->tls_result = NULL;

@@ -191,6 +191,46 @@ def test_relay_to_smtp_sink(nodes, sinks):
     assert n.queue_files() == []
 
 
+def test_smtp_bind_address_is_the_source_of_outbound_connections(nodes, sinks):
+    """smtp_bind_address: Postfix's smtp(8) connects from that address (what SPF and the next hop's
+    access lists see); smtp-sink records the client address of each transaction. An address this host does
+    not have fails the connection, and the mail waits: it never leaves from another address."""
+    sink = sinks().start()
+    n = nodes(f"relayhost = [127.0.0.1]:{sink.port}\nsmtp_bind_address = 127.0.0.7\n").start()
+    qid = n.sendmail(["bob@remote.test"], BODY)
+    assert n.wait_log(rf"{qid}: removed"), n.log()
+    [m] = sink.messages()
+    assert b"X-Client-Addr: 127.0.0.7\n" in m, m[:300]
+    n.stop()
+    bad = nodes(f"relayhost = [127.0.0.1]:{sink.port}\nsmtp_bind_address = 192.0.2.1\n").start()
+    qid = bad.sendmail(["carol@remote.test"], BODY)
+    assert bad.wait_log(rf"{qid}: to=<carol@remote.test>, relay=none, .*status=deferred \(bind 192\.0\.2\.1 "
+                        rf"\(smtp_bind_address\): Cannot assign requested address\)", timeout=30), bad.log()[-2000:]
+    assert len(sink.messages()) == 1
+    bad.stop()
+    # without smtp_bind_address, inet_interfaces' one address is used only when it is not a loopback address
+    lo = nodes(f"relayhost = [127.0.0.1]:{sink.port}\ninet_interfaces = 127.0.0.5\n").start()
+    qid = lo.sendmail(["dave@remote.test"], BODY)
+    assert lo.wait_log(rf"{qid}: removed"), lo.log()
+    sources = sorted(re.search(rb"X-Client-Addr: (\S+)\n", m).group(1) for m in sink.messages())
+    assert sources == [b"127.0.0.1", b"127.0.0.7"], sources
+
+
+@pytest.mark.parametrize("value,message", [
+    ("smtp_bind_address = 127.0.0.300", 'bad value "127.0.0.300" for smtp_bind_address: expected a numerical '
+                                        'IPv4 address'),
+    ("smtp_bind_address = ::1", 'bad value "::1" for smtp_bind_address: expected a numerical IPv4 address'),
+    ("smtp_bind_address6 = 127.0.0.1", 'bad value "127.0.0.1" for smtp_bind_address6: expected a numerical '
+                                       'IPv6 address'),
+])
+def test_smtp_bind_address_that_is_not_an_address_is_refused(tmp_path, value, message):
+    d = tmp_path / "cf"
+    d.mkdir()
+    (d / "main.cf").write_text(f"queue_directory = {d}/queue\ndata_directory = {d}/data\n{value}\n")
+    p = subprocess.run([BIN, "check-config", "-c", str(d)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 78 and message in p.stderr, p.stderr
+
+
 def test_deferred_while_down_then_delivered(nodes, sinks):
     sink = sinks()
     n = nodes(f"relayhost = [127.0.0.1]:{sink.port}\n").start()
