@@ -347,7 +347,7 @@ static const struct kt_param_def params[] = {
     S(tls_random_source, "dev:/dev/urandom"),
     N(tls_ssl_options),
     M(transport_maps, ""),
-    N(unknown_local_recipient_reject_code),
+    I(unknown_local_recipient_reject_code, "550"),
     L(virtual_alias_domains, "$virtual_alias_maps"),
     I(virtual_alias_expansion_limit, "1000"),
     M(virtual_alias_maps, ""),

@@ -166,15 +166,23 @@ static struct kt_resolver *service_resolver(struct runtime_private *rp, const st
         .default_privs = get(cfg, svc, "default_privs"),
         .virtual_alias_domains = get(cfg, svc, "virtual_alias_domains"),
         .recipient_delimiter = get(cfg, svc, "recipient_delimiter"),
+        .unknown_local_code = (int)kt_config_get_int(cfg, svc, "unknown_local_recipient_reject_code"),
     };
+    if (rc.unknown_local_code < 400 || rc.unknown_local_code > 599) {
+        param_err(cfg, svc, "unknown_local_recipient_reject_code",
+                  "bad value %d for unknown_local_recipient_reject_code: expected a 4xx or 5xx reply code",
+                  rc.unknown_local_code);
+        (*errors)++;
+        return NULL;
+    }
     if (!local_recipient_maps_ok(cfg, svc, errors))
         return NULL;
-    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%d\1%d\1%s\1%s\1%s", rc.myhostname,
+    char *key = kt_asprintf("%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%s\1%d\1%d\1%s\1%s\1%s\1%d", rc.myhostname,
                             rc.mydestination, rc.relay_domains, rc.virtual_mailbox_domains,
                             rc.virtual_mailbox_base, rc.virtual_mailbox_maps, rc.virtual_uid_maps,
                             rc.virtual_gid_maps, rc.alias_maps, rc.home_mailbox, rc.myorigin, rc.mydomain,
                             rc.append_at_myorigin, rc.append_dot_mydomain, rc.default_privs,
-                            rc.virtual_alias_domains, rc.recipient_delimiter);
+                            rc.virtual_alias_domains, rc.recipient_delimiter, rc.unknown_local_code);
     struct kt_resolver *r = shared_find(rp, 0, key);
     if (!r) {
         char err[512];

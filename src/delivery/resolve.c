@@ -55,6 +55,7 @@ struct ip {
 struct kt_resolver {
     struct kt_domain_list *mydest, *relay, *vdomains, *adomains;
     char *delim;                   /* recipient_delimiter, "" = none */
+    char unknown_code[32];         /* "550 5.1.1": unknown_local_recipient_reject_code and its class */
     struct kt_maps *vmaps, *vuid, *vgid;
     struct kt_aliases *aliases;
     struct user *users;
@@ -564,13 +565,19 @@ static void reply(struct kt_resolve_result *res, const char *code, const char *a
     res->reply = res->reply_buf;
 }
 
+static void unknown_user(const struct kt_resolver *r, const char *addr, struct kt_resolve_result *res)
+{
+    reply(res, r->unknown_code, addr, "Recipient address rejected: User unknown in local recipient table");
+    res->unknown_user = 1;
+}
+
 static void resolve_local(const struct kt_resolver *r, const char *addr, size_t local_len, struct kt_resolve_result *res)
 {
     struct expand x;
     char name[256];
 
     if (local_len >= sizeof(name)) {
-        reply(res, "550 5.1.1", addr, "Recipient address rejected: User unknown in local recipient table");
+        unknown_user(r, addr, res);
         return;
     }
     lower_copy(name, addr, local_len);
@@ -592,7 +599,7 @@ static void resolve_local(const struct kt_resolver *r, const char *addr, size_t 
         res->n_mailboxes = res->n_forward = 0;
         reply(res, "550 5.1.1", addr, "Recipient address rejected: unsupported alias target");
     } else if (res->n_mailboxes + res->n_forward == 0) {
-        reply(res, "550 5.1.1", addr, "Recipient address rejected: User unknown in local recipient table");
+        unknown_user(r, addr, res);
     }
 }
 
@@ -613,6 +620,7 @@ void kt_resolve_recipient(const struct kt_resolver *r, const char *addr, struct 
     res->n_mailboxes = res->n_forward = res->n_skipped = 0;
     res->skip_reason = NULL;
     res->skip_target[0] = 0;
+    res->unknown_user = 0;
     res->reply_buf[0] = 0;
     res->cls = kt_resolve_class(r, at ? at + 1 : NULL);
     switch (res->cls) {
@@ -861,6 +869,8 @@ int kt_resolver_new(const struct kt_resolve_config *c, struct kt_resolver **out,
     if (rc == 0)
         rc = kt_domain_list_open(c->virtual_alias_domains, 0, &r->adomains, err, errlen);
     r->delim = kt_strdup(empty(c->recipient_delimiter) ? "" : c->recipient_delimiter);
+    int code = c->unknown_local_code ? c->unknown_local_code : 550;
+    snprintf(r->unknown_code, sizeof(r->unknown_code), "%d %d.1.1", code, code / 100);
     if (rc == 0)
         rc = kt_maps_open(c->virtual_mailbox_maps, KT_TABLE_MAP, &r->vmaps, err, errlen);
     if (rc == 0)

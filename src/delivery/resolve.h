@@ -25,6 +25,7 @@ struct kt_resolve_config {
     const char *virtual_alias_domains; /* Postfix virtual alias class (default $virtual_alias_maps: the
                                         * domains that are keys of those tables); NULL = none */
     const char *recipient_delimiter;   /* extension delimiters ("+", "+-"); NULL or "" = none */
+    int unknown_local_code;            /* unknown_local_recipient_reject_code: 4xx or 5xx; 0 = 550 */
 };
 
 /* Postfix's address classes; KT_CLASS_ALIAS is the virtual alias class (virtual_alias_domains): an
@@ -55,6 +56,9 @@ struct kt_resolve_result {
                                    * /file and invalid targets refuse the whole recipient instead) */
     const char *skip_reason;      /* why the last one was left out (static text), NULL if none */
     char skip_target[256];        /* that target, as written in the aliases (cut to fit) */
+    int unknown_user;             /* reply is "User unknown in local recipient table", with
+                                   * unknown_local_recipient_reject_code (450 while migrating): a
+                                   * message already accepted for such a user bounces (local(8)) */
     char reply_buf[600];          /* storage behind reply: copy a result with memcpy and re-point reply,
                                    * or better, do not copy it */
 };

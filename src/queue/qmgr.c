@@ -1464,10 +1464,11 @@ static void local_step(struct job *j)
         kt_resolve_recipient(q->set->resolver, j->addrs[j->cur], res);
         if (res->reply || res->n_mailboxes == 0) {
             const char *why = res->reply ? res->reply : "alias forwards to remote addresses only";
-            if (res->reply && res->reply[0] == '4')
+            /* an unknown user bounces once accepted, as local(8), whatever unknown_local_recipient_reject_code */
+            if (res->reply && res->reply[0] == '4' && !res->unknown_user)
                 rcpt_deferred(j->m, i, local_relay(q, j->addrs[j->cur]), 450, NULL, why);
             else
-                rcpt_failed(q, j->m, i, local_relay(q, j->addrs[j->cur]), 550, NULL, why);
+                rcpt_failed(q, j->m, i, local_relay(q, j->addrs[j->cur]), 550, res->unknown_user ? "5.1.1" : NULL, why);
             j->cur++;
             kt_free(res);
             continue;
@@ -1848,10 +1849,10 @@ static int mailbox_route(struct kt_qmgr *q, struct msg *m, size_t i, char **key,
         users += res->mailboxes[k].user != NULL;
     if (res->reply || res->n_mailboxes == 0) {
         const char *why = res->reply ? res->reply : "alias forwards to remote addresses only";
-        if (res->reply && res->reply[0] == '4')
+        if (res->reply && res->reply[0] == '4' && !res->unknown_user)
             rcpt_deferred(m, i, "local", 450, NULL, why);
         else
-            rcpt_failed(q, m, i, "local", 550, NULL, why);
+            rcpt_failed(q, m, i, "local", 550, res->unknown_user ? "5.1.1" : NULL, why);
     } else if (users == 0) {
         go_on = 1;                 /* virtual mailboxes: still local(8)'s own Maildir delivery */
     } else if (res->n_mailboxes > 1) {

@@ -743,10 +743,12 @@ static int unlisted_sender(struct eval *e)
     if (cls != KT_CLASS_LOCAL && cls != KT_CLASS_VIRTUAL)
         return DUNNO;
     kt_resolve_recipient(e->p->resolver, sender, &res);
-    if (!res.reply || res.reply[0] != '5')
+    if (!res.reply || (res.reply[0] != '5' && !res.unknown_user))
         return DUNNO;
     const char *why = strstr(res.reply, "rejected: ");
-    return deny(e, 550, "5.1.0", L_SENDER, why ? why + 10 : "User unknown");
+    /* an unknown local sender gets unknown_local_recipient_reject_code, as Postfix's check_rcpt_maps */
+    int code = res.unknown_user ? atoi(res.reply) : 550;
+    return deny(e, code, code / 100 == 4 ? "4.1.0" : "5.1.0", L_SENDER, why ? why + 10 : "User unknown");
 }
 
 static int unlisted_recipient(struct eval *e)

@@ -159,3 +159,28 @@ def test_forward_path_empty_delivers_whatever_forward_files_exist(relay_factory,
     c = SmtpConn(r.port())
     queued(send_data(c, b"Subject: direct\r\n\r\nhello\r\n", rcpts=(f"{local_user.pw_name}@localhost",)))
     assert len(user_maildir_files(local_user)) == 1
+
+
+def test_unknown_local_recipient_reject_code(relay_factory, local_user, tmp_path):
+    """unknown_local_recipient_reject_code = 450, as operators set it while moving users: an unknown local
+    recipient (and, with smtpd_reject_unlisted_sender, an unknown local sender) is refused for now, so the
+    client tries again later; known users are unaffected. A value that is not a 4xx or 5xx code is refused."""
+    r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\n"
+                      "unknown_local_recipient_reject_code = 450\nsmtpd_reject_unlisted_sender = yes\n")
+    c = SmtpConn(r.port())
+    assert c.cmd("EHLO c.example.org").startswith("250")
+    assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<no-such-user-kt@localhost>") == \
+        "450 4.1.1 <no-such-user-kt@localhost>: Recipient address rejected: User unknown in local recipient table"
+    assert c.cmd(f"RCPT TO:<{local_user.pw_name}@localhost>") == "250 2.1.5 Ok"
+    assert c.cmd("RSET") == "250 2.0.0 Ok"
+    assert c.cmd("MAIL FROM:<no-such-user-kt@localhost>") == "250 2.1.0 Ok"
+    assert c.cmd(f"RCPT TO:<{local_user.pw_name}@localhost>") == \
+        "450 4.1.0 <no-such-user-kt@localhost>: Sender address rejected: User unknown in local recipient table"
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "main.cf").write_text(f"queue_directory = {d}/q\ndata_directory = {d}/d\n"
+                               "unknown_local_recipient_reject_code = 250\n")
+    p = subprocess.run([BIN, "check-config", "-c", str(d)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 78 and ("bad value 250 for unknown_local_recipient_reject_code: expected a 4xx or 5xx "
+                                   "reply code") in p.stderr, p.stderr

@@ -311,6 +311,16 @@ def test_unknown_local_recipient_bounces(nodes):
     assert len(bob) == 1 and bob[0].read_bytes().endswith(b"\r\n.leading dot\r\n..two dots\r\nlast\r\n")
 
 
+def test_unknown_local_recipient_bounces_whatever_the_reject_code(nodes):
+    """unknown_local_recipient_reject_code = 450 makes smtpd refuse for now; mail already accepted (here
+    from sendmail) for an unknown local user still bounces at once, as Postfix's local(8) bounces it."""
+    n = nodes("mydestination = localhost\nunknown_local_recipient_reject_code = 450\n").start()
+    qid = n.sendmail(["no-such-user-kt@localhost"], BODY, sender="alice@example.test")
+    assert n.wait_log(rf"{qid}: to=<no-such-user-kt@localhost>, relay=local, .*dsn=5\.1\.1, status=bounced "
+                      rf"\(450 4\.1\.1 <no-such-user-kt@localhost>: Recipient address rejected: User unknown in "
+                      rf"local recipient table\)", timeout=30), n.log()[-2000:]
+
+
 def test_tls_required_but_not_offered_is_deferred(nodes, sinks):
     sink = sinks().start()
     n = nodes(f"relayhost = [127.0.0.1]:{sink.port}\nsmtp_tls_security_level = encrypt\n").start()
