@@ -275,7 +275,7 @@ static const struct kt_param_def params[] = {
     I(smtpd_hard_error_limit, "${stress?{1}:{20}}"),
     B(smtpd_helo_required, "no"),
     L(smtpd_helo_restrictions, ""),
-    N(smtpd_junk_command_limit),
+    I(smtpd_junk_command_limit, "100"),
     S(smtpd_milters, ""),
     I(smtpd_min_data_rate, "500"),
     B(smtpd_peername_lookup, "yes"),

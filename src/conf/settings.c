@@ -753,6 +753,7 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     st->starttls_timeout_s = kt_config_get_time(cfg, svc, "smtpd_starttls_timeout");
     st->hard_error_limit = kt_config_get_int(cfg, svc, "smtpd_hard_error_limit");
     st->soft_error_limit = kt_config_get_int(cfg, svc, "smtpd_soft_error_limit");
+    st->junk_command_limit = kt_config_get_int(cfg, svc, "smtpd_junk_command_limit");
     st->error_sleep_ms = kt_config_get_time(cfg, svc, "smtpd_error_sleep_time") * 1000;
     st->line_length_limit = kt_settings_line_length_limit(cfg, svc);
     st->wrappermode = kt_config_get_bool(cfg, svc, "smtpd_tls_wrappermode") == 1;

@@ -61,6 +61,8 @@ struct kt_smtpd_settings {
     long long starttls_timeout_s;    /* handshake deadline */
     long long hard_error_limit;
     long long soft_error_limit;
+    long long junk_command_limit;    /* smtpd_junk_command_limit: HELO, EHLO, RSET, NOOP, VRFY, ETRN past it
+                                      * each count as an error, as in Postfix */
     long long error_sleep_ms;
     size_t line_length_limit;        /* command line bound */
     enum kt_bare_newline bare_newline;            /* smtpd_forbid_bare_newline */

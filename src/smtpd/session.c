@@ -242,6 +242,8 @@ static void body_progress(struct kt_session *s, size_t bytes)
     s->rate_credit_ms %= 1000;
 }
 
+static void count_error(struct kt_session *s);
+
 /* One reply line; counts errors and enforces smtpd_hard_error_limit. */
 static void reply(struct kt_session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void reply(struct kt_session *s, const char *fmt, ...)
@@ -258,17 +260,21 @@ static void reply(struct kt_session *s, const char *fmt, ...)
     line[n++] = '\r';
     line[n++] = '\n';
     kt_buf_append(&s->out, line, (size_t)n);
-    if (line[0] == '4' || line[0] == '5') {
-        if (line[0] == '4' && line[1] == '2' && line[2] == '1')
-            return;
-        s->errors++;
-        if (s->errors > s->cfg->soft_error_limit)
-            s->tarpit_owed = 1;
-        if (s->errors >= s->cfg->hard_error_limit && s->state != KT_SS_CLOSING) {
-            kt_info("too many errors after %s from %s[%s]", stage_str(s->state), client_name(s), s->addr);
-            reply(s, "421 4.7.0 %s Error: too many errors", s->cfg->myhostname);
-            session_enter_state(s, KT_SS_CLOSING);
-        }
+    if ((line[0] == '4' || line[0] == '5') && !(line[0] == '4' && line[1] == '2' && line[2] == '1'))
+        count_error(s);
+}
+
+/* One more error: past smtpd_soft_error_limit the next reply waits, at smtpd_hard_error_limit the session
+ * ends with 421 (Postfix's smtpd). */
+static void count_error(struct kt_session *s)
+{
+    s->errors++;
+    if (s->errors > s->cfg->soft_error_limit)
+        s->tarpit_owed = 1;
+    if (s->errors >= s->cfg->hard_error_limit && s->state != KT_SS_CLOSING) {
+        kt_info("too many errors after %s from %s[%s]", stage_str(s->state), client_name(s), s->addr);
+        reply(s, "421 4.7.0 %s Error: too many errors", s->cfg->myhostname);
+        session_enter_state(s, KT_SS_CLOSING);
     }
 }
 
@@ -1028,6 +1034,9 @@ static void accept_message(struct kt_session *s)
     else
         s->counts.data_ok++;
     reply(s, "250 2.0.0 Ok: queued as %s", s->txn->queue_id);
+    /* Postfix forgives a client's earlier errors and junk commands once a message is received */
+    s->errors = 0;
+    s->junk_cmds = 0;
 }
 
 /* After the reply to the end of a message: the next transaction starts, and pipelined commands run. */
@@ -2289,6 +2298,7 @@ enum {
     CMD_NO_TXN = 1 << 5,         /* only outside a mail transaction */
     CMD_LAST = 1 << 6,           /* must end a PIPELINING group (RFC 2920 3.1): input behind it is improper */
     CMD_CHUNK = 1 << 7,          /* carries a BDAT chunk: even a refused one is read first (RFC 3030 2) */
+    CMD_JUNK = 1 << 8,           /* can be repeated without end: past smtpd_junk_command_limit each is an error */
 };
 
 /* Counter in struct kt_cmd_counts, +1 so that 0 means none. */
@@ -2302,8 +2312,8 @@ struct smtpd_cmd {
 };
 
 static const struct smtpd_cmd smtpd_cmds[] = {
-    [KT_VERB_HELO] = { cmd_helo, CMD_PRE_TLS | CMD_LAST, NULL, COUNTER(helo) },
-    [KT_VERB_EHLO] = { cmd_ehlo, CMD_PRE_TLS | CMD_LAST, NULL, COUNTER(ehlo) },
+    [KT_VERB_HELO] = { cmd_helo, CMD_PRE_TLS | CMD_LAST | CMD_JUNK, NULL, COUNTER(helo) },
+    [KT_VERB_EHLO] = { cmd_ehlo, CMD_PRE_TLS | CMD_LAST | CMD_JUNK, NULL, COUNTER(ehlo) },
     [KT_VERB_STARTTLS] = { cmd_starttls, CMD_PRE_TLS | CMD_LAST, NULL, COUNTER(starttls) },
     [KT_VERB_AUTH] = { cmd_auth, CMD_SASL | CMD_NEED_HELO | CMD_NO_TXN, "503 5.5.1 Error: MAIL transaction in progress",
                        COUNTER(auth) },
@@ -2311,13 +2321,13 @@ static const struct smtpd_cmd smtpd_cmds[] = {
     [KT_VERB_RCPT] = { cmd_rcpt, CMD_IN_TXN, "503 5.5.1 Error: need MAIL command", COUNTER(rcpt) },
     [KT_VERB_DATA] = { cmd_data, CMD_IN_TXN | CMD_LAST, "503 5.5.1 Error: need RCPT command", COUNTER(data) },
     [KT_VERB_BDAT] = { cmd_bdat, CMD_IN_TXN | CMD_CHUNK, "503 5.5.1 Error: need MAIL command", COUNTER(bdat) },
-    [KT_VERB_RSET] = { cmd_rset, CMD_PRE_TLS, NULL, COUNTER(rset) },
-    [KT_VERB_NOOP] = { cmd_noop, CMD_PRE_TLS | CMD_LAST, NULL, COUNTER(noop) },
-    [KT_VERB_VRFY] = { cmd_vrfy, CMD_LAST, NULL, COUNTER(vrfy) },
+    [KT_VERB_RSET] = { cmd_rset, CMD_PRE_TLS | CMD_JUNK, NULL, COUNTER(rset) },
+    [KT_VERB_NOOP] = { cmd_noop, CMD_PRE_TLS | CMD_LAST | CMD_JUNK, NULL, COUNTER(noop) },
+    [KT_VERB_VRFY] = { cmd_vrfy, CMD_LAST | CMD_JUNK, NULL, COUNTER(vrfy) },
     [KT_VERB_QUIT] = { cmd_quit, CMD_PRE_TLS, NULL, COUNTER(quit) },
     [KT_VERB_HELP] = { cmd_help, CMD_PRE_TLS, NULL, 0 },
     [KT_VERB_EXPN] = { cmd_not_implemented, CMD_PRE_TLS, NULL, 0 },
-    [KT_VERB_ETRN] = { cmd_not_implemented, CMD_PRE_TLS, NULL, 0 },
+    [KT_VERB_ETRN] = { cmd_not_implemented, CMD_PRE_TLS | CMD_JUNK, NULL, 0 },
     [KT_VERB_UNKNOWN] = { cmd_unknown, CMD_PRE_TLS, NULL, COUNTER(unknown) },
 };
 
@@ -2384,6 +2394,11 @@ static const struct smtpd_cmd *handle_command(struct kt_session *s, const char *
         reply(s, "%s", refusal);
     else
         cmd->run(s, &c);
+    /* Postfix's smtpd_junk_command_limit: such a command past the limit also counts as an error (the reply
+     * is unchanged), so a client that only repeats them meets the error limits */
+    if ((cmd->flags & CMD_JUNK) && !s->cmd_replay && s->junk_cmds++ > s->cfg->junk_command_limit
+        && s->state != KT_SS_CLOSING)
+        count_error(s);
     return cmd;
 }
 

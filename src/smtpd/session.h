@@ -185,7 +185,9 @@ struct kt_session {
     /* SMTP state */
     const char *helo;                      /* never NULL: "" (a static string) until HELO/EHLO, else owned */
     int esmtp;
-    int errors;
+    int errors;                            /* error replies since the last accepted message (Postfix forgives
+                                            * a client's errors when a message is received) */
+    long long junk_cmds;                   /* HELO, EHLO, RSET, NOOP, VRFY, ETRN since then */
     int tarpit_owed;                       /* an error reply past the soft limit awaits its delay */
     struct kt_cmd_counts counts;
 

@@ -496,6 +496,39 @@ def test_hard_error_limit(relay_factory):
     assert r.wait_log("too many errors after CONNECT from unknown[127.0.0.1]")
 
 
+def test_junk_command_limit(relay_factory):
+    """smtpd_junk_command_limit (Postfix): past it each HELO, EHLO, RSET, NOOP, VRFY or ETRN still gets its
+    reply but also counts as an error, so a client that only repeats them meets smtpd_hard_error_limit."""
+    r = relay_factory("smtpd_junk_command_limit = 2\nsmtpd_hard_error_limit = 3\n")
+    c = SmtpConn(r.port())
+    assert c.cmd("EHLO c.example.org").startswith("250")
+    for _ in range(4):
+        assert c.cmd("NOOP") == "250 2.0.0 Ok"
+    c.send(b"RSET\r\n")
+    assert c.reply() == "250 2.0.0 Ok"
+    assert c.reply() == "421 4.7.0 mx.example.test Error: too many errors"
+    assert c.closed()
+    assert r.wait_log("too many errors after CONNECT from unknown[127.0.0.1]"), r.log()[-2000:]
+
+
+def test_errors_are_forgiven_when_a_message_is_received(relay_factory):
+    """As in Postfix, a received message clears the client's error count (and its junk commands): a long
+    session that delivers many messages, each with a refused recipient, is not cut at smtpd_hard_error_limit."""
+    r = relay_factory("smtpd_hard_error_limit = 3\nsmtpd_junk_command_limit = 2\n")
+    c = SmtpConn(r.port())
+    assert c.cmd("EHLO c.example.org").startswith("250")
+    for i in range(5):
+        assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
+        assert c.cmd("RCPT TO:<nobody@remote.example>").startswith("554 5.7.1")
+        assert c.cmd("RCPT TO:<nobody@remote.example>").startswith("554 5.7.1")
+        assert c.cmd("RCPT TO:<someone@localhost>") == "250 2.1.5 Ok"
+        queued(send_data_only(c, f"Subject: {i}\r\n\r\nhello\r\n".encode()))
+        assert c.cmd("NOOP") == "250 2.0.0 Ok"
+        assert c.cmd("NOOP") == "250 2.0.0 Ok"
+    assert c.cmd("QUIT") == "221 2.0.0 Bye"
+    assert len(r.maildir_files()) == 5
+
+
 def test_unknown_virtual_recipient_and_relay_denied(relay):
     c = SmtpConn(relay.port())
     start_data(c, rcpts=())
