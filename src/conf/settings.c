@@ -754,6 +754,10 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     st->hard_error_limit = kt_config_get_int(cfg, svc, "smtpd_hard_error_limit");
     st->soft_error_limit = kt_config_get_int(cfg, svc, "smtpd_soft_error_limit");
     st->junk_command_limit = kt_config_get_int(cfg, svc, "smtpd_junk_command_limit");
+    if (st->junk_command_limit < 1) {   /* Postfix's minimum */
+        kt_err("service %s: smtpd_junk_command_limit must be at least 1", svc->name);
+        errors++;
+    }
     st->error_sleep_ms = kt_config_get_time(cfg, svc, "smtpd_error_sleep_time") * 1000;
     st->line_length_limit = kt_settings_line_length_limit(cfg, svc);
     st->wrappermode = kt_config_get_bool(cfg, svc, "smtpd_tls_wrappermode") == 1;
@@ -946,8 +950,17 @@ static int bind_setting(const struct kt_config *cfg, int family, struct sockaddr
     *len = 0;
     memset(ss, 0, sizeof(*ss));
     if (value && value[n]) {
-        snprintf(addr, sizeof(addr), "%s", value + n);
-        addr[strcspn(addr, " \t")] = '\0';
+        /* one address; postconf(5): "may be enclosed inside []" */
+        size_t vlen = strcspn(value + n, " \t,");
+        if (value[n + vlen + strspn(value + n + vlen, " \t,")] != '\0') {
+            param_err(cfg, NULL, param, "bad value \"%s\" for %s: expected one numerical address", value + n, param);
+            return 1;
+        }
+        if (vlen >= 2 && value[n] == '[' && value[n + vlen - 1] == ']') {
+            n++;
+            vlen -= 2;
+        }
+        snprintf(addr, sizeof(addr), "%.*s", (int)vlen, value + n);
     } else {
         /* inet_interfaces: one address of the family, not loopback */
         const char *ifs = get(cfg, NULL, "inet_interfaces");
@@ -1012,6 +1025,7 @@ static int smtp_settings(struct runtime_private *rp, const struct kt_config *cfg
     if (bind_setting(cfg, AF_INET, &sm->bind_addr4, &sm->bind_len4)
         | bind_setting(cfg, AF_INET6, &sm->bind_addr6, &sm->bind_len6))
         return 1;
+    sm->bind_enforce = kt_config_get_bool(cfg, NULL, "smtp_bind_address_enforce") == 1;
     sm->command_timeout_s = 300;
     sm->data_done_timeout_s = sm->command_timeout_s;
     if (level < 0) {

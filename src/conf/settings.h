@@ -144,6 +144,7 @@ struct kt_smtp_settings {
      * the source address of outbound connections of that family; len 0 = the kernel's choice */
     struct sockaddr_storage bind_addr4, bind_addr6;
     socklen_t bind_len4, bind_len6;
+    int bind_enforce;                /* smtp_bind_address_enforce: a failed bind defers (else: warning, unbound) */
 };
 
 /* Queue manager (Postfix qmgr(8) parameters, main.cf only). Times in seconds. */

@@ -264,8 +264,45 @@ static int box_allowed(const struct agent *a, const struct kt_local_box *b, cons
 
 /* In a child: become the recipient and write the copy; the result goes back
  * through the pipe as an int and the reason text. */
+/* 1 when $home/.forward is a file Postfix's local(8) would forward through (dotforward.c): a regular file,
+ * no symbolic link followed, owned by the user or root, not writable by others, with at least one line
+ * that is neither blank nor a comment. Runs as the user; HOME_FD is the home directory. */
+static int forward_file_in_use(int home_fd, uid_t uid)
+{
+    int fd = openat(home_fd, ".forward", O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    struct stat st;
+    int used = 0;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (st.st_uid == uid || st.st_uid == 0)
+        && !(st.st_mode & S_IWOTH)) {
+        char buf[4096];
+        int bol = 1, skip = 0;     /* at a line's start (after blanks); in a comment line */
+        size_t total = 0;
+        ssize_t n;
+        while (!used && total < 65536 && (n = read(fd, buf, sizeof(buf))) > 0) {
+            total += (size_t)n;
+            for (ssize_t i = 0; i < n && !used; i++) {
+                char ch = buf[i];
+                if (ch == '\n') {
+                    bol = 1;
+                    skip = 0;
+                } else if (skip || ch == ' ' || ch == '\t' || ch == '\r') {
+                    continue;
+                } else if (bol && ch == '#') {
+                    skip = 1;
+                } else {
+                    used = 1;
+                }
+            }
+        }
+    }
+    close(fd);
+    return used;
+}
+
 static void deliver_as_recipient(const struct agent *a, const struct kt_local_box *b, const char *root,
-                                 int msg_fd, uint64_t size, const char *name, int out)
+                                 int msg_fd, uint64_t size, const char *name, int sole, int out)
 {
     char why[sizeof(((struct kt_local_reply *)0)->reason)] = "";
     int rc;
@@ -297,15 +334,19 @@ static void deliver_as_recipient(const struct agent *a, const struct kt_local_bo
     }
     umask(077);
     /* Postfix's local(8) would deliver through $home/.forward (forward_path); ktrelay cannot, and the user's
-     * Maildir is not where such a user reads mail. Looked for as the user: lstat, no link followed; an empty
-     * regular file is as none. */
-    struct stat fst;
-    if (a->check_forward && b->home[0] && fstatat(root_fd, ".forward", &fst, AT_SYMLINK_NOFOLLOW) == 0
-        && !(S_ISREG(fst.st_mode) && fst.st_size == 0)) {   /* an empty file forwards nowhere */
-        rc = -EOPNOTSUPP;
-        kt_set_err(why, sizeof(why), "%s/.forward exists: ktrelay does not deliver through .forward files "
-                   "(forward_path); the mail is deferred until it is removed", b->home);
-        goto out;
+     * Maildir may not be where such a user reads mail. Mail for that user alone waits; a copy for the user
+     * as one of several mailboxes (an alias list) goes to the Maildir with a warning, so that one member's
+     * file never holds up the others' mail. */
+    if (a->check_forward && b->home[0] && forward_file_in_use(root_fd, b->uid)) {
+        if (sole) {
+            rc = -EOPNOTSUPP;
+            kt_set_err(why, sizeof(why), "%s/.forward exists: ktrelay does not deliver through .forward files "
+                       "(forward_path); the mail is deferred until it is removed", b->home);
+            goto out;
+        }
+        if (msg_fd >= 0)
+            kt_set_err(why, sizeof(why), "%s/.forward exists: ktrelay does not deliver through .forward files "
+                       "(forward_path); this copy, one of an alias's, goes to %s", b->home, b->path);
     }
     const char *rel = b->path + strlen(root);
     rc = kt_local_deliver_box(root_fd, rel, b->uid, msg_fd, size, name, why, sizeof(why));
@@ -316,7 +357,7 @@ out:
 }
 
 static int run_box(const struct agent *a, const struct kt_local_box *b, int msg_fd, uint64_t size, const char *name,
-                   char *why, size_t whylen)
+                   int sole, char *why, size_t whylen)
 {
     const char *root;
     int rc = box_allowed(a, b, &root, why, whylen);
@@ -338,7 +379,7 @@ static int run_box(const struct agent *a, const struct kt_local_box *b, int msg_
     }
     if (pid == 0) {
         close(pfd[0]);
-        deliver_as_recipient(a, b, root, msg_fd, size, name, pfd[1]);
+        deliver_as_recipient(a, b, root, msg_fd, size, name, sole, pfd[1]);
         _exit(0);
     }
     close(pfd[1]);
@@ -379,7 +420,7 @@ static void handle_request(const struct agent *a, const struct kt_local_req *req
      * retry would duplicate. */
     for (uint32_t i = 0; req->n_boxes > 1 && i < req->n_boxes && reply.status == 0; i++) {
         const struct kt_local_box *b = &req->boxes[i];
-        int rc = run_box(a, b, -1, 0, req->name, reply.reason, sizeof(reply.reason));
+        int rc = run_box(a, b, -1, 0, req->name, 0, reply.reason, sizeof(reply.reason));
         if (rc < 0) {
             reply.status = -rc;
             kt_warn("delivery to %s (uid %u) deferred: %s; no mailbox of this message was written", b->path,
@@ -388,12 +429,15 @@ static void handle_request(const struct agent *a, const struct kt_local_req *req
     }
     for (uint32_t i = 0; i < req->n_boxes && reply.status == 0; i++) {
         const struct kt_local_box *b = &req->boxes[i];
-        int rc = run_box(a, b, msg_fd, req->size, req->name, reply.reason, sizeof(reply.reason));
+        int rc = run_box(a, b, msg_fd, req->size, req->name, req->n_boxes == 1, reply.reason, sizeof(reply.reason));
         if (rc < 0) {
             reply.status = -rc;
             kt_warn("delivery to %s (uid %u) deferred: %s", b->path, (unsigned)b->uid, reply.reason);
             break;
         }
+        if (reply.reason[0])       /* delivered, with something to say (a .forward passed over) */
+            kt_warn("%s", reply.reason);
+        reply.reason[0] = '\0';
         kt_info("delivered to %s (uid %u) as new/%s", b->path, (unsigned)b->uid, req->name);
         reply.delivered++;
     }

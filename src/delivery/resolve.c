@@ -569,6 +569,7 @@ static void unknown_user(const struct kt_resolver *r, const char *addr, struct k
 {
     reply(res, r->unknown_code, addr, "Recipient address rejected: User unknown in local recipient table");
     res->unknown_user = 1;
+    res->unlisted = 1;
 }
 
 static void resolve_local(const struct kt_resolver *r, const char *addr, size_t local_len, struct kt_resolve_result *res)
@@ -598,17 +599,31 @@ static void resolve_local(const struct kt_resolver *r, const char *addr, size_t 
          * cannot deliver what the alias asks for, and delivering to the rest would drop that part unseen */
         res->n_mailboxes = res->n_forward = 0;
         reply(res, "550 5.1.1", addr, "Recipient address rejected: unsupported alias target");
+    } else if (res->n_mailboxes + res->n_forward == 0 && kt_aliases_get(r->aliases, name)) {
+        /* an alias whose targets are all unknown users: it is listed (Postfix accepts it, and local(8)
+         * bounces each target), so not unknown_local_recipient_reject_code's case */
+        reply(res, "550 5.1.1", addr, "Recipient address rejected: User unknown in local recipient table");
     } else if (res->n_mailboxes + res->n_forward == 0) {
         unknown_user(r, addr, res);
     }
 }
 
+int kt_resolve_skipped_note(const struct kt_resolve_result *res, const char *addr, char *out, size_t outlen)
+{
+    if (outlen)
+        out[0] = '\0';
+    if (res->reply || res->n_skipped == 0)
+        return 0;
+    snprintf(out, outlen, "to=<%s>: %zu alias target%s not delivered, the last one %s: %s", addr, res->n_skipped,
+             res->n_skipped == 1 ? "" : "s", res->skip_target, res->skip_reason);
+    return 1;
+}
+
 void kt_resolve_warn_skipped(const struct kt_resolve_result *res, const char *queue_id, const char *addr)
 {
-    if (res->reply || res->n_skipped == 0)
-        return;
-    kt_warn("%s: to=<%s>: %zu alias target%s not delivered, the last one %s: %s", queue_id ? queue_id : "NOQUEUE",
-            addr, res->n_skipped, res->n_skipped == 1 ? "" : "s", res->skip_target, res->skip_reason);
+    char note[1024];
+    if (kt_resolve_skipped_note(res, addr, note, sizeof(note)))
+        kt_warn("%s: %s", queue_id ? queue_id : "NOQUEUE", note);
 }
 
 void kt_resolve_recipient(const struct kt_resolver *r, const char *addr, struct kt_resolve_result *res)
@@ -620,7 +635,7 @@ void kt_resolve_recipient(const struct kt_resolver *r, const char *addr, struct 
     res->n_mailboxes = res->n_forward = res->n_skipped = 0;
     res->skip_reason = NULL;
     res->skip_target[0] = 0;
-    res->unknown_user = 0;
+    res->unknown_user = res->unlisted = 0;
     res->reply_buf[0] = 0;
     res->cls = kt_resolve_class(r, at ? at + 1 : NULL);
     switch (res->cls) {
@@ -634,6 +649,7 @@ void kt_resolve_recipient(const struct kt_resolver *r, const char *addr, struct 
             break;
         case V_UNKNOWN:
             reply(res, "550 5.1.1", addr, "Recipient address rejected: User unknown in virtual mailbox table");
+            res->unlisted = 1;
             break;
         case V_MBOX:
             reply(res, "550 5.1.1", addr, "Recipient address rejected: mailbox format not supported");

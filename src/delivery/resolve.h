@@ -56,6 +56,8 @@ struct kt_resolve_result {
                                    * /file and invalid targets refuse the whole recipient instead) */
     const char *skip_reason;      /* why the last one was left out (static text), NULL if none */
     char skip_target[256];        /* that target, as written in the aliases (cut to fit) */
+    int unlisted;                 /* reply says the address is in neither local_recipient_maps (no such
+                                   * user or alias) nor virtual_mailbox_maps: reject_unlisted_sender's test */
     int unknown_user;             /* reply is "User unknown in local recipient table", with
                                    * unknown_local_recipient_reject_code (450 while migrating): a
                                    * message already accepted for such a user bounces (local(8)) */
@@ -74,6 +76,10 @@ void kt_resolve_recipient(const struct kt_resolver *r, const char *addr, struct 
  * others and logs it. queue_id: the message's id, or NULL ("NOQUEUE"). Nothing when res has a reply or
  * skipped nothing. */
 void kt_resolve_warn_skipped(const struct kt_resolve_result *res, const char *queue_id, const char *addr);
+/* The same note without the id ("to=<addr>: 1 alias target not delivered, ...") into OUT: 1 when there is
+ * one, 0 when res has a reply or skipped nothing (OUT is then ""). For a caller that logs it later, once
+ * the message is accepted. */
+int kt_resolve_skipped_note(const struct kt_resolve_result *res, const char *addr, char *out, size_t outlen);
 /* Postfix's address completion for envelope addresses (trivial-rewrite, "local" context): an address
  * without a domain gets "@$myorigin" when append_at_myorigin is on, and a domain without a dot gets
  * ".$mydomain" when append_dot_mydomain is on (not an address literal). So with "mydestination =" a bare

@@ -1060,6 +1060,7 @@ static void conn_open(struct dest *d)
         .bind_addr6 = !d->lmtp && sm->bind_len6 ? (const struct sockaddr *)&sm->bind_addr6 : NULL,
         .bind_len4 = sm->bind_len4,
         .bind_len6 = sm->bind_len6,
+        .bind_enforce = sm->bind_enforce,
     };
     if (d->has_sts && sts_applies(d, &pol)) {
         /* RFC 8461 4.2: enforce needs TLS with a certificate valid for the MX host name; testing checks
@@ -1440,6 +1441,24 @@ static int delivered_to_loop(const struct job *j, const char *addr)
     return hs.loop;
 }
 
+
+/* Why a resolved recipient cannot be delivered here, for its bounce or deferral: the resolver's reply, with
+ * an unknown user's code made 550 5.1.1 (unknown_local_recipient_reject_code = 450 is for clients at RCPT;
+ * accepted mail bounces, as local(8)). Points into res or at a static text. */
+static const char *unknown_text(struct kt_resolve_result *res)
+{
+    if (!res->reply)
+        return "alias forwards to remote addresses only";
+    if (res->unknown_user && res->reply[0] == '4') {
+        const char *rest = strchr(res->reply, '<');
+        char text[sizeof(res->reply_buf)];
+        snprintf(text, sizeof(text), "550 5.1.1 %s", rest ? rest : res->reply);
+        memcpy(res->reply_buf, text, sizeof(res->reply_buf));
+        res->reply = res->reply_buf;
+    }
+    return res->reply;
+}
+
 static void local_step(struct job *j)
 {
     struct dest *d = j->d;
@@ -1463,7 +1482,7 @@ static void local_step(struct job *j)
         }
         kt_resolve_recipient(q->set->resolver, j->addrs[j->cur], res);
         if (res->reply || res->n_mailboxes == 0) {
-            const char *why = res->reply ? res->reply : "alias forwards to remote addresses only";
+            const char *why = unknown_text(res);
             /* an unknown user bounces once accepted, as local(8), whatever unknown_local_recipient_reject_code */
             if (res->reply && res->reply[0] == '4' && !res->unknown_user)
                 rcpt_deferred(j->m, i, local_relay(q, j->addrs[j->cur]), 450, NULL, why);
@@ -1848,7 +1867,7 @@ static int mailbox_route(struct kt_qmgr *q, struct msg *m, size_t i, char **key,
     for (size_t k = 0; k < res->n_mailboxes; k++)
         users += res->mailboxes[k].user != NULL;
     if (res->reply || res->n_mailboxes == 0) {
-        const char *why = res->reply ? res->reply : "alias forwards to remote addresses only";
+        const char *why = unknown_text(res);
         if (res->reply && res->reply[0] == '4' && !res->unknown_user)
             rcpt_deferred(m, i, "local", 450, NULL, why);
         else

@@ -334,11 +334,15 @@ static void connect_next(struct kt_smtp_conn *c)
                 inet_ntop(src->sa_family, src->sa_family == AF_INET
                           ? (const void *)&((const struct sockaddr_in *)src)->sin_addr
                           : (const void *)&((const struct sockaddr_in6 *)src)->sin6_addr, text, sizeof(text));
-                close(fd);
-                conn_fail(c, err, "bind %s (%s): %s", text, src->sa_family == AF_INET ? "smtp_bind_address"
-                                                                                      : "smtp_bind_address6",
-                          strerror(-err));
-                return;
+                const char *param = src->sa_family == AF_INET ? "smtp_bind_address" : "smtp_bind_address6";
+                if (c->p.bind_enforce) {
+                    close(fd);
+                    conn_fail(c, err, "bind %s (%s): %s", text, param, strerror(-err));
+                    return;
+                }
+                /* Postfix's smtp_bind_address_enforce = no (its default): said, and connected unbound */
+                kt_warn("%s: bind %s (%s): %s; connecting from the kernel's choice of address (set "
+                        "smtp_bind_address_enforce = yes to defer instead)", c->relay, text, param, strerror(-err));
             }
         }
         c->state = ST_CONNECT;

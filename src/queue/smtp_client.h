@@ -71,9 +71,11 @@ struct kt_smtp_params {
      * not announce 8BITMIME with its 8-bit parts converted to 7BIT (mime_downgrade.h), without BODY= */
     int mime_output_conversion;
     /* smtp_bind_address(6): the source address of a connection of that family (port 0), NULL = the
-     * kernel's choice; a failed bind fails the connection (the mail is deferred), never goes out unbound */
+     * kernel's choice */
     const struct sockaddr *bind_addr4, *bind_addr6;
     socklen_t bind_len4, bind_len6;
+    int bind_enforce;             /* smtp_bind_address_enforce: else a failed bind is a warning and the
+                                   * connection goes out unbound, as Postfix's default */
 };
 
 struct kt_smtp_addr {

@@ -743,7 +743,9 @@ static int unlisted_sender(struct eval *e)
     if (cls != KT_CLASS_LOCAL && cls != KT_CLASS_VIRTUAL)
         return DUNNO;
     kt_resolve_recipient(e->p->resolver, sender, &res);
-    if (!res.reply || (res.reply[0] != '5' && !res.unknown_user))
+    /* listed (a user, an alias, a virtual mailbox) is enough: an alias ktrelay cannot deliver to, or whose
+     * targets are gone, still names a sender that exists, as in Postfix */
+    if (!res.reply || !res.unlisted)
         return DUNNO;
     const char *why = strstr(res.reply, "rejected: ");
     /* an unknown local sender gets unknown_local_recipient_reject_code, as Postfix's check_rcpt_maps */

@@ -303,6 +303,7 @@ static void transaction_reset(struct kt_session *s)
     kt_cleanup_free(t->cleanup);
     kt_buf_release(&t->rcpts);
     kt_buf_release(&t->orig_rcpts);
+    kt_buf_release(&t->skip_notes);
     kt_buf_release(&t->relay_rcpts);
     for (size_t i = 0; i < t->rcpt_dsn_cap; i++)
         kt_free(t->rcpt_orcpt[i]);
@@ -640,6 +641,14 @@ static void add_mailbox(struct kt_smtpd_txn *t, const struct kt_mailbox *m)
     t->mailboxes[t->n_mailboxes++] = *m;
 }
 
+/* An accepted recipient's alias targets left out, kept for the log line at the message's acceptance. */
+static void keep_skip_note(struct kt_smtpd_txn *t, const struct kt_resolve_result *res, const char *addr)
+{
+    char note[1024];
+    if (kt_resolve_skipped_note(res, addr, note, sizeof(note)))
+        kt_buf_append(&t->skip_notes, note, strlen(note) + 1);
+}
+
 static int rcpt_already(const struct kt_smtpd_txn *t, const char *addr)
 {
     const char *p = t->rcpts.data;
@@ -843,7 +852,7 @@ static int rcpt_single(struct kt_session *s, struct kt_smtp_path *path, const st
         too_many_recipients(s);
         return 0;
     }
-    kt_resolve_warn_skipped(&res, t->queue_id, path->addr);
+    keep_skip_note(t, &res, path->addr);
     for (size_t i = 0; i < res.n_mailboxes; i++)
         add_mailbox(t, &res.mailboxes[i]);
     rcpt_keep(t, path->addr, orig, p);
@@ -886,7 +895,7 @@ static int rcpt_expanded(struct kt_session *s, const struct kt_rewrite_result *r
         if (cls != KT_CLASS_ALIAS)   /* an alias domain address that expanded to itself: bounced */
             kt_resolve_recipient(s->cfg->resolver, a, &res);
         if (!res.reply && res.n_mailboxes > 0) {
-            kt_resolve_warn_skipped(&res, t->queue_id, a);
+            keep_skip_note(t, &res, a);
             for (size_t k = 0; k < res.n_mailboxes; k++)
                 add_mailbox(t, &res.mailboxes[k]);
         } else {
@@ -1034,6 +1043,11 @@ static void accept_message(struct kt_session *s)
     else
         s->counts.data_ok++;
     reply(s, "250 2.0.0 Ok: queued as %s", s->txn->queue_id);
+    /* delivered here: what alias expansion left out is logged now (from the queue, the queue manager does) */
+    const struct kt_smtpd_txn *t = s->txn;
+    for (size_t off = t->skip_notes.off; !t->queued && !t->milter_discard && off < t->skip_notes.len;
+         off += strlen(t->skip_notes.data + off) + 1)
+        kt_warn("%s: %s", t->queue_id, t->skip_notes.data + off);
     /* Postfix forgives a client's earlier errors and junk commands once a message is received */
     s->errors = 0;
     s->junk_cmds = 0;
@@ -1291,6 +1305,8 @@ static int checks_end(struct kt_session *s)
             s->counts.data_ok++;
         session_enter_state(s, KT_SS_COMMAND);
         reply(s, "250 2.0.0 Ok: queued as %s", t->queue_id);
+        s->errors = 0;             /* a discarded message is received too: forgiven as in accept_message */
+        s->junk_cmds = 0;
         transaction_reset(s);
         return 1;
     case KT_CLEANUP_ACCEPT:

@@ -118,6 +118,9 @@ struct kt_smtpd_txn {
     unsigned long long msg_off;            /* where the message starts in the spool file (after a queue envelope) */
     int milter_discard;                    /* a milter discarded the message: 250, then dropped */
     int milter_hold;                       /* a milter quarantined it: queued on hold */
+    struct kt_buf skip_notes;              /* NUL-separated kt_resolve_skipped_note()s of accepted recipients,
+                                            * logged if the message is delivered here (the queue manager
+                                            * logs its own when it delivers) */
 };
 
 /* What the milter events of a session need (allocated only with smtpd_milters: idle sessions stay small). */

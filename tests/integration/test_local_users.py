@@ -113,6 +113,33 @@ def test_alias_targets_that_cannot_be_delivered(local_relay, local_user):
     files = user_maildir_files(local_user)
     assert len(files) == 1
     assert split_received(Path(files[0]))[1] == b"Subject: to staff\r\n\r\nhello\r\n"
+    # logged once, with the id of the message that was received (none for a recipient later RSET)
+    assert local_relay.log().count("alias target not delivered") == 1
+    assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<staff@localhost>") == "250 2.1.5 Ok"
+    assert c.cmd("RSET") == "250 2.0.0 Ok"
+    assert local_relay.log().count("alias target not delivered") == 1
+
+
+def test_unlisted_sender_is_about_existence_not_deliverability(relay_factory, local_user, tmp_path):
+    """smtpd_reject_unlisted_sender refuses a sender no user, alias or virtual mailbox names. An alias
+    ktrelay cannot deliver to (a |command, as mailing list software uses) or whose targets are gone still
+    names a sender that exists, as in Postfix."""
+    aliases = tmp_path / "aliases3"
+    aliases.write_text(f"lists: {local_user.pw_name}, \"|/usr/bin/true\"\nghosts: no-such-user-kt1\n")
+    r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\nsmtpd_reject_unlisted_sender = yes\n"
+                      f"alias_maps = texthash:{aliases}\nunknown_local_recipient_reject_code = 450\n")
+    c = SmtpConn(r.port())
+    assert c.cmd("EHLO c.example.org").startswith("250")
+    for sender in ("lists@localhost", "ghosts@localhost"):
+        assert c.cmd(f"MAIL FROM:<{sender}>") == "250 2.1.0 Ok"
+        assert c.cmd(f"RCPT TO:<{local_user.pw_name}@localhost>") == "250 2.1.5 Ok", sender
+        assert c.cmd("RSET") == "250 2.0.0 Ok"
+    # an alias that reaches nobody is refused as a recipient with 550 whatever the unknown-user code: it
+    # is listed, so a retry cannot help
+    assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<ghosts@localhost>") == \
+        "550 5.1.1 <ghosts@localhost>: Recipient address rejected: User unknown in local recipient table"
 
 
 def write_forward(user, text):
@@ -123,11 +150,11 @@ def write_forward(user, text):
     return path
 
 
-def test_a_user_with_a_forward_file_is_deferred_until_it_is_emptied(local_relay, local_user):
+def test_a_user_with_a_forward_file_is_deferred_until_it_names_no_address(local_relay, local_user):
     """Postfix's local(8) delivers through ~/.forward (forward_path's default); ktrelay does not forward
     through it, and the user's Maildir is not where that user reads mail: the mail is deferred, with the
     reason logged, not put in the Maildir. Straight from the session that is a 451 (the client keeps it);
-    through the queue it waits there, and goes into the Maildir once the file is gone or empty."""
+    through the queue it waits there, and goes into the Maildir once the file names no address."""
     forward = write_forward(local_user, "someone@example.org\n")
     user = f"{local_user.pw_name}@localhost"
     c = SmtpConn(local_relay.port())
@@ -143,13 +170,57 @@ def test_a_user_with_a_forward_file_is_deferred_until_it_is_emptied(local_relay,
     assert local_relay.wait_log(f"{qid}: to=<{user}>", timeout=30)
     assert re.search(rf"{qid}: to=<{re.escape(user)}>.*status=deferred", local_relay.log()), local_relay.log()[-2000:]
     assert user_maildir_files(local_user) == []
-    forward.write_text("")          # an empty .forward forwards nowhere: as none
+    forward.write_text("# nothing\n\n  \n")   # blank and comment lines forward nowhere: as no file
     assert subprocess.run([BIN, "queue", "flush", "-c", str(local_relay.dir)], capture_output=True).returncode == 0
     assert local_relay.wait_log(f"{qid}: removed", timeout=30), local_relay.log()[-2000:]
     # root's copy goes to the same user (root: user), after the .forward is gone, so two
     files = user_maildir_files(local_user)
     assert len(files) == 2
     assert all(split_received(Path(f))[1] == b"Subject: queued\r\n\r\nhello\r\n" for f in files)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "world-writable", "other owner"])
+def test_a_forward_file_local8_would_pass_over_does_not_hold_mail(local_relay, local_user, kind):
+    """Postfix's local(8) forwards only through a regular .forward (no link followed), owned by the user or
+    root and not writable by others; any other is passed over, and mail goes to the mailbox. So here."""
+    path = Path(local_user.pw_dir) / ".forward"
+    if kind == "symlink":
+        target = Path(local_user.pw_dir) / "fwd"
+        target.write_text("someone@example.org\n")
+        os.chown(target, local_user.pw_uid, local_user.pw_gid)
+        path.symlink_to(target)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        write_forward(local_user, "someone@example.org\n")
+        if kind == "world-writable":
+            path.chmod(0o666)
+        else:
+            os.chown(path, 65534, 65534)
+    c = SmtpConn(local_relay.port())
+    queued(send_data(c, b"Subject: direct\r\n\r\nhello\r\n", rcpts=(f"{local_user.pw_name}@localhost",)))
+    assert len(user_maildir_files(local_user)) == 1
+
+
+def test_one_members_forward_file_does_not_hold_up_an_alias(relay_factory, local_user, tmp_path):
+    """An alias of two users, one of whom has a .forward: the message is not held for everyone until that
+    member removes it. Both copies go to the Maildirs, and the passed-over .forward is logged."""
+    with new_system_user(tmp_path, "kttb") as other:
+        write_forward(other, "someone@example.org\n")
+        aliases = tmp_path / "aliases2"
+        aliases.write_text(f"team: {local_user.pw_name}, {other.pw_name}\n")
+        r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\n"
+                          f"alias_maps = texthash:{aliases}\n")
+        c = SmtpConn(r.port())
+        queued(send_data(c, b"Subject: team\r\n\r\nhello\r\n", rcpts=("team@localhost",)))
+        assert len(user_maildir_files(local_user)) == 1
+        assert len(user_maildir_files(other)) == 1
+        assert r.wait_log(f"warning: {other.pw_dir}/.forward exists: ktrelay does not deliver through .forward "
+                          f"files (forward_path); this copy, one of an alias's, goes to {other.pw_dir}/Maildir/")
+        # mail for that member alone still waits
+        assert send_data(c, b"Subject: alone\r\n\r\nhello\r\n", rcpts=(f"{other.pw_name}@localhost",)) == \
+            "451 4.3.0 Error: queue file write error"
+        assert len(user_maildir_files(other)) == 1
 
 
 def test_forward_path_empty_delivers_whatever_forward_files_exist(relay_factory, local_user):

@@ -202,18 +202,60 @@ def test_smtp_bind_address_is_the_source_of_outbound_connections(nodes, sinks):
     [m] = sink.messages()
     assert b"X-Client-Addr: 127.0.0.7\n" in m, m[:300]
     n.stop()
-    bad = nodes(f"relayhost = [127.0.0.1]:{sink.port}\nsmtp_bind_address = 192.0.2.1\n").start()
+    bad = nodes(f"relayhost = [127.0.0.1]:{sink.port}\nsmtp_bind_address = 192.0.2.1\n"
+                "smtp_bind_address_enforce = yes\n").start()
     qid = bad.sendmail(["carol@remote.test"], BODY)
     assert bad.wait_log(rf"{qid}: to=<carol@remote.test>, relay=none, .*status=deferred \(bind 192\.0\.2\.1 "
                         rf"\(smtp_bind_address\): Cannot assign requested address\)", timeout=30), bad.log()[-2000:]
     assert len(sink.messages()) == 1
     bad.stop()
+    # Postfix's default smtp_bind_address_enforce = no: said, and sent from the kernel's choice
+    soft = nodes(f"relayhost = [127.0.0.1]:{sink.port}\nsmtp_bind_address = [192.0.2.1]\n").start()
+    qid = soft.sendmail(["erin@remote.test"], BODY)
+    assert soft.wait_log(rf"{qid}: removed"), soft.log()
+    assert (f"warning: 127.0.0.1[127.0.0.1]:{sink.port}: bind 192.0.2.1 (smtp_bind_address): Cannot assign "
+            f"requested address; connecting from the kernel's choice of address (set smtp_bind_address_enforce "
+            f"= yes to defer instead)") in soft.log()
+    soft.stop()
     # without smtp_bind_address, inet_interfaces' one address is used only when it is not a loopback address
     lo = nodes(f"relayhost = [127.0.0.1]:{sink.port}\ninet_interfaces = 127.0.0.5\n").start()
     qid = lo.sendmail(["dave@remote.test"], BODY)
     assert lo.wait_log(rf"{qid}: removed"), lo.log()
     sources = sorted(re.search(rb"X-Client-Addr: (\S+)\n", m).group(1) for m in sink.messages())
-    assert sources == [b"127.0.0.1", b"127.0.0.7"], sources
+    assert sources == [b"127.0.0.1", b"127.0.0.1", b"127.0.0.7"], sources
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="needs root and ip(8) for a network namespace")
+def test_inet_interfaces_one_address_is_the_smtp_bind_address(tmp_path):
+    """Postfix: with smtp_bind_address empty, inet_interfaces' only IPv4 address, when it is not a loopback
+    address, is the source of outbound connections. Run in a private network namespace whose lo also holds
+    192.0.2.77 (a forked child of this test: nothing of the host's network changes)."""
+    import ctypes
+    pid = os.fork()
+    if pid == 0:
+        ok = 1
+        try:
+            if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:     # CLONE_NEWNET
+                os._exit(2)
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+            subprocess.run(["ip", "addr", "add", "192.0.2.77/32", "dev", "lo"], check=True)
+            sink = Sink(tmp_path).start()
+            n = Node(tmp_path / "ns", RELAY_CF + f"relayhost = [127.0.0.1]:{sink.port}\n"
+                     "inet_interfaces = 192.0.2.77\n")   # its listener keeps 127.0.0.1 (master.cf host)
+            n.start()
+            qid = n.sendmail(["bob@remote.test"], BODY)
+            if n.wait_log(rf"{qid}: removed", timeout=30):
+                [m] = sink.messages()
+                ok = 0 if b"X-Client-Addr: 192.0.2.77\n" in m else 3
+            n.stop()
+            sink.remove()
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(ok)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
 
 
 @pytest.mark.parametrize("value,message", [
@@ -222,6 +264,8 @@ def test_smtp_bind_address_is_the_source_of_outbound_connections(nodes, sinks):
     ("smtp_bind_address = ::1", 'bad value "::1" for smtp_bind_address: expected a numerical IPv4 address'),
     ("smtp_bind_address6 = 127.0.0.1", 'bad value "127.0.0.1" for smtp_bind_address6: expected a numerical '
                                        'IPv6 address'),
+    ("smtp_bind_address = 127.0.0.2 127.0.0.3", 'bad value "127.0.0.2 127.0.0.3" for smtp_bind_address: '
+                                                'expected one numerical address'),
 ])
 def test_smtp_bind_address_that_is_not_an_address_is_refused(tmp_path, value, message):
     d = tmp_path / "cf"
@@ -317,7 +361,7 @@ def test_unknown_local_recipient_bounces_whatever_the_reject_code(nodes):
     n = nodes("mydestination = localhost\nunknown_local_recipient_reject_code = 450\n").start()
     qid = n.sendmail(["no-such-user-kt@localhost"], BODY, sender="alice@example.test")
     assert n.wait_log(rf"{qid}: to=<no-such-user-kt@localhost>, relay=local, .*dsn=5\.1\.1, status=bounced "
-                      rf"\(450 4\.1\.1 <no-such-user-kt@localhost>: Recipient address rejected: User unknown in "
+                      rf"\(550 5\.1\.1 <no-such-user-kt@localhost>: Recipient address rejected: User unknown in "
                       rf"local recipient table\)", timeout=30), n.log()[-2000:]
 
 

@@ -9,13 +9,14 @@ import re
 import signal
 import smtplib
 import socket
+import subprocess
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import SmtpConn, give_to_mail_owner, wait_until, after_trace
+from conftest import BIN, SmtpConn, give_to_mail_owner, wait_until, after_trace
 
 
 def stuff(content):
@@ -527,6 +528,31 @@ def test_errors_are_forgiven_when_a_message_is_received(relay_factory):
         assert c.cmd("NOOP") == "250 2.0.0 Ok"
     assert c.cmd("QUIT") == "221 2.0.0 Bye"
     assert len(r.maildir_files()) == 5
+
+
+def test_a_discarded_message_also_clears_the_error_count(relay_factory, tmp_path):
+    """A message header_checks DISCARD is received as far as the client and Postfix are concerned
+    (CLEANUP_STAT_OK): its errors are forgiven like an accepted message's."""
+    (tmp_path / "hc").write_text("/^Subject: drop/ DISCARD\n")
+    r = relay_factory(f"smtpd_hard_error_limit = 3\nheader_checks = regexp:{tmp_path}/hc\n")
+    c = SmtpConn(r.port())
+    assert c.cmd("EHLO c.example.org").startswith("250")
+    for i in range(4):
+        assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
+        assert c.cmd("RCPT TO:<nobody@remote.example>").startswith("554 5.7.1")
+        assert c.cmd("RCPT TO:<nobody@remote.example>").startswith("554 5.7.1")
+        assert c.cmd("RCPT TO:<someone@localhost>") == "250 2.1.5 Ok"
+        queued(send_data_only(c, f"Subject: drop {i}\r\n\r\nhello\r\n".encode()))
+    assert c.cmd("QUIT") == "221 2.0.0 Bye"
+    assert r.maildir_files() == []
+
+
+def test_junk_command_limit_below_one_is_refused(tmp_path):
+    d = tmp_path / "cf"
+    d.mkdir()
+    (d / "main.cf").write_text(f"queue_directory = {d}/q\ndata_directory = {d}/d\nsmtpd_junk_command_limit = 0\n")
+    p = subprocess.run([BIN, "check-config", "-c", str(d)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 78 and "smtpd_junk_command_limit must be at least 1" in p.stderr, p.stderr
 
 
 def test_unknown_virtual_recipient_and_relay_denied(relay):

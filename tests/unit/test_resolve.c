@@ -246,6 +246,13 @@ static void test_alias_lists(void **state)
     resolve_into(&r, "nouser@example.com");
     assert_string_equal(r.reply, "550 5.1.1 <nouser@example.com>: Recipient address rejected: User unknown in local recipient table");
     assert_int_equal(r.n_skipped, 1);
+    /* an alias is listed, even when it reaches nobody: not reject_unlisted_sender's case, and not
+     * unknown_local_recipient_reject_code's */
+    assert_int_equal(r.unlisted, 0);
+    assert_int_equal(r.unknown_user, 0);
+    resolve_into(&r, "ghost@example.com");
+    assert_int_equal(r.unlisted, 1);
+    assert_int_equal(r.unknown_user, 1);
 
     resolve_into(&r, "many@example.com");   /* more remote targets than the result holds */
     assert_non_null(r.reply);
