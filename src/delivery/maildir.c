@@ -664,6 +664,11 @@ const char *kt_delivery_name(const struct kt_delivery *d)
     return d->final_name;
 }
 
+const char *kt_delivery_agent_reason(const struct kt_delivery *d)
+{
+    return d->agent_reply.status != 0 && d->agent_reply.reason[0] ? d->agent_reply.reason : NULL;
+}
+
 /* ---- zero-copy bytes written by someone else (the connection's splice) ---- */
 
 int kt_delivery_splice_target(struct kt_delivery *d, int *fd, off_t *off)

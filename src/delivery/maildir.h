@@ -100,6 +100,9 @@ int kt_maildir_clean_tmp(const char *maildir, const char *hostname, time_t now);
 
 /* Name of the file in new/ once committed (basename). */
 const char *kt_delivery_name(const struct kt_delivery *d);
+/* Why the local delivery agent deferred the delivery ("/home/u/.forward exists: ..."), or NULL when it did
+ * not (another error, or none). Lives as long as d. */
+const char *kt_delivery_agent_reason(const struct kt_delivery *d);
 /* Data of the delivery's creator (the queue writer's envelope), freed with free_fn when the delivery is
  * freed unless taken back first with kt_delivery_take_user. */
 void kt_delivery_set_user(struct kt_delivery *d, void *user, void (*free_fn)(void *));

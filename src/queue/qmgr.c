@@ -1351,7 +1351,8 @@ static void local_result(struct job *j, int res)
     struct kt_qmgr *q = d->q;
     size_t i = j->idx[j->cur];
     if (res < 0) {
-        char *why = kt_asprintf("cannot deliver to maildir: %s", strerror(-res));
+        const char *agent = kt_delivery_agent_reason(j->dl);
+        char *why = agent ? kt_strdup(agent) : kt_asprintf("cannot deliver to maildir: %s", strerror(-res));
         rcpt_deferred(j->m, i, local_relay(q, j->addrs[j->cur]), 450, NULL, why);
         kt_free(why);
     } else {

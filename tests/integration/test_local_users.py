@@ -168,7 +168,8 @@ def test_a_user_with_a_forward_file_is_deferred_until_it_names_no_address(local_
     assert c.cmd("RSET") == "250 2.0.0 Ok"
     qid = queued(send_data(c, b"Subject: queued\r\n\r\nhello\r\n", rcpts=(user, "root@localhost")))
     assert local_relay.wait_log(f"{qid}: to=<{user}>", timeout=30)
-    assert re.search(rf"{qid}: to=<{re.escape(user)}>.*status=deferred", local_relay.log()), local_relay.log()[-2000:]
+    assert re.search(rf"{qid}: to=<{re.escape(user)}>.*status=deferred \({re.escape(reason)}\)",
+                     local_relay.log()), local_relay.log()[-2000:]
     assert user_maildir_files(local_user) == []
     forward.write_text("# nothing\n\n  \n")   # blank and comment lines forward nowhere: as no file
     assert subprocess.run([BIN, "queue", "flush", "-c", str(local_relay.dir)], capture_output=True).returncode == 0
