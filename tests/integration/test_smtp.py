@@ -512,6 +512,15 @@ def test_junk_command_limit(relay_factory):
     assert r.wait_log("too many errors after CONNECT from unknown[127.0.0.1]"), r.log()[-2000:]
 
 
+def message_after_two_errors(c, subject):
+    """One transaction: two refused recipients (two errors), one accepted, and the message received."""
+    assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
+    for _ in range(2):
+        assert c.cmd("RCPT TO:<nobody@remote.example>").startswith("554 5.7.1")
+    assert c.cmd("RCPT TO:<someone@localhost>") == "250 2.1.5 Ok"
+    queued(send_data_only(c, f"{subject}\r\n\r\nhello\r\n".encode()))
+
+
 def test_errors_are_forgiven_when_a_message_is_received(relay_factory):
     """As in Postfix, a received message clears the client's error count (and its junk commands): a long
     session that delivers many messages, each with a refused recipient, is not cut at smtpd_hard_error_limit."""
@@ -519,11 +528,7 @@ def test_errors_are_forgiven_when_a_message_is_received(relay_factory):
     c = SmtpConn(r.port())
     assert c.cmd("EHLO c.example.org").startswith("250")
     for i in range(5):
-        assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
-        assert c.cmd("RCPT TO:<nobody@remote.example>").startswith("554 5.7.1")
-        assert c.cmd("RCPT TO:<nobody@remote.example>").startswith("554 5.7.1")
-        assert c.cmd("RCPT TO:<someone@localhost>") == "250 2.1.5 Ok"
-        queued(send_data_only(c, f"Subject: {i}\r\n\r\nhello\r\n".encode()))
+        message_after_two_errors(c, f"Subject: {i}")
         assert c.cmd("NOOP") == "250 2.0.0 Ok"
         assert c.cmd("NOOP") == "250 2.0.0 Ok"
     assert c.cmd("QUIT") == "221 2.0.0 Bye"
@@ -538,11 +543,7 @@ def test_a_discarded_message_also_clears_the_error_count(relay_factory, tmp_path
     c = SmtpConn(r.port())
     assert c.cmd("EHLO c.example.org").startswith("250")
     for i in range(4):
-        assert c.cmd("MAIL FROM:<a@example.org>") == "250 2.1.0 Ok"
-        assert c.cmd("RCPT TO:<nobody@remote.example>").startswith("554 5.7.1")
-        assert c.cmd("RCPT TO:<nobody@remote.example>").startswith("554 5.7.1")
-        assert c.cmd("RCPT TO:<someone@localhost>") == "250 2.1.5 Ok"
-        queued(send_data_only(c, f"Subject: drop {i}\r\n\r\nhello\r\n".encode()))
+        message_after_two_errors(c, f"Subject: drop {i}")
     assert c.cmd("QUIT") == "221 2.0.0 Bye"
     assert r.maildir_files() == []
 
