@@ -755,7 +755,7 @@ static int service_settings(struct runtime_private *rp, const struct kt_config *
     st->soft_error_limit = kt_config_get_int(cfg, svc, "smtpd_soft_error_limit");
     st->junk_command_limit = kt_config_get_int(cfg, svc, "smtpd_junk_command_limit");
     if (st->junk_command_limit < 1) {   /* Postfix's minimum */
-        kt_err("service %s: smtpd_junk_command_limit must be at least 1", svc->name);
+        param_err(cfg, svc, "smtpd_junk_command_limit", "smtpd_junk_command_limit must be at least 1");
         errors++;
     }
     st->error_sleep_ms = kt_config_get_time(cfg, svc, "smtpd_error_sleep_time") * 1000;

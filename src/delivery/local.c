@@ -264,37 +264,106 @@ static int box_allowed(const struct agent *a, const struct kt_local_box *b, cons
 
 /* In a child: become the recipient and write the copy; the result goes back
  * through the pipe as an int and the reason text. */
-/* 1 when $home/.forward is a file Postfix's local(8) would forward through (dotforward.c): a regular file,
- * no symbolic link followed, owned by the user or root, not writable by others, with at least one line
- * that is neither blank nor a comment. Runs as the user; HOME_FD is the home directory. */
-static int forward_file_in_use(int home_fd, uid_t uid)
+/* A longer .forward is not read to its end at every delivery: its user's mail is deferred. */
+#define FORWARD_FILE_MAX (1024 * 1024)
+
+/* Whether one .forward line names somewhere other than USER's own mailbox: its addresses are separated by
+ * commas and blanks, "(...)" is a comment, and "user" or "\\user" is the user's own mailbox (local(8)
+ * delivers there). A quoted "..." part is taken as an address. */
+static int forward_line_elsewhere(const char *line, size_t len, const char *user)
 {
-    int fd = openat(home_fd, ".forward", O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-    if (fd < 0)
+    size_t ulen = strlen(user);
+    for (size_t i = 0; i < len;) {
+        char ch = line[i];
+        if (ch == ',' || ch == ' ' || ch == '\t' || ch == '\r') {
+            i++;
+            continue;
+        }
+        if (ch == '(') {                          /* a comment, nested as in RFC 822 */
+            int depth = 0;
+            for (; i < len; i++) {
+                depth += line[i] == '(';
+                if (line[i] == ')' && --depth == 0) {
+                    i++;
+                    break;
+                }
+            }
+            continue;
+        }
+        size_t start = i;
+        int quoted = 0;
+        for (; i < len && (quoted || (line[i] != ',' && line[i] != ' ' && line[i] != '\t' && line[i] != '\r'
+                                      && line[i] != '(')); i++)
+            if (line[i] == '"')
+                quoted = !quoted;
+        const char *tok = line + start;
+        size_t tlen = i - start;
+        if (tlen && tok[0] == '\\') {
+            tok++;
+            tlen--;
+        }
+        if (tlen != ulen || strncmp(tok, user, ulen) != 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* 1 when $home/.forward is a file Postfix's local(8) would forward through (dotforward.c): a regular file,
+ * no symbolic link followed, owned by the user or root, not writable by others, naming some address other
+ * than the user's own mailbox outside "#" comment lines. -1 when it exists but cannot be read (local(8)
+ * defers: "error reading forwarding file"), with the reason in WHY. Runs as the user; HOME_FD is the home
+ * directory, USER the login name. A file that cannot be opened (other than missing) is as none, as in
+ * Postfix, and logged. */
+static int forward_file_in_use(int home_fd, uid_t uid, const char *user, const char *home, char *why, size_t whylen)
+{
+    int fd = openat(home_fd, ".forward", O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno != ENOENT && errno != ELOOP)
+            kt_warn("cannot open %s/.forward: %s; delivering to the mailbox", home, strerror(errno));
         return 0;
+    }
     struct stat st;
     int used = 0;
     if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (st.st_uid == uid || st.st_uid == 0)
         && !(st.st_mode & S_IWOTH)) {
-        char buf[4096];
-        int bol = 1, skip = 0;     /* at a line's start (after blanks); in a comment line */
-        size_t total = 0;
-        ssize_t n;
-        while (!used && total < 65536 && (n = read(fd, buf, sizeof(buf))) > 0) {
-            total += (size_t)n;
-            for (ssize_t i = 0; i < n && !used; i++) {
-                char ch = buf[i];
-                if (ch == '\n') {
-                    bol = 1;
-                    skip = 0;
-                } else if (skip || ch == ' ' || ch == '\t' || ch == '\r') {
-                    continue;
-                } else if (bol && ch == '#') {
-                    skip = 1;
-                } else {
-                    used = 1;
-                }
+        /* line by line; a line longer than the buffer is judged by its first 4 KB */
+        char buf[8192];
+        size_t have = 0, total = 0;
+        int overlong = 0;
+        for (;;) {
+            ssize_t n = read(fd, buf + have, sizeof(buf) - have);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0 || (total += (size_t)(n > 0 ? n : 0)) > FORWARD_FILE_MAX) {
+                if (n < 0)
+                    kt_set_err(why, whylen, "error reading %s/.forward: %s", home, strerror(errno));
+                else
+                    kt_set_err(why, whylen, "%s/.forward is larger than %d bytes", home, FORWARD_FILE_MAX);
+                used = -1;
+                break;
             }
+            have += (size_t)n;
+            size_t off = 0;
+            for (;;) {
+                char *nl = memchr(buf + off, '\n', have - off);
+                if (!nl && n > 0 && have - off < sizeof(buf))
+                    break;                        /* wait for the rest of the line */
+                size_t llen = nl ? (size_t)(nl - (buf + off)) : have - off;
+                const char *line = buf + off;
+                size_t k = 0;
+                while (k < llen && (line[k] == ' ' || line[k] == '\t'))
+                    k++;
+                if (!overlong && k < llen && line[k] != '#' && forward_line_elsewhere(line + k, llen - k, user))
+                    used = 1;
+                overlong = !nl && n > 0;          /* the rest of this line follows: skip it */
+                off += nl ? llen + 1 : llen;
+                if (used || off >= have)
+                    break;
+            }
+            memmove(buf, buf + off, have - off);
+            have -= off;
+            if (used || n == 0)
+                break;
         }
     }
     close(fd);
@@ -319,6 +388,10 @@ static void deliver_as_recipient(const struct agent *a, const struct kt_local_bo
             kt_set_err(why, sizeof(why), "cannot open %s: %s", root, strerror(-rc));
         goto out;
     }
+    char user[256] = "";             /* the login name, for a .forward that names its own mailbox */
+    const struct passwd *pw = b->home[0] ? getpwuid(b->uid) : NULL;
+    if (pw && pw->pw_name)
+        snprintf(user, sizeof(user), "%s", pw->pw_name);
     gid_t gid = (gid_t)b->gid;
     if (setgroups(1, &gid) < 0 || setresgid(gid, gid, gid) < 0 || setresuid(b->uid, b->uid, b->uid) < 0 ||
         prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) {
@@ -337,7 +410,13 @@ static void deliver_as_recipient(const struct agent *a, const struct kt_local_bo
      * Maildir may not be where such a user reads mail. Mail for that user alone waits; a copy for the user
      * as one of several mailboxes (an alias list) goes to the Maildir with a warning, so that one member's
      * file never holds up the others' mail. */
-    if (a->check_forward && b->home[0] && forward_file_in_use(root_fd, b->uid)) {
+    int fwd = a->check_forward && b->home[0] && user[0]
+              ? forward_file_in_use(root_fd, b->uid, user, b->home, why, sizeof(why)) : 0;
+    if (fwd < 0) {
+        rc = -EIO;
+        goto out;
+    }
+    if (fwd) {
         if (sole) {
             rc = -EOPNOTSUPP;
             kt_set_err(why, sizeof(why), "%s/.forward exists: ktrelay does not deliver through .forward files "
@@ -429,7 +508,7 @@ static void handle_request(const struct agent *a, const struct kt_local_req *req
     }
     for (uint32_t i = 0; i < req->n_boxes && reply.status == 0; i++) {
         const struct kt_local_box *b = &req->boxes[i];
-        int rc = run_box(a, b, msg_fd, req->size, req->name, req->n_boxes == 1, reply.reason, sizeof(reply.reason));
+        int rc = run_box(a, b, msg_fd, req->size, req->name, req->n_boxes == 1 && req->n_total <= 1, reply.reason, sizeof(reply.reason));
         if (rc < 0) {
             reply.status = -rc;
             kt_warn("delivery to %s (uid %u) deferred: %s", b->path, (unsigned)b->uid, reply.reason);

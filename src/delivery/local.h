@@ -39,6 +39,7 @@ struct kt_local_box {
 struct kt_local_req {
     uint32_t magic;
     uint32_t n_boxes;
+    uint32_t n_total;                  /* mailboxes of the whole delivery, these and those the worker writes */
     uint64_t size;                     /* message bytes in the passed file, from offset 0 */
     char name[256];                    /* Maildir file name: tmp/NAME, then new/NAME */
     struct kt_local_box boxes[KT_LOCAL_MAX_BOXES];

@@ -769,6 +769,7 @@ static void submit_agent(struct kt_delivery *d)
 
     req->magic = KT_LOCAL_MAGIC;
     req->n_boxes = (uint32_t)d->n_agent;
+    req->n_total = (uint32_t)(d->n_agent + d->n_boxes);
     req->size = (uint64_t)d->size;
     snprintf(req->name, sizeof(req->name), "%s", d->final_name);
     for (size_t i = 0; i < d->n_agent; i++) {

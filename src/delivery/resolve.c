@@ -572,6 +572,20 @@ static void unknown_user(const struct kt_resolver *r, const char *addr, struct k
     res->unlisted = 1;
 }
 
+/* NAME (lowercased) is an alias, or user+extension of one (local(8) finds "user" then). */
+static int alias_listed(const struct kt_resolver *r, const char *name)
+{
+    size_t len = strlen(name), base = kt_addr_unextended(r->delim, name, len);
+    char bare[256];
+    if (kt_aliases_get(r->aliases, name))
+        return 1;
+    if (base >= len || base >= sizeof(bare))
+        return 0;
+    memcpy(bare, name, base);
+    bare[base] = '\0';
+    return kt_aliases_get(r->aliases, bare) != NULL;
+}
+
 static void resolve_local(const struct kt_resolver *r, const char *addr, size_t local_len, struct kt_resolve_result *res)
 {
     struct expand x;
@@ -599,7 +613,7 @@ static void resolve_local(const struct kt_resolver *r, const char *addr, size_t 
          * cannot deliver what the alias asks for, and delivering to the rest would drop that part unseen */
         res->n_mailboxes = res->n_forward = 0;
         reply(res, "550 5.1.1", addr, "Recipient address rejected: unsupported alias target");
-    } else if (res->n_mailboxes + res->n_forward == 0 && kt_aliases_get(r->aliases, name)) {
+    } else if (res->n_mailboxes + res->n_forward == 0 && alias_listed(r, name)) {
         /* an alias whose targets are all unknown users: it is listed (Postfix accepts it, and local(8)
          * bounces each target), so not unknown_local_recipient_reject_code's case */
         reply(res, "550 5.1.1", addr, "Recipient address rejected: User unknown in local recipient table");

@@ -1443,13 +1443,29 @@ static int delivered_to_loop(const struct job *j, const char *addr)
 }
 
 
-/* Why a resolved recipient cannot be delivered here, for its bounce or deferral: the resolver's reply, with
+/* The enhanced status code of a failure text "550 5.1.1 ..." into BUF ("5.1.1"), or NULL (the default
+ * 5.0.0) when the text has none of class 5. */
+static const char *why_dsn(const char *why, char buf[16])
+{
+    if (strlen(why) < 9 || why[3] != ' ' || why[4] != '5')
+        return NULL;
+    size_t n = strspn(why + 4, "0123456789.");
+    if (n < 5 || n > 15 || why[4 + n] != ' ')
+        return NULL;
+    memcpy(buf, why + 4, n);
+    buf[n] = '\0';
+    return buf;
+}
+
+/* Why a resolved recipient cannot be delivered here, for its bounce or deferral: a local alias with remote
+ * targets, which local(8) would forward and ktrelay does not (delivering only its local part would drop
+ * the rest unseen); else the resolver's reply, with
  * an unknown user's code made 550 5.1.1 (unknown_local_recipient_reject_code = 450 is for clients at RCPT;
  * accepted mail bounces, as local(8)). Points into res or at a static text. */
 static const char *unknown_text(struct kt_resolve_result *res)
 {
     if (!res->reply)
-        return "alias forwards to remote addresses only";
+        return "alias forwards to remote addresses, which this server does not relay";
     if (res->unknown_user && res->reply[0] == '4') {
         const char *rest = strchr(res->reply, '<');
         char text[sizeof(res->reply_buf)];
@@ -1482,13 +1498,14 @@ static void local_step(struct job *j)
             continue;
         }
         kt_resolve_recipient(q->set->resolver, j->addrs[j->cur], res);
-        if (res->reply || res->n_mailboxes == 0) {
+        if (res->reply || res->n_mailboxes == 0 || res->n_forward > 0) {   /* remote targets: see unknown_text */
             const char *why = unknown_text(res);
+            char dsn[16];
             /* an unknown user bounces once accepted, as local(8), whatever unknown_local_recipient_reject_code */
             if (res->reply && res->reply[0] == '4' && !res->unknown_user)
                 rcpt_deferred(j->m, i, local_relay(q, j->addrs[j->cur]), 450, NULL, why);
             else
-                rcpt_failed(q, j->m, i, local_relay(q, j->addrs[j->cur]), 550, res->unknown_user ? "5.1.1" : NULL, why);
+                rcpt_failed(q, j->m, i, local_relay(q, j->addrs[j->cur]), 550, why_dsn(why, dsn), why);
             j->cur++;
             kt_free(res);
             continue;
@@ -1867,12 +1884,13 @@ static int mailbox_route(struct kt_qmgr *q, struct msg *m, size_t i, char **key,
     size_t users = 0;
     for (size_t k = 0; k < res->n_mailboxes; k++)
         users += res->mailboxes[k].user != NULL;
-    if (res->reply || res->n_mailboxes == 0) {
+    if (res->reply || res->n_mailboxes == 0 || res->n_forward > 0) {   /* remote targets: see unknown_text */
         const char *why = unknown_text(res);
+        char dsn[16];
         if (res->reply && res->reply[0] == '4' && !res->unknown_user)
             rcpt_deferred(m, i, "local", 450, NULL, why);
         else
-            rcpt_failed(q, m, i, "local", 550, res->unknown_user ? "5.1.1" : NULL, why);
+            rcpt_failed(q, m, i, "local", 550, why_dsn(why, dsn), why);
     } else if (users == 0) {
         go_on = 1;                 /* virtual mailboxes: still local(8)'s own Maildir delivery */
     } else if (res->n_mailboxes > 1) {

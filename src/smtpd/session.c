@@ -837,7 +837,9 @@ static int rcpt_single(struct kt_session *s, struct kt_smtp_path *path, const st
         rcpt_accepted(s);
         return 1;
     }
-    if (res.n_mailboxes == 0) {
+    if (res.n_mailboxes == 0 || res.n_forward > 0) {
+        /* Postfix's local(8) forwards a local alias's remote targets; ktrelay does not (virtual_alias_maps
+         * does), and delivering only the local part would drop the rest unseen */
         char msg[700];
         snprintf(msg, sizeof(msg), "550 5.1.1 <%s>: Recipient address rejected: alias forwards to remote "
                  "addresses, which this server does not relay", path->addr);
@@ -894,7 +896,7 @@ static int rcpt_expanded(struct kt_session *s, const struct kt_rewrite_result *r
         res.n_mailboxes = 0;
         if (cls != KT_CLASS_ALIAS)   /* an alias domain address that expanded to itself: bounced */
             kt_resolve_recipient(s->cfg->resolver, a, &res);
-        if (!res.reply && res.n_mailboxes > 0) {
+        if (!res.reply && res.n_mailboxes > 0 && res.n_forward == 0) {
             keep_skip_note(t, &res, a);
             for (size_t k = 0; k < res.n_mailboxes; k++)
                 add_mailbox(t, &res.mailboxes[k]);
@@ -937,6 +939,8 @@ static void cmd_rcpt(struct kt_session *s, const struct kt_smtp_command *c)
         s->mstate->undo_n_mailboxes = t->n_mailboxes;
         s->mstate->undo_dsn_bytes = t->dsn_bytes;
         s->mstate->undo_want_success = t->want_success;
+        s->mstate->undo_skip_notes = t->skip_notes.len;
+        s->mstate->undo_queue_all = t->queue_all;
     }
     if (t->n_rcpts >= s->cfg->recipient_limit) {
         too_many_recipients(s);
@@ -1663,6 +1667,8 @@ static void milter_refused(struct kt_session *s, const struct kt_milter_result *
         }
         t->dsn_bytes = s->mstate->undo_dsn_bytes;
         t->want_success = s->mstate->undo_want_success;
+        t->skip_notes.len = s->mstate->undo_skip_notes;
+        t->queue_all = s->mstate->undo_queue_all;
     } else if (s->milter_stage == KT_MS_DATA) {
         session_enter_state(s, KT_SS_COMMAND);
     }

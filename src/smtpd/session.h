@@ -132,6 +132,8 @@ struct kt_session_milter {
     size_t undo_n_mailboxes;
     size_t undo_dsn_bytes;
     int undo_want_success;
+    size_t undo_skip_notes;                /* t->skip_notes.len before that RCPT */
+    int undo_queue_all;
 };
 
 /* A client certificate's fingerprints (smtpd_tls_fingerprint_digest, "AB:CD:..."): allocated only for a

@@ -256,3 +256,93 @@ def test_unknown_local_recipient_reject_code(relay_factory, local_user, tmp_path
     p = subprocess.run([BIN, "check-config", "-c", str(d)], capture_output=True, text=True, timeout=30)
     assert p.returncode == 78 and ("bad value 250 for unknown_local_recipient_reject_code: expected a 4xx or 5xx "
                                    "reply code") in p.stderr, p.stderr
+
+
+def test_an_alias_with_remote_targets_is_refused_not_cut(relay_factory, local_user, tmp_path):
+    """Postfix's local(8) forwards a local alias's remote targets; ktrelay does not (virtual_alias_maps
+    does). An alias with a remote target is refused whole, from SMTP and from sendmail (a bounce), rather
+    than delivered to its local part with the rest dropped unseen."""
+    aliases = tmp_path / "aliases4"
+    aliases.write_text(f"team: {local_user.pw_name}, someone@remote.example\n")
+    r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\n"
+                      f"alias_maps = texthash:{aliases}\n")
+    c = SmtpConn(r.port())
+    assert c.cmd("EHLO c.example.org").startswith("250")
+    assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<team@localhost>") == ("550 5.1.1 <team@localhost>: Recipient address rejected: alias "
+                                                 "forwards to remote addresses, which this server does not relay")
+    p = subprocess.run([BIN, "sendmail", "-c", str(r.dir), "-f", "alice@example.test", "team@localhost"],
+                       input=b"Subject: team\n\nhello\n", capture_output=True)
+    assert p.returncode == 0, p.stderr
+    assert r.wait_log(r"to=<team@localhost>, relay=local, ", timeout=30), r.log()[-2000:]
+    assert re.search(r"to=<team@localhost>, relay=local, .*dsn=5\.0\.0, status=bounced \(alias forwards to remote "
+                     r"addresses, which this server does not relay\)", r.log()), r.log()[-2000:]
+    assert user_maildir_files(local_user) == []
+
+
+def test_a_forward_file_that_names_only_its_user_is_as_none(local_relay, local_user):
+    """local(8): "user" or "\\user" in the user's own .forward means the user's mailbox, and "(...)" is a
+    comment: such a file forwards nowhere else, so mail goes to the Maildir."""
+    name = local_user.pw_name
+    write_forward(local_user, f"\\{name}, (keep a copy)\n# a comment\n  {name}\n,,,\n")
+    c = SmtpConn(local_relay.port())
+    queued(send_data(c, b"Subject: self\r\n\r\nhello\r\n", rcpts=(f"{name}@localhost",)))
+    assert len(user_maildir_files(local_user)) == 1
+    write_forward(local_user, f"\\{name}, elsewhere@example.org\n")
+    assert send_data(c, b"Subject: copy and forward\r\n\r\nhello\r\n", rcpts=(f"{name}@localhost",)) == \
+        "451 4.3.0 Error: queue file write error"
+
+
+def test_a_forward_file_does_not_hold_up_a_virtual_member_of_an_alias(relay_factory, local_user, tmp_path):
+    """team: a system user who has a .forward, and a virtual mailbox: the virtual member's copy is not held."""
+    write_forward(local_user, "someone@example.org\n")
+    aliases = tmp_path / "aliases5"
+    aliases.write_text(f"team: {local_user.pw_name}, alice@example.test\n")
+    r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\nvirtual_mailbox_domains = example.test\n"
+                      f"alias_maps = texthash:{aliases}\n")
+    c = SmtpConn(r.port())
+    queued(send_data(c, b"Subject: team\r\n\r\nhello\r\n", rcpts=("team@localhost",)))
+    assert len(user_maildir_files(local_user)) == 1
+    assert len(r.maildir_files("example.test/alice/")) == 1
+
+
+def test_an_alias_note_goes_with_a_recipient_a_milter_refuses(relay_factory, local_user, tmp_path):
+    """A milter's refusal of a recipient takes back what that RCPT added, its alias note too."""
+    from test_milter import PyMilter
+    m = PyMilter(tmp_path, "reject-rcpt", False)
+    try:
+        aliases = tmp_path / "aliases6"
+        aliases.write_text(f"badlist: {local_user.pw_name}, no-such-user-kt\n")
+        r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\n"
+                          f"alias_maps = texthash:{aliases}\nsmtpd_milters = {m.spec}\n")
+        c = SmtpConn(r.port())
+        assert c.cmd("EHLO c.example.org").startswith("250")
+        assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
+        assert c.cmd("RCPT TO:<badlist@localhost>") == "550 5.1.1 no such user here"
+        assert c.cmd(f"RCPT TO:<{local_user.pw_name}@localhost>") == "250 2.1.5 Ok"
+        qid = queued(send_data_only(c, b"Subject: one\r\n\r\nhello\r\n"))
+        assert r.wait_log(f"{qid}: ") and "alias target not delivered" not in r.log(), r.log()[-2000:]
+        assert len(user_maildir_files(local_user)) == 1
+    finally:
+        m.stop()
+
+
+def test_an_extension_of_a_listed_alias_is_listed(relay_factory, local_user, tmp_path):
+    """ghosts+x is listed as ghosts is (local(8) looks up the unextended name): 550, and a valid sender."""
+    aliases = tmp_path / "aliases7"
+    aliases.write_text("ghosts: no-such-user-kt1\n")
+    r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\nrecipient_delimiter = +\n"
+                      f"alias_maps = texthash:{aliases}\nunknown_local_recipient_reject_code = 450\n"
+                      "smtpd_reject_unlisted_sender = yes\n")
+    c = SmtpConn(r.port())
+    assert c.cmd("EHLO c.example.org").startswith("250")
+    assert c.cmd("MAIL FROM:<ghosts+x@localhost>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<ghosts+x@localhost>") == \
+        "550 5.1.1 <ghosts+x@localhost>: Recipient address rejected: User unknown in local recipient table"
+    assert c.cmd(f"RCPT TO:<{local_user.pw_name}@localhost>") == "250 2.1.5 Ok"
+    # from sendmail the alias bounces with the enhanced code of its reply, not the default 5.0.0
+    p = subprocess.run([BIN, "sendmail", "-c", str(r.dir), "-f", "alice@example.test", "ghosts@localhost"],
+                       input=b"Subject: ghosts\n\nhello\n", capture_output=True)
+    assert p.returncode == 0, p.stderr
+    assert r.wait_log("to=<ghosts@localhost>, relay=local, ", timeout=30), r.log()[-2000:]
+    assert re.search(r"to=<ghosts@localhost>, relay=local, .*dsn=5\.1\.1, status=bounced", r.log()), r.log()[-2000:]
