@@ -40,6 +40,14 @@ def local_relay(relay_factory, tmp_path, local_user):
     return relay_factory(extra)
 
 
+def aliased_relay(relay_factory, tmp_path, aliases_text, extra=""):
+    """A relay for local users (mydestination = localhost, ~/Maildir/) with its own alias table."""
+    aliases = tmp_path / f"aliases-{len(list(tmp_path.glob('aliases-*')))}"
+    aliases.write_text(aliases_text)
+    return relay_factory(f"mydestination = localhost\nhome_mailbox = Maildir/\nalias_maps = texthash:{aliases}\n"
+                         + extra)
+
+
 def user_maildir_files(user, sub="new"):
     d = os.path.join(user.pw_dir, "Maildir", sub)
     return sorted(os.path.join(d, f) for f in os.listdir(d)) if os.path.isdir(d) else []
@@ -125,10 +133,9 @@ def test_unlisted_sender_is_about_existence_not_deliverability(relay_factory, lo
     """smtpd_reject_unlisted_sender refuses a sender no user, alias or virtual mailbox names. An alias
     ktrelay cannot deliver to (a |command, as mailing list software uses) or whose targets are gone still
     names a sender that exists, as in Postfix."""
-    aliases = tmp_path / "aliases3"
-    aliases.write_text(f"lists: {local_user.pw_name}, \"|/usr/bin/true\"\nghosts: no-such-user-kt1\n")
-    r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\nsmtpd_reject_unlisted_sender = yes\n"
-                      f"alias_maps = texthash:{aliases}\nunknown_local_recipient_reject_code = 450\n")
+    r = aliased_relay(relay_factory, tmp_path,
+                      f"lists: {local_user.pw_name}, \"|/usr/bin/true\"\nghosts: no-such-user-kt1\n",
+                      "smtpd_reject_unlisted_sender = yes\nunknown_local_recipient_reject_code = 450\n")
     c = SmtpConn(r.port())
     assert c.cmd("EHLO c.example.org").startswith("250")
     for sender in ("lists@localhost", "ghosts@localhost"):
@@ -208,10 +215,7 @@ def test_one_members_forward_file_does_not_hold_up_an_alias(relay_factory, local
     member removes it. Both copies go to the Maildirs, and the passed-over .forward is logged."""
     with new_system_user(tmp_path, "kttb") as other:
         write_forward(other, "someone@example.org\n")
-        aliases = tmp_path / "aliases2"
-        aliases.write_text(f"team: {local_user.pw_name}, {other.pw_name}\n")
-        r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\n"
-                          f"alias_maps = texthash:{aliases}\n")
+        r = aliased_relay(relay_factory, tmp_path, f"team: {local_user.pw_name}, {other.pw_name}\n")
         c = SmtpConn(r.port())
         queued(send_data(c, b"Subject: team\r\n\r\nhello\r\n", rcpts=("team@localhost",)))
         assert len(user_maildir_files(local_user)) == 1
@@ -236,11 +240,18 @@ def test_forward_path_empty_delivers_whatever_forward_files_exist(relay_factory,
 def test_unknown_local_recipient_reject_code(relay_factory, local_user, tmp_path):
     """unknown_local_recipient_reject_code = 450, as operators set it while moving users: an unknown local
     recipient (and, with smtpd_reject_unlisted_sender, an unknown local sender) is refused for now, so the
-    client tries again later; known users are unaffected. A value that is not a 4xx or 5xx code is refused."""
-    r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\n"
-                      "unknown_local_recipient_reject_code = 450\nsmtpd_reject_unlisted_sender = yes\n")
+    client tries again later; known users are unaffected. An alias is listed even when it reaches nobody, and
+    so is ghosts+x (local(8) looks up the unextended name): 550, and a valid sender. A value that is not a
+    4xx or 5xx code is refused."""
+    r = aliased_relay(relay_factory, tmp_path, "ghosts: no-such-user-kt1\n",
+                      "recipient_delimiter = +\nunknown_local_recipient_reject_code = 450\n"
+                      "smtpd_reject_unlisted_sender = yes\n")
     c = SmtpConn(r.port())
     assert c.cmd("EHLO c.example.org").startswith("250")
+    assert c.cmd("MAIL FROM:<ghosts+x@localhost>") == "250 2.1.0 Ok"
+    assert c.cmd("RCPT TO:<ghosts+x@localhost>") == \
+        "550 5.1.1 <ghosts+x@localhost>: Recipient address rejected: User unknown in local recipient table"
+    assert c.cmd("RSET") == "250 2.0.0 Ok"
     assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
     assert c.cmd("RCPT TO:<no-such-user-kt@localhost>") == \
         "450 4.1.1 <no-such-user-kt@localhost>: Recipient address rejected: User unknown in local recipient table"
@@ -262,10 +273,7 @@ def test_an_alias_with_remote_targets_is_refused_not_cut(relay_factory, local_us
     """Postfix's local(8) forwards a local alias's remote targets; ktrelay does not (virtual_alias_maps
     does). An alias with a remote target is refused whole, from SMTP and from sendmail (a bounce), rather
     than delivered to its local part with the rest dropped unseen."""
-    aliases = tmp_path / "aliases4"
-    aliases.write_text(f"team: {local_user.pw_name}, someone@remote.example\n")
-    r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\n"
-                      f"alias_maps = texthash:{aliases}\n")
+    r = aliased_relay(relay_factory, tmp_path, f"team: {local_user.pw_name}, someone@remote.example\n")
     c = SmtpConn(r.port())
     assert c.cmd("EHLO c.example.org").startswith("250")
     assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
@@ -296,10 +304,8 @@ def test_a_forward_file_that_names_only_its_user_is_as_none(local_relay, local_u
 def test_a_forward_file_does_not_hold_up_a_virtual_member_of_an_alias(relay_factory, local_user, tmp_path):
     """team: a system user who has a .forward, and a virtual mailbox: the virtual member's copy is not held."""
     write_forward(local_user, "someone@example.org\n")
-    aliases = tmp_path / "aliases5"
-    aliases.write_text(f"team: {local_user.pw_name}, alice@example.test\n")
-    r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\nvirtual_mailbox_domains = example.test\n"
-                      f"alias_maps = texthash:{aliases}\n")
+    r = aliased_relay(relay_factory, tmp_path, f"team: {local_user.pw_name}, alice@example.test\n",
+                      "virtual_mailbox_domains = example.test\n")
     c = SmtpConn(r.port())
     queued(send_data(c, b"Subject: team\r\n\r\nhello\r\n", rcpts=("team@localhost",)))
     assert len(user_maildir_files(local_user)) == 1
@@ -311,10 +317,8 @@ def test_an_alias_note_goes_with_a_recipient_a_milter_refuses(relay_factory, loc
     from test_milter import PyMilter
     m = PyMilter(tmp_path, "reject-rcpt", False)
     try:
-        aliases = tmp_path / "aliases6"
-        aliases.write_text(f"badlist: {local_user.pw_name}, no-such-user-kt\n")
-        r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\n"
-                          f"alias_maps = texthash:{aliases}\nsmtpd_milters = {m.spec}\n")
+        r = aliased_relay(relay_factory, tmp_path, f"badlist: {local_user.pw_name}, no-such-user-kt\n",
+                          f"smtpd_milters = {m.spec}\n")
         c = SmtpConn(r.port())
         assert c.cmd("EHLO c.example.org").startswith("250")
         assert c.cmd("MAIL FROM:<s@example.org>") == "250 2.1.0 Ok"
@@ -327,20 +331,10 @@ def test_an_alias_note_goes_with_a_recipient_a_milter_refuses(relay_factory, loc
         m.stop()
 
 
-def test_an_extension_of_a_listed_alias_is_listed(relay_factory, local_user, tmp_path):
-    """ghosts+x is listed as ghosts is (local(8) looks up the unextended name): 550, and a valid sender."""
-    aliases = tmp_path / "aliases7"
-    aliases.write_text("ghosts: no-such-user-kt1\n")
-    r = relay_factory("mydestination = localhost\nhome_mailbox = Maildir/\nrecipient_delimiter = +\n"
-                      f"alias_maps = texthash:{aliases}\nunknown_local_recipient_reject_code = 450\n"
-                      "smtpd_reject_unlisted_sender = yes\n")
-    c = SmtpConn(r.port())
-    assert c.cmd("EHLO c.example.org").startswith("250")
-    assert c.cmd("MAIL FROM:<ghosts+x@localhost>") == "250 2.1.0 Ok"
-    assert c.cmd("RCPT TO:<ghosts+x@localhost>") == \
-        "550 5.1.1 <ghosts+x@localhost>: Recipient address rejected: User unknown in local recipient table"
-    assert c.cmd(f"RCPT TO:<{local_user.pw_name}@localhost>") == "250 2.1.5 Ok"
-    # from sendmail the alias bounces with the enhanced code of its reply, not the default 5.0.0
+def test_an_alias_that_reaches_nobody_bounces_with_its_replys_code(relay_factory, tmp_path):
+    """From sendmail an alias of unknown users bounces with the enhanced code of its reply (5.1.1), not
+    the default 5.0.0."""
+    r = aliased_relay(relay_factory, tmp_path, "ghosts: no-such-user-kt1\n")
     p = subprocess.run([BIN, "sendmail", "-c", str(r.dir), "-f", "alice@example.test", "ghosts@localhost"],
                        input=b"Subject: ghosts\n\nhello\n", capture_output=True)
     assert p.returncode == 0, p.stderr
