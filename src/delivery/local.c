@@ -506,9 +506,11 @@ static void handle_request(const struct agent *a, const struct kt_local_req *req
                     (unsigned)b->uid, reply.reason);
         }
     }
+    /* the message's only mailbox (none written by the worker either): a .forward then defers it */
+    int sole = req->n_boxes == 1 && req->n_total <= 1;
     for (uint32_t i = 0; i < req->n_boxes && reply.status == 0; i++) {
         const struct kt_local_box *b = &req->boxes[i];
-        int rc = run_box(a, b, msg_fd, req->size, req->name, req->n_boxes == 1 && req->n_total <= 1, reply.reason, sizeof(reply.reason));
+        int rc = run_box(a, b, msg_fd, req->size, req->name, sole, reply.reason, sizeof(reply.reason));
         if (rc < 0) {
             reply.status = -rc;
             kt_warn("delivery to %s (uid %u) deferred: %s", b->path, (unsigned)b->uid, reply.reason);

@@ -382,19 +382,25 @@ static char *route(struct kt_qmgr *q, const char *addr, const char *filter, cons
 
 /* ---- recipient outcomes ---- */
 
+/* The enhanced status code of a reply "550 5.1.1 ..." at P into OUT ("5.1.1"): 1, or 0 when P holds none. */
+static int reply_dsn(const char *p, char *out, size_t len)
+{
+    if (strlen(p) > 9 && isdigit((unsigned char)p[4]) && p[5] == '.' && isdigit((unsigned char)p[6])) {
+        size_t n = strcspn(p + 4, " ");
+        if (n < len) {
+            snprintf(out, len, "%.*s", (int)n, p + 4);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* "5.1.1" from "... said: 550 5.1.1 ..." or the class of the code */
 static void dsn_of(int code, const char *text, char *out, size_t len)
 {
     const char *said = text ? strstr(text, "said: ") : NULL;
-    const char *p = said ? said + 6 : NULL;
-    if (p && strlen(p) > 9 && isdigit((unsigned char)p[4]) && p[5] == '.' && isdigit((unsigned char)p[6])) {
-        size_t n = strcspn(p + 4, " ");
-        if (n < len) {
-            snprintf(out, len, "%.*s", (int)n, p + 4);
-            return;
-        }
-    }
-    snprintf(out, len, "%d.0.0", code >= 500 ? 5 : 4);
+    if (!said || !reply_dsn(said + 6, out, len))
+        snprintf(out, len, "%d.0.0", code >= 500 ? 5 : 4);
 }
 
 /* relay= of a Maildir delivery from the queue: "virtual" for a
@@ -1443,26 +1449,12 @@ static int delivered_to_loop(const struct job *j, const char *addr)
 }
 
 
-/* The enhanced status code of a failure text "550 5.1.1 ..." into BUF ("5.1.1"), or NULL (the default
- * 5.0.0) when the text has none of class 5. */
-static const char *why_dsn(const char *why, char buf[16])
-{
-    if (strlen(why) < 9 || why[3] != ' ' || why[4] != '5')
-        return NULL;
-    size_t n = strspn(why + 4, "0123456789.");
-    if (n < 5 || n > 15 || why[4 + n] != ' ')
-        return NULL;
-    memcpy(buf, why + 4, n);
-    buf[n] = '\0';
-    return buf;
-}
-
 /* Why a resolved recipient cannot be delivered here, for its bounce or deferral: a local alias with remote
  * targets, which local(8) would forward and ktrelay does not (delivering only its local part would drop
- * the rest unseen); else the resolver's reply, with
- * an unknown user's code made 550 5.1.1 (unknown_local_recipient_reject_code = 450 is for clients at RCPT;
- * accepted mail bounces, as local(8)). Points into res or at a static text. */
-static const char *unknown_text(struct kt_resolve_result *res)
+ * the rest unseen); else the resolver's reply, with an unknown user's code made 550 5.1.1
+ * (unknown_local_recipient_reject_code = 450 is for clients at RCPT; accepted mail bounces, as local(8)),
+ * so that a reply of class 4 means "try again later". Points into res or at a static text. */
+static const char *local_refusal(struct kt_resolve_result *res)
 {
     if (!res->reply)
         return "alias forwards to remote addresses, which this server does not relay";
@@ -1470,7 +1462,7 @@ static const char *unknown_text(struct kt_resolve_result *res)
         const char *rest = strchr(res->reply, '<');
         char text[sizeof(res->reply_buf)];
         snprintf(text, sizeof(text), "550 5.1.1 %s", rest ? rest : res->reply);
-        memcpy(res->reply_buf, text, sizeof(res->reply_buf));
+        snprintf(res->reply_buf, sizeof(res->reply_buf), "%s", text);
         res->reply = res->reply_buf;
     }
     return res->reply;
@@ -1498,14 +1490,14 @@ static void local_step(struct job *j)
             continue;
         }
         kt_resolve_recipient(q->set->resolver, j->addrs[j->cur], res);
-        if (res->reply || res->n_mailboxes == 0 || res->n_forward > 0) {   /* remote targets: see unknown_text */
-            const char *why = unknown_text(res);
+        if (res->reply || res->n_mailboxes == 0 || res->n_forward > 0) {   /* remote targets: see local_refusal */
+            const char *why = local_refusal(res);
             char dsn[16];
-            /* an unknown user bounces once accepted, as local(8), whatever unknown_local_recipient_reject_code */
-            if (res->reply && res->reply[0] == '4' && !res->unknown_user)
+            if (why[0] == '4')
                 rcpt_deferred(j->m, i, local_relay(q, j->addrs[j->cur]), 450, NULL, why);
             else
-                rcpt_failed(q, j->m, i, local_relay(q, j->addrs[j->cur]), 550, why_dsn(why, dsn), why);
+                rcpt_failed(q, j->m, i, local_relay(q, j->addrs[j->cur]), 550,
+                            reply_dsn(why, dsn, sizeof(dsn)) ? dsn : NULL, why);
             j->cur++;
             kt_free(res);
             continue;
@@ -1884,13 +1876,13 @@ static int mailbox_route(struct kt_qmgr *q, struct msg *m, size_t i, char **key,
     size_t users = 0;
     for (size_t k = 0; k < res->n_mailboxes; k++)
         users += res->mailboxes[k].user != NULL;
-    if (res->reply || res->n_mailboxes == 0 || res->n_forward > 0) {   /* remote targets: see unknown_text */
-        const char *why = unknown_text(res);
+    if (res->reply || res->n_mailboxes == 0 || res->n_forward > 0) {   /* remote targets: see local_refusal */
+        const char *why = local_refusal(res);
         char dsn[16];
-        if (res->reply && res->reply[0] == '4' && !res->unknown_user)
+        if (why[0] == '4')
             rcpt_deferred(m, i, "local", 450, NULL, why);
         else
-            rcpt_failed(q, m, i, "local", 550, why_dsn(why, dsn), why);
+            rcpt_failed(q, m, i, "local", 550, reply_dsn(why, dsn, sizeof(dsn)) ? dsn : NULL, why);
     } else if (users == 0) {
         go_on = 1;                 /* virtual mailboxes: still local(8)'s own Maildir delivery */
     } else if (res->n_mailboxes > 1) {

@@ -1047,11 +1047,6 @@ static void accept_message(struct kt_session *s)
     else
         s->counts.data_ok++;
     reply(s, "250 2.0.0 Ok: queued as %s", s->txn->queue_id);
-    /* delivered here: what alias expansion left out is logged now (from the queue, the queue manager does) */
-    const struct kt_smtpd_txn *t = s->txn;
-    for (size_t off = t->skip_notes.off; !t->queued && !t->milter_discard && off < t->skip_notes.len;
-         off += strlen(t->skip_notes.data + off) + 1)
-        kt_warn("%s: %s", t->queue_id, t->skip_notes.data + off);
     /* Postfix forgives a client's earlier errors and junk commands once a message is received */
     s->errors = 0;
     s->junk_cmds = 0;
@@ -1120,8 +1115,13 @@ static void on_commit(void *arg, int res)
             r += strlen(r) + 1;
             o += strlen(o) + 1;
         }
-        if (!t->queued)
+        if (!t->queued) {
+            /* delivered here: what alias expansion left out is logged with the deliveries (from the queue,
+             * the queue manager logs it when it delivers) */
+            for (size_t off = t->skip_notes.off; off < t->skip_notes.len; off += strlen(t->skip_notes.data + off) + 1)
+                kt_warn("%s: %s", t->queue_id, t->skip_notes.data + off);
             kt_info_as("qmgr", "%s: removed", t->queue_id);
+        }
         accept_message(s);
     }
     transaction_done(s);
@@ -1302,15 +1302,10 @@ static int checks_end(struct kt_session *s)
         transaction_reset(s);
         return 1;
     case KT_CLEANUP_DISCARD:
-        /* Postfix's answer: the client is told the message was taken, and it goes nowhere */
-        if (s->state == KT_SS_BDAT)
-            s->counts.bdat_ok++;
-        else
-            s->counts.data_ok++;
+        /* Postfix's answer: the client is told the message was taken (and its errors are forgiven), and it
+         * goes nowhere */
+        accept_message(s);
         session_enter_state(s, KT_SS_COMMAND);
-        reply(s, "250 2.0.0 Ok: queued as %s", t->queue_id);
-        s->errors = 0;             /* a discarded message is received too: forgiven as in accept_message */
-        s->junk_cmds = 0;
         transaction_reset(s);
         return 1;
     case KT_CLEANUP_ACCEPT:
